@@ -1,0 +1,1 @@
+"""iia calibration."""

@@ -1,0 +1,96 @@
+"""Accuracy benchmark: RMSE of final samples against a high-accuracy reference, per solver and NFE."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from iia.models.base import Denoiser
+
+from .fit import CalibrationOptions, calibrate, draw_noise
+from .sampling import program_for, reference_solution, rmse, sample
+from .solvers import get_solver
+
+TEST_SEED_OFFSET = 104729  # the test noise is a stream distinct from calibration and guard noise
+
+
+def valid_nfe(solver: str, nfe: int) -> bool:
+    try:
+        get_solver(solver).steps_for_nfe(nfe)
+        return True
+    except ValueError:
+        return False
+
+
+def accuracy_table(
+    denoiser: Denoiser,
+    solvers: list[str],
+    nfes: list[int],
+    options: CalibrationOptions | None = None,
+    n_test: int = 500,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Rows {solver, nfe, rmse, base_rmse, ratio, guard_...} on fresh test noise (never seen by calibration).
+
+    EDM-family solvers take odd NFE and DDIM-family any NFE >= 2; an NFE a solver cannot take is skipped.
+    """
+    options = options or CalibrationOptions()
+    for s in solvers:
+        get_solver(s)
+    noise, labels = draw_noise(denoiser, n_test, options.seed + TEST_SEED_OFFSET)
+    ref = reference_solution(denoiser, noise, labels, options.reference_steps)
+    rows, base_cache = [], {}
+    for solver in solvers:
+        spec = get_solver(solver)
+        for nfe in nfes:
+            if not valid_nfe(solver, nfe):
+                continue
+            if progress:
+                progress(f"{solver} NFE {nfe}")
+            key = (spec.base, nfe)
+            if key not in base_cache:
+                base_cache[key] = rmse(sample(program_for(denoiser, spec.base, nfe), denoiser, noise, labels), ref)
+            base_rmse = base_cache[key]
+            row = {"solver": solver, "nfe": nfe, "base": spec.base, "base_rmse": base_rmse}
+            if spec.fitted:
+                result = calibrate(denoiser, solver, nfe, CalibrationOptions(**vars(options)))
+                row["rmse"] = rmse(sample(result.program, denoiser, noise, labels), ref)
+                row["rmse_full_fit"] = rmse(sample(result.fitted_program, denoiser, noise, labels), ref)
+                g = result.guard
+                row.update(guard_decision=g.get("decision"), guard_rmse_base=g.get("rmse_base"),
+                           guard_rmse_chosen=g.get("rmse_chosen"), calibration_s=round(result.seconds, 2))
+            else:
+                row["rmse"] = base_rmse
+            row["ratio"] = row["rmse"] / base_rmse if base_rmse > 0 else float("nan")
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'solver':<10} {'NFE':>4} {'rmse':>10} {'base_rmse':>10} {'ratio':>7}  guard"]
+    for r in rows:
+        lines.append(f"{r['solver']:<10} {r['nfe']:>4} {r['rmse']:>10.5f} {r['base_rmse']:>10.5f} "
+                     f"{r['ratio']:>7.3f}  {r.get('guard_decision', '')}")
+    return "\n".join(lines)
+
+
+def plot_table(rows: list[dict], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for solver in dict.fromkeys(r["solver"] for r in rows):
+        pts = [(r["nfe"], r["rmse"]) for r in rows if r["solver"] == solver]
+        ax.plot(*zip(*pts), marker="o", label=solver)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("RMSE vs reference (held-out noise)")
+    ax.set_title(title or "Sampler error vs NFE")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

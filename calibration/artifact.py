@@ -1,0 +1,145 @@
+"""The coefficient artifact: versioned JSON with the fitted coefficients and full provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from iia.models.base import Denoiser
+
+from .fit import CalibrationOptions, CalibrationResult
+from .solvers import Program, build_program, get_solver
+
+SCHEMA = "iia.coefficients"
+SCHEMA_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """A coefficient file that cannot be used here (unreadable, foreign, other model, other NFE)."""
+
+
+def library_versions() -> dict:
+    import numpy
+    import torch
+
+    import iia
+
+    versions = {"iia": iia.__version__, "python": platform.python_version(), "torch": torch.__version__,
+                "numpy": numpy.__version__}
+    for name in ("onnx", "onnxruntime", "polygraphy", "tensorrt"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # not installed: simply not recorded
+            pass
+    return versions
+
+
+def model_identity(denoiser: Denoiser) -> dict:
+    ident = {k: v for k, v in denoiser.identity.items() if k in ("kind", "name", "sha256", "config", "class_name")}
+    ident.update(shape=list(denoiser.shape), label_dim=denoiser.label_dim,
+                 sigma_min=denoiser.sigma_min, sigma_max=denoiser.sigma_max)
+    return ident
+
+
+def same_model(a: dict, b: dict) -> bool:
+    if a.get("sha256") or b.get("sha256"):
+        return a.get("sha256") == b.get("sha256")
+    return a.get("name") == b.get("name") and a.get("config") == b.get("config")
+
+
+def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:
+    program = result.program
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "solver": program.solver,
+        "nfe": nfe,
+        "r": program.r,
+        "sigmas": list(program.sigmas),
+        "model": model_identity(denoiser),
+        "options": dataclasses.asdict(result.options),
+        "steps": [
+            {"index": s.index, "sigma_from": s.sigma_from, "sigma_to": s.sigma_to,
+             "basis": [label for label, _ in s.basis], "coefficients": list(s.coefficients),
+             "base_coefficients": list(b.coefficients), "fitted_coefficients": list(f.coefficients)}
+            for s, b, f in zip(program.steps, result.base_program.steps, result.fitted_program.steps)
+        ],
+        "local_residuals": result.steps,
+        "guard": result.guard,
+        "seconds": round(result.seconds, 3),
+        "versions": library_versions(),
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> str:
+    """Write JSON via a temp file + rename (never a half-written file); returns the sha256 of the bytes."""
+    path = Path(path)
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(text).hexdigest()
+
+
+def save(result: CalibrationResult, denoiser: Denoiser, nfe: int, path: str | Path) -> dict:
+    data = to_dict(result, denoiser, nfe)
+    write_json_atomic(Path(path), data)
+    return data
+
+
+def read(path: str | Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"coefficient file {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"coefficient file {path} is not readable JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ArtifactError(f"{path} is not an iia coefficient file (schema {SCHEMA!r} expected)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema version {data.get('schema_version')}, this iia reads version {SCHEMA_VERSION}"
+        )
+    return data
+
+
+def load_program(path: str | Path, denoiser: Denoiser | None = None, nfe: int | None = None,
+                 solver: str | None = None) -> Program:
+    """Read a coefficient file and rebuild its Program; validate it against the model, NFE and solver."""
+    data = read(path)
+    if denoiser is not None and not same_model(data["model"], model_identity(denoiser)):
+        raise ArtifactError(
+            f"{path} was calibrated for model {data['model'].get('name')} "
+            f"(sha256 {data['model'].get('sha256')}), not {denoiser.identity.get('name')} "
+            f"(sha256 {denoiser.identity.get('sha256')})"
+        )
+    if nfe is not None and data["nfe"] != nfe:
+        raise ArtifactError(f"{path} holds coefficients for NFE {data['nfe']}, not {nfe}")
+    if solver is not None and data["solver"] != solver:
+        raise ArtifactError(f"{path} holds coefficients for solver {data['solver']}, not {solver}")
+    try:
+        get_solver(data["solver"])
+        program = build_program(data["solver"], data["sigmas"], data["r"])
+        program = program.with_coefficients([s["coefficients"] for s in data["steps"]])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path} is inconsistent: {err}") from None
+    if program.nfe != data["nfe"]:
+        raise ArtifactError(f"{path} is inconsistent: its schedule gives NFE {program.nfe}, file says {data['nfe']}")
+    return program
+
+
+def options_from(data: dict) -> CalibrationOptions:
+    return CalibrationOptions(**data["options"])

@@ -1,0 +1,225 @@
+"""IIA calibration: fit each step's coefficients by least squares against an M-sub-step fine target.
+
+Beyond the paper (see shared/notes/method.md):
+  - the basis is scaled to unit norm and the fit is ridge-regularised toward the base coefficients, so
+    ill-conditioned late steps cannot run off to 1e4 x their Heun values;
+  - a held-out guard measures the END-TO-END error of the final samples against a high-accuracy reference
+    and never returns coefficients that lose to the base solver: it keeps the fitted coefficients of the
+    first k fittable steps and the base coefficients after, choosing k (0 = the base solver) by held-out error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from iia.models.base import Denoiser
+
+from .sampling import combine, integrate, program_for, reference_solution, rmse, run_ops, sample
+from .schedules import fine_grid
+from .solvers import Program, get_solver
+
+
+class CalibrationError(ValueError):
+    """Bad calibration options."""
+
+
+@dataclass
+class CalibrationOptions:
+    M: int = 3
+    r: int = 1
+    batch: int = 200
+    seed: int = 0
+    first_step: int = 0  # 0: fit from the first step (paper text Alg. 1); 1: camera-ready (first step stays base)
+    fine_solver: str = "base"  # integrator of the fine target: "base" (paper) or "heun"
+    ridge: float = 1e-6  # relative ridge weight toward the base coefficients (on the unit-scaled basis)
+    holdout: int = 256  # held-out noises for the end-to-end guard
+    reference_steps: int = 256  # Heun steps of the high-accuracy reference
+    guard: bool = True
+    chunk: int = 100  # denoiser batch size during calibration (bounds memory)
+
+    def validate(self) -> None:
+        if self.M < 1:
+            raise CalibrationError(f"M (fine sub-steps) must be >= 1, got {self.M}")
+        if self.r < 0:
+            raise CalibrationError(f"r (history length) must be >= 0, got {self.r}")
+        if self.batch < 2:
+            raise CalibrationError(f"calibration batch must be >= 2, got {self.batch}")
+        if self.first_step not in (0, 1):
+            raise CalibrationError(f"first_step must be 0 or 1, got {self.first_step}")
+        if self.fine_solver not in ("base", "heun"):
+            raise CalibrationError(f"fine_solver must be 'base' or 'heun', got {self.fine_solver!r}")
+        if self.ridge < 0 or self.holdout < 1 or self.reference_steps < 2 or self.chunk < 1:
+            raise CalibrationError("ridge >= 0, holdout >= 1, reference_steps >= 2 and chunk >= 1 are required")
+
+
+@dataclass
+class CalibrationResult:
+    program: Program  # the chosen coefficients (fitted, partly fitted, or base)
+    fitted_program: Program  # the full least-squares fit, before the guard
+    base_program: Program
+    options: CalibrationOptions
+    steps: list[dict] = field(default_factory=list)  # per-step local residuals
+    guard: dict = field(default_factory=dict)  # held-out end-to-end errors and the decision
+    seconds: float = 0.0
+
+
+def draw_noise(denoiser: Denoiser, n: int, seed: int, labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Standard-normal noise (float64) and class labels (uniform unless given) from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, *denoiser.shape, generator=gen, dtype=torch.float64)
+    if labels is not None and denoiser.conditional:
+        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        labels = labels.repeat((n + labels.numel() - 1) // labels.numel())[:n]
+    else:
+        labels = denoiser.random_labels(n, gen)
+    return noise, labels
+
+
+def solve_scaled_ridge(gram: torch.Tensor, rhs: torch.Tensor, base: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_c ||A + B c - T||^2 + ridge ||S (c - base)||^2 with S the basis norms, from B^T B and B^T (T - A)."""
+    scale = torch.sqrt(torch.clamp(torch.diagonal(gram), min=1e-300))
+    gram_s = gram / scale[:, None] / scale[None, :]
+    rhs_s = rhs / scale
+    base_s = base * scale
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    u = torch.linalg.lstsq(gram_s + ridge * eye, (rhs_s + ridge * base_s)[:, None]).solution[:, 0]
+    return u / scale
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def calibrate(
+    denoiser: Denoiser,
+    solver: str,
+    nfe: int,
+    options: CalibrationOptions | None = None,
+    labels=None,
+    progress: Callable | None = None,
+    reference: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+    **overrides,
+) -> CalibrationResult:
+    """Fit the IIA coefficients of `solver` at `nfe` for `denoiser` (sequential least squares, float64).
+
+    `progress(done, total, text)` observes the work (the CLI draws a bar with it). `reference` may pass
+    a precomputed held-out (noise, labels, reference solution) triple.
+    """
+    options = options or CalibrationOptions()
+    for key, value in overrides.items():
+        if not hasattr(options, key):
+            raise CalibrationError(f"unknown calibration option '{key}'")
+        setattr(options, key, value)
+    options.validate()
+    spec = get_solver(solver)
+    if not spec.fitted:
+        raise CalibrationError(f"solver '{solver}' has nothing to fit: use an IIA variant (iia-edm, biia-edm, iia-ddim)")
+    started = time.perf_counter()
+    base = program_for(denoiser, solver, nfe, options.r)
+    fine_family = spec.family if options.fine_solver == "base" else "edm"
+    noise, labels = draw_noise(denoiser, options.batch, options.seed, labels)
+    chunks = _chunks(options.batch, options.chunk)
+    values = [{"noise": noise[c]} for c in chunks]
+    chunk_labels = [None if labels is None else labels[c] for c in chunks]
+    for vals, lab in zip(values, chunk_labels):
+        run_ops([base.prelude], vals, denoiser, lab, keep=["z0"])
+    total_work = len(base.steps) * len(chunks)
+    steps, report = [], []
+    for step in base.steps:
+        fit_this = step.fittable and step.index >= options.first_step and step.basis
+        p = len(step.basis)
+        gram = torch.zeros(p, p, dtype=torch.float64)
+        rhs = torch.zeros(p, dtype=torch.float64)
+        target_sq, n_elems, cached = 0.0, 0, []
+        for ci, (vals, lab) in enumerate(zip(values, chunk_labels)):
+            run_ops(list(step.ops), vals, denoiser, lab, keep=vals.keys() | {op.out for op in step.ops})
+            anchor = combine(step.anchor, vals)
+            basis = torch.stack([combine(t, vals).reshape(-1) for _, t in step.basis], 1) if p else None
+            if fit_this:
+                target = integrate(fine_family, denoiser, vals[f"z{step.index}"],
+                                   fine_grid(step.sigma_from, step.sigma_to, options.M), lab)
+                resid = (target - anchor).reshape(-1)
+                gram += basis.T @ basis
+                rhs += basis.T @ resid
+                target_sq += float(resid @ resid)
+                n_elems += resid.numel()
+            cached.append((anchor, basis))
+            if progress:
+                progress(step.index * len(chunks) + ci + 1, total_work, f"step {step.index + 1}/{len(base.steps)}")
+        c_base = torch.tensor(step.coefficients, dtype=torch.float64)
+        entry = {"step": step.index, "sigma_from": step.sigma_from, "sigma_to": step.sigma_to, "fitted": bool(fit_this)}
+        if fit_this:
+            c_fit = solve_scaled_ridge(gram, rhs, c_base, options.ridge)
+
+            def local(c):
+                return (max(target_sq - 2 * float(c @ rhs) + float(c @ gram @ c), 0.0) / n_elems) ** 0.5
+
+            entry.update(local_rmse_base=local(c_base), local_rmse_fitted=local(c_fit))
+            step = step.with_coefficients(c_fit.tolist())
+        report.append(entry)
+        steps.append(step)
+        c_used = torch.tensor(step.coefficients, dtype=torch.float64)
+        needed = _history_needed(base, step.index)
+        for vals, (anchor, basis) in zip(values, cached):
+            new = anchor + (basis @ c_used).reshape(anchor.shape) if p else anchor
+            vals[step.out] = new
+            for name in list(vals):
+                if name not in needed and name != step.out:
+                    del vals[name]
+    fitted = Program(base.solver, base.sigmas, tuple(steps), base.r)
+    result = CalibrationResult(fitted, fitted, base, options, report)
+    if options.guard:
+        result.program, result.guard = guard_end_to_end(denoiser, base, fitted, options, reference)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _history_needed(program: Program, index: int) -> set[str]:
+    """Values that steps after `index` read from before them."""
+    produced_later = set()
+    needed = set()
+    for step in program.steps[index + 1:]:
+        for op in step.all_ops():
+            reads = [op.state] if hasattr(op, "state") else [n for n, _ in op.terms]
+            needed.update(n for n in reads if n not in produced_later)
+            produced_later.add(op.out)
+        for _, terms in step.basis:
+            needed.update(n for n, _ in terms if n not in produced_later)
+    return needed
+
+
+def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None):
+    """Held-out noise (a different stream from the calibration batch) and its reference solution."""
+    noise, lab = draw_noise(denoiser, options.holdout, options.seed + 7919, labels)
+    return noise, lab, reference_solution(denoiser, noise, lab, options.reference_steps)
+
+
+def mixed_program(base: Program, fitted: Program, k: int) -> Program:
+    """Fitted coefficients on steps < k, base coefficients from step k on."""
+    return base.with_coefficients([f if s.index < k else b for s, f, b in
+                                   zip(base.steps, fitted.coefficients(), base.coefficients())])
+
+
+def guard_end_to_end(denoiser, base: Program, fitted: Program, options, reference=None):
+    noise, labels, ref = reference or holdout_set(denoiser, options)
+    fitted_steps = [s.index for s, b in zip(fitted.steps, base.steps) if s.coefficients != b.coefficients]
+    candidates = [0] + [i + 1 for i in fitted_steps]
+    errors = {k: rmse(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref) for k in candidates}
+    best = min(candidates, key=lambda k: (errors[k], -k))
+    full = candidates[-1]
+    decision = "fitted" if best == full else ("base" if best == 0 else f"fitted steps < {best}, base after")
+    guard = {
+        "holdout": int(noise.shape[0]),
+        "reference_steps": options.reference_steps,
+        "rmse_base": errors[0],
+        "rmse_fitted": errors[full],
+        "rmse_chosen": errors[best],
+        "fitted_prefix": best,
+        "decision": decision,
+        "candidates": {str(k): v for k, v in errors.items()},
+    }
+    return mixed_program(base, fitted, best), guard

@@ -1,0 +1,247 @@
+"""Solvers as data: each step is denoiser calls plus ONE linear combination with coefficients.
+
+A sampler is a `Program`: a prelude `z0 = sigma_0 * noise`, then `Step`s. A step holds
+  - `ops`: denoiser calls (`Denoise`) and fixed linear combinations (`Combine`, e.g. Heun's predictor),
+  - the update `z_{i+1} = anchor + sum_j c_j * basis_j`, each basis term a named linear combination of
+    values computed so far (current state, denoiser outputs, history), with `c` the step's coefficients.
+The base solver is one coefficient vector; IIA fits another. The PyTorch interpreter (`sampling.py`),
+the calibrator (`fit.py`) and the ONNX emitter (`iia.compiler`) all read this one description.
+
+Value names: `z{i}` states, `D{i}` = D(z_i; t_i), `zt{i}` Heun's predicted state at t_i and `Dt{i}` its
+denoised value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence, Union
+
+Terms = tuple[tuple[str, float], ...]  # a linear combination: sum(weight * values[name])
+
+
+@dataclass(frozen=True)
+class Denoise:
+    """out = D(values[state]; sigma) with the program's class labels."""
+
+    out: str
+    state: str
+    sigma: float
+
+
+@dataclass(frozen=True)
+class Combine:
+    """out = sum(weight * values[name] for name, weight in terms)."""
+
+    out: str
+    terms: Terms
+
+
+Op = Union[Denoise, Combine]
+
+
+def merge_terms(*weighted: tuple[float, Terms]) -> Terms:
+    """sum_k scale_k * terms_k as one linear combination (same names merged, order kept)."""
+    total: dict[str, float] = {}
+    for scale, terms in weighted:
+        for name, w in terms:
+            total[name] = total.get(name, 0.0) + scale * w
+    return tuple((name, w) for name, w in total.items() if w != 0.0)
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    sigma_from: float
+    sigma_to: float
+    ops: tuple[Op, ...]
+    anchor: Terms
+    basis: tuple[tuple[str, Terms], ...]  # (label, terms) per coefficient
+    coefficients: tuple[float, ...]
+    out: str
+    fittable: bool  # IIA may fit this step (never the step to sigma = 0)
+
+    def update(self) -> Combine:
+        """The step's update as a single combination: anchor + sum c_j basis_j."""
+        weighted = [(1.0, self.anchor)] + [(c, t) for c, (_, t) in zip(self.coefficients, self.basis)]
+        return Combine(self.out, merge_terms(*weighted))
+
+    def all_ops(self) -> tuple[Op, ...]:
+        return self.ops + (self.update(),)
+
+    def with_coefficients(self, coefficients: Sequence[float]) -> "Step":
+        if len(coefficients) != len(self.basis):
+            raise ValueError(
+                f"step {self.index} takes {len(self.basis)} coefficients ({', '.join(l for l, _ in self.basis)}), "
+                f"got {len(coefficients)}"
+            )
+        return replace(self, coefficients=tuple(float(c) for c in coefficients))
+
+
+@dataclass(frozen=True)
+class Program:
+    solver: str
+    sigmas: tuple[float, ...]
+    steps: tuple[Step, ...]
+    r: int
+
+    @property
+    def prelude(self) -> Combine:
+        # The graph input is standard-normal noise; the sampler scales it to sigma_max.
+        return Combine("z0", (("noise", self.sigmas[0]),))
+
+    @property
+    def output(self) -> str:
+        return self.steps[-1].out
+
+    def ops(self) -> list[Op]:
+        out: list[Op] = [self.prelude]
+        for step in self.steps:
+            out.extend(step.all_ops())
+        return out
+
+    @property
+    def nfe(self) -> int:
+        return sum(isinstance(op, Denoise) for step in self.steps for op in step.ops)
+
+    def coefficients(self) -> list[list[float]]:
+        return [list(step.coefficients) for step in self.steps]
+
+    def with_coefficients(self, coefficients: Sequence[Sequence[float]]) -> "Program":
+        if len(coefficients) != len(self.steps):
+            raise ValueError(f"{self.solver} has {len(self.steps)} steps, got coefficients for {len(coefficients)}")
+        return replace(self, steps=tuple(s.with_coefficients(c) for s, c in zip(self.steps, coefficients)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EDM family (sigma = t, alpha = 1): Heun with Euler predictor; the last step (to sigma = 0) is Euler.
+
+
+def _heun_ops(i: int, t: float, t_next: float) -> tuple[Op, ...]:
+    h = t_next - t
+    ops: list[Op] = [Denoise(f"D{i}", f"z{i}", t)]
+    if t_next > 0:
+        # Euler predictor z~_{i+1} = z_i + h (z_i - D_i) / t_i, then D(z~_{i+1}; t_{i+1}).
+        ops.append(Combine(f"zt{i + 1}", ((f"z{i}", 1.0 + h / t), (f"D{i}", -h / t))))
+        ops.append(Denoise(f"Dt{i + 1}", f"zt{i + 1}", t_next))
+    return tuple(ops)
+
+
+def _euler_to_zero(i: int, t: float) -> Step:
+    # z_N = z_i + (0 - t)(z_i - D_i)/t = D_i: never fitted.
+    return Step(i, t, 0.0, _heun_ops(i, t, 0.0), ((f"z{i}", 1.0),), (("eps0", ((f"z{i}", 1.0), (f"D{i}", -1.0))),),
+                (-1.0,), f"z{i + 1}", False)
+
+
+def iia_edm_step(i: int, sigmas: Sequence[float], r: int) -> Step:
+    """Camera-ready IIA-EDM: z_{i+1} = z_i + sum_k b^eps_k (z_{i-k} - D_{i-k}) + b^D_k (D_{i-k} - Dt_{i-k+1}).
+
+    Heun is b^eps_0 = h/t_i, b^D_0 = h/(2 t_{i+1}) and all history coefficients 0 (Lemma 1).
+    """
+    t, t_next = sigmas[i], sigmas[i + 1]
+    if t_next == 0:
+        return _euler_to_zero(i, t)
+    h = t_next - t
+    basis, coefficients = [], []
+    for k in range(min(r, i) + 1):
+        j = i - k
+        basis.append((f"eps{k}", ((f"z{j}", 1.0), (f"D{j}", -1.0))))
+        basis.append((f"dD{k}", ((f"D{j}", 1.0), (f"Dt{j + 1}", -1.0))))
+        coefficients += [h / t, h / (2 * t_next)] if k == 0 else [0.0, 0.0]
+    return Step(i, t, t_next, _heun_ops(i, t, t_next), ((f"z{i}", 1.0),), tuple(basis), tuple(coefficients),
+                f"z{i + 1}", True)
+
+
+def heun_increment(j: int, sigmas: Sequence[float]) -> Terms:
+    """Heun's increment of step j: h_j (0.5 (z_j - D_j)/t_j + 0.5 (z~_{j+1} - Dt_{j+1})/t_{j+1})."""
+    t, t_next = sigmas[j], sigmas[j + 1]
+    h = t_next - t
+    a, b = h / (2 * t), h / (2 * t_next)
+    return ((f"z{j}", a), (f"D{j}", -a), (f"zt{j + 1}", b), (f"Dt{j + 1}", -b))
+
+
+def biia_edm_step(i: int, sigmas: Sequence[float], r: int) -> Step:
+    """Basic IIA (eq. 11): z_{i+1} = z_i + sum_k gamma_k Delta_{i-k}, Delta_j Heun's increment of step j."""
+    t, t_next = sigmas[i], sigmas[i + 1]
+    if t_next == 0:
+        return _euler_to_zero(i, t)
+    basis = tuple((f"heun{k}", heun_increment(i - k, sigmas)) for k in range(min(r, i) + 1))
+    coefficients = tuple(1.0 if k == 0 else 0.0 for k in range(len(basis)))
+    return Step(i, t, t_next, _heun_ops(i, t, t_next), ((f"z{i}", 1.0),), basis, coefficients, f"z{i + 1}", True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDIM family (alpha = 1): z_{i+1} = x0_i + sigma_{i+1} eps_i, i.e. Euler in x.
+
+
+def ddim_update(i: int, sigmas: Sequence[float]) -> Terms:
+    t, t_next = sigmas[i], sigmas[i + 1]
+    ratio = t_next / t
+    return ((f"z{i}", ratio), (f"D{i}", 1.0 - ratio))
+
+
+def iia_ddim_step(i: int, sigmas: Sequence[float], r: int) -> Step:
+    """Eq. 22: DDIM + phi_0 (x0_i - x0_{i-1}) + phi_1 (eps_i - eps_{i-1}); eps = (z - D) / sigma."""
+    t, t_next = sigmas[i], sigmas[i + 1]
+    basis = []
+    if t_next > 0:
+        for k in range(1, min(r, i) + 1):
+            a, b = i - k + 1, i - k  # consecutive pair of earlier evaluations
+            ta, tb = sigmas[a], sigmas[b]
+            basis.append((f"dx0_{k}", ((f"D{a}", 1.0), (f"D{b}", -1.0))))
+            basis.append((f"deps_{k}", ((f"z{a}", 1 / ta), (f"D{a}", -1 / ta), (f"z{b}", -1 / tb), (f"D{b}", 1 / tb))))
+    return Step(i, t, t_next, (Denoise(f"D{i}", f"z{i}", t),), ddim_update(i, sigmas), tuple(basis),
+                (0.0,) * len(basis), f"z{i + 1}", t_next > 0 and bool(basis))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    name: str
+    family: str  # "edm" (Heun, NFE = 2N - 1) or "ddim" (NFE = N)
+    build_step: Callable[[int, Sequence[float], int], Step]
+    fitted: bool  # IIA variant: coefficients are fitted by calibration
+    base: str  # the base solver this one reduces to with default coefficients
+    fixed_r: int | None = None  # base solvers ignore r
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        if self.family == "edm":
+            if nfe < 3 or nfe % 2 == 0:
+                raise ValueError(f"solver '{self.name}' needs an odd NFE >= 3 (Heun: NFE = 2 * steps - 1), got {nfe}")
+            return (nfe + 1) // 2
+        if nfe < 2:
+            raise ValueError(f"solver '{self.name}' needs NFE >= 2, got {nfe}")
+        return nfe
+
+
+SOLVERS: dict[str, SolverSpec] = {
+    "edm": SolverSpec("edm", "edm", iia_edm_step, False, "edm", fixed_r=0),
+    "biia-edm": SolverSpec("biia-edm", "edm", biia_edm_step, True, "edm"),
+    "iia-edm": SolverSpec("iia-edm", "edm", iia_edm_step, True, "edm"),
+    "ddim": SolverSpec("ddim", "ddim", iia_ddim_step, False, "ddim", fixed_r=0),
+    "iia-ddim": SolverSpec("iia-ddim", "ddim", iia_ddim_step, True, "ddim"),
+}
+
+
+def get_solver(name: str) -> SolverSpec:
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown solver '{name}': choose one of {', '.join(SOLVERS)}") from None
+
+
+def build_program(solver: str, sigmas: Sequence[float], r: int = 1) -> Program:
+    """The solver's program over a schedule, with the base solver's coefficients."""
+    spec = get_solver(solver)
+    if r < 0:
+        raise ValueError(f"history r must be >= 0, got {r}")
+    r_used = spec.fixed_r if spec.fixed_r is not None else r
+    sigmas = tuple(float(s) for s in sigmas)
+    steps = tuple(spec.build_step(i, sigmas, r_used) for i in range(len(sigmas) - 1))
+    return Program(solver, sigmas, steps, r_used)
+
+
+def base_program_for_grid(family: str, sigmas: Sequence[float]) -> Program:
+    """The family's base solver over an arbitrary grid (the fine integrator, the reference solution)."""
+    return build_program("edm" if family == "edm" else "ddim", sigmas)

@@ -1,0 +1,129 @@
+"""One denoiser interface: D(x, sigma, class_labels) -> x0 estimate, EDM convention (x = x0 + sigma * n).
+
+Every model iia handles (the analytic mixture, EDM pickles, bundled nets, diffusers DDPMs, any callable)
+becomes a `Denoiser`. Samplers, calibration and the compiler only ever see this class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class DenoiserError(ValueError):
+    """A denoiser misbehaved (NaN/Inf or wrong shape) or was called with bad inputs."""
+
+
+@dataclass
+class Denoiser:
+    """A denoiser plus what samplers must know about it.
+
+    `net` is an `nn.Module` with the export signature `(x float32 [B,*shape], sigma float32 [B],
+    class_labels int64 [B])` (the labels argument is dropped when `label_dim == 0`). It is what the
+    compiler exports once. `__call__` is the sampler-facing convenience: any float dtype in, same dtype
+    out (the network itself runs in float32, as EDM's generate.py does).
+    """
+
+    net: torch.nn.Module
+    shape: tuple[int, ...]
+    sigma_min: float
+    sigma_max: float
+    label_dim: int = 0
+    round_sigma: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda s: s)
+    identity: dict = field(default_factory=dict)  # kind, name, sha256: goes into every artifact
+
+    @property
+    def conditional(self) -> bool:
+        return self.label_dim > 0
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    def __call__(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        batch = x.shape[0]
+        if tuple(x.shape[1:]) != tuple(self.shape):
+            raise DenoiserError(f"input shape {tuple(x.shape[1:])} does not match the model's {self.shape}")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+        args = [x.to(torch.float32), sigma]
+        if self.conditional:
+            args.append(self.labels_or_error(class_labels, batch))
+        with torch.no_grad():
+            out = self.net(*args)
+        if tuple(out.shape) != tuple(x.shape):
+            raise DenoiserError(
+                f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} at sigma={float(sigma[0]):.6g}"
+            )
+        if not torch.isfinite(out).all():
+            raise DenoiserError(f"denoiser returned NaN/Inf at sigma={float(sigma[0]):.6g}")
+        return out.to(x.dtype)
+
+    def labels_or_error(self, class_labels, batch: int) -> torch.Tensor:
+        if class_labels is None:
+            raise DenoiserError(f"conditional model (label_dim={self.label_dim}) needs class_labels")
+        labels = torch.as_tensor(class_labels).reshape(-1).to(torch.int64)
+        if labels.numel() != batch:
+            raise DenoiserError(f"expected {batch} class labels, got {labels.numel()}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
+            raise DenoiserError(f"class labels must lie in [0, {self.label_dim - 1}]")
+        return labels
+
+    def random_labels(self, batch: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Uniform class labels for a conditional model (None for an unconditional one)."""
+        if not self.conditional:
+            return None
+        return torch.randint(0, self.label_dim, (batch,), generator=generator)
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.net.parameters()) + sum(
+            b.numel() * b.element_size() for b in self.net.buffers()
+        )
+
+    def describe(self) -> str:
+        ident = self.identity
+        labels = f"{self.label_dim} classes" if self.conditional else "unconditional"
+        sha = ident.get("sha256")
+        sha_text = f" sha256={sha[:16]}..." if sha else ""
+        return (
+            f"{ident.get('kind', 'model')} '{ident.get('name', '?')}'{sha_text} shape={list(self.shape)} "
+            f"{labels} sigma=[{self.sigma_min:g}, {self.sigma_max:g}]"
+        )
+
+
+class CallableNet(torch.nn.Module):
+    """Wraps a plain Python callable `fn(x, sigma, class_labels)` as a module (exportable if fn is torch code)."""
+
+    def __init__(self, fn: Callable, conditional: bool):
+        super().__init__()
+        self.fn = fn
+        self.conditional = conditional
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.fn(x, sigma, class_labels) if self.conditional else self.fn(x, sigma, None)
+
+
+def from_callable(
+    fn: Callable,
+    shape: tuple[int, ...],
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    label_dim: int = 0,
+    round_sigma: Callable | None = None,
+    name: str = "callable",
+) -> Denoiser:
+    """Any Python callable `fn(x, sigma[B], class_labels[B] | None) -> x0` as a Denoiser."""
+    if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+        raise DenoiserError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    net = CallableNet(fn, label_dim > 0)
+    return Denoiser(
+        net=net.eval(),
+        shape=tuple(int(s) for s in shape),
+        sigma_min=float(sigma_min),
+        sigma_max=float(sigma_max),
+        label_dim=int(label_dim),
+        round_sigma=round_sigma or (lambda s: s),
+        identity={"kind": "callable", "name": name},
+    )

@@ -1,0 +1,522 @@
+"""Load official NVlabs EDM network pickles (`.pkl`) without the EDM repository installed.
+
+EDM snapshots (`network-snapshot-*.pkl`) are plain pickles of a dict
+`{'ema': <preconditioned network>, 'loss_fn': ..., 'augment_pipe': ... | None, 'dataset_kwargs': {...}}`.
+Every EDM object in them is stored as a call `torch_utils.persistence._reconstruct_persistent_obj(meta)`,
+where `meta` carries the *full Python source* of the file that defined the class, the class name and the
+object's `__dict__`. Rebuilding such an object means executing that embedded source.
+
+SECURITY NOTE: loading an EDM pickle therefore executes Python code taken from the file. That is
+inherent to the format (EDM's own loader does the same); only load pickles you trust, and record the
+file's sha256 (it is in `Denoiser.identity`). The restricted unpickler below refuses every global outside
+a small allow-list (torch tensor/parameter rebuilding, `torch.nn` classes, `collections.OrderedDict`,
+numpy scalars/dtypes, the EDM persistence hook), so arbitrary *pickle* gadgets are refused, but it is not
+a sandbox for the embedded source.
+
+While a pickle loads, small shim modules stand in for `torch_utils`, `torch_utils.persistence`,
+`torch_utils.misc`, `dnnlib` and `dnnlib.util` in `sys.modules` (under a lock); whatever was there before
+(including a real EDM checkout's `torch_utils`) is put back exactly afterwards. The embedded sources are
+executed in fresh module objects that are not left in `sys.modules`: the loaded network works, deep-copies
+and exports, but cannot be re-pickled as a whole object (save its `state_dict()` instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import linecache
+import math
+import pickle
+import sys
+import threading
+import types
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import Denoiser
+
+__all__ = ["EDMPickleError", "EDMShimError", "EDMNet", "load_edm_pickle", "read_edm_pickle"]
+
+# EDM's generate.py clamps the net's own range into this one.
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
+
+
+class EDMPickleError(ValueError):
+    """The file is not an EDM network pickle iia can load (message says why)."""
+
+
+class EDMShimError(NotImplementedError):
+    """Code from an EDM pickle used a part of EDM's `torch_utils` that iia does not provide."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Shim modules (created once, installed in sys.modules only while a pickle loads)
+
+
+class EasyDict(dict):
+    """dnnlib.EasyDict: a dict whose keys are also attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _persistent_class(orig_class):
+    """Shim for `torch_utils.persistence.persistent_class`: returns the class itself, tagged."""
+    if not isinstance(orig_class, type):
+        raise TypeError("persistent_class() expects a class")
+    orig_class._iia_edm_persistent = True
+    return orig_class
+
+
+def _is_persistent(obj) -> bool:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return bool(getattr(cls, "_iia_edm_persistent", False))
+
+
+def _import_hook(hook):
+    return hook
+
+
+def _shim_reconstruct_outside_load(meta):
+    raise EDMShimError("torch_utils.persistence shim of iia: objects can only be rebuilt inside load_edm_pickle()")
+
+
+def _missing_attr_module(name: str, what: str) -> types.ModuleType:
+    module = types.ModuleType(name, f"iia shim for EDM's {name} ({what})")
+
+    def __getattr__(attr: str):
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)
+        raise EDMShimError(
+            f"{name}.{attr} is not available: iia loads EDM pickles without the EDM repository and its "
+            f"{name} shim provides no '{attr}' ({what})"
+        )
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+def _build_shims() -> dict[str, types.ModuleType]:
+    persistence = types.ModuleType("torch_utils.persistence", "iia shim for EDM's torch_utils.persistence")
+    persistence.persistent_class = _persistent_class
+    persistence.is_persistent = _is_persistent
+    persistence.import_hook = _import_hook
+    persistence._reconstruct_persistent_obj = _shim_reconstruct_outside_load
+    persistence._version = 6
+
+    misc = _missing_attr_module("torch_utils.misc", "only used by the augment pipe during training")
+
+    torch_utils = types.ModuleType("torch_utils", "iia shim for EDM's torch_utils package")
+    torch_utils.persistence = persistence
+    torch_utils.misc = misc
+
+    util = types.ModuleType("dnnlib.util", "iia shim for EDM's dnnlib.util")
+    util.EasyDict = EasyDict
+    dnnlib = types.ModuleType("dnnlib", "iia shim for EDM's dnnlib")
+    dnnlib.EasyDict = EasyDict
+    dnnlib.util = util
+    return {
+        "torch_utils": torch_utils,
+        "torch_utils.persistence": persistence,
+        "torch_utils.misc": misc,
+        "dnnlib": dnnlib,
+        "dnnlib.util": util,
+    }
+
+
+_SHIMS = _build_shims()
+_LOAD_LOCK = threading.RLock()
+_MISSING = object()
+_module_counter = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Restricted unpickler
+
+
+def _load_storage_from_bytes(data: bytes):
+    """Replacement for `torch.storage._load_from_bytes`: the legacy torch.save bytes of one storage,
+    read with torch's own weights-only unpickler (storages and nothing else)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise EDMPickleError("malformed tensor storage in pickle (expected bytes)")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _numpy_attr(submodule: str, name: str):
+    """numpy.core.X / numpy._core.X, whichever the installed numpy has (numpy 1 vs 2 pickles)."""
+    for prefix in ("numpy._core.", "numpy.core."):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = importlib.import_module(prefix + submodule)
+            return getattr(module, name)
+        except (ImportError, AttributeError):
+            continue
+    raise EDMPickleError(f"the installed numpy has no {submodule}.{name}")
+
+
+_NUMPY_CORE_FUNCS = {
+    ("multiarray", "scalar"),
+    ("multiarray", "_reconstruct"),
+    ("numeric", "_frombuffer"),
+}
+
+_TORCH_FUNCS = {
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "Tensor"),
+    ("torch", "Size"),
+    ("torch", "device"),
+}
+
+_SAFE_BUILTINS = {"object", "set", "frozenset", "slice", "range", "complex", "bytearray", "tuple", "list", "dict"}
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    """Unpickler with an allow-list `find_class`; rebuilds EDM persistent objects itself."""
+
+    def __init__(self, file, loader: "_Loader"):
+        super().__init__(file)
+        self._loader = loader
+
+    def find_class(self, module: str, name: str):  # noqa: C901 - one flat allow-list
+        full = f"{module}.{name}"
+        if module == "torch_utils.persistence" and name == "_reconstruct_persistent_obj":
+            return self._loader.reconstruct
+        if module in ("dnnlib", "dnnlib.util") and name == "EasyDict":
+            return EasyDict
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if (module, name) in (("_codecs", "encode"), ("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor")):
+            return getattr(importlib.import_module(module.replace("copy_reg", "copyreg")), name)  # protocols 0-2
+        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
+            return getattr(__import__("builtins"), name)
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _load_storage_from_bytes
+        if (module, name) in _TORCH_FUNCS:
+            return getattr(importlib.import_module(module), name)
+        if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
+            obj = getattr(torch, name, None)
+            if obj is not None:
+                return obj
+        if module == "torch.nn" or module.startswith("torch.nn."):
+            try:
+                obj = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                obj = None
+            if isinstance(obj, type):
+                return obj
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric"):
+            sub = module.rsplit(".", 1)[1]
+            if (sub, name) in _NUMPY_CORE_FUNCS:
+                return _numpy_attr(sub, name)
+        if module == "numpy" and name in ("dtype", "ndarray"):
+            import numpy
+
+            return getattr(numpy, name)
+        if module == "numpy.dtypes":
+            import numpy
+
+            obj = getattr(importlib.import_module("numpy.dtypes"), name, None)
+            if isinstance(obj, type) and issubclass(obj, numpy.dtype):
+                return obj
+        raise EDMPickleError(
+            f"refusing to unpickle global '{full}': it is not on the allow-list for EDM network pickles "
+            "(torch tensors/nn classes, OrderedDict, numpy scalars, EDM persistent objects)"
+        )
+
+
+class _Loader:
+    """State of one load: compiled embedded sources (by hash) and rebuilt class names."""
+
+    def __init__(self, file_label: str):
+        self.file_label = file_label
+        self.modules: dict[str, types.ModuleType] = {}
+        self.temp_module_names: list[str] = []
+        self.class_names: list[str] = []
+
+    def module_for(self, src: str, class_name: str) -> types.ModuleType:
+        global _module_counter
+        digest = hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest()
+        module = self.modules.get(digest)
+        if module is not None:
+            return module
+        _module_counter += 1
+        name = f"_iia_edm_pickle_{digest[:12]}_{_module_counter}"
+        module = types.ModuleType(name, f"embedded source from EDM pickle {self.file_label}")
+        filename = f"<edm-pickle {self.file_label} src:{digest[:12]}>"
+        module.__file__ = filename
+        # Tracebacks and torch.export diagnostics can show the embedded source lines.
+        linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+        # Registered only during the load (some class machinery looks modules up by name).
+        sys.modules[name] = module
+        self.temp_module_names.append(name)
+        try:
+            code = compile(src, filename, "exec")
+            exec(code, module.__dict__)
+        except EDMPickleError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - report any failure of foreign code clearly
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise EDMPickleError(
+                f"executing the embedded source of EDM class '{class_name}' failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.modules[digest] = module
+        return module
+
+    def reconstruct(self, meta):
+        if not isinstance(meta, dict):
+            raise EDMPickleError(f"malformed EDM persistent object: meta is {type(meta).__name__}, not a dict")
+        if meta.get("type") != "class":
+            raise EDMPickleError(f"unsupported EDM persistent object type {meta.get('type')!r} (expected 'class')")
+        src, class_name = meta.get("module_src"), meta.get("class_name")
+        if not isinstance(src, str) or not isinstance(class_name, str):
+            raise EDMPickleError("malformed EDM persistent object: module_src/class_name missing")
+        module = self.module_for(src, class_name)
+        cls = module.__dict__.get(class_name)
+        if not isinstance(cls, type):
+            raise EDMPickleError(f"the embedded source does not define class '{class_name}'")
+        state = meta.get("state")
+        try:
+            obj = cls.__new__(cls)
+            if state is not None:
+                setstate = getattr(obj, "__setstate__", None)
+                if callable(setstate):
+                    setstate(state)
+                else:
+                    obj.__dict__.update(state)
+        except EDMPickleError:
+            raise
+        except Exception as exc:
+            raise EDMPickleError(f"rebuilding EDM object '{class_name}' failed: {type(exc).__name__}: {exc}") from exc
+        self.class_names.append(class_name)
+        return obj
+
+    def cleanup(self) -> None:
+        for name in self.temp_module_names:
+            sys.modules.pop(name, None)
+        self.temp_module_names.clear()
+
+
+def _unpickle(data: bytes, file_label: str):
+    """Unpickle `data` with the shims installed; sys.modules is restored exactly afterwards."""
+    loader = _Loader(file_label)
+    with _LOAD_LOCK:
+        saved = {name: sys.modules.get(name, _MISSING) for name in _SHIMS}
+        try:
+            sys.modules.update(_SHIMS)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module="numpy.*")
+                return _EDMUnpickler(io.BytesIO(data), loader).load(), loader
+        except EDMPickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError, ImportError, RuntimeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+            raise EDMPickleError(f"{file_label}: not a readable EDM network pickle ({type(exc).__name__}: {exc})") from exc
+        finally:
+            for name, previous in saved.items():
+                if previous is _MISSING:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = previous
+            loader.cleanup()
+
+
+def _looks_like_state_dict(obj: dict) -> bool:
+    if not obj:
+        return False
+    tensors = 0
+    for value in obj.values():
+        if isinstance(value, torch.Tensor):
+            tensors += 1
+        elif not (isinstance(value, (int, float)) or value is None):
+            return False
+    return tensors > 0
+
+
+def read_edm_pickle(path: str | Path) -> tuple[dict, dict]:
+    """Unpickle an EDM snapshot into its top-level dict. Returns `(data, info)` with
+    `info = {"sha256", "size", "class_names"}`. Raises EDMPickleError for anything else."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise EDMPickleError(f"EDM pickle not found: {path}") from None
+    except OSError as exc:
+        raise EDMPickleError(f"cannot read EDM pickle {path}: {exc.strerror or exc}") from None
+    label = path.name
+    if data.startswith(_ZIP_MAGIC):
+        raise EDMPickleError(
+            f"{label}: this is a torch.save/zip checkpoint, not an EDM network pickle "
+            "(EDM snapshots are plain pickles, e.g. network-snapshot-*.pkl)"
+        )
+    if not data:
+        raise EDMPickleError(f"{label}: empty file, not an EDM network pickle")
+    obj, loader = _unpickle(data, label)
+    legacy_magic = getattr(torch.serialization, "MAGIC_NUMBER", None)
+    if isinstance(obj, int) and legacy_magic is not None and obj == legacy_magic:
+        raise EDMPickleError(f"{label}: this is a legacy (non-zip) torch.save checkpoint, not an EDM network pickle")
+    if not isinstance(obj, dict):
+        raise EDMPickleError(
+            f"{label}: top level of the pickle is a {type(obj).__name__}, expected a dict with key 'ema' "
+            "(an EDM network pickle)"
+        )
+    if "ema" not in obj:
+        if _looks_like_state_dict(obj):
+            raise EDMPickleError(
+                f"{label}: this is a plain state dict ({len(obj)} entries of tensors), not an EDM network pickle: "
+                "it holds weights only, not the network with its source"
+            )
+        keys = sorted(str(k) for k in obj)
+        shown = ", ".join(repr(k) for k in keys[:20]) + (", ..." if len(keys) > 20 else "")
+        raise EDMPickleError(f"{label}: no 'ema' network in the pickle; keys found: [{shown}]")
+    info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "class_names": list(loader.class_names)}
+    return obj, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter to iia's Denoiser.net signature
+
+
+class EDMNet(torch.nn.Module):
+    """`(x [B,C,H,W] f32, sigma [B] f32, class_labels [B] int64)` -> EDM precond(x, sigma, one_hot(labels)).
+
+    The labels argument is ignored (and may be omitted) when `label_dim == 0`. The one-hot is built with
+    an `arange ==` comparison, which exports cleanly to ONNX.
+    """
+
+    def __init__(self, precond: torch.nn.Module):
+        super().__init__()
+        self.precond = precond
+        self.label_dim = int(getattr(precond, "label_dim", 0) or 0)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.label_dim > 0:
+            classes = torch.arange(self.label_dim, device=x.device, dtype=torch.int64)
+            one_hot = (class_labels.to(torch.int64).reshape(-1, 1) == classes).to(x.dtype)
+            return self.precond(x, sigma, one_hot)
+        return self.precond(x, sigma, None)
+
+
+class _RoundSigma:
+    """Denoiser.round_sigma for an EDM precond: its own round_sigma (iDDPM snaps to its table), float64 out."""
+
+    def __init__(self, precond: torch.nn.Module):
+        self.precond = precond
+
+    def __call__(self, sigma) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        fn = getattr(self.precond, "round_sigma", None)
+        if fn is None:
+            return sigma
+        with torch.no_grad():
+            out = fn(sigma)
+        return torch.as_tensor(out).to(torch.float64).reshape(sigma.shape)
+
+    def __repr__(self) -> str:
+        return f"<round_sigma of {type(self.precond).__name__}>"
+
+
+def _attr_float(obj, name: str, default: float) -> float:
+    value = getattr(obj, name, None)
+    if value is None:
+        return default
+    try:
+        return float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _attr_int(obj, name: str, label: str, default: int | None = None) -> int:
+    value = getattr(obj, name, default)
+    try:
+        if value is None:
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError):
+        raise EDMPickleError(f"{label}: the network ({type(obj).__name__}) has no usable '{name}' attribute") from None
+
+
+def load_edm_pickle(path: str | Path) -> Denoiser:
+    """Load an NVlabs EDM network pickle as a `Denoiser` (CPU, float32, eval mode).
+
+    Executes the Python source embedded in the pickle (see the module docstring). The returned
+    denoiser carries `identity = {"kind": "edm-pkl", "name", "sha256", "class_name", "path"}` and an extra
+    attribute `pickle_meta` (dataset_kwargs, loss_fn / augment_pipe class names, classes rebuilt).
+    """
+    path = Path(path)
+    data, info = read_edm_pickle(path)
+    label = path.name
+    precond = data["ema"]
+    if not isinstance(precond, torch.nn.Module):
+        raise EDMPickleError(f"{label}: 'ema' is a {type(precond).__name__}, not a torch network")
+    if hasattr(precond, "use_fp16"):
+        precond.use_fp16 = False  # fp16 only ever applied on CUDA; iia runs the net in float32
+    precond = precond.float().cpu().eval().requires_grad_(False)
+
+    channels = _attr_int(precond, "img_channels", label)
+    resolution = _attr_int(precond, "img_resolution", label)
+    label_dim = _attr_int(precond, "label_dim", label, default=0)
+    if channels <= 0 or resolution <= 0 or label_dim < 0:
+        raise EDMPickleError(f"{label}: bad network shape img_channels={channels} img_resolution={resolution} label_dim={label_dim}")
+    net_min = _attr_float(precond, "sigma_min", 0.0)
+    net_max = _attr_float(precond, "sigma_max", math.inf)
+    sigma_min = max(EDM_SIGMA_MIN, net_min) if not math.isnan(net_min) else EDM_SIGMA_MIN
+    sigma_max = min(EDM_SIGMA_MAX, net_max) if not math.isnan(net_max) else EDM_SIGMA_MAX
+    if not (0 < sigma_min < sigma_max):
+        raise EDMPickleError(f"{label}: empty noise range after clamping: sigma_min={sigma_min:g} sigma_max={sigma_max:g}")
+
+    class_name = type(precond).__name__
+    denoiser = Denoiser(
+        net=EDMNet(precond).eval(),
+        shape=(channels, resolution, resolution),
+        sigma_min=float(sigma_min),
+        sigma_max=float(sigma_max),
+        label_dim=label_dim,
+        round_sigma=_RoundSigma(precond),
+        identity={
+            "kind": "edm-pkl",
+            "name": label,
+            "sha256": info["sha256"],
+            "class_name": class_name,
+            "path": str(path),
+        },
+    )
+    dataset_kwargs = data.get("dataset_kwargs")
+    denoiser.pickle_meta = {
+        "dataset_kwargs": dict(dataset_kwargs) if isinstance(dataset_kwargs, dict) else dataset_kwargs,
+        "loss_fn": None if data.get("loss_fn") is None else type(data.get("loss_fn")).__name__,
+        "augment_pipe": None if data.get("augment_pipe") is None else type(data.get("augment_pipe")).__name__,
+        "known_precond": class_name in _PRECOND_CLASSES,
+        "net_sigma_min": net_min,
+        "net_sigma_max": net_max,
+        "classes": info["class_names"],
+        "size": info["size"],
+    }
+    return denoiser
