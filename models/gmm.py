@@ -32,7 +32,8 @@ class GaussianMixtureNet(torch.nn.Module):
             post = mu + (self.spread**2 / var) * (flat - mu)
             return post.reshape(x.shape)
         # squared distances to each mean: [B, K]
-        dist2 = (flat * flat).sum(1, keepdim=True) - 2 * flat @ self.means.T + (self.means * self.means).sum(1)
+        # einsum (not `flat @ means.T`): the exporter would fold the transpose into a second copy of the means
+        dist2 = (flat * flat).sum(1, keepdim=True) - 2 * torch.einsum("bd,kd->bk", flat, self.means) + (self.means * self.means).sum(1)
         logits = self.log_weights - 0.5 * dist2 / var
         resp = torch.softmax(logits, dim=1)  # [B, K]
         mean_mu = resp @ self.means  # [B, D]

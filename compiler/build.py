@@ -1,0 +1,263 @@
+"""`compile_model`: model -> coefficients -> ONE ONNX sampler graph (+ TensorRT engine) in an artifact dir.
+
+The artifact directory is written atomically: everything is built in a temporary sibling directory and
+renamed into place at the end, so a failure or Ctrl-C never leaves a half-written DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from iia.calibration import artifact
+from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
+from iia.calibration.sampling import program_for
+from iia.calibration.solvers import get_solver
+from iia.models.base import Denoiser
+from iia.models.registry import resolve_model
+
+from .check import check_model, check_parity, check_weight_sharing
+from .emit import IMAGES, IMAGES_U8, LABELS, NOISE, emit_sampler
+from .engine import EnginePlan, EngineUnavailable, build_engine, engine_unavailable_reason, fp32_layer_names
+from .export import export_denoiser
+
+MANIFEST_SCHEMA = "iia.artifact"
+MANIFEST_VERSION = 1
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
+
+
+class CompileError(ValueError):
+    pass
+
+
+@dataclass
+class CompileOptions:
+    nfe: int = 9
+    solver: str | None = None  # default: iia-edm
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    coefficients: str | None = None
+    precision: str = "fp32"
+    max_batch: int = 64
+    force: bool = False
+    engine: bool = True
+    parity_atol: float = 1e-4
+    cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
+    weight_limit: float = 1.10
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("IIA_CACHE_DIR") or Path.home() / ".cache" / "iia")
+
+
+def cache_key(denoiser: Denoiser, solver: str, nfe: int, options: CalibrationOptions) -> str:
+    ident = artifact.model_identity(denoiser)
+    text = json.dumps({"model": ident, "solver": solver, "nfe": nfe, "options": vars(options)}, sort_keys=True)
+    return f"{solver}-nfe{nfe}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
+
+
+def _stage(log, timings, name):
+    class _Stage:
+        def __enter__(self):
+            self.start = time.perf_counter()
+            log(f"[{name}] ...")
+
+        def __exit__(self, exc_type, *_):
+            seconds = time.perf_counter() - self.start
+            timings[name] = round(seconds, 3)
+            if exc_type is None:
+                log(f"[{name}] done in {seconds:.2f} s")
+
+    return _Stage()
+
+
+def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=None) -> tuple[dict, str]:
+    """Coefficient artifact data: from --coefficients, the cache, the base solver, or a fresh calibration."""
+    nfe = opts.nfe
+    if opts.coefficients:
+        artifact.load_program(opts.coefficients, denoiser, nfe, solver)  # validates model, NFE, solver
+        return artifact.read(opts.coefficients), f"from {opts.coefficients}"
+    spec = get_solver(solver)
+    if not spec.fitted:
+        base = program_for(denoiser, solver, nfe, opts.calibration.r)
+        result = CalibrationResult(base, base, base, opts.calibration)
+        return artifact.to_dict(result, denoiser, nfe), "base solver (nothing to fit)"
+    cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+    cached = cache / "coefficients" / cache_key(denoiser, solver, nfe, opts.calibration)
+    if cached.exists():
+        try:
+            artifact.load_program(cached, denoiser, nfe, solver)
+            return artifact.read(cached), f"cached {cached}"
+        except artifact.ArtifactError as err:
+            log(f"ignoring unusable cached coefficients ({err})")
+    result = calibrate(denoiser, solver, nfe, opts.calibration, progress=progress)
+    data = artifact.to_dict(result, denoiser, nfe)
+    try:
+        artifact.write_json_atomic(cached, data)
+    except OSError as err:  # a read-only home must not fail the compile
+        log(f"could not cache coefficients at {cached}: {err}")
+    g = result.guard
+    return data, (f"calibrated in {result.seconds:.1f} s; held-out rmse base {g['rmse_base']:.4g} -> "
+                  f"{g['rmse_chosen']:.4g} ({g['decision']})")
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Save; graphs over 2 GB keep their tensors in `<name>.data` beside the model. Returns file names."""
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        location = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        return [path.name, location]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def io_spec(denoiser: Denoiser) -> tuple[list[dict], list[dict]]:
+    inputs = [{"name": NOISE, "dtype": "float32", "shape": ["batch", *denoiser.shape]}]
+    if denoiser.conditional:
+        inputs.append({"name": LABELS, "dtype": "int64", "shape": ["batch"], "range": [0, denoiser.label_dim - 1]})
+    outputs = [{"name": IMAGES, "dtype": "float32", "shape": ["batch", *denoiser.shape]}]
+    if denoiser.is_image:
+        c, h, w = denoiser.shape
+        outputs.append({"name": IMAGES_U8, "dtype": "uint8", "shape": ["batch", h, w, c]})
+    return inputs, outputs
+
+
+def _fresh_workdir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+
+
+def _publish(work: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise CompileError(f"{out} appeared while compiling; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out)
+
+
+def compile_model(model, out_dir: str | Path, options: CompileOptions | None = None,
+                  log: Callable[[str], None] = print, progress=None,
+                  _fail_after: str | None = None) -> dict:
+    """Compile `model` (a Denoiser, a path or a built-in name) into `out_dir`; returns the manifest.
+
+    `_fail_after` injects a failure after the named stage (tests use it to prove atomicity).
+    """
+    opts = options or CompileOptions()
+    out = Path(out_dir)
+    if out.exists() and not opts.force:
+        raise CompileError(f"output directory {out} exists: pass --force to replace it")
+    if opts.max_batch < 1:
+        raise CompileError(f"--max-batch must be >= 1, got {opts.max_batch}")
+    solver = opts.solver or "iia-edm"
+    spec = get_solver(solver)
+    spec.steps_for_nfe(opts.nfe)
+    opts.calibration.validate()
+    timings: dict[str, float] = {}
+    with _stage(log, timings, "load model"):
+        denoiser = resolve_model(model)
+    log(f"  {denoiser.describe()}")
+    if denoiser.identity.get("sha256"):
+        log(f"  sha256 {denoiser.identity['sha256']}")
+    reason = engine_unavailable_reason() if opts.engine else "--no-engine given"
+    if opts.precision != "fp32" and reason:
+        log(f"  --precision {opts.precision} applies to the TensorRT engine, which is skipped ({reason}); "
+            f"the ONNX graph is fp32")
+
+    work = _fresh_workdir(out)
+    try:
+        with _stage(log, timings, "coefficients"):
+            coef_data, how = obtain_coefficients(denoiser, solver, opts, log, progress)
+            log(f"  {how}")
+            coef_sha = artifact.write_json_atomic(work / "coefficients.json", coef_data)
+            program = artifact.load_program(work / "coefficients.json", denoiser, opts.nfe, solver)
+        if _fail_after == "coefficients":
+            raise RuntimeError("injected failure after coefficients")
+        with _stage(log, timings, "export denoiser"):
+            denoiser_model = export_denoiser(denoiser, opts.max_batch)
+            onnx.save_model(denoiser_model, str(work / "denoiser.onnx"))
+        with _stage(log, timings, "emit sampler graph"):
+            sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional)
+            check_model(sampler)
+            weights = check_weight_sharing(sampler, denoiser.param_bytes(), opts.weight_limit)
+            files = save_onnx(sampler, work / "sampler.onnx")
+            log(f"  {program.nfe} denoiser calls, {len(sampler.graph.node)} nodes, weights {weights['ratio']:.4f}x "
+                f"the parameters (+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
+        if _fail_after == "emit":
+            raise RuntimeError("injected failure after emit")
+        with _stage(log, timings, "parity vs PyTorch"):
+            parity = check_parity(str(work / "sampler.onnx"), program, denoiser, atol=opts.parity_atol,
+                                  golden_path=str(work / "golden_outputs.json"))
+            log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}")
+        engine = {"built": False, "reason": reason, "precision": opts.precision}
+        if reason is None:
+            with _stage(log, timings, "tensorrt engine"):
+                plan = EnginePlan(precision=opts.precision, max_batch=opts.max_batch,
+                                  opt_batch=min(8, opts.max_batch), sample_shape=denoiser.shape,
+                                  conditional=denoiser.conditional,
+                                  fp32_layers=fp32_layer_names(sampler) if opts.precision != "fp32" else [],
+                                  timing_cache=str(default_cache_dir() / "timing.cache"))
+                try:
+                    engine.update(build_engine(str(work / "sampler.onnx"), plan, str(work / "sampler.plan")),
+                                  built=True, reason=None)
+                    files.append("sampler.plan")
+                except EngineUnavailable as err:
+                    engine["reason"] = str(err)
+        if not engine["built"]:
+            log(f"  TensorRT engine skipped: {engine['reason']}")
+        inputs, outputs = io_spec(denoiser)
+        all_files = files + ["denoiser.onnx", "coefficients.json", "golden_inputs.json", "golden_outputs.json"]
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "schema_version": MANIFEST_VERSION,
+            "model": artifact.model_identity(denoiser),
+            "solver": solver,
+            "nfe": program.nfe,
+            "r": program.r,
+            "sigmas": list(program.sigmas),
+            "sample_shape": list(denoiser.shape),
+            "label_dim": denoiser.label_dim,
+            "max_batch": opts.max_batch,
+            "inputs": inputs,
+            "outputs": outputs,
+            "files": {name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}
+                      for name in all_files},
+            "coefficients_sha256": coef_sha,
+            "coefficients_source": how,
+            "guard": coef_data.get("guard", {}),
+            "parity": parity,
+            "weights": weights,
+            "engine": engine,
+            "timings_s": timings,
+            "versions": artifact.library_versions(),
+            "golden": {"inputs": "golden_inputs.json", "outputs": "golden_outputs.json",
+                       "check": "polygraphy run sampler.onnx --trt --load-inputs golden_inputs.json "
+                                "--load-outputs golden_outputs.json --atol 1e-3"},
+        }
+        artifact.write_json_atomic(work / "manifest.json", manifest)
+        _publish(work, out, opts.force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest

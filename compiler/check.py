@@ -1,0 +1,126 @@
+"""Checks of an emitted sampler graph: ONNX validity, weight sharing, parity with the PyTorch sampler.
+
+Parity runs through polygraphy: ONNX Runtime CPU (`OnnxrtRunner`) against a polygraphy runner that wraps
+the PyTorch reference sampler, compared by `Comparator.compare_accuracy` with a simple elementwise check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.json import save_json
+
+from iia.calibration.sampling import sample
+from iia.calibration.solvers import Program
+from iia.models.base import Denoiser
+
+from .emit import IMAGES, LABELS, NOISE, initializer_bytes
+
+SAMPLER_CONST_PREFIX = "iia/"
+
+
+class CheckError(ValueError):
+    pass
+
+
+def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx.checker plus strict shape inference (raises on an invalid graph)."""
+    onnx.checker.check_model(model)
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
+def weight_bytes(model: onnx.ModelProto) -> dict:
+    """Stored bytes split into the denoiser's tensors (weights) and the sampler's own baked scalars."""
+    total = initializer_bytes(model)
+    sampler = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer
+                  if t.name.startswith(SAMPLER_CONST_PREFIX))
+    return {"total": int(total), "sampler_constants": int(sampler), "weights": int(total - sampler)}
+
+
+def check_weight_sharing(model: onnx.ModelProto, param_bytes: int, limit: float = 1.10) -> dict:
+    """Every call site must share the denoiser's weights: weight bytes <= limit x parameter bytes."""
+    sizes = weight_bytes(model)
+    ratio = sizes["weights"] / max(param_bytes, 1)
+    report = dict(sizes, param_bytes=int(param_bytes), ratio=round(ratio, 5),
+                  ratio_total=round(sizes["total"] / max(param_bytes, 1), 5))
+    if ratio > limit:
+        raise CheckError(f"weight sharing violated: the graph stores {sizes['weights']} bytes of weights for "
+                         f"{param_bytes} bytes of parameters ({ratio:.2f}x > {limit}x): a call site duplicates weights")
+    return report
+
+
+class TorchSamplerRunner(BaseRunner):
+    """The PyTorch reference sampler behind polygraphy's runner interface."""
+
+    def __init__(self, program: Program, denoiser: Denoiser, name: str = "pytorch-reference"):
+        super().__init__(name=name)
+        self.program, self.denoiser = program, denoiser
+
+    def activate_impl(self):
+        pass
+
+    def deactivate_impl(self):
+        pass
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata().add(NOISE, np.float32, (None, *self.denoiser.shape))
+        if self.denoiser.conditional:
+            meta.add(LABELS, np.int64, (None,))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        labels = torch.from_numpy(feed_dict[LABELS]) if LABELS in feed_dict else None
+        out = sample(self.program, self.denoiser, torch.from_numpy(feed_dict[NOISE]), labels)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(IMAGES, out.to(torch.float32).numpy())])
+
+
+def parity_feed(denoiser: Denoiser, batch: int, seed: int) -> OrderedDict:
+    rng = np.random.default_rng(seed)
+    feed = OrderedDict([(NOISE, rng.standard_normal((batch, *denoiser.shape)).astype(np.float32))])
+    if denoiser.conditional:
+        feed[LABELS] = rng.integers(0, denoiser.label_dim, size=batch).astype(np.int64)
+    return feed
+
+
+def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: int = 4, seed: int = 1234,
+                 atol: float = 1e-4, golden_path: str | None = None) -> dict:
+    """ONNX Runtime CPU vs the PyTorch sampler on fresh noise; raises CheckError above `atol`."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
+    feed = parity_feed(denoiser, batch, seed)
+    runners = [TorchSamplerRunner(program, denoiser),
+               OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))]
+    results = Comparator.run(runners, data_loader=[feed])
+    accuracy = Comparator.compare_accuracy(
+        results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0, check_shapes=True,
+                                                 find_output_func=lambda name, i, r: [IMAGES] if name == IMAGES else []))
+    ref = results[0][1][0][IMAGES]
+    got = results[1][1][0][IMAGES]
+    err = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    report = {"backend": "onnxruntime-cpu", "batch": batch, "max_abs": float(err.max()),
+              "max_rel": float((err / np.maximum(np.abs(ref), 1e-3)).max()), "atol": atol, "passed": bool(accuracy)}
+    if golden_path:
+        # inputs + ONNX Runtime outputs, for `polygraphy run sampler.onnx --trt --load-inputs ... --load-outputs ...`
+        save_json([feed], golden_path.replace("outputs", "inputs"))
+        from polygraphy.comparator import RunResults
+
+        golden = RunResults()
+        golden.append(results[1])
+        golden.save(golden_path)
+    if not accuracy:
+        raise CheckError(f"ONNX Runtime output differs from the PyTorch sampler: max abs {report['max_abs']:.3g} "
+                         f"> {atol}")
+    return report

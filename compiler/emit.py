@@ -1,0 +1,157 @@
+"""Emit the unrolled sampler as ONE ONNX graph around the once-exported denoiser.
+
+Reads the same `Program` the PyTorch sampler runs: every `Denoise` op becomes a copy of the denoiser's
+nodes (value names prefixed per call site, initializers SHARED by name, so weights are stored once), every
+`Combine` a chain of Mul/Add with baked float constants. Interface:
+  inputs  noise float32 [B, *shape] (standard normal; scaled by sigma_max inside), class_labels int64 [B]
+          (conditional models only)
+  outputs images float32 [B, *shape], images_uint8 uint8 [B, H, W, C] (image models; EDM generate.py's
+          clip(x * 127.5 + 128, 0, 255) then NHWC)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from iia.calibration.solvers import Combine, Denoise, Program
+
+NOISE, LABELS, IMAGES, IMAGES_U8 = "noise", "class_labels", "images", "images_uint8"
+DENOISER_INPUTS = ("x", "sigma", "class_labels")
+DENOISER_OUTPUT = "denoised"
+
+
+class EmitError(ValueError):
+    pass
+
+
+class GraphBuilder:
+    """Collects nodes and small constant initializers with unique names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._consts: dict[tuple, str] = {}
+        self._count = 0
+
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        return f"iia/{base}_{self._count}"
+
+    def const(self, value, dtype=np.float32) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = f"iia/const_{len(self._consts)}"
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.fresh(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _value(name: str) -> str:
+    return f"v/{name}"
+
+
+def emit_combine(gb: GraphBuilder, op: Combine) -> None:
+    if not op.terms:
+        raise EmitError(f"empty combination for {op.out}")
+    products = [gb.node("Mul", [_value(name), gb.const(weight)]) for name, weight in op.terms]
+    acc = products[0]
+    for product in products[1:]:
+        acc = gb.node("Add", [acc, product])
+    gb.node("Identity", [acc], _value(op.out))
+
+
+def _check_denoiser_graph(graph: onnx.GraphProto) -> None:
+    inputs = [i.name for i in graph.input]
+    if inputs[:2] != ["x", "sigma"] or len(graph.output) != 1:
+        raise EmitError(f"denoiser graph must take (x, sigma[, class_labels]) and give one output, has {inputs}")
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise EmitError(f"denoiser graph has control flow ({node.op_type}); iia inlines flat graphs only")
+
+
+def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str, sigma: str, out: str) -> None:
+    """Copy the denoiser's nodes for one call site: prefixed value names, shared initializers."""
+    shared = {t.name for t in denoiser.initializer}
+    mapping = {"x": _value(state), "sigma": sigma, "class_labels": LABELS, denoiser.output[0].name: _value(out)}
+    prefix = f"call{site}/"
+
+    def rename(name: str) -> str:
+        if not name or name in shared:
+            return name
+        return mapping.get(name, prefix + name)
+
+    for node in denoiser.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = prefix + (node.name or node.op_type)
+        copy.input[:] = [rename(n) for n in node.input]
+        copy.output[:] = [rename(n) for n in node.output]
+        gb.nodes.append(copy)
+
+
+def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
+                 name: str = "iia_sampler") -> onnx.ModelProto:
+    """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`)."""
+    dgraph = denoiser_model.graph
+    _check_denoiser_graph(dgraph)
+    if conditional != (len(dgraph.input) == 3):
+        raise EmitError("denoiser graph's inputs do not match the model's conditioning")
+    gb = GraphBuilder()
+    batch = gb.node("Shape", [NOISE], "iia/batch", start=0, end=1)
+    gb.nodes.append(helper.make_node("Identity", [NOISE], [_value("noise")], name="iia/noise"))
+    sigma_names: dict[float, str] = {}
+    site = 0
+    for op in program.ops():
+        if isinstance(op, Denoise):
+            if op.sigma not in sigma_names:
+                sigma_names[op.sigma] = gb.node("Expand", [gb.const([op.sigma]), batch], f"iia/sigma_{len(sigma_names)}")
+            emit_call(gb, dgraph, site, op.state, sigma_names[op.sigma], op.out)
+            site += 1
+        else:
+            emit_combine(gb, op)
+    gb.nodes.append(helper.make_node("Identity", [_value(program.output)], [IMAGES], name="iia/images"))
+    outputs = [helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, ["batch", *shape])]
+    if len(shape) == 3:
+        scaled = gb.node("Add", [gb.node("Mul", [IMAGES, gb.const(127.5)]), gb.const(128.0)])
+        clipped = gb.node("Clip", [scaled, gb.const(0.0), gb.const(255.0)])
+        u8 = gb.node("Cast", [clipped], to=TensorProto.UINT8)
+        gb.node("Transpose", [u8], IMAGES_U8, perm=[0, 2, 3, 1])
+        c, h, w = shape
+        outputs.append(helper.make_tensor_value_info(IMAGES_U8, TensorProto.UINT8, ["batch", h, w, c]))
+    inputs = [helper.make_tensor_value_info(NOISE, TensorProto.FLOAT, ["batch", *shape])]
+    if conditional:
+        inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
+    graph = helper.make_graph(gb.nodes, name, inputs, outputs, initializer=list(dgraph.initializer) + gb.initializers)
+    model = helper.make_model(graph, opset_imports=list(denoiser_model.opset_import), producer_name="iia")
+    model.ir_version = denoiser_model.ir_version
+    for fn in denoiser_model.functions:
+        model.functions.append(fn)
+    return model
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all stored tensors: initializers plus tensor-valued Constant nodes (what weight sharing bounds)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += numpy_helper.to_array(t).nbytes if not t.external_data else _external_size(t)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    total += numpy_helper.to_array(a.t).nbytes
+    return total
+
+
+def _external_size(t: onnx.TensorProto) -> int:
+    for entry in t.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return 0
