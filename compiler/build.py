@@ -26,7 +26,7 @@ from iia.models.base import Denoiser
 from iia.models.registry import resolve_model
 
 from .check import check_model, check_parity, check_weight_sharing
-from .emit import IMAGES, IMAGES_U8, LABELS, NOISE, emit_sampler
+from .emit import IMAGES, IMAGES_U8, LABELS, NOISE, emit_sampler, initializer_bytes
 from .engine import EnginePlan, EngineUnavailable, build_engine, engine_unavailable_reason, fp32_layer_names
 from .export import export_denoiser
 
@@ -200,10 +200,11 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         with _stage(log, timings, "emit sampler graph"):
             sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional)
             check_model(sampler)
-            weights = check_weight_sharing(sampler, denoiser.param_bytes(), opts.weight_limit)
+            weights = check_weight_sharing(sampler, initializer_bytes(denoiser_model), denoiser.param_bytes(),
+                                           opts.weight_limit)
             files = save_onnx(sampler, work / "sampler.onnx")
-            log(f"  {program.nfe} denoiser calls, {len(sampler.graph.node)} nodes, weights {weights['ratio']:.4f}x "
-                f"the parameters (+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
+            log(f"  {program.nfe} denoiser calls, {len(sampler.graph.node)} nodes, stored tensors {weights['ratio']:.4f}x one "
+                f"denoiser call, {weights['ratio_vs_params']:.4f}x its parameters (+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
         if _fail_after == "emit":
             raise RuntimeError("injected failure after emit")
         with _stage(log, timings, "parity vs PyTorch"):

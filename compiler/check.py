@@ -15,7 +15,8 @@ import torch
 from onnx import numpy_helper
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator
+from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.json import save_json
 
 from iia.calibration.sampling import sample
@@ -45,15 +46,18 @@ def weight_bytes(model: onnx.ModelProto) -> dict:
     return {"total": int(total), "sampler_constants": int(sampler), "weights": int(total - sampler)}
 
 
-def check_weight_sharing(model: onnx.ModelProto, param_bytes: int, limit: float = 1.10) -> dict:
-    """Every call site must share the denoiser's weights: weight bytes <= limit x parameter bytes."""
+def check_weight_sharing(model: onnx.ModelProto, denoiser_bytes: int, param_bytes: int, limit: float = 1.10) -> dict:
+    """Every call site must share the denoiser's tensors: the sampler graph stores at most `limit` x the
+    bytes of ONE exported denoiser call (`denoiser_bytes`), plus its own baked scalars. Also reported against
+    the module's parameter bytes (which the exporter itself may exceed by folding a weight)."""
     sizes = weight_bytes(model)
-    ratio = sizes["weights"] / max(param_bytes, 1)
-    report = dict(sizes, param_bytes=int(param_bytes), ratio=round(ratio, 5),
-                  ratio_total=round(sizes["total"] / max(param_bytes, 1), 5))
+    ratio = sizes["weights"] / max(denoiser_bytes, 1)
+    report = dict(sizes, denoiser_onnx_bytes=int(denoiser_bytes), param_bytes=int(param_bytes), ratio=round(ratio, 5),
+                  ratio_vs_params=round(sizes["weights"] / max(param_bytes, 1), 5),
+                  ratio_total_vs_params=round(sizes["total"] / max(param_bytes, 1), 5))
     if ratio > limit:
-        raise CheckError(f"weight sharing violated: the graph stores {sizes['weights']} bytes of weights for "
-                         f"{param_bytes} bytes of parameters ({ratio:.2f}x > {limit}x): a call site duplicates weights")
+        raise CheckError(f"weight sharing violated: the graph stores {sizes['weights']} bytes of denoiser tensors, "
+                         f"one denoiser call has {denoiser_bytes} ({ratio:.2f}x > {limit}x): a call site duplicates weights")
     return report
 
 
@@ -101,17 +105,25 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
 
     G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
     feed = parity_feed(denoiser, batch, seed)
+    # The graph runs in float32; large fitted coefficients amplify float32 rounding. Measure that floor with the
+    # PyTorch sampler in float32 and allow a few times it where it exceeds `atol` (reported either way).
+    labels = torch.from_numpy(feed[LABELS]) if LABELS in feed else None
+    noise = torch.from_numpy(feed[NOISE])
+    f32_floor = float((sample(program, denoiser, noise, labels, dtype=torch.float32).double()
+                       - sample(program, denoiser, noise, labels)).abs().max())
+    tolerance = max(atol, 4 * f32_floor)
     runners = [TorchSamplerRunner(program, denoiser),
                OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))]
     results = Comparator.run(runners, data_loader=[feed])
     accuracy = Comparator.compare_accuracy(
-        results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0, check_shapes=True,
+        results, compare_func=SimpleCompareFunc(atol=tolerance, rtol=0.0, check_shapes=True,
                                                  find_output_func=lambda name, i, r: [IMAGES] if name == IMAGES else []))
     ref = results[0][1][0][IMAGES]
     got = results[1][1][0][IMAGES]
     err = np.abs(ref.astype(np.float64) - got.astype(np.float64))
     report = {"backend": "onnxruntime-cpu", "batch": batch, "max_abs": float(err.max()),
-              "max_rel": float((err / np.maximum(np.abs(ref), 1e-3)).max()), "atol": atol, "passed": bool(accuracy)}
+              "max_rel": float((err / np.maximum(np.abs(ref), 1e-3)).max()), "atol": atol,
+              "float32_floor": f32_floor, "tolerance": tolerance, "passed": bool(accuracy)}
     if golden_path:
         # inputs + ONNX Runtime outputs, for `polygraphy run sampler.onnx --trt --load-inputs ... --load-outputs ...`
         save_json([feed], golden_path.replace("outputs", "inputs"))
@@ -122,5 +134,5 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
         golden.save(golden_path)
     if not accuracy:
         raise CheckError(f"ONNX Runtime output differs from the PyTorch sampler: max abs {report['max_abs']:.3g} "
-                         f"> {atol}")
+                         f"> {tolerance:.3g} (float32 floor of this sampler {f32_floor:.3g})")
     return report
