@@ -35,7 +35,7 @@ def accuracy_table(
 
     EDM-family solvers take odd NFE and DDIM-family any NFE >= 2; an NFE a solver cannot take is skipped.
     """
-    options = options or CalibrationOptions()
+    options = (options or CalibrationOptions()).resolved(denoiser)
     for s in solvers:
         get_solver(s)
     noise, labels = draw_noise(denoiser, n_test, options.seed + TEST_SEED_OFFSET)

@@ -30,8 +30,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fine-solver", default="base", choices=("base", "heun"),
                         help="integrator of the fine target (default: the base solver, as in the paper)")
     parser.add_argument("--ridge", type=float, default=1e-6, help="ridge toward the base coefficients")
-    parser.add_argument("--holdout", type=int, default=256, help="held-out noises for the end-to-end guard")
-    parser.add_argument("--reference-steps", type=int, default=256, help="Heun steps of the reference solution")
+    parser.add_argument("--holdout", type=int, default=None,
+                        help="held-out noises for the end-to-end guard (default 256 analytic model, 64 networks)")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help="Heun steps of the reference solution (default 256 analytic model, 128 networks)")
     parser.add_argument("--no-guard", action="store_true", help="ship the raw fit even if it loses end to end")
 
 

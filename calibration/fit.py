@@ -11,7 +11,7 @@ Beyond the paper (see shared/notes/method.md):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -36,10 +36,19 @@ class CalibrationOptions:
     first_step: int = 0  # 0: fit from the first step (paper text Alg. 1); 1: camera-ready (first step stays base)
     fine_solver: str = "base"  # integrator of the fine target: "base" (paper) or "heun"
     ridge: float = 1e-6  # relative ridge weight toward the base coefficients (on the unit-scaled basis)
-    holdout: int = 256  # held-out noises for the end-to-end guard
-    reference_steps: int = 256  # Heun steps of the high-accuracy reference
+    # Held-out noises for the end-to-end guard and Heun steps of its reference solution. Each held-out noise
+    # costs 2 x reference_steps denoiser calls, so None means: 256 / 256 for the (free) analytic model,
+    # 64 / 128 for networks.
+    holdout: int | None = None
+    reference_steps: int | None = None
     guard: bool = True
     chunk: int = 100  # denoiser batch size during calibration (bounds memory)
+
+    def resolved(self, denoiser: Denoiser) -> "CalibrationOptions":
+        """A copy with the model-dependent defaults filled in."""
+        cheap = denoiser.identity.get("kind") == "gmm"
+        return replace(self, holdout=self.holdout or (256 if cheap else 64),
+                       reference_steps=self.reference_steps or (256 if cheap else 128))
 
     def validate(self) -> None:
         if self.M < 1:
@@ -52,7 +61,7 @@ class CalibrationOptions:
             raise CalibrationError(f"first_step must be 0 or 1, got {self.first_step}")
         if self.fine_solver not in ("base", "heun"):
             raise CalibrationError(f"fine_solver must be 'base' or 'heun', got {self.fine_solver!r}")
-        if self.ridge < 0 or self.holdout < 1 or self.reference_steps < 2 or self.chunk < 1:
+        if self.ridge < 0 or (self.holdout or 1) < 1 or (self.reference_steps or 2) < 2 or self.chunk < 1:
             raise CalibrationError("ridge >= 0, holdout >= 1, reference_steps >= 2 and chunk >= 1 are required")
 
 
@@ -115,6 +124,7 @@ def calibrate(
             raise CalibrationError(f"unknown calibration option '{key}'")
         setattr(options, key, value)
     options.validate()
+    options = options.resolved(denoiser)
     spec = get_solver(solver)
     if not spec.fitted:
         raise CalibrationError(f"solver '{solver}' has nothing to fit: use an IIA variant (iia-edm, biia-edm, iia-ddim)")
