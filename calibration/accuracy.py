@@ -50,7 +50,7 @@ def accuracy_table(
                 progress(f"{solver} NFE {nfe}")
             key = (spec.base, nfe)
             if key not in base_cache:
-                base_cache[key] = rmse(sample(program_for(denoiser, spec.base, nfe), denoiser, noise, labels), ref)
+                base_cache[key] = rmse(sample(program_for(denoiser, spec.base, nfe, schedule=options.schedule), denoiser, noise, labels), ref)
             base_rmse = base_cache[key]
             row = {"solver": solver, "nfe": nfe, "base": spec.base, "base_rmse": base_rmse}
             if spec.fitted:

@@ -34,6 +34,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out noises for the end-to-end guard (default 256 analytic model, 64 networks)")
     parser.add_argument("--reference-steps", type=int, default=None,
                         help="Heun steps of the reference solution (default 256 analytic model, 128 networks)")
+    parser.add_argument("--schedule", default="karras", choices=("karras", "uniform", "quadratic"),
+                        help="karras (rho = 7, default) or, for discrete DDPMs, DDIM's uniform/quadratic timesteps")
     parser.add_argument("--no-guard", action="store_true", help="ship the raw fit even if it loses end to end")
 
 
@@ -42,7 +44,8 @@ def options_from_args(args):
 
     return CalibrationOptions(M=args.M, r=args.r, batch=args.batch, seed=args.seed, first_step=args.first_step,
                               fine_solver=args.fine_solver, ridge=args.ridge, holdout=args.holdout,
-                              reference_steps=args.reference_steps, guard=not args.no_guard)
+                              reference_steps=args.reference_steps, guard=not args.no_guard,
+                              schedule=args.schedule)
 
 
 def load_model_verbose(spec):
@@ -58,7 +61,7 @@ def load_model_verbose(spec):
 def _calibrate(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="iia-calibrate", description="Fit IIA coefficients. " + PICKLE_NOTE)
     add_model_argument(parser)
-    parser.add_argument("--solver", default="iia-edm", help="iia-edm (default), biia-edm, iia-ddim")
+    parser.add_argument("--solver", default="iia-edm", help="iia-edm (default), biia-edm, iia-ddim, iia-ipndm, iia-spndm")
     parser.add_argument("--nfe", type=int, default=9)
     add_calibration_arguments(parser)
     parser.add_argument("--out", default=None, help="coefficient JSON (default: <solver>-nfe<N>.json)")

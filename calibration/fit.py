@@ -19,8 +19,8 @@ import torch
 from iia.models.base import Denoiser
 
 from .sampling import combine, integrate, program_for, reference_solution, rmse, run_ops, sample
-from .schedules import fine_grid
-from .solvers import Program, get_solver
+from .schedules import SCHEDULES, fine_grid
+from .solvers import SOLVERS, Program, get_solver
 
 
 class CalibrationError(ValueError):
@@ -43,6 +43,7 @@ class CalibrationOptions:
     reference_steps: int | None = None
     guard: bool = True
     chunk: int = 100  # denoiser batch size during calibration (bounds memory)
+    schedule: str = "karras"  # or, for discrete models, DDIM's "uniform" / "quadratic" timestep selection
 
     def resolved(self, denoiser: Denoiser) -> "CalibrationOptions":
         """A copy with the model-dependent defaults filled in."""
@@ -59,6 +60,8 @@ class CalibrationOptions:
             raise CalibrationError(f"calibration batch must be >= 2, got {self.batch}")
         if self.first_step not in (0, 1):
             raise CalibrationError(f"first_step must be 0 or 1, got {self.first_step}")
+        if self.schedule not in SCHEDULES:
+            raise CalibrationError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.fine_solver not in ("base", "heun"):
             raise CalibrationError(f"fine_solver must be 'base' or 'heun', got {self.fine_solver!r}")
         if self.ridge < 0 or (self.holdout or 1) < 1 or (self.reference_steps or 2) < 2 or self.chunk < 1:
@@ -127,10 +130,11 @@ def calibrate(
     options = options.resolved(denoiser)
     spec = get_solver(solver)
     if not spec.fitted:
-        raise CalibrationError(f"solver '{solver}' has nothing to fit: use an IIA variant (iia-edm, biia-edm, iia-ddim)")
+        raise CalibrationError(f"solver '{solver}' has nothing to fit: use an IIA variant "
+                               f"({', '.join(n for n, s in SOLVERS.items() if s.fitted)})")
     started = time.perf_counter()
-    base = program_for(denoiser, solver, nfe, options.r)
-    fine_family = spec.family if options.fine_solver == "base" else "edm"
+    base = program_for(denoiser, solver, nfe, options.r, options.schedule)
+    fine_family = spec.fine if options.fine_solver == "base" else "edm"
     noise, labels = draw_noise(denoiser, options.batch, options.seed, labels)
     chunks = _chunks(options.batch, options.chunk)
     values = [{"noise": noise[c]} for c in chunks]

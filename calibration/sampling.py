@@ -8,7 +8,7 @@ import torch
 
 from iia.models.base import Denoiser, DenoiserError
 
-from .schedules import karras_sigmas
+from .schedules import discrete_sigmas, karras_sigmas
 from .solvers import Combine, Denoise, Op, Program, Terms, base_program_for_grid, build_program, get_solver
 
 
@@ -55,11 +55,20 @@ def run_ops(
     return values
 
 
-def program_for(denoiser: Denoiser, solver: str, nfe: int, r: int = 1, rho: float = 7.0) -> Program:
-    """The base program of `solver` at `nfe` on the model's Karras schedule."""
+def schedule_for(denoiser: Denoiser, n_steps: int, schedule: str = "karras", rho: float = 7.0) -> torch.Tensor:
+    if schedule == "karras":
+        return karras_sigmas(n_steps, denoiser.sigma_min, denoiser.sigma_max, rho, denoiser.round_sigma)
+    if denoiser.sigma_table is None:
+        raise ValueError(f"the {schedule!r} schedule selects training timesteps: it needs a discrete model "
+                         f"(a diffusers DDPM); use 'karras' for this one")
+    return discrete_sigmas(denoiser.sigma_table, n_steps, schedule)
+
+
+def program_for(denoiser: Denoiser, solver: str, nfe: int, r: int = 1, schedule: str = "karras") -> Program:
+    """The base program of `solver` at `nfe` on the model's schedule (Karras rho = 7 by default)."""
     spec = get_solver(solver)
     n_steps = spec.steps_for_nfe(nfe)
-    sigmas = karras_sigmas(n_steps, denoiser.sigma_min, denoiser.sigma_max, rho, denoiser.round_sigma)
+    sigmas = schedule_for(denoiser, n_steps, schedule)
     return build_program(solver, sigmas.tolist(), r)
 
 

@@ -34,4 +34,25 @@ def fine_grid(sigma_from: float, sigma_to: float, substeps: int) -> torch.Tensor
     return sigma_from + (sigma_to - sigma_from) * m
 
 
-SCHEDULES = {"karras": karras_sigmas}
+def discrete_sigmas(sigma_table: torch.Tensor, n_steps: int, kind: str = "uniform") -> torch.Tensor:
+    """DDIM's time-step selections on a discrete model's table (sigma per training timestep, ascending).
+
+    uniform: t = 0, skip, 2 skip, ... with skip = T // S; quadratic: t = floor(linspace(0, sqrt(0.8 T), S)^2)
+    (the DDIM paper's code). Sampling runs from the largest selected t down to t = 0, then to sigma = 0.
+    """
+    T = len(sigma_table)
+    if not 2 <= n_steps <= T:
+        raise ValueError(f"the {kind} schedule needs 2 <= steps <= {T}, got {n_steps}")
+    if kind == "uniform":
+        steps = torch.arange(0, T, T // n_steps)[:n_steps]
+    elif kind == "quadratic":
+        steps = (torch.linspace(0, (0.8 * T) ** 0.5, n_steps, dtype=torch.float64) ** 2).long()
+    else:
+        raise ValueError(f"unknown discrete schedule {kind!r}: uniform or quadratic")
+    if len(set(steps.tolist())) != n_steps:
+        raise ValueError(f"the {kind} schedule repeats a timestep at {n_steps} steps")
+    sigmas = torch.as_tensor(sigma_table, dtype=torch.float64)[steps.flip(0)]
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+SCHEDULES = ("karras", "uniform", "quadratic")

@@ -194,33 +194,98 @@ def iia_ddim_step(i: int, sigmas: Sequence[float], r: int) -> Step:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# PNDM family in x-space (alpha = 1): Adams-Bashforth on d = (z - D) / sigma, the ODE's dz/dsigma.
+# With alpha = 1, PNDM's transfer with a combined eps is exactly this Euler-form update.
+
+AB_WEIGHTS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def slope(j: int, sigmas: Sequence[float]) -> Terms:
+    """d_j = (z_j - D_j) / t_j."""
+    return ((f"z{j}", 1.0 / sigmas[j]), (f"D{j}", -1.0 / sigmas[j]))
+
+
+def _multistep_step(i: int, sigmas: Sequence[float], r: int, order: int, ops: tuple[Op, ...],
+                    first: Terms | None = None) -> Step:
+    """z_{i+1} = z_i + h sum_k w_k d_{i-k}; basis h d_{i-k} for k < max(order, r + 1) (extra ones start at 0)."""
+    t, t_next = sigmas[i], sigmas[i + 1]
+    h = t_next - t
+    if first is not None:  # S-PNDM's first step is Heun: one basis term, its increment
+        return Step(i, t, t_next, ops, ((f"z{i}", 1.0),), (("heun0", first),), (1.0,), f"z{i + 1}", t_next > 0)
+    weights = AB_WEIGHTS[order - 1]
+    n_terms = min(max(order, r + 1), i + 1)
+    basis = tuple((f"hd{k}", tuple((n, h * w) for n, w in slope(i - k, sigmas))) for k in range(n_terms))
+    coefficients = tuple(weights[k] if k < len(weights) else 0.0 for k in range(n_terms))
+    return Step(i, t, t_next, ops, ((f"z{i}", 1.0),), basis, coefficients, f"z{i + 1}", t_next > 0)
+
+
+def ipndm_step(i: int, sigmas: Sequence[float], r: int) -> Step:
+    """iPNDM: Adams-Bashforth with order ramping 1, 2, 3, 4 (one denoiser call per step)."""
+    return _multistep_step(i, sigmas, r, min(i + 1, 4), (Denoise(f"D{i}", f"z{i}", sigmas[i]),))
+
+
+def spndm_step(i: int, sigmas: Sequence[float], r: int) -> Step:
+    """S-PNDM: a Heun first step (2 calls), then second-order Adams-Bashforth (3 d_i - d_{i-1}) / 2."""
+    if i == 0 and sigmas[1] > 0:
+        return _multistep_step(0, sigmas, r, 1, _heun_ops(0, sigmas[0], sigmas[1]), first=heun_increment(0, sigmas))
+    return _multistep_step(i, sigmas, r, min(i + 1, 2), (Denoise(f"D{i}", f"z{i}", sigmas[i]),))
+
+
+def dpmpp_2m_step(i: int, sigmas: Sequence[float], r: int) -> Step:
+    """DPM-Solver++(2M) in log-sigma (data prediction): z_{i+1} = (t'/t) z_i + (1 - t'/t) D', with
+    D' = (1 + 1/(2 q)) D_i - 1/(2 q) D_{i-1}, q = h_{i-1} / h_i, h = log(t / t'); first-order first and last step."""
+    import math
+
+    t, t_next = sigmas[i], sigmas[i + 1]
+    ops = (Denoise(f"D{i}", f"z{i}", t),)
+    if i == 0 or t_next == 0:
+        return Step(i, t, t_next, ops, ddim_update(i, sigmas), (), (), f"z{i + 1}", False)
+    ratio = t_next / t
+    h, h_prev = math.log(t / t_next), math.log(sigmas[i - 1] / t)
+    q = h_prev / h
+    anchor = merge_terms((1.0, ((f"z{i}", ratio),)),
+                         (1.0 - ratio, ((f"D{i}", 1 + 1 / (2 * q)), (f"D{i - 1}", -1 / (2 * q)))))
+    return Step(i, t, t_next, ops, anchor, (), (), f"z{i + 1}", False)
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SolverSpec:
     name: str
-    family: str  # "edm" (Heun, NFE = 2N - 1) or "ddim" (NFE = N)
+    nfe_rule: str  # "heun": NFE = 2N - 1 (odd); "one": NFE = N; "heun-first": NFE = N + 1
     build_step: Callable[[int, Sequence[float], int], Step]
     fitted: bool  # IIA variant: coefficients are fitted by calibration
     base: str  # the base solver this one reduces to with default coefficients
+    fine: str  # the family's fine integrator for the calibration target: "edm" (Heun) or "ddim"
     fixed_r: int | None = None  # base solvers ignore r
 
     def steps_for_nfe(self, nfe: int) -> int:
-        if self.family == "edm":
+        if self.nfe_rule == "heun":
             if nfe < 3 or nfe % 2 == 0:
                 raise ValueError(f"solver '{self.name}' needs an odd NFE >= 3 (Heun: NFE = 2 * steps - 1), got {nfe}")
             return (nfe + 1) // 2
+        if self.nfe_rule == "heun-first":
+            if nfe < 3:
+                raise ValueError(f"solver '{self.name}' needs NFE >= 3 (a Heun first step, then one call a step), got {nfe}")
+            return nfe - 1
         if nfe < 2:
             raise ValueError(f"solver '{self.name}' needs NFE >= 2, got {nfe}")
         return nfe
 
 
 SOLVERS: dict[str, SolverSpec] = {
-    "edm": SolverSpec("edm", "edm", iia_edm_step, False, "edm", fixed_r=0),
-    "biia-edm": SolverSpec("biia-edm", "edm", biia_edm_step, True, "edm"),
-    "iia-edm": SolverSpec("iia-edm", "edm", iia_edm_step, True, "edm"),
-    "ddim": SolverSpec("ddim", "ddim", iia_ddim_step, False, "ddim", fixed_r=0),
-    "iia-ddim": SolverSpec("iia-ddim", "ddim", iia_ddim_step, True, "ddim"),
+    "edm": SolverSpec("edm", "heun", iia_edm_step, False, "edm", "edm", fixed_r=0),
+    "biia-edm": SolverSpec("biia-edm", "heun", biia_edm_step, True, "edm", "edm"),
+    "iia-edm": SolverSpec("iia-edm", "heun", iia_edm_step, True, "edm", "edm"),
+    "ddim": SolverSpec("ddim", "one", iia_ddim_step, False, "ddim", "ddim", fixed_r=0),
+    "iia-ddim": SolverSpec("iia-ddim", "one", iia_ddim_step, True, "ddim", "ddim"),
+    "ipndm": SolverSpec("ipndm", "one", ipndm_step, False, "ipndm", "edm", fixed_r=0),
+    "iia-ipndm": SolverSpec("iia-ipndm", "one", ipndm_step, True, "ipndm", "edm"),
+    "spndm": SolverSpec("spndm", "heun-first", spndm_step, False, "spndm", "edm", fixed_r=0),
+    "iia-spndm": SolverSpec("iia-spndm", "heun-first", spndm_step, True, "spndm", "edm"),
+    "dpm-solver++": SolverSpec("dpm-solver++", "one", dpmpp_2m_step, False, "dpm-solver++", "ddim", fixed_r=0),
 }
 
 

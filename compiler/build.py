@@ -95,7 +95,7 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
         return artifact.read(opts.coefficients), f"from {opts.coefficients}"
     spec = get_solver(solver)
     if not spec.fitted:
-        base = program_for(denoiser, solver, nfe, opts.calibration.r)
+        base = program_for(denoiser, solver, nfe, opts.calibration.r, opts.calibration.schedule)
         result = CalibrationResult(base, base, base, opts.calibration)
         return artifact.to_dict(result, denoiser, nfe), "base solver (nothing to fit)"
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()

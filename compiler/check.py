@@ -106,12 +106,13 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
     G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
     feed = parity_feed(denoiser, batch, seed)
     # The graph runs in float32; large fitted coefficients amplify float32 rounding. Measure that floor with the
-    # PyTorch sampler in float32 and allow a few times it where it exceeds `atol` (reported either way).
+    # PyTorch sampler in float32 and allow 10x it where that exceeds `atol` (reported either way): ONNX Runtime
+    # rounds in another order, so its float32 error is of the same size, not the same value.
     labels = torch.from_numpy(feed[LABELS]) if LABELS in feed else None
     noise = torch.from_numpy(feed[NOISE])
     f32_floor = float((sample(program, denoiser, noise, labels, dtype=torch.float32).double()
                        - sample(program, denoiser, noise, labels)).abs().max())
-    tolerance = max(atol, 4 * f32_floor)
+    tolerance = max(atol, 10 * f32_floor)
     runners = [TorchSamplerRunner(program, denoiser),
                OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))]
     results = Comparator.run(runners, data_loader=[feed])

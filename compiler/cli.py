@@ -25,6 +25,8 @@ def _main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--holdout", type=int, default=None, help="guard noises (default 256 analytic, 64 networks)")
     parser.add_argument("--reference-steps", type=int, default=None, help="default 256 analytic, 128 networks")
+    parser.add_argument("--schedule", default="karras", choices=("karras", "uniform", "quadratic"),
+                        help="karras (default) or, for discrete DDPMs, DDIM's uniform/quadratic timesteps")
     parser.add_argument("--coefficients", default=None, help="reuse a coefficient JSON instead of calibrating")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                         help="TensorRT engine precision (the ONNX graph is always fp32)")

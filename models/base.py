@@ -34,6 +34,7 @@ class Denoiser:
     label_dim: int = 0
     round_sigma: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda s: s)
     identity: dict = field(default_factory=dict)  # kind, name, sha256: goes into every artifact
+    sigma_table: torch.Tensor | None = None  # discrete models: sigma of each training timestep, ascending
 
     @property
     def conditional(self) -> bool:
@@ -47,7 +48,7 @@ class Denoiser:
         batch = x.shape[0]
         if tuple(x.shape[1:]) != tuple(self.shape):
             raise DenoiserError(f"input shape {tuple(x.shape[1:])} does not match the model's {self.shape}")
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(batch).contiguous()
         args = [x.to(torch.float32), sigma]
         if self.conditional:
             args.append(self.labels_or_error(class_labels, batch))

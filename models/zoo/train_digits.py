@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=BUNDLED_DIGITS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=9000)
+    parser.add_argument("--steps", type=int, default=7000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         ema_update(ema, net, step, args.ema_halflife, args.ema_rampup)
-        value = float(loss)
+        value = loss.item()
         running = value if running is None else 0.99 * running + 0.01 * value
         if step % 50 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{running:.4f}")

@@ -1,0 +1,206 @@
+"""`Sampler`: the backend-independent front of a compiled sampler. All input validation lives here, once.
+
+Contract of `sampler(noise=None, *, seed=None, batch_size=None, class_labels=None)`:
+
+* noise: [B, *sample_shape] standard normal. float32 is used as is; other float dtypes (float64, float16)
+  are converted to float32 explicitly (the graph computes in float32). Integer, bool or complex noise, a
+  missing batch axis, a wrong sample shape, NaN/Inf, B < 1 or B > the built `max_batch` raise ValueError.
+  With noise None, it is drawn by `draw_noise(seed, batch_size)`: `numpy.random.default_rng(seed)`
+  standard normal in float32. `batch_size` defaults to the number of labels given, else 1; seed None draws
+  fresh entropy. Passing `seed` together with `noise` is refused (it would be silently ignored).
+* class_labels: required for a conditional model (no silent default: a service must choose its classes),
+  refused for an unconditional one. Either ids (ints: list, int array [B], or one int for the whole batch)
+  or one-hot [B, label_dim] (exactly one 1 per row). Ids outside [0, label_dim - 1] raise ValueError.
+* returns float32 [B, *sample_shape] (`images()`: uint8 [B, H, W, C], EDM's clip(x * 127.5 + 128)).
+
+Same noise and labels give the same output. Backends implement only `_run`; they are safe to call from
+several threads at once (see each backend for how).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+NOISE, LABELS, IMAGES, IMAGES_U8 = "noise", "class_labels", "images", "images_uint8"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot run here (not installed, no GPU, plan built elsewhere); the message says why."""
+
+
+class Samples(NamedTuple):
+    images: np.ndarray  # float32 [B, *sample_shape]
+    images_uint8: np.ndarray | None  # uint8 [B, H, W, C] for image models, else None
+    noise: np.ndarray  # float32, the noise actually used
+    class_labels: np.ndarray | None  # int64 ids actually used (None for unconditional models)
+
+
+def draw_noise(seed: int | None, batch_size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard-normal float32 noise [batch_size, *shape] from `numpy.random.default_rng(seed)`."""
+    return np.random.default_rng(seed).standard_normal((batch_size, *shape), dtype=np.float32)
+
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+class Sampler:
+    """Base class: the manifest's interface plus validation. Subclasses implement `_run(feeds, outputs)`."""
+
+    backend = "base"
+
+    def __init__(self, manifest: dict, root=None):
+        self.manifest = manifest
+        self.root = root
+        self.sample_shape = tuple(int(s) for s in manifest["sample_shape"])
+        self.label_dim = int(manifest["label_dim"])
+        self.max_batch = int(manifest["max_batch"])
+        self.nfe = int(manifest["nfe"])
+        self.solver = manifest.get("solver")
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+        self.input_names = [i["name"] for i in manifest["inputs"]]
+        if self.input_names != ([NOISE, LABELS] if self.conditional else [NOISE]) or IMAGES not in self.output_names:
+            raise ValueError(f"manifest inputs {self.input_names} / outputs {self.output_names} do not match "
+                             f"this runtime's interface (noise[, class_labels] -> images[, images_uint8])")
+        self.fallbacks: list[tuple[str, str]] = []  # backends `load(backend="auto")` skipped, with why
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def conditional(self) -> bool:
+        return self.label_dim > 0
+
+    @property
+    def is_image(self) -> bool:
+        return IMAGES_U8 in self.output_names
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest.get("model", {}).get("name", "?"))
+
+    def __repr__(self) -> str:
+        labels = f"label_dim={self.label_dim}" if self.conditional else "unconditional"
+        return (f"{type(self).__name__}(backend={self.backend!r}, model={self.model_name!r}, solver={self.solver!r}, "
+                f"nfe={self.nfe}, sample_shape={self.sample_shape}, {labels}, max_batch={self.max_batch})")
+
+    # ---- validation -------------------------------------------------------------------------------
+    def _check_batch(self, batch: int, what: str) -> int:
+        batch = _as_int(batch, what)
+        if batch < 1:
+            raise ValueError(f"{what} must be >= 1, got {batch}")
+        if batch > self.max_batch:
+            raise ValueError(f"{what} {batch} exceeds the artifact's maximum batch {self.max_batch} "
+                             f"(split the request, or recompile with --max-batch)")
+        return batch
+
+    def check_noise(self, noise) -> np.ndarray:
+        """float32 C-contiguous [B, *sample_shape] noise, or ValueError saying what was expected."""
+        arr = np.asarray(noise)
+        expected = f"[B, {', '.join(map(str, self.sample_shape))}]"
+        if arr.dtype.kind != "f":
+            raise ValueError(f"noise must be a float array (float32 expected), got dtype {arr.dtype}")
+        if arr.ndim != len(self.sample_shape) + 1 or tuple(arr.shape[1:]) != self.sample_shape:
+            hint = " (add a batch axis: noise[None])" if tuple(arr.shape) == self.sample_shape else ""
+            raise ValueError(f"noise must have shape {expected}, got {list(arr.shape)}{hint}")
+        self._check_batch(arr.shape[0], "noise batch")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)  # float64/float16 -> float32, explicitly
+        if not np.isfinite(arr).all():
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(f"noise contains {bad} NaN/Inf value(s) (after conversion to float32); expected "
+                             f"finite standard-normal values")
+        return arr
+
+    def check_labels(self, class_labels, batch: int) -> np.ndarray | None:
+        """int64 ids [batch] (None for an unconditional model), or ValueError saying what was expected."""
+        if not self.conditional:
+            if class_labels is not None:
+                raise ValueError("this model is unconditional (label_dim 0): class_labels must be None")
+            return None
+        hi = self.label_dim - 1
+        if class_labels is None:
+            raise ValueError(f"this model is class-conditional (label_dim {self.label_dim}): pass class_labels, "
+                             f"ids in [0, {hi}] or one-hot [B, {self.label_dim}]")
+        arr = np.asarray(class_labels)
+        if arr.ndim == 0:  # one id for the whole batch
+            if arr.dtype.kind not in "iu":
+                raise ValueError(f"class label ids must be integers, got {class_labels!r}")
+            arr = np.full(batch, int(arr), dtype=np.int64)
+        if arr.ndim == 2:  # one-hot
+            if arr.shape != (batch, self.label_dim):
+                raise ValueError(f"one-hot class_labels must have shape [{batch}, {self.label_dim}], got {list(arr.shape)}")
+            if arr.dtype.kind not in "biuf" or not (((arr == 0) | (arr == 1)).all() and (arr.sum(1) == 1).all()):
+                raise ValueError("one-hot class_labels must hold exactly one 1 (and zeros elsewhere) per row")
+            return np.ascontiguousarray(arr.argmax(1), dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"class_labels must be ids [B] or one-hot [B, {self.label_dim}], got shape {list(arr.shape)}")
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"class label ids must be integers, got dtype {arr.dtype}")
+        if arr.shape[0] != batch:
+            raise ValueError(f"expected {batch} class labels (one per sample), got {arr.shape[0]}")
+        if arr.size and (arr.min() < 0 or arr.max() > hi):
+            bad = arr[(arr < 0) | (arr > hi)][0]
+            raise ValueError(f"class label {int(bad)} out of range: this model has label_dim {self.label_dim}, "
+                             f"expected ids in [0, {hi}]")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+
+    def prepare(self, noise=None, *, seed=None, batch_size=None, class_labels=None):
+        """Validated (noise float32, labels int64 | None): the feeds every backend gets."""
+        if noise is None:
+            if batch_size is None:
+                labels = None if class_labels is None else np.asarray(class_labels)
+                batch_size = labels.shape[0] if labels is not None and labels.ndim >= 1 else 1
+            batch_size = self._check_batch(batch_size, "batch_size")
+            if seed is not None:
+                seed = _as_int(seed, "seed")
+            arr = draw_noise(seed, batch_size, self.sample_shape)
+        else:
+            if seed is not None:
+                raise ValueError("seed applies only when noise is None: pass either noise or seed")
+            arr = self.check_noise(noise)
+            if batch_size is not None and _as_int(batch_size, "batch_size") != arr.shape[0]:
+                raise ValueError(f"batch_size {batch_size} does not match the noise batch {arr.shape[0]}")
+        return arr, self.check_labels(class_labels, arr.shape[0])
+
+    def _feeds(self, noise: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+        return {NOISE: noise} if labels is None else {NOISE: noise, LABELS: labels}
+
+    # ---- calls -----------------------------------------------------------------------------------
+    def __call__(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> np.ndarray:
+        """float32 samples [B, *sample_shape]."""
+        x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
+        return self._run(self._feeds(x, labels), [IMAGES])[0]
+
+    def images(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> np.ndarray:
+        """uint8 images [B, H, W, C] (image models only)."""
+        if not self.is_image:
+            raise ValueError(f"images() needs an image model ([C, H, W] samples); this one has sample shape "
+                             f"{list(self.sample_shape)}: call the sampler for float32 outputs")
+        x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
+        return self._run(self._feeds(x, labels), [IMAGES_U8])[0]
+
+    def sample(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> Samples:
+        """Both outputs from one run, plus the noise and labels used (what `iia-sample` saves)."""
+        x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
+        names = [IMAGES, IMAGES_U8] if self.is_image else [IMAGES]
+        out = self._run(self._feeds(x, labels), names)
+        return Samples(out[0], out[1] if self.is_image else None, x, labels)
+
+    # ---- backend hooks ---------------------------------------------------------------------------
+    def _run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release backend resources (GPU memory); the sampler is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
