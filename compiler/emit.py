@@ -17,6 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from iia.calibration.solvers import Combine, Denoise, Program
 
+from .fold import FoldPlan, plan_folding
+
 NOISE, LABELS, IMAGES, IMAGES_U8 = "noise", "class_labels", "images", "images_uint8"
 DENOISER_INPUTS = ("x", "sigma", "class_labels")
 DENOISER_OUTPUT = "denoised"
@@ -77,10 +79,20 @@ def _check_denoiser_graph(graph: onnx.GraphProto) -> None:
             raise EmitError(f"denoiser graph has control flow ({node.op_type}); iia inlines flat graphs only")
 
 
-def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str, sigma: str, out: str) -> None:
-    """Copy the denoiser's nodes for one call site: prefixed value names, shared initializers."""
+def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str, sigma: str, out: str,
+              folded: dict | None = None, skip: set[int] = frozenset()) -> None:
+    """Copy the denoiser's nodes for one call site: prefixed value names, shared initializers.
+
+    `folded` maps sigma-only values to (constant row, batched) and `skip` lists the nodes that computed them.
+    """
     shared = {t.name for t in denoiser.initializer}
     mapping = {"x": _value(state), "sigma": sigma, "class_labels": LABELS, denoiser.output[0].name: _value(out)}
+    for name, (row, batched) in (folded or {}).items():
+        if batched:
+            shape = gb.node("Concat", ["iia/batch", gb.const(np.array(row.shape[1:], dtype=np.int64), np.int64)], axis=0)
+            mapping[name] = gb.node("Expand", [gb.const(row, row.dtype), shape])
+        else:
+            mapping[name] = gb.const(row, row.dtype)
     prefix = f"call{site}/"
 
     def rename(name: str) -> str:
@@ -88,7 +100,9 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
             return name
         return mapping.get(name, prefix + name)
 
-    for node in denoiser.node:
+    for k, node in enumerate(denoiser.node):
+        if k in skip:
+            continue
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = prefix + (node.name or node.op_type)
@@ -98,14 +112,19 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
 
 
 def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
-                 name: str = "iia_sampler") -> onnx.ModelProto:
-    """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`)."""
+                 name: str = "iia_sampler", fold: bool = True) -> onnx.ModelProto:
+    """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`).
+
+    With `fold`, each call site's sigma-only subgraph is replaced by its constant values (see fold.py).
+    """
     dgraph = denoiser_model.graph
     _check_denoiser_graph(dgraph)
     if conditional != (len(dgraph.input) == 3):
         raise EmitError("denoiser graph's inputs do not match the model's conditioning")
     gb = GraphBuilder()
     batch = gb.node("Shape", [NOISE], "iia/batch", start=0, end=1)
+    calls = [op for op in program.ops() if isinstance(op, Denoise)]
+    plan = plan_folding(denoiser_model, [op.sigma for op in calls]) if fold else FoldPlan()
     gb.nodes.append(helper.make_node("Identity", [NOISE], [_value("noise")], name="iia/noise"))
     sigma_names: dict[float, str] = {}
     site = 0
@@ -113,7 +132,8 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
         if isinstance(op, Denoise):
             if op.sigma not in sigma_names:
                 sigma_names[op.sigma] = gb.node("Expand", [gb.const([op.sigma]), batch], f"iia/sigma_{len(sigma_names)}")
-            emit_call(gb, dgraph, site, op.state, sigma_names[op.sigma], op.out)
+            emit_call(gb, dgraph, site, op.state, sigma_names[op.sigma], op.out,
+                      plan.values.get(op.sigma), plan.foldable_nodes)
             site += 1
         else:
             emit_combine(gb, op)

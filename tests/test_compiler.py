@@ -214,3 +214,31 @@ def test_cli_calibrate_and_compile_on_edm_pickle(tmp_path, edm_pkl, capsys):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["engine"]["reason"] == "--no-engine given"
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", str(tmp_path / "o")]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_sigma_only_subgraph_is_folded_without_duplicating_weights(edm_pkl):
+    """Noise embeddings per call site become constants; the result is unchanged and weights stay shared."""
+    from iia.compiler.emit import initializer_bytes
+    from iia.compiler.fold import sigma_only_nodes
+
+    d = load(edm_pkl)
+    dm = export_denoiser(d)
+    nodes, boundary = sigma_only_nodes(dm.graph)
+    assert nodes and boundary
+    program = program_for(d, "iia-edm", 9)
+    folded = emit_sampler(program, dm, d.shape, True)
+    plain = emit_sampler(program, dm, d.shape, True, fold=False)
+    # each call site loses its sigma-only nodes and gains at most a Concat + Expand per boundary value
+    assert len(folded.graph.node) <= len(plain.graph.node) - 9 * (len(nodes) - 2 * len(boundary))
+    assert not any(n.op_type in ("Sin", "Cos") for n in folded.graph.node)  # the positional embedding is folded
+    assert check_weight_sharing(folded, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
+    rng = np.random.default_rng(0)
+    noise, labels = rng.standard_normal((3, *d.shape)), np.array([0, 5, 9])
+    a = run_sampler_model(folded, noise, labels)
+    b = run_sampler_model(plain, noise, labels)
+    assert np.abs(a - b).max() < 1e-5
+
+
+def run_sampler_model(model, noise, labels):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["images"], {"noise": noise.astype(np.float32), "class_labels": labels.astype(np.int64)})[0]
