@@ -42,6 +42,7 @@ class CalibrationOptions:
     holdout: int | None = None
     reference_steps: int | None = None
     guard: bool = True
+    guard_z: float = 2.0  # a fit must beat the base by this many standard errors on held-out noise
     chunk: int = 100  # denoiser batch size during calibration (bounds memory)
     schedule: str = "karras"  # or, for discrete models, DDIM's "uniform" / "quadratic" timestep selection
 
@@ -218,22 +219,43 @@ def mixed_program(base: Program, fitted: Program, k: int) -> Program:
                                    zip(base.steps, fitted.coefficients(), base.coefficients())])
 
 
+def per_sample_sq_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return ((x.to(torch.float64) - ref.to(torch.float64)) ** 2).reshape(x.shape[0], -1).mean(1)
+
+
 def guard_end_to_end(denoiser, base: Program, fitted: Program, options, reference=None):
+    """Choose how many leading steps keep their fitted coefficients, by held-out end-to-end error.
+
+    A candidate must beat the base solver by more than `guard_z` standard errors of the paired per-sample
+    difference: a few held-out samples that happen to land better (multimodal data: trajectories near a
+    basin boundary) must not decide, since the gain would not carry over to new noise.
+    """
     noise, labels, ref = reference or holdout_set(denoiser, options)
     fitted_steps = [s.index for s, b in zip(fitted.steps, base.steps) if s.coefficients != b.coefficients]
     candidates = [0] + [i + 1 for i in fitted_steps]
-    errors = {k: rmse(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref) for k in candidates}
-    best = min(candidates, key=lambda k: (errors[k], -k))
+    sq = {k: per_sample_sq_error(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref)
+          for k in candidates}
+    errors = {k: float(v.mean().sqrt()) for k, v in sq.items()}
+    n = len(noise)
+
+    def significant(k):
+        diff = sq[k] - sq[0]
+        return k == 0 or float(diff.mean()) + options.guard_z * float(diff.std()) / n**0.5 < 0
+
+    accepted = [k for k in candidates if significant(k)]
+    best = min(accepted, key=lambda k: (errors[k], -k))
     full = candidates[-1]
     decision = "fitted" if best == full else ("base" if best == 0 else f"fitted steps < {best}, base after")
     guard = {
-        "holdout": int(noise.shape[0]),
+        "holdout": int(n),
         "reference_steps": options.reference_steps,
         "rmse_base": errors[0],
         "rmse_fitted": errors[full],
         "rmse_chosen": errors[best],
         "fitted_prefix": best,
         "decision": decision,
+        "z": options.guard_z,
         "candidates": {str(k): v for k, v in errors.items()},
+        "significant": [str(k) for k in accepted],
     }
     return mixed_program(base, fitted, best), guard
