@@ -31,7 +31,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                         help="integrator of the fine target (default: the base solver, as in the paper)")
     parser.add_argument("--ridge", type=float, default=1e-6, help="ridge toward the base coefficients")
     parser.add_argument("--holdout", type=int, default=None,
-                        help="held-out noises for the end-to-end guard (default 256 analytic model, 64 networks)")
+                        help="held-out noises for the end-to-end guard (default 256)")
     parser.add_argument("--reference-steps", type=int, default=None,
                         help="Heun steps of the reference solution (default 256 analytic model, 128 networks)")
     parser.add_argument("--schedule", default="karras", choices=("karras", "uniform", "quadratic"),

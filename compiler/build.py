@@ -99,7 +99,7 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
         result = CalibrationResult(base, base, base, opts.calibration)
         return artifact.to_dict(result, denoiser, nfe), "base solver (nothing to fit)"
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
-    cached = cache / "coefficients" / cache_key(denoiser, solver, nfe, opts.calibration)
+    cached = cache / "coefficients" / cache_key(denoiser, solver, nfe, opts.calibration.resolved(denoiser))
     if cached.exists():
         try:
             artifact.load_program(cached, denoiser, nfe, solver)

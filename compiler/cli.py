@@ -23,7 +23,7 @@ def _main(argv=None) -> int:
     parser.add_argument("--r", type=int, default=1)
     parser.add_argument("--calib-batch", dest="batch", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--holdout", type=int, default=None, help="guard noises (default 256 analytic, 64 networks)")
+    parser.add_argument("--holdout", type=int, default=None, help="guard noises (default 256)")
     parser.add_argument("--reference-steps", type=int, default=None, help="default 256 analytic, 128 networks")
     parser.add_argument("--schedule", default="karras", choices=("karras", "uniform", "quadratic"),
                         help="karras (default) or, for discrete DDPMs, DDIM's uniform/quadratic timesteps")

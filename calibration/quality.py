@@ -1,0 +1,472 @@
+"""`iia-quality`: sample quality of each solver and NFE on the bundled digits model, measured by FD-digits.
+
+FD-digits is the Frechet distance between Gaussian fits of the bundled digit classifier's penultimate
+features (`iia.models.zoo.fd`), generated samples vs all 1,797 real digits. It is the FID recipe with a small
+digit CNN in place of Inception: it is NOT FID, and its numbers are not comparable to FID numbers.
+
+For every solver and NFE the same `n` class-conditional samples are drawn from one fixed noise (a seeded
+stream distinct from calibration's, the guard's and `iia-accuracy`'s) with balanced labels `arange(n) % 10`.
+Each row reports
+  - fd_digits (samples clamped to [-1, 1], as written out as images) and a bootstrap standard error,
+  - accuracy: the bundled classifier's agreement with the label the sample was conditioned on,
+  - rmse: the error of the raw samples against a high-accuracy reference solution from the same noise
+    (Heun on a fine Karras grid, computed once). That reference is also a sampler in its own right: its
+    FD-digits is the model's own limit (what any ODE solver converges to), reported as the row
+    `solver="reference"`, and every row carries fd_ratio_to_reference.
+`--onnx-check NFE` compiles the iia-edm sampler at that NFE (from the coefficients calibrated here) into one
+ONNX graph, runs it with ONNX Runtime on the same noise and labels, and compares: the graph is the sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from iia.models.base import Denoiser
+
+from .accuracy import valid_nfe
+from .fit import CalibrationOptions, CalibrationResult, calibrate, draw_noise
+from .sampling import program_for, reference_solution, rmse, sample
+from .solvers import Program, get_solver
+
+METRIC = ("FD-digits: Frechet distance between Gaussian fits of the bundled digit classifier's 128-d "
+          "penultimate features, samples vs all 1,797 real digits (not FID; not comparable to FID)")
+QUALITY_SEED_OFFSET = 15485863  # the quality noise: distinct from calibration (0), guard (7919), accuracy (104729)
+NUM_CLASSES = 10
+GRID_SAMPLES = 100  # first 100 noises/labels: 10 rows (classes) x 10 columns
+BOOTSTRAP = 20  # resamples for the FD-digits standard error
+
+# Grid layout (pixels): 8x8 digits upscaled nearest x4, tiles separated by TILE_PAD, panels by PANEL_GAP,
+# a HEADER-high strip above each panel for its label.
+UPSCALE = 4
+TILE_PAD = 2
+PANEL_GAP = 8
+HEADER = 16
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def check_digits_model(denoiser: Denoiser) -> None:
+    if tuple(denoiser.shape) != (1, 8, 8) or denoiser.label_dim != NUM_CLASSES:
+        raise ValueError(f"iia-quality measures FD-digits, which needs a class-conditional 8x8 digits model "
+                         f"(shape [1, 8, 8], {NUM_CLASSES} classes) such as the bundled 'digits'; got "
+                         f"shape {list(denoiser.shape)} with label_dim {denoiser.label_dim}")
+
+
+def quality_noise(denoiser: Denoiser, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed evaluation noise (float64) and balanced labels arange(n) % 10."""
+    labels = torch.arange(n, dtype=torch.int64) % NUM_CLASSES
+    return draw_noise(denoiser, n, seed + QUALITY_SEED_OFFSET, labels=labels)
+
+
+def sample_chunked(program: Program, denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor,
+                   chunk: int = 500) -> torch.Tensor:
+    """`sample` over `chunk` noises at a time (bounds memory); float32 [N, *shape]."""
+    outs = [sample(program, denoiser, noise[s:s + chunk], labels[s:s + chunk]).to(torch.float32)
+            for s in range(0, noise.shape[0], chunk)]
+    return torch.cat(outs)
+
+
+def fd_bootstrap_se(samples: torch.Tensor, resamples: int = BOOTSTRAP, seed: int = 0) -> float:
+    """Bootstrap standard error of FD-digits (resampling the generated set; real statistics fixed)."""
+    from iia.models.zoo.classifier import features
+    from iia.models.zoo.fd import frechet_distance, real_stats
+
+    feats = features(samples.clamp(-1.0, 1.0)).to(torch.float64).numpy()
+    mu_r, cov_r = real_stats()
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        f = feats[rng.integers(0, len(feats), len(feats))]
+        values.append(frechet_distance(f.mean(0), np.cov(f, rowvar=False), mu_r, cov_r))
+    return float(np.std(values, ddof=1))
+
+
+def metrics(samples: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None) -> dict:
+    """fd_digits (clamped to [-1, 1]), its bootstrap s.e., classifier accuracy vs labels, rmse vs ref."""
+    from iia.models.zoo import fd_digits, predict
+
+    images = samples.clamp(-1.0, 1.0)
+    return {
+        "fd_digits": fd_digits(images),
+        "fd_digits_se": fd_bootstrap_se(samples),
+        "accuracy": float((predict(images) == labels).to(torch.float64).mean()),
+        "rmse": rmse(samples, ref) if ref is not None else 0.0,
+    }
+
+
+def grid_tiles(samples: torch.Tensor) -> np.ndarray:
+    """First (up to) 100 samples as a uint8 [rows*tile, cols*tile] mosaic: row c = class c (label i % 10)."""
+    m = min(GRID_SAMPLES, samples.shape[0])
+    cols = max(1, math.ceil(m / NUM_CLASSES))
+    tile = 8 * UPSCALE
+    h = NUM_CLASSES * (tile + TILE_PAD) + TILE_PAD
+    w = cols * (tile + TILE_PAD) + TILE_PAD
+    out = np.full((h, w), 64, dtype=np.uint8)  # dark grey separators
+    u8 = (samples[:m, 0].to(torch.float64) * 127.5 + 128).clamp(0, 255).to(torch.uint8).numpy()  # EDM's conversion
+    u8 = u8.repeat(UPSCALE, axis=1).repeat(UPSCALE, axis=2)
+    for i in range(m):
+        r, c = i % NUM_CLASSES, i // NUM_CLASSES
+        y, x = TILE_PAD + r * (tile + TILE_PAD), TILE_PAD + c * (tile + TILE_PAD)
+        out[y:y + tile, x:x + tile] = u8[i]
+    return out
+
+
+def grid_image_size(panels: int, n: int = GRID_SAMPLES) -> tuple[int, int]:
+    """(width, height) of a comparison PNG with `panels` side-by-side grids of min(n, 100) samples."""
+    cols = max(1, math.ceil(min(GRID_SAMPLES, n) / NUM_CLASSES))
+    tile = 8 * UPSCALE
+    pw, ph = cols * (tile + TILE_PAD) + TILE_PAD, NUM_CLASSES * (tile + TILE_PAD) + TILE_PAD
+    return panels * pw + (panels + 1) * PANEL_GAP, HEADER + ph + PANEL_GAP
+
+
+def save_comparison_grid(panels: list[tuple[str, torch.Tensor]], path: str | Path) -> Path:
+    """One PNG: side-by-side labelled grids (same noises/labels in every panel), written atomically."""
+    from PIL import Image, ImageDraw
+
+    from iia.runtime.grid import save_png
+
+    tiles = [(label, grid_tiles(x)) for label, x in panels]
+    n = min(x.shape[0] for _, x in panels)
+    width, height = grid_image_size(len(tiles), n)
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    x = PANEL_GAP
+    for label, arr in tiles:
+        draw.text((x, 2), label, fill=255)
+        canvas.paste(Image.fromarray(arr), (x, HEADER))
+        x += arr.shape[1] + PANEL_GAP
+    path = Path(path)
+    save_png(np.asarray(canvas)[..., None], path)
+    return path
+
+
+def validate_request(solvers: list[str], nfes: list[int], n: int, chunk: int = 500,
+                     onnx_check: int | None = None) -> list[tuple[str, int]]:
+    """The (solver, NFE) combinations to run, or ValueError for bad input (before anything is loaded)."""
+    for s in solvers:
+        get_solver(s)
+    if n < 2:
+        raise ValueError(f"--n must be >= 2 (FD-digits needs a covariance), got {n}")
+    if chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {chunk}")
+    combos = [(s, nfe) for s in solvers for nfe in nfes if valid_nfe(s, nfe)]
+    if not combos:
+        raise ValueError(f"no valid solver/NFE combination among solvers {','.join(solvers)} and NFE "
+                         f"{','.join(map(str, nfes))} (EDM-family solvers need odd NFE >= 3)")
+    if onnx_check:
+        get_solver("iia-edm").steps_for_nfe(onnx_check)
+    return combos
+
+
+def quality_table(
+    denoiser: Denoiser,
+    solvers: list[str],
+    nfes: list[int],
+    n: int = 2000,
+    options: CalibrationOptions | None = None,
+    chunk: int = 500,
+    grids_dir: str | Path | None = None,
+    onnx_check: int | None = None,
+    progress: Callable[[str], None] | None = _log,
+    calibration_progress: Callable | None = None,
+) -> dict:
+    """FD-digits, accuracy and RMSE per solver and NFE on fixed noise; see the module docstring.
+
+    Returns {"metric", "model", "n", "noise_seed", "reference_steps", "rows", "grids", "onnx_check", "seconds"}.
+    EDM-family solvers take odd NFE only; combinations a solver cannot take are skipped (as in iia-accuracy).
+    """
+    started = time.perf_counter()
+    say = progress or (lambda text: None)
+    check_digits_model(denoiser)
+    options = (options or CalibrationOptions()).resolved(denoiser)
+    options.validate()
+    combos = validate_request(solvers, nfes, n, chunk, onnx_check)
+    skipped = [(s, nfe) for s in solvers for nfe in nfes if not valid_nfe(s, nfe)]
+    if skipped:
+        say("skipping (NFE not valid for the solver): " + ", ".join(f"{s}@{nfe}" for s, nfe in skipped))
+
+    noise, labels = quality_noise(denoiser, n, options.seed)
+    ref_steps = options.reference_steps
+    say(f"reference: Heun, {ref_steps} Karras steps ({2 * ref_steps - 1} NFE), {n} samples")
+    t0 = time.perf_counter()
+    ref = reference_solution(denoiser, noise, labels, steps=ref_steps, chunk=chunk).to(torch.float32)
+    ref_row = {"solver": "reference", "nfe": 2 * ref_steps - 1, "base": "edm", **metrics(ref, labels, None),
+               "sample_s": round(time.perf_counter() - t0, 2)}
+    ref_fd = ref_row["fd_digits"]
+    ref_row.update(base_fd_digits=ref_fd, fd_ratio_to_reference=1.0)
+    say(f"  reference FD-digits {ref_fd:.4f}")
+
+    grid_samples: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    base_cache: dict[tuple[str, int], dict] = {}
+    calibrations: dict[tuple[str, int], CalibrationResult] = {}
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+    rows = []
+
+    def measure(program: Program) -> tuple[torch.Tensor, dict]:
+        t = time.perf_counter()
+        x = sample_chunked(program, denoiser, noise, labels, chunk)
+        m = metrics(x, labels, ref)
+        m["sample_s"] = round(time.perf_counter() - t, 2)
+        return x, m
+
+    for solver, nfe in combos:
+        spec = get_solver(solver)
+        say(f"{solver} NFE {nfe}")
+        key = (spec.base, nfe)
+        row = {"solver": solver, "nfe": nfe, "base": spec.base}
+        if spec.fitted:
+            result = calibrate(denoiser, solver, nfe, CalibrationOptions(**vars(options)),
+                               progress=calibration_progress)
+            calibrations[(solver, nfe)] = result
+            x, m = measure(result.program)
+            g = result.guard
+            row.update(m, guard_decision=g.get("decision"), calibration_s=round(result.seconds, 2))
+        else:
+            x, m = measure(program_for(denoiser, solver, nfe, schedule=options.schedule))
+            row.update(m)
+            base_cache[key] = m
+        if key not in base_cache:
+            say(f"  base {spec.base} NFE {nfe}")
+            base_cache[key] = measure(program_for(denoiser, spec.base, nfe, schedule=options.schedule))[1]
+        row["base_fd_digits"] = base_cache[key]["fd_digits"]
+        row["base_rmse"] = base_cache[key]["rmse"]
+        row["fd_ratio_to_reference"] = row["fd_digits"] / ref_fd if ref_fd > 0 else float("nan")
+        rows.append(row)
+        grid_samples.setdefault(nfe, []).append((solver, x[:GRID_SAMPLES].clone()))
+        if solver == "iia-edm" and nfe == onnx_check:
+            kept[(solver, nfe)] = x
+        say(f"  FD-digits {row['fd_digits']:.4f}  rmse {row['rmse']:.5f}  accuracy {row['accuracy']:.4f}")
+    rows.append(ref_row)
+
+    grids = []
+    if grids_dir is not None:
+        out = Path(grids_dir)
+        for nfe in sorted(grid_samples):
+            panels = grid_samples[nfe] + [(f"reference ({ref_row['nfe']} NFE)", ref[:GRID_SAMPLES])]
+            panels = [(name if name.startswith("reference") else f"{name} NFE {nfe}", x) for name, x in panels]
+            grids.append(str(save_comparison_grid(panels, out / f"quality_grid_nfe{nfe}.png")))
+
+    onnx = None
+    if onnx_check:
+        onnx = onnx_parity(denoiser, onnx_check, options, noise, labels, ref, ref_fd,
+                           calibrations.get(("iia-edm", onnx_check)), kept.get(("iia-edm", onnx_check)),
+                           chunk, say, calibration_progress)
+    return {
+        "metric": METRIC,
+        "model": denoiser.identity.get("name"),
+        "sha256": denoiser.identity.get("sha256"),
+        "n": n,
+        "labels": "arange(n) % 10",
+        "noise_seed": options.seed + QUALITY_SEED_OFFSET,
+        "reference_steps": ref_steps,
+        "calibration": {k: v for k, v in vars(options).items()},
+        "versions": _versions(),
+        "rows": rows,
+        "grids": grids,
+        "onnx_check": onnx,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _versions() -> dict:
+    from . import artifact
+
+    return artifact.library_versions()
+
+
+def onnx_parity(denoiser, nfe, options, noise, labels, ref, ref_fd, result, torch_samples, chunk, say,
+                calibration_progress=None) -> dict:
+    """Compile iia-edm at `nfe` to ONNX (coefficients from `result`), run it on the same noise, compare."""
+    import iia.runtime
+    from iia.compiler.build import CompileOptions, compile_model
+
+    from . import artifact
+
+    say(f"ONNX check: iia-edm NFE {nfe}")
+    if result is None:
+        result = calibrate(denoiser, "iia-edm", nfe, CalibrationOptions(**vars(options)),
+                           progress=calibration_progress)
+    if torch_samples is None:
+        torch_samples = sample_chunked(result.program, denoiser, noise, labels, chunk)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="iia-quality-") as tmp:
+        coefficients = Path(tmp) / f"iia-edm-nfe{nfe}.json"
+        artifact.save(result, denoiser, nfe, coefficients)
+        compile_model(denoiser, Path(tmp) / "artifact",
+                      CompileOptions(nfe=nfe, solver="iia-edm", force=True, engine=False,
+                                     coefficients=str(coefficients)),
+                      log=lambda text: say(f"  {text}"))
+        compile_s = time.perf_counter() - t
+        t = time.perf_counter()
+        sampler = iia.runtime.load(Path(tmp) / "artifact", backend="onnxruntime-cpu", threads=torch.get_num_threads())
+        try:
+            noise32 = noise.to(torch.float32).numpy()
+            lab = labels.numpy()
+            step = sampler.max_batch
+            outs = [sampler(noise32[s:s + step], class_labels=lab[s:s + step]) for s in range(0, len(noise32), step)]
+        finally:
+            sampler.close()
+    onnx_samples = torch.from_numpy(np.concatenate(outs))
+    run_s = time.perf_counter() - t
+    m_torch = metrics(torch_samples, labels, ref)
+    m_onnx = metrics(onnx_samples, labels, ref)
+    diff = abs(m_onnx["fd_digits"] - m_torch["fd_digits"])
+    check = {
+        "solver": "iia-edm",
+        "nfe": nfe,
+        "backend": "onnxruntime-cpu",
+        "fd_digits_pytorch": m_torch["fd_digits"],
+        "fd_digits_onnx": m_onnx["fd_digits"],
+        "fd_digits_abs_diff": diff,
+        "fd_digits_se": m_torch["fd_digits_se"],
+        "equal_within_noise": bool(diff <= m_torch["fd_digits_se"]),
+        "max_abs_diff": float((onnx_samples - torch_samples).abs().max()),
+        "rmse_onnx_vs_pytorch": rmse(onnx_samples, torch_samples),
+        "accuracy_pytorch": m_torch["accuracy"],
+        "accuracy_onnx": m_onnx["accuracy"],
+        "rmse_pytorch": m_torch["rmse"],
+        "rmse_onnx": m_onnx["rmse"],
+        "fd_ratio_to_reference_onnx": m_onnx["fd_digits"] / ref_fd if ref_fd > 0 else float("nan"),
+        "compile_s": round(compile_s, 2),
+        "onnx_sample_s": round(run_s, 2),
+    }
+    say(f"  FD-digits PyTorch {check['fd_digits_pytorch']:.4f}, ONNX {check['fd_digits_onnx']:.4f}; "
+        f"max abs diff {check['max_abs_diff']:.3g}")
+    return check
+
+
+def format_table(report: dict) -> str:
+    lines = [f"FD-digits (not FID), n = {report['n']}, reference = Heun {report['reference_steps']} steps",
+             f"{'solver':<10} {'NFE':>4} {'FD-digits':>10} {'+-se':>7} {'x ref':>6} {'base FD':>9} "
+             f"{'rmse':>9} {'base rmse':>9} {'accuracy':>8}  guard"]
+    for r in report["rows"]:
+        lines.append(f"{r['solver']:<10} {r['nfe']:>4} {r['fd_digits']:>10.4f} {r['fd_digits_se']:>7.4f} "
+                     f"{r['fd_ratio_to_reference']:>6.2f} {r['base_fd_digits']:>9.4f} {r['rmse']:>9.5f} "
+                     f"{r.get('base_rmse', 0.0):>9.5f} {r['accuracy']:>8.4f}  {r.get('guard_decision', '')}")
+    c = report.get("onnx_check")
+    if c:
+        lines.append(f"ONNX check (iia-edm NFE {c['nfe']}, {c['backend']}): FD-digits PyTorch "
+                     f"{c['fd_digits_pytorch']:.4f} vs ONNX {c['fd_digits_onnx']:.4f} (|diff| "
+                     f"{c['fd_digits_abs_diff']:.2g}, se {c['fd_digits_se']:.2g}: "
+                     f"{'equal within noise' if c['equal_within_noise'] else 'DIFFERENT'}); max abs sample diff "
+                     f"{c['max_abs_diff']:.3g}; accuracy {c['accuracy_pytorch']:.4f} vs {c['accuracy_onnx']:.4f}")
+    return "\n".join(lines)
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| solver | NFE | FD-digits | ± s.e. | × reference | base FD-digits | RMSE | base RMSE | accuracy | guard |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['solver']} | {r['nfe']} | {r['fd_digits']:.4f} | {r['fd_digits_se']:.4f} | "
+                     f"{r['fd_ratio_to_reference']:.2f} | {r['base_fd_digits']:.4f} | {r['rmse']:.5f} | "
+                     f"{r.get('base_rmse', 0.0):.5f} | {r['accuracy']:.4f} | {r.get('guard_decision', '')} |")
+    return "\n".join(lines)
+
+
+def plot_quality(report: dict, path: str | Path) -> None:
+    """FD-digits vs NFE per solver (log y), the reference sampler's FD-digits as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r["solver"] != "reference"]
+    ref = next(r for r in report["rows"] if r["solver"] == "reference")
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for solver in dict.fromkeys(r["solver"] for r in rows):
+        pts = sorted((r["nfe"], r["fd_digits"], r["fd_digits_se"]) for r in rows if r["solver"] == solver)
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, label=solver)
+    ax.axhline(ref["fd_digits"], color="k", linestyle="--", linewidth=1,
+               label=f"reference ({ref['nfe']} NFE): {ref['fd_digits']:.3f}")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({r["nfe"] for r in rows}))
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FD-digits (lower is better)")
+    ax.set_title(f"{report.get('model')}: FD-digits vs NFE (n = {report['n']}; not FID)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import json
+
+    from iia.cli import ProgressBar, int_list, str_list
+
+    from .cli import PICKLE_NOTE, add_calibration_arguments, load_model_verbose, options_from_args
+
+    parser = argparse.ArgumentParser(
+        prog="iia-quality",
+        description="Sample quality per solver and NFE on the digits model: FD-digits (a Frechet distance in the "
+                    "bundled digit classifier's features; not FID), classifier accuracy and RMSE vs a "
+                    "high-accuracy reference. " + PICKLE_NOTE)
+    parser.add_argument("model", nargs="?", default="digits",
+                        help="'digits' (bundled, default) or a retrained digits .pt checkpoint")
+    parser.add_argument("--solvers", type=str_list, default=str_list("edm,biia-edm,iia-edm,ddim,iia-ddim"))
+    parser.add_argument("--nfe", type=int_list, default=int_list("5,7,9,11,15,19,35"),
+                        help="EDM-family solvers use the odd values, DDIM-family all of them")
+    parser.add_argument("--n", type=int, default=2000, help="samples per solver and NFE (default 2000)")
+    parser.add_argument("--chunk", type=int, default=500, help="samples per sampling batch (default 500)")
+    parser.add_argument("--json", default=None, help="write the full report here")
+    parser.add_argument("--plot", default=None, help="FD-digits vs NFE plot (PNG)")
+    parser.add_argument("--grids", default=None, metavar="DIR",
+                        help="one PNG per NFE with side-by-side sample grids per solver and the reference")
+    parser.add_argument("--onnx-check", type=int, default=9, metavar="NFE",
+                        help="compile iia-edm at this NFE to ONNX and compare its samples (default 9; 0 skips)")
+    add_calibration_arguments(parser)
+    args = parser.parse_args(argv)
+
+    options = options_from_args(args)
+    options.validate()
+    validate_request(args.solvers, args.nfe, args.n, args.chunk, args.onnx_check)  # fail fast, before loading
+    denoiser = load_model_verbose(args.model)
+    if args.onnx_check:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # no "Removing initializer" warnings per session
+    bar = ProgressBar("calibrating")
+
+    def calibration_progress(done, total, text=""):
+        bar(done, total, text)
+        if done == total:
+            bar.close()
+
+    report = quality_table(denoiser, args.solvers, args.nfe, args.n, options, args.chunk, args.grids,
+                           args.onnx_check or None, progress=_log, calibration_progress=calibration_progress)
+    bar.close()
+    print(format_table(report))
+    for path in report["grids"]:
+        print(f"wrote {path}")
+    if args.json:
+        report["command"] = "iia-quality " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_quality(report, args.plot)
+        print(f"wrote {args.plot}")
+    print(f"total {report['seconds']:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    from iia.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
