@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from iia.files import atomic_open
 from iia.models.base import Denoiser
 
 from .fit import CalibrationOptions, CalibrationResult
@@ -80,17 +79,9 @@ def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:
 
 def write_json_atomic(path: Path, data: dict) -> str:
     """Write JSON via a temp file + rename (never a half-written file); returns the sha256 of the bytes."""
-    path = Path(path)
     text = (json.dumps(data, indent=2) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(text)
     return hashlib.sha256(text).hexdigest()
 
 

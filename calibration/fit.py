@@ -18,7 +18,7 @@ import torch
 
 from iia.models.base import Denoiser
 
-from .sampling import combine, integrate, program_for, reference_solution, rmse, run_ops, sample
+from .sampling import combine, integrate, program_for, reference_solution, run_ops, sample
 from .schedules import SCHEDULES, fine_grid
 from .solvers import SOLVERS, Program, get_solver
 

@@ -9,7 +9,7 @@ import torch
 from iia.models.base import Denoiser, DenoiserError
 
 from .schedules import discrete_sigmas, karras_sigmas
-from .solvers import Combine, Denoise, Op, Program, Terms, base_program_for_grid, build_program, get_solver
+from .solvers import Denoise, Op, Program, Terms, base_program_for_grid, build_program, get_solver
 
 
 def combine(terms: Terms, values: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Callable
 import onnx
 
 from iia.calibration import artifact
+from iia.files import public_mode
 from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import get_solver
@@ -146,6 +147,7 @@ def _fresh_workdir(out: Path) -> Path:
 
 
 def _publish(work: Path, out: Path, force: bool) -> None:
+    public_mode(work, directory=True)
     if out.exists():
         if not force:
             raise CompileError(f"{out} appeared while compiling; pass --force to replace it")

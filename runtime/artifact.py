@@ -121,16 +121,7 @@ def verify_all(root: Path, manifest: dict, skip: tuple[str, ...] = ()) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     """JSON via a temp file + rename: never a half-written file."""
-    import os
-    import tempfile
+    from iia.files import atomic_open
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")

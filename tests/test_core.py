@@ -9,7 +9,6 @@ from iia.calibration import artifact
 from iia.calibration.fit import CalibrationError, CalibrationOptions, calibrate, draw_noise, solve_scaled_ridge
 from iia.calibration.sampling import program_for, reference_solution, rmse, sample
 from iia.calibration.schedules import karras_sigmas
-from iia.calibration.solvers import build_program
 from iia.models import DenoiserError, from_callable, gaussian_mixture
 
 FAST = dict(batch=40, holdout=32, reference_steps=64)
