@@ -149,7 +149,10 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     inputs = [helper.make_tensor_value_info(NOISE, TensorProto.FLOAT, ["batch", *shape])]
     if conditional:
         inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
-    graph = helper.make_graph(gb.nodes, name, inputs, outputs, initializer=list(dgraph.initializer) + gb.initializers)
+    # Folding leaves some denoiser tensors (the noise-embedding MLP, sigma-only constants) unread: drop them.
+    used = {i for node in gb.nodes for i in node.input}
+    initializers = [t for t in list(dgraph.initializer) + gb.initializers if t.name in used]
+    graph = helper.make_graph(gb.nodes, name, inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=list(denoiser_model.opset_import), producer_name="iia")
     model.ir_version = denoiser_model.ir_version
     for fn in denoiser_model.functions:
