@@ -43,6 +43,7 @@ class CalibrationOptions:
     reference_steps: int | None = None
     guard: bool = True
     guard_z: float = 2.0  # a fit must beat the base by this many standard errors on held-out noise
+    guard_candidates: int = 8  # at most this many fitted prefixes are tried (the full fit always is)
     chunk: int = 100  # denoiser batch size during calibration (bounds memory)
     schedule: str = "karras"  # or, for discrete models, DDIM's "uniform" / "quadratic" timestep selection
 
@@ -65,6 +66,8 @@ class CalibrationOptions:
             raise CalibrationError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.fine_solver not in ("base", "heun"):
             raise CalibrationError(f"fine_solver must be 'base' or 'heun', got {self.fine_solver!r}")
+        if self.guard_candidates < 1:
+            raise CalibrationError(f"guard_candidates must be >= 1, got {self.guard_candidates}")
         if self.ridge < 0 or (self.holdout or 1) < 1 or (self.reference_steps or 2) < 2 or self.chunk < 1:
             raise CalibrationError("ridge >= 0, holdout >= 1, reference_steps >= 2 and chunk >= 1 are required")
 
@@ -234,7 +237,11 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
     """
     noise, labels, ref = reference or holdout_set(denoiser, options)
     fitted_steps = [s.index for s, b in zip(fitted.steps, base.steps) if s.coefficients != b.coefficients]
-    candidates = [0] + [i + 1 for i in fitted_steps]
+    boundaries = [i + 1 for i in fitted_steps]
+    if len(boundaries) > options.guard_candidates:  # each candidate costs one held-out sampling run
+        picks = torch.linspace(0, len(boundaries) - 1, options.guard_candidates).round().long().tolist()
+        boundaries = [boundaries[i] for i in sorted(set(picks))]
+    candidates = [0] + boundaries
     sq = {k: per_sample_sq_error(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref)
           for k in candidates}
     errors = {k: float(v.mean().sqrt()) for k, v in sq.items()}
