@@ -19,7 +19,7 @@ from typing import Callable
 import onnx
 
 from iia.calibration import artifact
-from iia.files import public_mode
+from iia.files import public_mode, sha256_file
 from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import get_solver
@@ -53,14 +53,6 @@ class CompileOptions:
     parity_atol: float = 1e-4
     cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
     weight_limit: float = 1.10
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:

@@ -9,6 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from iia.files import sha256_file
+
 SCHEMA = "iia.artifact"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,14 +66,6 @@ def read_manifest(root: str | Path) -> dict:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _expected(manifest: dict, name: str) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 
 import pytest
@@ -19,7 +21,7 @@ from iia.models.zoo import (  # noqa: E402
     load_digits_model,
     predict,
 )
-from iia.models.zoo.classifier import FORMAT, file_sha256  # noqa: E402
+from iia.models.zoo.classifier import FORMAT  # noqa: E402
 from iia.models.zoo.data import load_digits_tensors, train_test_indices  # noqa: E402
 from iia.models.zoo.unet import count_params  # noqa: E402
 
@@ -75,7 +77,7 @@ def test_bundled_model_loads(model):
     assert model.shape == (1, 8, 8)
     assert model.label_dim == 10 and model.conditional
     assert model.sigma_min == 0.002 and model.sigma_max == 80.0
-    assert model.identity == {"kind": "bundled", "name": "digits-edm", "sha256": file_sha256(BUNDLED_DIGITS)}
+    assert model.identity == {"kind": "bundled", "name": "digits-edm", "sha256": hashlib.sha256(BUNDLED_DIGITS.read_bytes()).hexdigest()}
     assert count_params(model.net) <= 500_000
     assert not model.net.training
     train = torch.load(BUNDLED_DIGITS, map_location="cpu", weights_only=True)["train"]

@@ -12,7 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import Denoiser
-from .classifier import BUNDLED_CLASSIFIER, features, file_sha256, load_classifier, predict, read_checkpoint
+from iia.files import sha256_file
+
+from .classifier import BUNDLED_CLASSIFIER, features, load_classifier, predict, read_checkpoint
 from .fd import fd_digits
 from .unet import UNet
 
@@ -43,7 +45,7 @@ def load_digits_model(path: str | Path | None = None) -> Denoiser:
         sigma_min=SIGMA_MIN,
         sigma_max=SIGMA_MAX,
         label_dim=net.label_dim,
-        identity={"kind": "bundled", "name": "digits-edm", "sha256": file_sha256(path)},
+        identity={"kind": "bundled", "name": "digits-edm", "sha256": sha256_file(path)},
     )
 
 

@@ -6,7 +6,6 @@ penultimate-layer features and `predict(x)` the predicted labels, both for x flo
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -37,14 +36,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(x)))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> dict:
