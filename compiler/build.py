@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,14 +18,15 @@ from typing import Callable
 import onnx
 
 from iia.calibration import artifact
-from iia.files import public_mode, sha256_file
 from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import get_solver
+from iia.cli import stage
+from iia.files import public_mode, sha256_file
 from iia.models.base import Denoiser
 from iia.models.registry import resolve_model
 
-from .check import check_model, check_parity, check_weight_sharing
+from .check import GOLDEN_INPUTS, GOLDEN_OUTPUTS, check_model, check_parity, check_weight_sharing
 from .emit import IMAGES, IMAGES_U8, LABELS, NOISE, emit_sampler, initializer_bytes
 from .engine import EnginePlan, EngineUnavailable, build_engine, engine_unavailable_reason, fp32_layer_names
 from .export import export_denoiser
@@ -63,21 +63,6 @@ def cache_key(denoiser: Denoiser, solver: str, nfe: int, options: CalibrationOpt
     ident = artifact.model_identity(denoiser)
     text = json.dumps({"model": ident, "solver": solver, "nfe": nfe, "options": vars(options)}, sort_keys=True)
     return f"{solver}-nfe{nfe}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
-
-
-def _stage(log, timings, name):
-    class _Stage:
-        def __enter__(self):
-            self.start = time.perf_counter()
-            log(f"[{name}] ...")
-
-        def __exit__(self, exc_type, *_):
-            seconds = time.perf_counter() - self.start
-            timings[name] = round(seconds, 3)
-            if exc_type is None:
-                log(f"[{name}] done in {seconds:.2f} s")
-
-    return _Stage()
 
 
 def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=None) -> tuple[dict, str]:
@@ -169,7 +154,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     spec.steps_for_nfe(opts.nfe)
     opts.calibration.validate()
     timings: dict[str, float] = {}
-    with _stage(log, timings, "load model"):
+    with stage("load model", timings, log):
         denoiser = resolve_model(model)
     log(f"  {denoiser.describe()}")
     if denoiser.identity.get("sha256"):
@@ -181,17 +166,17 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
 
     work = _fresh_workdir(out)
     try:
-        with _stage(log, timings, "coefficients"):
+        with stage("coefficients", timings, log):
             coef_data, how = obtain_coefficients(denoiser, solver, opts, log, progress)
             log(f"  {how}")
             coef_sha = artifact.write_json_atomic(work / "coefficients.json", coef_data)
             program = artifact.load_program(work / "coefficients.json", denoiser, opts.nfe, solver)
         if _fail_after == "coefficients":
             raise RuntimeError("injected failure after coefficients")
-        with _stage(log, timings, "export denoiser"):
+        with stage("export denoiser", timings, log):
             denoiser_model = export_denoiser(denoiser, opts.max_batch)
             onnx.save_model(denoiser_model, str(work / "denoiser.onnx"))
-        with _stage(log, timings, "emit sampler graph"):
+        with stage("emit sampler graph", timings, log):
             sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional)
             check_model(sampler)
             weights = check_weight_sharing(sampler, initializer_bytes(denoiser_model), denoiser.param_bytes(),
@@ -201,13 +186,13 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                 f"denoiser call, {weights['ratio_vs_params']:.4f}x its parameters (+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
         if _fail_after == "emit":
             raise RuntimeError("injected failure after emit")
-        with _stage(log, timings, "parity vs PyTorch"):
+        with stage("parity vs PyTorch", timings, log):
             parity = check_parity(str(work / "sampler.onnx"), program, denoiser, atol=opts.parity_atol,
-                                  golden_path=str(work / "golden_outputs.json"))
+                                  golden_dir=work)
             log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}")
         engine = {"built": False, "reason": reason, "precision": opts.precision}
         if reason is None:
-            with _stage(log, timings, "tensorrt engine"):
+            with stage("tensorrt engine", timings, log):
                 plan = EnginePlan(precision=opts.precision, max_batch=opts.max_batch,
                                   opt_batch=min(8, opts.max_batch), sample_shape=denoiser.shape,
                                   conditional=denoiser.conditional,
@@ -222,7 +207,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         if not engine["built"]:
             log(f"  TensorRT engine skipped: {engine['reason']}")
         inputs, outputs = io_spec(denoiser)
-        all_files = files + ["denoiser.onnx", "coefficients.json", "golden_inputs.json", "golden_outputs.json"]
+        all_files = files + ["denoiser.onnx", "coefficients.json", GOLDEN_INPUTS, GOLDEN_OUTPUTS]
         manifest = {
             "schema": MANIFEST_SCHEMA,
             "schema_version": MANIFEST_VERSION,
@@ -246,9 +231,9 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             "engine": engine,
             "timings_s": timings,
             "versions": artifact.library_versions(),
-            "golden": {"inputs": "golden_inputs.json", "outputs": "golden_outputs.json",
-                       "check": "polygraphy run sampler.onnx --trt --load-inputs golden_inputs.json "
-                                "--load-outputs golden_outputs.json --atol 1e-3"},
+            "golden": {"inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS,
+                       "check": f"polygraphy run sampler.onnx --trt --load-inputs {GOLDEN_INPUTS} "
+                                f"--load-outputs {GOLDEN_OUTPUTS} --atol 1e-3"},
         }
         artifact.write_json_atomic(work / "manifest.json", manifest)
         _publish(work, out, opts.force)

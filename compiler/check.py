@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from iia.models.base import Denoiser
 from .emit import IMAGES, LABELS, NOISE, initializer_bytes
 
 SAMPLER_CONST_PREFIX = "iia/"
+GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.json", "golden_outputs.json"
 
 
 class CheckError(ValueError):
@@ -99,40 +101,42 @@ def parity_feed(denoiser: Denoiser, batch: int, seed: int) -> OrderedDict:
 
 
 def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: int = 4, seed: int = 1234,
-                 atol: float = 1e-4, golden_path: str | None = None) -> dict:
-    """ONNX Runtime CPU vs the PyTorch sampler on fresh noise; raises CheckError above `atol`."""
+                 atol: float = 1e-4, golden_dir: str | Path | None = None) -> dict:
+    """ONNX Runtime CPU vs the PyTorch sampler on fresh noise; raises CheckError above the tolerance.
+
+    With `golden_dir`, the inputs and ONNX Runtime's outputs are saved there as GOLDEN_INPUTS/GOLDEN_OUTPUTS
+    for `polygraphy run sampler.onnx --trt --load-inputs ... --load-outputs ...` on a GPU machine.
+    """
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
     feed = parity_feed(denoiser, batch, seed)
+    runners = [TorchSamplerRunner(program, denoiser),
+               OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))]
+    results = Comparator.run(runners, data_loader=[feed])
+    ref = results[0][1][0][IMAGES]
+    got = results[1][1][0][IMAGES]
     # The graph runs in float32; large fitted coefficients amplify float32 rounding. Measure that floor with the
     # PyTorch sampler in float32 and allow 10x it where that exceeds `atol` (reported either way): ONNX Runtime
     # rounds in another order, so its float32 error is of the same size, not the same value.
     labels = torch.from_numpy(feed[LABELS]) if LABELS in feed else None
-    noise = torch.from_numpy(feed[NOISE])
-    f32_floor = float((sample(program, denoiser, noise, labels, dtype=torch.float32).double()
-                       - sample(program, denoiser, noise, labels)).abs().max())
+    f32 = sample(program, denoiser, torch.from_numpy(feed[NOISE]), labels, dtype=torch.float32).numpy()
+    f32_floor = float(np.abs(f32.astype(np.float64) - ref.astype(np.float64)).max())
     tolerance = max(atol, 10 * f32_floor)
-    runners = [TorchSamplerRunner(program, denoiser),
-               OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))]
-    results = Comparator.run(runners, data_loader=[feed])
     accuracy = Comparator.compare_accuracy(
         results, compare_func=SimpleCompareFunc(atol=tolerance, rtol=0.0, check_shapes=True,
                                                  find_output_func=lambda name, i, r: [IMAGES] if name == IMAGES else []))
-    ref = results[0][1][0][IMAGES]
-    got = results[1][1][0][IMAGES]
     err = np.abs(ref.astype(np.float64) - got.astype(np.float64))
     report = {"backend": "onnxruntime-cpu", "batch": batch, "max_abs": float(err.max()),
               "max_rel": float((err / np.maximum(np.abs(ref), 1e-3)).max()), "atol": atol,
               "float32_floor": f32_floor, "tolerance": tolerance, "passed": bool(accuracy)}
-    if golden_path:
-        # inputs + ONNX Runtime outputs, for `polygraphy run sampler.onnx --trt --load-inputs ... --load-outputs ...`
-        save_json([feed], golden_path.replace("outputs", "inputs"))
+    if golden_dir is not None:
         from polygraphy.comparator import RunResults
 
+        save_json([feed], str(Path(golden_dir) / GOLDEN_INPUTS))
         golden = RunResults()
         golden.append(results[1])
-        golden.save(golden_path)
+        golden.save(str(Path(golden_dir) / GOLDEN_OUTPUTS))
     if not accuracy:
         raise CheckError(f"ONNX Runtime output differs from the PyTorch sampler: max abs {report['max_abs']:.3g} "
                          f"> {tolerance:.3g} (float32 floor of this sampler {f32_floor:.3g})")

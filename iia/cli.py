@@ -43,16 +43,16 @@ def str_list(text: str) -> list[str]:
 
 
 @contextmanager
-def stage(name: str, timings: dict | None = None, stream=None):
-    """Print a stage's name, then its time when it ends."""
-    stream = stream or sys.stderr
-    print(f"[{name}] ...", file=stream, flush=True)
+def stage(name: str, timings: dict | None = None, log: Callable[[str], None] | None = None):
+    """Log a stage's name, then its time when it ends (to stderr unless `log` is given)."""
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    log(f"[{name}] ...")
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start
     if timings is not None:
         timings[name] = round(seconds, 3)
-    print(f"[{name}] done in {seconds:.2f} s", file=stream, flush=True)
+    log(f"[{name}] done in {seconds:.2f} s")
 
 
 class ProgressBar:

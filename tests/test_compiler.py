@@ -43,7 +43,7 @@ def run_sampler(path, noise, labels=None):
 
 def test_compile_analytic_model_end_to_end(tmp_path):
     d = gaussian_mixture(shape=(1, 4, 4), components=3, seed=2)
-    out = tmp_path / "art"
+    out = tmp_path / "outputs" / "art"  # a parent named like a golden file must not confuse the writer
     manifest = compile_model(d, out, options(nfe=9), log=lambda s: None)
     assert {"sampler.onnx", "denoiser.onnx", "coefficients.json", "manifest.json", "golden_inputs.json",
             "golden_outputs.json"} <= {p.name for p in out.iterdir()}
