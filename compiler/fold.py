@@ -22,7 +22,6 @@ BATCH_OPS = ("Shape", "Size")
 @dataclass
 class FoldPlan:
     foldable_nodes: set[int] = field(default_factory=set)  # indices into graph.node, removed at call sites
-    boundary: list[str] = field(default_factory=list)  # folded values consumed by the rest of the graph
     values: dict[float, dict[str, tuple[np.ndarray, bool]]] = field(default_factory=dict)  # sigma -> name -> (row, batched)
 
 
@@ -39,10 +38,8 @@ def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = "sigma") -> tuple[set[
                 nodes.add(k)
                 depends.update(node.output)
                 foldable_values.update(node.output)
-            elif node.op_type == "Constant" or not inputs:
+            else:  # Constant nodes and weight-only arithmetic: constants, left to the graph (not folded)
                 constant.update(node.output)
-            else:
-                constant.update(node.output)  # weight-only arithmetic: left alone, not folded
     consumed_outside = set()
     for k, node in enumerate(graph.node):
         if k not in nodes:
@@ -76,7 +73,7 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], size_limi
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the constant subgraph leaves the denoiser's Constant nodes unused
     sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    plan = FoldPlan(nodes, boundary)
+    plan = FoldPlan(nodes)
     for s in sorted(set(sigmas)):
         one = sess.run(boundary, {"sigma": np.array([s], np.float32)})
         two = sess.run(boundary, {"sigma": np.array([s, s], np.float32)})
