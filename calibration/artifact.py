@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from iia.files import atomic_open
+from iia.runtime.contract import ArtifactError, write_json_atomic
 from iia.models.base import Denoiser
 
 from .fit import CalibrationOptions, CalibrationResult
-from .solvers import Program, build_program, get_solver
+from .solvers import DEFINITION_VERSION, Program, build_program, get_solver
 
 SCHEMA = "iia.coefficients"
 SCHEMA_VERSION = 1
-
-
-class ArtifactError(ValueError):
-    """A coefficient file that cannot be used here (unreadable, foreign, other model, other NFE)."""
 
 
 def library_versions() -> dict:
@@ -59,6 +55,7 @@ def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "solver": program.solver,
+        "solver_definition": DEFINITION_VERSION,
         "nfe": nfe,
         "r": program.r,
         "sigmas": list(program.sigmas),
@@ -75,14 +72,6 @@ def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:
         "seconds": round(result.seconds, 3),
         "versions": library_versions(),
     }
-
-
-def write_json_atomic(path: Path, data: dict) -> str:
-    """Write JSON via a temp file + rename (never a half-written file); returns the sha256 of the bytes."""
-    text = (json.dumps(data, indent=2) + "\n").encode()
-    with atomic_open(path) as f:
-        f.write(text)
-    return hashlib.sha256(text).hexdigest()
 
 
 def save(result: CalibrationResult, denoiser: Denoiser, nfe: int, path: str | Path) -> dict:
@@ -110,7 +99,15 @@ def read(path: str | Path) -> dict:
 def load_program(path: str | Path, denoiser: Denoiser | None = None, nfe: int | None = None,
                  solver: str | None = None) -> Program:
     """Read a coefficient file and rebuild its Program; validate it against the model, NFE and solver."""
-    data = read(path)
+    return program_from_dict(read(path), denoiser, nfe, solver, source=str(path))
+
+
+def program_from_dict(data: dict, denoiser: Denoiser | None = None, nfe: int | None = None,
+                      solver: str | None = None, source: str = "coefficient data") -> Program:
+    """The Program a coefficient file's data describes, checked against this iia's solver definition (version
+    and each step's basis labels: a reordered basis must never load with the wrong meaning), the model, NFE
+    and solver. ArtifactError naming `source` and the mismatch otherwise."""
+    path = source
     if denoiser is not None and not same_model(data["model"], model_identity(denoiser)):
         raise ArtifactError(
             f"{path} was calibrated for model {data['model'].get('name')} "
@@ -121,16 +118,29 @@ def load_program(path: str | Path, denoiser: Denoiser | None = None, nfe: int | 
         raise ArtifactError(f"{path} holds coefficients for NFE {data['nfe']}, not {nfe}")
     if solver is not None and data["solver"] != solver:
         raise ArtifactError(f"{path} holds coefficients for solver {data['solver']}, not {solver}")
+    version = data.get("solver_definition")
+    if version != DEFINITION_VERSION:
+        raise ArtifactError(f"{path} was written under solver definition {version}, this iia uses definition "
+                            f"{DEFINITION_VERSION}: recalibrate (the basis terms may differ)")
     try:
         get_solver(data["solver"])
         program = build_program(data["solver"], data["sigmas"], data["r"])
-        program = program.with_coefficients([s["coefficients"] for s in data["steps"]])
+        steps = data["steps"]
+        if len(steps) != len(program.steps):
+            raise ValueError(f"{len(steps)} steps listed, the schedule has {len(program.steps)}")
+        for step, entry in zip(program.steps, steps):
+            labels = [label for label, _ in step.basis]
+            if list(entry["basis"]) != labels:
+                raise ArtifactError(f"{path}: step {step.index} has basis {list(entry['basis'])}, solver "
+                                    f"{data['solver']} defines {labels} (recalibrate)")
+            if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                       for c in entry["coefficients"]):
+                raise ValueError(f"step {step.index} has a non-finite or non-numeric coefficient")
+        program = program.with_coefficients([s["coefficients"] for s in steps])
+    except ArtifactError:
+        raise
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{path} is inconsistent: {err}") from None
     if program.nfe != data["nfe"]:
         raise ArtifactError(f"{path} is inconsistent: its schedule gives NFE {program.nfe}, file says {data['nfe']}")
     return program
-
-
-def options_from(data: dict) -> CalibrationOptions:
-    return CalibrationOptions(**data["options"])

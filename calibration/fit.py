@@ -18,9 +18,17 @@ import torch
 
 from iia.models.base import Denoiser
 
-from .sampling import combine, integrate, program_for, reference_solution, run_ops, sample
+from iia.runtime.contract import draw_noise as contract_noise
+
+from .sampling import (combine, finish_step, integrate, live_after, program_for, reference_solution, run_calls,
+                       sample, start)
 from .schedules import SCHEDULES, fine_grid
 from .solvers import SOLVERS, Program, get_solver
+
+
+# Held-out noises are images seed + HOLDOUT_SEED_OFFSET + k: disjoint from calibration's seed + k for any batch
+# below the offset (the evaluation tools use their own offsets above it).
+HOLDOUT_SEED_OFFSET = 10**6
 
 
 class CalibrationError(ValueError):
@@ -49,9 +57,9 @@ class CalibrationOptions:
 
     def resolved(self, denoiser: Denoiser) -> "CalibrationOptions":
         """A copy with the model-dependent defaults filled in."""
-        cheap = denoiser.identity.get("kind") == "gmm"
-        return replace(self, holdout=self.holdout or 256,
-                       reference_steps=self.reference_steps or (256 if cheap else 128))
+        holdout = 256 if self.holdout is None else self.holdout
+        steps = self.reference_steps if self.reference_steps is not None else (256 if denoiser.analytic else 128)
+        return replace(self, holdout=holdout, reference_steps=steps)
 
     def validate(self) -> None:
         if self.M < 1:
@@ -68,8 +76,12 @@ class CalibrationOptions:
             raise CalibrationError(f"fine_solver must be 'base' or 'heun', got {self.fine_solver!r}")
         if self.guard_candidates < 1:
             raise CalibrationError(f"guard_candidates must be >= 1, got {self.guard_candidates}")
-        if self.ridge < 0 or (self.holdout or 1) < 1 or (self.reference_steps or 2) < 2 or self.chunk < 1:
-            raise CalibrationError("ridge >= 0, holdout >= 1, reference_steps >= 2 and chunk >= 1 are required")
+        if self.ridge < 0 or self.chunk < 1:
+            raise CalibrationError(f"ridge >= 0 and chunk >= 1 are required, got {self.ridge} and {self.chunk}")
+        if self.holdout is not None and self.holdout < 2:
+            raise CalibrationError(f"holdout (guard noises) must be >= 2, got {self.holdout}")
+        if self.reference_steps is not None and self.reference_steps < 2:
+            raise CalibrationError(f"reference_steps must be >= 2, got {self.reference_steps}")
 
 
 @dataclass
@@ -84,15 +96,19 @@ class CalibrationResult:
 
 
 def draw_noise(denoiser: Denoiser, n: int, seed: int, labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Standard-normal noise (float64) and class labels (uniform unless given) from one seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, *denoiser.shape, generator=gen, dtype=torch.float64)
-    if labels is not None and denoiser.conditional:
+    """Noise float64 [n, *shape] and class labels int64 [n] (None for unconditional models) for images
+    seed .. seed + n - 1, by the artifact contract's convention (`iia.runtime.contract.draw_noise`/`draw_labels`),
+    so the same seed gives the same noise here, in iia-sample and in the parity check. Labels given are
+    repeated to n; else drawn per image."""
+    from iia.runtime.contract import draw_labels
+
+    noise = torch.from_numpy(contract_noise(seed, n, denoiser.shape)).to(torch.float64)
+    if not denoiser.conditional:
+        return noise, None
+    if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-        labels = labels.repeat((n + labels.numel() - 1) // labels.numel())[:n]
-    else:
-        labels = denoiser.random_labels(n, gen)
-    return noise, labels
+        return noise, labels.repeat((n + labels.numel() - 1) // labels.numel())[:n]
+    return noise, torch.from_numpy(draw_labels(seed, n, denoiser.label_dim))
 
 
 def solve_scaled_ridge(gram: torch.Tensor, rhs: torch.Tensor, base: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -126,10 +142,10 @@ def calibrate(
     a precomputed held-out (noise, labels, reference solution) triple.
     """
     options = options or CalibrationOptions()
-    for key, value in overrides.items():
-        if not hasattr(options, key):
-            raise CalibrationError(f"unknown calibration option '{key}'")
-        setattr(options, key, value)
+    unknown = [key for key in overrides if not hasattr(options, key)]
+    if unknown:
+        raise CalibrationError(f"unknown calibration option(s) {', '.join(unknown)}")
+    options = replace(options, **overrides)  # the caller's options are never modified
     options.validate()
     options = options.resolved(denoiser)
     spec = get_solver(solver)
@@ -141,24 +157,23 @@ def calibrate(
     fine_family = spec.fine if options.fine_solver == "base" else "edm"
     noise, labels = draw_noise(denoiser, options.batch, options.seed, labels)
     chunks = _chunks(options.batch, options.chunk)
-    values = [{"noise": noise[c]} for c in chunks]
+    values = [start(base, noise[c]) for c in chunks]
     chunk_labels = [None if labels is None else labels[c] for c in chunks]
-    for vals, lab in zip(values, chunk_labels):
-        run_ops([base.prelude], vals, denoiser, lab, keep=["z0"])
+    live = live_after(base)
     total_work = len(base.steps) * len(chunks)
     steps, report = [], []
-    for step in base.steps:
+    for step in base.steps:  # the interpreter's step-at-a-time executor, with the update fitted in between
         fit_this = step.fittable and step.index >= options.first_step and step.basis
         p = len(step.basis)
         gram = torch.zeros(p, p, dtype=torch.float64)
         rhs = torch.zeros(p, dtype=torch.float64)
         target_sq, n_elems, cached = 0.0, 0, []
         for ci, (vals, lab) in enumerate(zip(values, chunk_labels)):
-            run_ops(list(step.ops), vals, denoiser, lab, keep=vals.keys() | {op.out for op in step.ops})
+            run_calls(step, vals, denoiser, lab)
             anchor = combine(step.anchor, vals)
             basis = torch.stack([combine(t, vals).reshape(-1) for _, t in step.basis], 1) if p else None
             if fit_this:
-                target = integrate(fine_family, denoiser, vals[f"z{step.index}"],
+                target = integrate(fine_family, denoiser, vals[step.state],
                                    fine_grid(step.sigma_from, step.sigma_to, options.M), lab)
                 resid = (target - anchor).reshape(-1)
                 gram += basis.T @ basis
@@ -181,13 +196,8 @@ def calibrate(
         report.append(entry)
         steps.append(step)
         c_used = torch.tensor(step.coefficients, dtype=torch.float64)
-        needed = _history_needed(base, step.index)
         for vals, (anchor, basis) in zip(values, cached):
-            new = anchor + (basis @ c_used).reshape(anchor.shape) if p else anchor
-            vals[step.out] = new
-            for name in list(vals):
-                if name not in needed and name != step.out:
-                    del vals[name]
+            finish_step(step, vals, anchor + (basis @ c_used).reshape(anchor.shape) if p else anchor, live[step.index])
     fitted = Program(base.solver, base.sigmas, tuple(steps), base.r)
     result = CalibrationResult(fitted, fitted, base, options, report)
     if options.guard:
@@ -198,23 +208,9 @@ def calibrate(
     return result
 
 
-def _history_needed(program: Program, index: int) -> set[str]:
-    """Values that steps after `index` read from before them."""
-    produced_later = set()
-    needed = set()
-    for step in program.steps[index + 1:]:
-        for op in step.all_ops():
-            reads = [op.state] if hasattr(op, "state") else [n for n, _ in op.terms]
-            needed.update(n for n in reads if n not in produced_later)
-            produced_later.add(op.out)
-        for _, terms in step.basis:
-            needed.update(n for n, _ in terms if n not in produced_later)
-    return needed
-
-
 def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None):
     """Held-out noise (a different stream from the calibration batch) and its reference solution."""
-    noise, lab = draw_noise(denoiser, options.holdout, options.seed + 7919, labels)
+    noise, lab = draw_noise(denoiser, options.holdout, options.seed + HOLDOUT_SEED_OFFSET, labels)
     return noise, lab, reference_solution(denoiser, noise, lab, options.reference_steps)
 
 

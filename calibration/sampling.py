@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import torch
 
 from iia.models.base import Denoiser, DenoiserError
 
 from .schedules import discrete_sigmas, karras_sigmas
-from .solvers import Denoise, Op, Program, Terms, base_program_for_grid, build_program, get_solver
+from .solvers import Denoise, Op, Program, Step, Terms, base_program_for_grid, build_program, get_solver
 
 
 def combine(terms: Terms, values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -19,40 +17,64 @@ def combine(terms: Terms, values: dict[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def last_uses(ops: list[Op]) -> dict[str, int]:
-    """Index of the op that reads each value last (so the interpreter can free history it no longer needs)."""
-    last: dict[str, int] = {}
-    for k, op in enumerate(ops):
-        for name in ([op.state] if isinstance(op, Denoise) else [n for n, _ in op.terms]):
-            last[name] = k
-    return last
+def reads(op: Op) -> list[str]:
+    return [op.state] if isinstance(op, Denoise) else [name for name, _ in op.terms]
 
 
-def run_ops(
-    ops: list[Op],
-    values: dict[str, torch.Tensor],
-    denoiser: Denoiser,
-    class_labels: torch.Tensor | None,
-    keep: Iterable[str] = (),
-    callback: Callable[[dict], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Execute ops in order on `values` (name -> tensor). Frees values no later op reads, except `keep`."""
-    last = last_uses(ops)
-    keep = set(keep)
-    for k, op in enumerate(ops):
+def live_after(program: Program) -> list[set[str]]:
+    """Per step k: the values steps after k read from before them (what the interpreter must keep)."""
+    live: list[set[str]] = [set() for _ in program.steps]
+    needed: set[str] = {program.output}
+    for k in range(len(program.steps) - 1, -1, -1):
+        live[k] = set(needed)
+        step = program.steps[k]
+        produced = {op.out for op in step.ops}
+        # every basis term counts, also those whose base coefficient is 0 (a fitted one may read them)
+        terms = [step.anchor, *(t for _, t in step.basis)]
+        needed = (needed - {step.out}) | {n for t in terms for n, _ in t}
+        needed = (needed - produced) | {n for op in step.ops for n in reads(op)}
+    return live
+
+
+def run_calls(step: Step, values: dict[str, torch.Tensor], denoiser: Denoiser,
+              class_labels: torch.Tensor | None) -> None:
+    """Execute a step's denoiser calls (and fixed combinations such as Heun's predictor) into `values`."""
+    for op in step.ops:
         if isinstance(op, Denoise):
             try:
                 values[op.out] = denoiser(values[op.state], op.sigma, class_labels)
             except DenoiserError as err:
                 raise DenoiserError(f"{op.out} (call on {op.state} at sigma={op.sigma:.6g}): {err}") from None
-            if callback is not None:
-                callback({"op": op, "denoised": values[op.out], "x": values[op.state]})
         else:
             values[op.out] = combine(op.terms, values)
-        for name in list(values):
-            if last.get(name, -1) <= k and name not in keep and last.get(name) is not None:
-                del values[name]
-    return values
+
+
+def finish_step(step: Step, values: dict[str, torch.Tensor], new_state: torch.Tensor, live: set[str]) -> None:
+    """Store the step's new state and drop every value no later step reads."""
+    values[step.out] = new_state
+    for name in [n for n in values if n not in live and n != step.out]:
+        del values[name]
+
+
+def start(program: Program, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The interpreter's values before step 0: z0 = sigma_0 * noise."""
+    return {program.prelude.out: combine(program.prelude.terms, {"noise": noise})}
+
+
+def advance(program: Program, k: int, values: dict[str, torch.Tensor], denoiser: Denoiser,
+            class_labels: torch.Tensor | None, live: list[set[str]]) -> None:
+    """Execute step k of `program` on `values` (the step-at-a-time executor the fitter reuses)."""
+    step = program.steps[k]
+    run_calls(step, values, denoiser, class_labels)
+    finish_step(step, values, combine(step.update().terms, values), live[k])
+
+
+def run_program(program: Program, values: dict[str, torch.Tensor], denoiser: Denoiser,
+                class_labels: torch.Tensor | None) -> torch.Tensor:
+    live = live_after(program)
+    for k in range(len(program.steps)):
+        advance(program, k, values, denoiser, class_labels, live)
+    return values[program.output]
 
 
 def schedule_for(denoiser: Denoiser, n_steps: int, schedule: str = "karras", rho: float = 7.0) -> torch.Tensor:
@@ -78,13 +100,10 @@ def sample(
     noise: torch.Tensor,
     class_labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
-    callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
-    """Run the sampler from standard-normal `noise`; states in float64 as EDM's generate.py does."""
-    values = {"noise": noise.to(dtype)}
-    ops = program.ops()
-    run_ops(ops, values, denoiser, class_labels, keep=[program.output], callback=callback)
-    return values[program.output]
+    """Run the sampler from standard-normal `noise` [B, *shape]; states in `dtype` (float64 by default, as
+    EDM's generate.py steps). Returns [B, *shape] in `dtype`."""
+    return run_program(program, start(program, noise.to(dtype)), denoiser, class_labels)
 
 
 def integrate(
@@ -92,10 +111,7 @@ def integrate(
 ) -> torch.Tensor:
     """Integrate the ODE from state `z` at sigmas[0] over `sigmas` with the family's base solver."""
     program = base_program_for_grid(family, [float(s) for s in sigmas])
-    values = {"z0": z}
-    ops = [op for step in program.steps for op in step.all_ops()]
-    run_ops(ops, values, denoiser, class_labels, keep=[program.output])
-    return values[program.output]
+    return run_program(program, {program.steps[0].state: z}, denoiser, class_labels)
 
 
 def reference_solution(

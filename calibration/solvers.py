@@ -59,6 +59,11 @@ class Step:
     coefficients: tuple[float, ...]
     out: str
     fittable: bool  # IIA may fit this step (never the step to sigma = 0)
+    state: str = ""  # the state this step integrates from (default z{index}); the fitter's fine target starts here
+
+    def __post_init__(self):
+        if not self.state:
+            object.__setattr__(self, "state", f"z{self.index}")
 
     def update(self) -> Combine:
         """The step's update as a single combination: anchor + sum c_j basis_j."""
@@ -287,6 +292,11 @@ SOLVERS: dict[str, SolverSpec] = {
     "iia-spndm": SolverSpec("iia-spndm", "heun-first", spndm_step, True, "spndm", "edm"),
     "dpm-solver++": SolverSpec("dpm-solver++", "one", dpmpp_2m_step, False, "dpm-solver++", "ddim", fixed_r=0),
 }
+
+
+# Bump when any solver's steps, basis terms or their order change: coefficient files and cached calibrations
+# record it, and a file written under another definition is refused instead of read with a wrong meaning.
+DEFINITION_VERSION = 2
 
 
 def get_solver(name: str) -> SolverSpec:

@@ -22,17 +22,17 @@ from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import get_solver
 from iia.cli import stage
-from iia.files import public_mode, sha256_file
+from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST, SAMPLER_ONNX,
+                                  SAMPLER_PLAN, io_spec, make_manifest, public_mode, sha256_file,
+                                  tensorrt_unavailable_reason, write_json_atomic)
+from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 from iia.models.base import Denoiser
 from iia.models.registry import resolve_model
 
-from .check import GOLDEN_INPUTS, GOLDEN_OUTPUTS, check_model, check_parity, check_weight_sharing
-from .emit import IMAGES, IMAGES_U8, LABELS, NOISE, emit_sampler, initializer_bytes
-from .engine import EnginePlan, EngineUnavailable, build_engine, engine_unavailable_reason, fp32_layer_names
+from .check import check_model, check_parity, check_weight_sharing
+from .emit import emit_sampler, initializer_bytes
 from .export import export_denoiser
 
-MANIFEST_SCHEMA = "iia.artifact"
-MANIFEST_VERSION = 1
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
 
 
@@ -107,17 +107,6 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
     return [path.name]
 
 
-def io_spec(denoiser: Denoiser) -> tuple[list[dict], list[dict]]:
-    inputs = [{"name": NOISE, "dtype": "float32", "shape": ["batch", *denoiser.shape]}]
-    if denoiser.conditional:
-        inputs.append({"name": LABELS, "dtype": "int64", "shape": ["batch"], "range": [0, denoiser.label_dim - 1]})
-    outputs = [{"name": IMAGES, "dtype": "float32", "shape": ["batch", *denoiser.shape]}]
-    if denoiser.is_image:
-        c, h, w = denoiser.shape
-        outputs.append({"name": IMAGES_U8, "dtype": "uint8", "shape": ["batch", h, w, c]})
-    return inputs, outputs
-
-
 def _fresh_workdir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
@@ -159,7 +148,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     log(f"  {denoiser.describe()}")
     if denoiser.identity.get("sha256"):
         log(f"  sha256 {denoiser.identity['sha256']}")
-    reason = engine_unavailable_reason() if opts.engine else "--no-engine given"
+    reason = tensorrt_unavailable_reason() if opts.engine else "--no-engine given"
     if opts.precision != "fp32" and reason:
         log(f"  --precision {opts.precision} applies to the TensorRT engine, which is skipped ({reason}); "
             f"the ONNX graph is fp32")
@@ -193,49 +182,46 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         engine = {"built": False, "reason": reason, "precision": opts.precision}
         if reason is None:
             with stage("tensorrt engine", timings, log):
-                plan = EnginePlan(precision=opts.precision, max_batch=opts.max_batch,
-                                  opt_batch=min(8, opts.max_batch), sample_shape=denoiser.shape,
-                                  conditional=denoiser.conditional,
+                plan = EnginePlan(sampler_inputs(denoiser.shape, denoiser.conditional), precision=opts.precision,
+                                  max_batch=opts.max_batch, opt_batch=min(8, opts.max_batch),
                                   fp32_layers=fp32_layer_names(sampler) if opts.precision != "fp32" else [],
                                   timing_cache=str(default_cache_dir() / "timing.cache"))
                 try:
-                    engine.update(build_engine(str(work / "sampler.onnx"), plan, str(work / "sampler.plan")),
-                                  built=True, reason=None)
+                    _, built = build_engine(str(work / "sampler.onnx"), plan, str(work / "sampler.plan"))
+                    engine.update(built, built=True, reason=None)
                     files.append("sampler.plan")
                 except EngineUnavailable as err:
                     engine["reason"] = str(err)
         if not engine["built"]:
             log(f"  TensorRT engine skipped: {engine['reason']}")
-        inputs, outputs = io_spec(denoiser)
-        all_files = files + ["denoiser.onnx", "coefficients.json", GOLDEN_INPUTS, GOLDEN_OUTPUTS]
-        manifest = {
-            "schema": MANIFEST_SCHEMA,
-            "schema_version": MANIFEST_VERSION,
-            "model": artifact.model_identity(denoiser),
-            "solver": solver,
-            "nfe": program.nfe,
-            "r": program.r,
-            "sigmas": list(program.sigmas),
-            "sample_shape": list(denoiser.shape),
-            "label_dim": denoiser.label_dim,
-            "max_batch": opts.max_batch,
-            "inputs": inputs,
-            "outputs": outputs,
-            "files": {name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}
-                      for name in all_files},
-            "coefficients_sha256": coef_sha,
-            "coefficients_source": how,
-            "guard": coef_data.get("guard", {}),
-            "parity": parity,
-            "weights": weights,
-            "engine": engine,
-            "timings_s": timings,
-            "versions": artifact.library_versions(),
-            "golden": {"inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS,
-                       "check": f"polygraphy run sampler.onnx --trt --load-inputs {GOLDEN_INPUTS} "
-                                f"--load-outputs {GOLDEN_OUTPUTS} --atol 1e-3"},
-        }
-        artifact.write_json_atomic(work / "manifest.json", manifest)
+        inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim, denoiser.is_image)
+        all_files = files + [DENOISER_ONNX, COEFFICIENTS, GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+        manifest = make_manifest(
+            model=artifact.model_identity(denoiser),
+            solver=solver,
+            nfe=program.nfe,
+            r=program.r,
+            sigmas=list(program.sigmas),
+            sample_shape=list(denoiser.shape),
+            label_dim=denoiser.label_dim,
+            max_batch=opts.max_batch,
+            inputs=inputs,
+            outputs=outputs,
+            files={name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}
+                   for name in all_files},
+            coefficients_sha256=coef_sha,
+            coefficients_source=how,
+            guard=coef_data.get("guard", {}),
+            parity=parity,
+            weights=weights,
+            engine=engine,
+            timings_s=timings,
+            versions=artifact.library_versions(),
+            golden={"inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS,
+                    "check": f"polygraphy run {SAMPLER_ONNX} --trt --load-inputs {GOLDEN_INPUTS} "
+                             f"--load-outputs {GOLDEN_OUTPUTS} --atol 1e-3"},
+        )
+        write_json_atomic(work / MANIFEST, manifest)
         _publish(work, out, opts.force)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

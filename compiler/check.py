@@ -23,11 +23,11 @@ from polygraphy.json import save_json
 from iia.calibration.sampling import sample
 from iia.calibration.solvers import Program
 from iia.models.base import Denoiser
+from iia.runtime.contract import GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, LABELS, NOISE, draw_labels, draw_noise
 
-from .emit import IMAGES, LABELS, NOISE, initializer_bytes
+from .emit import initializer_bytes
 
 SAMPLER_CONST_PREFIX = "iia/"
-GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden_inputs.json", "golden_outputs.json"
 
 
 class CheckError(ValueError):
@@ -93,10 +93,10 @@ class TorchSamplerRunner(BaseRunner):
 
 
 def parity_feed(denoiser: Denoiser, batch: int, seed: int) -> OrderedDict:
-    rng = np.random.default_rng(seed)
-    feed = OrderedDict([(NOISE, rng.standard_normal((batch, *denoiser.shape)).astype(np.float32))])
+    """The parity inputs: the contract's noise and labels for `seed` (what iia-sample would draw)."""
+    feed = OrderedDict([(NOISE, draw_noise(seed, batch, denoiser.shape))])
     if denoiser.conditional:
-        feed[LABELS] = rng.integers(0, denoiser.label_dim, size=batch).astype(np.int64)
+        feed[LABELS] = draw_labels(seed, batch, denoiser.label_dim)
     return feed
 
 

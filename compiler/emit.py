@@ -16,12 +16,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from iia.calibration.solvers import Combine, Denoise, Program
+from iia.runtime.contract import (DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, IMAGES_U8, LABELS,
+                                  NOISE)
 
 from .fold import FoldPlan, plan_folding
 
-NOISE, LABELS, IMAGES, IMAGES_U8 = "noise", "class_labels", "images", "images_uint8"
-DENOISER_INPUTS = ("x", "sigma", "class_labels")
-DENOISER_OUTPUT = "denoised"
+DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
 
 
 class EmitError(ValueError):
@@ -72,7 +72,7 @@ def emit_combine(gb: GraphBuilder, op: Combine) -> None:
 
 def _check_denoiser_graph(graph: onnx.GraphProto) -> None:
     inputs = [i.name for i in graph.input]
-    if inputs[:2] != ["x", "sigma"] or len(graph.output) != 1:
+    if inputs[:2] != [DENOISER_X, DENOISER_SIGMA] or len(graph.output) != 1:
         raise EmitError(f"denoiser graph must take (x, sigma[, class_labels]) and give one output, has {inputs}")
     for node in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
@@ -86,7 +86,7 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
     `folded` maps sigma-only values to (constant row, batched) and `skip` lists the nodes that computed them.
     """
     shared = {t.name for t in denoiser.initializer}
-    mapping = {"x": _value(state), "sigma": sigma, "class_labels": LABELS, denoiser.output[0].name: _value(out)}
+    mapping = {DENOISER_X: _value(state), DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, denoiser.output[0].name: _value(out)}
     for name, (row, batched) in (folded or {}).items():
         if batched:
             shape = gb.node("Concat", ["iia/batch", gb.const(np.array(row.shape[1:], dtype=np.int64), np.int64)], axis=0)

@@ -12,7 +12,9 @@ import torch
 
 from iia.models.base import Denoiser
 
-from .emit import DENOISER_INPUTS, DENOISER_OUTPUT
+from iia.runtime.contract import DENOISED
+
+from .emit import DENOISER_INPUTS
 
 
 class ExportError(RuntimeError):
@@ -53,7 +55,7 @@ def export_denoiser(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) ->
     net = denoiser.net.eval()
     try:
         with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(net, args, dynamo=True, input_names=names, output_names=[DENOISER_OUTPUT],
+            program = torch.onnx.export(net, args, dynamo=True, input_names=names, output_names=[DENOISED],
                                         dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False)
     except Exception as err:  # the exporter raises many types; name the stage and the cause
         raise ExportError(f"torch.onnx.export (dynamo) failed for the denoiser: {type(err).__name__}: {err}") from err

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from iia.runtime.contract import DENOISER_SIGMA
+
 SIZE_LIMIT = 64 * 1024
 BATCH_OPS = ("Shape", "Size")
 
@@ -25,7 +27,7 @@ class FoldPlan:
     values: dict[float, dict[str, tuple[np.ndarray, bool]]] = field(default_factory=dict)  # sigma -> name -> (row, batched)
 
 
-def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = "sigma") -> tuple[set[int], list[str]]:
+def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = DENOISER_SIGMA) -> tuple[set[int], list[str]]:
     """Nodes computing sigma-dependent values from sigma and constants only; and the boundary values."""
     constant = {t.name for t in graph.initializer} | {""}
     depends, foldable_values, nodes = {sigma}, {sigma}, set()
@@ -52,7 +54,7 @@ def _subgraph_model(model: onnx.ModelProto, nodes: set[int], outputs: list[str])
     g = model.graph
     keep_consts = [n for k, n in enumerate(g.node) if k not in nodes and n.op_type == "Constant"]
     sub_nodes = keep_consts + [g.node[k] for k in sorted(nodes)]
-    sigma = next(i for i in g.input if i.name == "sigma")
+    sigma = next(i for i in g.input if i.name == DENOISER_SIGMA)
     outs = [helper.make_empty_tensor_value_info(name) for name in outputs]
     used = {i for n in sub_nodes for i in n.input}
     graph = helper.make_graph(sub_nodes, "sigma_only", [sigma], outs,
@@ -75,8 +77,8 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], size_limi
     sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
     plan = FoldPlan(nodes)
     for s in sorted(set(sigmas)):
-        one = sess.run(boundary, {"sigma": np.array([s], np.float32)})
-        two = sess.run(boundary, {"sigma": np.array([s, s], np.float32)})
+        one = sess.run(boundary, {DENOISER_SIGMA: np.array([s], np.float32)})
+        two = sess.run(boundary, {DENOISER_SIGMA: np.array([s, s], np.float32)})
         values = {}
         for name, a, b in zip(boundary, one, two):
             batched = a.ndim > 0 and b.ndim == a.ndim and a.shape[0] == 1 and b.shape[0] == 2 and b.shape[1:] == a.shape[1:]

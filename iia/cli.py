@@ -10,10 +10,6 @@ from contextlib import contextmanager
 from typing import Callable
 
 
-class UsageError(ValueError):
-    """Bad command-line input; the message says what to pass."""
-
-
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call `main`; turn expected errors into one line on stderr and exit status 2 (1 for Ctrl-C)."""
     try:

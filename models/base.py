@@ -35,6 +35,7 @@ class Denoiser:
     round_sigma: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda s: s)
     identity: dict = field(default_factory=dict)  # kind, name, sha256: goes into every artifact
     sigma_table: torch.Tensor | None = None  # discrete models: sigma of each training timestep, ascending
+    analytic: bool = False  # a closed-form denoiser (no network): calls are nearly free, so calibration can afford more
 
     @property
     def conditional(self) -> bool:

@@ -67,6 +67,7 @@ def gaussian_mixture(
         sigma_min=sigma_min,
         sigma_max=sigma_max,
         label_dim=components if conditional else 0,
+        analytic=True,
         identity={
             "kind": "gmm",
             "name": f"gmm-{'x'.join(map(str, shape))}-k{components}-s{spread:g}-seed{seed}{'-cond' if conditional else ''}",
@@ -75,11 +76,3 @@ def gaussian_mixture(
         },
     )
 
-
-def sample_data(denoiser: Denoiser, n: int, seed: int = 0) -> torch.Tensor:
-    """Exact draws x0 from the mixture behind a `gaussian_mixture` denoiser (for quality checks)."""
-    net: GaussianMixtureNet = denoiser.net
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.multinomial(net.log_weights.double().exp(), n, replacement=True, generator=gen)
-    x = net.means.double()[k] + net.spread * torch.randn(n, net.means.shape[1], generator=gen, dtype=torch.float64)
-    return x.reshape(n, *denoiser.shape)

@@ -10,9 +10,9 @@ A sampler is cheap to keep and safe to call from several threads at once (ONNX R
 TensorRT: one context behind a lock). Bad inputs raise ValueError naming what was expected.
 """
 
-from .artifact import SCHEMA, SCHEMA_VERSION, ArtifactError
+from .contract import SCHEMA, SCHEMA_VERSION, ArtifactError, draw_labels, draw_noise
 from .loader import BACKENDS, describe, load
-from .sampler import BackendUnavailable, Sampler, Samples, draw_noise
+from .sampler import BackendUnavailable, Sampler, Samples
 
 __all__ = ["ArtifactError", "BACKENDS", "BackendUnavailable", "SCHEMA", "SCHEMA_VERSION", "Sampler", "Samples",
-           "describe", "draw_noise", "load"]
+           "describe", "draw_labels", "draw_noise", "load"]

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import read_verified
+from .contract import read_verified
 from .loader import describe, load
 from .onnx_backend import CUDA, OrtSession
-from .sampler import BackendUnavailable, Sampler, draw_noise
+from .contract import draw_noise
+from .sampler import BackendUnavailable, Sampler
 from .trt_backend import TENSORRT
 
 DENOISER = "denoiser.onnx"
@@ -89,21 +90,19 @@ def denoiser_runner(sampler: Sampler, threads: int):
 
 
 def _trt_denoiser(root: Path, sampler: Sampler, model: bytes):
-    """The artifact ships no denoiser plan: build one here with the sampler's profile and precision."""
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
-
+    """The artifact ships no denoiser plan: build one here with the sampler's profile, precision and fp32
+    layers, through the same builder as the compiler's sampler.plan."""
+    from .engine import EnginePlan, build_engine, denoiser_inputs, fp32_layer_names
     from .trt_backend import TrtEngine
 
-    shape, top = sampler.sample_shape, sampler.max_batch
-    opt = min(8, top)
-    profile = Profile().add("x", min=(1, *shape), opt=(opt, *shape), max=(top, *shape))
-    profile.add("sigma", min=(1,), opt=(opt,), max=(top,))
-    if sampler.conditional:
-        profile.add("class_labels", min=(1,), opt=(opt,), max=(top,))
+    top = sampler.max_batch
     precision = (sampler.manifest.get("engine") or {}).get("precision", "fp32")
-    config = CreateConfig(fp16=precision == "fp16", bf16=precision == "bf16", profiles=[profile])
-    plan = EngineBytesFromNetwork(NetworkFromOnnxPath(str(root / DENOISER)), config=config)()
-    return TrtEngine(plan, top)
+    path = str(root / DENOISER)
+    plan = EnginePlan(denoiser_inputs(sampler.sample_shape, sampler.conditional), precision=precision,
+                      opt_batch=min(8, top), max_batch=top,
+                      fp32_layers=fp32_layer_names(path) if precision != "fp32" else [])
+    data, _ = build_engine(path, plan)
+    return TrtEngine(data, top)
 
 
 # ---- the eager PyTorch reference ----------------------------------------------------------------

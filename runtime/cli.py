@@ -107,7 +107,7 @@ def _bench(argv=None) -> int:
     rows = run_bench(args.artifact, opts, log=_err)
     print(format_table(rows))
     if args.json:
-        from .artifact import write_json_atomic
+        from .contract import write_json_atomic
 
         write_json_atomic(Path(args.json), rows)
         print(f"wrote {args.json}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iia.files import atomic_open
+from iia.runtime.contract import atomic_open
 
 MIN_TILE = 32  # tiles smaller than this are upscaled (nearest) by an integer factor: 8x8 -> x4
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifact import artifact_root, read_manifest, read_verified, verify_all, verify_file
+from .contract import artifact_root, read_manifest, read_verified, verify_all, verify_file
 from .onnx_backend import CPU, CUDA, OnnxRuntimeSampler, cuda_unavailable_reason
 from .sampler import BackendUnavailable, Sampler
 from .trt_backend import PLAN, TENSORRT, TensorRTSampler, check_plan_compatible

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iia.runtime.cuda import cuda_device_count
+from .contract import NO_CUDA, cuda_device_count
 
 from .sampler import BackendUnavailable, Sampler
 
@@ -43,7 +43,7 @@ def session_options(threads: int | None = None):
 
 def cuda_unavailable_reason() -> str | None:
     if cuda_device_count() == 0:
-        return "no CUDA device found (libcuda missing or no GPU)"
+        return NO_CUDA
     ort = _ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return (f"this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "

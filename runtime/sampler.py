@@ -5,8 +5,8 @@ Contract of `sampler(noise=None, *, seed=None, batch_size=None, class_labels=Non
 * noise: [B, *sample_shape] standard normal. float32 is used as is; other float dtypes (float64, float16)
   are converted to float32 explicitly (the graph computes in float32). Integer, bool or complex noise, a
   missing batch axis, a wrong sample shape, NaN/Inf, B < 1 or B > the built `max_batch` raise ValueError.
-  With noise None, it is drawn by `draw_noise(seed, batch_size)`: `numpy.random.default_rng(seed)`
-  standard normal in float32. `batch_size` defaults to the number of labels given, else 1; seed None draws
+  With noise None, it is drawn by the contract's `draw_noise(seed, batch_size, shape)`: image k from
+  `numpy.random.default_rng(seed + k)` (EDM's per-image seeds), standard normal in float32. `batch_size` defaults to the number of labels given, else 1; seed None draws
   fresh entropy. Passing `seed` together with `noise` is refused (it would be silently ignored).
 * class_labels: required for a conditional model (no silent default: a service must choose its classes),
   refused for an unconditional one. Either ids (ints: list, int array [B], or one int for the whole batch)
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-NOISE, LABELS, IMAGES, IMAGES_U8 = "noise", "class_labels", "images", "images_uint8"
+from .contract import IMAGES, IMAGES_U8, LABELS, NOISE, draw_noise
 
 
 class BackendUnavailable(RuntimeError):
@@ -36,11 +36,6 @@ class Samples(NamedTuple):
     images_uint8: np.ndarray | None  # uint8 [B, H, W, C] for image models, else None
     noise: np.ndarray  # float32, the noise actually used
     class_labels: np.ndarray | None  # int64 ids actually used (None for unconditional models)
-
-
-def draw_noise(seed: int | None, batch_size: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard-normal float32 noise [batch_size, *shape] from `numpy.random.default_rng(seed)`."""
-    return np.random.default_rng(seed).standard_normal((batch_size, *shape), dtype=np.float32)
 
 
 def _as_int(value, what: str) -> int:

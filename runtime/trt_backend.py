@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from iia.runtime.cuda import cuda_device_count, gpu_compute_capability
+from .contract import SAMPLER_PLAN, gpu_compute_capability, tensorrt_unavailable_reason
 
 from .sampler import BackendUnavailable, Sampler
 
 TENSORRT = "tensorrt"
-PLAN = "sampler.plan"
+PLAN = SAMPLER_PLAN
 
 
 def plan_mismatch(engine: dict, trt_version: str, capability: str | None) -> str | None:
@@ -40,12 +40,11 @@ def plan_mismatch(engine: dict, trt_version: str, capability: str | None) -> str
 
 def import_tensorrt():
     """The tensorrt module, after checking that a CUDA device exists (else BackendUnavailable)."""
-    if cuda_device_count() == 0:
-        raise BackendUnavailable("no CUDA device found (libcuda missing or no GPU)")
-    try:
-        import tensorrt
-    except Exception as err:  # ImportError, or a stub package that fails on import
-        raise BackendUnavailable(f"tensorrt is not importable ({type(err).__name__}: {err})") from None
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        raise BackendUnavailable(reason)
+    import tensorrt
+
     return tensorrt
 
 

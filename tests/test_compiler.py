@@ -14,7 +14,8 @@ from iia.calibration.sampling import program_for, sample
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import CheckError, check_weight_sharing
 from iia.compiler.emit import emit_sampler
-from iia.compiler.engine import EnginePlan, EngineUnavailable, build_engine, engine_unavailable_reason
+from iia.runtime.contract import tensorrt_unavailable_reason
+from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, sampler_inputs
 from iia.compiler.export import export_denoiser
 from iia.models import gaussian_mixture, load
 
@@ -149,7 +150,7 @@ def test_fp16_without_engine_builder_says_so_and_continues(tmp_path):
 
 
 def test_tensorrt_path_skips_with_reason_here(tmp_path):
-    reason = engine_unavailable_reason()
+    reason = tensorrt_unavailable_reason()
     if reason is None:
         pytest.skip("TensorRT and a CUDA device are present: the engine is built by the compile tests")
     assert "CUDA" in reason or "tensorrt" in reason
@@ -158,7 +159,7 @@ def test_tensorrt_path_skips_with_reason_here(tmp_path):
 
 
 def test_engine_plan_profiles_and_precisions():
-    plan = EnginePlan(precision="fp16", opt_batch=8, max_batch=32, sample_shape=(3, 8, 8), conditional=True,
+    plan = EnginePlan(sampler_inputs((3, 8, 8), conditional=True), precision="fp16", opt_batch=8, max_batch=32,
                       fp32_layers=["call0/GroupNorm"], timing_cache="/tmp/t.cache")
     shapes = plan.profile_shapes()
     assert shapes["noise"] == ((1, 3, 8, 8), (8, 3, 8, 8), (32, 3, 8, 8))

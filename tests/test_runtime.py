@@ -206,7 +206,7 @@ def test_plan_for_other_tensorrt_or_gpu_refused_and_auto_falls_back(artifacts, t
     (art / "sampler.plan").write_bytes(b"not a real plan")
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["engine"] = {"built": True, "tensorrt": "8.6.1", "compute_capability": "8.0", "precision": "fp32"}
-    manifest["files"]["sampler.plan"] = {"sha256": iia.runtime.artifact.sha256_file(art / "sampler.plan"), "bytes": 15}
+    manifest["files"]["sampler.plan"] = {"sha256": iia.runtime.contract.sha256_file(art / "sampler.plan"), "bytes": 15}
     (art / "manifest.json").write_text(json.dumps(manifest))
     import iia.runtime.trt_backend as trt_backend
 
@@ -215,7 +215,7 @@ def test_plan_for_other_tensorrt_or_gpu_refused_and_auto_falls_back(artifacts, t
 
     fake = types.SimpleNamespace(__version__="10.9.0", Runtime=no_deserialize, Logger=no_deserialize)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(iia.runtime.contract, "cuda_device_count", lambda: 1)
     monkeypatch.setattr(trt_backend, "gpu_compute_capability", lambda device=0: "9.0")
     with pytest.raises(BackendUnavailable, match=r"TensorRT 8\.6\.1 .*capability 8\.0.*TensorRT 10\.9\.0 .*capability 9\.0"):
         load(art, backend="tensorrt")

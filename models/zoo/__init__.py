@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import Denoiser
-from iia.files import sha256_file
+from iia.runtime.contract import sha256_file
 
 from .classifier import BUNDLED_CLASSIFIER, features, load_classifier, predict, read_checkpoint
 from .fd import fd_digits
