@@ -12,7 +12,7 @@ from pathlib import Path
 from iia.runtime.contract import ArtifactError, write_json_atomic
 from iia.models.base import Denoiser
 
-from .fit import CalibrationOptions, CalibrationResult
+from .fit import CalibrationResult
 from .solvers import DEFINITION_VERSION, Program, build_program, get_solver
 
 SCHEMA = "iia.coefficients"

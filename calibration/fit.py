@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from iia.cli import check_options, option
 from iia.models.base import Denoiser
 
 from iia.runtime.contract import draw_noise as contract_noise
@@ -37,23 +38,29 @@ class CalibrationError(ValueError):
 
 @dataclass
 class CalibrationOptions:
-    M: int = 3
-    r: int = 1
-    batch: int = 200
-    seed: int = 0
-    first_step: int = 0  # 0: fit from the first step (paper text Alg. 1); 1: camera-ready (first step stays base)
-    fine_solver: str = "base"  # integrator of the fine target: "base" (paper) or "heun"
-    ridge: float = 1e-6  # relative ridge weight toward the base coefficients (on the unit-scaled basis)
+    """Calibration settings, each declared once with its command-line flag and bounds (see iia.cli.option)."""
+
+    M: int = option(3, "fine sub-steps per step for the least-squares target", lo=1, hi=64)
+    r: int = option(1, "history length of the IIA basis", lo=0, hi=8)
+    batch: int = option(200, "calibration noises", flag="--calib-batch", aliases=("--batch",), lo=2, hi=100_000)
+    seed: int = option(0, "seed of the calibration noises (images seed..seed+batch-1)", lo=0, hi=2**62)
+    first_step: int = option(0, "first fitted step: 0 (paper text Alg. 1) or 1 (camera-ready: step 0 stays base)",
+                             choices=(0, 1))
+    fine_solver: str = option("base", "integrator of the fine target: the base solver (paper) or heun",
+                              choices=("base", "heun"))
+    ridge: float = option(1e-6, "relative ridge weight toward the base coefficients (unit-scaled basis)", lo=0.0, hi=1e6)
     # Held-out noises for the end-to-end guard (256: fewer cannot tell a real 20% gain from chance on
     # heavy-tailed per-sample errors) and Heun steps of their reference solution. Each held-out noise costs
-    # 2 x reference_steps denoiser calls, so None means 256 for the (free) analytic model, 128 for networks.
-    holdout: int | None = None
-    reference_steps: int | None = None
-    guard: bool = True
-    guard_z: float = 2.0  # a fit must beat the base by this many standard errors on held-out noise
-    guard_candidates: int = 8  # at most this many fitted prefixes are tried (the full fit always is)
-    chunk: int = 100  # denoiser batch size during calibration (bounds memory)
-    schedule: str = "karras"  # or, for discrete models, DDIM's "uniform" / "quadratic" timestep selection
+    # 2 x reference_steps denoiser calls, so None means 256 for an analytic model, 128 for networks.
+    holdout: int | None = option(None, "held-out noises of the end-to-end guard (default 256)", lo=2, hi=100_000)
+    reference_steps: int | None = option(None, "Heun steps of the guard's reference solution (default 256 analytic "
+                                               "models, 128 networks)", lo=2, hi=100_000)
+    guard: bool = option(True, "ship the raw fit even if it loses end to end on held-out noise", flag="--no-guard")
+    guard_z: float = option(2.0, "standard errors by which a fit must beat the base on held-out noise", cli=False)
+    guard_candidates: int = option(8, "fitted prefixes the guard tries", cli=False, lo=1, hi=1000)
+    chunk: int = option(100, "denoiser batch size during calibration (bounds memory)", cli=False, lo=1, hi=100_000)
+    schedule: str = option("karras", "time steps: karras (rho 7) or, for discrete DDPMs, DDIM's uniform/quadratic "
+                                     "timestep selection", choices=SCHEDULES)
 
     def resolved(self, denoiser: Denoiser) -> "CalibrationOptions":
         """A copy with the model-dependent defaults filled in."""
@@ -62,26 +69,7 @@ class CalibrationOptions:
         return replace(self, holdout=holdout, reference_steps=steps)
 
     def validate(self) -> None:
-        if self.M < 1:
-            raise CalibrationError(f"M (fine sub-steps) must be >= 1, got {self.M}")
-        if self.r < 0:
-            raise CalibrationError(f"r (history length) must be >= 0, got {self.r}")
-        if self.batch < 2:
-            raise CalibrationError(f"calibration batch must be >= 2, got {self.batch}")
-        if self.first_step not in (0, 1):
-            raise CalibrationError(f"first_step must be 0 or 1, got {self.first_step}")
-        if self.schedule not in SCHEDULES:
-            raise CalibrationError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.fine_solver not in ("base", "heun"):
-            raise CalibrationError(f"fine_solver must be 'base' or 'heun', got {self.fine_solver!r}")
-        if self.guard_candidates < 1:
-            raise CalibrationError(f"guard_candidates must be >= 1, got {self.guard_candidates}")
-        if self.ridge < 0 or self.chunk < 1:
-            raise CalibrationError(f"ridge >= 0 and chunk >= 1 are required, got {self.ridge} and {self.chunk}")
-        if self.holdout is not None and self.holdout < 2:
-            raise CalibrationError(f"holdout (guard noises) must be >= 2, got {self.holdout}")
-        if self.reference_steps is not None and self.reference_steps < 2:
-            raise CalibrationError(f"reference_steps must be >= 2, got {self.reference_steps}")
+        check_options(self, CalibrationError)
 
 
 @dataclass

@@ -20,12 +20,13 @@ import onnx
 from iia.calibration import artifact
 from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
-from iia.calibration.solvers import get_solver
-from iia.cli import stage
+from iia.calibration.solvers import Program
+from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
+from iia.cli import check_options, option, stage
 from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST, SAMPLER_ONNX,
                                   SAMPLER_PLAN, io_spec, make_manifest, public_mode, sha256_file,
                                   tensorrt_unavailable_reason, write_json_atomic)
-from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
+from iia.runtime.engine import PRECISIONS, EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 from iia.models.base import Denoiser
 from iia.models.registry import resolve_model
 
@@ -42,14 +43,16 @@ class CompileError(ValueError):
 
 @dataclass
 class CompileOptions:
-    nfe: int = 9
-    solver: str | None = None  # default: iia-edm
+    """`iia-compile` settings, each declared once with its flag and bounds (see iia.cli.option)."""
+
+    nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000)
+    solver: str = option("iia-edm", "solver: " + ", ".join(sorted(SOLVERS)))
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
-    coefficients: str | None = None
-    precision: str = "fp32"
-    max_batch: int = 64
-    force: bool = False
-    engine: bool = True
+    coefficients: str | None = option(None, "reuse a coefficient JSON instead of calibrating")
+    precision: str = option("fp32", "TensorRT engine precision (the ONNX graph is always fp32)", choices=PRECISIONS)
+    max_batch: int = option(64, "largest batch the graph and engine accept", lo=1, hi=65536)
+    force: bool = option(False, "replace an existing artifact directory")
+    engine: bool = option(True, "skip the TensorRT engine", flag="--no-engine")
     parity_atol: float = 1e-4
     cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
     weight_limit: float = 1.10
@@ -61,38 +64,41 @@ def default_cache_dir() -> Path:
 
 def cache_key(denoiser: Denoiser, solver: str, nfe: int, options: CalibrationOptions) -> str:
     ident = artifact.model_identity(denoiser)
-    text = json.dumps({"model": ident, "solver": solver, "nfe": nfe, "options": vars(options)}, sort_keys=True)
+    text = json.dumps({"model": ident, "solver": solver, "solver_definition": DEFINITION_VERSION, "nfe": nfe,
+                       "options": vars(options)}, sort_keys=True)
     return f"{solver}-nfe{nfe}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
 
 
-def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=None) -> tuple[dict, str]:
-    """Coefficient artifact data: from --coefficients, the cache, the base solver, or a fresh calibration."""
+def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=None) -> tuple[dict, Program, str]:
+    """Coefficient artifact data, its checked Program, and where it came from: --coefficients, the cache, the
+    base solver, or a fresh calibration."""
     nfe = opts.nfe
     if opts.coefficients:
-        artifact.load_program(opts.coefficients, denoiser, nfe, solver)  # validates model, NFE, solver
-        return artifact.read(opts.coefficients), f"from {opts.coefficients}"
+        data = artifact.read(opts.coefficients)
+        program = artifact.program_from_dict(data, denoiser, nfe, solver, source=opts.coefficients)
+        return data, program, f"from {opts.coefficients}"
     spec = get_solver(solver)
     if not spec.fitted:
         base = program_for(denoiser, solver, nfe, opts.calibration.r, opts.calibration.schedule)
         result = CalibrationResult(base, base, base, opts.calibration)
-        return artifact.to_dict(result, denoiser, nfe), "base solver (nothing to fit)"
+        return artifact.to_dict(result, denoiser, nfe), base, "base solver (nothing to fit)"
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     cached = cache / "coefficients" / cache_key(denoiser, solver, nfe, opts.calibration.resolved(denoiser))
     if cached.exists():
         try:
-            artifact.load_program(cached, denoiser, nfe, solver)
-            return artifact.read(cached), f"cached {cached}"
+            data = artifact.read(cached)
+            return data, artifact.program_from_dict(data, denoiser, nfe, solver, source=str(cached)), f"cached {cached}"
         except artifact.ArtifactError as err:
             log(f"ignoring unusable cached coefficients ({err})")
     result = calibrate(denoiser, solver, nfe, opts.calibration, progress=progress)
     data = artifact.to_dict(result, denoiser, nfe)
     try:
-        artifact.write_json_atomic(cached, data)
+        write_json_atomic(cached, data)
     except OSError as err:  # a read-only home must not fail the compile
         log(f"could not cache coefficients at {cached}: {err}")
     g = result.guard
-    return data, (f"calibrated in {result.seconds:.1f} s; held-out rmse base {g['rmse_base']:.4g} -> "
-                  f"{g['rmse_chosen']:.4g} ({g['decision']})")
+    return data, result.program, (f"calibrated in {result.seconds:.1f} s; held-out rmse base {g['rmse_base']:.4g} -> "
+                                  f"{g['rmse_chosen']:.4g} ({g['decision']})")
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
@@ -136,9 +142,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     out = Path(out_dir)
     if out.exists() and not opts.force:
         raise CompileError(f"output directory {out} exists: pass --force to replace it")
-    if opts.max_batch < 1:
-        raise CompileError(f"--max-batch must be >= 1, got {opts.max_batch}")
-    solver = opts.solver or "iia-edm"
+    check_options(opts, CompileError)
+    solver = opts.solver
     spec = get_solver(solver)
     spec.steps_for_nfe(opts.nfe)
     opts.calibration.validate()
@@ -156,27 +161,26 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     work = _fresh_workdir(out)
     try:
         with stage("coefficients", timings, log):
-            coef_data, how = obtain_coefficients(denoiser, solver, opts, log, progress)
+            coef_data, program, how = obtain_coefficients(denoiser, solver, opts, log, progress)
             log(f"  {how}")
-            coef_sha = artifact.write_json_atomic(work / "coefficients.json", coef_data)
-            program = artifact.load_program(work / "coefficients.json", denoiser, opts.nfe, solver)
+            coef_sha = write_json_atomic(work / COEFFICIENTS, coef_data)
         if _fail_after == "coefficients":
             raise RuntimeError("injected failure after coefficients")
         with stage("export denoiser", timings, log):
             denoiser_model = export_denoiser(denoiser, opts.max_batch)
-            onnx.save_model(denoiser_model, str(work / "denoiser.onnx"))
+            onnx.save_model(denoiser_model, str(work / DENOISER_ONNX))
         with stage("emit sampler graph", timings, log):
             sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional)
             check_model(sampler)
             weights = check_weight_sharing(sampler, initializer_bytes(denoiser_model), denoiser.param_bytes(),
                                            opts.weight_limit)
-            files = save_onnx(sampler, work / "sampler.onnx")
+            files = save_onnx(sampler, work / SAMPLER_ONNX)
             log(f"  {program.nfe} denoiser calls, {len(sampler.graph.node)} nodes, stored tensors {weights['ratio']:.4f}x one "
                 f"denoiser call, {weights['ratio_vs_params']:.4f}x its parameters (+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
         if _fail_after == "emit":
             raise RuntimeError("injected failure after emit")
         with stage("parity vs PyTorch", timings, log):
-            parity = check_parity(str(work / "sampler.onnx"), program, denoiser, atol=opts.parity_atol,
+            parity = check_parity(str(work / SAMPLER_ONNX), program, denoiser, atol=opts.parity_atol,
                                   golden_dir=work)
             log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}")
         engine = {"built": False, "reason": reason, "precision": opts.precision}
@@ -187,9 +191,9 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                                   fp32_layers=fp32_layer_names(sampler) if opts.precision != "fp32" else [],
                                   timing_cache=str(default_cache_dir() / "timing.cache"))
                 try:
-                    _, built = build_engine(str(work / "sampler.onnx"), plan, str(work / "sampler.plan"))
+                    _, built = build_engine(str(work / SAMPLER_ONNX), plan, str(work / SAMPLER_PLAN))
                     engine.update(built, built=True, reason=None)
-                    files.append("sampler.plan")
+                    files.append(SAMPLER_PLAN)
                 except EngineUnavailable as err:
                     engine["reason"] = str(err)
         if not engine["built"]:

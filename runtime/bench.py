@@ -9,11 +9,10 @@ shared machine hit all three alike:
 * overhead ratio = sampler p50 / (NFE x denoiser p50) on the same backend, batch and threads: 1.0 is the
   floor of running the NFE denoiser calls back to back. Each timed denoiser call also pays its own
   host<->device copies, so on a GPU this ratio errs low;
-* eager: `iia.calibration.sampling.sample` (same solver and coefficients, float32 states by default, as a
-  service would run) with the denoiser rebuilt from the manifest's model identity, on the same device with
-  `torch.set_num_threads(threads)`; speed-up = eager p50 / sampler p50.
+* eager: a baseline the CALLER passes in (`eager_factory`; `iia-bench` passes `iia.evaluation.eager`'s
+  PyTorch loop with the same solver and coefficients); speed-up = eager p50 / sampler p50.
 
-Only this module imports torch / iia.models / iia.calibration, lazily, for the eager reference.
+torch-free like the rest of iia.runtime: the eager baseline is a callable, not an import.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -41,6 +41,22 @@ KEYS = ("backend", "batch", "threads", "p50_ms", "p90_ms", "p99_ms", "images_per
 
 class EagerUnavailable(RuntimeError):
     """The eager reference cannot run (model not rebuildable, torch without CUDA...); the message says why."""
+
+
+class Eager(Protocol):
+    """The eager baseline `run_bench` times beside the sampler: `eager(noise, labels)` -> float array
+    [B, *sample_shape]; `check(noise, labels)` runs once (EagerUnavailable on failure); `close()` restores
+    whatever it changed (e.g. torch's process-wide thread count)."""
+
+    def __call__(self, noise: np.ndarray, labels: np.ndarray | None) -> np.ndarray: ...
+
+    def check(self, noise: np.ndarray, labels: np.ndarray | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# eager_factory(sampler, model_spec, dtype, threads, device) -> Eager (or raises EagerUnavailable)
+EagerFactory = Callable[[Sampler, "str | None", str, int, str], Eager]
 
 
 @dataclass
@@ -105,75 +121,6 @@ def _trt_denoiser(root: Path, sampler: Sampler, model: bytes):
     return TrtEngine(data, top)
 
 
-# ---- the eager PyTorch reference ----------------------------------------------------------------
-def rebuild_denoiser(manifest: dict, spec: str | None):
-    """The model behind the artifact, from `spec` or the manifest's identity (EagerUnavailable if impossible)."""
-    from iia.models import load as load_model
-
-    if spec is not None:
-        return load_model(spec)
-    ident = manifest.get("model") or {}
-    kind, name = ident.get("kind"), ident.get("name")
-    if ident.get("path"):
-        return load_model(ident["path"])
-    if kind == "gmm" and isinstance(ident.get("config"), dict):
-        from iia.models import gaussian_mixture
-
-        config = dict(ident["config"])
-        config["shape"] = tuple(config.get("shape", ()))
-        return gaussian_mixture(**config)
-    if kind == "bundled":
-        return load_model("digits")
-    raise EagerUnavailable(f"cannot rebuild model {kind} '{name}' from the manifest (its identity records no path "
-                           f"or config): pass --model PATH to time the eager reference")
-
-
-class EagerReference:
-    """`iia.calibration.sampling.sample` with the artifact's program, on `device` with `threads` threads."""
-
-    def __init__(self, root: Path, manifest: dict, spec: str | None, dtype: str, threads: int, device: str):
-        import torch
-
-        from iia.calibration.artifact import ArtifactError, load_program
-        from iia.calibration.sampling import sample
-
-        try:
-            denoiser = rebuild_denoiser(manifest, spec)
-            program = load_program(root / "coefficients.json", denoiser, manifest["nfe"], manifest.get("solver"))
-        except ArtifactError as err:
-            if spec is not None:
-                raise ValueError(f"--model {spec} does not fit this artifact: {err}") from None
-            raise EagerUnavailable(f"the rebuilt model does not match the artifact ({err})") from None
-        except (ValueError, OSError, ImportError) as err:
-            if spec is not None:
-                raise
-            raise EagerUnavailable(f"could not rebuild the model ({type(err).__name__}: {err})") from None
-        if device == "cuda":
-            if not torch.cuda.is_available():
-                raise EagerUnavailable("this torch build has no CUDA, so eager cannot run on the sampler's device")
-            denoiser.net.to("cuda")
-        self.torch, self.sample, self.program, self.denoiser = torch, sample, program, denoiser
-        self.dtype = getattr(torch, dtype)
-        self.dtype_name, self.device, self.threads = dtype, device, threads
-
-    def __call__(self, noise: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(noise).to(self.device)
-            y = None if labels is None else torch.from_numpy(labels).to(self.device)
-            out = self.sample(self.program, self.denoiser, x, y, dtype=self.dtype)
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-        return out
-
-    def check(self, noise, labels) -> None:
-        """Run once; a failure (e.g. a model that cannot run on CUDA) becomes EagerUnavailable."""
-        try:
-            self(noise, labels)
-        except Exception as err:
-            raise EagerUnavailable(f"eager run failed on {self.device} ({type(err).__name__}: {err})") from None
-
-
 # ---- timing ---------------------------------------------------------------------------------------
 def _ms(seconds: list[float]) -> np.ndarray:
     return np.asarray(seconds, dtype=np.float64) * 1e3
@@ -213,7 +160,8 @@ def time_interleaved(calls: dict, warmup: int, iters: int, block: int = 5) -> di
     return times
 
 
-def run_bench(artifact: str | Path, opts: BenchOptions, log=print) -> list[dict]:
+def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory: EagerFactory | None = None) -> list[dict]:
+    """Rows of KEYS (and more) per batch size; `eager_factory` builds the eager baseline (None: not timed)."""
     opts.validate()
     threads = opts.threads or default_threads()
     sampler = load(artifact, opts.backend, threads=threads)
@@ -229,14 +177,12 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print) -> list[dict]
         denoiser, denoiser_note = None, str(err)
         log(f"denoiser timing skipped: {err}")
 
-    eager, eager_note, torch_mod, saved_threads = None, None, None, 0
-    if not opts.eager:
-        eager_note = "--no-eager"
+    eager, eager_note = None, None
+    if not opts.eager or eager_factory is None:
+        eager_note = "--no-eager" if not opts.eager else "no eager baseline given"
     else:
         try:
-            eager = EagerReference(Path(sampler.root), sampler.manifest, opts.model, opts.eager_dtype, threads, device)
-            torch_mod, saved_threads = eager.torch, eager.torch.get_num_threads()
-            torch_mod.set_num_threads(threads)
+            eager = eager_factory(sampler, opts.model, opts.eager_dtype, threads, device)
         except EagerUnavailable as err:
             eager_note = str(err)
             log(f"eager reference skipped: {err}")
@@ -256,7 +202,7 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print) -> list[dict]
             if eager is not None:
                 try:
                     eager.check(noise, labels)
-                    reference = eager(noise, labels).to("cpu").double().numpy()
+                    reference = np.asarray(eager(noise, labels), dtype=np.float64)
                     max_abs = float(np.abs(sampler(noise, class_labels=labels).astype(np.float64) - reference).max())
                     calls["eager"] = lambda: eager(noise, labels)
                 except EagerUnavailable as err:
@@ -282,8 +228,8 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print) -> list[dict]
                 "warmup": opts.warmup, "iters": opts.iters, "artifact": str(Path(artifact)),
             })
     finally:
-        if torch_mod is not None:  # torch's thread count is process-wide: give it back
-            torch_mod.set_num_threads(saved_threads)
+        if eager is not None:
+            eager.close()
         sampler.close()
     return rows
 

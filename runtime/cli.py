@@ -1,4 +1,4 @@
-"""`iia-sample` and `iia-bench`. `iia-sample` runs without torch; `iia-bench` imports it only for eager."""
+"""`iia-sample` and the body of `iia-bench`: torch-free (the eager baseline is passed in by iia.evaluation)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def _sample(argv=None) -> int:
     return 0
 
 
-def _bench(argv=None) -> int:
+def bench(argv=None, eager_factory=None) -> int:
+    """`iia-bench`'s body; `eager_factory` (see iia.runtime.bench.EagerFactory) supplies the eager baseline."""
     parser = argparse.ArgumentParser(
         prog="iia-bench",
         description="Latency of a compiled sampler per batch size: p50/p90/p99, images/s, the overhead ratio "
@@ -104,7 +105,7 @@ def _bench(argv=None) -> int:
     opts = BenchOptions(backend=args.backend, batches=tuple(args.batch), warmup=args.warmup, iters=args.iters,
                         threads=args.threads, eager=not args.no_eager, eager_dtype=args.eager_dtype,
                         model=args.model, seed=args.seed)
-    rows = run_bench(args.artifact, opts, log=_err)
+    rows = run_bench(args.artifact, opts, log=_err, eager_factory=eager_factory)
     print(format_table(rows))
     if args.json:
         from .contract import write_json_atomic
@@ -119,7 +120,8 @@ def sample_main(argv=None) -> int:
 
 
 def bench_main(argv=None) -> int:
-    return run_cli(_bench, argv)
+    """`iia-bench` without an eager baseline (the installed `iia-bench` is iia.evaluation.cli's, which adds it)."""
+    return run_cli(bench, argv)
 
 
 if __name__ == "__main__":

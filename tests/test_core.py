@@ -183,7 +183,8 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "odd NFE" in err and "Traceback" not in err
     assert calibrate_main(["gmm", "--M", "0"]) == 2
-    assert "M (fine sub-steps)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--M must lie in [1, 64], got 0" in err and len(err.strip().splitlines()) == 1
     assert calibrate_main([str(tmp_path / "missing.pkl")]) == 2
     assert "not found" in capsys.readouterr().err
 

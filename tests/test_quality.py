@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iia.calibration.fit import CalibrationOptions
-from iia.calibration.quality import (GRID_SAMPLES, grid_image_size, main, quality_noise, quality_table,
+from iia.evaluation.quality import (GRID_SAMPLES, grid_image_size, main, quality_noise, quality_table,
                                      sample_chunked)
 from iia.calibration.sampling import program_for
 

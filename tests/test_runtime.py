@@ -20,7 +20,8 @@ from iia.compiler.build import CompileOptions, compile_model
 from iia.models import gaussian_mixture
 from iia.runtime import ArtifactError, BackendUnavailable, draw_noise, load
 from iia.runtime.bench import KEYS
-from iia.runtime.cli import bench_main, sample_main
+from iia.evaluation.cli import bench_main
+from iia.runtime.cli import sample_main
 from iia.runtime.trt_backend import plan_mismatch
 
 MAX_BATCH = 16

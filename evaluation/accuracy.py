@@ -7,9 +7,9 @@ from typing import Callable
 
 from iia.models.base import Denoiser
 
-from .fit import CalibrationOptions, calibrate, draw_noise
-from .sampling import program_for, reference_solution, rmse, sample
-from .solvers import get_solver
+from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
+from iia.calibration.sampling import program_for, reference_solution, rmse, sample
+from iia.calibration.solvers import get_solver
 
 TEST_SEED_OFFSET = 104729  # the test noise is a stream distinct from calibration and guard noise
 

@@ -31,10 +31,11 @@ import torch
 
 from iia.models.base import Denoiser
 
+from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate, draw_noise
+from iia.calibration.sampling import program_for, reference_solution, rmse, sample
+from iia.calibration.solvers import Program, get_solver
+
 from .accuracy import valid_nfe
-from .fit import CalibrationOptions, CalibrationResult, calibrate, draw_noise
-from .sampling import program_for, reference_solution, rmse, sample
-from .solvers import Program, get_solver
 
 METRIC = ("FD-digits: Frechet distance between Gaussian fits of the bundled digit classifier's 128-d "
           "penultimate features, samples vs all 1,797 real digits (not FID; not comparable to FID)")
@@ -279,7 +280,7 @@ def quality_table(
 
 
 def _versions() -> dict:
-    from . import artifact
+    from iia.calibration import artifact
 
     return artifact.library_versions()
 
@@ -290,7 +291,7 @@ def onnx_parity(denoiser, nfe, options, noise, labels, ref, ref_fd, result, torc
     import iia.runtime
     from iia.compiler.build import CompileOptions, compile_model
 
-    from . import artifact
+    from iia.calibration import artifact
 
     say(f"ONNX check: iia-edm NFE {nfe}")
     if result is None:
@@ -363,16 +364,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(report: dict) -> str:
-    lines = ["| solver | NFE | FD-digits | ± s.e. | × reference | base FD-digits | RMSE | base RMSE | accuracy | guard |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in report["rows"]:
-        lines.append(f"| {r['solver']} | {r['nfe']} | {r['fd_digits']:.4f} | {r['fd_digits_se']:.4f} | "
-                     f"{r['fd_ratio_to_reference']:.2f} | {r['base_fd_digits']:.4f} | {r['rmse']:.5f} | "
-                     f"{r.get('base_rmse', 0.0):.5f} | {r['accuracy']:.4f} | {r.get('guard_decision', '')} |")
-    return "\n".join(lines)
-
-
 def plot_quality(report: dict, path: str | Path) -> None:
     """FD-digits vs NFE per solver (log y), the reference sampler's FD-digits as a horizontal line."""
     import matplotlib
@@ -403,11 +394,12 @@ def plot_quality(report: dict, path: str | Path) -> None:
 
 def _main(argv=None) -> int:
     import argparse
-    import json
 
     from iia.cli import ProgressBar, int_list, str_list
 
-    from .cli import PICKLE_NOTE, add_calibration_arguments, load_model_verbose, options_from_args
+    from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
+    from iia.cli import add_options, options_from
+    from iia.runtime.contract import write_json_atomic
 
     parser = argparse.ArgumentParser(
         prog="iia-quality",
@@ -427,10 +419,10 @@ def _main(argv=None) -> int:
                         help="one PNG per NFE with side-by-side sample grids per solver and the reference")
     parser.add_argument("--onnx-check", type=int, default=9, metavar="NFE",
                         help="compile iia-edm at this NFE to ONNX and compare its samples (default 9; 0 skips)")
-    add_calibration_arguments(parser)
+    add_options(parser, CalibrationOptions)
     args = parser.parse_args(argv)
 
-    options = options_from_args(args)
+    options = options_from(CalibrationOptions, args)
     options.validate()
     validate_request(args.solvers, args.nfe, args.n, args.chunk, args.onnx_check)  # fail fast, before loading
     denoiser = load_model_verbose(args.model)
@@ -453,7 +445,7 @@ def _main(argv=None) -> int:
         print(f"wrote {path}")
     if args.json:
         report["command"] = "iia-quality " + " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     if args.plot:
         plot_quality(report, args.plot)

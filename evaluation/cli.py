@@ -1,0 +1,53 @@
+"""`iia-accuracy` and `iia-bench` (the latter: iia.runtime's benchmark plus the PyTorch eager reference)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
+from iia.calibration.fit import CalibrationOptions
+from iia.cli import add_options, int_list, options_from, run_cli, str_list
+from iia.runtime.contract import write_json_atomic
+
+
+def _accuracy(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="iia-accuracy", description="Sampler RMSE vs a high-accuracy reference. "
+                                     + PICKLE_NOTE)
+    parser.add_argument("--model", default="gmm", help="gmm (default), digits, or a path")
+    parser.add_argument("--solvers", type=str_list, default=str_list("edm,biia-edm,iia-edm,ddim,iia-ddim"))
+    parser.add_argument("--nfe", type=int_list, default=int_list("5,7,9,11,15,19,25,35"),
+                        help="EDM-family solvers use the odd values, DDIM-family all of them")
+    parser.add_argument("--n-test", type=int, default=500, help="fresh test noises (default 500)")
+    add_options(parser, CalibrationOptions)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    from .accuracy import accuracy_table, format_table, plot_table
+
+    options = options_from(CalibrationOptions, args)
+    options.validate()
+    denoiser = load_model_verbose(args.model)
+    rows = accuracy_table(denoiser, args.solvers, args.nfe, options, args.n_test,
+                          progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
+    print(format_table(rows))
+    if args.json:
+        write_json_atomic(args.json, {"model": denoiser.identity.get("name"), "rows": rows})
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_table(rows, args.plot, f"{denoiser.identity.get('name')}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def accuracy_main(argv=None) -> int:
+    return run_cli(_accuracy, argv)
+
+
+def bench_main(argv=None) -> int:
+    """`iia-bench`: `iia.runtime.bench` with the eager PyTorch reference of `iia.evaluation.eager`."""
+    from iia.runtime.cli import bench
+
+    from .eager import eager_factory
+
+    return run_cli(lambda a: bench(a, eager_factory), argv)

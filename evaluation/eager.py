@@ -1,0 +1,89 @@
+"""The PyTorch eager baseline `iia-bench` times beside a compiled sampler: `iia.calibration.sampling.sample`
+with the artifact's solver and coefficients (float32 states by default, as a service would run), the denoiser
+rebuilt from the manifest's model identity (or --model), on the sampler's device with `threads` torch threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from iia.runtime.bench import EagerUnavailable
+from iia.runtime.contract import COEFFICIENTS
+
+
+def rebuild_denoiser(manifest: dict, spec: str | None):
+    """The model behind the artifact, from `spec` or the manifest's identity (EagerUnavailable if impossible)."""
+    from iia.models import load as load_model
+
+    if spec is not None:
+        return load_model(spec)
+    ident = manifest.get("model") or {}
+    kind, name = ident.get("kind"), ident.get("name")
+    if ident.get("path"):
+        return load_model(ident["path"])
+    if kind == "gmm" and isinstance(ident.get("config"), dict):
+        from iia.models import gaussian_mixture
+
+        config = dict(ident["config"])
+        config["shape"] = tuple(config.get("shape", ()))
+        return gaussian_mixture(**config)
+    if kind == "bundled":
+        return load_model("digits")
+    raise EagerUnavailable(f"cannot rebuild model {kind} '{name}' from the manifest (its identity records no path "
+                           f"or config): pass --model PATH to time the eager reference")
+
+
+class EagerReference:
+    """`iia.calibration.sampling.sample` with the artifact's program, on `device` with `threads` threads."""
+
+    def __init__(self, root: Path, manifest: dict, spec: str | None, dtype: str, threads: int, device: str):
+        import torch
+
+        from iia.calibration.artifact import ArtifactError, load_program
+        from iia.calibration.sampling import sample
+
+        try:
+            denoiser = rebuild_denoiser(manifest, spec)
+            program = load_program(root / COEFFICIENTS, denoiser, manifest["nfe"], manifest.get("solver"))
+        except ArtifactError as err:
+            if spec is not None:
+                raise ValueError(f"--model {spec} does not fit this artifact: {err}") from None
+            raise EagerUnavailable(f"the rebuilt model does not match the artifact ({err})") from None
+        except (ValueError, OSError, ImportError) as err:
+            if spec is not None:
+                raise
+            raise EagerUnavailable(f"could not rebuild the model ({type(err).__name__}: {err})") from None
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise EagerUnavailable("this torch build has no CUDA, so eager cannot run on the sampler's device")
+            denoiser.net.to("cuda")
+        self.torch, self.sample, self.program, self.denoiser = torch, sample, program, denoiser
+        self.dtype = getattr(torch, dtype)
+        self.dtype_name, self.device, self.threads = dtype, device, threads
+        self.saved_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)  # process-wide: given back by close()
+
+    def __call__(self, noise: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(noise).to(self.device)
+            y = None if labels is None else torch.from_numpy(labels).to(self.device)
+            out = self.sample(self.program, self.denoiser, x, y, dtype=self.dtype)
+            return out.cpu().numpy()  # a host array, as the runtime's backends return
+
+    def check(self, noise, labels) -> None:
+        """Run once; a failure (e.g. a model that cannot run on CUDA) becomes EagerUnavailable."""
+        try:
+            self(noise, labels)
+        except Exception as err:
+            raise EagerUnavailable(f"eager run failed on {self.device} ({type(err).__name__}: {err})") from None
+
+    def close(self) -> None:
+        self.torch.set_num_threads(self.saved_threads)
+
+
+def eager_factory(sampler, spec: str | None, dtype: str, threads: int, device: str) -> EagerReference:
+    """`iia.runtime.bench.EagerFactory` for `run_bench`."""
+    return EagerReference(Path(sampler.root), sampler.manifest, spec, dtype, threads, device)
