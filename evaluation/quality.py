@@ -39,7 +39,9 @@ from .accuracy import valid_nfe
 
 METRIC = ("FD-digits: Frechet distance between Gaussian fits of the bundled digit classifier's 128-d "
           "penultimate features, samples vs all 1,797 real digits (not FID; not comparable to FID)")
-QUALITY_SEED_OFFSET = 15485863  # the quality noise: distinct from calibration (0), guard (7919), accuracy (104729)
+# Default first image seed of the quality samples: far from calibration's (seed..), the guard's (seed + 10**6..)
+# and iia-accuracy's; `iia-sample ARTIFACT --seed 15485863 --n N` draws the very same noise and labels.
+QUALITY_SAMPLE_SEED = 15485863
 NUM_CLASSES = 10
 GRID_SAMPLES = 100  # first 100 noises/labels: 10 rows (classes) x 10 columns
 BOOTSTRAP = 20  # resamples for the FD-digits standard error
@@ -63,10 +65,11 @@ def check_digits_model(denoiser: Denoiser) -> None:
                          f"shape {list(denoiser.shape)} with label_dim {denoiser.label_dim}")
 
 
-def quality_noise(denoiser: Denoiser, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed evaluation noise (float64) and balanced labels arange(n) % 10."""
+def quality_noise(denoiser: Denoiser, n: int, seed: int = QUALITY_SAMPLE_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation noise (float64) of images seed..seed+n-1 by the contract's convention, and balanced labels
+    arange(n) % 10: exactly what `iia-sample --seed SEED --n N` (default labels) feeds the compiled sampler."""
     labels = torch.arange(n, dtype=torch.int64) % NUM_CLASSES
-    return draw_noise(denoiser, n, seed + QUALITY_SEED_OFFSET, labels=labels)
+    return draw_noise(denoiser, n, seed, labels=labels)
 
 
 def sample_chunked(program: Program, denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor,
@@ -180,6 +183,7 @@ def quality_table(
     onnx_check: int | None = None,
     progress: Callable[[str], None] | None = _log,
     calibration_progress: Callable | None = None,
+    sample_seed: int = QUALITY_SAMPLE_SEED,
 ) -> dict:
     """FD-digits, accuracy and RMSE per solver and NFE on fixed noise; see the module docstring.
 
@@ -196,7 +200,7 @@ def quality_table(
     if skipped:
         say("skipping (NFE not valid for the solver): " + ", ".join(f"{s}@{nfe}" for s, nfe in skipped))
 
-    noise, labels = quality_noise(denoiser, n, options.seed)
+    noise, labels = quality_noise(denoiser, n, sample_seed)
     ref_steps = options.reference_steps
     say(f"reference: Heun, {ref_steps} Karras steps ({2 * ref_steps - 1} NFE), {n} samples")
     t0 = time.perf_counter()
@@ -268,7 +272,7 @@ def quality_table(
         "sha256": denoiser.identity.get("sha256"),
         "n": n,
         "labels": "arange(n) % 10",
-        "noise_seed": options.seed + QUALITY_SEED_OFFSET,
+        "noise_seed": sample_seed,
         "reference_steps": ref_steps,
         "calibration": {k: v for k, v in vars(options).items()},
         "versions": _versions(),
@@ -419,8 +423,13 @@ def _main(argv=None) -> int:
                         help="one PNG per NFE with side-by-side sample grids per solver and the reference")
     parser.add_argument("--onnx-check", type=int, default=9, metavar="NFE",
                         help="compile iia-edm at this NFE to ONNX and compare its samples (default 9; 0 skips)")
+    parser.add_argument("--sample-seed", type=int, default=QUALITY_SAMPLE_SEED,
+                        help=f"first image seed of the samples (default {QUALITY_SAMPLE_SEED}; iia-sample --seed S "
+                             f"draws the same noise)")
     add_options(parser, CalibrationOptions)
     args = parser.parse_args(argv)
+    if args.sample_seed < 0:
+        raise ValueError(f"--sample-seed must be >= 0, got {args.sample_seed}")
 
     options = options_from(CalibrationOptions, args)
     options.validate()
@@ -438,7 +447,8 @@ def _main(argv=None) -> int:
             bar.close()
 
     report = quality_table(denoiser, args.solvers, args.nfe, args.n, options, args.chunk, args.grids,
-                           args.onnx_check or None, progress=_log, calibration_progress=calibration_progress)
+                           args.onnx_check or None, progress=_log, calibration_progress=calibration_progress,
+                           sample_seed=args.sample_seed)
     bar.close()
     print(format_table(report))
     for path in report["grids"]:

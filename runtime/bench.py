@@ -26,14 +26,13 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .contract import read_verified
+from .contract import (DENOISED, DENOISER_LABELS, DENOISER_ONNX, DENOISER_SIGMA, DENOISER_X, draw_noise,
+                       read_verified)
 from .loader import describe, load
 from .onnx_backend import CUDA, OrtSession
-from .contract import draw_noise
 from .sampler import BackendUnavailable, Sampler
 from .trt_backend import TENSORRT
 
-DENOISER = "denoiser.onnx"
 SIGMA = 1.0
 KEYS = ("backend", "batch", "threads", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "denoiser_p50_ms",
         "overhead_ratio", "eager_p50_ms", "speedup_vs_eager")
@@ -97,9 +96,9 @@ def _device(sampler: Sampler) -> str:
 def denoiser_runner(sampler: Sampler, threads: int):
     """A `run(feeds, outputs)` object for denoiser.onnx on the sampler's backend."""
     root, manifest = Path(sampler.root), sampler.manifest
-    if DENOISER not in manifest["files"]:
-        raise BackendUnavailable(f"the artifact has no {DENOISER}")
-    model = read_verified(root, manifest, DENOISER)
+    if DENOISER_ONNX not in manifest["files"]:
+        raise BackendUnavailable(f"the artifact has no {DENOISER_ONNX}")
+    model = read_verified(root, manifest, DENOISER_ONNX)
     if sampler.backend == TENSORRT:
         return _trt_denoiser(root, sampler, model)
     return OrtSession(model, _device(sampler), threads)
@@ -113,7 +112,7 @@ def _trt_denoiser(root: Path, sampler: Sampler, model: bytes):
 
     top = sampler.max_batch
     precision = (sampler.manifest.get("engine") or {}).get("precision", "fp32")
-    path = str(root / DENOISER)
+    path = str(root / DENOISER_ONNX)
     plan = EnginePlan(denoiser_inputs(sampler.sample_shape, sampler.conditional), precision=precision,
                       opt_batch=min(8, top), max_batch=top,
                       fp32_layers=fp32_layer_names(path) if precision != "fp32" else [])
@@ -192,12 +191,12 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
         for batch in opts.batches:
             noise = draw_noise(opts.seed, batch, sampler.sample_shape)
             labels = (np.arange(batch, dtype=np.int64) % sampler.label_dim) if sampler.conditional else None
-            feeds = {"x": noise * np.float32(SIGMA), "sigma": np.full(batch, SIGMA, dtype=np.float32)}
+            feeds = {DENOISER_X: noise * np.float32(SIGMA), DENOISER_SIGMA: np.full(batch, SIGMA, dtype=np.float32)}
             if labels is not None:
-                feeds["class_labels"] = labels
+                feeds[DENOISER_LABELS] = labels
             calls = {"sampler": lambda: sampler(noise, class_labels=labels)}
             if denoiser is not None:
-                calls["denoiser"] = lambda: denoiser.run(feeds, ["denoised"])
+                calls["denoiser"] = lambda: denoiser.run(feeds, [DENOISED])
             max_abs = None
             if eager is not None:
                 try:

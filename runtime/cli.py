@@ -43,7 +43,7 @@ def _sample(argv=None) -> int:
                     "(images float32, noise, labels) beside it.")
     _add_common(parser)
     parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (numpy default_rng, default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="first image seed: image k uses numpy default_rng(seed + k) (default 0)")
     parser.add_argument("--labels", type=int_list, default=None,
                         help="class ids, comma-separated, repeated to --n (default: 0, 1, 2, ... in turn)")
     parser.add_argument("--out", default="grid.png", help="PNG path (default grid.png); the .npz goes beside it")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .contract import artifact_root, read_manifest, read_verified, verify_all, verify_file
+from .contract import SAMPLER_ONNX, artifact_root, read_manifest, read_verified, verify_all, verify_file
 from .onnx_backend import CPU, CUDA, OnnxRuntimeSampler, cuda_unavailable_reason
 from .sampler import BackendUnavailable, Sampler
 from .trt_backend import PLAN, TENSORRT, TensorRTSampler, check_plan_compatible
 
 BACKENDS = (TENSORRT, CUDA, CPU)  # auto tries them in this order
-SAMPLER_ONNX = "sampler.onnx"
 
 
 def _onnx_model(root: Path, manifest: dict, verify: bool):

@@ -1,0 +1,172 @@
+"""The layout the rest of the code relies on: one import direction, one contract, one noise convention."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("models", "calibration", "compiler", "runtime", "evaluation")
+# What each package may import of iia, besides itself and the top-level `iia` (version, stdlib-only CLI plumbing).
+# The contract module is the bottom layer: every package may follow it.
+ALLOWED = {
+    "models": {"iia.runtime.contract"},
+    "calibration": {"iia.models", "iia.runtime.contract"},
+    "compiler": {"iia.models", "iia.calibration", "iia.runtime"},
+    "runtime": set(),
+    "evaluation": {"iia.models", "iia.calibration", "iia.compiler", "iia.runtime"},
+}
+
+
+def iia_imports(path: Path, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module) for every import of an iia module in `path` (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), str(path))
+    parts = ["iia", package, *path.relative_to(ROOT / package).with_suffix("").parts]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "iia"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = parts[:len(parts) - node.level]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] == "iia":
+                found.append((node.lineno, module))
+    return found
+
+
+def upward_imports() -> list[str]:
+    bad = []
+    for package in PACKAGES:
+        own = f"iia.{package}"
+        allowed = ALLOWED[package] | {own}
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for line, module in iia_imports(path, package):
+                if module in ("iia", "iia.cli"):
+                    continue
+                if not any(module == a or module.startswith(a + ".") for a in allowed):
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    return bad
+
+
+def test_imports_run_one_way():
+    assert upward_imports() == []
+
+
+def test_the_direction_check_catches_an_upward_import(tmp_path, monkeypatch):
+    # the checker itself must be able to fail: plant an upward import in a fake tree
+    for package in PACKAGES:
+        (tmp_path / package).mkdir()
+    (tmp_path / "runtime" / "bad.py").write_text("from iia.calibration.sampling import sample\n"
+                                                 "from .contract import NOISE\nimport iia.cli\n")
+    (tmp_path / "models" / "ok.py").write_text("from ..runtime.contract import NOISE\n")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert upward_imports() == ["runtime/bad.py:1 imports iia.calibration.sampling"]
+
+
+def test_nothing_imports_evaluation():
+    users = [f"{p}:{line}" for package in PACKAGES if package != "evaluation"
+             for p in sorted((ROOT / package).rglob("*.py")) for line, m in iia_imports(p, package)
+             if m.startswith("iia.evaluation")]
+    assert users == []
+
+
+def test_contract_names_are_defined_once():
+    """The graph's tensor names and the manifest's schema are string literals in the contract module only."""
+    literals = ['"noise"', '"class_labels"', '"images"', '"images_uint8"', '"iia.artifact"', '"manifest.json"',
+                '"sampler.onnx"', '"sampler.plan"', '"denoiser.onnx"', '"denoised"']
+    offenders = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "runtime" / "contract.py":
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if re.search(r"^\s*[A-Z_]+\s*=", code) and any(lit in code for lit in literals):
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == []
+
+
+# ---- one noise convention ----------------------------------------------------------------------------
+def test_image_k_of_seed_s_is_independent_of_the_batch():
+    from iia.runtime.contract import draw_labels, draw_noise
+
+    five = draw_noise(7, 5, (1, 4, 4))
+    assert five.dtype == np.float32 and five.shape == (5, 1, 4, 4)
+    assert np.array_equal(five[3], draw_noise(10, 1, (1, 4, 4))[0])
+    assert np.array_equal(draw_labels(7, 5, 10)[3:], draw_labels(10, 2, 10))
+    assert not np.array_equal(five[0], five[1])
+    with pytest.raises(ValueError, match="seed"):
+        draw_noise(-1, 2, (3,))
+
+
+def test_same_seed_same_noise_and_images_everywhere(tmp_path):
+    """iia-sample, the Python runtime, calibration's noise, the compiler's parity feed and iia-quality's noise
+    all follow the contract: the same seed gives the same noise, labels and images."""
+    import iia.runtime
+    from iia.calibration.fit import draw_noise as calibration_noise
+    from iia.compiler.build import CompileOptions, compile_model
+    from iia.compiler.check import parity_feed
+    from iia.evaluation.quality import quality_noise
+    from iia.models import gaussian_mixture, load
+    from iia.runtime.cli import sample_main
+    from iia.runtime.contract import LABELS, NOISE, draw_labels, draw_noise
+
+    d = gaussian_mixture(shape=(1, 4, 4), components=3, conditional=True)
+    art = tmp_path / "art"
+    compile_model(d, art, CompileOptions(nfe=3, solver="edm", engine=False, max_batch=4), log=lambda *_: None)
+    seed, n = 11, 6
+    expected = draw_noise(seed, n, d.shape)
+    # iia-sample (chunks of max_batch 4) and the runtime
+    assert sample_main([str(art), "--n", str(n), "--seed", str(seed), "--out", str(tmp_path / "g.png")]) == 0
+    saved = np.load(tmp_path / "g.npz")
+    assert np.array_equal(saved["noise"], expected)
+    sampler = iia.runtime.load(art)
+    labels = saved["labels"]
+    direct = sampler.sample(seed=seed, batch_size=4, class_labels=labels[:4])
+    assert np.array_equal(direct.noise, expected[:4]) and np.array_equal(direct.images, saved["images"][:4])
+    # calibration and the compiler's parity check
+    noise64, cal_labels = calibration_noise(d, n, seed)
+    assert noise64.dtype == torch.float64 and np.array_equal(noise64.numpy().astype(np.float32), expected)
+    assert np.array_equal(cal_labels.numpy(), draw_labels(seed, n, d.label_dim))
+    feed = parity_feed(d, n, seed)
+    assert np.array_equal(feed[NOISE], expected) and np.array_equal(feed[LABELS], cal_labels.numpy())
+    # iia-quality's noise and default labels are iia-sample's
+    digits = load("digits")
+    q_noise, q_labels = quality_noise(digits, n, seed)
+    assert np.array_equal(q_noise.numpy().astype(np.float32), draw_noise(seed, n, (1, 8, 8)))
+    assert np.array_equal(q_labels.numpy(), np.arange(n) % 10)
+
+
+# ---- coefficient files are tied to the solver definition ------------------------------------------------------
+def test_coefficient_file_with_other_basis_labels_is_refused(tmp_path):
+    from iia.calibration import artifact
+    from iia.calibration.fit import CalibrationResult, CalibrationOptions
+    from iia.calibration.sampling import program_for
+    from iia.models import gaussian_mixture
+    from iia.runtime.contract import ArtifactError
+
+    d = gaussian_mixture(shape=(4,), components=2)
+    base = program_for(d, "iia-edm", 5)
+    data = artifact.to_dict(CalibrationResult(base, base, base, CalibrationOptions()), d, 5)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    assert artifact.load_program(path, d, 5, "iia-edm").coefficients() == base.coefficients()
+    swapped = json.loads(json.dumps(data))
+    labels = swapped["steps"][1]["basis"]
+    swapped["steps"][1]["basis"] = labels[::-1]
+    path.write_text(json.dumps(swapped))
+    with pytest.raises(ArtifactError, match=re.escape(f"basis {labels[::-1]}, solver iia-edm defines {labels}")):
+        artifact.load_program(path, d, 5, "iia-edm")
+    old = dict(data, solver_definition=1)
+    path.write_text(json.dumps(old))
+    with pytest.raises(ArtifactError, match="solver definition 1"):
+        artifact.load_program(path, d, 5, "iia-edm")
