@@ -16,15 +16,20 @@ PICKLE_NOTE = ("Loading an EDM .pkl executes code stored in the pickle (inherent
 
 def add_model_argument(parser: argparse.ArgumentParser, default: str | None = "gmm") -> None:
     parser.add_argument("model", nargs="?" if default else None, default=default,
-                        help="EDM .pkl, bundled 'digits', or 'gmm[:components=10,spread=0.5,seed=0,d=64]'"
-                             + (f" (default {default})" if default else ""))
+                        help="EDM .pkl, diffusers folder, bundled 'digits', or "
+                             "'gmm[:components=10,spread=0.5,seed=0,d=64]'" + (f" (default {default})" if default else ""))
+    parser.add_argument("--x0-clipping", default=None, choices=("ignore", "clip"),
+                        help="a diffusers scheduler with clip_sample/thresholding is refused unless told: 'ignore' "
+                             "(sample without it) or 'clip' (clamp D, clip_sample only)")
 
 
-def load_model_verbose(spec):
+def load_model_verbose(spec, x0_clipping=None):
     from iia.models import load
 
-    denoiser = load(spec)
+    denoiser = load(spec, x0_clipping)
     print(f"model: {denoiser.describe()}", file=sys.stderr)
+    for line in denoiser.report:
+        print(f"  {line}", file=sys.stderr)
     if denoiser.identity.get("sha256"):
         print(f"sha256: {denoiser.identity['sha256']}", file=sys.stderr)
     return denoiser
@@ -45,7 +50,7 @@ def _calibrate(argv=None) -> int:
     options = options_from(CalibrationOptions, args)
     options.validate()
     program_for_check = args.solver, args.nfe
-    denoiser = load_model_verbose(args.model)
+    denoiser = load_model_verbose(args.model, args.x0_clipping)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver
     bar = ProgressBar("calibrating")
     with stage(f"calibrate {args.solver} NFE {args.nfe}"):

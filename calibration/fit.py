@@ -59,14 +59,16 @@ class CalibrationOptions:
     guard_z: float = option(2.0, "standard errors by which a fit must beat the base on held-out noise", cli=False)
     guard_candidates: int = option(8, "fitted prefixes the guard tries", cli=False, lo=1, hi=1000)
     chunk: int = option(100, "denoiser batch size during calibration (bounds memory)", cli=False, lo=1, hi=100_000)
-    schedule: str = option("karras", "time steps: karras (rho 7) or, for discrete DDPMs, DDIM's uniform/quadratic "
-                                     "timestep selection", choices=SCHEDULES)
+    schedule: str = option("default", "time steps: the model's own (karras rho 7; a diffusers folder's timestep_spacing), "
+                                      "karras, exponential, or for beta-table models the timestep selections uniform/"
+                                      "quadratic (DDIM paper), leading/trailing/linspace (diffusers)", choices=SCHEDULES)
 
     def resolved(self, denoiser: Denoiser) -> "CalibrationOptions":
         """A copy with the model-dependent defaults filled in."""
         holdout = 256 if self.holdout is None else self.holdout
         steps = self.reference_steps if self.reference_steps is not None else (256 if denoiser.analytic else 128)
-        return replace(self, holdout=holdout, reference_steps=steps)
+        schedule = denoiser.default_schedule if self.schedule == "default" else self.schedule
+        return replace(self, schedule=schedule, holdout=holdout, reference_steps=steps)
 
     def validate(self) -> None:
         check_options(self, CalibrationError)

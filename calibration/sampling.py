@@ -6,7 +6,7 @@ import torch
 
 from iia.models.base import Denoiser, DenoiserError
 
-from .schedules import discrete_sigmas, karras_sigmas
+from .schedules import DISCRETE_SCHEDULES, SCHEDULES, discrete_sigmas, exponential_sigmas, karras_sigmas
 from .solvers import Denoise, Op, Program, Step, Terms, base_program_for_grid, build_program, get_solver
 
 
@@ -77,17 +77,25 @@ def run_program(program: Program, values: dict[str, torch.Tensor], denoiser: Den
     return values[program.output]
 
 
-def schedule_for(denoiser: Denoiser, n_steps: int, schedule: str = "karras", rho: float = 7.0) -> torch.Tensor:
+def schedule_for(denoiser: Denoiser, n_steps: int, schedule: str = "default", rho: float | None = None) -> torch.Tensor:
+    """The model's sigmas for `schedule` ("default": the model's own choice, `Denoiser.default_schedule`)."""
+    if schedule == "default":
+        schedule = denoiser.default_schedule
     if schedule == "karras":
-        return karras_sigmas(n_steps, denoiser.sigma_min, denoiser.sigma_max, rho, denoiser.round_sigma)
+        return karras_sigmas(n_steps, denoiser.sigma_min, denoiser.sigma_max, rho or denoiser.rho,
+                             denoiser.round_sigma)
+    if schedule == "exponential":
+        return exponential_sigmas(n_steps, denoiser.sigma_min, denoiser.sigma_max)
+    if schedule not in DISCRETE_SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     if denoiser.sigma_table is None:
         raise ValueError(f"the {schedule!r} schedule selects training timesteps: it needs a discrete model "
-                         f"(a diffusers DDPM); use 'karras' for this one")
-    return discrete_sigmas(denoiser.sigma_table, n_steps, schedule)
+                         f"(a diffusers beta-table folder); use 'karras' for this one")
+    return discrete_sigmas(denoiser.sigma_table, n_steps, schedule, denoiser.steps_offset)
 
 
-def program_for(denoiser: Denoiser, solver: str, nfe: int, r: int = 1, schedule: str = "karras") -> Program:
-    """The base program of `solver` at `nfe` on the model's schedule (Karras rho = 7 by default)."""
+def program_for(denoiser: Denoiser, solver: str, nfe: int, r: int = 1, schedule: str = "default") -> Program:
+    """The base program of `solver` at `nfe` on the model's schedule (its own default: Karras rho = 7 for most)."""
     spec = get_solver(solver)
     n_steps = spec.steps_for_nfe(nfe)
     sigmas = schedule_for(denoiser, n_steps, schedule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -34,25 +35,62 @@ def fine_grid(sigma_from: float, sigma_to: float, substeps: int) -> torch.Tensor
     return sigma_from + (sigma_to - sigma_from) * m
 
 
-def discrete_sigmas(sigma_table: torch.Tensor, n_steps: int, kind: str = "uniform") -> torch.Tensor:
-    """DDIM's time-step selections on a discrete model's table (sigma per training timestep, ascending).
-
-    uniform: t = 0, skip, 2 skip, ... with skip = T // S; quadratic: t = floor(linspace(0, sqrt(0.8 T), S)^2)
-    (the DDIM paper's code). Sampling runs from the largest selected t down to t = 0, then to sigma = 0.
-    """
-    T = len(sigma_table)
-    if not 2 <= n_steps <= T:
-        raise ValueError(f"the {kind} schedule needs 2 <= steps <= {T}, got {n_steps}")
-    if kind == "uniform":
-        steps = torch.arange(0, T, T // n_steps)[:n_steps]
-    elif kind == "quadratic":
-        steps = (torch.linspace(0, (0.8 * T) ** 0.5, n_steps, dtype=torch.float64) ** 2).long()
-    else:
-        raise ValueError(f"unknown discrete schedule {kind!r}: uniform or quadratic")
-    if len(set(steps.tolist())) != n_steps:
-        raise ValueError(f"the {kind} schedule repeats a timestep at {n_steps} steps")
-    sigmas = torch.as_tensor(sigma_table, dtype=torch.float64)[steps.flip(0)]
+def exponential_sigmas(n_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """n_steps sigmas uniform in log-sigma from sigma_max to sigma_min, then 0 (k-diffusion's / diffusers'
+    EDM "exponential" schedule; the geometric sigmas of the VE score-SDE sampler)."""
+    if n_steps < 2:
+        raise ValueError(f"the exponential schedule needs at least 2 steps, got {n_steps}")
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n_steps, dtype=torch.float64).exp()
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-SCHEDULES = ("karras", "uniform", "quadratic")
+def timestep_selection(T: int, n_steps: int, kind: str = "uniform", steps_offset: int = 0) -> list[int]:
+    """Training timesteps a discrete sampler visits, ascending (pure integers, no model needed).
+
+    uniform: 0, skip, 2 skip, ... with skip = T // n (the DDIM paper's code);
+    quadratic: floor(linspace(0, sqrt(0.8 T), n)^2) (the DDIM paper's code);
+    leading / trailing / linspace: diffusers' `timestep_spacing` as its DDIM/DDPM/PNDM `set_timesteps` computes it
+    (Lin et al. 2023, Table 2): leading = arange(n) * (T // n) + steps_offset; trailing = round(arange(T, 0, -T / n)) - 1;
+    linspace = round(linspace(0, T - 1, n)).
+    """
+    import numpy as np
+
+    if not 2 <= n_steps <= T:
+        raise ValueError(f"the {kind} schedule needs 2 <= steps <= {T}, got {n_steps}")
+    if kind == "uniform":
+        steps = np.arange(0, T, T // n_steps)[:n_steps]
+    elif kind == "quadratic":
+        steps = (np.linspace(0, (0.8 * T) ** 0.5, n_steps) ** 2).astype(np.int64)
+    elif kind == "leading":
+        steps = (np.arange(0, n_steps) * (T // n_steps)).round().astype(np.int64) + steps_offset
+    elif kind == "trailing":
+        steps = np.round(np.arange(T, 0, -T / n_steps)).astype(np.int64)[::-1] - 1
+    elif kind == "linspace":
+        steps = np.linspace(0, T - 1, n_steps).round().astype(np.int64)
+    else:
+        raise ValueError(f"unknown discrete schedule {kind!r}: one of {', '.join(DISCRETE_SCHEDULES)}")
+    steps = sorted(int(t) for t in steps)
+    if len(set(steps)) != n_steps:
+        raise ValueError(f"the {kind} schedule repeats a timestep at {n_steps} steps")
+    if steps[0] < 0 or steps[-1] >= T:
+        raise ValueError(f"the {kind} schedule (steps_offset {steps_offset}) selects timestep {steps[-1]} "
+                         f"outside [0, {T - 1}] at {n_steps} steps")
+    return steps
+
+
+def discrete_sigmas(sigma_table: torch.Tensor, n_steps: int, kind: str = "uniform", steps_offset: int = 0) -> torch.Tensor:
+    """A discrete model's sigmas at `timestep_selection(len(table), n_steps, kind, steps_offset)`.
+
+    `sigma_table` holds sigma per training timestep, ascending. Sampling runs from the largest selected t down
+    to the smallest, then to sigma = 0.
+    """
+    steps = timestep_selection(len(sigma_table), n_steps, kind, steps_offset)
+    sigmas = torch.as_tensor(sigma_table, dtype=torch.float64)[torch.tensor(steps[::-1])]
+    if len(set(sigmas.tolist())) != n_steps:
+        raise ValueError(f"the {kind} schedule repeats a sigma at {n_steps} steps (a capped sigma_max)")
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+DISCRETE_SCHEDULES = ("uniform", "quadratic", "leading", "trailing", "linspace")
+# "default": the model's own choice (Denoiser.default_schedule: karras, or a diffusers folder's spacing)
+SCHEDULES = ("default", "karras", "exponential") + DISCRETE_SCHEDULES

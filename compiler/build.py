@@ -56,6 +56,7 @@ class CompileOptions:
     parity_atol: float = 1e-4
     cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
     weight_limit: float = 1.10
+    x0_clipping: str | None = None  # a diffusers folder's clip_sample/thresholding: "ignore" | "clip" (None refuses)
 
 
 def default_cache_dir() -> Path:
@@ -149,8 +150,10 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     opts.calibration.validate()
     timings: dict[str, float] = {}
     with stage("load model", timings, log):
-        denoiser = resolve_model(model)
+        denoiser = resolve_model(model, opts.x0_clipping)
     log(f"  {denoiser.describe()}")
+    for line in denoiser.report:
+        log(f"  {line}")
     if denoiser.identity.get("sha256"):
         log(f"  sha256 {denoiser.identity['sha256']}")
     reason = tensorrt_unavailable_reason() if opts.engine else "--no-engine given"

@@ -36,6 +36,12 @@ class Denoiser:
     identity: dict = field(default_factory=dict)  # kind, name, sha256: goes into every artifact
     sigma_table: torch.Tensor | None = None  # discrete models: sigma of each training timestep, ascending
     analytic: bool = False  # a closed-form denoiser (no network): calls are nearly free, so calibration can afford more
+    # The schedule a plain run uses: what the model's own sampler would pick (a diffusers folder's
+    # timestep_spacing, its EDM sigma_schedule), and the parameters of the model's schedules.
+    default_schedule: str = "karras"
+    rho: float = 7.0  # Karras schedule exponent
+    steps_offset: int = 0  # added to the 'leading' timestep selection (diffusers' steps_offset)
+    report: tuple[str, ...] = ()  # lines the loader wants the user to read: what it read, what it changed
 
     @property
     def conditional(self) -> bool:

@@ -25,9 +25,15 @@ def _parse_options(text: str) -> dict:
     return options
 
 
-def load(spec: str | Path) -> Denoiser:
-    """Load a denoiser from a path (EDM `.pkl`, diffusers folder) or a built-in name."""
+def load(spec: str | Path, x0_clipping: str | None = None) -> Denoiser:
+    """Load a denoiser from a path (EDM `.pkl`, diffusers folder) or a built-in name.
+
+    `x0_clipping` ("ignore" | "clip") answers a diffusers scheduler's clip_sample / thresholding (refused
+    when None); it applies to diffusers folders only.
+    """
     text = str(spec)
+    if x0_clipping is not None and not Path(text).is_dir():
+        raise ModelLoadError(f"--x0-clipping {x0_clipping} applies to diffusers folders only, not '{text}'")
     name, _, opts = text.partition(":")
     if name == "gmm":
         from .gmm import gaussian_mixture
@@ -48,7 +54,7 @@ def load(spec: str | Path) -> Denoiser:
     if path.is_dir():
         from .diffusers_ddpm import load_diffusers_folder
 
-        return load_diffusers_folder(path)
+        return load_diffusers_folder(path, x0_clipping=x0_clipping)
     if path.suffix == ".pt":
         from .zoo import load_digits_model
 
@@ -58,5 +64,5 @@ def load(spec: str | Path) -> Denoiser:
     return load_edm_pickle(path)
 
 
-def resolve_model(spec: str | Path | Denoiser) -> Denoiser:
-    return spec if isinstance(spec, Denoiser) else load(spec)
+def resolve_model(spec: str | Path | Denoiser, x0_clipping: str | None = None) -> Denoiser:
+    return spec if isinstance(spec, Denoiser) else load(spec, x0_clipping)

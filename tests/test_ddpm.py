@@ -20,7 +20,7 @@ def ddpm_folder(tmp_path_factory):
                                  block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
                                  attention_head_dim=8)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     path = tmp_path_factory.mktemp("ddpm") / "tiny-ddpm"
     unet.save_pretrained(path / "unet")
     scheduler.save_pretrained(path / "scheduler")
