@@ -266,6 +266,8 @@ def _edm_reading(scheduler, class_name: str, sched_file: Path, x0_clipping: str 
     if config.get("final_sigmas_type", "zero") != "zero":
         changed.append(f"final_sigmas_type {config.get('final_sigmas_type')!r}: diffusers ends at sigma_min; "
                        f"iia's samplers end at sigma = 0")
+    changed.append(f"initial state sigma_max * noise (diffusers' pipelines: sqrt(sigma_max^2 + 1) * noise, "
+                   f"{class_name}.init_noise_sigma)")
     sd = float(config.get("sigma_data", 0.5))
     schedule = config.get("sigma_schedule", "karras")
     if schedule not in ("karras", "exponential"):
@@ -289,7 +291,9 @@ def _ve_reading(scheduler, class_name: str, sched_file: Path) -> SchedulerReadin
              f"iia works in [-1, 1]: x' = 2x - 1, sigma' = 2 sigma in [{2 * smin:g}, {2 * smax:g}]",
              "schedule: geometric in sigma like diffusers' -> default --schedule exponential"]
     changed = [f"{class_name} samples the reverse SDE with a Langevin corrector (stochastic); iia integrates the "
-               f"probability-flow ODE of the same denoiser"]
+               f"probability-flow ODE of the same denoiser",
+               "initial state sigma'_max * noise in [-1, 1] (diffusers: sigma_max * noise in [0, 1], i.e. offset by "
+               "0.5 in image units)"]
     return SchedulerReading(class_name, "ve", "score", 2 * smin, 2 * smax, default_schedule="exponential",
                             lines=lines, changed=changed)
 
@@ -377,7 +381,7 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         raise DiffusersLoadError(f"{path} has no scheduler_config.json (at the top or in scheduler/)")
     reading = read_scheduler(sched_dir, x0_clipping)
     shape, classes = _unet_checks(_read_json(unet_dir / "config.json"), unet_dir, reading)
-    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True).eval()
+    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False).eval()
     net = DiffusersDenoiser(unet, reading.formulation, reading.prediction, shape[0], reading.net_table,
                             time_mapping, reading.sigma_data, classes > 0, reading.clip_x0).eval()
     for p in net.parameters():
