@@ -249,8 +249,8 @@ def _beta_table_reading(scheduler, class_name: str, sched_file: Path, x0_clippin
              f"timesteps: timestep_spacing {spacing!r}, steps_offset {offset} -> default --schedule {spacing} "
              f"(others: karras, exponential, uniform, quadratic, leading, trailing, linspace)"]
     if class_name == "PNDMScheduler":
-        lines.append(f"PNDMScheduler: its PLMS/PRK method is iia's --solver ipndm/spndm family on the same timesteps"
-                     + ("" if config.get("skip_prk_steps") else " (skip_prk_steps=False: PRK warm-up not reproduced)"))
+        changed.append("PNDMScheduler: its PLMS/PRK warm-up is not reproduced step for step; iia's --solver "
+                       "ipndm/spndm are the same linear-multistep family on the same timesteps")
     return SchedulerReading(class_name, "vp", prediction, float(table[0]), float(table[-1]), sigma_table=table,
                             net_table=net_table, default_schedule=spacing, steps_offset=offset, clip_x0=clip_x0,
                             lines=lines, changed=changed)
