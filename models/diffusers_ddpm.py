@@ -237,10 +237,11 @@ def _beta_table_reading(scheduler, class_name: str, sched_file: Path, x0_clippin
     if config.get("set_alpha_to_one") is False:
         changed.append(f"set_alpha_to_one=False: diffusers' DDIM/PNDM end on t=0 (sigma {float(table[0]):.4g}, "
                        f"output scaled by sqrt(alphabar_0)); iia's samplers end at sigma = 0")
-    if spacing == "linspace" or spacing == "trailing":
-        changed.append(f"timestep_spacing {spacing!r}: diffusers' DDIMScheduler.step goes from t to "
-                       f"t - {T} // steps, which misses the next selected timestep unless {T} / steps is an "
-                       f"integer ({DIFFUSERS_DDIM_BUG}); iia steps between the selected timesteps")
+    if spacing in ("linspace", "trailing"):
+        stride = f"({T} - 1) / (steps - 1)" if spacing == "linspace" else f"{T} / steps"
+        changed.append(f"timestep_spacing {spacing!r}: diffusers' DDIMScheduler.step goes from t to t - {T} // steps, "
+                       f"not to the next selected timestep, wherever that differs from the spacing's stride {stride} "
+                       f"({DIFFUSERS_DDIM_BUG}); iia steps between the selected timesteps")
     c_form = {"epsilon": "c_skip = 1, c_out = -sigma", "sample": "c_skip = 0, c_out = 1",
               "v_prediction": "c_skip = 1/(1+sigma^2), c_out = -sigma/sqrt(1+sigma^2)"}[prediction]
     lines = [f"beta table ({config.get('beta_schedule', 'trained_betas')}, {T} timesteps): "
