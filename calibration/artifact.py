@@ -105,9 +105,25 @@ def load_program(path: str | Path, denoiser: Denoiser | None = None, nfe: int | 
 def program_from_dict(data: dict, denoiser: Denoiser | None = None, nfe: int | None = None,
                       solver: str | None = None, source: str = "coefficient data") -> Program:
     """The Program a coefficient file's data describes, checked against this iia's solver definition (version
-    and each step's basis labels: a reordered basis must never load with the wrong meaning), the model, NFE
-    and solver. ArtifactError naming `source` and the mismatch otherwise."""
+    and each step's basis labels: a reordered basis must never load with the wrong meaning), its own schedule
+    (sigmas finite, decreasing, within the model's range; each step's index and sigmas), the model, NFE and
+    solver. ArtifactError naming `source` and the mismatch otherwise (never a KeyError/TypeError)."""
     path = source
+    try:
+        return _program_from_dict(data, denoiser, nfe, solver, path)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        what = f"lacks field {err}" if isinstance(err, KeyError) else f"is inconsistent: {err}"
+        raise ArtifactError(f"{path} {what}") from None
+
+
+MAX_COEFFICIENT = 1e8  # far beyond any fitted value (those run to ~1e2 with the ridge); larger means corruption
+
+
+def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
     if denoiser is not None and not same_model(data["model"], model_identity(denoiser)):
         raise ArtifactError(
             f"{path} was calibrated for model {data['model'].get('name')} "
@@ -120,27 +136,35 @@ def program_from_dict(data: dict, denoiser: Denoiser | None = None, nfe: int | N
         raise ArtifactError(f"{path} holds coefficients for solver {data['solver']}, not {solver}")
     version = data.get("solver_definition")
     if version != DEFINITION_VERSION:
-        raise ArtifactError(f"{path} was written under solver definition {version}, this iia uses definition "
+        raise ArtifactError(f"{path} was written under solver definition {version!r}, this iia uses definition "
                             f"{DEFINITION_VERSION}: recalibrate (the basis terms may differ)")
-    try:
-        get_solver(data["solver"])
-        program = build_program(data["solver"], data["sigmas"], data["r"])
-        steps = data["steps"]
-        if len(steps) != len(program.steps):
-            raise ValueError(f"{len(steps)} steps listed, the schedule has {len(program.steps)}")
-        for step, entry in zip(program.steps, steps):
-            labels = [label for label, _ in step.basis]
-            if list(entry["basis"]) != labels:
-                raise ArtifactError(f"{path}: step {step.index} has basis {list(entry['basis'])}, solver "
-                                    f"{data['solver']} defines {labels} (recalibrate)")
-            if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
-                       for c in entry["coefficients"]):
-                raise ValueError(f"step {step.index} has a non-finite or non-numeric coefficient")
-        program = program.with_coefficients([s["coefficients"] for s in steps])
-    except ArtifactError:
-        raise
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{path} is inconsistent: {err}") from None
+    sigmas = [float(s) for s in data["sigmas"]]
+    if len(sigmas) < 2 or not all(math.isfinite(s) and s >= 0 for s in sigmas) or any(
+            a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ArtifactError(f"{path}: sigmas must be finite, >= 0 and strictly decreasing, got {data['sigmas']}")
+    if denoiser is not None and sigmas[0] > denoiser.sigma_max * (1 + 1e-6):
+        raise ArtifactError(f"{path}: schedule starts at sigma {sigmas[0]:g}, above the model's sigma_max "
+                            f"{denoiser.sigma_max:g}")
+    get_solver(data["solver"])
+    program = build_program(data["solver"], sigmas, data["r"])
+    steps = data["steps"]
+    if len(steps) != len(program.steps):
+        raise ValueError(f"{len(steps)} steps listed, the schedule has {len(program.steps)}")
+    for step, entry in zip(program.steps, steps):
+        if (entry["index"] != step.index or not math.isclose(entry["sigma_from"], step.sigma_from, rel_tol=1e-9)
+                or not math.isclose(entry["sigma_to"], step.sigma_to, rel_tol=1e-9, abs_tol=1e-12)):
+            raise ArtifactError(f"{path}: step entry {entry['index']} (sigma {entry['sigma_from']:g} -> "
+                                f"{entry['sigma_to']:g}) stands where the schedule has step {step.index} "
+                                f"(sigma {step.sigma_from:g} -> {step.sigma_to:g}): steps reordered or edited")
+        labels = [label for label, _ in step.basis]
+        if list(entry["basis"]) != labels:
+            raise ArtifactError(f"{path}: step {step.index} has basis {list(entry['basis'])}, solver "
+                                f"{data['solver']} defines {labels} (recalibrate)")
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                   and abs(c) <= MAX_COEFFICIENT for c in entry["coefficients"]):
+            raise ArtifactError(f"{path}: step {step.index} has a non-finite, non-numeric or absurd (> "
+                                f"{MAX_COEFFICIENT:g}) coefficient: {entry['coefficients']}")
+    program = program.with_coefficients([s["coefficients"] for s in steps])
     if program.nfe != data["nfe"]:
         raise ArtifactError(f"{path} is inconsistent: its schedule gives NFE {program.nfe}, file says {data['nfe']}")
     return program

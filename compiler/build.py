@@ -24,6 +24,7 @@ from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
 from iia.cli import check_options, option, stage
 from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST, SAMPLER_ONNX,
+                                  SAMPLER_ONNX_DATA,
                                   SAMPLER_PLAN, io_spec, make_manifest, public_mode, sha256_file,
                                   tensorrt_unavailable_reason, write_json_atomic)
 from iia.runtime.engine import PRECISIONS, EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
@@ -106,7 +107,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
     """Save; graphs over 2 GB keep their tensors in `<name>.data` beside the model. Returns file names."""
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > EXTERNAL_DATA_THRESHOLD:
-        location = path.name + ".data"
+        location = SAMPLER_ONNX_DATA if path.name == SAMPLER_ONNX else path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=location, size_threshold=1024)
         return [path.name, location]

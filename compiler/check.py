@@ -23,7 +23,7 @@ from polygraphy.json import save_json
 from iia.calibration.sampling import sample
 from iia.calibration.solvers import Program
 from iia.models.base import Denoiser
-from iia.runtime.contract import GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, LABELS, NOISE, draw_labels, draw_noise
+from iia.runtime.contract import GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, LABELS, NOISE, ORT_CPU, draw_labels, draw_noise
 
 from .emit import initializer_bytes
 
@@ -127,7 +127,7 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
         results, compare_func=SimpleCompareFunc(atol=tolerance, rtol=0.0, check_shapes=True,
                                                  find_output_func=lambda name, i, r: [IMAGES] if name == IMAGES else []))
     err = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-    report = {"backend": "onnxruntime-cpu", "batch": batch, "max_abs": float(err.max()),
+    report = {"backend": ORT_CPU, "batch": batch, "max_abs": float(err.max()),
               "max_rel": float((err / np.maximum(np.abs(ref), 1e-3)).max()), "atol": atol,
               "float32_floor": f32_floor, "tolerance": tolerance, "passed": bool(accuracy)}
     if golden_dir is not None:

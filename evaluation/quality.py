@@ -5,7 +5,7 @@ features (`iia.models.zoo.fd`), generated samples vs all 1,797 real digits. It i
 digit CNN in place of Inception: it is NOT FID, and its numbers are not comparable to FID numbers.
 
 For every solver and NFE the same `n` class-conditional samples are drawn from one fixed noise (a seeded
-stream distinct from calibration's, the guard's and `iia-accuracy`'s) with balanced labels `arange(n) % 10`.
+stream distinct from calibration's, the guard's and `iia-accuracy`'s) with balanced labels (seed + k) mod 10 (the contract's `draw_labels`).
 Each row reports
   - fd_digits (samples clamped to [-1, 1], as written out as images) and a bootstrap standard error,
   - accuracy: the bundled classifier's agreement with the label the sample was conditioned on,
@@ -66,10 +66,9 @@ def check_digits_model(denoiser: Denoiser) -> None:
 
 
 def quality_noise(denoiser: Denoiser, n: int, seed: int = QUALITY_SAMPLE_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """The evaluation noise (float64) of images seed..seed+n-1 by the contract's convention, and balanced labels
-    arange(n) % 10: exactly what `iia-sample --seed SEED --n N` (default labels) feeds the compiled sampler."""
-    labels = torch.arange(n, dtype=torch.int64) % NUM_CLASSES
-    return draw_noise(denoiser, n, seed, labels=labels)
+    """The evaluation noise (float64) and labels of images seed..seed+n-1 by the contract's convention (labels
+    (seed + k) mod 10: balanced): exactly what `iia-sample --seed SEED --n N` feeds the compiled sampler."""
+    return draw_noise(denoiser, n, seed)
 
 
 def sample_chunked(program: Program, denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor,
@@ -271,7 +270,7 @@ def quality_table(
         "model": denoiser.identity.get("name"),
         "sha256": denoiser.identity.get("sha256"),
         "n": n,
-        "labels": "arange(n) % 10",
+        "labels": "(noise_seed + k) mod 10",
         "noise_seed": sample_seed,
         "reference_steps": ref_steps,
         "calibration": {k: v for k, v in vars(options).items()},

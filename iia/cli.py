@@ -142,5 +142,5 @@ def check_options(options, error=ValueError) -> None:
             raise error(f"{flag_of(f)} must be one of {', '.join(map(str, choices))}, got {value!r}")
         if (lo is not None or hi is not None) and not isinstance(value, (int, float)):
             raise error(f"{flag_of(f)} must be a number, got {value!r}")
-        if lo is not None and value < lo or hi is not None and value > hi:
+        if not ((lo is None or value >= lo) and (hi is None or value <= hi)):  # NaN fails both
             raise error(f"{flag_of(f)} must lie in [{lo}, {hi}], got {value}")

@@ -10,9 +10,21 @@ A sampler is cheap to keep and safe to call from several threads at once (ONNX R
 TensorRT: one context behind a lock). Bad inputs raise ValueError naming what was expected.
 """
 
-from .contract import SCHEMA, SCHEMA_VERSION, ArtifactError, draw_labels, draw_noise
-from .loader import BACKENDS, describe, load
-from .sampler import BackendUnavailable, Sampler, Samples
+from .contract import BACKENDS, SCHEMA, SCHEMA_VERSION, ArtifactError, draw_labels, draw_noise
+
+# The loader and backends are imported on first use, so `iia.runtime.contract` (the bottom layer every package
+# may import) costs only itself: `import iia.models` must not pull in ONNX Runtime's wrappers.
+_LAZY = {"describe": "loader", "load": "loader", "BackendUnavailable": "sampler", "Sampler": "sampler",
+         "Samples": "sampler"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ArtifactError", "BACKENDS", "BackendUnavailable", "SCHEMA", "SCHEMA_VERSION", "Sampler", "Samples",
            "describe", "draw_labels", "draw_noise", "load"]

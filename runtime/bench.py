@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .contract import (DENOISED, DENOISER_LABELS, DENOISER_ONNX, DENOISER_SIGMA, DENOISER_X, draw_noise,
+from .contract import (DENOISED, DENOISER_LABELS, DENOISER_ONNX, DENOISER_SIGMA, DENOISER_X, draw_labels, draw_noise,
                        read_verified)
 from .loader import describe, load
 from .onnx_backend import CUDA, OrtSession
@@ -190,7 +190,7 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
     try:
         for batch in opts.batches:
             noise = draw_noise(opts.seed, batch, sampler.sample_shape)
-            labels = (np.arange(batch, dtype=np.int64) % sampler.label_dim) if sampler.conditional else None
+            labels = draw_labels(opts.seed, batch, sampler.label_dim) if sampler.conditional else None
             feeds = {DENOISER_X: noise * np.float32(SIGMA), DENOISER_SIGMA: np.full(batch, SIGMA, dtype=np.float32)}
             if labels is not None:
                 feeds[DENOISER_LABELS] = labels

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from iia.cli import int_list, run_cli
 
-BACKEND_CHOICES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+from .contract import BACKENDS
+
+BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def _err(text: str) -> None:
@@ -22,16 +24,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
-def _labels_for(sampler, given: list[int] | None, n: int):
+def _labels_for(sampler, given: list[int] | None, n: int, seed: int):
     import numpy as np
+
+    from .contract import draw_labels
 
     if not sampler.conditional:
         if given:
             raise ValueError("this model is unconditional: --labels does not apply")
         return None
     if not given:
-        _err(f"no --labels given: using classes 0..{sampler.label_dim - 1} in turn")
-        return np.arange(n, dtype=np.int64) % sampler.label_dim
+        _err(f"no --labels given: image k of seed s gets class (s + k) mod {sampler.label_dim}")
+        return draw_labels(seed, n, sampler.label_dim)
     ids = np.asarray(given, dtype=np.int64)
     return np.resize(ids, n)  # repeated cyclically to n samples
 
@@ -45,7 +49,7 @@ def _sample(argv=None) -> int:
     parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="first image seed: image k uses numpy default_rng(seed + k) (default 0)")
     parser.add_argument("--labels", type=int_list, default=None,
-                        help="class ids, comma-separated, repeated to --n (default: 0, 1, 2, ... in turn)")
+                        help="class ids, comma-separated, repeated to --n (default: image k of seed s gets class (s + k) mod label_dim)")
     parser.add_argument("--out", default="grid.png", help="PNG path (default grid.png); the .npz goes beside it")
     args = parser.parse_args(argv)
     if args.n < 1:
@@ -57,7 +61,7 @@ def _sample(argv=None) -> int:
 
     sampler = load(args.artifact, args.backend, threads=args.threads)
     _err(f"{sampler!r}\n{describe(sampler)}")
-    labels = _labels_for(sampler, args.labels, args.n)
+    labels = _labels_for(sampler, args.labels, args.n, args.seed)
     noise = draw_noise(args.seed, args.n, sampler.sample_shape)  # drawn at once: independent of max_batch
     images, images_u8 = [], []
     for start in range(0, args.n, sampler.max_batch):

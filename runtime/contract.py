@@ -35,11 +35,16 @@ DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS, DENOISED = "x", "sigma", "class_lab
 # ---- files --------------------------------------------------------------------------------------
 MANIFEST = "manifest.json"
 SAMPLER_ONNX = "sampler.onnx"
+SAMPLER_ONNX_DATA = SAMPLER_ONNX + ".data"  # its tensors, when the graph is over protobuf's 2 GB
 SAMPLER_PLAN = "sampler.plan"
 DENOISER_ONNX = "denoiser.onnx"  # one denoiser call, for the overhead benchmark
 COEFFICIENTS = "coefficients.json"
 GOLDEN_INPUTS = "golden_inputs.json"
 GOLDEN_OUTPUTS = "golden_outputs.json"
+
+# ---- backends (what `load(backend=...)`, iia-sample/iia-bench --backend and iia-run --backend take) ----------
+TENSORRT, ORT_CUDA, ORT_CPU = "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"
+BACKENDS = (TENSORRT, ORT_CUDA, ORT_CPU)  # "auto" tries them in this order
 
 # ---- manifest -----------------------------------------------------------------------------------
 SCHEMA = "iia.artifact"
@@ -231,10 +236,13 @@ def draw_noise(seed: int | None, batch_size: int, shape) -> np.ndarray:
 
 
 def draw_labels(seed: int, batch_size: int, label_dim: int) -> np.ndarray:
-    """int64 class ids [batch_size], uniform in [0, label_dim): image k's from `default_rng([seed + k, 1])`
-    (a stream separate from its noise), so labels too are reproducible per image at any batch size."""
-    return np.array([np.random.default_rng([seed + k, 1]).integers(label_dim) for k in range(batch_size)],
-                    dtype=np.int64)
+    """The default class ids int64 [batch_size] when none are given: image k of seed s gets (s + k) mod
+    label_dim. Balanced over any label_dim consecutive images and, like the noise, fixed per image whatever
+    the batch; every tool that draws labels for a seed (iia-sample, iia-bench, calibration, the parity check,
+    iia-quality) uses this."""
+    if batch_size < 0 or label_dim < 1:
+        raise ValueError(f"need batch_size >= 0 and label_dim >= 1, got {batch_size} and {label_dim}")
+    return ((np.uint64(seed) + np.arange(batch_size, dtype=np.uint64)) % np.uint64(label_dim)).astype(np.int64)
 
 
 # ---- CUDA / TensorRT probes ---------------------------------------------------------------------

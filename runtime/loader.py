@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .contract import SAMPLER_ONNX, artifact_root, read_manifest, read_verified, verify_all, verify_file
-from .onnx_backend import CPU, CUDA, OnnxRuntimeSampler, cuda_unavailable_reason
+from .contract import (BACKENDS, SAMPLER_ONNX, SAMPLER_ONNX_DATA, artifact_root, read_manifest, read_verified,
+                       verify_all, verify_file)
+from .onnx_backend import CUDA, OnnxRuntimeSampler, cuda_unavailable_reason
 from .sampler import BackendUnavailable, Sampler
 from .trt_backend import PLAN, TENSORRT, TensorRTSampler, check_plan_compatible
 
-BACKENDS = (TENSORRT, CUDA, CPU)  # auto tries them in this order
 
 
 def _onnx_model(root: Path, manifest: dict, verify: bool):
     """Verified bytes of sampler.onnx (or its path, when its tensors live in an external .data file)."""
-    if f"{SAMPLER_ONNX}.data" in manifest["files"]:  # ONNX Runtime resolves the .data (checked by verify_all)
+    if SAMPLER_ONNX_DATA in manifest["files"]:  # ONNX Runtime resolves the .data (checked by verify_all)
         if verify:
             verify_file(root, manifest, SAMPLER_ONNX)
         return root / SAMPLER_ONNX

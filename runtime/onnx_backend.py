@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import NO_CUDA, cuda_device_count
+from .contract import NO_CUDA, ORT_CPU, ORT_CUDA, cuda_device_count
 
 from .sampler import BackendUnavailable, Sampler
 
-CPU, CUDA = "onnxruntime-cpu", "onnxruntime-cuda"
+CPU, CUDA = ORT_CPU, ORT_CUDA
 
 
 def _ort():

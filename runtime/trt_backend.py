@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import SAMPLER_PLAN, gpu_compute_capability, tensorrt_unavailable_reason
+from .contract import SAMPLER_PLAN, TENSORRT, gpu_compute_capability, tensorrt_unavailable_reason
 
 from .sampler import BackendUnavailable, Sampler
 
-TENSORRT = "tensorrt"
 PLAN = SAMPLER_PLAN
 
 

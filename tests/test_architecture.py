@@ -25,7 +25,9 @@ ALLOWED = {
 
 
 def iia_imports(path: Path, package: str) -> list[tuple[int, str]]:
-    """(line, absolute module) for every import of an iia module in `path` (relative imports resolved)."""
+    """(line, absolute name) for every import of an iia module in `path`: `import iia.x`, `from iia.x import y`
+    (as iia.x.y, so `from iia import calibration` is iia.calibration), relative imports resolved, and
+    `importlib.import_module("iia...")` / `__import__("iia...")` with a literal name."""
     tree = ast.parse(path.read_text(), str(path))
     parts = ["iia", package, *path.relative_to(ROOT / package).with_suffix("").parts]
     found = []
@@ -39,7 +41,12 @@ def iia_imports(path: Path, package: str) -> list[tuple[int, str]]:
             else:
                 module = node.module or ""
             if module.split(".")[0] == "iia":
-                found.append((node.lineno, module))
+                found += [(node.lineno, f"{module}.{a.name}") for a in node.names]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            name = node.args[0].value
+            if func in ("import_module", "__import__") and isinstance(name, str) and name.split(".")[0] == "iia":
+                found.append((node.lineno, name))
     return found
 
 
@@ -50,7 +57,7 @@ def upward_imports() -> list[str]:
         allowed = ALLOWED[package] | {own}
         for path in sorted((ROOT / package).rglob("*.py")):
             for line, module in iia_imports(path, package):
-                if module in ("iia", "iia.cli"):
+                if module in ("iia", "iia.cli") or module.startswith(("iia.cli.", "iia.__")):
                     continue
                 if not any(module == a or module.startswith(a + ".") for a in allowed):
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
@@ -65,17 +72,21 @@ def test_the_direction_check_catches_an_upward_import(tmp_path, monkeypatch):
     # the checker itself must be able to fail: plant an upward import in a fake tree
     for package in PACKAGES:
         (tmp_path / package).mkdir()
-    (tmp_path / "runtime" / "bad.py").write_text("from iia.calibration.sampling import sample\n"
-                                                 "from .contract import NOISE\nimport iia.cli\n")
-    (tmp_path / "models" / "ok.py").write_text("from ..runtime.contract import NOISE\n")
+    (tmp_path / "runtime" / "bad.py").write_text(
+        "from iia.calibration.sampling import sample\nfrom .contract import NOISE\nimport iia.cli\n"
+        "from iia import calibration\nfrom .. import compiler\nimport importlib\n"
+        "importlib.import_module('iia.models.base')\n__import__('iia.evaluation')\nfrom iia import __version__\n")
+    (tmp_path / "models" / "ok.py").write_text("from ..runtime.contract import NOISE\nfrom iia.runtime import contract\n")
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
-    assert upward_imports() == ["runtime/bad.py:1 imports iia.calibration.sampling"]
+    assert upward_imports() == ["runtime/bad.py:1 imports iia.calibration.sampling.sample",
+                                "runtime/bad.py:4 imports iia.calibration", "runtime/bad.py:5 imports iia.compiler",
+                                "runtime/bad.py:7 imports iia.models.base", "runtime/bad.py:8 imports iia.evaluation"]
 
 
 def test_nothing_imports_evaluation():
     users = [f"{p}:{line}" for package in PACKAGES if package != "evaluation"
              for p in sorted((ROOT / package).rglob("*.py")) for line, m in iia_imports(p, package)
-             if m.startswith("iia.evaluation")]
+             if m == "iia.evaluation" or m.startswith("iia.evaluation.")]
     assert users == []
 
 
@@ -103,6 +114,7 @@ def test_image_k_of_seed_s_is_independent_of_the_batch():
     assert five.dtype == np.float32 and five.shape == (5, 1, 4, 4)
     assert np.array_equal(five[3], draw_noise(10, 1, (1, 4, 4))[0])
     assert np.array_equal(draw_labels(7, 5, 10)[3:], draw_labels(10, 2, 10))
+    assert draw_labels(7, 5, 10).dtype == np.int64 and list(draw_labels(8, 4, 3)) == [2, 0, 1, 2]
     assert not np.array_equal(five[0], five[1])
     with pytest.raises(ValueError, match="seed"):
         draw_noise(-1, 2, (3,))
@@ -143,7 +155,8 @@ def test_same_seed_same_noise_and_images_everywhere(tmp_path):
     digits = load("digits")
     q_noise, q_labels = quality_noise(digits, n, seed)
     assert np.array_equal(q_noise.numpy().astype(np.float32), draw_noise(seed, n, (1, 8, 8)))
-    assert np.array_equal(q_labels.numpy(), np.arange(n) % 10)
+    assert np.array_equal(q_labels.numpy(), (seed + np.arange(n)) % 10)
+    assert np.array_equal(labels, draw_labels(seed, n, d.label_dim))  # iia-sample's default labels
 
 
 # ---- coefficient files are tied to the solver definition ------------------------------------------------------
@@ -170,3 +183,46 @@ def test_coefficient_file_with_other_basis_labels_is_refused(tmp_path):
     path.write_text(json.dumps(old))
     with pytest.raises(ArtifactError, match="solver definition 1"):
         artifact.load_program(path, d, 5, "iia-edm")
+
+
+def test_tampered_coefficient_files_are_refused_by_name(tmp_path):
+    from iia.calibration import artifact
+    from iia.calibration.fit import CalibrationOptions, CalibrationResult
+    from iia.calibration.sampling import program_for
+    from iia.models import gaussian_mixture
+    from iia.runtime.contract import ArtifactError
+
+    d = gaussian_mixture(shape=(4,), components=2)
+    base = program_for(d, "iia-edm", 9)
+    data = artifact.to_dict(CalibrationResult(base, base, base, CalibrationOptions()), d, 9)
+
+    def refused(mutate, match):
+        bad = json.loads(json.dumps(data))
+        mutate(bad)
+        with pytest.raises(ArtifactError, match=match):
+            artifact.program_from_dict(bad, d, 9, "iia-edm", source="c.json")
+
+    refused(lambda b: b["steps"].__setitem__(slice(1, 3), b["steps"][2:0:-1]), "steps reordered or edited")
+    refused(lambda b: b.__setitem__("sigmas", sorted(b["sigmas"])), "strictly decreasing")
+    refused(lambda b: b["sigmas"].__setitem__(0, 5000.0), "above the model's sigma_max")
+    refused(lambda b: b.pop("nfe"), "c.json lacks field 'nfe'")
+    refused(lambda b: b.__setitem__("model", None), "c.json is inconsistent")
+    refused(lambda b: b["steps"][1]["coefficients"].__setitem__(0, 1e300), "absurd")
+    refused(lambda b: b["steps"][1]["coefficients"].__setitem__(0, float("nan")), "non-finite")
+
+
+def test_compile_refuses_calibration_flags_with_coefficients(tmp_path, capsys):
+    from iia.calibration import artifact
+    from iia.calibration.fit import CalibrationOptions, CalibrationResult
+    from iia.calibration.sampling import program_for
+    from iia.compiler.cli import main
+    from iia.models import load
+
+    d = load("gmm:d=4,components=2")
+    base = program_for(d, "iia-edm", 5)
+    path = tmp_path / "c.json"
+    artifact.save(CalibrationResult(base, base, base, CalibrationOptions()), d, 5, path)
+    assert main(["gmm:d=4,components=2", "--nfe", "5", "--coefficients", str(path), "--M", "5", "--no-engine",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--M do not apply" in err and not (tmp_path / "o").exists()
