@@ -179,6 +179,7 @@ class SchedulerReading:
     rho: float = 7.0
     steps_offset: int = 0
     clip_x0: float | None = None
+    variance_type: str | None = None  # the scheduler's, where it has one (DDPMScheduler)
     lines: list[str] = field(default_factory=list)  # accepted settings
     changed: list[str] = field(default_factory=list)  # settings sampled differently from diffusers (said so)
 
@@ -249,12 +250,15 @@ def _beta_table_reading(scheduler, class_name: str, sched_file: Path, x0_clippin
              f"prediction_type {prediction}: {c_form}, c_in = 1/sqrt(1+sigma^2), c_noise = t(sigma)",
              f"timesteps: timestep_spacing {spacing!r}, steps_offset {offset} -> default --schedule {spacing} "
              f"(others: karras, exponential, uniform, quadratic, leading, trailing, linspace)"]
+    changed.append(f"initial state sigma_max * noise = {float(table[-1]):.4g} * noise in iia's units (diffusers' "
+                   f"pipelines start from unit noise in the VP form, sqrt(sigma_max^2 + 1) * noise in iia's units); "
+                   f"the same seed gives a slightly different image than diffusers' pipeline")
     if class_name == "PNDMScheduler":
         changed.append("PNDMScheduler: its PLMS/PRK warm-up is not reproduced step for step; iia's --solver "
                        "ipndm/spndm are the same linear-multistep family on the same timesteps")
     return SchedulerReading(class_name, "vp", prediction, float(table[0]), float(table[-1]), sigma_table=table,
                             net_table=net_table, default_schedule=spacing, steps_offset=offset, clip_x0=clip_x0,
-                            lines=lines, changed=changed)
+                            variance_type=config.get("variance_type"), lines=lines, changed=changed)
 
 
 def _edm_reading(scheduler, class_name: str, sched_file: Path, x0_clipping: str | None) -> SchedulerReading:
@@ -309,6 +313,11 @@ def _unet_checks(config: dict, unet_dir: Path, reading: SchedulerReading) -> tup
     if out not in (channels, 2 * channels):
         raise DiffusersLoadError(f"{unet_dir}/config.json: out_channels {out} is neither in_channels {channels} "
                                  f"nor 2 x in_channels (learned variance)")
+    variance = reading.variance_type
+    if out == 2 * channels and variance not in (None, "learned", "learned_range"):
+        raise DiffusersLoadError(f"{unet_dir}/config.json: out_channels {out} = 2 x in_channels means learned "
+                                 f"variance, but the scheduler's variance_type is {variance!r} (diffusers' own "
+                                 f"step would fail on it): expected learned or learned_range")
     if out == 2 * channels:
         reading.lines.append(f"out_channels {out} = 2 x {channels} (learned variance): D uses the first {channels}")
     size = config.get("sample_size")
@@ -382,7 +391,25 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         raise DiffusersLoadError(f"{path} has no scheduler_config.json (at the top or in scheduler/)")
     reading = read_scheduler(sched_dir, x0_clipping)
     shape, classes = _unet_checks(_read_json(unet_dir / "config.json"), unet_dir, reading)
-    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False).eval()
+    weights = [n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+               if (unet_dir / n).is_file()]
+    if not weights:
+        present = sorted(p.name for p in unet_dir.glob("diffusion_pytorch_model*"))
+        raise DiffusersLoadError(f"{unet_dir} has no diffusion_pytorch_model.safetensors (or .bin)"
+                                 + (f"; found {', '.join(present)} (variants are not loaded)" if present else ""))
+    unet, info = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False,
+                                             output_loading_info=True)
+    unet.eval()
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        found = info.get(kind) or []
+        if found:
+            names = ", ".join(str(k if isinstance(k, str) else k[0]) for k in found[:3])
+            raise DiffusersLoadError(f"{unet_dir}/{weights[0]} does not fit its config.json: {len(found)} "
+                                     f"{kind.replace('_', ' ')} ({names}{', ...' if len(found) > 3 else ''})")
+    bad = [name for name, p in unet.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DiffusersLoadError(f"{unet_dir}/{weights[0]}: parameter {bad[0]} holds NaN/Inf "
+                                 f"({len(bad)} parameter(s) in all)")
     net = DiffusersDenoiser(unet, reading.formulation, reading.prediction, shape[0], reading.net_table,
                             time_mapping, reading.sigma_data, classes > 0, reading.clip_x0).eval()
     for p in net.parameters():

@@ -279,3 +279,32 @@ def test_compile_nonsquare_learned_variance_v_folder_matches_diffusers(tmp_path)
     session = ort.InferenceSession(str(tmp_path / "art" / "sampler.onnx"), providers=["CPUExecutionProvider"])
     images = session.run(["images"], {"noise": noise})[0]
     assert np.abs(images - ref.numpy()).max() <= 1e-4
+
+
+def test_broken_weights_refused_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sched = diffusers.DDIMScheduler(clip_sample=False)
+    folder = save_folder(tmp_path / "w", tiny_unet(), sched)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    dropped = sorted(k for k in tensors if k.startswith("up_blocks.1."))
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, weights)
+    with pytest.raises(ValueError, match=rf"diffusion_pytorch_model.safetensors does not fit its config.json: "
+                                         rf"{len(dropped)} missing keys"):
+        load(folder)
+    tensors[dropped[0]] = torch.full_like(tensors[dropped[0]], float("nan"))
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=f"parameter {dropped[0]} holds NaN/Inf"):
+        load(folder)
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(ValueError, match=r"no diffusion_pytorch_model.safetensors \(or .bin\); found "
+                                         r"diffusion_pytorch_model.fp16.safetensors"):
+        load(folder)
+
+
+def test_doubled_channels_with_fixed_variance_refused(tmp_path):
+    folder = save_folder(tmp_path / "v", tiny_unet(out_channels=2),
+                         diffusers.DDPMScheduler(clip_sample=False, variance_type="fixed_small"))
+    with pytest.raises(ValueError, match="variance_type is 'fixed_small'"):
+        load(folder)
