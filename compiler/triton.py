@@ -1,0 +1,454 @@
+"""`iia-export-triton ARTIFACT_DIR --repo REPO`: a Triton Inference Server model repository from an artifact.
+
+The whole fixed-NFE sampler is ONE model with inputs `noise` (+ `class_labels`) and outputs `images`,
+`images_uint8`, so Triton serves it with its standard backends and its own dynamic batching:
+
+    REPO/<name>_tensorrt/config.pbtxt      platform "tensorrt_plan"     1/model.plan (or one plan per compute
+                                                                          capability, through cc_model_filenames)
+    REPO/<name>_onnxruntime/config.pbtxt   platform "onnxruntime_onnx"  1/model.onnx (+ sampler.onnx.data)
+    REPO/<name>_python/config.pbtxt        backend "python"             1/model.py + 1/artifact/ (iia.runtime)
+
+The python-backend model runs the artifact with `iia.runtime` (for hosts without those backends) and also
+accepts a `seed` per image instead of raw noise: server-side noise drawn by `iia.runtime.draw_noise`, the
+project's one noise convention. Config format: Triton's `model_config.proto` (dims exclude the batch axis when
+`max_batch_size > 0`; `class_labels`, [B] in the graph, is [B, 1] on the wire with `reshape { shape: [] }`).
+
+Every config is built as a `tritonclient` `ModelConfig` protobuf, written as text, parsed back with
+`google.protobuf.text_format` and checked against the artifact's manifest (names, dtypes, dims, batch) before
+anything is published; the models appear in REPO by directory renames, so a failure leaves REPO as it was.
+torch-free: needs numpy-free standard library + tritonclient[grpc] (protobuf) + iia.runtime's artifact checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iia.cli import UsageError, int_list, run_cli, str_list
+from iia.files import public_mode
+from iia.runtime.artifact import artifact_root, read_manifest, verify_all
+
+BACKENDS = ("tensorrt", "onnxruntime", "python")
+KINDS = ("gpu", "cpu")
+PLAN, SAMPLER_ONNX = "sampler.plan", "sampler.onnx"
+PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
+# manifest dtype -> Triton DataType name (model_config.proto)
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+SEED = "seed"  # python backend only: int64 [B, 1], one seed per image
+LABELS = "class_labels"
+
+
+class TritonExportError(ValueError):
+    """An export that cannot be done as asked; the message names the option or file."""
+
+
+@dataclass
+class TritonOptions:
+    """What `iia-export-triton` writes. `backends` None: tensorrt (when the artifact has a plan),
+    onnxruntime and python."""
+
+    name: str | None = None
+    version: int = 1
+    instances: int = 1
+    max_queue_delay_us: int = 1000
+    preferred_batch: list[int] = field(default_factory=list)
+    kind: str = "gpu"
+    backends: list[str] | None = None
+    force: bool = False
+
+
+def _model_config_pb2():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as err:
+        raise ImportError(f"iia-export-triton needs tritonclient's protobuf definitions ({err}); "
+                          f"pip install 'tritonclient[grpc]' (or iia[triton])") from None
+    return model_config_pb2, text_format
+
+
+# ---- configs --------------------------------------------------------------------------------------------
+def _dims(entry: dict) -> list[int]:
+    """An input/output's dims without the leading batch axis (the manifest writes it as "batch")."""
+    shape = list(entry["shape"])
+    if not shape or shape[0] != "batch" or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        raise TritonExportError(f"manifest.json: {entry['name']} has shape {shape}; expected ['batch', d1, ...] "
+                                f"with fixed positive dims")
+    return shape[1:]
+
+
+def _triton_dtype(entry: dict) -> str:
+    try:
+        return TRITON_DTYPES[entry["dtype"]]
+    except KeyError:
+        raise TritonExportError(f"manifest.json: {entry['name']} has dtype {entry['dtype']!r}, which this exporter "
+                                f"does not map to a Triton type ({', '.join(TRITON_DTYPES)})") from None
+
+
+def _add_tensor(pb2, repeated, entry: dict, optional: bool = False) -> None:
+    """One ModelInput/ModelOutput; a [B] tensor becomes dims [1] + reshape [] (Triton's way for per-item scalars)."""
+    tensor = repeated.add()
+    tensor.name = entry["name"]
+    tensor.data_type = pb2.DataType.Value(_triton_dtype(entry))
+    dims = _dims(entry)
+    if dims:
+        tensor.dims.extend(dims)
+    else:
+        tensor.dims.append(1)
+        tensor.reshape.SetInParent()  # reshape { } : shape [] inside the model
+    if optional:
+        tensor.optional = True
+
+
+def _common(pb2, config, manifest: dict, opts: TritonOptions, kind: str) -> None:
+    config.max_batch_size = int(manifest["max_batch"])
+    batching = config.dynamic_batching
+    batching.SetInParent()
+    batching.max_queue_delay_microseconds = int(opts.max_queue_delay_us)
+    batching.preferred_batch_size.extend(int(b) for b in opts.preferred_batch)
+    group = config.instance_group.add()
+    group.count = int(opts.instances)
+    group.kind = pb2.ModelInstanceGroup.Kind.Value("KIND_GPU" if kind == "gpu" else "KIND_CPU")
+    config.version_policy.specific.versions.append(int(opts.version))
+
+
+def standard_config(manifest: dict, name: str, backend: str, opts: TritonOptions, plans: dict[str, str] | None = None):
+    """ModelConfig for `tensorrt_plan` or `onnxruntime_onnx`: the graph's own inputs and outputs.
+
+    plans: {compute capability: file name} when several TensorRT plans are given (cc_model_filenames)."""
+    pb2, _ = _model_config_pb2()
+    config = pb2.ModelConfig()
+    config.name = name
+    config.platform = "tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx"
+    if plans and len(plans) > 1:
+        for cc, filename in plans.items():
+            config.cc_model_filenames[cc] = filename
+    for entry in manifest["inputs"]:
+        _add_tensor(pb2, config.input, entry)
+    for entry in manifest["outputs"]:
+        _add_tensor(pb2, config.output, entry)
+    _common(pb2, config, manifest, opts, opts.kind)
+    return config
+
+
+def python_config(manifest: dict, name: str, opts: TritonOptions):
+    """ModelConfig for the python-backend model: `noise` OR `seed` per request, plus the graph's labels/outputs."""
+    pb2, _ = _model_config_pb2()
+    config = pb2.ModelConfig()
+    config.name = name
+    config.backend = "python"
+    for entry in manifest["inputs"]:
+        _add_tensor(pb2, config.input, entry, optional=entry["name"] == "noise")
+    _add_tensor(pb2, config.input, {"name": SEED, "dtype": "int64", "shape": ["batch", 1]}, optional=True)
+    for entry in manifest["outputs"]:
+        _add_tensor(pb2, config.output, entry)
+    _common(pb2, config, manifest, opts, opts.kind)
+    config.parameters["artifact"].string_value = "artifact"
+    return config
+
+
+def config_text(config) -> str:
+    _, text_format = _model_config_pb2()
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str, where: str = "config.pbtxt"):
+    """Parse a config.pbtxt with tritonclient's ModelConfig (field names, enum values, syntax)."""
+    pb2, text_format = _model_config_pb2()
+    config = pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as err:
+        raise TritonExportError(f"{where} does not parse as a Triton ModelConfig: {err}") from None
+    return config
+
+
+def check_config(config, manifest: dict, where: str = "config.pbtxt") -> None:
+    """Raise TritonExportError unless a parsed config serves the manifest's graph interface exactly."""
+    pb2, _ = _model_config_pb2()
+    problems = []
+    if config.max_batch_size != int(manifest["max_batch"]):
+        problems.append(f"max_batch_size {config.max_batch_size} != the artifact's max_batch {manifest['max_batch']}")
+
+    def check(kind: str, got, expected: list[dict]) -> None:
+        got_by_name = {t.name: t for t in got}
+        extra = set(got_by_name) - {e["name"] for e in expected} - ({SEED} if kind == "input" and
+                                                                   config.backend == "python" else set())
+        if extra:
+            problems.append(f"{kind}(s) {sorted(extra)} are not in the manifest")
+        for entry in expected:
+            tensor = got_by_name.get(entry["name"])
+            if tensor is None:
+                problems.append(f"{kind} {entry['name']} is missing")
+                continue
+            dims, want = list(tensor.dims), _dims(entry)
+            model_dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else dims
+            if model_dims != want or (not want and dims != [1]):
+                problems.append(f"{kind} {entry['name']} has dims {dims} (model side {model_dims}); the manifest "
+                                f"says {want} after the batch axis")
+            if pb2.DataType.Name(tensor.data_type) != _triton_dtype(entry):
+                problems.append(f"{kind} {entry['name']} has {pb2.DataType.Name(tensor.data_type)}; the manifest "
+                                f"says {entry['dtype']}")
+
+    check("input", config.input, manifest["inputs"])
+    check("output", config.output, manifest["outputs"])
+    if config.backend == "python" and SEED in {t.name for t in config.input}:
+        seed = next(t for t in config.input if t.name == SEED)
+        if list(seed.dims) != [1] or pb2.DataType.Name(seed.data_type) != "TYPE_INT64" or not seed.optional:
+            problems.append("input seed must be an optional TYPE_INT64 with dims [1]")
+    if problems:
+        raise TritonExportError(f"{where} does not match the artifact: " + "; ".join(problems))
+
+
+# ---- artifacts --------------------------------------------------------------------------------------------
+@dataclass
+class _Artifact:
+    root: Path
+    manifest: dict
+
+    @property
+    def has_plan(self) -> bool:
+        return bool((self.manifest.get("engine") or {}).get("built")) and PLAN in self.manifest["files"]
+
+    @property
+    def capability(self) -> str | None:
+        return (self.manifest.get("engine") or {}).get("compute_capability")
+
+
+def _read_artifacts(paths: list[str | Path]) -> list[_Artifact]:
+    """Verified artifacts; extra ones may only add TensorRT plans of the SAME sampler graph."""
+    arts = []
+    for path in paths:
+        root = artifact_root(path)
+        manifest = read_manifest(root)
+        verify_all(root, manifest)
+        arts.append(_Artifact(root, manifest))
+    first = arts[0]
+    for art in arts[1:]:
+        if art.manifest["files"].get(SAMPLER_ONNX) != first.manifest["files"].get(SAMPLER_ONNX):
+            raise TritonExportError(f"{art.root}: its {SAMPLER_ONNX} differs from {first.root}'s; several artifact "
+                                    f"directories are only for TensorRT plans of ONE sampler built on different GPUs")
+        if not art.has_plan:
+            raise TritonExportError(f"{art.root} has no TensorRT plan; extra artifact directories only add plans")
+    return arts
+
+
+def _plans(arts: list[_Artifact]) -> dict[str, _Artifact]:
+    """{compute capability: artifact} over the artifacts that have a plan (one per capability)."""
+    plans: dict[str, _Artifact] = {}
+    for art in arts:
+        if not art.has_plan:
+            continue
+        cc = art.capability
+        if not cc:
+            raise TritonExportError(f"{art.root / 'manifest.json'}: engine.compute_capability is missing; cannot "
+                                    f"place its plan")
+        if cc in plans:
+            raise TritonExportError(f"{plans[cc].root} and {art.root} both hold a plan for compute capability {cc}")
+        plans[cc] = art
+    return plans
+
+
+def default_name(root: Path) -> str:
+    """A Triton-safe model name from the artifact directory's name."""
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", root.resolve().name).strip("_")
+    return name or "iia_sampler"
+
+
+def _copy(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    public_mode(dst)
+
+
+# ---- the repository -------------------------------------------------------------------------------------
+def _write_model(work: Path, name: str, config, manifest: dict, opts: TritonOptions) -> Path:
+    """work/<name>/config.pbtxt, parsed back and checked; returns the model dir (its version dir is empty)."""
+    model_dir = work / name
+    (model_dir / str(opts.version)).mkdir(parents=True)
+    text = config_text(config)
+    check_config(parse_config(text, f"{name}/config.pbtxt"), manifest, f"{name}/config.pbtxt")
+    (model_dir / "config.pbtxt").write_text(text)
+    return model_dir
+
+
+def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path,
+                      opts: TritonOptions | None = None, log=None) -> dict[str, Path]:
+    """Write the models for `artifacts` into the Triton model repository `repo`; returns {model name: dir}.
+
+    Nothing appears in `repo` until every model is written, parsed back and checked; an existing model of
+    the same name is refused unless `opts.force` (then replaced). Raises TritonExportError / ArtifactError.
+    """
+    opts = opts or TritonOptions()
+    log = log or (lambda text: None)
+    paths = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
+    if not paths:
+        raise UsageError("give at least one artifact directory")
+    _check_options(opts)
+    arts = _read_artifacts(paths)
+    first = arts[0]
+    manifest = first.manifest
+    _check_preferred(opts, int(manifest["max_batch"]))
+    plans = _plans(arts)
+    backends = opts.backends or ([*(["tensorrt"] if plans else []), "onnxruntime", "python"])
+    if "tensorrt" in backends and not plans:
+        reason = (manifest.get("engine") or {}).get("reason") or "not built"
+        raise TritonExportError(f"--backend tensorrt: {first.root} has no TensorRT plan ({reason}); compile it on a "
+                                f"GPU machine with TensorRT, or choose --backend onnxruntime,python")
+    if "tensorrt" in backends and opts.kind != "gpu":
+        raise TritonExportError("--kind cpu cannot serve a TensorRT plan (tensorrt_plan runs on GPUs only)")
+    base = opts.name or default_name(first.root)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", base):
+        raise UsageError(f"--name {base!r}: use letters, digits, '_', '-' or '.'")
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    names = {backend: f"{base}_{backend}" for backend in backends}
+    existing = [n for n in names.values() if (repo / n).exists()]
+    if existing and not opts.force:
+        raise TritonExportError(f"{repo} already holds model(s) {', '.join(existing)} (pass --force to replace)")
+    work = Path(tempfile.mkdtemp(dir=repo, prefix=".iia-export-"))
+    try:
+        built: dict[str, Path] = {}
+        for backend in backends:
+            name = names[backend]
+            if backend == "python":
+                model_dir = _write_model(work, name, python_config(manifest, name, opts), manifest, opts)
+                _python_files(first, model_dir / str(opts.version))
+            else:
+                files = {cc: f"model_{cc}.plan" for cc in plans} if len(plans) > 1 else {}
+                config = standard_config(manifest, name, backend, opts, files)
+                model_dir = _write_model(work, name, config, manifest, opts)
+                version_dir = model_dir / str(opts.version)
+                if backend == "tensorrt":
+                    for cc, art in plans.items():
+                        _copy(art.root / PLAN, version_dir / (files.get(cc) or "model.plan"))
+                else:
+                    _copy(first.root / SAMPLER_ONNX, version_dir / "model.onnx")
+                    data = f"{SAMPLER_ONNX}.data"  # external tensors keep the name the graph refers to
+                    if data in manifest["files"]:
+                        _copy(first.root / data, version_dir / data)
+            built[name] = model_dir
+            log(f"  {name}: {config_summary(model_dir / 'config.pbtxt')}")
+        _publish(work, repo, list(built), opts.force)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {name: repo / name for name in built}
+
+
+def _python_files(art: _Artifact, version_dir: Path) -> None:
+    """model.py (the template) + artifact/ (manifest.json and every file it lists, hashes re-checked at load)."""
+    _copy(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
+    target = version_dir / "artifact"
+    target.mkdir()
+    for name in ["manifest.json", *art.manifest["files"]]:
+        _copy(art.root / name, target / name)
+
+
+def _publish(work: Path, repo: Path, names: list[str], force: bool) -> None:
+    """Move each finished model dir into repo; a replaced model is renamed aside first and removed after."""
+    for name in names:
+        public_mode(work / name, directory=True)
+        for sub in (work / name).rglob("*"):
+            if sub.is_dir():
+                public_mode(sub, directory=True)
+    old = work / ".replaced"
+    old.mkdir()
+    moved: list[str] = []
+    try:
+        for name in names:
+            if (repo / name).exists():
+                if not force:
+                    raise TritonExportError(f"{repo / name} appeared while exporting (pass --force to replace)")
+                os.replace(repo / name, old / name)
+            os.replace(work / name, repo / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:  # put back what was there before
+            os.replace(repo / name, work / name)
+        for name in os.listdir(old):
+            os.replace(old / name, repo / name)
+        raise
+
+
+def config_summary(path: Path) -> str:
+    config = parse_config(path.read_text(), str(path))
+    kind = config.platform or f"backend {config.backend}"
+    ins = ", ".join(f"{t.name}{list(t.dims)}" for t in config.input)
+    outs = ", ".join(f"{t.name}{list(t.dims)}" for t in config.output)
+    return f"{kind}, max_batch_size {config.max_batch_size}, inputs {ins} -> {outs}"
+
+
+def _check_options(opts: TritonOptions) -> None:
+    if opts.kind not in KINDS:
+        raise UsageError(f"--kind must be gpu or cpu, got {opts.kind!r}")
+    unknown = [b for b in (opts.backends or []) if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"--backend {','.join(unknown)}: expected any of {', '.join(BACKENDS)}")
+    if opts.backends is not None and not opts.backends:
+        raise UsageError("--backend needs at least one of " + ", ".join(BACKENDS))
+    if opts.version < 1:
+        raise UsageError(f"--version must be >= 1, got {opts.version}")
+    if opts.instances < 1:
+        raise UsageError(f"--instances must be >= 1, got {opts.instances}")
+    if opts.max_queue_delay_us < 0:
+        raise UsageError(f"--max-queue-delay-us must be >= 0, got {opts.max_queue_delay_us}")
+    if any(b < 1 for b in opts.preferred_batch):
+        raise UsageError(f"--preferred-batch sizes must be >= 1, got {opts.preferred_batch}")
+
+
+def _check_preferred(opts: TritonOptions, max_batch: int) -> None:
+    too_big = [b for b in opts.preferred_batch if b > max_batch]
+    if too_big:
+        raise UsageError(f"--preferred-batch {too_big} exceeds the artifact's max batch {max_batch}")
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="iia-export-triton",
+        description="Write a Triton Inference Server model repository for a compiled artifact: tensorrt_plan "
+                    "(when the artifact has a plan), onnxruntime_onnx, and a python-backend model around "
+                    "iia.runtime that also accepts per-image seeds. Configs are parsed back with tritonclient's "
+                    "ModelConfig and checked against the manifest before the repository is touched.")
+    parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR",
+                        help="artifact directory from iia-compile; more directories add TensorRT plans of the same "
+                             "sampler for other GPUs (cc_model_filenames)")
+    parser.add_argument("--repo", required=True, help="model repository directory (created if missing)")
+    parser.add_argument("--name", default=None, help="model name prefix (default: the artifact directory's name); "
+                                                     "models are NAME_tensorrt, NAME_onnxruntime, NAME_python")
+    parser.add_argument("--version", type=int, default=1, help="model version directory (default 1)")
+    parser.add_argument("--instances", type=int, default=1, help="instance_group count (default 1)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=1000,
+                        help="dynamic batching: longest wait to form a batch, microseconds (default 1000)")
+    parser.add_argument("--preferred-batch", type=int_list, default=[], help="dynamic batching: e.g. 4,8")
+    parser.add_argument("--kind", default="gpu", choices=KINDS, help="instance kind (default gpu)")
+    parser.add_argument("--backend", type=str_list, default=None,
+                        help=f"comma-separated subset of {','.join(BACKENDS)} (default: tensorrt when the artifact "
+                             f"has a plan, onnxruntime, python)")
+    parser.add_argument("--force", action="store_true", help="replace models of the same name in the repository")
+    args = parser.parse_args(argv)
+    opts = TritonOptions(name=args.name, version=args.version, instances=args.instances,
+                         max_queue_delay_us=args.max_queue_delay_us, preferred_batch=args.preferred_batch,
+                         kind=args.kind, backends=args.backend, force=args.force)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    models = export_repository(args.artifacts, args.repo, opts, log=log)
+    print(f"wrote {', '.join(models)} into {args.repo}/")
+    print(f"serve: tritonserver --model-repository {Path(args.repo).resolve()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+__all__ = ["BACKENDS", "TritonExportError", "TritonOptions", "check_config", "export_repository", "parse_config",
+           "python_config", "standard_config"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Triton python-backend model for an iia artifact (copied as `<model>/<version>/model.py` by iia-export-triton).
+
+Imports only numpy, iia.runtime and triton_python_backend_utils: the server's Python environment needs
+numpy, onnxruntime (or onnxruntime-gpu / tensorrt) and iia (no torch). The artifact sits beside this file in
+`artifact/` (config parameter "artifact") and is loaded with `iia.runtime.load`, which checks every sha256.
+
+Per request (all tensors carry the batch axis B):
+  noise         FP32  [B, *sample_shape]   standard-normal noise; OR
+  seed          INT64 [B, 1]               one seed per image: noise drawn server-side by iia.runtime.draw_noise
+  class_labels  INT64 [B, 1]               class ids (conditional models only)
+-> images FP32 [B, *sample_shape], images_uint8 UINT8 [B, H, W, C] (image models).
+
+Dynamic batching hands `execute` several requests at once: each is validated on its own (a bad one gets its
+own error response, naming the problem, and the others are served), then the valid ones run as ONE sampler
+call on their concatenated noise, and the outputs are split back. The graph treats images independently, so
+a request's outputs do not depend on what it was batched with beyond float rounding of batched kernels.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+import iia.runtime
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        artifact = config.get("parameters", {}).get("artifact", {}).get("string_value", "artifact")
+        root = Path(__file__).resolve().parent / artifact
+        if args.get("model_instance_kind") == "GPU":
+            backend, device_id = "auto", int(args.get("model_instance_device_id") or 0)
+        else:
+            backend, device_id = "onnxruntime-cpu", 0
+        self.sampler = iia.runtime.load(root, backend, device_id=device_id)
+        self.output_names = list(self.sampler.output_names)
+        pb_utils.Logger.log_info(f"iia: {self.sampler!r} ({iia.runtime.describe(self.sampler)})")
+
+    def _prepare(self, request):
+        """(noise float32 [B, ...], labels int64 [B] | None) for one request, or ValueError naming the problem."""
+        noise, seed, labels = _input(request, "noise"), _input(request, "seed"), _input(request, "class_labels")
+        if noise is not None and seed is not None:
+            raise ValueError("give either noise or seed, not both")
+        if noise is None and seed is None:
+            raise ValueError(f"give noise (FP32 [B, {', '.join(map(str, self.sampler.sample_shape))}]) or seed "
+                             f"(INT64 [B, 1], one per image)")
+        if seed is not None:
+            seeds = seed.reshape(-1)
+            if seeds.size != seed.shape[0]:
+                raise ValueError(f"seed must have shape [B, 1], got {list(seed.shape)}")
+            if (seeds < 0).any():
+                raise ValueError(f"seeds must be >= 0, got {int(seeds[seeds < 0][0])}")
+            noise = np.concatenate([iia.runtime.draw_noise(int(s), 1, self.sampler.sample_shape) for s in seeds])
+        noise = self.sampler.check_noise(noise)
+        if labels is not None:
+            labels = labels.reshape(labels.shape[0], -1)
+            if labels.shape[1] != 1:
+                raise ValueError(f"class_labels must have shape [B, 1] (one id per image), got {list(labels.shape)}")
+            labels = labels[:, 0]
+        return noise, self.sampler.check_labels(labels, noise.shape[0])
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batch = []  # (index, noise, labels) of the valid requests
+        for i, request in enumerate(requests):
+            try:
+                noise, labels = self._prepare(request)
+            except ValueError as err:
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err)))
+                continue
+            batch.append((i, noise, labels))
+        if batch:
+            noise = np.concatenate([b[1] for b in batch])
+            labels = None if batch[0][2] is None else np.concatenate([b[2] for b in batch])
+            try:
+                out = self.sampler.sample(noise, class_labels=labels)
+            except Exception as err:  # a backend failure: every request of this batch gets it, one line
+                for i, _, _ in batch:
+                    responses[i] = pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(f"iia sampler failed: {type(err).__name__}: {err}"))
+                return responses
+            start = 0
+            for i, x, _ in batch:
+                stop = start + x.shape[0]
+                tensors = [pb_utils.Tensor("images", np.ascontiguousarray(out.images[start:stop]))]
+                if out.images_uint8 is not None:
+                    tensors.append(pb_utils.Tensor("images_uint8", np.ascontiguousarray(out.images_uint8[start:stop])))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+                start = stop
+        return responses
+
+    def finalize(self):
+        self.sampler.close()

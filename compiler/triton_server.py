@@ -1,0 +1,212 @@
+"""A real `tritonserver` on loopback, for tests and the load test: the binary of the `nvidia-pytriton` wheel.
+
+That wheel (PyPI, installed `--no-deps`: its metadata pins numpy<2) ships Triton's `tritonserver` with the
+Python backend only (no ONNX Runtime / TensorRT backends), so here it serves the python-backend model that
+`iia-export-triton` writes; the standard-backend models need NVIDIA's Triton container (README "Serving").
+
+What it takes to run (measured on Debian 12, see shared notes "Triton Inference Server"):
+  * LD_LIBRARY_PATH = the wheel's `nvidia_pytriton.libs`;
+  * a writable backends folder whose `python/` holds the wheel's `libtriton_python.so` and the
+    `triton_python_backend_stub` built for this Python version (it links the system libpython3.X);
+  * the stub takes its site-packages from the `python` first on PATH, and exchanges tensors correctly only
+    with numpy < 2 there: `stub_environment()` makes (once, cached) a small venv with numpy<2 + onnxruntime,
+    and `iia` reaches it through PYTHONPATH = a folder holding only a link to this `iia` package (torch-free
+    `iia.runtime`; the system site-packages with numpy 2 stay out);
+  * HTTP, gRPC and metrics bound to 127.0.0.1 on free ports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STUB_NUMPY = "numpy<2"
+
+
+class TritonUnavailable(RuntimeError):
+    """No usable tritonserver here; the message says what to install."""
+
+
+def wheel_paths() -> dict[str, Path]:
+    """Paths inside the installed nvidia-pytriton wheel (without importing pytriton, which needs pyzmq)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonUnavailable("tritonserver not found: pip install --no-deps nvidia-pytriton (the wheel ships the "
+                                "server binary with the Python backend; see .ci/install-triton.sh)")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    server = pkg / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    paths = {"binary": server / "bin" / "tritonserver", "libs": pkg.parent / "nvidia_pytriton.libs",
+             "backend": server / "backends" / "python",
+             "stub": server / "python_backend_stubs" / version / "triton_python_backend_stub"}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise TritonUnavailable(f"the nvidia-pytriton wheel lacks {', '.join(missing)} (Python {version} stub needed)")
+    return paths
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("IIA_CACHE_DIR") or Path.home() / ".cache" / "iia")
+
+
+def stub_environment(cache_dir: str | Path | None = None, log=None) -> Path:
+    """A venv (made once, cached) with numpy<2 + this host's onnxruntime version, for the python-backend stub."""
+    import onnxruntime
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    root = Path(cache_dir or default_cache_dir())
+    env = root / f"triton-stub-py{version}-ort{onnxruntime.__version__}"
+    if (env / "ok").is_file():
+        return env
+    root.mkdir(parents=True, exist_ok=True)
+    if log:
+        log(f"making the python-backend environment {env} (numpy<2, onnxruntime {onnxruntime.__version__})")
+    work = Path(tempfile.mkdtemp(dir=root, prefix=".triton-stub-"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(work)], check=True, capture_output=True)
+        pip = [str(work / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        result = subprocess.run([*pip, STUB_NUMPY, f"onnxruntime=={onnxruntime.__version__}"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise TritonUnavailable(f"could not make the python-backend environment: pip said "
+                                    f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
+        (work / "ok").write_text("numpy<2, onnxruntime\n")
+        try:
+            os.rename(work, env)  # the venv's python resolves its site-packages relative to itself
+        except OSError:
+            if not (env / "ok").is_file():  # another process made it first: use theirs
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return env
+
+
+def iia_import_dir(parent: Path) -> Path:
+    """parent/pythonpath holding only a link `iia` -> this iia package: iia.runtime without the host's site-packages."""
+    import iia
+
+    folder = parent / "pythonpath"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "iia").symlink_to(Path(iia.__file__).resolve().parent, target_is_directory=True)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalTritonServer:
+    """`tritonserver --model-repository REPO` on 127.0.0.1 with free ports; a context manager.
+
+    `http_url` / `grpc_url` ("127.0.0.1:PORT") for tritonclient; the server log is `log_path`.
+    Start raises TritonUnavailable (with the log's last lines) when it does not become ready in `timeout` s.
+    """
+
+    def __init__(self, repo: str | Path, *, env: Path | None = None, timeout: float = 120.0, log=None,
+                 extra_args: list[str] | None = None):
+        self.repo = Path(repo).resolve()
+        self.paths = wheel_paths()
+        self.env = env or stub_environment(log=log)
+        self.timeout = timeout
+        self.extra_args = list(extra_args or [])
+        self.process: subprocess.Popen | None = None
+        self.work: Path | None = None
+
+    def start(self) -> "LocalTritonServer":
+        self.work = Path(tempfile.mkdtemp(prefix="iia-triton-"))
+        backends = self.work / "backends" / "python"
+        shutil.copytree(self.paths["backend"], backends, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(self.paths["stub"], backends / "triton_python_backend_stub")
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.paths["libs"]), env.get("LD_LIBRARY_PATH")]))
+        env["PATH"] = os.pathsep.join([str(self.env / "bin"), env.get("PATH", "")])
+        env["PYTHONPATH"] = str(iia_import_dir(self.work))
+        env["VIRTUAL_ENV"] = str(self.env)
+        env.pop("PYTHONHOME", None)
+        self.log_path = self.work / "tritonserver.log"
+        cmd = [str(self.paths["binary"]), "--model-repository", str(self.repo),
+               "--backend-directory", str(self.work / "backends"),
+               "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
+               "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+               "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+               "--allow-sagemaker", "false", "--allow-vertex-ai", "false", "--exit-on-error", "true",
+               *self.extra_args]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _wait_ready(self) -> None:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise TritonUnavailable(f"tritonserver exited with status {self.process.returncode}; log:\n"
+                                            f"{self.log_tail()}")
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.2)
+        finally:
+            client.close()
+        raise TritonUnavailable(f"tritonserver not ready after {self.timeout:.0f} s; log:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # its own session: the server and its stubs
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+
+__all__ = ["LocalTritonServer", "TritonUnavailable", "free_port", "stub_environment", "wheel_paths"]
