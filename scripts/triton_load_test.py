@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Load test: N concurrent clients x M requests against a REAL tritonserver on 127.0.0.1 (python-backend model).
+
+    python scripts/triton_load_test.py ARTIFACT_DIR [--clients 16] [--requests 50] [--images 1]
+                                       [--protocol grpc|http] [--max-queue-delay-us 2000] [--json FILE]
+
+Exports ARTIFACT_DIR with iia-export-triton (python backend, KIND_CPU) into a temporary repository, starts
+the nvidia-pytriton wheel's tritonserver bound to 127.0.0.1 on free ports (nothing else is contacted), and
+reports: throughput (images/s), latency p50/p99, errors (must be 0), the batch sizes Triton's dynamic batcher
+formed (server statistics), whether every output is bit-equal to the in-process `iia.runtime` for the same
+noise, and the in-process runtime's images/s at the SAME effective batch (interleaved: after each round of
+load, the in-process runtime makes as many images at the mean batch Triton formed in that round). Bounded: clients x requests requests, each with a timeout, and the
+whole run with --timeout. Not a unit test: run it by hand (numbers in README "Serving").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout imports its own iia
+
+import iia.runtime  # noqa: E402
+from iia.compiler.triton import TritonOptions, export_repository  # noqa: E402
+from iia.compiler.triton_server import LocalTritonServer  # noqa: E402
+
+
+def _client_module(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as client
+    else:
+        import tritonclient.http as client
+    return client
+
+
+def make_inputs(client, noise: np.ndarray, labels: np.ndarray | None):
+    inputs = [client.InferInput("noise", list(noise.shape), "FP32")]
+    inputs[0].set_data_from_numpy(noise)
+    if labels is not None:
+        inputs.append(client.InferInput("class_labels", [len(labels), 1], "INT64"))
+        inputs[1].set_data_from_numpy(labels.reshape(-1, 1))
+    return inputs
+
+
+def batch_stats(client, model: str, protocol: str) -> dict[int, int]:
+    """{batch size: executions} from Triton's model statistics."""
+    stats = client.get_inference_statistics(model, as_json=True) if protocol == "grpc" else \
+        client.get_inference_statistics(model)
+    out: dict[int, int] = {}
+    for entry in stats["model_stats"][0].get("batch_stats", []):
+        out[int(entry["batch_size"])] = int(entry["compute_infer"]["count"])
+    return out
+
+
+def inprocess_seconds(sampler, batch: int, images: int, labels_fn) -> tuple[int, float]:
+    """(images made, seconds) by the in-process runtime calling `sampler` at `batch` for about `images` images."""
+    noise = np.random.default_rng(12345).standard_normal((batch, *sampler.sample_shape), dtype=np.float32)
+    labels = labels_fn(batch)
+    sampler(noise, class_labels=labels)  # warm (a new batch size may allocate)
+    calls = max(1, round(images / batch))
+    start = time.perf_counter()
+    for _ in range(calls):
+        sampler(noise, class_labels=labels)
+    return calls * batch, time.perf_counter() - start
+
+
+def run(args) -> dict:
+    """Rounds of load (every client sends requests/rounds requests), each followed by the in-process runtime
+    making as many images at the mean batch Triton formed in that round: both rates are sums over the same
+    interleaved stretch of time, so a busy machine slows both."""
+    artifact = Path(args.artifact)
+    sampler = iia.runtime.load(artifact, "onnxruntime-cpu")
+    label_dim = sampler.label_dim
+    labels_fn = (lambda n: (np.arange(n) % label_dim).astype(np.int64)) if label_dim else (lambda n: None)
+    client_mod = _client_module(args.protocol)
+    total = args.clients * args.requests
+    rng = np.random.default_rng(args.seed)
+    noises = rng.standard_normal((total, args.images, *sampler.sample_shape), dtype=np.float32)
+    labels = [None if not label_dim else (labels_fn(args.images) + k) % label_dim for k in range(total)]
+    results: list = [None] * total
+    latencies = np.zeros(total)
+    errors: list[str] = []
+    lock = threading.Lock()
+    rounds = [list(range(r * args.requests // args.rounds, (r + 1) * args.requests // args.rounds))
+              for r in range(args.rounds)]
+    go, done = threading.Barrier(args.clients + 1), threading.Barrier(args.clients + 1)
+    deadline = time.monotonic() + args.timeout
+
+    with tempfile.TemporaryDirectory(prefix="iia-loadtest-") as tmp:
+        opts = TritonOptions(name="loadtest", kind="cpu", backends=["python"], instances=args.instances,
+                             max_queue_delay_us=args.max_queue_delay_us)
+        model = next(iter(export_repository(artifact, Path(tmp) / "repo", opts)))
+        with LocalTritonServer(Path(tmp) / "repo", log=lambda t: print(t, file=sys.stderr)) as server:
+            url = server.grpc_url if args.protocol == "grpc" else server.http_url
+
+            def worker(c: int) -> None:
+                kwargs = {"client_timeout": args.request_timeout} if args.protocol == "grpc" else {}
+                client = client_mod.InferenceServerClient(url, **({} if args.protocol == "grpc" else
+                                                                  {"network_timeout": args.request_timeout}))
+                try:
+                    for ids in rounds:
+                        go.wait()
+                        for r in ids:
+                            k = c * args.requests + r
+                            if time.monotonic() > deadline:
+                                with lock:
+                                    errors.append(f"request {k}: --timeout {args.timeout} s reached")
+                                continue
+                            start = time.perf_counter()
+                            try:
+                                out = client.infer(model, make_inputs(client_mod, noises[k], labels[k]), **kwargs)
+                                results[k] = out.as_numpy("images")
+                            except Exception as err:  # counted, reported
+                                with lock:
+                                    errors.append(f"request {k}: {type(err).__name__}: {err}")
+                            latencies[k] = time.perf_counter() - start
+                        done.wait()
+                finally:
+                    client.close()
+
+            main_client = client_mod.InferenceServerClient(url)
+            for k in range(3):  # warm the model instance
+                main_client.infer(model, make_inputs(client_mod, noises[k], labels[k]))
+            threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(args.clients)]
+            for t in threads:
+                t.start()
+            formed: dict[int, int] = {}
+            triton_s = inproc_s = client_cpu = 0.0
+            inproc_images = 0
+            per_round = []
+            for ids in rounds:
+                before = batch_stats(main_client, model, args.protocol)
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                go.wait()
+                done.wait()
+                wall = time.perf_counter() - t0
+                triton_s, client_cpu = triton_s + wall, client_cpu + time.process_time() - cpu0
+                after = batch_stats(main_client, model, args.protocol)
+                round_formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
+                for b, n in round_formed.items():
+                    formed[b] = formed.get(b, 0) + n
+                made = sum(b * n for b, n in round_formed.items())
+                batch = args.effective_batch or max(1, round(made / max(1, sum(round_formed.values()))))
+                n, sec = inprocess_seconds(sampler, batch, made, labels_fn)
+                inproc_images, inproc_s = inproc_images + n, inproc_s + sec
+                per_round.append({"triton_images_per_s": round(made / wall, 1), "inprocess_batch": batch,
+                                  "inprocess_images_per_s": round(n / sec, 1)})
+            for t in threads:
+                t.join()
+            main_client.close()
+    executions = sum(formed.values())
+    images_done = sum(b * n for b, n in formed.items())
+    ok = [k for k in range(total) if results[k] is not None]
+    # the in-process runtime on each request's own noise and labels (the request as one batch)
+    bit_equal = sum(np.array_equal(results[k], sampler(noises[k], class_labels=labels[k])) for k in ok)
+    lat = latencies[ok] * 1e3 if ok else np.zeros(1)
+    triton_rate = len(ok) * args.images / triton_s
+    inproc_rate = inproc_images / inproc_s
+    return {
+        "artifact": str(artifact), "model": model, "protocol": args.protocol, "clients": args.clients,
+        "requests_per_client": args.requests, "images_per_request": args.images, "requests": total,
+        "errors": len(errors), "first_errors": errors[:3], "triton_wall_s": round(triton_s, 3),
+        "client_process_cpu_s": round(client_cpu, 3),
+        "triton_images_per_s": round(triton_rate, 1),
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2), "p90": round(float(np.percentile(lat, 90)), 2),
+                       "p99": round(float(np.percentile(lat, 99)), 2)},
+        "batches_formed": dict(sorted(formed.items())), "executions": executions,
+        "effective_batch": round(images_done / executions, 2) if executions else 0.0,
+        "inprocess_images_per_s": round(inproc_rate, 1),
+        "throughput_ratio": round(triton_rate / inproc_rate, 3),
+        "rounds": per_round,
+        "bit_equal_responses": bit_equal, "max_queue_delay_us": args.max_queue_delay_us,
+        "instances": args.instances, "cpu_count": os.cpu_count(),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", metavar="ARTIFACT_DIR")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=50, help="per client")
+    parser.add_argument("--images", type=int, default=1, help="images per request (default 1)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--effective-batch", type=int, default=None,
+                        help="in-process batch to compare with (default: each round's mean batch Triton formed)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved Triton / in-process rounds (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for all requests")
+    parser.add_argument("--json", default=None, help="write the report here")
+    args = parser.parse_args(argv)
+    if min(args.clients, args.requests, args.images, args.rounds) < 1 or args.clients * args.requests > 100_000:
+        parser.error("--clients, --requests, --images, --rounds must be >= 1 (and clients x requests <= 100000)")
+    if args.rounds > args.requests:
+        parser.error(f"--rounds {args.rounds} exceeds --requests {args.requests}")
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(f"{report['requests']} requests from {report['clients']} clients: {report['errors']} errors, "
+          f"{report['triton_images_per_s']} images/s through Triton vs {report['inprocess_images_per_s']} in-process "
+          f"at the same batch (ratio {report['throughput_ratio']}, effective batch {report['effective_batch']}); p50 "
+          f"{report['latency_ms']['p50']} ms, p99 {report['latency_ms']['p99']} ms; batches formed "
+          f"{report['batches_formed']}; bit-equal {report['bit_equal_responses']}/{report['requests']}",
+          file=sys.stderr)
+    return 0 if report["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
