@@ -16,7 +16,7 @@ project's one noise convention. Config format: Triton's `model_config.proto` (di
 Every config is built as a `tritonclient` `ModelConfig` protobuf, written as text, parsed back with
 `google.protobuf.text_format` and checked against the artifact's manifest (names, dtypes, dims, batch) before
 anything is published; the models appear in REPO by directory renames, so a failure leaves REPO as it was.
-torch-free: needs numpy-free standard library + tritonclient[grpc] (protobuf) + iia.runtime's artifact checks.
+torch-free: the standard library, tritonclient[grpc] (its protobuf definitions) and iia.runtime.contract.
 """
 
 from __future__ import annotations
@@ -30,19 +30,17 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iia.cli import UsageError, int_list, run_cli, str_list
-from iia.files import public_mode
-from iia.runtime.artifact import artifact_root, read_manifest, verify_all
+from iia.cli import int_list, run_cli, str_list
+from iia.runtime.contract import (MANIFEST, NOISE, SAMPLER_ONNX, SAMPLER_PLAN, artifact_root, public_mode,
+                                  read_manifest, verify_all)
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
 KINDS = ("gpu", "cpu")
-PLAN, SAMPLER_ONNX = "sampler.plan", "sampler.onnx"
 PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
 # manifest dtype -> Triton DataType name (model_config.proto)
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
-SEED = "seed"  # python backend only: int64 [B, 1], one seed per image
-LABELS = "class_labels"
+SEED = "seed"  # python backend only: int64 [B, 1], one seed per image (iia.runtime.draw_noise's convention)
 
 
 class TritonExportError(ValueError):
@@ -145,7 +143,7 @@ def python_config(manifest: dict, name: str, opts: TritonOptions):
     config.name = name
     config.backend = "python"
     for entry in manifest["inputs"]:
-        _add_tensor(pb2, config.input, entry, optional=entry["name"] == "noise")
+        _add_tensor(pb2, config.input, entry, optional=entry["name"] == NOISE)
     _add_tensor(pb2, config.input, {"name": SEED, "dtype": "int64", "shape": ["batch", 1]}, optional=True)
     for entry in manifest["outputs"]:
         _add_tensor(pb2, config.output, entry)
@@ -215,7 +213,7 @@ class _Artifact:
 
     @property
     def has_plan(self) -> bool:
-        return bool((self.manifest.get("engine") or {}).get("built")) and PLAN in self.manifest["files"]
+        return bool((self.manifest.get("engine") or {}).get("built")) and SAMPLER_PLAN in self.manifest["files"]
 
     @property
     def capability(self) -> str | None:
@@ -289,7 +287,7 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     log = log or (lambda text: None)
     paths = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
     if not paths:
-        raise UsageError("give at least one artifact directory")
+        raise TritonExportError("give at least one artifact directory")
     _check_options(opts)
     arts = _read_artifacts(paths)
     first = arts[0]
@@ -305,7 +303,7 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
         raise TritonExportError("--kind cpu cannot serve a TensorRT plan (tensorrt_plan runs on GPUs only)")
     base = opts.name or default_name(first.root)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", base):
-        raise UsageError(f"--name {base!r}: use letters, digits, '_', '-' or '.'")
+        raise TritonExportError(f"--name {base!r}: use letters, digits, '_', '-' or '.'")
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     names = {backend: f"{base}_{backend}" for backend in backends}
@@ -327,7 +325,7 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
                 version_dir = model_dir / str(opts.version)
                 if backend == "tensorrt":
                     for cc, art in plans.items():
-                        _copy(art.root / PLAN, version_dir / (files.get(cc) or "model.plan"))
+                        _copy(art.root / SAMPLER_PLAN, version_dir / (files.get(cc) or "model.plan"))
                 else:
                     _copy(first.root / SAMPLER_ONNX, version_dir / "model.onnx")
                     data = f"{SAMPLER_ONNX}.data"  # external tensors keep the name the graph refers to
@@ -346,7 +344,7 @@ def _python_files(art: _Artifact, version_dir: Path) -> None:
     _copy(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
     target = version_dir / "artifact"
     target.mkdir()
-    for name in ["manifest.json", *art.manifest["files"]]:
+    for name in [MANIFEST, *art.manifest["files"]]:
         _copy(art.root / name, target / name)
 
 
@@ -386,26 +384,26 @@ def config_summary(path: Path) -> str:
 
 def _check_options(opts: TritonOptions) -> None:
     if opts.kind not in KINDS:
-        raise UsageError(f"--kind must be gpu or cpu, got {opts.kind!r}")
+        raise TritonExportError(f"--kind must be gpu or cpu, got {opts.kind!r}")
     unknown = [b for b in (opts.backends or []) if b not in BACKENDS]
     if unknown:
-        raise UsageError(f"--backend {','.join(unknown)}: expected any of {', '.join(BACKENDS)}")
+        raise TritonExportError(f"--backend {','.join(unknown)}: expected any of {', '.join(BACKENDS)}")
     if opts.backends is not None and not opts.backends:
-        raise UsageError("--backend needs at least one of " + ", ".join(BACKENDS))
+        raise TritonExportError("--backend needs at least one of " + ", ".join(BACKENDS))
     if opts.version < 1:
-        raise UsageError(f"--version must be >= 1, got {opts.version}")
+        raise TritonExportError(f"--version must be >= 1, got {opts.version}")
     if opts.instances < 1:
-        raise UsageError(f"--instances must be >= 1, got {opts.instances}")
+        raise TritonExportError(f"--instances must be >= 1, got {opts.instances}")
     if opts.max_queue_delay_us < 0:
-        raise UsageError(f"--max-queue-delay-us must be >= 0, got {opts.max_queue_delay_us}")
+        raise TritonExportError(f"--max-queue-delay-us must be >= 0, got {opts.max_queue_delay_us}")
     if any(b < 1 for b in opts.preferred_batch):
-        raise UsageError(f"--preferred-batch sizes must be >= 1, got {opts.preferred_batch}")
+        raise TritonExportError(f"--preferred-batch sizes must be >= 1, got {opts.preferred_batch}")
 
 
 def _check_preferred(opts: TritonOptions, max_batch: int) -> None:
     too_big = [b for b in opts.preferred_batch if b > max_batch]
     if too_big:
-        raise UsageError(f"--preferred-batch {too_big} exceeds the artifact's max batch {max_batch}")
+        raise TritonExportError(f"--preferred-batch {too_big} exceeds the artifact's max batch {max_batch}")
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ numpy, onnxruntime (or onnxruntime-gpu / tensorrt) and iia (no torch). The artif
 
 Per request (all tensors carry the batch axis B):
   noise         FP32  [B, *sample_shape]   standard-normal noise; OR
-  seed          INT64 [B, 1]               one seed per image: noise drawn server-side by iia.runtime.draw_noise
+  seed          INT64 [B, 1]               one seed per image: image i's noise is iia.runtime.draw_noise(seed_i, 1),
+                                           so seeds s, s+1, ..., s+B-1 give exactly the noise of
+                                           sampler(seed=s, batch_size=B) in process (EDM's per-image seeds)
   class_labels  INT64 [B, 1]               class ids (conditional models only)
 -> images FP32 [B, *sample_shape], images_uint8 UINT8 [B, H, W, C] (image models).
 
@@ -23,6 +25,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import iia.runtime
+from iia.runtime.contract import IMAGES, IMAGES_U8, LABELS, NOISE
 
 
 def _input(request, name):
@@ -40,12 +43,11 @@ class TritonPythonModel:
         else:
             backend, device_id = "onnxruntime-cpu", 0
         self.sampler = iia.runtime.load(root, backend, device_id=device_id)
-        self.output_names = list(self.sampler.output_names)
         pb_utils.Logger.log_info(f"iia: {self.sampler!r} ({iia.runtime.describe(self.sampler)})")
 
     def _prepare(self, request):
         """(noise float32 [B, ...], labels int64 [B] | None) for one request, or ValueError naming the problem."""
-        noise, seed, labels = _input(request, "noise"), _input(request, "seed"), _input(request, "class_labels")
+        noise, seed, labels = _input(request, NOISE), _input(request, "seed"), _input(request, LABELS)
         if noise is not None and seed is not None:
             raise ValueError("give either noise or seed, not both")
         if noise is None and seed is None:
@@ -55,7 +57,7 @@ class TritonPythonModel:
             seeds = seed.reshape(-1)
             if seeds.size != seed.shape[0]:
                 raise ValueError(f"seed must have shape [B, 1], got {list(seed.shape)}")
-            if (seeds < 0).any():
+            if (seeds < 0).any():  # draw_noise refuses them too; one message for the whole request
                 raise ValueError(f"seeds must be >= 0, got {int(seeds[seeds < 0][0])}")
             noise = np.concatenate([iia.runtime.draw_noise(int(s), 1, self.sampler.sample_shape) for s in seeds])
         noise = self.sampler.check_noise(noise)
@@ -89,9 +91,9 @@ class TritonPythonModel:
             start = 0
             for i, x, _ in batch:
                 stop = start + x.shape[0]
-                tensors = [pb_utils.Tensor("images", np.ascontiguousarray(out.images[start:stop]))]
+                tensors = [pb_utils.Tensor(IMAGES, np.ascontiguousarray(out.images[start:stop]))]
                 if out.images_uint8 is not None:
-                    tensors.append(pb_utils.Tensor("images_uint8", np.ascontiguousarray(out.images_uint8[start:stop])))
+                    tensors.append(pb_utils.Tensor(IMAGES_U8, np.ascontiguousarray(out.images_uint8[start:stop])))
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
                 start = stop
         return responses
