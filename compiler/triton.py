@@ -270,7 +270,10 @@ def _write_model(work: Path, name: str, config, manifest: dict, opts: TritonOpti
     """work/<name>/config.pbtxt, parsed back and checked; returns the model dir (its version dir is empty)."""
     model_dir = work / name
     (model_dir / str(opts.version)).mkdir(parents=True)
-    text = config_text(config)
+    model = manifest.get("model", {})
+    sha = manifest["files"].get(SAMPLER_ONNX, {}).get("sha256", "?")
+    text = (f"# {name}: written by iia-export-triton from {model.get('name', '?')} ({manifest.get('solver')}, NFE "
+            f"{manifest['nfe']}; {SAMPLER_ONNX} sha256 {sha[:16]})\n" + config_text(config))
     check_config(parse_config(text, f"{name}/config.pbtxt"), manifest, f"{name}/config.pbtxt")
     (model_dir / "config.pbtxt").write_text(text)
     return model_dir

@@ -1,0 +1,282 @@
+"""Triton export and serving: configs checked with tritonclient's protobuf; a REAL tritonserver (the nvidia-pytriton
+wheel's binary, python backend) on 127.0.0.1 answering over HTTP and gRPC, compared with the in-process runtime."""
+
+import ast
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+pytest.importorskip("tritonclient.grpc", reason="pip install 'tritonclient[http,grpc]' (the test extra has it)")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from iia.compiler import triton  # noqa: E402
+from iia.compiler.build import CompileOptions, compile_model  # noqa: E402
+from iia.compiler.triton import TritonExportError, TritonOptions, export_repository, parse_config  # noqa: E402
+from iia.compiler.triton_server import LocalTritonServer, TritonUnavailable, wheel_paths  # noqa: E402
+from iia.models import gaussian_mixture  # noqa: E402
+from iia.runtime import load  # noqa: E402
+from iia.runtime.contract import read_manifest, sha256_file, write_json_atomic  # noqa: E402
+
+MAX_BATCH = 8
+QUIET = dict(log=lambda text: None)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """digits (class-conditional image model) and an unconditional 1x4x4 mixture, EDM solver (no calibration)."""
+    root = tmp_path_factory.mktemp("triton-artifacts")
+    opts = dict(nfe=5, solver="edm", max_batch=MAX_BATCH, engine=False, force=True, cache_dir=str(root / "cache"))
+    compile_model("digits", root / "digits", CompileOptions(**opts), **QUIET)
+    compile_model(gaussian_mixture(shape=(1, 4, 4), components=3), root / "gmm", CompileOptions(**opts), **QUIET)
+    return {"digits": root / "digits", "gmm": root / "gmm"}
+
+
+def _relist(root: Path, manifest: dict, names) -> None:
+    for name in names:
+        manifest["files"][name] = {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
+    write_json_atomic(root / "manifest.json", manifest)
+
+
+def _with_plan(src: Path, dst: Path, cc: str) -> Path:
+    """A copy of an artifact that lists a TensorRT plan for compute capability `cc` (bytes that no TensorRT would
+    load: only the exporter's placement and config are under test here; scripts/gpu_check_16.sh builds a real one)."""
+    shutil.copytree(src, dst)
+    manifest = read_manifest(dst)
+    (dst / "sampler.plan").write_bytes(b"placeholder plan for " + cc.encode())
+    manifest["engine"] = {"built": True, "tensorrt": "10.0", "compute_capability": cc, "precision": "fp32"}
+    _relist(dst, manifest, ["sampler.plan"])
+    return dst
+
+
+# ---- configs (no server) ------------------------------------------------------------------------------
+def test_standard_configs_parse_and_match_the_manifest(artifacts, tmp_path):
+    manifest = read_manifest(artifacts["digits"])
+    plans = [_with_plan(artifacts["digits"], tmp_path / f"cc{cc}", cc) for cc in ("8.0", "9.0")]
+    models = export_repository(plans, tmp_path / "repo", TritonOptions(name="d", instances=2,
+                                                                       preferred_batch=[4, 8]), **QUIET)
+    assert sorted(models) == ["d_onnxruntime", "d_python", "d_tensorrt"]
+    for name, model_dir in models.items():
+        config = parse_config((model_dir / "config.pbtxt").read_text())
+        triton.check_config(config, manifest)
+        assert config.name == name and config.max_batch_size == MAX_BATCH
+        assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+        assert config.instance_group[0].count == 2
+        ins = {t.name: (list(t.dims), t.HasField("reshape")) for t in config.input}
+        assert ins["noise"] == ([1, 8, 8], False) and ins["class_labels"] == ([1], True)  # [B] in the graph
+        assert {t.name: list(t.dims) for t in config.output} == {"images": [1, 8, 8], "images_uint8": [8, 8, 1]}
+    trt = parse_config((models["d_tensorrt"] / "config.pbtxt").read_text())
+    assert trt.platform == "tensorrt_plan" and dict(trt.cc_model_filenames) == {"8.0": "model_8.0.plan",
+                                                                              "9.0": "model_9.0.plan"}
+    for cc in ("8.0", "9.0"):
+        assert (models["d_tensorrt"] / "1" / f"model_{cc}.plan").read_bytes() == (tmp_path / f"cc{cc}" / "sampler.plan").read_bytes()
+    assert parse_config((models["d_onnxruntime"] / "config.pbtxt").read_text()).platform == "onnxruntime_onnx"
+    assert (models["d_onnxruntime"] / "1" / "model.onnx").read_bytes() == (artifacts["digits"] / "sampler.onnx").read_bytes()
+    # one plan: model.plan, no per-capability map
+    one = export_repository(plans[0], tmp_path / "repo1", TritonOptions(name="d", backends=["tensorrt"]), **QUIET)
+    config = parse_config((one["d_tensorrt"] / "config.pbtxt").read_text())
+    assert not config.cc_model_filenames and (one["d_tensorrt"] / "1" / "model.plan").is_file()
+
+
+def test_check_config_catches_mismatches(artifacts):
+    manifest = read_manifest(artifacts["digits"])
+    good = triton.standard_config(manifest, "m", "onnxruntime", TritonOptions())
+    for mutate, needle in [(lambda c: c.input[0].dims.__setitem__(2, 9), "noise has dims [1, 8, 9]"),
+                           (lambda c: setattr(c.output[1], "data_type", 11), "images_uint8 has TYPE_FP32"),
+                           (lambda c: setattr(c, "max_batch_size", 4), "max_batch_size 4"),
+                           (lambda c: c.input.pop(), "input class_labels is missing"),
+                           (lambda c: c.input[1].ClearField("reshape"), "class_labels has dims [1] (model side [1])")]:
+        config = type(good)()
+        config.CopyFrom(good)
+        mutate(config)
+        with pytest.raises(TritonExportError, match=__import__("re").escape(needle)):
+            triton.check_config(config, manifest)
+    with pytest.raises(TritonExportError, match="does not parse as a Triton ModelConfig"):
+        parse_config('name: "m"\nmax_batch_sise: 4\n')
+
+
+def test_onnx_model_with_external_data_runs_from_the_repository(artifacts, tmp_path):
+    art = tmp_path / "ext"
+    shutil.copytree(artifacts["digits"], art)
+    model = onnx.load(str(art / "sampler.onnx"))
+    onnx.save_model(model, str(art / "sampler.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="sampler.onnx.data")  # as compiler.build.save_onnx does over 2 GB
+    _relist(art, read_manifest(art), ["sampler.onnx", "sampler.onnx.data"])
+    models = export_repository(art, tmp_path / "repo", TritonOptions(name="x", kind="cpu", backends=["onnxruntime"]),
+                               **QUIET)
+    version = models["x_onnxruntime"] / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "sampler.onnx.data"]
+    session = onnxruntime.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    noise = np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
+    labels = np.array([0, 5, 9])
+    got = session.run(["images"], {"noise": noise, "class_labels": labels})[0]
+    assert np.array_equal(got, load(artifacts["digits"], "onnxruntime-cpu")(noise, class_labels=labels))
+
+
+def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    (repo / "d_python").mkdir(parents=True)
+    (repo / "d_python" / "keep").write_text("mine")
+    with pytest.raises(TritonExportError, match="already holds model"):
+        export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu"), **QUIET)
+
+    def boom(*args):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(triton, "_python_files", boom)
+    with pytest.raises(OSError, match="injected"):
+        export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", force=True), **QUIET)
+    assert sorted(p.name for p in repo.iterdir()) == ["d_python"]  # nothing new, no temp dirs left
+    assert (repo / "d_python" / "keep").read_text() == "mine"
+    monkeypatch.undo()
+    assert triton.main([str(artifacts["digits"]), "--repo", str(repo), "--name", "d", "--backend", "tensorrt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --backend tensorrt:") and "no TensorRT plan" in err and "\n" not in err
+    assert triton.main([str(artifacts["digits"]), "--repo", str(repo), "--backend", "onnx"]) == 2
+    assert "--backend onnx: expected any of tensorrt, onnxruntime, python" in capsys.readouterr().err
+    assert triton.main([str(artifacts["digits"]), "--repo", str(repo), "--preferred-batch", "4,16"]) == 2
+    assert "exceeds the artifact's max batch 8" in capsys.readouterr().err
+    assert triton.main([str(artifacts["digits"]), "--repo", str(repo), "--name", "d", "--kind", "cpu",
+                        "--backend", "python", "--force"]) == 0
+    assert not (repo / "d_python" / "keep").exists() and (repo / "d_python" / "1" / "model.py").is_file()
+
+
+def test_python_model_imports_only_numpy_iia_runtime_and_triton_utils():
+    tree = ast.parse(triton.PYTHON_MODEL_TEMPLATE.read_text())
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert {m.split(".")[0] for m in modules} <= {"json", "pathlib", "numpy", "iia", "triton_python_backend_utils"}
+    assert {m for m in modules if m.startswith("iia")} <= {"iia.runtime", "iia.runtime.contract"}
+
+
+# ---- a real tritonserver -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    try:
+        wheel_paths()
+    except TritonUnavailable as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Triton tests: {err}")
+        pytest.skip(str(err))
+    repo = tmp_path_factory.mktemp("triton-repo")
+    opts = dict(kind="cpu", backends=["python"], max_queue_delay_us=20000)
+    export_repository(artifacts["digits"], repo, TritonOptions(name="digits", **opts), **QUIET)
+    export_repository(artifacts["gmm"], repo, TritonOptions(name="gmm", **opts), **QUIET)
+    with LocalTritonServer(repo, timeout=180) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def digits(artifacts):
+    return load(artifacts["digits"], "onnxruntime-cpu")
+
+
+def _client(server, protocol):
+    return (grpcclient.InferenceServerClient(server.grpc_url) if protocol == "grpc"
+            else httpclient.InferenceServerClient(server.http_url))
+
+
+def _inputs(protocol, **arrays):
+    mod = grpcclient if protocol == "grpc" else httpclient
+    dtypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    out = []
+    for name, arr in arrays.items():
+        item = mod.InferInput(name, list(arr.shape), dtypes[arr.dtype])
+        item.set_data_from_numpy(arr)
+        out.append(item)
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_outputs_equal_the_in_process_runtime(server, digits, protocol):
+    client = _client(server, protocol)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits_python") and client.is_model_ready("gmm_python")
+    meta = client.get_model_metadata("digits_python")
+    names = [i.name for i in meta.inputs] if protocol == "grpc" else [i["name"] for i in meta["inputs"]]
+    assert names == ["noise", "class_labels", "seed"]
+    noise = np.random.default_rng(1).standard_normal((3, 1, 8, 8), dtype=np.float32)
+    labels = np.array([2, 7, 9], dtype=np.int64)
+    out = client.infer("digits_python", _inputs(protocol, noise=noise, class_labels=labels[:, None]))
+    expected = digits.sample(noise, class_labels=labels)
+    assert np.array_equal(out.as_numpy("images"), expected.images)
+    assert np.array_equal(out.as_numpy("images_uint8"), expected.images_uint8)
+    # server-side noise from per-image seeds 40, 41, 42 == sampler(seed=40, batch_size=3) in process
+    out = client.infer("digits_python", _inputs(protocol, seed=np.arange(40, 43, dtype=np.int64)[:, None],
+                                                class_labels=labels[:, None]))
+    assert np.array_equal(out.as_numpy("images"), digits(seed=40, batch_size=3, class_labels=labels))
+    gmm = load(Path(digits.root).parent / "gmm", "onnxruntime-cpu")
+    out = client.infer("gmm_python", _inputs(protocol, seed=np.array([[5]], dtype=np.int64)))
+    assert np.array_equal(out.as_numpy("images"), gmm(seed=5, batch_size=1))
+    client.close()
+
+
+def _batch_stats(client, model):
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def test_dynamic_batching_merges_concurrent_requests(server, digits):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    before = _batch_stats(client, "digits_python")
+    n = 12
+    rng = np.random.default_rng(2)
+    noises = rng.standard_normal((n, 1, 1, 8, 8), dtype=np.float32)
+    results, errors, barrier = [None] * n, [], threading.Barrier(n)
+
+    def one(k):
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            barrier.wait()
+            results[k] = c.infer("digits_python", _inputs("grpc", noise=noises[k],
+                                                          class_labels=np.array([[k % 10]]))).as_numpy("images")
+        except Exception as err:
+            errors.append(err)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    after = _batch_stats(client, "digits_python")
+    formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
+    assert sum(b * c for b, c in formed.items()) == n and max(formed) > 1, formed
+    for k in range(n):  # batched with strangers, each answer is still what the runtime gives for its noise
+        assert np.array_equal(results[k], digits(noises[k], class_labels=[k % 10]))
+    client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_requests_get_our_error_and_the_server_keeps_serving(server, digits, protocol):
+    client = _client(server, protocol)
+    noise = np.random.default_rng(3).standard_normal((2, 1, 8, 8), dtype=np.float32)
+    label = np.array([[1], [2]], dtype=np.int64)
+    bad_nan = noise.copy()
+    bad_nan[1, 0, 3, 3] = np.nan
+    cases = [
+        (dict(noise=noise[:, :, :, :7].copy(), class_labels=label), "unexpected shape for input 'noise'"),
+        (dict(noise=noise, class_labels=np.array([[1], [10]], dtype=np.int64)), "class label 10 out of range"),
+        (dict(noise=bad_nan, class_labels=label), "noise contains 1 NaN/Inf value(s)"),
+        (dict(noise=noise, seed=np.array([[1], [2]], dtype=np.int64), class_labels=label), "either noise or seed"),
+        (dict(class_labels=label), "give noise (FP32 [B, 1, 8, 8]) or seed"),
+        (dict(seed=np.array([[-1], [2]], dtype=np.int64), class_labels=label), "seeds must be >= 0, got -1"),
+    ]
+    for arrays, needle in cases:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("digits_python", _inputs(protocol, **arrays))
+        assert needle in str(err.value), str(err.value)
+    assert client.is_server_live() and client.is_model_ready("digits_python")
+    out = client.infer("digits_python", _inputs(protocol, noise=noise, class_labels=label))
+    assert np.array_equal(out.as_numpy("images"), digits(noise, class_labels=[1, 2]))
+    client.close()
