@@ -3,11 +3,11 @@
 # comes from the nvidia-pytriton wheel, installed WITHOUT its dependencies (its metadata pins numpy<2, which
 # would replace the numpy that torch/onnx use here; only the server binary is used, never the pytriton package).
 # The python-backend stub links the system libpython3.X of the Python that runs the tests. The stub's own small
-# venv (numpy<2 + onnxruntime) is made by the test fixture (iia.compiler.triton_server.stub_environment).
+# venv (numpy<2 + onnxruntime) is made by the test fixture (iia.evaluation.triton_server.stub_environment).
 set -euo pipefail
 pip install -q --no-deps "nvidia-pytriton==0.7.0"
 stub="$(python - <<'PY'
-from iia.compiler.triton_server import wheel_paths
+from iia.evaluation.triton_server import wheel_paths
 print(wheel_paths()["stub"])
 PY
 )"

@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from iia.compiler import triton  # noqa: E402
 from iia.compiler.build import CompileOptions, compile_model  # noqa: E402
 from iia.compiler.triton import TritonExportError, TritonOptions, export_repository, parse_config  # noqa: E402
-from iia.compiler.triton_server import LocalTritonServer, TritonUnavailable, wheel_paths  # noqa: E402
+from iia.evaluation.triton_server import LocalTritonServer, TritonUnavailable, wheel_paths  # noqa: E402
 from iia.models import gaussian_mixture  # noqa: E402
 from iia.runtime import load  # noqa: E402
 from iia.runtime.contract import read_manifest, sha256_file, write_json_atomic  # noqa: E402

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Load test: N concurrent clients x M requests against a REAL tritonserver on 127.0.0.1 (python-backend model).
 
-    python scripts/triton_load_test.py ARTIFACT_DIR [--clients 16] [--requests 50] [--images 1]
+    python -m iia.evaluation.triton_load ARTIFACT_DIR [--clients 16] [--requests 50] [--images 1]
                                        [--protocol grpc|http] [--max-queue-delay-us 2000] [--json FILE]
 
 Exports ARTIFACT_DIR with iia-export-triton (python backend, KIND_CPU) into a temporary repository, starts
@@ -26,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a source checkout imports its own iia
+import iia.runtime
+from iia.compiler.triton import TritonOptions, export_repository
 
-import iia.runtime  # noqa: E402
-from iia.compiler.triton import TritonOptions, export_repository  # noqa: E402
-from iia.compiler.triton_server import LocalTritonServer  # noqa: E402
+from .triton_server import LocalTritonServer
 
 
 def _client_module(protocol: str):
@@ -183,7 +181,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    parser = argparse.ArgumentParser(prog="python -m iia.evaluation.triton_load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", metavar="ARTIFACT_DIR")
     parser.add_argument("--clients", type=int, default=16)
