@@ -49,8 +49,8 @@ class TritonExportError(ValueError):
 
 @dataclass
 class TritonOptions:
-    """What `iia-export-triton` writes. `backends` None: tensorrt (when the artifact has a plan),
-    onnxruntime and python."""
+    """What `iia-export-triton` writes. `backends` None: tensorrt (when the artifact has a plan and kind is
+    gpu), onnxruntime and python."""
 
     name: str | None = None
     version: int = 1
@@ -297,7 +297,7 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     manifest = first.manifest
     _check_preferred(opts, int(manifest["max_batch"]))
     plans = _plans(arts)
-    backends = opts.backends or ([*(["tensorrt"] if plans else []), "onnxruntime", "python"])
+    backends = opts.backends or ([*(["tensorrt"] if plans and opts.kind == "gpu" else []), "onnxruntime", "python"])
     if "tensorrt" in backends and not plans:
         reason = (manifest.get("engine") or {}).get("reason") or "not built"
         raise TritonExportError(f"--backend tensorrt: {first.root} has no TensorRT plan ({reason}); compile it on a "

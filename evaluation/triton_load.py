@@ -7,8 +7,8 @@ Exports ARTIFACT_DIR with iia-export-triton (python backend, KIND_CPU) into a te
 the nvidia-pytriton wheel's tritonserver bound to 127.0.0.1 on free ports (nothing else is contacted), and
 reports: throughput (images/s), latency p50/p99, errors (must be 0), the batch sizes Triton's dynamic batcher
 formed (server statistics), whether every output is bit-equal to the in-process `iia.runtime` for the same
-noise, and the in-process runtime's images/s at the SAME effective batch (interleaved: after each round of
-load, the in-process runtime makes as many images at the mean batch Triton formed in that round). Bounded: clients x requests requests, each with a timeout, and the
+noise, and the in-process runtime's images/s at the SAME batches (interleaved: after each round of load, the
+in-process runtime runs the very batch sizes Triton formed in that round, as many times). Bounded: clients x requests requests, each with a timeout, and the
 whole run with --timeout. Not a unit test: run it by hand (numbers in README "Serving").
 """
 
@@ -58,22 +58,24 @@ def batch_stats(client, model: str, protocol: str) -> dict[int, int]:
     return out
 
 
-def inprocess_seconds(sampler, batch: int, images: int, labels_fn) -> tuple[int, float]:
-    """(images made, seconds) by the in-process runtime calling `sampler` at `batch` for about `images` images."""
-    noise = np.random.default_rng(12345).standard_normal((batch, *sampler.sample_shape), dtype=np.float32)
-    labels = labels_fn(batch)
-    sampler(noise, class_labels=labels)  # warm (a new batch size may allocate)
-    calls = max(1, round(images / batch))
-    start = time.perf_counter()
-    for _ in range(calls):
+def inprocess_seconds(sampler, batches: dict[int, int], labels_fn) -> tuple[int, float]:
+    """(images made, seconds) by the in-process runtime making exactly the batches {size: count} Triton formed."""
+    rng = np.random.default_rng(12345)
+    feeds = {b: (rng.standard_normal((b, *sampler.sample_shape), dtype=np.float32), labels_fn(b)) for b in batches}
+    for noise, labels in feeds.values():  # warm (a new batch size may allocate)
         sampler(noise, class_labels=labels)
-    return calls * batch, time.perf_counter() - start
+    start = time.perf_counter()
+    for b, count in batches.items():
+        noise, labels = feeds[b]
+        for _ in range(count):
+            sampler(noise, class_labels=labels)
+    return sum(b * n for b, n in batches.items()), time.perf_counter() - start
 
 
 def run(args) -> dict:
     """Rounds of load (every client sends requests/rounds requests), each followed by the in-process runtime
-    making as many images at the mean batch Triton formed in that round: both rates are sums over the same
-    interleaved stretch of time, so a busy machine slows both."""
+    running the very batches Triton formed in that round (or --effective-batch): both rates are sums over the
+    same interleaved stretch of time, so a busy machine slows both."""
     artifact = Path(args.artifact)
     sampler = iia.runtime.load(artifact, "onnxruntime-cpu")
     label_dim = sampler.label_dim
@@ -146,10 +148,11 @@ def run(args) -> dict:
                 for b, n in round_formed.items():
                     formed[b] = formed.get(b, 0) + n
                 made = sum(b * n for b, n in round_formed.items())
-                batch = args.effective_batch or max(1, round(made / max(1, sum(round_formed.values()))))
-                n, sec = inprocess_seconds(sampler, batch, made, labels_fn)
+                same = ({args.effective_batch: max(1, round(made / args.effective_batch))} if args.effective_batch
+                        else round_formed)
+                n, sec = inprocess_seconds(sampler, same, labels_fn)
                 inproc_images, inproc_s = inproc_images + n, inproc_s + sec
-                per_round.append({"triton_images_per_s": round(made / wall, 1), "inprocess_batch": batch,
+                per_round.append({"triton_images_per_s": round(made / wall, 1), "batches_formed": round_formed,
                                   "inprocess_images_per_s": round(n / sec, 1)})
             for t in threads:
                 t.join()
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--effective-batch", type=int, default=None,
-                        help="in-process batch to compare with (default: each round's mean batch Triton formed)")
+                        help="in-process batch to compare with (default: the batches Triton formed, replayed)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved Triton / in-process rounds (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
