@@ -84,6 +84,11 @@ def test_standard_configs_parse_and_match_the_manifest(artifacts, tmp_path):
     one = export_repository(plans[0], tmp_path / "repo1", TritonOptions(name="d", backends=["tensorrt"]), **QUIET)
     config = parse_config((one["d_tensorrt"] / "config.pbtxt").read_text())
     assert not config.cc_model_filenames and (one["d_tensorrt"] / "1" / "model.plan").is_file()
+    # KIND_CPU: the plan is left out by default, and refused when asked for
+    cpu = export_repository(plans[0], tmp_path / "repo2", TritonOptions(name="d", kind="cpu"), **QUIET)
+    assert sorted(cpu) == ["d_onnxruntime", "d_python"]
+    with pytest.raises(TritonExportError, match="--kind cpu cannot serve a TensorRT plan"):
+        export_repository(plans[0], tmp_path / "repo3", TritonOptions(kind="cpu", backends=["tensorrt"]), **QUIET)
 
 
 def test_check_config_catches_mismatches(artifacts):
