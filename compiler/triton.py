@@ -59,6 +59,7 @@ class TritonOptions:
     preferred_batch: list[int] = field(default_factory=list)
     kind: str = "gpu"
     backends: list[str] | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads per instance (None: its default, one per core)
     force: bool = False
 
 
@@ -133,6 +134,8 @@ def standard_config(manifest: dict, name: str, backend: str, opts: TritonOptions
     for entry in manifest["outputs"]:
         _add_tensor(pb2, config.output, entry)
     _common(pb2, config, manifest, opts, opts.kind)
+    if backend == "onnxruntime" and opts.threads:
+        config.parameters["intra_op_thread_count"].string_value = str(opts.threads)  # Triton's ORT backend
     return config
 
 
@@ -149,6 +152,8 @@ def python_config(manifest: dict, name: str, opts: TritonOptions):
         _add_tensor(pb2, config.output, entry)
     _common(pb2, config, manifest, opts, opts.kind)
     config.parameters["artifact"].string_value = "artifact"
+    if opts.threads:
+        config.parameters["threads"].string_value = str(opts.threads)  # iia.runtime.load(threads=)
     return config
 
 
@@ -395,6 +400,8 @@ def _check_options(opts: TritonOptions) -> None:
         raise TritonExportError("--backend needs at least one of " + ", ".join(BACKENDS))
     if opts.version < 1:
         raise TritonExportError(f"--version must be >= 1, got {opts.version}")
+    if opts.threads is not None and opts.threads < 1:
+        raise TritonExportError(f"--threads must be >= 1, got {opts.threads}")
     if opts.instances < 1:
         raise TritonExportError(f"--instances must be >= 1, got {opts.instances}")
     if opts.max_queue_delay_us < 0:
@@ -432,11 +439,14 @@ def _main(argv=None) -> int:
     parser.add_argument("--backend", type=str_list, default=None,
                         help=f"comma-separated subset of {','.join(BACKENDS)} (default: tensorrt when the artifact "
                              f"has a plan, onnxruntime, python)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads per instance (onnxruntime_onnx: intra_op_thread_count; "
+                             "python: iia.runtime.load(threads=)); default: ONNX Runtime's, one per core")
     parser.add_argument("--force", action="store_true", help="replace models of the same name in the repository")
     args = parser.parse_args(argv)
     opts = TritonOptions(name=args.name, version=args.version, instances=args.instances,
                          max_queue_delay_us=args.max_queue_delay_us, preferred_batch=args.preferred_batch,
-                         kind=args.kind, backends=args.backend, force=args.force)
+                         kind=args.kind, backends=args.backend, threads=args.threads, force=args.force)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     models = export_repository(args.artifacts, args.repo, opts, log=log)
     print(f"wrote {', '.join(models)} into {args.repo}/")

@@ -2,7 +2,8 @@
 
 Imports only numpy, iia.runtime and triton_python_backend_utils: the server's Python environment needs
 numpy, onnxruntime (or onnxruntime-gpu / tensorrt) and iia (no torch). The artifact sits beside this file in
-`artifact/` (config parameter "artifact") and is loaded with `iia.runtime.load`, which checks every sha256.
+`artifact/` (config parameter "artifact") and is loaded with `iia.runtime.load`, which checks every sha256;
+config parameter "threads" (optional) sets ONNX Runtime's intra-op threads of each instance.
 
 Per request (all tensors carry the batch axis B):
   noise         FP32  [B, *sample_shape]   standard-normal noise; OR
@@ -35,14 +36,15 @@ def _input(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        artifact = config.get("parameters", {}).get("artifact", {}).get("string_value", "artifact")
+        params = {k: v.get("string_value") for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        artifact = params.get("artifact") or "artifact"
+        threads = int(params["threads"]) if params.get("threads") else None
         root = Path(__file__).resolve().parent / artifact
         if args.get("model_instance_kind") == "GPU":
             backend, device_id = "auto", int(args.get("model_instance_device_id") or 0)
         else:
             backend, device_id = "onnxruntime-cpu", 0
-        self.sampler = iia.runtime.load(root, backend, device_id=device_id)
+        self.sampler = iia.runtime.load(root, backend, threads=threads, device_id=device_id)
         pb_utils.Logger.log_info(f"iia: {self.sampler!r} ({iia.runtime.describe(self.sampler)})")
 
     def _prepare(self, request):

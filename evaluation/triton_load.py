@@ -8,7 +8,10 @@ the nvidia-pytriton wheel's tritonserver bound to 127.0.0.1 on free ports (nothi
 reports: throughput (images/s), latency p50/p99, errors (must be 0), the batch sizes Triton's dynamic batcher
 formed (server statistics), whether every output is bit-equal to the in-process `iia.runtime` for the same
 noise, and the in-process runtime's images/s at the SAME batches (interleaved: after each round of load, the
-in-process runtime runs the very batch sizes Triton formed in that round, as many times). Bounded: clients x requests requests, each with a timeout, and the
+in-process runtime, in its own clean process with the same ONNX Runtime threads, runs the very batch sizes
+Triton formed in that round, as many times). On a shared machine
+wall-clock rates swing with other load, so it also reports CPU time per image (server + backend stubs from
+/proc, clients, in-process), which measures the serving overhead without that noise. Bounded: clients x requests requests, each with a timeout, and the
 whole run with --timeout. Not a unit test: run it by hand (numbers in README "Serving").
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -58,18 +62,44 @@ def batch_stats(client, model: str, protocol: str) -> dict[int, int]:
     return out
 
 
-def inprocess_seconds(sampler, batches: dict[int, int], labels_fn) -> tuple[int, float]:
-    """(images made, seconds) by the in-process runtime making exactly the batches {size: count} Triton formed."""
+def _inprocess_worker(conn, artifact: str, threads: int | None) -> None:
+    """A separate, clean process (like a user's service) running the in-process runtime on request:
+    receives {batch size: count}, replies (images, wall seconds, CPU seconds)."""
+    sampler = iia.runtime.load(artifact, "onnxruntime-cpu", threads=threads)
+    labels_for = (lambda n: np.arange(n) % sampler.label_dim) if sampler.conditional else (lambda n: None)
     rng = np.random.default_rng(12345)
-    feeds = {b: (rng.standard_normal((b, *sampler.sample_shape), dtype=np.float32), labels_fn(b)) for b in batches}
-    for noise, labels in feeds.values():  # warm (a new batch size may allocate)
-        sampler(noise, class_labels=labels)
-    start = time.perf_counter()
-    for b, count in batches.items():
-        noise, labels = feeds[b]
-        for _ in range(count):
-            sampler(noise, class_labels=labels)
-    return sum(b * n for b, n in batches.items()), time.perf_counter() - start
+    feeds: dict[int, tuple] = {}
+    while True:
+        batches = conn.recv()
+        if batches is None:
+            return
+        for b in batches:
+            if b not in feeds:  # warm each new batch size once (it may allocate)
+                feeds[b] = (rng.standard_normal((b, *sampler.sample_shape), dtype=np.float32), labels_for(b))
+                sampler(feeds[b][0], class_labels=feeds[b][1])
+        cpu, start = time.process_time(), time.perf_counter()
+        for b, count in batches.items():
+            for _ in range(count):
+                sampler(feeds[b][0], class_labels=feeds[b][1])
+        conn.send((sum(b * n for b, n in batches.items()), time.perf_counter() - start, time.process_time() - cpu))
+
+
+class InProcess:
+    """The in-process baseline in its own spawned process (so the load test's client threads do not share it)."""
+
+    def __init__(self, artifact, threads):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_inprocess_worker, args=(child, str(artifact), threads), daemon=True)
+        self.process.start()
+
+    def run(self, batches: dict[int, int]) -> tuple[int, float, float]:
+        self.conn.send(dict(batches))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(30)
 
 
 def run(args) -> dict:
@@ -77,7 +107,7 @@ def run(args) -> dict:
     running the very batches Triton formed in that round (or --effective-batch): both rates are sums over the
     same interleaved stretch of time, so a busy machine slows both."""
     artifact = Path(args.artifact)
-    sampler = iia.runtime.load(artifact, "onnxruntime-cpu")
+    sampler = iia.runtime.load(artifact, "onnxruntime-cpu", threads=args.threads)
     label_dim = sampler.label_dim
     labels_fn = (lambda n: (np.arange(n) % label_dim).astype(np.int64)) if label_dim else (lambda n: None)
     client_mod = _client_module(args.protocol)
@@ -96,7 +126,7 @@ def run(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="iia-loadtest-") as tmp:
         opts = TritonOptions(name="loadtest", kind="cpu", backends=["python"], instances=args.instances,
-                             max_queue_delay_us=args.max_queue_delay_us)
+                             max_queue_delay_us=args.max_queue_delay_us, threads=args.threads)
         model = next(iter(export_repository(artifact, Path(tmp) / "repo", opts)))
         with LocalTritonServer(Path(tmp) / "repo", log=lambda t: print(t, file=sys.stderr)) as server:
             url = server.grpc_url if args.protocol == "grpc" else server.http_url
@@ -126,6 +156,7 @@ def run(args) -> dict:
                 finally:
                     client.close()
 
+            inproc = InProcess(artifact, args.threads)
             main_client = client_mod.InferenceServerClient(url)
             for k in range(3):  # warm the model instance
                 main_client.infer(model, make_inputs(client_mod, noises[k], labels[k]))
@@ -133,16 +164,17 @@ def run(args) -> dict:
             for t in threads:
                 t.start()
             formed: dict[int, int] = {}
-            triton_s = inproc_s = client_cpu = 0.0
+            triton_s = inproc_s = client_cpu = server_cpu = inproc_cpu = 0.0
             inproc_images = 0
             per_round = []
             for ids in rounds:
                 before = batch_stats(main_client, model, args.protocol)
-                cpu0, t0 = time.process_time(), time.perf_counter()
+                cpu0, server0, t0 = time.process_time(), server.cpu_seconds(), time.perf_counter()
                 go.wait()
                 done.wait()
                 wall = time.perf_counter() - t0
                 triton_s, client_cpu = triton_s + wall, client_cpu + time.process_time() - cpu0
+                server_cpu += server.cpu_seconds() - server0
                 after = batch_stats(main_client, model, args.protocol)
                 round_formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
                 for b, n in round_formed.items():
@@ -150,13 +182,15 @@ def run(args) -> dict:
                 made = sum(b * n for b, n in round_formed.items())
                 same = ({args.effective_batch: max(1, round(made / args.effective_batch))} if args.effective_batch
                         else round_formed)
-                n, sec = inprocess_seconds(sampler, same, labels_fn)
+                n, sec, cpu = inproc.run(same)
+                inproc_cpu += cpu
                 inproc_images, inproc_s = inproc_images + n, inproc_s + sec
                 per_round.append({"triton_images_per_s": round(made / wall, 1), "batches_formed": round_formed,
-                                  "inprocess_images_per_s": round(n / sec, 1)})
+                                  "inprocess_images_per_s": round(n / sec, 1), "ratio": round(made / wall / (n / sec), 3)})
             for t in threads:
                 t.join()
             main_client.close()
+            inproc.close()
     executions = sum(formed.values())
     images_done = sum(b * n for b, n in formed.items())
     ok = [k for k in range(total) if results[k] is not None]
@@ -169,7 +203,12 @@ def run(args) -> dict:
         "artifact": str(artifact), "model": model, "protocol": args.protocol, "clients": args.clients,
         "requests_per_client": args.requests, "images_per_request": args.images, "requests": total,
         "errors": len(errors), "first_errors": errors[:3], "triton_wall_s": round(triton_s, 3),
-        "client_process_cpu_s": round(client_cpu, 3),
+        "cpu_s": {"triton_server": round(server_cpu, 2), "clients": round(client_cpu, 2),
+                  "inprocess": round(inproc_cpu, 2)},
+        "cpu_ms_per_image": {"triton_server": round(1e3 * server_cpu / max(1, len(ok) * args.images), 3),
+                             "triton_server_and_clients": round(1e3 * (server_cpu + client_cpu)
+                                                                / max(1, len(ok) * args.images), 3),
+                             "inprocess": round(1e3 * inproc_cpu / max(1, inproc_images), 3)},
         "triton_images_per_s": round(triton_rate, 1),
         "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2), "p90": round(float(np.percentile(lat, 90)), 2),
                        "p99": round(float(np.percentile(lat, 99)), 2)},
@@ -177,9 +216,11 @@ def run(args) -> dict:
         "effective_batch": round(images_done / executions, 2) if executions else 0.0,
         "inprocess_images_per_s": round(inproc_rate, 1),
         "throughput_ratio": round(triton_rate / inproc_rate, 3),
+        "round_ratios": {"median": float(np.median([r["ratio"] for r in per_round])),
+                         "min": min(r["ratio"] for r in per_round), "max": max(r["ratio"] for r in per_round)},
         "rounds": per_round,
         "bit_equal_responses": bit_equal, "max_queue_delay_us": args.max_queue_delay_us,
-        "instances": args.instances, "cpu_count": os.cpu_count(),
+        "instances": args.instances, "threads": args.threads, "cpu_count": os.cpu_count(),
     }
 
 
@@ -192,10 +233,12 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=1, help="images per request (default 1)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op threads, server instances and in-process alike (default: ORT's)")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--effective-batch", type=int, default=None,
                         help="in-process batch to compare with (default: the batches Triton formed, replayed)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved Triton / in-process rounds (default 5)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved Triton / in-process rounds (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for all requests")
@@ -212,7 +255,8 @@ def main(argv=None) -> int:
         Path(args.json).write_text(text + "\n")
     print(f"{report['requests']} requests from {report['clients']} clients: {report['errors']} errors, "
           f"{report['triton_images_per_s']} images/s through Triton vs {report['inprocess_images_per_s']} in-process "
-          f"at the same batch (ratio {report['throughput_ratio']}, effective batch {report['effective_batch']}); p50 "
+          f"running the same batches (ratio {report['throughput_ratio']}, per-round median {report['round_ratios']['median']}, "
+          f"effective batch {report['effective_batch']}); p50 "
           f"{report['latency_ms']['p50']} ms, p99 {report['latency_ms']['p99']} ms; batches formed "
           f"{report['batches_formed']}; bit-equal {report['bit_equal_responses']}/{report['requests']}",
           file=sys.stderr)

@@ -160,6 +160,21 @@ class LocalTritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server and its backend stubs (its process session; Linux)."""
+        tick, total = os.sysconf("SC_CLK_TCK"), 0
+        sid = self.process.pid if self.process is not None else None
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            if int(fields[3]) == sid:  # fields after "pid (comm)": state ppid pgrp session ... utime stime
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

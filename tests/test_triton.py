@@ -61,7 +61,7 @@ def _with_plan(src: Path, dst: Path, cc: str) -> Path:
 def test_standard_configs_parse_and_match_the_manifest(artifacts, tmp_path):
     manifest = read_manifest(artifacts["digits"])
     plans = [_with_plan(artifacts["digits"], tmp_path / f"cc{cc}", cc) for cc in ("8.0", "9.0")]
-    models = export_repository(plans, tmp_path / "repo", TritonOptions(name="d", instances=2,
+    models = export_repository(plans, tmp_path / "repo", TritonOptions(name="d", instances=2, threads=3,
                                                                        preferred_batch=[4, 8]), **QUIET)
     assert sorted(models) == ["d_onnxruntime", "d_python", "d_tensorrt"]
     for name, model_dir in models.items():
@@ -78,7 +78,9 @@ def test_standard_configs_parse_and_match_the_manifest(artifacts, tmp_path):
                                                                               "9.0": "model_9.0.plan"}
     for cc in ("8.0", "9.0"):
         assert (models["d_tensorrt"] / "1" / f"model_{cc}.plan").read_bytes() == (tmp_path / f"cc{cc}" / "sampler.plan").read_bytes()
-    assert parse_config((models["d_onnxruntime"] / "config.pbtxt").read_text()).platform == "onnxruntime_onnx"
+    ort = parse_config((models["d_onnxruntime"] / "config.pbtxt").read_text())
+    assert ort.platform == "onnxruntime_onnx" and ort.parameters["intra_op_thread_count"].string_value == "3"
+    assert parse_config((models["d_python"] / "config.pbtxt").read_text()).parameters["threads"].string_value == "3"
     assert (models["d_onnxruntime"] / "1" / "model.onnx").read_bytes() == (artifacts["digits"] / "sampler.onnx").read_bytes()
     # one plan: model.plan, no per-capability map
     one = export_repository(plans[0], tmp_path / "repo1", TritonOptions(name="d", backends=["tensorrt"]), **QUIET)
@@ -172,7 +174,7 @@ def server(artifacts, tmp_path_factory):
             pytest.fail(f"CI must run the Triton tests: {err}")
         pytest.skip(str(err))
     repo = tmp_path_factory.mktemp("triton-repo")
-    opts = dict(kind="cpu", backends=["python"], max_queue_delay_us=20000)
+    opts = dict(kind="cpu", backends=["python"], max_queue_delay_us=20000, threads=1)
     export_repository(artifacts["digits"], repo, TritonOptions(name="digits", **opts), **QUIET)
     export_repository(artifacts["gmm"], repo, TritonOptions(name="gmm", **opts), **QUIET)
     with LocalTritonServer(repo, timeout=180) as srv:
