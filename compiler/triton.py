@@ -27,10 +27,10 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import int_list, run_cli, str_list
+from iia.cli import add_options, check_options, int_list, option, options_from, run_cli, str_list
 from iia.runtime.contract import (MANIFEST, NOISE, SAMPLER_ONNX, SAMPLER_PLAN, artifact_root, public_mode,
                                   read_manifest, verify_all)
 
@@ -49,18 +49,22 @@ class TritonExportError(ValueError):
 
 @dataclass
 class TritonOptions:
-    """What `iia-export-triton` writes. `backends` None: tensorrt (when the artifact has a plan and kind is
-    gpu), onnxruntime and python."""
+    """`iia-export-triton` settings, each declared once with its flag and bounds (see iia.cli.option).
+    `backends` None: tensorrt (when the artifact has a plan and kind is gpu), onnxruntime and python."""
 
-    name: str | None = None
-    version: int = 1
-    instances: int = 1
-    max_queue_delay_us: int = 1000
-    preferred_batch: list[int] = field(default_factory=list)
-    kind: str = "gpu"
-    backends: list[str] | None = None
-    threads: int | None = None  # ONNX Runtime intra-op threads per instance (None: its default, one per core)
-    force: bool = False
+    name: str | None = option(None, "model name prefix (default: the artifact directory's name); models are "
+                                    "NAME_tensorrt, NAME_onnxruntime, NAME_python")
+    version: int = option(1, "model version directory", lo=1, hi=2**31 - 1)
+    instances: int = option(1, "instance_group count", lo=1, hi=1024)
+    max_queue_delay_us: int = option(1000, "dynamic batching: longest wait to form a batch, microseconds",
+                                     lo=0, hi=10**8)
+    preferred_batch: list = option([], "dynamic batching: preferred batch sizes, e.g. 4,8", cli=False)
+    kind: str = option("gpu", "instance kind", choices=KINDS)
+    backends: list | None = option(None, "comma-separated subset of " + ",".join(BACKENDS), cli=False)
+    threads: int | None = option(None, "ONNX Runtime intra-op threads per instance (onnxruntime_onnx: "
+                                       "intra_op_thread_count; python: iia.runtime.load(threads=)); default: "
+                                       "ONNX Runtime's, one per core", lo=1, hi=4096)
+    force: bool = option(False, "replace models of the same name in the repository")
 
 
 def _model_config_pb2():
@@ -391,21 +395,12 @@ def config_summary(path: Path) -> str:
 
 
 def _check_options(opts: TritonOptions) -> None:
-    if opts.kind not in KINDS:
-        raise TritonExportError(f"--kind must be gpu or cpu, got {opts.kind!r}")
+    check_options(opts, TritonExportError)
     unknown = [b for b in (opts.backends or []) if b not in BACKENDS]
     if unknown:
         raise TritonExportError(f"--backend {','.join(unknown)}: expected any of {', '.join(BACKENDS)}")
     if opts.backends is not None and not opts.backends:
         raise TritonExportError("--backend needs at least one of " + ", ".join(BACKENDS))
-    if opts.version < 1:
-        raise TritonExportError(f"--version must be >= 1, got {opts.version}")
-    if opts.threads is not None and opts.threads < 1:
-        raise TritonExportError(f"--threads must be >= 1, got {opts.threads}")
-    if opts.instances < 1:
-        raise TritonExportError(f"--instances must be >= 1, got {opts.instances}")
-    if opts.max_queue_delay_us < 0:
-        raise TritonExportError(f"--max-queue-delay-us must be >= 0, got {opts.max_queue_delay_us}")
     if any(b < 1 for b in opts.preferred_batch):
         raise TritonExportError(f"--preferred-batch sizes must be >= 1, got {opts.preferred_batch}")
 
@@ -428,25 +423,14 @@ def _main(argv=None) -> int:
                         help="artifact directory from iia-compile; more directories add TensorRT plans of the same "
                              "sampler for other GPUs (cc_model_filenames)")
     parser.add_argument("--repo", required=True, help="model repository directory (created if missing)")
-    parser.add_argument("--name", default=None, help="model name prefix (default: the artifact directory's name); "
-                                                     "models are NAME_tensorrt, NAME_onnxruntime, NAME_python")
-    parser.add_argument("--version", type=int, default=1, help="model version directory (default 1)")
-    parser.add_argument("--instances", type=int, default=1, help="instance_group count (default 1)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=1000,
-                        help="dynamic batching: longest wait to form a batch, microseconds (default 1000)")
-    parser.add_argument("--preferred-batch", type=int_list, default=[], help="dynamic batching: e.g. 4,8")
-    parser.add_argument("--kind", default="gpu", choices=KINDS, help="instance kind (default gpu)")
-    parser.add_argument("--backend", type=str_list, default=None,
+    add_options(parser, TritonOptions)
+    parser.add_argument("--preferred-batch", dest="preferred_batch", type=int_list, default=[],
+                        help="dynamic batching: preferred batch sizes, e.g. 4,8 (default: none)")
+    parser.add_argument("--backend", dest="backends", type=str_list, default=None,
                         help=f"comma-separated subset of {','.join(BACKENDS)} (default: tensorrt when the artifact "
-                             f"has a plan, onnxruntime, python)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime intra-op threads per instance (onnxruntime_onnx: intra_op_thread_count; "
-                             "python: iia.runtime.load(threads=)); default: ONNX Runtime's, one per core")
-    parser.add_argument("--force", action="store_true", help="replace models of the same name in the repository")
+                             f"has a plan and --kind is gpu, onnxruntime, python)")
     args = parser.parse_args(argv)
-    opts = TritonOptions(name=args.name, version=args.version, instances=args.instances,
-                         max_queue_delay_us=args.max_queue_delay_us, preferred_batch=args.preferred_batch,
-                         kind=args.kind, backends=args.backend, threads=args.threads, force=args.force)
+    opts = options_from(TritonOptions, args)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     models = export_repository(args.artifacts, args.repo, opts, log=log)
     print(f"wrote {', '.join(models)} into {args.repo}/")

@@ -53,13 +53,11 @@ def wheel_paths() -> dict[str, Path]:
     return paths
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("IIA_CACHE_DIR") or Path.home() / ".cache" / "iia")
-
-
 def stub_environment(cache_dir: str | Path | None = None, log=None) -> Path:
     """A venv (made once, cached) with numpy<2 + this host's onnxruntime version, for the python-backend stub."""
     import onnxruntime
+
+    from iia.compiler.build import default_cache_dir
 
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     root = Path(cache_dir or default_cache_dir())
