@@ -200,13 +200,17 @@ class LocalTritonServer:
         raise TritonUnavailable(f"tritonserver not ready after {self.timeout:.0f} s; log:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)  # its own session: the server and its stubs
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        """SIGINT to the server's process group (the server and its backend stubs), SIGKILL after 30 s."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGINT if self.process.poll() is None else signal.SIGKILL)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         self.process = None
 
     def cleanup(self) -> None:
