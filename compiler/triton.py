@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iia.cli import add_options, check_options, int_list, option, options_from, run_cli, str_list
-from iia.runtime.contract import (MANIFEST, NOISE, SAMPLER_ONNX, SAMPLER_PLAN, artifact_root, public_mode,
-                                  read_manifest, verify_all)
+from iia.runtime.contract import (MANIFEST, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
+                                  public_mode, read_manifest, verify_all)
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
 KINDS = ("gpu", "cpu")
@@ -340,9 +340,8 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
                         _copy(art.root / SAMPLER_PLAN, version_dir / (files.get(cc) or "model.plan"))
                 else:
                     _copy(first.root / SAMPLER_ONNX, version_dir / "model.onnx")
-                    data = f"{SAMPLER_ONNX}.data"  # external tensors keep the name the graph refers to
-                    if data in manifest["files"]:
-                        _copy(first.root / data, version_dir / data)
+                    if SAMPLER_ONNX_DATA in manifest["files"]:  # keeps the name the graph refers to
+                        _copy(first.root / SAMPLER_ONNX_DATA, version_dir / SAMPLER_ONNX_DATA)
             built[name] = model_dir
             log(f"  {name}: {config_summary(model_dir / 'config.pbtxt')}")
         _publish(work, repo, list(built), opts.force)

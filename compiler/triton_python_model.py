@@ -26,7 +26,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import iia.runtime
-from iia.runtime.contract import IMAGES, IMAGES_U8, LABELS, NOISE
+from iia.runtime.contract import IMAGES, IMAGES_U8, LABELS, NOISE, ORT_CPU
 
 
 def _input(request, name):
@@ -43,7 +43,7 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":
             backend, device_id = "auto", int(args.get("model_instance_device_id") or 0)
         else:
-            backend, device_id = "onnxruntime-cpu", 0
+            backend, device_id = ORT_CPU, 0
         self.sampler = iia.runtime.load(root, backend, threads=threads, device_id=device_id)
         pb_utils.Logger.log_info(f"iia: {self.sampler!r} ({iia.runtime.describe(self.sampler)})")
 

@@ -31,6 +31,7 @@ import numpy as np
 
 import iia.runtime
 from iia.compiler.triton import TritonOptions, export_repository
+from iia.runtime.contract import ORT_CPU
 
 from .triton_server import LocalTritonServer
 
@@ -65,7 +66,7 @@ def batch_stats(client, model: str, protocol: str) -> dict[int, int]:
 def _inprocess_worker(conn, artifact: str, threads: int | None) -> None:
     """A separate, clean process (like a user's service) running the in-process runtime on request:
     receives {batch size: count}, replies (images, wall seconds, CPU seconds)."""
-    sampler = iia.runtime.load(artifact, "onnxruntime-cpu", threads=threads)
+    sampler = iia.runtime.load(artifact, ORT_CPU, threads=threads)
     labels_for = (lambda n: np.arange(n) % sampler.label_dim) if sampler.conditional else (lambda n: None)
     rng = np.random.default_rng(12345)
     feeds: dict[int, tuple] = {}
@@ -107,7 +108,7 @@ def run(args) -> dict:
     running the very batches Triton formed in that round (or --effective-batch): both rates are sums over the
     same interleaved stretch of time, so a busy machine slows both."""
     artifact = Path(args.artifact)
-    sampler = iia.runtime.load(artifact, "onnxruntime-cpu", threads=args.threads)
+    sampler = iia.runtime.load(artifact, ORT_CPU, threads=args.threads)
     label_dim = sampler.label_dim
     labels_fn = (lambda n: (np.arange(n) % label_dim).astype(np.int64)) if label_dim else (lambda n: None)
     client_mod = _client_module(args.protocol)
