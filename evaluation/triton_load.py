@@ -217,7 +217,7 @@ def run(args) -> dict:
         "effective_batch": round(images_done / executions, 2) if executions else 0.0,
         "inprocess_images_per_s": round(inproc_rate, 1),
         "throughput_ratio": round(triton_rate / inproc_rate, 3),
-        "round_ratios": {"median": float(np.median([r["ratio"] for r in per_round])),
+        "round_ratios": {"median": round(float(np.median([r["ratio"] for r in per_round])), 3),
                          "min": min(r["ratio"] for r in per_round), "max": max(r["ratio"] for r in per_round)},
         "rounds": per_round,
         "bit_equal_responses": bit_equal, "max_queue_delay_us": args.max_queue_delay_us,
