@@ -9,7 +9,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from iia.runtime.contract import ArtifactError, write_json_atomic
+from iia.runtime.contract import MAX_COEFFICIENTS_BYTES, ArtifactError, parse_json, read_regular, write_json_atomic
 from iia.models.base import Denoiser
 
 from .fit import CalibrationResult
@@ -81,12 +81,16 @@ def save(result: CalibrationResult, denoiser: Denoiser, nfe: int, path: str | Pa
 
 
 def read(path: str | Path) -> dict:
+    """A coefficient file's data (a regular file of at most MAX_COEFFICIENTS_BYTES, schema and version
+    checked; the rest is checked by `program_from_dict`). ArtifactError naming the file otherwise."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = parse_json(read_regular(path, MAX_COEFFICIENTS_BYTES), f"coefficient file {path}")
     except FileNotFoundError:
         raise ArtifactError(f"coefficient file {path} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"coefficient file {path} is not readable JSON ({err})") from None
+    except ArtifactError as err:
+        raise ArtifactError(f"coefficient file {err}" if not str(err).startswith("coefficient") else str(err)) from None
+    except OSError as err:
+        raise ArtifactError(f"coefficient file {path} is not readable ({err.strerror or err})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ArtifactError(f"{path} is not an iia coefficient file (schema {SCHEMA!r} expected)")
     if data.get("schema_version") != SCHEMA_VERSION:
@@ -113,7 +117,7 @@ def program_from_dict(data: dict, denoiser: Denoiser | None = None, nfe: int | N
         return _program_from_dict(data, denoiser, nfe, solver, path)
     except ArtifactError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, ZeroDivisionError) as err:
         what = f"lacks field {err}" if isinstance(err, KeyError) else f"is inconsistent: {err}"
         raise ArtifactError(f"{path} {what}") from None
 
@@ -124,6 +128,13 @@ MAX_COEFFICIENT = 1e8  # far beyond any fitted value (those run to ~1e2 with the
 def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    for key, kinds in (("model", dict), ("nfe", int), ("solver", str), ("r", int), ("sigmas", list), ("steps", list)):
+        value = data.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ArtifactError(f"{path}: field '{key}' must be a {kinds.__name__}, got "
+                                f"{type(value).__name__ if value is not None else 'nothing'}")
+    if not 1 <= data["nfe"] <= 10_000 or not 0 <= data["r"] <= 64 or len(data["sigmas"]) > 10_001:
+        raise ArtifactError(f"{path}: nfe {data['nfe']}, r {data['r']} or {len(data['sigmas'])} sigmas out of range")
     if denoiser is not None and not same_model(data["model"], model_identity(denoiser)):
         raise ArtifactError(
             f"{path} was calibrated for model {data['model'].get('name')} "

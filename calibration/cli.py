@@ -6,9 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from iia.cli import ProgressBar, add_options, options_from, run_cli, stage
+from dataclasses import dataclass
+
+from iia.cli import ProgressBar, add_options, check_options, check_output_file, option, options_from, run_cli, stage
 
 from .fit import CalibrationOptions
+
+
+@dataclass
+class CalibrateTarget:
+    """What `iia-calibrate` fits: solver and NFE (bounds as iia-compile's)."""
+
+    solver: str = option("iia-edm", "iia-edm (default), biia-edm, iia-ddim, iia-ipndm, iia-spndm")
+    nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000)
 
 PICKLE_NOTE = ("Loading an EDM .pkl executes code stored in the pickle (inherent to the format): "
                "load only checkpoints you trust. The sha256 of what was loaded is printed.")
@@ -38,8 +48,7 @@ def load_model_verbose(spec, x0_clipping=None):
 def _calibrate(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="iia-calibrate", description="Fit IIA coefficients. " + PICKLE_NOTE)
     add_model_argument(parser)
-    parser.add_argument("--solver", default="iia-edm", help="iia-edm (default), biia-edm, iia-ddim, iia-ipndm, iia-spndm")
-    parser.add_argument("--nfe", type=int, default=9)
+    add_options(parser, CalibrateTarget)
     add_options(parser, CalibrationOptions)
     parser.add_argument("--out", default=None, help="coefficient JSON (default: <solver>-nfe<N>.json)")
     args = parser.parse_args(argv)
@@ -47,8 +56,10 @@ def _calibrate(argv=None) -> int:
     from .fit import calibrate
     from .sampling import program_for
 
+    check_options(options_from(CalibrateTarget, args))
     options = options_from(CalibrationOptions, args)
     options.validate()
+    check_output_file(args.out, "--out")
     program_for_check = args.solver, args.nfe
     denoiser = load_model_verbose(args.model, args.x0_clipping)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver

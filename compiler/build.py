@@ -22,10 +22,11 @@ from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
-from iia.cli import check_options, option, stage
-from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST, SAMPLER_ONNX,
-                                  SAMPLER_ONNX_DATA,
-                                  SAMPLER_PLAN, io_spec, make_manifest, public_mode, sha256_file,
+from iia.cli import check_options, option, signals_deferred, stage
+from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST,
+                                  MAX_MANIFEST_BYTES, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SCHEMA, ArtifactError,
+                                  open_regular, SAMPLER_PLAN, graph_metadata, io_spec, make_manifest, public_mode,
+                                  sha256_file,
                                   tensorrt_unavailable_reason, write_json_atomic)
 from iia.runtime.engine import PRECISIONS, EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 from iia.models.base import Denoiser
@@ -86,12 +87,16 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
         return artifact.to_dict(result, denoiser, nfe), base, "base solver (nothing to fit)"
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     cached = cache / "coefficients" / cache_key(denoiser, solver, nfe, opts.calibration.resolved(denoiser))
-    if cached.exists():
+    if cached.exists() or cached.is_symlink():
         try:
             data = artifact.read(cached)
             return data, artifact.program_from_dict(data, denoiser, nfe, solver, source=str(cached)), f"cached {cached}"
         except artifact.ArtifactError as err:
-            log(f"ignoring unusable cached coefficients ({err})")
+            log(f"  dropping unusable cached coefficients, recalibrating ({err})")
+            try:
+                cached.unlink()
+            except OSError:
+                pass
     result = calibrate(denoiser, solver, nfe, opts.calibration, progress=progress)
     data = artifact.to_dict(result, denoiser, nfe)
     try:
@@ -101,6 +106,14 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
     g = result.guard
     return data, result.program, (f"calibrated in {result.seconds:.1f} s; held-out rmse base {g['rmse_base']:.4g} -> "
                                   f"{g['rmse_chosen']:.4g} ({g['decision']})")
+
+
+def stamp_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Set ONNX metadata_props entries (others kept): what load() compares with the manifest."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        entry = existing.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
@@ -115,22 +128,114 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
     return [path.name]
 
 
+BUILDING, OLD = "building", "old"  # .DIR.building-PID-xxxx (work in progress), .DIR.old-PID-xxxx (replaced)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(out: Path, log=None) -> list[Path]:
+    """Remove `.DIR.building-PID-*` / `.DIR.old-PID-*` siblings of `out` left by processes that no longer
+    run (SIGKILL, power loss); those of live processes (a concurrent compile) are kept. Returns what went."""
+    removed = []
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return removed
+    for kind in (BUILDING, OLD):
+        for path in parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+                if log:
+                    log(f"  removed {path} (left by process {pid}, which no longer runs)")
+    return removed
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """True for a directory holding an iia artifact manifest (its schema field), or an empty directory."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        if not any(path.iterdir()):
+            return True
+        with open_regular(path / MANIFEST, MAX_MANIFEST_BYTES) as f:
+            data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, ArtifactError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
+    '.', '..', the working directory or one of its parents, a file, a symlink, or a directory of anything
+    else is refused (CompileError naming it)."""
+    if out.name in ("", ".", ".."):
+        raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise CompileError(f"--out {out}: is the working directory or one of its parents")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise CompileError(f"output directory {out} exists: pass --force to replace it")
+    if not is_artifact_dir(out):
+        what = "a symlink" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not an iia artifact"
+        raise CompileError(f"--force refuses to replace {out}: it is {what} (no manifest.json of schema {SCHEMA}); "
+                           f"remove it yourself or choose another --out")
+
+
 def _fresh_workdir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{BUILDING}-{os.getpid()}-", dir=out.parent))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) (Linux >= 3.15, glibc >= 2.28, a filesystem
+    that supports it); False where unavailable."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _publish(work: Path, out: Path, force: bool) -> None:
+    """Move the finished `work` dir to `out`. A replaced artifact is swapped out atomically where the
+    filesystem allows (no instant without DIR), else by two renames with Ctrl-C/SIGTERM held in between
+    and the old artifact restored if the second fails."""
     public_mode(work, directory=True)
-    if out.exists():
+    with signals_deferred():
+        if not (out.exists() or out.is_symlink()):
+            os.replace(work, out)
+            return
         if not force:
             raise CompileError(f"{out} appeared while compiling; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
+        if not is_artifact_dir(out):
+            raise CompileError(f"--force refuses to replace {out}: it is not an iia artifact (it appeared while compiling)")
+        if _exchange(work, out):
+            shutil.rmtree(work, ignore_errors=True)  # now holds the old artifact
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{OLD}-{os.getpid()}-", dir=out.parent))
+        os.replace(out, old)  # onto the empty placeholder directory
+        try:
+            os.replace(work, out)
+        except BaseException:
+            os.replace(old, out)  # put the old artifact back
+            raise
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
 
 
 def compile_model(model, out_dir: str | Path, options: CompileOptions | None = None,
@@ -142,8 +247,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     """
     opts = options or CompileOptions()
     out = Path(out_dir)
-    if out.exists() and not opts.force:
-        raise CompileError(f"output directory {out} exists: pass --force to replace it")
+    check_out_dir(out, opts.force)
     check_options(opts, CompileError)
     solver = opts.solver
     spec = get_solver(solver)
@@ -162,6 +266,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         log(f"  --precision {opts.precision} applies to the TensorRT engine, which is skipped ({reason}); "
             f"the ONNX graph is fp32")
 
+    clean_stale(out, log)
     work = _fresh_workdir(out)
     try:
         with stage("coefficients", timings, log):
@@ -176,6 +281,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         with stage("emit sampler graph", timings, log):
             sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional)
             check_model(sampler)
+            stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
+                                                    "sample_shape": list(denoiser.shape)}))
             weights = check_weight_sharing(sampler, initializer_bytes(denoiser_model), denoiser.param_bytes(),
                                            opts.weight_limit)
             files = save_onnx(sampler, work / SAMPLER_ONNX)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+from iia.cli import int_list, option, str_list
+from iia.runtime.contract import atomic_open
 
 from iia.models.base import Denoiser
 
@@ -12,6 +16,24 @@ from iia.calibration.sampling import program_for, reference_solution, rmse, samp
 from iia.calibration.solvers import get_solver
 
 TEST_SEED_OFFSET = 104729  # the test noise is a stream distinct from calibration and guard noise
+
+
+@dataclass
+class AccuracyOptions:
+    """`iia-accuracy`'s own options (its calibration options are CalibrationOptions), declared once."""
+
+    solvers: list[str] = option(["edm", "biia-edm", "iia-edm", "ddim", "iia-ddim"], "solvers, comma-separated",
+                                parse=str_list)
+    nfe: list[int] = option([5, 7, 9, 11, 15, 19, 25, 35], "NFE values, comma-separated (EDM-family solvers use "
+                            "the odd ones, DDIM-family all of them)", parse=int_list, lo=1, hi=1000)
+    n_test: int = option(500, "fresh test noises", lo=2, hi=1_000_000)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """A matplotlib figure written atomically (temp file + rename), format from the suffix (default png)."""
+    path = Path(path)
+    with atomic_open(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
 
 
 def valid_nfe(solver: str, nfe: int) -> bool:
@@ -91,5 +113,7 @@ def plot_table(rows: list[dict], path: str, title: str = "") -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -5,28 +5,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
-from iia.calibration.fit import CalibrationOptions
-from iia.cli import add_options, int_list, options_from, run_cli, str_list
-from iia.runtime.contract import write_json_atomic
+from iia.cli import add_options, check_options, check_output_file, options_from, run_cli
+
+# torch-free at import: iia-bench (bench_main) must run where only the runtime's dependencies are installed
 
 
 def _accuracy(argv=None) -> int:
+    from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
+    from iia.calibration.fit import CalibrationOptions
+    from iia.runtime.contract import write_json_atomic
+
+    from .accuracy import AccuracyOptions, accuracy_table, format_table, plot_table
+
     parser = argparse.ArgumentParser(prog="iia-accuracy", description="Sampler RMSE vs a high-accuracy reference. "
                                      + PICKLE_NOTE)
     parser.add_argument("--model", default="gmm", help="gmm (default), digits, or a path")
-    parser.add_argument("--solvers", type=str_list, default=str_list("edm,biia-edm,iia-edm,ddim,iia-ddim"))
-    parser.add_argument("--nfe", type=int_list, default=int_list("5,7,9,11,15,19,25,35"),
-                        help="EDM-family solvers use the odd values, DDIM-family all of them")
-    parser.add_argument("--n-test", type=int, default=500, help="fresh test noises (default 500)")
+    add_options(parser, AccuracyOptions)
     add_options(parser, CalibrationOptions)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
-    from .accuracy import accuracy_table, format_table, plot_table
-
+    check_options(options_from(AccuracyOptions, args))
     options = options_from(CalibrationOptions, args)
     options.validate()
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
     denoiser = load_model_verbose(args.model)
     rows = accuracy_table(denoiser, args.solvers, args.nfe, options, args.n_test,
                           progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))

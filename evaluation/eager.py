@@ -14,32 +14,44 @@ from iia.runtime.contract import COEFFICIENTS
 
 
 def rebuild_denoiser(manifest: dict, spec: str | None):
-    """The model behind the artifact, from `spec` or the manifest's identity (EagerUnavailable if impossible)."""
-    from iia.models import load as load_model
+    """The model behind the artifact (EagerUnavailable if it cannot be had safely).
 
-    if spec is not None:
-        return load_model(spec)
+    Security: an artifact is data and must never make this process load code. A model FILE (an EDM .pkl
+    runs code when unpickled) is loaded only when the user names it (`spec`, from --model), and only after
+    its sha256 matches the manifest's model.sha256 (computed without loading it). The manifest's own
+    model.path is never opened. Without `spec`, only models that hold no code are rebuilt: the analytic
+    Gaussian mixture from its (bounds-checked) config, and the bundled digits model (a weights-only file
+    inside the installed package).
+    """
+    from iia.models import load as load_model
+    from iia.models.registry import gmm_from_options, source_sha256
+
     ident = manifest.get("model") or {}
     kind, name = ident.get("kind"), ident.get("name")
-    if ident.get("path"):
-        return load_model(ident["path"])
+    if spec is not None:
+        want = ident.get("sha256")
+        found = source_sha256(spec)  # hashes the file(s); unpickles nothing
+        if found is not None and found != want:
+            raise ValueError(f"--model {spec}: sha256 {found[:16]}... does not match the artifact's model "
+                             f"({str(want)[:16] + '...' if want else 'no sha256 recorded'}); not loading it")
+        return load_model(spec)
     if kind == "gmm" and isinstance(ident.get("config"), dict):
-        from iia.models import gaussian_mixture
-
-        config = dict(ident["config"])
-        config["shape"] = tuple(config.get("shape", ()))
-        return gaussian_mixture(**config)
+        return gmm_from_options(ident["config"], "the manifest's gmm config")
     if kind == "bundled":
         return load_model("digits")
-    raise EagerUnavailable(f"cannot rebuild model {kind} '{name}' from the manifest (its identity records no path "
-                           f"or config): pass --model PATH to time the eager reference")
+    raise EagerUnavailable(f"the eager reference needs model {kind} '{name}': pass --model PATH (iia-bench never "
+                           f"loads a model file named by the artifact; --model is loaded only if its sha256 matches "
+                           f"the manifest's)")
 
 
 class EagerReference:
     """`iia.calibration.sampling.sample` with the artifact's program, on `device` with `threads` threads."""
 
     def __init__(self, root: Path, manifest: dict, spec: str | None, dtype: str, threads: int, device: str):
-        import torch
+        try:
+            import torch
+        except ImportError as err:
+            raise EagerUnavailable(f"torch is not installed ({err}): the PyTorch eager reference is skipped") from None
 
         from iia.calibration.artifact import ArtifactError, load_program
         from iia.calibration.sampling import sample

@@ -23,6 +23,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +36,9 @@ from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for, reference_solution, rmse, sample
 from iia.calibration.solvers import Program, get_solver
 
-from .accuracy import valid_nfe
+from iia.cli import int_list, option, str_list
+
+from .accuracy import save_figure, valid_nfe
 
 METRIC = ("FD-digits: Frechet distance between Gaussian fits of the bundled digit classifier's 128-d "
           "penultimate features, samples vs all 1,797 real digits (not FID; not comparable to FID)")
@@ -151,6 +154,21 @@ def save_comparison_grid(panels: list[tuple[str, torch.Tensor]], path: str | Pat
     path = Path(path)
     save_png(np.asarray(canvas)[..., None], path)
     return path
+
+
+@dataclass
+class QualityOptions:
+    """`iia-quality`'s own options (its calibration options are CalibrationOptions), declared once."""
+
+    solvers: list[str] = option(["edm", "biia-edm", "iia-edm", "ddim", "iia-ddim"], "solvers, comma-separated",
+                                parse=str_list)
+    nfe: list[int] = option([5, 7, 9, 11, 15, 19, 35], "NFE values, comma-separated (EDM-family solvers use the odd "
+                            "ones, DDIM-family all of them)", parse=int_list, lo=1, hi=1000)
+    n: int = option(2000, "samples per solver and NFE (>= 2: FD-digits needs a covariance)", lo=2, hi=1_000_000)
+    chunk: int = option(500, "samples per sampling batch", lo=1, hi=100_000)
+    onnx_check: int = option(9, "compile iia-edm at this NFE to ONNX and compare its samples (0 skips)", lo=0, hi=1000)
+    sample_seed: int = option(QUALITY_SAMPLE_SEED, "first image seed of the samples (iia-sample --seed S draws the "
+                                                   "same noise)", lo=0, hi=2**62)
 
 
 def validate_request(solvers: list[str], nfes: list[int], n: int, chunk: int = 500,
@@ -391,14 +409,16 @@ def plot_quality(report: dict, path: str | Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _main(argv=None) -> int:
     import argparse
 
-    from iia.cli import ProgressBar, int_list, str_list
+    from iia.cli import ProgressBar, check_options, check_output_file
 
     from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
     from iia.cli import add_options, options_from
@@ -411,27 +431,19 @@ def _main(argv=None) -> int:
                     "high-accuracy reference. " + PICKLE_NOTE)
     parser.add_argument("model", nargs="?", default="digits",
                         help="'digits' (bundled, default) or a retrained digits .pt checkpoint")
-    parser.add_argument("--solvers", type=str_list, default=str_list("edm,biia-edm,iia-edm,ddim,iia-ddim"))
-    parser.add_argument("--nfe", type=int_list, default=int_list("5,7,9,11,15,19,35"),
-                        help="EDM-family solvers use the odd values, DDIM-family all of them")
-    parser.add_argument("--n", type=int, default=2000, help="samples per solver and NFE (default 2000)")
-    parser.add_argument("--chunk", type=int, default=500, help="samples per sampling batch (default 500)")
+    add_options(parser, QualityOptions)
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--plot", default=None, help="FD-digits vs NFE plot (PNG)")
     parser.add_argument("--grids", default=None, metavar="DIR",
                         help="one PNG per NFE with side-by-side sample grids per solver and the reference")
-    parser.add_argument("--onnx-check", type=int, default=9, metavar="NFE",
-                        help="compile iia-edm at this NFE to ONNX and compare its samples (default 9; 0 skips)")
-    parser.add_argument("--sample-seed", type=int, default=QUALITY_SAMPLE_SEED,
-                        help=f"first image seed of the samples (default {QUALITY_SAMPLE_SEED}; iia-sample --seed S "
-                             f"draws the same noise)")
     add_options(parser, CalibrationOptions)
     args = parser.parse_args(argv)
-    if args.sample_seed < 0:
-        raise ValueError(f"--sample-seed must be >= 0, got {args.sample_seed}")
 
+    check_options(options_from(QualityOptions, args))
     options = options_from(CalibrationOptions, args)
     options.validate()
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
     validate_request(args.solvers, args.nfe, args.n, args.chunk, args.onnx_check)  # fail fast, before loading
     denoiser = load_model_verbose(args.model)
     if args.onnx_check:

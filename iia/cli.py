@@ -4,24 +4,83 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (temp files, build dirs) runs for it too."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Call `main`; turn expected errors into one line on stderr and exit status 2 (1 for Ctrl-C)."""
+    """Call `main`; every failure becomes ONE line on stderr: expected errors (ValueError, OSError,
+    RuntimeError, ImportError) exit 2, anything else exits 2 naming its type; Ctrl-C exits 1 and SIGTERM 143
+    (both after the same cleanup). IIA_DEBUG=1 re-raises, keeping the traceback."""
+    debug = bool(os.environ.get("IIA_DEBUG"))
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return main(argv) or 0
+    except Terminated:
+        print("terminated (SIGTERM): nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 1
     except (ValueError, OSError, RuntimeError, ImportError) as err:
-        if os.environ.get("IIA_DEBUG"):
+        if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a failure nobody anticipated: still one line
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {one_line(err)} (unexpected; IIA_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM until the block ends (a rename pair that must not be split); delivered after."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def check_output_file(path: str | Path | None, flag: str) -> Path | None:
+    """An output FILE path checked before any work: not '.', '..' or an existing directory (ValueError naming
+    `flag`). None passes through."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.name in ("", ".", "..") or path.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory, expected a file name")
+    return path
 
 
 def int_list(text: str) -> list[int]:
@@ -80,12 +139,14 @@ class ProgressBar:
 
 
 def option(default, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), lo=None, hi=None,
-           choices=None, cli: bool = True):
+           choices=None, cli: bool = True, parse: Callable[[str], object] | None = None):
     """A dataclass field carrying its command-line form (flag and aliases, help, bounds lo..hi inclusive,
-    choices; cli=False: settable from Python only)."""
+    choices; cli=False: settable from Python only). parse: argparse type of a list option (int_list,
+    str_list): bounds and choices then apply to each element."""
     from dataclasses import field
 
-    meta = {"help": help, "flag": flag, "aliases": aliases, "lo": lo, "hi": hi, "choices": choices, "cli": cli}
+    meta = {"help": help, "flag": flag, "aliases": aliases, "lo": lo, "hi": hi, "choices": choices, "cli": cli,
+            "parse": parse}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,13 +156,15 @@ def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
-    """Add one argument per `option` field of dataclass `cls` (bool fields become on/off switches)."""
+def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None,
+                only: tuple[str, ...] | None = None) -> None:
+    """Add one argument per `option` field of dataclass `cls` (bool fields become on/off switches); `only`
+    restricts to the named fields."""
     import dataclasses
 
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", False) or f.name in skip:
+        if not f.metadata.get("cli", False) or f.name in skip or only is not None and f.name not in only:
             continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = f.metadata["help"]
@@ -112,8 +175,10 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         kind = {int: int, float: float}.get(type(default) if default is not None else None)
         if kind is None and f.metadata.get("lo") is not None:
             kind = int
-        kwargs = {"dest": f.name, "default": default, "help": help_text + (f" (default {default})" if default is not None else "")}
-        if f.metadata.get("choices"):
+        kind = f.metadata.get("parse") or kind
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        kwargs = {"dest": f.name, "default": default, "help": help_text + (f" (default {shown})" if default is not None else "")}
+        if f.metadata.get("choices") and not f.metadata.get("parse"):
             kwargs["choices"] = f.metadata["choices"]
         if kind is not None:
             kwargs["type"] = kind  # bounds are checked by check_options: one line naming the flag
@@ -130,17 +195,31 @@ def options_from(cls, args: argparse.Namespace, **extra):
 
 
 def check_options(options, error=ValueError) -> None:
-    """Apply every `option` field's bounds and choices to an instance; `error` names the flag."""
+    """Apply every `option` field's bounds and choices to an instance (to each element of a list option);
+    `error` names the flag. Numbers must be finite: NaN is refused, not compared."""
     import dataclasses
+    import math
 
     for f in dataclasses.fields(options):
         value, meta = getattr(options, f.name), f.metadata
         if value is None or "help" not in meta or isinstance(value, bool):
             continue
-        lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
-        if choices and value not in choices:
-            raise error(f"{flag_of(f)} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        if (lo is not None or hi is not None) and not isinstance(value, (int, float)):
-            raise error(f"{flag_of(f)} must be a number, got {value!r}")
-        if not ((lo is None or value >= lo) and (hi is None or value <= hi)):  # NaN fails both
-            raise error(f"{flag_of(f)} must lie in [{lo}, {hi}], got {value}")
+        values = list(value) if isinstance(value, (list, tuple)) and meta.get("parse") else [value]
+        if not values:
+            raise error(f"{flag_of(f)} needs at least one value")
+        for item in values:
+            _check_value(flag_of(f), item, meta, error, math)
+
+
+def _check_value(flag: str, value, meta, error, math) -> None:
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices and value not in choices:
+        raise error(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if lo is None and hi is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, float) and math.isnan(value):
+        raise error(f"{flag} must be a number, got {value!r}")
+    if isinstance(lo, int) and isinstance(hi, int) and not isinstance(value, int) and not float(value).is_integer():
+        raise error(f"{flag} must be an integer, got {value!r}")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise error(f"{flag} must lie in [{lo}, {hi}], got {value}")

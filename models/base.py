@@ -135,3 +135,14 @@ def from_callable(
         round_sigma=round_sigma or (lambda s: s),
         identity={"kind": "callable", "name": name},
     )
+
+
+def weights_only_refusal(err: BaseException) -> str:
+    """The reason in torch.load(weights_only=True)'s refusal, without its multi-line advice (which suggests
+    weights_only=False, i.e. running the file's code: never what iia does). Other messages: one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        reasons = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Re-running",
+                                                                      "In PyTorch", "(1)", "(2)"))]
+        return "torch's safe loader refused it: " + " ".join(reasons or lines[:1])
+    return " ".join(lines)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .base import Denoiser
+from .base import Denoiser, weights_only_refusal
 
 __all__ = ["EDMPickleError", "EDMShimError", "EDMNet", "load_edm_pickle", "read_edm_pickle"]
 
@@ -280,8 +280,11 @@ class _Loader:
             exec(code, module.__dict__)
         except EDMPickleError:
             raise
+        except SystemExit as exc:  # foreign code must not end the process silently
+            raise EDMPickleError(f"the embedded source of EDM class '{class_name}' called sys.exit({exc.code!r}) "
+                                 f"while loading") from None
         except BaseException as exc:  # noqa: BLE001 - report any failure of foreign code clearly
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, KeyboardInterrupt):
                 raise
             raise EDMPickleError(
                 f"executing the embedded source of EDM class '{class_name}' failed: {type(exc).__name__}: {exc}"
@@ -312,6 +315,8 @@ class _Loader:
                     obj.__dict__.update(state)
         except EDMPickleError:
             raise
+        except SystemExit as exc:
+            raise EDMPickleError(f"rebuilding EDM object '{class_name}' called sys.exit({exc.code!r})") from None
         except Exception as exc:
             raise EDMPickleError(f"rebuilding EDM object '{class_name}' failed: {type(exc).__name__}: {exc}") from exc
         self.class_names.append(class_name)
@@ -338,7 +343,8 @@ def _unpickle(data: bytes, file_label: str):
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                 KeyError, ImportError, RuntimeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
-            raise EDMPickleError(f"{file_label}: not a readable EDM network pickle ({type(exc).__name__}: {exc})") from exc
+            raise EDMPickleError(f"{file_label}: not a readable EDM network pickle ({type(exc).__name__}: "
+                                 f"{weights_only_refusal(exc)})") from exc
         finally:
             for name, previous in saved.items():
                 if previous is _MISSING:
@@ -476,9 +482,15 @@ def load_edm_pickle(path: str | Path) -> Denoiser:
     precond = data["ema"]
     if not isinstance(precond, torch.nn.Module):
         raise EDMPickleError(f"{label}: 'ema' is a {type(precond).__name__}, not a torch network")
-    if hasattr(precond, "use_fp16"):
-        precond.use_fp16 = False  # fp16 only ever applied on CUDA; iia runs the net in float32
-    precond = precond.float().cpu().eval().requires_grad_(False)
+    try:
+        if hasattr(precond, "use_fp16"):
+            precond.use_fp16 = False  # fp16 only ever applied on CUDA; iia runs the net in float32
+        precond = precond.float().cpu().eval().requires_grad_(False)
+    except (AttributeError, TypeError, RuntimeError) as exc:  # e.g. a Module whose state was never restored
+        raise EDMPickleError(f"{label}: 'ema' ({type(precond).__name__}) is not a usable torch network: its state is "
+                             f"missing or broken ({type(exc).__name__}: {exc})") from None
+    except SystemExit as exc:
+        raise EDMPickleError(f"{label}: the network's code called sys.exit({exc.code!r}) while loading") from None
 
     channels = _attr_int(precond, "img_channels", label)
     resolution = _attr_int(precond, "img_resolution", label)

@@ -14,6 +14,54 @@ class ModelLoadError(ValueError):
 BUILTIN_HELP = "'gmm' (analytic Gaussian mixture, e.g. 'gmm:components=10,spread=0.5'), 'digits' (bundled model)"
 
 
+# gmm options: name -> (type, lo, hi); bounds keep a typo from allocating gigabytes or dividing by zero
+GMM_OPTIONS = {"components": (int, 1, 4096), "spread": (float, 1e-6, 1e3), "scale": (float, 0.0, 1e3),
+               "seed": (int, 0, 2**62), "conditional": (bool, None, None), "d": (int, 1, 1 << 20),
+               "sigma_min": (float, 1e-8, 1e3), "sigma_max": (float, 1e-6, 1e5)}
+
+
+def gmm_from_options(options: dict, where: str = "gmm"):
+    """`gaussian_mixture(**options)` after checking each option's name, type and bounds (GMM_OPTIONS);
+    `shape` (a list of ints, as the manifest records it) is accepted in place of d. ModelLoadError naming
+    the option otherwise."""
+    import math
+
+    from .gmm import gaussian_mixture
+
+    options = dict(options)
+    shape = options.pop("shape", None)
+    kwargs = {}
+    for key, value in options.items():
+        if key not in GMM_OPTIONS:
+            raise ModelLoadError(f"{where}: unknown option '{key}' (known: {', '.join(GMM_OPTIONS)})")
+        kind, lo, hi = GMM_OPTIONS[key]
+        if kind is bool:
+            value = {0: False, 1: True}.get(value, value) if not isinstance(value, float) else value
+            if not isinstance(value, bool):
+                raise ModelLoadError(f"{where}: option '{key}' must be true or false, got {value!r}")
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if ok and kind is int:
+                ok = float(value).is_integer()
+                value = int(value) if ok else value
+            if not ok or not lo <= value <= hi:
+                raise ModelLoadError(f"{where}: option '{key}' must be {'an integer' if kind is int else 'a number'} "
+                                     f"in [{lo}, {hi}], got {value!r}")
+        kwargs[key] = value
+    if shape is not None:
+        if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in shape)):
+            raise ModelLoadError(f"{where}: shape must be 1..4 integers in [1, 4096], got {shape!r}")
+        kwargs["shape"] = tuple(shape)
+    if "d" in kwargs:
+        kwargs["shape"] = (kwargs.pop("d"),)
+    if math.prod(kwargs.get("shape", (1,))) * kwargs.get("components", 10) > 1 << 26:
+        raise ModelLoadError(f"{where}: components x dimensions exceeds {1 << 26} (too large to hold in memory)")
+    if kwargs.get("sigma_min", 0.002) >= kwargs.get("sigma_max", 80.0):
+        raise ModelLoadError(f"{where}: sigma_min must be below sigma_max")
+    return gaussian_mixture(**kwargs)
+
+
 def _parse_options(text: str) -> dict:
     options = {}
     for item in filter(None, text.split(",")):
@@ -21,8 +69,28 @@ def _parse_options(text: str) -> dict:
         try:
             options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
         except ValueError:
-            options[key.strip()] = value.strip().lower() in ("1", "true", "yes")
+            word = value.strip().lower()
+            options[key.strip()] = {"true": True, "yes": True, "false": False, "no": False}.get(word, value.strip())
     return options
+
+
+def source_sha256(spec: str | Path) -> str | None:
+    """The sha256 a model's identity will record, computed WITHOUT loading it (nothing is unpickled): of the
+    file for an EDM .pkl or a .pt checkpoint, of the config and weight files for a diffusers folder; None
+    for a built-in name. ModelLoadError if the path does not exist."""
+    text = str(spec)
+    if text.partition(":")[0] in ("gmm", "digits", "bundled"):
+        return None
+    path = Path(text)
+    if path.is_dir():
+        from .diffusers_ddpm import _folder_sha256
+
+        return _folder_sha256(path)
+    if not path.exists():
+        raise ModelLoadError(f"model '{text}' not found: pass a path to an EDM .pkl, a diffusers folder, or {BUILTIN_HELP}")
+    from iia.runtime.contract import sha256_file
+
+    return sha256_file(path)
 
 
 def load(spec: str | Path, x0_clipping: str | None = None) -> Denoiser:
@@ -36,14 +104,10 @@ def load(spec: str | Path, x0_clipping: str | None = None) -> Denoiser:
         raise ModelLoadError(f"--x0-clipping {x0_clipping} applies to diffusers folders only, not '{text}'")
     name, _, opts = text.partition(":")
     if name == "gmm":
-        from .gmm import gaussian_mixture
-
         options = _parse_options(opts)
         if "shape" in options:
             raise ModelLoadError("gmm shape is set with d=<dim> or the default (1, 8, 8)")
-        if "d" in options:
-            options["shape"] = (int(options.pop("d")),)
-        return gaussian_mixture(**options)
+        return gmm_from_options(options, f"model '{text}'")
     if name in ("digits", "bundled"):
         from .zoo import load_digits_model
 

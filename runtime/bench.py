@@ -26,7 +26,10 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .contract import (DENOISED, DENOISER_LABELS, DENOISER_ONNX, DENOISER_SIGMA, DENOISER_X, draw_labels, draw_noise,
+from iia.cli import check_options, int_list, option
+
+from .contract import (BACKENDS, DENOISED, DENOISER_LABELS, DENOISER_ONNX, DENOISER_SIGMA, DENOISER_X, MAX_BATCH,
+                       draw_labels, draw_noise,
                        read_verified)
 from .loader import describe, load
 from .onnx_backend import CUDA, OrtSession
@@ -58,27 +61,35 @@ class Eager(Protocol):
 EagerFactory = Callable[[Sampler, "str | None", str, int, str], Eager]
 
 
+MAX_SEED = 2**62  # image k of seed s uses default_rng(s + k): far below numpy's limits for any batch
+
+
 @dataclass
-class BenchOptions:
-    backend: str = "auto"
-    batches: tuple[int, ...] = (1, 8, 32)
-    warmup: int = 5
-    iters: int = 50
-    threads: int | None = None  # None: the CPUs this process may use
-    eager: bool = True
-    eager_dtype: str = "float32"
-    model: str | None = None  # where to load the model for eager (default: rebuilt from the manifest)
-    seed: int = 0
+class RunOptions:
+    """Options of every command that runs an artifact (iia-sample, iia-bench), declared once."""
+
+    backend: str = option("auto", "auto: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU, the first usable here",
+                          choices=("auto", *BACKENDS))
+    threads: int | None = option(None, "ONNX Runtime intra-op threads (default: the CPUs this process may use "
+                                       "for iia-bench, ONNX Runtime's default for iia-sample)", lo=1, hi=1024)
+
+
+@dataclass
+class BenchOptions(RunOptions):
+    batches: tuple[int, ...] = option((1, 8, 32), "batch sizes, comma-separated", flag="--batch", parse=int_list,
+                                      lo=1, hi=MAX_BATCH)
+    warmup: int = option(5, "untimed calls first", lo=0, hi=10_000)
+    iters: int = option(50, "timed calls per batch size", lo=1, hi=1_000_000)
+    eager: bool = option(True, "skip the PyTorch eager reference")
+    eager_dtype: str = option("float32", "state dtype of the eager loop (float32: what a service runs)",
+                              choices=("float32", "float64"))
+    model: str | None = option(None, "model file of the eager reference. Never read from the artifact: a model "
+                                      "file (an EDM .pkl runs code when loaded) is loaded only when named here, "
+                                      "and only after its sha256 matches the manifest's")
+    seed: int = option(0, "noise seed", lo=0, hi=MAX_SEED)
 
     def validate(self) -> None:
-        if self.warmup < 0 or self.iters < 1:
-            raise ValueError(f"need --warmup >= 0 and --iters >= 1, got {self.warmup} and {self.iters}")
-        if not self.batches or min(self.batches) < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {list(self.batches)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.eager_dtype not in ("float32", "float64"):
-            raise ValueError(f"eager dtype must be float32 or float64, got {self.eager_dtype!r}")
+        check_options(self)
 
 
 def default_threads() -> int:

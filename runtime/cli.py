@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import int_list, run_cli
+from iia.cli import add_options, check_options, check_output_file, int_list, option, options_from, run_cli
 
-from .contract import BACKENDS
+from .bench import MAX_SEED, BenchOptions, RunOptions
+from .contract import MAX_LABEL_DIM
 
-BACKEND_CHOICES = ("auto", *BACKENDS)
+GRID_MAX = 1024  # the PNG grid shows at most this many samples (all of them go to the .npz)
+
+
+@dataclass
+class SampleOptions(RunOptions):
+    """`iia-sample`'s options, declared once (bounds checked by iia.cli.check_options, naming the flag)."""
+
+    n: int = option(64, "number of samples; drawn and written in chunks of the artifact's max batch", lo=1, hi=10**7)
+    seed: int = option(0, "first image seed: image k uses numpy default_rng(seed + k)", lo=0, hi=MAX_SEED)
+    labels: list[int] | None = option(None, "class ids, comma-separated, repeated to --n (default: image k of seed s "
+                                            "gets class (s + k) mod label_dim)", parse=int_list, lo=0, hi=MAX_LABEL_DIM - 1)
+    out: str = option("grid.png", "PNG grid path; the .npz of raw outputs (images float32, noise, labels, seed) goes "
+                                  "beside it with suffix .npz (an --out ending in .npz names the .npz, the PNG beside it)")
 
 
 def _err(text: str) -> None:
@@ -19,9 +33,6 @@ def _err(text: str) -> None:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", metavar="DIR", help="artifact directory written by iia-compile")
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="default auto: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU, the first usable here")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
 
 
 def _labels_for(sampler, given: list[int] | None, n: int, seed: int):
@@ -36,8 +47,23 @@ def _labels_for(sampler, given: list[int] | None, n: int, seed: int):
     if not given:
         _err(f"no --labels given: image k of seed s gets class (s + k) mod {sampler.label_dim}")
         return draw_labels(seed, n, sampler.label_dim)
+    bad = [label for label in given if label >= sampler.label_dim]
+    if bad:
+        raise ValueError(f"--labels {bad[0]} out of range: this model has label_dim {sampler.label_dim}, expected "
+                         f"ids in [0, {sampler.label_dim - 1}]")
     ids = np.asarray(given, dtype=np.int64)
     return np.resize(ids, n)  # repeated cyclically to n samples
+
+
+def output_paths(out: str) -> tuple[Path, Path]:
+    """(png, npz) for --out: distinct files, checked before any work."""
+    path = check_output_file(out, "--out")
+    if path.suffix.lower() not in (".png", ".npz"):
+        raise ValueError(f"--out {out}: expected a name ending in .png (the grid; the .npz goes beside it) or .npz")
+    png, npz = path.with_suffix(".png"), path.with_suffix(".npz")
+    check_output_file(png, "--out")
+    check_output_file(npz, "--out")
+    return png, npz
 
 
 def _sample(argv=None) -> int:
@@ -46,42 +72,48 @@ def _sample(argv=None) -> int:
         description="Sample from a compiled artifact: a PNG grid plus an .npz of the raw outputs "
                     "(images float32, noise, labels) beside it.")
     _add_common(parser)
-    parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="first image seed: image k uses numpy default_rng(seed + k) (default 0)")
-    parser.add_argument("--labels", type=int_list, default=None,
-                        help="class ids, comma-separated, repeated to --n (default: image k of seed s gets class (s + k) mod label_dim)")
-    parser.add_argument("--out", default="grid.png", help="PNG path (default grid.png); the .npz goes beside it")
+    add_options(parser, SampleOptions)
     args = parser.parse_args(argv)
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    opts = options_from(SampleOptions, args)
+    check_options(opts)
+    png, npz = output_paths(opts.out)
     import numpy as np
 
     from . import describe, draw_noise, load
-    from .grid import grid_array, save_npz, save_png
+    from .grid import NpzWriter, grid_array, save_png
 
-    sampler = load(args.artifact, args.backend, threads=args.threads)
+    sampler = load(args.artifact, opts.backend, threads=opts.threads)
     _err(f"{sampler!r}\n{describe(sampler)}")
-    labels = _labels_for(sampler, args.labels, args.n, args.seed)
-    noise = draw_noise(args.seed, args.n, sampler.sample_shape)  # drawn at once: independent of max_batch
-    images, images_u8 = [], []
-    for start in range(0, args.n, sampler.max_batch):
-        part = slice(start, start + sampler.max_batch)
-        out = sampler.sample(noise[part], class_labels=None if labels is None else labels[part])
-        images.append(out.images)
-        if out.images_uint8 is not None:
-            images_u8.append(out.images_uint8)
-    out_png = Path(args.out)
-    out_npz = out_png.with_suffix(".npz")
-    save_npz(out_npz, images=np.concatenate(images), noise=noise,
-             labels=np.zeros(0, np.int64) if labels is None else labels, seed=np.int64(args.seed))
+    n, chunk = opts.n, sampler.max_batch
+    labels = _labels_for(sampler, opts.labels, n, opts.seed)
+    parts = [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    shown = min(n, GRID_MAX) if sampler.is_image else 0
+    grid_images = []
+    with NpzWriter(npz) as archive:  # streamed: memory holds one chunk (plus the grid's first GRID_MAX images)
+        with archive.array("images", np.float32, (n, *sampler.sample_shape)) as images:
+            for k, part in enumerate(parts):
+                noise = draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape)
+                out = sampler.sample(noise, class_labels=None if labels is None else labels[part])
+                images.write(out.images)
+                if part.start < shown:
+                    grid_images.append(out.images_uint8[: shown - part.start])
+                if len(parts) > 1:
+                    _err(f"  {part.stop}/{n} samples")
+        with archive.array("noise", np.float32, (n, *sampler.sample_shape)) as noise_out:
+            for part in parts:  # per-image seeds: the same noise again, chunk by chunk
+                noise_out.write(draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape))
+        archive.put("labels", np.zeros(0, np.int64) if labels is None else labels)
+        archive.put("seed", np.int64(opts.seed))
     if not sampler.is_image:
         _err(f"a PNG grid needs an image model ([C, H, W] samples); this one has sample shape "
              f"{list(sampler.sample_shape)}, so only the .npz was written")
-        print(f"wrote {out_npz}")
+        print(f"wrote {npz}")
         return 0
-    grid = grid_array(np.concatenate(images_u8))
-    save_png(grid, out_png)
-    print(f"wrote {out_png} ({grid.shape[1]}x{grid.shape[0]}) and {out_npz}")
+    if shown < n:
+        _err(f"the grid shows the first {shown} of {n} samples (all {n} are in {npz})")
+    grid = grid_array(np.concatenate(grid_images))
+    save_png(grid, png)
+    print(f"wrote {png} ({grid.shape[1]}x{grid.shape[0]}) and {npz}")
     return 0
 
 
@@ -93,22 +125,15 @@ def bench(argv=None, eager_factory=None) -> int:
                     "sampler / (NFE x one denoiser call) on the same backend (floor 1.0), and the speed-up over "
                     "the PyTorch eager sampler (same solver, coefficients, device and threads).")
     _add_common(parser)
-    parser.add_argument("--batch", type=int_list, default=[1, 8, 32], help="batch sizes (default 1,8,32)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=50)
+    add_options(parser, BenchOptions)
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    parser.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager reference")
-    parser.add_argument("--eager-dtype", default="float32", choices=("float32", "float64"),
-                        help="state dtype of the eager loop (default float32, what a service runs)")
-    parser.add_argument("--model", default=None,
-                        help="model for the eager reference (default: rebuilt from the manifest's identity)")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from .bench import BenchOptions, format_table, run_bench
+    from .bench import format_table, run_bench
 
-    opts = BenchOptions(backend=args.backend, batches=tuple(args.batch), warmup=args.warmup, iters=args.iters,
-                        threads=args.threads, eager=not args.no_eager, eager_dtype=args.eager_dtype,
-                        model=args.model, seed=args.seed)
+    opts = options_from(BenchOptions, args)
+    opts.batches = tuple(opts.batches)
+    opts.validate()
+    check_output_file(args.json, "--json")
     rows = run_bench(args.artifact, opts, log=_err, eager_factory=eager_factory)
     print(format_table(rows))
     if args.json:

@@ -18,6 +18,8 @@ import ctypes
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +52,22 @@ BACKENDS = (TENSORRT, ORT_CUDA, ORT_CPU)  # "auto" tries them in this order
 SCHEMA = "iia.artifact"
 SCHEMA_VERSION = 1
 REQUIRED = ("inputs", "outputs", "files", "sample_shape", "label_dim", "max_batch", "nfe")
+
+# ---- bounds every reader applies (the C++ runtime mirrors them) -----------------------------------
+# An artifact file must be a regular file (a symlink to one is followed; /dev/zero, a FIFO or a directory is
+# refused before reading) of at most its bound: the manifest's "bytes" for a listed file, else these.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_COEFFICIENTS_BYTES = 64 << 20
+MAX_LISTED_BYTES = 1 << 40  # a listed file's "bytes" above this is absurd
+MAX_FILES = 64  # entries of "files"
+MAX_RANK, MAX_DIM, MAX_ELEMENTS = 4, 1 << 16, 1 << 28  # sample_shape: rank, each dimension, their product
+MAX_LABEL_DIM = 1 << 20
+MAX_BATCH = 1 << 16
+MAX_NFE = 10_000
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# graph metadata (ONNX metadata_props) the compiler stamps on sampler.onnx; load() compares it with the manifest
+GRAPH_METADATA = ("iia.nfe", "iia.label_dim", "iia.sample_shape")
 
 
 class ArtifactError(ValueError):
@@ -86,38 +104,153 @@ def artifact_root(path: str | Path) -> Path:
 
 
 def read_manifest(root: str | Path) -> dict:
-    """Parse and check DIR/manifest.json: schema, schema version, required fields and their types."""
+    """Parse and check DIR/manifest.json (a regular file of at most MAX_MANIFEST_BYTES): schema, schema
+    version, and every field's type and bounds (`check_manifest`). ArtifactError naming the field otherwise."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {root} not found (make one with iia-compile)")
     try:
-        data = json.loads(path.read_text())
+        text = read_regular(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ArtifactError(f"{root} is not an iia artifact: it has no {MANIFEST} (make one with iia-compile)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    data = parse_json(text, path)
+    check_manifest(data, path)
+    return data
+
+
+def parse_json(data: bytes, path) -> object:
+    """JSON from bytes; ArtifactError naming `path` for bad encoding, bad syntax, absurd nesting or numbers."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, int too long
         raise ArtifactError(f"{path} is not readable JSON ({err})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} is not usable JSON (nested too deeply)") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(data: dict, key: str, lo: int, hi: int, where) -> int:
+    value = data[key]
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ArtifactError(f"{where}: field '{key}' must be an integer in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_manifest(data, path="manifest.json") -> None:
+    """Every field a runtime reads, checked for type and bounds (ArtifactError naming the field).
+
+    schema / schema_version; sample_shape: 1..MAX_RANK ints in [1, MAX_DIM], product <= MAX_ELEMENTS;
+    label_dim in [0, MAX_LABEL_DIM]; max_batch in [1, MAX_BATCH]; nfe in [1, MAX_NFE]; files: 1..MAX_FILES
+    plain file names -> {"sha256": 64 lowercase hex, "bytes": int in [0, MAX_LISTED_BYTES] (optional)};
+    inputs / outputs: lists of {"name": str, "dtype": one of DTYPES, "shape": ["batch", ints...]} with input
+    `noise` [batch, *sample_shape] first, `class_labels` [batch] (range [0, label_dim - 1]) iff label_dim > 0,
+    output `images`; optional solver (str), model / engine (dicts), sigmas (finite numbers), r (int).
+    """
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         schema = data.get("schema") if isinstance(data, dict) else None
-        raise ArtifactError(f"{path} is not an iia artifact manifest (schema {schema!r}, expected {SCHEMA!r})")
+        raise ArtifactError(f"{path} is not an iia artifact manifest (schema {_short(schema)}, expected {SCHEMA!r})")
     version = data.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ArtifactError(f"{path} has an invalid schema_version {version!r} (this runtime reads {SCHEMA_VERSION})")
+    if not _is_int(version) or version < 1:
+        raise ArtifactError(f"{path} has an invalid schema_version {_short(version)} (this runtime reads {SCHEMA_VERSION})")
     if version > SCHEMA_VERSION:
         raise ArtifactError(f"{path} was written by a newer iia: schema version {version}, this runtime reads "
                             f"{SCHEMA_VERSION} (upgrade iia, or recompile the model with this version)")
     missing = [key for key in REQUIRED if key not in data]
     if missing:
         raise ArtifactError(f"{path} lacks required field(s) {', '.join(missing)}")
-    try:
-        shape = tuple(int(s) for s in data["sample_shape"])
-        ok = (all(s > 0 for s in shape) and len(shape) >= 1 and int(data["label_dim"]) >= 0
-              and int(data["max_batch"]) >= 1 and int(data["nfe"]) >= 1 and isinstance(data["files"], dict))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ArtifactError(f"{path} is inconsistent: sample_shape, label_dim, max_batch, nfe or files malformed")
-    return data
+    shape = data["sample_shape"]
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK
+            or not all(_is_int(s) and 1 <= s <= MAX_DIM for s in shape)):
+        raise ArtifactError(f"{path}: field 'sample_shape' must be a list of 1..{MAX_RANK} integers in [1, {MAX_DIM}], "
+                            f"got {_short(shape)}")
+    if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
+        raise ArtifactError(f"{path}: field 'sample_shape' {shape} has more than {MAX_ELEMENTS} elements")
+    label_dim = _int_field(data, "label_dim", 0, MAX_LABEL_DIM, path)
+    _int_field(data, "max_batch", 1, MAX_BATCH, path)
+    _int_field(data, "nfe", 1, MAX_NFE, path)
+    _check_files(data["files"], path)
+    inputs = _check_tensors(data, "inputs", path)
+    outputs = _check_tensors(data, "outputs", path)
+    want = [NOISE, LABELS] if label_dim > 0 else [NOISE]
+    if [t["name"] for t in inputs] != want:
+        raise ArtifactError(f"{path}: field 'inputs' names {[t['name'] for t in inputs]}, expected {want} for "
+                            f"label_dim {label_dim}")
+    if inputs[0]["dtype"] != "float32" or inputs[0]["shape"] != ["batch", *shape]:
+        raise ArtifactError(f"{path}: field 'inputs' gives noise {inputs[0]['dtype']} {inputs[0]['shape']}, expected "
+                            f"float32 {['batch', *shape]} (sample_shape)")
+    if label_dim > 0:
+        labels = inputs[1]
+        if labels["dtype"] != "int64" or labels["shape"] != ["batch"] or labels.get("range", [0, label_dim - 1]) != [0, label_dim - 1]:
+            raise ArtifactError(f"{path}: field 'inputs' gives class_labels {labels['dtype']} {labels['shape']} range "
+                                f"{_short(labels.get('range'))}, expected int64 ['batch'] range [0, {label_dim - 1}] (label_dim)")
+    names = [t["name"] for t in outputs]
+    if IMAGES not in names or len(set(names)) != len(names):
+        raise ArtifactError(f"{path}: field 'outputs' names {names}: expected '{IMAGES}' once (and '{IMAGES_U8}')")
+    for key, kind in (("solver", str), ("model", dict), ("engine", dict)):
+        if key in data and data[key] is not None and not isinstance(data[key], kind):
+            raise ArtifactError(f"{path}: field '{key}' must be a {kind.__name__}, got {_short(data[key])}")
+    if "r" in data:
+        _int_field(data, "r", 0, 64, path)
+    sigmas = data.get("sigmas")
+    if sigmas is not None and (not isinstance(sigmas, list) or len(sigmas) > MAX_NFE + 1 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in sigmas)):
+        raise ArtifactError(f"{path}: field 'sigmas' must be a list of finite numbers, got {_short(sigmas)}")
+
+
+def _check_files(files, path) -> None:
+    if not isinstance(files, dict) or not 1 <= len(files) <= MAX_FILES:
+        raise ArtifactError(f"{path}: field 'files' must map 1..{MAX_FILES} file names to their sha256, got {_short(files)}")
+    for name, entry in files.items():
+        if Path(name).name != name or name in ("", ".", "..") or "\\" in name or "\0" in name:
+            raise ArtifactError(f"{path}: field 'files' lists a file outside the artifact directory: {_short(name)}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not SHA256_HEX.fullmatch(entry["sha256"]):
+            raise ArtifactError(f"{path}: field 'files.{name}.sha256' must be 64 lowercase hex digits")
+        size = entry.get("bytes")
+        if size is not None and (not _is_int(size) or not 0 <= size <= MAX_LISTED_BYTES):
+            raise ArtifactError(f"{path}: field 'files.{name}.bytes' must be an integer in [0, {MAX_LISTED_BYTES}], "
+                                f"got {_short(size)}")
+
+
+def _check_tensors(data: dict, key: str, path) -> list[dict]:
+    tensors = data[key]
+    if not isinstance(tensors, list) or not 1 <= len(tensors) <= 8:
+        raise ArtifactError(f"{path}: field '{key}' must be a list of 1..8 tensor descriptions, got {_short(tensors)}")
+    for i, t in enumerate(tensors):
+        where = f"{key}[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t.get("dtype") not in DTYPES:
+            raise ArtifactError(f"{path}: field '{where}' must be {{name: str, dtype: one of {', '.join(DTYPES)}, "
+                                f"shape: [...]}}, got {_short(t)}")
+        shape = t.get("shape")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK + 1 or shape[0] != "batch"
+                or not all(_is_int(s) and 1 <= s <= MAX_DIM for s in shape[1:])):
+            raise ArtifactError(f"{path}: field '{where}.shape' must be ['batch', dimensions...], got {_short(shape)}")
+    return tensors
+
+
+def graph_metadata(manifest: dict) -> dict[str, str]:
+    """The ONNX metadata_props the compiler stamps on sampler.onnx (GRAPH_METADATA keys), from the manifest's
+    values: load() compares the graph's with the manifest's, so an edited manifest cannot describe another graph."""
+    return {"iia.nfe": str(int(manifest["nfe"])), "iia.label_dim": str(int(manifest["label_dim"])),
+            "iia.sample_shape": ",".join(str(int(s)) for s in manifest["sample_shape"])}
+
+
+def check_graph_metadata(found: dict, manifest: dict, where) -> None:
+    """ArtifactError unless the graph's metadata (GRAPH_METADATA keys) equals what the manifest says."""
+    want = graph_metadata(manifest)
+    for key, value in want.items():
+        if found.get(key) != value:
+            field = key.split(".", 1)[1]
+            raise ArtifactError(f"{where} was compiled with {field} {found.get(key, '(not recorded)')}, but manifest.json "
+                                f"says {value} (the manifest was edited, or belongs to another graph)")
 
 
 # ---- files: sha256 and atomic writes -------------------------------------------------------------
@@ -125,10 +258,48 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+@contextmanager
+def open_regular(path: str | Path, limit: int):
+    """Open `path` for reading if it is a regular file of at most `limit` bytes (symlinks are followed, so a
+    symlink to /dev/zero is refused); opened non-blocking so that a FIFO cannot hang the reader.
+    FileNotFoundError if absent; ArtifactError for a device, FIFO, directory or a larger file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise ArtifactError(f"{path} is {st.st_size} bytes, more than the {limit} allowed")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (see open_regular); a file that grows past the
+    limit while being read is refused too."""
+    with open_regular(path, limit) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ArtifactError(f"{path} is more than the {limit} bytes allowed")
+    return data
+
+
+def sha256_file(path: str | Path, limit: int = MAX_LISTED_BYTES) -> str:
+    """Hex sha256 of a regular file of at most `limit` bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, limit) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -141,6 +312,11 @@ def _expected(manifest: dict, name: str) -> dict:
     return entry
 
 
+def _limit(manifest: dict, name: str) -> int:
+    size = manifest["files"].get(name, {}).get("bytes")
+    return size if _is_int(size) and size >= 0 else MAX_LISTED_BYTES
+
+
 def check_digest(root: Path, manifest: dict, name: str, digest: str, size: int) -> None:
     entry = _expected(manifest, name)
     if entry.get("bytes") is not None and entry["bytes"] != size:
@@ -151,20 +327,33 @@ def check_digest(root: Path, manifest: dict, name: str, digest: str, size: int) 
                             f"says {entry['sha256'][:16]}... (recompile or re-copy the artifact)")
 
 
+def _missing(root: Path, manifest: dict, name: str) -> ArtifactError:
+    return ArtifactError(f"{root / name} is missing (listed in manifest.json)" if name in manifest["files"]
+                         else f"{root / name} is missing")
+
+
 def verify_file(root: Path, manifest: dict, name: str) -> None:
     path = root / name
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing (listed in manifest.json)")
-    check_digest(root, manifest, name, sha256_file(path), path.stat().st_size)
+    try:
+        digest = sha256_file(path, _limit(manifest, name))
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise _missing(root, manifest, name) from None
+    except ArtifactError as err:
+        raise ArtifactError(f"{err} (listed in manifest.json with {_limit(manifest, name)} bytes)") from None
+    check_digest(root, manifest, name, digest, size)
 
 
 def read_verified(root: Path, manifest: dict, name: str, verify: bool = True) -> bytes:
-    """The bytes of a listed file, checked against the manifest: what is checked is what gets loaded."""
+    """The bytes of a listed file, checked against the manifest: what is checked is what gets loaded.
+    Only a regular file of at most the manifest's "bytes" is read."""
     path = root / name
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing (listed in manifest.json)" if name in manifest["files"]
-                            else f"{path} is missing")
-    data = path.read_bytes()
+    try:
+        data = read_regular(path, _limit(manifest, name))
+    except FileNotFoundError:
+        raise _missing(root, manifest, name) from None
+    except ArtifactError as err:
+        raise ArtifactError(f"{err} (listed in manifest.json with {_limit(manifest, name)} bytes)") from None
     if verify:
         check_digest(root, manifest, name, sha256_bytes(data), len(data))
     return data

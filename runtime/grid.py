@@ -49,3 +49,59 @@ def save_png(grid: np.ndarray, path: str | Path) -> None:
 def save_npz(path: str | Path, **arrays) -> None:
     with atomic_open(path) as f:
         np.savez(f, **arrays)
+
+
+class NpzWriter:
+    """An .npz written atomically and array by array, each array streamed in chunks (np.load reads it like
+    np.savez's): `with NpzWriter(path) as z: with z.array("x", np.float32, shape) as a: a.write(chunk)...`.
+    Rows written must add up to shape[0] exactly (ValueError otherwise, and nothing is written)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        import zipfile
+
+        self._open = atomic_open(self.path)
+        self._zip = zipfile.ZipFile(self._open.__enter__(), "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._zip.close()
+        except BaseException:
+            if exc[0] is None:
+                raise
+        return self._open.__exit__(*exc)
+
+    def put(self, name: str, array) -> None:
+        array = np.asarray(array)
+        with self.array(name, array.dtype, array.shape) as out:
+            out.write(array if array.ndim else array.reshape(1))
+
+    def array(self, name: str, dtype, shape) -> "_NpyStream":
+        return _NpyStream(self._zip, name, np.dtype(dtype), tuple(int(s) for s in shape))
+
+
+class _NpyStream:
+    def __init__(self, zf, name: str, dtype: np.dtype, shape: tuple[int, ...]):
+        self.zf, self.name, self.dtype, self.shape, self.rows = zf, name, dtype, shape, 0
+
+    def __enter__(self):
+        self.f = self.zf.open(f"{self.name}.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self.f, header)
+        return self
+
+    def write(self, chunk) -> None:
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        if self.shape and tuple(chunk.shape[1:]) != self.shape[1:]:
+            raise ValueError(f"{self.name}: chunk of shape {list(chunk.shape)} for an array {list(self.shape)}")
+        self.rows += chunk.shape[0] if self.shape else 1
+        self.f.write(chunk.tobytes())
+
+    def __exit__(self, *exc):
+        self.f.close()
+        expected = self.shape[0] if self.shape else 1
+        if exc[0] is None and self.rows != expected:
+            raise ValueError(f"{self.name}: {self.rows} rows written, {expected} declared")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import NO_CUDA, ORT_CPU, ORT_CUDA, cuda_device_count
+from .contract import NO_CUDA, ORT_CPU, ORT_CUDA, SAMPLER_ONNX, ArtifactError, check_graph_metadata, cuda_device_count
 
 from .sampler import BackendUnavailable, Sampler
 
@@ -80,6 +80,28 @@ class OrtSession:
         return self.session.run(outputs, feeds)
 
 
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+             "int64": "tensor(int64)", "int32": "tensor(int32)", "uint8": "tensor(uint8)"}
+
+
+def check_graph_interface(session, manifest: dict, where) -> None:
+    """ArtifactError unless the graph's inputs and outputs (names, dtypes, static dimensions) and its stamped
+    metadata (NFE, label_dim, sample_shape) are what the manifest describes."""
+
+    def described(args):
+        return [(a.name, a.type, [d if isinstance(d, int) else "batch" for d in a.shape]) for a in args]
+
+    def declared(tensors):
+        return [(t["name"], ORT_TYPES[t["dtype"]], list(t["shape"])) for t in tensors]
+
+    graph_in, want_in = described(session.get_inputs()), declared(manifest["inputs"])
+    graph_out = {name: (name, kind, shape) for name, kind, shape in described(session.get_outputs())}
+    if graph_in != want_in or any(graph_out.get(t[0]) != t for t in declared(manifest["outputs"])):
+        raise ArtifactError(f"{where} takes {graph_in} and gives {list(graph_out.values())}, but manifest.json "
+                            f"describes {want_in} -> {declared(manifest['outputs'])}")
+    check_graph_metadata(session.get_modelmeta().custom_metadata_map, manifest, where)
+
+
 class OnnxRuntimeSampler(Sampler):
     """`sampler.onnx` on ONNX Runtime (CPU or CUDA); one session shared by all threads."""
 
@@ -88,11 +110,15 @@ class OnnxRuntimeSampler(Sampler):
         super().__init__(manifest, root)
         self.backend = CUDA if device == "cuda" else CPU
         self.threads = threads
-        self._session = OrtSession(model, device, threads, device_id)
-        if self._session.input_names != self.input_names or not set(self.output_names) <= set(self._session.output_names):
-            raise ValueError(f"{root / 'sampler.onnx'} takes {self._session.input_names} and gives "
-                             f"{self._session.output_names}, but the manifest says {self.input_names} -> "
-                             f"{self.output_names}")
+        where = Path(root) / SAMPLER_ONNX if root is not None else SAMPLER_ONNX
+        try:
+            self._session = OrtSession(model, device, threads, device_id)
+        except (BackendUnavailable, ValueError):
+            raise
+        except Exception as err:  # onnxruntime's Fail / InvalidProtobuf / InvalidGraph ...: the file is unusable
+            reason = " ".join(str(err).split())[:300]
+            raise ArtifactError(f"{where} cannot be loaded by ONNX Runtime ({type(err).__name__}: {reason})") from None
+        check_graph_interface(self._session.session, manifest, where)
 
     def _run(self, feeds, outputs):
         session = self._session

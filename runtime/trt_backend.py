@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import SAMPLER_PLAN, TENSORRT, gpu_compute_capability, tensorrt_unavailable_reason
+from .contract import SAMPLER_PLAN, TENSORRT, ArtifactError, gpu_compute_capability, tensorrt_unavailable_reason
 
 from .sampler import BackendUnavailable, Sampler
 
@@ -162,9 +162,14 @@ class TensorRTSampler(Sampler):
         self.max_batch = self._engine.max_batch
         missing = [n for n in self.input_names + self.output_names
                    if n not in self._engine.input_names + self._engine.output_names]
-        if missing:
+        declared = {t["name"]: tuple(t["shape"][1:]) for t in manifest["inputs"] + manifest["outputs"]}
+        wrong = {name: b.item_shape for name, b in self._engine._bindings.items()
+                 if name in declared and b.item_shape != declared[name]}
+        if missing or wrong:
             self._engine.close()
-            raise ValueError(f"{root / PLAN} lacks tensor(s) {missing} that the manifest declares")
+            raise ArtifactError(f"{root / PLAN} does not match manifest.json: " + (
+                f"lacks tensor(s) {missing}" if missing else f"per-sample shapes {wrong}, the manifest says "
+                f"{ {n: declared[n] for n in wrong} }"))
 
     def _run(self, feeds, outputs):
         return self._engine.run(feeds, outputs)

@@ -40,7 +40,14 @@ class DigitClassifier(nn.Module):
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load an `iia-zoo-v1` plain-dict checkpoint safely (weights_only=True) and check its format."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    import pickle
+
+    from ..base import weights_only_refusal
+
+    try:
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(f"{path} is not a loadable {FORMAT} checkpoint ({weights_only_refusal(err)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not an {FORMAT} checkpoint")
     return ckpt
