@@ -53,7 +53,7 @@ class CompileOptions:
     coefficients: str | None = option(None, "reuse a coefficient JSON instead of calibrating")
     precision: str = option("fp32", "TensorRT engine precision (the ONNX graph is always fp32)", choices=PRECISIONS)
     max_batch: int = option(64, "largest batch the graph and engine accept", lo=1, hi=65536)
-    force: bool = option(False, "replace an existing artifact directory")
+    force: bool = option(False, "replace an existing artifact directory (only an iia artifact: anything else is refused)")
     engine: bool = option(True, "skip the TensorRT engine", flag="--no-engine")
     parity_atol: float = 1e-4
     cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
@@ -267,8 +267,10 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             f"the ONNX graph is fp32")
 
     clean_stale(out, log)
-    work = _fresh_workdir(out)
+    work = None
     try:
+        with signals_deferred():  # no Ctrl-C/SIGTERM between creating the build dir and owning its cleanup
+            work = _fresh_workdir(out)
         with stage("coefficients", timings, log):
             coef_data, program, how = obtain_coefficients(denoiser, solver, opts, log, progress)
             log(f"  {how}")
@@ -339,6 +341,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         write_json_atomic(work / MANIFEST, manifest)
         _publish(work, out, opts.force)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest

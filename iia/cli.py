@@ -17,8 +17,18 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every cleanup path (temp files, build dirs) runs for it too."""
 
 
+_TERMINATED = threading.Event()  # set by SIGTERM: a library that swallows or wraps the exception cannot hide it
+
+
 def _on_sigterm(signum, frame):
+    _TERMINATED.set()
     raise Terminated()
+
+
+def check_terminated() -> None:
+    """Raise Terminated if SIGTERM arrived under run_cli (even if a library caught the first exception)."""
+    if _TERMINATED.is_set():
+        raise Terminated()
 
 
 def one_line(err: BaseException) -> str:
@@ -33,29 +43,38 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     debug = bool(os.environ.get("IIA_DEBUG"))
     previous = None
     if threading.current_thread() is threading.main_thread():
+        _TERMINATED.clear()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return main(argv) or 0
-    except Terminated:
-        print("terminated (SIGTERM): nothing was written", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, RuntimeError, ImportError) as err:
-        if debug:
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except Exception as err:  # a failure nobody anticipated: still one line
-        if debug:
-            raise
-        print(f"error: {type(err).__name__}: {one_line(err)} (unexpected; IIA_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 2
+        rc = main(argv) or 0
+        if _TERMINATED.is_set():  # caught and swallowed inside a library; the work still completed
+            print("terminated (SIGTERM) as the work completed: its outputs are complete", file=sys.stderr)
+            return 143
+        return rc
+    except BaseException as err:
+        if _TERMINATED.is_set() and not isinstance(err, SystemExit):  # maybe wrapped by a library (torch.export)
+            if debug:
+                raise
+            print("terminated (SIGTERM): nothing was written", file=sys.stderr)
+            return 143
+        return _report(err, debug)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _report(err: BaseException, debug: bool) -> int:
+    if isinstance(err, KeyboardInterrupt):
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 1
+    if debug or not isinstance(err, Exception):  # IIA_DEBUG=1; SystemExit (argparse, --help) passes through
+        raise err
+    if isinstance(err, (ValueError, OSError, RuntimeError, ImportError)):
+        print(f"error: {one_line(err)}", file=sys.stderr)
+    else:  # a failure nobody anticipated: still one line
+        print(f"error: {type(err).__name__}: {one_line(err)} (unexpected; IIA_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+    return 2
 
 
 @contextmanager
@@ -101,9 +120,11 @@ def str_list(text: str) -> list[str]:
 def stage(name: str, timings: dict | None = None, log: Callable[[str], None] | None = None):
     """Log a stage's name, then its time when it ends (to stderr unless `log` is given)."""
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    check_terminated()
     log(f"[{name}] ...")
     start = time.perf_counter()
     yield
+    check_terminated()  # a SIGTERM that a library swallowed during the stage still stops the work here
     seconds = time.perf_counter() - start
     if timings is not None:
         timings[name] = round(seconds, 3)
