@@ -63,11 +63,23 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
             signal.signal(signal.SIGTERM, previous)
 
 
+def _from_argparse(err: SystemExit) -> bool:
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith("argparse.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _report(err: BaseException, debug: bool) -> int:
     if isinstance(err, KeyboardInterrupt):
         print("interrupted: nothing was written", file=sys.stderr)
         return 1
-    if debug or not isinstance(err, Exception):  # IIA_DEBUG=1; SystemExit (argparse, --help) passes through
+    if isinstance(err, SystemExit) and not debug and not _from_argparse(err):  # e.g. sys.exit(3) in a model's code
+        print(f"error: code run by iia called sys.exit({err.code!r}) (IIA_DEBUG=1 shows where)", file=sys.stderr)
+        return 2
+    if debug or not isinstance(err, Exception):  # IIA_DEBUG=1; argparse's SystemExit (--help, usage) passes through
         raise err
     if isinstance(err, (ValueError, OSError, RuntimeError, ImportError)):
         print(f"error: {one_line(err)}", file=sys.stderr)

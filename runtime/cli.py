@@ -7,7 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import add_options, check_options, check_output_file, int_list, option, options_from, run_cli
+from iia.cli import (ProgressBar, add_options, check_options, check_output_file, int_list, option, options_from,
+                     run_cli)
 
 from .bench import MAX_SEED, BenchOptions, RunOptions
 from .contract import MAX_LABEL_DIM
@@ -89,6 +90,7 @@ def _sample(argv=None) -> int:
     parts = [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     shown = min(n, GRID_MAX) if sampler.is_image else 0
     grid_images = []
+    bar = ProgressBar("sampling", enabled=len(parts) > 1)
     with NpzWriter(npz) as archive:  # streamed: memory holds one chunk (plus the grid's first GRID_MAX images)
         with archive.array("images", np.float32, (n, *sampler.sample_shape)) as images:
             for k, part in enumerate(parts):
@@ -97,11 +99,11 @@ def _sample(argv=None) -> int:
                 images.write(out.images)
                 if part.start < shown:
                     grid_images.append(out.images_uint8[: shown - part.start])
-                if len(parts) > 1:
-                    _err(f"  {part.stop}/{n} samples")
+                bar(part.stop, n)
         with archive.array("noise", np.float32, (n, *sampler.sample_shape)) as noise_out:
             for part in parts:  # per-image seeds: the same noise again, chunk by chunk
                 noise_out.write(draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape))
+        bar.close()
         archive.put("labels", np.zeros(0, np.int64) if labels is None else labels)
         archive.put("seed", np.int64(opts.seed))
     if not sampler.is_image:

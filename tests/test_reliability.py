@@ -177,12 +177,21 @@ def test_oversized_manifest_refused(copy):
         load(copy)
 
 
-def test_sample_streams_in_chunks_of_max_batch(art, tmp_path, capsys):
+def test_sample_streams_in_chunks_of_max_batch(art, tmp_path, monkeypatch):
+    from iia.runtime.sampler import Sampler
+
     n = 3 * MAX_BATCH + 1
     out = tmp_path / "g.png"
+    batches, real = [], Sampler.sample
+
+    def spy(self, noise=None, **kw):
+        batches.append(len(noise))
+        return real(self, noise, **kw)
+
+    monkeypatch.setattr(Sampler, "sample", spy)
     assert sample_main([str(art), "--n", str(n), "--seed", "5", "--labels", "2,0", "--out", str(out)]) == 0
-    err = capsys.readouterr().err
-    assert f"{n}/{n} samples" in err and f"{MAX_BATCH}/{n} samples" in err  # one chunk at a time
+    assert batches == [MAX_BATCH] * 3 + [1]  # never all n at once
+    monkeypatch.undo()
     data = np.load(tmp_path / "g.npz")
     noise = draw_noise(5, n, (1, 4, 4))
     labels = np.resize([2, 0], n)
@@ -200,6 +209,8 @@ def test_sample_out_npz_keeps_both_outputs(art, tmp_path, capsys):
     assert (tmp_path / "x.png").read_bytes().startswith(b"\x89PNG")
     one_line_error(capsys, sample_main([str(art), "--out", str(tmp_path / "x.jpg")]), "--out", ".png")
     one_line_error(capsys, sample_main([str(art), "--out", str(tmp_path)]), "--out", "directory")
+    one_line_error(capsys, sample_main([str(art), "--labels", "1,3", "--out", str(tmp_path / "y.png")]),
+                   "--labels 3 out of range", "label_dim 3")
 
 
 # ---- files and signals --------------------------------------------------------------------------
@@ -438,6 +449,14 @@ def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monk
         raise ZeroDivisionError("float division by zero")
 
     one_line_error(capsys, run_cli(boom), "ZeroDivisionError", "IIA_DEBUG=1")
+
+    def model_code_exits(argv):
+        sys.exit(3)  # e.g. a network's forward, long after loading
+
+    one_line_error(capsys, run_cli(model_code_exits), "sys.exit(3)")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own exits (usage errors, --help) are kept
+        run_cli(lambda argv: __import__("argparse").ArgumentParser().parse_args(["--bogus"]))
+    assert exit_info.value.code == 2
     monkeypatch.setenv("IIA_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         run_cli(boom)
