@@ -438,8 +438,12 @@ def test_diffusers_config_not_json_names_the_file(tmp_path, capsys):
     folder = tmp_path / "ddpm"
     folder.mkdir()
     (folder / "config.json").write_text("{not json")
-    (folder / "scheduler_config.json").write_text("{}")
-    one_line_error(capsys, compile_main([str(folder), "--out", str(tmp_path / "o")]), str(folder / "config.json"))
+    (folder / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler", "clip_sample": false}')
+    one_line_error(capsys, compile_main([str(folder), "--out", str(tmp_path / "o")]), str(folder / "config.json"),
+                   "not readable JSON")
+    (folder / "scheduler_config.json").write_text("[1, 2")
+    one_line_error(capsys, compile_main([str(folder), "--out", str(tmp_path / "o")]),
+                   str(folder / "scheduler_config.json"))
 
 
 def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monkeypatch):
