@@ -5,6 +5,9 @@
 * the artifact's file names and its manifest: schema, version, required fields, how it is written
   (`write_json_atomic`) and read (`read_manifest`), and each listed file's sha256 (`verify_file`);
 * `ArtifactError`, the one error type for an artifact a runtime must not use;
+* the validation every runtime applies before using an artifact: files read only if regular and bounded
+  (`open_regular`, the MAX_* bounds), every manifest field's type and bounds (`check_manifest`), the
+  graph metadata the compiler stamps on sampler.onnx and load() compares with the manifest (`GRAPH_METADATA`);
 * the noise convention (`draw_noise`): EDM's per-image seeds, image k of seed s is reproducible at any batch;
 * the CUDA / TensorRT availability probes (CUDA through the driver API: TensorRT's runtime can crash a
   process that has no GPU, so it is never imported before a device is found).
