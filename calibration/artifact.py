@@ -129,12 +129,14 @@ def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     for key, kinds in (("model", dict), ("nfe", int), ("solver", str), ("r", int), ("sigmas", list), ("steps", list)):
-        value = data.get(key)
+        if key not in data:
+            raise ArtifactError(f"{path} lacks field '{key}'")
+        value = data[key]
         if not isinstance(value, kinds) or isinstance(value, bool):
-            raise ArtifactError(f"{path}: field '{key}' must be a {kinds.__name__}, got "
-                                f"{type(value).__name__ if value is not None else 'nothing'}")
+            raise ArtifactError(f"{path} is inconsistent: field '{key}' must be {'an int' if kinds is int else 'a ' + kinds.__name__}, "
+                                f"got {type(value).__name__}")
     if not 1 <= data["nfe"] <= 10_000 or not 0 <= data["r"] <= 64 or len(data["sigmas"]) > 10_001:
-        raise ArtifactError(f"{path}: nfe {data['nfe']}, r {data['r']} or {len(data['sigmas'])} sigmas out of range")
+        raise ArtifactError(f"{path} is inconsistent: nfe {data['nfe']}, r {data['r']} or {len(data['sigmas'])} sigmas out of range")
     if denoiser is not None and not same_model(data["model"], model_identity(denoiser)):
         raise ArtifactError(
             f"{path} was calibrated for model {data['model'].get('name')} "
