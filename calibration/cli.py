@@ -8,7 +8,8 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from iia.cli import ProgressBar, add_options, check_options, check_output_file, option, options_from, run_cli, stage
+from iia.cli import (ProgressBar, add_options, check_options, check_output_file, option, options_from, run_cli,
+                     stage, written)
 
 from .fit import CalibrationOptions
 
@@ -69,6 +70,7 @@ def _calibrate(argv=None) -> int:
     bar.close()
     out = Path(args.out or f"{args.solver}-nfe{args.nfe}.json")
     artifact.save(result, denoiser, args.nfe, out)
+    written(out)
     g = result.guard
     if g:
         print(f"held-out end-to-end rmse: base {g['rmse_base']:.5g}, full fit {g['rmse_fitted']:.5g}, "

@@ -22,7 +22,7 @@ from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
-from iia.cli import check_options, option, signals_deferred, stage
+from iia.cli import check_options, option, signals_deferred, stage, written
 from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST,
                                   MAX_MANIFEST_BYTES, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SCHEMA, ArtifactError,
                                   open_regular, SAMPLER_PLAN, graph_metadata, io_spec, make_manifest, public_mode,
@@ -339,7 +339,10 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                              f"--load-outputs {GOLDEN_OUTPUTS} --atol 1e-3"},
         )
         write_json_atomic(work / MANIFEST, manifest)
-        _publish(work, out, opts.force)
+        with signals_deferred():  # published and recorded as one step: an interrupt after it must not deny it
+            _publish(work, out, opts.force)
+            work = None
+            written(out)
     except BaseException:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iia.cli import add_options, check_options, check_output_file, options_from, run_cli
+from iia.cli import add_options, check_options, check_output_file, options_from, run_cli, written
 
 # torch-free at import: iia-bench (bench_main) must run where only the runtime's dependencies are installed
 
@@ -36,9 +36,11 @@ def _accuracy(argv=None) -> int:
     print(format_table(rows))
     if args.json:
         write_json_atomic(args.json, {"model": denoiser.identity.get("name"), "rows": rows})
+        written(args.json)
         print(f"wrote {args.json}")
     if args.plot:
         plot_table(rows, args.plot, f"{denoiser.identity.get('name')}")
+        written(args.plot)
         print(f"wrote {args.plot}")
     return 0
 

@@ -418,7 +418,7 @@ def plot_quality(report: dict, path: str | Path) -> None:
 def _main(argv=None) -> int:
     import argparse
 
-    from iia.cli import ProgressBar, check_options, check_output_file
+    from iia.cli import ProgressBar, check_options, check_output_file, written
 
     from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
     from iia.cli import add_options, options_from
@@ -463,13 +463,16 @@ def _main(argv=None) -> int:
     bar.close()
     print(format_table(report))
     for path in report["grids"]:
+        written(path)
         print(f"wrote {path}")
     if args.json:
         report["command"] = "iia-quality " + " ".join(sys.argv[1:] if argv is None else argv)
         write_json_atomic(args.json, report)
+        written(args.json)
         print(f"wrote {args.json}")
     if args.plot:
         plot_quality(report, args.plot)
+        written(args.plot)
         print(f"wrote {args.plot}")
     print(f"total {report['seconds']:.0f} s")
     return 0

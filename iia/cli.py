@@ -25,6 +25,19 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+_WRITTEN: list[str] = []  # outputs completed in this run_cli call: an interrupt afterwards must not deny them
+
+
+def written(path) -> None:
+    """Record a finished output (file or artifact directory) so that an interrupt after it says so."""
+    _WRITTEN.append(str(path))
+
+
+def _nothing_else() -> str:
+    done = list(dict.fromkeys(_WRITTEN))
+    return "nothing was written" if not done else f"{', '.join(done)} complete, nothing else was written"
+
+
 def check_terminated() -> None:
     """Raise Terminated if SIGTERM arrived under run_cli (even if a library caught the first exception)."""
     if _TERMINATED.is_set():
@@ -42,6 +55,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     (both after the same cleanup). IIA_DEBUG=1 re-raises, keeping the traceback."""
     debug = bool(os.environ.get("IIA_DEBUG"))
     previous = None
+    _WRITTEN.clear()
     if threading.current_thread() is threading.main_thread():
         _TERMINATED.clear()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -55,7 +69,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         if _TERMINATED.is_set() and not isinstance(err, SystemExit):  # maybe wrapped by a library (torch.export)
             if debug:
                 raise
-            print("terminated (SIGTERM): nothing was written", file=sys.stderr)
+            print(f"terminated (SIGTERM): {_nothing_else()}", file=sys.stderr)
             return 143
         return _report(err, debug)
     finally:
@@ -74,7 +88,7 @@ def _from_argparse(err: SystemExit) -> bool:
 
 def _report(err: BaseException, debug: bool) -> int:
     if isinstance(err, KeyboardInterrupt):
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(f"interrupted: {_nothing_else()}", file=sys.stderr)
         return 1
     if isinstance(err, SystemExit) and not debug and not _from_argparse(err):  # e.g. sys.exit(3) in a model's code
         print(f"error: code run by iia called sys.exit({err.code!r}) (IIA_DEBUG=1 shows where)", file=sys.stderr)

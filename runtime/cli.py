@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iia.cli import (ProgressBar, add_options, check_options, check_output_file, int_list, option, options_from,
-                     run_cli)
+                     run_cli, written)
 
 from .bench import MAX_SEED, BenchOptions, RunOptions
 from .contract import MAX_LABEL_DIM
@@ -106,6 +106,7 @@ def _sample(argv=None) -> int:
         bar.close()
         archive.put("labels", np.zeros(0, np.int64) if labels is None else labels)
         archive.put("seed", np.int64(opts.seed))
+    written(npz)
     if not sampler.is_image:
         _err(f"a PNG grid needs an image model ([C, H, W] samples); this one has sample shape "
              f"{list(sampler.sample_shape)}, so only the .npz was written")
@@ -115,6 +116,7 @@ def _sample(argv=None) -> int:
         _err(f"the grid shows the first {shown} of {n} samples (all {n} are in {npz})")
     grid = grid_array(np.concatenate(grid_images))
     save_png(grid, png)
+    written(png)
     print(f"wrote {png} ({grid.shape[1]}x{grid.shape[0]}) and {npz}")
     return 0
 
@@ -142,6 +144,7 @@ def bench(argv=None, eager_factory=None) -> int:
         from .contract import write_json_atomic
 
         write_json_atomic(Path(args.json), rows)
+        written(args.json)
         print(f"wrote {args.json}")
     return 0
 
