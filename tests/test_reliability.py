@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from iia.evaluation.quality import main as quality_main
 from iia.models import gaussian_mixture
 from iia.runtime import ArtifactError, draw_noise, load
 from iia.runtime.cli import sample_main
-from iia.runtime.contract import sha256_file, write_json_atomic
+from iia.runtime.contract import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 GMM = dict(shape=(1, 4, 4), components=3, conditional=True)
