@@ -249,6 +249,9 @@ def graph_metadata(manifest: dict) -> dict[str, str]:
 def check_graph_metadata(found: dict, manifest: dict, where) -> None:
     """ArtifactError unless the graph's metadata (GRAPH_METADATA keys) equals what the manifest says."""
     want = graph_metadata(manifest)
+    if not any(key in found for key in want):
+        raise ArtifactError(f"{where} records no iia graph metadata ({', '.join(GRAPH_METADATA)}): it was compiled by "
+                            f"an older iia or by another tool; recompile it with iia-compile")
     for key, value in want.items():
         if found.get(key) != value:
             field = key.split(".", 1)[1]
