@@ -549,3 +549,14 @@ def test_fuzz_mutated_manifests_and_coefficients_only_raise_artifact_errors(art,
             outcomes["ArtifactError"] += 1
     assert outcomes["ArtifactError"] > 100 and outcomes["ok"] > 5, outcomes
     assert time.perf_counter() - start < 60
+
+
+def test_graph_without_iia_metadata_is_named(copy):
+    import onnx
+
+    model = onnx.load(str(copy / "sampler.onnx"))
+    del model.metadata_props[:]
+    onnx.save_model(model, str(copy / "sampler.onnx"))
+    edit_manifest(copy, lambda m: None, rehash=["sampler.onnx"])
+    with pytest.raises(ArtifactError, match="records no iia graph metadata"):
+        load(copy)
