@@ -547,6 +547,7 @@ def test_fuzz_mutated_manifests_and_coefficients_only_raise_artifact_errors(art,
             outcomes["ok"] += 1
         except ArtifactError:
             outcomes["ArtifactError"] += 1
+    print("fuzz outcomes", outcomes)
     assert outcomes["ArtifactError"] > 100 and outcomes["ok"] > 5, outcomes
     assert time.perf_counter() - start < 60
 
