@@ -22,17 +22,18 @@ from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
+from iia.calibration.solvers import Combine, Denoise
 from iia.cli import check_options, option, signals_deferred, stage, written
 from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST,
-                                  MAX_MANIFEST_BYTES, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SCHEMA, ArtifactError,
-                                  open_regular, SAMPLER_PLAN, graph_metadata, io_spec, make_manifest, public_mode,
-                                  sha256_file,
+                                  MAX_MANIFEST_BYTES, PROGRAM, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SCHEMA,
+                                  STATIC_BATCHES, ArtifactError, open_regular, SAMPLER_PLAN, graph_metadata,
+                                  io_spec, make_manifest, program_plan, public_mode, sha256_file,
                                   tensorrt_unavailable_reason, write_json_atomic)
 from iia.runtime.engine import PRECISIONS, EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 from iia.models.base import Denoiser
 from iia.models.registry import resolve_model
 
-from .check import check_model, check_parity, check_weight_sharing
+from .check import check_model, check_parity, check_static_batches, check_weight_sharing
 from .emit import emit_sampler, initializer_bytes
 from .export import export_denoiser
 
@@ -53,12 +54,30 @@ class CompileOptions:
     coefficients: str | None = option(None, "reuse a coefficient JSON instead of calibrating")
     precision: str = option("fp32", "TensorRT engine precision (the ONNX graph is always fp32)", choices=PRECISIONS)
     max_batch: int = option(64, "largest batch the graph and engine accept", lo=1, hi=65536)
+    static_batch: str | None = option(None, "comma-separated batch sizes (e.g. 1,8,32) for which ONNX Runtime "
+                                      "specialises the graph, shape computations folded; each checked against "
+                                      "the dynamic graph")
     force: bool = option(False, "replace an existing artifact directory (only an iia artifact: anything else is refused)")
     engine: bool = option(True, "skip the TensorRT engine", flag="--no-engine")
     parity_atol: float = 1e-4
     cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
     weight_limit: float = 1.10
     x0_clipping: str | None = None  # a diffusers folder's clip_sample/thresholding: "ignore" | "clip" (None refuses)
+
+
+def static_batches(opts: CompileOptions) -> list[int]:
+    """--static-batch as sorted distinct ints in 1..max_batch (CompileError naming the flag otherwise)."""
+    text = opts.static_batch
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return []
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()] if isinstance(text, str) else [int(v) for v in text]
+    except (TypeError, ValueError):
+        raise CompileError(f"--static-batch must be comma-separated batch sizes, got {text!r}") from None
+    bad = [v for v in values if not 1 <= v <= opts.max_batch]
+    if bad:
+        raise CompileError(f"--static-batch {bad[0]} is outside 1..--max-batch {opts.max_batch}")
+    return sorted(set(values))
 
 
 def default_cache_dir() -> Path:
@@ -114,6 +133,19 @@ def stamp_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
     for key, value in props.items():
         entry = existing.get(key) or model.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def program_document(program: Program) -> dict:
+    """program.json (see iia.runtime.contract): the ops the graph is emitted from, for a loop around denoiser.onnx."""
+    ops = []
+    for op in program.ops():
+        if isinstance(op, Denoise):
+            ops.append({"op": "denoise", "out": op.out, "state": op.state, "sigma": float(op.sigma)})
+        elif isinstance(op, Combine):
+            ops.append({"op": "combine", "out": op.out, "terms": [[name, float(w)] for name, w in op.terms]})
+        else:
+            raise CompileError(f"program op {op!r} has no program.json form")
+    return program_plan(ops, program.output)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
@@ -249,6 +281,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     out = Path(out_dir)
     check_out_dir(out, opts.force)
     check_options(opts, CompileError)
+    static = static_batches(opts)
     solver = opts.solver
     spec = get_solver(solver)
     spec.steps_for_nfe(opts.nfe)
@@ -275,6 +308,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             coef_data, program, how = obtain_coefficients(denoiser, solver, opts, log, progress)
             log(f"  {how}")
             coef_sha = write_json_atomic(work / COEFFICIENTS, coef_data)
+            write_json_atomic(work / PROGRAM, program_document(program))
         if _fail_after == "coefficients":
             raise RuntimeError("injected failure after coefficients")
         with stage("export denoiser", timings, log):
@@ -296,6 +330,12 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             parity = check_parity(str(work / SAMPLER_ONNX), program, denoiser, atol=opts.parity_atol,
                                   golden_dir=work)
             log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}")
+        static_parity = {}
+        if static:
+            with stage("static batches", timings, log):
+                static_parity = check_static_batches(str(work / SAMPLER_ONNX), static, denoiser, parity["tolerance"])
+                log("  specialised for batch " + ", ".join(f"{b} (max abs vs dynamic {d:.3g})"
+                                                          for b, d in static_parity.items()))
         engine = {"built": False, "reason": reason, "precision": opts.precision}
         if reason is None:
             with stage("tensorrt engine", timings, log):
@@ -312,7 +352,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         if not engine["built"]:
             log(f"  TensorRT engine skipped: {engine['reason']}")
         inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim, denoiser.is_image)
-        all_files = files + [DENOISER_ONNX, COEFFICIENTS, GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+        all_files = files + [DENOISER_ONNX, COEFFICIENTS, PROGRAM, GOLDEN_INPUTS, GOLDEN_OUTPUTS]
         manifest = make_manifest(
             model=artifact.model_identity(denoiser),
             solver=solver,
@@ -322,6 +362,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             sample_shape=list(denoiser.shape),
             label_dim=denoiser.label_dim,
             max_batch=opts.max_batch,
+            **({STATIC_BATCHES: static, "static_parity": {str(b): d for b, d in static_parity.items()}} if static else {}),
             inputs=inputs,
             outputs=outputs,
             files={name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}

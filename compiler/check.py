@@ -24,6 +24,7 @@ from iia.calibration.sampling import sample
 from iia.calibration.solvers import Program
 from iia.models.base import Denoiser
 from iia.runtime.contract import GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, LABELS, NOISE, ORT_CPU, draw_labels, draw_noise
+from iia.runtime.onnx_backend import OrtSession
 
 from .emit import initializer_bytes
 
@@ -140,4 +141,26 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
     if not accuracy:
         raise CheckError(f"ONNX Runtime output differs from the PyTorch sampler: max abs {report['max_abs']:.3g} "
                          f"> {tolerance:.3g} (float32 floor of this sampler {f32_floor:.3g})")
+    return report
+
+
+def check_static_batches(model_path: str, batches: list[int], denoiser: Denoiser, tolerance: float,
+                         seed: int = 4321) -> dict[int, float]:
+    """Each static-batch specialisation (ONNX Runtime CPU, free dimension fixed) against the dynamic graph on
+    the contract's noise of that batch: {batch: max abs difference}; CheckError above `tolerance` (the
+    parity check's), or when a specialised session rejects its own batch size."""
+    dynamic = OrtSession(model_path, "cpu", 1)
+    report = {}
+    for batch in batches:
+        feed = dict(parity_feed(denoiser, batch, seed))
+        want = dynamic.run(feed, [IMAGES])[0]
+        try:
+            got = OrtSession(model_path, "cpu", 1, static_batch=batch).run(feed, [IMAGES])[0]
+        except Exception as err:  # ONNX Runtime raises its own exception types
+            raise CheckError(f"the graph specialised for batch {batch} does not run: {type(err).__name__}: {err}") from None
+        diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+        if not diff <= tolerance:
+            raise CheckError(f"the graph specialised for batch {batch} differs from the dynamic graph: max abs "
+                             f"{diff:.3g} > {tolerance:.3g}")
+        report[batch] = diff
     return report

@@ -9,6 +9,10 @@ shared machine hit all three alike:
 * overhead ratio = sampler p50 / (NFE x denoiser p50) on the same backend, batch and threads: 1.0 is the
   floor of running the NFE denoiser calls back to back. Each timed denoiser call also pays its own
   host<->device copies, so on a GPU this ratio errs low;
+* loop: the loop users would otherwise write (`iia.runtime.loop.DenoiserLoop`): Python/numpy driving the SAME
+  denoiser.onnx session one call at a time through the artifact's program.json (same solver, sigmas and
+  coefficients); speed-up vs loop = loop p50 / sampler p50. Its output is checked against the sampler's
+  (`loop_max_abs_diff`) before it is timed;
 * eager: a baseline the CALLER passes in (`eager_factory`; `iia-bench` passes `iia.evaluation.eager`'s
   PyTorch loop with the same solver and coefficients); speed-up = eager p50 / sampler p50.
 
@@ -29,16 +33,20 @@ import numpy as np
 from iia.cli import check_options, int_list, option
 
 from .contract import (BACKENDS, DENOISED, DENOISER_LABELS, DENOISER_ONNX, DENOISER_SIGMA, DENOISER_X, MAX_BATCH,
-                       draw_labels, draw_noise,
-                       read_verified)
+                       ArtifactError, draw_labels, draw_noise, read_program, read_verified)
 from .loader import describe, load
+from .loop import DenoiserLoop
 from .onnx_backend import CUDA, OrtSession
 from .sampler import BackendUnavailable, Sampler
 from .trt_backend import TENSORRT
 
+# "wall": elapsed time, what a caller waits (the default). "cpu": CPU seconds of this process (all its threads),
+# for a SHARED machine where other jobs preempt long calls more often than short ones and so bias wall-clock
+# ratios; with threads > 1 it measures work (spin-waiting included), not latency.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SIGMA = 1.0
 KEYS = ("backend", "batch", "threads", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "denoiser_p50_ms",
-        "overhead_ratio", "eager_p50_ms", "speedup_vs_eager")
+        "overhead_ratio", "loop_p50_ms", "speedup_vs_loop", "eager_p50_ms", "speedup_vs_eager")
 
 
 class EagerUnavailable(RuntimeError):
@@ -80,6 +88,7 @@ class BenchOptions(RunOptions):
                                       lo=1, hi=MAX_BATCH)
     warmup: int = option(5, "untimed calls first", lo=0, hi=10_000)
     iters: int = option(50, "timed calls per batch size", lo=1, hi=1_000_000)
+    loop: bool = option(True, "skip the numpy loop around denoiser.onnx (the baseline users would otherwise run)")
     eager: bool = option(True, "skip the PyTorch eager reference")
     eager_dtype: str = option("float32", "state dtype of the eager loop (float32: what a service runs)",
                               choices=("float32", "float64"))
@@ -87,6 +96,8 @@ class BenchOptions(RunOptions):
                                       "file (an EDM .pkl runs code when loaded) is loaded only when named here, "
                                       "and only after its sha256 matches the manifest's")
     seed: int = option(0, "noise seed", lo=0, hi=MAX_SEED)
+    clock: str = option("wall", "wall: elapsed time; cpu: this process's CPU time, for a shared machine whose other "
+                                "jobs preempt long calls (1 thread: latency; more: total work)", choices=tuple(CLOCKS))
 
     def validate(self) -> None:
         check_options(self)
@@ -141,7 +152,8 @@ def _percentiles(times: np.ndarray) -> tuple[float, float, float]:
     return float(p50), float(p90), float(p99)
 
 
-def time_interleaved(calls: dict, warmup: int, iters: int, block: int = 5) -> dict[str, list[float]]:
+def time_interleaved(calls: dict, warmup: int, iters: int, block: int = 5,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call for each named thunk: rounds of `block` back-to-back calls of each, in rotating order,
     GC paused while timing. Alternating rounds spread slow drifts of a shared machine over all thunks alike;
     short blocks (rather than one call each) keep one library's idle spinning thread pool (ONNX Runtime's,
@@ -160,9 +172,9 @@ def time_interleaved(calls: dict, warmup: int, iters: int, block: int = 5) -> di
             k = rnd % len(names)
             for name in names[k:] + names[:k]:
                 for _ in range(count):
-                    start = time.perf_counter()
+                    start = clock()
                     calls[name]()
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(clock() - start)
             done, rnd = done + count, rnd + 1
     finally:
         if was_enabled:
@@ -186,6 +198,17 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
     except BackendUnavailable as err:
         denoiser, denoiser_note = None, str(err)
         log(f"denoiser timing skipped: {err}")
+    loop, loop_note = None, None
+    if not opts.loop:
+        loop_note = "--no-loop"
+    elif denoiser is None:
+        loop_note = f"no denoiser session ({denoiser_note})"
+    else:
+        try:
+            loop = DenoiserLoop(denoiser, read_program(Path(sampler.root), sampler.manifest), sampler.conditional)
+        except ArtifactError as err:
+            loop_note = str(err)
+            log(f"loop baseline skipped: {err}")
 
     eager, eager_note = None, None
     if not opts.eager or eager_factory is None:
@@ -208,6 +231,11 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
             calls = {"sampler": lambda: sampler(noise, class_labels=labels)}
             if denoiser is not None:
                 calls["denoiser"] = lambda: denoiser.run(feeds, [DENOISED])
+            loop_abs = None
+            if loop is not None:
+                loop_abs = float(np.abs(loop(noise, labels).astype(np.float64)
+                                        - sampler(noise, class_labels=labels).astype(np.float64)).max())
+                calls["loop"] = lambda: loop(noise, labels)
             max_abs = None
             if eager is not None:
                 try:
@@ -218,17 +246,23 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
                 except EagerUnavailable as err:
                     eager, eager_note = None, str(err)
                     log(f"eager reference skipped: {err}")
-            times = {name: _ms(t) for name, t in time_interleaved(calls, opts.warmup, opts.iters).items()}
+            times = {name: _ms(t) for name, t in time_interleaved(calls, opts.warmup, opts.iters,
+                                                                              clock=CLOCKS[opts.clock]).items()}
             p50, p90, p99 = _percentiles(times["sampler"])
             mean = float(times["sampler"].mean())
             d50 = _percentiles(times["denoiser"])[0] if "denoiser" in times else None
             e50 = _percentiles(times["eager"])[0] if "eager" in times else None
+            l50 = _percentiles(times["loop"])[0] if "loop" in times else None
             rows.append({
-                "backend": sampler.backend, "batch": batch, "threads": threads, "device": device,
+                "backend": sampler.backend, "batch": batch, "threads": threads, "device": device, "clock": opts.clock,
+                "static_batch": batch in getattr(sampler, "static_batches", ()),
                 "p50_ms": round(p50, 4), "p90_ms": round(p90, 4), "p99_ms": round(p99, 4), "mean_ms": round(mean, 4),
                 "images_per_s": round(batch / (mean / 1e3), 2),
                 "denoiser_p50_ms": None if d50 is None else round(d50, 4),
                 "overhead_ratio": None if d50 is None else round(p50 / (sampler.nfe * d50), 3),
+                "loop_p50_ms": None if l50 is None else round(l50, 4),
+                "speedup_vs_loop": None if l50 is None else round(l50 / p50, 3),
+                "loop_max_abs_diff": loop_abs, "loop_note": loop_note,
                 "eager_p50_ms": None if e50 is None else round(e50, 4),
                 "speedup_vs_eager": None if e50 is None else round(e50 / p50, 2),
                 "eager_dtype": opts.eager_dtype if e50 is not None else None,
@@ -250,16 +284,19 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'backend':<16} {'batch':>5} {'thr':>3} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>10} "
-            f"{'den p50 ms':>10} {'overhead':>8} {'eager p50 ms':>12} {'speed-up':>8}")
+            f"{'den p50 ms':>10} {'overhead':>8} {'loop p50 ms':>11} {'vs loop':>7} {'eager p50 ms':>12} {'vs eager':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['backend']:<16} {r['batch']:>5} {r['threads']:>3} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
                      f"{r['p99_ms']:>9.3f} {r['images_per_s']:>10.1f} {_fmt(r['denoiser_p50_ms'], '.4f'):>10} "
-                     f"{_fmt(r['overhead_ratio'], '.2f'):>8} {_fmt(r['eager_p50_ms'], '.3f'):>12} "
+                     f"{_fmt(r['overhead_ratio'], '.2f'):>8} {_fmt(r['loop_p50_ms'], '.3f'):>11} "
+                     f"{_fmt(r['speedup_vs_loop'], '.2f'):>7} {_fmt(r['eager_p50_ms'], '.3f'):>12} "
                      f"{_fmt(r['speedup_vs_eager'], '.2f'):>8}")
     if rows:
         r = rows[0]
-        lines.append(f"NFE {r['nfe']} ({r['solver']}), model {r['model']}; overhead = p50 / (NFE x denoiser p50), "
-                     f"floor 1.0; eager = PyTorch {r['eager_dtype'] or ''} loop on {r['device']}"
+        lines.append(f"NFE {r['nfe']} ({r['solver']}), model {r['model']}, {r['clock']} clock; overhead = p50 / (NFE x denoiser p50), "
+                     f"floor 1.0; loop = numpy loop around denoiser.onnx (program.json)"
+                     + (f" ({r['loop_note']})" if r["loop_note"] else "")
+                     + f"; eager = PyTorch {r['eager_dtype'] or ''} loop on {r['device']}"
                      + (f" ({r['eager_note']})" if r["eager_note"] else ""))
     return "\n".join(lines)

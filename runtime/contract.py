@@ -37,6 +37,9 @@ IMAGES_U8 = "images_uint8"  # uint8 [B, H, W, C], image models only
 # the once-exported denoiser D(x, sigma, class_labels) -> denoised
 DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS, DENOISED = "x", "sigma", "class_labels", "denoised"
 
+# the symbolic batch dimension of sampler.onnx's and denoiser.onnx's inputs and outputs
+BATCH_AXIS = "batch"
+
 # ---- files --------------------------------------------------------------------------------------
 MANIFEST = "manifest.json"
 SAMPLER_ONNX = "sampler.onnx"
@@ -44,6 +47,7 @@ SAMPLER_ONNX_DATA = SAMPLER_ONNX + ".data"  # its tensors, when the graph is ove
 SAMPLER_PLAN = "sampler.plan"
 DENOISER_ONNX = "denoiser.onnx"  # one denoiser call, for the overhead benchmark
 COEFFICIENTS = "coefficients.json"
+PROGRAM = "program.json"  # the sampler as a per-call plan, for a loop around denoiser.onnx (see read_program)
 GOLDEN_INPUTS = "golden_inputs.json"
 GOLDEN_OUTPUTS = "golden_outputs.json"
 
@@ -55,6 +59,13 @@ BACKENDS = (TENSORRT, ORT_CUDA, ORT_CPU)  # "auto" tries them in this order
 SCHEMA = "iia.artifact"
 SCHEMA_VERSION = 1
 REQUIRED = ("inputs", "outputs", "files", "sample_shape", "label_dim", "max_batch", "nfe")
+# Optional: "static_batches": [B, ...] (iia-compile --static-batch), batch sizes 1..max_batch for which an ONNX
+# Runtime runtime specialises sampler.onnx: a session with the free dimension BATCH_AXIS fixed to B (ONNX
+# Runtime's SessionOptions.add_free_dimension_override_by_name / C API AddFreeDimensionOverrideByName), so every
+# shape computation folds to a constant when the session is created. Same file, weights stored once. A call
+# whose batch is listed runs its specialised session, any other batch the dynamic one (never padded). The
+# compiler checks each specialisation against the dynamic graph ("static_parity": {B: max abs difference}).
+STATIC_BATCHES = "static_batches"
 
 # ---- bounds every reader applies (the C++ runtime mirrors them) -----------------------------------
 # An artifact file must be a regular file (a symlink to one is followed; /dev/zero, a FIFO or a directory is
@@ -207,6 +218,11 @@ def check_manifest(data, path="manifest.json") -> None:
     if sigmas is not None and (not isinstance(sigmas, list) or len(sigmas) > MAX_NFE + 1 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in sigmas)):
         raise ArtifactError(f"{path}: field 'sigmas' must be a list of finite numbers, got {_short(sigmas)}")
+    static = data.get(STATIC_BATCHES, [])
+    if not isinstance(static, list) or len(static) > 64 or not all(
+            _is_int(b) and 1 <= b <= data["max_batch"] for b in static):
+        raise ArtifactError(f"{path}: field '{STATIC_BATCHES}' must be a list of batch sizes in 1..max_batch "
+                            f"{data['max_batch']}, got {_short(static)}")
 
 
 def _check_files(files, path) -> None:
@@ -257,6 +273,73 @@ def check_graph_metadata(found: dict, manifest: dict, where) -> None:
             field = key.split(".", 1)[1]
             raise ArtifactError(f"{where} was compiled with {field} {found.get(key, '(not recorded)')}, but manifest.json "
                                 f"says {value} (the manifest was edited, or belongs to another graph)")
+
+
+# ---- the program plan (program.json) --------------------------------------------------------------
+# The unrolled sampler as the flat list of operations the graph was emitted from, so a torch-free loop around
+# denoiser.onnx (iia-bench's baseline; any runtime) can run the same sampler with the same coefficients:
+#   {"schema": "iia.program", "schema_version": 1, "input": "noise", "output": NAME, "ops": [OP, ...]}
+#   OP = {"op": "denoise", "out": NAME, "state": NAME, "sigma": FLOAT}   out = D(values[state]; sigma, labels)
+#      | {"op": "combine", "out": NAME, "terms": [[NAME, FLOAT], ...]}  out = sum(w * values[name])
+# Values are float32 [B, *sample_shape]; "noise" is the graph's input; ops run in order, each name written once.
+PROGRAM_SCHEMA = "iia.program"
+PROGRAM_VERSION = 1
+
+
+def program_plan(ops: list[dict], output: str) -> dict:
+    """The program.json document for `ops` (dicts as above) ending in value `output`; checked by check_program."""
+    return check_program({"schema": PROGRAM_SCHEMA, "schema_version": PROGRAM_VERSION, "input": NOISE,
+                          "output": output, "ops": ops}, PROGRAM)
+
+
+def check_program(data, where: str) -> dict:
+    """`data` if it is a well-formed program plan (every op reads only values defined before it, the output
+    is defined), else ArtifactError naming `where` and the first fault."""
+    def bad(why: str):
+        raise ArtifactError(f"{where} is not a usable program plan: {why}")
+
+    if not isinstance(data, dict) or data.get("schema") != PROGRAM_SCHEMA:
+        bad(f"schema {data.get('schema') if isinstance(data, dict) else None!r}, expected {PROGRAM_SCHEMA!r}")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= PROGRAM_VERSION:
+        bad(f"schema_version {version!r} (this runtime reads {PROGRAM_VERSION})")
+    if data.get("input") != NOISE or not isinstance(data.get("ops"), list) or not data["ops"]:
+        bad(f"needs input {NOISE!r} and a non-empty list of ops")
+    defined = {NOISE}
+    for k, op in enumerate(data["ops"]):
+        kind = op.get("op") if isinstance(op, dict) else None
+        if kind == "denoise":
+            reads = [op.get("state")]
+            if not isinstance(op.get("sigma"), (int, float)) or isinstance(op.get("sigma"), bool) or not op["sigma"] > 0:
+                bad(f"op {k} ({op.get('out')}): sigma must be a number > 0")
+        elif kind == "combine":
+            terms = op.get("terms")
+            if not isinstance(terms, list) or not terms or not all(
+                    isinstance(t, list) and len(t) == 2 and isinstance(t[1], (int, float)) for t in terms):
+                bad(f"op {k} ({op.get('out')}): terms must be a non-empty list of [name, weight]")
+            reads = [t[0] for t in terms]
+        else:
+            bad(f"op {k} has kind {kind!r}, expected 'denoise' or 'combine'")
+        missing = [name for name in reads if name not in defined]
+        if missing:
+            bad(f"op {k} ({op.get('out')}) reads {missing[0]!r} before it is defined")
+        if not isinstance(op.get("out"), str) or op["out"] in defined:
+            bad(f"op {k} writes {op.get('out')!r}, which is not a fresh name")
+        defined.add(op["out"])
+    if data.get("output") not in defined:
+        bad(f"output {data.get('output')!r} is never computed")
+    return data
+
+
+def read_program(root: Path, manifest: dict, verify: bool = True) -> dict:
+    """DIR/program.json, sha256-checked against the manifest and structurally checked (ArtifactError)."""
+    if PROGRAM not in manifest["files"]:
+        raise ArtifactError(f"{root} has no {PROGRAM} (compiled by an older iia: recompile to get the loop baseline)")
+    try:
+        data = json.loads(read_verified(root, manifest, PROGRAM, verify))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{root / PROGRAM} is not readable JSON ({err})") from None
+    return check_program(data, str(root / PROGRAM))
 
 
 # ---- files: sha256 and atomic writes -------------------------------------------------------------

@@ -6,11 +6,13 @@ session, so a sampler holds ONE session and adds no lock; concurrent calls run i
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from .contract import NO_CUDA, ORT_CPU, ORT_CUDA, SAMPLER_ONNX, ArtifactError, check_graph_metadata, cuda_device_count
+from .contract import (BATCH_AXIS, NO_CUDA, NOISE, ORT_CPU, ORT_CUDA, SAMPLER_ONNX, STATIC_BATCHES, ArtifactError,
+                       check_graph_metadata, cuda_device_count)
 
 from .sampler import BackendUnavailable, Sampler
 
@@ -25,11 +27,14 @@ def _ort():
     return onnxruntime
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, static_batch: int | None = None):
     """Tuned options: all graph optimisations, sequential execution, `threads` intra-op threads
-    (None: ONNX Runtime's default, one per physical core)."""
+    (None: ONNX Runtime's default, one per physical core); `static_batch` fixes the free dimension
+    BATCH_AXIS, so ONNX Runtime folds every shape computation for that batch size when it builds the session."""
     ort = _ort()
     opts = ort.SessionOptions()
+    if static_batch is not None:
+        opts.add_free_dimension_override_by_name(BATCH_AXIS, int(static_batch))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3  # errors only: no per-session warnings on a service's stderr
@@ -55,7 +60,7 @@ class OrtSession:
     """One ONNX Runtime session on CPU or CUDA; `run(feeds, outputs)` is thread-safe."""
 
     def __init__(self, model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
-                 device_id: int = 0):
+                 device_id: int = 0, static_batch: int | None = None):
         ort = _ort()
         if device == "cuda":
             reason = cuda_unavailable_reason()
@@ -67,12 +72,12 @@ class OrtSession:
         else:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         model = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(model, session_options(threads), providers=providers)
+        self.session = ort.InferenceSession(model, session_options(threads, static_batch), providers=providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             # ORT falls back to CPU silently when the CUDA libraries do not load
             raise BackendUnavailable(f"onnxruntime could not start its CUDA provider (got {self.session.get_providers()}); "
                                      f"check the CUDA/cuDNN libraries onnxruntime-gpu needs")
-        self.device, self.threads = device, threads
+        self.device, self.threads, self.static_batch = device, threads, static_batch
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -103,7 +108,8 @@ def check_graph_interface(session, manifest: dict, where) -> None:
 
 
 class OnnxRuntimeSampler(Sampler):
-    """`sampler.onnx` on ONNX Runtime (CPU or CUDA); one session shared by all threads."""
+    """`sampler.onnx` on ONNX Runtime (CPU or CUDA): one dynamic-batch session shared by all threads, plus one
+    session per manifest `static_batches` entry (made on first use), which runs the calls of exactly that batch."""
 
     def __init__(self, manifest: dict, root: Path, model: bytes | Path, device: str = "cpu",
                  threads: int | None = None, device_id: int = 0):
@@ -119,12 +125,31 @@ class OnnxRuntimeSampler(Sampler):
             reason = " ".join(str(err).split())[:300]
             raise ArtifactError(f"{where} cannot be loaded by ONNX Runtime ({type(err).__name__}: {reason})") from None
         check_graph_interface(self._session.session, manifest, where)
+        self.static_batches = tuple(sorted(set(manifest.get(STATIC_BATCHES, []))))
+        # the model bytes stay in memory only when specialised sessions may still be made from them
+        self._model = model if self.static_batches else None
+        self._device, self._device_id = device, device_id
+        self._static: dict[int, OrtSession] = {}
+        self._lock = threading.Lock()
+
+    def session_for(self, batch: int) -> OrtSession:
+        """The session that runs a call of `batch` samples: its static specialisation if listed, else dynamic."""
+        if self._session is None:
+            raise RuntimeError("this sampler was closed")
+        if batch not in self.static_batches:
+            return self._session
+        session = self._static.get(batch)
+        if session is None:
+            with self._lock:  # one session per batch even when several threads ask at once
+                session = self._static.get(batch)
+                if session is None:
+                    session = OrtSession(self._model, self._device, self.threads, self._device_id, static_batch=batch)
+                    self._static[batch] = session
+        return session
 
     def _run(self, feeds, outputs):
-        session = self._session
-        if session is None:
-            raise RuntimeError("this sampler was closed")
-        return session.run(feeds, outputs)
+        return self.session_for(feeds[NOISE].shape[0]).run(feeds, outputs)
 
     def close(self) -> None:
         self._session = None
+        self._static = {}

@@ -285,6 +285,8 @@ def test_iia_bench_writes_rows(artifacts, tmp_path, capsys):
         assert row["backend"] == "onnxruntime-cpu" and row["threads"] == 1
         assert row["p50_ms"] > 0 and row["overhead_ratio"] > 0 and row["speedup_vs_eager"] > 0
         assert row["eager_max_abs_diff"] < 1e-3
+        # the numpy loop around denoiser.onnx runs the same sampler (program.json) and is timed beside it
+        assert row["loop_p50_ms"] > 0 and row["speedup_vs_loop"] > 0 and row["loop_max_abs_diff"] < 1e-4
     assert "overhead" in capsys.readouterr().out
     assert torch.get_num_threads() == threads  # the bench gives torch its thread count back
     assert bench_main([str(artifacts["uncond"]), "--batch", str(MAX_BATCH + 1), "--no-eager"]) == 2
