@@ -295,7 +295,7 @@ def format_table(rows: list[dict]) -> str:
     if rows:
         r = rows[0]
         lines.append(f"NFE {r['nfe']} ({r['solver']}), model {r['model']}, {r['clock']} clock; overhead = p50 / (NFE x denoiser p50), "
-                     f"floor 1.0; loop = numpy loop around denoiser.onnx (program.json)"
+                     f"floor 1.0; speed-ups = baseline p50 / sampler p50; loop = numpy loop around denoiser.onnx (program.json)"
                      + (f" ({r['loop_note']})" if r["loop_note"] else "")
                      + f"; eager = PyTorch {r['eager_dtype'] or ''} loop on {r['device']}"
                      + (f" ({r['eager_note']})" if r["eager_note"] else ""))
