@@ -1,7 +1,9 @@
 """ONNX Runtime backends (CUDA and CPU).
 
 Thread safety: `InferenceSession.run` is documented as safe to call concurrently from several threads on one
-session, so a sampler holds ONE session and adds no lock; concurrent calls run in parallel.
+session, so a sampler holds ONE session per batch specialisation (the dynamic one, plus one per manifest
+`static_batches` entry, made once under a lock on first use) and adds no lock around runs; concurrent calls run
+in parallel.
 """
 
 from __future__ import annotations
