@@ -12,7 +12,7 @@ from iia.calibration.solvers import build_program
 from iia.models import load
 
 pytest.importorskip("diffusers", reason="the peers are diffusers' schedulers (optional extra)")
-from iia.calibration.peers import run_peer  # noqa: E402
+from iia.evaluation.peers import run_peer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
