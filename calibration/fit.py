@@ -143,9 +143,6 @@ def calibrate(
     if not spec.fitted:
         raise CalibrationError(f"solver '{solver}' has nothing to fit: use an IIA variant "
                                f"({', '.join(n for n, s in SOLVERS.items() if s.fitted)})")
-    if not spec.local_fit:
-        raise CalibrationError(f"solver '{solver}' steps from a corrected state the local M-sub-step target does not "
-                               f"model: fit it end to end (iia-compile --solver auto, iia.calibration.search)")
     started = time.perf_counter()
     base = program_for(denoiser, solver, nfe, options.r, options.schedule)
     fine_family = spec.fine if options.fine_solver == "base" else "edm"

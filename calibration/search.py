@@ -422,8 +422,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     # 4. the paper's local fit on the best Karras base that supports it
     if opts.local and time.perf_counter() < deadline:
         for b in bases:
-            spec = get_solver("iia-" + b.family)
-            if spec.local_fit and b.final == "zero":
+            if b.final == "zero":
                 t0 = time.perf_counter()
                 res = calibrate(denoiser, "iia-" + b.family, nfe,
                                 CalibrationOptions(**{**vars(cal), "guard": False, "r": opts.r}))

@@ -266,7 +266,6 @@ class SolverSpec:
     base: str  # the base solver this one reduces to with default coefficients
     fine: str  # the family's fine integrator for the calibration target: "edm" (Heun) or "ddim"
     fixed_r: int | None = None  # base solvers ignore r
-    local_fit: bool = True  # the paper's local M-sub-step fit applies (its step starts from z_i)
 
     def steps_for_nfe(self, nfe: int) -> int:
         if self.nfe_rule == "heun":
@@ -354,7 +353,8 @@ def _correction_basis(i: int, sigmas: Sequence[float], r: int, start: str) -> tu
 
 def _linear_step(i: int, sigmas: Sequence[float], r: int, ops: tuple[Op, ...], anchor: Terms, start: str) -> Step:
     basis = _correction_basis(i, sigmas, r, start)
-    return Step(i, sigmas[i], sigmas[i + 1], ops, anchor, basis, (0.0,) * len(basis), f"z{i + 1}", sigmas[i + 1] > 0)
+    return Step(i, sigmas[i], sigmas[i + 1], ops, anchor, basis, (0.0,) * len(basis), f"z{i + 1}", sigmas[i + 1] > 0,
+                state=start)
 
 
 def _deis_ind2(t: float, b: float, c: float) -> float:
@@ -494,7 +494,5 @@ for _name, _spec in {
     "unipc-2": ("one", _unipc_step(2)), "unipc-3": ("one", _unipc_step(3)),
 }.items():
     SOLVERS[_name] = SolverSpec(_name, _spec[0], _spec[1], False, _name, "edm", fixed_r=0)
-    # IIA variant: the correction basis with r history terms; UniPC's step starts from its corrected state, so
-    # only the end-to-end (global) fit of `iia.calibration.search` applies to it
-    SOLVERS["iia-" + _name] = SolverSpec("iia-" + _name, _spec[0], _spec[1], True, _name, "edm",
-                                         local_fit=not _name.startswith("unipc"))
+    # IIA variant: the correction basis with r history terms (UniPC's steps integrate from the corrected state)
+    SOLVERS["iia-" + _name] = SolverSpec("iia-" + _name, _spec[0], _spec[1], True, _name, "edm")

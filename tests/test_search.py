@@ -96,13 +96,13 @@ def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
     # a second compile reuses the cached search
     from iia.compiler.build import obtain_coefficients
 
-    data, how = obtain_coefficients(gmm, "auto", opts, log=lambda s: None)
+    data, _, how = obtain_coefficients(gmm, "auto", opts, log=lambda s: None)
     assert how.startswith("cached") and data["search"]["chosen"] == coef["search"]["chosen"]
 
 
 def test_peer_benchmark_ratios(gmm):
     pytest.importorskip("diffusers")
-    from iia.calibration.peers import peer_benchmark
+    from iia.evaluation.peers import peer_benchmark
 
     report = peer_benchmark(gmm, [5], ["ipndm"], ["deis-3", "dpm++2m"], n_test=32, calibration=CAL)
     rows = {r["sampler"]: r for r in report["rows"]}
