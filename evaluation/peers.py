@@ -181,8 +181,13 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
             if name == "auto":
                 say(f"auto NFE {nfe}")
                 res = auto_search(denoiser, nfe, search or SearchOptions(), cal, log=lambda t: say("  " + t.strip()))
+                # its own base (same family and final step, Karras, base coefficients) on the same test noise
+                c = res.chosen
+                base_x = sample(program_for(denoiser, c.family, nfe, final=c.final), denoiser, noise, labels)
+                base_sq = ((base_x - ref) ** 2).reshape(n_test, -1).mean(1)
                 row("auto", "ours", nfe, sample(res.program, denoiser, noise, labels),
-                    {"chosen": res.chosen.label, "search_s": res.seconds})
+                    {"chosen": c.label, "search_s": res.seconds, "base_rmse": float(base_sq.mean().sqrt()),
+                     "base_median": float(base_sq.sqrt().median())})
                 continue
             if not valid_nfe(name, nfe):
                 continue
