@@ -30,8 +30,9 @@ import torch
 from iia.models.base import Denoiser
 
 from .fit import CalibrationOptions, CalibrationResult, calibrate, draw_noise, holdout_set
-from .sampling import combine, program_for, reference_solution, sample
-from .solvers import Denoise, Program, build_program, get_solver
+from .sampling import (combine, finish_step, live_after, program_for, reference_solution, run_calls, sample,
+                       start)
+from .solvers import Program, build_program, get_solver
 
 FAMILIES = ("ipndm", "deis-3", "unipc-3", "dpm-solver++3m", "unipc-2", "deis-2")
 RHO = 7.0
@@ -181,25 +182,29 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
 # End-to-end coefficient fit (backpropagation through the sampler)
 
 
-def _denoise_with_grad(denoiser: Denoiser, x: torch.Tensor, sigma: float, labels) -> torch.Tensor:
-    sig = torch.full((x.shape[0],), float(sigma), dtype=torch.float32)
-    args = [x.to(torch.float32), sig]
-    if denoiser.conditional:
-        args.append(denoiser.labels_or_error(labels, x.shape[0]))
-    return denoiser.net(*args).to(torch.float64)
+class _GradDenoiser:
+    """The denoiser as the interpreter calls it, D(x, sigma, labels), but differentiable (no torch.no_grad)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x: torch.Tensor, sigma: float, labels) -> torch.Tensor:
+        sig = torch.full((x.shape[0],), float(sigma), dtype=torch.float32)
+        args = [x.to(torch.float32), sig]
+        if self.denoiser.conditional:
+            args.append(self.denoiser.labels_or_error(labels, x.shape[0]))
+        return self.denoiser.net(*args).to(torch.float64)
 
 
 def sample_with_coefficients(program: Program, denoiser: Denoiser, noise: torch.Tensor, labels,
                              coefficients: list[torch.Tensor], basis_rms: list | None = None) -> torch.Tensor:
-    """The sampler with coefficient TENSORS (differentiable in them); optionally records each basis term's RMS."""
-    values = {"noise": noise.to(torch.float64)}
-    values["z0"] = combine(program.prelude.terms, values)
+    """The interpreter's step-at-a-time executor with coefficient TENSORS (differentiable in them and through
+    the denoiser); optionally records each basis term's RMS per step."""
+    values = start(program, noise.to(torch.float64))
+    live = live_after(program)
+    grad_denoiser = _GradDenoiser(denoiser)
     for step, c in zip(program.steps, coefficients):
-        for op in step.ops:
-            if isinstance(op, Denoise):
-                values[op.out] = _denoise_with_grad(denoiser, values[op.state], op.sigma, labels)
-            else:
-                values[op.out] = combine(op.terms, values)
+        run_calls(step, values, grad_denoiser, labels)
         new = combine(step.anchor, values)
         rms = []
         for j, (_, terms) in enumerate(step.basis):
@@ -208,7 +213,7 @@ def sample_with_coefficients(program: Program, denoiser: Denoiser, noise: torch.
             new = new + c[j] * b
         if basis_rms is not None:
             basis_rms.append(rms)
-        values[step.out] = new
+        finish_step(step, values, new, live[step.index])
     return values[program.output]
 
 
