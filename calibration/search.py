@@ -29,7 +29,7 @@ import torch
 
 from iia.models.base import Denoiser
 
-from .fit import CalibrationOptions, CalibrationResult, calibrate, draw_noise, holdout_set
+from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions, CalibrationResult, calibrate, draw_noise
 from .sampling import (combine, finish_step, live_after, program_for, reference_solution, run_calls, sample,
                        start)
 from .solvers import Program, build_program, get_solver
@@ -54,9 +54,18 @@ class EvalSet:
         return self.noise.shape[0]
 
 
-def make_eval_set(denoiser: Denoiser, n: int, seed: int, reference_steps: int, labels=None) -> EvalSet:
-    noise, lab = draw_noise(denoiser, n, seed, labels)
-    return EvalSet(noise, lab, reference_solution(denoiser, noise, lab, reference_steps))
+_REFERENCES: dict = {}  # (model, n, seed, steps) -> EvalSet: one process searching several NFEs pays once
+
+
+def make_eval_set(denoiser: Denoiser, n: int, seed: int, reference_steps: int) -> EvalSet:
+    """Noises for images seed..seed+n-1 and their reference solutions (memoised per model in this process)."""
+    key = (id(denoiser.net), repr(sorted(denoiser.identity.items())), n, seed, reference_steps)
+    if key not in _REFERENCES:
+        noise, lab = draw_noise(denoiser, n, seed)
+        if len(_REFERENCES) >= 8:
+            _REFERENCES.clear()
+        _REFERENCES[key] = EvalSet(noise, lab, reference_solution(denoiser, noise, lab, reference_steps))
+    return _REFERENCES[key]
 
 
 def per_sample_rmse(program: Program, denoiser: Denoiser, es: EvalSet, chunk: int = 256) -> torch.Tensor:
@@ -366,8 +375,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     t0 = time.perf_counter()
     batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
     calib = make_eval_set(denoiser, batch, cal.seed, cal.reference_steps)
-    hold_noise, hold_labels, hold_ref = holdout_set(denoiser, cal)
-    hold = EvalSet(hold_noise, hold_labels, hold_ref)
+    hold = make_eval_set(denoiser, cal.holdout, cal.seed + HOLDOUT_SEED_OFFSET, cal.reference_steps)
     lap("references", t0)
     log(f"  references: {batch} calibration + {len(hold)} held-out noises, {cal.reference_steps} Heun steps "
         f"({timings['references']:.1f} s)")
