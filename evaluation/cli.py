@@ -60,7 +60,8 @@ def _peers(args, argv) -> int:
     from iia.runtime.contract import write_json_atomic
     from iia.calibration.search import SearchOptions
 
-    from .peers import DEFAULT_PEERS, format_peer_table, markdown_peer_table, peer_benchmark, plot_peers
+    from .peers import (DEFAULT_PEERS, format_peer_table, markdown_peer_table, markdown_summary, peer_benchmark,
+                        plot_peers)
 
     argv = sys.argv[1:] if argv is None else argv
     solvers = args.solvers if any(a.startswith("--solvers") for a in argv) else ["auto", "ipndm"]
@@ -74,6 +75,8 @@ def _peers(args, argv) -> int:
                             progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     print(format_peer_table(report))
     print(markdown_peer_table(report), file=sys.stderr)
+    if "auto" in solvers:
+        print(markdown_summary(report))
     if args.json:
         write_json_atomic(args.json, report)
         print(f"wrote {args.json}")

@@ -267,3 +267,24 @@ def plot_peers(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_summary(report: dict) -> str:
+    """Per NFE: the best peer by RMSE and by median, auto beside them (the issue's floors), auto's own base."""
+    lines = ["| NFE | best peer (rmse) | best peer median | auto rmse | auto / best peer (95% CI) | auto median "
+             "| auto median / best peer median | auto vs its base (rmse, median) | auto's choice |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for nfe in sorted({r["nfe"] for r in report["rows"]}):
+        at = [r for r in report["rows"] if r["nfe"] == nfe]
+        peers = [r for r in at if r["kind"] == "peer"]
+        auto = next((r for r in at if r["sampler"] == "auto"), None)
+        if not peers or auto is None:
+            continue
+        best = min(peers, key=lambda r: r["rmse"])
+        best_median = min(r["median"] for r in peers)
+        vs_base = (f"{auto['rmse'] / auto['base_rmse']:.3f}, {auto['median'] / auto['base_median']:.3f}"
+                   if "base_rmse" in auto else "")
+        lines.append(f"| {nfe} | {best['sampler']} {best['rmse']:.4f} | {best_median:.4f} | {auto['rmse']:.4f} | "
+                     f"{auto['ratio_to_best_peer']:.3f} [{auto['ci_lo']:.2f}, {auto['ci_hi']:.2f}] | "
+                     f"{auto['median']:.4f} | {auto['median'] / best_median:.3f} | {vs_base} | {auto['chosen']} |")
+    return "\n".join(lines)
