@@ -50,8 +50,7 @@ class CompileOptions:
     nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000)
     solver: str = option("iia-edm", "auto (iia-compile's default): search solver families x schedule (Karras/learned) "
                                     "x coefficients (base/local IIA/global) by held-out end-to-end error and ship "
-                                    "the best; or one of " + ", ".join(sorted(SOLVERS)),
-                         choices=("auto", *sorted(SOLVERS)))
+                                    "the best; or one of " + ", ".join(sorted(SOLVERS)))
     budget_s: float = option(180.0, "seconds the auto search may take (references included)", flag="--budget",
                              lo=1.0, hi=1e6)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)

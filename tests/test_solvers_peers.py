@@ -71,13 +71,19 @@ def test_orders_differ(gmm):
             assert (outs[i] - outs[j]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("solver", ["unipc-3", "deis-3", "dpm-solver++3m"])
-def test_new_solvers_compile_to_one_graph(gmm, solver):
-    from iia.compiler.emit import emit_sampler
+@pytest.fixture(scope="module")
+def gmm_onnx(gmm):
     from iia.compiler.export import export_denoiser
 
+    return export_denoiser(gmm, 8)
+
+
+@pytest.mark.parametrize("solver", ["unipc-3", "deis-3", "dpm-solver++3m"])
+def test_new_solvers_compile_to_one_graph(gmm, gmm_onnx, solver):
+    from iia.compiler.emit import emit_sampler
+
     program = program_for(gmm, solver, 6)
-    model = emit_sampler(program, export_denoiser(gmm, 8), gmm.shape, False)
+    model = emit_sampler(program, gmm_onnx, gmm.shape, False)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     noise, _ = draw_noise(gmm, 4, 1)
     got = sess.run(["images"], {"noise": noise.numpy().astype(np.float32)})[0]
