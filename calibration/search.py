@@ -391,6 +391,12 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
             cands.append(c)
     lap("bases", t0)
     bases = sorted(cands, key=lambda c: c.calib_loss)
+    # keep time for what runs after the searches: the local fit (~M + 1 calls per step on its batch) and scoring
+    # every candidate on the held-out noises, estimated from what one calibration evaluation just cost
+    per_eval = timings["bases"] / max(len(cands), 1)
+    n_final = len(cands) + opts.top_k + opts.global_fits + int(opts.local)
+    reserve = per_eval * (len(hold) / len(calib) * n_final + (cal.M + 1) * cal.batch / len(calib) * int(opts.local))
+    deadline = max(deadline - reserve, time.perf_counter())
     discrete = denoiser.sigma_table is not None
 
     # 2. learned schedules for the top-k bases (the remaining budget is shared; ~25% kept for fits and scoring)
