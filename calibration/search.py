@@ -107,6 +107,7 @@ class ScheduleSpace:
     sigma_min: float
     sigma_max: float
     final: str
+    rho: float = RHO  # the model's Karras exponent: theta = 0 is its Karras schedule
 
     @property
     def n_params(self) -> int:
@@ -120,11 +121,11 @@ class ScheduleSpace:
     def sigmas(self, theta) -> list[float]:
         logits = torch.cat([torch.zeros(1, dtype=torch.float64), torch.as_tensor(theta, dtype=torch.float64)])
         w = torch.softmax(logits, 0)
-        t_max, t_min = self.sigma_max ** (1 / RHO), self.sigma_min ** (1 / RHO)
+        t_max, t_min = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
         n_points = self.n_steps + 1 if self.final == "sigma_min" else self.n_steps
         cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])[:n_points]
         t = t_max - (t_max - t_min) * cum
-        sig = (t**RHO).tolist()
+        sig = (t**self.rho).tolist()
         sig[0] = self.sigma_max
         if self.final == "sigma_min":
             sig[-1] = self.sigma_min
@@ -134,7 +135,7 @@ class ScheduleSpace:
 
 def schedule_space(denoiser: Denoiser, solver: str, nfe: int, final: str) -> ScheduleSpace:
     n = get_solver(solver).steps_for_nfe(nfe)
-    return ScheduleSpace(n, denoiser.sigma_min, denoiser.sigma_max, final)
+    return ScheduleSpace(n, denoiser.sigma_min, denoiser.sigma_max, final, getattr(denoiser, "rho", RHO))
 
 
 class _OutOfTime(Exception):
