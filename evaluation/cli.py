@@ -70,6 +70,8 @@ def _peers(args, argv) -> int:
     options.validate()
     search = SearchOptions(budget_s=args.budget)
     search.validate()
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
     denoiser = load_model_verbose(args.model)
     report = peer_benchmark(denoiser, args.nfe, solvers, peers, args.n_test, options, search, fd=args.fd,
                             progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
