@@ -68,6 +68,7 @@ def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:
         ],
         "local_residuals": result.steps,
         "guard": result.guard,
+        **({"search": result.search} if result.search else {}),
         "seconds": round(result.seconds, 3),
         "versions": library_versions(),
     }

@@ -83,6 +83,7 @@ class CalibrationResult:
     steps: list[dict] = field(default_factory=list)  # per-step local residuals
     guard: dict = field(default_factory=dict)  # held-out end-to-end errors and the decision
     seconds: float = 0.0
+    search: dict = field(default_factory=dict)  # `auto`: the candidate table (iia.calibration.search)
 
 
 def draw_noise(denoiser: Denoiser, n: int, seed: int, labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -94,11 +94,26 @@ def schedule_for(denoiser: Denoiser, n_steps: int, schedule: str = "default", rh
     return discrete_sigmas(denoiser.sigma_table, n_steps, schedule, denoiser.steps_offset)
 
 
-def program_for(denoiser: Denoiser, solver: str, nfe: int, r: int = 1, schedule: str = "default") -> Program:
-    """The base program of `solver` at `nfe` on the model's schedule (its own default: Karras rho = 7 for most)."""
+FINAL_STEPS = ("zero", "sigma_min")
+
+
+def program_for(denoiser: Denoiser, solver: str, nfe: int, r: int = 1, schedule: str = "default",
+                final: str = "zero") -> Program:
+    """The base program of `solver` at `nfe` on the model's schedule (its own default: Karras rho = 7 for most).
+
+    final: "zero" spends the last call denoising to sigma = 0; "sigma_min" (one-call-per-step solvers) puts
+    all NFE calls on a grid one point finer that stops at sigma_min, returning the state there.
+    """
     spec = get_solver(solver)
     n_steps = spec.steps_for_nfe(nfe)
-    sigmas = schedule_for(denoiser, n_steps, schedule)
+    if final == "sigma_min":
+        if spec.nfe_rule != "one":
+            raise ValueError(f"final step 'sigma_min' needs a one-call-per-step solver, not '{solver}'")
+        sigmas = schedule_for(denoiser, n_steps + 1, schedule)[:-1]
+    elif final == "zero":
+        sigmas = schedule_for(denoiser, n_steps, schedule)
+    else:
+        raise ValueError(f"final step must be one of {', '.join(FINAL_STEPS)}, got {final!r}")
     return build_program(solver, sigmas.tolist(), r)
 
 

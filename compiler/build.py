@@ -49,7 +49,11 @@ class CompileOptions:
     """`iia-compile` settings, each declared once with its flag and bounds (see iia.cli.option)."""
 
     nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000)
-    solver: str = option("iia-edm", "solver: " + ", ".join(sorted(SOLVERS)))
+    solver: str = option("iia-edm", "auto (iia-compile's default): search solver families x schedule (Karras/learned) "
+                                    "x coefficients (base/local IIA/global) by held-out end-to-end error and ship "
+                                    "the best; or one of " + ", ".join(sorted(SOLVERS)))
+    budget_s: float = option(180.0, "seconds the auto search may take (references included)", flag="--budget",
+                             lo=1.0, hi=1e6)
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     coefficients: str | None = option(None, "reuse a coefficient JSON instead of calibrating")
     precision: str = option("fp32", "TensorRT engine precision (the ONNX graph is always fp32)", choices=PRECISIONS)
@@ -84,10 +88,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IIA_CACHE_DIR") or Path.home() / ".cache" / "iia")
 
 
-def cache_key(denoiser: Denoiser, solver: str, nfe: int, options: CalibrationOptions) -> str:
+def cache_key(denoiser: Denoiser, solver: str, nfe: int, options: CalibrationOptions, extra: dict | None = None) -> str:
     ident = artifact.model_identity(denoiser)
-    text = json.dumps({"model": ident, "solver": solver, "solver_definition": DEFINITION_VERSION, "nfe": nfe,
-                       "options": vars(options)}, sort_keys=True)
+    payload = {"model": ident, "solver": solver, "solver_definition": DEFINITION_VERSION, "nfe": nfe,
+               "options": vars(options)}
+    if extra:
+        payload["extra"] = extra
+    text = json.dumps(payload, sort_keys=True)
     return f"{solver}-nfe{nfe}-{hashlib.sha256(text.encode()).hexdigest()[:20]}.json"
 
 
@@ -97,8 +104,11 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
     nfe = opts.nfe
     if opts.coefficients:
         data = artifact.read(opts.coefficients)
-        program = artifact.program_from_dict(data, denoiser, nfe, solver, source=opts.coefficients)
+        program = artifact.program_from_dict(data, denoiser, nfe, None if solver == "auto" else solver,
+                                             source=opts.coefficients)
         return data, program, f"from {opts.coefficients}"
+    if solver == "auto":
+        return _auto_coefficients(denoiser, opts, log)
     spec = get_solver(solver)
     if not spec.fitted:
         base = program_for(denoiser, solver, nfe, opts.calibration.r, opts.calibration.schedule)
@@ -125,6 +135,33 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
     g = result.guard
     return data, result.program, (f"calibrated in {result.seconds:.1f} s; held-out rmse base {g['rmse_base']:.4g} -> "
                                   f"{g['rmse_chosen']:.4g} ({g['decision']})")
+
+
+def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:
+    from iia.calibration.search import SearchOptions, auto_search, format_table, to_calibration_result
+
+    search = SearchOptions(budget_s=opts.budget_s)
+    cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+    cached = cache / "coefficients" / cache_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),
+                                                {"search": repr(vars(search))})
+    if cached.exists():
+        try:
+            data = artifact.read(cached)
+            return data, artifact.program_from_dict(data, denoiser, opts.nfe, source=str(cached)), f"cached {cached}"
+        except artifact.ArtifactError as err:
+            log(f"ignoring unusable cached coefficients ({err})")
+    result = auto_search(denoiser, opts.nfe, search, opts.calibration, log=log)
+    log(format_table(result.table))
+    data = artifact.to_dict(to_calibration_result(result, opts.calibration, search, denoiser), denoiser, opts.nfe)
+    try:
+        write_json_atomic(cached, data)
+    except OSError as err:
+        log(f"could not cache coefficients at {cached}: {err}")
+    g = data["guard"]
+    return data, result.program, (
+        f"auto search in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}); "
+        f"shipped {result.chosen.label}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base {g['rmse_base']:.4g}), "
+        f"median {g['median_chosen']:.4g} (base {g['median_base']:.4g})")
 
 
 def stamp_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -283,8 +320,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     check_options(opts, CompileError)
     static = static_batches(opts)
     solver = opts.solver
-    spec = get_solver(solver)
-    spec.steps_for_nfe(opts.nfe)
+    if solver != "auto":
+        get_solver(solver).steps_for_nfe(opts.nfe)
     opts.calibration.validate()
     timings: dict[str, float] = {}
     with stage("load model", timings, log):
@@ -306,6 +343,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             work = _fresh_workdir(out)
         with stage("coefficients", timings, log):
             coef_data, program, how = obtain_coefficients(denoiser, solver, opts, log, progress)
+            solver = program.solver  # auto: the solver the search chose
             log(f"  {how}")
             coef_sha = write_json_atomic(work / COEFFICIENTS, coef_data)
             write_json_atomic(work / PROGRAM, program_document(program))
@@ -370,6 +408,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             coefficients_sha256=coef_sha,
             coefficients_source=how,
             guard=coef_data.get("guard", {}),
+            **({"search": {k: coef_data["search"][k] for k in ("chosen", "seconds", "timings_s", "candidates")}}
+               if "search" in coef_data else {}),
             parity=parity,
             weights=weights,
             engine=engine,

@@ -23,7 +23,7 @@ def _main(argv=None) -> int:
         description="Compile a diffusion model's fixed-NFE sampler into one ONNX graph (and a TensorRT engine "
                     "where TensorRT and a GPU exist). " + PICKLE_NOTE)
     add_model_argument(parser, default=None)
-    add_options(parser, CompileOptions)
+    add_options(parser, CompileOptions, defaults={"solver": "auto"})
     add_options(parser, CalibrationOptions, skip=NOT_FOR_COMPILE)
     parser.add_argument("--out", default=None, help="artifact directory (default: <model>-<solver>-nfe<N>)")
     args = parser.parse_args(argv)

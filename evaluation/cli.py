@@ -24,8 +24,16 @@ def _accuracy(argv=None) -> int:
     add_options(parser, CalibrationOptions)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--peers", nargs="?", const="default", default=None, metavar="LIST",
+                        help="compare with diffusers' schedulers on the same denoiser and noise (default list: "
+                             "dpm++2m,dpm++3m,unipc-bh1,unipc-bh2,deis-2,deis-3,heun,lms); --solvers then "
+                             "defaults to auto,ipndm")
+    parser.add_argument("--budget", type=float, default=180.0, help="seconds per auto search (with --peers)")
+    parser.add_argument("--fd", action="store_true", help="with --peers on the digits model: FD-digits too")
     args = parser.parse_args(argv)
     check_options(options_from(AccuracyOptions, args))
+    if args.peers:
+        return _peers(args, argv)
     options = options_from(CalibrationOptions, args)
     options.validate()
     check_output_file(args.json, "--json")
@@ -41,6 +49,41 @@ def _accuracy(argv=None) -> int:
     if args.plot:
         plot_table(rows, args.plot, f"{denoiser.identity.get('name')}")
         written(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _peers(args, argv) -> int:
+    from iia.calibration.cli import load_model_verbose
+    from iia.calibration.fit import CalibrationOptions
+    from iia.cli import str_list
+    from iia.runtime.contract import write_json_atomic
+    from iia.calibration.search import SearchOptions
+
+    from .peers import (DEFAULT_PEERS, format_peer_table, markdown_peer_table, markdown_summary, peer_benchmark,
+                        plot_peers)
+
+    argv = sys.argv[1:] if argv is None else argv
+    solvers = args.solvers if any(a.startswith("--solvers") for a in argv) else ["auto", "ipndm"]
+    peers = list(DEFAULT_PEERS) if args.peers == "default" else str_list(args.peers)
+    options = options_from(CalibrationOptions, args)
+    options.validate()
+    search = SearchOptions(budget_s=args.budget)
+    search.validate()
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
+    denoiser = load_model_verbose(args.model)
+    report = peer_benchmark(denoiser, args.nfe, solvers, peers, args.n_test, options, search, fd=args.fd,
+                            progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
+    print(format_peer_table(report))
+    print(markdown_peer_table(report), file=sys.stderr)
+    if "auto" in solvers:
+        print(markdown_summary(report))
+    if args.json:
+        write_json_atomic(args.json, report)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_peers(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

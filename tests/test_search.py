@@ -1,0 +1,111 @@
+"""Learned time steps, end-to-end coefficient fits, the auto search and its artifact, the peers benchmark."""
+
+import json
+
+import pytest
+import torch
+
+from iia.calibration.fit import CalibrationOptions
+from iia.calibration.sampling import program_for, sample
+from iia.calibration.schedules import karras_sigmas
+from iia.calibration.search import (ScheduleSpace, SearchOptions, auto_search, fit_global, learn_schedule,
+                                    make_eval_set, per_sample_rmse, sample_with_coefficients)
+from iia.calibration.solvers import build_program
+from iia.models import load
+
+CAL = CalibrationOptions(holdout=64, reference_steps=64)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load("gmm")
+
+
+@pytest.fixture(scope="module")
+def calib(gmm):
+    return make_eval_set(gmm, 64, 0, 64)
+
+
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_schedule_space_is_karras_at_zero_and_monotone(gmm, final):
+    space = ScheduleSpace(6, gmm.sigma_min, gmm.sigma_max, final)
+    n_points = 7 if final == "sigma_min" else 6
+    karras = karras_sigmas(n_points, gmm.sigma_min, gmm.sigma_max).tolist()
+    got = space.sigmas(space.karras_theta())
+    want = karras[:-1] if final == "sigma_min" else karras
+    assert len(got) == len(want)
+    assert all(abs(a - b) <= 1e-3 * b + 1e-12 for a, b in zip(got, want))
+    for seed in range(5):
+        theta = torch.randn(space.n_params, generator=torch.Generator().manual_seed(seed)) * 3
+        s = space.sigmas(theta)
+        assert s[0] == gmm.sigma_max and all(a > b for a, b in zip(s, s[1:]))
+        assert min(x for x in s if x > 0) >= gmm.sigma_min * (1 - 1e-12)
+
+
+def test_differentiable_sampler_matches_interpreter(gmm, calib):
+    program = program_for(gmm, "iia-unipc-3", 6)
+    coefs = [torch.tensor(s.coefficients, dtype=torch.float64) + 0.01 for s in program.steps]
+    with torch.no_grad():
+        x = sample_with_coefficients(program, gmm, calib.noise[:8], None, coefs)
+    y = sample(program.with_coefficients([c.tolist() for c in coefs]), gmm, calib.noise[:8])
+    assert (x - y).abs().max() < 1e-5
+
+
+def test_learned_schedule_beats_karras_on_calibration_and_heldout(gmm, calib):
+    sig, info = learn_schedule(gmm, "ipndm", 5, "sigma_min", calib, max_evals=150)
+    assert info["loss"] < 0.7 * info["loss_karras"]
+    hold = make_eval_set(gmm, 128, 99, 64)
+    learned = per_sample_rmse(build_program("ipndm", sig), gmm, hold).pow(2).mean()
+    karras = per_sample_rmse(program_for(gmm, "ipndm", 5, final="sigma_min"), gmm, hold).pow(2).mean()
+    assert learned < karras
+
+
+def test_global_fit_lowers_end_to_end_error(gmm, calib):
+    program = program_for(gmm, "iia-deis-3", 5, r=1)
+    fitted, info = fit_global(gmm, program, calib, max_iter=30)
+    assert info["loss"] < 0.8 * info["loss_base"]
+    assert fitted.sigmas == program.sigmas and fitted.coefficients() != program.coefficients()
+
+
+def test_auto_search_ships_an_eligible_candidate(gmm):
+    opts = SearchOptions(budget_s=8, batch=64, families=("ipndm", "deis-3"), max_evals=60)
+    res = auto_search(gmm, 5, opts, CAL)
+    assert res.program.nfe == 5
+    chosen = [r for r in res.table if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["eligible"]
+    base = next(r for r in res.table if (r["family"], r["final"], r["schedule"], r["coefficients"])
+                == (chosen[0]["family"], chosen[0]["final"], "karras", "base"))
+    assert chosen[0]["rmse"] <= base["rmse"] and chosen[0]["median"] <= base["median"]
+    assert {r["schedule"] for r in res.table} == {"karras", "learned"}
+    assert {"base", "global"} <= {r["coefficients"] for r in res.table}
+
+
+def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
+    from iia.compiler.build import CompileOptions, compile_model
+    from iia.calibration import artifact
+
+    opts = CompileOptions(nfe=4, solver="auto", calibration=CalibrationOptions(**vars(CAL)), budget_s=6,
+                          engine=False, cache_dir=str(tmp_path / "cache"))
+    manifest = compile_model(gmm, tmp_path / "out", opts, log=lambda s: None)
+    assert manifest["solver"] != "auto" and manifest["nfe"] == 4
+    assert manifest["search"]["candidates"] and manifest["parity"]["max_abs"] < 1e-3
+    coef = json.loads((tmp_path / "out" / "coefficients.json").read_text())
+    assert coef["search"]["chosen"] == manifest["search"]["chosen"]
+    program = artifact.load_program(tmp_path / "out" / "coefficients.json", gmm, 4)
+    assert list(program.sigmas) == manifest["sigmas"]
+    # a second compile reuses the cached search
+    from iia.compiler.build import obtain_coefficients
+
+    data, _, how = obtain_coefficients(gmm, "auto", opts, log=lambda s: None)
+    assert how.startswith("cached") and data["search"]["chosen"] == coef["search"]["chosen"]
+
+
+def test_peer_benchmark_ratios(gmm):
+    pytest.importorskip("diffusers")
+    from iia.evaluation.peers import peer_benchmark
+
+    report = peer_benchmark(gmm, [5], ["ipndm"], ["deis-3", "dpm++2m"], n_test=32, calibration=CAL)
+    rows = {r["sampler"]: r for r in report["rows"]}
+    best = rows[rows["ipndm"]["best_peer"]]
+    assert best["ratio_to_best_peer"] == 1.0 and best["ci_lo"] <= 1.0 <= best["ci_hi"]
+    assert rows["ipndm"]["ci_lo"] <= rows["ipndm"]["ratio_to_best_peer"] <= rows["ipndm"]["ci_hi"]
