@@ -177,7 +177,13 @@ def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
                    and abs(c) <= MAX_COEFFICIENT for c in entry["coefficients"]):
             raise ArtifactError(f"{path}: step {step.index} has a non-finite, non-numeric or absurd (> "
                                 f"{MAX_COEFFICIENT:g}) coefficient: {entry['coefficients']}")
+    base_coefficients = program.coefficients()
     program = program.with_coefficients([s["coefficients"] for s in steps])
+    if not get_solver(data["solver"]).fitted:  # a base solver's coefficients are its definition, not data
+        for step, want in zip(program.steps, base_coefficients):
+            if not all(math.isclose(c, w, rel_tol=1e-9, abs_tol=1e-12) for c, w in zip(step.coefficients, want)):
+                raise ArtifactError(f"{path}: solver {data['solver']} fits nothing, but step {step.index} holds "
+                                    f"coefficients {list(step.coefficients)} instead of its own {want}")
     if program.nfe != data["nfe"]:
         raise ArtifactError(f"{path} is inconsistent: its schedule gives NFE {program.nfe}, file says {data['nfe']}")
     return program

@@ -164,7 +164,7 @@ def check_manifest(data, path="manifest.json") -> None:
 
     schema / schema_version; sample_shape: 1..MAX_RANK ints in [1, MAX_DIM], product <= MAX_ELEMENTS;
     label_dim in [0, MAX_LABEL_DIM]; max_batch in [1, MAX_BATCH]; nfe in [1, MAX_NFE]; files: 1..MAX_FILES
-    plain file names -> {"sha256": 64 lowercase hex, "bytes": int in [0, MAX_LISTED_BYTES] (optional)};
+    plain file names -> {"sha256": 64 lowercase hex, "bytes": int in [0, MAX_LISTED_BYTES] (required)};
     inputs / outputs: lists of {"name": str, "dtype": one of DTYPES, "shape": ["batch", ints...]} with input
     `noise` [batch, *sample_shape] first, `class_labels` [batch] (range [0, label_dim - 1]) iff label_dim > 0,
     output `images`; optional solver (str), model / engine (dicts), sigmas (finite numbers), r (int).
@@ -234,7 +234,7 @@ def _check_files(files, path) -> None:
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not SHA256_HEX.fullmatch(entry["sha256"]):
             raise ArtifactError(f"{path}: field 'files.{name}.sha256' must be 64 lowercase hex digits")
         size = entry.get("bytes")
-        if size is not None and (not _is_int(size) or not 0 <= size <= MAX_LISTED_BYTES):
+        if not _is_int(size) or not 0 <= size <= MAX_LISTED_BYTES:  # required: it bounds every read of the file
             raise ArtifactError(f"{path}: field 'files.{name}.bytes' must be an integer in [0, {MAX_LISTED_BYTES}], "
                                 f"got {_short(size)}")
 
@@ -378,11 +378,14 @@ def open_regular(path: str | Path, limit: int):
 def read_regular(path: str | Path, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes (see open_regular); a file that grows past the
     limit while being read is refused too."""
+    blocks, total = [], 0
     with open_regular(path, limit) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ArtifactError(f"{path} is more than the {limit} bytes allowed")
-    return data
+        for block in iter(lambda: f.read(1 << 20), b""):  # in blocks: never one allocation of `limit` bytes
+            total += len(block)
+            if total > limit:
+                raise ArtifactError(f"{path} is more than the {limit} bytes allowed")
+            blocks.append(block)
+    return b"".join(blocks)
 
 
 def sha256_file(path: str | Path, limit: int = MAX_LISTED_BYTES) -> str:
@@ -402,8 +405,13 @@ def _expected(manifest: dict, name: str) -> dict:
 
 
 def _limit(manifest: dict, name: str) -> int:
-    size = manifest["files"].get(name, {}).get("bytes")
-    return size if _is_int(size) and size >= 0 else MAX_LISTED_BYTES
+    """The listed file's byte size, which bounds every read of it (required: the compiler always writes it)."""
+    entry = manifest["files"].get(name)
+    size = entry.get("bytes") if isinstance(entry, dict) else None
+    if not (_is_int(size) and 0 <= size <= MAX_LISTED_BYTES):
+        raise ArtifactError(f"manifest.json field files.{name}.bytes must be the file's size in bytes "
+                            f"(an integer in [0, {MAX_LISTED_BYTES}]), got {size!r}")
+    return size
 
 
 def check_digest(root: Path, manifest: dict, name: str, digest: str, size: int) -> None:

@@ -226,3 +226,19 @@ def test_compile_refuses_calibration_flags_with_coefficients(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--M do not apply" in err and not (tmp_path / "o").exists()
+
+
+def test_base_solver_coefficients_must_be_its_own(tmp_path):
+    from iia.calibration import artifact
+    from iia.calibration.fit import CalibrationOptions, CalibrationResult
+    from iia.calibration.sampling import program_for
+    from iia.models import gaussian_mixture
+    from iia.runtime.contract import ArtifactError
+
+    d = gaussian_mixture(shape=(4,), components=2)
+    base = program_for(d, "edm", 5)
+    data = artifact.to_dict(CalibrationResult(base, base, base, CalibrationOptions()), d, 5)
+    assert artifact.program_from_dict(data, d, 5, "edm").coefficients() == base.coefficients()
+    data["steps"][0]["coefficients"][0] = 5.0
+    with pytest.raises(ArtifactError, match="solver edm fits nothing, but step 0 holds"):
+        artifact.program_from_dict(data, d, 5, "edm")
