@@ -8,10 +8,12 @@ What it takes to run (measured on Debian 12, see shared notes "Triton Inference 
   * LD_LIBRARY_PATH = the wheel's `nvidia_pytriton.libs`;
   * a writable backends folder whose `python/` holds the wheel's `libtriton_python.so` and the
     `triton_python_backend_stub` built for this Python version (it links the system libpython3.X);
-  * the stub takes its site-packages from the `python` first on PATH, and exchanges tensors correctly only
-    with numpy < 2 there: `stub_environment()` makes (once, cached) a small venv with numpy<2 + onnxruntime,
-    and `iia` reaches it through PYTHONPATH = a folder holding only a link to this `iia` package (torch-free
-    `iia.runtime`; the system site-packages with numpy 2 stay out);
+  * the stub runs Python ISOLATED (PYTHONPATH ignored) and takes its site-packages from the `python` first
+    on PATH, and exchanges tensors correctly only with numpy < 2 there: `stub_environment()` makes (once,
+    cached) a small venv with numpy<2 + onnxruntime, and each server gets a throw-away venv
+    (`server_environment`) whose one .pth file names that cached venv and a folder holding only a link to this
+    `iia` package (torch-free `iia.runtime`; the system site-packages with numpy 2 stay out), so the server
+    works whatever directory it is started from;
   * HTTP, gRPC and metrics bound to 127.0.0.1 on free ports.
 """
 
@@ -97,6 +99,27 @@ def iia_import_dir(parent: Path) -> Path:
     return folder
 
 
+def _site_packages(env: Path) -> Path:
+    return env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+def server_environment(parent: Path, env: Path) -> Path:
+    """parent/env: a throw-away venv (no pip, milliseconds) whose site-packages holds one .pth naming this `iia`
+    (through `iia_import_dir`) and the cached stub environment `env` (numpy<2 + onnxruntime).
+
+    The python-backend stub runs its interpreter ISOLATED (sys.flags.isolated: PYTHONPATH and the user site are
+    ignored) but still reads the site-packages, and .pth files, of the `python` first on PATH; so with PATH at
+    this venv's bin/ the stub imports `iia` wherever the server is started from, and the shared cached `env`
+    never names one checkout."""
+    import venv
+
+    overlay = parent / "env"
+    venv.EnvBuilder(symlinks=True, with_pip=False).create(overlay)
+    lines = [str(iia_import_dir(parent)), str(_site_packages(env))]
+    (_site_packages(overlay) / "iia-triton-stub.pth").write_text("\n".join(lines) + "\n")
+    return overlay
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -128,10 +151,11 @@ class LocalTritonServer:
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.paths["libs"]), env.get("LD_LIBRARY_PATH")]))
-        env["PATH"] = os.pathsep.join([str(self.env / "bin"), env.get("PATH", "")])
-        env["PYTHONPATH"] = str(iia_import_dir(self.work))
-        env["VIRTUAL_ENV"] = str(self.env)
-        env.pop("PYTHONHOME", None)
+        overlay = server_environment(self.work, self.env)
+        env["PATH"] = os.pathsep.join([str(overlay / "bin"), env.get("PATH", "")])
+        env["VIRTUAL_ENV"] = str(overlay)
+        for name in ("PYTHONHOME", "PYTHONPATH"):
+            env.pop(name, None)
         self.log_path = self.work / "tritonserver.log"
         cmd = [str(self.paths["binary"]), "--model-repository", str(self.repo),
                "--backend-directory", str(self.work / "backends"),
@@ -141,8 +165,8 @@ class LocalTritonServer:
                "--allow-sagemaker", "false", "--allow-vertex-ai", "false", "--exit-on-error", "true",
                *self.extra_args]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work,
+                                            start_new_session=True)  # cwd: no stray `iia` folder on the stub's path
         try:
             self._wait_ready()
         except BaseException:

@@ -177,8 +177,17 @@ def server(artifacts, tmp_path_factory):
     opts = dict(kind="cpu", backends=["python"], max_queue_delay_us=20000, threads=1)
     export_repository(artifacts["digits"], repo, TritonOptions(name="digits", **opts), **QUIET)
     export_repository(artifacts["gmm"], repo, TritonOptions(name="gmm", **opts), **QUIET)
-    with LocalTritonServer(repo, timeout=180) as srv:
+    elsewhere = tmp_path_factory.mktemp("not-the-checkout")  # the stub must find iia from any directory
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        srv = LocalTritonServer(repo, timeout=180).start()
+    finally:
+        os.chdir(cwd)
+    try:
         yield srv
+    finally:
+        srv.cleanup()
 
 
 @pytest.fixture(scope="module")
