@@ -287,11 +287,14 @@ def test_bad_requests_get_our_error_and_the_server_keeps_serving(server, digits,
         (dict(noise=noise, seed=np.array([[1], [2]], dtype=np.int64), class_labels=label), "either noise or seed"),
         (dict(class_labels=label), "give noise (FP32 [B, 1, 8, 8]) or seed"),
         (dict(seed=np.array([[-1], [2]], dtype=np.int64), class_labels=label), "seeds must be >= 0, got -1"),
+        (dict(noise=noise), "give class_labels (INT64 [B, 1], one id in [0, 9] per image)"),
     ]
+    bad_request = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"  # not 500 / INTERNAL
     for arrays, needle in cases:
         with pytest.raises(InferenceServerException) as err:
             client.infer("digits_python", _inputs(protocol, **arrays))
         assert needle in str(err.value), str(err.value)
+        assert err.value.status() == bad_request, (needle, err.value.status())
     assert client.is_server_live() and client.is_model_ready("digits_python")
     out = client.infer("digits_python", _inputs(protocol, noise=noise, class_labels=label))
     assert np.array_equal(out.as_numpy("images"), digits(noise, class_labels=[1, 2]))
