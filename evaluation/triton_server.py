@@ -134,8 +134,9 @@ class LocalTritonServer:
     """
 
     def __init__(self, repo: str | Path, *, env: Path | None = None, timeout: float = 120.0, log=None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, ports: tuple[int, int, int] = (0, 0, 0)):
         self.repo = Path(repo).resolve()
+        self.ports = tuple(ports)  # HTTP, gRPC, metrics; 0: a free one
         self.paths = wheel_paths()
         self.env = env or stub_environment(log=log)
         self.timeout = timeout
@@ -148,7 +149,7 @@ class LocalTritonServer:
         backends = self.work / "backends" / "python"
         shutil.copytree(self.paths["backend"], backends, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(self.paths["stub"], backends / "triton_python_backend_stub")
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = (port or free_port() for port in self.ports)
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.paths["libs"]), env.get("LD_LIBRARY_PATH")]))
         overlay = server_environment(self.work, self.env)
@@ -250,4 +251,67 @@ class LocalTritonServer:
         self.cleanup()
 
 
+def _main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m iia.evaluation.triton_server",
+        description="Serve a model repository with the nvidia-pytriton wheel's tritonserver (CPU, Python backend "
+                    "only) on 127.0.0.1 until Ctrl-C: the local recipe for models exported with "
+                    "`iia-export-triton ... --kind cpu --backend python`.")
+    parser.add_argument("repo", help="model repository (iia-export-triton --repo)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+    for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
+                       ("--metrics-port", args.metrics_port)):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{flag} must lie in [0, 65535], got {port}")
+    repo = Path(args.repo)
+    if not repo.is_dir():
+        raise ValueError(f"{repo}: no such model repository (make one with iia-export-triton --repo)")
+    _check_servable(repo)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    server = LocalTritonServer(repo, timeout=args.timeout, log=log,
+                               ports=(args.http_port, args.grpc_port, args.metrics_port))
+    try:
+        server.start()
+        print(f"serving {server.repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+              f"127.0.0.1:{server.metrics_port} (log {server.log_path}); Ctrl-C stops", flush=True)
+        server.process.wait()
+        raise TritonUnavailable(f"tritonserver exited with status {server.process.returncode}: "
+                                f"{server.log_tail(3)}")
+    except KeyboardInterrupt:
+        print("tritonserver stopped", file=sys.stderr)
+        return 0
+    finally:
+        server.cleanup()
+
+
+def _check_servable(repo: Path) -> None:
+    """Refuse, naming the model, what this CPU binary cannot load (it would exit with 'failed to load all models')."""
+    from iia.compiler.triton import parse_config
+
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        config = parse_config(path.read_text(), str(path))
+        if config.backend != "python":
+            raise ValueError(f"{path}: {config.platform or config.backend} model; this local server has the "
+                             f"Python backend only (export with --kind cpu --backend python into its own --repo, "
+                             f"or serve with NVIDIA's Triton container)")
+        if any(group.kind == group.KIND_GPU for group in config.instance_group):
+            raise ValueError(f"{path}: instance kind KIND_GPU; this local server is CPU-only (export with "
+                             f"--kind cpu --backend python)")
+
+
+def main(argv=None) -> int:
+    from iia.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
 __all__ = ["LocalTritonServer", "TritonUnavailable", "free_port", "stub_environment", "wheel_paths"]
+
+if __name__ == "__main__":
+    sys.exit(main())
