@@ -22,15 +22,18 @@ torch-free: the standard library, tritonclient[grpc] (its protobuf definitions) 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import add_options, check_options, int_list, option, options_from, run_cli, str_list
+from iia.cli import (add_options, check_options, int_list, option, options_from, run_cli, signals_deferred,
+                     str_list, written)
 from iia.runtime.contract import (MANIFEST, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
                                   public_mode, read_manifest, verify_all)
 
@@ -40,6 +43,8 @@ PYTHON_MODEL_TEMPLATE = Path(__file__).with_name("triton_python_model.py")
 # manifest dtype -> Triton DataType name (model_config.proto)
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+NAME_MAX = 200  # + "_onnxruntime" stays within a file name's 255 bytes
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,%d}" % (NAME_MAX - 1))
 SEED = "seed"  # python backend only: int64 [B, 1], one seed per image (iia.runtime.draw_noise's convention)
 
 
@@ -115,7 +120,7 @@ def _common(pb2, config, manifest: dict, opts: TritonOptions, kind: str) -> None
     batching = config.dynamic_batching
     batching.SetInParent()
     batching.max_queue_delay_microseconds = int(opts.max_queue_delay_us)
-    batching.preferred_batch_size.extend(int(b) for b in opts.preferred_batch)
+    batching.preferred_batch_size.extend(sorted(int(b) for b in opts.preferred_batch))  # order carries no meaning
     group = config.instance_group.add()
     group.count = int(opts.instances)
     group.kind = pb2.ModelInstanceGroup.Kind.Value("KIND_GPU" if kind == "gpu" else "KIND_CPU")
@@ -265,7 +270,7 @@ def _plans(arts: list[_Artifact]) -> dict[str, _Artifact]:
 
 def default_name(root: Path) -> str:
     """A Triton-safe model name from the artifact directory's name."""
-    name = re.sub(r"[^A-Za-z0-9_]+", "_", root.resolve().name).strip("_")
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", root.resolve().name).strip("_")[:NAME_MAX].strip("_")
     return name or "iia_sampler"
 
 
@@ -313,16 +318,14 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
                                 f"GPU machine with TensorRT, or choose --backend onnxruntime,python")
     if "tensorrt" in backends and opts.kind != "gpu":
         raise TritonExportError("--kind cpu cannot serve a TensorRT plan (tensorrt_plan runs on GPUs only)")
-    base = opts.name or default_name(first.root)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", base):
-        raise TritonExportError(f"--name {base!r}: use letters, digits, '_', '-' or '.'")
+    base = default_name(first.root) if opts.name is None else opts.name
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     names = {backend: f"{base}_{backend}" for backend in backends}
     existing = [n for n in names.values() if (repo / n).exists()]
     if existing and not opts.force:
         raise TritonExportError(f"{repo} already holds model(s) {', '.join(existing)} (pass --force to replace)")
-    work = Path(tempfile.mkdtemp(dir=repo, prefix=".iia-export-"))
+    work = _work_dir(repo)
     try:
         built: dict[str, Path] = {}
         for backend in backends:
@@ -344,10 +347,42 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
                         _copy(first.root / SAMPLER_ONNX_DATA, version_dir / SAMPLER_ONNX_DATA)
             built[name] = model_dir
             log(f"  {name}: {config_summary(model_dir / 'config.pbtxt')}")
-        _publish(work, repo, list(built), opts.force)
+        with signals_deferred():  # the renames (and their undo) are not split by Ctrl-C / SIGTERM
+            _publish(work, repo, list(built), opts.force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {name: repo / name for name in built}
+
+
+def _work_prefix(repo: Path) -> str:
+    return f".{repo.name}.iia-export-{socket.gethostname()}-"
+
+
+def _work_dir(repo: Path) -> Path:
+    """A fresh folder BESIDE repo (same filesystem, so models move in by rename; never inside it, where Triton
+    would try to load it as a model), named with this host and process id; folders of the same kind left by
+    dead processes of this host (SIGKILL, power loss) are removed first."""
+    repo = repo.resolve()
+    prefix = _work_prefix(repo)
+    for stale in repo.parent.glob(glob.escape(prefix) + "*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        return Path(tempfile.mkdtemp(dir=repo.parent, prefix=f"{prefix}{os.getpid()}-"))
+    except OSError as err:
+        raise TritonExportError(f"--repo {repo}: cannot make the export's work folder beside it in {repo.parent} "
+                                f"({err.strerror})") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _python_files(art: _Artifact, version_dir: Path) -> None:
@@ -400,8 +435,19 @@ def _check_options(opts: TritonOptions) -> None:
         raise TritonExportError(f"--backend {','.join(unknown)}: expected any of {', '.join(BACKENDS)}")
     if opts.backends is not None and not opts.backends:
         raise TritonExportError("--backend needs at least one of " + ", ".join(BACKENDS))
+    twice = sorted({b for b in (opts.backends or []) if opts.backends.count(b) > 1})
+    if twice:
+        raise TritonExportError(f"--backend {','.join(opts.backends)}: {', '.join(twice)} given more than once")
     if any(b < 1 for b in opts.preferred_batch):
         raise TritonExportError(f"--preferred-batch sizes must be >= 1, got {opts.preferred_batch}")
+    twice = sorted({b for b in opts.preferred_batch if opts.preferred_batch.count(b) > 1})
+    if twice:
+        raise TritonExportError(f"--preferred-batch {','.join(map(str, opts.preferred_batch))}: "
+                                f"{', '.join(map(str, twice))} given more than once")
+    if opts.name is not None and not NAME.fullmatch(opts.name):
+        raise TritonExportError(f"--name {opts.name!r}: a model name here is 1-{NAME_MAX} characters from "
+                                f"[A-Za-z0-9_-] starting with a letter or digit (it names folders Triton loads; "
+                                f"'.', '..' and hidden names are not models)")
 
 
 def _check_preferred(opts: TritonOptions, max_batch: int) -> None:
@@ -432,9 +478,26 @@ def _main(argv=None) -> int:
     opts = options_from(TritonOptions, args)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     models = export_repository(args.artifacts, args.repo, opts, log=log)
+    for path in models.values():
+        written(path)
     print(f"wrote {', '.join(models)} into {args.repo}/")
-    print(f"serve: tritonserver --model-repository {Path(args.repo).resolve()}")
+    print(serve_hint([name.rsplit("_", 1)[1] for name in models], opts.kind, Path(args.repo).resolve()))
     return 0
+
+
+def serve_hint(backends: list[str], kind: str, repo: Path) -> str:
+    """How to serve what was just exported (printed by the CLI): the local CPU server of the nvidia-pytriton wheel
+    serves KIND_CPU python models only; everything else needs a Triton build with those backends."""
+    if kind == "cpu" and set(backends) == {"python"}:
+        return (f"serve here (CPU, 127.0.0.1): python -m iia.evaluation.triton_server {repo}\n"
+                f"  (or any tritonserver --model-repository {repo} whose Python has numpy<2, onnxruntime and iia)")
+    where = "a GPU host" if kind == "gpu" else "a host"
+    needs = [n for b, n in (("tensorrt", "TensorRT"), ("onnxruntime", "ONNX Runtime"), ("python", "Python"))
+             if b in backends]
+    return (f"serve on {where} with Triton's {', '.join(needs)} backend(s) (NVIDIA's Triton container, README "
+            f"\"Serving\"): tritonserver --model-repository {repo}\n"
+            f"  (a CPU-only host: export with --kind cpu --backend python and run python -m "
+            f"iia.evaluation.triton_server REPO)")
 
 
 def main(argv=None) -> int:

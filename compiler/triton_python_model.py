@@ -14,7 +14,8 @@ Per request (all tensors carry the batch axis B):
 -> images FP32 [B, *sample_shape], images_uint8 UINT8 [B, H, W, C] (image models).
 
 Dynamic batching hands `execute` several requests at once: each is validated on its own (a bad one gets its
-own error response, naming the problem, and the others are served), then the valid ones run as ONE sampler
+own error response, naming the problem, with status INVALID_ARG, i.e. HTTP 400 / gRPC INVALID_ARGUMENT, and
+the others are served), then the valid ones run as ONE sampler
 call on their concatenated noise, and the outputs are split back. The graph treats images independently, so
 a request's outputs do not depend on what it was batched with beyond float rounding of batched kernels.
 """
@@ -27,6 +28,13 @@ import triton_python_backend_utils as pb_utils
 
 import iia.runtime
 from iia.runtime.contract import IMAGES, IMAGES_U8, LABELS, NOISE, ORT_CPU
+
+
+def _bad_request(message):
+    """A client's mistake: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) where this backend has status codes
+    (Triton >= 23.x python backend), else the plain TritonError (INTERNAL)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 def _input(request, name):
@@ -63,6 +71,9 @@ class TritonPythonModel:
                 raise ValueError(f"seeds must be >= 0, got {int(seeds[seeds < 0][0])}")
             noise = np.concatenate([iia.runtime.draw_noise(int(s), 1, self.sampler.sample_shape) for s in seeds])
         noise = self.sampler.check_noise(noise)
+        if labels is None and self.sampler.conditional:  # the runtime's message offers one-hot, which [B, 1] cannot carry
+            raise ValueError(f"this model is class-conditional: give class_labels (INT64 [B, 1], one id in "
+                             f"[0, {self.sampler.label_dim - 1}] per image)")
         if labels is not None:
             labels = labels.reshape(labels.shape[0], -1)
             if labels.shape[1] != 1:
@@ -77,7 +88,7 @@ class TritonPythonModel:
             try:
                 noise, labels = self._prepare(request)
             except ValueError as err:
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(err)))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=_bad_request(str(err)))
                 continue
             batch.append((i, noise, labels))
         if batch:

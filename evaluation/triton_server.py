@@ -8,10 +8,12 @@ What it takes to run (measured on Debian 12, see shared notes "Triton Inference 
   * LD_LIBRARY_PATH = the wheel's `nvidia_pytriton.libs`;
   * a writable backends folder whose `python/` holds the wheel's `libtriton_python.so` and the
     `triton_python_backend_stub` built for this Python version (it links the system libpython3.X);
-  * the stub takes its site-packages from the `python` first on PATH, and exchanges tensors correctly only
-    with numpy < 2 there: `stub_environment()` makes (once, cached) a small venv with numpy<2 + onnxruntime,
-    and `iia` reaches it through PYTHONPATH = a folder holding only a link to this `iia` package (torch-free
-    `iia.runtime`; the system site-packages with numpy 2 stay out);
+  * the stub runs Python ISOLATED (PYTHONPATH ignored) and takes its site-packages from the `python` first
+    on PATH, and exchanges tensors correctly only with numpy < 2 there: `stub_environment()` makes (once,
+    cached) a small venv with numpy<2 + onnxruntime, and each server gets a throw-away venv
+    (`server_environment`) whose one .pth file names that cached venv and a folder holding only a link to this
+    `iia` package (torch-free `iia.runtime`; the system site-packages with numpy 2 stay out), so the server
+    works whatever directory it is started from;
   * HTTP, gRPC and metrics bound to 127.0.0.1 on free ports.
 """
 
@@ -97,6 +99,27 @@ def iia_import_dir(parent: Path) -> Path:
     return folder
 
 
+def _site_packages(env: Path) -> Path:
+    return env / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+def server_environment(parent: Path, env: Path) -> Path:
+    """parent/env: a throw-away venv (no pip, milliseconds) whose site-packages holds one .pth naming this `iia`
+    (through `iia_import_dir`) and the cached stub environment `env` (numpy<2 + onnxruntime).
+
+    The python-backend stub runs its interpreter ISOLATED (sys.flags.isolated: PYTHONPATH and the user site are
+    ignored) but still reads the site-packages, and .pth files, of the `python` first on PATH; so with PATH at
+    this venv's bin/ the stub imports `iia` wherever the server is started from, and the shared cached `env`
+    never names one checkout."""
+    import venv
+
+    overlay = parent / "env"
+    venv.EnvBuilder(symlinks=True, with_pip=False).create(overlay)
+    lines = [str(iia_import_dir(parent)), str(_site_packages(env))]
+    (_site_packages(overlay) / "iia-triton-stub.pth").write_text("\n".join(lines) + "\n")
+    return overlay
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -111,8 +134,9 @@ class LocalTritonServer:
     """
 
     def __init__(self, repo: str | Path, *, env: Path | None = None, timeout: float = 120.0, log=None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, ports: tuple[int, int, int] = (0, 0, 0)):
         self.repo = Path(repo).resolve()
+        self.ports = tuple(ports)  # HTTP, gRPC, metrics; 0: a free one
         self.paths = wheel_paths()
         self.env = env or stub_environment(log=log)
         self.timeout = timeout
@@ -125,13 +149,14 @@ class LocalTritonServer:
         backends = self.work / "backends" / "python"
         shutil.copytree(self.paths["backend"], backends, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(self.paths["stub"], backends / "triton_python_backend_stub")
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = (port or free_port() for port in self.ports)
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.paths["libs"]), env.get("LD_LIBRARY_PATH")]))
-        env["PATH"] = os.pathsep.join([str(self.env / "bin"), env.get("PATH", "")])
-        env["PYTHONPATH"] = str(iia_import_dir(self.work))
-        env["VIRTUAL_ENV"] = str(self.env)
-        env.pop("PYTHONHOME", None)
+        overlay = server_environment(self.work, self.env)
+        env["PATH"] = os.pathsep.join([str(overlay / "bin"), env.get("PATH", "")])
+        env["VIRTUAL_ENV"] = str(overlay)
+        for name in ("PYTHONHOME", "PYTHONPATH"):
+            env.pop(name, None)
         self.log_path = self.work / "tritonserver.log"
         cmd = [str(self.paths["binary"]), "--model-repository", str(self.repo),
                "--backend-directory", str(self.work / "backends"),
@@ -141,8 +166,8 @@ class LocalTritonServer:
                "--allow-sagemaker", "false", "--allow-vertex-ai", "false", "--exit-on-error", "true",
                *self.extra_args]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work,
+                                            start_new_session=True)  # cwd: no stray `iia` folder on the stub's path
         try:
             self._wait_ready()
         except BaseException:
@@ -226,4 +251,67 @@ class LocalTritonServer:
         self.cleanup()
 
 
+def _main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m iia.evaluation.triton_server",
+        description="Serve a model repository with the nvidia-pytriton wheel's tritonserver (CPU, Python backend "
+                    "only) on 127.0.0.1 until Ctrl-C: the local recipe for models exported with "
+                    "`iia-export-triton ... --kind cpu --backend python`.")
+    parser.add_argument("repo", help="model repository (iia-export-triton --repo)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+    for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
+                       ("--metrics-port", args.metrics_port)):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{flag} must lie in [0, 65535], got {port}")
+    repo = Path(args.repo)
+    if not repo.is_dir():
+        raise ValueError(f"{repo}: no such model repository (make one with iia-export-triton --repo)")
+    _check_servable(repo)
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    server = LocalTritonServer(repo, timeout=args.timeout, log=log,
+                               ports=(args.http_port, args.grpc_port, args.metrics_port))
+    try:
+        server.start()
+        print(f"serving {server.repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+              f"127.0.0.1:{server.metrics_port} (log {server.log_path}); Ctrl-C stops", flush=True)
+        server.process.wait()
+        raise TritonUnavailable(f"tritonserver exited with status {server.process.returncode}: "
+                                f"{server.log_tail(3)}")
+    except KeyboardInterrupt:
+        print("tritonserver stopped", file=sys.stderr)
+        return 0
+    finally:
+        server.cleanup()
+
+
+def _check_servable(repo: Path) -> None:
+    """Refuse, naming the model, what this CPU binary cannot load (it would exit with 'failed to load all models')."""
+    from iia.compiler.triton import parse_config
+
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        config = parse_config(path.read_text(), str(path))
+        if config.backend != "python":
+            raise ValueError(f"{path}: {config.platform or config.backend} model; this local server has the "
+                             f"Python backend only (export with --kind cpu --backend python into its own --repo, "
+                             f"or serve with NVIDIA's Triton container)")
+        if any(group.kind == group.KIND_GPU for group in config.instance_group):
+            raise ValueError(f"{path}: instance kind KIND_GPU; this local server is CPU-only (export with "
+                             f"--kind cpu --backend python)")
+
+
+def main(argv=None) -> int:
+    from iia.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
 __all__ = ["LocalTritonServer", "TritonUnavailable", "free_port", "stub_environment", "wheel_paths"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,9 @@ import ast
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from iia.compiler import triton  # noqa: E402
 from iia.compiler.build import CompileOptions, compile_model  # noqa: E402
 from iia.compiler.triton import TritonExportError, TritonOptions, export_repository, parse_config  # noqa: E402
+from iia.evaluation import triton_server  # noqa: E402
 from iia.evaluation.triton_server import LocalTritonServer, TritonUnavailable, wheel_paths  # noqa: E402
 from iia.models import gaussian_mixture  # noqa: E402
 from iia.runtime import load  # noqa: E402
@@ -135,13 +139,16 @@ def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, 
     with pytest.raises(TritonExportError, match="already holds model"):
         export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu"), **QUIET)
 
-    def boom(*args):
+    def boom(*args):  # mid-export: the work folder lies BESIDE the repo (Triton would load a folder inside it)
+        assert [p.name for p in repo.iterdir()] == ["d_python"]
+        assert len(list(tmp_path.glob(".repo.iia-export-*"))) == 1
         raise OSError("disk full (injected)")
 
     monkeypatch.setattr(triton, "_python_files", boom)
     with pytest.raises(OSError, match="injected"):
         export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", force=True), **QUIET)
     assert sorted(p.name for p in repo.iterdir()) == ["d_python"]  # nothing new, no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
     assert (repo / "d_python" / "keep").read_text() == "mine"
     monkeypatch.undo()
     assert triton.main([str(artifacts["digits"]), "--repo", str(repo), "--name", "d", "--backend", "tensorrt"]) == 2
@@ -154,6 +161,50 @@ def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, 
     assert triton.main([str(artifacts["digits"]), "--repo", str(repo), "--name", "d", "--kind", "cpu",
                         "--backend", "python", "--force"]) == 0
     assert not (repo / "d_python" / "keep").exists() and (repo / "d_python" / "1" / "model.py").is_file()
+
+
+def test_sigterm_and_stale_work_folders_leave_the_repository_clean(artifacts, tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = triton._work_prefix(repo.resolve())
+    stale, live = tmp_path / f"{prefix}{dead.pid}-abc", tmp_path / f"{prefix}{os.getpid()}-abc"
+    for folder in (stale, live):
+        (folder / "m" / "1").mkdir(parents=True)  # what a SIGKILLed export leaves
+
+    def terminated(*args):  # SIGTERM arrives mid-export, as from `kill` or a container stop
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(triton, "_python_files", terminated)
+    assert triton.main([str(artifacts["digits"]), "--repo", str(repo), "--kind", "cpu", "--backend", "python"]) == 143
+    assert "terminated (SIGTERM): nothing was written" in capsys.readouterr().err
+    assert list(repo.iterdir()) == [] and not stale.exists() and live.is_dir()  # a live process's folder stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["repo", live.name])
+
+
+def test_options_refused_by_name_and_the_serve_hint(artifacts, tmp_path, capsys):
+    art, repo = str(artifacts["digits"]), str(tmp_path / "repo")
+    for args, needle in [(["--backend", "python,python"], "--backend python,python: python given more than once"),
+                         (["--preferred-batch", "8,4,4"], "--preferred-batch 8,4,4: 4 given more than once"),
+                         (["--name", ""], "--name '': a model name here is"),
+                         (["--name", "."], "--name '.'"), (["--name", ".."], "--name '..'"),
+                         (["--name", ".hidden"], "--name '.hidden'"), (["--name", "a/b"], "--name 'a/b'")]:
+        assert triton.main([art, "--repo", repo, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + needle) and err.count("\n") == 1, err
+    assert not Path(repo).exists() or not list(Path(repo).iterdir())
+    assert triton.main([art, "--repo", repo, "--name", "d", "--kind", "cpu", "--backend", "python",
+                        "--preferred-batch", "8,2,4"]) == 0
+    out = capsys.readouterr().out
+    assert f"python -m iia.evaluation.triton_server {Path(repo).resolve()}" in out
+    config = parse_config((Path(repo) / "d_python" / "config.pbtxt").read_text())
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    assert triton.main([art, "--repo", repo, "--name", "g"]) == 0  # default: KIND_GPU, onnxruntime + python
+    assert "serve on a GPU host with Triton's ONNX Runtime, Python backend(s)" in capsys.readouterr().out
+    # the local server refuses, by file, what its CPU, Python-only binary cannot load
+    assert triton_server.main([repo, "--timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "g_onnxruntime/config.pbtxt: onnxruntime_onnx model" in err and err.count("\n") == 1, err
 
 
 def test_python_model_imports_only_numpy_iia_runtime_and_triton_utils():
@@ -177,8 +228,17 @@ def server(artifacts, tmp_path_factory):
     opts = dict(kind="cpu", backends=["python"], max_queue_delay_us=20000, threads=1)
     export_repository(artifacts["digits"], repo, TritonOptions(name="digits", **opts), **QUIET)
     export_repository(artifacts["gmm"], repo, TritonOptions(name="gmm", **opts), **QUIET)
-    with LocalTritonServer(repo, timeout=180) as srv:
+    elsewhere = tmp_path_factory.mktemp("not-the-checkout")  # the stub must find iia from any directory
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        srv = LocalTritonServer(repo, timeout=180).start()
+    finally:
+        os.chdir(cwd)
+    try:
         yield srv
+    finally:
+        srv.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -278,12 +338,37 @@ def test_bad_requests_get_our_error_and_the_server_keeps_serving(server, digits,
         (dict(noise=noise, seed=np.array([[1], [2]], dtype=np.int64), class_labels=label), "either noise or seed"),
         (dict(class_labels=label), "give noise (FP32 [B, 1, 8, 8]) or seed"),
         (dict(seed=np.array([[-1], [2]], dtype=np.int64), class_labels=label), "seeds must be >= 0, got -1"),
+        (dict(noise=noise), "give class_labels (INT64 [B, 1], one id in [0, 9] per image)"),
     ]
+    bad_request = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"  # not 500 / INTERNAL
     for arrays, needle in cases:
         with pytest.raises(InferenceServerException) as err:
             client.infer("digits_python", _inputs(protocol, **arrays))
         assert needle in str(err.value), str(err.value)
+        assert err.value.status() == bad_request, (needle, err.value.status())
     assert client.is_server_live() and client.is_model_ready("digits_python")
     out = client.infer("digits_python", _inputs(protocol, noise=noise, class_labels=label))
     assert np.array_equal(out.as_numpy("images"), digits(noise, class_labels=[1, 2]))
     client.close()
+
+
+def test_local_server_command_serves_from_another_directory(server, artifacts, tmp_path):
+    """The documented local recipe: `python -m iia.evaluation.triton_server REPO`, started outside the checkout."""
+    import iia
+
+    env = dict(os.environ, PYTHONPATH=str(Path(iia.__file__).resolve().parent.parent))
+    cmd = [sys.executable, "-m", "iia.evaluation.triton_server", str(server.repo), "--http-port", "0",
+           "--grpc-port", "0", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {server.repo}: HTTP 127.0.0.1:"), (line, proc.stderr.read() if not line else "")
+        grpc_url = line.split("gRPC ", 1)[1].split(",", 1)[0]
+        client = grpcclient.InferenceServerClient(grpc_url)
+        out = client.infer("gmm_python", _inputs("grpc", seed=np.array([[7]], dtype=np.int64)))
+        assert np.array_equal(out.as_numpy("images"), load(artifacts["gmm"], "onnxruntime-cpu")(seed=7, batch_size=1))
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+    assert rc == 0 and "tritonserver stopped" in proc.stderr.read()
