@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -45,6 +46,7 @@ TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TY
                  "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 NAME_MAX = 200  # + "_onnxruntime" stays within a file name's 255 bytes
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,%d}" % (NAME_MAX - 1))
+EXPORT_MARKER = "iia-export.json"  # in every model dir an export writes: what --force may replace
 SEED = "seed"  # python backend only: int64 [B, 1], one seed per image (iia.runtime.draw_noise's convention)
 
 
@@ -290,6 +292,7 @@ def _write_model(work: Path, name: str, config, manifest: dict, opts: TritonOpti
             f"{manifest['nfe']}; {SAMPLER_ONNX} sha256 {sha[:16]})\n" + config_text(config))
     check_config(parse_config(text, f"{name}/config.pbtxt"), manifest, f"{name}/config.pbtxt")
     (model_dir / "config.pbtxt").write_text(text)
+    (model_dir / EXPORT_MARKER).write_text(json.dumps({"written_by": "iia-export-triton", "model": name}) + "\n")
     return model_dir
 
 
@@ -322,9 +325,13 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
     names = {backend: f"{base}_{backend}" for backend in backends}
-    existing = [n for n in names.values() if (repo / n).exists()]
+    existing = [n for n in names.values() if (repo / n).exists() or (repo / n).is_symlink()]
     if existing and not opts.force:
         raise TritonExportError(f"{repo} already holds model(s) {', '.join(existing)} (pass --force to replace)")
+    foreign = [n for n in existing if not (repo / n).is_symlink() and not (repo / n / EXPORT_MARKER).is_file()]
+    if foreign:  # --force replaces what an export wrote, never a directory of the user's
+        raise TritonExportError(f"{repo / foreign[0]} was not written by iia-export-triton (it has no "
+                                f"{EXPORT_MARKER}): refusing to replace it even with --force; move it away first")
     work = _work_dir(repo)
     try:
         built: dict[str, Path] = {}

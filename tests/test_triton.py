@@ -138,6 +138,15 @@ def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, 
     (repo / "d_python" / "keep").write_text("mine")
     with pytest.raises(TritonExportError, match="already holds model"):
         export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu"), **QUIET)
+    # --force replaces what an export wrote, never a directory of the user's
+    with pytest.raises(TritonExportError, match="d_python was not written by iia-export-triton"):
+        export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", backends=["python"],
+                                                                   force=True), **QUIET)
+    assert (repo / "d_python" / "keep").read_text() == "mine"
+    (repo / "d_python" / "keep").unlink()
+    (repo / "d_python").rmdir()
+    export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", backends=["python"]), **QUIET)
+    (repo / "d_python" / "keep").write_text("mine")
 
     def boom(*args):  # mid-export: the work folder lies BESIDE the repo (Triton would load a folder inside it)
         assert [p.name for p in repo.iterdir()] == ["d_python"]
