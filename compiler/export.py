@@ -58,6 +58,11 @@ def export_denoiser(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) ->
             program = torch.onnx.export(net, args, dynamo=True, input_names=names, output_names=[DENOISED],
                                         dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False)
     except Exception as err:  # the exporter raises many types; name the stage and the cause
+        cause = err
+        while cause is not None:  # torch.export wraps a Ctrl-C in its own error: it is still an interrupt
+            if isinstance(cause, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            cause = cause.__cause__ or cause.__context__
         raise ExportError(f"torch.onnx.export (dynamo) failed for the denoiser: {type(err).__name__}: {err}") from err
     model = program.model_proto
     if model.functions:
