@@ -1,0 +1,35 @@
+// Reading an artifact directory: the manifest (schema, version, required fields) and the files' sha256.
+// Mirrors runtime/artifact.py message for message.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "contract.hpp"
+
+namespace iia_native {
+
+struct Manifest {
+    std::string root;  // the artifact directory, as pathlib prints it
+    std::string path;  // root/manifest.json
+    json data;
+    std::vector<int64_t> sample_shape;
+    int64_t label_dim = 0, max_batch = 0, nfe = 0;
+    std::vector<std::string> input_names, output_names;
+    std::string solver, model;
+
+    bool conditional() const { return label_dim > 0; }
+    bool is_image() const;
+    bool lists(const std::string& name) const { return data["files"].contains(name); }
+};
+
+std::string artifact_root(const std::string& path);           // DIR for DIR or DIR/manifest.json
+Manifest read_manifest(const std::string& root);               // schema, version, required fields, types
+void check_interface(const Manifest& manifest);                // noise[, class_labels] -> images[, images_uint8]
+std::string sha256_hex(const void* data, size_t size);
+std::string sha256_file(const std::string& path);              // streamed in 1 MiB blocks
+void verify_file(const Manifest& manifest, const std::string& name);
+std::vector<char> read_verified(const Manifest& manifest, const std::string& name, bool verify);
+void verify_all(const Manifest& manifest, const std::vector<std::string>& skip);
+
+}  // namespace iia_native

@@ -1,0 +1,328 @@
+// iia-run: run a compiled iia sampler artifact from the command line through the C ABI.
+//
+//   iia-run DIR --noise noise.npy [--labels 3,1,... | --labels labels.npy] --out out.npy|grid.png
+//           [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-verify]
+//   iia-run DIR --bench [--batch 1,8] [--iters 50] [--warmup 5] [--noise noise.npy] [--labels ID] [--json FILE]
+//
+// Errors: ONE line "error: ..." on stderr and exit status 2 (as the Python CLIs).
+#include <algorithm>
+#include <chrono>
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "iia/runtime.hpp"
+#include "npy.hpp"
+#include "png_grid.hpp"
+
+namespace {
+
+const char* USAGE =
+    "usage: iia-run DIR --noise NOISE.npy [--labels IDS|LABELS.npy] --out OUT.npy|OUT.png\n"
+    "               [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-verify]\n"
+    "       iia-run DIR --bench [--batch 1,8] [--iters 50] [--warmup 5] [--noise NOISE.npy] [--labels ID]\n"
+    "               [--json FILE] [--backend ...] [--threads N]\n"
+    "\n"
+    "Runs a compiled sampler (an iia-compile artifact) through libiia_runtime: NOISE.npy [B, *sample_shape]\n"
+    "(float32; float64/float16 converted), labels as comma-separated ids (one per sample, or one for all) or\n"
+    "an .npy of ids [B] / one-hot [B, label_dim]; writes images float32 [B, *sample_shape] (.npy) or a PNG\n"
+    "grid of images_uint8 (.png). --bench reports p50/p90/p99 latency and the time spent outside the\n"
+    "backend's run call per call.\n";
+
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+struct Args {
+    std::string dir, noise, labels, out, backend = "auto", json;
+    int threads = 0, iters = 50, warmup = 5;
+    bool bench = false, verify = true, help = false;
+    std::vector<int64_t> batches{1, 8};
+};
+
+int parse_int(const std::string& option, const std::string& text) {
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || errno != 0 || v < INT32_MIN || v > INT32_MAX)
+        throw UsageError(option + " expects an integer, got '" + text + "'");
+    return static_cast<int>(v);
+}
+
+std::vector<int64_t> parse_ints(const std::string& option, const std::string& text) {
+    std::vector<int64_t> out;
+    size_t start = 0;
+    while (start <= text.size()) {
+        const size_t comma = text.find(',', start);
+        const std::string part = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        if (!part.empty()) {
+            char* end = nullptr;
+            errno = 0;
+            const long long v = std::strtoll(part.c_str(), &end, 10);
+            if (*end != '\0' || errno != 0)
+                throw UsageError(option + " expects comma-separated integers, got '" + text + "'");
+            out.push_back(v);
+        }
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+    }
+    if (out.empty()) throw UsageError(option + " expects at least one integer, got '" + text + "'");
+    return out;
+}
+
+Args parse(int argc, char** argv) {
+    Args a;
+    std::vector<std::string> positional;
+    for (int i = 1; i < argc; ++i) {
+        const std::string arg = argv[i];
+        auto value = [&]() -> std::string {
+            if (i + 1 >= argc) throw UsageError(arg + " expects a value");
+            return argv[++i];
+        };
+        if (arg == "-h" || arg == "--help") a.help = true;
+        else if (arg == "--noise") a.noise = value();
+        else if (arg == "--labels") a.labels = value();
+        else if (arg == "--out") a.out = value();
+        else if (arg == "--backend") a.backend = value();
+        else if (arg == "--threads") a.threads = parse_int(arg, value());
+        else if (arg == "--no-verify") a.verify = false;
+        else if (arg == "--bench") a.bench = true;
+        else if (arg == "--batch") a.batches = parse_ints(arg, value());
+        else if (arg == "--iters") a.iters = parse_int(arg, value());
+        else if (arg == "--warmup") a.warmup = parse_int(arg, value());
+        else if (arg == "--json") a.json = value();
+        else if (arg.size() > 1 && arg[0] == '-') throw UsageError("unknown option " + arg + " (see iia-run --help)");
+        else positional.push_back(arg);
+    }
+    if (a.help) return a;
+    if (positional.size() != 1)
+        throw UsageError(positional.empty() ? "missing the artifact directory DIR (see iia-run --help)"
+                                            : "expected one artifact directory, got " + std::to_string(positional.size()) +
+                                                  " positional arguments");
+    a.dir = positional[0];
+    if (a.threads < 0) throw UsageError("--threads must be >= 0 (0: ONNX Runtime's default), got " + std::to_string(a.threads));
+    if (a.bench) {
+        if (!a.out.empty()) throw UsageError("--out does not apply to --bench (use --json FILE for the rows)");
+        if (a.iters < 1) throw UsageError("--iters must be >= 1, got " + std::to_string(a.iters));
+        if (a.warmup < 0) throw UsageError("--warmup must be >= 0, got " + std::to_string(a.warmup));
+        for (int64_t b : a.batches)
+            if (b < 1) throw UsageError("--batch sizes must be >= 1, got " + std::to_string(b));
+    } else {
+        if (a.noise.empty()) throw UsageError("--noise NOISE.npy is required (or pass --bench)");
+        if (a.out.empty()) throw UsageError("--out OUT.npy|OUT.png is required");
+        if (!a.json.empty()) throw UsageError("--json applies to --bench only");
+    }
+    return a;
+}
+
+bool ends_with(const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+    std::string out = "[";
+    for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+    return out + "]";
+}
+
+// Labels: an .npy passes through as is (dtype, ids or one-hot: the library validates); comma-separated ids
+// are one per sample, or one id (rank 0) for the whole batch.
+struct Labels {
+    iia_tools::NpyArray array;
+    bool given = false;
+};
+
+Labels read_labels(const std::string& text) {
+    Labels l;
+    if (text.empty()) return l;
+    l.given = true;
+    if (ends_with(text, ".npy")) {
+        l.array = iia_tools::read_npy(text);
+        return l;
+    }
+    const std::vector<int64_t> ids = parse_ints("--labels", text);
+    l.array.dtype = IIA_INT64;
+    if (ids.size() > 1) l.array.shape = {static_cast<int64_t>(ids.size())};
+    l.array.data.resize(ids.size() * sizeof(int64_t));
+    std::memcpy(l.array.data.data(), ids.data(), l.array.data.size());
+    return l;
+}
+
+void print_header(const iia::Sampler& s, const std::string& dir) {
+    const iia_info& i = s.info();
+    std::fprintf(stderr, "%s: model %s, solver %s, nfe %lld, sample_shape %s, %s, max_batch %lld\n%s\n", dir.c_str(),
+                 i.model, i.solver, static_cast<long long>(i.nfe), shape_text(s.sample_shape()).c_str(),
+                 i.label_dim > 0 ? ("label_dim " + std::to_string(i.label_dim)).c_str() : "unconditional",
+                 static_cast<long long>(i.max_batch), s.describe().c_str());
+}
+
+int run_once(const Args& a) {
+    if (!ends_with(a.out, ".npy") && !ends_with(a.out, ".png"))
+        throw UsageError("--out must end in .npy (float32 images) or .png (a grid of images_uint8), got '" + a.out + "'");
+    iia::LoadOptions options;
+    options.backend = a.backend;
+    options.threads = a.threads;
+    options.verify = a.verify;
+    iia::Sampler sampler(a.dir, options);
+    print_header(sampler, a.dir);
+    const iia_tools::NpyArray noise = iia_tools::read_npy(a.noise);
+    const Labels labels = read_labels(a.labels);
+    const iia_tensor noise_t = noise.tensor();
+    const iia_tensor labels_t = labels.array.tensor();
+    const int64_t batch = noise.shape.empty() ? 0 : noise.shape[0];
+    const size_t count = static_cast<size_t>(std::max<int64_t>(0, batch) * sampler.sample_size());
+    const bool png = ends_with(a.out, ".png");
+    if (png && !sampler.info().is_image)
+        throw iia::Error(IIA_ERROR_INVALID_ARGUMENT,
+                         "a PNG grid needs an image model ([C, H, W] samples); this one has sample shape " +
+                             shape_text(sampler.sample_shape()) + ": write --out OUT.npy");
+    std::vector<float> images(png ? 0 : count);
+    std::vector<uint8_t> images_u8(png ? count : 0);
+    sampler.run(noise_t, labels.given ? &labels_t : nullptr, png ? nullptr : images.data(), images.size(),
+                png ? images_u8.data() : nullptr, images_u8.size());
+    if (png) {
+        const iia_info& i = sampler.info();  // [C, H, W] -> uint8 [B, H, W, C]
+        const auto grid = iia_tools::grid_array(images_u8.data(), batch, i.sample_shape[1], i.sample_shape[2],
+                                                i.sample_shape[0]);
+        iia_tools::write_atomic(a.out, iia_tools::png_bytes(grid));
+        std::printf("wrote %s (%lldx%lld grid of %lld images)\n", a.out.c_str(), static_cast<long long>(grid.width),
+                    static_cast<long long>(grid.height), static_cast<long long>(batch));
+    } else {
+        std::vector<int64_t> shape{batch};
+        const auto ss = sampler.sample_shape();
+        shape.insert(shape.end(), ss.begin(), ss.end());
+        iia_tools::write_atomic(a.out, iia_tools::npy_bytes(IIA_FLOAT32, shape, images.data(), images.size() * sizeof(float)));
+        std::printf("wrote %s (float32 %s)\n", a.out.c_str(), shape_text(shape).c_str());
+    }
+    return 0;
+}
+
+double percentile(std::vector<double> v, double q) {  // numpy's default (linear) percentile
+    std::sort(v.begin(), v.end());
+    const double pos = q / 100.0 * static_cast<double>(v.size() - 1);
+    const size_t lo = static_cast<size_t>(std::floor(pos)), hi = std::min(lo + 1, v.size() - 1);
+    return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+}
+
+double round_to(double v, int digits) {
+    const double f = std::pow(10.0, digits);
+    return std::round(v * f) / f;
+}
+
+int run_bench(const Args& a) {
+    iia::LoadOptions options;
+    options.backend = a.backend;
+    options.threads = a.threads;
+    options.verify = a.verify;
+    iia::Sampler sampler(a.dir, options);
+    print_header(sampler, a.dir);
+    const iia_info& info = sampler.info();
+    const int64_t item = sampler.sample_size();
+    for (int64_t b : a.batches)
+        if (b > info.max_batch)
+            throw iia::Error(IIA_ERROR_INVALID_ARGUMENT, "batch size " + std::to_string(b) +
+                                                             " exceeds the artifact's maximum batch " +
+                                                             std::to_string(info.max_batch));
+    // noise: rows of --noise (float32) repeated, else standard normal from a fixed seed
+    std::vector<float> pool;
+    if (!a.noise.empty()) {
+        const iia_tools::NpyArray n = iia_tools::read_npy(a.noise);
+        if (n.dtype != IIA_FLOAT32 || n.shape.empty() || n.data.size() % (item * 4) != 0 || n.data.empty())
+            throw iia::Error(IIA_ERROR_INVALID_ARGUMENT, a.noise + ": --bench needs float32 noise [N, *sample_shape]");
+        pool.resize(n.data.size() / 4);
+        std::memcpy(pool.data(), n.data.data(), n.data.size());
+    } else {
+        std::mt19937_64 rng(0);
+        std::normal_distribution<float> normal;
+        pool.resize(static_cast<size_t>(item * 64));
+        for (float& v : pool) v = normal(rng);
+    }
+    int64_t fixed_label = -1;
+    if (!a.labels.empty()) {
+        const auto ids = parse_ints("--labels", a.labels);
+        if (ids.size() != 1) throw UsageError("--bench takes one --labels id for every sample (default: 0, 1, 2, ... in turn)");
+        fixed_label = ids[0];
+    }
+    nlohmann::ordered_json rows = nlohmann::ordered_json::array();
+    std::printf("%-16s %5s %3s %9s %9s %9s %10s %12s %12s\n", "backend", "batch", "thr", "p50 ms", "p90 ms", "p99 ms",
+                "img/s", "outside us", "backend ms");
+    for (int64_t batch : a.batches) {
+        std::vector<float> noise(static_cast<size_t>(batch * item));
+        for (size_t k = 0; k < noise.size(); ++k) noise[k] = pool[k % pool.size()];
+        std::vector<int64_t> labels;
+        if (info.label_dim > 0)
+            for (int64_t k = 0; k < batch; ++k) labels.push_back(fixed_label >= 0 ? fixed_label : k % info.label_dim);
+        std::vector<int64_t> shape{batch};
+        shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.rank);
+        const iia_tensor noise_t{noise.data(), IIA_FLOAT32, shape.size(), shape.data()};
+        const iia_tensor labels_t{labels.data(), IIA_INT64, 1, &batch};
+        std::vector<float> images(noise.size());
+        auto call = [&] {
+            sampler.run(noise_t, info.label_dim > 0 ? &labels_t : nullptr, images.data(), images.size());
+        };
+        for (int k = 0; k < a.warmup; ++k) call();
+        std::vector<double> total_ms, outside_us, backend_ms;
+        for (int k = 0; k < a.iters; ++k) {
+            const auto start = std::chrono::steady_clock::now();
+            call();
+            const auto stop = std::chrono::steady_clock::now();
+            const double ns = static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(stop - start).count());
+            const double inside = static_cast<double>(iia_last_backend_ns());
+            total_ms.push_back(ns / 1e6);
+            backend_ms.push_back(inside / 1e6);
+            outside_us.push_back((ns - inside) / 1e3);
+        }
+        double mean = 0, outside_mean = 0;
+        for (double t : total_ms) mean += t / static_cast<double>(total_ms.size());
+        for (double t : outside_us) outside_mean += t / static_cast<double>(outside_us.size());
+        const double p50 = percentile(total_ms, 50), p90 = percentile(total_ms, 90), p99 = percentile(total_ms, 99);
+        const double out50 = percentile(outside_us, 50), back50 = percentile(backend_ms, 50);
+        std::printf("%-16s %5lld %3d %9.3f %9.3f %9.3f %10.1f %12.2f %12.3f\n", info.backend,
+                    static_cast<long long>(batch), a.threads, p50, p90, p99, static_cast<double>(batch) / (mean / 1e3),
+                    out50, back50);
+        rows.push_back({{"backend", info.backend}, {"batch", batch}, {"threads", a.threads},
+                        {"p50_ms", round_to(p50, 4)}, {"p90_ms", round_to(p90, 4)}, {"p99_ms", round_to(p99, 4)},
+                        {"mean_ms", round_to(mean, 4)},
+                        {"images_per_s", round_to(static_cast<double>(batch) / (mean / 1e3), 2)},
+                        {"outside_run_p50_us", round_to(out50, 3)}, {"outside_run_mean_us", round_to(outside_mean, 3)},
+                        {"backend_run_p50_ms", round_to(back50, 4)}, {"nfe", info.nfe}, {"solver", info.solver},
+                        {"model", info.model}, {"warmup", a.warmup}, {"iters", a.iters}, {"artifact", a.dir},
+                        {"times_ms", total_ms}});
+    }
+    std::printf("NFE %lld (%s), model %s; outside = per-call time not spent in the backend's run (%s); threads 0 = "
+                "ONNX Runtime's default\n", static_cast<long long>(info.nfe), info.solver, info.model,
+                "validation, tensor wrapping");
+    if (!a.json.empty()) {
+        const std::string text = rows.dump(2) + "\n";
+        iia_tools::write_atomic(a.json, std::vector<unsigned char>(text.begin(), text.end()));
+        std::printf("wrote %s\n", a.json.c_str());
+    }
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        const Args a = parse(argc, argv);
+        if (a.help) {
+            std::fputs(USAGE, stdout);
+            return 0;
+        }
+        return a.bench ? run_bench(a) : run_once(a);
+    } catch (const std::exception& err) {
+        std::string line = err.what();
+        std::replace(line.begin(), line.end(), '\n', ' ');
+        std::fprintf(stderr, "error: %s\n", line.c_str());
+        return 2;
+    }
+}
