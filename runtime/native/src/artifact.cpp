@@ -8,6 +8,7 @@
 #include <fstream>
 #include <memory>
 
+#include <nlohmann/json.hpp>
 #include <openssl/evp.h>
 
 namespace iia_native {
@@ -48,7 +49,7 @@ std::string hex(const unsigned char* bytes, unsigned int n) {
 }
 
 const json& expected(const Manifest& m, const std::string& name) {
-    const json& files = m.data["files"];
+    const json& files = (*m.doc)["files"];
     auto it = files.find(name);
     if (it == files.end() || !it->is_object() || !it->contains("sha256") || !(*it)["sha256"].is_string())
         throw artifact_error("manifest.json lists no sha256 for " + name);
@@ -77,8 +78,42 @@ void check_digest(const Manifest& m, const std::string& name, const std::string&
 
 }  // namespace
 
+std::string py_repr(const json& value) {
+    switch (value.type()) {
+        case json::value_t::null: return "None";
+        case json::value_t::boolean: return value.get<bool>() ? "True" : "False";
+        case json::value_t::string: return py_repr(value.get<std::string>());
+        case json::value_t::number_integer: return std::to_string(value.get<int64_t>());
+        case json::value_t::number_unsigned: return std::to_string(value.get<uint64_t>());
+        case json::value_t::number_float: return py_float_repr(value.get<double>());
+        case json::value_t::array: {
+            std::vector<std::string> parts;
+            for (const auto& item : value) parts.push_back(py_repr(item));
+            return "[" + join(parts, ", ") + "]";
+        }
+        case json::value_t::object: {
+            std::vector<std::string> parts;
+            for (const auto& item : value.items()) parts.push_back(py_repr(item.key()) + ": " + py_repr(item.value()));
+            return "{" + join(parts, ", ") + "}";
+        }
+        default: return "?";
+    }
+}
+
+std::string py_str(const json& value) {
+    return value.is_string() ? value.get<std::string>() : py_repr(value);
+}
+
+bool Manifest::lists(const std::string& name) const { return (*doc)["files"].contains(name); }
+
 bool Manifest::is_image() const {
     return std::find(output_names.begin(), output_names.end(), IMAGES_U8) != output_names.end();
+}
+
+std::string plan_absent_reason(const Manifest& m) {
+    if (m.engine_built && m.lists(PLAN)) return "";
+    return std::string("the artifact has no TensorRT plan (") + PLAN + " was not built at compile time: " +
+           m.engine_reason + ")";
 }
 
 std::string artifact_root(const std::string& path) {
@@ -108,11 +143,11 @@ Manifest read_manifest(const std::string& root) {
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     if (in.bad()) throw artifact_error(m.path + " is not readable JSON (" + std::strerror(errno) + ")");
     try {
-        m.data = json::parse(text);
+        m.doc = std::make_shared<json>(json::parse(text));
     } catch (const json::exception& err) {
         throw artifact_error(m.path + " is not readable JSON (" + err.what() + ")");
     }
-    const json& d = m.data;
+    const json& d = *m.doc;
     if (!d.is_object() || !d.contains("schema") || d["schema"] != SCHEMA) {
         const std::string schema = d.is_object() && d.contains("schema") ? py_repr(d["schema"]) : "None";
         throw artifact_error(m.path + " is not an iia artifact manifest (schema " + schema + ", expected " +
@@ -150,6 +185,14 @@ Manifest read_manifest(const std::string& root) {
     };
     names(d["inputs"], &m.input_names);
     names(d["outputs"], &m.output_names);
+    // the TensorRT plan's provenance (runtime/trt_backend.py: plan_unavailable_reason, plan_mismatch)
+    const json engine = d.contains("engine") && d["engine"].is_object() ? d["engine"] : json::object();
+    m.engine_built = engine.contains("built") && engine["built"].is_boolean() && engine["built"].get<bool>();
+    const bool has_reason = engine.contains("reason") && !engine["reason"].is_null() && engine["reason"] != "" &&
+                            engine["reason"] != false;
+    m.engine_reason = has_reason ? py_str(engine["reason"]) : "not built";
+    m.engine_tensorrt = engine.contains("tensorrt") ? py_str(engine["tensorrt"]) : "None";
+    m.engine_compute_capability = engine.contains("compute_capability") ? py_str(engine["compute_capability"]) : "None";
     m.solver = d.contains("solver") && d["solver"].is_string() ? d["solver"].get<std::string>() : "";
     m.model = "?";
     if (d.contains("model") && d["model"].is_object() && d["model"].contains("name")) m.model = py_str(d["model"]["name"]);
@@ -211,7 +254,7 @@ std::vector<char> read_verified(const Manifest& m, const std::string& name, bool
 }
 
 void verify_all(const Manifest& m, const std::vector<std::string>& skip) {
-    for (const auto& item : m.data["files"].items()) {
+    for (const auto& item : (*m.doc)["files"].items()) {
         const std::string& name = item.key();
         if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
             name.find('\0') != std::string::npos)

@@ -2,6 +2,7 @@
 // Mirrors runtime/artifact.py message for message.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,19 +13,22 @@ namespace iia_native {
 struct Manifest {
     std::string root;  // the artifact directory, as pathlib prints it
     std::string path;  // root/manifest.json
-    json data;
+    std::shared_ptr<const json> doc;  // the parsed manifest (complete type only in artifact.cpp)
     std::vector<int64_t> sample_shape;
     int64_t label_dim = 0, max_batch = 0, nfe = 0;
     std::vector<std::string> input_names, output_names;
     std::string solver, model;
+    bool engine_built = false;  // manifest "engine": the TensorRT plan's provenance, as Python prints it
+    std::string engine_reason, engine_tensorrt, engine_compute_capability;
 
     bool conditional() const { return label_dim > 0; }
     bool is_image() const;
-    bool lists(const std::string& name) const { return data["files"].contains(name); }
+    bool lists(const std::string& name) const;  // the manifest's "files" has this entry
 };
 
 std::string artifact_root(const std::string& path);           // DIR for DIR or DIR/manifest.json
 Manifest read_manifest(const std::string& root);               // schema, version, required fields, types
+std::string plan_absent_reason(const Manifest& manifest);  // "" when a built plan is listed
 void check_interface(const Manifest& manifest);                // noise[, class_labels] -> images[, images_uint8]
 std::string sha256_hex(const void* data, size_t size);
 std::string sha256_file(const std::string& path);              // streamed in 1 MiB blocks

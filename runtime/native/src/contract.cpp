@@ -63,32 +63,6 @@ std::string py_float_repr(double value) {
     return negative ? "-" + out : out;
 }
 
-std::string py_repr(const json& value) {
-    switch (value.type()) {
-        case json::value_t::null: return "None";
-        case json::value_t::boolean: return value.get<bool>() ? "True" : "False";
-        case json::value_t::string: return py_repr(value.get<std::string>());
-        case json::value_t::number_integer: return std::to_string(value.get<int64_t>());
-        case json::value_t::number_unsigned: return std::to_string(value.get<uint64_t>());
-        case json::value_t::number_float: return py_float_repr(value.get<double>());
-        case json::value_t::array: {
-            std::vector<std::string> parts;
-            for (const auto& item : value) parts.push_back(py_repr(item));
-            return "[" + join(parts, ", ") + "]";
-        }
-        case json::value_t::object: {
-            std::vector<std::string> parts;
-            for (const auto& item : value.items()) parts.push_back(py_repr(item.key()) + ": " + py_repr(item.value()));
-            return "{" + join(parts, ", ") + "}";
-        }
-        default: return "?";
-    }
-}
-
-std::string py_str(const json& value) {
-    return value.is_string() ? value.get<std::string>() : py_repr(value);
-}
-
 std::string join(const std::vector<std::string>& parts, const std::string& sep) {
     std::string out;
     for (size_t i = 0; i < parts.size(); ++i) {

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>
 
 #include "iia/runtime.h"
 
@@ -40,7 +40,8 @@ inline Error artifact_error(const std::string& m) { return Error(IIA_ERROR_ARTIF
 inline Error unavailable(const std::string& m) { return Error(IIA_ERROR_BACKEND_UNAVAILABLE, m); }
 inline Error runtime_error(const std::string& m) { return Error(IIA_ERROR_RUNTIME, m); }
 
-// Python's repr() / str() of a JSON value as json.loads would give it ('x', None, True, 1.5, [1, 2]).
+// Python's repr() / str() of a JSON value as json.loads would give it ('x', None, True, 1.5, [1, 2])
+// (defined in artifact.cpp, the one place that parses JSON).
 std::string py_repr(const json& value);
 std::string py_str(const json& value);
 std::string py_repr(const std::string& text);

@@ -49,17 +49,6 @@ iia_status guarded(F&& body) {
 
 const char* const BACKENDS[] = {TENSORRT, ORT_CUDA, ORT_CPU};  // auto tries them in this order
 
-std::string plan_absent_reason(const Manifest& m) {
-    const json& d = m.data;
-    const json engine = d.contains("engine") && d["engine"].is_object() ? d["engine"] : json::object();
-    const bool built = engine.contains("built") && engine["built"].is_boolean() && engine["built"].get<bool>();
-    if (built && m.lists(PLAN)) return "";
-    const bool has_reason = engine.contains("reason") && !engine["reason"].is_null() && engine["reason"] != "" &&
-                            engine["reason"] != false;
-    return std::string("the artifact has no TensorRT plan (") + PLAN + " was not built at compile time: " +
-           (has_reason ? py_str(engine["reason"]) : std::string("not built")) + ")";
-}
-
 // runtime/loader.py's _onnx_model: verified bytes, or the path when the tensors live in an external .data file
 ModelSource onnx_model(const Manifest& m, bool verify) {
     ModelSource source;

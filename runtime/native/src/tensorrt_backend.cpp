@@ -202,9 +202,8 @@ bool tensorrt_compiled() { return true; }
 
 std::string tensorrt_unavailable_reason(const Manifest& m, int device_id) {
     if (cuda_device_count() == 0) return "no CUDA device found (libcuda missing or no GPU)";
-    const json engine = m.data["engine"];  // present: the loader checked plan_absent_reason first
-    const std::string built_v = engine.contains("tensorrt") ? py_str(engine["tensorrt"]) : "None";
-    const std::string built_cc = engine.contains("compute_capability") ? py_str(engine["compute_capability"]) : "None";
+    const std::string& built_v = m.engine_tensorrt;
+    const std::string& built_cc = m.engine_compute_capability;
     const std::string here_v = this_tensorrt_version(), here_cc = compute_capability(device_id);
     // Python records tensorrt.__version__ ("10.3.0" or "10.3.0.26"): either form of this build matches
     const std::string here_short = here_v.substr(0, here_v.rfind('.'));
