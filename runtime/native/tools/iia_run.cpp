@@ -172,10 +172,9 @@ int run_once(const Args& a) {
     options.backend = a.backend;
     options.threads = a.threads;
     options.verify = a.verify;
-    iia::Sampler sampler(a.dir, options);
-    print_header(sampler, a.dir);
     const iia_tools::NpyArray noise = iia_tools::read_npy(a.noise);
     const Labels labels = read_labels(a.labels);
+    iia::Sampler sampler(a.dir, options);
     const iia_tensor noise_t = noise.tensor();
     const iia_tensor labels_t = labels.array.tensor();
     const int64_t batch = noise.shape.empty() ? 0 : noise.shape[0];
@@ -189,6 +188,7 @@ int run_once(const Args& a) {
     std::vector<uint8_t> images_u8(png ? count : 0);
     sampler.run(noise_t, labels.given ? &labels_t : nullptr, png ? nullptr : images.data(), images.size(),
                 png ? images_u8.data() : nullptr, images_u8.size());
+    print_header(sampler, a.dir);  // after success: a failure is ONE line
     if (png) {
         const iia_info& i = sampler.info();  // [C, H, W] -> uint8 [B, H, W, C]
         const auto grid = iia_tools::grid_array(images_u8.data(), batch, i.sample_shape[1], i.sample_shape[2],
@@ -224,7 +224,6 @@ int run_bench(const Args& a) {
     options.threads = a.threads;
     options.verify = a.verify;
     iia::Sampler sampler(a.dir, options);
-    print_header(sampler, a.dir);
     const iia_info& info = sampler.info();
     const int64_t item = sampler.sample_size();
     for (int64_t b : a.batches)
@@ -252,6 +251,7 @@ int run_bench(const Args& a) {
         if (ids.size() != 1) throw UsageError("--bench takes one --labels id for every sample (default: 0, 1, 2, ... in turn)");
         fixed_label = ids[0];
     }
+    print_header(sampler, a.dir);
     nlohmann::ordered_json rows = nlohmann::ordered_json::array();
     std::printf("%-16s %5s %3s %9s %9s %9s %10s %12s %12s\n", "backend", "batch", "thr", "p50 ms", "p90 ms", "p99 ms",
                 "img/s", "outside us", "backend ms");

@@ -1,0 +1,423 @@
+"""The native runtime (runtime/native: libiia_runtime, iia-run) against iia.runtime, in one process.
+
+One CMake build per session (build/native-test, incremental; IIA_NATIVE_BUILD_DIR overrides), the CTest tests
+(C ABI from C, 8 threads x 50 runs, LeakSanitizer + RSS, install tree + find_package), then the same noise,
+labels and bad inputs through the C library (ctypes), `iia-run` and the Python runtime: outputs bit for bit,
+messages character for character. A missing toolchain piece FAILS with the install hint; nothing skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edm_fixtures import make_edm_pickle
+from iia.calibration.fit import CalibrationOptions
+from iia.compiler.build import CompileOptions, compile_model
+from iia.models import gaussian_mixture
+from iia.runtime import draw_noise, load
+from iia.runtime.grid import grid_array
+from native_abi import ARTIFACT, BACKEND_UNAVAILABLE, INVALID_ARGUMENT, Library, NativeError
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = Path(os.environ.get("IIA_NATIVE_BUILD_DIR") or ROOT / "build" / "native-test")
+HINT = ("install the native toolchain with .ci/install-native.sh (apt-get install cmake g++ nlohmann-json3-dev "
+        "libssl-dev libpng-dev; ONNX Runtime headers: runtime/native/fetch_ort_headers.sh)")
+MAX_BATCH = 8
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+
+
+def _tail(proc: subprocess.CompletedProcess, n: int = 15) -> str:
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    errors = [line for line in lines if "Error" in line or "error" in line or "not found" in line]
+    return " | ".join((errors or lines)[-n:])
+
+
+@pytest.fixture(scope="session")
+def native():
+    """Configure + build once; FAILS (does not skip) with the install hint when a piece is missing."""
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} not found: {HINT}")
+    configure = ["cmake", "-S", ROOT, "-B", BUILD, "-DIIA_ORT_FROM_PYTHON=ON", f"-DIIA_PYTHON={sys.executable}",
+                 "-DCMAKE_BUILD_TYPE=Release"]
+    if not (BUILD / "CMakeCache.txt").exists() and shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    proc = _run(configure)
+    if proc.returncode != 0:
+        pytest.fail(f"cmake configure failed: {_tail(proc)} ({HINT})")
+    proc = _run(["cmake", "--build", BUILD, "-j", str(os.cpu_count() or 2)])
+    if proc.returncode != 0:
+        pytest.fail(f"cmake --build failed: {_tail(proc)}")
+    out = BUILD / "runtime" / "native"
+    return {"build": BUILD, "iia_run": out / "iia-run", "lib": Library(str(out / "libiia_runtime.so"))}
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Tiny artifacts: an EDM-format pickle (class-conditional, 3x8x8), the bundled digits model with IIA-EDM at
+    NFE 9, an unconditional image mixture and a vector mixture (no images_uint8)."""
+    root = tmp_path_factory.mktemp("native_artifacts")
+    calib = CalibrationOptions(batch=40, holdout=32, reference_steps=32)
+
+    def opts(**kw):
+        return CompileOptions(force=True, max_batch=MAX_BATCH, engine=False, calibration=calib, **kw)
+
+    make_edm_pickle(root / "edm.pkl", kind="edm-cond")
+    quiet = lambda text: None  # noqa: E731
+    compile_model(str(root / "edm.pkl"), root / "edm", opts(nfe=5, solver="edm"), log=quiet)
+    compile_model("digits", root / "digits", opts(nfe=9), log=quiet)
+    compile_model(gaussian_mixture(shape=(1, 4, 4), components=3), root / "uncond", opts(nfe=5, solver="edm"), log=quiet)
+    compile_model(gaussian_mixture(shape=(3,), components=2), root / "vector", opts(nfe=5, solver="edm"), log=quiet)
+    return {key: root / key for key in ("edm", "digits", "uncond", "vector")}
+
+
+@pytest.fixture(scope="session")
+def python_samplers(artifacts):
+    return {key: load(path, threads=1) for key, path in artifacts.items()}
+
+
+@pytest.fixture(scope="session")
+def native_samplers(native, artifacts):
+    samplers = {key: native["lib"].load(path, threads=1) for key, path in artifacts.items()}
+    yield samplers
+    for s in samplers.values():
+        s.close()
+
+
+# ---- CTest: C ABI from C, threads, memory, install tree ------------------------------------------------
+@pytest.mark.parametrize("name", ["abi_c", "threads_8x50", "memory_leak_rss", "install_find_package"])
+def test_ctest(native, artifacts, name):
+    env = dict(os.environ, IIA_TEST_COND=str(artifacts["edm"]), IIA_TEST_UNCOND=str(artifacts["uncond"]))
+    proc = _run(["ctest", "--test-dir", native["build"], "-R", f"^{name}$", "--output-on-failure", "-V"], env=env,
+                timeout=900)
+    summary = [line for line in proc.stdout.splitlines() if "_test:" in line]
+    print("\n".join(summary))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "1 tests passed" in proc.stdout.replace("100% tests passed, 0 tests failed out of 1", "1 tests passed")
+
+
+# ---- bit for bit ---------------------------------------------------------------------------------------
+def _labels(sampler, batch: int):
+    return (np.arange(batch, dtype=np.int64) * 3 + 1) % sampler.label_dim if sampler.conditional else None
+
+
+@pytest.mark.parametrize("key", ["digits", "edm"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_iia_run_output_equals_python_bit_for_bit(native, artifacts, python_samplers, tmp_path, key, batch):
+    sampler = python_samplers[key]
+    noise = draw_noise(100 + batch, batch, sampler.sample_shape)
+    labels = _labels(sampler, batch)
+    np.save(tmp_path / "noise.npy", noise)
+    cmd = [native["iia_run"], artifacts[key], "--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy",
+           "--threads", "1", "--backend", "onnxruntime-cpu", "--labels", ",".join(map(str, labels))]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    native_out = np.load(tmp_path / "out.npy")
+    python_out = sampler(noise, class_labels=labels)
+    assert native_out.dtype == np.float32 and native_out.shape == python_out.shape
+    assert np.array_equal(native_out.view(np.uint32), python_out.view(np.uint32))  # bit for bit
+
+
+@pytest.mark.parametrize("key", ["digits", "edm"])
+def test_c_abi_both_outputs_equal_python(native, artifacts, python_samplers, key):
+    """float32 images and images_uint8 from one run; ONNX Runtime's default threads on both sides too."""
+    python_default = load(artifacts[key])  # threads None
+    native_default = native["lib"].load(artifacts[key], threads=0, verify=False)
+    try:
+        for batch in (1, 3, 8):
+            noise = draw_noise(7 * batch, batch, python_default.sample_shape)
+            labels = _labels(python_default, batch)
+            ref = python_default.sample(noise, class_labels=labels)
+            images, images_u8 = native_default.run(noise, labels, uint8=True)
+            assert np.array_equal(images.view(np.uint32), ref.images.view(np.uint32))
+            assert np.array_equal(images_u8, ref.images_uint8)
+    finally:
+        native_default.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_other_float_noise_converted_like_python(native_samplers, python_samplers, dtype):
+    noise = draw_noise(3, 2, (3, 8, 8)).astype(dtype)
+    labels = np.array([4, 5])
+    images, _ = native_samplers["edm"].run(noise, labels)
+    assert np.array_equal(images, python_samplers["edm"](noise, class_labels=labels))
+
+
+def test_one_hot_and_scalar_labels_equal_ids(native_samplers, python_samplers):
+    noise = draw_noise(5, 3, (3, 8, 8))
+    ids = np.array([2, 9, 0])
+    by_ids, _ = native_samplers["edm"].run(noise, ids)
+    one_hot = np.eye(10, dtype=np.float32)[ids]
+    assert np.array_equal(native_samplers["edm"].run(noise, one_hot)[0], by_ids)
+    scalar = np.array(4, dtype=np.int32)
+    assert np.array_equal(native_samplers["edm"].run(noise, scalar)[0],
+                          python_samplers["edm"](noise, class_labels=4))
+
+
+@pytest.mark.parametrize("key", ["digits", "edm"])
+def test_iia_run_png_grid_equals_python_grid(native, artifacts, python_samplers, tmp_path, key):
+    from PIL import Image
+
+    sampler = python_samplers[key]
+    noise = draw_noise(1, 5, sampler.sample_shape)
+    labels = _labels(sampler, 5)
+    np.save(tmp_path / "noise.npy", noise)
+    proc = _run([native["iia_run"], artifacts[key], "--noise", tmp_path / "noise.npy", "--out", tmp_path / "g.png",
+                 "--threads", "1", "--labels", ",".join(map(str, labels))])
+    assert proc.returncode == 0, proc.stderr
+    expected = grid_array(sampler.images(noise, class_labels=labels))
+    pixels = np.asarray(Image.open(tmp_path / "g.png"))
+    assert np.array_equal(pixels, expected[..., 0] if expected.shape[2] == 1 else expected)
+
+
+# ---- bad inputs: the same one-line messages ------------------------------------------------------------
+def _noise(batch=2, shape=(3, 8, 8), dtype=np.float32):
+    return draw_noise(0, batch, shape).astype(dtype)
+
+
+def _with(value, index=5, dtype=np.float32):
+    noise = _noise(dtype=dtype)
+    noise.reshape(-1)[index] = value
+    return noise
+
+
+BAD_INPUTS = {  # name: (artifact, noise, labels)
+    "int noise": ("edm", _noise().astype(np.int32), [0, 1]),
+    "bool noise": ("edm", np.zeros((2, 3, 8, 8), bool), [0, 1]),
+    "no batch axis": ("edm", _noise()[0], [0]),
+    "wrong shape": ("edm", draw_noise(0, 2, (3, 8, 9)), [0, 1]),
+    "rank 5": ("edm", draw_noise(0, 2, (1, 3, 8, 8)), [0, 1]),
+    "batch 0": ("edm", np.zeros((0, 3, 8, 8), np.float32), [0]),
+    "batch over max": ("edm", draw_noise(0, MAX_BATCH + 1, (3, 8, 8)), list(range(MAX_BATCH + 1))),
+    "NaN noise": ("edm", _with(np.nan), [0, 1]),
+    "Inf noise": ("edm", _with(-np.inf), [0, 1]),
+    "float64 overflow": ("edm", _with(1e39, dtype=np.float64), [0, 1]),
+    "float16 inf": ("edm", _with(np.inf, dtype=np.float16), [0, 1]),
+    "labels missing": ("edm", _noise(), None),
+    "label too big": ("edm", _noise(), [0, 10]),
+    "label negative": ("edm", _noise(), [-1, 0]),
+    "label uint64 huge": ("edm", _noise(), np.array([0, 2**63 + 5], np.uint64)),
+    "float ids": ("edm", _noise(), np.array([0.0, 1.0], np.float32)),
+    "bool ids": ("edm", _noise(), np.array([True, False])),
+    "scalar float label": ("edm", _noise(), 3.0),
+    "scalar out of range": ("edm", _noise(), np.int64(12)),
+    "too many labels": ("edm", _noise(), [0, 1, 2]),
+    "one-hot wrong width": ("edm", _noise(), np.zeros((2, 9), np.float32)),
+    "one-hot two ones": ("edm", _noise(), np.array([[1, 1] + [0] * 8, [1] + [0] * 9], np.float32)),
+    "one-hot half": ("edm", _noise(), np.array([[0.5] + [0] * 9, [1] + [0] * 9], np.float32)),
+    "labels rank 3": ("edm", _noise(), np.zeros((2, 10, 1), np.int64)),
+    "labels on unconditional": ("uncond", draw_noise(0, 2, (1, 4, 4)), [0, 1]),
+    "vector noise shape": ("vector", draw_noise(0, 2, (4,)), None),
+}
+
+
+def _python_message(sampler, noise, labels) -> str:
+    with pytest.raises(ValueError) as info:
+        sampler(noise, class_labels=labels)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_same_message_through_c_abi(native_samplers, python_samplers, case):
+    key, noise, labels = BAD_INPUTS[case]
+    expected = _python_message(python_samplers[key], noise, labels)
+    with pytest.raises(NativeError) as info:
+        native_samplers[key].run(noise, None if labels is None else np.asarray(labels))
+    assert info.value.status == INVALID_ARGUMENT
+    assert info.value.message == expected
+
+
+IIA_RUN_CASES = ["int noise", "no batch axis", "batch over max", "NaN noise", "float64 overflow", "labels missing",
+                 "label too big", "too many labels", "one-hot two ones", "float ids", "labels on unconditional"]
+
+
+@pytest.mark.parametrize("case", IIA_RUN_CASES)
+def test_bad_input_same_message_through_iia_run(native, artifacts, python_samplers, tmp_path, case):
+    key, noise, labels = BAD_INPUTS[case]
+    expected = _python_message(python_samplers[key], noise, labels)
+    np.save(tmp_path / "noise.npy", noise)
+    cmd = [native["iia_run"], artifacts[key], "--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy"]
+    if labels is not None:
+        arr = np.asarray(labels)
+        if arr.ndim == 1 and arr.dtype.kind == "i":
+            cmd += ["--labels", ",".join(map(str, arr))]
+        else:
+            np.save(tmp_path / "labels.npy", arr)
+            cmd += ["--labels", tmp_path / "labels.npy"]
+    proc = _run(cmd)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {expected}\n"  # one line, Python's message
+    assert not (tmp_path / "out.npy").exists()
+
+
+# ---- bad artifacts: the same messages -----------------------------------------------------------------
+def _edit_manifest(change):
+    def mutate(path: Path):
+        data = json.loads((path / "manifest.json").read_text())
+        change(data)
+        (path / "manifest.json").write_text(json.dumps(data))
+    return mutate
+
+
+def _flip_byte(name, offset=100):
+    def mutate(path: Path):
+        data = bytearray((path / name).read_bytes())
+        data[offset] ^= 0xFF
+        (path / name).write_bytes(bytes(data))
+    return mutate
+
+
+def _truncate(name):
+    def mutate(path: Path):
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[:-10])
+    return mutate
+
+
+BAD_ARTIFACTS = {  # name: (mutation, C status)
+    "no manifest": (lambda p: (p / "manifest.json").unlink(), ARTIFACT),
+    "manifest not JSON": (lambda p: (p / "manifest.json").write_text("{not json"), ARTIFACT),
+    "manifest a list": (lambda p: (p / "manifest.json").write_text("[1, 2]"), ARTIFACT),
+    "foreign schema": (_edit_manifest(lambda d: d.update(schema="other.thing")), ARTIFACT),
+    "newer schema": (_edit_manifest(lambda d: d.update(schema_version=2)), ARTIFACT),
+    "string schema_version": (_edit_manifest(lambda d: d.update(schema_version="1")), ARTIFACT),
+    "float schema_version": (_edit_manifest(lambda d: d.update(schema_version=1.5)), ARTIFACT),
+    "no schema_version": (_edit_manifest(lambda d: d.pop("schema_version")), ARTIFACT),
+    "missing fields": (_edit_manifest(lambda d: [d.pop("nfe"), d.pop("label_dim")]), ARTIFACT),
+    "max_batch 0": (_edit_manifest(lambda d: d.update(max_batch=0)), ARTIFACT),
+    "negative shape": (_edit_manifest(lambda d: d.update(sample_shape=[3, -8, 8])), ARTIFACT),
+    "file outside": (_edit_manifest(lambda d: d["files"].update({"../x": {"sha256": "0" * 64}})), ARTIFACT),
+    "no sha256": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].pop("sha256")), ARTIFACT),
+    "corrupted sampler.onnx": (_flip_byte("sampler.onnx"), ARTIFACT),
+    "truncated sampler.onnx": (_truncate("sampler.onnx"), ARTIFACT),
+    "corrupted golden file": (_flip_byte("golden_outputs.json", 20), ARTIFACT),
+    "missing denoiser.onnx": (lambda p: (p / "denoiser.onnx").unlink(), ARTIFACT),
+    "missing sampler.onnx": (lambda p: (p / "sampler.onnx").unlink(), ARTIFACT),
+    "sampler.onnx unlisted": (_edit_manifest(lambda d: d["files"].pop("sampler.onnx")), ARTIFACT),
+    "renamed input": (_edit_manifest(lambda d: d["inputs"][0].update(name="x")), INVALID_ARGUMENT),
+}
+
+
+def _python_load_message(path, **kw) -> str:
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        load(path, **kw)
+    return str(info.value)
+
+
+@pytest.fixture
+def edm_copy(artifacts, tmp_path):
+    dst = tmp_path / "artifact"
+    shutil.copytree(artifacts["edm"], dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", list(BAD_ARTIFACTS))
+def test_bad_artifact_same_message(native, edm_copy, case):
+    mutate, status = BAD_ARTIFACTS[case]
+    mutate(edm_copy)
+    expected = _python_load_message(edm_copy)
+    with pytest.raises(NativeError) as info:
+        native["lib"].load(edm_copy)
+    assert info.value.status == status
+    if case == "manifest not JSON":  # the parser's own detail differs (Python json vs nlohmann-json)
+        head = expected.split(" (")[0]
+        assert info.value.message.startswith(head + " (") and "\n" not in info.value.message
+    else:
+        assert info.value.message == expected
+    np.save(edm_copy.parent / "noise.npy", draw_noise(0, 1, (3, 8, 8)))
+    proc = _run([native["iia_run"], edm_copy, "--noise", edm_copy.parent / "noise.npy", "--labels", "0",
+                 "--out", edm_copy.parent / "out.npy"])
+    assert proc.returncode == 2 and proc.stderr == f"error: {info.value.message}\n"
+
+
+def test_missing_dir_and_manifest_path(native, artifacts, tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(NativeError) as info:
+        native["lib"].load(missing)
+    assert info.value.status == ARTIFACT and info.value.message == _python_load_message(missing)
+    by_manifest = native["lib"].load(artifacts["edm"] / "manifest.json")  # DIR/manifest.json works too
+    assert by_manifest.info.label_dim == 10
+    by_manifest.close()
+
+
+def test_backend_choice_same_messages(native, artifacts, edm_copy):
+    lib = native["lib"]
+    for backend in ("onnxruntime-cuda", "tensorrt"):
+        expected = _python_load_message(artifacts["edm"], backend=backend)
+        with pytest.raises(NativeError) as info:
+            lib.load(artifacts["edm"], backend=backend)
+        assert info.value.status == BACKEND_UNAVAILABLE and info.value.message == expected
+    for kw in ({"backend": "bogus"}, {"threads": -1}):
+        with pytest.raises(NativeError) as info:
+            lib.load(artifacts["edm"], **kw)
+        assert info.value.status == INVALID_ARGUMENT and info.value.message == _python_load_message(artifacts["edm"], **kw)
+    # auto: the same fallbacks, said the same way
+    native_auto = lib.load(artifacts["edm"])
+    from iia.runtime import describe
+
+    assert native_auto.describe() == describe(load(artifacts["edm"]))
+    native_auto.close()
+    # a plan that claims to be built: without a GPU both skip TensorRT for the same reason, and a corrupted
+    # plan is refused after the choice of ONNX Runtime
+    (edm_copy / "sampler.plan").write_bytes(b"not really a plan")
+    import hashlib
+
+    def add_plan(d):
+        d["files"]["sampler.plan"] = {"sha256": hashlib.sha256(b"not really a plan").hexdigest(), "bytes": 17}
+        d["engine"] = {"built": True, "tensorrt": "10.0.0", "compute_capability": "9.0", "precision": "fp32"}
+
+    _edit_manifest(add_plan)(edm_copy)
+    native_plan = lib.load(edm_copy)
+    assert native_plan.describe() == describe(load(edm_copy))
+    native_plan.close()
+    (edm_copy / "sampler.plan").write_bytes(b"not really a plaN")
+    expected = _python_load_message(edm_copy)
+    with pytest.raises(NativeError) as info:
+        lib.load(edm_copy)
+    assert info.value.message == expected and "sampler.plan is corrupted" in expected
+
+
+# ---- iia-run: usage errors and --bench ------------------------------------------------------------------
+@pytest.mark.parametrize("args, fragment", [
+    (["--bogus"], "unknown option --bogus"),
+    ([], "--noise NOISE.npy is required"),
+    (["--noise", "n.npy"], "--out OUT.npy|OUT.png is required"),
+    (["--noise", "n.npy", "--out", "x.txt"], "--out must end in .npy"),
+    (["--noise", "missing.npy", "--out", "x.npy"], "missing.npy: No such file or directory"),
+    (["--noise", "notnpy.npy", "--out", "x.npy"], "notnpy.npy: not a .npy file"),
+    (["--noise", "n.npy", "--out", "x.npy", "--labels", "a,b"], "--labels expects comma-separated integers"),
+    (["--noise", "n.npy", "--out", "x.npy", "--threads", "two"], "--threads expects an integer"),
+    (["--noise", "n.npy", "--out", "x.npy", "--backend", "gpu"], "unknown backend 'gpu'"),
+    (["--noise", "n.npy", "--out", "x.png", "--labels", "1"], "a PNG grid needs an image model"),
+    (["--bench", "--batch", "9"], "batch size 9 exceeds the artifact's maximum batch 8"),
+])
+def test_iia_run_usage_errors_are_one_line(native, artifacts, tmp_path, args, fragment):
+    np.save(tmp_path / "n.npy", draw_noise(0, 2, (3,)))
+    (tmp_path / "notnpy.npy").write_text("hello")
+    key = "vector" if "x.png" in args else "edm"
+    proc = _run([native["iia_run"], artifacts[key], *args], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and fragment in proc.stderr, proc.stderr
+
+
+def test_iia_run_bench_reports_latency_and_overhead(native, artifacts, tmp_path):
+    proc = _run([native["iia_run"], artifacts["edm"], "--bench", "--batch", "1,2", "--iters", "5", "--warmup", "1",
+                 "--threads", "1", "--json", tmp_path / "bench.json"])
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["backend"] == "onnxruntime-cpu" and len(r["times_ms"]) == 5
+        assert 0 < r["backend_run_p50_ms"] <= r["p50_ms"] and r["outside_run_p50_us"] >= 0
+    assert "outside us" in proc.stdout
