@@ -223,7 +223,7 @@ BAD_INPUTS = {  # name: (artifact, noise, labels)
 
 
 def _python_message(sampler, noise, labels) -> str:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError) as info, np.errstate(over="ignore"):  # float64 1e39 -> inf is the case
         sampler(noise, class_labels=labels)
     return str(info.value)
 
@@ -421,3 +421,24 @@ def test_iia_run_bench_reports_latency_and_overhead(native, artifacts, tmp_path)
         assert r["backend"] == "onnxruntime-cpu" and len(r["times_ms"]) == 5
         assert 0 < r["backend_run_p50_ms"] <= r["p50_ms"] and r["outside_run_p50_us"] >= 0
     assert "outside us" in proc.stdout
+
+
+# ---- one contract: the C++ constants are the Python contract's ------------------------------------------
+def test_native_contract_constants_equal_python_contract():
+    """runtime/native/src/contract.hpp restates the contract's literals for C++; they must be iia.runtime.contract's
+    (the C++ library must not need Python to build, so they are compared here rather than generated)."""
+    import re
+
+    from iia.runtime import contract
+
+    text = (ROOT / "runtime" / "native" / "src" / "contract.hpp").read_text()
+    native = dict(re.findall(r'inline constexpr const char\* (\w+) = "([^"]*)";', text))
+    native.update((k, int(v)) for k, v in re.findall(r"inline constexpr int (\w+) = (\d+);", text))
+    pairs = {"NOISE": contract.NOISE, "LABELS": contract.LABELS, "IMAGES": contract.IMAGES,
+             "IMAGES_U8": contract.IMAGES_U8, "SCHEMA": contract.SCHEMA, "SCHEMA_VERSION": contract.SCHEMA_VERSION,
+             "MANIFEST": contract.MANIFEST, "SAMPLER_ONNX": contract.SAMPLER_ONNX, "PLAN": contract.SAMPLER_PLAN,
+             "NO_CUDA": contract.NO_CUDA}
+    assert {k: native.get(k) for k in pairs} == pairs
+    required = re.search(r'for \(const char\* key : \{([^}]*)\}\)', (ROOT / "runtime" / "native" / "src" /
+                                                                    "artifact.cpp").read_text())
+    assert tuple(re.findall(r'"(\w+)"', required.group(1))) == contract.REQUIRED

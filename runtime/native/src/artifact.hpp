@@ -1,5 +1,5 @@
 // Reading an artifact directory: the manifest (schema, version, required fields) and the files' sha256.
-// Mirrors runtime/artifact.py message for message.
+// Mirrors runtime/contract.py message for message.
 #pragma once
 
 #include <memory>

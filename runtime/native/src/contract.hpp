@@ -1,5 +1,6 @@
-// The artifact contract shared with the Python runtime (runtime/artifact.py, runtime/sampler.py):
+// The artifact contract of runtime/contract.py (and runtime/sampler.py's validation), restated for C++:
 // tensor names, manifest schema, error kinds, and the Python-style formatting the one-line messages use.
+// tests/test_native.py checks these literals against iia.runtime.contract.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +28,7 @@ inline constexpr const char* PLAN = "sampler.plan";
 inline constexpr const char* TENSORRT = "tensorrt";
 inline constexpr const char* ORT_CUDA = "onnxruntime-cuda";
 inline constexpr const char* ORT_CPU = "onnxruntime-cpu";
+inline constexpr const char* NO_CUDA = "no CUDA device found (libcuda missing or no GPU)";
 
 // A failure with its C ABI status; what() is the one-line message.
 class Error : public std::runtime_error {

@@ -1,4 +1,4 @@
-// The CUDA driver probe of runtime/cuda.py: no CUDA at link time, so the library loads on CPU-only machines.
+// The CUDA driver probe of runtime/contract.py (cuda_device_count): no CUDA at link time, so the library loads on CPU-only machines.
 #include <dlfcn.h>
 
 #include "backend.hpp"

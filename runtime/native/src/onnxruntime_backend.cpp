@@ -142,7 +142,7 @@ std::unique_ptr<Backend> make_onnxruntime(const Manifest& m, const ModelSource& 
 }
 
 std::string onnxruntime_cuda_unavailable_reason() {
-    if (cuda_device_count() == 0) return "no CUDA device found (libcuda missing or no GPU)";
+    if (cuda_device_count() == 0) return NO_CUDA;
     const std::vector<std::string> providers = Ort::GetAvailableProviders();
     if (std::find(providers.begin(), providers.end(), "CUDAExecutionProvider") == providers.end())
         return std::string("this onnxruntime (") + Ort::GetVersionString() +

@@ -6,7 +6,7 @@ namespace iia_native {
 bool tensorrt_compiled() { return false; }
 
 std::string tensorrt_unavailable_reason(const Manifest&, int) {
-    if (cuda_device_count() == 0) return "no CUDA device found (libcuda missing or no GPU)";
+    if (cuda_device_count() == 0) return NO_CUDA;
     return "this iia runtime library was built without TensorRT (configure with -DIIA_WITH_TENSORRT=ON where TensorRT "
            "and CUDA are installed)";
 }

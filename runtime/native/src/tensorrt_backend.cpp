@@ -201,7 +201,7 @@ private:
 bool tensorrt_compiled() { return true; }
 
 std::string tensorrt_unavailable_reason(const Manifest& m, int device_id) {
-    if (cuda_device_count() == 0) return "no CUDA device found (libcuda missing or no GPU)";
+    if (cuda_device_count() == 0) return NO_CUDA;
     const std::string& built_v = m.engine_tensorrt;
     const std::string& built_cc = m.engine_compute_capability;
     const std::string here_v = this_tensorrt_version(), here_cc = compute_capability(device_id);
