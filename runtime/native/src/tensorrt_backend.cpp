@@ -1,11 +1,13 @@
-// TensorRT backend: `sampler.plan` through TensorRT's C++ API (nvinfer1, TensorRT >= 8.6 tensor-name API):
+// TensorRT backend: `sampler.plan` through TensorRT's C++ API (nvinfer1, TensorRT >= 10 tensor-name API):
 // deserialize, one optimisation profile (0), per-call setInputShape, enqueueV3 on a stream.
 //
-// UNBUILT in the development environment (no TensorRT there); compiled only when CMake finds TensorRT
+// UNBUILT and UNRUN in the development environment (no TensorRT, no GPU there: only syntax-checked against
+// NVIDIA/TensorRT's public 11.1 headers and CUDA 12.9 headers); compiled only when CMake finds TensorRT
 // (IIA_WITH_TENSORRT=AUTO|ON). Written against NVIDIA's documented API; see scripts/gpu_check_15.sh.
 //
 // Thread safety: ONE execution context and its device buffers, guarded by a mutex, so concurrent calls
 // serialise (as the Python backend); load one sampler per worker for parallel streams.
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <mutex>
