@@ -437,8 +437,11 @@ def test_native_contract_constants_equal_python_contract():
     pairs = {"NOISE": contract.NOISE, "LABELS": contract.LABELS, "IMAGES": contract.IMAGES,
              "IMAGES_U8": contract.IMAGES_U8, "SCHEMA": contract.SCHEMA, "SCHEMA_VERSION": contract.SCHEMA_VERSION,
              "MANIFEST": contract.MANIFEST, "SAMPLER_ONNX": contract.SAMPLER_ONNX, "PLAN": contract.SAMPLER_PLAN,
-             "NO_CUDA": contract.NO_CUDA}
+             "NO_CUDA": contract.NO_CUDA, "SAMPLER_ONNX_DATA": contract.SAMPLER_ONNX_DATA,
+             "TENSORRT": contract.TENSORRT, "ORT_CUDA": contract.ORT_CUDA, "ORT_CPU": contract.ORT_CPU}
     assert {k: native.get(k) for k in pairs} == pairs
+    order = re.search(r"BACKENDS\[\] = \{([^}]*)\}", (ROOT / "runtime" / "native" / "src" / "runtime.cpp").read_text())
+    assert tuple(native[name.strip()] for name in order.group(1).split(",")) == contract.BACKENDS  # auto's order
     required = re.search(r'for \(const char\* key : \{([^}]*)\}\)', (ROOT / "runtime" / "native" / "src" /
                                                                     "artifact.cpp").read_text())
     assert tuple(re.findall(r'"(\w+)"', required.group(1))) == contract.REQUIRED

@@ -24,6 +24,7 @@ inline constexpr const char* SCHEMA = "iia.artifact";
 inline constexpr int SCHEMA_VERSION = 1;
 inline constexpr const char* MANIFEST = "manifest.json";
 inline constexpr const char* SAMPLER_ONNX = "sampler.onnx";
+inline constexpr const char* SAMPLER_ONNX_DATA = "sampler.onnx.data";  // its tensors, over protobuf's 2 GB
 inline constexpr const char* PLAN = "sampler.plan";
 inline constexpr const char* TENSORRT = "tensorrt";
 inline constexpr const char* ORT_CUDA = "onnxruntime-cuda";

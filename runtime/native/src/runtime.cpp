@@ -52,7 +52,7 @@ const char* const BACKENDS[] = {TENSORRT, ORT_CUDA, ORT_CPU};  // auto tries the
 // runtime/loader.py's _onnx_model: verified bytes, or the path when the tensors live in an external .data file
 ModelSource onnx_model(const Manifest& m, bool verify) {
     ModelSource source;
-    if (m.lists(std::string(SAMPLER_ONNX) + ".data")) {
+    if (m.lists(SAMPLER_ONNX_DATA)) {
         if (verify) verify_file(m, SAMPLER_ONNX);
         source.path = path_join(m.root, SAMPLER_ONNX);
     } else {
