@@ -238,11 +238,7 @@ def test_bad_input_same_message_through_c_abi(native_samplers, python_samplers, 
     assert info.value.message == expected
 
 
-IIA_RUN_CASES = ["int noise", "no batch axis", "batch over max", "NaN noise", "float64 overflow", "labels missing",
-                 "label too big", "too many labels", "one-hot two ones", "float ids", "labels on unconditional"]
-
-
-@pytest.mark.parametrize("case", IIA_RUN_CASES)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_same_message_through_iia_run(native, artifacts, python_samplers, tmp_path, case):
     key, noise, labels = BAD_INPUTS[case]
     expected = _python_message(python_samplers[key], noise, labels)
@@ -445,3 +441,11 @@ def test_native_contract_constants_equal_python_contract():
     required = re.search(r'for \(const char\* key : \{([^}]*)\}\)', (ROOT / "runtime" / "native" / "src" /
                                                                     "artifact.cpp").read_text())
     assert tuple(re.findall(r'"(\w+)"', required.group(1))) == contract.REQUIRED
+
+
+def test_missing_build_dependency_fails_with_the_install_hint(native, tmp_path):
+    """What the session fixture reports when a piece is missing: CMake stops with the apt package to install."""
+    proc = _run(["cmake", "-S", ROOT, "-B", tmp_path / "b", "-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=TRUE",
+                 "-DIIA_ORT_FROM_PYTHON=ON", f"-DIIA_PYTHON={sys.executable}"])
+    assert proc.returncode != 0
+    assert "nlohmann-json not found: apt-get install nlohmann-json3-dev" in proc.stderr

@@ -184,10 +184,11 @@ int run_once(const Args& a) {
         throw iia::Error(IIA_ERROR_INVALID_ARGUMENT,
                          "a PNG grid needs an image model ([C, H, W] samples); this one has sample shape " +
                              shape_text(sampler.sample_shape()) + ": write --out OUT.npy");
-    std::vector<float> images(png ? 0 : count);
-    std::vector<uint8_t> images_u8(png ? count : 0);
-    sampler.run(noise_t, labels.given ? &labels_t : nullptr, png ? nullptr : images.data(), images.size(),
-                png ? images_u8.data() : nullptr, images_u8.size());
+    // at least one element: a NULL buffer would mean "output not requested" (an empty batch is refused anyway)
+    std::vector<float> images(png ? 0 : std::max<size_t>(count, 1));
+    std::vector<uint8_t> images_u8(png ? std::max<size_t>(count, 1) : 0);
+    sampler.run(noise_t, labels.given ? &labels_t : nullptr, png ? nullptr : images.data(), count,
+                png ? images_u8.data() : nullptr, count);
     print_header(sampler, a.dir);  // after success: a failure is ONE line
     if (png) {
         const iia_info& i = sampler.info();  // [C, H, W] -> uint8 [B, H, W, C]
