@@ -1,8 +1,12 @@
 #include "artifact.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -126,65 +130,277 @@ std::string artifact_root(const std::string& path) {
     return norm;
 }
 
-Manifest read_manifest(const std::string& root) {
-    Manifest m;
-    m.root = root;
-    m.path = path_join(root, MANIFEST);
-    if (!is_dir(root)) throw artifact_error("artifact directory " + root + " not found (make one with iia-compile)");
-    if (is_dir(m.path))
-        throw artifact_error(m.path + " is not readable JSON ([Errno 21] Is a directory: " + py_repr(m.path) + ")");
-    std::ifstream in(m.path, std::ios::binary);
-    if (!in) {
-        if (errno == ENOENT)
-            throw artifact_error(root + " is not an iia artifact: it has no manifest.json (make one with iia-compile)");
-        throw artifact_error(m.path + " is not readable JSON ([Errno " + std::to_string(errno) + "] " +
-                             std::strerror(errno) + ": " + py_repr(m.path) + ")");
+namespace {
+
+std::string errno_text(int err, const std::string& path) {  // Python's str(OSError)
+    return "[Errno " + std::to_string(err) + "] " + std::strerror(err) + ": " + py_repr(path);
+}
+
+std::string kind(mode_t mode) {
+    if (S_ISDIR(mode)) return "a directory";
+    if (S_ISFIFO(mode)) return "a FIFO";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISSOCK(mode)) return "a socket";
+    return "not a regular file";
+}
+
+struct NotFound {};
+
+// runtime/contract.py's open_regular + read: a regular file (symlinks followed) of at most `limit` bytes,
+// opened non-blocking so a FIFO cannot hang. NotFound if absent; Error(ARTIFACT) otherwise.
+class RegularFile {
+public:
+    RegularFile(const std::string& path, int64_t limit) : path_(path), limit_(limit) {
+        fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd_ < 0) {
+            if (errno == ENOENT) throw NotFound{};
+            throw artifact_error(errno_text(errno, path));
+        }
+        struct stat st {};
+        if (::fstat(fd_, &st) != 0) { const int e = errno; ::close(fd_); throw artifact_error(errno_text(e, path)); }
+        if (!S_ISREG(st.st_mode)) { ::close(fd_); throw artifact_error(path + " is " + kind(st.st_mode) + ", not a regular file"); }
+        if (st.st_size > limit) {
+            ::close(fd_);
+            throw artifact_error(path + " is " + std::to_string(st.st_size) + " bytes, more than the " +
+                                 std::to_string(limit) + " allowed");
+        }
+        size_ = st.st_size;
     }
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (in.bad()) throw artifact_error(m.path + " is not readable JSON (" + std::strerror(errno) + ")");
-    try {
-        m.doc = std::make_shared<json>(json::parse(text));
-    } catch (const json::exception& err) {
-        throw artifact_error(m.path + " is not readable JSON (" + err.what() + ")");
+    ~RegularFile() { if (fd_ >= 0) ::close(fd_); }
+    RegularFile(const RegularFile&) = delete;
+    RegularFile& operator=(const RegularFile&) = delete;
+    int64_t size() const { return size_; }
+    // up to `n` bytes; 0 at the end
+    size_t read(char* buf, size_t n) {
+        for (;;) {
+            const ssize_t got = ::read(fd_, buf, n);
+            if (got >= 0) return static_cast<size_t>(got);
+            if (errno != EINTR) throw artifact_error(errno_text(errno, path_));
+        }
     }
+    std::vector<char> read_all() {
+        std::vector<char> data;
+        std::vector<char> block(1 << 20);
+        for (;;) {
+            const size_t got = read(block.data(), block.size());
+            if (got == 0) break;
+            data.insert(data.end(), block.begin(), block.begin() + static_cast<std::ptrdiff_t>(got));
+            if (static_cast<int64_t>(data.size()) > limit_)
+                throw artifact_error(path_ + " is more than the " + std::to_string(limit_) + " bytes allowed");
+        }
+        return data;
+    }
+
+private:
+    std::string path_;
+    int64_t limit_;
+    int fd_ = -1;
+    int64_t size_ = 0;
+};
+
+bool is_int(const json& v) { return v.is_number_integer(); }  // Python int, not bool (nlohmann: bool is separate)
+
+int64_t as_i64(const json& v) { return v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? INT64_MAX : v.get<int64_t>(); }
+
+// runtime/contract.py's _short: repr, "a dict" / "a list" for containers, cut to 40 characters
+std::string short_repr(const json& v) {
+    std::string text = v.is_object() ? "a dict" : v.is_array() ? "a list" : py_repr(v);
+    return text.size() <= 40 ? text : text.substr(0, 37) + "...";
+}
+
+std::string short_name(const std::string& name) {
+    const std::string text = py_repr(name);
+    return text.size() <= 40 ? text : text.substr(0, 37) + "...";
+}
+
+void int_field(const json& d, const char* key, int64_t lo, int64_t hi, const std::string& where, int64_t* out) {
+    const json& v = d[key];
+    if (!is_int(v) || as_i64(v) < lo || as_i64(v) > hi)
+        throw artifact_error(where + ": field '" + key + "' must be an integer in [" + std::to_string(lo) + ", " +
+                             std::to_string(hi) + "], got " + short_repr(v));
+    *out = as_i64(v);
+}
+
+// nesting depth of JSON text (outside strings): Python's parser refuses what its recursion limit cannot hold
+size_t nesting(const std::string& text) {
+    size_t depth = 0, deepest = 0;
+    bool in_string = false, escaped = false;
+    for (char c : text) {
+        if (in_string) {
+            if (escaped) escaped = false;
+            else if (c == '\\') escaped = true;
+            else if (c == '"') in_string = false;
+        } else if (c == '"') in_string = true;
+        else if (c == '[' || c == '{') deepest = std::max(deepest, ++depth);
+        else if ((c == ']' || c == '}') && depth > 0) --depth;
+    }
+    return deepest;
+}
+
+const char* const DTYPES[] = {"float32", "float16", "bfloat16", "int64", "int32", "uint8"};
+
+void check_files(const json& files, const std::string& where) {
+    if (!files.is_object() || files.empty() || static_cast<int64_t>(files.size()) > MAX_FILES)
+        throw artifact_error(where + ": field 'files' must map 1.." + std::to_string(MAX_FILES) +
+                             " file names to their sha256, got " + short_repr(files));
+    for (const auto& item : files.items()) {
+        const std::string& name = item.key();
+        if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+            name.find('\\') != std::string::npos || name.find('\0') != std::string::npos)
+            throw artifact_error(where + ": field 'files' lists a file outside the artifact directory: " + short_name(name));
+        const json& entry = item.value();
+        bool hex = entry.is_object() && entry.contains("sha256") && entry["sha256"].is_string();
+        if (hex) {
+            const std::string sha = entry["sha256"].get<std::string>();
+            hex = sha.size() == 64 && std::all_of(sha.begin(), sha.end(), [](char c) {
+                      return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+                  });
+        }
+        if (!hex) throw artifact_error(where + ": field 'files." + name + ".sha256' must be 64 lowercase hex digits");
+        if (entry.contains("bytes") && !entry["bytes"].is_null()) {
+            const json& size = entry["bytes"];
+            if (!is_int(size) || as_i64(size) < 0 || as_i64(size) > MAX_LISTED_BYTES)
+                throw artifact_error(where + ": field 'files." + name + ".bytes' must be an integer in [0, " +
+                                     std::to_string(MAX_LISTED_BYTES) + "], got " + short_repr(size));
+        }
+    }
+}
+
+const json& check_tensors(const json& d, const char* key, const std::string& where) {
+    const json& tensors = d[key];
+    if (!tensors.is_array() || tensors.empty() || tensors.size() > 8)
+        throw artifact_error(where + ": field '" + key + "' must be a list of 1..8 tensor descriptions, got " +
+                             short_repr(tensors));
+    for (size_t i = 0; i < tensors.size(); ++i) {
+        const json& t = tensors[i];
+        const std::string at = std::string(key) + "[" + std::to_string(i) + "]";
+        bool ok = t.is_object() && t.contains("name") && t["name"].is_string() && t.contains("dtype");
+        if (ok) ok = std::any_of(std::begin(DTYPES), std::end(DTYPES), [&](const char* n) { return t["dtype"] == n; });
+        if (!ok)
+            throw artifact_error(where + ": field '" + at + "' must be {name: str, dtype: one of float32, float16, "
+                                 "bfloat16, int64, int32, uint8, shape: [...]}, got " + short_repr(t));
+        const json shape = t.contains("shape") ? t["shape"] : json();
+        bool good = shape.is_array() && !shape.empty() && static_cast<int64_t>(shape.size()) <= MAX_RANK + 1 &&
+                    shape[0] == "batch";
+        for (size_t k = 1; good && k < shape.size(); ++k)
+            good = is_int(shape[k]) && as_i64(shape[k]) >= 1 && as_i64(shape[k]) <= MAX_DIM;
+        if (!good) throw artifact_error(where + ": field '" + at + ".shape' must be ['batch', dimensions...], got " + short_repr(shape));
+    }
+    return tensors;
+}
+
+// runtime/contract.py's check_manifest: every field a runtime reads, for type and bounds
+void check_manifest(Manifest& m) {
     const json& d = *m.doc;
+    const std::string& where = m.path;
     if (!d.is_object() || !d.contains("schema") || d["schema"] != SCHEMA) {
-        const std::string schema = d.is_object() && d.contains("schema") ? py_repr(d["schema"]) : "None";
-        throw artifact_error(m.path + " is not an iia artifact manifest (schema " + schema + ", expected " +
+        const std::string schema = d.is_object() && d.contains("schema") ? short_repr(d["schema"]) : "None";
+        throw artifact_error(where + " is not an iia artifact manifest (schema " + schema + ", expected " +
                              py_repr(std::string(SCHEMA)) + ")");
     }
     const json version = d.contains("schema_version") ? d["schema_version"] : json();
-    if (!version.is_number_integer() || version.get<int64_t>() < 1)
-        throw artifact_error(m.path + " has an invalid schema_version " + py_repr(version) + " (this runtime reads " +
+    if (!is_int(version) || as_i64(version) < 1)
+        throw artifact_error(where + " has an invalid schema_version " + short_repr(version) + " (this runtime reads " +
                              std::to_string(SCHEMA_VERSION) + ")");
-    if (version.get<int64_t>() > SCHEMA_VERSION)
-        throw artifact_error(m.path + " was written by a newer iia: schema version " + py_repr(version) +
+    if (as_i64(version) > SCHEMA_VERSION)
+        throw artifact_error(where + " was written by a newer iia: schema version " + py_repr(version) +
                              ", this runtime reads " + std::to_string(SCHEMA_VERSION) +
                              " (upgrade iia, or recompile the model with this version)");
     std::vector<std::string> missing;
     for (const char* key : {"inputs", "outputs", "files", "sample_shape", "label_dim", "max_batch", "nfe"})
         if (!d.contains(key)) missing.push_back(key);
-    if (!missing.empty()) throw artifact_error(m.path + " lacks required field(s) " + join(missing, ", "));
-    bool ok = d["sample_shape"].is_array() && !d["sample_shape"].empty() &&
-              d["sample_shape"].size() <= IIA_MAX_RANK;
-    if (ok) {
-        for (const auto& s : d["sample_shape"]) {
-            int64_t v = 0;
-            ok = ok && as_int(s, &v) && v > 0;
-            m.sample_shape.push_back(v);
-        }
-    }
-    ok = ok && as_int(d["label_dim"], &m.label_dim) && m.label_dim >= 0 && as_int(d["max_batch"], &m.max_batch) &&
-         m.max_batch >= 1 && as_int(d["nfe"], &m.nfe) && m.nfe >= 1 && d["files"].is_object();
+    if (!missing.empty()) throw artifact_error(where + " lacks required field(s) " + join(missing, ", "));
+    const json& shape = d["sample_shape"];
+    bool ok = shape.is_array() && !shape.empty() && static_cast<int64_t>(shape.size()) <= MAX_RANK;
+    for (size_t k = 0; ok && k < shape.size(); ++k) ok = is_int(shape[k]) && as_i64(shape[k]) >= 1 && as_i64(shape[k]) <= MAX_DIM;
     if (!ok)
-        throw artifact_error(m.path + " is inconsistent: sample_shape, label_dim, max_batch, nfe or files malformed");
-    auto names = [](const json& list, std::vector<std::string>* out) {
-        if (!list.is_array()) return;
-        for (const auto& item : list)
-            out->push_back(item.is_object() && item.contains("name") ? py_str(item["name"]) : std::string("?"));
-    };
-    names(d["inputs"], &m.input_names);
-    names(d["outputs"], &m.output_names);
+        throw artifact_error(where + ": field 'sample_shape' must be a list of 1.." + std::to_string(MAX_RANK) +
+                             " integers in [1, " + std::to_string(MAX_DIM) + "], got " + short_repr(shape));
+    int64_t elements = 1;
+    for (const auto& v : shape) {
+        m.sample_shape.push_back(as_i64(v));
+        elements *= as_i64(v);
+    }
+    if (elements > MAX_ELEMENTS)
+        throw artifact_error(where + ": field 'sample_shape' " + py_list(m.sample_shape) + " has more than " +
+                             std::to_string(MAX_ELEMENTS) + " elements");
+    int_field(d, "label_dim", 0, MAX_LABEL_DIM, where, &m.label_dim);
+    int_field(d, "max_batch", 1, MAX_BATCH, where, &m.max_batch);
+    int_field(d, "nfe", 1, MAX_NFE, where, &m.nfe);
+    check_files(d["files"], where);
+    const json& inputs = check_tensors(d, "inputs", where);
+    const json& outputs = check_tensors(d, "outputs", where);
+    for (const auto& t : inputs) m.input_names.push_back(t["name"].get<std::string>());
+    for (const auto& t : outputs) m.output_names.push_back(t["name"].get<std::string>());
+    std::vector<std::string> want{NOISE};
+    if (m.label_dim > 0) want.push_back(LABELS);
+    if (m.input_names != want)
+        throw artifact_error(where + ": field 'inputs' names " + py_list(m.input_names) + ", expected " + py_list(want) +
+                             " for label_dim " + std::to_string(m.label_dim));
+    json batch_shape = json::array({"batch"});
+    for (const auto& v : shape) batch_shape.push_back(v);
+    if (inputs[0]["dtype"] != "float32" || inputs[0]["shape"] != batch_shape)
+        throw artifact_error(where + ": field 'inputs' gives noise " + py_str(inputs[0]["dtype"]) + " " +
+                             py_repr(inputs[0]["shape"]) + ", expected float32 " + py_repr(batch_shape) + " (sample_shape)");
+    if (m.label_dim > 0) {
+        const json& labels = inputs[1];
+        const json range_want = json::array({0, m.label_dim - 1});
+        const json range = labels.contains("range") ? labels["range"] : range_want;
+        if (labels["dtype"] != "int64" || labels["shape"] != json::array({"batch"}) || range != range_want)
+            throw artifact_error(where + ": field 'inputs' gives class_labels " + py_str(labels["dtype"]) + " " +
+                                 py_repr(labels["shape"]) + " range " +
+                                 (labels.contains("range") ? short_repr(labels["range"]) : std::string("None")) +
+                                 ", expected int64 ['batch'] range [0, " + std::to_string(m.label_dim - 1) + "] (label_dim)");
+    }
+    std::vector<std::string> names = m.output_names;
+    std::sort(names.begin(), names.end());
+    const bool unique = std::adjacent_find(names.begin(), names.end()) == names.end();
+    if (std::find(names.begin(), names.end(), IMAGES) == names.end() || !unique)
+        throw artifact_error(where + ": field 'outputs' names " + py_list(m.output_names) + ": expected '" + IMAGES +
+                             "' once (and '" + IMAGES_U8 + "')");
+    for (const auto& [key, want_str] : {std::pair<const char*, bool>{"solver", true}, {"model", false}, {"engine", false}}) {
+        if (!d.contains(key) || d[key].is_null()) continue;
+        if (want_str ? !d[key].is_string() : !d[key].is_object())
+            throw artifact_error(where + ": field '" + key + "' must be a " + (want_str ? "str" : "dict") + ", got " +
+                                 short_repr(d[key]));
+    }
+    if (d.contains("r")) {
+        int64_t r = 0;
+        int_field(d, "r", 0, 64, where, &r);
+    }
+    if (d.contains("sigmas") && !d["sigmas"].is_null()) {
+        const json& sigmas = d["sigmas"];
+        bool fine = sigmas.is_array() && static_cast<int64_t>(sigmas.size()) <= MAX_NFE + 1;
+        for (size_t k = 0; fine && k < sigmas.size(); ++k)
+            fine = sigmas[k].is_number() && std::isfinite(sigmas[k].get<double>());
+        if (!fine) throw artifact_error(where + ": field 'sigmas' must be a list of finite numbers, got " + short_repr(sigmas));
+    }
+}
+
+}  // namespace
+
+Manifest read_manifest(const std::string& root) {
+    Manifest m;
+    m.root = root;
+    m.path = path_join(root, MANIFEST);
+    if (!is_dir(root)) throw artifact_error("artifact directory " + root + " not found (make one with iia-compile)");
+    std::vector<char> bytes;
+    try {
+        RegularFile file(m.path, MAX_MANIFEST_BYTES);
+        bytes = file.read_all();
+    } catch (const NotFound&) {
+        throw artifact_error(root + " is not an iia artifact: it has no manifest.json (make one with iia-compile)");
+    }
+    const std::string text(bytes.begin(), bytes.end());
+    if (nesting(text) > 500) throw artifact_error(m.path + " is not usable JSON (nested too deeply)");
+    try {
+        m.doc = std::make_shared<json>(json::parse(text));
+    } catch (const json::exception& err) {
+        throw artifact_error(m.path + " is not readable JSON (" + err.what() + ")");
+    }
+    check_manifest(m);
+    const json& d = *m.doc;
     // the TensorRT plan's provenance (runtime/trt_backend.py: plan_unavailable_reason, plan_mismatch)
     const json engine = d.contains("engine") && d["engine"].is_object() ? d["engine"] : json::object();
     m.engine_built = engine.contains("built") && engine["built"].is_boolean() && engine["built"].get<bool>();
@@ -216,39 +432,69 @@ std::string sha256_hex(const void* data, size_t size) {
     return hex(digest, n);
 }
 
-std::string sha256_file(const std::string& path) {
-    std::unique_ptr<EVP_MD_CTX, DigestDeleter> ctx(EVP_MD_CTX_new());
-    if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
-        throw runtime_error("OpenSSL could not start a sha256");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw artifact_error(path + " is not readable (" + std::strerror(errno) + ")");
-    std::vector<char> block(1 << 20);
-    while (in) {
-        in.read(block.data(), static_cast<std::streamsize>(block.size()));
-        if (in.gcount() > 0) EVP_DigestUpdate(ctx.get(), block.data(), static_cast<size_t>(in.gcount()));
-    }
-    if (in.bad()) throw artifact_error(path + " is not readable (" + std::strerror(errno) + ")");
-    unsigned char digest[EVP_MAX_MD_SIZE];
-    unsigned int n = 0;
-    EVP_DigestFinal_ex(ctx.get(), digest, &n);
-    return hex(digest, n);
+namespace {
+
+int64_t limit_for(const Manifest& m, const std::string& name) {  // runtime/contract.py's _limit
+    const json& files = (*m.doc)["files"];
+    auto it = files.find(name);
+    if (it != files.end() && it->is_object() && it->contains("bytes") && is_int((*it)["bytes"]) && as_i64((*it)["bytes"]) >= 0)
+        return as_i64((*it)["bytes"]);
+    return MAX_LISTED_BYTES;
 }
+
+Error missing_error(const Manifest& m, const std::string& name) {
+    const std::string path = path_join(m.root, name);
+    return artifact_error(m.lists(name) ? path + " is missing (listed in manifest.json)" : path + " is missing");
+}
+
+Error with_limit(const Error& err, int64_t limit) {
+    return artifact_error(std::string(err.what()) + " (listed in manifest.json with " + std::to_string(limit) + " bytes)");
+}
+
+}  // namespace
 
 void verify_file(const Manifest& m, const std::string& name) {
     const std::string path = path_join(m.root, name);
+    const int64_t limit = limit_for(m, name);
+    std::string digest;
     int64_t size = 0;
-    if (!is_file(path, &size)) throw artifact_error(path + " is missing (listed in manifest.json)");
-    check_digest(m, name, sha256_file(path), size);
+    try {
+        RegularFile file(path, limit);
+        std::unique_ptr<EVP_MD_CTX, DigestDeleter> ctx(EVP_MD_CTX_new());
+        if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
+            throw runtime_error("OpenSSL could not start a sha256");
+        std::vector<char> block(1 << 20);
+        for (;;) {
+            const size_t got = file.read(block.data(), block.size());
+            if (got == 0) break;
+            EVP_DigestUpdate(ctx.get(), block.data(), got);
+            size += static_cast<int64_t>(got);
+        }
+        unsigned char out[EVP_MAX_MD_SIZE];
+        unsigned int n = 0;
+        EVP_DigestFinal_ex(ctx.get(), out, &n);
+        digest = hex(out, n);
+    } catch (const NotFound&) {
+        throw missing_error(m, name);
+    } catch (const Error& err) {
+        if (err.status != IIA_ERROR_ARTIFACT) throw;
+        throw with_limit(err, limit);
+    }
+    check_digest(m, name, digest, size);
 }
 
 std::vector<char> read_verified(const Manifest& m, const std::string& name, bool verify) {
     const std::string path = path_join(m.root, name);
-    if (!is_file(path))
-        throw artifact_error(m.lists(name) ? path + " is missing (listed in manifest.json)" : path + " is missing");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw artifact_error(path + " is not readable (" + std::strerror(errno) + ")");
-    std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (in.bad()) throw artifact_error(path + " is not readable (" + std::strerror(errno) + ")");
+    const int64_t limit = limit_for(m, name);
+    std::vector<char> data;
+    try {
+        RegularFile file(path, limit);
+        data = file.read_all();
+    } catch (const NotFound&) {
+        throw missing_error(m, name);
+    } catch (const Error& err) {
+        throw with_limit(err, limit);
+    }
     if (verify) check_digest(m, name, sha256_hex(data.data(), data.size()), static_cast<int64_t>(data.size()));
     return data;
 }

@@ -31,7 +31,6 @@ Manifest read_manifest(const std::string& root);               // schema, versio
 std::string plan_absent_reason(const Manifest& manifest);  // "" when a built plan is listed
 void check_interface(const Manifest& manifest);                // noise[, class_labels] -> images[, images_uint8]
 std::string sha256_hex(const void* data, size_t size);
-std::string sha256_file(const std::string& path);              // streamed in 1 MiB blocks
 void verify_file(const Manifest& manifest, const std::string& name);
 std::vector<char> read_verified(const Manifest& manifest, const std::string& name, bool verify);
 void verify_all(const Manifest& manifest, const std::vector<std::string>& skip);

@@ -29,6 +29,16 @@ inline constexpr const char* PLAN = "sampler.plan";
 inline constexpr const char* TENSORRT = "tensorrt";
 inline constexpr const char* ORT_CUDA = "onnxruntime-cuda";
 inline constexpr const char* ORT_CPU = "onnxruntime-cpu";
+// bounds every reader applies (runtime/contract.py: MAX_MANIFEST_BYTES ...)
+inline constexpr int64_t MAX_MANIFEST_BYTES = int64_t(4) << 20;
+inline constexpr int64_t MAX_LISTED_BYTES = int64_t(1) << 40;
+inline constexpr int64_t MAX_FILES = 64;
+inline constexpr int64_t MAX_RANK = 4;
+inline constexpr int64_t MAX_DIM = int64_t(1) << 16;
+inline constexpr int64_t MAX_ELEMENTS = int64_t(1) << 28;
+inline constexpr int64_t MAX_LABEL_DIM = int64_t(1) << 20;
+inline constexpr int64_t MAX_BATCH = int64_t(1) << 16;
+inline constexpr int64_t MAX_NFE = 10000;
 inline constexpr const char* NO_CUDA = "no CUDA device found (libcuda missing or no GPU)";
 
 // A failure with its C ABI status; what() is the one-line message.

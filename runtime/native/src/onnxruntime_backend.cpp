@@ -6,8 +6,10 @@
 // Inputs and outputs are wrapped, not copied: the outputs are written straight into the caller's buffers.
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <chrono>
 
+#include <nlohmann/json.hpp>
 #include <onnxruntime_cxx_api.h>
 
 #include "backend.hpp"
@@ -20,7 +22,87 @@ Ort::Env& env() {
     return instance;
 }
 
-std::string joined(const std::vector<std::string>& v) { return py_list(v); }
+std::string ort_type_name(ONNXTensorElementDataType t) {
+    switch (t) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "tensor(float)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "tensor(uint8)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "tensor(int8)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "tensor(uint16)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "tensor(int16)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "tensor(int32)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "tensor(int64)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING: return "tensor(string)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "tensor(bool)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "tensor(float16)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "tensor(double)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return "tensor(uint32)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "tensor(uint64)";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "tensor(bfloat16)";
+        default: return "tensor(?)";
+    }
+}
+
+// the manifest's tensors as (name, ONNX Runtime type, shape) triples (runtime/onnx_backend.py's declared)
+json declared(const Manifest& m, bool inputs) {
+    static const std::pair<const char*, const char*> TYPES[] = {
+        {"float32", "tensor(float)"}, {"float16", "tensor(float16)"}, {"bfloat16", "tensor(bfloat16)"},
+        {"int64", "tensor(int64)"}, {"int32", "tensor(int32)"}, {"uint8", "tensor(uint8)"}};
+    json out = json::array();
+    for (const auto& t : (*m.doc)[inputs ? "inputs" : "outputs"]) {
+        std::string type = "?";
+        for (const auto& [dtype, ort] : TYPES)
+            if (t["dtype"] == dtype) type = ort;
+        out.push_back(json::array({t["name"], type, t["shape"]}));
+    }
+    return out;
+}
+
+std::string tuples(const json& list) {  // Python's repr of a list of (name, type, shape) tuples
+    std::vector<std::string> parts;
+    for (const auto& t : list) parts.push_back("(" + py_repr(t[0]) + ", " + py_repr(t[1]) + ", " + py_repr(t[2]) + ")");
+    return "[" + join(parts, ", ") + "]";
+}
+
+std::vector<std::pair<std::string, std::string>> graph_metadata(const Manifest& m) {
+    std::vector<std::string> dims;
+    for (int64_t d : m.sample_shape) dims.push_back(std::to_string(d));
+    return {{"iia.nfe", std::to_string(m.nfe)}, {"iia.label_dim", std::to_string(m.label_dim)},
+            {"iia.sample_shape", join(dims, ",")}};
+}
+
+const char* ort_error_name(OrtErrorCode code) {  // the Python exception class onnxruntime raises for it
+    switch (code) {
+        case ORT_FAIL: return "Fail";
+        case ORT_INVALID_ARGUMENT: return "InvalidArgument";
+        case ORT_NO_SUCHFILE: return "NoSuchFile";
+        case ORT_NO_MODEL: return "NoModel";
+        case ORT_ENGINE_ERROR: return "EngineError";
+        case ORT_RUNTIME_EXCEPTION: return "RuntimeException";
+        case ORT_INVALID_PROTOBUF: return "InvalidProtobuf";
+        case ORT_MODEL_LOADED: return "ModelLoaded";
+        case ORT_NOT_IMPLEMENTED: return "NotImplemented";
+        case ORT_INVALID_GRAPH: return "InvalidGraph";
+        case ORT_EP_FAIL: return "EPFail";
+        default: return "Fail";
+    }
+}
+
+const char* ort_code_text(OrtErrorCode code) {
+    switch (code) {
+        case ORT_FAIL: return "FAIL";
+        case ORT_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+        case ORT_NO_SUCHFILE: return "NO_SUCHFILE";
+        case ORT_NO_MODEL: return "NO_MODEL";
+        case ORT_ENGINE_ERROR: return "ENGINE_ERROR";
+        case ORT_RUNTIME_EXCEPTION: return "RUNTIME_EXCEPTION";
+        case ORT_INVALID_PROTOBUF: return "INVALID_PROTOBUF";
+        case ORT_MODEL_LOADED: return "MODEL_LOADED";
+        case ORT_NOT_IMPLEMENTED: return "NOT_IMPLEMENTED";
+        case ORT_INVALID_GRAPH: return "INVALID_GRAPH";
+        case ORT_EP_FAIL: return "EP_FAIL";
+        default: return "FAIL";
+    }
+}
 
 class OrtBackend final : public Backend {
 public:
@@ -53,34 +135,61 @@ public:
         }
         session_ = model.path.empty() ? Ort::Session(env(), model.bytes.data(), model.bytes.size(), options)
                                       : Ort::Session(env(), model.path.c_str(), options);
-        Ort::AllocatorWithDefaultOptions allocator;
-        std::vector<std::string> inputs, outputs;
-        for (size_t i = 0; i < session_.GetInputCount(); ++i)
-            inputs.push_back(session_.GetInputNameAllocated(i, allocator).get());
-        for (size_t i = 0; i < session_.GetOutputCount(); ++i)
-            outputs.push_back(session_.GetOutputNameAllocated(i, allocator).get());
-        bool subset = true;
-        for (const auto& name : m.output_names)
-            subset = subset && std::find(outputs.begin(), outputs.end(), name) != outputs.end();
-        if (inputs != m.input_names || !subset)
-            throw invalid(path_join(m.root, SAMPLER_ONNX) + " takes " + joined(inputs) + " and gives " + joined(outputs) +
-                          ", but the manifest says " + joined(m.input_names) + " -> " + joined(m.output_names));
-        // the element types the caller's buffers are declared with
-        auto check_type = [&](bool input, size_t index, const std::string& name, ONNXTensorElementDataType want,
-                              const char* want_name) {
-            Ort::TypeInfo info = input ? session_.GetInputTypeInfo(index) : session_.GetOutputTypeInfo(index);
-            if (info.GetONNXType() != ONNX_TYPE_TENSOR || info.GetTensorTypeAndShapeInfo().GetElementType() != want)
-                throw invalid(path_join(m.root, SAMPLER_ONNX) + ": tensor " + name + " is not " + want_name +
-                              " as the manifest says");
-        };
-        check_type(true, 0, NOISE, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32");
-        if (m.conditional()) check_type(true, 1, LABELS, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, "int64");
-        for (size_t i = 0; i < outputs.size(); ++i) {
-            if (outputs[i] == IMAGES) check_type(false, i, IMAGES, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32");
-            if (outputs[i] == IMAGES_U8) check_type(false, i, IMAGES_U8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "uint8");
-        }
+        check_graph(m);
         rank_ = m.sample_shape.size();
         item_ = sample_size(m);
+    }
+
+    // runtime/onnx_backend.py's check_graph_interface: names, dtypes and static dimensions as the manifest
+    // describes them, then the graph's stamped metadata (runtime/contract.py's check_graph_metadata)
+    void check_graph(const Manifest& m) {
+        const std::string where = path_join(m.root, SAMPLER_ONNX);
+        Ort::AllocatorWithDefaultOptions allocator;
+        auto describe = [&](bool input, size_t i) {
+            const std::string name = input ? session_.GetInputNameAllocated(i, allocator).get()
+                                           : session_.GetOutputNameAllocated(i, allocator).get();
+            Ort::TypeInfo info = input ? session_.GetInputTypeInfo(i) : session_.GetOutputTypeInfo(i);
+            std::string type = "?";
+            json dims = json::array();
+            if (info.GetONNXType() == ONNX_TYPE_TENSOR) {
+                auto tensor = info.GetTensorTypeAndShapeInfo();
+                type = ort_type_name(tensor.GetElementType());
+                for (int64_t d : tensor.GetShape()) dims.push_back(d < 0 ? json("batch") : json(d));
+            }
+            return json::array({name, type, dims});
+        };
+        json graph_in = json::array(), graph_out = json::array();
+        for (size_t i = 0; i < session_.GetInputCount(); ++i) graph_in.push_back(describe(true, i));
+        for (size_t i = 0; i < session_.GetOutputCount(); ++i) graph_out.push_back(describe(false, i));
+        const json want_in = declared(m, true), want_out = declared(m, false);
+        bool ok = graph_in == want_in;
+        for (const auto& t : want_out) {
+            bool found = false;
+            for (const auto& g : graph_out) found = found || g == t;
+            ok = ok && found;
+        }
+        if (!ok)
+            throw artifact_error(where + " takes " + tuples(graph_in) + " and gives " + tuples(graph_out) +
+                                 ", but manifest.json describes " + tuples(want_in) + " -> " + tuples(want_out));
+        Ort::ModelMetadata meta = session_.GetModelMetadata();
+        std::vector<std::pair<std::string, std::string>> want = graph_metadata(m);
+        std::vector<std::string> found(want.size());
+        std::vector<bool> has(want.size(), false);
+        std::vector<std::string> keys;
+        for (auto& key : meta.GetCustomMetadataMapKeysAllocated(allocator)) keys.emplace_back(key.get());
+        for (size_t i = 0; i < want.size(); ++i)
+            if (std::find(keys.begin(), keys.end(), want[i].first) != keys.end()) {
+                has[i] = true;
+                found[i] = meta.LookupCustomMetadataMapAllocated(want[i].first.c_str(), allocator).get();
+            }
+        if (std::none_of(has.begin(), has.end(), [](bool h) { return h; }))
+            throw artifact_error(where + " records no iia graph metadata (iia.nfe, iia.label_dim, iia.sample_shape): it "
+                                 "was compiled by an older iia or by another tool; recompile it with iia-compile");
+        for (size_t i = 0; i < want.size(); ++i)
+            if (!has[i] || found[i] != want[i].second)
+                throw artifact_error(where + " was compiled with " + want[i].first.substr(4) + " " +
+                                     (has[i] ? found[i] : std::string("(not recorded)")) + ", but manifest.json says " +
+                                     want[i].second + " (the manifest was edited, or belongs to another graph)");
     }
 
     const char* name() const override { return cuda_ ? ORT_CUDA : ORT_CPU; }
@@ -136,8 +245,21 @@ std::unique_ptr<Backend> make_onnxruntime(const Manifest& m, const ModelSource& 
                                           int device_id) {
     try {
         return std::make_unique<OrtBackend>(m, model, cuda, threads, device_id);
-    } catch (const Ort::Exception& err) {
-        throw runtime_error(path_join(m.root, SAMPLER_ONNX) + ": ONNX Runtime could not load it (" + err.what() + ")");
+    } catch (const Ort::Exception& err) {  // the file is unusable: as the Python runtime says it
+        const OrtErrorCode code = err.GetOrtErrorCode();
+        std::string text = std::string("[ONNXRuntimeError] : ") + std::to_string(static_cast<int>(code)) + " : " +
+                           ort_code_text(code) + " : " + err.what();
+        std::string reason;  // whitespace collapsed, at most 300 characters
+        for (size_t i = 0; i < text.size(); ++i) {
+            const bool space = std::isspace(static_cast<unsigned char>(text[i])) != 0;
+            if (space) {
+                if (!reason.empty() && reason.back() != ' ') reason += ' ';
+            } else reason += text[i];
+        }
+        while (!reason.empty() && reason.back() == ' ') reason.pop_back();
+        if (reason.size() > 300) reason.resize(300);
+        throw artifact_error(path_join(m.root, SAMPLER_ONNX) + " cannot be loaded by ONNX Runtime (" +
+                             ort_error_name(code) + ": " + reason + ")");
     }
 }
 
