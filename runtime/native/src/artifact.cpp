@@ -110,6 +110,24 @@ std::string py_str(const json& value) {
 
 bool Manifest::lists(const std::string& name) const { return (*doc)["files"].contains(name); }
 
+bool Manifest::declares(const std::string& tensor) const {
+    for (const char* key : {"inputs", "outputs"})
+        for (const auto& t : (*doc)[key])
+            if (t["name"] == tensor) return true;
+    return false;
+}
+
+std::vector<int64_t> Manifest::item_shape(const std::string& tensor) const {
+    std::vector<int64_t> out;
+    for (const char* key : {"inputs", "outputs"})
+        for (const auto& t : (*doc)[key])
+            if (t["name"] == tensor) {
+                for (size_t k = 1; k < t["shape"].size(); ++k) out.push_back(t["shape"][k].get<int64_t>());
+                return out;
+            }
+    return out;
+}
+
 bool Manifest::is_image() const {
     return std::find(output_names.begin(), output_names.end(), IMAGES_U8) != output_names.end();
 }

@@ -24,6 +24,8 @@ struct Manifest {
     bool conditional() const { return label_dim > 0; }
     bool is_image() const;
     bool lists(const std::string& name) const;  // the manifest's "files" has this entry
+    bool declares(const std::string& tensor) const;  // an input or output of that name
+    std::vector<int64_t> item_shape(const std::string& tensor) const;  // its shape without the batch axis
 };
 
 std::string artifact_root(const std::string& path);           // DIR for DIR or DIR/manifest.json

@@ -48,6 +48,12 @@ std::string this_tensorrt_version() {
            std::to_string(NV_TENSORRT_PATCH) + "." + std::to_string(NV_TENSORRT_BUILD);
 }
 
+std::string py_tuple(const std::vector<int64_t>& v) {  // Python's repr of a tuple of ints
+    std::vector<std::string> parts;
+    for (int64_t x : v) parts.push_back(std::to_string(x));
+    return "(" + join(parts, ", ") + (v.size() == 1 ? ",)" : ")");
+}
+
 std::string compute_capability(int device_id) {
     cudaDeviceProp prop{};
     if (cudaGetDeviceProperties(&prop, device_id) != cudaSuccess) return "None";
@@ -70,6 +76,7 @@ class TrtBackend final : public Backend {
         bool input = false;
         nvinfer1::DataType type{};
         int64_t item = 1;  // elements per sample
+        std::vector<int64_t> item_shape;
         void* device = nullptr;
         size_t bytes = 0;
     };
@@ -146,21 +153,37 @@ private:
             b.input = engine_->getTensorIOMode(b.name.c_str()) == nvinfer1::TensorIOMode::kINPUT;
             b.type = engine_->getTensorDataType(b.name.c_str());
             const nvinfer1::Dims dims = engine_->getTensorShape(b.name.c_str());
-            for (int d = 1; d < dims.nbDims; ++d) b.item *= dims.d[d];
+            for (int d = 1; d < dims.nbDims; ++d) {
+                b.item *= dims.d[d];
+                b.item_shape.push_back(dims.d[d]);
+            }
             if (b.input) {  // the profile's maximum bounds the batch
                 const nvinfer1::Dims hi = engine_->getProfileShape(b.name.c_str(), 0, nvinfer1::OptProfileSelector::kMAX);
                 if (hi.nbDims > 0) max_batch_ = std::min<int64_t>(max_batch_, hi.d[0]);
             }
             bindings_.push_back(b);
         }
-        std::vector<std::string> names;
+        // runtime/trt_backend.py: the plan must have every declared tensor, with the declared per-sample shape
+        std::vector<std::string> names, missing;
         for (const Binding& b : bindings_) names.push_back(b.name);
         for (const auto& want : manifest_.input_names)
-            if (std::find(names.begin(), names.end(), want) == names.end())
-                throw invalid(path_join(manifest_.root, PLAN) + " lacks tensor(s) ['" + want + "'] that the manifest declares");
+            if (std::find(names.begin(), names.end(), want) == names.end()) missing.push_back(want);
         for (const auto& want : manifest_.output_names)
-            if (std::find(names.begin(), names.end(), want) == names.end())
-                throw invalid(path_join(manifest_.root, PLAN) + " lacks tensor(s) ['" + want + "'] that the manifest declares");
+            if (std::find(names.begin(), names.end(), want) == names.end()) missing.push_back(want);
+        std::vector<std::string> wrong, said;
+        for (const Binding& b : bindings_) {
+            const std::vector<int64_t> declared = manifest_.item_shape(b.name);
+            if (declared.empty() && !manifest_.declares(b.name)) continue;
+            if (b.item_shape != declared) {
+                wrong.push_back(py_repr(b.name) + ": " + py_tuple(b.item_shape));
+                said.push_back(py_repr(b.name) + ": " + py_tuple(declared));
+            }
+        }
+        if (!missing.empty() || !wrong.empty())
+            throw artifact_error(path_join(manifest_.root, PLAN) + " does not match manifest.json: " +
+                                 (!missing.empty() ? "lacks tensor(s) " + py_list(missing)
+                                                   : "per-sample shapes {" + join(wrong, ", ") + "}, the manifest says {" +
+                                                         join(said, ", ") + "}"));
         for (Binding& b : bindings_) {
             const bool ok = (b.name == NOISE && b.type == nvinfer1::DataType::kFLOAT) ||
                             (b.name == LABELS && (b.type == nvinfer1::DataType::kINT64 || b.type == nvinfer1::DataType::kINT32)) ||
