@@ -476,6 +476,11 @@ def test_native_contract_constants_equal_python_contract():
     text = (ROOT / "runtime" / "native" / "src" / "contract.hpp").read_text()
     native = dict(re.findall(r'inline constexpr const char\* (\w+) = "([^"]*)";', text))
     native.update((k, int(v)) for k, v in re.findall(r"inline constexpr int (\w+) = (\d+);", text))
+    bounds = dict(re.findall(r"inline constexpr int64_t (MAX_\w+) = ([^;]+);", text))
+    for name, value in bounds.items():  # int64_t(4) << 20 and the like
+        native[name] = eval(re.sub(r"int64_t\((\d+)\)", r"\1", value))
+    assert {name: native[name] for name in bounds} == {name: getattr(contract, name) for name in bounds}
+    assert len(bounds) == 9
     pairs = {"NOISE": contract.NOISE, "LABELS": contract.LABELS, "IMAGES": contract.IMAGES,
              "IMAGES_U8": contract.IMAGES_U8, "SCHEMA": contract.SCHEMA, "SCHEMA_VERSION": contract.SCHEMA_VERSION,
              "MANIFEST": contract.MANIFEST, "SAMPLER_ONNX": contract.SAMPLER_ONNX, "PLAN": contract.SAMPLER_PLAN,
@@ -484,8 +489,8 @@ def test_native_contract_constants_equal_python_contract():
     assert {k: native.get(k) for k in pairs} == pairs
     order = re.search(r"BACKENDS\[\] = \{([^}]*)\}", (ROOT / "runtime" / "native" / "src" / "runtime.cpp").read_text())
     assert tuple(native[name.strip()] for name in order.group(1).split(",")) == contract.BACKENDS  # auto's order
-    required = re.search(r'for \(const char\* key : \{([^}]*)\}\)', (ROOT / "runtime" / "native" / "src" /
-                                                                    "artifact.cpp").read_text())
+    required = re.search(r'for \(const char\* key : \{("inputs", "outputs", "files"[^}]*)\}\)',
+                         (ROOT / "runtime" / "native" / "src" / "artifact.cpp").read_text())
     assert tuple(re.findall(r'"(\w+)"', required.group(1))) == contract.REQUIRED
 
 
