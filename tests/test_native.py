@@ -79,7 +79,9 @@ def artifacts(tmp_path_factory):
     compile_model("digits", root / "digits", opts(nfe=9), log=quiet)
     compile_model(gaussian_mixture(shape=(1, 4, 4), components=3), root / "uncond", opts(nfe=5, solver="edm"), log=quiet)
     compile_model(gaussian_mixture(shape=(3,), components=2), root / "vector", opts(nfe=5, solver="edm"), log=quiet)
-    return {key: root / key for key in ("edm", "digits", "uncond", "vector")}
+    # the EDM pickle again with ONNX Runtime sessions specialised for batch 1 and 3 (manifest static_batches)
+    compile_model(str(root / "edm.pkl"), root / "edm_static", opts(nfe=5, solver="edm", static_batch="1,3"), log=quiet)
+    return {key: root / key for key in ("edm", "digits", "uncond", "vector", "edm_static")}
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +114,7 @@ def _labels(sampler, batch: int):
     return (np.arange(batch, dtype=np.int64) * 3 + 1) % sampler.label_dim if sampler.conditional else None
 
 
-@pytest.mark.parametrize("key", ["digits", "edm"])
+@pytest.mark.parametrize("key", ["digits", "edm", "edm_static"])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_iia_run_output_equals_python_bit_for_bit(native, artifacts, python_samplers, tmp_path, key, batch):
     sampler = python_samplers[key]
@@ -347,6 +349,7 @@ BAD_ARTIFACTS = {  # name: (mutation, C status)
     "listed file is a FIFO": (lambda p: [(p / "golden_outputs.json").unlink(), os.mkfifo(p / "golden_outputs.json")],
                               ARTIFACT),
     "listed file grew": (lambda p: (p / "denoiser.onnx").write_bytes((p / "denoiser.onnx").read_bytes() + b"x"), ARTIFACT),
+    "static batch over max": (_edit_manifest(lambda d: d.update(static_batches=[1, 99])), ARTIFACT),
     "deeply nested JSON": (lambda p: (p / "manifest.json").write_text("[" * 100000 + "]" * 100000), ARTIFACT),
 }
 
@@ -485,7 +488,8 @@ def test_native_contract_constants_equal_python_contract():
              "IMAGES_U8": contract.IMAGES_U8, "SCHEMA": contract.SCHEMA, "SCHEMA_VERSION": contract.SCHEMA_VERSION,
              "MANIFEST": contract.MANIFEST, "SAMPLER_ONNX": contract.SAMPLER_ONNX, "PLAN": contract.SAMPLER_PLAN,
              "NO_CUDA": contract.NO_CUDA, "SAMPLER_ONNX_DATA": contract.SAMPLER_ONNX_DATA,
-             "TENSORRT": contract.TENSORRT, "ORT_CUDA": contract.ORT_CUDA, "ORT_CPU": contract.ORT_CPU}
+             "TENSORRT": contract.TENSORRT, "ORT_CUDA": contract.ORT_CUDA, "ORT_CPU": contract.ORT_CPU,
+             "BATCH_AXIS": contract.BATCH_AXIS}
     assert {k: native.get(k) for k in pairs} == pairs
     order = re.search(r"BACKENDS\[\] = \{([^}]*)\}", (ROOT / "runtime" / "native" / "src" / "runtime.cpp").read_text())
     assert tuple(native[name.strip()] for name in order.group(1).split(",")) == contract.BACKENDS  # auto's order

@@ -394,6 +394,17 @@ void check_manifest(Manifest& m) {
             fine = sigmas[k].is_number() && std::isfinite(sigmas[k].get<double>());
         if (!fine) throw artifact_error(where + ": field 'sigmas' must be a list of finite numbers, got " + short_repr(sigmas));
     }
+    // optional batch specialisations of the ONNX Runtime session (runtime/contract.py STATIC_BATCHES)
+    const json static_batches = d.contains("static_batches") ? d["static_batches"] : json::array();
+    bool listed = static_batches.is_array() && static_batches.size() <= 64;
+    for (size_t k = 0; listed && k < static_batches.size(); ++k)
+        listed = is_int(static_batches[k]) && as_i64(static_batches[k]) >= 1 && as_i64(static_batches[k]) <= m.max_batch;
+    if (!listed)
+        throw artifact_error(where + ": field 'static_batches' must be a list of batch sizes in 1..max_batch " +
+                             std::to_string(m.max_batch) + ", got " + short_repr(static_batches));
+    for (const auto& b : static_batches) m.static_batches.push_back(as_i64(b));
+    std::sort(m.static_batches.begin(), m.static_batches.end());
+    m.static_batches.erase(std::unique(m.static_batches.begin(), m.static_batches.end()), m.static_batches.end());
 }
 
 }  // namespace

@@ -18,6 +18,7 @@ struct Manifest {
     int64_t label_dim = 0, max_batch = 0, nfe = 0;
     std::vector<std::string> input_names, output_names;
     std::string solver, model;
+    std::vector<int64_t> static_batches;  // batches with their own specialised ONNX Runtime session
     bool engine_built = false;  // manifest "engine": the TensorRT plan's provenance, as Python prints it
     std::string engine_reason, engine_tensorrt, engine_compute_capability;
 

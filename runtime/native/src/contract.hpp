@@ -26,6 +26,7 @@ inline constexpr const char* MANIFEST = "manifest.json";
 inline constexpr const char* SAMPLER_ONNX = "sampler.onnx";
 inline constexpr const char* SAMPLER_ONNX_DATA = "sampler.onnx.data";  // its tensors, over protobuf's 2 GB
 inline constexpr const char* PLAN = "sampler.plan";
+inline constexpr const char* BATCH_AXIS = "batch";  // the graph's symbolic batch dimension
 inline constexpr const char* TENSORRT = "tensorrt";
 inline constexpr const char* ORT_CUDA = "onnxruntime-cuda";
 inline constexpr const char* ORT_CPU = "onnxruntime-cpu";

@@ -2,12 +2,15 @@
 // optimisations, sequential execution, errors-only log, intra-op threads with one inter-op thread), so that
 // the same ONNX Runtime build gives bit-identical outputs from C++ and Python.
 //
-// Thread safety: ONE session; ONNX Runtime documents concurrent Session::Run calls as safe, so no lock.
+// Thread safety: ONE session (plus one per manifest static_batches entry, made once under a lock on first use);
+// ONNX Runtime documents concurrent Session::Run calls as safe, so runs take no lock.
 // Inputs and outputs are wrapped, not copied: the outputs are written straight into the caller's buffers.
 #include <algorithm>
 #include <array>
 #include <cctype>
 #include <chrono>
+#include <map>
+#include <mutex>
 
 #include <nlohmann/json.hpp>
 #include <onnxruntime_cxx_api.h>
@@ -107,8 +110,23 @@ const char* ort_code_text(OrtErrorCode code) {
 class OrtBackend final : public Backend {
 public:
     OrtBackend(const Manifest& m, const ModelSource& model, bool cuda, int threads, int device_id)
-        : manifest_(m), memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)), cuda_(cuda) {
+        : manifest_(m), memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)), cuda_(cuda),
+          threads_(threads), device_id_(device_id) {
+        if (!m.static_batches.empty()) model_ = model;  // kept only while specialised sessions may still be made
+        session_ = make_session(model, 0);
+        check_graph(m);
+        rank_ = m.sample_shape.size();
+        item_ = sample_size(m);
+    }
+
+    // A session of sampler.onnx; static_batch > 0 fixes the free dimension BATCH_AXIS (runtime/onnx_backend.py's
+    // session_options), so ONNX Runtime folds every shape computation for that batch.
+    Ort::Session make_session(const ModelSource& model, int64_t static_batch) {
+        const bool cuda = cuda_;
+        const int threads = threads_, device_id = device_id_;
         Ort::SessionOptions options;
+        if (static_batch > 0)  // (the C API call: the C++ wrapper of these headers has none)
+            Ort::ThrowOnError(Ort::GetApi().AddFreeDimensionOverrideByName(options, BATCH_AXIS, static_batch));
         options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
         options.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
         options.SetLogSeverityLevel(3);
@@ -133,11 +151,19 @@ public:
                                   "); check the CUDA/cuDNN libraries onnxruntime-gpu needs");
             }
         }
-        session_ = model.path.empty() ? Ort::Session(env(), model.bytes.data(), model.bytes.size(), options)
-                                      : Ort::Session(env(), model.path.c_str(), options);
-        check_graph(m);
-        rank_ = m.sample_shape.size();
-        item_ = sample_size(m);
+        return model.path.empty() ? Ort::Session(env(), model.bytes.data(), model.bytes.size(), options)
+                                  : Ort::Session(env(), model.path.c_str(), options);
+    }
+
+    // The session for a call of `batch` samples: its specialisation when listed (made once, on first use), else
+    // the dynamic one. Runs themselves take no lock.
+    Ort::Session& session_for(int64_t batch) {
+        if (!std::binary_search(manifest_.static_batches.begin(), manifest_.static_batches.end(), batch)) return session_;
+        std::lock_guard<std::mutex> lock(static_mu_);
+        auto it = static_.find(batch);
+        if (it == static_.end())
+            it = static_.emplace(batch, std::make_unique<Ort::Session>(make_session(model_, batch))).first;
+        return *it->second;
     }
 
     // runtime/onnx_backend.py's check_graph_interface: names, dtypes and static dimensions as the manifest
@@ -223,8 +249,9 @@ public:
             output_names[n_outputs++] = IMAGES_U8;
         }
         static const char* const input_names[2] = {NOISE, LABELS};
+        Ort::Session& session = session_for(f.batch);
         const auto start = std::chrono::steady_clock::now();
-        session_.Run(Ort::RunOptions{nullptr}, input_names, inputs.data(), n_inputs, output_names.data(),
+        session.Run(Ort::RunOptions{nullptr}, input_names, inputs.data(), n_inputs, output_names.data(),
                      outputs.data(), n_outputs);
         const auto stop = std::chrono::steady_clock::now();
         return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(stop - start).count());
@@ -235,6 +262,10 @@ private:
     Ort::MemoryInfo memory_;
     Ort::Session session_{nullptr};
     bool cuda_;
+    int threads_, device_id_;
+    ModelSource model_;
+    std::mutex static_mu_;
+    std::map<int64_t, std::unique_ptr<Ort::Session>> static_;
     size_t rank_ = 0;
     int64_t item_ = 0;
 };
