@@ -35,7 +35,8 @@ def library_versions() -> dict:
 
 
 def model_identity(denoiser: Denoiser) -> dict:
-    ident = {k: v for k, v in denoiser.identity.items() if k in ("kind", "name", "sha256", "config", "class_name", "path", "time_mapping")}
+    ident = {k: v for k, v in denoiser.identity.items()
+             if k in ("kind", "name", "sha256", "config", "class_name", "path", "time_mapping", "net", "guidance", "vae")}
     ident.update(shape=list(denoiser.shape), label_dim=denoiser.label_dim,
                  sigma_min=denoiser.sigma_min, sigma_max=denoiser.sigma_max)
     return ident

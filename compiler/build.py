@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,18 +25,21 @@ from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
 from iia.calibration.solvers import Combine, Denoise
 from iia.cli import check_options, option, signals_deferred, stage, written
-from iia.runtime.contract import (COEFFICIENTS, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST,
+from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS,
+                                  IMAGES_U8, MANIFEST, atomic_open,
                                   MAX_MANIFEST_BYTES, PROGRAM, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SCHEMA,
                                   STATIC_BATCHES, ArtifactError, open_regular, SAMPLER_PLAN, graph_metadata,
                                   io_spec, make_manifest, program_plan, public_mode, sha256_file,
                                   tensorrt_unavailable_reason, write_json_atomic)
 from iia.runtime.engine import PRECISIONS, EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 from iia.models.base import Denoiser
+from iia.models.decode import decode_param_bytes
+from iia.models.registry import load as load_model
 from iia.models.registry import resolve_model
 
 from .check import check_model, check_parity, check_static_batches, check_weight_sharing
-from .emit import emit_sampler, initializer_bytes
-from .export import export_denoiser
+from .emit import decoded_shape, emit_sampler, initializer_bytes
+from .export import export_decoder, export_denoiser
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
 
@@ -63,6 +67,12 @@ class CompileOptions:
                                       "the dynamic graph")
     force: bool = option(False, "replace an existing artifact directory (only an iia artifact: anything else is refused)")
     engine: bool = option(True, "skip the TensorRT engine", flag="--no-engine")
+    guide: str | None = option(None, "guide network PKL (EDM2 guidance / autoguidance): D = D_guide + g (D_net - D_guide)")
+    guidance: float | None = option(None, "guidance weight g for --guide (default 1: the main net alone); IIA is "
+                                          "calibrated at it", lo=-100.0, hi=100.0)
+    cfg: float | None = option(None, "classifier-free guidance weight against the null label (models trained with "
+                                     "label dropout)", lo=-100.0, hi=100.0)
+    vae: str | None = option(None, "local diffusers AutoencoderKL folder: the decoder of a latent EDM2 model")
     parity_atol: float = 1e-4
     cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
     weight_limit: float = 1.10
@@ -183,6 +193,76 @@ def program_document(program: Program) -> dict:
         else:
             raise CompileError(f"program op {op!r} has no program.json form")
     return program_plan(ops, program.output)
+
+
+EXPORT_CODE = ("export.py", "fold.py")  # the code an exported graph depends on (besides the libraries)
+
+
+def export_cache_key(denoiser: Denoiser, what: str, max_batch: int) -> str | None:
+    """Cache file name of an exported graph ("denoiser" or "decoder"), or None when the model has no content
+    hash to key on. The key covers the model identity (weights' sha256, guidance, options), the decode stage
+    (its VAE folder's sha256), max_batch, the export code and the library versions."""
+    ident = artifact.model_identity(denoiser)
+    if not ident.get("sha256"):
+        return None
+    stage_module = denoiser.decode_stage() if what == "decoder" else None
+    here = Path(__file__).resolve().parent
+    payload = {"what": what, "model": ident, "max_batch": max_batch,
+               "decode": None if stage_module is None else stage_module.describe(),
+               "code": [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in EXPORT_CODE],
+               "versions": {k: v for k, v in artifact.library_versions().items() if k != "tensorrt"}}
+    if getattr(stage_module, "kind", None) == "latent" and not payload["decode"].get("vae_sha256"):
+        return None
+    return f"{what}-{hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]}.onnx"
+
+
+def cached_export(export, key: str | None, cache: Path, log) -> onnx.ModelProto | None:
+    """`export()` (an ONNX model or None), reusing `cache/exports/key` when present and valid; written atomically.
+    Models over protobuf's 2 GB limit are not cached."""
+    path = cache / "exports" / key if key else None
+    if path is not None and path.exists():
+        try:
+            model = onnx.load(str(path))
+            onnx.checker.check_model(model)
+            log(f"  reused the cached export {path}")
+            return model
+        except Exception as err:  # a corrupt cache entry must not fail the compile
+            log(f"  ignoring unusable cached export {path} ({type(err).__name__}: {err})")
+    model = export()
+    if path is not None and model is not None and model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        try:
+            with atomic_open(path) as f:
+                f.write(model.SerializeToString())
+        except OSError as err:  # a read-only cache must not fail the compile
+            log(f"  could not cache the export at {path}: {err}")
+    return model
+
+
+def load_for_compile(model, opts: CompileOptions) -> Denoiser:
+    """The model with the options' guidance and VAE applied."""
+    for name in ("guidance", "cfg"):
+        value = getattr(opts, name)
+        if value is not None and not math.isfinite(value):
+            raise CompileError(f"--{name} must be a finite number, got {value}")
+    if isinstance(model, Denoiser):
+        if opts.vae is not None:
+            raise CompileError("--vae applies when the model is given as a path, not as a Denoiser object")
+        if opts.guide is None and opts.guidance is None and opts.cfg is None:
+            return model
+        from iia.models.guidance import guided
+
+        guide = None if opts.guide is None else resolve_model(opts.guide, opts.x0_clipping)
+        return guided(model, guide, opts.guidance, opts.cfg)
+    return load_model(model, opts.x0_clipping, guide=opts.guide, guidance=opts.guidance, cfg=opts.cfg, vae=opts.vae)
+
+
+def guidance_record(denoiser: Denoiser) -> dict | None:
+    """What the manifest says about guidance: the settings, and that the coefficients were fitted with them."""
+    settings = denoiser.identity.get("guidance")
+    if not settings:
+        return None
+    return dict(settings, note="the sampler's coefficients were calibrated on this guided denoiser; they hold "
+                               "for this guidance value (recompile to change it)")
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
@@ -325,10 +405,17 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     opts.calibration.validate()
     timings: dict[str, float] = {}
     with stage("load model", timings, log):
-        denoiser = resolve_model(model, opts.x0_clipping)
+        denoiser = load_for_compile(model, opts)
     log(f"  {denoiser.describe()}")
     for line in denoiser.report:
         log(f"  {line}")
+    stage_module = denoiser.decode_stage()
+    if stage_module is not None and denoiser.is_latent and not stage_module.has_vae:
+        raise CompileError(stage_module.missing_vae_message())
+    if stage_module is not None:
+        log(f"  decode stage ({stage_module.kind}): {stage_module.describe()['formula']}")
+    if denoiser.identity.get("guidance"):
+        log(f"  guidance: {denoiser.identity['guidance']['formula']}; IIA is calibrated at this value")
     if denoiser.identity.get("sha256"):
         log(f"  sha256 {denoiser.identity['sha256']}")
     reason = tensorrt_unavailable_reason() if opts.engine else "--no-engine given"
@@ -350,15 +437,30 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         if _fail_after == "coefficients":
             raise RuntimeError("injected failure after coefficients")
         with stage("export denoiser", timings, log):
-            denoiser_model = export_denoiser(denoiser, opts.max_batch)
+            cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+            # Exports are cached only for models loaded here from a path: a Denoiser object passed in may
+            # have been changed after loading, under the same identity.
+            loaded_here = not isinstance(model, Denoiser)
+            denoiser_model = cached_export(
+                lambda: export_denoiser(denoiser, opts.max_batch),
+                export_cache_key(denoiser, "denoiser", opts.max_batch) if loaded_here else None, cache, log)
             onnx.save_model(denoiser_model, str(work / DENOISER_ONNX))
+            decoder_model = cached_export(
+                lambda: export_decoder(denoiser, opts.max_batch),
+                export_cache_key(denoiser, "decoder", opts.max_batch) if loaded_here else None, cache, log)
+            decoder_files = []
+            if decoder_model is not None:
+                onnx.save_model(decoder_model, str(work / DECODER_ONNX))
+                decoder_files = [DECODER_ONNX]
         with stage("emit sampler graph", timings, log):
-            sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional)
+            sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional,
+                                   decoder_model=decoder_model, latent=denoiser.is_latent)
             check_model(sampler)
             stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
                                                     "sample_shape": list(denoiser.shape)}))
-            weights = check_weight_sharing(sampler, initializer_bytes(denoiser_model), denoiser.param_bytes(),
-                                           opts.weight_limit)
+            decoder_bytes = 0 if decoder_model is None else initializer_bytes(decoder_model)
+            weights = check_weight_sharing(sampler, initializer_bytes(denoiser_model) + decoder_bytes,
+                                           denoiser.param_bytes() + decode_param_bytes(stage_module), opts.weight_limit)
             files = save_onnx(sampler, work / SAMPLER_ONNX)
             log(f"  {program.nfe} denoiser calls, {len(sampler.graph.node)} nodes, stored tensors {weights['ratio']:.4f}x one "
                 f"denoiser call, {weights['ratio_vs_params']:.4f}x its parameters (+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
@@ -366,8 +468,11 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             raise RuntimeError("injected failure after emit")
         with stage("parity vs PyTorch", timings, log):
             parity = check_parity(str(work / SAMPLER_ONNX), program, denoiser, atol=opts.parity_atol,
-                                  golden_dir=work)
-            log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}")
+                                  golden_dir=work, decode=decoder_model is not None)
+            decoded_note = (f", images_uint8 within +-1 level: {parity['images_uint8_within_1']:.4%}"
+                            if "images_uint8_within_1" in parity else "")
+            log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}"
+                f"{decoded_note}")
         static_parity = {}
         if static:
             with stage("static batches", timings, log):
@@ -389,8 +494,9 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                     engine["reason"] = str(err)
         if not engine["built"]:
             log(f"  TensorRT engine skipped: {engine['reason']}")
-        inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim, denoiser.is_image)
-        all_files = files + [DENOISER_ONNX, COEFFICIENTS, PROGRAM, GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+        inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim,
+                                  None if decoder_model is None else decoded_shape(decoder_model), denoiser.is_latent)
+        all_files = files + [DENOISER_ONNX, *decoder_files, COEFFICIENTS, PROGRAM, GOLDEN_INPUTS, GOLDEN_OUTPUTS]
         manifest = make_manifest(
             model=artifact.model_identity(denoiser),
             solver=solver,
@@ -401,6 +507,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             label_dim=denoiser.label_dim,
             max_batch=opts.max_batch,
             **({STATIC_BATCHES: static, "static_parity": {str(b): d for b, d in static_parity.items()}} if static else {}),
+            guidance=guidance_record(denoiser),
+            decode=None if stage_module is None else stage_module.describe(),
             inputs=inputs,
             outputs=outputs,
             files={name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}
@@ -417,7 +525,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             versions=artifact.library_versions(),
             golden={"inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS,
                     "check": f"polygraphy run {SAMPLER_ONNX} --trt --load-inputs {GOLDEN_INPUTS} "
-                             f"--load-outputs {GOLDEN_OUTPUTS} --atol 1e-3"},
+                             f"--load-outputs {GOLDEN_OUTPUTS} --atol 1e-3 {IMAGES_U8}:1 --rtol 0"},
         )
         write_json_atomic(work / MANIFEST, manifest)
         with signals_deferred():  # published and recorded as one step: an interrupt after it must not deny it

@@ -23,7 +23,8 @@ from polygraphy.json import save_json
 from iia.calibration.sampling import sample
 from iia.calibration.solvers import Program
 from iia.models.base import Denoiser
-from iia.runtime.contract import GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, LABELS, NOISE, ORT_CPU, draw_labels, draw_noise
+from iia.runtime.contract import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE, ORT_CPU,
+                                  draw_labels, draw_noise)
 from iia.runtime.onnx_backend import OrtSession
 
 from .emit import initializer_bytes
@@ -59,17 +60,21 @@ def check_weight_sharing(model: onnx.ModelProto, denoiser_bytes: int, param_byte
                   ratio_vs_params=round(sizes["weights"] / max(param_bytes, 1), 5),
                   ratio_total_vs_params=round(sizes["total"] / max(param_bytes, 1), 5))
     if ratio > limit:
-        raise CheckError(f"weight sharing violated: the graph stores {sizes['weights']} bytes of denoiser tensors, "
-                         f"one denoiser call has {denoiser_bytes} ({ratio:.2f}x > {limit}x): a call site duplicates weights")
+        raise CheckError(f"weight sharing violated: the graph stores {sizes['weights']} bytes of model tensors, "
+                         f"one denoiser call (+ the decode stage) has {denoiser_bytes} ({ratio:.2f}x > {limit}x): a "
+                         f"call site duplicates weights")
     return report
 
 
 class TorchSamplerRunner(BaseRunner):
-    """The PyTorch reference sampler behind polygraphy's runner interface."""
+    """The PyTorch reference sampler behind polygraphy's runner interface (with `decode`, it also returns the
+    decode stage's uint8 images of the float64 samples, cast to float32 as the graph's decoder receives them)."""
 
-    def __init__(self, program: Program, denoiser: Denoiser, name: str = "pytorch-reference"):
+    def __init__(self, program: Program, denoiser: Denoiser, name: str = "pytorch-reference", decode: bool = False):
         super().__init__(name=name)
         self.program, self.denoiser = program, denoiser
+        self.samples = LATENTS if denoiser.is_latent else IMAGES
+        self.decode = denoiser.decode_stage() if decode else None
 
     def activate_impl(self):
         pass
@@ -88,9 +93,13 @@ class TorchSamplerRunner(BaseRunner):
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
         labels = torch.from_numpy(feed_dict[LABELS]) if LABELS in feed_dict else None
-        out = sample(self.program, self.denoiser, torch.from_numpy(feed_dict[NOISE]), labels)
+        out = sample(self.program, self.denoiser, torch.from_numpy(feed_dict[NOISE]), labels).to(torch.float32)
+        result = OrderedDict([(self.samples, out.numpy())])
+        if self.decode is not None:
+            with torch.no_grad():
+                result[IMAGES_U8] = self.decode(out).numpy()
         self.inference_time = time.perf_counter() - start
-        return OrderedDict([(IMAGES, out.to(torch.float32).numpy())])
+        return result
 
 
 def parity_feed(denoiser: Denoiser, batch: int, seed: int) -> OrderedDict:
@@ -101,9 +110,20 @@ def parity_feed(denoiser: Denoiser, batch: int, seed: int) -> OrderedDict:
     return feed
 
 
+def uint8_agreement(a: np.ndarray, b: np.ndarray, levels: int = 1) -> float:
+    """Fraction of uint8 values of `a` and `b` that differ by at most `levels`."""
+    if a.shape != b.shape:
+        return 0.0
+    return float((np.abs(a.astype(np.int16) - b.astype(np.int16)) <= levels).mean())
+
+
 def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: int = 4, seed: int = 1234,
-                 atol: float = 1e-4, golden_dir: str | Path | None = None) -> dict:
+                 atol: float = 1e-4, golden_dir: str | Path | None = None, decode: bool = False,
+                 min_uint8_agreement: float = 0.999) -> dict:
     """ONNX Runtime CPU vs the PyTorch sampler on fresh noise; raises CheckError above the tolerance.
+
+    With `decode`, also the graph's images_uint8 against the model's decode stage in PyTorch: at least
+    `min_uint8_agreement` of the values within +-1 level (float32 rounding can move a value across a level).
 
     With `golden_dir`, the inputs and ONNX Runtime's outputs are saved there as GOLDEN_INPUTS/GOLDEN_OUTPUTS
     for `polygraphy run sampler.onnx --trt --load-inputs ... --load-outputs ...` on a GPU machine.
@@ -112,11 +132,13 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
 
     G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
     feed = parity_feed(denoiser, batch, seed)
-    runners = [TorchSamplerRunner(program, denoiser),
+    torch_runner = TorchSamplerRunner(program, denoiser, decode=decode)
+    name = torch_runner.samples
+    runners = [torch_runner,
                OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))]
     results = Comparator.run(runners, data_loader=[feed])
-    ref = results[0][1][0][IMAGES]
-    got = results[1][1][0][IMAGES]
+    ref = results[0][1][0][name]
+    got = results[1][1][0][name]
     # The graph runs in float32; large fitted coefficients amplify float32 rounding. Measure that floor with the
     # PyTorch sampler in float32 and allow 10x it where that exceeds `atol` (reported either way): ONNX Runtime
     # rounds in another order, so its float32 error is of the same size, not the same value.
@@ -126,11 +148,17 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
     tolerance = max(atol, 10 * f32_floor)
     accuracy = Comparator.compare_accuracy(
         results, compare_func=SimpleCompareFunc(atol=tolerance, rtol=0.0, check_shapes=True,
-                                                 find_output_func=lambda name, i, r: [IMAGES] if name == IMAGES else []))
+                                                 find_output_func=lambda out, i, r: [name] if out == name else []))
     err = np.abs(ref.astype(np.float64) - got.astype(np.float64))
     report = {"backend": ORT_CPU, "batch": batch, "max_abs": float(err.max()),
               "max_rel": float((err / np.maximum(np.abs(ref), 1e-3)).max()), "atol": atol,
-              "float32_floor": f32_floor, "tolerance": tolerance, "passed": bool(accuracy)}
+              "float32_floor": f32_floor, "tolerance": tolerance, "passed": bool(accuracy), "output": name}
+    if decode:
+        agreement = uint8_agreement(results[0][1][0][IMAGES_U8], results[1][1][0][IMAGES_U8])
+        report["images_uint8_within_1"] = agreement
+        if agreement < min_uint8_agreement:
+            raise CheckError(f"ONNX Runtime's images_uint8 differ from the PyTorch decode stage: {agreement:.4%} of "
+                             f"values within +-1 level (< {min_uint8_agreement:.1%})")
     if golden_dir is not None:
         from polygraphy.comparator import RunResults
 
@@ -150,12 +178,13 @@ def check_static_batches(model_path: str, batches: list[int], denoiser: Denoiser
     the contract's noise of that batch: {batch: max abs difference}; CheckError above `tolerance` (the
     parity check's), or when a specialised session rejects its own batch size."""
     dynamic = OrtSession(model_path, "cpu", 1)
+    name = LATENTS if denoiser.is_latent else IMAGES
     report = {}
     for batch in batches:
         feed = dict(parity_feed(denoiser, batch, seed))
-        want = dynamic.run(feed, [IMAGES])[0]
+        want = dynamic.run(feed, [name])[0]
         try:
-            got = OrtSession(model_path, "cpu", 1, static_batch=batch).run(feed, [IMAGES])[0]
+            got = OrtSession(model_path, "cpu", 1, static_batch=batch).run(feed, [name])[0]
         except Exception as err:  # ONNX Runtime raises its own exception types
             raise CheckError(f"the graph specialised for batch {batch} does not run: {type(err).__name__}: {err}") from None
         diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())

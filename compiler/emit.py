@@ -2,11 +2,13 @@
 
 Reads the same `Program` the PyTorch sampler runs: every `Denoise` op becomes a copy of the denoiser's
 nodes (value names prefixed per call site, initializers SHARED by name, so weights are stored once), every
-`Combine` a chain of Mul/Add with baked float constants. Interface:
+`Combine` a chain of Mul/Add with baked float constants. The model's decode stage, exported once, is
+appended after the last step (its values and weights prefixed `decode/`). Interface:
   inputs  noise float32 [B, *shape] (standard normal; scaled by sigma_max inside), class_labels int64 [B]
           (conditional models only)
-  outputs images float32 [B, *shape], images_uint8 uint8 [B, H, W, C] (image models; EDM generate.py's
-          clip(x * 127.5 + 128, 0, 255) then NHWC)
+  outputs images float32 [B, *shape] (pixel models; `latents` for latent models), images_uint8 uint8
+          [B, H, W, C] (when a decode stage is given: the model's own, e.g. EDM's clip(x * 127.5 + 128, 0, 255)
+          NHWC, or a VAE decoder for latent models)
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from iia.calibration.solvers import Combine, Denoise, Program
-from iia.runtime.contract import (DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, IMAGES_U8, LABELS,
-                                  NOISE)
+from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, IMAGES_U8,
+                                  LABELS, LATENTS, NOISE)
 
 from .fold import FoldPlan, plan_folding
 
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
+DECODER_INPUT, DECODER_OUTPUT = DECODER_SAMPLES, IMAGES_U8
+DECODE_PREFIX = "decode/"
 
 
 class EmitError(ValueError):
@@ -111,11 +115,43 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
         gb.nodes.append(copy)
 
 
+def emit_decode(gb: GraphBuilder, decoder: onnx.GraphProto, source: str, out: str) -> list[onnx.TensorProto]:
+    """Append the decode stage's nodes reading `source` and writing `out`; returns its initializers, renamed
+    with DECODE_PREFIX (its weights are stored once, apart from the denoiser's)."""
+    inputs = [i.name for i in decoder.input]
+    if inputs != [DECODER_INPUT] or len(decoder.output) != 1:
+        raise EmitError(f"decode graph must take ({DECODER_INPUT}) and give one output, has {inputs}")
+    mapping = {DECODER_INPUT: source, decoder.output[0].name: out}
+
+    def rename(name: str) -> str:
+        return mapping.get(name, DECODE_PREFIX + name) if name else name
+
+    for node in decoder.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise EmitError(f"decode graph has control flow ({node.op_type}); iia inlines flat graphs only")
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = DECODE_PREFIX + (node.name or node.op_type)
+        copy.input[:] = [rename(n) for n in node.input]
+        copy.output[:] = [rename(n) for n in node.output]
+        gb.nodes.append(copy)
+    renamed = []
+    for t in decoder.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = DECODE_PREFIX + t.name
+        renamed.append(copy)
+    return renamed
+
+
 def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
-                 name: str = "iia_sampler", fold: bool = True) -> onnx.ModelProto:
+                 name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
+                 latent: bool = False) -> onnx.ModelProto:
     """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`).
 
     With `fold`, each call site's sigma-only subgraph is replaced by its constant values (see fold.py).
+    `decoder_model` (the model's decode stage, see export.export_decoder) adds the `images_uint8` output;
+    `latent` names the float output `latents` instead of `images`.
     """
     dgraph = denoiser_model.graph
     _check_denoiser_graph(dgraph)
@@ -137,27 +173,47 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
             site += 1
         else:
             emit_combine(gb, op)
-    gb.nodes.append(helper.make_node("Identity", [_value(program.output)], [IMAGES], name="iia/images"))
-    outputs = [helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, ["batch", *shape])]
-    if len(shape) == 3:
-        scaled = gb.node("Add", [gb.node("Mul", [IMAGES, gb.const(127.5)]), gb.const(128.0)])
-        clipped = gb.node("Clip", [scaled, gb.const(0.0), gb.const(255.0)])
-        u8 = gb.node("Cast", [clipped], to=TensorProto.UINT8)
-        gb.node("Transpose", [u8], IMAGES_U8, perm=[0, 2, 3, 1])
-        c, h, w = shape
+    samples = LATENTS if latent else IMAGES
+    gb.nodes.append(helper.make_node("Identity", [_value(program.output)], [samples], name=f"iia/{samples}"))
+    outputs = [helper.make_tensor_value_info(samples, TensorProto.FLOAT, ["batch", *shape])]
+    decode_weights: list[onnx.TensorProto] = []
+    if decoder_model is not None:
+        decode_weights = emit_decode(gb, decoder_model.graph, samples, IMAGES_U8)
+        h, w, c = decoded_shape(decoder_model)
         outputs.append(helper.make_tensor_value_info(IMAGES_U8, TensorProto.UINT8, ["batch", h, w, c]))
     inputs = [helper.make_tensor_value_info(NOISE, TensorProto.FLOAT, ["batch", *shape])]
     if conditional:
         inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
     # Folding leaves some denoiser tensors (the noise-embedding MLP, sigma-only constants) unread: drop them.
     used = {i for node in gb.nodes for i in node.input}
-    initializers = [t for t in list(dgraph.initializer) + gb.initializers if t.name in used]
+    initializers = [t for t in list(dgraph.initializer) + decode_weights + gb.initializers if t.name in used]
     graph = helper.make_graph(gb.nodes, name, inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=list(denoiser_model.opset_import), producer_name="iia")
     model.ir_version = denoiser_model.ir_version
     for fn in denoiser_model.functions:
         model.functions.append(fn)
+    if decoder_model is not None:
+        _merge_opsets(model, decoder_model)
     return model
+
+
+def _merge_opsets(model: onnx.ModelProto, other: onnx.ModelProto) -> None:
+    have = {o.domain: o for o in model.opset_import}
+    for o in other.opset_import:
+        if o.domain not in have:
+            model.opset_import.append(o)
+        elif have[o.domain].version != o.version:
+            raise EmitError(f"the decode graph uses opset {o.version} of domain '{o.domain or 'ai.onnx'}', the "
+                            f"denoiser {have[o.domain].version}")
+
+
+def decoded_shape(decoder_model: onnx.ModelProto) -> tuple[int, int, int]:
+    """(H, W, C) of the decode stage's uint8 output (static after export)."""
+    dims = decoder_model.graph.output[0].type.tensor_type.shape.dim
+    values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(values) != 4 or any(v is None for v in values[1:]):
+        raise EmitError(f"the decode stage's output must be uint8 [B, H, W, C] with static H, W, C, got {values}")
+    return values[1], values[2], values[3]
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

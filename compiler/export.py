@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
+import threading
 import warnings
 
 import onnx
@@ -14,7 +16,8 @@ from iia.models.base import Denoiser
 
 from iia.runtime.contract import DENOISED
 
-from .emit import DENOISER_INPUTS
+from .emit import DECODER_INPUT, DECODER_OUTPUT, DENOISER_INPUTS
+from .fold import fold_weight_preprocessing
 
 
 class ExportError(RuntimeError):
@@ -28,6 +31,57 @@ def example_inputs(denoiser: Denoiser, batch: int = 2) -> tuple[torch.Tensor, ..
     if denoiser.conditional:
         return x, sigma, torch.arange(batch, dtype=torch.int64) % denoiser.label_dim
     return x, sigma
+
+
+def static_size_value(value) -> float | None:
+    """The number a symbolic size expression (torch.SymInt / SymFloat under torch.export) stands for when
+    it does not depend on the symbols (e.g. `norm.numel() / x.numel()` = (B*H*W) / (B*C*H*W) = 1/C); None
+    when it does. Proved by cancelling the sympy expression, not by sampling values."""
+    import sympy
+
+    node = getattr(value, "node", None)
+    expr = getattr(node, "expr", None)
+    if expr is None:
+        return None
+    # torch's size arithmetic wraps true division in its own sympy functions (IntTrueDiv, FloatTrueDiv)
+    plain = expr.replace(lambda e: isinstance(e, sympy.Function) and type(e).__name__.endswith("TrueDiv"),
+                         lambda e: e.args[0] / e.args[1])
+    plain = sympy.cancel(sympy.simplify(plain))
+    if plain.free_symbols or not plain.is_number:
+        return None
+    return float(plain)
+
+
+def _symbolic_sqrt(self):
+    static = static_size_value(self)
+    if static is None:
+        raise ExportError(f"the network computes numpy.sqrt of a size that depends on the batch ({self}); "
+                          f"it cannot be exported at dynamic batch")
+    return math.sqrt(static)
+
+
+_SQRT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def numpy_sqrt_of_sizes():
+    """Let `numpy.sqrt(size expression)` work while torch.export traces at a symbolic batch.
+
+    Networks written for eager PyTorch take `np.sqrt` of Python numbers derived from tensor sizes (EDM2's
+    magnitude-preserving normalisation: `np.sqrt(norm.numel() / x.numel())`). Under a symbolic batch those
+    numbers are SymInt/SymFloat, and numpy's object loop calls their `.sqrt()` method, which torch does not
+    define. For the duration of the export this gives them one that returns the constant value when the
+    expression cancels to a number (the batch drops out of such ratios) and raises ExportError otherwise.
+    """
+    with _SQRT_LOCK:  # the classes are process-wide: one export at a time patches them
+        added = [cls for cls in (torch.SymInt, torch.SymFloat) if not hasattr(cls, "sqrt")]
+        for cls in added:
+            cls.sqrt = _symbolic_sqrt
+        try:
+            yield
+        finally:
+            for cls in added:
+                del cls.sqrt
 
 
 @contextlib.contextmanager
@@ -46,26 +100,79 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def export_denoiser(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> onnx.ModelProto:
-    """One denoiser call as ONNX, dynamic batch 1..max_batch; checked by onnx.checker."""
-    args = example_inputs(denoiser)
-    names = list(DENOISER_INPUTS[: len(args)])
+def repair_conv_pads(model: onnx.ModelProto) -> int:
+    """Fix Conv/ConvTranspose `pads` written with one value per spatial axis (k values) instead of ONNX's
+    begin/end pairs (2k): torch.onnx's dynamo exporter does that for PyTorch's one-element padding tuple
+    `conv2d(x, w, padding=(p,))` (which PyTorch applies to every axis, both sides), and ONNX Runtime then
+    refuses the graph ("Attribute pads has incorrect size"). Returns how many nodes were repaired."""
+    repaired = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        pads, kernel = attrs.get("pads"), attrs.get("kernel_shape")
+        if pads is None or kernel is None or len(pads.ints) != len(kernel.ints):
+            continue
+        values = list(pads.ints)
+        del pads.ints[:]
+        pads.ints.extend(values + values)  # symmetric: begin values, then the same end values
+        repaired += 1
+    return repaired
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = set()
+    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                  max_batch: int = 64, opset: int = 20, what: str = "the denoiser") -> onnx.ModelProto:
+    """`module(*args)` as ONNX with a dynamic batch 1..max_batch on every input, through
+    `torch.onnx.export(dynamo=True)`; then local functions inlined, Conv pads repaired, weight-only
+    preprocessing folded into the stored weights; checked by onnx.checker. Raises ExportError naming `what`."""
     batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2))
     dynamic = tuple({0: batch} for _ in args)
-    net = denoiser.net.eval()
     try:
-        with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(net, args, dynamo=True, input_names=names, output_names=[DENOISED],
-                                        dynamic_shapes=dynamic, opset_version=opset, optimize=True, verbose=False)
+        with _quiet_exporter(), numpy_sqrt_of_sizes(), torch.no_grad():
+            program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=input_names,
+                                        output_names=output_names, dynamic_shapes=dynamic, opset_version=opset,
+                                        optimize=True, verbose=False)
     except Exception as err:  # the exporter raises many types; name the stage and the cause
         cause = err
         while cause is not None:  # torch.export wraps a Ctrl-C in its own error: it is still an interrupt
             if isinstance(cause, KeyboardInterrupt):
                 raise KeyboardInterrupt from None
             cause = cause.__cause__ or cause.__context__
-        raise ExportError(f"torch.onnx.export (dynamo) failed for the denoiser: {type(err).__name__}: {err}") from err
+        cause = _root_cause(err)
+        if isinstance(cause, ExportError):
+            raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {cause}") from err
+        raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {type(err).__name__}: {err}") from err
     model = program.model_proto
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
+    repair_conv_pads(model)
+    fold_weight_preprocessing(model)
     onnx.checker.check_model(model)
     return model
+
+
+def export_denoiser(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> onnx.ModelProto:
+    """One denoiser call as ONNX (x [B,*shape], sigma [B][, class_labels [B]] -> denoised), dynamic batch."""
+    args = example_inputs(denoiser)
+    return export_module(denoiser.net, args, list(DENOISER_INPUTS[: len(args)]), [DENOISED], max_batch, opset,
+                         "the denoiser")
+
+
+def export_decoder(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> onnx.ModelProto | None:
+    """The model's decode stage as ONNX (DECODER_INPUT float32 [B,*shape] -> DECODER_OUTPUT uint8 [B,H,W,C]);
+    None for models without one (non-image samples)."""
+    stage = denoiser.decode_stage()
+    if stage is None:
+        return None
+    if getattr(stage, "kind", None) == "latent" and not stage.has_vae:
+        raise ExportError(stage.missing_vae_message())
+    x = torch.randn(2, *denoiser.shape, generator=torch.Generator().manual_seed(0))
+    return export_module(stage, (x,), [DECODER_INPUT], [DECODER_OUTPUT], max_batch, opset, "the decode stage")

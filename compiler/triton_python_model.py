@@ -11,7 +11,7 @@ Per request (all tensors carry the batch axis B):
                                            so seeds s, s+1, ..., s+B-1 give exactly the noise of
                                            sampler(seed=s, batch_size=B) in process (EDM's per-image seeds)
   class_labels  INT64 [B, 1]               class ids (conditional models only)
--> images FP32 [B, *sample_shape], images_uint8 UINT8 [B, H, W, C] (image models).
+-> images FP32 [B, *sample_shape] (latents for latent models), images_uint8 UINT8 [B, H, W, C] (image models).
 
 Dynamic batching hands `execute` several requests at once: each is validated on its own (a bad one gets its
 own error response, naming the problem, with status INVALID_ARG, i.e. HTTP 400 / gRPC INVALID_ARGUMENT, and
@@ -27,7 +27,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import iia.runtime
-from iia.runtime.contract import IMAGES, IMAGES_U8, LABELS, NOISE, ORT_CPU
+from iia.runtime.contract import IMAGES_U8, LABELS, NOISE, ORT_CPU
 
 
 def _bad_request(message):
@@ -104,7 +104,8 @@ class TritonPythonModel:
             start = 0
             for i, x, _ in batch:
                 stop = start + x.shape[0]
-                tensors = [pb_utils.Tensor(IMAGES, np.ascontiguousarray(out.images[start:stop]))]
+                # `images`, or `latents` for a latent model (out.images holds the graph's float samples)
+                tensors = [pb_utils.Tensor(self.sampler.samples_name, np.ascontiguousarray(out.images[start:stop]))]
                 if out.images_uint8 is not None:
                     tensors.append(pb_utils.Tensor(IMAGES_U8, np.ascontiguousarray(out.images_uint8[start:stop])))
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from iia.runtime.bench import EagerUnavailable
-from iia.runtime.contract import COEFFICIENTS
+from iia.runtime.contract import COEFFICIENTS, DECODER_ONNX
 
 
 def rebuild_denoiser(manifest: dict, spec: str | None):
@@ -28,6 +28,9 @@ def rebuild_denoiser(manifest: dict, spec: str | None):
 
     ident = manifest.get("model") or {}
     kind, name = ident.get("kind"), ident.get("name")
+    if kind == "guided":  # two networks (and their paths) the artifact must not make this process load
+        raise EagerUnavailable(f"the eager reference does not rebuild guided models ('{name}'): the sampler, "
+                               f"denoiser and decoder timings (overhead ratio) are still measured")
     if spec is not None:
         want = ident.get("sha256")
         found = source_sha256(spec)  # hashes the file(s); unpickles nothing
@@ -72,6 +75,10 @@ class EagerReference:
                 raise EagerUnavailable("this torch build has no CUDA, so eager cannot run on the sampler's device")
             denoiser.net.to("cuda")
         self.torch, self.sample, self.program, self.denoiser = torch, sample, program, denoiser
+        # the graph decodes: so does the timed eager loop (the model's decode stage on the float32 samples)
+        self.decode = denoiser.decode_stage() if DECODER_ONNX in manifest["files"] else None
+        if self.decode is not None and device == "cuda":
+            self.decode.to("cuda")
         self.dtype = getattr(torch, dtype)
         self.dtype_name, self.device, self.threads = dtype, device, threads
         self.saved_threads = torch.get_num_threads()
@@ -85,10 +92,21 @@ class EagerReference:
             out = self.sample(self.program, self.denoiser, x, y, dtype=self.dtype)
             return out.cpu().numpy()  # a host array, as the runtime's backends return
 
+    def decoded(self, noise: np.ndarray, labels: np.ndarray | None):
+        """The samples, then the decode stage when the artifact decodes (what the compiled graph computes)."""
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(noise).to(self.device)
+            y = None if labels is None else torch.from_numpy(labels).to(self.device)
+            out = self.sample(self.program, self.denoiser, x, y, dtype=self.dtype)
+            if self.decode is not None:
+                out = self.decode(out.to(torch.float32))
+            return out.cpu().numpy()
+
     def check(self, noise, labels) -> None:
         """Run once; a failure (e.g. a model that cannot run on CUDA) becomes EagerUnavailable."""
         try:
-            self(noise, labels)
+            self.decoded(noise, labels)
         except Exception as err:
             raise EagerUnavailable(f"eager run failed on {self.device} ({type(err).__name__}: {err})") from None
 

@@ -221,7 +221,7 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             continue
         kind = {int: int, float: float}.get(type(default) if default is not None else None)
         if kind is None and f.metadata.get("lo") is not None:
-            kind = int
+            kind = float if isinstance(f.metadata["lo"], float) else int
         kind = f.metadata.get("parse") or kind
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         kwargs = {"dest": f.name, "default": default, "help": help_text + (f" (default {shown})" if default is not None else "")}

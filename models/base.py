@@ -42,6 +42,10 @@ class Denoiser:
     rho: float = 7.0  # Karras schedule exponent
     steps_offset: int = 0  # added to the 'leading' timestep selection (diffusers' steps_offset)
     report: tuple[str, ...] = ()  # lines the loader wants the user to read: what it read, what it changed
+    # The model's decode stage, samples -> uint8 pixels (see models/decode.py); None: `decode_stage()` gives
+    # EDM's pixel formula for image models.
+    decode: torch.nn.Module | None = None
+    null_label: bool = False  # the net was trained with label dropout: class label -1 means "no label" (CFG)
 
     @property
     def conditional(self) -> bool:
@@ -68,6 +72,21 @@ class Denoiser:
         if not torch.isfinite(out).all():
             raise DenoiserError(f"denoiser returned NaN/Inf at sigma={float(sigma[0]):.6g}")
         return out.to(x.dtype)
+
+    def decode_stage(self) -> torch.nn.Module | None:
+        """The model's decode stage (uint8 NHWC pixels), EDM's pixel formula for image models without one,
+        None for non-image models."""
+        if self.decode is not None:
+            return self.decode
+        if not self.is_image:
+            return None
+        from .decode import PixelDecode
+
+        return PixelDecode()
+
+    @property
+    def is_latent(self) -> bool:
+        return getattr(self.decode, "kind", None) == "latent"
 
     def labels_or_error(self, class_labels, batch: int) -> torch.Tensor:
         if class_labels is None:

@@ -380,9 +380,14 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
     except ImportError:
         raise DiffusersLoadError("loading a diffusers folder needs diffusers: pip install 'iia[diffusers]'") from None
     latent = latent_component(path)
-    if latent is not None:
-        raise DiffusersLoadError(f"{path} is a latent pipeline ({latent[0]}: {latent[1]}): iia does not decode "
-                                 f"latents yet and would return undecoded latents as images")
+    decode = None
+    if latent is not None:  # the decode stage (an AutoencoderKL vae/; others refused by name)
+        from .decode import DecodeError, diffusers_vae_decode
+
+        try:
+            decode = diffusers_vae_decode(path, *latent)
+        except DecodeError as err:
+            raise DiffusersLoadError(str(err)) from None
     unet_dir = path / "unet" if (path / "unet" / "config.json").exists() else path
     sched_dir = path / "scheduler" if (path / "scheduler").is_dir() else path
     if not (unet_dir / "config.json").exists():
@@ -447,4 +452,5 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         rho=reading.rho,
         steps_offset=reading.steps_offset,
         report=tuple(report),
+        decode=decode,
     )

@@ -1,4 +1,10 @@
-"""Load official NVlabs EDM network pickles (`.pkl`) without the EDM repository installed.
+"""Load official NVlabs EDM and EDM2 network pickles (`.pkl`) without the EDM repositories installed.
+
+EDM2 snapshots (`edm2-img64-*.pkl`, `edm2-img512-*.pkl`) have the same persistence format; their dict
+(a `dnnlib.util.EasyDict`) holds `ema` (`training.networks_edm2.Precond`, float16 weights), `loss_fn`,
+`dataset_kwargs` and `encoder`: `StandardRGBEncoder` (pixel models) or `StabilityVAEEncoder` (latent
+models: per-channel scale/bias and the NAME of a diffusers VAE whose weights are not in the pickle). The
+encoder becomes the denoiser's decode stage (`iia.models.decode`).
 
 EDM snapshots (`network-snapshot-*.pkl`) are plain pickles of a dict
 `{'ema': <preconditioned network>, 'loss_fn': ..., 'augment_pipe': ... | None, 'dataset_kwargs': {...}}`.
@@ -47,7 +53,7 @@ EDM_SIGMA_MIN = 0.002
 EDM_SIGMA_MAX = 80.0
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond")
+_PRECOND_CLASSES = ("EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "Precond")  # Precond: EDM2
 
 
 class EDMPickleError(ValueError):
@@ -102,19 +108,39 @@ def _shim_reconstruct_outside_load(meta):
     raise EDMShimError("torch_utils.persistence shim of iia: objects can only be rebuilt inside load_edm_pickle()")
 
 
-def _missing_attr_module(name: str, what: str) -> types.ModuleType:
-    module = types.ModuleType(name, f"iia shim for EDM's {name} ({what})")
+def _missing_attr_module(name: str, provided: tuple[str, ...]) -> types.ModuleType:
+    module = types.ModuleType(name, f"iia shim for EDM's {name}")
+    offered = ", ".join(provided) if provided else "nothing"
 
     def __getattr__(attr: str):
         if attr.startswith("__") and attr.endswith("__"):
             raise AttributeError(attr)
         raise EDMShimError(
-            f"{name}.{attr} is not available: iia loads EDM pickles without the EDM repository and its "
-            f"{name} shim provides no '{attr}' ({what})"
+            f"{name}.{attr} is not available: the network's source uses it, and iia's stand-in for EDM's {name} "
+            f"(iia loads EDM pickles without the EDM repository) provides only: {offered}"
         )
 
     module.__getattr__ = __getattr__
     return module
+
+
+def _constant(value, shape=None, dtype=None, device=None, memory_format=None) -> torch.Tensor:
+    """`torch_utils.misc.constant` (EDM/EDM2): `value` (anything numpy.asarray takes) as a tensor of `dtype`
+    (default torch's default dtype) on `device` (default CPU), broadcast to `shape` if given. EDM caches these
+    tensors to avoid host-to-device copies; this stand-in builds a fresh one each call (same values)."""
+    import numpy
+
+    tensor = torch.as_tensor(numpy.array(value), dtype=dtype or torch.get_default_dtype(),
+                             device=device or torch.device("cpu"))
+    if shape is not None:
+        tensor = tensor.expand(tuple(shape))
+    return tensor.contiguous(memory_format=memory_format or torch.contiguous_format)
+
+
+def _const_like(ref: torch.Tensor, value, shape=None, dtype=None, device=None, memory_format=None) -> torch.Tensor:
+    """`torch_utils.misc.const_like`: `constant(value)` with `ref`'s dtype and device unless given."""
+    return _constant(value, shape=shape, dtype=dtype or ref.dtype, device=device or ref.device,
+                     memory_format=memory_format)
 
 
 def _build_shims() -> dict[str, types.ModuleType]:
@@ -125,7 +151,9 @@ def _build_shims() -> dict[str, types.ModuleType]:
     persistence._reconstruct_persistent_obj = _shim_reconstruct_outside_load
     persistence._version = 6
 
-    misc = _missing_attr_module("torch_utils.misc", "only used by the augment pipe during training")
+    misc = _missing_attr_module("torch_utils.misc", ("constant", "const_like"))
+    misc.constant = _constant
+    misc.const_like = _const_like
 
     torch_utils = types.ModuleType("torch_utils", "iia shim for EDM's torch_utils package")
     torch_utils.persistence = persistence
@@ -469,12 +497,62 @@ def _attr_int(obj, name: str, label: str, default: int | None = None) -> int:
         raise EDMPickleError(f"{label}: the network ({type(obj).__name__}) has no usable '{name}' attribute") from None
 
 
-def load_edm_pickle(path: str | Path) -> Denoiser:
-    """Load an NVlabs EDM network pickle as a `Denoiser` (CPU, float32, eval mode).
+PIXEL_ENCODERS = ("StandardRGBEncoder",)
+LATENT_ENCODERS = ("StabilityVAEEncoder",)
+
+
+def decode_stage_for(encoder, label: str, vae: str | Path | None = None):
+    """The decode stage of an EDM2 pickle's `encoder` (None: EDM pickles, which hold no encoder).
+
+    StandardRGBEncoder: EDM's pixel formula. StabilityVAEEncoder: its per-channel scale/bias, then the VAE
+    from `vae` (a local diffusers AutoencoderKL folder); without `vae` the stage records the pickle's
+    vae_name and the compiler refuses to build the graph, naming it. Other encoders are refused by name.
+    """
+    from .decode import LatentDecode, PixelDecode, load_vae
+
+    if encoder is None:
+        if vae is not None:
+            raise EDMPickleError(f"--vae given, but {label} is a pixel-space model (it holds no latent encoder)")
+        return None
+    name = type(encoder).__name__
+    if name in PIXEL_ENCODERS:
+        if vae is not None:
+            raise EDMPickleError(f"--vae given, but {label} is a pixel-space model (its encoder is {name})")
+        return PixelDecode()
+    if name not in LATENT_ENCODERS:
+        raise EDMPickleError(f"{label}: unknown encoder class '{name}' (iia decodes StandardRGBEncoder and "
+                             f"StabilityVAEEncoder)")
+    state = vars(encoder)
+    try:
+        scale = [float(v) for v in state["scale"]]
+        bias = [float(v) for v in state["bias"]]
+    except (KeyError, TypeError, ValueError):
+        raise EDMPickleError(f"{label}: its {name} has no usable per-channel 'scale'/'bias'") from None
+    vae_name = state.get("vae_name")
+    module = load_vae(vae, expected=vae_name) if vae is not None else None
+    return LatentDecode(module, scale, bias, pixel_range="unit", vae_name=vae_name,
+                        vae_path=None if vae is None else str(vae), source=label)
+
+
+def _has_label_dropout(precond: torch.nn.Module) -> bool:
+    """EDM's UNets keep their training-time `label_dropout` rate; > 0 means the null label was trained."""
+    for module in precond.modules():
+        try:
+            if float(getattr(module, "label_dropout", 0) or 0) > 0:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
+
+
+def load_edm_pickle(path: str | Path, vae: str | Path | None = None) -> Denoiser:
+    """Load an NVlabs EDM or EDM2 network pickle as a `Denoiser` (CPU, float32, eval mode).
 
     Executes the Python source embedded in the pickle (see the module docstring). The returned
     denoiser carries `identity = {"kind": "edm-pkl", "name", "sha256", "class_name", "path"}` and an extra
-    attribute `pickle_meta` (dataset_kwargs, loss_fn / augment_pipe class names, classes rebuilt).
+    attribute `pickle_meta` (dataset_kwargs, loss_fn / augment_pipe / encoder class names, classes rebuilt).
+    EDM2 pickles (with an `encoder`) get their decode stage from it (see `decode_stage_for`; `vae` is the
+    local AutoencoderKL folder of latent models).
     """
     path = Path(path)
     data, info = read_edm_pickle(path)
@@ -505,6 +583,8 @@ def load_edm_pickle(path: str | Path) -> Denoiser:
         raise EDMPickleError(f"{label}: empty noise range after clamping: sigma_min={sigma_min:g} sigma_max={sigma_max:g}")
 
     class_name = type(precond).__name__
+    encoder = data.get("encoder")
+    decode = decode_stage_for(encoder, label, vae)
     denoiser = Denoiser(
         net=EDMNet(precond).eval(),
         shape=(channels, resolution, resolution),
@@ -519,12 +599,17 @@ def load_edm_pickle(path: str | Path) -> Denoiser:
             "class_name": class_name,
             "path": str(path),
         },
+        decode=decode,
+        null_label=label_dim > 0 and _has_label_dropout(precond),
     )
+    if vae is not None:
+        denoiser.identity["vae"] = str(vae)
     dataset_kwargs = data.get("dataset_kwargs")
     denoiser.pickle_meta = {
         "dataset_kwargs": dict(dataset_kwargs) if isinstance(dataset_kwargs, dict) else dataset_kwargs,
         "loss_fn": None if data.get("loss_fn") is None else type(data.get("loss_fn")).__name__,
         "augment_pipe": None if data.get("augment_pipe") is None else type(data.get("augment_pipe")).__name__,
+        "encoder": None if encoder is None else type(encoder).__name__,
         "known_precond": class_name in _PRECOND_CLASSES,
         "net_sigma_min": net_min,
         "net_sigma_max": net_max,

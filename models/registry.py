@@ -93,13 +93,27 @@ def source_sha256(spec: str | Path) -> str | None:
     return sha256_file(path)
 
 
-def load(spec: str | Path, x0_clipping: str | None = None) -> Denoiser:
-    """Load a denoiser from a path (EDM `.pkl`, diffusers folder) or a built-in name.
+def load(spec: str | Path, x0_clipping: str | None = None, *, guide: str | Path | None = None,
+         guidance: float | None = None, cfg: float | None = None, vae: str | Path | None = None) -> Denoiser:
+    """Load a denoiser from a path (EDM/EDM2 `.pkl`, diffusers folder) or a built-in name.
 
     `x0_clipping` ("ignore" | "clip") answers a diffusers scheduler's clip_sample / thresholding (refused
-    when None); it applies to diffusers folders only.
+    when None); it applies to diffusers folders only. guide/guidance: a second network (EDM2 guidance) and
+    g, D = D_guide + g (D_net - D_guide); cfg: weight of classifier-free guidance against the null label;
+    vae: the local AutoencoderKL folder of a latent EDM2 pickle. See `iia.models.guidance`, `iia.models.decode`.
     """
+    if guide is None and guidance is None and cfg is None:
+        return _load_one(spec, x0_clipping, vae)
+    from .guidance import guided
+
+    net = _load_one(spec, x0_clipping, vae)
+    return guided(net, None if guide is None else _load_one(guide, x0_clipping), guidance, cfg)
+
+
+def _load_one(spec: str | Path, x0_clipping: str | None = None, vae: str | Path | None = None) -> Denoiser:
     text = str(spec)
+    if vae is not None and not text.endswith(".pkl"):
+        raise ModelLoadError(f"--vae applies to latent EDM2 pickles; {text} is not a .pkl")
     if x0_clipping is not None and not Path(text).is_dir():
         raise ModelLoadError(f"--x0-clipping {x0_clipping} applies to diffusers folders only, not '{text}'")
     name, _, opts = text.partition(":")
@@ -125,7 +139,7 @@ def load(spec: str | Path, x0_clipping: str | None = None) -> Denoiser:
         return load_digits_model(path)
     from .edm_pickle import load_edm_pickle
 
-    return load_edm_pickle(path)
+    return load_edm_pickle(path, vae=vae)
 
 
 def resolve_model(spec: str | Path | Denoiser, x0_clipping: str | None = None) -> Denoiser:

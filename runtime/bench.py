@@ -6,15 +6,18 @@ shared machine hit all three alike:
 
 * p50/p90/p99 latency of `sampler(noise, class_labels=...)` (wall clock; ONNX Runtime and TensorRT return
   host arrays, so every call is synchronised), images/s = batch / mean latency;
-* overhead ratio = sampler p50 / (NFE x denoiser p50) on the same backend, batch and threads: 1.0 is the
-  floor of running the NFE denoiser calls back to back. Each timed denoiser call also pays its own
+* overhead ratio = sampler p50 / (NFE x denoiser p50 + decoder p50) on the same backend, batch and threads:
+  1.0 is the floor of running the NFE denoiser calls (a guided denoiser.onnx holds both networks) and the one
+  decode call (`decoder.onnx`, when the artifact decodes: the VAE decoder of a latent model) back to back.
+  Each timed denoiser call also pays its own
   host<->device copies, so on a GPU this ratio errs low;
 * loop: the loop users would otherwise write (`iia.runtime.loop.DenoiserLoop`): Python/numpy driving the SAME
   denoiser.onnx session one call at a time through the artifact's program.json (same solver, sigmas and
   coefficients); speed-up vs loop = loop p50 / sampler p50. Its output is checked against the sampler's
   (`loop_max_abs_diff`) before it is timed;
 * eager: a baseline the CALLER passes in (`eager_factory`; `iia-bench` passes `iia.evaluation.eager`'s
-  PyTorch loop with the same solver and coefficients); speed-up = eager p50 / sampler p50.
+  PyTorch loop with the same solver and coefficients, then the model's decode stage when the artifact
+  decodes); speed-up = eager p50 / sampler p50.
 
 torch-free like the rest of iia.runtime: the eager baseline is a callable, not an import.
 """
@@ -32,8 +35,9 @@ import numpy as np
 
 from iia.cli import check_options, int_list, option
 
-from .contract import (BACKENDS, DENOISED, DENOISER_LABELS, DENOISER_ONNX, DENOISER_SIGMA, DENOISER_X, MAX_BATCH,
-                       ArtifactError, draw_labels, draw_noise, read_program, read_verified)
+from .contract import (BACKENDS, DECODER_ONNX, DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_ONNX,
+                       DENOISER_SIGMA, DENOISER_X, IMAGES_U8, MAX_BATCH, ArtifactError, draw_labels, draw_noise,
+                       read_program, read_verified)
 from .loader import describe, load
 from .loop import DenoiserLoop
 from .onnx_backend import CUDA, OrtSession
@@ -56,7 +60,8 @@ class EagerUnavailable(RuntimeError):
 class Eager(Protocol):
     """The eager baseline `run_bench` times beside the sampler: `eager(noise, labels)` -> float array
     [B, *sample_shape]; `check(noise, labels)` runs once (EagerUnavailable on failure); `close()` restores
-    whatever it changed (e.g. torch's process-wide thread count)."""
+    whatever it changed (e.g. torch's process-wide thread count). An optional `decoded(noise, labels)` (the
+    samples, then the decode stage: what the graph computes) is what gets timed when present."""
 
     def __call__(self, noise: np.ndarray, labels: np.ndarray | None) -> np.ndarray: ...
 
@@ -126,16 +131,28 @@ def denoiser_runner(sampler: Sampler, threads: int):
     return OrtSession(model, _device(sampler), threads)
 
 
-def _trt_denoiser(root: Path, sampler: Sampler, model: bytes):
-    """The artifact ships no denoiser plan: build one here with the sampler's profile, precision and fp32
-    layers, through the same builder as the compiler's sampler.plan."""
+def decoder_runner(sampler: Sampler, threads: int):
+    """A `run(feeds, outputs)` object for decoder.onnx on the sampler's backend; None when the artifact has none."""
+    root, manifest = Path(sampler.root), sampler.manifest
+    if DECODER_ONNX not in manifest["files"]:
+        return None
+    model = read_verified(root, manifest, DECODER_ONNX)
+    if sampler.backend == TENSORRT:
+        return _trt_denoiser(root, sampler, model, DECODER_ONNX, {DECODER_SAMPLES: tuple(sampler.sample_shape)})
+    return OrtSession(model, _device(sampler), threads)
+
+
+def _trt_denoiser(root: Path, sampler: Sampler, model: bytes, name: str = DENOISER_ONNX, inputs=None):
+    """The artifact ships no plan for one call (denoiser, or decoder with `inputs`): build one here with the
+    sampler's profile, precision and fp32 layers, through the same builder as the compiler's sampler.plan."""
     from .engine import EnginePlan, build_engine, denoiser_inputs, fp32_layer_names
     from .trt_backend import TrtEngine
 
     top = sampler.max_batch
     precision = (sampler.manifest.get("engine") or {}).get("precision", "fp32")
-    path = str(root / DENOISER_ONNX)
-    plan = EnginePlan(denoiser_inputs(sampler.sample_shape, sampler.conditional), precision=precision,
+    path = str(root / name)
+    inputs = inputs if inputs is not None else denoiser_inputs(sampler.sample_shape, sampler.conditional)
+    plan = EnginePlan(inputs, precision=precision,
                       opt_batch=min(8, top), max_batch=top,
                       fp32_layers=fp32_layer_names(path) if precision != "fp32" else [])
     data, _ = build_engine(path, plan)
@@ -194,9 +211,10 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
     device = _device(sampler)
     try:
         denoiser = denoiser_runner(sampler, threads)
+        decoder = decoder_runner(sampler, threads)
         denoiser_note = None
     except BackendUnavailable as err:
-        denoiser, denoiser_note = None, str(err)
+        denoiser, decoder, denoiser_note = None, None, str(err)
         log(f"denoiser timing skipped: {err}")
     loop, loop_note = None, None
     if not opts.loop:
@@ -231,18 +249,24 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
             calls = {"sampler": lambda: sampler(noise, class_labels=labels)}
             if denoiser is not None:
                 calls["denoiser"] = lambda: denoiser.run(feeds, [DENOISED])
+            if decoder is not None:
+                calls["decoder"] = lambda: decoder.run({DECODER_SAMPLES: noise}, [IMAGES_U8])
             loop_abs = None
             if loop is not None:
                 loop_abs = float(np.abs(loop(noise, labels).astype(np.float64)
                                         - sampler(noise, class_labels=labels).astype(np.float64)).max())
-                calls["loop"] = lambda: loop(noise, labels)
+                if decoder is None:
+                    calls["loop"] = lambda: loop(noise, labels)
+                else:  # the graph decodes: so does the loop a user would write (one decoder.onnx call after it)
+                    calls["loop"] = lambda: decoder.run({DECODER_SAMPLES: loop(noise, labels)}, [IMAGES_U8])
             max_abs = None
             if eager is not None:
                 try:
                     eager.check(noise, labels)
                     reference = np.asarray(eager(noise, labels), dtype=np.float64)
                     max_abs = float(np.abs(sampler(noise, class_labels=labels).astype(np.float64) - reference).max())
-                    calls["eager"] = lambda: eager(noise, labels)
+                    timed = getattr(eager, "decoded", eager)
+                    calls["eager"] = lambda: timed(noise, labels)
                 except EagerUnavailable as err:
                     eager, eager_note = None, str(err)
                     log(f"eager reference skipped: {err}")
@@ -251,6 +275,7 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
             p50, p90, p99 = _percentiles(times["sampler"])
             mean = float(times["sampler"].mean())
             d50 = _percentiles(times["denoiser"])[0] if "denoiser" in times else None
+            dec50 = _percentiles(times["decoder"])[0] if "decoder" in times else 0.0
             e50 = _percentiles(times["eager"])[0] if "eager" in times else None
             l50 = _percentiles(times["loop"])[0] if "loop" in times else None
             rows.append({
@@ -259,7 +284,8 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
                 "p50_ms": round(p50, 4), "p90_ms": round(p90, 4), "p99_ms": round(p99, 4), "mean_ms": round(mean, 4),
                 "images_per_s": round(batch / (mean / 1e3), 2),
                 "denoiser_p50_ms": None if d50 is None else round(d50, 4),
-                "overhead_ratio": None if d50 is None else round(p50 / (sampler.nfe * d50), 3),
+                "decoder_p50_ms": round(dec50, 4) if "decoder" in times else None,
+                "overhead_ratio": None if d50 is None else round(p50 / (sampler.nfe * d50 + dec50), 3),
                 "loop_p50_ms": None if l50 is None else round(l50, 4),
                 "speedup_vs_loop": None if l50 is None else round(l50 / p50, 3),
                 "loop_max_abs_diff": loop_abs, "loop_note": loop_note,
@@ -294,7 +320,8 @@ def format_table(rows: list[dict]) -> str:
                      f"{_fmt(r['speedup_vs_eager'], '.2f'):>8}")
     if rows:
         r = rows[0]
-        lines.append(f"NFE {r['nfe']} ({r['solver']}), model {r['model']}, {r['clock']} clock; overhead = p50 / (NFE x denoiser p50), "
+        decode = " + decoder p50" if r.get("decoder_p50_ms") is not None else ""
+        lines.append(f"NFE {r['nfe']} ({r['solver']}), model {r['model']}, {r['clock']} clock; overhead = p50 / (NFE x denoiser p50{decode}), "
                      f"floor 1.0; speed-ups = baseline p50 / sampler p50; loop = numpy loop around denoiser.onnx (program.json)"
                      + (f" ({r['loop_note']})" if r["loop_note"] else "")
                      + f"; eager = PyTorch {r['eager_dtype'] or ''} loop on {r['device']}"

@@ -126,7 +126,7 @@ def bench(argv=None, eager_factory=None) -> int:
     parser = argparse.ArgumentParser(
         prog="iia-bench",
         description="Latency of a compiled sampler per batch size: p50/p90/p99, images/s, the overhead ratio "
-                    "sampler / (NFE x one denoiser call) on the same backend (floor 1.0), and the speed-ups over "
+                    "sampler / (NFE x one denoiser call [+ one decoder call]) on the same backend (floor 1.0), and the speed-ups over "
                     "a numpy loop around the same denoiser.onnx and over the PyTorch eager sampler (same solver, "
                     "coefficients, device and threads).")
     _add_common(parser)

@@ -33,9 +33,12 @@ import numpy as np
 NOISE = "noise"  # float32 [B, *sample_shape], standard normal (the graph scales it to sigma_max)
 LABELS = "class_labels"  # int64 [B], conditional models only
 IMAGES = "images"  # float32 [B, *sample_shape]
-IMAGES_U8 = "images_uint8"  # uint8 [B, H, W, C], image models only
+IMAGES_U8 = "images_uint8"  # uint8 [B, H, W, C], models with a decode stage (image models)
+LATENTS = "latents"  # float32 [B, *sample_shape]: latent models output this instead of IMAGES (then decode it)
 # the once-exported denoiser D(x, sigma, class_labels) -> denoised
 DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS, DENOISED = "x", "sigma", "class_labels", "denoised"
+# the once-exported decode stage: samples [B, *sample_shape] -> images_uint8 [B, H, W, C]
+DECODER_SAMPLES = "samples"
 
 # the symbolic batch dimension of sampler.onnx's and denoiser.onnx's inputs and outputs
 BATCH_AXIS = "batch"
@@ -46,6 +49,7 @@ SAMPLER_ONNX = "sampler.onnx"
 SAMPLER_ONNX_DATA = SAMPLER_ONNX + ".data"  # its tensors, when the graph is over protobuf's 2 GB
 SAMPLER_PLAN = "sampler.plan"
 DENOISER_ONNX = "denoiser.onnx"  # one denoiser call, for the overhead benchmark
+DECODER_ONNX = "decoder.onnx"  # one call of the model's decode stage (when the graph decodes), for the benchmark
 COEFFICIENTS = "coefficients.json"
 PROGRAM = "program.json"  # the sampler as a per-call plan, for a loop around denoiser.onnx (see read_program)
 GOLDEN_INPUTS = "golden_inputs.json"
@@ -88,16 +92,18 @@ class ArtifactError(ValueError):
     """An artifact (or coefficient file) that must not be used: missing, foreign, newer, corrupted."""
 
 
-def io_spec(sample_shape, label_dim: int, is_image: bool) -> tuple[list[dict], list[dict]]:
-    """The manifest's `inputs` and `outputs`: names, dtypes, shapes ("batch" is the dynamic axis)."""
+def io_spec(sample_shape, label_dim: int, decoded=None, latent: bool = False) -> tuple[list[dict], list[dict]]:
+    """The manifest's `inputs` and `outputs`: names, dtypes, shapes ("batch" is the dynamic axis).
+
+    `decoded`: (H, W, C) of the decode stage's uint8 images (None: the graph does not decode); `latent`:
+    the float output is LATENTS (a latent model's samples) rather than IMAGES."""
     shape = [int(s) for s in sample_shape]
     inputs = [{"name": NOISE, "dtype": "float32", "shape": ["batch", *shape]}]
     if label_dim > 0:
         inputs.append({"name": LABELS, "dtype": "int64", "shape": ["batch"], "range": [0, label_dim - 1]})
-    outputs = [{"name": IMAGES, "dtype": "float32", "shape": ["batch", *shape]}]
-    if is_image:
-        c, h, w = shape
-        outputs.append({"name": IMAGES_U8, "dtype": "uint8", "shape": ["batch", h, w, c]})
+    outputs = [{"name": LATENTS if latent else IMAGES, "dtype": "float32", "shape": ["batch", *shape]}]
+    if decoded is not None:
+        outputs.append({"name": IMAGES_U8, "dtype": "uint8", "shape": ["batch", *(int(d) for d in decoded)]})
     return inputs, outputs
 
 
@@ -207,8 +213,10 @@ def check_manifest(data, path="manifest.json") -> None:
             raise ArtifactError(f"{path}: field 'inputs' gives class_labels {labels['dtype']} {labels['shape']} range "
                                 f"{_short(labels.get('range'))}, expected int64 ['batch'] range [0, {label_dim - 1}] (label_dim)")
     names = [t["name"] for t in outputs]
-    if IMAGES not in names or len(set(names)) != len(names):
-        raise ArtifactError(f"{path}: field 'outputs' names {names}: expected '{IMAGES}' once (and '{IMAGES_U8}')")
+    samples = [n for n in names if n in (IMAGES, LATENTS)]
+    if len(samples) != 1 or len(set(names)) != len(names) or (samples[0] == LATENTS and IMAGES_U8 not in names):
+        raise ArtifactError(f"{path}: field 'outputs' names {names}: expected '{IMAGES}' once (and '{IMAGES_U8}'), "
+                            f"or '{LATENTS}' and '{IMAGES_U8}' (a latent model's samples and their decoded images)")
     for key, kind in (("solver", str), ("model", dict), ("engine", dict)):
         if key in data and data[key] is not None and not isinstance(data[key], kind):
             raise ArtifactError(f"{path}: field '{key}' must be a {kind.__name__}, got {_short(data[key])}")

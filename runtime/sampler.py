@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .contract import IMAGES, IMAGES_U8, LABELS, NOISE, draw_noise
+from .contract import IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE, draw_noise
 
 
 class BackendUnavailable(RuntimeError):
@@ -62,9 +62,12 @@ class Sampler:
         self.solver = manifest.get("solver")
         self.output_names = [o["name"] for o in manifest["outputs"]]
         self.input_names = [i["name"] for i in manifest["inputs"]]
-        if self.input_names != ([NOISE, LABELS] if self.conditional else [NOISE]) or IMAGES not in self.output_names:
+        # pixel models output `images`; latent models `latents` (the graph decodes them into images_uint8)
+        self.samples_name = LATENTS if LATENTS in self.output_names else IMAGES
+        if self.input_names != ([NOISE, LABELS] if self.conditional else [NOISE]) or \
+                self.samples_name not in self.output_names:
             raise ValueError(f"manifest inputs {self.input_names} / outputs {self.output_names} do not match "
-                             f"this runtime's interface (noise[, class_labels] -> images[, images_uint8])")
+                             f"this runtime's interface (noise[, class_labels] -> images|latents[, images_uint8])")
         self.fallbacks: list[tuple[str, str]] = []  # backends `load(backend="auto")` skipped, with why
 
     # ---- properties -------------------------------------------------------------------------------
@@ -168,9 +171,9 @@ class Sampler:
 
     # ---- calls -----------------------------------------------------------------------------------
     def __call__(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> np.ndarray:
-        """float32 samples [B, *sample_shape]."""
+        """float32 samples [B, *sample_shape] (latents, for a latent model)."""
         x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
-        return self._run(self._feeds(x, labels), [IMAGES])[0]
+        return self._run(self._feeds(x, labels), [self.samples_name])[0]
 
     def images(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> np.ndarray:
         """uint8 images [B, H, W, C] (image models only)."""
@@ -183,7 +186,7 @@ class Sampler:
     def sample(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> Samples:
         """Both outputs from one run, plus the noise and labels used (what `iia-sample` saves)."""
         x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
-        names = [IMAGES, IMAGES_U8] if self.is_image else [IMAGES]
+        names = [self.samples_name, IMAGES_U8] if self.is_image else [self.samples_name]
         out = self._run(self._feeds(x, labels), names)
         return Samples(out[0], out[1] if self.is_image else None, x, labels)
 

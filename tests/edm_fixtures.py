@@ -20,11 +20,13 @@ import types
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "edm_like"
 KINDS = ("edm-cond", "vp-uncond")
-_NAMES = ("torch_utils", "torch_utils.persistence", "torch_utils.misc")
+EDM2_FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "edm2_like"
+_NAMES = ("torch_utils", "torch_utils.persistence", "torch_utils.misc", "dnnlib", "dnnlib.util")
 _MISSING = object()
 
 
@@ -62,6 +64,37 @@ _FAKE_PERSISTENCE.persistent_class = _persistent_class
 _FAKE_PERSISTENCE._reconstruct_persistent_obj = _reconstruct_persistent_obj
 _FAKE_PERSISTENCE.current_src = None
 _FAKE_MISC = types.ModuleType("torch_utils.misc")
+
+
+def _fake_const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
+    """The fixtures' own stand-in for EDM2's misc.const_like (value as a tensor with ref's dtype/device)."""
+    tensor = torch.as_tensor(np.array(value), dtype=dtype or ref.dtype, device=device or ref.device)
+    return tensor if shape is None else tensor.expand(shape).contiguous()
+
+
+_FAKE_MISC.const_like = _fake_const_like
+
+
+class FakeEasyDict(dict):
+    """Pickles as `dnnlib.util.EasyDict`, the top-level type of EDM2 snapshots."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+FakeEasyDict.__module__ = "dnnlib.util"
+FakeEasyDict.__qualname__ = FakeEasyDict.__name__ = "EasyDict"
+_FAKE_UTIL = types.ModuleType("dnnlib.util")
+_FAKE_UTIL.EasyDict = FakeEasyDict
+_FAKE_DNNLIB = types.ModuleType("dnnlib")
+_FAKE_DNNLIB.util = _FAKE_UTIL
+_FAKE_DNNLIB.EasyDict = FakeEasyDict
 _FAKE_TORCH_UTILS = types.ModuleType("torch_utils")
 _FAKE_TORCH_UTILS.persistence = _FAKE_PERSISTENCE
 _FAKE_TORCH_UTILS.misc = _FAKE_MISC
@@ -69,10 +102,10 @@ _FAKE_TORCH_UTILS.misc = _FAKE_MISC
 
 @contextmanager
 def fake_edm_modules():
-    """Fake `torch_utils` (+ persistence, misc) in sys.modules for the block; previous entries restored."""
+    """Fake `torch_utils` (+ persistence, misc) and `dnnlib` in sys.modules for the block; previous entries restored."""
     saved = {name: sys.modules.get(name, _MISSING) for name in _NAMES}
     sys.modules.update({"torch_utils": _FAKE_TORCH_UTILS, "torch_utils.persistence": _FAKE_PERSISTENCE,
-                        "torch_utils.misc": _FAKE_MISC})
+                        "torch_utils.misc": _FAKE_MISC, "dnnlib": _FAKE_DNNLIB, "dnnlib.util": _FAKE_UTIL})
     try:
         yield
     finally:
@@ -135,7 +168,7 @@ def dump_edm_style(path: str | Path, data, numpy2_names: bool = False, protocol:
 
 
 def build_fixture_objects(kind: str = "edm-cond", *, resolution: int = 8, channels: int = 16, num_blocks: int = 2,
-                          label_dim: int = 10, seed: int = 0):
+                          label_dim: int = 10, seed: int = 0, label_dropout: float = 0.0):
     """In-memory (precond, loss) built from the fixture sources; returns them (eval, no grad)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -145,7 +178,8 @@ def build_fixture_objects(kind: str = "edm-cond", *, resolution: int = 8, channe
         torch.manual_seed(seed)
         networks = exec_fixture_source(net_src, "edm_fixture_networks")
         losses = exec_fixture_source(loss_src, "edm_fixture_loss")
-        kwargs = dict(img_resolution=resolution, img_channels=3, model_channels=channels, num_blocks=num_blocks)
+        kwargs = dict(img_resolution=resolution, img_channels=3, model_channels=channels, num_blocks=num_blocks,
+                      label_dropout=label_dropout)
         if kind == "edm-cond":
             net = networks.EDMPrecond(label_dim=label_dim, use_fp16=True, **kwargs)
         else:
@@ -156,7 +190,8 @@ def build_fixture_objects(kind: str = "edm-cond", *, resolution: int = 8, channe
 
 
 def make_edm_pickle(path: str | Path, kind: str = "edm-cond", numpy2_names: bool = False, *, resolution: int = 8,
-                    channels: int = 16, num_blocks: int = 2, label_dim: int = 10, seed: int = 0) -> torch.nn.Module:
+                    channels: int = 16, num_blocks: int = 2, label_dim: int = 10, seed: int = 0,
+                    label_dropout: float = 0.0) -> torch.nn.Module:
     """Write an EDM-format network pickle to `path` and return the original in-memory precond network.
 
     kind: "edm-cond" (EDMPrecond, `label_dim` classes, sigma range [0, inf), use_fp16=True) or
@@ -166,7 +201,7 @@ def make_edm_pickle(path: str | Path, kind: str = "edm-cond", numpy2_names: bool
     channels/num_blocks set the size (defaults: ~12k parameters; channels=96 gives ~1.4 MB).
     """
     net, loss = build_fixture_objects(kind, resolution=resolution, channels=channels, num_blocks=num_blocks,
-                                      label_dim=label_dim, seed=seed)
+                                      label_dim=label_dim, seed=seed, label_dropout=label_dropout)
     data = {
         "ema": net,
         "loss_fn": loss,
@@ -176,4 +211,44 @@ def make_edm_pickle(path: str | Path, kind: str = "edm-cond", numpy2_names: bool
                            "resolution": resolution, "max_size": 1000},
     }
     dump_edm_style(path, data, numpy2_names=numpy2_names)
+    return net
+
+
+EDM2_ENCODERS = ("pixel", "latent")
+
+
+def build_edm2_objects(*, resolution: int = 8, channels: int = 3, label_dim: int = 10, model_channels: int = 8,
+                       encoder: str = "pixel", vae_name: str = "stabilityai/sd-vae-ft-mse", seed: int = 0):
+    """In-memory (precond, encoder, loss) from the EDM2-style fixture sources (precond in float32, eval)."""
+    if encoder not in EDM2_ENCODERS:
+        raise ValueError(f"encoder must be one of {EDM2_ENCODERS}, got {encoder!r}")
+    sources = {name: (EDM2_FIXTURE_DIR / f"{name}.py").read_text() for name in ("networks", "encoders", "loss")}
+    with fake_edm_modules(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        networks = exec_fixture_source(sources["networks"], "edm2_fixture_networks")
+        encoders = exec_fixture_source(sources["encoders"], "edm2_fixture_encoders")
+        losses = exec_fixture_source(sources["loss"], "edm2_fixture_loss")
+        net = networks.Precond(resolution, channels, label_dim, model_channels=model_channels)
+        enc = encoders.StandardRGBEncoder() if encoder == "pixel" else encoders.StabilityVAEEncoder(vae_name=vae_name)
+        loss = losses.EDM2Loss()
+    return net.eval().requires_grad_(False), enc, loss
+
+
+def make_edm2_pickle(path: str | Path, *, resolution: int = 8, channels: int = 3, label_dim: int = 10,
+                     model_channels: int = 8, encoder: str = "pixel", vae_name: str = "stabilityai/sd-vae-ft-mse",
+                     seed: int = 0) -> torch.nn.Module:
+    """Write a pickle with EDM2's snapshot structure and return the network as it was stored (float16).
+
+    The pickle is a `dnnlib.util.EasyDict(encoder=..., dataset_kwargs=..., loss_fn=..., ema=...)` with the
+    network in float16, as EDM2's training loop writes snapshots. encoder "pixel" stores a
+    StandardRGBEncoder, "latent" a StabilityVAEEncoder (channels should then be 4).
+    """
+    net, enc, loss = build_edm2_objects(resolution=resolution, channels=channels, label_dim=label_dim,
+                                        model_channels=model_channels, encoder=encoder, vae_name=vae_name, seed=seed)
+    net = net.to(torch.float16)
+    data = FakeEasyDict(encoder=enc, loss_fn=loss,
+                        dataset_kwargs={"class_name": "training.dataset.ImageFolderDataset", "path": "tiny.zip",
+                                        "use_labels": label_dim > 0, "xflip": False, "cache": True})
+    data.ema = net
+    dump_edm_style(path, data)
     return net

@@ -111,8 +111,13 @@ def test_misc_shim_fails_only_when_used(pickles):
     assert info["class_names"][-1] == "EDMLoss"
     loss = data["loss_fn"]
     assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-1.2, 1.2, 0.5)
-    with pytest.raises(EDMShimError, match=r"torch_utils\.misc\.constant is not available"):
-        loss.checked_constant(1.0)
+    # EDM's misc.constant / const_like are provided (EDM2's network source uses const_like)
+    value = loss.checked_constant([1.0, 2.0])
+    assert value.dtype == torch.get_default_dtype() and value.tolist() == [1.0, 2.0]
+    # anything else the shim lacks fails when called, naming what it does provide (no guessed cause)
+    with pytest.raises(EDMShimError, match=r"torch_utils\.misc\.assert_shape is not available.*provides only: "
+                                           r"constant, const_like"):
+        loss.checked_shape(torch.zeros(1, 3, 2, 2))
 
 
 def test_sys_modules_unchanged(pickles):

@@ -1,0 +1,117 @@
+"""Guided denoisers: one `Denoiser` whose net evaluates two denoisers and extrapolates between them.
+
+* Guide network (EDM2's guidance, autoguidance): D(x) = D_guide(x) + g (D_net(x) - D_guide(x)), the guide an
+  unconditional or smaller / less-trained network with the same sample shape. g = 1 is the main net alone.
+  (NVlabs/edm2 generate_images.py: `gnet(x, t, labels).lerp(net(x, t, labels), guidance)`.)
+* Classifier-free guidance: D(x, c) = D(x, null) + w (D(x, c) - D(x, null)), the null label being what the
+  model saw when label dropout removed the label (EDM: an all-zero one-hot vector). Only models that declare
+  `null_label` (trained with label dropout) accept it.
+
+The guided net is exported as ONE graph holding both networks' weights once; calibration (IIA) fits the
+guided denoiser, so its coefficients hold for the guidance value they were fitted at (recorded in the
+identity, and so in every artifact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from .base import Denoiser
+
+
+class GuidanceError(ValueError):
+    """Guidance settings that cannot be applied to these models (the message names the setting)."""
+
+
+class GuideNet(torch.nn.Module):
+    """`(x, sigma[, class_labels])` -> D_guide + g (D_net - D_guide); each net gets labels only if conditional."""
+
+    def __init__(self, net: torch.nn.Module, guide: torch.nn.Module, guidance: float, net_conditional: bool,
+                 guide_conditional: bool):
+        super().__init__()
+        self.net, self.guide, self.guidance = net, guide, float(guidance)
+        self.net_conditional, self.guide_conditional = net_conditional, guide_conditional
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        d_net = self.net(x, sigma, class_labels) if self.net_conditional else self.net(x, sigma)
+        d_guide = self.guide(x, sigma, class_labels) if self.guide_conditional else self.guide(x, sigma)
+        return d_guide + self.guidance * (d_net - d_guide)
+
+
+class ClassifierFreeNet(torch.nn.Module):
+    """`(x, sigma, class_labels)` -> D(x, null) + w (D(x, c) - D(x, null)); the null label is id -1."""
+
+    def __init__(self, net: torch.nn.Module, cfg: float):
+        super().__init__()
+        self.net, self.cfg = net, float(cfg)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        d_cond = self.net(x, sigma, class_labels)
+        d_null = self.net(x, sigma, torch.full_like(class_labels, -1))
+        return d_null + self.cfg * (d_cond - d_null)
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _ident(d: Denoiser) -> dict:
+    return {k: d.identity.get(k) for k in ("kind", "name", "sha256", "path", "vae") if d.identity.get(k) is not None}
+
+
+def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | None = None,
+           cfg: float | None = None) -> Denoiser:
+    """`net` guided by `guide` with weight `guidance` (g), or by its own null label with weight `cfg` (w).
+
+    Raises GuidanceError naming the setting when the models do not fit together or the model cannot do CFG.
+    With neither a guide nor cfg, returns `net` unchanged.
+    """
+    if guide is None and guidance is not None:
+        raise GuidanceError("--guidance needs --guide (the guide network's pickle); for classifier-free guidance "
+                            "against the null label use --cfg")
+    if guide is not None and cfg is not None:
+        raise GuidanceError("--guide and --cfg are two kinds of guidance: choose one")
+    if guide is None and cfg is None:
+        return net
+    if guide is not None:
+        g = 1.0 if guidance is None else float(guidance)
+        if tuple(guide.shape) != tuple(net.shape):
+            raise GuidanceError(f"--guide {guide.identity.get('name')}: sample shape {list(guide.shape)} differs from "
+                                f"the main net's {list(net.shape)}")
+        if guide.conditional and guide.label_dim != net.label_dim:
+            raise GuidanceError(f"--guide {guide.identity.get('name')}: label_dim {guide.label_dim} differs from the "
+                                f"main net's {net.label_dim} (a guide is unconditional or has the same classes)")
+        if guide.is_latent != net.is_latent:
+            raise GuidanceError(f"--guide {guide.identity.get('name')}: one network is a latent model and the other "
+                                f"is not")
+        module = GuideNet(net.net, guide.net, g, net.conditional, guide.conditional)
+        settings = {"kind": "guide", "g": g, "guide": _ident(guide),
+                    "formula": "D = D_guide + g (D_net - D_guide)"}
+        sigma_min, sigma_max = max(net.sigma_min, guide.sigma_min), min(net.sigma_max, guide.sigma_max)
+        name = f"{net.identity.get('name', 'model')} guided by {guide.identity.get('name', 'guide')} (g={g:g})"
+    else:
+        w = float(cfg)
+        if not net.conditional:
+            raise GuidanceError(f"--cfg needs a class-conditional model; {net.identity.get('name')} is unconditional")
+        if not net.null_label:
+            raise GuidanceError(f"--cfg: {net.identity.get('name')} was not trained with label dropout (no null label "
+                                f"it has learned); guide it with a second network instead (--guide PKL --guidance G)")
+        module = ClassifierFreeNet(net.net, w)
+        settings = {"kind": "cfg", "w": w, "formula": "D = D(x, null) + w (D(x, c) - D(x, null))"}
+        sigma_min, sigma_max = net.sigma_min, net.sigma_max
+        name = f"{net.identity.get('name', 'model')} with classifier-free guidance (w={w:g})"
+    if not sigma_min < sigma_max:
+        raise GuidanceError(f"the main net's and the guide's noise ranges do not overlap "
+                            f"([{net.sigma_min:g}, {net.sigma_max:g}] vs [{guide.sigma_min:g}, {guide.sigma_max:g}])")
+    identity = {"kind": "guided", "name": name, "net": _ident(net), "guidance": settings}
+    identity["sha256"] = _digest({"net": identity["net"], "guidance": settings})
+    out = Denoiser(net=module.eval(), shape=tuple(net.shape), sigma_min=float(sigma_min), sigma_max=float(sigma_max),
+                   label_dim=net.label_dim, round_sigma=net.round_sigma, identity=identity,
+                   sigma_table=net.sigma_table, default_schedule=net.default_schedule, rho=net.rho,
+                   steps_offset=net.steps_offset, report=net.report, decode=net.decode, null_label=net.null_label)
+    out.components = {"net": net, "guide": guide}
+    return out
+
