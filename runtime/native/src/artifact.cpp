@@ -374,9 +374,13 @@ void check_manifest(Manifest& m) {
     std::vector<std::string> names = m.output_names;
     std::sort(names.begin(), names.end());
     const bool unique = std::adjacent_find(names.begin(), names.end()) == names.end();
-    if (std::find(names.begin(), names.end(), IMAGES) == names.end() || !unique)
+    const auto n_images = std::count(names.begin(), names.end(), std::string(IMAGES));
+    const auto n_latents = std::count(names.begin(), names.end(), std::string(LATENTS));
+    const bool has_u8 = std::find(names.begin(), names.end(), IMAGES_U8) != names.end();
+    if (n_images + n_latents != 1 || !unique || (n_latents == 1 && !has_u8))
         throw artifact_error(where + ": field 'outputs' names " + py_list(m.output_names) + ": expected '" + IMAGES +
-                             "' once (and '" + IMAGES_U8 + "')");
+                             "' once (and '" + IMAGES_U8 + "'), or '" + LATENTS + "' and '" + IMAGES_U8 +
+                             "' (a latent model's samples and their decoded images)");
     for (const auto& [key, want_str] : {std::pair<const char*, bool>{"solver", true}, {"model", false}, {"engine", false}}) {
         if (!d.contains(key) || d[key].is_null()) continue;
         if (want_str ? !d[key].is_string() : !d[key].is_object())
@@ -448,6 +452,9 @@ void check_interface(const Manifest& m) {
     std::vector<std::string> want{NOISE};
     if (m.conditional()) want.push_back(LABELS);
     const bool has_images = std::find(m.output_names.begin(), m.output_names.end(), IMAGES) != m.output_names.end();
+    if (std::find(m.output_names.begin(), m.output_names.end(), LATENTS) != m.output_names.end())
+        throw invalid("this is a latent model's artifact (outputs " + py_list(m.output_names) + "): the native runtime "
+                      "does not run latent artifacts yet (their decoded images have another shape); use iia.runtime");
     if (m.input_names != want || !has_images)
         throw invalid("manifest inputs " + py_list(m.input_names) + " / outputs " + py_list(m.output_names) +
                       " do not match this runtime's interface (noise[, class_labels] -> images[, images_uint8])");

@@ -20,6 +20,7 @@ inline constexpr const char* NOISE = "noise";
 inline constexpr const char* LABELS = "class_labels";
 inline constexpr const char* IMAGES = "images";
 inline constexpr const char* IMAGES_U8 = "images_uint8";
+inline constexpr const char* LATENTS = "latents";  // a latent model's samples (with images_uint8 decoded)
 inline constexpr const char* SCHEMA = "iia.artifact";
 inline constexpr int SCHEMA_VERSION = 1;
 inline constexpr const char* MANIFEST = "manifest.json";
