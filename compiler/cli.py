@@ -28,6 +28,9 @@ def _main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="artifact directory (default: <model>-<solver>-nfe<N>)")
     args = parser.parse_args(argv)
     options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args))
+    if options.solver == "auto" and args.schedule != CalibrationOptions().schedule:
+        raise ValueError(f"--schedule {args.schedule} does not apply to --solver auto, which searches the time steps "
+                         f"itself (Karras and learned); choose a solver to use a fixed schedule")
     if options.coefficients:  # the file fixes schedule and coefficients: a calibration flag would be ignored silently
         unused = [flag_of(f) for f in dataclasses.fields(CalibrationOptions)
                   if getattr(options.calibration, f.name) != getattr(CalibrationOptions(), f.name)]
