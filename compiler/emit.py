@@ -173,8 +173,17 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
             site += 1
         else:
             emit_combine(gb, op)
+    return _finish_model(gb, _value(program.output), shape, conditional, name, denoiser_model, decoder_model, latent,
+                         weights=list(dgraph.initializer))
+
+
+def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditional: bool, name: str,
+                  denoiser_model: onnx.ModelProto, decoder_model: onnx.ModelProto | None, latent: bool,
+                  weights: list[onnx.TensorProto], also_read: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """The model around `gb`'s nodes: `source` as the samples output, the decode stage, inputs, and the
+    initializers that are read (by gb's nodes or, `also_read`, by a subgraph), from `weights` and gb's constants."""
     samples = LATENTS if latent else IMAGES
-    gb.nodes.append(helper.make_node("Identity", [_value(program.output)], [samples], name=f"iia/{samples}"))
+    gb.nodes.append(helper.make_node("Identity", [source], [samples], name=f"iia/{samples}"))
     outputs = [helper.make_tensor_value_info(samples, TensorProto.FLOAT, ["batch", *shape])]
     decode_weights: list[onnx.TensorProto] = []
     if decoder_model is not None:
@@ -185,8 +194,8 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     if conditional:
         inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
     # Folding leaves some denoiser tensors (the noise-embedding MLP, sigma-only constants) unread: drop them.
-    used = {i for node in gb.nodes for i in node.input}
-    initializers = [t for t in list(dgraph.initializer) + decode_weights + gb.initializers if t.name in used]
+    used = {i for node in gb.nodes for i in node.input} | set(also_read)
+    initializers = [t for t in weights + decode_weights + gb.initializers if t.name in used]
     graph = helper.make_graph(gb.nodes, name, inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=list(denoiser_model.opset_import), producer_name="iia")
     model.ir_version = denoiser_model.ir_version
@@ -217,15 +226,24 @@ def decoded_shape(decoder_model: onnx.ModelProto) -> tuple[int, int, int]:
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all stored tensors: initializers plus tensor-valued Constant nodes (what weight sharing bounds)."""
+    """Bytes of all stored tensors: initializers plus tensor-valued Constant nodes, subgraphs included (what
+    weight sharing bounds)."""
+    return _graph_bytes(model.graph)
+
+
+def _graph_bytes(graph: onnx.GraphProto) -> int:
+    """Stored bytes of a graph and of its subgraphs (a Loop body holds the loop-form denoiser's weights)."""
     total = 0
-    for t in model.graph.initializer:
+    for t in graph.initializer:
         total += numpy_helper.to_array(t).nbytes if not t.external_data else _external_size(t)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    total += numpy_helper.to_array(a.t).nbytes
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
+                total += numpy_helper.to_array(a.t).nbytes
+            elif a.type == onnx.AttributeProto.GRAPH:
+                total += _graph_bytes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                total += sum(_graph_bytes(g) for g in a.graphs)
     return total
 
 
@@ -275,7 +293,8 @@ def _mix(gb: GraphBuilder, noise_coef: str, noise: str, row: str, dbuf: str, sha
 
 
 def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
-                      name: str = "iia_sampler", fold: bool = True) -> onnx.ModelProto:
+                      name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
+                      latent: bool = False) -> onnx.ModelProto:
     """The same sampler as `emit_sampler`, as ONE ONNX `Loop` of NFE iterations around ONE copy of the denoiser.
 
     Iteration i computes x_i = a_i * noise + sum_j b_ij D_j (see `linear_form`), D_i = denoiser(x_i, sigma_i)
@@ -362,23 +381,6 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     outer.nodes.append(helper.make_node("Loop", [trip, true, dbuf0], ["iia/D"], name="iia/loop", body=body_graph))
     result = _mix(outer, outer.const(np.float32(out_coef[0])), NOISE, outer.const(out_coef[1:].astype(np.float32)),
                   "iia/D", noise_shape)
-    outer.node("Identity", [result], IMAGES)
-    outputs = [helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, ["batch", *shape])]
-    if len(shape) == 3:
-        scaled = outer.node("Add", [outer.node("Mul", [IMAGES, outer.const(127.5)]), outer.const(128.0)])
-        clipped = outer.node("Clip", [scaled, outer.const(0.0), outer.const(255.0)])
-        u8 = outer.node("Cast", [clipped], to=TensorProto.UINT8)
-        outer.node("Transpose", [u8], IMAGES_U8, perm=[0, 2, 3, 1])
-        c, h, w = shape
-        outputs.append(helper.make_tensor_value_info(IMAGES_U8, TensorProto.UINT8, ["batch", h, w, c]))
-    inputs = [helper.make_tensor_value_info(NOISE, TensorProto.FLOAT, ["batch", *shape])]
-    if conditional:
-        inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
-    used = {i for node in outer.nodes + body.nodes for i in node.input} - {t.name for t in body_graph.initializer}
-    initializers = [t for t in outer.initializers if t.name in used]
-    graph = helper.make_graph(outer.nodes, name, inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=list(denoiser_model.opset_import), producer_name="iia")
-    model.ir_version = denoiser_model.ir_version
-    for fn in denoiser_model.functions:
-        model.functions.append(fn)
-    return model
+    body_reads = {i for node in body.nodes for i in node.input} - {t.name for t in body_graph.initializer}
+    return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent,
+                         weights=[], also_read=frozenset(body_reads))
