@@ -496,6 +496,11 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                     files.append(SAMPLER_PLAN)
                 except EngineUnavailable as err:
                     engine["reason"] = str(err)
+                except Exception as err:  # TensorRT's parser/builder errors: name the graph form, which is a choice
+                    if opts.graph != "loop":
+                        raise
+                    raise CompileError(f"TensorRT could not build the loop-form graph ({type(err).__name__}: {err}); "
+                                       f"compile with --graph unrolled") from None
         if not engine["built"]:
             log(f"  TensorRT engine skipped: {engine['reason']}")
         inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim,
