@@ -14,7 +14,7 @@ from iia.calibration.sampling import program_for, sample
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import CheckError, check_weight_sharing
 from iia.compiler.emit import emit_sampler, emit_sampler_loop, initializer_bytes, linear_form
-from iia.compiler.export import export_denoiser
+from iia.compiler.export import export_decoder, export_denoiser
 from iia.models import gaussian_mixture, load
 from iia.runtime.engine import fp32_layer_names
 
@@ -24,7 +24,7 @@ def edm(tmp_path_factory):
     path = tmp_path_factory.mktemp("edm") / "edm-cond.pkl"
     make_edm_pickle(path, kind="edm-cond")
     d = load(path)
-    return d, export_denoiser(d)
+    return d, export_denoiser(d), export_decoder(d)
 
 
 def run(model, noise, labels=None):
@@ -37,13 +37,13 @@ def run(model, noise, labels=None):
 
 @pytest.mark.parametrize("solver", ["edm", "ipndm"])
 def test_loop_graph_equals_unrolled_graph(edm, solver):
-    d, dm = edm
+    d, dm, decoder = edm
     program = program_for(d, solver, 9)
-    loop = emit_sampler_loop(program, dm, d.shape, True)
+    loop = emit_sampler_loop(program, dm, d.shape, True, decoder_model=decoder)
     assert [n.op_type for n in loop.graph.node].count("Loop") == 1
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
     assert sum(n.op_type == "Conv" for n in body.node) == sum(n.op_type == "Conv" for n in dm.graph.node)
-    unrolled = emit_sampler(program, dm, d.shape, True)
+    unrolled = emit_sampler(program, dm, d.shape, True, decoder_model=decoder)
     rng = np.random.default_rng(5)
     for batch in (1, 3):
         noise, labels = rng.standard_normal((batch, *d.shape)), rng.integers(0, 10, batch)
@@ -78,7 +78,7 @@ def test_linear_form_reproduces_the_program():
 
 
 def test_loop_graph_stores_weights_once_and_a_duplicate_is_caught(edm):
-    d, dm = edm
+    d, dm, _ = edm
     loop = emit_sampler_loop(program_for(d, "edm", 9), dm, d.shape, True)
     assert check_weight_sharing(loop, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
