@@ -38,7 +38,7 @@ from iia.models.registry import load as load_model
 from iia.models.registry import resolve_model
 
 from .check import check_model, check_parity, check_static_batches, check_weight_sharing
-from .emit import decoded_shape, emit_sampler, initializer_bytes
+from .emit import GRAPH_FORMS, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
 from .export import export_decoder, export_denoiser
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
@@ -65,6 +65,9 @@ class CompileOptions:
     static_batch: str | None = option(None, "comma-separated batch sizes (e.g. 1,8,32) for which ONNX Runtime "
                                       "specialises the graph, shape computations folded; each checked against "
                                       "the dynamic graph")
+    graph: str = option("loop", "sampler graph form: 'loop' (one ONNX Loop around ONE denoiser copy; faster on "
+                                "ONNX Runtime CPU, docs/performance.md) or 'unrolled' (one denoiser copy per call)",
+                        choices=GRAPH_FORMS)
     force: bool = option(False, "replace an existing artifact directory (only an iia artifact: anything else is refused)")
     engine: bool = option(True, "skip the TensorRT engine", flag="--no-engine")
     guide: str | None = option(None, "guide network PKL (EDM2 guidance / autoguidance): D = D_guide + g (D_net - D_guide)")
@@ -453,8 +456,9 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                 onnx.save_model(decoder_model, str(work / DECODER_ONNX))
                 decoder_files = [DECODER_ONNX]
         with stage("emit sampler graph", timings, log):
-            sampler = emit_sampler(program, denoiser_model, denoiser.shape, denoiser.conditional,
-                                   decoder_model=decoder_model, latent=denoiser.is_latent)
+            emit = emit_sampler_loop if opts.graph == "loop" else emit_sampler
+            sampler = emit(program, denoiser_model, denoiser.shape, denoiser.conditional,
+                           decoder_model=decoder_model, latent=denoiser.is_latent)
             check_model(sampler)
             stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
                                                     "sample_shape": list(denoiser.shape)}))
@@ -462,7 +466,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             weights = check_weight_sharing(sampler, initializer_bytes(denoiser_model) + decoder_bytes,
                                            denoiser.param_bytes() + decode_param_bytes(stage_module), opts.weight_limit)
             files = save_onnx(sampler, work / SAMPLER_ONNX)
-            log(f"  {program.nfe} denoiser calls, {len(sampler.graph.node)} nodes, stored tensors {weights['ratio']:.4f}x one "
+            log(f"  {opts.graph} graph, {program.nfe} denoiser calls, {len(sampler.graph.node)} top-level nodes, stored tensors {weights['ratio']:.4f}x one "
                 f"denoiser call, {weights['ratio_vs_params']:.4f}x its parameters (+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
         if _fail_after == "emit":
             raise RuntimeError("injected failure after emit")
@@ -492,6 +496,11 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                     files.append(SAMPLER_PLAN)
                 except EngineUnavailable as err:
                     engine["reason"] = str(err)
+                except Exception as err:  # TensorRT's parser/builder errors: name the graph form, which is a choice
+                    if opts.graph != "loop":
+                        raise
+                    raise CompileError(f"TensorRT could not build the loop-form graph ({type(err).__name__}: {err}); "
+                                       f"compile with --graph unrolled") from None
         if not engine["built"]:
             log(f"  TensorRT engine skipped: {engine['reason']}")
         inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim,
@@ -504,6 +513,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             r=program.r,
             sigmas=list(program.sigmas),
             sample_shape=list(denoiser.shape),
+            graph=opts.graph,
             label_dim=denoiser.label_dim,
             max_batch=opts.max_batch,
             **({STATIC_BATCHES: static, "static_parity": {str(b): d for b, d in static_parity.items()}} if static else {}),

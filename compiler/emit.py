@@ -173,8 +173,17 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
             site += 1
         else:
             emit_combine(gb, op)
+    return _finish_model(gb, _value(program.output), shape, conditional, name, denoiser_model, decoder_model, latent,
+                         weights=list(dgraph.initializer))
+
+
+def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditional: bool, name: str,
+                  denoiser_model: onnx.ModelProto, decoder_model: onnx.ModelProto | None, latent: bool,
+                  weights: list[onnx.TensorProto], also_read: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """The model around `gb`'s nodes: `source` as the samples output, the decode stage, inputs, and the
+    initializers that are read (by gb's nodes or, `also_read`, by a subgraph), from `weights` and gb's constants."""
     samples = LATENTS if latent else IMAGES
-    gb.nodes.append(helper.make_node("Identity", [_value(program.output)], [samples], name=f"iia/{samples}"))
+    gb.nodes.append(helper.make_node("Identity", [source], [samples], name=f"iia/{samples}"))
     outputs = [helper.make_tensor_value_info(samples, TensorProto.FLOAT, ["batch", *shape])]
     decode_weights: list[onnx.TensorProto] = []
     if decoder_model is not None:
@@ -185,8 +194,8 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     if conditional:
         inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
     # Folding leaves some denoiser tensors (the noise-embedding MLP, sigma-only constants) unread: drop them.
-    used = {i for node in gb.nodes for i in node.input}
-    initializers = [t for t in list(dgraph.initializer) + decode_weights + gb.initializers if t.name in used]
+    used = {i for node in gb.nodes for i in node.input} | set(also_read)
+    initializers = [t for t in weights + decode_weights + gb.initializers if t.name in used]
     graph = helper.make_graph(gb.nodes, name, inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=list(denoiser_model.opset_import), producer_name="iia")
     model.ir_version = denoiser_model.ir_version
@@ -217,15 +226,24 @@ def decoded_shape(decoder_model: onnx.ModelProto) -> tuple[int, int, int]:
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of all stored tensors: initializers plus tensor-valued Constant nodes (what weight sharing bounds)."""
+    """Bytes of all stored tensors: initializers plus tensor-valued Constant nodes, subgraphs included (what
+    weight sharing bounds)."""
+    return _graph_bytes(model.graph)
+
+
+def _graph_bytes(graph: onnx.GraphProto) -> int:
+    """Stored bytes of a graph and of its subgraphs (a Loop body holds the loop-form denoiser's weights)."""
     total = 0
-    for t in model.graph.initializer:
+    for t in graph.initializer:
         total += numpy_helper.to_array(t).nbytes if not t.external_data else _external_size(t)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    total += numpy_helper.to_array(a.t).nbytes
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
+                total += numpy_helper.to_array(a.t).nbytes
+            elif a.type == onnx.AttributeProto.GRAPH:
+                total += _graph_bytes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                total += sum(_graph_bytes(g) for g in a.graphs)
     return total
 
 
@@ -234,3 +252,135 @@ def _external_size(t: onnx.TensorProto) -> int:
         if entry.key == "length":
             return int(entry.value)
     return 0
+
+
+GRAPH_FORMS = ("unrolled", "loop")
+
+
+def linear_form(program: Program) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every value of a Program as a linear combination of [noise, D_0, ..., D_{N-1}] (float64).
+
+    Denoise ops are numbered i = 0..N-1 in program order. Returns (state [N, N+1], sigmas [N], output [N+1],
+    calls): row i of `state` is the coefficient vector of call i's input x_i (nonzero only on noise and
+    D_j, j < i), `output` that of the program's output. EmitError if a value is read before it is defined.
+    """
+    calls = [op for op in program.ops() if isinstance(op, Denoise)]
+    n = len(calls)
+    values: dict[str, np.ndarray] = {"noise": np.eye(n + 1)[0]}
+    state, sigmas = np.zeros((n, n + 1)), np.zeros(n)
+    i = 0
+    for op in program.ops():
+        try:
+            if isinstance(op, Denoise):
+                state[i], sigmas[i] = values[op.state], op.sigma
+                values[op.out] = np.eye(n + 1)[1 + i]
+                i += 1
+            else:
+                values[op.out] = sum((w * values[name] for name, w in op.terms), np.zeros(n + 1))
+        except KeyError as err:
+            raise EmitError(f"program reads {err} before defining it") from None
+    if program.output not in values:
+        raise EmitError(f"program output {program.output} is never defined")
+    return state, sigmas, values[program.output], calls
+
+
+def _mix(gb: GraphBuilder, noise_coef: str, noise: str, row: str, dbuf: str, shape_of: str) -> str:
+    """noise_coef * noise + row . dbuf  (row float32 [N], dbuf [N, B, ...]) as one MatMul over the flat buffer."""
+    flat = gb.node("Reshape", [dbuf, gb.const(np.array([0, -1], np.int64), np.int64)])
+    mixed = gb.node("MatMul", [gb.node("Unsqueeze", [row, gb.const(np.array([0], np.int64), np.int64)]), flat])
+    mixed = gb.node("Reshape", [mixed, shape_of])
+    return gb.node("Add", [gb.node("Mul", [noise, noise_coef]), mixed])
+
+
+def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
+                      name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
+                      latent: bool = False) -> onnx.ModelProto:
+    """The same sampler as `emit_sampler`, as ONE ONNX `Loop` of NFE iterations around ONE copy of the denoiser.
+
+    Iteration i computes x_i = a_i * noise + sum_j b_ij D_j (see `linear_form`), D_i = denoiser(x_i, sigma_i)
+    and writes D_i into row i of the loop-carried buffer D [NFE, B, *shape] (ScatterND); after the loop the
+    output is a_out * noise + sum_j c_j D_j. a, b, sigma and the folded sigma-only values (fold.py) are
+    [NFE, ...] tables gathered by the iteration counter. Same interface and outputs as `emit_sampler`.
+    """
+    dgraph = denoiser_model.graph
+    _check_denoiser_graph(dgraph)
+    if conditional != (len(dgraph.input) == 3):
+        raise EmitError("denoiser graph's inputs do not match the model's conditioning")
+    state, sigmas, out_coef, calls = linear_form(program)
+    n = len(calls)
+    if n == 0:
+        raise EmitError("program has no denoiser calls")
+    plan = plan_folding(denoiser_model, [op.sigma for op in calls]) if fold else FoldPlan()
+
+    outer = GraphBuilder()
+    batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
+    noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
+    buf_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64), noise_shape], axis=0)
+    dbuf0 = outer.node("ConstantOfShape", [buf_shape], "iia/D_init",
+                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    a_table = outer.const(state[:, 0].astype(np.float32))
+    b_table = outer.const(state[:, 1:].astype(np.float32))
+    s_table = outer.const(sigmas.astype(np.float32))
+
+    body = GraphBuilder()
+    body._count = 10**6  # body value names never collide with the outer graph's
+    body._consts, body.initializers = outer._consts, outer.initializers  # constants live in the outer graph
+    it, cond, dbuf = "iia/loop/i", "iia/loop/cond", "iia/loop/D"
+    a = body.node("Gather", [a_table, it], axis=0)
+    b = body.node("Gather", [b_table, it], axis=0)
+    x = _mix(body, a, NOISE, b, dbuf, noise_shape)
+    sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
+                                                         body.const(np.array([0], np.int64), np.int64)]), batch])
+    shared = {t.name for t in dgraph.initializer}
+    out = "iia/loop/D_i"
+    mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, dgraph.output[0].name: out}
+    for value in (plan.values[calls[0].sigma] if plan.values else {}):
+        rows = np.stack([plan.values[op.sigma][value][0] for op in calls])
+        row = body.node("Gather", [outer.const(rows, rows.dtype), it], axis=0)
+        if plan.values[calls[0].sigma][value][1]:
+            tail = outer.const(np.array(rows.shape[2:], dtype=np.int64), np.int64)
+            row = body.node("Expand", [row, body.node("Concat", [batch, tail], axis=0)])
+        mapping[value] = row
+    skip = plan.foldable_nodes if plan.values else set()
+
+    def rename(value: str) -> str:
+        return value if not value or value in shared else mapping.get(value, "iia/loop/den/" + value)
+
+    for k, node in enumerate(dgraph.node):
+        if k in skip:
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = "iia/loop/den/" + (node.name or f"{node.op_type}_{k}")
+        copy.input[:] = [rename(v) for v in node.input]
+        copy.output[:] = [rename(v) for v in node.output]
+        body.nodes.append(copy)
+    index = body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)])
+    update = body.node("Unsqueeze", [out, body.const(np.array([0], np.int64), np.int64)])
+    body.node("ScatterND", [dbuf, index, update], "iia/loop/D_next")
+    body.node("Identity", [cond], "iia/loop/cond_out")
+    known = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", *shape]),
+             helper.make_tensor_value_info(sigma, TensorProto.FLOAT, ["batch"])]
+    for info in dgraph.value_info:  # the denoiser's inferred shapes, renamed (ONNX Runtime's layout passes need ranks)
+        if rename(info.name) not in (x, sigma) and not info.name in mapping:
+            renamed = onnx.ValueInfoProto()
+            renamed.CopyFrom(info)
+            renamed.name = rename(info.name)
+            known.append(renamed)
+    body_graph = helper.make_graph(
+        body.nodes, "iia_denoiser_loop_body",
+        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(dbuf, TensorProto.FLOAT, [n, "batch", *shape])],
+        [helper.make_tensor_value_info("iia/loop/cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("iia/loop/D_next", TensorProto.FLOAT, [n, "batch", *shape])],
+        value_info=known,
+        initializer=[t for t in dgraph.initializer if t.name in {i for node in body.nodes for i in node.input}])
+    trip = outer.const(np.array(n, np.int64), np.int64)
+    true = outer.const(np.array(True), np.bool_)
+    outer.nodes.append(helper.make_node("Loop", [trip, true, dbuf0], ["iia/D"], name="iia/loop", body=body_graph))
+    result = _mix(outer, outer.const(np.float32(out_coef[0])), NOISE, outer.const(out_coef[1:].astype(np.float32)),
+                  "iia/D", noise_shape)
+    body_reads = {i for node in body.nodes for i in node.input} - {t.name for t in body_graph.initializer}
+    return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent,
+                         weights=[], also_read=frozenset(body_reads))

@@ -76,7 +76,18 @@ def fp32_layer_names(model) -> list[str]:
         import onnx  # compile-time tooling, imported only to build a reduced-precision engine
 
         model = onnx.load(model, load_external_data=False)
-    return [n.name for n in model.graph.node if n.op_type in NORMALIZATION_OPS]
+    return _normalization_nodes(model.graph)
+
+
+def _normalization_nodes(graph) -> list[str]:
+    """NORMALIZATION_OPS node names of `graph` and its subgraphs (a loop-form sampler's Loop body)."""
+    names = []
+    for n in graph.node:
+        if n.op_type in NORMALIZATION_OPS:
+            names.append(n.name)
+        for a in n.attribute:
+            names += [name for g in ([a.g] if a.HasField("g") else list(a.graphs)) for name in _normalization_nodes(g)]
+    return names
 
 
 def build_engine(onnx_path: str, plan: EnginePlan, engine_path: str | None = None) -> tuple[bytes, dict]:

@@ -11,6 +11,8 @@ under each variant, the numpy loop around denoiser.onnx (iia.runtime.loop) and o
   no-mem-pattern memory pattern planning off
   extended       graph optimisation level EXTENDED instead of ALL (no NCHWc layout)
   no-nchwc       ALL but the NCHWc layout transformer disabled
+  other:dynamic, other:static  the same for `--other DIR`'s sampler.onnx (an artifact of the same model and
+                 solver in the other graph form, e.g. `iia-compile ... --graph unrolled`)
 Run from the repository root (imports this checkout's iia).
 """
 
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8,32")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS))
+    parser.add_argument("--other", default=None, help="another artifact of the same model and solver (other graph form)")
     args = parser.parse_args()
     root = Path(args.artifact)
     manifest = read_manifest(root)
@@ -70,6 +73,9 @@ def main() -> None:
             "extended": session(graph, args.threads, level="ORT_ENABLE_EXTENDED"),
             "no-nchwc": session(graph, args.threads, disabled=["NchwcTransformer"]),
         }
+        if args.other:
+            variants["other:dynamic"] = session(Path(args.other) / "sampler.onnx", args.threads)
+            variants["other:static"] = session(Path(args.other) / "sampler.onnx", args.threads, batch)
         calls = {name: (lambda s=s: s.run([IMAGES], feeds)) for name, s in variants.items()}
         binding = variants["static"].io_binding()
         for name, value in feeds.items():

@@ -63,9 +63,12 @@ def test_compile_analytic_model_end_to_end(tmp_path):
     assert np.abs(images - ref).max() < 1e-4
     expected_u8 = np.clip(ref * 127.5 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     assert np.abs(images_u8.astype(int) - expected_u8.astype(int)).max() <= 1
-    # exactly NFE denoiser call sites, each reading the same shared weights
-    n_softmax = sum(n.op_type == "Softmax" for n in model.graph.node)
-    assert n_softmax == 9
+    # the default loop form: ONE denoiser copy (its weights stored once) in a Loop of exactly NFE iterations
+    assert manifest["graph"] == "loop"
+    loop = next(n for n in model.graph.node if n.op_type == "Loop")
+    trip = next(t for t in model.graph.initializer if t.name == loop.input[0])
+    assert onnx.numpy_helper.to_array(trip) == 9
+    assert sum(n.op_type == "Softmax" for n in loop.attribute[0].g.node) == 1
 
 
 def test_compile_edm_pickle_conditional(tmp_path, edm_pkl):

@@ -1,0 +1,109 @@
+"""Loop-form sampler graph (`iia-compile --graph loop`): one ONNX Loop around one denoiser copy, the same
+numbers as the unrolled graph, weights stored once."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edm_fixtures import make_edm_pickle
+from iia.calibration.sampling import program_for, sample
+from iia.compiler.build import CompileError, CompileOptions, compile_model
+from iia.compiler.check import CheckError, check_weight_sharing
+from iia.compiler.emit import emit_sampler, emit_sampler_loop, initializer_bytes, linear_form
+from iia.compiler.export import export_decoder, export_denoiser
+from iia.models import gaussian_mixture, load
+from iia.runtime.engine import fp32_layer_names
+
+
+@pytest.fixture(scope="module")
+def edm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("edm") / "edm-cond.pkl"
+    make_edm_pickle(path, kind="edm-cond")
+    d = load(path)
+    return d, export_denoiser(d), export_decoder(d)
+
+
+def run(model, noise, labels=None):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"noise": noise.astype(np.float32)}
+    if labels is not None:
+        feed["class_labels"] = labels.astype(np.int64)
+    return sess.run(None, feed)
+
+
+@pytest.mark.parametrize("solver", ["edm", "ipndm"])
+def test_loop_graph_equals_unrolled_graph(edm, solver):
+    d, dm, decoder = edm
+    program = program_for(d, solver, 9)
+    loop = emit_sampler_loop(program, dm, d.shape, True, decoder_model=decoder)
+    assert [n.op_type for n in loop.graph.node].count("Loop") == 1
+    body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
+    assert sum(n.op_type == "Conv" for n in body.node) == sum(n.op_type == "Conv" for n in dm.graph.node)
+    unrolled = emit_sampler(program, dm, d.shape, True, decoder_model=decoder)
+    rng = np.random.default_rng(5)
+    for batch in (1, 3):
+        noise, labels = rng.standard_normal((batch, *d.shape)), rng.integers(0, 10, batch)
+        want, got = run(unrolled, noise, labels), run(loop, noise, labels)
+        # float32 sums in another order (one MatMul per combination): as close to the float64 PyTorch sampler
+        # as the unrolled graph is, and within 1e-5 of it relative to the output's scale
+        ref = sample(program, d, torch.from_numpy(noise), torch.from_numpy(labels), dtype=torch.float64).numpy()
+        assert np.abs(got[0] - ref).max() <= 2 * np.abs(want[0] - ref).max() + 1e-6
+        assert np.abs(got[0] - want[0]).max() <= 1e-5 * max(1.0, np.abs(want[0]).max())
+        assert np.abs(got[1].astype(int) - want[1].astype(int)).max() <= 1  # uint8 images: rounding at most
+        assert got[1].shape == (batch, *d.shape[1:], d.shape[0])
+
+
+def test_linear_form_reproduces_the_program():
+    """x_i and the output as combinations of [noise, D_0..]: evaluated with the D's the sampler saw, they give
+    the sampler's own states (float64), for a multistep solver whose updates read several past D's."""
+    d = gaussian_mixture(shape=(1, 4, 4), components=3)
+    program = program_for(d, "ipndm", 6)
+    state, sigmas, out, calls = linear_form(program)
+    assert state.shape == (6, 7) and np.all(np.triu(state[:, 1:]) == 0)  # x_i reads D_j for j < i only
+    noise = torch.from_numpy(np.random.default_rng(1).standard_normal((2, *d.shape)))
+    xs, ds = [], []
+    x_basis = [noise.numpy()]
+    for i in range(6):
+        x = sum(c * v for c, v in zip(state[i], x_basis + ds)) if i else state[i, 0] * noise.numpy()
+        xs.append(x)
+        ds.append(d(torch.from_numpy(x), torch.full((2,), float(sigmas[i]), dtype=torch.float64)).detach().numpy())
+    final = sum(c * v for c, v in zip(out, x_basis + ds))
+    ref = sample(program, d, noise, None, dtype=torch.float64).numpy()
+    assert np.abs(final - ref).max() < 1e-10
+    assert [op.sigma for op in calls] == list(sigmas)
+
+
+def test_loop_graph_stores_weights_once_and_a_duplicate_is_caught(edm):
+    d, dm, _ = edm
+    loop = emit_sampler_loop(program_for(d, "edm", 9), dm, d.shape, True)
+    assert check_weight_sharing(loop, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
+    body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
+    assert {t.name for t in body.initializer} <= {t.name for t in dm.graph.initializer}
+    big = max(body.initializer, key=lambda t: t.ByteSize())
+    for k in range(12):  # weights copied into the body must count
+        dup = onnx.TensorProto()
+        dup.CopyFrom(big)
+        dup.name = f"copy{k}"
+        body.initializer.append(dup)
+    with pytest.raises(CheckError, match="weight sharing violated"):
+        check_weight_sharing(loop, initializer_bytes(dm), d.param_bytes())
+    # reduced-precision engines keep the body's normalisation layers in fp32
+    assert fp32_layer_names(loop) and all(name.startswith("iia/loop/") for name in fp32_layer_names(loop))
+
+
+def test_compile_records_the_graph_form(tmp_path):
+    d = gaussian_mixture(shape=(1, 4, 4), components=3)
+    for form in ("loop", "unrolled"):
+        manifest = compile_model(d, tmp_path / form, CompileOptions(nfe=5, solver="edm", engine=False, graph=form),
+                                 log=lambda _: None)
+        assert manifest["graph"] == form
+        assert json.loads((tmp_path / form / "manifest.json").read_text())["graph"] == form
+        ops = {n.op_type for n in onnx.load(str(tmp_path / form / "sampler.onnx")).graph.node}
+        assert ("Loop" in ops) == (form == "loop")
+    with pytest.raises(CompileError, match="--graph must be one of"):
+        compile_model(d, tmp_path / "bad", CompileOptions(nfe=5, solver="edm", engine=False, graph="scan"),
+                      log=lambda _: None)
