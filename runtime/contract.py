@@ -141,8 +141,11 @@ def read_manifest(root: str | Path) -> dict:
 
 def parse_json(data: bytes, path) -> object:
     """JSON from bytes; ArtifactError naming `path` for bad encoding, bad syntax, absurd nesting or numbers."""
+    def no_constant(name):  # NaN/Infinity are not JSON: the C++ runtime's parser refuses them too
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), parse_constant=no_constant)
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, int too long
         raise ArtifactError(f"{path} is not readable JSON ({err})") from None
     except RecursionError:
@@ -368,7 +371,12 @@ def open_regular(path: str | Path, limit: int):
     """Open `path` for reading if it is a regular file of at most `limit` bytes (symlinks are followed, so a
     symlink to /dev/zero is refused); opened non-blocking so that a FIFO cannot hang the reader.
     FileNotFoundError if absent; ArtifactError for a device, FIFO, directory or a larger file."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a symlink loop, no permission...: the artifact cannot be used (the C++ runtime says the same)
+        raise ArtifactError(str(err)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -502,7 +510,7 @@ def atomic_open(path: str | Path, mode: str = "wb"):
 
 def write_json_atomic(path: str | Path, data) -> str:
     """JSON via a temp file + rename (never a half-written file); returns the sha256 of the bytes written."""
-    text = (json.dumps(data, indent=2) + "\n").encode()
+    text = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()  # strict JSON: NaN is no number
     with atomic_open(path) as f:
         f.write(text)
     return sha256_bytes(text)

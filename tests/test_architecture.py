@@ -242,3 +242,17 @@ def test_base_solver_coefficients_must_be_its_own(tmp_path):
     data["steps"][0]["coefficients"][0] = 5.0
     with pytest.raises(ArtifactError, match="solver edm fits nothing, but step 0 holds"):
         artifact.program_from_dict(data, d, 5, "edm")
+
+
+def test_symlink_loop_and_nan_manifest_are_artifact_errors(tmp_path):
+    from iia.runtime.contract import ArtifactError, parse_json, read_regular, write_json_atomic
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(ArtifactError, match="Too many levels of symbolic links"):
+        read_regular(loop, 100)
+    with pytest.raises(ArtifactError, match="NaN is not a JSON number"):
+        parse_json(b'{"sigma_max": NaN}', "m.json")
+    with pytest.raises(ValueError):
+        write_json_atomic(tmp_path / "x.json", {"a": float("nan")})
+    assert not (tmp_path / "x.json").exists()
