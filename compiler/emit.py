@@ -203,7 +203,20 @@ def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditi
         model.functions.append(fn)
     if decoder_model is not None:
         _merge_opsets(model, decoder_model)
+    _strip_node_metadata(model.graph)
     return model
+
+
+def _strip_node_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node metadata (stack traces, source paths; ~1.5 KB a node, copied per call site):
+    it would bloat the artifact and leak the compiling machine's paths."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _strip_node_metadata(attr.g)
+            for sub in attr.graphs:
+                _strip_node_metadata(sub)
 
 
 def _merge_opsets(model: onnx.ModelProto, other: onnx.ModelProto) -> None:

@@ -142,6 +142,10 @@ def load_vae(path: str | Path, expected: str | None = None) -> torch.nn.Module:
         vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as err:
         raise DecodeError(f"--vae {path}: diffusers could not load the AutoencoderKL ({err})") from None
+    bad = [name for name, t in vae.named_parameters() if not torch.isfinite(t).all()]
+    if bad:  # NaN weights would decode every image to black, and parity (NaN -> 0 on both sides) would not see it
+        raise DecodeError(f"--vae {path}: parameter {bad[0]} holds NaN/Inf ({len(bad)} parameter(s) in all): "
+                          f"the weights file is corrupted")
     return vae.float().cpu().eval().requires_grad_(False)
 
 

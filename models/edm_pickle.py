@@ -584,6 +584,10 @@ def load_edm_pickle(path: str | Path, vae: str | Path | None = None) -> Denoiser
 
     class_name = type(precond).__name__
     encoder = data.get("encoder")
+    if encoder is None and "edm2" in type(precond).__module__:
+        # EDM2 pickles always carry their encoder; without it a latent net would be "decoded" as pixels
+        raise EDMPickleError(f"{label}: an EDM2 network ({type(precond).__module__}.{class_name}) without the "
+                             f"pickle's 'encoder' entry: iia cannot tell how to decode its samples")
     decode = decode_stage_for(encoder, label, vae)
     denoiser = Denoiser(
         net=EDMNet(precond).eval(),

@@ -77,7 +77,9 @@ def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | None 
     if guide is None and cfg is None:
         return net
     if guide is not None:
-        g = 1.0 if guidance is None else float(guidance)
+        if guidance is None:  # g = 1 would run the guide at every step for nothing: say what to pass
+            raise GuidanceError("--guide needs --guidance G (EDM2's presets use 1.2-2.9; g = 1 is the main net alone)")
+        g = float(guidance)
         if tuple(guide.shape) != tuple(net.shape):
             raise GuidanceError(f"--guide {guide.identity.get('name')}: sample shape {list(guide.shape)} differs from "
                                 f"the main net's {list(net.shape)}")
@@ -87,6 +89,14 @@ def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | None 
         if guide.is_latent != net.is_latent:
             raise GuidanceError(f"--guide {guide.identity.get('name')}: one network is a latent model and the other "
                                 f"is not")
+        if net.is_latent:  # both nets must denoise in the same latent space: the main net's decode stage is used
+            a, b = net.decode, guide.decode
+            same = (getattr(a, "vae_name", None) == getattr(b, "vae_name", None)
+                    and torch.equal(a.latent_scale, b.latent_scale) and torch.equal(a.latent_bias, b.latent_bias))
+            if not same:
+                raise GuidanceError(f"--guide {guide.identity.get('name')}: its latent space (VAE "
+                                    f"{getattr(b, 'vae_name', None)}, per-channel scale/bias) differs from the main "
+                                    f"net's (VAE {getattr(a, 'vae_name', None)}): guidance would mix two latent spaces")
         module = GuideNet(net.net, guide.net, g, net.conditional, guide.conditional)
         settings = {"kind": "guide", "g": g, "guide": _ident(guide),
                     "formula": "D = D_guide + g (D_net - D_guide)"}

@@ -372,3 +372,33 @@ def test_diffusers_latent_folder_decodes_like_its_pipeline(vae_dir, tmp_path):
     ref_u8 = (pixels * 255).round().astype("uint8")  # diffusers' numpy_to_pil
     assert 0.2 < ((ref_u8 > 0) & (ref_u8 < 255)).mean()
     assert (np.abs(u8.astype(int) - ref_u8.astype(int)) <= 1).mean() >= 0.999
+
+
+def test_guide_vae_and_encoder_mismatches_refused_by_name(edm2, vae_dir, tmp_path, pixel_artifact):
+    import shutil
+
+    import onnx
+    from safetensors.torch import load_file, save_file
+
+    from iia.models import load
+    from iia.models.decode import DecodeError
+    from iia.models.guidance import GuidanceError
+
+    with pytest.raises(GuidanceError, match="--guide needs --guidance G"):
+        load(edm2["net"], guide=edm2["net"])
+    other = tmp_path / "other-vae-guide.pkl"
+    make_edm2_pickle(other, channels=4, label_dim=0, model_channels=4, encoder="latent", vae_name="stabilityai/sdxl-vae")
+    with pytest.raises(GuidanceError, match="differs from the main net's"):
+        load(edm2["latent"], guide=other, guidance=1.4, vae=vae_dir)
+    bad_vae = tmp_path / "vae-nan"
+    shutil.copytree(vae_dir, bad_vae)
+    weights = bad_vae / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in sorted(tensors) if k.startswith("decoder."))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, weights)
+    with pytest.raises(DecodeError, match=f"parameter {key} holds NaN/Inf"):
+        load(edm2["latent"], vae=bad_vae)
+    # the exporter's per-node metadata (stack traces, local paths) is not copied into the artifact
+    model = onnx.load(str(pixel_artifact / "sampler.onnx"), load_external_data=False)
+    assert not any(n.metadata_props for n in model.graph.node)
