@@ -8,6 +8,7 @@ import ctypes
 import numpy as np
 
 OK, INVALID_ARGUMENT, ARTIFACT, BACKEND_UNAVAILABLE, RUNTIME = range(5)
+THREADS_DEFAULT = -1  # IIA_THREADS_DEFAULT: ONNX Runtime's default (Python's threads=None)
 DTYPES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.float16): 3, np.dtype(np.int8): 4,
           np.dtype(np.int16): 5, np.dtype(np.int32): 6, np.dtype(np.int64): 7, np.dtype(np.uint8): 8,
           np.dtype(np.uint16): 9, np.dtype(np.uint32): 10, np.dtype(np.uint64): 11, np.dtype(np.bool_): 12}
@@ -42,6 +43,7 @@ class Library:
         lib.iia_run.argtypes = [ctypes.c_void_p, ctypes.POINTER(Tensor), ctypes.POINTER(Tensor), ctypes.c_void_p,
                                 ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
         lib.iia_free.argtypes = [ctypes.c_void_p]
+        lib.iia_free.restype = ctypes.c_int
         lib.iia_get_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(Info)]
         lib.iia_describe.argtypes = [ctypes.c_void_p]
         lib.iia_describe.restype = ctypes.c_char_p
@@ -52,7 +54,7 @@ class Library:
     def error(self, status: int) -> NativeError:
         return NativeError(status, self.lib.iia_last_error().decode())
 
-    def load(self, path, backend: str = "auto", threads: int = 0, verify: bool = True) -> "NativeSampler":
+    def load(self, path, backend: str = "auto", threads: int = THREADS_DEFAULT, verify: bool = True) -> "NativeSampler":
         options = LoadOptions()
         self.lib.iia_load_options_init(ctypes.byref(options))
         options.backend, options.threads, options.verify = backend.encode(), threads, int(verify)

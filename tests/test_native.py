@@ -135,7 +135,7 @@ def test_iia_run_output_equals_python_bit_for_bit(native, artifacts, python_samp
 def test_c_abi_both_outputs_equal_python(native, artifacts, python_samplers, key):
     """float32 images and images_uint8 from one run; ONNX Runtime's default threads on both sides too."""
     python_default = load(artifacts[key])  # threads None
-    native_default = native["lib"].load(artifacts[key], threads=0, verify=False)
+    native_default = native["lib"].load(artifacts[key], verify=False)  # IIA_THREADS_DEFAULT
     try:
         for batch in (1, 3, 8):
             noise = draw_noise(7 * batch, batch, python_default.sample_shape)
@@ -403,7 +403,7 @@ def test_backend_choice_same_messages(native, artifacts, edm_copy):
         with pytest.raises(NativeError) as info:
             lib.load(artifacts["edm"], backend=backend)
         assert info.value.status == BACKEND_UNAVAILABLE and info.value.message == expected
-    for kw in ({"backend": "bogus"}, {"threads": -1}):
+    for kw in ({"backend": "bogus"}, {"threads": 0}, {"threads": -2}):  # (-1 is IIA_THREADS_DEFAULT: Python's None)
         with pytest.raises(NativeError) as info:
             lib.load(artifacts["edm"], **kw)
         assert info.value.status == INVALID_ARGUMENT and info.value.message == _python_load_message(artifacts["edm"], **kw)
@@ -446,14 +446,90 @@ def test_backend_choice_same_messages(native, artifacts, edm_copy):
     (["--noise", "n.npy", "--out", "x.npy", "--backend", "gpu"], "unknown backend 'gpu'"),
     (["--noise", "n.npy", "--out", "x.png", "--labels", "1"], "a PNG grid needs an image model"),
     (["--bench", "--batch", "9"], "batch size 9 exceeds the artifact's maximum batch 8"),
+    (["--noise", "n.npy", "--out", "x.npy", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--bench", "--threads", "0"], "--threads must be >= 1, got 0"),
+    # output paths are checked before any work: nothing is loaded, run or benchmarked (stdout stays empty)
+    (["--bench", "--json", "/nonexistent/x.json"],
+     "--json /nonexistent/x.json: its directory /nonexistent cannot be used (No such file or directory)"),
+    (["--bench", "--json", "adir.npy"], "--json adir.npy: is a directory, expected a file name"),
+    (["--noise", "n.npy", "--out", "/nonexistent/out.npy"], "--out /nonexistent/out.npy: its directory /nonexistent"),
+    (["--noise", "n.npy", "--out", "adir.npy"], "--out adir.npy: is a directory, expected a file name"),
+    (["--noise", "n.npy", "--out", "n.npy/x.npy"], "--out n.npy/x.npy: n.npy is not a directory"),
 ])
 def test_iia_run_usage_errors_are_one_line(native, artifacts, tmp_path, args, fragment):
     np.save(tmp_path / "n.npy", draw_noise(0, 2, (3,)))
     (tmp_path / "notnpy.npy").write_text("hello")
+    (tmp_path / "adir.npy").mkdir()
     key = "vector" if "x.png" in args else "edm"
     proc = _run([native["iia_run"], artifacts[key], *args], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and fragment in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+def _npy_header(descr: str, shape: str) -> bytes:
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+def test_iia_run_reads_only_bounded_regular_npy_files(native, artifacts, tmp_path):
+    """--noise/--labels: a device, a FIFO or a directory is refused at once (no hang, no read to exhaustion), and
+    what is read is bounded by the header's declared shape, which must match the file's size."""
+    os.mkfifo(tmp_path / "fifo.npy")
+    (tmp_path / "dir.npy").mkdir()
+    (tmp_path / "huge.npy").write_bytes(_npy_header("<f4", "(1099511627776, 1099511627776)"))
+    (tmp_path / "short.npy").write_bytes(_npy_header("<f4", "(1000,)") + b"\0" * 16)
+    (tmp_path / "long.npy").write_bytes(_npy_header("<f4", "(2,)") + b"\0" * 12)
+    np.save(tmp_path / "noise.npy", draw_noise(0, 2, (3, 8, 8)))
+    cases = [
+        ("--noise", "/dev/zero", "/dev/zero: is a character device, not a regular .npy file"),
+        ("--noise", tmp_path / "fifo.npy", f"{tmp_path / 'fifo.npy'}: is a FIFO, not a regular .npy file"),
+        ("--labels", tmp_path / "fifo.npy", f"{tmp_path / 'fifo.npy'}: is a FIFO, not a regular .npy file"),
+        ("--noise", tmp_path / "dir.npy", f"{tmp_path / 'dir.npy'}: is a directory, not a regular .npy file"),
+        ("--noise", tmp_path / "huge.npy", f"{tmp_path / 'huge.npy'}: its header declares shape (1099511627776, "
+                                           f"1099511627776), more than the 17179869184 data bytes allowed"),
+        ("--noise", tmp_path / "short.npy", f"{tmp_path / 'short.npy'}: holds 16 data bytes, its header says 4000 "
+                                            f"(truncated or corrupted)"),
+        ("--labels", tmp_path / "long.npy", f"{tmp_path / 'long.npy'}: holds 12 data bytes, its header says 8 "
+                                            f"(truncated or corrupted)"),
+    ]
+    for flag, path, message in cases:
+        args = ["--noise", tmp_path / "noise.npy", "--labels", "0,1"]
+        args[args.index(flag) + 1] = path
+        proc = _run([native["iia_run"], artifacts["edm"], *args, "--out", tmp_path / "out.npy"], timeout=60)
+        assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n"), (flag, path)
+        assert not (tmp_path / "out.npy").exists()
+
+
+def test_c_abi_refuses_a_freed_handle(native, artifacts):
+    """A freed sampler's magic number is cleared: a second free and a call on it fail with a status and a message
+    instead of crashing (best effort: using a freed handle stays undefined behaviour, see runtime.h)."""
+    lib = native["lib"]
+    sampler = lib.load(artifacts["edm"], threads=1)
+    handle, sampler.handle = sampler.handle, None
+    assert lib.lib.iia_free(handle) == 0
+    assert lib.lib.iia_free(handle) == INVALID_ARGUMENT
+    assert lib.lib.iia_last_error().decode() == "invalid or freed sampler handle"
+    sampler.handle = handle
+    with pytest.raises(NativeError) as info:
+        sampler.run(draw_noise(0, 1, (3, 8, 8)), np.array([0]))
+    assert (info.value.status, info.value.message) == (INVALID_ARGUMENT, "invalid or freed sampler handle")
+    assert sampler.describe() == ""
+    sampler.handle = None
+    assert lib.lib.iia_free(None) == 0
+
+
+def test_tensorrt_on_names_what_is_missing(tmp_path):
+    """-DIIA_WITH_TENSORRT=ON where TensorRT's header is found but not libnvinfer: the error names libnvinfer only."""
+    (tmp_path / "trt" / "include").mkdir(parents=True)
+    (tmp_path / "trt" / "include" / "NvInferRuntime.h").write_text("// only the header\n")
+    proc = _run(["cmake", "-S", ROOT, "-B", tmp_path / "b", "-DIIA_WITH_TENSORRT=ON", f"-DTENSORRT_ROOT={tmp_path / 'trt'}",
+                 "-DIIA_ORT_FROM_PYTHON=ON", f"-DIIA_PYTHON={sys.executable}", "-DIIA_BUILD_TESTS=OFF"])
+    assert proc.returncode != 0
+    error = " ".join(proc.stderr.split())
+    assert "IIA_WITH_TENSORRT=ON but not found: TensorRT's library libnvinfer (pass -DTENSORRT_ROOT=" in error, error
+    assert "NvInferRuntime.h" not in error and "(TRUE)" not in error
 
 
 def test_iia_run_bench_reports_latency_and_overhead(native, artifacts, tmp_path):

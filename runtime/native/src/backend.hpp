@@ -25,7 +25,7 @@ struct ModelSource {
     std::string path;
 };
 
-// ONNX Runtime (CPU, or CUDA when `cuda`); threads 0 = ONNX Runtime's default.
+// ONNX Runtime (CPU, or CUDA when `cuda`); threads IIA_THREADS_DEFAULT (-1) = ONNX Runtime's default.
 std::unique_ptr<Backend> make_onnxruntime(const Manifest& manifest, const ModelSource& model, bool cuda, int threads,
                                           int device_id);
 std::string onnxruntime_cuda_unavailable_reason();  // "" when the CUDA provider can be used

@@ -9,7 +9,12 @@
 #define IIA_COMPILED_BACKENDS "onnxruntime-cpu,onnxruntime-cuda"
 #endif
 
+// A live sampler holds SAMPLER_MAGIC; iia_free clears it before the delete (a best-effort check against stale
+// and foreign pointers: see runtime.h, "Handles").
+constexpr uint64_t SAMPLER_MAGIC = 0x69696153616d706cULL;  // "iiaSampl"
+
 struct iia_sampler {
+    uint64_t magic = SAMPLER_MAGIC;
     iia_native::Manifest manifest;
     std::unique_ptr<iia_native::Backend> backend;
     std::string description;
@@ -90,7 +95,9 @@ void load(const char* path, const iia_load_options* options, iia_sampler** out) 
     bool known = backend == "auto";
     for (const char* b : BACKENDS) known = known || backend == b;
     if (!known) throw invalid("unknown backend " + py_repr(backend) + ": expected auto, " + join({TENSORRT, ORT_CUDA, ORT_CPU}, ", "));
-    if (options->threads < 0) throw invalid("threads must be >= 1, got " + std::to_string(options->threads));
+    // IIA_THREADS_DEFAULT is Python's threads=None; 0 and other values below 1 are refused as Python refuses them
+    if (options->threads < 1 && options->threads != IIA_THREADS_DEFAULT)
+        throw invalid("threads must be >= 1, got " + std::to_string(options->threads));
     if (path == nullptr) throw invalid("artifact path is NULL");
     const bool verify = options->verify != 0;
 
@@ -158,7 +165,6 @@ std::string count_text(size_t n) { return std::to_string(n); }
 
 void run(iia_sampler* s, const iia_tensor* noise, const iia_tensor* labels, float* images, size_t images_len,
          uint8_t* images_uint8, size_t images_uint8_len) {
-    if (s == nullptr) throw invalid("sampler is NULL");
     const Manifest& m = s->manifest;
     if (images == nullptr && images_uint8 == nullptr)
         throw invalid("no output requested: pass an images (float32) and/or images_uint8 (uint8) buffer");
@@ -184,6 +190,17 @@ void run(iia_sampler* s, const iia_tensor* noise, const iia_tensor* labels, floa
 
 using namespace iia_native;
 
+namespace {
+
+// every entry that takes a handle: NULL and a handle without the magic number are refused (best effort)
+iia_status check_handle(const iia_sampler* sampler) {
+    if (sampler == nullptr) return fail(IIA_ERROR_INVALID_ARGUMENT, "sampler is NULL");
+    if (sampler->magic != SAMPLER_MAGIC) return fail(IIA_ERROR_INVALID_ARGUMENT, "invalid or freed sampler handle");
+    return IIA_OK;
+}
+
+}  // namespace
+
 extern "C" {
 
 void iia_load_options_init(iia_load_options* options) {
@@ -191,7 +208,7 @@ void iia_load_options_init(iia_load_options* options) {
     std::memset(options, 0, sizeof *options);
     options->struct_size = sizeof *options;
     options->backend = "auto";
-    options->threads = 0;
+    options->threads = IIA_THREADS_DEFAULT;
     options->device_id = 0;
     options->verify = 1;
 }
@@ -202,18 +219,29 @@ iia_status iia_load(const char* path, const iia_load_options* options, iia_sampl
     return guarded([&] { load(path, options, out); });
 }
 
-void iia_free(iia_sampler* sampler) { delete sampler; }
+iia_status iia_free(iia_sampler* sampler) {
+    if (sampler == nullptr) return IIA_OK;
+    if (const iia_status status = check_handle(sampler)) return status;
+    sampler->magic = 0;  // a second iia_free (or a call) on this handle now fails instead of using freed memory
+    delete sampler;
+    return IIA_OK;
+}
 
 iia_status iia_get_info(const iia_sampler* sampler, iia_info* info) {
-    if (sampler == nullptr || info == nullptr) return fail(IIA_ERROR_INVALID_ARGUMENT, "sampler or info is NULL");
+    if (const iia_status status = check_handle(sampler)) return status;
+    if (info == nullptr) return fail(IIA_ERROR_INVALID_ARGUMENT, "info is NULL");
     *info = sampler->info;
     return IIA_OK;
 }
 
-const char* iia_describe(const iia_sampler* sampler) { return sampler ? sampler->description.c_str() : ""; }
+const char* iia_describe(const iia_sampler* sampler) {
+    if (check_handle(sampler) != IIA_OK) return "";
+    return sampler->description.c_str();
+}
 
 iia_status iia_run(iia_sampler* sampler, const iia_tensor* noise, const iia_tensor* class_labels, float* images,
                    size_t images_len, uint8_t* images_uint8, size_t images_uint8_len) {
+    if (const iia_status status = check_handle(sampler)) return status;
     return guarded([&] { run(sampler, noise, class_labels, images, images_len, images_uint8, images_uint8_len); });
 }
 

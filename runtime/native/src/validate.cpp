@@ -38,7 +38,13 @@ std::vector<int64_t> shape_of(const iia_tensor& t) {
     return std::vector<int64_t>(t.shape, t.shape + t.rank);
 }
 
-void check_tensor(const iia_tensor& t, const char* what) {
+// Checked before anything else reads t.shape: a rank beyond IIA_MAX_RANK + 1 (a batch axis and the most sample
+// dimensions an artifact may have) is refused without reading shape[0..rank), whose length only the caller knows.
+// `expected` names what the argument must look like.
+void check_tensor(const iia_tensor& t, const char* what, const std::string& expected) {
+    if (t.rank > IIA_MAX_RANK + 1)
+        throw invalid(std::string(what) + " has rank " + std::to_string(t.rank) + ", more than the " +
+                      std::to_string(IIA_MAX_RANK + 1) + " dimensions any input may have: expected " + expected);
     if (dtype_size(t.dtype) == 0)
         throw invalid(std::string(what) + " has an unknown dtype code " + std::to_string(static_cast<int>(t.dtype)));
     if (t.rank > 0 && t.shape == nullptr) throw invalid(std::string(what) + " has rank " + std::to_string(t.rank) + " but no shape");
@@ -46,7 +52,8 @@ void check_tensor(const iia_tensor& t, const char* what) {
     for (size_t i = 0; i < t.rank; ++i) {
         if (t.shape[i] < 0)
             throw invalid(std::string(what) + " has a negative dimension in shape " + py_list(shape_of(t)));
-        count *= t.shape[i];
+        const int64_t most = std::numeric_limits<int64_t>::max();
+        count = t.shape[i] != 0 && count > most / t.shape[i] ? most : count * t.shape[i];  // saturated
     }
     if (count > 0 && t.data == nullptr) throw invalid(std::string(what) + " has no data (NULL pointer)");
 }
@@ -104,12 +111,12 @@ void check_noise(const Manifest& m, const iia_tensor* noise, Feeds* f) {
         for (auto v : m.sample_shape) s.push_back(std::to_string(v));
         return join(s, ", ");
     }() + "])");
-    check_tensor(*noise, "noise");
+    std::vector<std::string> dims;
+    for (auto v : m.sample_shape) dims.push_back(std::to_string(v));
+    check_tensor(*noise, "noise", "shape [B, " + join(dims, ", ") + "]");
     if (!is_float(noise->dtype))
         throw invalid(std::string("noise must be a float array (float32 expected), got dtype ") + dtype_name(noise->dtype));
     const std::vector<int64_t> shape = shape_of(*noise);
-    std::vector<std::string> dims;
-    for (auto v : m.sample_shape) dims.push_back(std::to_string(v));
     if (shape.size() != m.sample_shape.size() + 1 ||
         !std::equal(m.sample_shape.begin(), m.sample_shape.end(), shape.begin() + 1)) {
         const std::string hint = shape == m.sample_shape ? " (add a batch axis: noise[None])" : "";
@@ -156,7 +163,7 @@ void check_labels(const Manifest& m, const iia_tensor* labels, Feeds* f) {
         throw invalid("this model is class-conditional (label_dim " + std::to_string(m.label_dim) +
                       "): pass class_labels, ids in [0, " + std::to_string(hi) + "] or one-hot [B, " +
                       std::to_string(m.label_dim) + "]");
-    check_tensor(*labels, "class_labels");
+    check_tensor(*labels, "class_labels", "ids [B] or one-hot [B, " + std::to_string(m.label_dim) + "]");
     const std::vector<int64_t> shape = shape_of(*labels);
     f->labels_owned.resize(static_cast<size_t>(batch));
     if (labels->rank == 0) {  // one id for the whole batch

@@ -44,8 +44,11 @@ int main(int argc, char** argv) {
     expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_BACKEND_UNAVAILABLE,
                  "backend 'tensorrt' is unavailable: the artifact has no TensorRT plan", "tensorrt without a plan");
     options.backend = "onnxruntime-cpu";
-    options.threads = -1;
-    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must be >= 1, got -1", "threads");
+    expect(options.threads == IIA_THREADS_DEFAULT, "threads default to IIA_THREADS_DEFAULT");
+    options.threads = 0;  /* refused as Python's load(threads=0); IIA_THREADS_DEFAULT is ONNX Runtime's default */
+    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must be >= 1, got 0", "threads 0");
+    options.threads = -2;
+    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must be >= 1, got -2", "threads -2");
     options.threads = 1;
     options.struct_size = 3;
     expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "struct_size", "struct_size");
@@ -132,8 +135,28 @@ int main(int argc, char** argv) {
     expect_error(iia_run(s, &n, &l, NULL, 0, NULL, 0), IIA_ERROR_INVALID_ARGUMENT, "no output requested", "no output");
     expect_error(iia_run(s, &n, &l, out, count - 1, NULL, 0), IIA_ERROR_INVALID_ARGUMENT, "buffer holds", "small buffer");
     expect_error(iia_run(NULL, &n, &l, out, count, NULL, 0), IIA_ERROR_INVALID_ARGUMENT, "sampler is NULL", "NULL sampler");
-    iia_free(s);
-    iia_free(NULL);
+    {   /* a rank beyond IIA_MAX_RANK + 1 is refused before shape[0..rank) is read (shape holds 4 dims here) */
+        iia_tensor huge = {noise, IIA_FLOAT32, (size_t)1 << 40, shape};
+        expect_error(iia_run(s, &huge, &l, out, count, NULL, 0), IIA_ERROR_INVALID_ARGUMENT,
+                     "noise has rank 1099511627776, more than the 9 dimensions", "huge noise rank");
+        iia_tensor huge_labels = {ids, IIA_INT64, 1000, lshape};
+        expect_error(iia_run(s, &n, &huge_labels, out, count, NULL, 0), IIA_ERROR_INVALID_ARGUMENT,
+                     "class_labels has rank 1000, more than the 9 dimensions", "huge label rank");
+    }
+    {   /* a handle that is not a live sampler (zeroed memory) is refused by every entry */
+        uint64_t fake[64] = {0};
+        iia_sampler* bogus = (iia_sampler*)fake;
+        expect_error(iia_run(bogus, &n, &l, out, count, NULL, 0), IIA_ERROR_INVALID_ARGUMENT,
+                     "invalid or freed sampler handle", "bogus handle run");
+        expect_error(iia_get_info(bogus, &info), IIA_ERROR_INVALID_ARGUMENT, "invalid or freed sampler handle",
+                     "bogus handle info");
+        expect(strcmp(iia_describe(bogus), "") == 0, "bogus handle describe");
+        expect_error(iia_free(bogus), IIA_ERROR_INVALID_ARGUMENT, "invalid or freed sampler handle", "bogus handle free");
+    }
+    expect(iia_free(s) == IIA_OK, "free");
+    /* a double free is refused (best effort: using a freed handle is undefined behaviour, see runtime.h) */
+    expect_error(iia_free(s), IIA_ERROR_INVALID_ARGUMENT, "invalid or freed sampler handle", "double free");
+    expect(iia_free(NULL) == IIA_OK, "free NULL");
 
     /* unconditional model: labels refused */
     s = NULL;

@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
+#include <utility>
 #include <thread>
 #include <vector>
 
@@ -34,14 +36,27 @@ int main(int argc, char** argv) {
             for (int64_t k = 0; k < batch; ++k) labels[t].push_back((t + k) % info.label_dim);
         serial.push_back(sampler.run(noise, batch, labels[t]));
     }
-    // the exception carries the status and the one-line message
-    try {
-        sampler.run(std::vector<float>(noises[0].size(), 0.0f), batch + 1000, labels[0]);
-        std::fprintf(stderr, "FAIL: a bad call did not throw\n");
-        return 1;
-    } catch (const iia::Error& err) {
-        if (err.status() != IIA_ERROR_INVALID_ARGUMENT) { std::fprintf(stderr, "FAIL: status %d\n", err.status()); return 1; }
-    }
+    // the exception carries the status and the one-line message; the batch is checked before anything is sized
+    // from it, with iia.runtime's messages
+    const std::string over = "noise batch " + std::to_string(batch + 1000) + " exceeds the artifact's maximum batch " +
+                             std::to_string(info.max_batch) + " (split the request, or recompile with --max-batch)";
+    const std::pair<int64_t, std::string> bad_batches[] = {
+        {-1, "noise batch must be >= 1, got -1"}, {0, "noise batch must be >= 1, got 0"}, {batch + 1000, over}};
+    for (const auto& [bad_batch, message] : bad_batches)
+        for (int uint8 = 0; uint8 < 2; ++uint8) {
+            try {
+                if (uint8) sampler.images_uint8(noises[0], bad_batch, labels[0]);
+                else sampler.run(noises[0], bad_batch, labels[0]);
+                std::fprintf(stderr, "FAIL: batch %lld did not throw\n", static_cast<long long>(bad_batch));
+                return 1;
+            } catch (const iia::Error& err) {
+                if (err.status() != IIA_ERROR_INVALID_ARGUMENT || err.what() != message) {
+                    std::fprintf(stderr, "FAIL: batch %lld: status %d, '%s' (want '%s')\n", static_cast<long long>(bad_batch),
+                                 err.status(), err.what(), message.c_str());
+                    return 1;
+                }
+            }
+        }
     std::vector<int> mismatches(n_threads, 0), errors(n_threads, 0);
     std::vector<std::thread> pool;
     for (int t = 0; t < n_threads; ++t)

@@ -19,6 +19,8 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "iia/runtime.hpp"
 #include "npy.hpp"
@@ -44,10 +46,30 @@ struct UsageError : std::runtime_error {
 
 struct Args {
     std::string dir, noise, labels, out, backend = "auto", json;
-    int threads = 0, iters = 50, warmup = 5;
+    int threads = IIA_THREADS_DEFAULT, iters = 50, warmup = 5;  // threads: ONNX Runtime's default unless --threads
     bool bench = false, verify = true, help = false;
     std::vector<int64_t> batches{1, 8};
 };
+
+bool ends_with(const std::string& s, const std::string& tail) {
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// An output FILE checked before any work (iia/cli.py's check_output_file, and its directory must be there and
+// writable): a run or a benchmark never ends by failing to write its result.
+void check_output_file(const std::string& path, const std::string& flag) {
+    const size_t slash = path.rfind('/');
+    const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
+    struct stat st {};
+    if (name.empty() || name == "." || name == ".." || (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)))
+        throw UsageError(flag + " " + path + ": is a directory, expected a file name");
+    if (::stat(dir.c_str(), &st) != 0)
+        throw UsageError(flag + " " + path + ": its directory " + dir + " cannot be used (" + std::strerror(errno) + ")");
+    if (!S_ISDIR(st.st_mode)) throw UsageError(flag + " " + path + ": " + dir + " is not a directory");
+    if (::access(dir.c_str(), W_OK | X_OK) != 0)
+        throw UsageError(flag + " " + path + ": cannot write in " + dir + " (" + std::strerror(errno) + ")");
+}
 
 int parse_int(const std::string& option, const std::string& text) {
     char* end = nullptr;
@@ -81,6 +103,7 @@ std::vector<int64_t> parse_ints(const std::string& option, const std::string& te
 
 Args parse(int argc, char** argv) {
     Args a;
+    bool threads_given = false;
     std::vector<std::string> positional;
     for (int i = 1; i < argc; ++i) {
         const std::string arg = argv[i];
@@ -93,7 +116,7 @@ Args parse(int argc, char** argv) {
         else if (arg == "--labels") a.labels = value();
         else if (arg == "--out") a.out = value();
         else if (arg == "--backend") a.backend = value();
-        else if (arg == "--threads") a.threads = parse_int(arg, value());
+        else if (arg == "--threads") { a.threads = parse_int(arg, value()); threads_given = true; }
         else if (arg == "--no-verify") a.verify = false;
         else if (arg == "--bench") a.bench = true;
         else if (arg == "--batch") a.batches = parse_ints(arg, value());
@@ -109,23 +132,24 @@ Args parse(int argc, char** argv) {
                                             : "expected one artifact directory, got " + std::to_string(positional.size()) +
                                                   " positional arguments");
     a.dir = positional[0];
-    if (a.threads < 0) throw UsageError("--threads must be >= 0 (0: ONNX Runtime's default), got " + std::to_string(a.threads));
+    if (threads_given && a.threads < 1)  // the library's (and iia.runtime's) rule; omit --threads for ONNX Runtime's default
+        throw UsageError("--threads must be >= 1, got " + std::to_string(a.threads));
     if (a.bench) {
         if (!a.out.empty()) throw UsageError("--out does not apply to --bench (use --json FILE for the rows)");
         if (a.iters < 1) throw UsageError("--iters must be >= 1, got " + std::to_string(a.iters));
         if (a.warmup < 0) throw UsageError("--warmup must be >= 0, got " + std::to_string(a.warmup));
         for (int64_t b : a.batches)
             if (b < 1) throw UsageError("--batch sizes must be >= 1, got " + std::to_string(b));
+        if (!a.json.empty()) check_output_file(a.json, "--json");
     } else {
         if (a.noise.empty()) throw UsageError("--noise NOISE.npy is required (or pass --bench)");
         if (a.out.empty()) throw UsageError("--out OUT.npy|OUT.png is required");
         if (!a.json.empty()) throw UsageError("--json applies to --bench only");
+        if (!ends_with(a.out, ".npy") && !ends_with(a.out, ".png"))
+            throw UsageError("--out must end in .npy (float32 images) or .png (a grid of images_uint8), got '" + a.out + "'");
+        check_output_file(a.out, "--out");
     }
     return a;
-}
-
-bool ends_with(const std::string& s, const std::string& tail) {
-    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
 std::string shape_text(const std::vector<int64_t>& shape) {
@@ -166,8 +190,6 @@ void print_header(const iia::Sampler& s, const std::string& dir) {
 }
 
 int run_once(const Args& a) {
-    if (!ends_with(a.out, ".npy") && !ends_with(a.out, ".png"))
-        throw UsageError("--out must end in .npy (float32 images) or .png (a grid of images_uint8), got '" + a.out + "'");
     iia::LoadOptions options;
     options.backend = a.backend;
     options.threads = a.threads;
@@ -287,10 +309,12 @@ int run_bench(const Args& a) {
         for (double t : outside_us) outside_mean += t / static_cast<double>(outside_us.size());
         const double p50 = percentile(total_ms, 50), p90 = percentile(total_ms, 90), p99 = percentile(total_ms, 99);
         const double out50 = percentile(outside_us, 50), back50 = percentile(backend_ms, 50);
-        std::printf("%-16s %5lld %3d %9.3f %9.3f %9.3f %10.1f %12.2f %12.3f\n", info.backend,
-                    static_cast<long long>(batch), a.threads, p50, p90, p99, static_cast<double>(batch) / (mean / 1e3),
-                    out50, back50);
-        rows.push_back({{"backend", info.backend}, {"batch", batch}, {"threads", a.threads},
+        const bool default_threads = a.threads == IIA_THREADS_DEFAULT;
+        std::printf("%-16s %5lld %3s %9.3f %9.3f %9.3f %10.1f %12.2f %12.3f\n", info.backend,
+                    static_cast<long long>(batch), default_threads ? "-" : std::to_string(a.threads).c_str(), p50, p90,
+                    p99, static_cast<double>(batch) / (mean / 1e3), out50, back50);
+        rows.push_back({{"backend", info.backend}, {"batch", batch},
+                        {"threads", default_threads ? nlohmann::ordered_json() : nlohmann::ordered_json(a.threads)},
                         {"p50_ms", round_to(p50, 4)}, {"p90_ms", round_to(p90, 4)}, {"p99_ms", round_to(p99, 4)},
                         {"mean_ms", round_to(mean, 4)},
                         {"images_per_s", round_to(static_cast<double>(batch) / (mean / 1e3), 2)},
@@ -299,8 +323,8 @@ int run_bench(const Args& a) {
                         {"model", info.model}, {"warmup", a.warmup}, {"iters", a.iters}, {"artifact", a.dir},
                         {"times_ms", total_ms}});
     }
-    std::printf("NFE %lld (%s), model %s; outside = per-call time not spent in the backend's run (%s); threads 0 = "
-                "ONNX Runtime's default\n", static_cast<long long>(info.nfe), info.solver, info.model,
+    std::printf("NFE %lld (%s), model %s; outside = per-call time not spent in the backend's run (%s); threads - = "
+                "ONNX Runtime's default (JSON null)\n", static_cast<long long>(info.nfe), info.solver, info.model,
                 "validation, tensor wrapping");
     if (!a.json.empty()) {
         const std::string text = rows.dump(2) + "\n";

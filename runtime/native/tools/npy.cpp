@@ -1,5 +1,6 @@
 #include "npy.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -7,7 +8,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <stdexcept>
 
 namespace iia_tools {
@@ -37,29 +37,79 @@ std::string field(const std::string& header, const std::string& key, const std::
     return header.substr(i);
 }
 
+// An open regular file (the artifact reader's rule, src/artifact.cpp's RegularFile): opened non-blocking, so a
+// FIFO or a device is refused by fstat instead of hanging, and never read past the size it is allowed.
+class RegularFile {
+public:
+    explicit RegularFile(const std::string& path) : path_(path) {
+        fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd_ < 0) bad(path, std::strerror(errno));
+        struct stat st {};
+        if (::fstat(fd_, &st) != 0) { const int e = errno; ::close(fd_); bad(path, std::strerror(e)); }
+        if (!S_ISREG(st.st_mode)) { ::close(fd_); bad(path, "is " + kind(st.st_mode) + ", not a regular .npy file"); }
+        size_ = static_cast<uint64_t>(st.st_size);
+    }
+    ~RegularFile() { ::close(fd_); }
+    RegularFile(const RegularFile&) = delete;
+    RegularFile& operator=(const RegularFile&) = delete;
+    uint64_t size() const { return size_; }
+    // exactly n bytes (false: the file ended first)
+    bool read_exact(unsigned char* buf, size_t n) {
+        while (n > 0) {
+            const ssize_t got = ::read(fd_, buf, n);
+            if (got < 0 && errno == EINTR) continue;
+            if (got < 0) bad(path_, std::strerror(errno));
+            if (got == 0) return false;
+            buf += got;
+            n -= static_cast<size_t>(got);
+        }
+        return true;
+    }
+
+private:
+    static std::string kind(mode_t mode) {
+        if (S_ISDIR(mode)) return "a directory";
+        if (S_ISFIFO(mode)) return "a FIFO";
+        if (S_ISCHR(mode)) return "a character device";
+        if (S_ISBLK(mode)) return "a block device";
+        if (S_ISSOCK(mode)) return "a socket";
+        return "not a regular file";
+    }
+    std::string path_;
+    int fd_ = -1;
+    uint64_t size_ = 0;
+};
+
+constexpr uint64_t MAX_HEADER_BYTES = uint64_t(1) << 20;  // numpy writes a few hundred
+constexpr uint64_t MAX_DATA_BYTES = uint64_t(1) << 34;    // 16 GiB: far beyond any batch of noise an artifact takes
+
 }  // namespace
 
 NpyArray read_npy(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) bad(path, std::strerror(errno));
-    std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (in.bad()) bad(path, std::strerror(errno));
-    if (bytes.size() < 10 || std::memcmp(bytes.data(), "\x93NUMPY", 6) != 0)
+    // What is read is bounded by the header's declared shape, which must equal the file's size: a growing or
+    // endless file, a FIFO, a device or a directory is refused with one line, never read to exhaustion.
+    RegularFile file(path);
+    unsigned char magic[12] = {};
+    if (file.size() < 10 || !file.read_exact(magic, 10) || std::memcmp(magic, "\x93NUMPY", 6) != 0)
         bad(path, "not a .npy file (save arrays with numpy.save)");
-    const int major = bytes[6];
-    size_t header_len = 0, offset = 0;
+    const int major = magic[6];
+    uint64_t header_len = 0, offset = 0;
     if (major == 1) {
-        header_len = bytes[8] | (bytes[9] << 8);
+        header_len = magic[8] | (magic[9] << 8);
         offset = 10;
     } else if (major == 2 || major == 3) {
-        if (bytes.size() < 12) bad(path, "truncated .npy header");
-        header_len = bytes[8] | (bytes[9] << 8) | (bytes[10] << 16) | (static_cast<size_t>(bytes[11]) << 24);
+        if (!file.read_exact(magic + 10, 2)) bad(path, "truncated .npy header");
+        header_len = magic[8] | (magic[9] << 8) | (magic[10] << 16) | (static_cast<uint64_t>(magic[11]) << 24);
         offset = 12;
     } else {
         bad(path, ".npy format version " + std::to_string(major) + " is not supported");
     }
-    if (offset + header_len > bytes.size()) bad(path, "truncated .npy header");
-    const std::string header(bytes.begin() + offset, bytes.begin() + offset + header_len);
+    if (header_len > MAX_HEADER_BYTES)
+        bad(path, "its .npy header is " + std::to_string(header_len) + " bytes, more than the " +
+                      std::to_string(MAX_HEADER_BYTES) + " allowed");
+    if (offset + header_len > file.size()) bad(path, "truncated .npy header");
+    std::string header(static_cast<size_t>(header_len), '\0');
+    if (!file.read_exact(reinterpret_cast<unsigned char*>(&header[0]), header.size())) bad(path, "truncated .npy header");
     NpyArray array;
     // descr
     std::string descr = field(header, "descr", path);
@@ -84,7 +134,7 @@ NpyArray read_npy(const std::string& path) {
     if (shape.empty() || shape[0] != '(') bad(path, "malformed shape in the .npy header");
     const size_t close = shape.find(')');
     if (close == std::string::npos) bad(path, "malformed shape in the .npy header");
-    size_t count = 1;
+    uint64_t count = 1;  // elements, checked against the cap as it grows (no overflow)
     const std::string dims = shape.substr(1, close - 1);
     size_t pos = 0;
     while (pos < dims.size()) {
@@ -94,14 +144,19 @@ NpyArray read_npy(const std::string& path) {
         const long long v = std::strtoll(dims.c_str() + pos, &end, 10);
         if (end == dims.c_str() + pos || v < 0) bad(path, "malformed shape in the .npy header");
         array.shape.push_back(v);
-        count *= static_cast<size_t>(v);
+        if (v != 0 && count > MAX_DATA_BYTES / item / static_cast<uint64_t>(v))
+            bad(path, "its header declares shape (" + dims + "), more than the " + std::to_string(MAX_DATA_BYTES) +
+                          " data bytes allowed");
+        count *= static_cast<uint64_t>(v);
         pos = static_cast<size_t>(end - dims.c_str());
     }
-    const size_t data_at = offset + header_len;
-    if (bytes.size() - data_at != count * item)
-        bad(path, "holds " + std::to_string(bytes.size() - data_at) + " data bytes, its header says " +
-                      std::to_string(count * item) + " (truncated or corrupted)");
-    array.data.assign(bytes.begin() + data_at, bytes.end());
+    const uint64_t data_at = offset + header_len, want = count * item;
+    if (file.size() - data_at != want)
+        bad(path, "holds " + std::to_string(file.size() - data_at) + " data bytes, its header says " +
+                      std::to_string(want) + " (truncated or corrupted)");
+    array.data.resize(static_cast<size_t>(want));
+    if (!file.read_exact(array.data.data(), array.data.size()))
+        bad(path, "ended before the " + std::to_string(want) + " data bytes its header declares (truncated while read)");
     return array;
 }
 

@@ -23,6 +23,11 @@
  * one execution context guarded by a mutex, so its calls serialise (load one sampler per worker for
  * parallel GPU streams). iia_load and iia_free of DIFFERENT samplers may run concurrently; iia_free must not
  * race with calls on the same sampler.
+ *
+ * Handles: every function taking an iia_sampler* checks a magic number stored in it and fails with
+ * IIA_ERROR_INVALID_ARGUMENT, "invalid or freed sampler handle" when it is wrong; iia_free clears it, so a
+ * second iia_free of the same handle returns that error instead of freeing twice. The check is best effort:
+ * using a freed handle is still undefined behaviour (its memory may be reused, even by another sampler).
  */
 #ifndef IIA_RUNTIME_H
 #define IIA_RUNTIME_H
@@ -49,7 +54,8 @@ extern "C" {
 #define IIA_RUNTIME_VERSION_MAJOR 0
 #define IIA_RUNTIME_VERSION_MINOR 1
 #define IIA_RUNTIME_VERSION_PATCH 0
-#define IIA_MAX_RANK 8 /* most sample dimensions an artifact may have */
+#define IIA_MAX_RANK 8 /* most sample dimensions an artifact may have (a noise tensor has one more) */
+#define IIA_THREADS_DEFAULT (-1) /* iia_load_options.threads: ONNX Runtime's default (Python: threads=None) */
 
 typedef enum iia_status {
     IIA_OK = 0,
@@ -67,7 +73,8 @@ typedef enum iia_dtype {
     IIA_BOOL = 12
 } iia_dtype;
 
-/* A caller-owned, C-contiguous (row-major) tensor; rank 0 is a scalar. Not copied beyond the call. */
+/* A caller-owned, C-contiguous (row-major) tensor; rank 0 is a scalar. Not copied beyond the call. rank is
+ * checked (at most IIA_MAX_RANK + 1, and the rank the argument needs) before any of shape[0..rank) is read. */
 typedef struct iia_tensor {
     const void* data;
     iia_dtype dtype;
@@ -79,7 +86,9 @@ typedef struct iia_load_options {
     size_t struct_size;   /* sizeof(iia_load_options): set by iia_load_options_init */
     const char* backend;  /* NULL or "auto" (TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU, the first usable
                              here), "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu" */
-    int threads;          /* ONNX Runtime intra-op threads; 0: ONNX Runtime's default (one per physical core) */
+    int threads;          /* ONNX Runtime intra-op threads, >= 1; IIA_THREADS_DEFAULT (-1, the default): ONNX
+                             Runtime's own choice (one per physical core). 0 and other values are refused
+                             ("threads must be >= 1, got 0"), as the Python runtime's load(threads=0) */
     int device_id;        /* CUDA device for the GPU backends */
     int verify;           /* nonzero (default): check every file's sha256 against the manifest */
 } iia_load_options;
@@ -98,18 +107,21 @@ typedef struct iia_info {
     const char* model;                    /* the manifest's model name ("?" when absent) */
 } iia_info;
 
-/* Defaults: backend auto, ONNX Runtime's default threads, device 0, verify on. */
+/* Defaults: backend auto, threads IIA_THREADS_DEFAULT (ONNX Runtime's default), device 0, verify on. */
 IIA_API void iia_load_options_init(iia_load_options* options);
 
 /* Load DIR (or DIR/manifest.json). options may be NULL (defaults). On success *out owns a sampler
  * (free it with iia_free); on failure *out is NULL. */
 IIA_API iia_status iia_load(const char* path, const iia_load_options* options, iia_sampler** out);
 
-IIA_API void iia_free(iia_sampler* sampler); /* NULL is fine */
+/* Free a sampler: IIA_OK (NULL too), or IIA_ERROR_INVALID_ARGUMENT for a handle that is not a live sampler
+ * (a second free of the same handle; best effort, see "Handles" above). */
+IIA_API iia_status iia_free(iia_sampler* sampler);
 
 IIA_API iia_status iia_get_info(const iia_sampler* sampler, iia_info* info);
 
-/* One line: the backend and, after auto, the backends skipped and why (valid while the sampler lives). */
+/* One line: the backend and, after auto, the backends skipped and why (valid while the sampler lives);
+ * "" for NULL or an invalid handle (then iia_last_error() says why). */
 IIA_API const char* iia_describe(const iia_sampler* sampler);
 
 /* Run the sampler once.

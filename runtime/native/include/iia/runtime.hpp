@@ -29,7 +29,7 @@ inline void check(iia_status status) {
 
 struct LoadOptions {
     std::string backend = "auto";  // auto, tensorrt, onnxruntime-cuda, onnxruntime-cpu
-    int threads = 0;               // ONNX Runtime intra-op threads; 0: its default
+    int threads = IIA_THREADS_DEFAULT;  // ONNX Runtime intra-op threads (>= 1); IIA_THREADS_DEFAULT: its default
     int device_id = 0;
     bool verify = true;            // check every file's sha256 against the manifest
 };
@@ -57,7 +57,7 @@ public:
         }
         return *this;
     }
-    ~Sampler() { iia_free(handle_); }
+    ~Sampler() { iia_free(handle_); }  // (a live handle: cannot fail)
 
     const iia_info& info() const noexcept { return info_; }
     std::string describe() const { return iia_describe(handle_); }
@@ -76,9 +76,11 @@ public:
     }
 
     // float32 samples [batch, *sample_shape] from float32 noise [batch, *sample_shape] and label ids
-    // (empty for an unconditional model; one id is used for the whole batch).
+    // (empty for an unconditional model; one id is used for the whole batch). The batch is checked first
+    // (1..max_batch, the library's messages), then the noise's length.
     std::vector<float> run(const std::vector<float>& noise, int64_t batch, const std::vector<int64_t>& labels = {}) const {
-        std::vector<float> out(static_cast<size_t>(batch > 0 ? batch * sample_size() : 0));
+        check_batch(batch);
+        std::vector<float> out(static_cast<size_t>(batch * sample_size()));
         call(noise, batch, labels, out.data(), out.size(), nullptr, 0);
         return out;
     }
@@ -86,17 +88,28 @@ public:
     // uint8 images [batch, H, W, C] (image models only).
     std::vector<uint8_t> images_uint8(const std::vector<float>& noise, int64_t batch,
                                       const std::vector<int64_t>& labels = {}) const {
-        std::vector<uint8_t> out(static_cast<size_t>(batch > 0 ? batch * sample_size() : 0));
+        check_batch(batch);
+        std::vector<uint8_t> out(static_cast<size_t>(batch * sample_size()));
         call(noise, batch, labels, nullptr, 0, out.data(), out.size());
         return out;
     }
 
 private:
+    // the library's (and iia.runtime's) messages for a batch out of range, before any buffer is sized from it
+    void check_batch(int64_t batch) const {
+        if (batch < 1) throw Error(IIA_ERROR_INVALID_ARGUMENT, "noise batch must be >= 1, got " + std::to_string(batch));
+        if (batch > info_.max_batch)
+            throw Error(IIA_ERROR_INVALID_ARGUMENT, "noise batch " + std::to_string(batch) +
+                                                        " exceeds the artifact's maximum batch " +
+                                                        std::to_string(info_.max_batch) +
+                                                        " (split the request, or recompile with --max-batch)");
+    }
+
     void call(const std::vector<float>& noise, int64_t batch, const std::vector<int64_t>& labels, float* images,
               size_t images_len, uint8_t* u8, size_t u8_len) const {
         std::vector<int64_t> shape{batch};
         shape.insert(shape.end(), info_.sample_shape, info_.sample_shape + info_.rank);
-        if (batch >= 0 && noise.size() != static_cast<size_t>(batch * sample_size()))
+        if (noise.size() != static_cast<size_t>(batch * sample_size()))
             throw Error(IIA_ERROR_INVALID_ARGUMENT, "noise holds " + std::to_string(noise.size()) + " floats, but batch " +
                                                         std::to_string(batch) + " needs " +
                                                         std::to_string(batch * sample_size()));
