@@ -49,6 +49,7 @@ from .trt_backend import TENSORRT
 # ratios; with threads > 1 it measures work (spin-waiting included), not latency.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SIGMA = 1.0
+LOOP_TOLERANCE = 1e-3  # loop vs graph, relative to the output's scale: float32 summation-order noise is ~1e-5
 KEYS = ("backend", "batch", "threads", "p50_ms", "p90_ms", "p99_ms", "images_per_s", "denoiser_p50_ms",
         "overhead_ratio", "loop_p50_ms", "speedup_vs_loop", "eager_p50_ms", "speedup_vs_eager")
 
@@ -253,8 +254,13 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
                 calls["decoder"] = lambda: decoder.run({DECODER_SAMPLES: noise}, [IMAGES_U8])
             loop_abs = None
             if loop is not None:
-                loop_abs = float(np.abs(loop(noise, labels).astype(np.float64)
-                                        - sampler(noise, class_labels=labels).astype(np.float64)).max())
+                graph_out = sampler(noise, class_labels=labels).astype(np.float64)
+                loop_abs = float(np.abs(loop(noise, labels).astype(np.float64) - graph_out).max())
+                scale = max(1.0, float(np.abs(graph_out).max()))
+                if not loop_abs <= LOOP_TOLERANCE * scale:  # (NaN fails too) a loop computing something else is no baseline
+                    raise ValueError(f"the loop baseline (program.json) disagrees with the graph: max abs {loop_abs:.3g} "
+                                     f"> {LOOP_TOLERANCE:g} x output scale {scale:.3g}; the artifact is inconsistent "
+                                     f"(recompile), or pass --no-loop")
                 if decoder is None:
                     calls["loop"] = lambda: loop(noise, labels)
                 else:  # the graph decodes: so does the loop a user would write (one decoder.onnx call after it)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -321,13 +322,15 @@ def check_program(data, where: str) -> dict:
         kind = op.get("op") if isinstance(op, dict) else None
         if kind == "denoise":
             reads = [op.get("state")]
-            if not isinstance(op.get("sigma"), (int, float)) or isinstance(op.get("sigma"), bool) or not op["sigma"] > 0:
-                bad(f"op {k} ({op.get('out')}): sigma must be a number > 0")
+            sigma = op.get("sigma")
+            if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma < 1e12:
+                bad(f"op {k} ({op.get('out')}): sigma must be a finite number > 0")
         elif kind == "combine":
             terms = op.get("terms")
             if not isinstance(terms, list) or not terms or not all(
-                    isinstance(t, list) and len(t) == 2 and isinstance(t[1], (int, float)) for t in terms):
-                bad(f"op {k} ({op.get('out')}): terms must be a non-empty list of [name, weight]")
+                    isinstance(t, list) and len(t) == 2 and isinstance(t[0], str) and isinstance(t[1], (int, float))
+                    and not isinstance(t[1], bool) and math.isfinite(t[1]) for t in terms):
+                bad(f"op {k} ({op.get('out')}): terms must be a non-empty list of [name, finite weight]")
             reads = [t[0] for t in terms]
         else:
             bad(f"op {k} has kind {kind!r}, expected 'denoise' or 'combine'")
@@ -342,6 +345,13 @@ def check_program(data, where: str) -> dict:
     return data
 
 
+def check_program_nfe(program: dict, manifest: dict, where: str) -> None:
+    """The plan must make exactly the manifest's NFE denoiser calls (else its timings would mislead)."""
+    calls = sum(op["op"] == "denoise" for op in program["ops"])
+    if calls != manifest["nfe"]:
+        raise ArtifactError(f"{where} makes {calls} denoiser calls, the manifest's NFE is {manifest['nfe']}")
+
+
 def read_program(root: Path, manifest: dict, verify: bool = True) -> dict:
     """DIR/program.json, sha256-checked against the manifest and structurally checked (ArtifactError)."""
     if PROGRAM not in manifest["files"]:
@@ -350,7 +360,9 @@ def read_program(root: Path, manifest: dict, verify: bool = True) -> dict:
         data = json.loads(read_verified(root, manifest, PROGRAM, verify))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{root / PROGRAM} is not readable JSON ({err})") from None
-    return check_program(data, str(root / PROGRAM))
+    check_program(data, str(root / PROGRAM))
+    check_program_nfe(data, manifest, str(root / PROGRAM))
+    return data
 
 
 # ---- files: sha256 and atomic writes -------------------------------------------------------------

@@ -256,3 +256,31 @@ def test_symlink_loop_and_nan_manifest_are_artifact_errors(tmp_path):
     with pytest.raises(ValueError):
         write_json_atomic(tmp_path / "x.json", {"a": float("nan")})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_program_plan_nfe_and_values_checked():
+    from iia.runtime.contract import (PROGRAM_SCHEMA, PROGRAM_VERSION, ArtifactError, check_program,
+                                      check_program_nfe)
+
+    def plan(ops):
+        return {"schema": PROGRAM_SCHEMA, "schema_version": PROGRAM_VERSION, "input": "noise", "ops": ops,
+                "output": ops[-1]["out"]}
+
+    ok = plan([{"op": "combine", "out": "z0", "terms": [["noise", 80.0]]},
+               {"op": "denoise", "out": "D0", "state": "z0", "sigma": 80.0},
+               {"op": "combine", "out": "z1", "terms": [["D0", 1.0]]}])
+    check_program(ok, "p.json")
+    check_program_nfe(ok, {"nfe": 1}, "p.json")
+    with pytest.raises(ArtifactError, match="makes 1 denoiser calls, the manifest's NFE is 2"):
+        check_program_nfe(ok, {"nfe": 2}, "p.json")
+    bad = json.loads(json.dumps(ok))
+    bad["ops"][2]["terms"][0][1] = float("nan")
+    with pytest.raises(ArtifactError, match="finite weight"):
+        check_program(bad, "p.json")
+    bad["ops"][2]["terms"][0] = [["D0"], 1.0]
+    with pytest.raises(ArtifactError, match="finite weight"):
+        check_program(bad, "p.json")
+    bad = json.loads(json.dumps(ok))
+    bad["ops"][1]["sigma"] = 1e308
+    with pytest.raises(ArtifactError, match="finite number > 0"):
+        check_program(bad, "p.json")
