@@ -32,7 +32,7 @@ from iia.models.base import Denoiser
 from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions, CalibrationResult, calibrate, draw_noise
 from .sampling import (combine, finish_step, live_after, program_for, reference_solution, run_calls, sample,
                        start)
-from .solvers import Program, build_program, get_solver
+from .solvers import Program, build_program, get_solver, valid_nfe
 
 FAMILIES = ("ipndm", "deis-3", "unipc-3", "dpm-solver++3m", "unipc-2", "deis-2")
 RHO = 7.0
@@ -371,7 +371,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     def lap(name, t0):
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 2)
 
-    families = [f for f in opts.families if _valid(f, nfe)]
+    families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
         raise SearchError(f"no solver family can spend exactly NFE {nfe}")
     t0 = time.perf_counter()
@@ -471,14 +471,6 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
               "schedule": c.schedule, "coefficients": c.coefficients, "calib_loss": c.calib_loss,
               "seconds": c.seconds, "note": c.note, "chosen": c is chosen, **c.holdout} for c in cands]
     return SearchResult(chosen.program, chosen, cands, table, round(time.perf_counter() - started, 2), timings)
-
-
-def _valid(solver: str, nfe: int) -> bool:
-    try:
-        get_solver(solver).steps_for_nfe(nfe)
-        return True
-    except ValueError:
-        return False
 
 
 def format_table(table: list[dict]) -> str:

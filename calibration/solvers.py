@@ -307,6 +307,15 @@ def get_solver(name: str) -> SolverSpec:
         raise ValueError(f"unknown solver '{name}': choose one of {', '.join(SOLVERS)}") from None
 
 
+def valid_nfe(solver: str, nfe: int) -> bool:
+    """Whether `solver` can spend exactly `nfe` denoiser calls (see SolverSpec.steps_for_nfe)."""
+    try:
+        get_solver(solver).steps_for_nfe(nfe)
+        return True
+    except ValueError:
+        return False
+
+
 def build_program(solver: str, sigmas: Sequence[float], r: int = 1) -> Program:
     """The solver's program over a schedule, with the base solver's coefficients."""
     spec = get_solver(solver)

@@ -24,7 +24,7 @@ from iia.calibration.sampling import program_for
 from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
 from iia.calibration.solvers import Combine, Denoise
-from iia.cli import check_options, option, signals_deferred, stage, written
+from iia.cli import check_options, option, pid_alive, signals_deferred, stage, written
 from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS,
                                   IMAGES_U8, MANIFEST, atomic_open,
                                   MAX_MANIFEST_BYTES, PROGRAM, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SCHEMA,
@@ -283,16 +283,6 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
 BUILDING, OLD = "building", "old"  # .DIR.building-PID-xxxx (work in progress), .DIR.old-PID-xxxx (replaced)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def clean_stale(out: Path, log=None) -> list[Path]:
     """Remove `.DIR.building-PID-*` / `.DIR.old-PID-*` siblings of `out` left by processes that no longer
     run (SIGKILL, power loss); those of live processes (a concurrent compile) are kept. Returns what went."""
@@ -303,7 +293,7 @@ def clean_stale(out: Path, log=None) -> list[Path]:
     for kind in (BUILDING, OLD):
         for path in parent.glob(f".{out.name}.{kind}-*"):
             pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
+            if pid.isdigit() and not pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
                 if log:

@@ -33,8 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import (add_options, check_options, int_list, option, options_from, run_cli, signals_deferred,
-                     str_list, written)
+from iia.cli import (add_options, check_options, int_list, option, options_from, pid_alive, run_cli,
+                     signals_deferred, str_list, written)
 from iia.runtime.contract import (MANIFEST, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
                                   public_mode, read_manifest, verify_all)
 
@@ -373,23 +373,13 @@ def _work_dir(repo: Path) -> Path:
     prefix = _work_prefix(repo)
     for stale in repo.parent.glob(glob.escape(prefix) + "*"):
         pid = stale.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     try:
         return Path(tempfile.mkdtemp(dir=repo.parent, prefix=f"{prefix}{os.getpid()}-"))
     except OSError as err:
         raise TritonExportError(f"--repo {repo}: cannot make the export's work folder beside it in {repo.parent} "
                                 f"({err.strerror})") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _python_files(art: _Artifact, version_dir: Path) -> None:

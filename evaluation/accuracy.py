@@ -13,7 +13,7 @@ from iia.models.base import Denoiser
 
 from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
 from iia.calibration.sampling import program_for, reference_solution, rmse, sample
-from iia.calibration.solvers import get_solver
+from iia.calibration.solvers import get_solver, valid_nfe
 
 TEST_SEED_OFFSET = 104729  # the test noise is a stream distinct from calibration and guard noise
 
@@ -34,14 +34,6 @@ def save_figure(fig, path: str | Path) -> None:
     path = Path(path)
     with atomic_open(path) as f:
         fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
-
-
-def valid_nfe(solver: str, nfe: int) -> bool:
-    try:
-        get_solver(solver).steps_for_nfe(nfe)
-        return True
-    except ValueError:
-        return False
 
 
 def accuracy_table(

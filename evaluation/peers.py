@@ -140,7 +140,9 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
     from iia.calibration.sampling import program_for, reference_solution, sample
     from iia.calibration.search import SearchOptions, auto_search
 
-    from .accuracy import TEST_SEED_OFFSET, valid_nfe
+    from iia.calibration.solvers import valid_nfe
+
+    from .accuracy import TEST_SEED_OFFSET
 
     say = progress or (lambda text: None)
     peers = list(peers or DEFAULT_PEERS)

@@ -34,11 +34,10 @@ from iia.models.base import Denoiser
 
 from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate, draw_noise
 from iia.calibration.sampling import program_for, reference_solution, rmse, sample
-from iia.calibration.solvers import Program, get_solver
-
+from iia.calibration.solvers import Program, get_solver, valid_nfe
 from iia.cli import int_list, option, str_list
 
-from .accuracy import save_figure, valid_nfe
+from .accuracy import save_figure
 
 METRIC = ("FD-digits: Frechet distance between Gaussian fits of the bundled digit classifier's 128-d "
           "penultimate features, samples vs all 1,797 real digits (not FID; not comparable to FID)")

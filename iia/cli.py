@@ -44,6 +44,17 @@ def check_terminated() -> None:
         raise Terminated()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a stale work folder's owner is gone when it does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def one_line(err: BaseException) -> str:
     """An exception's message on one line (whitespace runs, newlines included, become one space)."""
     return " ".join(str(err).split()) or type(err).__name__
