@@ -105,14 +105,18 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
         return mapping.get(name, prefix + name)
 
     for k, node in enumerate(denoiser.node):
-        if k in skip:
-            continue
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = prefix + (node.name or node.op_type)
-        copy.input[:] = [rename(n) for n in node.input]
-        copy.output[:] = [rename(n) for n in node.output]
-        gb.nodes.append(copy)
+        if k not in skip:
+            gb.nodes.append(_copy_node(node, prefix, rename))
+
+
+def _copy_node(node: onnx.NodeProto, prefix: str, rename) -> onnx.NodeProto:
+    """A copy of `node` named `prefix` + its name, its value names mapped through `rename`."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = prefix + (node.name or node.op_type)
+    copy.input[:] = [rename(n) for n in node.input]
+    copy.output[:] = [rename(n) for n in node.output]
+    return copy
 
 
 def emit_decode(gb: GraphBuilder, decoder: onnx.GraphProto, source: str, out: str) -> list[onnx.TensorProto]:
@@ -129,12 +133,7 @@ def emit_decode(gb: GraphBuilder, decoder: onnx.GraphProto, source: str, out: st
     for node in decoder.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise EmitError(f"decode graph has control flow ({node.op_type}); iia inlines flat graphs only")
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = DECODE_PREFIX + (node.name or node.op_type)
-        copy.input[:] = [rename(n) for n in node.input]
-        copy.output[:] = [rename(n) for n in node.output]
-        gb.nodes.append(copy)
+        gb.nodes.append(_copy_node(node, DECODE_PREFIX, rename))
     renamed = []
     for t in decoder.initializer:
         copy = onnx.TensorProto()
