@@ -28,7 +28,6 @@ changed and said so in `Denoiser.report`. diffusers is an optional dependency (`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .base import Denoiser
+from .decode import folder_sha256
 
 TIME_MAPPINGS = ("interpolate", "nearest")
 BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
@@ -126,15 +126,6 @@ def sigmas_from_scheduler(scheduler) -> torch.Tensor:
     """sigma_t = sqrt((1 - alphabar_t) / alphabar_t) of a beta-table scheduler, float64 [T], ascending."""
     alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-
-
-def _folder_sha256(path: Path) -> str:
-    """Identity of a model folder: sha256 over its config and weight files (names and bytes)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
@@ -444,7 +435,7 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         sigma_max=reading.sigma_max,
         label_dim=classes,
         round_sigma=round_sigma,
-        identity={"kind": f"diffusers-{reading.formulation}", "name": path.name, "sha256": _folder_sha256(path),
+        identity={"kind": f"diffusers-{reading.formulation}", "name": path.name, "sha256": folder_sha256(path),
                   "path": str(path), "time_mapping": time_mapping, "class_name": reading.class_name,
                   "config": config, **({"timesteps": len(table)} if table is not None else {})},
         sigma_table=table,

@@ -83,9 +83,9 @@ def source_sha256(spec: str | Path) -> str | None:
         return None
     path = Path(text)
     if path.is_dir():
-        from .diffusers_ddpm import _folder_sha256
+        from .decode import folder_sha256
 
-        return _folder_sha256(path)
+        return folder_sha256(path)
     if not path.exists():
         raise ModelLoadError(f"model '{text}' not found: pass a path to an EDM .pkl, a diffusers folder, or {BUILTIN_HELP}")
     from iia.runtime.contract import sha256_file
