@@ -448,7 +448,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         with stage("emit sampler graph", timings, log):
             emit = emit_sampler_loop if opts.graph == "loop" else emit_sampler
             sampler = emit(program, denoiser_model, denoiser.shape, denoiser.conditional,
-                           decoder_model=decoder_model, latent=denoiser.is_latent)
+                           decoder_model=decoder_model, latent=denoiser.is_latent, label_dim=denoiser.label_dim)
             check_model(sampler)
             stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
                                                     "sample_shape": list(denoiser.shape)}))

@@ -21,7 +21,7 @@ from iia.calibration.solvers import Combine, Denoise, Program
 from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, IMAGES_U8,
                                   LABELS, LATENTS, NOISE)
 
-from .fold import FoldPlan, plan_folding
+from .fold import BATCH, LABEL, FoldPlan, plan_folding
 
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
 DECODER_INPUT, DECODER_OUTPUT = DECODER_SAMPLES, IMAGES_U8
@@ -87,16 +87,18 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
               folded: dict | None = None, skip: set[int] = frozenset()) -> None:
     """Copy the denoiser's nodes for one call site: prefixed value names, shared initializers.
 
-    `folded` maps sigma-only values to (constant row, batched) and `skip` lists the nodes that computed them.
+    `folded` maps conditioning values to (array, kind) (fold.py) and `skip` lists the nodes that computed them.
     """
     shared = {t.name for t in denoiser.initializer}
     mapping = {DENOISER_X: _value(state), DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, denoiser.output[0].name: _value(out)}
-    for name, (row, batched) in (folded or {}).items():
-        if batched:
-            shape = gb.node("Concat", ["iia/batch", gb.const(np.array(row.shape[1:], dtype=np.int64), np.int64)], axis=0)
-            mapping[name] = gb.node("Expand", [gb.const(row, row.dtype), shape])
+    for name, (array, kind) in (folded or {}).items():
+        if kind == BATCH:
+            shape = gb.node("Concat", ["iia/batch", gb.const(np.array(array.shape[1:], dtype=np.int64), np.int64)], axis=0)
+            mapping[name] = gb.node("Expand", [gb.const(array, array.dtype), shape])
+        elif kind == LABEL:  # row class_labels[b] for image b
+            mapping[name] = gb.node("Gather", [gb.const(array, array.dtype), LABELS], axis=0)
         else:
-            mapping[name] = gb.const(row, row.dtype)
+            mapping[name] = gb.const(array, array.dtype)
     prefix = f"call{site}/"
 
     def rename(name: str) -> str:
@@ -145,10 +147,11 @@ def emit_decode(gb: GraphBuilder, decoder: onnx.GraphProto, source: str, out: st
 
 def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                  name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
-                 latent: bool = False) -> onnx.ModelProto:
+                 latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
     """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`).
 
-    With `fold`, each call site's sigma-only subgraph is replaced by its constant values (see fold.py).
+    With `fold`, each call site's conditioning subgraph is replaced by its constant values or, for a
+    conditional model given its `label_dim`, per-label tables (see fold.py).
     `decoder_model` (the model's decode stage, see export.export_decoder) adds the `images_uint8` output;
     `latent` names the float output `latents` instead of `images`.
     """
@@ -159,7 +162,7 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     gb = GraphBuilder()
     batch = gb.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     calls = [op for op in program.ops() if isinstance(op, Denoise)]
-    plan = plan_folding(denoiser_model, [op.sigma for op in calls]) if fold else FoldPlan()
+    plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
     gb.nodes.append(helper.make_node("Identity", [NOISE], [_value("noise")], name="iia/noise"))
     sigma_names: dict[float, str] = {}
     site = 0
@@ -306,13 +309,14 @@ def _mix(gb: GraphBuilder, noise_coef: str, noise: str, row: str, dbuf: str, sha
 
 def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                       name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
-                      latent: bool = False) -> onnx.ModelProto:
+                      latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
     """The same sampler as `emit_sampler`, as ONE ONNX `Loop` of NFE iterations around ONE copy of the denoiser.
 
     Iteration i computes x_i = a_i * noise + sum_j b_ij D_j (see `linear_form`), D_i = denoiser(x_i, sigma_i)
     and writes D_i into row i of the loop-carried buffer D [NFE, B, *shape] (ScatterND); after the loop the
-    output is a_out * noise + sum_j c_j D_j. a, b, sigma and the folded sigma-only values (fold.py) are
-    [NFE, ...] tables gathered by the iteration counter. Same interface and outputs as `emit_sampler`.
+    output is a_out * noise + sum_j c_j D_j. a, b, sigma and the folded conditioning values (fold.py) are
+    [NFE, ...] tables gathered by the iteration counter (per-label values: [NFE, label_dim, ...] tables
+    gathered at (i, class_labels[b]) with GatherND). Same interface and outputs as `emit_sampler`.
     """
     dgraph = denoiser_model.graph
     _check_denoiser_graph(dgraph)
@@ -322,7 +326,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     n = len(calls)
     if n == 0:
         raise EmitError("program has no denoiser calls")
-    plan = plan_folding(denoiser_model, [op.sigma for op in calls]) if fold else FoldPlan()
+    plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
 
     outer = GraphBuilder()
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
@@ -346,10 +350,20 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     shared = {t.name for t in dgraph.initializer}
     out = "iia/loop/D_i"
     mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, dgraph.output[0].name: out}
+    step_label = None  # [B, 2] int64: (i, class_labels[b]), the GatherND index into per-label tables
     for value in (plan.values[calls[0].sigma] if plan.values else {}):
         rows = np.stack([plan.values[op.sigma][value][0] for op in calls])
+        kind = plan.values[calls[0].sigma][value][1]
+        if kind == LABEL:
+            if step_label is None:
+                col = body.const(np.array([1], np.int64), np.int64)
+                steps = body.node("Expand", [body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)]),
+                                             body.node("Concat", [batch, col], axis=0)])
+                step_label = body.node("Concat", [steps, body.node("Unsqueeze", [LABELS, col])], axis=1)
+            mapping[value] = body.node("GatherND", [outer.const(rows, rows.dtype), step_label])
+            continue
         row = body.node("Gather", [outer.const(rows, rows.dtype), it], axis=0)
-        if plan.values[calls[0].sigma][value][1]:
+        if kind == BATCH:
             tail = outer.const(np.array(rows.shape[2:], dtype=np.int64), np.int64)
             row = body.node("Expand", [row, body.node("Concat", [batch, tail], axis=0)])
         mapping[value] = row

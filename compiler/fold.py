@@ -1,10 +1,14 @@
-"""Fold the denoiser's sigma-only subgraph (c_skip/c_out/c_in, the noise embedding and its MLP) per call site.
+"""Fold the denoiser's conditioning subgraph (c_skip/c_out/c_in, noise and label embeddings, their MLPs and the
+per-block affine projections of the embedding) per denoiser call.
 
-At each call site sigma is a baked constant, so every value that depends on sigma and on constants only is a
-constant too. We evaluate those values once per distinct sigma with ONNX Runtime (at batch 1 and 2, to tell
-batch-shaped values from batch-free ones) and substitute them: batch-free values as constants, batch-shaped
-values as a [1, ...] constant broadcast to the batch with Expand. Values over `size_limit` bytes are left
-to be computed (a weight scaled by a sigma-dependent factor would otherwise be duplicated per call site).
+At each call sigma is a baked constant and class labels range over a finite set [0, label_dim), so every value
+computed from sigma, the labels and constants only is one of label_dim constants per call. We evaluate those
+values once per distinct sigma with ONNX Runtime, for all labels at once, and substitute them (see `Kind`):
+a call then gathers one row per image instead of recomputing the embedding network NFE times (the loop around
+`denoiser.onnx` a user would write cannot: it sees sigma and labels only at run time). Where the label tables
+would be too large (`TABLE_LIMIT`) or a value does not behave row-wise, only the sigma-only part is folded
+(values then constant per call or broadcast to the batch). Values over `size_limit` bytes per row are left to
+be computed (a weight scaled by a sigma-dependent factor would otherwise be duplicated per call).
 """
 
 from __future__ import annotations
@@ -15,26 +19,34 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from iia.runtime.contract import DENOISER_SIGMA
+from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA
 
-SIZE_LIMIT = 64 * 1024
+SIZE_LIMIT = 64 * 1024  # bytes per folded row
+TABLE_LIMIT = 16 * 1024 * 1024  # bytes of all label tables (all sigmas) together
 BATCH_OPS = ("Shape", "Size")
+
+# How a folded value enters a call: CONST the same array for any batch; BATCH one row [1, ...] broadcast to
+# [B, ...]; LABEL a table [label_dim, ...] of which image b reads row class_labels[b].
+CONST, BATCH, LABEL = "const", "batch", "label"
 
 
 @dataclass
 class FoldPlan:
     foldable_nodes: set[int] = field(default_factory=set)  # indices into graph.node, removed at call sites
-    values: dict[float, dict[str, tuple[np.ndarray, bool]]] = field(default_factory=dict)  # sigma -> name -> (row, batched)
+    values: dict[float, dict[str, tuple[np.ndarray, str]]] = field(default_factory=dict)  # sigma -> name -> (array, kind)
 
 
-def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = DENOISER_SIGMA) -> tuple[set[int], list[str]]:
-    """Nodes computing sigma-dependent values from sigma and constants only; and the boundary values."""
+def conditioning_nodes(graph: onnx.GraphProto, sources: tuple[str, ...] = (DENOISER_SIGMA,)) -> tuple[set[int], list[str]]:
+    """Nodes computing values from `sources` (graph inputs) and constants only, that depend on a source; and
+    the boundary values (those read by other nodes or graph outputs), sorted."""
     constant = {t.name for t in graph.initializer} | {""}
-    depends, foldable_values, nodes = {sigma}, {sigma}, set()
+    depends, foldable_values, nodes = set(sources), set(sources), set()
     for k, node in enumerate(graph.node):
         inputs = list(node.input)
         if node.op_type in BATCH_OPS:  # Shape/Size of a sigma value is the batch size: not a constant
             continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue  # control flow may read outer values not listed as inputs
         if all(i in foldable_values or i in constant for i in inputs):
             if any(i in depends for i in inputs):
                 nodes.add(k)
@@ -45,51 +57,112 @@ def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = DENOISER_SIGMA) -> tup
     consumed_outside = set()
     for k, node in enumerate(graph.node):
         if k not in nodes:
-            consumed_outside.update(i for i in node.input if i in depends and i != sigma)
+            consumed_outside.update(i for i in node.input if i in depends and i not in sources)
     consumed_outside.update(o.name for o in graph.output if o.name in depends)
     return nodes, sorted(consumed_outside)
 
 
-def _subgraph_model(model: onnx.ModelProto, nodes: set[int], outputs: list[str]) -> onnx.ModelProto:
+def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = DENOISER_SIGMA) -> tuple[set[int], list[str]]:
+    """`conditioning_nodes` with sigma as the only source."""
+    return conditioning_nodes(graph, (sigma,))
+
+
+def _subgraph_model(model: onnx.ModelProto, nodes: set[int], outputs: list[str], sources: tuple[str, ...]) -> onnx.ModelProto:
     g = model.graph
     keep_consts = [n for k, n in enumerate(g.node) if k not in nodes and n.op_type == "Constant"]
     sub_nodes = keep_consts + [g.node[k] for k in sorted(nodes)]
-    sigma = next(i for i in g.input if i.name == DENOISER_SIGMA)
+    inputs = [i for i in g.input if i.name in sources]
     outs = [helper.make_empty_tensor_value_info(name) for name in outputs]
     used = {i for n in sub_nodes for i in n.input}
-    graph = helper.make_graph(sub_nodes, "sigma_only", [sigma], outs,
+    graph = helper.make_graph(sub_nodes, "conditioning", inputs, outs,
                               initializer=[t for t in g.initializer if t.name in used])
     sub = helper.make_model(graph, opset_imports=list(model.opset_import))
     sub.ir_version = model.ir_version
     return sub
 
 
-def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], size_limit: int = SIZE_LIMIT) -> FoldPlan:
-    """Evaluate the sigma-only values at each sigma; an empty plan when nothing can be folded."""
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float32 rounding (ONNX Runtime may pick another GEMM kernel for another batch size)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not np.issubdtype(a.dtype, np.floating):
+        return np.array_equal(a, b)
+    scale = max(float(np.abs(a).max(initial=0.0)), 1.0)
+    return bool(np.all(np.isfinite(a) == np.isfinite(b))) and bool(np.abs(a - b).max(initial=0.0) <= 1e-5 * scale)
+
+
+def _classify(runs: list[tuple[np.ndarray, np.ndarray]], with_labels: bool) -> tuple[np.ndarray, str] | None:
+    """(array, kind) of one boundary value from runs [(labels fed, value)] at batches 1, 2 and label_dim;
+    None when it is not row-wise in the batch (then nothing is folded)."""
+    (l1, v1), (l2, v2), (lall, vall) = runs
+    sizes = (len(l1), len(l2), len(lall))
+    if all(_close(v1, v) for v in (v2, vall)):
+        return v1, CONST
+    if not all(v.ndim > 0 for v in (v1, v2, vall)) or (v1.shape[0], v2.shape[0], vall.shape[0]) != sizes:
+        return None
+    if not (v1.shape[1:] == v2.shape[1:] == vall.shape[1:]):
+        return None
+    if not with_labels:  # rows of a sigma-only value: all the same
+        return (v1, BATCH) if _close(np.broadcast_to(v1, v2.shape), v2) else None
+    table = vall  # row k is label k: lall = arange(label_dim)
+    if not (_close(table[l1], v1) and _close(table[l2], v2)):
+        return None
+    if all(_close(table[:1], table[k:k + 1]) for k in range(1, len(table))):
+        return table[:1], BATCH
+    return table, LABEL
+
+
+def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: int, size_limit: int,
+              table_limit: int) -> FoldPlan | None:
     import onnxruntime as ort
 
-    nodes, boundary = sigma_only_nodes(denoiser_model.graph)
+    sources = (DENOISER_SIGMA, DENOISER_LABELS) if label_dim else (DENOISER_SIGMA,)
+    nodes, boundary = conditioning_nodes(denoiser_model.graph, sources)
     if not nodes or not boundary:
-        return FoldPlan()
-    sub = _subgraph_model(denoiser_model, nodes, boundary)
+        return None
+    sub = _subgraph_model(denoiser_model, nodes, boundary, sources)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # the constant subgraph leaves the denoiser's Constant nodes unused
+    options.log_severity_level = 3  # the subgraph leaves the denoiser's Constant nodes unused
     sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    plan = FoldPlan(nodes)
+    fed = {i.name for i in sess.get_inputs()}
+    top = max(label_dim, 1)
+    label_sets = [np.array([top - 1]), np.array([top - 1, 0]), np.arange(top)]
+    plan, table_bytes = FoldPlan(nodes), 0
     for s in sorted(set(sigmas)):
-        one = sess.run(boundary, {DENOISER_SIGMA: np.array([s], np.float32)})
-        two = sess.run(boundary, {DENOISER_SIGMA: np.array([s, s], np.float32)})
+        runs = []
+        for labels in label_sets:
+            feed = {DENOISER_SIGMA: np.full(len(labels), s, np.float32)}
+            if DENOISER_LABELS in fed:
+                feed[DENOISER_LABELS] = labels.astype(np.int64)
+            runs.append([(labels, v) for v in sess.run(boundary, feed)])
         values = {}
-        for name, a, b in zip(boundary, one, two):
-            batched = a.ndim > 0 and b.ndim == a.ndim and a.shape[0] == 1 and b.shape[0] == 2 and b.shape[1:] == a.shape[1:]
-            same = np.array_equal(np.broadcast_to(a, b.shape), b) if batched else (a.shape == b.shape and np.array_equal(a, b))
-            if not same:
-                return FoldPlan()  # a value that changes with the batch size: fold nothing
-            if a.nbytes > size_limit:
-                return FoldPlan()
-            values[name] = (a, batched)
+        for k, name in enumerate(boundary):
+            got = _classify([run[k] for run in runs], bool(label_dim))
+            if got is None:
+                return None
+            array, kind = got
+            row_bytes = array.nbytes // len(array) if kind == LABEL else array.nbytes
+            if row_bytes > size_limit:
+                return None
+            table_bytes += array.nbytes if kind == LABEL else 0
+            values[name] = got
+        if table_bytes > table_limit:
+            return None
         plan.values[s] = values
     return plan
+
+
+def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: int = 0,
+                 size_limit: int = SIZE_LIMIT, table_limit: int = TABLE_LIMIT) -> FoldPlan:
+    """Evaluate the conditioning values at each sigma (and each label in [0, label_dim) when the denoiser reads
+    class labels): the sigma-and-label plan if it is row-wise and fits `table_limit`, else the sigma-only plan,
+    else an empty plan (nothing folded)."""
+    reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
+    if label_dim > 0 and reads_labels:
+        plan = _evaluate(denoiser_model, sigmas, label_dim, size_limit, table_limit)
+        if plan is not None:
+            return plan
+    return _evaluate(denoiser_model, sigmas, 0, size_limit, table_limit) or FoldPlan()
 
 
 # ------------------------------------------------------------------------------------------------------
