@@ -307,6 +307,32 @@ def _mix(gb: GraphBuilder, noise_coef: str, noise: str, row: str, dbuf: str, sha
     return gb.node("Add", [gb.node("Mul", [noise, noise_coef]), mixed])
 
 
+def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, it: str, batch: str) -> dict[str, str]:
+    """Per-label tables [NFE, label_dim, c_k, *rest] read at (iteration, class_labels[b]) -> [B, c_k, *rest].
+
+    Tables with the same dtype and trailing shape are concatenated along c and read with ONE GatherND, then
+    Split (the per-block scale/shift vectors of a UNet are dozens of small values: one kernel instead of one
+    each). GatherND refuses labels >= label_dim, as the embedding lookup it replaces does.
+    """
+    col = body.const(np.array([1], np.int64), np.int64)
+    steps = body.node("Expand", [body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)]),
+                                 body.node("Concat", [batch, col], axis=0)])
+    index = body.node("Concat", [steps, body.node("Unsqueeze", [LABELS, col])], axis=1)  # [B, 2]
+    mapping = {}
+    for (_, rest), members in groups.items():
+        if rest is None or len(members) == 1:  # [NFE, label_dim] scalars per image, or a lone table
+            for value, rows in members:
+                mapping[value] = body.node("GatherND", [outer.const(rows, rows.dtype), index])
+            continue
+        table = np.concatenate([rows for _, rows in members], axis=2)
+        gathered = body.node("GatherND", [outer.const(table, table.dtype), index])
+        sizes = outer.const(np.array([rows.shape[2] for _, rows in members], np.int64), np.int64)
+        outs = [body.fresh("label_value") for _ in members]
+        body.nodes.append(helper.make_node("Split", [gathered, sizes], outs, name=outs[0], axis=1))
+        mapping.update({value: out for (value, _), out in zip(members, outs)})
+    return mapping
+
+
 def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                       name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
                       latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
@@ -350,23 +376,20 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     shared = {t.name for t in dgraph.initializer}
     out = "iia/loop/D_i"
     mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, dgraph.output[0].name: out}
-    step_label = None  # [B, 2] int64: (i, class_labels[b]), the GatherND index into per-label tables
+    label_groups: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for value in (plan.values[calls[0].sigma] if plan.values else {}):
         rows = np.stack([plan.values[op.sigma][value][0] for op in calls])
         kind = plan.values[calls[0].sigma][value][1]
-        if kind == LABEL:
-            if step_label is None:
-                col = body.const(np.array([1], np.int64), np.int64)
-                steps = body.node("Expand", [body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)]),
-                                             body.node("Concat", [batch, col], axis=0)])
-                step_label = body.node("Concat", [steps, body.node("Unsqueeze", [LABELS, col])], axis=1)
-            mapping[value] = body.node("GatherND", [outer.const(rows, rows.dtype), step_label])
+        if kind == LABEL:  # [NFE, label_dim, ...]: gathered below, one GatherND per group of like tables
+            label_groups.setdefault((rows.dtype.str, rows.shape[3:] if rows.ndim > 2 else None), []).append((value, rows))
             continue
         row = body.node("Gather", [outer.const(rows, rows.dtype), it], axis=0)
         if kind == BATCH:
             tail = outer.const(np.array(rows.shape[2:], dtype=np.int64), np.int64)
             row = body.node("Expand", [row, body.node("Concat", [batch, tail], axis=0)])
         mapping[value] = row
+    if label_groups:
+        mapping.update(_gather_label_tables(body, outer, label_groups, it, batch))
     skip = plan.foldable_nodes if plan.values else set()
 
     def rename(value: str) -> str:
