@@ -107,3 +107,51 @@ def test_compile_records_the_graph_form(tmp_path):
     with pytest.raises(CompileError, match="--graph must be one of"):
         compile_model(d, tmp_path / "bad", CompileOptions(nfe=5, solver="edm", engine=False, graph="scan"),
                       log=lambda _: None)
+
+
+def _label_readers(graph):
+    """Nodes of `graph` that read class_labels (directly)."""
+    return [n for n in graph.node if "class_labels" in n.input]
+
+
+@pytest.mark.parametrize("form", ["loop", "unrolled"])
+def test_label_and_sigma_values_become_per_step_label_tables(edm, form):
+    """With label_dim, everything computed from sigma, class labels and weights (label embedding, embedding
+    MLP, per-block affine projections) is read from [step, label] tables: no copy of those nodes remains, the
+    images are unchanged, and a label outside [0, label_dim) is an error, not another label's row."""
+    from iia.compiler.fold import LABEL, plan_folding
+
+    d, dm, _ = edm
+    program = program_for(d, "edm", 9)
+    emit = emit_sampler_loop if form == "loop" else emit_sampler
+    tables = emit(program, dm, d.shape, True, label_dim=d.label_dim)
+    sigma_only = emit(program, dm, d.shape, True)
+    plain = emit(program, dm, d.shape, True, fold=False)
+    plan = plan_folding(dm, [1.0], d.label_dim)
+    assert LABEL in {kind for _, kind in plan.values[1.0].values()}
+    graphs = lambda m: [m.graph] + [a.g for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    gemms = lambda m: sum(n.op_type == "Gemm" for g in graphs(m) for n in g.node)
+    assert gemms(plain) > 0 and gemms(tables) == 0 < gemms(sigma_only)
+    readers = [n.op_type for g in graphs(tables) for n in _label_readers(g)]
+    assert set(readers) <= {"Gather", "Unsqueeze"}, readers  # only the table lookups read the labels
+    rng = np.random.default_rng(3)
+    for batch in (1, 4):
+        noise, labels = rng.standard_normal((batch, *d.shape)), rng.integers(0, d.label_dim, batch)
+        want = run(plain, noise, labels)[0]
+        assert np.abs(run(tables, noise, labels)[0] - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    assert check_weight_sharing(tables, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
+    with pytest.raises(Exception, match="(?i)out of bounds|invalid|index"):
+        run(tables, rng.standard_normal((2, *d.shape)), np.array([0, d.label_dim]))
+
+
+def test_label_tables_fall_back_to_sigma_only_when_too_large(edm):
+    """Over the table budget only the sigma-only values are folded (constant per call, broadcast rows)."""
+    from iia.compiler.fold import LABEL, plan_folding
+
+    d, dm, _ = edm
+    full = plan_folding(dm, [0.5, 2.0], d.label_dim)
+    small = plan_folding(dm, [0.5, 2.0], d.label_dim, table_limit=1024)
+    assert LABEL in {k for _, k in full.values[0.5].values()}
+    assert small.values and LABEL not in {k for v in small.values.values() for _, k in v.values()}
+    assert len(small.foldable_nodes) < len(full.foldable_nodes)
+    assert plan_folding(dm, [0.5], 0).foldable_nodes == small.foldable_nodes  # the same as no labels at all
