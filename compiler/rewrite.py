@@ -128,7 +128,8 @@ def _coefficients(chain: list[Link], fresh) -> tuple[list[onnx.NodeProto], str |
             scale = link.side if scale is None else emit("Mul", [scale, link.side], "scale")
             shift = None if shift is None else emit("Mul", [shift, link.side], "shift")
         elif link.op == "Div":
-            scale = emit("Reciprocal", [link.side], "scale") if scale is None else emit("Div", [scale, link.side], "scale")
+            scale = (emit("Reciprocal", [link.side], "scale") if scale is None
+                     else emit("Div", [scale, link.side], "scale"))
             shift = None if shift is None else emit("Div", [shift, link.side], "shift")
         elif link.op == "Add":
             shift = link.side if shift is None else emit("Add", [shift, link.side], "shift")
