@@ -1,0 +1,223 @@
+"""compiler/rewrite.py: affine chains on the main path collapse to one Mul + one Add whose coefficients are
+side (constant/conditioning-only) values; the rewritten graph computes the same numbers in ONNX Runtime."""
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edm_fixtures import make_edm_pickle
+from iia.compiler.export import export_denoiser
+from iia.compiler.rewrite import collapse_affine_chains
+from iia.models import load
+from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X
+
+
+def side_values(graph: onnx.GraphProto) -> set[str]:
+    """Initializers, Constant outputs, sigma/class_labels and everything computed from them alone (Shape/Size
+    excluded: they depend on the batch)."""
+    side = {t.name for t in graph.initializer} | {DENOISER_SIGMA, DENOISER_LABELS}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            side.update(node.output)
+        elif node.op_type not in ("Shape", "Size") and node.input and all(i in side for i in node.input if i):
+            side.update(node.output)
+    return side
+
+
+def main_path_nodes(graph: onnx.GraphProto, side: set[str]) -> int:
+    return sum(not all(o in side for o in node.output) for node in graph.node)
+
+
+def assert_topologically_sorted(graph: onnx.GraphProto):
+    defined = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {""}
+    for node in graph.node:
+        missing = [i for i in node.input if i not in defined]
+        assert not missing, f"{node.name} ({node.op_type}) reads {missing} before they are defined"
+        defined.update(node.output)
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list[dict]):
+    a, b = session(before), session(after)
+    for feed in feeds:
+        for x, y in zip(a.run(None, feed), b.run(None, feed)):
+            assert x.shape == y.shape
+            assert np.abs(x - y).max() <= 1e-5 * max(1.0, np.abs(x).max())  # re-association: a few ulp
+
+
+def denoiser_feeds(model: onnx.ModelProto, batches=(1, 3), seed=0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    names = {i.name for i in model.graph.input}
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    feeds = []
+    for b in batches:
+        sigma = np.exp(rng.uniform(np.log(0.002), np.log(80.0), b)).astype(np.float32)
+        feed = {DENOISER_X: (rng.standard_normal((b, *shape)) * (1 + sigma[:, None, None, None])).astype(np.float32),
+                DENOISER_SIGMA: sigma}
+        if DENOISER_LABELS in names:
+            feed[DENOISER_LABELS] = rng.integers(0, 10, b).astype(np.int64)
+        feeds.append(feed)
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def digits_onnx():
+    return export_denoiser(load("digits"))
+
+
+def test_digits_residual_block_affines_collapse(digits_onnx):
+    model = copy.deepcopy(digits_onnx)
+    side = side_values(model.graph)
+    original_side = set(side)
+    before = main_path_nodes(model.graph, side)
+    removed = collapse_affine_chains(model.graph, side)
+    after = main_path_nodes(model.graph, side)
+    # each residual block's GroupNorm affine + modulation (Mul, Add, Mul, Add) becomes Mul, Add: 2 nodes saved
+    assert removed > 0 and removed % 2 == 0
+    assert before - after == removed
+    new_side = side - original_side
+    assert new_side, "the combined coefficients must be new side values"
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for name in new_side:
+        node = producers[name]
+        assert node.op_type in ("Mul", "Add", "Sub", "Div", "Neg", "Reciprocal")
+        assert all(i in side for i in node.input), f"{name} is not computed from side values alone"
+    assert side_values(model.graph) >= new_side  # the test's own propagation agrees that they are side values
+    assert_topologically_sorted(model.graph)
+    gone = {o for n in digits_onnx.graph.node for o in n.output} - {o for n in model.graph.node for o in n.output}
+    assert gone and not gone & {v.name for v in model.graph.value_info}  # no value_info of removed values
+    onnx.checker.check_model(model, full_check=True)
+    assert_same_outputs(digits_onnx, model, denoiser_feeds(model, (1, 3)))
+    # a second pass finds nothing left to collapse
+    assert collapse_affine_chains(model.graph, side) == 0
+
+
+def test_edm_pickle_denoiser_is_unchanged_where_conditioning_precedes_the_norm(tmp_path):
+    """The EDM-format fixture adds the embedding before GroupNorm (no modulation after it): only 2-node chains,
+    which cannot get shorter, so the pass must leave the graph exactly as it was."""
+    make_edm_pickle(tmp_path / "net.pkl", "edm-cond", resolution=16, channels=32)
+    model = export_denoiser(load(tmp_path / "net.pkl"))
+    original = model.SerializeToString()
+    assert collapse_affine_chains(model.graph, side_values(model.graph)) == 0
+    assert model.SerializeToString() == original
+
+
+# ----------------------------------------------------------------------------------- hand-built graphs
+
+C = 3
+
+
+def tiny_model(nodes, outputs, x_shape=(2, C, 4, 4), out_shape=None, extra_inputs=(), extra_inits=()):
+    rng = np.random.default_rng(1)
+    side_names = sorted({i for n in nodes for i in n.input if i.startswith("c_")})
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 2.0, (C, 1, 1)).astype(np.float32), name) for name in side_names]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape)), *extra_inputs]
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(out_shape or x_shape)) for o in outputs]
+    graph = helper.make_graph(nodes, "tiny", inputs, outs, initializer=inits + list(extra_inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def rewrite(model, side=None):
+    out = copy.deepcopy(model)
+    side = {t.name for t in out.graph.initializer} if side is None else side
+    removed = collapse_affine_chains(out.graph, side)
+    onnx.checker.check_model(out, full_check=True)
+    assert_topologically_sorted(out.graph)
+    return out, removed
+
+
+def x_feed(shape=(2, C, 4, 4), seed=2):
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def test_side_operand_first_and_sub_div_collapse():
+    nodes = [helper.make_node("Mul", ["c_g", "x"], ["a"]),       # side value as input 0
+             helper.make_node("Add", ["c_b", "a"], ["b"]),
+             helper.make_node("Div", ["b", "c_s"], ["c"]),       # x / c
+             helper.make_node("Sub", ["c", "c_t"], ["d"]),       # x - d
+             helper.make_node("Mul", ["d", "c_u"], ["e"]),
+             helper.make_node("Add", ["e", "c_v"], ["y"])]
+    model = tiny_model(nodes, ["y"])
+    out, removed = rewrite(model)
+    assert removed == 4
+    main = [n for n in out.graph.node if "x" in n.input or "y" in n.output]
+    assert [n.op_type for n in main] == ["Mul", "Add"] and main[-1].output[0] == "y"
+    assert_same_outputs(model, out, [x_feed()])
+
+
+def test_side_minus_main_and_side_over_main_end_a_chain():
+    nodes = [helper.make_node("Mul", ["x", "c_g"], ["a"]),
+             helper.make_node("Sub", ["c_b", "a"], ["b"]),       # d - x: not affine in the (scale, shift) form
+             helper.make_node("Mul", ["b", "c_s"], ["c"]),
+             helper.make_node("Div", ["c_t", "c"], ["y"])]       # c / x
+    model = tiny_model(nodes, ["y"])
+    out, removed = rewrite(model)
+    assert removed == 0
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in nodes]
+
+
+@pytest.mark.parametrize("case", ["two_consumers", "graph_output"])
+def test_shared_or_output_intermediates_stop_the_chain(case):
+    nodes = [helper.make_node("Mul", ["x", "c_g"], ["a"]),
+             helper.make_node("Add", ["a", "c_b"], ["b"]),
+             helper.make_node("Mul", ["b", "c_s"], ["c"]),
+             helper.make_node("Add", ["c", "c_t"], ["y"])]
+    outputs = ["y"]
+    if case == "two_consumers":
+        nodes.append(helper.make_node("Relu", ["b"], ["r"]))
+        outputs.append("r")
+    else:
+        outputs.append("b")
+    model = tiny_model(nodes, outputs)
+    out, removed = rewrite(model)
+    assert removed == 0  # two 2-node chains around "b": neither gets shorter
+    assert out.SerializeToString() == model.SerializeToString()
+    # the same chain without the extra reader collapses 4 -> 2 (the guard above is what stopped it)
+    plain, removed = rewrite(tiny_model(nodes[:4], ["y"]))
+    assert removed == 2
+    assert_same_outputs(tiny_model(nodes[:4], ["y"]), plain, [x_feed()])
+
+
+def test_broadcast_by_side_operands_keeps_the_output_shape():
+    """x [2,1,4,4] is broadcast to [2,3,4,4] by the chain's side values: every side operand ends in scale or
+    shift, so the rewritten output has the same (broadcast) shape and values."""
+    nodes = [helper.make_node("Mul", ["x", "c_g"], ["a"]),
+             helper.make_node("Add", ["a", "c_b"], ["b"]),
+             helper.make_node("Mul", ["b", "c_s"], ["y"])]
+    model = tiny_model(nodes, ["y"], x_shape=(2, 1, 4, 4), out_shape=(2, C, 4, 4))
+    out, removed = rewrite(model)
+    assert removed == 1
+    feed = x_feed((2, 1, 4, 4))
+    assert session(out).run(None, feed)[0].shape == (2, C, 4, 4)
+    assert_same_outputs(model, out, [feed])
+
+
+def test_conditioning_input_side_values_and_batch_shapes():
+    """Side values computed from sigma ([B,1,1,1] after a Reshape) combine per batch row."""
+    sigma = helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"])
+    shape4 = numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "k_shape")
+    nodes = [helper.make_node("Reshape", ["sigma", "k_shape"], ["s4"]),
+             helper.make_node("Mul", ["x", "c_g"], ["a"]),
+             helper.make_node("Add", ["a", "c_b"], ["b"]),
+             helper.make_node("Mul", ["b", "s4"], ["c"]),
+             helper.make_node("Add", ["c", "s4"], ["y"])]
+    model = tiny_model(nodes, ["y"], x_shape=("batch", C, 4, 4), extra_inputs=[sigma],
+                       extra_inits=[shape4])
+    side = {t.name for t in model.graph.initializer} | {"sigma", "s4"}
+    out, removed = rewrite(model, side)
+    assert removed == 2
+    feeds = []
+    for b in (1, 3):
+        feed = x_feed((b, C, 4, 4), seed=b)
+        feed["sigma"] = np.linspace(0.1, 5, b).astype(np.float32)
+        feeds.append(feed)
+    assert_same_outputs(model, out, feeds)
