@@ -163,6 +163,7 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     batch = gb.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     calls = [op for op in program.ops() if isinstance(op, Denoise)]
     plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
+    dgraph = (plan.model or denoiser_model).graph
     gb.nodes.append(helper.make_node("Identity", [NOISE], [_value("noise")], name="iia/noise"))
     sigma_names: dict[float, str] = {}
     site = 0
@@ -353,6 +354,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     if n == 0:
         raise EmitError("program has no denoiser calls")
     plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
+    dgraph = (plan.model or denoiser_model).graph
 
     outer = GraphBuilder()
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)

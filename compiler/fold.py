@@ -21,6 +21,8 @@ from onnx import helper
 
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA
 
+from .rewrite import collapse_affine_chains
+
 SIZE_LIMIT = 64 * 1024  # bytes per folded row
 TABLE_LIMIT = 16 * 1024 * 1024  # bytes of all label tables (all sigmas) together
 BATCH_OPS = ("Shape", "Size")
@@ -32,34 +34,45 @@ CONST, BATCH, LABEL = "const", "batch", "label"
 
 @dataclass
 class FoldPlan:
+    model: onnx.ModelProto | None = None  # the denoiser the node indices refer to (affine chains collapsed)
     foldable_nodes: set[int] = field(default_factory=set)  # indices into graph.node, removed at call sites
     values: dict[float, dict[str, tuple[np.ndarray, str]]] = field(default_factory=dict)  # sigma -> name -> (array, kind)
+
+
+def _walk(graph: onnx.GraphProto, sources: tuple[str, ...]) -> tuple[set[int], set[str], set[str]]:
+    """(nodes computing source-dependent values from sources and constants, those values, constant values)."""
+    constant = {t.name for t in graph.initializer} | {""}
+    depends, nodes = set(sources), set()
+    for k, node in enumerate(graph.node):
+        if node.op_type in BATCH_OPS:  # Shape/Size of a sigma value is the batch size: not a constant
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue  # control flow may read outer values not listed as inputs
+        if all(i in depends or i in constant for i in node.input):
+            if any(i in depends for i in node.input):
+                nodes.add(k)
+                depends.update(node.output)
+            else:  # Constant nodes and weight-only arithmetic: constants, left to the graph (not folded)
+                constant.update(node.output)
+    return nodes, depends, constant
 
 
 def conditioning_nodes(graph: onnx.GraphProto, sources: tuple[str, ...] = (DENOISER_SIGMA,)) -> tuple[set[int], list[str]]:
     """Nodes computing values from `sources` (graph inputs) and constants only, that depend on a source; and
     the boundary values (those read by other nodes or graph outputs), sorted."""
-    constant = {t.name for t in graph.initializer} | {""}
-    depends, foldable_values, nodes = set(sources), set(sources), set()
-    for k, node in enumerate(graph.node):
-        inputs = list(node.input)
-        if node.op_type in BATCH_OPS:  # Shape/Size of a sigma value is the batch size: not a constant
-            continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            continue  # control flow may read outer values not listed as inputs
-        if all(i in foldable_values or i in constant for i in inputs):
-            if any(i in depends for i in inputs):
-                nodes.add(k)
-                depends.update(node.output)
-                foldable_values.update(node.output)
-            else:  # Constant nodes and weight-only arithmetic: constants, left to the graph (not folded)
-                constant.update(node.output)
+    nodes, depends, _ = _walk(graph, sources)
     consumed_outside = set()
     for k, node in enumerate(graph.node):
         if k not in nodes:
             consumed_outside.update(i for i in node.input if i in depends and i not in sources)
     consumed_outside.update(o.name for o in graph.output if o.name in depends)
     return nodes, sorted(consumed_outside)
+
+
+def side_values(graph: onnx.GraphProto, sources: tuple[str, ...]) -> set[str]:
+    """Values computed from `sources` and constants only (what `rewrite.collapse_affine_chains` calls side)."""
+    _, depends, constant = _walk(graph, sources)
+    return (depends | constant) - {""}
 
 
 def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = DENOISER_SIGMA) -> tuple[set[int], list[str]]:
@@ -117,6 +130,10 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     import onnxruntime as ort
 
     sources = (DENOISER_SIGMA, DENOISER_LABELS) if label_dim else (DENOISER_SIGMA,)
+    model = onnx.ModelProto()
+    model.CopyFrom(denoiser_model)
+    collapse_affine_chains(model.graph, side_values(model.graph, sources))
+    denoiser_model = model
     nodes, boundary = conditioning_nodes(denoiser_model.graph, sources)
     if not nodes or not boundary:
         return None
@@ -127,7 +144,7 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     fed = {i.name for i in sess.get_inputs()}
     top = max(label_dim, 1)
     label_sets = [np.array([top - 1]), np.array([top - 1, 0]), np.arange(top)]
-    plan, table_bytes = FoldPlan(nodes), 0
+    plan, table_bytes = FoldPlan(model, nodes), 0
     for s in sorted(set(sigmas)):
         runs = []
         for labels in label_sets:
@@ -156,7 +173,8 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim
                  size_limit: int = SIZE_LIMIT, table_limit: int = TABLE_LIMIT) -> FoldPlan:
     """Evaluate the conditioning values at each sigma (and each label in [0, label_dim) when the denoiser reads
     class labels): the sigma-and-label plan if it is row-wise and fits `table_limit`, else the sigma-only plan,
-    else an empty plan (nothing folded)."""
+    else an empty plan (nothing folded). Affine chains on the main path are first collapsed
+    (rewrite.collapse_affine_chains) so that their combined scale/shift are folded too: emit from `plan.model`."""
     reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
     if label_dim > 0 and reads_labels:
         plan = _evaluate(denoiser_model, sigmas, label_dim, size_limit, table_limit)
