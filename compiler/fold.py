@@ -21,7 +21,7 @@ from onnx import helper
 
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA
 
-from .rewrite import collapse_affine_chains
+from .rewrite import affine_to_batchnorm, collapse_affine_chains, example_feeds
 
 SIZE_LIMIT = 64 * 1024  # bytes per folded row
 TABLE_LIMIT = 16 * 1024 * 1024  # bytes of all label tables (all sigmas) together
@@ -133,6 +133,7 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     model = onnx.ModelProto()
     model.CopyFrom(denoiser_model)
     collapse_affine_chains(model.graph, side_values(model.graph, sources))
+    affine_to_batchnorm(model, example_feeds(model))
     denoiser_model = model
     nodes, boundary = conditioning_nodes(denoiser_model.graph, sources)
     if not nodes or not boundary:
@@ -174,7 +175,8 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim
     """Evaluate the conditioning values at each sigma (and each label in [0, label_dim) when the denoiser reads
     class labels): the sigma-and-label plan if it is row-wise and fits `table_limit`, else the sigma-only plan,
     else an empty plan (nothing folded). Affine chains on the main path are first collapsed
-    (rewrite.collapse_affine_chains) so that their combined scale/shift are folded too: emit from `plan.model`."""
+    (rewrite.collapse_affine_chains) so that their combined scale/shift are folded too, and the remaining
+    constant per-channel affines become one-pass BatchNormalization nodes: emit from `plan.model`."""
     reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
     if label_dim > 0 and reads_labels:
         plan = _evaluate(denoiser_model, sigmas, label_dim, size_limit, table_limit)

@@ -206,3 +206,116 @@ def collapse_affine_chains(graph: onnx.GraphProto, side: set[str]) -> int:
     del graph.value_info[:]
     graph.value_info.extend(kept)
     return saved
+
+
+# ------------------------------------------------------------------------------------------------------
+# Constant per-channel affines as BatchNormalization: GroupNorm's `x * gamma + beta` with stored gamma/beta
+# (no conditioning to merge it with) is two full-tensor passes as Mul + Add; an inference-mode
+# BatchNormalization with mean 0, variance 1, epsilon 0 computes exactly x * gamma + beta in ONE pass.
+
+def probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named values in one ONNX Runtime run of `model` on `feeds` (exported graphs often leave
+    the shapes around Reshape unknown to static inference)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in have)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outs = sess.run(list(dict.fromkeys(names)), feeds)
+    return {n: tuple(a.shape) for n, a in zip(dict.fromkeys(names), outs)}
+
+
+def _per_channel(value, shape: tuple[int, ...]):
+    """`value` (numpy) as a [C] vector when broadcasting it against `shape` ([N, C, ...]) scales channels only."""
+    import numpy as np
+
+    rank = len(shape)
+    if value.ndim > rank or rank < 2:
+        return None
+    padded = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    if padded.shape[0] != 1 or any(d != 1 for d in padded.shape[2:]) or padded.shape[1] not in (1, shape[1]):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(padded.reshape(-1), (shape[1],)), dtype=np.float32)
+
+
+def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
+    """Replace `Add(Mul(x, gamma), beta)` (gamma, beta float32 initializers that scale/shift channels only, the
+    intermediate read once) by BatchNormalization(x, gamma, beta, 0, 1, epsilon=0), in place. `feeds`: one
+    valid input of the model, to learn the shapes (x must already have the output's shape: no broadcast
+    of x). Returns the number of nodes removed."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    counts = consumer_counts(graph)
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output}
+    plain = lambda n: n.domain in DEFAULT_DOMAINS and not n.attribute and len(n.input) == 2
+    pairs = []
+    for k, add in enumerate(graph.node):
+        if add.op_type != "Add" or not plain(add):
+            continue
+        for mul_out, beta in (add.input, add.input[::-1]):
+            m = producer.get(mul_out)
+            if m is None or beta not in inits or counts.get(mul_out) != 1 or graph.node[m].op_type != "Mul":
+                continue
+            mul = graph.node[m]
+            if not plain(mul) or sum(i in inits for i in mul.input) != 1:
+                continue
+            x, gamma = (mul.input[1], mul.input[0]) if mul.input[0] in inits else tuple(mul.input)
+            if all(inits[n].data_type == TensorProto.FLOAT for n in (gamma, beta)):
+                pairs.append((m, k, x, gamma, beta))
+            break
+    if not pairs:
+        return 0
+    shapes = probe_shapes(model, [n for m, k, x, *_ in pairs for n in (x, graph.node[k].output[0])], feeds)
+    fresh = _name_factory(graph, "iia/bn")
+    replace, removed, new_inits = {}, set(), []
+    for m, k, x, gamma, beta in pairs:
+        out = graph.node[k].output[0]
+        if shapes[x] != shapes[out]:
+            continue
+        scale = _per_channel(numpy_helper.to_array(inits[gamma]), shapes[x])
+        bias = _per_channel(numpy_helper.to_array(inits[beta]), shapes[x])
+        if scale is None or bias is None:
+            continue
+        import numpy as np
+
+        names = [fresh(role) for role in ("scale", "bias", "mean", "var")]
+        new_inits += [numpy_helper.from_array(a, n) for a, n in
+                      zip((scale, bias, np.zeros_like(scale), np.ones_like(scale)), names)]
+        replace[k] = helper.make_node("BatchNormalization", [x, *names], [out], name=fresh("node"), epsilon=0.0)
+        removed.add(m)
+    if not replace:
+        return 0
+    nodes = [replace.get(k, n) for k, n in enumerate(graph.node) if k not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {i for n in graph.node for i in n.input} | _subgraph_reads(graph) | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in read or t.name not in {p[3] for p in pairs} | {p[4] for p in pairs}]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    return len(removed)
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    return set().union(*(_subgraph_inputs(n) for n in graph.node)) if graph.node else set()
+
+
+def example_feeds(model: onnx.ModelProto, batch: int = 2) -> dict:
+    """One valid input of a denoiser graph: x standard normal, sigma ones, class labels zeros (symbolic
+    dimensions set to `batch`)."""
+    import numpy as np
+
+    rng, feeds = np.random.default_rng(0), {}
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in t.shape.dim]
+        if t.elem_type == TensorProto.FLOAT:
+            feeds[i.name] = (rng.standard_normal(shape) if len(shape) > 1 else np.ones(shape)).astype(np.float32)
+        else:
+            feeds[i.name] = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return feeds
