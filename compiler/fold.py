@@ -6,7 +6,7 @@ computed from sigma, the labels and constants only is one of label_dim constants
 values once per distinct sigma with ONNX Runtime, for all labels at once, and substitute them (see `Kind`):
 a call then gathers one row per image instead of recomputing the embedding network NFE times (the loop around
 `denoiser.onnx` a user would write cannot: it sees sigma and labels only at run time). Where the label tables
-would be too large (`TABLE_LIMIT`) or a value does not behave row-wise, only the sigma-only part is folded
+would be too large (`table_budget`) or a value does not behave row-wise, only the sigma-only part is folded
 (values then constant per call or broadcast to the batch). Values over `size_limit` bytes per row are left to
 be computed (a weight scaled by a sigma-dependent factor would otherwise be duplicated per call).
 """
@@ -24,7 +24,7 @@ from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA
 from .rewrite import affine_to_batchnorm, collapse_affine_chains, example_feeds
 
 SIZE_LIMIT = 64 * 1024  # bytes per folded row
-TABLE_LIMIT = 16 * 1024 * 1024  # bytes of all label tables (all sigmas) together
+TABLE_FLOOR, TABLE_CAP = 1 << 20, 64 << 20  # bytes of all label tables together: see table_budget
 BATCH_OPS = ("Shape", "Size")
 
 # How a folded value enters a call: CONST the same array for any batch; BATCH one row [1, ...] broadcast to
@@ -39,10 +39,11 @@ class FoldPlan:
     values: dict[float, dict[str, tuple[np.ndarray, str]]] = field(default_factory=dict)  # sigma -> name -> (array, kind)
 
 
-def _walk(graph: onnx.GraphProto, sources: tuple[str, ...]) -> tuple[set[int], set[str], set[str]]:
-    """(nodes computing source-dependent values from sources and constants, those values, constant values)."""
+def _walk(graph: onnx.GraphProto, sources: tuple[str, ...]) -> tuple[set[int], set[str], set[str], set[int]]:
+    """(nodes computing source-dependent values from sources and constants, those values, constant values,
+    nodes computing constants from constants)."""
     constant = {t.name for t in graph.initializer} | {""}
-    depends, nodes = set(sources), set()
+    depends, nodes, constant_nodes = set(sources), set(), set()
     for k, node in enumerate(graph.node):
         if node.op_type in BATCH_OPS:  # Shape/Size of a sigma value is the batch size: not a constant
             continue
@@ -54,13 +55,14 @@ def _walk(graph: onnx.GraphProto, sources: tuple[str, ...]) -> tuple[set[int], s
                 depends.update(node.output)
             else:  # Constant nodes and weight-only arithmetic: constants, left to the graph (not folded)
                 constant.update(node.output)
-    return nodes, depends, constant
+                constant_nodes.add(k)
+    return nodes, depends, constant, constant_nodes
 
 
 def conditioning_nodes(graph: onnx.GraphProto, sources: tuple[str, ...] = (DENOISER_SIGMA,)) -> tuple[set[int], list[str]]:
     """Nodes computing values from `sources` (graph inputs) and constants only, that depend on a source; and
     the boundary values (those read by other nodes or graph outputs), sorted."""
-    nodes, depends, _ = _walk(graph, sources)
+    nodes, depends, _, _ = _walk(graph, sources)
     consumed_outside = set()
     for k, node in enumerate(graph.node):
         if k not in nodes:
@@ -71,7 +73,7 @@ def conditioning_nodes(graph: onnx.GraphProto, sources: tuple[str, ...] = (DENOI
 
 def side_values(graph: onnx.GraphProto, sources: tuple[str, ...]) -> set[str]:
     """Values computed from `sources` and constants only (what `rewrite.collapse_affine_chains` calls side)."""
-    _, depends, constant = _walk(graph, sources)
+    _, depends, constant, _ = _walk(graph, sources)
     return (depends | constant) - {""}
 
 
@@ -82,8 +84,8 @@ def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = DENOISER_SIGMA) -> tup
 
 def _subgraph_model(model: onnx.ModelProto, nodes: set[int], outputs: list[str], sources: tuple[str, ...]) -> onnx.ModelProto:
     g = model.graph
-    keep_consts = [n for k, n in enumerate(g.node) if k not in nodes and n.op_type == "Constant"]
-    sub_nodes = keep_consts + [g.node[k] for k in sorted(nodes)]
+    constant_nodes = _walk(g, sources)[3]  # Constant nodes, and weight-only arithmetic the rewrites introduced
+    sub_nodes = [n for k, n in enumerate(g.node) if k in nodes or k in constant_nodes]
     inputs = [i for i in g.input if i.name in sources]
     outs = [helper.make_empty_tensor_value_info(name) for name in outputs]
     used = {i for n in sub_nodes for i in n.input}
@@ -170,14 +172,24 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     return plan
 
 
+def table_budget(denoiser_model: onnx.ModelProto) -> int:
+    """Bytes the label tables of all sigmas may take together: the denoiser's own weight bytes (the artifact
+    at most doubles), at least TABLE_FLOOR (small nets), at most TABLE_CAP (large label sets, e.g. 1000 ImageNet
+    classes, fall back to sigma-only folding)."""
+    weights = sum(int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                  for t in denoiser_model.graph.initializer)  # from the header: weights may be external data
+    return int(min(TABLE_CAP, max(TABLE_FLOOR, weights)))
+
+
 def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: int = 0,
-                 size_limit: int = SIZE_LIMIT, table_limit: int = TABLE_LIMIT) -> FoldPlan:
+                 size_limit: int = SIZE_LIMIT, table_limit: int | None = None) -> FoldPlan:
     """Evaluate the conditioning values at each sigma (and each label in [0, label_dim) when the denoiser reads
-    class labels): the sigma-and-label plan if it is row-wise and fits `table_limit`, else the sigma-only plan,
-    else an empty plan (nothing folded). Affine chains on the main path are first collapsed
+    class labels): the sigma-and-label plan if it is row-wise and fits `table_limit` (default
+    `table_budget`), else the sigma-only plan, else an empty plan (nothing folded). Affine chains on the main path are first collapsed
     (rewrite.collapse_affine_chains) so that their combined scale/shift are folded too, and the remaining
     constant per-channel affines become one-pass BatchNormalization nodes: emit from `plan.model`."""
     reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
+    table_limit = table_budget(denoiser_model) if table_limit is None else table_limit
     if label_dim > 0 and reads_labels:
         plan = _evaluate(denoiser_model, sigmas, label_dim, size_limit, table_limit)
         if plan is not None:
