@@ -221,8 +221,12 @@ def test_guided_latent_graph_equals_edm2_sampler_and_vae_decode(edm2, vae_dir, l
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     # weights stored once: net + guide + VAE decoder
     params = sum(p.numel() * 4 for m in (net.net, guide.net, vae.decoder, vae.post_quant_conv) for p in m.parameters())
-    stored = initializer_bytes(onnx.load(str(out / "sampler.onnx")))
+    from iia.compiler.check import weight_bytes
+
+    sizes = weight_bytes(onnx.load(str(out / "sampler.onnx")))
+    stored = sizes["weights"]
     assert stored <= 1.10 * params, (stored, params)
+    assert sizes["sampler_constants"] <= max(1 << 20, params)  # baked tables: fold.table_budget
 
     rng = np.random.default_rng(1)
     noise, labels = rng.standard_normal((4, 4, 8, 8)).astype(np.float32), np.array([0, 3, 3, 9])
