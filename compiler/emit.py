@@ -300,12 +300,10 @@ def linear_form(program: Program) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return state, sigmas, values[program.output], calls
 
 
-def _mix(gb: GraphBuilder, noise_coef: str, noise: str, row: str, dbuf: str, shape_of: str) -> str:
-    """noise_coef * noise + row . dbuf  (row float32 [N], dbuf [N, B, ...]) as one MatMul over the flat buffer."""
-    flat = gb.node("Reshape", [dbuf, gb.const(np.array([0, -1], np.int64), np.int64)])
-    mixed = gb.node("MatMul", [gb.node("Unsqueeze", [row, gb.const(np.array([0], np.int64), np.int64)]), flat])
-    mixed = gb.node("Reshape", [mixed, shape_of])
-    return gb.node("Add", [gb.node("Mul", [noise, noise_coef]), mixed])
+def _mix(gb: GraphBuilder, coef: str, buf: str, shape_of: str) -> str:
+    """coef . buf reshaped to the noise's shape: coef float32 [1, N+1], buf [N+1, B*prod(shape)] (row 0 the
+    noise, row j+1 the output of denoiser call j): one MatMul per combination."""
+    return gb.node("Reshape", [gb.node("MatMul", [coef, buf]), shape_of])
 
 
 def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, it: str, batch: str) -> dict[str, str]:
@@ -313,12 +311,17 @@ def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, 
 
     Tables with the same dtype and trailing shape are concatenated along c and read with ONE GatherND, then
     Split (the per-block scale/shift vectors of a UNet are dozens of small values: one kernel instead of one
-    each). GatherND refuses labels >= label_dim, as the embedding lookup it replaces does.
+    each). The [NFE, B, 2] index tensor is built once, before the loop. GatherND refuses labels >= label_dim,
+    as the embedding lookup it replaces does.
     """
-    col = body.const(np.array([1], np.int64), np.int64)
-    steps = body.node("Expand", [body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)]),
-                                 body.node("Concat", [batch, col], axis=0)])
-    index = body.node("Concat", [steps, body.node("Unsqueeze", [LABELS, col])], axis=1)  # [B, 2]
+    n = next(iter(groups.values()))[0][1].shape[0]
+    shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64), batch,
+                                  outer.const(np.array([1], np.int64), np.int64)], axis=0)
+    steps = outer.node("Expand", [outer.const(np.arange(n, dtype=np.int64).reshape(n, 1, 1), np.int64), shape])
+    labels = outer.node("Expand", [outer.node("Unsqueeze", [LABELS, outer.const(np.array([0, 2], np.int64), np.int64)]),
+                                   shape])
+    indices = outer.node("Concat", [steps, labels], "iia/step_label", axis=2)  # [NFE, B, 2], made once
+    index = body.node("Gather", [indices, it], axis=0)  # [B, 2]: (i, class_labels[b])
     mapping = {}
     for (_, rest), members in groups.items():
         if rest is None or len(members) == 1:  # [NFE, label_dim] scalars per image, or a lone table
@@ -339,11 +342,13 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
                       latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
     """The same sampler as `emit_sampler`, as ONE ONNX `Loop` of NFE iterations around ONE copy of the denoiser.
 
-    Iteration i computes x_i = a_i * noise + sum_j b_ij D_j (see `linear_form`), D_i = denoiser(x_i, sigma_i)
-    and writes D_i into row i of the loop-carried buffer D [NFE, B, *shape] (ScatterND); after the loop the
-    output is a_out * noise + sum_j c_j D_j. a, b, sigma and the folded conditioning values (fold.py) are
-    [NFE, ...] tables gathered by the iteration counter (per-label values: [NFE, label_dim, ...] tables
-    gathered at (i, class_labels[b]) with GatherND). Same interface and outputs as `emit_sampler`.
+    The loop carries one flat buffer [NFE + 1, B * prod(shape)]: row 0 the noise, row j + 1 the output D_j of
+    denoiser call j. Iteration i computes x_i = a_i * noise + sum_j b_ij D_j (`linear_form`) as ONE MatMul of
+    the coefficient row [a_i, b_i] with the buffer, D_i = denoiser(x_i, sigma_i), and writes D_i into row
+    i + 1 (ScatterND); after the loop the output is the same product with the output's row. The rows, sigma
+    and the folded conditioning values (fold.py) are [NFE, ...] tables gathered by the iteration counter
+    (per-label values: [NFE, label_dim, ...] tables gathered at (i, class_labels[b]) with GatherND). Same
+    interface and outputs as `emit_sampler`.
     """
     dgraph = denoiser_model.graph
     _check_denoiser_graph(dgraph)
@@ -359,20 +364,20 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     outer = GraphBuilder()
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
-    buf_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64), noise_shape], axis=0)
-    dbuf0 = outer.node("ConstantOfShape", [buf_shape], "iia/D_init",
-                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    a_table = outer.const(state[:, 0].astype(np.float32))
-    b_table = outer.const(state[:, 1:].astype(np.float32))
+    noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
+    zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
+                                        outer.node("Shape", [noise_row], start=1)], axis=0)
+    zeros = outer.node("ConstantOfShape", [zeros_shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    buf0 = outer.node("Concat", [noise_row, zeros], "iia/D_init", axis=0)  # [NFE + 1, B * prod(shape)]
+    coef_table = outer.const(state.astype(np.float32).reshape(n, 1, n + 1))  # row i: x_i over [noise, D_0..]
+    row_table = outer.const(np.arange(1, n + 1, dtype=np.int64).reshape(n, 1, 1), np.int64)
     s_table = outer.const(sigmas.astype(np.float32))
 
     body = GraphBuilder()
     body._count = 10**6  # body value names never collide with the outer graph's
     body._consts, body.initializers = outer._consts, outer.initializers  # constants live in the outer graph
     it, cond, dbuf = "iia/loop/i", "iia/loop/cond", "iia/loop/D"
-    a = body.node("Gather", [a_table, it], axis=0)
-    b = body.node("Gather", [b_table, it], axis=0)
-    x = _mix(body, a, NOISE, b, dbuf, noise_shape)
+    x = _mix(body, body.node("Gather", [coef_table, it], axis=0), dbuf, noise_shape)
     sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}
@@ -406,9 +411,8 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         copy.input[:] = [rename(v) for v in node.input]
         copy.output[:] = [rename(v) for v in node.output]
         body.nodes.append(copy)
-    index = body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)])
-    update = body.node("Unsqueeze", [out, body.const(np.array([0], np.int64), np.int64)])
-    body.node("ScatterND", [dbuf, index, update], "iia/loop/D_next")
+    update = body.node("Reshape", [out, body.const(np.array([1, -1], np.int64), np.int64)])
+    body.node("ScatterND", [dbuf, body.node("Gather", [row_table, it], axis=0), update], "iia/loop/D_next")
     body.node("Identity", [cond], "iia/loop/cond_out")
     known = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", *shape]),
              helper.make_tensor_value_info(sigma, TensorProto.FLOAT, ["batch"])]
@@ -422,16 +426,15 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         body.nodes, "iia_denoiser_loop_body",
         [helper.make_tensor_value_info(it, TensorProto.INT64, []),
          helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(dbuf, TensorProto.FLOAT, [n, "batch", *shape])],
+         helper.make_tensor_value_info(dbuf, TensorProto.FLOAT, [n + 1, "batch_elements"])],
         [helper.make_tensor_value_info("iia/loop/cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("iia/loop/D_next", TensorProto.FLOAT, [n, "batch", *shape])],
+         helper.make_tensor_value_info("iia/loop/D_next", TensorProto.FLOAT, [n + 1, "batch_elements"])],
         value_info=known,
         initializer=[t for t in dgraph.initializer if t.name in {i for node in body.nodes for i in node.input}])
     trip = outer.const(np.array(n, np.int64), np.int64)
     true = outer.const(np.array(True), np.bool_)
-    outer.nodes.append(helper.make_node("Loop", [trip, true, dbuf0], ["iia/D"], name="iia/loop", body=body_graph))
-    result = _mix(outer, outer.const(np.float32(out_coef[0])), NOISE, outer.const(out_coef[1:].astype(np.float32)),
-                  "iia/D", noise_shape)
+    outer.nodes.append(helper.make_node("Loop", [trip, true, buf0], ["iia/D"], name="iia/loop", body=body_graph))
+    result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
     body_reads = {i for node in body.nodes for i in node.input} - {t.name for t in body_graph.initializer}
     return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent,
                          weights=[], also_read=frozenset(body_reads))
