@@ -13,6 +13,8 @@ appended after the last step (its values and weights prefixed `decode/`). Interf
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -337,6 +339,80 @@ def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, 
     return mapping
 
 
+@dataclass(frozen=True)
+class ScalarIO:
+    """A denoiser whose input x and output D enter only as D = c_skip * x + c_out * F with net input c_in * x
+    (EDM's preconditioning, Karras et al. 2022 eq. 7), c_skip/c_out/c_in folded per-call scalars: the loop can
+    then carry the raw network outputs F instead of D and fold the three scalings into its coefficients."""
+    nodes: frozenset[int]  # the two x products, the F product and the sum: not emitted
+    net_input: str  # c_in * x
+    raw_output: str  # F
+    c_in: np.ndarray  # [NFE] float64
+    c_skip: np.ndarray
+    c_out: np.ndarray
+
+
+def scalar_io(graph: onnx.GraphProto, plan: FoldPlan, sigmas: list[float]) -> ScalarIO | None:
+    """Find D = Add(Mul(x, c_skip), Mul(F, c_out)) with x read only by that Mul and Mul(x, c_in), all three
+    scalings folded to one number per call; None when the graph is not of that form."""
+    if not plan.values:
+        return None
+    readers: dict[str, list[int]] = {}
+    for k, node in enumerate(graph.node):
+        for name in set(node.input):
+            readers.setdefault(name, []).append(k)
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output}
+    folded = plan.values[sigmas[0]]
+
+    def scalar_mul(k: int, operand: str) -> str | None:
+        """The folded scalar that node k multiplies `operand` by, if it is such a Mul."""
+        node = graph.node[k]
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2 or operand not in node.input:
+            return None
+        other = node.input[1] if node.input[0] == operand else node.input[0]
+        if other == operand or other not in folded:
+            return None
+        if any(plan.values[s][other][0].size != 1 or plan.values[s][other][1] == LABEL for s in sigmas):
+            return None
+        return other
+
+    out = graph.output[0].name
+    add = producer.get(out)
+    x_readers = readers.get(DENOISER_X, [])
+    if add is None or graph.node[add].op_type != "Add" or len(x_readers) != 2 or len(graph.node[add].input) != 2:
+        return None
+    a, b = graph.node[add].input
+    for skip_out, f_out in ((a, b), (b, a)):
+        skip_k, f_k = producer.get(skip_out), producer.get(f_out)
+        if skip_k not in x_readers or f_k is None or readers.get(skip_out) != [add] or readers.get(f_out) != [add]:
+            continue
+        c_skip = scalar_mul(skip_k, DENOISER_X)
+        in_k = next(k for k in x_readers if k != skip_k)
+        c_in = scalar_mul(in_k, DENOISER_X)
+        f_node = graph.node[f_k]
+        raw = [i for i in f_node.input if i not in folded]
+        if c_skip is None or c_in is None or len(raw) != 1 or (c_out := scalar_mul(f_k, raw[0])) is None:
+            continue
+        value = lambda name: np.array([float(plan.values[s][name][0].reshape(())) for s in sigmas])
+        return ScalarIO(frozenset({skip_k, in_k, f_k, add}), graph.node[in_k].output[0], raw[0],
+                        value(c_in), value(c_skip), value(c_out))
+    return None
+
+
+def raw_output_basis(state: np.ndarray, out_coef: np.ndarray, io: ScalarIO) -> tuple[np.ndarray, np.ndarray]:
+    """`linear_form`'s rows over [noise, D_0..D_{N-1}] rewritten over [noise, F_0..F_{N-1}] with
+    D_j = c_skip_j x_j + c_out_j F_j (float64): (network inputs c_in_i x_i [N, N+1], output [N+1])."""
+    n = len(state)
+    basis = np.zeros((n + 1, n + 1))  # row k: the k-th [noise, D_0..] vector over [noise, F_0..]
+    basis[0, 0] = 1.0
+    x = np.zeros((n, n + 1))
+    for i in range(n):
+        x[i] = state[i] @ basis  # x_i reads D_j for j < i only: rows already filled
+        basis[i + 1] = io.c_skip[i] * x[i]
+        basis[i + 1, i + 1] += io.c_out[i]
+    return io.c_in[:, None] * x, out_coef @ basis
+
+
 def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                       name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
                       latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
@@ -360,6 +436,9 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         raise EmitError("program has no denoiser calls")
     plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
     dgraph = (plan.model or denoiser_model).graph
+    io = scalar_io(dgraph, plan, [op.sigma for op in calls])
+    if io is not None:  # carry F, not D: c_in, c_skip, c_out move into the coefficients
+        state, out_coef = raw_output_basis(state, out_coef, io)
 
     outer = GraphBuilder()
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
@@ -383,8 +462,14 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     shared = {t.name for t in dgraph.initializer}
     out = "iia/loop/D_i"
     mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, dgraph.output[0].name: out}
+    skip = (plan.foldable_nodes if plan.values else set()) | (io.nodes if io else set())
+    if io is not None:
+        mapping.update({io.net_input: x, io.raw_output: out})
+    read = {i for k, node in enumerate(dgraph.node) if k not in skip for i in node.input}
     label_groups: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for value in (plan.values[calls[0].sigma] if plan.values else {}):
+        if value not in read:
+            continue
         rows = np.stack([plan.values[op.sigma][value][0] for op in calls])
         kind = plan.values[calls[0].sigma][value][1]
         if kind == LABEL:  # [NFE, label_dim, ...]: gathered below, one GatherND per group of like tables
@@ -397,7 +482,6 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         mapping[value] = row
     if label_groups:
         mapping.update(_gather_label_tables(body, outer, label_groups, it, batch))
-    skip = plan.foldable_nodes if plan.values else set()
 
     def rename(value: str) -> str:
         return value if not value or value in shared else mapping.get(value, "iia/loop/den/" + value)
