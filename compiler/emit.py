@@ -13,6 +13,8 @@ appended after the last step (its values and weights prefixed `decode/`). Interf
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -300,12 +302,10 @@ def linear_form(program: Program) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return state, sigmas, values[program.output], calls
 
 
-def _mix(gb: GraphBuilder, noise_coef: str, noise: str, row: str, dbuf: str, shape_of: str) -> str:
-    """noise_coef * noise + row . dbuf  (row float32 [N], dbuf [N, B, ...]) as one MatMul over the flat buffer."""
-    flat = gb.node("Reshape", [dbuf, gb.const(np.array([0, -1], np.int64), np.int64)])
-    mixed = gb.node("MatMul", [gb.node("Unsqueeze", [row, gb.const(np.array([0], np.int64), np.int64)]), flat])
-    mixed = gb.node("Reshape", [mixed, shape_of])
-    return gb.node("Add", [gb.node("Mul", [noise, noise_coef]), mixed])
+def _mix(gb: GraphBuilder, coef: str, buf: str, shape_of: str) -> str:
+    """coef . buf reshaped to the noise's shape: coef float32 [1, N+1], buf [N+1, B*prod(shape)] (row 0 the
+    noise, row j+1 the output of denoiser call j): one MatMul per combination."""
+    return gb.node("Reshape", [gb.node("MatMul", [coef, buf]), shape_of])
 
 
 def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, it: str, batch: str) -> dict[str, str]:
@@ -313,12 +313,17 @@ def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, 
 
     Tables with the same dtype and trailing shape are concatenated along c and read with ONE GatherND, then
     Split (the per-block scale/shift vectors of a UNet are dozens of small values: one kernel instead of one
-    each). GatherND refuses labels >= label_dim, as the embedding lookup it replaces does.
+    each). The [NFE, B, 2] index tensor is built once, before the loop. GatherND refuses labels >= label_dim,
+    as the embedding lookup it replaces does.
     """
-    col = body.const(np.array([1], np.int64), np.int64)
-    steps = body.node("Expand", [body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)]),
-                                 body.node("Concat", [batch, col], axis=0)])
-    index = body.node("Concat", [steps, body.node("Unsqueeze", [LABELS, col])], axis=1)  # [B, 2]
+    n = next(iter(groups.values()))[0][1].shape[0]
+    shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64), batch,
+                                  outer.const(np.array([1], np.int64), np.int64)], axis=0)
+    steps = outer.node("Expand", [outer.const(np.arange(n, dtype=np.int64).reshape(n, 1, 1), np.int64), shape])
+    labels = outer.node("Expand", [outer.node("Unsqueeze", [LABELS, outer.const(np.array([0, 2], np.int64), np.int64)]),
+                                   shape])
+    indices = outer.node("Concat", [steps, labels], "iia/step_label", axis=2)  # [NFE, B, 2], made once
+    index = body.node("Gather", [indices, it], axis=0)  # [B, 2]: (i, class_labels[b])
     mapping = {}
     for (_, rest), members in groups.items():
         if rest is None or len(members) == 1:  # [NFE, label_dim] scalars per image, or a lone table
@@ -334,16 +339,92 @@ def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, 
     return mapping
 
 
+@dataclass(frozen=True)
+class ScalarIO:
+    """A denoiser whose input x and output D enter only as D = c_skip * x + c_out * F with net input c_in * x
+    (EDM's preconditioning, Karras et al. 2022 eq. 7), c_skip/c_out/c_in folded per-call scalars: the loop can
+    then carry the raw network outputs F instead of D and fold the three scalings into its coefficients."""
+    nodes: frozenset[int]  # the two x products, the F product and the sum: not emitted
+    net_input: str  # c_in * x
+    raw_output: str  # F
+    c_in: np.ndarray  # [NFE] float64
+    c_skip: np.ndarray
+    c_out: np.ndarray
+
+
+def scalar_io(graph: onnx.GraphProto, plan: FoldPlan, sigmas: list[float]) -> ScalarIO | None:
+    """Find D = Add(Mul(x, c_skip), Mul(F, c_out)) with x read only by that Mul and Mul(x, c_in), all three
+    scalings folded to one number per call; None when the graph is not of that form."""
+    if not plan.values:
+        return None
+    readers: dict[str, list[int]] = {}
+    for k, node in enumerate(graph.node):
+        for name in set(node.input):
+            readers.setdefault(name, []).append(k)
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output}
+    folded = plan.values[sigmas[0]]
+
+    def scalar_mul(k: int, operand: str) -> str | None:
+        """The folded scalar that node k multiplies `operand` by, if it is such a Mul."""
+        node = graph.node[k]
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2 or operand not in node.input:
+            return None
+        other = node.input[1] if node.input[0] == operand else node.input[0]
+        if other == operand or other not in folded:
+            return None
+        if any(plan.values[s][other][0].size != 1 or plan.values[s][other][1] == LABEL for s in sigmas):
+            return None
+        return other
+
+    out = graph.output[0].name
+    add = producer.get(out)
+    x_readers = readers.get(DENOISER_X, [])
+    if add is None or graph.node[add].op_type != "Add" or len(x_readers) != 2 or len(graph.node[add].input) != 2:
+        return None
+    a, b = graph.node[add].input
+    for skip_out, f_out in ((a, b), (b, a)):
+        skip_k, f_k = producer.get(skip_out), producer.get(f_out)
+        if skip_k not in x_readers or f_k is None or readers.get(skip_out) != [add] or readers.get(f_out) != [add]:
+            continue
+        c_skip = scalar_mul(skip_k, DENOISER_X)
+        in_k = next(k for k in x_readers if k != skip_k)
+        c_in = scalar_mul(in_k, DENOISER_X)
+        f_node = graph.node[f_k]
+        raw = [i for i in f_node.input if i not in folded]
+        if c_skip is None or c_in is None or len(raw) != 1 or (c_out := scalar_mul(f_k, raw[0])) is None:
+            continue
+        value = lambda name: np.array([float(plan.values[s][name][0].reshape(())) for s in sigmas])
+        return ScalarIO(frozenset({skip_k, in_k, f_k, add}), graph.node[in_k].output[0], raw[0],
+                        value(c_in), value(c_skip), value(c_out))
+    return None
+
+
+def raw_output_basis(state: np.ndarray, out_coef: np.ndarray, io: ScalarIO) -> tuple[np.ndarray, np.ndarray]:
+    """`linear_form`'s rows over [noise, D_0..D_{N-1}] rewritten over [noise, F_0..F_{N-1}] with
+    D_j = c_skip_j x_j + c_out_j F_j (float64): (network inputs c_in_i x_i [N, N+1], output [N+1])."""
+    n = len(state)
+    basis = np.zeros((n + 1, n + 1))  # row k: the k-th [noise, D_0..] vector over [noise, F_0..]
+    basis[0, 0] = 1.0
+    x = np.zeros((n, n + 1))
+    for i in range(n):
+        x[i] = state[i] @ basis  # x_i reads D_j for j < i only: rows already filled
+        basis[i + 1] = io.c_skip[i] * x[i]
+        basis[i + 1, i + 1] += io.c_out[i]
+    return io.c_in[:, None] * x, out_coef @ basis
+
+
 def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                       name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
                       latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
     """The same sampler as `emit_sampler`, as ONE ONNX `Loop` of NFE iterations around ONE copy of the denoiser.
 
-    Iteration i computes x_i = a_i * noise + sum_j b_ij D_j (see `linear_form`), D_i = denoiser(x_i, sigma_i)
-    and writes D_i into row i of the loop-carried buffer D [NFE, B, *shape] (ScatterND); after the loop the
-    output is a_out * noise + sum_j c_j D_j. a, b, sigma and the folded conditioning values (fold.py) are
-    [NFE, ...] tables gathered by the iteration counter (per-label values: [NFE, label_dim, ...] tables
-    gathered at (i, class_labels[b]) with GatherND). Same interface and outputs as `emit_sampler`.
+    The loop carries one flat buffer [NFE + 1, B * prod(shape)]: row 0 the noise, row j + 1 the output D_j of
+    denoiser call j. Iteration i computes x_i = a_i * noise + sum_j b_ij D_j (`linear_form`) as ONE MatMul of
+    the coefficient row [a_i, b_i] with the buffer, D_i = denoiser(x_i, sigma_i), and writes D_i into row
+    i + 1 (ScatterND); after the loop the output is the same product with the output's row. The rows, sigma
+    and the folded conditioning values (fold.py) are [NFE, ...] tables gathered by the iteration counter
+    (per-label values: [NFE, label_dim, ...] tables gathered at (i, class_labels[b]) with GatherND). Same
+    interface and outputs as `emit_sampler`.
     """
     dgraph = denoiser_model.graph
     _check_denoiser_graph(dgraph)
@@ -355,31 +436,40 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         raise EmitError("program has no denoiser calls")
     plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
     dgraph = (plan.model or denoiser_model).graph
+    io = scalar_io(dgraph, plan, [op.sigma for op in calls])
+    if io is not None:  # carry F, not D: c_in, c_skip, c_out move into the coefficients
+        state, out_coef = raw_output_basis(state, out_coef, io)
 
     outer = GraphBuilder()
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
-    buf_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64), noise_shape], axis=0)
-    dbuf0 = outer.node("ConstantOfShape", [buf_shape], "iia/D_init",
-                       value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    a_table = outer.const(state[:, 0].astype(np.float32))
-    b_table = outer.const(state[:, 1:].astype(np.float32))
+    noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
+    zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
+                                        outer.node("Shape", [noise_row], start=1)], axis=0)
+    zeros = outer.node("ConstantOfShape", [zeros_shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    buf0 = outer.node("Concat", [noise_row, zeros], "iia/D_init", axis=0)  # [NFE + 1, B * prod(shape)]
+    coef_table = outer.const(state.astype(np.float32).reshape(n, 1, n + 1))  # row i: x_i over [noise, D_0..]
+    row_table = outer.const(np.arange(1, n + 1, dtype=np.int64).reshape(n, 1, 1), np.int64)
     s_table = outer.const(sigmas.astype(np.float32))
 
     body = GraphBuilder()
     body._count = 10**6  # body value names never collide with the outer graph's
     body._consts, body.initializers = outer._consts, outer.initializers  # constants live in the outer graph
     it, cond, dbuf = "iia/loop/i", "iia/loop/cond", "iia/loop/D"
-    a = body.node("Gather", [a_table, it], axis=0)
-    b = body.node("Gather", [b_table, it], axis=0)
-    x = _mix(body, a, NOISE, b, dbuf, noise_shape)
+    x = _mix(body, body.node("Gather", [coef_table, it], axis=0), dbuf, noise_shape)
     sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}
     out = "iia/loop/D_i"
     mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, dgraph.output[0].name: out}
+    skip = (plan.foldable_nodes if plan.values else set()) | (io.nodes if io else set())
+    if io is not None:
+        mapping.update({io.net_input: x, io.raw_output: out})
+    read = {i for k, node in enumerate(dgraph.node) if k not in skip for i in node.input}
     label_groups: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     for value in (plan.values[calls[0].sigma] if plan.values else {}):
+        if value not in read:
+            continue
         rows = np.stack([plan.values[op.sigma][value][0] for op in calls])
         kind = plan.values[calls[0].sigma][value][1]
         if kind == LABEL:  # [NFE, label_dim, ...]: gathered below, one GatherND per group of like tables
@@ -392,7 +482,6 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         mapping[value] = row
     if label_groups:
         mapping.update(_gather_label_tables(body, outer, label_groups, it, batch))
-    skip = plan.foldable_nodes if plan.values else set()
 
     def rename(value: str) -> str:
         return value if not value or value in shared else mapping.get(value, "iia/loop/den/" + value)
@@ -406,9 +495,8 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         copy.input[:] = [rename(v) for v in node.input]
         copy.output[:] = [rename(v) for v in node.output]
         body.nodes.append(copy)
-    index = body.node("Reshape", [it, body.const(np.array([1, 1], np.int64), np.int64)])
-    update = body.node("Unsqueeze", [out, body.const(np.array([0], np.int64), np.int64)])
-    body.node("ScatterND", [dbuf, index, update], "iia/loop/D_next")
+    update = body.node("Reshape", [out, body.const(np.array([1, -1], np.int64), np.int64)])
+    body.node("ScatterND", [dbuf, body.node("Gather", [row_table, it], axis=0), update], "iia/loop/D_next")
     body.node("Identity", [cond], "iia/loop/cond_out")
     known = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", *shape]),
              helper.make_tensor_value_info(sigma, TensorProto.FLOAT, ["batch"])]
@@ -422,16 +510,15 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         body.nodes, "iia_denoiser_loop_body",
         [helper.make_tensor_value_info(it, TensorProto.INT64, []),
          helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(dbuf, TensorProto.FLOAT, [n, "batch", *shape])],
+         helper.make_tensor_value_info(dbuf, TensorProto.FLOAT, [n + 1, "batch_elements"])],
         [helper.make_tensor_value_info("iia/loop/cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("iia/loop/D_next", TensorProto.FLOAT, [n, "batch", *shape])],
+         helper.make_tensor_value_info("iia/loop/D_next", TensorProto.FLOAT, [n + 1, "batch_elements"])],
         value_info=known,
         initializer=[t for t in dgraph.initializer if t.name in {i for node in body.nodes for i in node.input}])
     trip = outer.const(np.array(n, np.int64), np.int64)
     true = outer.const(np.array(True), np.bool_)
-    outer.nodes.append(helper.make_node("Loop", [trip, true, dbuf0], ["iia/D"], name="iia/loop", body=body_graph))
-    result = _mix(outer, outer.const(np.float32(out_coef[0])), NOISE, outer.const(out_coef[1:].astype(np.float32)),
-                  "iia/D", noise_shape)
+    outer.nodes.append(helper.make_node("Loop", [trip, true, buf0], ["iia/D"], name="iia/loop", body=body_graph))
+    result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
     body_reads = {i for node in body.nodes for i in node.input} - {t.name for t in body_graph.initializer}
     return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent,
                          weights=[], also_read=frozenset(body_reads))

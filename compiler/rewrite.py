@@ -273,7 +273,7 @@ def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
         return 0
     shapes = probe_shapes(model, [n for m, k, x, *_ in pairs for n in (x, graph.node[k].output[0])], feeds)
     fresh = _name_factory(graph, "iia/bn")
-    replace, removed, new_inits = {}, set(), []
+    replace, removed, new_inits, moments = {}, set(), [], {}
     for m, k, x, gamma, beta in pairs:
         out = graph.node[k].output[0]
         if shapes[x] != shapes[out]:
@@ -284,10 +284,14 @@ def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
             continue
         import numpy as np
 
-        names = [fresh(role) for role in ("scale", "bias", "mean", "var")]
-        new_inits += [numpy_helper.from_array(a, n) for a, n in
-                      zip((scale, bias, np.zeros_like(scale), np.ones_like(scale)), names)]
-        replace[k] = helper.make_node("BatchNormalization", [x, *names], [out], name=fresh("node"), epsilon=0.0)
+        names = [fresh("scale"), fresh("bias")]
+        new_inits += [numpy_helper.from_array(scale, names[0]), numpy_helper.from_array(bias, names[1])]
+        if len(scale) not in moments:  # mean 0, variance 1: one pair per channel count
+            moments[len(scale)] = [fresh("mean"), fresh("var")]
+            new_inits += [numpy_helper.from_array(np.zeros_like(scale), moments[len(scale)][0]),
+                          numpy_helper.from_array(np.ones_like(scale), moments[len(scale)][1])]
+        replace[k] = helper.make_node("BatchNormalization", [x, *names, *moments[len(scale)]], [out],
+                                      name=fresh("node"), epsilon=0.0)
         removed.add(m)
     if not replace:
         return 0

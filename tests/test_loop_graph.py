@@ -82,7 +82,10 @@ def test_loop_graph_stores_weights_once_and_a_duplicate_is_caught(edm):
     loop = emit_sampler_loop(program_for(d, "edm", 9), dm, d.shape, True)
     assert check_weight_sharing(loop, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
-    assert {t.name for t in body.initializer} <= {t.name for t in dm.graph.initializer}
+    extra = [t for t in body.initializer if t.name not in {w.name for w in dm.graph.initializer}]
+    # only the one-pass BatchNormalization vectors of rewrite.affine_to_batchnorm are new, and small
+    assert all(t.name.startswith("iia/bn/") for t in extra)
+    assert sum(onnx.numpy_helper.to_array(t).nbytes for t in extra) <= 0.05 * initializer_bytes(dm)
     big = max(body.initializer, key=lambda t: t.ByteSize())
     for k in range(12):  # weights copied into the body must count
         dup = onnx.TensorProto()
@@ -155,3 +158,38 @@ def test_label_tables_fall_back_to_sigma_only_when_too_large(edm):
     assert small.values and LABEL not in {k for v in small.values.values() for _, k in v.values()}
     assert len(small.foldable_nodes) < len(full.foldable_nodes)
     assert plan_folding(dm, [0.5], 0).foldable_nodes == small.foldable_nodes  # the same as no labels at all
+
+
+def test_loop_carries_raw_network_outputs_under_edm_preconditioning(edm):
+    """D = c_skip x + c_out F with net input c_in x (EDM eq. 7): the loop carries F and folds the three
+    scalings into its coefficients, so no copy of those products remains; the images are unchanged. A graph
+    that reads x anywhere else keeps the plain form."""
+    from iia.compiler.emit import scalar_io
+    from iia.compiler.fold import plan_folding
+
+    d, dm, _ = edm
+    program = program_for(d, "ipndm", 7)
+    sigmas = [op.sigma for op in linear_form(program)[3]]
+    plan = plan_folding(dm, sigmas, d.label_dim)
+    io = scalar_io(plan.model.graph, plan, sigmas)
+    assert io is not None and len(io.nodes) == 4
+    assert np.all(io.c_out > 0) and np.all((0 < io.c_skip) & (io.c_skip <= 1))
+    loop = emit_sampler_loop(program, dm, d.shape, True, label_dim=d.label_dim)
+    body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
+    gone = {"iia/loop/den/" + plan.model.graph.node[k].name for k in io.nodes}
+    assert all(plan.model.graph.node[k].name for k in io.nodes) and not gone & {n.name for n in body.node}
+    unrolled = emit_sampler(program, dm, d.shape, True, label_dim=d.label_dim)
+    rng = np.random.default_rng(8)
+    noise, labels = rng.standard_normal((3, *d.shape)), rng.integers(0, d.label_dim, 3)
+    ref = sample(program, d, torch.from_numpy(noise), torch.from_numpy(labels), dtype=torch.float64).numpy()
+    want, got = run(unrolled, noise, labels)[0], run(loop, noise, labels)[0]
+    assert np.abs(got - ref).max() <= 2 * np.abs(want - ref).max() + 1e-6
+    # x read once more (here: added to the output) -> not of the form
+    other = onnx.ModelProto()
+    other.CopyFrom(plan.model)
+    g = other.graph
+    final = g.output[0].name
+    last = next(n for n in g.node if final in n.output)
+    last.output[0] = "pre_out"
+    g.node.append(onnx.helper.make_node("Add", ["pre_out", "x"], [final]))
+    assert scalar_io(g, plan, sigmas) is None

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edm_fixtures import make_edm_pickle
 from iia.compiler.export import export_denoiser
-from iia.compiler.rewrite import collapse_affine_chains
+from iia.compiler.rewrite import affine_to_batchnorm, collapse_affine_chains, example_feeds
 from iia.models import load
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X
 
@@ -221,3 +221,56 @@ def test_conditioning_input_side_values_and_batch_shapes():
         feed["sigma"] = np.linspace(0.1, 5, b).astype(np.float32)
         feeds.append(feed)
     assert_same_outputs(model, out, feeds)
+
+
+# ------------------------------------------------------------------------ constant affines as BatchNormalization
+
+def test_groupnorm_affines_become_one_pass_batchnorm(digits_onnx):
+    """digits: every GroupNorm's stored `x * gamma + beta` is one BatchNormalization; same numbers; gamma/beta
+    no longer stored twice."""
+    model = copy.deepcopy(digits_onnx)
+    removed = affine_to_batchnorm(model, example_feeds(model))
+    onnx.checker.check_model(model, full_check=True)
+    assert_topologically_sorted(model.graph)
+    norms = sum(n.op_type == "InstanceNormalization" for n in digits_onnx.graph.node)
+    assert removed == norms == sum(n.op_type == "BatchNormalization" for n in model.graph.node) > 0
+    assert len(model.graph.node) == len(digits_onnx.graph.node) - removed
+    read = {i for n in model.graph.node for i in n.input}
+    assert all(t.name in read for t in model.graph.initializer)  # the replaced gamma/beta tensors are dropped
+    assert_same_outputs(digits_onnx, model, denoiser_feeds(digits_onnx, batches=(1, 3, 8)))
+
+
+@pytest.mark.parametrize("case", ["x_broadcast", "spatial_gamma", "shared_product", "side_beta"])
+def test_affines_that_are_not_per_channel_stay(case):
+    """Only a channel-wise affine of a full-shaped x, read once, with stored gamma and beta, is converted."""
+    rng = np.random.default_rng(4)
+    gamma_shape = (C, 4, 4) if case == "spatial_gamma" else (C, 1, 1)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 2, gamma_shape).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.uniform(-1, 1, (C, 1, 1)).astype(np.float32), "beta")]
+    x_shape = (2, 1, 4, 4) if case == "x_broadcast" else (2, C, 4, 4)
+    nodes = [helper.make_node("Mul", ["x", "gamma"], ["a"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    beta = "beta"
+    if case == "side_beta":  # beta computed at run time, not a stored tensor
+        inputs.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, C, 1, 1]))
+        beta = "t"
+    nodes.append(helper.make_node("Add", ["a", beta], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, C, 4, 4])]
+    if case == "shared_product":
+        outputs.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, C, 4, 4]))
+    model = helper.make_model(helper.make_graph(nodes, "t", inputs, outputs, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 20)])
+    before = copy.deepcopy(model)
+    assert affine_to_batchnorm(model, example_feeds(model)) == 0
+    assert model == before
+    # the plain per-channel case is converted and equal
+    plain = helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["x", "gamma"], ["a"]), helper.make_node("Add", ["a", "beta"], ["y"])], "p",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, C, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, C, 4, 4])],
+        initializer=[numpy_helper.from_array(rng.uniform(0.5, 2, (C, 1, 1)).astype(np.float32), "gamma"), inits[1]]),
+        opset_imports=[helper.make_opsetid("", 20)])
+    converted = copy.deepcopy(plain)
+    assert affine_to_batchnorm(converted, example_feeds(converted)) == 1
+    assert [n.op_type for n in converted.graph.node] == ["BatchNormalization"]
+    assert_same_outputs(plain, converted, [x_feed()])
