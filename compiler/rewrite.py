@@ -31,6 +31,7 @@ from onnx import TensorProto, helper
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 DEFAULT_DOMAINS = ("", "ai.onnx")
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # a model over this size cannot be serialised in one message
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -224,8 +225,16 @@ def probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in have)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    outs = sess.run(list(dict.fromkeys(names)), feeds)
+    if probe.ByteSize() < PROTOBUF_LIMIT:
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outs = sess.run(list(dict.fromkeys(names)), feeds)
+    else:  # over protobuf's 2 GB: through a file with external weights
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="iia-probe-") as tmp:
+            onnx.save_model(probe, f"{tmp}/probe.onnx", save_as_external_data=True, location="weights.bin")
+            sess = ort.InferenceSession(f"{tmp}/probe.onnx", options, providers=["CPUExecutionProvider"])
+            outs = sess.run(list(dict.fromkeys(names)), feeds)
     return {n: tuple(a.shape) for n, a in zip(dict.fromkeys(names), outs)}
 
 
