@@ -379,7 +379,8 @@ def scalar_io(graph: onnx.GraphProto, plan: FoldPlan, sigmas: list[float]) -> Sc
     out = graph.output[0].name
     add = producer.get(out)
     x_readers = readers.get(DENOISER_X, [])
-    if add is None or graph.node[add].op_type != "Add" or len(x_readers) != 2 or len(graph.node[add].input) != 2:
+    if (add is None or graph.node[add].op_type != "Add" or len(x_readers) != 2 or len(graph.node[add].input) != 2
+            or readers.get(out)):  # D read inside the graph too: it must exist
         return None
     a, b = graph.node[add].input
     for skip_out, f_out in ((a, b), (b, a)):
