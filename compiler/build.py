@@ -40,6 +40,7 @@ from iia.models.registry import resolve_model
 from .check import check_model, check_parity, check_static_batches, check_weight_sharing
 from .emit import GRAPH_FORMS, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
 from .export import export_decoder, export_denoiser
+from .fold import plan_folding
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
 
@@ -447,8 +448,11 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                 decoder_files = [DECODER_ONNX]
         with stage("emit sampler graph", timings, log):
             emit = emit_sampler_loop if opts.graph == "loop" else emit_sampler
-            sampler = emit(program, denoiser_model, denoiser.shape, denoiser.conditional,
-                           decoder_model=decoder_model, latent=denoiser.is_latent, label_dim=denoiser.label_dim)
+            plan = plan_folding(denoiser_model, [op.sigma for op in program.ops() if isinstance(op, Denoise)],
+                                denoiser.label_dim)
+            log(f"  conditioning (sigma, class labels) folded {plan.summary}")
+            sampler = emit(program, denoiser_model, denoiser.shape, denoiser.conditional, decoder_model=decoder_model,
+                           latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan)
             check_model(sampler)
             stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
                                                     "sample_shape": list(denoiser.shape)}))

@@ -28,6 +28,22 @@ from .fold import BATCH, LABEL, FoldPlan, plan_folding
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
 DECODER_INPUT, DECODER_OUTPUT = DECODER_SAMPLES, IMAGES_U8
 DECODE_PREFIX = "decode/"
+CHECKED_LABELS = "iia/class_labels_checked"  # class_labels after check_labels: what every call reads
+
+
+def check_labels(gb: "GraphBuilder", batch: str, label_dim: int) -> str:
+    """Make the graph refuse class labels outside its contract instead of reading another label's row or
+    broadcasting one label to every image: `class_labels` must have the batch's length (a Reshape to [B]
+    fails otherwise) and, given label_dim, ids in [0, label_dim) (a Gather over arange(label_dim) fails on
+    any other id; negatives are first mapped past the end, as Gather would wrap them). Returns
+    CHECKED_LABELS."""
+    labels = gb.node("Reshape", [LABELS, batch], "iia/class_labels_one_per_image" if label_dim else CHECKED_LABELS)
+    if label_dim:
+        negative = gb.node("Less", [labels, gb.const(np.array(0, np.int64), np.int64)])
+        ids = gb.node("Where", [negative, gb.const(np.array(label_dim, np.int64), np.int64), labels])
+        gb.node("Gather", [gb.const(np.arange(label_dim, dtype=np.int64), np.int64), ids], CHECKED_LABELS, axis=0)
+        gb.nodes[-1].name = f"iia/class_labels_must_be_in_0_to_{label_dim - 1}"
+    return CHECKED_LABELS
 
 
 class EmitError(ValueError):
@@ -92,13 +108,14 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
     `folded` maps conditioning values to (array, kind) (fold.py) and `skip` lists the nodes that computed them.
     """
     shared = {t.name for t in denoiser.initializer}
-    mapping = {DENOISER_X: _value(state), DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, denoiser.output[0].name: _value(out)}
+    mapping = {DENOISER_X: _value(state), DENOISER_SIGMA: sigma, DENOISER_LABELS: CHECKED_LABELS,
+               denoiser.output[0].name: _value(out)}
     for name, (array, kind) in (folded or {}).items():
         if kind == BATCH:
             shape = gb.node("Concat", ["iia/batch", gb.const(np.array(array.shape[1:], dtype=np.int64), np.int64)], axis=0)
             mapping[name] = gb.node("Expand", [gb.const(array, array.dtype), shape])
         elif kind == LABEL:  # row class_labels[b] for image b
-            mapping[name] = gb.node("Gather", [gb.const(array, array.dtype), LABELS], axis=0)
+            mapping[name] = gb.node("Gather", [gb.const(array, array.dtype), CHECKED_LABELS], axis=0)
         else:
             mapping[name] = gb.const(array, array.dtype)
     prefix = f"call{site}/"
@@ -149,11 +166,12 @@ def emit_decode(gb: GraphBuilder, decoder: onnx.GraphProto, source: str, out: st
 
 def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                  name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
-                 latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
+                 latent: bool = False, label_dim: int = 0, plan: FoldPlan | None = None) -> onnx.ModelProto:
     """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`).
 
     With `fold`, each call site's conditioning subgraph is replaced by its constant values or, for a
-    conditional model given its `label_dim`, per-label tables (see fold.py).
+    conditional model given its `label_dim`, per-label tables (see fold.py); `plan` (from `fold.plan_folding`
+    on this denoiser and the program's sigmas) skips recomputing it.
     `decoder_model` (the model's decode stage, see export.export_decoder) adds the `images_uint8` output;
     `latent` names the float output `latents` instead of `images`.
     """
@@ -163,8 +181,11 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
         raise EmitError("denoiser graph's inputs do not match the model's conditioning")
     gb = GraphBuilder()
     batch = gb.node("Shape", [NOISE], "iia/batch", start=0, end=1)
+    if conditional:
+        check_labels(gb, batch, label_dim)
     calls = [op for op in program.ops() if isinstance(op, Denoise)]
-    plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
+    if plan is None:
+        plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
     dgraph = (plan.model or denoiser_model).graph
     gb.nodes.append(helper.make_node("Identity", [NOISE], [_value("noise")], name="iia/noise"))
     sigma_names: dict[float, str] = {}
@@ -320,7 +341,7 @@ def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, 
     shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64), batch,
                                   outer.const(np.array([1], np.int64), np.int64)], axis=0)
     steps = outer.node("Expand", [outer.const(np.arange(n, dtype=np.int64).reshape(n, 1, 1), np.int64), shape])
-    labels = outer.node("Expand", [outer.node("Unsqueeze", [LABELS, outer.const(np.array([0, 2], np.int64), np.int64)]),
+    labels = outer.node("Expand", [outer.node("Unsqueeze", [CHECKED_LABELS, outer.const(np.array([0, 2], np.int64), np.int64)]),
                                    shape])
     indices = outer.node("Concat", [steps, labels], "iia/step_label", axis=2)  # [NFE, B, 2], made once
     index = body.node("Gather", [indices, it], axis=0)  # [B, 2]: (i, class_labels[b])
@@ -416,7 +437,7 @@ def raw_output_basis(state: np.ndarray, out_coef: np.ndarray, io: ScalarIO) -> t
 
 def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                       name: str = "iia_sampler", fold: bool = True, decoder_model: onnx.ModelProto | None = None,
-                      latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
+                      latent: bool = False, label_dim: int = 0, plan: FoldPlan | None = None) -> onnx.ModelProto:
     """The same sampler as `emit_sampler`, as ONE ONNX `Loop` of NFE iterations around ONE copy of the denoiser.
 
     The loop carries one flat buffer [NFE + 1, B * prod(shape)]: row 0 the noise, row j + 1 the output D_j of
@@ -435,7 +456,8 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     n = len(calls)
     if n == 0:
         raise EmitError("program has no denoiser calls")
-    plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
+    if plan is None:
+        plan = plan_folding(denoiser_model, [op.sigma for op in calls], label_dim) if fold else FoldPlan()
     dgraph = (plan.model or denoiser_model).graph
     io = scalar_io(dgraph, plan, [op.sigma for op in calls])
     if io is not None:  # carry F, not D: c_in, c_skip, c_out move into the coefficients
@@ -443,6 +465,8 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
 
     outer = GraphBuilder()
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
+    if conditional:
+        check_labels(outer, batch, label_dim)
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
     noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
     zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
@@ -462,7 +486,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}
     out = "iia/loop/D_i"
-    mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: LABELS, dgraph.output[0].name: out}
+    mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: CHECKED_LABELS, dgraph.output[0].name: out}
     skip = (plan.foldable_nodes if plan.values else set()) | (io.nodes if io else set())
     if io is not None:
         mapping.update({io.net_input: x, io.raw_output: out})

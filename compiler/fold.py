@@ -37,6 +37,7 @@ class FoldPlan:
     model: onnx.ModelProto | None = None  # the denoiser the node indices refer to (affine chains collapsed)
     foldable_nodes: set[int] = field(default_factory=set)  # indices into graph.node, removed at call sites
     values: dict[float, dict[str, tuple[np.ndarray, str]]] = field(default_factory=dict)  # sigma -> name -> (array, kind)
+    summary: str = "nothing folded"  # one line for the compile log: how the conditioning was folded, or why not
 
 
 def _walk(graph: onnx.GraphProto, sources: tuple[str, ...]) -> tuple[set[int], set[str], set[str], set[int]]:
@@ -127,8 +128,21 @@ def _classify(runs: list[tuple[np.ndarray, np.ndarray]], with_labels: bool) -> t
     return table, LABEL
 
 
+LABEL_CHUNK = 256  # labels evaluated per ONNX Runtime call: a one-hot encoding is [chunk, label_dim]
+
+
+def _label_dependent(graph: onnx.GraphProto, nodes: set[int]) -> set[str]:
+    """Values of the conditioning nodes that depend on the class labels."""
+    dependent = {DENOISER_LABELS}
+    for k in sorted(nodes):
+        if any(i in dependent for i in graph.node[k].input):
+            dependent.update(graph.node[k].output)
+    return dependent
+
+
 def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: int, size_limit: int,
-              table_limit: int) -> FoldPlan | None:
+              table_limit: int) -> tuple[FoldPlan | None, str]:
+    """(plan, "") or (None, why nothing is folded this way)."""
     import onnxruntime as ort
 
     sources = (DENOISER_SIGMA, DENOISER_LABELS) if label_dim else (DENOISER_SIGMA,)
@@ -136,40 +150,54 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     model.CopyFrom(denoiser_model)
     collapse_affine_chains(model.graph, side_values(model.graph, sources))
     affine_to_batchnorm(model, example_feeds(model))
-    denoiser_model = model
-    nodes, boundary = conditioning_nodes(denoiser_model.graph, sources)
+    nodes, boundary = conditioning_nodes(model.graph, sources)
     if not nodes or not boundary:
-        return None
-    sub = _subgraph_model(denoiser_model, nodes, boundary, sources)
+        return None, "no value is computed from the conditioning alone"
+    sub = _subgraph_model(model, nodes, boundary, sources)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the subgraph leaves the denoiser's Constant nodes unused
     sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
     fed = {i.name for i in sess.get_inputs()}
     top = max(label_dim, 1)
-    label_sets = [np.array([top - 1]), np.array([top - 1, 0]), np.arange(top)]
+    distinct = sorted(set(sigmas))
+
+    def run(s: float, labels: np.ndarray) -> list[np.ndarray]:
+        feed = {DENOISER_SIGMA: np.full(len(labels), s, np.float32)}
+        if DENOISER_LABELS in fed:
+            feed[DENOISER_LABELS] = labels.astype(np.int64)
+        return sess.run(boundary, feed)
+
+    few = [np.array([top - 1]), np.array([top - 1, 0])]
+    if label_dim:  # the tables' size, known from one image, before evaluating every label
+        dependent = _label_dependent(model.graph, nodes)
+        one = run(distinct[0], few[0])
+        bound = sum(v.nbytes for name, v in zip(boundary, one) if name in dependent) * top * len(distinct)
+        if bound > table_limit:
+            return None, f"per-label tables would take {bound} bytes > budget {table_limit} (fold.table_budget)"
     plan, table_bytes = FoldPlan(model, nodes), 0
-    for s in sorted(set(sigmas)):
-        runs = []
-        for labels in label_sets:
-            feed = {DENOISER_SIGMA: np.full(len(labels), s, np.float32)}
-            if DENOISER_LABELS in fed:
-                feed[DENOISER_LABELS] = labels.astype(np.int64)
-            runs.append([(labels, v) for v in sess.run(boundary, feed)])
+    for s in distinct:
+        runs = [run(s, labels) for labels in few]
+        chunks = [run(s, np.arange(a, min(a + LABEL_CHUNK, top))) for a in range(0, top, LABEL_CHUNK)]
+        batched = [a.ndim > 0 and b.ndim > 0 and a.shape[0] == 1 and b.shape[0] == 2 for a, b in zip(*runs)]
+        runs.append([np.concatenate([c[k] for c in chunks]) if batched[k] else chunks[0][k]
+                     for k in range(len(boundary))])
         values = {}
         for k, name in enumerate(boundary):
-            got = _classify([run[k] for run in runs], bool(label_dim))
+            got = _classify([(labels, r[k]) for labels, r in zip([*few, np.arange(top)], runs)], bool(label_dim))
             if got is None:
-                return None
+                return None, f"value {name!r} is not row-wise in the batch"
             array, kind = got
             row_bytes = array.nbytes // len(array) if kind == LABEL else array.nbytes
             if row_bytes > size_limit:
-                return None
+                return None, f"value {name!r} takes {row_bytes} bytes per row > {size_limit}"
             table_bytes += array.nbytes if kind == LABEL else 0
             values[name] = got
         if table_bytes > table_limit:
-            return None
+            return None, f"per-label tables take {table_bytes} bytes > budget {table_limit} (fold.table_budget)"
         plan.values[s] = values
-    return plan
+    kinds = {kind for v in plan.values.values() for _, kind in v.values()}
+    plan.summary = (f"per (step, label): {table_bytes} bytes of tables" if LABEL in kinds else "per step")
+    return plan, ""
 
 
 def table_budget(denoiser_model: onnx.ModelProto) -> int:
@@ -190,11 +218,16 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim
     constant per-channel affines become one-pass BatchNormalization nodes: emit from `plan.model`."""
     reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
     table_limit = table_budget(denoiser_model) if table_limit is None else table_limit
+    why_not_labels = ""
     if label_dim > 0 and reads_labels:
-        plan = _evaluate(denoiser_model, sigmas, label_dim, size_limit, table_limit)
+        plan, why_not_labels = _evaluate(denoiser_model, sigmas, label_dim, size_limit, table_limit)
         if plan is not None:
             return plan
-    return _evaluate(denoiser_model, sigmas, 0, size_limit, table_limit) or FoldPlan()
+    plan, why = _evaluate(denoiser_model, sigmas, 0, size_limit, table_limit)
+    if plan is None:
+        return FoldPlan(summary=f"nothing folded: {why}")
+    plan.summary += f" (not per label: {why_not_labels})" if why_not_labels else ""
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------------

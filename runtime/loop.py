@@ -7,7 +7,8 @@ diffusers' ONNX pipelines, ONNX Runtime's Stable Diffusion tools and TensorRT's 
 cross-check of the graph: the same noise and labels give the graph's `images` up to float32 rounding order.
 
 Made a fair opponent on purpose: values are freed after their last read, combinations write into preallocated
-buffers (one multiply-add pass per term, no temporaries), sigma vectors are made once per batch size, and the
+buffers (one multiply and one add per term: numpy makes one temporary per product), sigma vectors are made once
+per batch size, and the
 denoiser session gets the same backend, threads and session options as the sampler.
 """
 

@@ -128,14 +128,16 @@ def test_label_and_sigma_values_become_per_step_label_tables(edm, form):
     program = program_for(d, "edm", 9)
     emit = emit_sampler_loop if form == "loop" else emit_sampler
     tables = emit(program, dm, d.shape, True, label_dim=d.label_dim)
-    sigma_only = emit(program, dm, d.shape, True)
-    plain = emit(program, dm, d.shape, True, fold=False)
+    sigma_only = emit(program, dm, d.shape, True, label_dim=d.label_dim, plan=plan_folding(
+        dm, [op.sigma for op in linear_form(program)[3]], d.label_dim, table_limit=0))
+    plain = emit(program, dm, d.shape, True, fold=False, label_dim=d.label_dim)
     plan = plan_folding(dm, [1.0], d.label_dim)
     assert LABEL in {kind for _, kind in plan.values[1.0].values()}
     graphs = lambda m: [m.graph] + [a.g for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
     gemms = lambda m: sum(n.op_type == "Gemm" for g in graphs(m) for n in g.node)
     assert gemms(plain) > 0 and gemms(tables) == 0 < gemms(sigma_only)
-    readers = [n.op_type for g in graphs(tables) for n in _label_readers(g)]
+    assert [n.op_type for g in graphs(tables) for n in _label_readers(g)] == ["Reshape"]  # check_labels
+    readers = [n.op_type for g in graphs(tables) for n in g.node if "iia/class_labels_checked" in n.input]
     assert set(readers) <= {"Gather", "Unsqueeze"}, readers  # only the table lookups read the labels
     rng = np.random.default_rng(3)
     for batch in (1, 4):
@@ -143,8 +145,12 @@ def test_label_and_sigma_values_become_per_step_label_tables(edm, form):
         want = run(plain, noise, labels)[0]
         assert np.abs(run(tables, noise, labels)[0] - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     assert check_weight_sharing(tables, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
-    with pytest.raises(Exception, match="(?i)out of bounds|invalid|index"):
-        run(tables, rng.standard_normal((2, *d.shape)), np.array([0, d.label_dim]))
+    for bad in ([0, d.label_dim], [-1, 0], [-d.label_dim, 0]):  # never another label's row, never wrapped
+        for model in (tables, sigma_only, plain):
+            with pytest.raises(Exception, match=f"class_labels_must_be_in_0_to_{d.label_dim - 1}"):
+                run(model, rng.standard_normal((2, *d.shape)), np.array(bad))
+    with pytest.raises(Exception, match="class_labels_one_per_image"):  # one label for three images: refused
+        run(tables, rng.standard_normal((3, *d.shape)), np.array([1]))
 
 
 def test_label_tables_fall_back_to_sigma_only_when_too_large(edm):
@@ -193,3 +199,32 @@ def test_loop_carries_raw_network_outputs_under_edm_preconditioning(edm):
     last.output[0] = "pre_out"
     g.node.append(onnx.helper.make_node("Add", ["pre_out", "x"], [final]))
     assert scalar_io(g, plan, sigmas) is None
+
+
+def test_many_classes_fall_back_before_evaluating_every_label(tmp_path):
+    """20000 classes: the tables' size is known from one image and over the budget, so only sigma is folded,
+    without evaluating 20000 labels (a one-hot encoding of all of them would be 1.6 GB), and the log says why."""
+    from iia.compiler.fold import LABEL, plan_folding
+
+    path = tmp_path / "many.pkl"
+    make_edm_pickle(path, "edm-cond", label_dim=20000)
+    d = load(path)
+    dm = export_denoiser(d)
+    plan = plan_folding(dm, [0.5, 2.0, 10.0], d.label_dim)
+    assert plan.values and LABEL not in {k for v in plan.values.values() for _, k in v.values()}
+    assert "not per label" in plan.summary and "budget" in plan.summary
+
+
+def test_label_tables_evaluated_in_chunks_equal_one_pass(edm, monkeypatch):
+    from iia.compiler import fold
+
+    d, dm, _ = edm
+    whole = fold.plan_folding(dm, [0.7, 3.0], d.label_dim)
+    monkeypatch.setattr(fold, "LABEL_CHUNK", 3)  # 10 labels in chunks of 3, 3, 3, 1
+    chunked = fold.plan_folding(dm, [0.7, 3.0], d.label_dim)
+    assert whole.values.keys() == chunked.values.keys()
+    for s in whole.values:
+        assert whole.values[s].keys() == chunked.values[s].keys()
+        for name, (array, kind) in whole.values[s].items():
+            assert chunked.values[s][name][1] == kind
+            assert np.allclose(chunked.values[s][name][0], array, rtol=1e-6, atol=1e-7)  # GEMM kernels by batch
