@@ -8,8 +8,7 @@ cross-check of the graph: the same noise and labels give the graph's `images` up
 
 Made a fair opponent on purpose: values are freed after their last read, combinations write into preallocated
 buffers (one multiply and one add per term: numpy makes one temporary per product), sigma vectors are made once
-per batch size, and the
-denoiser session gets the same backend, threads and session options as the sampler.
+per batch size, and the denoiser session gets the same backend, threads and session options as the sampler.
 """
 
 from __future__ import annotations
