@@ -29,10 +29,12 @@ def _ort():
     return onnxruntime
 
 
-def session_options(threads: int | None = None, static_batch: int | None = None):
+def session_options(threads: int | None = None, static_batch: int | None = None, spin: bool = True):
     """Tuned options: all graph optimisations, sequential execution, `threads` intra-op threads
     (None: ONNX Runtime's default, one per physical core); `static_batch` fixes the free dimension
-    BATCH_AXIS, so ONNX Runtime folds every shape computation for that batch size when it builds the session."""
+    BATCH_AXIS, so ONNX Runtime folds every shape computation for that batch size when it builds the session;
+    `spin=False` makes idle intra-op threads sleep instead of spin-waiting (on a machine with as many busy
+    threads as cores, spinning threads take turns with the working ones: latency becomes bimodal)."""
     ort = _ort()
     opts = ort.SessionOptions()
     if static_batch is not None:
@@ -45,6 +47,8 @@ def session_options(threads: int | None = None, static_batch: int | None = None)
             raise ValueError(f"threads must be >= 1, got {threads}")
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -62,7 +66,7 @@ class OrtSession:
     """One ONNX Runtime session on CPU or CUDA; `run(feeds, outputs)` is thread-safe."""
 
     def __init__(self, model: bytes | str | Path, device: str = "cpu", threads: int | None = None,
-                 device_id: int = 0, static_batch: int | None = None):
+                 device_id: int = 0, static_batch: int | None = None, spin: bool = True):
         ort = _ort()
         if device == "cuda":
             reason = cuda_unavailable_reason()
@@ -74,7 +78,7 @@ class OrtSession:
         else:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         model = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(model, session_options(threads, static_batch), providers=providers)
+        self.session = ort.InferenceSession(model, session_options(threads, static_batch, spin), providers=providers)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             # ORT falls back to CPU silently when the CUDA libraries do not load
             raise BackendUnavailable(f"onnxruntime could not start its CUDA provider (got {self.session.get_providers()}); "

@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS))
+    parser.add_argument("--no-spin", action="store_true", help="idle ONNX Runtime threads sleep instead of spinning "
+                        "(all sessions alike; steadier 2-thread numbers on a 2-core machine)")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -41,15 +43,16 @@ def main() -> None:
     manifest = read_manifest(root)
     plan, label_dim = read_program(root, manifest), int(manifest["label_dim"])
     for batch in [int(b) for b in args.batch.split(",")]:
-        loop = DenoiserLoop(OrtSession(root / "denoiser.onnx", "cpu", args.threads, static_batch=batch), plan,
-                            label_dim > 0)
+        loop = DenoiserLoop(OrtSession(root / "denoiser.onnx", "cpu", args.threads, static_batch=batch,
+                                       spin=not args.no_spin), plan, label_dim > 0)
         noise = draw_noise(0, batch, manifest["sample_shape"])
         labels = draw_labels(0, batch, label_dim) if label_dim else None
         feeds = {NOISE: noise} | ({LABELS: labels} if label_dim else {})
         reference = loop(noise, labels)
         calls = {"loop": lambda: loop(noise, labels)}
         for k, art in enumerate(args.artifacts):
-            sess = ort.InferenceSession(str(Path(art) / "sampler.onnx"), session_options(args.threads, batch),
+            sess = ort.InferenceSession(str(Path(art) / "sampler.onnx"),
+                                        session_options(args.threads, batch, spin=not args.no_spin),
                                         providers=["CPUExecutionProvider"])
             diff = float(np.abs(sess.run([IMAGES], feeds)[0] - reference).max())
             if not diff < 1e-3:
@@ -58,7 +61,7 @@ def main() -> None:
         med = {k: float(np.median(v)) * 1e3
                for k, v in time_interleaved(calls, 3, args.iters, clock=CLOCKS[args.clock]).items()}
         cells = " | ".join(f"{k} {v:.3f} ms ({med['loop'] / v:.3f}x)" for k, v in med.items() if k != "loop")
-        print(f"batch {batch}, {args.threads} thread(s), {args.clock}: loop {med['loop']:.3f} ms | {cells}", flush=True)
+        print(f"batch {batch}, {args.threads} thread(s){', no spin' if args.no_spin else ''}, {args.clock}: loop {med['loop']:.3f} ms | {cells}", flush=True)
 
 
 if __name__ == "__main__":
