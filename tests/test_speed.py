@@ -56,6 +56,11 @@ def test_loop_around_denoiser_equals_graph(edm_artifact):
         assert np.array_equal(loop(noise, labels), looped)  # no state carried between calls
     with pytest.raises(ValueError, match="class labels"):
         loop(noise, None)
+    # 2 threads that sleep when idle (compare_artifacts --no-spin): the same numbers
+    sleepy = DenoiserLoop(OrtSession(edm_artifact / "denoiser.onnx", "cpu", 2, spin=False), plan, conditional=True)
+    assert sleepy.session.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    assert np.abs(sleepy(noise, labels) - looped).max() <= 1e-5 * max(1.0, float(np.abs(looped).max()))
 
 
 def test_program_plan_validation(edm_artifact, tmp_path):
