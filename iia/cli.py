@@ -140,8 +140,8 @@ def check_output_file(path: str | Path | None, flag: str) -> Path | None:
 
 
 def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+    try:  # an empty item ("1,,2", "1,") is a typo, not nothing
+        values = [int(v) for v in text.split(",")] if text.strip() else []
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:

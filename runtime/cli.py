@@ -52,6 +52,9 @@ def _labels_for(sampler, given: list[int] | None, n: int, seed: int):
     if bad:
         raise ValueError(f"--labels {bad[0]} out of range: this model has label_dim {sampler.label_dim}, expected "
                          f"ids in [0, {sampler.label_dim - 1}]")
+    if len(given) > n:
+        raise ValueError(f"--labels gives {len(given)} class ids for --n {n} samples: the ids past the "
+                         f"{n}th would be unused")
     ids = np.asarray(given, dtype=np.int64)
     return np.resize(ids, n)  # repeated cyclically to n samples
 
@@ -126,7 +129,8 @@ def bench(argv=None, eager_factory=None) -> int:
     parser = argparse.ArgumentParser(
         prog="iia-bench",
         description="Latency of a compiled sampler per batch size: p50/p90/p99, images/s, the overhead ratio "
-                    "sampler / (NFE x one denoiser call [+ one decoder call]) on the same backend (floor 1.0), and the speed-ups over "
+                    "sampler / (NFE x one denoiser call [+ one decoder call]) on the same backend (at most 1.0 "
+                    "wanted; below 1 where the compiler folded per-call work away), and the speed-ups over "
                     "a numpy loop around the same denoiser.onnx and over the PyTorch eager sampler (same solver, "
                     "coefficients, device and threads).")
     _add_common(parser)

@@ -97,3 +97,20 @@ def test_bad_static_batch_refused_before_work(tmp_path, value, match):
         compile_model("gmm", tmp_path / "x", CompileOptions(max_batch=4, static_batch=value, engine=False),
                       log=lambda text: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_labels_never_silently_dropped_or_typo_tolerated(edm_artifact, tmp_path, capsys):
+    """iia-sample: more --labels than --n samples, or an empty item, is an error; the runtime names the count."""
+    from iia.runtime.cli import sample_main
+
+    rc = sample_main([str(edm_artifact), "--n", "3", "--labels", "1,2,3,4", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--labels gives 4 class ids for --n 3" in err[-1] and not (tmp_path / "g.png").exists()
+    with pytest.raises(SystemExit):
+        sample_main([str(edm_artifact), "--labels", "1,,2", "--out", str(tmp_path / "g.png")])
+    assert "expected comma-separated integers" in capsys.readouterr().err
+    sampler = load(edm_artifact)
+    with pytest.raises(ValueError, match="expected 3 class labels"):
+        sampler.check_labels([], 3)
+    with pytest.raises(ValueError, match=f"class label {2**64} out of range"):
+        sampler.check_labels([2**64, 0, 0], 3)
