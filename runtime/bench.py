@@ -86,6 +86,8 @@ class RunOptions:
                           choices=("auto", *BACKENDS))
     threads: int | None = option(None, "ONNX Runtime intra-op threads (default: the CPUs this process may use "
                                        "for iia-bench, ONNX Runtime's default for iia-sample)", lo=1, hi=1024)
+    spin: bool = option(True, "idle ONNX Runtime threads sleep instead of spin-waiting (for a machine whose cores "
+                              "are all busy, e.g. 2 threads on 2 shared cores: latency is otherwise bimodal)")
 
 
 @dataclass
@@ -121,6 +123,10 @@ def _device(sampler: Sampler) -> str:
 
 
 # ---- the single denoiser call -------------------------------------------------------------------
+def _spin(sampler: Sampler) -> bool:
+    return getattr(sampler, "spin", True)
+
+
 def denoiser_runner(sampler: Sampler, threads: int):
     """A `run(feeds, outputs)` object for denoiser.onnx on the sampler's backend."""
     root, manifest = Path(sampler.root), sampler.manifest
@@ -129,7 +135,7 @@ def denoiser_runner(sampler: Sampler, threads: int):
     model = read_verified(root, manifest, DENOISER_ONNX)
     if sampler.backend == TENSORRT:
         return _trt_denoiser(root, sampler, model)
-    return OrtSession(model, _device(sampler), threads)
+    return OrtSession(model, _device(sampler), threads, spin=_spin(sampler))
 
 
 def decoder_runner(sampler: Sampler, threads: int):
@@ -140,7 +146,7 @@ def decoder_runner(sampler: Sampler, threads: int):
     model = read_verified(root, manifest, DECODER_ONNX)
     if sampler.backend == TENSORRT:
         return _trt_denoiser(root, sampler, model, DECODER_ONNX, {DECODER_SAMPLES: tuple(sampler.sample_shape)})
-    return OrtSession(model, _device(sampler), threads)
+    return OrtSession(model, _device(sampler), threads, spin=_spin(sampler))
 
 
 def _trt_denoiser(root: Path, sampler: Sampler, model: bytes, name: str = DENOISER_ONNX, inputs=None):
@@ -204,7 +210,7 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
     """Rows of KEYS (and more) per batch size; `eager_factory` builds the eager baseline (None: not timed)."""
     opts.validate()
     threads = opts.threads or default_threads()
-    sampler = load(artifact, opts.backend, threads=threads)
+    sampler = load(artifact, opts.backend, threads=threads, spin=opts.spin)
     log(f"{sampler!r}: {describe(sampler)}")
     too_big = [b for b in opts.batches if b > sampler.max_batch]
     if too_big:
@@ -249,7 +255,7 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
             denoiser, loop = dynamic_denoiser, dynamic_loop
             if batch in static:
                 denoiser = OrtSession(read_verified(Path(sampler.root), sampler.manifest, DENOISER_ONNX),
-                                      _device(sampler), threads, static_batch=batch)
+                                      _device(sampler), threads, static_batch=batch, spin=_spin(sampler))
                 if loop is not None:
                     loop = DenoiserLoop(denoiser, loop.plan, sampler.conditional)
             noise = draw_noise(opts.seed, batch, sampler.sample_shape)
@@ -295,7 +301,8 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
             e50 = _percentiles(times["eager"])[0] if "eager" in times else None
             l50 = _percentiles(times["loop"])[0] if "loop" in times else None
             rows.append({
-                "backend": sampler.backend, "batch": batch, "threads": threads, "device": device, "clock": opts.clock,
+                "backend": sampler.backend, "batch": batch, "threads": threads, "spin": opts.spin, "device": device,
+                "clock": opts.clock,
                 "static_batch": batch in getattr(sampler, "static_batches", ()),
                 "p50_ms": round(p50, 4), "p90_ms": round(p90, 4), "p99_ms": round(p99, 4), "mean_ms": round(mean, 4),
                 "images_per_s": round(batch / (mean / 1e3), 2),
@@ -337,7 +344,8 @@ def format_table(rows: list[dict]) -> str:
     if rows:
         r = rows[0]
         decode = " + decoder p50" if r.get("decoder_p50_ms") is not None else ""
-        lines.append(f"NFE {r['nfe']} ({r['solver']}), model {r['model']}, {r['clock']} clock; overhead = p50 / (NFE x denoiser p50{decode}), "
+        lines.append(f"NFE {r['nfe']} ({r['solver']}), model {r['model']}, {r['clock']} clock"
+                     f"{'' if r.get('spin', True) else ', idle threads sleep (--no-spin)'}; overhead = p50 / (NFE x denoiser p50{decode}), "
                      f"<= 1.0 wanted (below 1: per-call work folded away); speed-ups = baseline p50 / sampler p50; loop = numpy loop around denoiser.onnx (program.json)"
                      + (f" ({r['loop_note']})" if r["loop_note"] else "")
                      + f"; eager = PyTorch {r['eager_dtype'] or ''} loop on {r['device']}"

@@ -86,7 +86,7 @@ def _sample(argv=None) -> int:
     from . import describe, draw_noise, load
     from .grid import NpzWriter, grid_array, save_png
 
-    sampler = load(args.artifact, opts.backend, threads=opts.threads)
+    sampler = load(args.artifact, opts.backend, threads=opts.threads, spin=opts.spin)
     _err(f"{sampler!r}\n{describe(sampler)}")
     n, chunk = opts.n, sampler.max_batch
     labels = _labels_for(sampler, opts.labels, n, opts.seed)

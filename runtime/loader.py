@@ -21,7 +21,8 @@ def _onnx_model(root: Path, manifest: dict, verify: bool):
     return read_verified(root, manifest, SAMPLER_ONNX, verify)
 
 
-def _build(name: str, root: Path, manifest: dict, threads, device_id: int, verify: bool) -> Sampler:
+def _build(name: str, root: Path, manifest: dict, threads, device_id: int, verify: bool,
+           spin: bool = True) -> Sampler:
     if name == TENSORRT:
         check_plan_compatible(manifest)  # checks for a CUDA device before importing tensorrt
         return TensorRTSampler(manifest, root, read_verified(root, manifest, PLAN, verify))
@@ -29,18 +30,19 @@ def _build(name: str, root: Path, manifest: dict, threads, device_id: int, verif
         reason = cuda_unavailable_reason()
         if reason:
             raise BackendUnavailable(reason)
-        return OnnxRuntimeSampler(manifest, root, _onnx_model(root, manifest, verify), "cuda", threads, device_id)
-    return OnnxRuntimeSampler(manifest, root, _onnx_model(root, manifest, verify), "cpu", threads, device_id)
+        return OnnxRuntimeSampler(manifest, root, _onnx_model(root, manifest, verify), "cuda", threads, device_id, spin)
+    return OnnxRuntimeSampler(manifest, root, _onnx_model(root, manifest, verify), "cpu", threads, device_id, spin)
 
 
 def load(path: str | Path, backend: str = "auto", *, threads: int | None = None, device_id: int = 0,
-         verify: bool = True, log=None) -> Sampler:
+         verify: bool = True, log=None, spin: bool = True) -> Sampler:
     """Load a compiled sampler from an artifact directory (made by `iia-compile`).
 
     backend: "auto" (TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU, the first usable here), or one of
     "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu" (BackendUnavailable, a RuntimeError, saying why if it
-    cannot run here). threads: ONNX Runtime intra-op threads (None: its default). verify: check every file's
-    sha256 against the manifest (ArtifactError, a ValueError, naming a corrupted or missing file).
+    cannot run here). threads: ONNX Runtime intra-op threads (None: its default); spin=False: its idle threads
+    sleep instead of spin-waiting (for machines whose cores are all busy; no effect on TensorRT). verify: check
+    every file's sha256 against the manifest (ArtifactError, a ValueError, naming a corrupted or missing file).
     Skipped backends and why are in `sampler.fallbacks`; `log` (e.g. print) is told about them too.
     """
     if backend != "auto" and backend not in BACKENDS:
@@ -54,7 +56,7 @@ def load(path: str | Path, backend: str = "auto", *, threads: int | None = None,
     model_files = tuple(name for name in (SAMPLER_ONNX, PLAN) if name in manifest["files"])
     if verify:
         verify_all(root, manifest, skip=model_files)
-    sampler = _choose(backend, root, manifest, threads, device_id, verify, log)
+    sampler = _choose(backend, root, manifest, threads, device_id, verify, log, spin)
     if verify:
         loaded = PLAN if sampler.backend == TENSORRT else SAMPLER_ONNX
         try:
@@ -67,16 +69,16 @@ def load(path: str | Path, backend: str = "auto", *, threads: int | None = None,
     return sampler
 
 
-def _choose(backend, root, manifest, threads, device_id, verify, log) -> Sampler:
+def _choose(backend, root, manifest, threads, device_id, verify, log, spin=True) -> Sampler:
     if backend != "auto":
         try:
-            return _build(backend, root, manifest, threads, device_id, verify)
+            return _build(backend, root, manifest, threads, device_id, verify, spin)
         except BackendUnavailable as err:
             raise BackendUnavailable(f"backend {backend!r} is unavailable: {err}") from None
     skipped: list[tuple[str, str]] = []
     for name in BACKENDS:
         try:
-            sampler = _build(name, root, manifest, threads, device_id, verify)
+            sampler = _build(name, root, manifest, threads, device_id, verify, spin)
         except BackendUnavailable as err:
             skipped.append((name, str(err)))
             if log is not None:

@@ -118,13 +118,13 @@ class OnnxRuntimeSampler(Sampler):
     session per manifest `static_batches` entry (made on first use), which runs the calls of exactly that batch."""
 
     def __init__(self, manifest: dict, root: Path, model: bytes | Path, device: str = "cpu",
-                 threads: int | None = None, device_id: int = 0):
+                 threads: int | None = None, device_id: int = 0, spin: bool = True):
         super().__init__(manifest, root)
         self.backend = CUDA if device == "cuda" else CPU
-        self.threads = threads
+        self.threads, self.spin = threads, spin
         where = Path(root) / SAMPLER_ONNX if root is not None else SAMPLER_ONNX
         try:
-            self._session = OrtSession(model, device, threads, device_id)
+            self._session = OrtSession(model, device, threads, device_id, spin=spin)
         except (BackendUnavailable, ValueError):
             raise
         except Exception as err:  # onnxruntime's Fail / InvalidProtobuf / InvalidGraph ...: the file is unusable
@@ -149,7 +149,8 @@ class OnnxRuntimeSampler(Sampler):
             with self._lock:  # one session per batch even when several threads ask at once
                 session = self._static.get(batch)
                 if session is None:
-                    session = OrtSession(self._model, self._device, self.threads, self._device_id, static_batch=batch)
+                    session = OrtSession(self._model, self._device, self.threads, self._device_id, static_batch=batch,
+                                         spin=self.spin)
                     self._static[batch] = session
         return session
 

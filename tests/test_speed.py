@@ -114,3 +114,15 @@ def test_labels_never_silently_dropped_or_typo_tolerated(edm_artifact, tmp_path,
         sampler.check_labels([], 3)
     with pytest.raises(ValueError, match=f"class label {2**64} out of range"):
         sampler.check_labels([2**64, 0, 0], 3)
+
+
+def test_bench_no_spin_reaches_every_onnx_runtime_session(edm_artifact):
+    """iia-bench --no-spin: the sampler's sessions (dynamic and static) and the baseline's sleep when idle."""
+    from iia.runtime.bench import BenchOptions, run_bench
+
+    sampler = load(edm_artifact, "onnxruntime-cpu", threads=2, spin=False)
+    for session in (sampler.session_for(2), sampler.session_for(3)):  # dynamic, static batch 3
+        assert session.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    rows = run_bench(edm_artifact, BenchOptions(backend="onnxruntime-cpu", threads=2, spin=False, batches=(1, 3),
+                                                iters=2, warmup=1, eager=False), log=lambda _: None)
+    assert [r["spin"] for r in rows] == [False, False] and all(r["speedup_vs_loop"] > 0 for r in rows)
