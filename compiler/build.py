@@ -41,8 +41,7 @@ from .check import check_model, check_parity, check_static_batches, check_weight
 from .emit import GRAPH_FORMS, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
 from .export import export_decoder, export_denoiser
 from .fold import plan_folding
-
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
+from .rewrite import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
 
 
 class CompileError(ValueError):

@@ -24,6 +24,7 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
                                   LABELS, LATENTS, NOISE)
 
 from .fold import BATCH, LABEL, FoldPlan, plan_folding
+from .rewrite import DEFAULT_DOMAINS
 
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
 DECODER_INPUT, DECODER_OUTPUT = DECODER_SAMPLES, IMAGES_U8
@@ -334,8 +335,8 @@ def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, 
 
     Tables with the same dtype and trailing shape are concatenated along c and read with ONE GatherND, then
     Split (the per-block scale/shift vectors of a UNet are dozens of small values: one kernel instead of one
-    each). The [NFE, B, 2] index tensor is built once, before the loop. GatherND refuses labels >= label_dim,
-    as the embedding lookup it replaces does.
+    each). The [NFE, B, 2] index tensor is built once, before the loop, from the labels `check_labels`
+    admitted.
     """
     n = next(iter(groups.values()))[0][1].shape[0]
     shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64), batch,
@@ -388,7 +389,7 @@ def scalar_io(graph: onnx.GraphProto, plan: FoldPlan, sigmas: list[float]) -> Sc
     def scalar_mul(k: int, operand: str) -> str | None:
         """The folded scalar that node k multiplies `operand` by, if it is such a Mul."""
         node = graph.node[k]
-        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2 or operand not in node.input:
+        if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS or len(node.input) != 2 or operand not in node.input:
             return None
         other = node.input[1] if node.input[0] == operand else node.input[0]
         if other == operand or other not in folded:

@@ -3,7 +3,7 @@ per-block affine projections of the embedding) per denoiser call.
 
 At each call sigma is a baked constant and class labels range over a finite set [0, label_dim), so every value
 computed from sigma, the labels and constants only is one of label_dim constants per call. We evaluate those
-values once per distinct sigma with ONNX Runtime, for all labels at once, and substitute them (see `Kind`):
+values once per distinct sigma with ONNX Runtime, for all labels, and substitute them (CONST/BATCH/LABEL):
 a call then gathers one row per image instead of recomputing the embedding network NFE times (the loop around
 `denoiser.onnx` a user would write cannot: it sees sigma and labels only at run time). Where the label tables
 would be too large (`table_budget`) or a value does not behave row-wise, only the sigma-only part is folded
@@ -177,7 +177,8 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     plan, table_bytes = FoldPlan(model, nodes), 0
     for s in distinct:
         runs = [run(s, labels) for labels in few]
-        chunks = [run(s, np.arange(a, min(a + LABEL_CHUNK, top))) for a in range(0, top, LABEL_CHUNK)]
+        chunks = ([runs[0]] if top == 1 else  # arange(1) is few[0]: no second run
+                  [run(s, np.arange(a, min(a + LABEL_CHUNK, top))) for a in range(0, top, LABEL_CHUNK)])
         batched = [a.ndim > 0 and b.ndim > 0 and a.shape[0] == 1 and b.shape[0] == 2 for a, b in zip(*runs)]
         runs.append([np.concatenate([c[k] for c in chunks]) if batched[k] else chunks[0][k]
                      for k in range(len(boundary))])
@@ -213,9 +214,10 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim
                  size_limit: int = SIZE_LIMIT, table_limit: int | None = None) -> FoldPlan:
     """Evaluate the conditioning values at each sigma (and each label in [0, label_dim) when the denoiser reads
     class labels): the sigma-and-label plan if it is row-wise and fits `table_limit` (default
-    `table_budget`), else the sigma-only plan, else an empty plan (nothing folded). Affine chains on the main path are first collapsed
-    (rewrite.collapse_affine_chains) so that their combined scale/shift are folded too, and the remaining
-    constant per-channel affines become one-pass BatchNormalization nodes: emit from `plan.model`."""
+    `table_budget`), else the sigma-only plan, else an empty plan (nothing folded). Affine chains on the main
+    path are first collapsed (rewrite.collapse_affine_chains) so that their combined scale/shift are folded
+    too, and the remaining constant per-channel affines become one-pass BatchNormalization nodes: emit from
+    `plan.model`."""
     reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
     table_limit = table_budget(denoiser_model) if table_limit is None else table_limit
     why_not_labels = ""

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -240,8 +241,6 @@ def probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[
 
 def _per_channel(value, shape: tuple[int, ...]):
     """`value` (numpy) as a [C] vector when broadcasting it against `shape` ([N, C, ...]) scales channels only."""
-    import numpy as np
-
     rank = len(shape)
     if value.ndim > rank or rank < 2:
         return None
@@ -256,8 +255,6 @@ def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
     intermediate read once) by BatchNormalization(x, gamma, beta, 0, 1, epsilon=0), in place. `feeds`: one
     valid input of the model, to learn the shapes (x must already have the output's shape: no broadcast
     of x). Returns the number of nodes removed."""
-    from onnx import numpy_helper
-
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     counts = consumer_counts(graph)
@@ -291,8 +288,6 @@ def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
         bias = _per_channel(numpy_helper.to_array(inits[beta]), shapes[x])
         if scale is None or bias is None:
             continue
-        import numpy as np
-
         names = [fresh("scale"), fresh("bias")]
         new_inits += [numpy_helper.from_array(scale, names[0]), numpy_helper.from_array(bias, names[1])]
         if len(scale) not in moments:  # mean 0, variance 1: one pair per channel count
@@ -321,8 +316,6 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
 def example_feeds(model: onnx.ModelProto, batch: int = 2) -> dict:
     """One valid input of a denoiser graph: x standard normal, sigma ones, class labels zeros (symbolic
     dimensions set to `batch`)."""
-    import numpy as np
-
     rng, feeds = np.random.default_rng(0), {}
     for i in model.graph.input:
         t = i.type.tensor_type
@@ -330,5 +323,5 @@ def example_feeds(model: onnx.ModelProto, batch: int = 2) -> dict:
         if t.elem_type == TensorProto.FLOAT:
             feeds[i.name] = (rng.standard_normal(shape) if len(shape) > 1 else np.ones(shape)).astype(np.float32)
         else:
-            feeds[i.name] = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+            feeds[i.name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(t.elem_type))
     return feeds

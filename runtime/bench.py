@@ -123,11 +123,7 @@ def _device(sampler: Sampler) -> str:
 
 
 # ---- the single denoiser call -------------------------------------------------------------------
-def _spin(sampler: Sampler) -> bool:
-    return getattr(sampler, "spin", True)
-
-
-def denoiser_runner(sampler: Sampler, threads: int):
+def denoiser_runner(sampler: Sampler, threads: int, spin: bool = True):
     """A `run(feeds, outputs)` object for denoiser.onnx on the sampler's backend."""
     root, manifest = Path(sampler.root), sampler.manifest
     if DENOISER_ONNX not in manifest["files"]:
@@ -135,10 +131,10 @@ def denoiser_runner(sampler: Sampler, threads: int):
     model = read_verified(root, manifest, DENOISER_ONNX)
     if sampler.backend == TENSORRT:
         return _trt_denoiser(root, sampler, model)
-    return OrtSession(model, _device(sampler), threads, spin=_spin(sampler))
+    return OrtSession(model, _device(sampler), threads, spin=spin)
 
 
-def decoder_runner(sampler: Sampler, threads: int):
+def decoder_runner(sampler: Sampler, threads: int, spin: bool = True):
     """A `run(feeds, outputs)` object for decoder.onnx on the sampler's backend; None when the artifact has none."""
     root, manifest = Path(sampler.root), sampler.manifest
     if DECODER_ONNX not in manifest["files"]:
@@ -146,7 +142,7 @@ def decoder_runner(sampler: Sampler, threads: int):
     model = read_verified(root, manifest, DECODER_ONNX)
     if sampler.backend == TENSORRT:
         return _trt_denoiser(root, sampler, model, DECODER_ONNX, {DECODER_SAMPLES: tuple(sampler.sample_shape)})
-    return OrtSession(model, _device(sampler), threads, spin=_spin(sampler))
+    return OrtSession(model, _device(sampler), threads, spin=spin)
 
 
 def _trt_denoiser(root: Path, sampler: Sampler, model: bytes, name: str = DENOISER_ONNX, inputs=None):
@@ -217,8 +213,8 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
         raise ValueError(f"batch size(s) {too_big} exceed the artifact's maximum batch {sampler.max_batch}")
     device = _device(sampler)
     try:
-        denoiser = denoiser_runner(sampler, threads)
-        decoder = decoder_runner(sampler, threads)
+        denoiser = denoiser_runner(sampler, threads, opts.spin)
+        decoder = decoder_runner(sampler, threads, opts.spin)
         denoiser_note = None
     except BackendUnavailable as err:
         denoiser, decoder, denoiser_note = None, None, str(err)
@@ -255,7 +251,7 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
             denoiser, loop = dynamic_denoiser, dynamic_loop
             if batch in static:
                 denoiser = OrtSession(read_verified(Path(sampler.root), sampler.manifest, DENOISER_ONNX),
-                                      _device(sampler), threads, static_batch=batch, spin=_spin(sampler))
+                                      _device(sampler), threads, static_batch=batch, spin=opts.spin)
                 if loop is not None:
                     loop = DenoiserLoop(denoiser, loop.plan, sampler.conditional)
             noise = draw_noise(opts.seed, batch, sampler.sample_shape)
