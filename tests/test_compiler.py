@@ -242,7 +242,8 @@ def test_sigma_only_subgraph_is_folded_without_duplicating_weights(edm_pkl):
     noise, labels = rng.standard_normal((3, *d.shape)), np.array([0, 5, 9])
     a = run_sampler_model(folded, noise, labels)
     b = run_sampler_model(plain, noise, labels)
-    assert np.abs(a - b).max() < 1e-5
+    # the folded graph's rewrites (BatchNormalization, ConvTranspose) re-associate float32 sums: last bits only
+    assert np.abs(a - b).max() < 3e-5 * max(1.0, np.abs(b).max())
 
 
 def run_sampler_model(model, noise, labels):

@@ -42,7 +42,8 @@ def test_loop_graph_equals_unrolled_graph(edm, solver):
     loop = emit_sampler_loop(program, dm, d.shape, True, decoder_model=decoder)
     assert [n.op_type for n in loop.graph.node].count("Loop") == 1
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
-    assert sum(n.op_type == "Conv" for n in body.node) == sum(n.op_type == "Conv" for n in dm.graph.node)
+    convolutions = ("Conv", "ConvTranspose")  # rewrite.small_convs_to_transposed: the same convolution
+    assert sum(n.op_type in convolutions for n in body.node) == sum(n.op_type == "Conv" for n in dm.graph.node)
     unrolled = emit_sampler(program, dm, d.shape, True, decoder_model=decoder)
     rng = np.random.default_rng(5)
     for batch in (1, 3):
@@ -83,9 +84,15 @@ def test_loop_graph_stores_weights_once_and_a_duplicate_is_caught(edm):
     assert check_weight_sharing(loop, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
     extra = [t for t in body.initializer if t.name not in {w.name for w in dm.graph.initializer}]
-    # only the one-pass BatchNormalization vectors of rewrite.affine_to_batchnorm are new, and small
-    assert all(t.name.startswith("iia/bn/") for t in extra)
-    assert sum(onnx.numpy_helper.to_array(t).nbytes for t in extra) <= 0.05 * initializer_bytes(dm)
+    # new: the one-pass BatchNormalization vectors of rewrite.affine_to_batchnorm (small) and the transposed
+    # weights of rewrite.small_convs_to_transposed, which replace the Conv weights they came from
+    size = lambda ts: sum(onnx.numpy_helper.to_array(t).nbytes for t in ts)
+    transposed = [t for t in extra if t.name.startswith("iia/conv/transposed_weight")]
+    assert transposed and all(t.name.startswith("iia/bn/") for t in extra if t not in transposed)
+    assert size(t for t in extra if t not in transposed) <= 0.05 * initializer_bytes(dm)
+    replaced = [w for w in dm.graph.initializer if w.name not in {t.name for t in body.initializer}
+                and w.name.endswith("conv_out.weight")]
+    assert len(replaced) == len(transposed) and size(replaced) == size(transposed)
     big = max(body.initializer, key=lambda t: t.ByteSize())
     for k in range(12):  # weights copied into the body must count
         dup = onnx.TensorProto()

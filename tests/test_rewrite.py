@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edm_fixtures import make_edm_pickle
 from iia.compiler.export import export_denoiser
-from iia.compiler.rewrite import affine_to_batchnorm, collapse_affine_chains, example_feeds
+from iia.compiler.rewrite import (TRANSPOSE_MAX_OUT_CHANNELS, affine_to_batchnorm, collapse_affine_chains, example_feeds,
+                                  small_convs_to_transposed)
 from iia.models import load
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X
 
@@ -274,3 +275,51 @@ def test_affines_that_are_not_per_channel_stay(case):
     assert affine_to_batchnorm(converted, example_feeds(converted)) == 1
     assert [n.op_type for n in converted.graph.node] == ["BatchNormalization"]
     assert_same_outputs(plain, converted, [x_feed()])
+
+
+def conv_model(out_channels: int, kernel=(3, 3), bias=True, in_channels=8, **attrs) -> onnx.ModelProto:
+    rng = np.random.default_rng(out_channels + sum(kernel))
+    inits = [numpy_helper.from_array(rng.standard_normal((out_channels, in_channels, *kernel)).astype(np.float32), "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out_channels).astype(np.float32), "b"))
+    node = helper.make_node("Conv", ["x", "w", "b"][:2 + bias], ["y"], **attrs)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", in_channels, 9, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", out_channels, "h", "w"])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("out_channels,kernel,attrs", [
+    (3, (3, 3), {"pads": [1, 1, 1, 1]}),              # a UNet's last convolution to pixels
+    (4, (3, 3), {"pads": [1, 1, 1, 1], "kernel_shape": [3, 3]}),  # ... to latents
+    (1, (1, 1), {}),                                   # pointwise, no pads attribute
+    (2, (5, 3), {"pads": [2, 0, 1, 2]}),              # asymmetric pads, non-square kernel
+    (3, (3, 3), {"auto_pad": "VALID"}),
+])
+def test_small_convolutions_become_equal_conv_transpose(out_channels, kernel, attrs):
+    """Conv with at most TRANSPOSE_MAX_OUT_CHANNELS outputs -> ConvTranspose with flipped, transposed weights:
+    ONNX Runtime's Conv on the original and its ConvTranspose on the rewrite agree (batch 1 and 3)."""
+    assert out_channels <= TRANSPOSE_MAX_OUT_CHANNELS
+    before = conv_model(out_channels, kernel, **attrs)
+    after = copy.deepcopy(before)
+    assert small_convs_to_transposed(after.graph) == 1
+    onnx.checker.check_model(after, full_check=True)
+    assert [n.op_type for n in after.graph.node] == ["ConvTranspose"]
+    assert [t.name for t in after.graph.initializer if t.name == "w"] == []  # the Conv's layout is not kept too
+    rng = np.random.default_rng(1)
+    assert_same_outputs(before, after, [{"x": rng.standard_normal((b, 8, 9, 7)).astype(np.float32)} for b in (1, 3)])
+
+
+@pytest.mark.parametrize("out_channels,attrs", [
+    (TRANSPOSE_MAX_OUT_CHANNELS + 1, {"pads": [1, 1, 1, 1]}),  # blocked layout already efficient enough
+    (3, {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    (3, {"dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+    (4, {"group": 2, "pads": [1, 1, 1, 1]}),
+    (3, {"pads": [3, 3, 3, 3]}),                               # pads past kernel - 1: no ConvTranspose equivalent
+    (3, {"auto_pad": "SAME_UPPER"}),
+])
+def test_other_convolutions_stay(out_channels, attrs):
+    model = conv_model(out_channels, in_channels=8 // attrs.get("group", 1) if "group" in attrs else 8, **attrs)
+    before = copy.deepcopy(model)
+    assert small_convs_to_transposed(model.graph) == 0
+    assert model == before
