@@ -21,7 +21,8 @@ from onnx import helper
 
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA
 
-from .rewrite import affine_to_batchnorm, collapse_affine_chains, example_feeds, small_convs_to_transposed
+from .rewrite import (absorb_residual_scales, affine_to_batchnorm, collapse_affine_chains, example_feeds,
+                      small_convs_to_transposed)
 
 SIZE_LIMIT = 64 * 1024  # bytes per folded row
 TABLE_FLOOR, TABLE_CAP = 1 << 20, 64 << 20  # bytes of all label tables together: see table_budget
@@ -150,6 +151,7 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     model.CopyFrom(denoiser_model)
     collapse_affine_chains(model.graph, side_values(model.graph, sources))
     affine_to_batchnorm(model, example_feeds(model))
+    absorb_residual_scales(model.graph)
     small_convs_to_transposed(model.graph)
     nodes, boundary = conditioning_nodes(model.graph, sources)
     if not nodes or not boundary:

@@ -310,6 +310,137 @@ def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Residual scales absorbed: UNet blocks end in `(x + F(x)) * c` (EDM's skip_scale, c = sqrt(1/2)), one more
+# full-tensor pass that also keeps ONNX Runtime from fusing the next block's residual Add into its convolution.
+# A positive scalar factor c on a value commutes with what reads it:
+#   GroupNorm (Reshape -> InstanceNormalization):  GN_eps(c u) = GN_(eps / c^2)(u)  (exact: scale invariance)
+#   a scalar Mul:                                  (c u) * d = u * (c d)
+#   a residual Add with a convolution:             c u + Conv_(W, b)(h) = c (u + Conv_(W / c, b / c)(h)),
+#                                                  the factor c moving on to the Add's readers.
+# So `y = u * c` is removed when every reader of y absorbs c that way (recursively through residual Adds);
+# the last factor of a chain of blocks ends in a reader's constant, typically the output head's GroupNorm.
+# Where a block output also feeds anything else (a decoder's skip Concat, a graph output), nothing changes.
+
+
+def _scalar_constants(graph: onnx.GraphProto) -> dict[str, float]:
+    """Positive finite float32 scalars (rank 0 or [1]: multiplying by one never changes a tensor's shape of
+    rank >= 1) stored as initializers or Constant nodes, by value name."""
+    found = {}
+    tensors = [(t.name, t) for t in graph.initializer]
+    tensors += [(n.output[0], n.attribute[0].t) for n in graph.node
+                if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value"]
+    for name, t in tensors:
+        if t.data_type == TensorProto.FLOAT and len(t.dims) <= 1 and int(np.prod(t.dims, dtype=np.int64)) == 1:
+            v = float(numpy_helper.to_array(t).reshape(-1)[0])
+            if np.isfinite(v) and v > 0:
+                found[name] = v
+    return found
+
+
+def _absorb_plan(graph, value: str, readers, counts, scalars, inits, producer) -> list | None:
+    """How the readers of `value` take over a positive factor on it (see above), or None when one cannot."""
+    if counts.get(value, 0) != len(readers.get(value, ())):  # also read by a graph output or a subgraph
+        return None
+    actions = []
+    for r in readers.get(value, ()):
+        node = graph.node[r]
+        if node.domain not in DEFAULT_DOMAINS or list(node.input).count(value) != 1:
+            return None
+        if node.op_type == "Reshape" and node.input[0] == value and len(readers.get(node.output[0], ())) == 1 \
+                and counts.get(node.output[0]) == 1:
+            norm = readers[node.output[0]][0]
+            if graph.node[norm].op_type != "InstanceNormalization" or graph.node[norm].input[0] != node.output[0]:
+                return None
+            actions.append(("epsilon", norm))
+        elif node.op_type == "InstanceNormalization" and node.input[0] == value:
+            actions.append(("epsilon", r))
+        elif node.op_type == "Shape":  # a dynamic Reshape's target: u has y's shape
+            continue
+        elif node.op_type == "Mul" and not node.attribute and len(node.input) == 2 \
+                and any(i in scalars for i in node.input if i != value):
+            actions.append(("constant", r))
+        elif node.op_type == "Add" and not node.attribute and len(node.input) == 2:
+            other = node.input[1] if node.input[0] == value else node.input[0]
+            conv = producer.get(other)
+            if conv is None or counts.get(other) != 1 or graph.node[conv].op_type != "Conv" \
+                    or graph.node[conv].domain not in DEFAULT_DOMAINS:
+                return None
+            params = list(graph.node[conv].input[1:])
+            if not all(p in inits and inits[p].data_type == TensorProto.FLOAT and counts.get(p) == 1 for p in params):
+                return None
+            further = _absorb_plan(graph, node.output[0], readers, counts, scalars, inits, producer)
+            if further is None:
+                return None
+            actions += [("convolution", conv), *further]
+        else:
+            return None
+    return actions
+
+
+def absorb_residual_scales(graph: onnx.GraphProto) -> int:
+    """Remove every `Mul(u, c)` (c a positive scalar constant) whose readers absorb c (see above), in place.
+    Returns the number of Mul nodes removed. Values change by float32 rounding of W / c and eps / c^2 only."""
+    removed = 0
+    for _ in range(len(graph.node)):
+        counts = consumer_counts(graph)
+        readers: dict[str, list[int]] = {}
+        for k, n in enumerate(graph.node):
+            for i in dict.fromkeys(n.input):
+                readers.setdefault(i, []).append(k)
+        producer = {o: k for k, n in enumerate(graph.node) for o in n.output}
+        inits = {t.name: t for t in graph.initializer}
+        scalars = _scalar_constants(graph)
+        for k, node in enumerate(graph.node):
+            if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS or node.attribute or len(node.input) != 2:
+                continue
+            c_name = next((i for i in node.input[::-1] if i in scalars), None)
+            if c_name is None or node.input[0] == node.input[1]:
+                continue
+            u = node.input[0] if node.input[1] == c_name else node.input[1]
+            plan = _absorb_plan(graph, node.output[0], readers, counts, scalars, inits, producer)
+            if plan is not None:
+                _apply_absorb(graph, k, u, scalars[c_name], plan, scalars, inits)
+                removed += 1
+                break
+        else:
+            return removed
+    return removed
+
+
+def _apply_absorb(graph, k: int, u: str, c: float, plan: list, scalars, inits) -> None:
+    fresh = _name_factory(graph, "iia/scale", prefix="")
+    y = graph.node[k].output[0]
+    replaced, new_inits = set(), []
+    for kind, r in plan:
+        node = graph.node[r]
+        if kind == "epsilon":
+            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            kept = [a for a in node.attribute if a.name != "epsilon"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("epsilon", float(at.get("epsilon", 1e-5)) / c**2)])
+        elif kind == "constant":
+            i = next(j for j, name in enumerate(node.input) if name in scalars and name != y)
+            name = fresh("factor")
+            new_inits.append(numpy_helper.from_array(np.array(scalars[node.input[i]] * c, np.float32), name))
+            node.input[i] = name
+        else:  # convolution: weights and bias divided by c
+            for j in range(1, len(node.input)):
+                name = fresh(node.input[j].rsplit("/", 1)[-1])
+                new_inits.append(numpy_helper.from_array(
+                    (numpy_helper.to_array(inits[node.input[j]]).astype(np.float64) / c).astype(np.float32), name))
+                replaced.add(node.input[j])
+                node.input[j] = name
+    for n in graph.node:
+        for j, name in enumerate(n.input):
+            if name == y:
+                n.input[j] = u
+    del graph.node[k]
+    kept = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+
+
+# ------------------------------------------------------------------------------------------------------
 # Convolutions with few output channels as ConvTranspose: ONNX Runtime CPU runs 2D convolutions in a blocked
 # channel layout (NCHWc, 8 or 16 channels a block) and pads the output channels up to a block, so the last
 # convolution of a UNet (C -> 3 pixel or 4 latent channels) costs as much as one with 16 outputs. The same

@@ -84,15 +84,15 @@ def test_loop_graph_stores_weights_once_and_a_duplicate_is_caught(edm):
     assert check_weight_sharing(loop, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
     extra = [t for t in body.initializer if t.name not in {w.name for w in dm.graph.initializer}]
-    # new: the one-pass BatchNormalization vectors of rewrite.affine_to_batchnorm (small) and the transposed
-    # weights of rewrite.small_convs_to_transposed, which replace the Conv weights they came from
+    # new: the one-pass BatchNormalization vectors of rewrite.affine_to_batchnorm (small), and weights that
+    # replace the ones they came from (rewrite.small_convs_to_transposed, rewrite.absorb_residual_scales)
     size = lambda ts: sum(onnx.numpy_helper.to_array(t).nbytes for t in ts)
-    transposed = [t for t in extra if t.name.startswith("iia/conv/transposed_weight")]
-    assert transposed and all(t.name.startswith("iia/bn/") for t in extra if t not in transposed)
-    assert size(t for t in extra if t not in transposed) <= 0.05 * initializer_bytes(dm)
-    replaced = [w for w in dm.graph.initializer if w.name not in {t.name for t in body.initializer}
-                and w.name.endswith("conv_out.weight")]
-    assert len(replaced) == len(transposed) and size(replaced) == size(transposed)
+    moved = [t for t in extra if t.name.startswith(("iia/conv/transposed_weight", "iia/scale/"))]
+    assert moved and all(t.name.startswith("iia/bn/") for t in extra if t not in moved)
+    assert size(t for t in extra if t not in moved) <= 0.05 * initializer_bytes(dm)
+    gone = sorted(int(np.prod(w.dims)) for w in dm.graph.initializer if w.name not in {t.name for t in body.initializer})
+    for t in moved:  # each one takes the place of a dropped tensor of its size (others: folded conditioning)
+        gone.remove(int(np.prod(t.dims)))
     big = max(body.initializer, key=lambda t: t.ByteSize())
     for k in range(12):  # weights copied into the body must count
         dup = onnx.TensorProto()

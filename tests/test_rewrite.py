@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edm_fixtures import make_edm_pickle
 from iia.compiler.export import export_denoiser
-from iia.compiler.rewrite import (TRANSPOSE_MAX_OUT_CHANNELS, affine_to_batchnorm, collapse_affine_chains, example_feeds,
-                                  small_convs_to_transposed)
+from iia.compiler.rewrite import (TRANSPOSE_MAX_OUT_CHANNELS, absorb_residual_scales, affine_to_batchnorm,
+                                  collapse_affine_chains, example_feeds, small_convs_to_transposed)
 from iia.models import load
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X
 
@@ -323,3 +323,104 @@ def test_other_convolutions_stay(out_channels, attrs):
     before = copy.deepcopy(model)
     assert small_convs_to_transposed(model.graph) == 0
     assert model == before
+
+
+# ------------------------------------------------------------------------- residual scales absorbed
+
+def residual_net(blocks=3, scale=0.5**0.5, case="plain", channels=8, groups=4) -> onnx.ModelProto:
+    """conv_in -> `blocks` x [x = (x + conv(silu(GN(x)))) * scale] -> GN -> silu -> conv_out, as exported
+    (GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul/Add affine; the Reshape target read off
+    the input with Shape). case: "plain", "concat" (the first block output also feeds a skip Concat),
+    "negative" (scale < 0), "shared_weight" (two blocks share one conv weight), "output" (the first block
+    output is also a graph output)."""
+    rng = np.random.default_rng(7)
+    inits, nodes = [], []
+    const = lambda name, a: inits.append(numpy_helper.from_array(np.asarray(a, np.float32), name)) or name
+    ints = lambda name, a: inits.append(numpy_helper.from_array(np.asarray(a, np.int64), name)) or name
+    ints("groups_shape", [0, groups, -1])
+    const("ones", np.ones(groups)), const("zeros", np.zeros(groups))
+    const("scale", [-scale if case == "negative" else scale])
+
+    def conv(x, out, cin, cout, tag):
+        w = "w_block0" if case == "shared_weight" and tag == "w_block1" else tag
+        if w == tag:
+            const(w, rng.standard_normal((cout, cin, 3, 3)) * 0.3)
+        const(f"b_{tag}", rng.standard_normal(cout) * 0.1)
+        nodes.append(helper.make_node("Conv", [x, w, f"b_{tag}"], [out], pads=[1, 1, 1, 1]))
+
+    def group_norm(x, out, tag):
+        nodes.extend([helper.make_node("Shape", [x], [f"{tag}_shape"]),
+                      helper.make_node("Reshape", [x, "groups_shape"], [f"{tag}_g"]),
+                      helper.make_node("InstanceNormalization", [f"{tag}_g", "ones", "zeros"], [f"{tag}_n"], epsilon=1e-5),
+                      helper.make_node("Reshape", [f"{tag}_n", f"{tag}_shape"], [f"{tag}_r"]),
+                      helper.make_node("Mul", [f"{tag}_r", const(f"{tag}_gamma", rng.uniform(0.5, 2, (channels, 1, 1)))], [f"{tag}_m"]),
+                      helper.make_node("Add", [f"{tag}_m", const(f"{tag}_beta", rng.uniform(-1, 1, (channels, 1, 1)))], [f"{tag}_a"]),
+                      helper.make_node("Sigmoid", [f"{tag}_a"], [f"{tag}_s"]),
+                      helper.make_node("Mul", [f"{tag}_a", f"{tag}_s"], [out])])
+
+    conv("x", "h0", 3, channels, "w_in")
+    h = "h0"
+    for k in range(blocks):
+        group_norm(h, f"act{k}", f"gn{k}")
+        conv(f"act{k}", f"f{k}", channels, channels, f"w_block{k}")
+        nodes.append(helper.make_node("Add", [h, f"f{k}"], [f"sum{k}"]))
+        nodes.append(helper.make_node("Mul", [f"sum{k}", "scale"], [f"h{k + 1}"]))
+        h = f"h{k + 1}"
+    group_norm(h, "act_out", "gn_out")
+    conv("act_out", "y", channels, 3, "w_out")
+    outputs = [("y", 3)]
+    if case == "concat":
+        nodes.append(helper.make_node("Concat", ["h1", "h0"], ["skip"], axis=1))
+        outputs.append(("skip", 2 * channels))
+    if case == "output":
+        outputs.append(("h1", channels))
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", c, 8, 8]) for o, c in outputs],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_residual_scales_are_absorbed_by_group_norms_and_convolutions():
+    """Every `(x + F(x)) * c` of a chain of blocks disappears: its GroupNorm reader takes eps / c^2, the next
+    residual convolution W / c, the last factor ends in the head's GroupNorm; ONNX Runtime's outputs equal."""
+    before = residual_net()
+    after = copy.deepcopy(before)
+    assert absorb_residual_scales(after.graph) == 3
+    onnx.checker.check_model(after, full_check=True)
+    assert_topologically_sorted(after.graph)
+    assert not any(n.op_type == "Mul" and (n.input[1] == "scale" or n.input[1].startswith("iia/scale/"))
+                   for n in after.graph.node)
+    assert sum(n.op_type == "Mul" for n in after.graph.node) == sum(n.op_type == "Mul" for n in before.graph.node) - 3
+    eps = sorted(next(a.f for a in n.attribute if a.name == "epsilon")
+                 for n in after.graph.node if n.op_type == "InstanceNormalization")
+    np.testing.assert_allclose(eps, [1e-5, 2e-5, 4e-5, 8e-5], rtol=1e-5)  # eps / c^2 for c = sqrt(1/2), c^2 ...
+    rng = np.random.default_rng(3)
+    assert_same_outputs(before, after, [{"x": rng.standard_normal((b, 3, 8, 8)).astype(np.float32)} for b in (1, 3)])
+
+
+@pytest.mark.parametrize("case", ["concat", "negative", "shared_weight", "output"])
+def test_residual_scales_stay_where_a_reader_cannot_absorb_them(case):
+    """A block output that also feeds a skip Concat or a graph output, a negative factor (GroupNorm would flip
+    sign), a convolution weight shared by two blocks: those Mul nodes stay; the outputs are unchanged."""
+    before = residual_net(case=case)
+    after = copy.deepcopy(before)
+    removed = absorb_residual_scales(after.graph)
+    onnx.checker.check_model(after, full_check=True)
+    if case == "negative":
+        assert removed == 0 and after == before
+    else:  # the first block's Mul stays; later ones may still go
+        assert any(n.op_type == "Mul" and n.output[0] == "h1" for n in after.graph.node)
+    rng = np.random.default_rng(3)
+    assert_same_outputs(before, after, [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}])
+
+
+def test_edm_pickle_skip_scales_are_absorbed(tmp_path):
+    """The EDM-format fixture's blocks end in `* skip_scale`: all absorbed, the denoiser computes the same."""
+    make_edm_pickle(tmp_path / "net.pkl", "edm-cond", resolution=16, channels=32)
+    model = export_denoiser(load(tmp_path / "net.pkl"))
+    after = copy.deepcopy(model)
+    assert absorb_residual_scales(after.graph) >= 2
+    onnx.checker.check_model(after, full_check=True)
+    assert_same_outputs(model, after, denoiser_feeds(model, batches=(1, 3)))
