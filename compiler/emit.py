@@ -24,7 +24,7 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
                                   LABELS, LATENTS, NOISE)
 
 from .fold import BATCH, LABEL, FoldPlan, plan_folding
-from .rewrite import DEFAULT_DOMAINS
+from .rewrite import DEFAULT_DOMAINS, subgraph_inputs
 
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
 DECODER_INPUT, DECODER_OUTPUT = DECODER_SAMPLES, IMAGES_U8
@@ -324,6 +324,19 @@ def linear_form(program: Program) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return state, sigmas, values[program.output], calls
 
 
+def live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` (topologically sorted) without those whose outputs nothing reads: a value every reader of
+    which was folded away (sigma once all of sigma's uses are tables) would otherwise be computed at every
+    iteration (ONNX Runtime does not prune a Loop body)."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed |= subgraph_inputs(node)
+    return kept[::-1]
+
+
 def _mix(gb: GraphBuilder, coef: str, buf: str, shape_of: str) -> str:
     """coef . buf reshaped to the noise's shape: coef float32 [1, N+1], buf [N+1, B*prod(shape)] (row 0 the
     noise, row j+1 the output of denoiser call j): one MatMul per combination."""
@@ -524,8 +537,10 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     update = body.node("Reshape", [out, body.const(np.array([1, -1], np.int64), np.int64)])
     body.node("ScatterND", [dbuf, body.node("Gather", [row_table, it], axis=0), update], "iia/loop/D_next")
     body.node("Identity", [cond], "iia/loop/cond_out")
-    known = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", *shape]),
-             helper.make_tensor_value_info(sigma, TensorProto.FLOAT, ["batch"])]
+    body.nodes = live_nodes(body.nodes, {"iia/loop/cond_out", "iia/loop/D_next"})  # e.g. sigma, when all folded
+    known = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", *shape])]
+    if any(sigma in node.input for node in body.nodes):
+        known.append(helper.make_tensor_value_info(sigma, TensorProto.FLOAT, ["batch"]))
     for info in dgraph.value_info:  # the denoiser's inferred shapes, renamed (ONNX Runtime's layout passes need ranks)
         if rename(info.name) not in (x, sigma) and not info.name in mapping:
             renamed = onnx.ValueInfoProto()

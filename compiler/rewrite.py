@@ -55,14 +55,14 @@ def element_types(graph: onnx.GraphProto) -> dict[str, int]:
     return types
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Names read inside a node's subgraph attributes (Loop/If/Scan bodies may read outer values implicitly)."""
     names = set()
     for a in node.attribute:
         for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
             for n in g.node:
                 names.update(n.input)
-                names |= _subgraph_inputs(n)
+                names |= subgraph_inputs(n)
     return names
 
 
@@ -73,7 +73,7 @@ def consumer_counts(graph: onnx.GraphProto) -> dict[str, int]:
     for node in graph.node:
         for name in node.input:
             counts[name] = counts.get(name, 0) + 1
-        for name in _subgraph_inputs(node):
+        for name in subgraph_inputs(node):
             counts[name] = counts.get(name, 0) + 2
     for o in graph.output:
         counts[o.name] = counts.get(o.name, 0) + 2
@@ -500,7 +500,7 @@ def small_convs_to_transposed(graph: onnx.GraphProto, max_out: int = TRANSPOSE_M
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    return set().union(*(_subgraph_inputs(n) for n in graph.node)) if graph.node else set()
+    return set().union(*(subgraph_inputs(n) for n in graph.node)) if graph.node else set()
 
 
 def example_feeds(model: onnx.ModelProto, batch: int = 2) -> dict:

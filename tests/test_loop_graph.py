@@ -43,6 +43,8 @@ def test_loop_graph_equals_unrolled_graph(edm, solver):
     assert [n.op_type for n in loop.graph.node].count("Loop") == 1
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
     convolutions = ("Conv", "ConvTranspose")  # rewrite.small_convs_to_transposed: the same convolution
+    read = {i for n in body.node for i in n.input} | {o.name for o in body.output}
+    assert all(any(o in read for o in n.output) for n in body.node)  # nothing computed for no reader (live_nodes)
     assert sum(n.op_type in convolutions for n in body.node) == sum(n.op_type == "Conv" for n in dm.graph.node)
     unrolled = emit_sampler(program, dm, d.shape, True, decoder_model=decoder)
     rng = np.random.default_rng(5)
