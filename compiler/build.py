@@ -450,6 +450,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             plan = plan_folding(denoiser_model, [op.sigma for op in program.ops() if isinstance(op, Denoise)],
                                 denoiser.label_dim)
             log(f"  conditioning (sigma, class labels) folded {plan.summary}")
+            log(f"  denoiser rewrites (in the sampler graph): {plan.rewrites}")
             sampler = emit(program, denoiser_model, denoiser.shape, denoiser.conditional, decoder_model=decoder_model,
                            latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan)
             check_model(sampler)

@@ -24,7 +24,7 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
                                   LABELS, LATENTS, NOISE)
 
 from .fold import BATCH, LABEL, FoldPlan, plan_folding
-from .rewrite import DEFAULT_DOMAINS, subgraph_inputs
+from .rewrite import DEFAULT_DOMAINS, small_convs_to_transposed, subgraph_inputs
 
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
 DECODER_INPUT, DECODER_OUTPUT = DECODER_SAMPLES, IMAGES_U8
@@ -214,7 +214,10 @@ def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditi
     outputs = [helper.make_tensor_value_info(samples, TensorProto.FLOAT, ["batch", *shape])]
     decode_weights: list[onnx.TensorProto] = []
     if decoder_model is not None:
-        decode_weights = emit_decode(gb, decoder_model.graph, samples, IMAGES_U8)
+        decoder = onnx.GraphProto()
+        decoder.CopyFrom(decoder_model.graph)
+        small_convs_to_transposed(decoder)  # a VAE's last convolution (C -> 3): the denoiser's rewrite, see there
+        decode_weights = emit_decode(gb, decoder, samples, IMAGES_U8)
         h, w, c = decoded_shape(decoder_model)
         outputs.append(helper.make_tensor_value_info(IMAGES_U8, TensorProto.UINT8, ["batch", h, w, c]))
     inputs = [helper.make_tensor_value_info(NOISE, TensorProto.FLOAT, ["batch", *shape])]

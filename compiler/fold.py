@@ -39,6 +39,7 @@ class FoldPlan:
     foldable_nodes: set[int] = field(default_factory=set)  # indices into graph.node, removed at call sites
     values: dict[float, dict[str, tuple[np.ndarray, str]]] = field(default_factory=dict)  # sigma -> name -> (array, kind)
     summary: str = "nothing folded"  # one line for the compile log: how the conditioning was folded, or why not
+    rewrites: str = "none"  # one line for the compile log: the main-path rewrites of rewrite.py applied
 
 
 def _walk(graph: onnx.GraphProto, sources: tuple[str, ...]) -> tuple[set[int], set[str], set[str], set[int]]:
@@ -149,10 +150,13 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
     sources = (DENOISER_SIGMA, DENOISER_LABELS) if label_dim else (DENOISER_SIGMA,)
     model = onnx.ModelProto()
     model.CopyFrom(denoiser_model)
-    collapse_affine_chains(model.graph, side_values(model.graph, sources))
-    affine_to_batchnorm(model, example_feeds(model))
-    absorb_residual_scales(model.graph)
-    small_convs_to_transposed(model.graph)
+    graph = model.graph
+    counts = {  # in this order: each rewrite sees the graph the previous one left
+        "main-path nodes saved by collapsing affine chains": collapse_affine_chains(graph, side_values(graph, sources)),
+        "affines as BatchNormalization": affine_to_batchnorm(model, example_feeds(model)),
+        "residual scales absorbed": absorb_residual_scales(graph),
+        "small convolutions as ConvTranspose": small_convs_to_transposed(graph)}
+    rewrites = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "none"
     nodes, boundary = conditioning_nodes(model.graph, sources)
     if not nodes or not boundary:
         return None, "no value is computed from the conditioning alone"
@@ -201,6 +205,7 @@ def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: i
         plan.values[s] = values
     kinds = {kind for v in plan.values.values() for _, kind in v.values()}
     plan.summary = (f"per (step, label): {table_bytes} bytes of tables" if LABEL in kinds else "per step")
+    plan.rewrites = rewrites
     return plan, ""
 
 

@@ -320,6 +320,12 @@ def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
 # So `y = u * c` is removed when every reader of y absorbs c that way (recursively through residual Adds);
 # the last factor of a chain of blocks ends in a reader's constant, typically the output head's GroupNorm.
 # Where a block output also feeds anything else (a decoder's skip Concat, a graph output), nothing changes.
+# Between the removed Mul and the reader that takes the factor, activations are 1/c times the exported
+# ones; along a chain the factors multiply (c^k), so a factor is absorbed only while every constant it
+# creates stays within [1/MAX_ABSORBED_SCALE, MAX_ABSORBED_SCALE]: activations at most 4x the exported
+# ones (fp16 engines keep their range), epsilons within 16x (a chain of 140 blocks otherwise overflows).
+
+MAX_ABSORBED_SCALE = 4.0
 
 
 def _scalar_constants(graph: onnx.GraphProto) -> dict[str, float]:
@@ -337,8 +343,13 @@ def _scalar_constants(graph: onnx.GraphProto) -> dict[str, float]:
     return found
 
 
-def _absorb_plan(graph, value: str, readers, counts, scalars, inits, producer) -> list | None:
-    """How the readers of `value` take over a positive factor on it (see above), or None when one cannot."""
+def _in_range(c: float) -> bool:
+    return 1 / MAX_ABSORBED_SCALE <= c <= MAX_ABSORBED_SCALE
+
+
+def _absorb_plan(graph, value: str, c: float, readers, counts, scalars, inits, producer) -> list | None:
+    """How the readers of `value` take over the positive factor `c` on it (see above), or None when one
+    cannot."""
     if counts.get(value, 0) != len(readers.get(value, ())):  # also read by a graph output or a subgraph
         return None
     actions = []
@@ -357,7 +368,7 @@ def _absorb_plan(graph, value: str, readers, counts, scalars, inits, producer) -
         elif node.op_type == "Shape":  # a dynamic Reshape's target: u has y's shape
             continue
         elif node.op_type == "Mul" and not node.attribute and len(node.input) == 2 \
-                and any(i in scalars for i in node.input if i != value):
+                and any(i in scalars and _in_range(scalars[i] * c) for i in node.input if i != value):
             actions.append(("constant", r))
         elif node.op_type == "Add" and not node.attribute and len(node.input) == 2:
             other = node.input[1] if node.input[0] == value else node.input[0]
@@ -368,18 +379,23 @@ def _absorb_plan(graph, value: str, readers, counts, scalars, inits, producer) -
             params = list(graph.node[conv].input[1:])
             if not all(p in inits and inits[p].data_type == TensorProto.FLOAT and counts.get(p) == 1 for p in params):
                 return None
-            further = _absorb_plan(graph, node.output[0], readers, counts, scalars, inits, producer)
+            further = _absorb_plan(graph, node.output[0], c, readers, counts, scalars, inits, producer)
             if further is None:
                 return None
-            actions += [("convolution", conv), *further]
+            actions += [("convolution", conv), ("sum", r), *further]
         else:
             return None
     return actions
 
 
 def absorb_residual_scales(graph: onnx.GraphProto) -> int:
-    """Remove every `Mul(u, c)` (c a positive scalar constant) whose readers absorb c (see above), in place.
-    Returns the number of Mul nodes removed. Values change by float32 rounding of W / c and eps / c^2 only."""
+    """Remove every `Mul(u, c)` (c a positive scalar constant within [1/MAX_ABSORBED_SCALE,
+    MAX_ABSORBED_SCALE], u of known rank >= 1 in the graph's value_info) whose readers absorb c (see above),
+    in place. Returns the number of Mul nodes removed. Values change by float32 rounding of W / c and
+    eps / c^2 only."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
+             if v.type.tensor_type.HasField("shape")}
+    deviation: dict[str, float] = {}  # residual sum -> its value now / its exported value (1 when absent)
     removed = 0
     for _ in range(len(graph.node)):
         counts = consumer_counts(graph)
@@ -394,12 +410,18 @@ def absorb_residual_scales(graph: onnx.GraphProto) -> int:
             if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS or node.attribute or len(node.input) != 2:
                 continue
             c_name = next((i for i in node.input[::-1] if i in scalars), None)
-            if c_name is None or node.input[0] == node.input[1]:
+            if c_name is None or node.input[0] == node.input[1] or not _in_range(scalars[c_name]):
                 continue
             u = node.input[0] if node.input[1] == c_name else node.input[1]
-            plan = _absorb_plan(graph, node.output[0], readers, counts, scalars, inits, producer)
-            if plan is not None:
-                _apply_absorb(graph, k, u, scalars[c_name], plan, scalars, inits)
+            if ranks.get(u, 0) < 1:  # u * c[1] would be rank 1 for a scalar u: keep the shape
+                continue
+            c = scalars[c_name]
+            plan = _absorb_plan(graph, node.output[0], c, readers, counts, scalars, inits, producer)
+            sums = [graph.node[r].output[0] for kind, r in plan or () if kind == "sum"]
+            # a chain absorbed piecewise: factors on the same sums multiply, keep them within range too
+            if plan is not None and all(_in_range(deviation.get(v, 1.0) / c) for v in sums):
+                _apply_absorb(graph, k, u, c, plan, scalars, inits)
+                deviation.update({v: deviation.get(v, 1.0) / c for v in sums})
                 removed += 1
                 break
         else:
@@ -419,10 +441,13 @@ def _apply_absorb(graph, k: int, u: str, c: float, plan: list, scalars, inits) -
             del node.attribute[:]
             node.attribute.extend([*kept, helper.make_attribute("epsilon", float(at.get("epsilon", 1e-5)) / c**2)])
         elif kind == "constant":
-            i = next(j for j, name in enumerate(node.input) if name in scalars and name != y)
+            i = next(j for j, name in enumerate(node.input)
+                     if name in scalars and name != y and _in_range(scalars[name] * c))
             name = fresh("factor")
             new_inits.append(numpy_helper.from_array(np.array(scalars[node.input[i]] * c, np.float32), name))
             node.input[i] = name
+        elif kind == "sum":  # the residual Add itself is unchanged: its value is now 1/c of the exported one
+            continue
         else:  # convolution: weights and bias divided by c
             for j in range(1, len(node.input)):
                 name = fresh(node.input[j].rsplit("/", 1)[-1])
@@ -445,15 +470,16 @@ def _apply_absorb(graph, k: int, u: str, c: float, plan: list, scalars, inits) -
 # channel layout (NCHWc, 8 or 16 channels a block) and pads the output channels up to a block, so the last
 # convolution of a UNet (C -> 3 pixel or 4 latent channels) costs as much as one with 16 outputs. The same
 # convolution written as a ConvTranspose (stride 1) is one GEMM of [C_out * kh * kw, C_in] x [C_in, H * W]
-# plus a col2im sum, whose cost follows C_out: measured 3.4x faster at C 32 -> 3 (batch 8, 16x16) and 4.4x
-# at C 128 -> 3, and slower from C_out 16 (docs/performance.md). The identity (stride 1, dilation 1):
+# plus a col2im sum, whose cost follows C_out: 3.3x faster at C 32 -> 3 (batch 8, 16x16), 4.3x at 128 -> 3,
+# 1.5-1.9x at C_out 8, even or slower at 16 (AVX-512, scripts/conv_transpose_bench.py). With 8-channel blocks
+# (AVX2) C_out 8 is not padded, hence the threshold 4. The identity (stride 1, dilation 1):
 #
 #     Conv(x, W, pads=p)[o, i, j] = ConvTranspose(x, Wt, pads=k - 1 - p)[o, i, j],
 #     Wt[c, o, u, v] = W[o, c, kh - 1 - u, kw - 1 - v]
 #
 # (the transposed weights are the same bytes in another order; the sums differ by re-association only).
 
-TRANSPOSE_MAX_OUT_CHANNELS = 4  # below the smallest NCHWc block (8, AVX2): a win on every x86 CPU measured
+TRANSPOSE_MAX_OUT_CHANNELS = 4  # at most half the smallest NCHWc block (8 channels, AVX2)
 
 
 def _conv_attributes(node: onnx.NodeProto) -> dict:
@@ -462,12 +488,12 @@ def _conv_attributes(node: onnx.NodeProto) -> dict:
 
 def small_convs_to_transposed(graph: onnx.GraphProto, max_out: int = TRANSPOSE_MAX_OUT_CHANNELS) -> int:
     """Replace each 2D Conv with at most `max_out` output channels (weights a float32 initializer of shape
-    [C_out, C_in, kh, kw], group 1, stride 1, dilation 1, explicit or VALID padding no larger than kernel - 1)
-    by the equal ConvTranspose, in place. Returns the number of nodes replaced; other convolutions (and the
+    [C_out, C_in, kh, kw], group 1, stride 1, dilation 1, explicit symmetric or VALID padding no larger than
+    kernel - 1) by the equal ConvTranspose, in place. Returns the number of nodes replaced; other convolutions (and the
     graph's values, names and outputs) are unchanged."""
     inits = {t.name: t for t in graph.initializer}
     fresh = _name_factory(graph, "iia/conv", prefix="")
-    replaced, new_inits, old = 0, [], set()
+    replaced, new_inits, old, transposed = 0, [], set(), {}
     for k, node in enumerate(graph.node):
         if node.op_type != "Conv" or node.domain not in DEFAULT_DOMAINS or len(node.input) < 2:
             continue
@@ -481,11 +507,14 @@ def small_convs_to_transposed(graph: onnx.GraphProto, max_out: int = TRANSPOSE_M
                 or any(d != 1 for d in at.get("dilations", [1, 1]))
                 or at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
                 or list(at.get("kernel_shape", kernel)) != kernel or len(pads) != 4
-                or any(not 0 <= p <= kernel[j % 2] - 1 for j, p in enumerate(pads))):
+                or any(not 0 <= p <= kernel[j % 2] - 1 for j, p in enumerate(pads))
+                or pads[:2] != pads[2:]):  # asymmetric: ONNX Runtime CUDA runs such a ConvTranspose on the CPU
             continue
-        w = numpy_helper.to_array(weight)
-        name = fresh("transposed_weight")
-        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), name))
+        name = transposed.get(weight.name)
+        if name is None:  # a weight read by several convolutions is transposed once
+            w = numpy_helper.to_array(weight)
+            name = transposed[weight.name] = fresh("transposed_weight")
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), name))
         graph.node[k].CopyFrom(helper.make_node(
             "ConvTranspose", [node.input[0], name, *node.input[2:]], list(node.output), name=node.name or fresh("node"),
             kernel_shape=kernel, pads=[kernel[j % 2] - 1 - p for j, p in enumerate(pads)]))

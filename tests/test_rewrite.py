@@ -11,8 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edm_fixtures import make_edm_pickle
 from iia.compiler.export import export_denoiser
-from iia.compiler.rewrite import (TRANSPOSE_MAX_OUT_CHANNELS, absorb_residual_scales, affine_to_batchnorm,
-                                  collapse_affine_chains, example_feeds, small_convs_to_transposed)
+from iia.compiler.rewrite import (MAX_ABSORBED_SCALE, TRANSPOSE_MAX_OUT_CHANNELS, absorb_residual_scales,
+                                  affine_to_batchnorm, collapse_affine_chains, example_feeds,
+                                  small_convs_to_transposed)
 from iia.models import load
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X
 
@@ -293,7 +294,8 @@ def conv_model(out_channels: int, kernel=(3, 3), bias=True, in_channels=8, **att
     (3, (3, 3), {"pads": [1, 1, 1, 1]}),              # a UNet's last convolution to pixels
     (4, (3, 3), {"pads": [1, 1, 1, 1], "kernel_shape": [3, 3]}),  # ... to latents
     (1, (1, 1), {}),                                   # pointwise, no pads attribute
-    (2, (5, 3), {"pads": [2, 0, 1, 2]}),              # asymmetric pads, non-square kernel
+    (2, (5, 3), {"pads": [2, 1, 2, 1]}),              # non-square kernel
+    (3, (3, 3), {"pads": [0, 1, 0, 1]}),              # padded along one axis only
     (3, (3, 3), {"auto_pad": "VALID"}),
 ])
 def test_small_convolutions_become_equal_conv_transpose(out_channels, kernel, attrs):
@@ -316,6 +318,7 @@ def test_small_convolutions_become_equal_conv_transpose(out_channels, kernel, at
     (3, {"dilations": [2, 2], "pads": [2, 2, 2, 2]}),
     (4, {"group": 2, "pads": [1, 1, 1, 1]}),
     (3, {"pads": [3, 3, 3, 3]}),                               # pads past kernel - 1: no ConvTranspose equivalent
+    (3, {"pads": [1, 1, 0, 2]}),                               # asymmetric: ONNX Runtime CUDA would run it on CPU
     (3, {"auto_pad": "SAME_UPPER"}),
 ])
 def test_other_convolutions_stay(out_channels, attrs):
@@ -377,7 +380,7 @@ def residual_net(blocks=3, scale=0.5**0.5, case="plain", channels=8, groups=4) -
     graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", c, 8, 8]) for o, c in outputs],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     onnx.checker.check_model(model)
     return model
 
@@ -424,3 +427,51 @@ def test_edm_pickle_skip_scales_are_absorbed(tmp_path):
     assert absorb_residual_scales(after.graph) >= 2
     onnx.checker.check_model(after, full_check=True)
     assert_same_outputs(model, after, denoiser_feeds(model, batches=(1, 3)))
+
+
+def test_absorbed_factors_stay_bounded_along_a_long_chain():
+    """12 blocks at c = sqrt(1/2): factors are absorbed only while every constant they create stays within
+    [1/MAX_ABSORBED_SCALE, MAX_ABSORBED_SCALE] (activations at most 4x, epsilons at most 16x the exported ones);
+    a scale outside that range is never absorbed. Outputs equal either way."""
+    before = residual_net(blocks=12)
+    after = copy.deepcopy(before)
+    removed = absorb_residual_scales(after.graph)
+    assert 0 < removed < 12
+    factors = [float(numpy_helper.to_array(t).reshape(-1)[0]) for t in after.graph.initializer
+               if t.name.startswith("iia/scale/factor")]
+    assert all(1 / MAX_ABSORBED_SCALE <= f <= MAX_ABSORBED_SCALE for f in factors)
+    eps = [next(a.f for a in n.attribute if a.name == "epsilon") for n in after.graph.node if n.op_type == "InstanceNormalization"]
+    assert max(eps) <= 1e-5 * MAX_ABSORBED_SCALE**2 * (1 + 1e-6)
+    rng = np.random.default_rng(3)
+    assert_same_outputs(before, after, [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}])
+    small = residual_net(blocks=3, scale=0.01)
+    assert absorb_residual_scales(copy.deepcopy(small).graph) == 0
+
+
+def test_scale_of_a_rank_0_value_stays():
+    """u * c with c of shape [1] is rank 1 when u is a scalar: not absorbed (the shape would change)."""
+    nodes = [helper.make_node("ReduceSum", ["x"], ["u"], keepdims=0),
+             helper.make_node("Mul", ["u", "c"], ["y"]),
+             helper.make_node("Mul", ["y", "d"], ["z"])]
+    graph = helper.make_graph(nodes, "r0", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])],
+                              initializer=[numpy_helper.from_array(np.array([0.5], np.float32), "c"),
+                                           numpy_helper.from_array(np.array([2.0], np.float32), "d")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    before = copy.deepcopy(model)
+    assert absorb_residual_scales(model.graph) == 0 and model == before
+
+
+def test_shared_small_convolution_weight_is_transposed_once():
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_normal((3, 8, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 5, 5])], initializer=[w])
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    after = copy.deepcopy(before)
+    assert small_convs_to_transposed(after.graph) == 2
+    assert len(after.graph.initializer) == 1 and after.graph.initializer[0].name != "w"
+    assert_same_outputs(before, after, [{"x": rng.standard_normal((2, 8, 5, 5)).astype(np.float32)}])
