@@ -249,3 +249,21 @@ def test_sigma_only_subgraph_is_folded_without_duplicating_weights(edm_pkl):
 def run_sampler_model(model, noise, labels):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(["images"], {"noise": noise.astype(np.float32), "class_labels": labels.astype(np.int64)})[0]
+
+
+def test_parity_mismatch_is_the_samplers_in_one_line(tmp_path, edm_pkl, capsys):
+    """A graph that is not the checked program fails as a sampler mismatch (not as the decode stage's uint8
+    images, checked after it), and polygraphy prints no report of its own around the one-line error."""
+    from iia.compiler.check import check_parity
+    from iia.compiler.export import export_decoder
+
+    d = load(edm_pkl)
+    graph = emit_sampler(program_for(d, "edm", 9), export_denoiser(d), d.shape, True,
+                         decoder_model=export_decoder(d), label_dim=d.label_dim)
+    onnx.save(graph, str(tmp_path / "sampler.onnx"))
+    capsys.readouterr()
+    with pytest.raises(CheckError, match="output differs from the PyTorch sampler"):
+        check_parity(str(tmp_path / "sampler.onnx"), program_for(d, "edm", 5), d, decode=True)
+    out = capsys.readouterr()
+    assert "[E]" not in out.out + out.err and "[W]" not in out.out + out.err
+    assert check_parity(str(tmp_path / "sampler.onnx"), program_for(d, "edm", 9), d, decode=True)["passed"]

@@ -16,7 +16,7 @@ import torch
 from edm_fixtures import build_edm2_objects, make_edm2_pickle
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.cli import main as compile_main
-from iia.compiler.emit import initializer_bytes
+from iia.compiler.emit import DECODE_PREFIX, initializer_bytes
 from iia.compiler.export import ExportError, export_module
 from iia.compiler.fold import weight_only_nodes
 from iia.models import load
@@ -241,6 +241,9 @@ def test_guided_latent_graph_equals_edm2_sampler_and_vae_decode(edm2, vae_dir, l
         ref_u8 = (vae.decode(raw).sample.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert 0.2 < ((ref_u8 > 0) & (ref_u8 < 255)).mean()  # the check is not decided by saturated pixels
     assert (np.abs(u8.astype(int) - ref_u8.astype(int)) <= 1).mean() >= 0.999
+    # ... with the VAE's small convolutions (post_quant_conv 4 -> 4, conv_out -> 3) run as ConvTranspose
+    decode_ops = [n.op_type for n in onnx.load(str(out / "sampler.onnx")).graph.node if n.name.startswith(DECODE_PREFIX)]
+    assert decode_ops.count("ConvTranspose") == 2
 
     import iia.runtime
     from iia.runtime.onnx_backend import CPU as CPU_BACKEND
