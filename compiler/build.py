@@ -38,7 +38,7 @@ from iia.models.registry import load as load_model
 from iia.models.registry import resolve_model
 
 from .check import check_model, check_parity, check_static_batches, check_weight_sharing
-from .emit import GRAPH_FORMS, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
+from .emit import DECODE_PREFIX, GRAPH_FORMS, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
 from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .rewrite import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
@@ -454,6 +454,11 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             sampler = emit(program, denoiser_model, denoiser.shape, denoiser.conditional, decoder_model=decoder_model,
                            latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan)
             check_model(sampler)
+            if decoder_model is not None:  # emit rewrote the decode stage's small convolutions too
+                transposed = sum(n.op_type == "ConvTranspose" and n.name.startswith(DECODE_PREFIX)
+                                 for n in sampler.graph.node) - sum(n.op_type == "ConvTranspose" for n in decoder_model.graph.node)
+                if transposed:
+                    log(f"  decode stage rewrites: {transposed} small convolutions as ConvTranspose")
             stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
                                                     "sample_shape": list(denoiser.shape)}))
             decoder_bytes = 0 if decoder_model is None else initializer_bytes(decoder_model)

@@ -117,10 +117,15 @@ def uint8_agreement(a: np.ndarray, b: np.ndarray, levels: int = 1) -> float:
     return float((np.abs(a.astype(np.int16) - b.astype(np.int16)) <= levels).mean())
 
 
+FLOAT32_UNSTABLE = 1e-3  # PyTorch's float32 sampler this far (relative to the output's scale) from float64: refused
+
+
 def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: int = 4, seed: int = 1234,
                  atol: float = 1e-4, golden_dir: str | Path | None = None, decode: bool = False,
                  min_uint8_agreement: float = 0.999) -> dict:
-    """ONNX Runtime CPU vs the PyTorch sampler on fresh noise; raises CheckError above the tolerance.
+    """ONNX Runtime CPU vs the PyTorch sampler on fresh noise; raises CheckError above the tolerance, or when
+    the sampler itself is not stable in float32 (PyTorch's float32 run more than FLOAT32_UNSTABLE of the
+    output's scale from its float64 run: the tolerance, 10x that floor, would then check nothing).
 
     With `decode`, also the graph's images_uint8 against the model's decode stage in PyTorch: at least
     `min_uint8_agreement` of the values within +-1 level (float32 rounding can move a value across a level).
@@ -146,6 +151,11 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
     labels = torch.from_numpy(feed[LABELS]) if LABELS in feed else None
     f32 = sample(program, denoiser, torch.from_numpy(feed[NOISE]), labels, dtype=torch.float32).numpy()
     f32_floor = float(np.abs(f32.astype(np.float64) - ref.astype(np.float64)).max())
+    scale = max(1.0, float(np.abs(ref).max()))
+    if not f32_floor <= FLOAT32_UNSTABLE * scale:  # then 10x the floor would let anything pass: say so instead
+        raise CheckError(f"the sampler is not stable in float32: PyTorch's own float32 run differs from float64 by "
+                         f"max abs {f32_floor:.3g} at output scale {scale:.3g} (> {FLOAT32_UNSTABLE:g} of it); the "
+                         f"float32 graph cannot be trusted for this model/solver/NFE")
     tolerance = max(atol, 10 * f32_floor)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         accuracy = Comparator.compare_accuracy(

@@ -267,3 +267,17 @@ def test_parity_mismatch_is_the_samplers_in_one_line(tmp_path, edm_pkl, capsys):
     out = capsys.readouterr()
     assert "[E]" not in out.out + out.err and "[W]" not in out.out + out.err
     assert check_parity(str(tmp_path / "sampler.onnx"), program_for(d, "edm", 9), d, decode=True)["passed"]
+
+
+def test_sampler_unstable_in_float32_is_refused_naming_that(tmp_path):
+    """A denoiser whose float32 rounding is amplified (here sin(1e4 x): a float32 ulp of x moves it by ~1)
+    makes PyTorch's own float32 sampler far from float64; 10x that floor would pass anything, so parity
+    refuses it naming the cause, not the graph or the decode stage."""
+    from iia.compiler.check import FLOAT32_UNSTABLE, check_parity
+    from iia.models import from_callable
+
+    d = from_callable(lambda x, sigma, labels: torch.sin(1e4 * x), (1, 4, 4), name="chaotic")
+    graph = emit_sampler(program_for(d, "edm", 5), export_denoiser(d), d.shape, False)
+    onnx.save(graph, str(tmp_path / "sampler.onnx"))
+    with pytest.raises(CheckError, match=f"not stable in float32.*> {FLOAT32_UNSTABLE:g} of it"):
+        check_parity(str(tmp_path / "sampler.onnx"), program_for(d, "edm", 5), d)
