@@ -322,8 +322,9 @@ def affine_to_batchnorm(model: onnx.ModelProto, feeds: dict) -> int:
 # Where a block output also feeds anything else (a decoder's skip Concat, a graph output), nothing changes.
 # Between the removed Mul and the reader that takes the factor, activations are 1/c times the exported
 # ones; along a chain the factors multiply (c^k), so a factor is absorbed only while every constant it
-# creates stays within [1/MAX_ABSORBED_SCALE, MAX_ABSORBED_SCALE]: activations at most 4x the exported
-# ones (fp16 engines keep their range), epsilons within 16x (a chain of 140 blocks otherwise overflows).
+# creates, and the accumulated factor of every residual sum it passes (chains are absorbed piecewise), stay
+# within [1/MAX_ABSORBED_SCALE, MAX_ABSORBED_SCALE]: activations at most 4x the exported ones (fp16 engines
+# keep their range), epsilons within 16x (unbounded, a chain of 140 blocks overflowed float32).
 
 MAX_ABSORBED_SCALE = 4.0
 
