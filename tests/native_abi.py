@@ -21,7 +21,7 @@ class Tensor(ctypes.Structure):
 
 class LoadOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_size_t), ("backend", ctypes.c_char_p), ("threads", ctypes.c_int),
-                ("device_id", ctypes.c_int), ("verify", ctypes.c_int)]
+                ("device_id", ctypes.c_int), ("verify", ctypes.c_int), ("spin", ctypes.c_int)]
 
 
 class Info(ctypes.Structure):
@@ -54,10 +54,14 @@ class Library:
     def error(self, status: int) -> NativeError:
         return NativeError(status, self.lib.iia_last_error().decode())
 
-    def load(self, path, backend: str = "auto", threads: int = THREADS_DEFAULT, verify: bool = True) -> "NativeSampler":
+    def load(self, path, backend: str = "auto", threads: int = THREADS_DEFAULT, verify: bool = True,
+             spin: bool = True, struct_size: int | None = None) -> "NativeSampler":
+        """`struct_size`: override iia_load_options.struct_size (a caller built against another header)."""
         options = LoadOptions()
         self.lib.iia_load_options_init(ctypes.byref(options))
-        options.backend, options.threads, options.verify = backend.encode(), threads, int(verify)
+        options.backend, options.threads, options.verify, options.spin = backend.encode(), threads, int(verify), int(spin)
+        if struct_size is not None:
+            options.struct_size = struct_size
         handle = ctypes.c_void_p()
         status = self.lib.iia_load(str(path).encode(), ctypes.byref(options), ctypes.byref(handle))
         if status != OK:

@@ -8,6 +8,7 @@ messages character for character. A missing toolchain piece FAILS with the insta
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from iia.compiler.build import CompileOptions, compile_model
 from iia.models import gaussian_mixture
 from iia.runtime import draw_noise, load
 from iia.runtime.grid import grid_array
-from native_abi import ARTIFACT, BACKEND_UNAVAILABLE, INVALID_ARGUMENT, Library, NativeError
+from native_abi import ARTIFACT, BACKEND_UNAVAILABLE, INVALID_ARGUMENT, Library, LoadOptions, NativeError
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("IIA_NATIVE_BUILD_DIR") or ROOT / "build" / "native-test")
@@ -500,6 +501,31 @@ def test_iia_run_reads_only_bounded_regular_npy_files(native, artifacts, tmp_pat
         proc = _run([native["iia_run"], artifacts["edm"], *args, "--out", tmp_path / "out.npy"], timeout=60)
         assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n"), (flag, path)
         assert not (tmp_path / "out.npy").exists()
+
+
+def test_no_spin_through_c_abi_and_iia_run_equals_python(native, artifacts, python_samplers, tmp_path):
+    """spin 0 (Python: load(spin=False), iia-run --no-spin) with 2 threads: the same bits as Python's; a caller
+    built against the header before `spin` (struct_size ending at `verify`) is accepted; other sizes refused."""
+    lib, key = native["lib"], "edm"
+    python_sleepy = load(artifacts[key], "onnxruntime-cpu", threads=2, spin=False)
+    noise = draw_noise(5, 3, python_sleepy.sample_shape)
+    labels = _labels(python_sleepy, 3)
+    want = python_sleepy(noise, class_labels=labels)
+    before_spin = LoadOptions.spin.offset
+    for options in ({"spin": False}, {"struct_size": before_spin}):
+        sampler = lib.load(artifacts[key], "onnxruntime-cpu", threads=2, **options)
+        try:
+            assert np.array_equal(sampler.run(noise, labels)[0].view(np.uint32), want.view(np.uint32))
+        finally:
+            sampler.close()
+    for size in (before_spin - 4, ctypes.sizeof(LoadOptions) + 4):
+        with pytest.raises(NativeError, match="struct_size is"):
+            lib.load(artifacts[key], struct_size=size)
+    np.save(tmp_path / "noise.npy", noise)
+    proc = _run([native["iia_run"], artifacts[key], "--noise", tmp_path / "noise.npy", "--out", tmp_path / "out.npy",
+                 "--threads", "2", "--no-spin", "--backend", "onnxruntime-cpu", "--labels", ",".join(map(str, labels))])
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.load(tmp_path / "out.npy").view(np.uint32), want.view(np.uint32))
 
 
 def test_c_abi_refuses_a_freed_handle(native, artifacts):

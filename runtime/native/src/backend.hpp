@@ -25,9 +25,10 @@ struct ModelSource {
     std::string path;
 };
 
-// ONNX Runtime (CPU, or CUDA when `cuda`); threads IIA_THREADS_DEFAULT (-1) = ONNX Runtime's default.
+// ONNX Runtime (CPU, or CUDA when `cuda`); threads IIA_THREADS_DEFAULT (-1) = ONNX Runtime's default; `spin`
+// false: idle intra-op threads sleep (session.intra_op.allow_spinning 0).
 std::unique_ptr<Backend> make_onnxruntime(const Manifest& manifest, const ModelSource& model, bool cuda, int threads,
-                                          int device_id);
+                                          int device_id, bool spin);
 std::string onnxruntime_cuda_unavailable_reason();  // "" when the CUDA provider can be used
 
 // TensorRT (only with IIA_WITH_TENSORRT): why an artifact's plan (present: plan_absent_reason is "") cannot

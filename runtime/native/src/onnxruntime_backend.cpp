@@ -109,9 +109,9 @@ const char* ort_code_text(OrtErrorCode code) {
 
 class OrtBackend final : public Backend {
 public:
-    OrtBackend(const Manifest& m, const ModelSource& model, bool cuda, int threads, int device_id)
+    OrtBackend(const Manifest& m, const ModelSource& model, bool cuda, int threads, int device_id, bool spin)
         : manifest_(m), memory_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)), cuda_(cuda),
-          threads_(threads), device_id_(device_id) {
+          spin_(spin), threads_(threads), device_id_(device_id) {
         if (!m.static_batches.empty()) model_ = model;  // kept only while specialised sessions may still be made
         session_ = make_session(model, 0);
         check_graph(m);
@@ -134,6 +134,7 @@ public:
             options.SetIntraOpNumThreads(threads);
             options.SetInterOpNumThreads(1);
         }
+        if (!spin_) options.AddConfigEntry("session.intra_op.allow_spinning", "0");
         if (cuda) {  // provider options V2 with only device_id set, as Python's ("CUDAExecutionProvider", {...})
             const OrtApi& api = Ort::GetApi();
             OrtCUDAProviderOptionsV2* cuda_options = nullptr;
@@ -261,7 +262,7 @@ private:
     const Manifest& manifest_;
     Ort::MemoryInfo memory_;
     Ort::Session session_{nullptr};
-    bool cuda_;
+    bool cuda_, spin_;
     int threads_, device_id_;
     ModelSource model_;
     std::mutex static_mu_;
@@ -273,9 +274,9 @@ private:
 }  // namespace
 
 std::unique_ptr<Backend> make_onnxruntime(const Manifest& m, const ModelSource& model, bool cuda, int threads,
-                                          int device_id) {
+                                          int device_id, bool spin) {
     try {
-        return std::make_unique<OrtBackend>(m, model, cuda, threads, device_id);
+        return std::make_unique<OrtBackend>(m, model, cuda, threads, device_id, spin);
     } catch (const Ort::Exception& err) {  // the file is unusable: as the Python runtime says it
         const OrtErrorCode code = err.GetOrtErrorCode();
         std::string text = std::string("[ONNXRuntimeError] : ") + std::to_string(static_cast<int>(code)) + " : " +

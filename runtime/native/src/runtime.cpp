@@ -1,5 +1,6 @@
 // The C ABI: loading (runtime/loader.py's order of checks and backend choice), running, errors.
 #include <chrono>
+#include <cstddef>
 #include <cstring>
 #include <new>
 
@@ -66,7 +67,8 @@ ModelSource onnx_model(const Manifest& m, bool verify) {
     return source;
 }
 
-std::unique_ptr<Backend> build(const std::string& name, const Manifest& m, int threads, int device_id, bool verify) {
+std::unique_ptr<Backend> build(const std::string& name, const Manifest& m, int threads, int device_id, bool verify,
+                               bool spin) {
     if (name == TENSORRT) {
         std::string reason = plan_absent_reason(m);
         if (reason.empty()) reason = tensorrt_unavailable_reason(m, device_id);
@@ -81,16 +83,19 @@ std::unique_ptr<Backend> build(const std::string& name, const Manifest& m, int t
     }
     const ModelSource model = onnx_model(m, verify);
     check_interface(m);
-    return make_onnxruntime(m, model, name == ORT_CUDA, threads, device_id);
+    return make_onnxruntime(m, model, name == ORT_CUDA, threads, device_id, spin);
 }
 
 void load(const char* path, const iia_load_options* options, iia_sampler** out) {
     iia_load_options defaults;
     iia_load_options_init(&defaults);
     if (options == nullptr) options = &defaults;
-    if (options->struct_size < sizeof(iia_load_options))
+    // struct_size ending at `verify`: a caller built against the header before `spin` (spin then on)
+    const size_t before_spin = offsetof(iia_load_options, spin);
+    if (options->struct_size != sizeof(iia_load_options) && options->struct_size != before_spin)
         throw invalid("iia_load_options.struct_size is " + std::to_string(options->struct_size) + ", expected " +
                       std::to_string(sizeof(iia_load_options)) + " (initialise it with iia_load_options_init)");
+    const bool spin = options->struct_size == before_spin || options->spin != 0;
     const std::string backend = options->backend ? options->backend : "auto";
     bool known = backend == "auto";
     for (const char* b : BACKENDS) known = known || backend == b;
@@ -114,7 +119,7 @@ void load(const char* path, const iia_load_options* options, iia_sampler** out) 
     std::vector<std::pair<std::string, std::string>> skipped;
     if (backend != "auto") {
         try {
-            s->backend = build(backend, m, options->threads, options->device_id, verify);
+            s->backend = build(backend, m, options->threads, options->device_id, verify, spin);
         } catch (const Error& err) {
             if (err.status != IIA_ERROR_BACKEND_UNAVAILABLE) throw;
             throw unavailable("backend " + py_repr(backend) + " is unavailable: " + err.what());
@@ -122,7 +127,7 @@ void load(const char* path, const iia_load_options* options, iia_sampler** out) 
     } else {
         for (const char* name : BACKENDS) {
             try {
-                s->backend = build(name, m, options->threads, options->device_id, verify);
+                s->backend = build(name, m, options->threads, options->device_id, verify, spin);
                 break;
             } catch (const Error& err) {
                 if (err.status != IIA_ERROR_BACKEND_UNAVAILABLE) throw;
@@ -211,6 +216,7 @@ void iia_load_options_init(iia_load_options* options) {
     options->threads = IIA_THREADS_DEFAULT;
     options->device_id = 0;
     options->verify = 1;
+    options->spin = 1;
 }
 
 iia_status iia_load(const char* path, const iia_load_options* options, iia_sampler** out) {

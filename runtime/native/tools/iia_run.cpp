@@ -1,7 +1,7 @@
 // iia-run: run a compiled iia sampler artifact from the command line through the C ABI.
 //
 //   iia-run DIR --noise noise.npy [--labels 3,1,... | --labels labels.npy] --out out.npy|grid.png
-//           [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-verify]
+//           [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-spin] [--no-verify]
 //   iia-run DIR --bench [--batch 1,8] [--iters 50] [--warmup 5] [--noise noise.npy] [--labels ID] [--json FILE]
 //
 // Errors: ONE line "error: ..." on stderr and exit status 2 (as the Python CLIs).
@@ -30,15 +30,17 @@ namespace {
 
 const char* USAGE =
     "usage: iia-run DIR --noise NOISE.npy [--labels IDS|LABELS.npy] --out OUT.npy|OUT.png\n"
-    "               [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-verify]\n"
+    "               [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-spin]\n"
+    "               [--no-verify]\n"
     "       iia-run DIR --bench [--batch 1,8] [--iters 50] [--warmup 5] [--noise NOISE.npy] [--labels ID]\n"
-    "               [--json FILE] [--backend ...] [--threads N]\n"
+    "               [--json FILE] [--backend ...] [--threads N] [--no-spin]\n"
     "\n"
     "Runs a compiled sampler (an iia-compile artifact) through libiia_runtime: NOISE.npy [B, *sample_shape]\n"
     "(float32; float64/float16 converted), labels as comma-separated ids (one per sample, or one for all) or\n"
     "an .npy of ids [B] / one-hot [B, label_dim]; writes images float32 [B, *sample_shape] (.npy) or a PNG\n"
     "grid of images_uint8 (.png). --bench reports p50/p90/p99 latency and the time spent outside the\n"
-    "backend's run call per call.\n";
+    "backend's run call per call. --no-spin: idle ONNX Runtime threads sleep instead of spin-waiting\n"
+    "(steadier latency where busy threads outnumber free cores).\n";
 
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
@@ -47,7 +49,7 @@ struct UsageError : std::runtime_error {
 struct Args {
     std::string dir, noise, labels, out, backend = "auto", json;
     int threads = IIA_THREADS_DEFAULT, iters = 50, warmup = 5;  // threads: ONNX Runtime's default unless --threads
-    bool bench = false, verify = true, help = false;
+    bool bench = false, verify = true, spin = true, help = false;
     std::vector<int64_t> batches{1, 8};
 };
 
@@ -118,6 +120,7 @@ Args parse(int argc, char** argv) {
         else if (arg == "--backend") a.backend = value();
         else if (arg == "--threads") { a.threads = parse_int(arg, value()); threads_given = true; }
         else if (arg == "--no-verify") a.verify = false;
+        else if (arg == "--no-spin") a.spin = false;
         else if (arg == "--bench") a.bench = true;
         else if (arg == "--batch") a.batches = parse_ints(arg, value());
         else if (arg == "--iters") a.iters = parse_int(arg, value());
@@ -194,6 +197,7 @@ int run_once(const Args& a) {
     options.backend = a.backend;
     options.threads = a.threads;
     options.verify = a.verify;
+    options.spin = a.spin;
     const iia_tools::NpyArray noise = iia_tools::read_npy(a.noise);
     const Labels labels = read_labels(a.labels);
     iia::Sampler sampler(a.dir, options);
@@ -246,6 +250,7 @@ int run_bench(const Args& a) {
     options.backend = a.backend;
     options.threads = a.threads;
     options.verify = a.verify;
+    options.spin = a.spin;
     iia::Sampler sampler(a.dir, options);
     const iia_info& info = sampler.info();
     const int64_t item = sampler.sample_size();

@@ -91,6 +91,11 @@ typedef struct iia_load_options {
                              ("threads must be >= 1, got 0"), as the Python runtime's load(threads=0) */
     int device_id;        /* CUDA device for the GPU backends */
     int verify;           /* nonzero (default): check every file's sha256 against the manifest */
+    int spin;             /* nonzero (default): idle ONNX Runtime intra-op threads spin-wait (lowest latency on
+                             dedicated cores); 0: they sleep (session.intra_op.allow_spinning 0; Python:
+                             load(spin=False)): steadier latency where busy threads outnumber free cores.
+                             Added after `verify`: a struct_size that ends at `verify` (a caller built against
+                             the earlier header) is accepted with spin on */
 } iia_load_options;
 
 typedef struct iia_sampler iia_sampler;
@@ -107,7 +112,7 @@ typedef struct iia_info {
     const char* model;                    /* the manifest's model name ("?" when absent) */
 } iia_info;
 
-/* Defaults: backend auto, threads IIA_THREADS_DEFAULT (ONNX Runtime's default), device 0, verify on. */
+/* Defaults: backend auto, threads IIA_THREADS_DEFAULT (ONNX Runtime's default), device 0, verify on, spin on. */
 IIA_API void iia_load_options_init(iia_load_options* options);
 
 /* Load DIR (or DIR/manifest.json). options may be NULL (defaults). On success *out owns a sampler

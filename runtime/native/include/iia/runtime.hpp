@@ -32,6 +32,7 @@ struct LoadOptions {
     int threads = IIA_THREADS_DEFAULT;  // ONNX Runtime intra-op threads (>= 1); IIA_THREADS_DEFAULT: its default
     int device_id = 0;
     bool verify = true;            // check every file's sha256 against the manifest
+    bool spin = true;              // false: idle ONNX Runtime threads sleep (iia_load_options.spin)
 };
 
 class Sampler {
@@ -43,6 +44,7 @@ public:
         o.threads = options.threads;
         o.device_id = options.device_id;
         o.verify = options.verify ? 1 : 0;
+        o.spin = options.spin ? 1 : 0;
         check(iia_load(path.c_str(), &o, &handle_));
         check(iia_get_info(handle_, &info_));
     }
