@@ -455,8 +455,9 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                            latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan)
             check_model(sampler)
             if decoder_model is not None:  # emit rewrote the decode stage's small convolutions too
-                transposed = sum(n.op_type == "ConvTranspose" and n.name.startswith(DECODE_PREFIX)
-                                 for n in sampler.graph.node) - sum(n.op_type == "ConvTranspose" for n in decoder_model.graph.node)
+                emitted = sum(n.op_type == "ConvTranspose" and n.name.startswith(DECODE_PREFIX)
+                              for n in sampler.graph.node)
+                transposed = emitted - sum(n.op_type == "ConvTranspose" for n in decoder_model.graph.node)
                 if transposed:
                     log(f"  decode stage rewrites: {transposed} small convolutions as ConvTranspose")
             stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,

@@ -515,7 +515,8 @@ def small_convs_to_transposed(graph: onnx.GraphProto, max_out: int = TRANSPOSE_M
         if name is None:  # a weight read by several convolutions is transposed once
             w = numpy_helper.to_array(weight)
             name = transposed[weight.name] = fresh("transposed_weight")
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), name))
+            flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # Wt[c, o, u, v]
+            new_inits.append(numpy_helper.from_array(flipped, name))
         graph.node[k].CopyFrom(helper.make_node(
             "ConvTranspose", [node.input[0], name, *node.input[2:]], list(node.output), name=node.name or fresh("node"),
             kernel_shape=kernel, pads=[kernel[j % 2] - 1 - p for j, p in enumerate(pads)]))
