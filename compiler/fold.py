@@ -224,8 +224,9 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim
     class labels): the sigma-and-label plan if it is row-wise and fits `table_limit` (default
     `table_budget`), else the sigma-only plan, else an empty plan (nothing folded). Affine chains on the main
     path are first collapsed (rewrite.collapse_affine_chains) so that their combined scale/shift are folded
-    too, and the remaining constant per-channel affines become one-pass BatchNormalization nodes: emit from
-    `plan.model`."""
+    too, the remaining constant per-channel affines become one-pass BatchNormalization nodes, residual scales
+    are absorbed (rewrite.absorb_residual_scales) and convolutions with few outputs become ConvTranspose
+    (rewrite.small_convs_to_transposed): emit from `plan.model`; `plan.rewrites` says what was applied."""
     reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
     table_limit = table_budget(denoiser_model) if table_limit is None else table_limit
     why_not_labels = ""
