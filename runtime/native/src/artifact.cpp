@@ -1,4 +1,5 @@
 #include "artifact.hpp"
+#include "file_kind.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -154,15 +155,6 @@ std::string errno_text(int err, const std::string& path) {  // Python's str(OSEr
     return "[Errno " + std::to_string(err) + "] " + std::strerror(err) + ": " + py_repr(path);
 }
 
-std::string kind(mode_t mode) {
-    if (S_ISDIR(mode)) return "a directory";
-    if (S_ISFIFO(mode)) return "a FIFO";
-    if (S_ISCHR(mode)) return "a character device";
-    if (S_ISBLK(mode)) return "a block device";
-    if (S_ISSOCK(mode)) return "a socket";
-    return "not a regular file";
-}
-
 struct NotFound {};
 
 // runtime/contract.py's open_regular + read: a regular file (symlinks followed) of at most `limit` bytes,
@@ -177,7 +169,7 @@ public:
         }
         struct stat st {};
         if (::fstat(fd_, &st) != 0) { const int e = errno; ::close(fd_); throw artifact_error(errno_text(e, path)); }
-        if (!S_ISREG(st.st_mode)) { ::close(fd_); throw artifact_error(path + " is " + kind(st.st_mode) + ", not a regular file"); }
+        if (!S_ISREG(st.st_mode)) { ::close(fd_); throw artifact_error(path + " is " + file_kind(st.st_mode) + ", not a regular file"); }
         if (st.st_size > limit) {
             ::close(fd_);
             throw artifact_error(path + " is " + std::to_string(st.st_size) + " bytes, more than the " +

@@ -1,5 +1,7 @@
 #include "npy.hpp"
 
+#include "file_kind.hpp"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -46,7 +48,7 @@ public:
         if (fd_ < 0) bad(path, std::strerror(errno));
         struct stat st {};
         if (::fstat(fd_, &st) != 0) { const int e = errno; ::close(fd_); bad(path, std::strerror(e)); }
-        if (!S_ISREG(st.st_mode)) { ::close(fd_); bad(path, "is " + kind(st.st_mode) + ", not a regular .npy file"); }
+        if (!S_ISREG(st.st_mode)) { ::close(fd_); bad(path, std::string("is ") + iia_native::file_kind(st.st_mode) + ", not a regular .npy file"); }
         size_ = static_cast<uint64_t>(st.st_size);
     }
     ~RegularFile() { ::close(fd_); }
@@ -67,14 +69,6 @@ public:
     }
 
 private:
-    static std::string kind(mode_t mode) {
-        if (S_ISDIR(mode)) return "a directory";
-        if (S_ISFIFO(mode)) return "a FIFO";
-        if (S_ISCHR(mode)) return "a character device";
-        if (S_ISBLK(mode)) return "a block device";
-        if (S_ISSOCK(mode)) return "a socket";
-        return "not a regular file";
-    }
     std::string path_;
     int fd_ = -1;
     uint64_t size_ = 0;
