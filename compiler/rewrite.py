@@ -140,6 +140,11 @@ def _coefficients(chain: list[Link], fresh) -> tuple[list[onnx.NodeProto], str |
     return nodes, scale, shift
 
 
+def _attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values (strings as bytes)."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def _name_factory(graph: onnx.GraphProto, base: str, prefix: str = "affine_"):
     """fresh(role) -> a value/node name unused anywhere in the graph, `base/prefix+role` (+ a counter)."""
     taken = {t.name for t in graph.initializer} | {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
@@ -437,7 +442,7 @@ def _apply_absorb(graph, k: int, u: str, c: float, plan: list, scalars, inits) -
     for kind, r in plan:
         node = graph.node[r]
         if kind == "epsilon":
-            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            at = _attributes(node)
             kept = [a for a in node.attribute if a.name != "epsilon"]
             del node.attribute[:]
             node.attribute.extend([*kept, helper.make_attribute("epsilon", float(at.get("epsilon", 1e-5)) / c**2)])
@@ -483,10 +488,6 @@ def _apply_absorb(graph, k: int, u: str, c: float, plan: list, scalars, inits) -
 TRANSPOSE_MAX_OUT_CHANNELS = 4  # at most half the smallest NCHWc block (8 channels, AVX2)
 
 
-def _conv_attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def small_convs_to_transposed(graph: onnx.GraphProto, max_out: int = TRANSPOSE_MAX_OUT_CHANNELS) -> int:
     """Replace each 2D Conv with at most `max_out` output channels (weights a float32 initializer of shape
     [C_out, C_in, kh, kw], group 1, stride 1, dilation 1, explicit symmetric or VALID padding no larger than
@@ -501,7 +502,7 @@ def small_convs_to_transposed(graph: onnx.GraphProto, max_out: int = TRANSPOSE_M
         weight = inits.get(node.input[1])
         if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 4 or weight.dims[0] > max_out:
             continue
-        at = _conv_attributes(node)
+        at = _attributes(node)
         kernel = list(weight.dims[2:])
         pads = list(at.get("pads", [0, 0, 0, 0]))
         if (at.get("group", 1) != 1 or any(s != 1 for s in at.get("strides", [1, 1]))
