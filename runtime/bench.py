@@ -245,13 +245,13 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print, eager_factory
     # same fixed batch, as a latency-minded user would give it (the comparison must not favour the graph)
     static = set(getattr(sampler, "static_batches", ())) if denoiser is not None and sampler.backend != TENSORRT else set()
     dynamic_denoiser, dynamic_loop = denoiser, loop
+    denoiser_model = read_verified(Path(sampler.root), sampler.manifest, DENOISER_ONNX) if static else None  # read once
     rows = []
     try:
         for batch in opts.batches:
             denoiser, loop = dynamic_denoiser, dynamic_loop
             if batch in static:
-                denoiser = OrtSession(read_verified(Path(sampler.root), sampler.manifest, DENOISER_ONNX),
-                                      _device(sampler), threads, static_batch=batch, spin=opts.spin)
+                denoiser = OrtSession(denoiser_model, device, threads, static_batch=batch, spin=opts.spin)
                 if loop is not None:
                     loop = DenoiserLoop(denoiser, loop.plan, sampler.conditional)
             noise = draw_noise(opts.seed, batch, sampler.sample_shape)
