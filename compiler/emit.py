@@ -223,6 +223,7 @@ def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditi
     inputs = [helper.make_tensor_value_info(NOISE, TensorProto.FLOAT, ["batch", *shape])]
     if conditional:
         inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
+    gb.nodes = live_nodes(gb.nodes, {o.name for o in outputs})  # e.g. a call site's sigma, when all folded
     # Folding leaves some denoiser tensors (the noise-embedding MLP, sigma-only constants) unread: drop them.
     used = {i for node in gb.nodes for i in node.input} | set(also_read)
     initializers = [t for t in weights + decode_weights + gb.initializers if t.name in used]

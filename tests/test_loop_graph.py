@@ -47,6 +47,8 @@ def test_loop_graph_equals_unrolled_graph(edm, solver):
     assert all(any(o in read for o in n.output) for n in body.node)  # nothing computed for no reader (live_nodes)
     assert sum(n.op_type in convolutions for n in body.node) == sum(n.op_type == "Conv" for n in dm.graph.node)
     unrolled = emit_sampler(program, dm, d.shape, True, decoder_model=decoder)
+    read = {i for n in unrolled.graph.node for i in n.input} | {o.name for o in unrolled.graph.output}
+    assert all(any(o in read for o in n.output) for n in unrolled.graph.node)  # no per-call sigma left unread
     rng = np.random.default_rng(5)
     for batch in (1, 3):
         noise, labels = rng.standard_normal((batch, *d.shape)), rng.integers(0, 10, batch)
