@@ -130,7 +130,8 @@ def calibrate(
     """Fit the IIA coefficients of `solver` at `nfe` for `denoiser` (sequential least squares, float64).
 
     `progress(done, total, text)` observes the work (the CLI draws a bar with it). `reference` may pass
-    a precomputed held-out (noise, labels, reference solution) triple.
+    a precomputed held-out (noise, labels, reference solution) triple; that solution must start where the
+    program does (`reference_solution(..., sigma_start=program.sigmas[0])`).
     """
     options = options or CalibrationOptions()
     unknown = [key for key in overrides if not hasattr(options, key)]
@@ -199,10 +200,11 @@ def calibrate(
     return result
 
 
-def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None):
-    """Held-out noise (a different stream from the calibration batch) and its reference solution."""
+def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None, sigma_start: float | None = None):
+    """Held-out noise (a different stream from the calibration batch) and its reference solution from
+    sigma_start * noise (the judged program's sigmas[0]; default sigma_max)."""
     noise, lab = draw_noise(denoiser, options.holdout, options.seed + HOLDOUT_SEED_OFFSET, labels)
-    return noise, lab, reference_solution(denoiser, noise, lab, options.reference_steps)
+    return noise, lab, reference_solution(denoiser, noise, lab, options.reference_steps, sigma_start=sigma_start)
 
 
 def mixed_program(base: Program, fitted: Program, k: int) -> Program:
@@ -222,7 +224,7 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
     difference: a few held-out samples that happen to land better (multimodal data: trajectories near a
     basin boundary) must not decide, since the gain would not carry over to new noise.
     """
-    noise, labels, ref = reference or holdout_set(denoiser, options)
+    noise, labels, ref = reference or holdout_set(denoiser, options, sigma_start=base.sigmas[0])
     fitted_steps = [s.index for s, b in zip(fitted.steps, base.steps) if s.coefficients != b.coefficients]
     boundaries = [i + 1 for i in fitted_steps]
     if len(boundaries) > options.guard_candidates:  # each candidate costs one held-out sampling run

@@ -143,9 +143,16 @@ def reference_solution(
     class_labels: torch.Tensor | None = None,
     steps: int = 512,
     chunk: int = 256,
+    sigma_start: float | None = None,
 ) -> torch.Tensor:
-    """High-accuracy solution of the probability-flow ODE from the same noise: Heun on a fine Karras grid."""
-    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, 7.0, denoiser.round_sigma)
+    """High-accuracy solution of the probability-flow ODE from the same noise: Heun on a fine Karras grid.
+
+    Starts where the sampler it judges starts, z0 = sigma_start * noise (`sigma_start` = that program's
+    sigmas[0]; default sigma_max): DDIM's uniform/quadratic and diffusers' leading timesteps begin below
+    sigma_max, and a reference from sigma_max * noise is another trajectory. Returns float64 [B, *shape].
+    """
+    top = denoiser.sigma_max if sigma_start is None else float(sigma_start)
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, top, 7.0, denoiser.round_sigma)
     outs = []
     for start in range(0, noise.shape[0], chunk):
         part = slice(start, start + chunk)

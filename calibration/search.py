@@ -58,7 +58,8 @@ _REFERENCES: dict = {}  # (model, n, seed, steps) -> EvalSet: one process search
 
 
 def make_eval_set(denoiser: Denoiser, n: int, seed: int, reference_steps: int) -> EvalSet:
-    """Noises for images seed..seed+n-1 and their reference solutions (memoised per model in this process)."""
+    """Noises for images seed..seed+n-1 and their reference solutions from sigma_max * noise, where every
+    candidate of the search starts (Karras and learned schedules); memoised per model in this process."""
     key = (id(denoiser.net), repr(sorted(denoiser.identity.items())), n, seed, reference_steps)
     if key not in _REFERENCES:
         noise, lab = draw_noise(denoiser, n, seed)

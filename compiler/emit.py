@@ -4,8 +4,8 @@ Reads the same `Program` the PyTorch sampler runs: every `Denoise` op becomes a 
 nodes (value names prefixed per call site, initializers SHARED by name, so weights are stored once), every
 `Combine` a chain of Mul/Add with baked float constants. The model's decode stage, exported once, is
 appended after the last step (its values and weights prefixed `decode/`). Interface:
-  inputs  noise float32 [B, *shape] (standard normal; scaled by sigma_max inside), class_labels int64 [B]
-          (conditional models only)
+  inputs  noise float32 [B, *shape] (standard normal; scaled by the schedule's first sigma inside),
+          class_labels int64 [B] (conditional models only)
   outputs images float32 [B, *shape] (pixel models; `latents` for latent models), images_uint8 uint8
           [B, H, W, C] (when a decode stage is given: the model's own, e.g. EDM's clip(x * 127.5 + 128, 0, 255)
           NHWC, or a VAE decoder for latent models)

@@ -52,7 +52,15 @@ def accuracy_table(
     for s in solvers:
         get_solver(s)
     noise, labels = draw_noise(denoiser, n_test, options.seed + TEST_SEED_OFFSET)
-    ref = reference_solution(denoiser, noise, labels, options.reference_steps)
+    refs: dict = {}  # sigma_start -> reference solution
+
+    def reference(program):
+        """The reference from where `program` starts (its sigmas[0]: below sigma_max for some discrete schedules)."""
+        start = float(program.sigmas[0])
+        if start not in refs:
+            refs[start] = reference_solution(denoiser, noise, labels, options.reference_steps, sigma_start=start)
+        return refs[start]
+
     rows, base_cache = [], {}
     for solver in solvers:
         spec = get_solver(solver)
@@ -62,8 +70,10 @@ def accuracy_table(
             if progress:
                 progress(f"{solver} NFE {nfe}")
             key = (spec.base, nfe)
+            base_program = program_for(denoiser, spec.base, nfe, schedule=options.schedule)
+            ref = reference(base_program)
             if key not in base_cache:
-                base_cache[key] = rmse(sample(program_for(denoiser, spec.base, nfe, schedule=options.schedule), denoiser, noise, labels), ref)
+                base_cache[key] = rmse(sample(base_program, denoiser, noise, labels), ref)
             base_rmse = base_cache[key]
             row = {"solver": solver, "nfe": nfe, "base": spec.base, "base_rmse": base_rmse}
             if spec.fitted:

@@ -152,7 +152,17 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
     cal = (calibration or CalibrationOptions()).resolved(denoiser)
     noise, labels = draw_noise(denoiser, n_test, cal.seed + TEST_SEED_OFFSET)
     say(f"reference: Heun, {cal.reference_steps} steps, {n_test} test noises")
-    ref = reference_solution(denoiser, noise, labels, cal.reference_steps)
+    refs = {float(denoiser.sigma_max): reference_solution(denoiser, noise, labels, cal.reference_steps)}
+
+    def ref_at(sigma_start: float) -> torch.Tensor:
+        """The reference from sigma_start * noise: each sampler is judged on the trajectory it starts on (a
+        discrete model's default timesteps may begin below sigma_max)."""
+        if float(sigma_start) not in refs:
+            refs[float(sigma_start)] = reference_solution(denoiser, noise, labels, cal.reference_steps,
+                                                          sigma_start=float(sigma_start))
+        return refs[float(sigma_start)]
+
+    ref = refs[float(denoiser.sigma_max)]
     fd_of = None
     report_ref = {}
     if fd:
@@ -163,8 +173,9 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
         report_ref["fd_digits"] = fd_of(ref)
     rows = []
 
-    def row(name, kind, nfe, x, extra=None):
-        sq = ((x - ref) ** 2).reshape(n_test, -1).mean(1)
+    def row(name, kind, nfe, x, extra=None, sigma_start=None):
+        start = float(denoiser.sigma_max if sigma_start is None else sigma_start)
+        sq = ((x - ref_at(start)) ** 2).reshape(n_test, -1).mean(1)
         r = {"sampler": name, "kind": kind, "nfe": nfe, "rmse": float(sq.mean().sqrt()),
              "median": float(sq.sqrt().median()), "p90": float(torch.quantile(sq.sqrt(), 0.9)), "_sq": sq}
         if fd_of is not None:
@@ -178,18 +189,19 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
             if sig is None:
                 continue
             say(f"peer {p} NFE {nfe}")
-            row(p, "peer", nfe, run_peer(p, denoiser, sig, noise, labels))
+            row(p, "peer", nfe, run_peer(p, denoiser, sig, noise, labels), sigma_start=sig[0])
         for name in ours:
             if name == "auto":
                 say(f"auto NFE {nfe}")
                 res = auto_search(denoiser, nfe, search or SearchOptions(), cal, log=lambda t: say("  " + t.strip()))
                 # its own base (same family and final step, Karras, base coefficients) on the same test noise
                 c = res.chosen
-                base_x = sample(program_for(denoiser, c.family, nfe, final=c.final), denoiser, noise, labels)
-                base_sq = ((base_x - ref) ** 2).reshape(n_test, -1).mean(1)
+                base_program = program_for(denoiser, c.family, nfe, final=c.final)
+                base_x = sample(base_program, denoiser, noise, labels)
+                base_sq = ((base_x - ref_at(base_program.sigmas[0])) ** 2).reshape(n_test, -1).mean(1)
                 row("auto", "ours", nfe, sample(res.program, denoiser, noise, labels),
                     {"chosen": c.label, "search_s": res.seconds, "base_rmse": float(base_sq.mean().sqrt()),
-                     "base_median": float(base_sq.sqrt().median())})
+                     "base_median": float(base_sq.sqrt().median())}, sigma_start=res.program.sigmas[0])
                 continue
             if not valid_nfe(name, nfe):
                 continue
@@ -197,7 +209,7 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
             spec_fitted = name.startswith(("iia-", "biia-"))
             program = (calibrate(denoiser, name, nfe, CalibrationOptions(**vars(cal))).program if spec_fitted
                        else program_for(denoiser, name, nfe))
-            row(name, "ours", nfe, sample(program, denoiser, noise, labels))
+            row(name, "ours", nfe, sample(program, denoiser, noise, labels), sigma_start=program.sigmas[0])
     for nfe in nfes:
         at = [r for r in rows if r["nfe"] == nfe]
         peer_rows = [r for r in at if r["kind"] == "peer"]

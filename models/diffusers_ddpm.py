@@ -241,9 +241,10 @@ def _beta_table_reading(scheduler, class_name: str, sched_file: Path, x0_clippin
              f"prediction_type {prediction}: {c_form}, c_in = 1/sqrt(1+sigma^2), c_noise = t(sigma)",
              f"timesteps: timestep_spacing {spacing!r}, steps_offset {offset} -> default --schedule {spacing} "
              f"(others: karras, exponential, uniform, quadratic, leading, trailing, linspace)"]
-    changed.append(f"initial state sigma_max * noise = {float(table[-1]):.4g} * noise in iia's units (diffusers' "
-                   f"pipelines start from unit noise in the VP form, sqrt(sigma_max^2 + 1) * noise in iia's units); "
-                   f"the same seed gives a slightly different image than diffusers' pipeline")
+    changed.append(f"initial state sigma_0 * noise in iia's units, sigma_0 the schedule's first sigma (sigma_max = "
+                   f"{float(table[-1]):.4g} where the timesteps start at t = {T - 1}; lower where leading, uniform or "
+                   f"quadratic spacing starts below it); diffusers' pipelines start from unit noise in the VP form, "
+                   f"sqrt(sigma_0^2 + 1) * noise in iia's units: the same seed gives a slightly different image")
     if class_name == "PNDMScheduler":
         changed.append("PNDMScheduler: its PLMS/PRK warm-up is not reproduced step for step; iia's --solver "
                        "ipndm/spndm are the same linear-multistep family on the same timesteps")

@@ -308,3 +308,29 @@ def test_doubled_channels_with_fixed_variance_refused(tmp_path):
                          diffusers.DDPMScheduler(clip_sample=False, variance_type="fixed_small"))
     with pytest.raises(ValueError, match="variance_type is 'fixed_small'"):
         load(folder)
+
+
+def test_guard_reference_starts_where_a_leading_schedule_starts(tmp_path):
+    """diffusers' leading timesteps start below t = T - 1, so the sampler starts at sigmas[0] * noise < sigma_max *
+    noise; the guard's reference must integrate from there (from sigma_max it judged another trajectory: errors of
+    the size of the image, the same for base and fit, and a meaningless decision)."""
+    from iia.calibration.fit import CalibrationOptions, calibrate
+    from iia.calibration.sampling import reference_solution
+    from iia.runtime.contract import draw_noise
+
+    folder = save_folder(tmp_path / "lead", tiny_unet(), diffusers.DDIMScheduler(
+        num_train_timesteps=1000, timestep_spacing="leading", steps_offset=1, clip_sample=False))
+    denoiser = load(str(folder))
+    options = CalibrationOptions(batch=4, holdout=8, reference_steps=24, seed=0)
+    leading = calibrate(denoiser, "iia-ddim", 5, options)
+    trailing = calibrate(denoiser, "iia-ddim", 5, options, schedule="trailing")
+    s0 = float(leading.base_program.sigmas[0])
+    assert s0 < 0.5 * denoiser.sigma_max and float(trailing.base_program.sigmas[0]) == pytest.approx(denoiser.sigma_max)
+    # the same solver at the same NFE: errors of the same order, each against its own start
+    assert leading.guard["rmse_base"] < 3 * trailing.guard["rmse_base"]
+    # and the guard's number is the error against a fine integration from the sampler's start, not from sigma_max
+    noise = torch.from_numpy(draw_noise(1234, 8, denoiser.shape)).double()
+    x = sample(leading.base_program, denoiser, noise)
+    own = float(((x - reference_solution(denoiser, noise, None, 24, sigma_start=s0)) ** 2).mean().sqrt())
+    other = float(((x - reference_solution(denoiser, noise, None, 24)) ** 2).mean().sqrt())
+    assert own < 0.2 * other
