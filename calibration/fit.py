@@ -30,6 +30,9 @@ from .solvers import SOLVERS, Program, get_solver
 # Held-out noises are images seed + HOLDOUT_SEED_OFFSET + k: disjoint from calibration's seed + k for any batch
 # below the offset (the evaluation tools use their own offsets above it).
 HOLDOUT_SEED_OFFSET = 10**6
+# Bumped when what the guard measures changes, so cached calibrations decided by the old guard are redone
+# (2: the reference starts at the program's sigmas[0], not sigma_max).
+GUARD_VERSION = 2
 
 
 class CalibrationError(ValueError):
@@ -198,6 +201,7 @@ def calibrate(
         result.program, result.guard = guard_end_to_end(denoiser, base, fitted, options, reference)
     result.seconds = time.perf_counter() - started
     return result
+
 
 
 def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None, sigma_start: float | None = None):

@@ -19,7 +19,7 @@ from typing import Callable
 import onnx
 
 from iia.calibration import artifact
-from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate
+from iia.calibration.fit import GUARD_VERSION, CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
@@ -104,7 +104,7 @@ def default_cache_dir() -> Path:
 def cache_key(denoiser: Denoiser, solver: str, nfe: int, options: CalibrationOptions, extra: dict | None = None) -> str:
     ident = artifact.model_identity(denoiser)
     payload = {"model": ident, "solver": solver, "solver_definition": DEFINITION_VERSION, "nfe": nfe,
-               "options": vars(options)}
+               "options": vars(options), "guard": GUARD_VERSION}
     if extra:
         payload["extra"] = extra
     text = json.dumps(payload, sort_keys=True)
