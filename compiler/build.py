@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from iia.calibration.sampling import program_for
 from iia.calibration.solvers import Program
 from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
 from iia.calibration.solvers import Combine, Denoise
-from iia.cli import check_options, option, pid_alive, signals_deferred, stage, written
+from iia.cli import check_options, flag_of, option, pid_alive, signals_deferred, stage, written
 from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS,
                                   IMAGES_U8, MANIFEST, atomic_open,
                                   MAX_MANIFEST_BYTES, PROGRAM, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SCHEMA,
@@ -97,6 +97,40 @@ def static_batches(opts: CompileOptions) -> list[int]:
     return sorted(set(values))
 
 
+# What a base solver's compile uses of the calibration flags: only the time steps (nothing is fitted)
+BASE_SOLVER_USES = ("schedule",)
+
+
+def refuse_unused_options(opts: CompileOptions) -> None:
+    """Refuse, by flag, settings the chosen path would ignore (CompileError): calibration flags beside
+    --coefficients (the file fixes schedule and coefficients), --schedule with auto (it searches time steps
+    itself), the fit's flags with a base solver (it fits nothing), --budget without auto (it bounds the search)."""
+    defaults = CalibrationOptions()
+    changed = [f for f in fields(CalibrationOptions) if f.metadata.get("cli", True) is not False
+               and getattr(opts.calibration, f.name) != getattr(defaults, f.name)]
+    budget_changed = opts.budget_s != CompileOptions().budget_s
+    if opts.coefficients:
+        unused = [flag_of(f) for f in changed] + (["--budget"] if budget_changed else [])
+        if unused:
+            raise CompileError(f"--coefficients {opts.coefficients} fixes the schedule and coefficients: "
+                               f"{', '.join(unused)} do not apply (drop them, or calibrate instead)")
+        return
+    if opts.solver == "auto":
+        if opts.calibration.schedule != defaults.schedule:
+            raise CompileError(f"--schedule {opts.calibration.schedule} does not apply to --solver auto, which "
+                               f"searches the time steps itself (Karras and learned); choose a solver to use a "
+                               f"fixed schedule")
+        return
+    if budget_changed:
+        raise CompileError(f"--budget bounds the --solver auto search; --solver {opts.solver} runs no search "
+                           f"(drop --budget)")
+    if not get_solver(opts.solver).fitted:
+        unused = [flag_of(f) for f in changed if f.name not in BASE_SOLVER_USES]
+        if unused:
+            raise CompileError(f"--solver {opts.solver} is a base solver and fits nothing: {', '.join(unused)} "
+                               f"do not apply (they set the fit of iia-* solvers and auto)")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("IIA_CACHE_DIR") or Path.home() / ".cache" / "iia")
 
@@ -153,7 +187,9 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
 def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:
     from iia.calibration.search import SearchOptions, auto_search, format_table, to_calibration_result
 
-    search = SearchOptions(budget_s=opts.budget_s)
+    # the search's own defaults (calibration batch 512 analytic / 128 networks) unless --calib-batch is given
+    batch = opts.calibration.batch if opts.calibration.batch != CalibrationOptions().batch else None
+    search = SearchOptions(budget_s=opts.budget_s, r=opts.calibration.r, batch=batch)
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     cached = cache / "coefficients" / cache_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),
                                                 {"search": repr(vars(search))})
@@ -396,6 +432,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     if solver != "auto":
         get_solver(solver).steps_for_nfe(opts.nfe)
     opts.calibration.validate()
+    refuse_unused_options(opts)
     timings: dict[str, float] = {}
     with stage("load model", timings, log):
         denoiser = load_for_compile(model, opts)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from iia.calibration.cli import PICKLE_NOTE, add_model_argument
 from iia.calibration.fit import CalibrationOptions
-from iia.cli import ProgressBar, add_options, flag_of, options_from, run_cli
+from iia.cli import ProgressBar, add_options, options_from, run_cli
 
 # iia-calibrate's research switches that a compile keeps at their defaults
 NOT_FOR_COMPILE = ("first_step", "fine_solver", "ridge", "guard")
@@ -28,15 +27,6 @@ def _main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="artifact directory (default: <model>-<solver>-nfe<N>)")
     args = parser.parse_args(argv)
     options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args))
-    if options.solver == "auto" and args.schedule != CalibrationOptions().schedule:
-        raise ValueError(f"--schedule {args.schedule} does not apply to --solver auto, which searches the time steps "
-                         f"itself (Karras and learned); choose a solver to use a fixed schedule")
-    if options.coefficients:  # the file fixes schedule and coefficients: a calibration flag would be ignored silently
-        unused = [flag_of(f) for f in dataclasses.fields(CalibrationOptions)
-                  if getattr(options.calibration, f.name) != getattr(CalibrationOptions(), f.name)]
-        if unused:
-            raise ValueError(f"--coefficients {options.coefficients} fixes the schedule and coefficients: "
-                             f"{', '.join(unused)} do not apply (drop them, or calibrate instead)")
     out = Path(args.out or f"{Path(str(args.model)).stem.split(':')[0]}-{args.solver}-nfe{args.nfe}")
     bar = ProgressBar("calibrating")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731

@@ -228,6 +228,30 @@ def test_compile_refuses_calibration_flags_with_coefficients(tmp_path, capsys):
     assert "--M do not apply" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--solver", "edm", "--M", "9", "--r", "3"], "--solver edm is a base solver and fits nothing: --M, --r do not apply"),
+    (["--solver", "ddim", "--calib-batch", "7", "--seed", "4"], "--calib-batch, --seed do not apply"),
+    (["--solver", "iia-edm", "--budget", "60"], "--budget bounds the --solver auto search"),
+    (["--schedule", "exponential"], "--schedule exponential does not apply to --solver auto"),
+])
+def test_compile_refuses_flags_the_chosen_path_ignores(tmp_path, capsys, argv, match):
+    """A flag the chosen solver would not use is refused by name before anything is computed or written."""
+    from iia.compiler.cli import main
+
+    assert main(["gmm:d=4,components=2", "--nfe", "5", "--no-engine", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_base_solver_keeps_its_schedule_flag(tmp_path):
+    from iia.compiler.build import CompileError, CompileOptions, refuse_unused_options
+    from iia.calibration.fit import CalibrationOptions
+
+    refuse_unused_options(CompileOptions(solver="edm", calibration=CalibrationOptions(schedule="exponential")))
+    with pytest.raises(CompileError, match="--schedule karras does not apply to --solver auto"):
+        refuse_unused_options(CompileOptions(solver="auto", calibration=CalibrationOptions(schedule="karras")))
+
+
 def test_base_solver_coefficients_must_be_its_own(tmp_path):
     from iia.calibration import artifact
     from iia.calibration.fit import CalibrationOptions, CalibrationResult

@@ -100,6 +100,18 @@ def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
     assert how.startswith("cached") and data["search"]["chosen"] == coef["search"]["chosen"]
 
 
+def test_compile_auto_uses_the_given_r_and_calib_batch(gmm, tmp_path):
+    """--r and --calib-batch reach the search (they were recorded but the search used its own 1 and 512)."""
+    from iia.compiler.build import CompileOptions, obtain_coefficients
+
+    opts = CompileOptions(nfe=4, solver="auto", calibration=CalibrationOptions(**{**vars(CAL), "r": 2, "batch": 24}),
+                          budget_s=4, engine=False, cache_dir=str(tmp_path / "cache"))
+    lines = []
+    data, _, _ = obtain_coefficients(gmm, "auto", opts, log=lines.append)
+    assert any("references: 24 calibration" in line for line in lines)
+    assert data["search"]["options"]["r"] == 2 and data["search"]["options"]["batch"] == 24
+
+
 def test_peer_benchmark_ratios(gmm):
     pytest.importorskip("diffusers")
     from iia.evaluation.peers import peer_benchmark
