@@ -75,6 +75,9 @@ def _calibrate(argv=None) -> int:
     if g:
         print(f"held-out end-to-end rmse: base {g['rmse_base']:.5g}, full fit {g['rmse_fitted']:.5g}, "
               f"shipped {g['rmse_chosen']:.5g} ({g['decision']})")
+    else:
+        print("no held-out guard (--no-guard): the raw fit is written unchecked against its base solver; "
+              "iia-compile --coefficients will say so")
     print(f"wrote {out}")
     return 0
 

@@ -22,7 +22,7 @@ from iia.calibration import artifact
 from iia.calibration.fit import GUARD_VERSION, CalibrationOptions, CalibrationResult, calibrate
 from iia.calibration.sampling import program_for
 from iia.calibration.solvers import Program
-from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, get_solver
+from iia.calibration.solvers import DEFINITION_VERSION, SOLVERS, build_program, get_solver
 from iia.calibration.solvers import Combine, Denoise
 from iia.cli import check_options, flag_of, option, pid_alive, signals_deferred, stage, written
 from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS,
@@ -97,6 +97,8 @@ def static_batches(opts: CompileOptions) -> list[int]:
     return sorted(set(values))
 
 
+UNGUARDED = "unguarded: the fit was never checked against its base solver on held-out noise"
+
 # What a base solver's compile uses of the calibration flags: only the time steps (nothing is fitted)
 BASE_SOLVER_USES = ("schedule",)
 
@@ -153,7 +155,13 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
         data = artifact.read(opts.coefficients)
         program = artifact.program_from_dict(data, denoiser, nfe, None if solver == "auto" else solver,
                                              source=opts.coefficients)
-        return data, program, f"from {opts.coefficients}"
+        how = f"from {opts.coefficients}"
+        base = build_program(program.solver, program.sigmas, program.r)
+        if program.coefficients() != base.coefficients() and not data.get("guard"):
+            # iia-calibrate --no-guard: the user's choice, shipped as such, but never silently
+            how += f"; {UNGUARDED}"
+            log(f"  warning: {opts.coefficients} was calibrated with --no-guard: {UNGUARDED}")
+        return data, program, how
     if solver == "auto":
         return _auto_coefficients(denoiser, opts, log)
     spec = get_solver(solver)
@@ -562,7 +570,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
                    for name in all_files},
             coefficients_sha256=coef_sha,
             coefficients_source=how,
-            guard=coef_data.get("guard", {}),
+            guard=coef_data.get("guard") or ({"decision": UNGUARDED} if UNGUARDED in how else {}),
             **({"search": {k: coef_data["search"][k] for k in ("chosen", "seconds", "timings_s", "candidates")}}
                if "search" in coef_data else {}),
             parity=parity,

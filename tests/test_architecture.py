@@ -308,3 +308,29 @@ def test_program_plan_nfe_and_values_checked():
     bad["ops"][1]["sigma"] = 1e308
     with pytest.raises(ArtifactError, match="finite number > 0"):
         check_program(bad, "p.json")
+
+
+def test_unguarded_coefficients_ship_with_a_warning_and_say_so(tmp_path):
+    """iia-calibrate --no-guard is the user's choice; compiling its file ships the fit but never silently."""
+    from iia.calibration import artifact
+    from iia.calibration.fit import CalibrationOptions, calibrate
+    from iia.compiler.build import UNGUARDED, CompileOptions, compile_model
+    from iia.models import load
+
+    d = load("gmm:d=4,components=2")
+    result = calibrate(d, "iia-edm", 5, CalibrationOptions(batch=16, guard=False))
+    assert result.guard == {} and result.program.coefficients() != result.base_program.coefficients()
+    path = tmp_path / "c.json"
+    artifact.save(result, d, 5, path)
+    lines = []
+    manifest = compile_model(d, tmp_path / "o", CompileOptions(nfe=5, solver="iia-edm", coefficients=str(path),
+                                                               engine=False), log=lines.append)
+    assert any("--no-guard" in line and UNGUARDED in line for line in lines)
+    assert manifest["guard"] == {"decision": UNGUARDED}
+    # a guarded file is not flagged
+    guarded = calibrate(d, "iia-edm", 5, CalibrationOptions(batch=16, holdout=16, reference_steps=32))
+    artifact.save(guarded, d, 5, tmp_path / "g.json")
+    lines = []
+    manifest = compile_model(d, tmp_path / "o2", CompileOptions(nfe=5, solver="iia-edm", coefficients=str(tmp_path / "g.json"),
+                                                                engine=False), log=lines.append)
+    assert not any(UNGUARDED in line for line in lines) and manifest["guard"]["decision"]
