@@ -428,6 +428,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     for k, c in enumerate(to_fit):
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
+            log(f"  global fits: {len(to_fit) - k} of {len(to_fit)} skipped, the budget is spent (raise --budget)")
             break
         t0 = time.perf_counter()
         fitted_solver = "iia-" + c.family
@@ -442,7 +443,9 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
             f"{info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s)")
 
     # 4. the paper's local fit on the best Karras base that supports it
-    if opts.local and time.perf_counter() < deadline:
+    if opts.local and time.perf_counter() >= deadline:
+        log("  local IIA fit skipped: the budget is spent (raise --budget)")
+    elif opts.local:
         for b in bases:
             if b.final == "zero":
                 t0 = time.perf_counter()
