@@ -48,6 +48,19 @@ def same_model(a: dict, b: dict) -> bool:
     return a.get("name") == b.get("name") and a.get("config") == b.get("config")
 
 
+def model_difference(recorded: dict, given: dict) -> str:
+    """What tells two model identities apart, for a one-line refusal: the sha256s of files, else the names, else
+    the first differing configuration fields."""
+    if recorded.get("sha256") or given.get("sha256"):
+        return (f"{recorded.get('name')} (sha256 {recorded.get('sha256')}), not {given.get('name')} "
+                f"(sha256 {given.get('sha256')})")
+    if recorded.get("name") != given.get("name"):
+        return f"{recorded.get('name')}, not {given.get('name')}"
+    a, b = recorded.get("config") or {}, given.get("config") or {}
+    fields = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return f"{given.get('name')} with " + "; ".join(f"{k} {a.get(k)!r}, not {b.get(k)!r}" for k in fields[:3])
+
+
 def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:
     program = result.program
     return {
@@ -139,11 +152,7 @@ def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
     if not 1 <= data["nfe"] <= 10_000 or not 0 <= data["r"] <= 64 or len(data["sigmas"]) > 10_001:
         raise ArtifactError(f"{path} is inconsistent: nfe {data['nfe']}, r {data['r']} or {len(data['sigmas'])} sigmas out of range")
     if denoiser is not None and not same_model(data["model"], model_identity(denoiser)):
-        raise ArtifactError(
-            f"{path} was calibrated for model {data['model'].get('name')} "
-            f"(sha256 {data['model'].get('sha256')}), not {denoiser.identity.get('name')} "
-            f"(sha256 {denoiser.identity.get('sha256')})"
-        )
+        raise ArtifactError(f"{path} was calibrated for model {model_difference(data['model'], model_identity(denoiser))}")
     if nfe is not None and data["nfe"] != nfe:
         raise ArtifactError(f"{path} holds coefficients for NFE {data['nfe']}, not {nfe}")
     if solver is not None and data["solver"] != solver:

@@ -12,13 +12,14 @@ from iia.cli import (ProgressBar, add_options, check_options, check_output_file,
                      stage, written)
 
 from .fit import CalibrationOptions
+from .solvers import SOLVERS
 
 
 @dataclass
 class CalibrateTarget:
     """What `iia-calibrate` fits: solver and NFE (bounds as iia-compile's)."""
 
-    solver: str = option("iia-edm", "iia-edm (default), biia-edm, iia-ddim, iia-ipndm, iia-spndm")
+    solver: str = option("iia-edm", "an IIA variant: " + ", ".join(s for s in SOLVERS if SOLVERS[s].fitted))
     nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000)
 
 PICKLE_NOTE = ("Loading an EDM .pkl executes code stored in the pickle (inherent to the format): "

@@ -115,7 +115,8 @@ def refuse_unused_options(opts: CompileOptions) -> None:
         unused = [flag_of(f) for f in changed] + (["--budget"] if budget_changed else [])
         if unused:
             raise CompileError(f"--coefficients {opts.coefficients} fixes the schedule and coefficients: "
-                               f"{', '.join(unused)} do not apply (drop them, or calibrate instead)")
+                               f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply (drop them, "
+                               f"or calibrate instead)")
         return
     if opts.solver == "auto":
         if opts.calibration.schedule != defaults.schedule:
@@ -130,7 +131,8 @@ def refuse_unused_options(opts: CompileOptions) -> None:
         unused = [flag_of(f) for f in changed if f.name not in BASE_SOLVER_USES]
         if unused:
             raise CompileError(f"--solver {opts.solver} is a base solver and fits nothing: {', '.join(unused)} "
-                               f"do not apply (they set the fit of iia-* solvers and auto)")
+                               f"{'does' if len(unused) == 1 else 'do'} not apply (they set the fit of iia-* "
+                               f"solvers and auto)")
 
 
 def default_cache_dir() -> Path:

@@ -225,7 +225,7 @@ def test_compile_refuses_calibration_flags_with_coefficients(tmp_path, capsys):
     assert main(["gmm:d=4,components=2", "--nfe", "5", "--coefficients", str(path), "--M", "5", "--no-engine",
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "--M do not apply" in err and not (tmp_path / "o").exists()
+    assert "--M does not apply" in err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("argv, match", [

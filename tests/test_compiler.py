@@ -23,7 +23,12 @@ FAST = CalibrationOptions(batch=20, holdout=16, reference_steps=32)
 
 
 def options(**kw):
-    kw.setdefault("calibration", CalibrationOptions(**vars(FAST)))
+    from iia.calibration.solvers import get_solver
+
+    solver = kw.get("solver", CompileOptions().solver)
+    # a base solver fits nothing and a coefficient file fixes the fit: their calibration flags are refused
+    if not kw.get("coefficients") and (solver == "auto" or get_solver(solver).fitted):
+        kw.setdefault("calibration", CalibrationOptions(**vars(FAST)))
     return CompileOptions(**kw)
 
 

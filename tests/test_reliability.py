@@ -393,7 +393,8 @@ def test_nan_coefficients_refused_and_bad_cache_entry_recomputed(tmp_path):
     data["steps"][1]["coefficients"][0] = float("nan")
     entry.write_text(json.dumps(data))  # json writes NaN, as a corrupted entry could hold
     with pytest.raises(ArtifactError, match=f"{entry.name}.*NaN is not a JSON number"):  # strict JSON
-        compile_model(denoiser, tmp_path / "b", CompileOptions(**opts, coefficients=str(entry)), log=quiet)
+        compile_model(denoiser, tmp_path / "b", CompileOptions(**{**opts, "calibration": CalibrationOptions()},
+                                                               coefficients=str(entry)), log=quiet)
     logs = []
     compile_model(denoiser, tmp_path / "b", CompileOptions(**opts), log=logs.append)
     assert any("dropping unusable cached coefficients, recalibrating" in line and "NaN" in line for line in logs)
