@@ -27,7 +27,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import iia.runtime
-from iia.runtime.contract import IMAGES_U8, LABELS, NOISE, ORT_CPU
+from iia.runtime.contract import IMAGES_U8, LABELS, MAX_SEED, NOISE, ORT_CPU
 
 
 def _bad_request(message):
@@ -67,8 +67,9 @@ class TritonPythonModel:
             seeds = seed.reshape(-1)
             if seeds.size != seed.shape[0]:
                 raise ValueError(f"seed must have shape [B, 1], got {list(seed.shape)}")
-            if (seeds < 0).any():  # draw_noise refuses them too; one message for the whole request
-                raise ValueError(f"seeds must be >= 0, got {int(seeds[seeds < 0][0])}")
+            bad = (seeds < 0) | (seeds > MAX_SEED)  # iia-sample's --seed bounds; one message for the whole request
+            if bad.any():
+                raise ValueError(f"seeds must lie in [0, {MAX_SEED}], got {int(seeds[bad][0])}")
             noise = np.concatenate([iia.runtime.draw_noise(int(s), 1, self.sampler.sample_shape) for s in seeds])
         noise = self.sampler.check_noise(noise)
         if labels is None and self.sampler.conditional:  # the runtime's message offers one-hot, which [B, 1] cannot carry

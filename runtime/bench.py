@@ -36,8 +36,8 @@ import numpy as np
 from iia.cli import check_options, int_list, option
 
 from .contract import (BACKENDS, DECODER_ONNX, DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_ONNX,
-                       DENOISER_SIGMA, DENOISER_X, IMAGES_U8, MAX_BATCH, ArtifactError, draw_labels, draw_noise,
-                       read_program, read_verified)
+                       DENOISER_SIGMA, DENOISER_X, IMAGES_U8, MAX_BATCH, MAX_SEED, MAX_THREADS, ArtifactError,
+                       draw_labels, draw_noise, read_program, read_verified)
 from .loader import describe, load
 from .loop import DenoiserLoop
 from .onnx_backend import CUDA, OrtSession
@@ -75,7 +75,6 @@ class Eager(Protocol):
 EagerFactory = Callable[[Sampler, "str | None", str, int, str], Eager]
 
 
-MAX_SEED = 2**62  # image k of seed s uses default_rng(s + k): far below numpy's limits for any batch
 
 
 @dataclass
@@ -85,7 +84,7 @@ class RunOptions:
     backend: str = option("auto", "auto: TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU, the first usable here",
                           choices=("auto", *BACKENDS))
     threads: int | None = option(None, "ONNX Runtime intra-op threads (default: the CPUs this process may use "
-                                       "for iia-bench, ONNX Runtime's default for iia-sample)", lo=1, hi=1024)
+                                       "for iia-bench, ONNX Runtime's default for iia-sample)", lo=1, hi=MAX_THREADS)
     spin: bool = option(True, "idle ONNX Runtime threads sleep instead of spin-waiting (for a machine whose cores "
                               "are all busy, e.g. 2 threads on 2 shared cores: latency is otherwise bimodal)")
 

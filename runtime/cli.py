@@ -10,8 +10,8 @@ from pathlib import Path
 from iia.cli import (ProgressBar, add_options, check_options, check_output_file, int_list, option, options_from,
                      run_cli, written)
 
-from .bench import MAX_SEED, BenchOptions, RunOptions
-from .contract import MAX_LABEL_DIM
+from .bench import BenchOptions, RunOptions
+from .contract import MAX_SEED
 
 GRID_MAX = 1024  # the PNG grid shows at most this many samples (all of them go to the .npz)
 
@@ -23,7 +23,7 @@ class SampleOptions(RunOptions):
     n: int = option(64, "number of samples; drawn and written in chunks of the artifact's max batch", lo=1, hi=10**7)
     seed: int = option(0, "first image seed: image k uses numpy default_rng(seed + k)", lo=0, hi=MAX_SEED)
     labels: list[int] | None = option(None, "class ids, comma-separated, repeated to --n (default: image k of seed s "
-                                            "gets class (s + k) mod label_dim)", parse=int_list, lo=0, hi=MAX_LABEL_DIM - 1)
+                                            "gets class (s + k) mod label_dim)", parse=int_list)
     out: str = option("grid.png", "PNG grid path; the .npz of raw outputs (images float32, noise, labels, seed) goes "
                                   "beside it with suffix .npz (an --out ending in .npz names the .npz, the PNG beside it)")
 
@@ -48,7 +48,7 @@ def _labels_for(sampler, given: list[int] | None, n: int, seed: int):
     if not given:
         _err(f"no --labels given: image k of seed s gets class (s + k) mod {sampler.label_dim}")
         return draw_labels(seed, n, sampler.label_dim)
-    bad = [label for label in given if label >= sampler.label_dim]
+    bad = [label for label in given if not 0 <= label < sampler.label_dim]  # one message for -1 and for 10
     if bad:
         raise ValueError(f"--labels {bad[0]} out of range: this model has label_dim {sampler.label_dim}, expected "
                          f"ids in [0, {sampler.label_dim - 1}]")

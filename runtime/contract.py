@@ -83,6 +83,10 @@ MAX_RANK, MAX_DIM, MAX_ELEMENTS = 4, 1 << 16, 1 << 28  # sample_shape: rank, eac
 MAX_LABEL_DIM = 1 << 20
 MAX_BATCH = 1 << 16
 MAX_NFE = 10_000
+UTF8_BOM = b"\xef\xbb\xbf"
+BOM_REFUSED = "it starts with a UTF-8 byte order mark; JSON files of an artifact are plain UTF-8"
+MAX_SEED = 2**62  # the largest first seed a command or server takes: image k uses default_rng(seed + k)
+MAX_THREADS = 1024  # ONNX Runtime intra-op threads a load accepts (more would only exhaust the machine)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "uint8")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # graph metadata (ONNX metadata_props) the compiler stamps on sampler.onnx; load() compares it with the manifest
@@ -117,7 +121,10 @@ def make_manifest(**fields) -> dict:
 
 
 def artifact_root(path: str | Path) -> Path:
-    """The artifact directory for DIR or DIR/manifest.json."""
+    """The artifact directory for DIR or DIR/manifest.json (ArtifactError for an empty path: it is no directory,
+    though pathlib reads it as '.')."""
+    if not str(path):
+        raise ArtifactError("the artifact path is empty")
     path = Path(path)
     if path.name == MANIFEST and path.is_file():
         return path.parent
@@ -145,6 +152,8 @@ def parse_json(data: bytes, path) -> object:
     def no_constant(name):  # NaN/Infinity are not JSON: the C++ runtime's parser refuses them too
         raise ValueError(f"{name} is not a JSON number")
 
+    if data.startswith(UTF8_BOM):  # json refuses it and nlohmann would skip it: one verdict, stated once
+        raise ArtifactError(f"{path} is not readable JSON ({BOM_REFUSED})")
     try:
         return json.loads(data.decode("utf-8"), parse_constant=no_constant)
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, int too long
@@ -165,7 +174,17 @@ def _int_field(data: dict, key: str, lo: int, hi: int, where) -> int:
 
 
 def _short(value) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__}"
+    """A value for a one-line message: its repr (a list of at most 8 scalars too), "a dict", "a list of N
+    items" for other containers; cut to 40 characters (the C++ runtime's short_repr says the same)."""
+    if isinstance(value, dict):
+        text = "a dict"
+    elif isinstance(value, list):
+        scalars = len(value) <= 8 and not any(isinstance(item, (list, dict)) for item in value)
+        text = repr(value) if scalars else ""
+        if not scalars or len(text) > 40:
+            text = f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
+    else:
+        text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .contract import (BACKENDS, SAMPLER_ONNX, SAMPLER_ONNX_DATA, artifact_root, read_manifest, read_verified,
-                       verify_all, verify_file)
+from .contract import (BACKENDS, MAX_THREADS, SAMPLER_ONNX, SAMPLER_ONNX_DATA, artifact_root, read_manifest,
+                       read_verified, verify_all, verify_file)
 from .onnx_backend import CUDA, OnnxRuntimeSampler, cuda_unavailable_reason
 from .sampler import BackendUnavailable, Sampler
 from .trt_backend import PLAN, TENSORRT, TensorRTSampler, check_plan_compatible
@@ -47,8 +47,8 @@ def load(path: str | Path, backend: str = "auto", *, threads: int | None = None,
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected auto, {', '.join(BACKENDS)}")
-    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    if threads is not None and (isinstance(threads, bool) or not 1 <= int(threads) <= MAX_THREADS):
+        raise ValueError(f"threads must lie in [1, {MAX_THREADS}], got {threads}")
     root = artifact_root(path)
     manifest = read_manifest(root)
     # The model file a backend loads is checked as it is read (what is checked is what is loaded); the other

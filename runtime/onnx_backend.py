@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import (BATCH_AXIS, NO_CUDA, NOISE, ORT_CPU, ORT_CUDA, SAMPLER_ONNX, STATIC_BATCHES, ArtifactError,
-                       check_graph_metadata, cuda_device_count)
+from .contract import (BATCH_AXIS, MAX_THREADS, NO_CUDA, NOISE, ORT_CPU, ORT_CUDA, SAMPLER_ONNX, STATIC_BATCHES,
+                       ArtifactError, check_graph_metadata, cuda_device_count)
 
 from .sampler import BackendUnavailable, Sampler
 
@@ -43,8 +43,8 @@ def session_options(threads: int | None = None, static_batch: int | None = None,
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3  # errors only: no per-session warnings on a service's stderr
     if threads is not None:
-        if int(threads) < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if not 1 <= int(threads) <= MAX_THREADS:
+            raise ValueError(f"threads must lie in [1, {MAX_THREADS}], got {threads}")
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     if not spin:

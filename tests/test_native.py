@@ -71,8 +71,9 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("native_artifacts")
     calib = CalibrationOptions(batch=40, holdout=32, reference_steps=32)
 
-    def opts(**kw):
-        return CompileOptions(force=True, max_batch=MAX_BATCH, engine=False, calibration=calib, **kw)
+    def opts(**kw):  # a base solver fits nothing: no calibration flags for it
+        fit = {} if kw.get("solver") in ("edm", "ddim") else {"calibration": calib}
+        return CompileOptions(force=True, max_batch=MAX_BATCH, engine=False, **fit, **kw)
 
     make_edm_pickle(root / "edm.pkl", kind="edm-cond")
     quiet = lambda text: None  # noqa: E731
@@ -352,6 +353,9 @@ BAD_ARTIFACTS = {  # name: (mutation, C status)
     "listed file grew": (lambda p: (p / "denoiser.onnx").write_bytes((p / "denoiser.onnx").read_bytes() + b"x"), ARTIFACT),
     "static batch over max": (_edit_manifest(lambda d: d.update(static_batches=[1, 99])), ARTIFACT),
     "deeply nested JSON": (lambda p: (p / "manifest.json").write_text("[" * 100000 + "]" * 100000), ARTIFACT),
+    "manifest with a UTF-8 BOM": (lambda p: (p / "manifest.json").write_bytes(b"\xef\xbb\xbf" + (p / "manifest.json")
+                                                                               .read_bytes()), ARTIFACT),
+    "label range past label_dim": (_edit_manifest(lambda d: d["inputs"][1].update(range=[0, 20])), ARTIFACT),
 }
 
 
@@ -392,6 +396,9 @@ def test_missing_dir_and_manifest_path(native, artifacts, tmp_path):
     with pytest.raises(NativeError) as info:
         native["lib"].load(missing)
     assert info.value.status == ARTIFACT and info.value.message == _python_load_message(missing)
+    with pytest.raises(NativeError) as info:  # not "'.' is not an iia artifact"
+        native["lib"].load("")
+    assert info.value.message == _python_load_message("") == "the artifact path is empty"
     by_manifest = native["lib"].load(artifacts["edm"] / "manifest.json")  # DIR/manifest.json works too
     assert by_manifest.info.label_dim == 10
     by_manifest.close()
@@ -447,8 +454,10 @@ def test_backend_choice_same_messages(native, artifacts, edm_copy):
     (["--noise", "n.npy", "--out", "x.npy", "--backend", "gpu"], "unknown backend 'gpu'"),
     (["--noise", "n.npy", "--out", "x.png", "--labels", "1"], "a PNG grid needs an image model"),
     (["--bench", "--batch", "9"], "batch size 9 exceeds the artifact's maximum batch 8"),
-    (["--noise", "n.npy", "--out", "x.npy", "--threads", "0"], "--threads must be >= 1, got 0"),
-    (["--bench", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--noise", "n.npy", "--out", "x.npy", "--threads", "0"], "--threads must lie in [1, 1024], got 0"),
+    (["--bench", "--threads", "0"], "--threads must lie in [1, 1024], got 0"),
+    (["--noise", "n.npy", "--out", "x.npy", "--threads", "100000"], "--threads must lie in [1, 1024], got 100000"),
+    (["--noise", "n.npy", "--out", "x.npy", "--labels", "3,"], "--labels expects comma-separated integers, got '3,'"),
     # output paths are checked before any work: nothing is loaded, run or benchmarked (stdout stays empty)
     (["--bench", "--json", "/nonexistent/x.json"],
      "--json /nonexistent/x.json: its directory /nonexistent cannot be used (No such file or directory)"),
@@ -585,13 +594,13 @@ def test_native_contract_constants_equal_python_contract():
     for name, value in bounds.items():  # int64_t(4) << 20 and the like
         native[name] = eval(re.sub(r"int64_t\((\d+)\)", r"\1", value))
     assert {name: native[name] for name in bounds} == {name: getattr(contract, name) for name in bounds}
-    assert len(bounds) == 9
+    assert len(bounds) == 10
     pairs = {"NOISE": contract.NOISE, "LABELS": contract.LABELS, "IMAGES": contract.IMAGES,
              "IMAGES_U8": contract.IMAGES_U8, "SCHEMA": contract.SCHEMA, "SCHEMA_VERSION": contract.SCHEMA_VERSION,
              "MANIFEST": contract.MANIFEST, "SAMPLER_ONNX": contract.SAMPLER_ONNX, "PLAN": contract.SAMPLER_PLAN,
              "NO_CUDA": contract.NO_CUDA, "SAMPLER_ONNX_DATA": contract.SAMPLER_ONNX_DATA,
              "TENSORRT": contract.TENSORRT, "ORT_CUDA": contract.ORT_CUDA, "ORT_CPU": contract.ORT_CPU,
-             "BATCH_AXIS": contract.BATCH_AXIS}
+             "BATCH_AXIS": contract.BATCH_AXIS, "BOM_REFUSED": contract.BOM_REFUSED}
     assert {k: native.get(k) for k in pairs} == pairs
     order = re.search(r"BACKENDS\[\] = \{([^}]*)\}", (ROOT / "runtime" / "native" / "src" / "runtime.cpp").read_text())
     assert tuple(native[name.strip()] for name in order.group(1).split(",")) == contract.BACKENDS  # auto's order

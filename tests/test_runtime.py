@@ -194,6 +194,9 @@ def test_unavailable_backends_explain_why(artifacts):
             load(artifacts["uncond"], backend="onnxruntime-cuda")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         load(artifacts["uncond"], backend="cuda")
+    for threads in (0, 100_000):  # 100000 would start 100000 ONNX Runtime threads
+        with pytest.raises(ValueError, match=rf"threads must lie in \[1, 1024\], got {threads}"):
+            load(artifacts["uncond"], threads=threads)
     s = load(artifacts["uncond"] / "manifest.json", threads=1)  # DIR/manifest.json works too
     assert s.backend == "onnxruntime-cpu" and [name for name, _ in s.fallbacks] == ["tensorrt", "onnxruntime-cuda"]
 
@@ -271,6 +274,9 @@ def test_iia_sample_writes_png_and_npz(artifacts, samplers, tmp_path, capsys):
     assert not (tmp_path / "v.png").exists() and np.load(tmp_path / "v.npz")["images"].shape == (MAX_BATCH + 3, 3)
     assert sample_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "not found" in capsys.readouterr().err
+    for bad in ("-1", "3"):  # one message, naming the model's range, below and above it
+        assert sample_main([str(artifacts["cond"]), "--labels", bad, "--out", str(tmp_path / "b.png")]) == 2
+        assert f"--labels {bad} out of range: this model has label_dim 3, expected ids in [0, 2]" in capsys.readouterr().err
 
 
 def test_iia_bench_writes_rows(artifacts, tmp_path, capsys):

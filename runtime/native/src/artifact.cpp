@@ -140,6 +140,7 @@ std::string plan_absent_reason(const Manifest& m) {
 }
 
 std::string artifact_root(const std::string& path) {
+    if (path.empty()) throw artifact_error("the artifact path is empty");  // as runtime/contract.py: not '.'
     const std::string norm = normalize_path(path);
     if (path_name(norm) == MANIFEST && is_file(norm)) {
         const size_t slash = norm.rfind('/');
@@ -213,9 +214,21 @@ bool is_int(const json& v) { return v.is_number_integer(); }  // Python int, not
 
 int64_t as_i64(const json& v) { return v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? INT64_MAX : v.get<int64_t>(); }
 
-// runtime/contract.py's _short: repr, "a dict" / "a list" for containers, cut to 40 characters
+// runtime/contract.py's _short: repr (a list of at most 8 scalars too), "a dict", "a list of N items" for
+// other containers, cut to 40 characters
 std::string short_repr(const json& v) {
-    std::string text = v.is_object() ? "a dict" : v.is_array() ? "a list" : py_repr(v);
+    std::string text;
+    if (v.is_object()) {
+        text = "a dict";
+    } else if (v.is_array()) {
+        bool scalars = v.size() <= 8;
+        for (const auto& item : v) scalars = scalars && !item.is_array() && !item.is_object();
+        if (scalars) text = py_repr(v);
+        if (!scalars || text.size() > 40)
+            text = "a list of " + std::to_string(v.size()) + (v.size() == 1 ? " item" : " items");
+    } else {
+        text = py_repr(v);
+    }
     return text.size() <= 40 ? text : text.substr(0, 37) + "...";
 }
 
@@ -418,6 +431,8 @@ Manifest read_manifest(const std::string& root) {
         throw artifact_error(root + " is not an iia artifact: it has no manifest.json (make one with iia-compile)");
     }
     const std::string text(bytes.begin(), bytes.end());
+    if (text.rfind(UTF8_BOM, 0) == 0)  // nlohmann would skip it; Python's json refuses it: one verdict
+        throw artifact_error(m.path + " is not readable JSON (" + BOM_REFUSED + ")");
     if (nesting(text) > 500) throw artifact_error(m.path + " is not usable JSON (nested too deeply)");
     try {
         m.doc = std::make_shared<json>(json::parse(text));

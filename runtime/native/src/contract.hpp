@@ -41,6 +41,9 @@ inline constexpr int64_t MAX_ELEMENTS = int64_t(1) << 28;
 inline constexpr int64_t MAX_LABEL_DIM = int64_t(1) << 20;
 inline constexpr int64_t MAX_BATCH = int64_t(1) << 16;
 inline constexpr int64_t MAX_NFE = 10000;
+inline constexpr int64_t MAX_THREADS = 1024;  // ONNX Runtime intra-op threads a load accepts
+inline constexpr const char* UTF8_BOM = "\xEF\xBB\xBF";
+inline constexpr const char* BOM_REFUSED = "it starts with a UTF-8 byte order mark; JSON files of an artifact are plain UTF-8";
 inline constexpr const char* NO_CUDA = "no CUDA device found (libcuda missing or no GPU)";
 
 // A failure with its C ABI status; what() is the one-line message.

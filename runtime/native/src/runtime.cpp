@@ -101,8 +101,9 @@ void load(const char* path, const iia_load_options* options, iia_sampler** out) 
     for (const char* b : BACKENDS) known = known || backend == b;
     if (!known) throw invalid("unknown backend " + py_repr(backend) + ": expected auto, " + join({TENSORRT, ORT_CUDA, ORT_CPU}, ", "));
     // IIA_THREADS_DEFAULT is Python's threads=None; 0 and other values below 1 are refused as Python refuses them
-    if (options->threads < 1 && options->threads != IIA_THREADS_DEFAULT)
-        throw invalid("threads must be >= 1, got " + std::to_string(options->threads));
+    if ((options->threads < 1 || options->threads > MAX_THREADS) && options->threads != IIA_THREADS_DEFAULT)
+        throw invalid("threads must lie in [1, " + std::to_string(MAX_THREADS) + "], got " +
+                      std::to_string(options->threads));
     if (path == nullptr) throw invalid("artifact path is NULL");
     const bool verify = options->verify != 0;
 

@@ -46,9 +46,12 @@ int main(int argc, char** argv) {
     options.backend = "onnxruntime-cpu";
     expect(options.threads == IIA_THREADS_DEFAULT, "threads default to IIA_THREADS_DEFAULT");
     options.threads = 0;  /* refused as Python's load(threads=0); IIA_THREADS_DEFAULT is ONNX Runtime's default */
-    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must be >= 1, got 0", "threads 0");
+    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must lie in [1, 1024], got 0", "threads 0");
     options.threads = -2;
-    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must be >= 1, got -2", "threads -2");
+    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must lie in [1, 1024], got -2", "threads -2");
+    options.threads = 100000;  /* would start 100000 ONNX Runtime threads */
+    expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "threads must lie in [1, 1024], got 100000",
+                 "threads 100000");
     options.threads = 1;
     options.struct_size = 3;
     expect_error(iia_load(argv[1], &options, &s), IIA_ERROR_INVALID_ARGUMENT, "struct_size", "struct_size");

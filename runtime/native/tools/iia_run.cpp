@@ -22,6 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "contract.hpp"  // MAX_THREADS (header-only constants)
 #include "iia/runtime.hpp"
 #include "npy.hpp"
 #include "png_grid.hpp"
@@ -88,14 +89,13 @@ std::vector<int64_t> parse_ints(const std::string& option, const std::string& te
     while (start <= text.size()) {
         const size_t comma = text.find(',', start);
         const std::string part = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-        if (!part.empty()) {
-            char* end = nullptr;
-            errno = 0;
-            const long long v = std::strtoll(part.c_str(), &end, 10);
-            if (*end != '\0' || errno != 0)
-                throw UsageError(option + " expects comma-separated integers, got '" + text + "'");
-            out.push_back(v);
-        }
+        char* end = nullptr;
+        errno = 0;
+        const long long v = std::strtoll(part.c_str(), &end, 10);
+        // an empty item ("1,,2", "3,") is a typo, not nothing: refused as iia.cli.int_list refuses it
+        if (part.empty() || *end != '\0' || errno != 0)
+            throw UsageError(option + " expects comma-separated integers, got '" + text + "'");
+        out.push_back(v);
         if (comma == std::string::npos) break;
         start = comma + 1;
     }
@@ -135,8 +135,9 @@ Args parse(int argc, char** argv) {
                                             : "expected one artifact directory, got " + std::to_string(positional.size()) +
                                                   " positional arguments");
     a.dir = positional[0];
-    if (threads_given && a.threads < 1)  // the library's (and iia.runtime's) rule; omit --threads for ONNX Runtime's default
-        throw UsageError("--threads must be >= 1, got " + std::to_string(a.threads));
+    if (threads_given && (a.threads < 1 || a.threads > iia_native::MAX_THREADS))  // the library's (and iia.runtime's) rule
+        throw UsageError("--threads must lie in [1, " + std::to_string(iia_native::MAX_THREADS) + "], got " +
+                         std::to_string(a.threads));
     if (a.bench) {
         if (!a.out.empty()) throw UsageError("--out does not apply to --bench (use --json FILE for the rows)");
         if (a.iters < 1) throw UsageError("--iters must be >= 1, got " + std::to_string(a.iters));

@@ -86,9 +86,9 @@ typedef struct iia_load_options {
     size_t struct_size;   /* sizeof(iia_load_options): set by iia_load_options_init */
     const char* backend;  /* NULL or "auto" (TensorRT > ONNX Runtime CUDA > ONNX Runtime CPU, the first usable
                              here), "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu" */
-    int threads;          /* ONNX Runtime intra-op threads, >= 1; IIA_THREADS_DEFAULT (-1, the default): ONNX
-                             Runtime's own choice (one per physical core). 0 and other values are refused
-                             ("threads must be >= 1, got 0"), as the Python runtime's load(threads=0) */
+    int threads;          /* ONNX Runtime intra-op threads in [1, 1024]; IIA_THREADS_DEFAULT (-1, the default):
+                             ONNX Runtime's own choice (one per physical core). Others are refused ("threads must
+                             lie in [1, 1024], got 0"), as the Python runtime's load(threads=0) */
     int device_id;        /* CUDA device for the GPU backends */
     int verify;           /* nonzero (default): check every file's sha256 against the manifest */
     int spin;             /* nonzero (default): idle ONNX Runtime intra-op threads spin-wait (lowest latency on
