@@ -196,19 +196,20 @@ def calibrate(
     fitted = Program(base.solver, base.sigmas, tuple(steps), base.r)
     result = CalibrationResult(fitted, fitted, base, options, report)
     if options.guard:
-        if progress:
-            progress(total_work, total_work, f"guard: {options.holdout} held-out noises")
-        result.program, result.guard = guard_end_to_end(denoiser, base, fitted, options, reference)
+        result.program, result.guard = guard_end_to_end(denoiser, base, fitted, options, reference, progress)
     result.seconds = time.perf_counter() - started
     return result
 
 
 
-def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None, sigma_start: float | None = None):
+def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None, sigma_start: float | None = None,
+                on_step: Callable[[int, int], None] | None = None):
     """Held-out noise (a different stream from the calibration batch) and its reference solution from
-    sigma_start * noise (the judged program's sigmas[0]; default sigma_max)."""
+    sigma_start * noise (the judged program's sigmas[0]; default sigma_max); `on_step(done, total)` follows
+    the reference integration."""
     noise, lab = draw_noise(denoiser, options.holdout, options.seed + HOLDOUT_SEED_OFFSET, labels)
-    return noise, lab, reference_solution(denoiser, noise, lab, options.reference_steps, sigma_start=sigma_start)
+    return noise, lab, reference_solution(denoiser, noise, lab, options.reference_steps, sigma_start=sigma_start,
+                                          on_step=on_step)
 
 
 def mixed_program(base: Program, fitted: Program, k: int) -> Program:
@@ -221,22 +222,27 @@ def per_sample_sq_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ((x.to(torch.float64) - ref.to(torch.float64)) ** 2).reshape(x.shape[0], -1).mean(1)
 
 
-def guard_end_to_end(denoiser, base: Program, fitted: Program, options, reference=None):
+def guard_end_to_end(denoiser, base: Program, fitted: Program, options, reference=None, progress=None):
     """Choose how many leading steps keep their fitted coefficients, by held-out end-to-end error.
 
     A candidate must beat the base solver by more than `guard_z` standard errors of the paired per-sample
     difference: a few held-out samples that happen to land better (multimodal data: trajectories near a
     basin boundary) must not decide, since the gain would not carry over to new noise.
     """
-    noise, labels, ref = reference or holdout_set(denoiser, options, sigma_start=base.sigmas[0])
+    say = progress or (lambda done, total, text: None)  # the guard is most of a calibration's time: show it
+    noise, labels, ref = reference or holdout_set(
+        denoiser, options, sigma_start=base.sigmas[0],
+        on_step=lambda k, n: say(k, n, f"guard: reference on {options.holdout} held-out noises, step {k}/{n}"))
     fitted_steps = [s.index for s, b in zip(fitted.steps, base.steps) if s.coefficients != b.coefficients]
     boundaries = [i + 1 for i in fitted_steps]
     if len(boundaries) > options.guard_candidates:  # each candidate costs one held-out sampling run
         picks = torch.linspace(0, len(boundaries) - 1, options.guard_candidates).round().long().tolist()
         boundaries = [boundaries[i] for i in sorted(set(picks))]
     candidates = [0] + boundaries
-    sq = {k: per_sample_sq_error(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref)
-          for k in candidates}
+    sq = {}
+    for i, k in enumerate(candidates):
+        say(i, len(candidates), f"guard: scoring {i + 1}/{len(candidates)} (fitted steps < {k})")
+        sq[k] = per_sample_sq_error(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref)
     errors = {k: float(v.mean().sqrt()) for k, v in sq.items()}
     n = len(noise)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from iia.models.base import Denoiser, DenoiserError
@@ -70,10 +72,13 @@ def advance(program: Program, k: int, values: dict[str, torch.Tensor], denoiser:
 
 
 def run_program(program: Program, values: dict[str, torch.Tensor], denoiser: Denoiser,
-                class_labels: torch.Tensor | None) -> torch.Tensor:
+                class_labels: torch.Tensor | None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Execute every step on `values`; `on_step(k + 1, n_steps)` after each (progress of long integrations)."""
     live = live_after(program)
     for k in range(len(program.steps)):
         advance(program, k, values, denoiser, class_labels, live)
+        if on_step is not None:
+            on_step(k + 1, len(program.steps))
     return values[program.output]
 
 
@@ -130,11 +135,12 @@ def sample(
 
 
 def integrate(
-    family: str, denoiser: Denoiser, z: torch.Tensor, sigmas, class_labels: torch.Tensor | None = None
+    family: str, denoiser: Denoiser, z: torch.Tensor, sigmas, class_labels: torch.Tensor | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Integrate the ODE from state `z` at sigmas[0] over `sigmas` with the family's base solver."""
     program = base_program_for_grid(family, [float(s) for s in sigmas])
-    return run_program(program, {program.steps[0].state: z}, denoiser, class_labels)
+    return run_program(program, {program.steps[0].state: z}, denoiser, class_labels, on_step)
 
 
 def reference_solution(
@@ -144,6 +150,7 @@ def reference_solution(
     steps: int = 512,
     chunk: int = 256,
     sigma_start: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """High-accuracy solution of the probability-flow ODE from the same noise: Heun on a fine Karras grid.
 
@@ -154,11 +161,13 @@ def reference_solution(
     top = denoiser.sigma_max if sigma_start is None else float(sigma_start)
     sigmas = karras_sigmas(steps, denoiser.sigma_min, top, 7.0, denoiser.round_sigma)
     outs = []
+    n_chunks = -(-noise.shape[0] // chunk)
     for start in range(0, noise.shape[0], chunk):
         part = slice(start, start + chunk)
         z0 = noise[part].to(torch.float64) * sigmas[0]
         labels = None if class_labels is None else class_labels[part]
-        outs.append(integrate("edm", denoiser, z0, sigmas, labels))
+        tick = None if on_step is None else (lambda k, n, i=start // chunk: on_step(i * n + k, n_chunks * n))
+        outs.append(integrate("edm", denoiser, z0, sigmas, labels, tick))
     return torch.cat(outs)
 
 

@@ -70,7 +70,8 @@ class CompileOptions:
                         choices=GRAPH_FORMS)
     force: bool = option(False, "replace an existing artifact directory (only an iia artifact: anything else is refused)")
     engine: bool = option(True, "skip the TensorRT engine", flag="--no-engine")
-    guide: str | None = option(None, "guide network PKL (EDM2 guidance / autoguidance): D = D_guide + g (D_net - D_guide)")
+    guide: str | None = option(None, "guide network (a .pkl or diffusers folder, as MODEL; EDM2 guidance / "
+                                     "autoguidance): D = D_guide + g (D_net - D_guide) over the noise range both cover")
     guidance: float | None = option(None, "guidance weight g for --guide (default 1: the main net alone); IIA is "
                                           "calibrated at it", lo=-100.0, hi=100.0)
     cfg: float | None = option(None, "classifier-free guidance weight against the null label (models trained with "
@@ -472,6 +473,9 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             coef_data, program, how = obtain_coefficients(denoiser, solver, opts, log, progress)
             solver = program.solver  # auto: the solver the search chose
             log(f"  {how}")
+            if float(program.sigmas[0]) < denoiser.sigma_max * (1 - 1e-9):
+                log(f"  starts at sigma_0 = {float(program.sigmas[0]):.4g} * noise, below the model's sigma_max "
+                    f"{denoiser.sigma_max:.4g}: the schedule's first time step")
             coef_sha = write_json_atomic(work / COEFFICIENTS, coef_data)
             write_json_atomic(work / PROGRAM, program_document(program))
         if _fail_after == "coefficients":

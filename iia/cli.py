@@ -169,7 +169,8 @@ def stage(name: str, timings: dict | None = None, log: Callable[[str], None] | N
 
 
 class ProgressBar:
-    """`progress(done, total, text)` callback drawn with tqdm (quiet when disabled)."""
+    """`progress(done, total, text)` callback drawn with tqdm (quiet when disabled); a new total starts the
+    bar over (a calibration's fit, then its guard's reference and scoring, each with its own count)."""
 
     def __init__(self, desc: str, enabled: bool = True):
         self.desc, self.enabled, self.bar = desc, enabled, None
@@ -181,6 +182,8 @@ class ProgressBar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=self.desc, leave=False, file=sys.stderr)
+        elif total != self.bar.total:
+            self.bar.reset(total=total)
         self.bar.set_postfix_str(text, refresh=False)
         self.bar.update(done - self.bar.n)
 

@@ -244,7 +244,8 @@ def _beta_table_reading(scheduler, class_name: str, sched_file: Path, x0_clippin
     changed.append(f"initial state sigma_0 * noise in iia's units, sigma_0 the schedule's first sigma (sigma_max = "
                    f"{float(table[-1]):.4g} where the timesteps start at t = {T - 1}; lower where leading, uniform or "
                    f"quadratic spacing starts below it); diffusers' pipelines start from unit noise in the VP form, "
-                   f"sqrt(sigma_0^2 + 1) * noise in iia's units: the same seed gives a slightly different image")
+                   f"sqrt(sigma_0^2 + 1) * noise in iia's units, a start larger by sqrt(1 + 1/sigma_0^2) (x1.05 at "
+                   f"sigma_0 = 3): the same seed gives a different image")
     if class_name == "PNDMScheduler":
         changed.append("PNDMScheduler: its PLMS/PRK warm-up is not reproduced step for step; iia's --solver "
                        "ipndm/spndm are the same linear-multistep family on the same timesteps")
@@ -394,8 +395,13 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         present = sorted(p.name for p in unet_dir.glob("diffusion_pytorch_model*"))
         raise DiffusersLoadError(f"{unet_dir} has no diffusion_pytorch_model.safetensors (or .bin)"
                                  + (f"; found {', '.join(present)} (variants are not loaded)" if present else ""))
-    unet, info = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False,
-                                             output_loading_info=True)
+    try:
+        unet, info = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False,
+                                                 output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as err:  # diffusers/torch/safetensors: truncated, corrupt, mismatched
+        cause = " ".join(str(err).split())  # torch's size-mismatch list runs to thousands of characters
+        raise DiffusersLoadError(f"{unet_dir}/{weights[0]} could not be loaded (truncated or corrupt, or made for "
+                                 f"another config.json): {cause[:200]}{'...' if len(cause) > 200 else ''}") from None
     unet.eval()
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         found = info.get(kind) or []

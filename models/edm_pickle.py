@@ -404,7 +404,7 @@ def read_edm_pickle(path: str | Path) -> tuple[dict, dict]:
         raise EDMPickleError(f"EDM pickle not found: {path}") from None
     except OSError as exc:
         raise EDMPickleError(f"cannot read EDM pickle {path}: {exc.strerror or exc}") from None
-    label = path.name
+    label = str(path)  # the path as given: a name alone hides which file (/dev/null -> "null")
     if data.startswith(_ZIP_MAGIC):
         raise EDMPickleError(
             f"{label}: this is a torch.save/zip checkpoint, not an EDM network pickle "

@@ -116,12 +116,16 @@ def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | None 
     if not sigma_min < sigma_max:
         raise GuidanceError(f"the main net's and the guide's noise ranges do not overlap "
                             f"([{net.sigma_min:g}, {net.sigma_max:g}] vs [{guide.sigma_min:g}, {guide.sigma_max:g}])")
+    report = list(net.report)
+    if (sigma_min, sigma_max) != (net.sigma_min, net.sigma_max):  # the guide is defined on less: said, not silent
+        report.append(f"  changed: sigma range [{net.sigma_min:g}, {net.sigma_max:g}] narrowed to [{sigma_min:g}, "
+                      f"{sigma_max:g}], where the guide {guide.identity.get('name', 'guide')} is defined too")
     identity = {"kind": "guided", "name": name, "net": _ident(net), "guidance": settings}
     identity["sha256"] = _digest({"net": identity["net"], "guidance": settings})
     out = Denoiser(net=module.eval(), shape=tuple(net.shape), sigma_min=float(sigma_min), sigma_max=float(sigma_max),
                    label_dim=net.label_dim, round_sigma=net.round_sigma, identity=identity,
                    sigma_table=net.sigma_table, default_schedule=net.default_schedule, rho=net.rho,
-                   steps_offset=net.steps_offset, report=net.report, decode=net.decode, null_label=net.null_label)
+                   steps_offset=net.steps_offset, report=tuple(report), decode=net.decode, null_label=net.null_label)
     out.components = {"net": net, "guide": guide}
     return out
 

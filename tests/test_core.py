@@ -196,3 +196,16 @@ def test_cli_calibrate_writes_artifact(tmp_path):
     assert calibrate_main(["gmm:d=16,components=4", "--nfe", "5", "--batch", "20", "--holdout", "16",
                            "--reference-steps", "32", "--out", str(out)]) == 0
     assert artifact.read(out)["nfe"] == 5
+
+
+def test_guide_with_a_narrower_noise_range_says_so():
+    """--guide narrows the sampler to the noise range both nets cover: a 'changed:' line says it, never silent."""
+    from iia.models import gaussian_mixture
+    from iia.models.guidance import guided
+
+    net = gaussian_mixture(shape=(4,), components=2)
+    same = guided(net, gaussian_mixture(shape=(4,), components=2, seed=1), 1.5)
+    assert (same.sigma_min, same.sigma_max) == (0.002, 80.0) and not any("narrowed" in r for r in same.report)
+    narrow = guided(net, gaussian_mixture(shape=(4,), components=2, seed=1, sigma_min=0.01, sigma_max=40.0), 1.5)
+    assert (narrow.sigma_min, narrow.sigma_max) == (0.01, 40.0)
+    assert any("changed: sigma range [0.002, 80] narrowed to [0.01, 40]" in r for r in narrow.report)

@@ -297,6 +297,14 @@ def test_broken_weights_refused_naming_the_file(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(ValueError, match=f"parameter {dropped[0]} holds NaN/Inf"):
         load(folder)
+    save_file({k: v for k, v in tensors.items() if k != dropped[0]} | {dropped[0]: torch.zeros(3, 3)}, weights)
+    with pytest.raises(ValueError, match=r"safetensors could not be loaded \(truncated or corrupt, or made for another "
+                                         r"config.json\): .*size mismatch") as info:
+        load(folder)
+    assert len(str(info.value)) < 400 and "\n" not in str(info.value)  # torch's list runs to thousands of characters
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"safetensors could not be loaded \(truncated or corrupt"):
+        load(folder)
     weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
     with pytest.raises(ValueError, match=r"no diffusion_pytorch_model.safetensors \(or .bin\); found "
                                          r"diffusion_pytorch_model.fp16.safetensors"):
