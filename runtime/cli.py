@@ -11,7 +11,7 @@ from iia.cli import (ProgressBar, add_options, check_options, check_output_file,
                      run_cli, written)
 
 from .bench import BenchOptions, RunOptions
-from .contract import MAX_SEED
+from .contract import MAX_LABEL_DIM, MAX_SEED
 
 GRID_MAX = 1024  # the PNG grid shows at most this many samples (all of them go to the .npz)
 
@@ -23,7 +23,7 @@ class SampleOptions(RunOptions):
     n: int = option(64, "number of samples; drawn and written in chunks of the artifact's max batch", lo=1, hi=10**7)
     seed: int = option(0, "first image seed: image k uses numpy default_rng(seed + k)", lo=0, hi=MAX_SEED)
     labels: list[int] | None = option(None, "class ids, comma-separated, repeated to --n (default: image k of seed s "
-                                            "gets class (s + k) mod label_dim)", parse=int_list)
+                                            "gets class (s + k) mod label_dim)", parse=int_list, lo=0, hi=MAX_LABEL_DIM - 1)
     out: str = option("grid.png", "PNG grid path; the .npz of raw outputs (images float32, noise, labels, seed) goes "
                                   "beside it with suffix .npz (an --out ending in .npz names the .npz, the PNG beside it)")
 

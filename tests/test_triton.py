@@ -346,7 +346,9 @@ def test_bad_requests_get_our_error_and_the_server_keeps_serving(server, digits,
         (dict(noise=bad_nan, class_labels=label), "noise contains 1 NaN/Inf value(s)"),
         (dict(noise=noise, seed=np.array([[1], [2]], dtype=np.int64), class_labels=label), "either noise or seed"),
         (dict(class_labels=label), "give noise (FP32 [B, 1, 8, 8]) or seed"),
-        (dict(seed=np.array([[-1], [2]], dtype=np.int64), class_labels=label), "seeds must be >= 0, got -1"),
+        (dict(seed=np.array([[-1], [2]], dtype=np.int64), class_labels=label), f"seeds must lie in [0, {2**62}], got -1"),
+        (dict(seed=np.array([[2**63 - 1], [2]], dtype=np.int64), class_labels=label),  # iia-sample's --seed bound
+         f"seeds must lie in [0, {2**62}], got {2**63 - 1}"),
         (dict(noise=noise), "give class_labels (INT64 [B, 1], one id in [0, 9] per image)"),
     ]
     bad_request = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"  # not 500 / INTERNAL
