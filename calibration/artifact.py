@@ -49,16 +49,25 @@ def same_model(a: dict, b: dict) -> bool:
 
 
 def model_difference(recorded: dict, given: dict) -> str:
-    """What tells two model identities apart, for a one-line refusal: the sha256s of files, else the names, else
-    the first differing configuration fields."""
-    if recorded.get("sha256") or given.get("sha256"):
-        return (f"{recorded.get('name')} (sha256 {recorded.get('sha256')}), not {given.get('name')} "
-                f"(sha256 {given.get('sha256')})")
+    """What tells two model identities apart, for a one-line refusal: different names; else the first differing
+    configuration fields (same name, other settings: a copied folder with an edited scheduler config); else the
+    sha256s (same settings, other weights)."""
     if recorded.get("name") != given.get("name"):
-        return f"{recorded.get('name')}, not {given.get('name')}"
+        return f"{recorded.get('name')}, not {given.get('name')}" + (
+            f" (sha256 {recorded.get('sha256')}, not {given.get('sha256')})" if recorded.get("sha256") else "")
     a, b = recorded.get("config") or {}, given.get("config") or {}
-    fields = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return f"{given.get('name')} with " + "; ".join(f"{k} {a.get(k)!r}, not {b.get(k)!r}" for k in fields[:3])
+    fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if len(fields) > 1:  # "changed" (the loader's notes) follows from the settings: name those
+        fields = [k for k in fields if k != "changed"]
+
+    def short(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    if fields:
+        return f"{given.get('name')} with " + "; ".join(f"{k} {short(a.get(k))}, not {short(b.get(k))}"
+                                                        for k in fields[:3])
+    return f"{given.get('name')} of sha256 {recorded.get('sha256')}, not {given.get('sha256')} (other weights)"
 
 
 def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:

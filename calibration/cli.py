@@ -8,8 +8,8 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
-from iia.cli import (ProgressBar, add_options, check_options, check_output_file, option, options_from, run_cli,
-                     stage, written)
+from iia.cli import (ProgressBar, add_options, check_options, check_output_file, given_options, option, options_from,
+                     run_cli, stage, written)
 
 from .fit import CalibrationOptions
 from .solvers import SOLVERS
@@ -61,6 +61,11 @@ def _calibrate(argv=None) -> int:
     check_options(options_from(CalibrateTarget, args))
     options = options_from(CalibrationOptions, args)
     options.validate()
+    guard_only = [flag for flag, name in (("--holdout", "holdout"), ("--reference-steps", "reference_steps"))
+                  if name in given_options(parser, argv)]
+    if not options.guard and guard_only:
+        raise ValueError(f"--no-guard runs no held-out guard: {', '.join(guard_only)} "
+                         f"{'does' if len(guard_only) == 1 else 'do'} not apply")
     check_output_file(args.out, "--out")
     program_for_check = args.solver, args.nfe
     denoiser = load_model_verbose(args.model, args.x0_clipping)

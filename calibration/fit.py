@@ -253,7 +253,10 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
     accepted = [k for k in candidates if significant(k)]
     best = min(accepted, key=lambda k: (errors[k], -k))
     full = candidates[-1]
-    decision = "fitted" if best == full else ("base" if best == 0 else f"fitted steps < {best}, base after")
+    if full == 0:  # no step has a basis term at this NFE: the "fit" is the base solver itself
+        decision = "base: nothing to fit at this NFE"
+    else:
+        decision = "fitted" if best == full else ("base" if best == 0 else f"fitted steps < {best}, base after")
     guard = {
         "holdout": int(n),
         "reference_steps": options.reference_steps,

@@ -179,14 +179,16 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
 
     x0 = space.karras_theta()
     f0 = f(x0)
+    cut = False  # the deadline stopped the search before it converged
     if space.n_params >= 1:
         simplex = [x0] + [[x + (0.7 if k == j else 0.0) for j, x in enumerate(x0)] for k in range(space.n_params)]
         try:
             minimize(f, x0, method="Nelder-Mead", options={
                 "maxfev": max_evals, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-5 * f0, "adaptive": True})
         except _OutOfTime:
-            pass
-    info = {"evals": evals, "loss_karras": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2)}
+            cut = True
+    info = {"evals": evals, "loss_karras": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2),
+            "cut": cut}
     return space.sigmas(best["theta"]), info
 
 
@@ -291,10 +293,12 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
     try:
         f0 = closure()
         opt.step(closure)
+        cut = False
     except _OutOfTime:
-        pass
+        cut = True  # the deadline stopped the fit before it converged
     fitted = program.with_coefficients([c.detach().tolist() for c in coefs(best["u"])])
-    return fitted, {"evals": evals, "loss_base": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2)}
+    return fitted, {"evals": evals, "loss_base": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2),
+                    "cut": cut}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,7 +421,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
             learned.append(c)
             lap("schedules", t0)
             log(f"  schedule {b.family}/{b.final}: calibration loss {info['loss_karras']:.4g} -> {info['loss']:.4g} "
-                f"({info['evals']} evals, {info['seconds']:.1f} s)")
+                f"({info['evals']} evals, {info['seconds']:.1f} s{', cut short by the budget' if info['cut'] else ''})")
     else:
         log("  learned schedules skipped: the model is discrete (its sigmas are a table of training timesteps)")
     cands += learned
@@ -440,7 +444,8 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
                                note=f"{info['evals']} evals"))
         lap("global fits", t0)
         log(f"  global fit {c.family}/{c.final}/{c.schedule}: calibration loss {info['loss_base']:.4g} -> "
-            f"{info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s)")
+            f"{info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s"
+            f"{', cut short by the budget' if info.get('cut') else ''})")
 
     # 4. the paper's local fit on the best Karras base that supports it
     if opts.local and time.perf_counter() >= deadline:

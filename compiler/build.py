@@ -104,14 +104,16 @@ UNGUARDED = "unguarded: the fit was never checked against its base solver on hel
 BASE_SOLVER_USES = ("schedule",)
 
 
-def refuse_unused_options(opts: CompileOptions) -> None:
+def refuse_unused_options(opts: CompileOptions, given: set[str] | None = None) -> None:
     """Refuse, by flag, settings the chosen path would ignore (CompileError): calibration flags beside
     --coefficients (the file fixes schedule and coefficients), --schedule with auto (it searches time steps
-    itself), the fit's flags with a base solver (it fits nothing), --budget without auto (it bounds the search)."""
+    itself), the fit's flags with a base solver (it fits nothing), --budget without auto (it bounds the search).
+    `given`: the option names a command line set (iia.cli.given_options), so a default typed out is refused
+    too; None (the Python API) judges by values that differ from the defaults."""
     defaults = CalibrationOptions()
     changed = [f for f in fields(CalibrationOptions) if f.metadata.get("cli", True) is not False
-               and getattr(opts.calibration, f.name) != getattr(defaults, f.name)]
-    budget_changed = opts.budget_s != CompileOptions().budget_s
+               and (f.name in given if given is not None else getattr(opts.calibration, f.name) != getattr(defaults, f.name))]
+    budget_changed = "budget_s" in given if given is not None else opts.budget_s != CompileOptions().budget_s
     if opts.coefficients:
         unused = [flag_of(f) for f in changed] + (["--budget"] if budget_changed else [])
         if unused:
@@ -120,7 +122,7 @@ def refuse_unused_options(opts: CompileOptions) -> None:
                                f"or calibrate instead)")
         return
     if opts.solver == "auto":
-        if opts.calibration.schedule != defaults.schedule:
+        if any(f.name == "schedule" for f in changed):
             raise CompileError(f"--schedule {opts.calibration.schedule} does not apply to --solver auto, which "
                                f"searches the time steps itself (Karras and learned); choose a solver to use a "
                                f"fixed schedule")
@@ -163,7 +165,8 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
         if program.coefficients() != base.coefficients() and not data.get("guard"):
             # iia-calibrate --no-guard: the user's choice, shipped as such, but never silently
             how += f"; {UNGUARDED}"
-            log(f"  warning: {opts.coefficients} was calibrated with --no-guard: {UNGUARDED}")
+            log(f"  warning: {opts.coefficients} has no held-out guard record (iia-calibrate --no-guard, or written "
+                f"by hand): {UNGUARDED}")
         return data, program, how
     if solver == "auto":
         return _auto_coefficients(denoiser, opts, log)
@@ -177,7 +180,8 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
     if cached.exists() or cached.is_symlink():
         try:
             data = artifact.read(cached)
-            return data, artifact.program_from_dict(data, denoiser, nfe, solver, source=str(cached)), f"cached {cached}"
+            return data, artifact.program_from_dict(data, denoiser, nfe, solver, source=str(cached)), (
+                f"cached {cached}" + (f"; {guard_summary(data['guard'])}" if data.get("guard") else ""))
         except artifact.ArtifactError as err:
             log(f"  dropping unusable cached coefficients, recalibrating ({err})")
             try:
@@ -190,9 +194,12 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
         write_json_atomic(cached, data)
     except OSError as err:  # a read-only home must not fail the compile
         log(f"could not cache coefficients at {cached}: {err}")
-    g = result.guard
-    return data, result.program, (f"calibrated in {result.seconds:.1f} s; held-out rmse base {g['rmse_base']:.4g} -> "
-                                  f"{g['rmse_chosen']:.4g} ({g['decision']})")
+    return data, result.program, f"calibrated in {result.seconds:.1f} s; {guard_summary(result.guard)}"
+
+
+def guard_summary(guard: dict) -> str:
+    """The held-out guard's verdict in one phrase (compile log)."""
+    return f"held-out rmse base {guard['rmse_base']:.4g} -> {guard['rmse_chosen']:.4g} ({guard['decision']})"
 
 
 def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from iia.calibration.cli import PICKLE_NOTE, add_model_argument
 from iia.calibration.fit import CalibrationOptions
-from iia.cli import ProgressBar, add_options, options_from, run_cli
+from iia.cli import ProgressBar, add_options, given_options, options_from, run_cli
 
 # iia-calibrate's research switches that a compile keeps at their defaults
 NOT_FOR_COMPILE = ("first_step", "fine_solver", "ridge", "guard")
 
 
 def _main(argv=None) -> int:
-    from .build import CompileOptions, compile_model
+    from .build import CompileOptions, compile_model, refuse_unused_options
 
     parser = argparse.ArgumentParser(
         prog="iia-compile",
@@ -27,6 +27,7 @@ def _main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="artifact directory (default: <model>-<solver>-nfe<N>)")
     args = parser.parse_args(argv)
     options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args))
+    refuse_unused_options(options, given_options(parser, argv))  # a flag typed at its default is still refused
     out = Path(args.out or f"{Path(str(args.model)).stem.split(':')[0]}-{args.solver}-nfe{args.nfe}")
     bar = ProgressBar("calibrating")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731

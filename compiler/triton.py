@@ -35,7 +35,7 @@ from pathlib import Path
 
 from iia.cli import (add_options, check_options, int_list, option, options_from, pid_alive, run_cli,
                      signals_deferred, str_list, written)
-from iia.runtime.contract import (MANIFEST, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
+from iia.runtime.contract import (MANIFEST, MAX_THREADS, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
                                   public_mode, read_manifest, verify_all)
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
@@ -70,7 +70,7 @@ class TritonOptions:
     backends: list | None = option(None, "comma-separated subset of " + ",".join(BACKENDS), cli=False)
     threads: int | None = option(None, "ONNX Runtime intra-op threads per instance (onnxruntime_onnx: "
                                        "intra_op_thread_count; python: iia.runtime.load(threads=)); default: "
-                                       "ONNX Runtime's, one per core", lo=1, hi=4096)
+                                       "ONNX Runtime's, one per core", lo=1, hi=MAX_THREADS)
     force: bool = option(False, "replace models of the same name in the repository")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iia.cli import add_options, check_options, check_output_file, options_from, run_cli, written
+from iia.cli import add_options, check_options, check_output_file, given_options, options_from, run_cli, written
 
 # torch-free at import: iia-bench (bench_main) must run where only the runtime's dependencies are installed
 
@@ -34,8 +34,12 @@ def _accuracy(argv=None) -> int:
     check_options(options_from(AccuracyOptions, args))
     if args.peers:
         return _peers(args, argv)
+    peers_only = [flag for flag, dest in (("--budget", "budget"), ("--fd", "fd")) if dest in given_options(parser, argv)]
+    if peers_only:
+        raise ValueError(f"{', '.join(peers_only)} {'applies' if len(peers_only) == 1 else 'apply'} with --peers only")
     options = options_from(CalibrationOptions, args)
     options.validate()
+    _refuse_fit_flags_without_a_fit(parser, argv, args.solvers)
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
     denoiser = load_model_verbose(args.model)
@@ -51,6 +55,24 @@ def _accuracy(argv=None) -> int:
         written(args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+# CalibrationOptions fields only a fit reads (the test noise's --seed, --schedule and the reference's
+# --reference-steps serve base solvers too)
+FIT_ONLY = ("M", "r", "batch", "first_step", "fine_solver", "ridge", "guard", "holdout")
+
+
+def _refuse_fit_flags_without_a_fit(parser, argv, solvers) -> None:
+    """--M and the like set IIA fits: with only base solvers listed they would be ignored, so refuse them."""
+    from iia.calibration.solvers import get_solver
+
+    if any(get_solver(s).fitted for s in solvers):
+        return
+    given = given_options(parser, argv)
+    flags = [a.option_strings[0] for a in parser._actions if a.dest in FIT_ONLY and a.dest in given]
+    if flags:
+        raise ValueError(f"--solvers {','.join(solvers)} fits nothing: {', '.join(flags)} "
+                         f"{'does' if len(flags) == 1 else 'do'} not apply (they set IIA fits)")
 
 
 def _peers(args, argv) -> int:

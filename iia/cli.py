@@ -246,6 +246,16 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         parser.add_argument(flag_of(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
+def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The dests of the options `argv` sets explicitly, whatever their value (aliases and abbreviations
+    included): argparse fills a default only where the namespace lacks the attribute, so a namespace
+    pre-filled with a marker keeps the marker exactly where nothing was given."""
+    marker = object()
+    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not marker}
+
+
 def options_from(cls, args: argparse.Namespace, **extra):
     """An instance of dataclass `cls` from parsed arguments (fields the parser lacks keep their defaults)."""
     import dataclasses

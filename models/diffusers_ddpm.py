@@ -399,7 +399,10 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         unet, info = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False,
                                                  output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as err:  # diffusers/torch/safetensors: truncated, corrupt, mismatched
-        cause = " ".join(str(err).split())  # torch's size-mismatch list runs to thousands of characters
+        root = err  # diffusers wraps the reader's error in "Unable to load weights ... for PATH at PATH"
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        cause = " ".join(str(root).split()) or type(root).__name__  # torch's size-mismatch list: thousands of chars
         raise DiffusersLoadError(f"{unet_dir}/{weights[0]} could not be loaded (truncated or corrupt, or made for "
                                  f"another config.json): {cause[:200]}{'...' if len(cause) > 200 else ''}") from None
     unet.eval()

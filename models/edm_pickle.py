@@ -34,6 +34,7 @@ import io
 import linecache
 import math
 import pickle
+import stat
 import sys
 import threading
 import types
@@ -43,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from iia.runtime.contract import file_kind
 
 from .base import Denoiser, weights_only_refusal
 
@@ -399,6 +402,9 @@ def read_edm_pickle(path: str | Path) -> tuple[dict, dict]:
     `info = {"sha256", "size", "class_names"}`. Raises EDMPickleError for anything else."""
     path = Path(path)
     try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block forever, /dev/zero would fill memory
+            raise EDMPickleError(f"{path} is {file_kind(mode)}, not an EDM network pickle (a regular file)")
         data = path.read_bytes()
     except FileNotFoundError:
         raise EDMPickleError(f"EDM pickle not found: {path}") from None

@@ -203,7 +203,7 @@ def check_manifest(data, path="manifest.json") -> None:
         raise ArtifactError(f"{path} is not an iia artifact manifest (schema {_short(schema)}, expected {SCHEMA!r})")
     version = data.get("schema_version")
     if not _is_int(version) or version < 1:
-        raise ArtifactError(f"{path} has an invalid schema_version {_short(version)} (this runtime reads {SCHEMA_VERSION})")
+        raise ArtifactError(f"{path} has an invalid schema_version: {_short(version)} (this runtime reads {SCHEMA_VERSION})")
     if version > SCHEMA_VERSION:
         raise ArtifactError(f"{path} was written by a newer iia: schema version {version}, this runtime reads "
                             f"{SCHEMA_VERSION} (upgrade iia, or recompile the model with this version)")
@@ -389,7 +389,8 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a message ("a FIFO", "a character device", ...), from its st_mode."""
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
@@ -411,7 +412,7 @@ def open_regular(path: str | Path, limit: int):
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{path} is {_kind(st.st_mode)}, not a regular file")
+            raise ArtifactError(f"{path} is {file_kind(st.st_mode)}, not a regular file")
         if st.st_size > limit:
             raise ArtifactError(f"{path} is {st.st_size} bytes, more than the {limit} allowed")
         f = os.fdopen(fd, "rb")

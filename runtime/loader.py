@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .contract import (BACKENDS, MAX_THREADS, SAMPLER_ONNX, SAMPLER_ONNX_DATA, artifact_root, read_manifest,
                        read_verified, verify_all, verify_file)
 from .onnx_backend import CUDA, OnnxRuntimeSampler, cuda_unavailable_reason
@@ -47,8 +49,9 @@ def load(path: str | Path, backend: str = "auto", *, threads: int | None = None,
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected auto, {', '.join(BACKENDS)}")
-    if threads is not None and (isinstance(threads, bool) or not 1 <= int(threads) <= MAX_THREADS):
-        raise ValueError(f"threads must lie in [1, {MAX_THREADS}], got {threads}")
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool)
+                                or not 1 <= threads <= MAX_THREADS):  # 2.5 or "2" are no thread counts
+        raise ValueError(f"threads must lie in [1, {MAX_THREADS}], got {threads!r}")
     root = artifact_root(path)
     manifest = read_manifest(root)
     # The model file a backend loads is checked as it is read (what is checked is what is loaded); the other

@@ -233,6 +233,10 @@ def test_compile_refuses_calibration_flags_with_coefficients(tmp_path, capsys):
     (["--solver", "ddim", "--calib-batch", "7", "--seed", "4"], "--calib-batch, --seed do not apply"),
     (["--solver", "iia-edm", "--budget", "60"], "--budget bounds the --solver auto search"),
     (["--schedule", "exponential"], "--schedule exponential does not apply to --solver auto"),
+    # a flag typed at its default value is refused all the same (it was given, and would be ignored)
+    (["--solver", "edm", "--seed", "0"], "--solver edm is a base solver and fits nothing: --seed does not apply"),
+    (["--solver", "iia-edm", "--budget", "180"], "--budget bounds the --solver auto search"),
+    (["--schedule", "default"], "--schedule default does not apply to --solver auto"),
 ])
 def test_compile_refuses_flags_the_chosen_path_ignores(tmp_path, capsys, argv, match):
     """A flag the chosen solver would not use is refused by name before anything is computed or written."""

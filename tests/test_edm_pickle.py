@@ -220,7 +220,7 @@ def _pickle_file(path, obj):
 def test_missing_and_unreadable(tmp_path):
     with pytest.raises(EDMPickleError, match="not found"):
         load_edm_pickle(tmp_path / "nope.pkl")
-    with pytest.raises(EDMPickleError, match="cannot read"):
+    with pytest.raises(EDMPickleError, match="is a directory, not an EDM network pickle"):
         load_edm_pickle(tmp_path)  # a directory
     (tmp_path / "empty.pkl").write_bytes(b"")
     with pytest.raises(EDMPickleError, match="empty file"):

@@ -194,8 +194,8 @@ def test_unavailable_backends_explain_why(artifacts):
             load(artifacts["uncond"], backend="onnxruntime-cuda")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         load(artifacts["uncond"], backend="cuda")
-    for threads in (0, 100_000):  # 100000 would start 100000 ONNX Runtime threads
-        with pytest.raises(ValueError, match=rf"threads must lie in \[1, 1024\], got {threads}"):
+    for threads in (0, 100_000, 2.5, "2"):  # 100000 would start 100000 ONNX Runtime threads; 2.5 is no count
+        with pytest.raises(ValueError, match=rf"threads must lie in \[1, 1024\], got {threads!r}"):
             load(artifacts["uncond"], threads=threads)
     s = load(artifacts["uncond"] / "manifest.json", threads=1)  # DIR/manifest.json works too
     assert s.backend == "onnxruntime-cpu" and [name for name, _ in s.fallbacks] == ["tensorrt", "onnxruntime-cuda"]

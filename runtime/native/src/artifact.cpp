@@ -324,7 +324,7 @@ void check_manifest(Manifest& m) {
     }
     const json version = d.contains("schema_version") ? d["schema_version"] : json();
     if (!is_int(version) || as_i64(version) < 1)
-        throw artifact_error(where + " has an invalid schema_version " + short_repr(version) + " (this runtime reads " +
+        throw artifact_error(where + " has an invalid schema_version: " + short_repr(version) + " (this runtime reads " +
                              std::to_string(SCHEMA_VERSION) + ")");
     if (as_i64(version) > SCHEMA_VERSION)
         throw artifact_error(where + " was written by a newer iia: schema version " + py_repr(version) +
