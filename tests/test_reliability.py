@@ -109,7 +109,7 @@ def test_bench_help_warns_about_model_files(capsys):
 
 # ---- resource bounds: every bound up front, one line naming the option -------------------------------
 @pytest.mark.parametrize("main, argv, flag", [
-    (compile_main, ["gmm", "--solver", "edm", "--M", "100000000"], "--M"),
+    (compile_main, ["gmm", "--solver", "iia-edm", "--M", "100000000"], "--M"),
     (compile_main, ["gmm", "--r", "99"], "--r"),
     (compile_main, ["gmm", "--calib-batch", "1000000000"], "--calib-batch"),
     (compile_main, ["gmm", "--holdout", "0"], "--holdout"),
