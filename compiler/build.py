@@ -81,6 +81,9 @@ class CompileOptions:
     cache_dir: str | None = None  # calibrated coefficients are cached here (default ~/.cache/iia)
     weight_limit: float = 1.10
     x0_clipping: str | None = None  # a diffusers folder's clip_sample/thresholding: "ignore" | "clip" (None refuses)
+    # option names a command line set (iia.cli.given_options), whatever their values; None (the Python API):
+    # an option counts as set where its value differs from the default
+    given: frozenset[str] | None = None
 
 
 def static_batches(opts: CompileOptions) -> list[int]:
@@ -104,16 +107,23 @@ UNGUARDED = "unguarded: the fit was never checked against its base solver on hel
 BASE_SOLVER_USES = ("schedule",)
 
 
-def refuse_unused_options(opts: CompileOptions, given: set[str] | None = None) -> None:
+def is_set(opts: CompileOptions, name: str) -> bool:
+    """Whether option `name` (a CompileOptions or CalibrationOptions field) was set: given on the command line
+    (opts.given), else different from its default."""
+    if opts.given is not None:
+        return name in opts.given
+    if name in {f.name for f in fields(CompileOptions)}:
+        return getattr(opts, name) != getattr(CompileOptions(), name)
+    return getattr(opts.calibration, name) != getattr(CalibrationOptions(), name)
+
+
+def refuse_unused_options(opts: CompileOptions) -> None:
     """Refuse, by flag, settings the chosen path would ignore (CompileError): calibration flags beside
     --coefficients (the file fixes schedule and coefficients), --schedule with auto (it searches time steps
     itself), the fit's flags with a base solver (it fits nothing), --budget without auto (it bounds the search).
-    `given`: the option names a command line set (iia.cli.given_options), so a default typed out is refused
-    too; None (the Python API) judges by values that differ from the defaults."""
-    defaults = CalibrationOptions()
-    changed = [f for f in fields(CalibrationOptions) if f.metadata.get("cli", True) is not False
-               and (f.name in given if given is not None else getattr(opts.calibration, f.name) != getattr(defaults, f.name))]
-    budget_changed = "budget_s" in given if given is not None else opts.budget_s != CompileOptions().budget_s
+    Set means `is_set`: on the command line a default typed out is refused too."""
+    changed = [f for f in fields(CalibrationOptions) if f.metadata.get("cli", True) is not False and is_set(opts, f.name)]
+    budget_changed = is_set(opts, "budget_s")
     if opts.coefficients:
         unused = [flag_of(f) for f in changed] + (["--budget"] if budget_changed else [])
         if unused:
@@ -205,8 +215,8 @@ def guard_summary(guard: dict) -> str:
 def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:
     from iia.calibration.search import SearchOptions, auto_search, format_table, to_calibration_result
 
-    # the search's own defaults (calibration batch 512 analytic / 128 networks) unless --calib-batch is given
-    batch = opts.calibration.batch if opts.calibration.batch != CalibrationOptions().batch else None
+    # the search's own default (calibration batch 512 analytic / 128 networks) unless --calib-batch is set
+    batch = opts.calibration.batch if is_set(opts, "batch") else None
     search = SearchOptions(budget_s=opts.budget_s, r=opts.calibration.r, batch=batch)
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     cached = cache / "coefficients" / cache_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),

@@ -15,7 +15,7 @@ NOT_FOR_COMPILE = ("first_step", "fine_solver", "ridge", "guard")
 
 
 def _main(argv=None) -> int:
-    from .build import CompileOptions, compile_model, refuse_unused_options
+    from .build import CompileOptions, compile_model
 
     parser = argparse.ArgumentParser(
         prog="iia-compile",
@@ -26,8 +26,8 @@ def _main(argv=None) -> int:
     add_options(parser, CalibrationOptions, skip=NOT_FOR_COMPILE)
     parser.add_argument("--out", default=None, help="artifact directory (default: <model>-<solver>-nfe<N>)")
     args = parser.parse_args(argv)
-    options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args))
-    refuse_unused_options(options, given_options(parser, argv))  # a flag typed at its default is still refused
+    options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args),
+                           given=frozenset(given_options(parser, argv)))  # a flag typed at its default counts
     out = Path(args.out or f"{Path(str(args.model)).stem.split(':')[0]}-{args.solver}-nfe{args.nfe}")
     bar = ProgressBar("calibrating")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731

@@ -110,6 +110,12 @@ def test_compile_auto_uses_the_given_r_and_calib_batch(gmm, tmp_path):
     data, _, _ = obtain_coefficients(gmm, "auto", opts, log=lines.append)
     assert any("references: 24 calibration" in line for line in lines)
     assert data["search"]["options"]["r"] == 2 and data["search"]["options"]["batch"] == 24
+    # --calib-batch typed at its default (200) on the command line is used too, not the search's own 512
+    typed = CompileOptions(nfe=4, solver="auto", calibration=CalibrationOptions(**vars(CAL)), budget_s=2,
+                           engine=False, cache_dir=str(tmp_path / "cache"), given=frozenset({"batch"}))
+    lines = []
+    obtain_coefficients(gmm, "auto", typed, log=lines.append)
+    assert any(f"references: {CalibrationOptions().batch} calibration" in line for line in lines)
 
 
 def test_peer_benchmark_ratios(gmm):
