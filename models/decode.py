@@ -161,6 +161,19 @@ def diffusers_vae_decode(folder: str | Path, entry: str, class_name: str) -> Lat
     channels = int(vae.config.latent_channels)
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None or std is not None:
+        # SDXL's pipeline: raw = x * std / scaling_factor + mean per channel, i.e. (x - bias) / scale_c with
+        # scale_c = scaling_factor / std_c and bias_c = -mean_c * scale_c; it applies them only as a pair
+        if mean is None or std is None or shift or len(mean) != channels or len(std) != channels \
+                or not all(float(s) > 0 for s in std):
+            raise DecodeError(f"{folder}/vae/config.json: latents_mean {mean!r} / latents_std {std!r} with "
+                              f"shift_factor {shift:g}: iia decodes both per-channel lists of latent_channels "
+                              f"{channels} (std > 0) and no shift_factor, as diffusers' SDXL pipeline does")
+        scales = [scale / float(s) for s in std]
+        return LatentDecode(vae, scales, [-float(m) * c for m, c in zip(mean, scales)], pixel_range="signed",
+                            vae_name=f"{folder.name}/vae", vae_path=str(folder / "vae"), source=folder.name,
+                            rounding="round")
     # raw = x / scale + shift = (x - bias) / scale with bias = -shift * scale
     return LatentDecode(vae, [scale] * channels, [-shift * scale] * channels, pixel_range="signed",
                         vae_name=f"{folder.name}/vae", vae_path=str(folder / "vae"), source=folder.name,

@@ -350,9 +350,11 @@ def test_cfg_accepted_for_an_edm_model_trained_with_label_dropout(tmp_path):
 # ------------------------------------------------------------------------------------------ diffusers latents
 
 
-def test_diffusers_latent_folder_decodes_like_its_pipeline(vae_dir, tmp_path):
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_diffusers_latent_folder_decodes_like_its_pipeline(vae_dir, tmp_path, sdxl):
     """The same decode stage serves a diffusers latent pipeline folder (UNet2DModel on latents + vae/
-    AutoencoderKL): latents / scaling_factor -> vae.decode -> diffusers' VaeImageProcessor and numpy_to_pil."""
+    AutoencoderKL): latents / scaling_factor -> vae.decode -> diffusers' VaeImageProcessor and numpy_to_pil;
+    with the VAE config's latents_mean/latents_std, latents * std / scaling_factor + mean (SDXL's pipeline)."""
     import diffusers
     from diffusers.image_processor import VaeImageProcessor
     from test_diffusers_folders import ddim_reference, save_folder, tiny_unet
@@ -362,11 +364,15 @@ def test_diffusers_latent_folder_decodes_like_its_pipeline(vae_dir, tmp_path):
                           "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDIMScheduler"]})
     vae = diffusers.AutoencoderKL.from_pretrained(str(vae_dir))
     vae.register_to_config(scaling_factor=0.5)
+    mean, std = [0.3, -0.2, 0.1, 0.0], [0.5, 2.0, 1.0, 0.8]
+    if sdxl:
+        vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(folder / "vae")
     manifest = compile_model(str(folder), tmp_path / "art", CompileOptions(nfe=5, solver="ddim", engine=False),
                              log=lambda s: None)
     assert [o["name"] for o in manifest["outputs"]] == ["latents", "images_uint8"]
-    assert manifest["decode"]["latent_scale"] == [0.5] * 4 and manifest["decode"]["rounding"] == "round"
+    assert manifest["decode"]["latent_scale"] == ([0.5 / s for s in std] if sdxl else [0.5] * 4)
+    assert manifest["decode"]["rounding"] == "round"
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ref, sched = ddim_reference(folder, 5, z)
     s0 = float(load(folder).sigma_table[int(sched.timesteps[0])])
@@ -374,7 +380,12 @@ def test_diffusers_latent_folder_decodes_like_its_pipeline(vae_dir, tmp_path):
     latents, u8 = run_graph(tmp_path / "art" / "sampler.onnx", {"noise": noise}, ["latents", "images_uint8"])
     assert np.abs(latents - ref.numpy()).max() <= 1e-4
     with torch.no_grad():
-        decoded = vae.eval().decode(ref.float() / vae.config.scaling_factor).sample
+        if sdxl:  # diffusers' StableDiffusionXLPipeline
+            shape = (1, 4, 1, 1)
+            raw = ref.float() * torch.tensor(std).view(shape) / vae.config.scaling_factor + torch.tensor(mean).view(shape)
+        else:
+            raw = ref.float() / vae.config.scaling_factor
+        decoded = vae.eval().decode(raw).sample
     pixels = VaeImageProcessor().postprocess(decoded, output_type="np")  # (y / 2 + 0.5).clamp(0, 1), NHWC
     ref_u8 = (pixels * 255).round().astype("uint8")  # diffusers' numpy_to_pil
     assert 0.2 < ((ref_u8 > 0) & (ref_u8 < 255)).mean()
