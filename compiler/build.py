@@ -92,7 +92,8 @@ def static_batches(opts: CompileOptions) -> list[int]:
     if text is None or (isinstance(text, str) and not text.strip()):
         return []
     try:
-        values = [int(v) for v in text.split(",") if v.strip()] if isinstance(text, str) else [int(v) for v in text]
+        # an empty item ("1,,3", ",") is a typo, not nothing (as iia.cli.int_list)
+        values = [int(v) for v in text.split(",")] if isinstance(text, str) else [int(v) for v in text]
     except (TypeError, ValueError):
         raise CompileError(f"--static-batch must be comma-separated batch sizes, got {text!r}") from None
     bad = [v for v in values if not 1 <= v <= opts.max_batch]
@@ -122,6 +123,9 @@ def refuse_unused_options(opts: CompileOptions) -> None:
     --coefficients (the file fixes schedule and coefficients), --schedule with auto (it searches time steps
     itself), the fit's flags with a base solver (it fits nothing), --budget without auto (it bounds the search).
     Set means `is_set`: on the command line a default typed out is refused too."""
+    if not opts.engine and is_set(opts, "precision"):
+        raise CompileError(f"--precision {opts.precision} sets the TensorRT engine's precision; --no-engine builds "
+                           f"none (the ONNX graph is always fp32)")
     changed = [f for f in fields(CalibrationOptions) if f.metadata.get("cli", True) is not False and is_set(opts, f.name)]
     budget_changed = is_set(opts, "budget_s")
     if opts.coefficients:
@@ -470,6 +474,11 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     stage_module = denoiser.decode_stage()
     if stage_module is not None and denoiser.is_latent and not stage_module.has_vae:
         raise CompileError(stage_module.missing_vae_message())
+    vae = getattr(stage_module, "vae", None)
+    if vae is not None and int(vae.config.latent_channels) != denoiser.shape[0]:  # before an export that would fail
+        raise CompileError(f"VAE {getattr(stage_module, 'vae_path', None) or getattr(stage_module, 'vae_name', '')}: "
+                           f"latent_channels {int(vae.config.latent_channels)}, but the model's latents have "
+                           f"{denoiser.shape[0]} channels")
     if stage_module is not None:
         log(f"  decode stage ({stage_module.kind}): {stage_module.describe()['formula']}")
     if denoiser.identity.get("guidance"):

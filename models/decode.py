@@ -117,23 +117,24 @@ def folder_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_vae(path: str | Path, expected: str | None = None) -> torch.nn.Module:
+def load_vae(path: str | Path, expected: str | None = None, what: str = "--vae") -> torch.nn.Module:
     """A local diffusers `AutoencoderKL` folder (config.json + weights) as an eval-mode float32 CPU module.
 
-    `expected` (the checkpoint's vae_name) is only used in messages. Raises DecodeError for a missing
-    folder, another class (named), or diffusers missing.
+    `expected` (the checkpoint's vae_name) is only used in messages; `what` names where the path came from
+    ("--vae", or a pipeline folder's own vae/). Raises DecodeError for a missing folder, another class
+    (named), or diffusers missing.
     """
     path = Path(path)
     want = f" (the checkpoint names '{expected}')" if expected else ""
     config = path / "config.json"
     if not path.is_dir() or not config.is_file():
-        raise DecodeError(f"--vae {path}: not a diffusers model folder with a config.json{want}")
+        raise DecodeError(f"{what} {path}: not a diffusers model folder with a config.json{want}")
     try:
         class_name = json.loads(config.read_text()).get("_class_name")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DecodeError(f"--vae {path}: config.json is not readable JSON ({err})") from None
+        raise DecodeError(f"{what} {path}: config.json is not readable JSON ({err})") from None
     if class_name != "AutoencoderKL":
-        raise DecodeError(f"--vae {path}: the folder holds a {class_name}, iia decodes with an AutoencoderKL{want}")
+        raise DecodeError(f"{what} {path}: the folder holds a {class_name}, iia decodes with an AutoencoderKL{want}")
     try:
         from diffusers import AutoencoderKL
     except ImportError:
@@ -141,10 +142,10 @@ def load_vae(path: str | Path, expected: str | None = None) -> torch.nn.Module:
     try:
         vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise DecodeError(f"--vae {path}: diffusers could not load the AutoencoderKL ({err})") from None
+        raise DecodeError(f"{what} {path}: diffusers could not load the AutoencoderKL ({err})") from None
     bad = [name for name, t in vae.named_parameters() if not torch.isfinite(t).all()]
     if bad:  # NaN weights would decode every image to black, and parity (NaN -> 0 on both sides) would not see it
-        raise DecodeError(f"--vae {path}: parameter {bad[0]} holds NaN/Inf ({len(bad)} parameter(s) in all): "
+        raise DecodeError(f"{what} {path}: parameter {bad[0]} holds NaN/Inf ({len(bad)} parameter(s) in all): "
                           f"the weights file is corrupted")
     return vae.float().cpu().eval().requires_grad_(False)
 
@@ -157,7 +158,7 @@ def diffusers_vae_decode(folder: str | Path, entry: str, class_name: str) -> Lat
     if entry != "vae" or class_name != "AutoencoderKL":
         raise DecodeError(f"{folder} is a latent pipeline ({entry}: {class_name}): iia decodes latents with an "
                           f"AutoencoderKL in vae/ only")
-    vae = load_vae(folder / "vae")
+    vae = load_vae(folder / "vae", what="the pipeline's VAE")
     channels = int(vae.config.latent_channels)
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)

@@ -59,6 +59,19 @@ def _labels_for(sampler, given: list[int] | None, n: int, seed: int):
     return np.resize(ids, n)  # repeated cyclically to n samples
 
 
+def outside_artifact(path: Path | None, artifact: str, flag: str) -> None:
+    """Refuse an output path inside the artifact being read (ValueError naming `flag`): writing there would
+    change, or overwrite, a verified artifact (--json DIR/manifest.json destroyed it)."""
+    if path is None:
+        return
+    from .contract import artifact_root
+
+    root = artifact_root(artifact).resolve()
+    target = path.resolve()
+    if target == root or root in target.parents:
+        raise ValueError(f"{flag} {path}: is inside the artifact {artifact}; write outputs elsewhere")
+
+
 def output_paths(out: str) -> tuple[Path, Path]:
     """(png, npz) for --out: distinct files, checked before any work."""
     path = check_output_file(out, "--out")
@@ -81,6 +94,8 @@ def _sample(argv=None) -> int:
     opts = options_from(SampleOptions, args)
     check_options(opts)
     png, npz = output_paths(opts.out)
+    for path in (png, npz):
+        outside_artifact(path, args.artifact, "--out")
     import numpy as np
 
     from . import describe, draw_noise, load
@@ -142,7 +157,7 @@ def bench(argv=None, eager_factory=None) -> int:
     opts = options_from(BenchOptions, args)
     opts.batches = tuple(opts.batches)
     opts.validate()
-    check_output_file(args.json, "--json")
+    outside_artifact(check_output_file(args.json, "--json"), args.artifact, "--json")
     rows = run_bench(args.artifact, opts, log=_err, eager_factory=eager_factory)
     print(format_table(rows))
     if args.json:

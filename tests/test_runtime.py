@@ -274,6 +274,11 @@ def test_iia_sample_writes_png_and_npz(artifacts, samplers, tmp_path, capsys):
     assert not (tmp_path / "v.png").exists() and np.load(tmp_path / "v.npz")["images"].shape == (MAX_BATCH + 3, 3)
     assert sample_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "not found" in capsys.readouterr().err
+    for main, flag, inside in ((sample_main, "--out", "x.png"), (bench_main, "--json", "manifest.json")):
+        # an output inside the artifact would change it (iia-bench --json DIR/manifest.json destroyed it)
+        assert main([str(artifacts["cond"]), flag, str(artifacts["cond"] / inside)]) == 2
+        assert f"is inside the artifact {artifacts['cond']}" in capsys.readouterr().err
+    assert load(artifacts["cond"]) is not None
     assert sample_main([str(artifacts["cond"]), "--labels", "3", "--out", str(tmp_path / "b.png")]) == 2
     assert "--labels 3 out of range: this model has label_dim 3, expected ids in [0, 2]" in capsys.readouterr().err
 
