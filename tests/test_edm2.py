@@ -420,3 +420,20 @@ def test_guide_vae_and_encoder_mismatches_refused_by_name(edm2, vae_dir, tmp_pat
     # the exporter's per-node metadata (stack traces, local paths) is not copied into the artifact
     model = onnx.load(str(pixel_artifact / "sampler.onnx"), load_external_data=False)
     assert not any(n.metadata_props for n in model.graph.node)
+
+
+def test_vae_with_other_latent_channels_refused_before_export(edm2, tmp_path):
+    """An 8-channel VAE on a 4-channel latent model: one line naming the VAE, before the denoiser export
+    (it was a 600-character torch.export error after the whole export)."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                                  latent_channels=8, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae8")
+    logs = []
+    with pytest.raises(ValueError, match=rf"VAE {tmp_path / 'vae8'}: latent_channels 8, but the model's latents "
+                                         rf"have 4 channels"):
+        compile_model(str(edm2["latent"]), tmp_path / "art",
+                      CompileOptions(nfe=5, solver="edm", engine=False, vae=str(tmp_path / "vae8")), log=logs.append)
+    assert not any("export" in line for line in logs) and not (tmp_path / "art").exists()
