@@ -89,8 +89,10 @@ class CompileOptions:
 def static_batches(opts: CompileOptions) -> list[int]:
     """--static-batch as sorted distinct ints in 1..max_batch (CompileError naming the flag otherwise)."""
     text = opts.static_batch
-    if text is None or (isinstance(text, str) and not text.strip()):
+    if text is None:
         return []
+    if isinstance(text, str) and not text.strip():  # given, yet empty: a script's unset variable, not "none"
+        raise CompileError(f"--static-batch {text!r} gives no batch sizes (omit the flag for none)")
     try:
         # an empty item ("1,,3", ",") is a typo, not nothing (as iia.cli.int_list)
         values = [int(v) for v in text.split(",")] if isinstance(text, str) else [int(v) for v in text]
@@ -123,7 +125,7 @@ def refuse_unused_options(opts: CompileOptions) -> None:
     --coefficients (the file fixes schedule and coefficients), --schedule with auto (it searches time steps
     itself), the fit's flags with a base solver (it fits nothing), --budget without auto (it bounds the search).
     Set means `is_set`: on the command line a default typed out is refused too."""
-    if not opts.engine and is_set(opts, "precision"):
+    if not opts.engine and opts.precision != "fp32":  # fp32 is what the ONNX graph computes: stating it is fine
         raise CompileError(f"--precision {opts.precision} sets the TensorRT engine's precision; --no-engine builds "
                            f"none (the ONNX graph is always fp32)")
     changed = [f for f in fields(CalibrationOptions) if f.metadata.get("cli", True) is not False and is_set(opts, f.name)]

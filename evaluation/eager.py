@@ -78,8 +78,8 @@ class EagerReference:
         # the graph decodes: so does the timed eager loop (the model's decode stage on the float32 samples)
         self.decode = denoiser.decode_stage() if DECODER_ONNX in manifest["files"] else None
         if self.decode is not None and denoiser.is_latent and not self.decode.has_vae:
-            raise EagerUnavailable("the eager reference of a latent model decodes with its VAE, which iia-bench "
-                                   "does not load (no --vae): the eager columns are skipped")
+            raise EagerUnavailable("the eager reference of a latent model decodes with its VAE, and iia-bench loads "
+                                   "no VAE: the eager columns are skipped")
         if self.decode is not None and device == "cuda":
             self.decode.to("cuda")
         self.dtype = getattr(torch, dtype)

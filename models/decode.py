@@ -16,6 +16,7 @@ rounds half to even first (torch.round, ONNX Round, numpy.round alike).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -160,17 +161,31 @@ def diffusers_vae_decode(folder: str | Path, entry: str, class_name: str) -> Lat
                           f"AutoencoderKL in vae/ only")
     vae = load_vae(folder / "vae", what="the pipeline's VAE")
     channels = int(vae.config.latent_channels)
-    scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
+    where = f"{folder}/vae/config.json"
+
+    def number(key: str, value, positive: bool = False) -> float:
+        """A finite (positive) float from the VAE config, refused by name otherwise (null/0 are no factors)."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and abs(value) < 1e30 and (value > 0 if positive else True)
+        if not ok:
+            raise DecodeError(f"{where}: {key} {value!r} is not a finite{' positive' if positive else ''} number")
+        return float(value)
+
+    scale = number("scaling_factor", getattr(vae.config, "scaling_factor", 1.0))
+    if scale == 0:
+        raise DecodeError(f"{where}: scaling_factor 0 would divide the latents by zero")
+    shift = number("shift_factor", getattr(vae.config, "shift_factor", 0.0) or 0.0)
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None or std is not None:
         # SDXL's pipeline: raw = x * std / scaling_factor + mean per channel, i.e. (x - bias) / scale_c with
         # scale_c = scaling_factor / std_c and bias_c = -mean_c * scale_c; it applies them only as a pair
-        if mean is None or std is None or shift or len(mean) != channels or len(std) != channels \
-                or not all(float(s) > 0 for s in std):
-            raise DecodeError(f"{folder}/vae/config.json: latents_mean {mean!r} / latents_std {std!r} with "
-                              f"shift_factor {shift:g}: iia decodes both per-channel lists of latent_channels "
-                              f"{channels} (std > 0) and no shift_factor, as diffusers' SDXL pipeline does")
+        if not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)) or shift \
+                or len(mean) != channels or len(std) != channels:
+            raise DecodeError(f"{where}: latents_mean {mean!r} / latents_std {std!r} with shift_factor {shift:g}: "
+                              f"iia decodes both, as lists of latent_channels {channels} numbers, and no "
+                              f"shift_factor, as diffusers' SDXL pipeline does")
+        mean = [number("latents_mean", m) for m in mean]
+        std = [number("latents_std", s, positive=True) for s in std]
         scales = [scale / float(s) for s in std]
         return LatentDecode(vae, scales, [-float(m) * c for m, c in zip(mean, scales)], pixel_range="signed",
                             vae_name=f"{folder.name}/vae", vae_path=str(folder / "vae"), source=folder.name,

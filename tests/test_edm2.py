@@ -437,3 +437,33 @@ def test_vae_with_other_latent_channels_refused_before_export(edm2, tmp_path):
         compile_model(str(edm2["latent"]), tmp_path / "art",
                       CompileOptions(nfe=5, solver="edm", engine=False, vae=str(tmp_path / "vae8")), log=logs.append)
     assert not any("export" in line for line in logs) and not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"scaling_factor": 0}, "scaling_factor 0 would divide the latents by zero"),
+    ({"scaling_factor": None}, "scaling_factor None is not a finite number"),
+    ({"latents_mean": [0.0] * 4}, "latents_mean .* / latents_std None"),
+    ({"latents_mean": [0.0] * 4, "latents_std": [1.0, float("inf"), 1.0, 1.0]}, "latents_std inf is not a finite positive"),
+    ({"latents_mean": [[0.5]] * 4, "latents_std": [1.0] * 4}, r"latents_mean \[0.5\] is not a finite number"),
+    ({"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "shift_factor": 0.1}, "and no shift_factor"),
+])
+def test_bad_vae_decode_settings_refused_naming_the_config(vae_dir, tmp_path, change, match):
+    """A VAE config.json whose decode factors are unusable is refused naming the file and key (scaling_factor
+    null/0 became 1.0 silently: up to 255 levels off diffusers' decode)."""
+    import json
+    import shutil
+
+    import diffusers
+    from test_diffusers_folders import save_folder, tiny_unet
+
+    from iia.models.decode import DecodeError
+
+    folder = save_folder(tmp_path / "ldm", tiny_unet(channels=4, size=8), diffusers.DDIMScheduler(clip_sample=False),
+                         {"_class_name": "LDMPipeline", "vae": ["diffusers", "AutoencoderKL"],
+                          "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDIMScheduler"]})
+    shutil.copytree(vae_dir, folder / "vae")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    config.update(change)
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises((DecodeError, ValueError), match=f"vae/config.json: .*{match}"):  # at load, one line
+        load(folder).decode_stage()
