@@ -61,8 +61,9 @@ def _calibrate(argv=None) -> int:
     check_options(options_from(CalibrateTarget, args))
     options = options_from(CalibrationOptions, args)
     options.validate()
+    given = given_options(parser, argv)
     guard_only = [flag for flag, name in (("--holdout", "holdout"), ("--reference-steps", "reference_steps"))
-                  if name in given_options(parser, argv)]
+                  if name in given]
     if not options.guard and guard_only:
         raise ValueError(f"--no-guard runs no held-out guard: {', '.join(guard_only)} "
                          f"{'does' if len(guard_only) == 1 else 'do'} not apply")

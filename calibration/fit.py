@@ -201,7 +201,6 @@ def calibrate(
     return result
 
 
-
 def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None, sigma_start: float | None = None,
                 on_step: Callable[[int, int], None] | None = None):
     """Held-out noise (a different stream from the calibration batch) and its reference solution from

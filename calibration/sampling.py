@@ -171,5 +171,20 @@ def reference_solution(
     return torch.cat(outs)
 
 
+def references_by_start(denoiser: Denoiser, noise: torch.Tensor, class_labels: torch.Tensor | None,
+                        steps: int) -> Callable[[float | None], torch.Tensor]:
+    """`at(sigma_start)`: reference_solution of `noise` from sigma_start * noise (None: sigma_max), each start
+    computed once: evaluations judge samplers that start at different sigmas[0] on the same noise."""
+    cache: dict[float, torch.Tensor] = {}
+
+    def at(sigma_start: float | None = None) -> torch.Tensor:
+        start = float(denoiser.sigma_max if sigma_start is None else sigma_start)
+        if start not in cache:
+            cache[start] = reference_solution(denoiser, noise, class_labels, steps, sigma_start=start)
+        return cache[start]
+
+    return at
+
+
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.sqrt(torch.mean((a.to(torch.float64) - b.to(torch.float64)) ** 2)))

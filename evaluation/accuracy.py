@@ -12,7 +12,7 @@ from iia.runtime.contract import atomic_open
 from iia.models.base import Denoiser
 
 from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
-from iia.calibration.sampling import program_for, reference_solution, rmse, sample
+from iia.calibration.sampling import program_for, references_by_start, rmse, sample
 from iia.calibration.solvers import get_solver, valid_nfe
 
 TEST_SEED_OFFSET = 104729  # the test noise is a stream distinct from calibration and guard noise
@@ -52,15 +52,8 @@ def accuracy_table(
     for s in solvers:
         get_solver(s)
     noise, labels = draw_noise(denoiser, n_test, options.seed + TEST_SEED_OFFSET)
-    refs: dict = {}  # sigma_start -> reference solution
-
-    def reference(program):
-        """The reference from where `program` starts (its sigmas[0]: below sigma_max for some discrete schedules)."""
-        start = float(program.sigmas[0])
-        if start not in refs:
-            refs[start] = reference_solution(denoiser, noise, labels, options.reference_steps, sigma_start=start)
-        return refs[start]
-
+    # each sampler judged from where it starts (its sigmas[0]: below sigma_max for some discrete schedules)
+    reference_at = references_by_start(denoiser, noise, labels, options.reference_steps)
     rows, base_cache = [], {}
     for solver in solvers:
         spec = get_solver(solver)
@@ -71,7 +64,7 @@ def accuracy_table(
                 progress(f"{solver} NFE {nfe}")
             key = (spec.base, nfe)
             base_program = program_for(denoiser, spec.base, nfe, schedule=options.schedule)
-            ref = reference(base_program)
+            ref = reference_at(base_program.sigmas[0])
             if key not in base_cache:
                 base_cache[key] = rmse(sample(base_program, denoiser, noise, labels), ref)
             base_rmse = base_cache[key]

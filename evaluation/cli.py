@@ -34,12 +34,13 @@ def _accuracy(argv=None) -> int:
     check_options(options_from(AccuracyOptions, args))
     if args.peers:
         return _peers(args, argv)
-    peers_only = [flag for flag, dest in (("--budget", "budget"), ("--fd", "fd")) if dest in given_options(parser, argv)]
+    given = given_options(parser, argv)
+    peers_only = [flag for flag, dest in (("--budget", "budget"), ("--fd", "fd")) if dest in given]
     if peers_only:
         raise ValueError(f"{', '.join(peers_only)} {'applies' if len(peers_only) == 1 else 'apply'} with --peers only")
     options = options_from(CalibrationOptions, args)
     options.validate()
-    _refuse_fit_flags_without_a_fit(parser, argv, args.solvers)
+    _refuse_fit_flags_without_a_fit(parser, given, args.solvers)
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
     denoiser = load_model_verbose(args.model)
@@ -62,13 +63,13 @@ def _accuracy(argv=None) -> int:
 FIT_ONLY = ("M", "r", "batch", "first_step", "fine_solver", "ridge", "guard", "holdout")
 
 
-def _refuse_fit_flags_without_a_fit(parser, argv, solvers) -> None:
-    """--M and the like set IIA fits: with only base solvers listed they would be ignored, so refuse them."""
+def _refuse_fit_flags_without_a_fit(parser, given: set[str], solvers) -> None:
+    """--M and the like set IIA fits: with only base solvers listed they would be ignored, so refuse them
+    (`given`: the dests the command line set, iia.cli.given_options)."""
     from iia.calibration.solvers import get_solver
 
     if any(get_solver(s).fitted for s in solvers):
         return
-    given = given_options(parser, argv)
     flags = [a.option_strings[0] for a in parser._actions if a.dest in FIT_ONLY and a.dest in given]
     if flags:
         raise ValueError(f"--solvers {','.join(solvers)} fits nothing: {', '.join(flags)} "

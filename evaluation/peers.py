@@ -137,7 +137,7 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
     ratio_to_best_peer and its 95% paired-bootstrap interval, best_peer, [fd_digits]; plus auto's choice.
     """
     from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
-    from iia.calibration.sampling import program_for, reference_solution, sample
+    from iia.calibration.sampling import program_for, references_by_start, sample
     from iia.calibration.search import SearchOptions, auto_search
 
     from iia.calibration.solvers import valid_nfe
@@ -152,17 +152,9 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
     cal = (calibration or CalibrationOptions()).resolved(denoiser)
     noise, labels = draw_noise(denoiser, n_test, cal.seed + TEST_SEED_OFFSET)
     say(f"reference: Heun, {cal.reference_steps} steps, {n_test} test noises")
-    refs = {float(denoiser.sigma_max): reference_solution(denoiser, noise, labels, cal.reference_steps)}
-
-    def ref_at(sigma_start: float) -> torch.Tensor:
-        """The reference from sigma_start * noise: each sampler is judged on the trajectory it starts on (a
-        discrete model's default timesteps may begin below sigma_max)."""
-        if float(sigma_start) not in refs:
-            refs[float(sigma_start)] = reference_solution(denoiser, noise, labels, cal.reference_steps,
-                                                          sigma_start=float(sigma_start))
-        return refs[float(sigma_start)]
-
-    ref = refs[float(denoiser.sigma_max)]
+    # each sampler judged on the trajectory it starts on (a discrete model's timesteps may begin below sigma_max)
+    ref_at = references_by_start(denoiser, noise, labels, cal.reference_steps)
+    ref = ref_at()
     fd_of = None
     report_ref = {}
     if fd:
@@ -174,8 +166,7 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
     rows = []
 
     def row(name, kind, nfe, x, extra=None, sigma_start=None):
-        start = float(denoiser.sigma_max if sigma_start is None else sigma_start)
-        sq = ((x - ref_at(start)) ** 2).reshape(n_test, -1).mean(1)
+        sq = ((x - ref_at(sigma_start)) ** 2).reshape(n_test, -1).mean(1)
         r = {"sampler": name, "kind": kind, "nfe": nfe, "rmse": float(sq.mean().sqrt()),
              "median": float(sq.sqrt().median()), "p90": float(torch.quantile(sq.sqrt(), 0.9)), "_sq": sq}
         if fd_of is not None:

@@ -184,14 +184,11 @@ def diffusers_vae_decode(folder: str | Path, entry: str, class_name: str) -> Lat
             raise DecodeError(f"{where}: latents_mean {mean!r} / latents_std {std!r} with shift_factor {shift:g}: "
                               f"iia decodes both, as lists of latent_channels {channels} numbers, and no "
                               f"shift_factor, as diffusers' SDXL pipeline does")
-        mean = [number("latents_mean", m) for m in mean]
-        std = [number("latents_std", s, positive=True) for s in std]
-        scales = [scale / float(s) for s in std]
-        return LatentDecode(vae, scales, [-float(m) * c for m, c in zip(mean, scales)], pixel_range="signed",
-                            vae_name=f"{folder.name}/vae", vae_path=str(folder / "vae"), source=folder.name,
-                            rounding="round")
-    # raw = x / scale + shift = (x - bias) / scale with bias = -shift * scale
-    return LatentDecode(vae, [scale] * channels, [-shift * scale] * channels, pixel_range="signed",
+        scales = [scale / number("latents_std", s, positive=True) for s in std]
+        biases = [-number("latents_mean", m) * c for m, c in zip(mean, scales)]
+    else:  # raw = x / scale + shift = (x - bias) / scale with bias = -shift * scale
+        scales, biases = [scale] * channels, [-shift * scale] * channels
+    return LatentDecode(vae, scales, biases, pixel_range="signed",
                         vae_name=f"{folder.name}/vae", vae_path=str(folder / "vae"), source=folder.name,
                         rounding="round")
 

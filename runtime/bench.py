@@ -75,8 +75,6 @@ class Eager(Protocol):
 EagerFactory = Callable[[Sampler, "str | None", str, int, str], Eager]
 
 
-
-
 @dataclass
 class RunOptions:
     """Options of every command that runs an artifact (iia-sample, iia-bench), declared once."""
@@ -343,6 +341,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{'' if r.get('spin', True) else ', idle threads sleep (--no-spin)'}; overhead = p50 / (NFE x denoiser p50{decode}), "
                      f"<= 1.0 wanted (below 1: per-call work folded away); speed-ups = baseline p50 / sampler p50; loop = numpy loop around denoiser.onnx (program.json)"
                      + (f" ({r['loop_note']})" if r["loop_note"] else "")
-                     + f"; eager = PyTorch {(r['eager_dtype'] or '') + ' ' if r['eager_dtype'] else ''}loop on {r['device']}"
+                     + f"; eager = PyTorch {r['eager_dtype'] + ' ' if r['eager_dtype'] else ''}loop on {r['device']}"
                      + (f" ({r['eager_note']})" if r["eager_note"] else ""))
     return "\n".join(lines)

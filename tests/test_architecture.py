@@ -341,3 +341,18 @@ def test_unguarded_coefficients_ship_with_a_warning_and_say_so(tmp_path):
     manifest = compile_model(d, tmp_path / "o2", CompileOptions(nfe=5, solver="iia-edm", coefficients=str(tmp_path / "g.json"),
                                                                 engine=False), log=lines.append)
     assert not any(UNGUARDED in line for line in lines) and manifest["guard"]["decision"]
+
+
+@pytest.mark.parametrize("which, argv, match", [
+    ("accuracy", ["--solvers", "edm", "--budget", "5"], "--budget applies with --peers only"),
+    ("accuracy", ["--solvers", "edm", "--fd"], "--fd applies with --peers only"),
+    ("accuracy", ["--solvers", "edm,ddim", "--M", "3"], "--solvers edm,ddim fits nothing: --M does not apply"),
+    ("calibrate", ["gmm", "--no-guard", "--holdout", "10"], "--no-guard runs no held-out guard: --holdout does not apply"),
+])
+def test_other_clis_refuse_flags_they_would_ignore(capsys, which, argv, match):
+    from iia.calibration.cli import calibrate_main
+    from iia.evaluation.cli import accuracy_main
+
+    assert {"accuracy": accuracy_main, "calibrate": calibrate_main}[which](argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
