@@ -66,7 +66,7 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, step: int, halflife_s
         p_ema.lerp_(p.detach(), 1.0 - beta)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=BUNDLED_DIGITS)
     parser.add_argument("--seed", type=int, default=0)
@@ -83,28 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-blocks", type=int, default=DEFAULT_CONFIG["num_blocks"])
     parser.add_argument("--dropout", type=float, default=DEFAULT_CONFIG["dropout"])
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    config = dict(DEFAULT_CONFIG)
-    config.update(
-        model_channels=args.model_channels,
-        channel_mult=[int(m) for m in args.channel_mult.split(",")],
-        emb_dim=args.emb_dim,
-        num_blocks=args.num_blocks,
-        dropout=args.dropout,
-    )
+
+def train(args: argparse.Namespace, net: torch.nn.Module, ema: torch.nn.Module, gen: torch.Generator) -> float:
+    """Run `args.steps` optimizer steps of EDM's loss on the digits; returns the smoothed final loss."""
     images, labels = load_digits_tensors()
-    net = UNet(**config)
-    ema = copy.deepcopy(net).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
     print(f"UNet {count_params(net):,} parameters; {len(images)} digits; {args.steps} steps of batch {args.batch}")
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
-
-    start = time.time()
     running = None
     order = torch.randperm(len(images), generator=gen)
     cursor = 0
@@ -128,31 +114,57 @@ def main(argv: list[str] | None = None) -> dict:
         running = value if running is None else 0.99 * running + 0.01 * value
         if step % 50 == 0 or step == args.steps - 1:
             bar.set_postfix(loss=f"{running:.4f}")
+    return running
+
+
+def train_record(args: argparse.Namespace, params: int, elapsed: float, final_loss: float) -> dict:
+    """The checkpoint's `train` entry: how it was made."""
+    return {
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "ema_halflife_steps": args.ema_halflife,
+        "ema_rampup": args.ema_rampup,
+        "shift_prob": args.shift_prob,
+        "p_mean": -1.2,
+        "p_std": 1.2,
+        "dataset": "sklearn.datasets.load_digits (all 1797, scaled to [-1, 1])",
+        "params": params,
+        "time_s": round(elapsed, 1),
+        "threads": args.threads,
+        "final_loss": round(float(final_loss), 5),
+        "torch": str(torch.__version__),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    config = dict(DEFAULT_CONFIG)
+    config.update(
+        model_channels=args.model_channels,
+        channel_mult=[int(m) for m in args.channel_mult.split(",")],
+        emb_dim=args.emb_dim,
+        num_blocks=args.num_blocks,
+        dropout=args.dropout,
+    )
+    net = UNet(**config)
+    ema = copy.deepcopy(net).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    start = time.time()
+    running = train(args, net, ema, gen)
     elapsed = time.time() - start
     print(f"done in {elapsed:.0f} s; smoothed final loss {running:.4f}")
-
     ckpt = {
         "format": FORMAT,
         "config": config,
         "state_dict": {k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()},
-        "train": {
-            "seed": args.seed,
-            "steps": args.steps,
-            "batch": args.batch,
-            "lr": args.lr,
-            "warmup": args.warmup,
-            "ema_halflife_steps": args.ema_halflife,
-            "ema_rampup": args.ema_rampup,
-            "shift_prob": args.shift_prob,
-            "p_mean": -1.2,
-            "p_std": 1.2,
-            "dataset": "sklearn.datasets.load_digits (all 1797, scaled to [-1, 1])",
-            "params": count_params(net),
-            "time_s": round(elapsed, 1),
-            "threads": args.threads,
-            "final_loss": round(float(running), 5),
-            "torch": str(torch.__version__),
-        },
+        "train": train_record(args, count_params(net), elapsed, running),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, args.out)
