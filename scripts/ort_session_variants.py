@@ -1,6 +1,6 @@
 """Effect of each ONNX Runtime setting on the one graph, against the loop users would otherwise write.
 
-    python scripts/speed_variants.py ARTIFACT --threads 1 --batch 1,8,32 --iters 60 [--clock cpu]
+    python scripts/ort_session_variants.py ARTIFACT --threads 1 --batch 1,8,32 --iters 60 [--clock cpu]
 
 Per batch size, times (interleaved rounds, medians; see iia.runtime.bench.time_interleaved) the sampler graph
 under each variant, the numpy loop around denoiser.onnx (iia.runtime.loop) and one denoiser call, and prints

@@ -1,7 +1,7 @@
 """Issue 14 floors, measured: tiny EDM2-style nets of our own (tests/fixtures/edm2_like) compiled with --solver edm;
 ONNX Runtime vs a PyTorch implementation of EDM2's sampler definition (tests/test_edm2.py), plain and guided
 (g = 1.4) latent with a tiny random AutoencoderKL; images_uint8 agreement; stored weights. Run from the repo root:
-`OMP_NUM_THREADS=1 python scripts/edm2_floors.py` (about 2-3 minutes on 2 cores)."""
+`OMP_NUM_THREADS=1 python scripts/edm2_parity_report.py` (about 2-3 minutes on 2 cores)."""
 import sys, numpy as np, torch, onnx
 from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
