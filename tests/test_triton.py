@@ -52,7 +52,8 @@ def _relist(root: Path, manifest: dict, names) -> None:
 
 def _with_plan(src: Path, dst: Path, cc: str) -> Path:
     """A copy of an artifact that lists a TensorRT plan for compute capability `cc` (bytes that no TensorRT would
-    load: only the exporter's placement and config are under test here; scripts/gpu_check_16.sh builds a real one)."""
+    load: only the exporter's placement and config are under test here; scripts/device_check.sh's triton-plan
+    check builds a real one)."""
     shutil.copytree(src, dst)
     manifest = read_manifest(dst)
     (dst / "sampler.plan").write_bytes(b"placeholder plan for " + cc.encode())
