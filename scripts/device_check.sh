@@ -5,8 +5,8 @@
 #
 # checks (each under its own time limit, all under DEVICE_CHECK_BUDGET_S; a failing or skipped check never stops
 # the next; the artifacts are compiled once, by `compile`, and shared):
-#   compile      digits, --solver edm --nfe 9 --max-batch 32, --graph loop and --graph unrolled (a TensorRT fp32
-#                plan in each where TensorRT and a GPU exist): the artifacts the checks below use
+#   compile      digits, --solver edm --nfe 9 --max-batch 32, --graph loop (a TensorRT fp32 plan where TensorRT and
+#                a GPU exist): the artifact the checks below use (added first when a named check needs it)
 #   trt-fp32     the loop form's TensorRT plan was built; TensorRT runtime vs ONNX Runtime CPU at batch 1/8/32
 #                within the artifact's golden tolerance (images atol 1e-3, images_uint8 +-1 level); the artifact's
 #                own golden command (`polygraphy run sampler.onnx --trt ...`) passes
@@ -14,8 +14,9 @@
 #   trt-checks   the TensorRT backend applies the load-time checks: a consistently forged sample_shape is refused
 #                with an ArtifactError
 #   ort-cuda     ONNX Runtime's CUDA provider runs the artifact within the golden tolerance of ONNX Runtime CPU
-#   latency      iia-bench on each GPU backend, loop form and unrolled form, batch 1/8/32: graph p50, numpy-loop
-#                p50, speedup_vs_loop, overhead (iia-bench checks each graph output against the loop's first)
+#   latency      the same compiled with --graph unrolled, then iia-bench on each GPU backend (TensorRT, ONNX Runtime
+#                CUDA), both forms, batch 1/8/32: graph p50, numpy-loop p50, speedup_vs_loop, overhead (iia-bench
+#                checks each graph output against the loop's first)
 #   triton-plan  iia-export-triton's tensorrt_plan model: model.plan IS the artifact's plan, deserializes here, and
 #                its I/O tensors (names, dtypes, dims, batch profile) are what config.pbtxt declares
 #   edm2-latent  a tiny guided EDM2 latent model + VAE (tests/edm_fixtures.py): TensorRT fp32 build, golden
@@ -45,8 +46,9 @@ cd "$here" || exit 2
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 CHECKS=(compile trt-fp32 trt-fp16 trt-checks ort-cuda latency triton-plan edm2-latent native cpu-floors)
-declare -A LIMIT=([compile]=150 [trt-fp32]=90 [trt-fp16]=90 [trt-checks]=40 [ort-cuda]=40 [latency]=120
+declare -A LIMIT=([compile]=120 [trt-fp32]=90 [trt-fp16]=90 [trt-checks]=40 [ort-cuda]=40 [latency]=180
                   [triton-plan]=60 [edm2-latent]=120 [native]=150 [cpu-floors]=150)
+NEEDS_COMPILE=" trt-fp32 trt-checks ort-cuda latency triton-plan native "
 SKIP=77  # a check's exit status for "could not run here"
 
 # ---- one check, in its own process (re-entered by the driver below under `timeout`) ------------------------
@@ -66,13 +68,15 @@ need_art() {  # need_art FORM: the artifact `compile` made
 entry() { "$PY" "$WORK/dc.py" entry "$@"; }  # a console script by its pyproject.toml name
 engine_built() { "$PY" "$WORK/dc.py" engine "$1"; }
 
+compile_digits() {  # compile_digits FORM [FLAGS...]: digits, EDM solver (no calibration), NFE 9, into $WORK/art-FORM
+  local form=$1; shift
+  entry iia-compile digits --solver edm --nfe 9 --max-batch 32 --graph "$form" --out "$WORK/art-$form" --force "$@"
+}
+
 check_compile() {
   need_gpu
-  for form in loop unrolled; do
-    entry iia-compile digits --solver edm --nfe 9 --max-batch 32 --graph "$form" --out "$WORK/art-$form" --force \
-      || fail "iia-compile digits --graph $form failed (log above)"
-    detail "$form: $(engine_built "$WORK/art-$form")"
-  done
+  compile_digits loop || fail "iia-compile digits --graph loop failed (log above)"
+  detail "loop form: TensorRT plan $(engine_built "$WORK/art-loop")"
 }
 
 check_trt_fp32() {
@@ -110,20 +114,22 @@ check_ort_cuda() {
 }
 
 check_latency() {
-  need_gpu; need_art loop; need_art unrolled
-  local backends=() b form ran=0
+  need_gpu; need_art loop
+  local backends=() forms=(loop) b form ran=0 broken=""
+  if compile_digits unrolled; then forms+=(unrolled)
+  else broken="iia-compile --graph unrolled failed; "; fi
   engine_built "$WORK/art-loop" | grep -q '^built' && backends+=(tensorrt)
   "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
     && backends+=(onnxruntime-cuda)
   [ ${#backends[@]} -gt 0 ] || skip "neither a TensorRT plan nor ONNX Runtime's CUDA provider here"
-  for b in "${backends[@]}"; do for form in loop unrolled; do
+  for b in "${backends[@]}"; do for form in "${forms[@]}"; do
     if entry iia-bench "$WORK/art-$form" --backend "$b" --batch 1,8,32 --iters 50 --no-eager \
          --json "$RES/latency-$b-$form.json"; then ran=$((ran + 1))
     else echo "FAIL: iia-bench $b $form"; fi
   done; done
   "$PY" "$WORK/dc.py" latency-table "$RES"/latency-*.json
   "$PY" "$WORK/dc.py" latency-line "$RES"/latency-*.json
-  [ "$ran" = $((2 * ${#backends[@]})) ] || fail "$ran of $((2 * ${#backends[@]})) benchmarks ran"
+  [ "$ran" = $((2 * ${#backends[@]})) ] || fail "${broken}$ran of $((2 * ${#backends[@]})) benchmarks ran"
 }
 
 check_triton_plan() {
@@ -204,6 +210,9 @@ if [ $# -gt 0 ]; then
     [[ " ${CHECKS[*]} " == *" $c "* ]] || { echo "device_check.sh: unknown check '$c' (checks: ${CHECKS[*]})" >&2; exit 2; }
   done
   CHECKS=("$@")
+  for c in "$@"; do  # a check that needs the shared artifact brings `compile` with it
+    if [[ "$NEEDS_COMPILE" == *" $c "* && " ${CHECKS[*]} " != *" compile "* ]]; then CHECKS=(compile "${CHECKS[@]}"); fi
+  done
 fi
 export WORK RES
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/iia-device-check.XXXXXX")
@@ -496,6 +505,7 @@ printf '%s' "$gpu_reason" >"$WORK/no_gpu"
 cp "$WORK/preflight" "$RES/machine.txt"
 
 declare -A STATUS SECS
+: >"$RES/summary.tsv"
 for c in "${CHECKS[@]}"; do
   left=$((budget - (SECONDS - start)))
   limit=${LIMIT[$c]}; [ "$left" -lt "$limit" ] && limit=$left
