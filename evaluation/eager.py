@@ -9,8 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from iia.runtime.bench import EagerUnavailable
 from iia.runtime.contract import COEFFICIENTS, DECODER_ONNX
+
+from .runners import Unavailable
+
+
+class EagerUnavailable(Unavailable):
+    """The eager reference cannot run (model not rebuildable, torch without CUDA...); the message says why."""
 
 
 def rebuild_denoiser(manifest: dict, spec: str | None):
@@ -116,7 +121,3 @@ class EagerReference:
     def close(self) -> None:
         self.torch.set_num_threads(self.saved_threads)
 
-
-def eager_factory(sampler, spec: str | None, dtype: str, threads: int, device: str) -> EagerReference:
-    """`iia.runtime.bench.EagerFactory` for `run_bench`."""
-    return EagerReference(Path(sampler.root), sampler.manifest, spec, dtype, threads, device)

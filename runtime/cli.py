@@ -1,4 +1,4 @@
-"""`iia-sample` and the body of `iia-bench`: torch-free (the eager baseline is passed in by iia.evaluation)."""
+"""`iia-sample`: torch-free, like the rest of iia.runtime."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from iia.cli import (ProgressBar, add_options, check_options, check_output_file, int_list, option, options_from,
                      run_cli, written)
 
-from .bench import BenchOptions, RunOptions
+from .options import RunOptions
 from .contract import MAX_LABEL_DIM, MAX_SEED
 
 GRID_MAX = 1024  # the PNG grid shows at most this many samples (all of them go to the .npz)
@@ -139,43 +139,8 @@ def _sample(argv=None) -> int:
     return 0
 
 
-def bench(argv=None, eager_factory=None) -> int:
-    """`iia-bench`'s body; `eager_factory` (see iia.runtime.bench.EagerFactory) supplies the eager baseline."""
-    parser = argparse.ArgumentParser(
-        prog="iia-bench",
-        description="Latency of a compiled sampler per batch size: p50/p90/p99, images/s, the overhead ratio "
-                    "sampler / (NFE x one denoiser call [+ one decoder call]) on the same backend (at most 1.0 "
-                    "wanted; below 1 where the compiler folded per-call work away), and the speed-ups over "
-                    "a numpy loop around the same denoiser.onnx and over the PyTorch eager sampler (same solver, "
-                    "coefficients, device and threads).")
-    _add_common(parser)
-    add_options(parser, BenchOptions)
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    from .bench import format_table, run_bench
-
-    opts = options_from(BenchOptions, args)
-    opts.batches = tuple(opts.batches)
-    opts.validate()
-    outside_artifact(check_output_file(args.json, "--json"), args.artifact, "--json")
-    rows = run_bench(args.artifact, opts, log=_err, eager_factory=eager_factory)
-    print(format_table(rows))
-    if args.json:
-        from .contract import write_json_atomic
-
-        write_json_atomic(Path(args.json), rows)
-        written(args.json)
-        print(f"wrote {args.json}")
-    return 0
-
-
 def sample_main(argv=None) -> int:
     return run_cli(_sample, argv)
-
-
-def bench_main(argv=None) -> int:
-    """`iia-bench` without an eager baseline (the installed `iia-bench` is iia.evaluation.cli's, which adds it)."""
-    return run_cli(bench, argv)
 
 
 if __name__ == "__main__":

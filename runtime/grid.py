@@ -46,11 +46,6 @@ def save_png(grid: np.ndarray, path: str | Path) -> None:
         image.save(f, format="PNG")
 
 
-def save_npz(path: str | Path, **arrays) -> None:
-    with atomic_open(path) as f:
-        np.savez(f, **arrays)
-
-
 class NpzWriter:
     """An .npz written atomically and array by array, each array streamed in chunks (np.load reads it like
     np.savez's): `with NpzWriter(path) as z: with z.array("x", np.float32, shape) as a: a.write(chunk)...`.

@@ -4,7 +4,7 @@
 
 Per batch size: the loop around the FIRST artifact's denoiser.onnx (iia.runtime.loop, its program.json; the
 denoiser session fixed to that batch, as iia-bench does for static-batch graphs) and each artifact's
-sampler.onnx (session fixed to the batch), timed in one interleaved run (iia.runtime.bench.time_interleaved),
+sampler.onnx (session fixed to the batch), timed in one interleaved run (iia.evaluation.bench.time_interleaved),
 medians. Each graph's images are first checked against the loop's (max abs <= 1e-3 x their scale, as iia-bench). Prints loop ms and, per
 artifact, graph ms and loop/graph (= iia-bench's speedup_vs_loop). Used for docs/performance.md's
 change -> ratio table: compile the same model once per compiler version and pass the artifacts in order.
@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iia.runtime.bench import CLOCKS, LOOP_TOLERANCE, time_interleaved  # noqa: E402
+from iia.evaluation.bench import CLOCKS, LOOP_TOLERANCE, time_interleaved  # noqa: E402
 from iia.runtime.contract import IMAGES, LABELS, NOISE, draw_labels, draw_noise, read_manifest, read_program  # noqa: E402
 from iia.runtime.loop import DenoiserLoop  # noqa: E402
 from iia.runtime.onnx_backend import OrtSession, session_options  # noqa: E402

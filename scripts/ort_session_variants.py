@@ -2,7 +2,7 @@
 
     python scripts/ort_session_variants.py ARTIFACT --threads 1 --batch 1,8,32 --iters 60 [--clock cpu]
 
-Per batch size, times (interleaved rounds, medians; see iia.runtime.bench.time_interleaved) the sampler graph
+Per batch size, times (interleaved rounds, medians; see iia.evaluation.bench.time_interleaved) the sampler graph
 under each variant, the numpy loop around denoiser.onnx (iia.runtime.loop) and one denoiser call, and prints
 `change -> loop/graph, overhead`:
   dynamic        the runtime's default session (all optimisations, memory pattern, arena)
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iia.runtime.bench import CLOCKS, time_interleaved  # noqa: E402
+from iia.evaluation.bench import CLOCKS, time_interleaved  # noqa: E402
 from iia.runtime.contract import (DENOISED, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, LABELS,  # noqa: E402
                                   NOISE, draw_noise, read_manifest, read_program)
 from iia.runtime.loop import DenoiserLoop  # noqa: E402

@@ -253,11 +253,9 @@ def test_guided_latent_graph_equals_edm2_sampler_and_vae_decode(edm2, vae_dir, l
         assert np.array_equal(samples.images, latents) and np.array_equal(samples.images_uint8, u8)
         assert sampler.images(seed=0, batch_size=2, class_labels=1).shape == (2, 16, 16, 3)
 
-    from iia.evaluation.eager import eager_factory
-    from iia.runtime.bench import BenchOptions, run_bench
+    from iia.evaluation.bench import BenchOptions, run_bench
 
-    rows = run_bench(out, BenchOptions(batches=(2,), warmup=1, iters=3, threads=1), log=lambda s: None,
-                     eager_factory=eager_factory)
+    rows = run_bench(out, BenchOptions(batches=(2,), warmup=1, iters=3, threads=1), log=lambda s: None)
     row = rows[0]
     assert row["decoder_p50_ms"] > 0 and row["denoiser_p50_ms"] > 0
     assert row["eager_p50_ms"] is None and "does not rebuild guided models" in row["eager_note"]

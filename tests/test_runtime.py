@@ -19,7 +19,7 @@ from iia.calibration.sampling import sample
 from iia.compiler.build import CompileOptions, compile_model
 from iia.models import gaussian_mixture
 from iia.runtime import ArtifactError, BackendUnavailable, draw_noise, load
-from iia.runtime.bench import KEYS
+from iia.evaluation.bench import KEYS
 from iia.evaluation.cli import bench_main
 from iia.runtime.cli import sample_main
 from iia.runtime.trt_backend import plan_mismatch

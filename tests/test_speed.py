@@ -118,7 +118,7 @@ def test_labels_never_silently_dropped_or_typo_tolerated(edm_artifact, tmp_path,
 
 def test_bench_no_spin_reaches_every_onnx_runtime_session(edm_artifact):
     """iia-bench --no-spin: the sampler's sessions (dynamic and static) and the baseline's sleep when idle."""
-    from iia.runtime.bench import BenchOptions, run_bench
+    from iia.evaluation.bench import BenchOptions, run_bench
 
     sampler = load(edm_artifact, "onnxruntime-cpu", threads=2, spin=False)
     for session in (sampler.session_for(2), sampler.session_for(3)):  # dynamic, static batch 3
