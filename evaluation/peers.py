@@ -127,6 +127,24 @@ def bootstrap_ratio(sq_a: torch.Tensor, sq_b: torch.Tensor, resamples: int = 200
     return lo, hi
 
 
+def compare_to_best_peer(rows: list[dict], nfes: list[int]) -> None:
+    """Per NFE with peer rows: every row's rmse and median over the best peer's (lowest rmse; lowest median), with
+    the 95% paired-bootstrap interval of the rmse ratio. Drops the rows' per-sample mean squared errors `_sq` ([N])."""
+    for nfe in nfes:
+        at = [r for r in rows if r["nfe"] == nfe]
+        peer_rows = [r for r in at if r["kind"] == "peer"]
+        if not peer_rows:
+            continue
+        best = min(peer_rows, key=lambda r: r["rmse"])
+        best_median = min(r["median"] for r in peer_rows)
+        for r in at:
+            lo, hi = bootstrap_ratio(r["_sq"], best["_sq"])
+            r.update(best_peer=best["sampler"], ratio_to_best_peer=r["rmse"] / best["rmse"], ci_lo=lo, ci_hi=hi,
+                     median_ratio_to_best_peer=r["median"] / best_median)
+    for r in rows:
+        del r["_sq"]
+
+
 def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: list[str] | None = None,
                    n_test: int = 500, calibration=None, search=None, fd: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
@@ -201,19 +219,7 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
             program = (calibrate(denoiser, name, nfe, CalibrationOptions(**vars(cal))).program if spec_fitted
                        else program_for(denoiser, name, nfe))
             row(name, "ours", nfe, sample(program, denoiser, noise, labels), sigma_start=program.sigmas[0])
-    for nfe in nfes:
-        at = [r for r in rows if r["nfe"] == nfe]
-        peer_rows = [r for r in at if r["kind"] == "peer"]
-        if not peer_rows:
-            continue
-        best = min(peer_rows, key=lambda r: r["rmse"])
-        best_median = min(r["median"] for r in peer_rows)
-        for r in at:
-            lo, hi = bootstrap_ratio(r["_sq"], best["_sq"])
-            r.update(best_peer=best["sampler"], ratio_to_best_peer=r["rmse"] / best["rmse"], ci_lo=lo, ci_hi=hi,
-                     median_ratio_to_best_peer=r["median"] / best_median)
-    for r in rows:
-        del r["_sq"]
+    compare_to_best_peer(rows, nfes)
     return {"model": denoiser.identity.get("name"), "n_test": n_test, "reference_steps": cal.reference_steps,
             "reference": report_ref, "rows": rows}
 

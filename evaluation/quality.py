@@ -19,11 +19,10 @@ ONNX graph, runs it with ONNX Runtime on the same noise and labels, and compares
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,23 +36,14 @@ from iia.calibration.sampling import program_for, reference_solution, rmse, samp
 from iia.calibration.solvers import Program, get_solver, valid_nfe
 from iia.cli import int_list, option, str_list
 
-from .accuracy import save_figure
+from .quality_figures import GRID_SAMPLES, NUM_CLASSES, plot_quality, save_comparison_grid
 
 METRIC = ("FD-digits: Frechet distance between Gaussian fits of the bundled digit classifier's 128-d "
           "penultimate features, samples vs all 1,797 real digits (not FID; not comparable to FID)")
 # Default first image seed of the quality samples: far from calibration's (seed..), the guard's (seed + 10**6..)
 # and iia-accuracy's; `iia-sample ARTIFACT --seed 15485863 --n N` draws the very same noise and labels.
 QUALITY_SAMPLE_SEED = 15485863
-NUM_CLASSES = 10
-GRID_SAMPLES = 100  # first 100 noises/labels: 10 rows (classes) x 10 columns
 BOOTSTRAP = 20  # resamples for the FD-digits standard error
-
-# Grid layout (pixels): 8x8 digits upscaled nearest x4, tiles separated by TILE_PAD, panels by PANEL_GAP,
-# a HEADER-high strip above each panel for its label.
-UPSCALE = 4
-TILE_PAD = 2
-PANEL_GAP = 8
-HEADER = 16
 
 
 def _log(text: str) -> None:
@@ -109,52 +99,6 @@ def metrics(samples: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | Non
     }
 
 
-def grid_tiles(samples: torch.Tensor) -> np.ndarray:
-    """First (up to) 100 samples as a uint8 [rows*tile, cols*tile] mosaic: row c = class c (label i % 10)."""
-    m = min(GRID_SAMPLES, samples.shape[0])
-    cols = max(1, math.ceil(m / NUM_CLASSES))
-    tile = 8 * UPSCALE
-    h = NUM_CLASSES * (tile + TILE_PAD) + TILE_PAD
-    w = cols * (tile + TILE_PAD) + TILE_PAD
-    out = np.full((h, w), 64, dtype=np.uint8)  # dark grey separators
-    u8 = (samples[:m, 0].to(torch.float64) * 127.5 + 128).clamp(0, 255).to(torch.uint8).numpy()  # EDM's conversion
-    u8 = u8.repeat(UPSCALE, axis=1).repeat(UPSCALE, axis=2)
-    for i in range(m):
-        r, c = i % NUM_CLASSES, i // NUM_CLASSES
-        y, x = TILE_PAD + r * (tile + TILE_PAD), TILE_PAD + c * (tile + TILE_PAD)
-        out[y:y + tile, x:x + tile] = u8[i]
-    return out
-
-
-def grid_image_size(panels: int, n: int = GRID_SAMPLES) -> tuple[int, int]:
-    """(width, height) of a comparison PNG with `panels` side-by-side grids of min(n, 100) samples."""
-    cols = max(1, math.ceil(min(GRID_SAMPLES, n) / NUM_CLASSES))
-    tile = 8 * UPSCALE
-    pw, ph = cols * (tile + TILE_PAD) + TILE_PAD, NUM_CLASSES * (tile + TILE_PAD) + TILE_PAD
-    return panels * pw + (panels + 1) * PANEL_GAP, HEADER + ph + PANEL_GAP
-
-
-def save_comparison_grid(panels: list[tuple[str, torch.Tensor]], path: str | Path) -> Path:
-    """One PNG: side-by-side labelled grids (same noises/labels in every panel), written atomically."""
-    from PIL import Image, ImageDraw
-
-    from iia.runtime.grid import save_png
-
-    tiles = [(label, grid_tiles(x)) for label, x in panels]
-    n = min(x.shape[0] for _, x in panels)
-    width, height = grid_image_size(len(tiles), n)
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    x = PANEL_GAP
-    for label, arr in tiles:
-        draw.text((x, 2), label, fill=255)
-        canvas.paste(Image.fromarray(arr), (x, HEADER))
-        x += arr.shape[1] + PANEL_GAP
-    path = Path(path)
-    save_png(np.asarray(canvas)[..., None], path)
-    return path
-
-
 @dataclass
 class QualityOptions:
     """`iia-quality`'s own options (its calibration options are CalibrationOptions), declared once."""
@@ -188,6 +132,80 @@ def validate_request(solvers: list[str], nfes: list[int], n: int, chunk: int = 5
     return combos
 
 
+def _reference(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor, steps: int, chunk: int,
+               say) -> tuple[torch.Tensor, dict]:
+    """The reference solution float32 [N, 1, 8, 8] (Heun on `steps` Karras steps) and its row: a sampler in its
+    own right, whose FD-digits is the model's own limit."""
+    say(f"reference: Heun, {steps} Karras steps ({2 * steps - 1} NFE), {noise.shape[0]} samples")
+    t0 = time.perf_counter()
+    ref = reference_solution(denoiser, noise, labels, steps=steps, chunk=chunk).to(torch.float32)
+    row = {"solver": "reference", "nfe": 2 * steps - 1, "base": "edm", **metrics(ref, labels, None),
+           "sample_s": round(time.perf_counter() - t0, 2)}
+    row.update(base_fd_digits=row["fd_digits"], fd_ratio_to_reference=1.0)
+    say(f"  reference FD-digits {row['fd_digits']:.4f}")
+    return ref, row
+
+
+@dataclass
+class _Rows:
+    """What every row of one quality table shares: the model, the fixed noise and labels, the reference, and the
+    caches (base solvers' metrics by (base, NFE), calibrations by (solver, NFE))."""
+
+    denoiser: Denoiser
+    noise: torch.Tensor
+    labels: torch.Tensor
+    ref: torch.Tensor
+    ref_fd: float
+    options: CalibrationOptions
+    chunk: int
+    say: Callable[[str], None]
+    calibration_progress: Callable | None
+    base: dict = field(default_factory=dict)
+    calibrations: dict = field(default_factory=dict)
+
+    def measure(self, program: Program) -> tuple[torch.Tensor, dict]:
+        t = time.perf_counter()
+        x = sample_chunked(program, self.denoiser, self.noise, self.labels, self.chunk)
+        m = metrics(x, self.labels, self.ref)
+        m["sample_s"] = round(time.perf_counter() - t, 2)
+        return x, m
+
+    def row(self, solver: str, nfe: int) -> tuple[dict, torch.Tensor]:
+        """(row, samples float32 [N, 1, 8, 8]) of `solver` at `nfe`, calibrating it first if it is fitted."""
+        spec, options = get_solver(solver), self.options
+        self.say(f"{solver} NFE {nfe}")
+        key = (spec.base, nfe)
+        row = {"solver": solver, "nfe": nfe, "base": spec.base}
+        if spec.fitted:
+            result = calibrate(self.denoiser, solver, nfe, CalibrationOptions(**vars(options)),
+                               progress=self.calibration_progress)
+            self.calibrations[(solver, nfe)] = result
+            x, m = self.measure(result.program)
+            row.update(m, guard_decision=result.guard.get("decision"), calibration_s=round(result.seconds, 2))
+        else:
+            x, m = self.measure(program_for(self.denoiser, solver, nfe, schedule=options.schedule))
+            row.update(m)
+            self.base[key] = m
+        if key not in self.base:
+            self.say(f"  base {spec.base} NFE {nfe}")
+            self.base[key] = self.measure(program_for(self.denoiser, spec.base, nfe, schedule=options.schedule))[1]
+        row["base_fd_digits"] = self.base[key]["fd_digits"]
+        row["base_rmse"] = self.base[key]["rmse"]
+        row["fd_ratio_to_reference"] = row["fd_digits"] / self.ref_fd if self.ref_fd > 0 else float("nan")
+        self.say(f"  FD-digits {row['fd_digits']:.4f}  rmse {row['rmse']:.5f}  accuracy {row['accuracy']:.4f}")
+        return row, x
+
+
+def _save_grids(grid_samples: dict[int, list], ref: torch.Tensor, ref_nfe: int, grids_dir: str | Path) -> list[str]:
+    """One comparison PNG per NFE (its solvers' panels, then the reference's) in `grids_dir`; their paths."""
+    grids = []
+    for nfe in sorted(grid_samples):
+        panels = grid_samples[nfe] + [(f"reference ({ref_nfe} NFE)", ref[:GRID_SAMPLES])]
+        panels = [(name if name.startswith("reference") else f"{name} NFE {nfe}", x) for name, x in panels]
+        grids.append(str(save_comparison_grid(panels, Path(grids_dir) / f"quality_grid_nfe{nfe}.png")))
+    return grids
+
+
 def quality_table(
     denoiser: Denoiser,
     solvers: list[str],
@@ -217,71 +235,23 @@ def quality_table(
         say("skipping (NFE not valid for the solver): " + ", ".join(f"{s}@{nfe}" for s, nfe in skipped))
 
     noise, labels = quality_noise(denoiser, n, sample_seed)
-    ref_steps = options.reference_steps
-    say(f"reference: Heun, {ref_steps} Karras steps ({2 * ref_steps - 1} NFE), {n} samples")
-    t0 = time.perf_counter()
-    ref = reference_solution(denoiser, noise, labels, steps=ref_steps, chunk=chunk).to(torch.float32)
-    ref_row = {"solver": "reference", "nfe": 2 * ref_steps - 1, "base": "edm", **metrics(ref, labels, None),
-               "sample_s": round(time.perf_counter() - t0, 2)}
-    ref_fd = ref_row["fd_digits"]
-    ref_row.update(base_fd_digits=ref_fd, fd_ratio_to_reference=1.0)
-    say(f"  reference FD-digits {ref_fd:.4f}")
-
+    ref, ref_row = _reference(denoiser, noise, labels, options.reference_steps, chunk, say)
+    table = _Rows(denoiser, noise, labels, ref, ref_row["fd_digits"], options, chunk, say, calibration_progress)
     grid_samples: dict[int, list[tuple[str, torch.Tensor]]] = {}
-    base_cache: dict[tuple[str, int], dict] = {}
-    calibrations: dict[tuple[str, int], CalibrationResult] = {}
-    kept: dict[tuple[str, int], torch.Tensor] = {}
-    rows = []
-
-    def measure(program: Program) -> tuple[torch.Tensor, dict]:
-        t = time.perf_counter()
-        x = sample_chunked(program, denoiser, noise, labels, chunk)
-        m = metrics(x, labels, ref)
-        m["sample_s"] = round(time.perf_counter() - t, 2)
-        return x, m
-
+    rows, kept = [], None
     for solver, nfe in combos:
-        spec = get_solver(solver)
-        say(f"{solver} NFE {nfe}")
-        key = (spec.base, nfe)
-        row = {"solver": solver, "nfe": nfe, "base": spec.base}
-        if spec.fitted:
-            result = calibrate(denoiser, solver, nfe, CalibrationOptions(**vars(options)),
-                               progress=calibration_progress)
-            calibrations[(solver, nfe)] = result
-            x, m = measure(result.program)
-            g = result.guard
-            row.update(m, guard_decision=g.get("decision"), calibration_s=round(result.seconds, 2))
-        else:
-            x, m = measure(program_for(denoiser, solver, nfe, schedule=options.schedule))
-            row.update(m)
-            base_cache[key] = m
-        if key not in base_cache:
-            say(f"  base {spec.base} NFE {nfe}")
-            base_cache[key] = measure(program_for(denoiser, spec.base, nfe, schedule=options.schedule))[1]
-        row["base_fd_digits"] = base_cache[key]["fd_digits"]
-        row["base_rmse"] = base_cache[key]["rmse"]
-        row["fd_ratio_to_reference"] = row["fd_digits"] / ref_fd if ref_fd > 0 else float("nan")
+        row, x = table.row(solver, nfe)
         rows.append(row)
         grid_samples.setdefault(nfe, []).append((solver, x[:GRID_SAMPLES].clone()))
         if solver == "iia-edm" and nfe == onnx_check:
-            kept[(solver, nfe)] = x
-        say(f"  FD-digits {row['fd_digits']:.4f}  rmse {row['rmse']:.5f}  accuracy {row['accuracy']:.4f}")
+            kept = x
     rows.append(ref_row)
-
-    grids = []
-    if grids_dir is not None:
-        out = Path(grids_dir)
-        for nfe in sorted(grid_samples):
-            panels = grid_samples[nfe] + [(f"reference ({ref_row['nfe']} NFE)", ref[:GRID_SAMPLES])]
-            panels = [(name if name.startswith("reference") else f"{name} NFE {nfe}", x) for name, x in panels]
-            grids.append(str(save_comparison_grid(panels, out / f"quality_grid_nfe{nfe}.png")))
+    grids = [] if grids_dir is None else _save_grids(grid_samples, ref, ref_row["nfe"], grids_dir)
 
     onnx = None
     if onnx_check:
-        onnx = onnx_parity(denoiser, onnx_check, options, noise, labels, ref, ref_fd,
-                           calibrations.get(("iia-edm", onnx_check)), kept.get(("iia-edm", onnx_check)),
-                           chunk, say, calibration_progress)
+        onnx = onnx_parity(denoiser, onnx_check, options, noise, labels, ref, ref_row["fd_digits"],
+                           table.calibrations.get(("iia-edm", onnx_check)), kept, chunk, say, calibration_progress)
     return {
         "metric": METRIC,
         "model": denoiser.identity.get("name"),
@@ -289,7 +259,7 @@ def quality_table(
         "n": n,
         "labels": "(noise_seed + k) mod 10",
         "noise_seed": sample_seed,
-        "reference_steps": ref_steps,
+        "reference_steps": options.reference_steps,
         "calibration": {k: v for k, v in vars(options).items()},
         "versions": _versions(),
         "rows": rows,
@@ -382,36 +352,6 @@ def format_table(report: dict) -> str:
                      f"{'equal within noise' if c['equal_within_noise'] else 'DIFFERENT'}); max abs sample diff "
                      f"{c['max_abs_diff']:.3g}; accuracy {c['accuracy_pytorch']:.4f} vs {c['accuracy_onnx']:.4f}")
     return "\n".join(lines)
-
-
-def plot_quality(report: dict, path: str | Path) -> None:
-    """FD-digits vs NFE per solver (log y), the reference sampler's FD-digits as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["rows"] if r["solver"] != "reference"]
-    ref = next(r for r in report["rows"] if r["solver"] == "reference")
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
-    for solver in dict.fromkeys(r["solver"] for r in rows):
-        pts = sorted((r["nfe"], r["fd_digits"], r["fd_digits_se"]) for r in rows if r["solver"] == solver)
-        xs, ys, es = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2, label=solver)
-    ax.axhline(ref["fd_digits"], color="k", linestyle="--", linewidth=1,
-               label=f"reference ({ref['nfe']} NFE): {ref['fd_digits']:.3f}")
-    ax.set_yscale("log")
-    ax.set_xticks(sorted({r["nfe"] for r in rows}))
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("FD-digits (lower is better)")
-    ax.set_title(f"{report.get('model')}: FD-digits vs NFE (n = {report['n']}; not FID)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
 
 
 def _main(argv=None) -> int:

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -103,27 +104,112 @@ class InProcess:
         self.process.join(30)
 
 
+@dataclass
+class _Load:
+    """The requests of one load test and what came back; request k is client c's r-th (k = c x requests + r),
+    sent in `rounds` (request indices r per round) that start at the `go` barrier and end at `done`."""
+
+    noises: np.ndarray
+    labels: list
+    rounds: list[list[int]]
+    go: threading.Barrier
+    done: threading.Barrier
+    deadline: float
+    results: list = field(default_factory=list)
+    latencies: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _make_load(args, sampler) -> _Load:
+    total = args.clients * args.requests
+    label_dim = sampler.label_dim
+    labels_fn = (lambda n: (np.arange(n) % label_dim).astype(np.int64)) if label_dim else (lambda n: None)
+    rng = np.random.default_rng(args.seed)
+    noises = rng.standard_normal((total, args.images, *sampler.sample_shape), dtype=np.float32)
+    labels = [None if not label_dim else (labels_fn(args.images) + k) % label_dim for k in range(total)]
+    rounds = [list(range(r * args.requests // args.rounds, (r + 1) * args.requests // args.rounds))
+              for r in range(args.rounds)]
+    return _Load(noises, labels, rounds, threading.Barrier(args.clients + 1), threading.Barrier(args.clients + 1),
+                 time.monotonic() + args.timeout, [None] * total, np.zeros(total))
+
+
+def _client(c: int, load: _Load, args, client_mod, url: str, model: str) -> None:
+    """Client c: its requests of each round, one at a time; errors are counted (and the first ones reported)."""
+    kwargs = {"client_timeout": args.request_timeout} if args.protocol == "grpc" else {}
+    client = client_mod.InferenceServerClient(url, **({} if args.protocol == "grpc" else
+                                                      {"network_timeout": args.request_timeout}))
+    try:
+        for ids in load.rounds:
+            load.go.wait()
+            for r in ids:
+                k = c * args.requests + r
+                if time.monotonic() > load.deadline:
+                    with load.lock:
+                        load.errors.append(f"request {k}: --timeout {args.timeout} s reached")
+                    continue
+                start = time.perf_counter()
+                try:
+                    out = client.infer(model, make_inputs(client_mod, load.noises[k], load.labels[k]), **kwargs)
+                    load.results[k] = out.as_numpy("images")
+                except Exception as err:  # counted, reported
+                    with load.lock:
+                        load.errors.append(f"request {k}: {type(err).__name__}: {err}")
+                load.latencies[k] = time.perf_counter() - start
+            load.done.wait()
+    finally:
+        client.close()
+
+
+@dataclass
+class _Tally:
+    """Sums over the rounds: Triton's wall and CPU seconds, the in-process runtime's, the batches Triton formed."""
+
+    triton_s: float = 0.0
+    inproc_s: float = 0.0
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+    inproc_cpu: float = 0.0
+    inproc_images: int = 0
+    formed: dict = field(default_factory=dict)
+    per_round: list = field(default_factory=list)
+
+
+def _measure_rounds(load: _Load, args, server, main_client, model: str, inproc: InProcess) -> _Tally:
+    """Each round: release the clients, wait for them, read the batches Triton formed, then have the in-process
+    runtime run the same batches (or --effective-batch)."""
+    tally = _Tally()
+    for _ in load.rounds:
+        before = batch_stats(main_client, model, args.protocol)
+        cpu0, server0, t0 = time.process_time(), server.cpu_seconds(), time.perf_counter()
+        load.go.wait()
+        load.done.wait()
+        wall = time.perf_counter() - t0
+        tally.triton_s, tally.client_cpu = tally.triton_s + wall, tally.client_cpu + time.process_time() - cpu0
+        tally.server_cpu += server.cpu_seconds() - server0
+        after = batch_stats(main_client, model, args.protocol)
+        round_formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
+        for b, n in round_formed.items():
+            tally.formed[b] = tally.formed.get(b, 0) + n
+        made = sum(b * n for b, n in round_formed.items())
+        same = ({args.effective_batch: max(1, round(made / args.effective_batch))} if args.effective_batch
+                else round_formed)
+        n, sec, cpu = inproc.run(same)
+        tally.inproc_cpu += cpu
+        tally.inproc_images, tally.inproc_s = tally.inproc_images + n, tally.inproc_s + sec
+        tally.per_round.append({"triton_images_per_s": round(made / wall, 1), "batches_formed": round_formed,
+                                "inprocess_images_per_s": round(n / sec, 1), "ratio": round(made / wall / (n / sec), 3)})
+    return tally
+
+
 def run(args) -> dict:
     """Rounds of load (every client sends requests/rounds requests), each followed by the in-process runtime
     running the very batches Triton formed in that round (or --effective-batch): both rates are sums over the
     same interleaved stretch of time, so a busy machine slows both."""
     artifact = Path(args.artifact)
     sampler = iia.runtime.load(artifact, ORT_CPU, threads=args.threads)
-    label_dim = sampler.label_dim
-    labels_fn = (lambda n: (np.arange(n) % label_dim).astype(np.int64)) if label_dim else (lambda n: None)
     client_mod = _client_module(args.protocol)
-    total = args.clients * args.requests
-    rng = np.random.default_rng(args.seed)
-    noises = rng.standard_normal((total, args.images, *sampler.sample_shape), dtype=np.float32)
-    labels = [None if not label_dim else (labels_fn(args.images) + k) % label_dim for k in range(total)]
-    results: list = [None] * total
-    latencies = np.zeros(total)
-    errors: list[str] = []
-    lock = threading.Lock()
-    rounds = [list(range(r * args.requests // args.rounds, (r + 1) * args.requests // args.rounds))
-              for r in range(args.rounds)]
-    go, done = threading.Barrier(args.clients + 1), threading.Barrier(args.clients + 1)
-    deadline = time.monotonic() + args.timeout
+    load = _make_load(args, sampler)
 
     with tempfile.TemporaryDirectory(prefix="iia-loadtest-") as tmp:
         opts = TritonOptions(name="loadtest", kind="cpu", backends=["python"], instances=args.instances,
@@ -131,89 +217,48 @@ def run(args) -> dict:
         model = next(iter(export_repository(artifact, Path(tmp) / "repo", opts)))
         with LocalTritonServer(Path(tmp) / "repo", log=lambda t: print(t, file=sys.stderr)) as server:
             url = server.grpc_url if args.protocol == "grpc" else server.http_url
-
-            def worker(c: int) -> None:
-                kwargs = {"client_timeout": args.request_timeout} if args.protocol == "grpc" else {}
-                client = client_mod.InferenceServerClient(url, **({} if args.protocol == "grpc" else
-                                                                  {"network_timeout": args.request_timeout}))
-                try:
-                    for ids in rounds:
-                        go.wait()
-                        for r in ids:
-                            k = c * args.requests + r
-                            if time.monotonic() > deadline:
-                                with lock:
-                                    errors.append(f"request {k}: --timeout {args.timeout} s reached")
-                                continue
-                            start = time.perf_counter()
-                            try:
-                                out = client.infer(model, make_inputs(client_mod, noises[k], labels[k]), **kwargs)
-                                results[k] = out.as_numpy("images")
-                            except Exception as err:  # counted, reported
-                                with lock:
-                                    errors.append(f"request {k}: {type(err).__name__}: {err}")
-                            latencies[k] = time.perf_counter() - start
-                        done.wait()
-                finally:
-                    client.close()
-
             inproc = InProcess(artifact, args.threads)
             main_client = client_mod.InferenceServerClient(url)
             for k in range(3):  # warm the model instance
-                main_client.infer(model, make_inputs(client_mod, noises[k], labels[k]))
-            threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(args.clients)]
+                main_client.infer(model, make_inputs(client_mod, load.noises[k], load.labels[k]))
+            threads = [threading.Thread(target=_client, args=(c, load, args, client_mod, url, model), daemon=True)
+                       for c in range(args.clients)]
             for t in threads:
                 t.start()
-            formed: dict[int, int] = {}
-            triton_s = inproc_s = client_cpu = server_cpu = inproc_cpu = 0.0
-            inproc_images = 0
-            per_round = []
-            for ids in rounds:
-                before = batch_stats(main_client, model, args.protocol)
-                cpu0, server0, t0 = time.process_time(), server.cpu_seconds(), time.perf_counter()
-                go.wait()
-                done.wait()
-                wall = time.perf_counter() - t0
-                triton_s, client_cpu = triton_s + wall, client_cpu + time.process_time() - cpu0
-                server_cpu += server.cpu_seconds() - server0
-                after = batch_stats(main_client, model, args.protocol)
-                round_formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
-                for b, n in round_formed.items():
-                    formed[b] = formed.get(b, 0) + n
-                made = sum(b * n for b, n in round_formed.items())
-                same = ({args.effective_batch: max(1, round(made / args.effective_batch))} if args.effective_batch
-                        else round_formed)
-                n, sec, cpu = inproc.run(same)
-                inproc_cpu += cpu
-                inproc_images, inproc_s = inproc_images + n, inproc_s + sec
-                per_round.append({"triton_images_per_s": round(made / wall, 1), "batches_formed": round_formed,
-                                  "inprocess_images_per_s": round(n / sec, 1), "ratio": round(made / wall / (n / sec), 3)})
+            tally = _measure_rounds(load, args, server, main_client, model, inproc)
             for t in threads:
                 t.join()
             main_client.close()
             inproc.close()
-    executions = sum(formed.values())
-    images_done = sum(b * n for b, n in formed.items())
-    ok = [k for k in range(total) if results[k] is not None]
+    return _report(args, artifact, model, load, tally, sampler)
+
+
+def _report(args, artifact: Path, model: str, load: _Load, tally: _Tally, sampler) -> dict:
+    total = args.clients * args.requests
+    executions = sum(tally.formed.values())
+    images_done = sum(b * n for b, n in tally.formed.items())
+    ok = [k for k in range(total) if load.results[k] is not None]
     # the in-process runtime on each request's own noise and labels (the request as one batch)
-    bit_equal = sum(np.array_equal(results[k], sampler(noises[k], class_labels=labels[k])) for k in ok)
-    lat = latencies[ok] * 1e3 if ok else np.zeros(1)
-    triton_rate = len(ok) * args.images / triton_s
-    inproc_rate = inproc_images / inproc_s
+    bit_equal = sum(np.array_equal(load.results[k], sampler(load.noises[k], class_labels=load.labels[k])) for k in ok)
+    lat = load.latencies[ok] * 1e3 if ok else np.zeros(1)
+    triton_rate = len(ok) * args.images / tally.triton_s
+    inproc_rate = tally.inproc_images / tally.inproc_s
+    server_cpu, client_cpu, inproc_cpu = tally.server_cpu, tally.client_cpu, tally.inproc_cpu
+    per_round = tally.per_round
     return {
         "artifact": str(artifact), "model": model, "protocol": args.protocol, "clients": args.clients,
         "requests_per_client": args.requests, "images_per_request": args.images, "requests": total,
-        "errors": len(errors), "first_errors": errors[:3], "triton_wall_s": round(triton_s, 3),
+        "errors": len(load.errors), "first_errors": load.errors[:3], "triton_wall_s": round(tally.triton_s, 3),
         "cpu_s": {"triton_server": round(server_cpu, 2), "clients": round(client_cpu, 2),
                   "inprocess": round(inproc_cpu, 2)},
         "cpu_ms_per_image": {"triton_server": round(1e3 * server_cpu / max(1, len(ok) * args.images), 3),
                              "triton_server_and_clients": round(1e3 * (server_cpu + client_cpu)
                                                                 / max(1, len(ok) * args.images), 3),
-                             "inprocess": round(1e3 * inproc_cpu / max(1, inproc_images), 3)},
+                             "inprocess": round(1e3 * inproc_cpu / max(1, tally.inproc_images), 3)},
         "triton_images_per_s": round(triton_rate, 1),
         "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2), "p90": round(float(np.percentile(lat, 90)), 2),
                        "p99": round(float(np.percentile(lat, 99)), 2)},
-        "batches_formed": dict(sorted(formed.items())), "executions": executions,
+        "batches_formed": dict(sorted(tally.formed.items())), "executions": executions,
         "effective_batch": round(images_done / executions, 2) if executions else 0.0,
         "inprocess_images_per_s": round(inproc_rate, 1),
         "throughput_ratio": round(triton_rate / inproc_rate, 3),
