@@ -31,7 +31,7 @@ import torch
 
 from iia.models.base import Denoiser
 
-from iia.calibration.fit import CalibrationOptions, CalibrationResult, calibrate, draw_noise
+from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
 from iia.calibration.sampling import program_for, reference_solution, rmse, sample
 from iia.calibration.solvers import Program, get_solver, valid_nfe
 from iia.cli import int_list, option, str_list
