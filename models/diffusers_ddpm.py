@@ -28,29 +28,16 @@ changed and said so in `Denoiser.report`. diffusers is an optional dependency (`
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .base import Denoiser
 from .decode import folder_sha256
+from .diffusers_scheduler import DiffusersLoadError, SchedulerReading, read_json, read_scheduler
 
 TIME_MAPPINGS = ("interpolate", "nearest")
-BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler")
-EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
-VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
-ACCEPTED_SCHEDULERS = BETA_SCHEDULERS + EDM_SCHEDULERS + VE_SCHEDULERS
-SPACINGS = ("leading", "trailing", "linspace")
-X0_CLIPPING = ("ignore", "clip")  # what to do with the scheduler's clip_sample / thresholding
 LATENT_COMPONENTS = ("vae", "vqvae")  # model_index.json entries that make a folder a latent pipeline
-DIFFUSERS_DDIM_BUG = "https://github.com/huggingface/diffusers/issues/12633"
-
-
-class DiffusersLoadError(ValueError):
-    pass
 
 
 class DiffusersDenoiser(torch.nn.Module):
@@ -122,178 +109,20 @@ class DiffusersDenoiser(torch.nn.Module):
         return denoised
 
 
-def sigmas_from_scheduler(scheduler) -> torch.Tensor:
-    """sigma_t = sqrt((1 - alphabar_t) / alphabar_t) of a beta-table scheduler, float64 [T], ascending."""
-    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
-    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DiffusersLoadError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise DiffusersLoadError(f"{path} is not a JSON object")
-    return data
-
-
 def latent_component(path: Path) -> tuple[str, str] | None:
     """(entry, class) of the VAE/VQ-VAE a latent pipeline folder names, or None for a pixel-space folder.
 
     The hook for latent decoding: a decode stage would load this component; until then loading refuses it.
     """
     index = path / "model_index.json"
-    entries = _read_json(index) if index.exists() else {}
+    entries = read_json(index) if index.exists() else {}
     for key in LATENT_COMPONENTS:
         value = entries.get(key)
         if isinstance(value, list) and any(value):
             return key, str(value[-1])
         if (path / key / "config.json").exists():
-            return key, str(_read_json(path / key / "config.json").get("_class_name", "?"))
+            return key, str(read_json(path / key / "config.json").get("_class_name", "?"))
     return None
-
-
-@dataclass
-class SchedulerReading:
-    """What iia takes from a scheduler config, and what it says about it (the compile block)."""
-
-    class_name: str
-    formulation: str  # "vp" | "edm" | "ve"
-    prediction: str
-    sigma_min: float
-    sigma_max: float
-    sigma_table: torch.Tensor | None = None  # vp: float64 [T], the last entry capped if alphabar_T = 0
-    net_table: torch.Tensor | None = None  # vp: the finite part the time mapping interpolates
-    sigma_data: float = 0.5
-    default_schedule: str = "karras"
-    rho: float = 7.0
-    steps_offset: int = 0
-    clip_x0: float | None = None
-    variance_type: str | None = None  # the scheduler's, where it has one (DDPMScheduler)
-    lines: list[str] = field(default_factory=list)  # accepted settings
-    changed: list[str] = field(default_factory=list)  # settings sampled differently from diffusers (said so)
-
-
-def _clipping(config, sched_file: Path, x0_clipping: str | None) -> tuple[float | None, list[str]]:
-    """The scheduler's clip_sample / thresholding under the user's --x0-clipping choice."""
-    thresholding = bool(config.get("thresholding", False))
-    clip = bool(config.get("clip_sample", False))
-    if x0_clipping is not None and x0_clipping not in X0_CLIPPING:
-        raise DiffusersLoadError(f"--x0-clipping must be one of {', '.join(X0_CLIPPING)}, got {x0_clipping!r}")
-    if not (thresholding or clip):
-        if x0_clipping == "clip":
-            raise DiffusersLoadError(f"--x0-clipping clip: {sched_file} has neither clip_sample nor thresholding set")
-        return None, []
-    bound = float(config.get("clip_sample_range", 1.0))
-    setting = ("thresholding=True (dynamic thresholding of x0)" if thresholding
-               else f"clip_sample=True (x0 clipped to [-{bound:g}, {bound:g}])")
-    if x0_clipping is None:
-        raise DiffusersLoadError(
-            f"{sched_file}: {setting} is applied by diffusers at every step and not by iia's ODE samplers; pass "
-            f"--x0-clipping ignore to sample without it" + ("" if thresholding else
-                                                             ", or --x0-clipping clip to clip D (diffusers' DDIM with "
-                                                             "use_clipped_model_output=True)"))
-    if x0_clipping == "ignore":
-        return None, [f"{setting}: ignored (--x0-clipping ignore): x0 is not clipped"]
-    if thresholding:
-        raise DiffusersLoadError(f"{sched_file}: --x0-clipping clip implements clip_sample, not thresholding=True; "
-                                 f"pass --x0-clipping ignore")
-    return bound, [f"{setting}: D clamped to [-{bound:g}, {bound:g}] (--x0-clipping clip): diffusers' DDIM with "
-                   f"use_clipped_model_output=True (its default re-uses the unclipped eps)"]
-
-
-def _beta_table_reading(scheduler, class_name: str, sched_file: Path, x0_clipping: str | None) -> SchedulerReading:
-    config = scheduler.config
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "sample", "v_prediction"):
-        raise DiffusersLoadError(f"{sched_file}: prediction_type {prediction!r} is not one of epsilon, sample, v_prediction")
-    spacing = config.get("timestep_spacing", "leading")
-    if spacing not in SPACINGS:
-        raise DiffusersLoadError(f"{sched_file}: timestep_spacing {spacing!r} is not one of {', '.join(SPACINGS)}")
-    table = sigmas_from_scheduler(scheduler)
-    T = len(table)
-    offset = int(config.get("steps_offset", 0) or 0)
-    clip_x0, changed = _clipping(config, sched_file, x0_clipping)
-    if not torch.isfinite(table[:-1]).all() or not bool((table[1:] > table[:-1]).all()):
-        raise DiffusersLoadError(f"{sched_file}: the beta table gives a non-increasing or infinite sigma before the "
-                                 f"last timestep; iia cannot use it")
-    net_table = table
-    if not math.isfinite(float(table[-1])):
-        # zero terminal SNR (rescale_betas_zero_snr): alphabar_{T-1} = 0 has sigma = inf
-        net_table = table[:-1]
-        table = torch.cat([table[:-1], table[-2:-1]])
-        changed.append(f"rescale_betas_zero_snr=True: alphabar[{T - 1}] = 0 (sigma = inf); sigma_max capped at "
-                       f"sigma(t={T - 2}) = {float(table[-1]):.6g}, the last finite value: timestep {T - 1} "
-                       f"is sampled as t = {T - 2}")
-    if config.get("set_alpha_to_one") is False:
-        changed.append(f"set_alpha_to_one=False: diffusers' DDIM/PNDM end on t=0 (sigma {float(table[0]):.4g}, "
-                       f"output scaled by sqrt(alphabar_0)); iia's samplers end at sigma = 0")
-    if spacing in ("linspace", "trailing"):
-        stride = f"({T} - 1) / (steps - 1)" if spacing == "linspace" else f"{T} / steps"
-        changed.append(f"timestep_spacing {spacing!r}: diffusers' DDIMScheduler.step goes from t to t - {T} // steps, "
-                       f"not to the next selected timestep, wherever that differs from the spacing's stride {stride} "
-                       f"({DIFFUSERS_DDIM_BUG}); iia steps between the selected timesteps")
-    c_form = {"epsilon": "c_skip = 1, c_out = -sigma", "sample": "c_skip = 0, c_out = 1",
-              "v_prediction": "c_skip = 1/(1+sigma^2), c_out = -sigma/sqrt(1+sigma^2)"}[prediction]
-    lines = [f"beta table ({config.get('beta_schedule', 'trained_betas')}, {T} timesteps): "
-             f"sigma = sqrt((1 - alphabar) / alphabar) in [{float(table[0]):.4g}, {float(table[-1]):.6g}]",
-             f"prediction_type {prediction}: {c_form}, c_in = 1/sqrt(1+sigma^2), c_noise = t(sigma)",
-             f"timesteps: timestep_spacing {spacing!r}, steps_offset {offset} -> default --schedule {spacing} "
-             f"(others: karras, exponential, uniform, quadratic, leading, trailing, linspace)"]
-    changed.append(f"initial state sigma_0 * noise in iia's units, sigma_0 the schedule's first sigma (sigma_max = "
-                   f"{float(table[-1]):.4g} where the timesteps start at t = {T - 1}; lower where leading, uniform or "
-                   f"quadratic spacing starts below it); diffusers' pipelines start from unit noise in the VP form, "
-                   f"sqrt(sigma_0^2 + 1) * noise in iia's units, a start larger by sqrt(1 + 1/sigma_0^2) (x1.05 at "
-                   f"sigma_0 = 3): the same seed gives a different image")
-    if class_name == "PNDMScheduler":
-        changed.append("PNDMScheduler: its PLMS/PRK warm-up is not reproduced step for step; iia's --solver "
-                       "ipndm/spndm are the same linear-multistep family on the same timesteps")
-    return SchedulerReading(class_name, "vp", prediction, float(table[0]), float(table[-1]), sigma_table=table,
-                            net_table=net_table, default_schedule=spacing, steps_offset=offset, clip_x0=clip_x0,
-                            variance_type=config.get("variance_type"), lines=lines, changed=changed)
-
-
-def _edm_reading(scheduler, class_name: str, sched_file: Path, x0_clipping: str | None) -> SchedulerReading:
-    config = scheduler.config
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
-        raise DiffusersLoadError(f"{sched_file}: prediction_type {prediction!r} with {class_name}: diffusers' EDM "
-                                 f"preconditioning defines epsilon and v_prediction only")
-    clip_x0, changed = _clipping(config, sched_file, x0_clipping)
-    if config.get("final_sigmas_type", "zero") != "zero":
-        changed.append(f"final_sigmas_type {config.get('final_sigmas_type')!r}: diffusers ends at sigma_min; "
-                       f"iia's samplers end at sigma = 0")
-    changed.append(f"initial state sigma_max * noise (diffusers' pipelines: sqrt(sigma_max^2 + 1) * noise, "
-                   f"{class_name}.init_noise_sigma)")
-    sd = float(config.get("sigma_data", 0.5))
-    schedule = config.get("sigma_schedule", "karras")
-    if schedule not in ("karras", "exponential"):
-        raise DiffusersLoadError(f"{sched_file}: sigma_schedule {schedule!r} is not karras or exponential")
-    rho = float(config.get("rho", 7.0))
-    lines = [f"EDM formulation: sigma in [{config['sigma_min']:g}, {config['sigma_max']:g}], sigma_data {sd:g}",
-             f"prediction_type {prediction}: c_skip = sd^2/(sigma^2+sd^2), c_out = "
-             f"{'' if prediction == 'epsilon' else '-'}sigma sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2), "
-             f"c_noise = log(sigma)/4",
-             f"schedule: sigma_schedule {schedule!r}" + (f", rho {rho:g}" if schedule == "karras" else "")
-             + f" -> default --schedule {schedule}"]
-    return SchedulerReading(class_name, "edm", prediction, float(config["sigma_min"]), float(config["sigma_max"]),
-                            sigma_data=sd, default_schedule=schedule, rho=rho, clip_x0=clip_x0, lines=lines,
-                            changed=changed)
-
-
-def _ve_reading(scheduler, class_name: str, sched_file: Path) -> SchedulerReading:
-    config = scheduler.config
-    smin, smax = float(config["sigma_min"]), float(config["sigma_max"])
-    lines = [f"VE score SDE: images in [0, 1], sigma in [{smin:g}, {smax:g}]; D = x + sigma^2 * score",
-             f"iia works in [-1, 1]: x' = 2x - 1, sigma' = 2 sigma in [{2 * smin:g}, {2 * smax:g}]",
-             "schedule: geometric in sigma like diffusers' -> default --schedule exponential"]
-    changed = [f"{class_name} samples the reverse SDE with a Langevin corrector (stochastic); iia integrates the "
-               f"probability-flow ODE of the same denoiser",
-               "initial state sigma'_max * noise in [-1, 1] (diffusers: sigma_max * noise in [0, 1], i.e. offset by "
-               "0.5 in image units)"]
-    return SchedulerReading(class_name, "ve", "score", 2 * smin, 2 * smax, default_schedule="exponential",
-                            lines=lines, changed=changed)
 
 
 def _unet_checks(config: dict, unet_dir: Path, reading: SchedulerReading) -> tuple[tuple[int, int, int], int]:
@@ -335,60 +164,19 @@ def _unet_checks(config: dict, unet_dir: Path, reading: SchedulerReading) -> tup
     return (channels, h, w), classes
 
 
-def read_scheduler(sched_dir: Path, x0_clipping: str | None = None) -> SchedulerReading:
-    """Read `scheduler_config.json` through the folder's own diffusers scheduler class."""
-    import diffusers
-
-    sched_file = sched_dir / "scheduler_config.json"
-    class_name = _read_json(sched_file).get("_class_name")
-    if class_name not in ACCEPTED_SCHEDULERS:
-        raise DiffusersLoadError(f"{sched_file}: _class_name {class_name!r} is not a scheduler iia reads "
-                                 f"(accepted: {', '.join(ACCEPTED_SCHEDULERS)})")
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        raise DiffusersLoadError(f"{sched_file}: this diffusers ({diffusers.__version__}) has no {class_name}")
-    try:
-        scheduler = cls.from_pretrained(sched_dir, local_files_only=True)
-    except (NotImplementedError, ValueError, TypeError) as err:
-        raise DiffusersLoadError(f"{sched_file}: {class_name} rejects this config ({err})") from None
-    if class_name in BETA_SCHEDULERS:
-        return _beta_table_reading(scheduler, class_name, sched_file, x0_clipping)
-    if class_name in EDM_SCHEDULERS:
-        return _edm_reading(scheduler, class_name, sched_file, x0_clipping)
-    if x0_clipping == "clip":
-        raise DiffusersLoadError(f"--x0-clipping clip: {class_name} has no x0 clipping to apply")
-    return _ve_reading(scheduler, class_name, sched_file)
-
-
-def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
-                          x0_clipping: str | None = None) -> Denoiser:
-    """A local `save_pretrained` folder: UNet2DModel (in `unet/` or at the top) + a scheduler config.
-
-    `x0_clipping`: None refuses a scheduler that clips/thresholds x0; "ignore" samples without clipping;
-    "clip" clamps D to clip_sample_range. Raises DiffusersLoadError naming the file and setting it refuses.
-    """
-    path = Path(path)
-    try:
-        from diffusers import UNet2DModel
-    except ImportError:
-        raise DiffusersLoadError("loading a diffusers folder needs diffusers: pip install 'iia[diffusers]'") from None
-    latent = latent_component(path)
-    decode = None
-    if latent is not None:  # the decode stage (an AutoencoderKL vae/; others refused by name)
-        from .decode import DecodeError, diffusers_vae_decode
-
-        try:
-            decode = diffusers_vae_decode(path, *latent)
-        except DecodeError as err:
-            raise DiffusersLoadError(str(err)) from None
+def _folder_dirs(path: Path) -> tuple[Path, Path]:
+    """(UNet dir, scheduler dir): `unet/` and `scheduler/` where present, else the folder itself."""
     unet_dir = path / "unet" if (path / "unet" / "config.json").exists() else path
     sched_dir = path / "scheduler" if (path / "scheduler").is_dir() else path
     if not (unet_dir / "config.json").exists():
         raise DiffusersLoadError(f"{path} has no UNet2DModel config.json (at the top or in unet/)")
     if not (sched_dir / "scheduler_config.json").exists():
         raise DiffusersLoadError(f"{path} has no scheduler_config.json (at the top or in scheduler/)")
-    reading = read_scheduler(sched_dir, x0_clipping)
-    shape, classes = _unet_checks(_read_json(unet_dir / "config.json"), unet_dir, reading)
+    return unet_dir, sched_dir
+
+
+def _load_unet(UNet2DModel, unet_dir: Path) -> torch.nn.Module:
+    """The UNet2DModel of `unet_dir` in eval mode, refusing missing, corrupt, mismatched or non-finite weights."""
     weights = [n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                if (unet_dir / n).is_file()]
     if not weights:
@@ -416,11 +204,11 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
     if bad:
         raise DiffusersLoadError(f"{unet_dir}/{weights[0]}: parameter {bad[0]} holds NaN/Inf "
                                  f"({len(bad)} parameter(s) in all)")
-    net = DiffusersDenoiser(unet, reading.formulation, reading.prediction, shape[0], reading.net_table,
-                            time_mapping, reading.sigma_data, classes > 0, reading.clip_x0).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    table = reading.sigma_table
+    return unet
+
+
+def _round_sigma_for(table: torch.Tensor | None, time_mapping: str):
+    """Denoiser.round_sigma: snaps sigma (float64) to the table under the "nearest" time mapping, else identity."""
 
     def round_sigma(sigma):
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
@@ -429,11 +217,49 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         idx = (sigma.log()[..., None] - table.log()).abs().argmin(-1)
         return table[idx]
 
+    return round_sigma
+
+
+def _report(shape: tuple[int, int, int], classes: int, reading: SchedulerReading) -> list[str]:
+    """The compile block's lines: the folder, what was accepted, what is sampled differently (and why)."""
     labels = f"{classes} classes (num_class_embeds)" if classes else "unconditional"
     report = [f"diffusers folder: UNet2DModel {shape[0]}x{shape[1]}x{shape[2]} (C x H x W), {labels} "
               f"+ {reading.class_name}"]
     report += [f"  {line}" for line in reading.lines]
     report += [f"  changed: {line}" for line in reading.changed]
+    return report
+
+
+def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
+                          x0_clipping: str | None = None) -> Denoiser:
+    """A local `save_pretrained` folder: UNet2DModel (in `unet/` or at the top) + a scheduler config.
+
+    `x0_clipping`: None refuses a scheduler that clips/thresholds x0; "ignore" samples without clipping;
+    "clip" clamps D to clip_sample_range. Raises DiffusersLoadError naming the file and setting it refuses.
+    """
+    path = Path(path)
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise DiffusersLoadError("loading a diffusers folder needs diffusers: pip install 'iia[diffusers]'") from None
+    latent = latent_component(path)
+    decode = None
+    if latent is not None:  # the decode stage (an AutoencoderKL vae/; others refused by name)
+        from .decode import DecodeError, diffusers_vae_decode
+
+        try:
+            decode = diffusers_vae_decode(path, *latent)
+        except DecodeError as err:
+            raise DiffusersLoadError(str(err)) from None
+    unet_dir, sched_dir = _folder_dirs(path)
+    reading = read_scheduler(sched_dir, x0_clipping)
+    shape, classes = _unet_checks(read_json(unet_dir / "config.json"), unet_dir, reading)
+    unet = _load_unet(UNet2DModel, unet_dir)
+    net = DiffusersDenoiser(unet, reading.formulation, reading.prediction, shape[0], reading.net_table,
+                            time_mapping, reading.sigma_data, classes > 0, reading.clip_x0).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    table = reading.sigma_table
     config = {"scheduler": reading.class_name, "formulation": reading.formulation, "prediction": reading.prediction,
               "default_schedule": reading.default_schedule, "steps_offset": reading.steps_offset,
               "x0_clipping": x0_clipping,
@@ -444,7 +270,7 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         sigma_min=reading.sigma_min,
         sigma_max=reading.sigma_max,
         label_dim=classes,
-        round_sigma=round_sigma,
+        round_sigma=_round_sigma_for(table, time_mapping),
         identity={"kind": f"diffusers-{reading.formulation}", "name": path.name, "sha256": folder_sha256(path),
                   "path": str(path), "time_mapping": time_mapping, "class_name": reading.class_name,
                   "config": config, **({"timesteps": len(table)} if table is not None else {})},
@@ -452,6 +278,6 @@ def load_diffusers_folder(path: str | Path, time_mapping: str = "interpolate",
         default_schedule=reading.default_schedule,
         rho=reading.rho,
         steps_offset=reading.steps_offset,
-        report=tuple(report),
+        report=tuple(_report(shape, classes, reading)),
         decode=decode,
     )
