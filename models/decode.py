@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from .registry import folder_sha256
+
 
 class DecodeError(ValueError):
     """A decode stage that cannot be built (VAE folder missing or of another kind); the message says why."""
@@ -104,18 +106,6 @@ class LatentDecode(torch.nn.Module):
                 "formula": ("uint8(" + ("round(" if self.rounding == "round" else "")
                             + "clamp(vae.decode((x - bias) / scale)" + (" / 2 + 0.5" if self.pixel_range == "signed" else "")
                             + ", 0, 1) * 255" + (")" if self.rounding == "round" else "") + "), NHWC")}
-
-
-def folder_sha256(path: str | Path) -> str:
-    """sha256 over a model folder's config and weight files (relative names and bytes)."""
-    import hashlib
-
-    path = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def load_vae(path: str | Path, expected: str | None = None, what: str = "--vae") -> torch.nn.Module:

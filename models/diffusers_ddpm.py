@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .base import Denoiser
-from .decode import folder_sha256
+from .registry import folder_sha256
 from .diffusers_scheduler import DiffusersLoadError, SchedulerReading, read_json, read_scheduler
 
 TIME_MAPPINGS = ("interpolate", "nearest")

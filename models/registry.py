@@ -74,6 +74,18 @@ def _parse_options(text: str) -> dict:
     return options
 
 
+def folder_sha256(path: str | Path) -> str:
+    """sha256 over a model folder's config and weight files (relative names and bytes)."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin")):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def source_sha256(spec: str | Path) -> str | None:
     """The sha256 a model's identity will record, computed WITHOUT loading it (nothing is unpickled): of the
     file for an EDM .pkl or a .pt checkpoint, of the config and weight files for a diffusers folder; None
@@ -83,8 +95,6 @@ def source_sha256(spec: str | Path) -> str | None:
         return None
     path = Path(text)
     if path.is_dir():
-        from .decode import folder_sha256
-
         return folder_sha256(path)
     if not path.exists():
         raise ModelLoadError(f"model '{text}' not found: pass a path to an EDM .pkl, a diffusers folder, or {BUILTIN_HELP}")
