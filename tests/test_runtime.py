@@ -301,3 +301,29 @@ def test_iia_bench_writes_rows(artifacts, tmp_path, capsys):
     assert torch.get_num_threads() == threads  # the bench gives torch its thread count back
     assert bench_main([str(artifacts["uncond"]), "--batch", str(MAX_BATCH + 1), "--no-eager"]) == 2
     assert f"maximum batch {MAX_BATCH}" in capsys.readouterr().err
+
+
+def test_bench_is_a_loop_over_runners(artifacts):
+    """iia-bench's baselines share one interface (name, why_not, setup, run); one that cannot run here is
+    skipped with its reason, and that reason reaches the row."""
+    from iia.evaluation.bench import BenchOptions, make_runners, run_bench
+    from iia.evaluation.runners import Batch
+
+    sampler = load(artifacts["cond"], "onnxruntime-cpu", threads=1)
+    runners = make_runners(sampler, BenchOptions(eager=False), 1, log=lambda _: None)
+    assert [r.name for r in runners] == ["sampler", "denoiser", "decoder", "loop", "eager"]
+    assert [r.why_not for r in runners] == [None, None, None, None, "--no-eager"]
+    batch = Batch(draw_noise(3, 4, sampler.sample_shape), np.arange(4) % sampler.label_dim)
+    for runner in runners:  # in order: the loop runs on the denoiser's session of this batch
+        runner.setup(batch)
+    graph = runners[0].run(batch)
+    assert graph.shape == (4, *sampler.sample_shape) and runners[3].diff < 1e-4  # loop vs graph, checked by setup
+    images = runners[3].run(batch)[0]  # the graph decodes, so the loop ends with one decoder.onnx call
+    assert np.abs(images.astype(int) - sampler.images(batch.noise, class_labels=batch.labels).astype(int)).max() <= 1
+    assert runners[1].run(batch)[0].shape == graph.shape and runners[2].run(batch)[0].dtype == np.uint8
+    for runner in runners:
+        runner.close()
+    rows = run_bench(artifacts["uncond"], BenchOptions(batches=(2,), warmup=0, iters=1, threads=1, loop=False,
+                                                       eager=False), log=lambda _: None)
+    assert rows[0]["loop_note"] == "--no-loop" and rows[0]["eager_note"] == "--no-eager"
+    assert rows[0]["loop_p50_ms"] is None and rows[0]["eager_p50_ms"] is None and rows[0]["denoiser_p50_ms"] > 0
