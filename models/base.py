@@ -98,12 +98,6 @@ class Denoiser:
             raise DenoiserError(f"class labels must lie in [0, {self.label_dim - 1}]")
         return labels
 
-    def random_labels(self, batch: int, generator: torch.Generator) -> torch.Tensor | None:
-        """Uniform class labels for a conditional model (None for an unconditional one)."""
-        if not self.conditional:
-            return None
-        return torch.randint(0, self.label_dim, (batch,), generator=generator)
-
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.net.parameters()) + sum(
             b.numel() * b.element_size() for b in self.net.buffers()
