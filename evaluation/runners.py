@@ -38,7 +38,6 @@ SIGMA = 1.0  # the noise level of the one timed denoiser call
 LOOP_TOLERANCE = 1e-3  # loop vs graph, relative to the output's scale: float32 summation-order noise is ~1e-5
 
 
-
 class Unavailable(RuntimeError):
     """A runner cannot run here (torch missing, a model it may not rebuild...); the message says why."""
 
@@ -66,6 +65,7 @@ class Runner:
         """Untimed preparation for `batch` (Unavailable: skip from now on; ValueError: not a baseline)."""
 
     def run(self, batch: Batch):
+        """The one timed call; returns its outputs (host arrays)."""
         raise NotImplementedError
 
     def close(self) -> None:
