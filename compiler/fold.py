@@ -21,7 +21,7 @@ from onnx import helper
 
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA
 
-from .graph import quiet_session, source_cone
+from .graph import quiet_session, source_cone, submodel
 from .passes import Optimized, optimize
 
 SIZE_LIMIT = 64 * 1024  # bytes per folded row
@@ -54,17 +54,11 @@ def conditioning_nodes(graph: onnx.GraphProto, sources: tuple[str, ...] = (DENOI
 
 
 def _subgraph_model(model: onnx.ModelProto, nodes: set[int], outputs: list[str], sources: tuple[str, ...]) -> onnx.ModelProto:
+    """The conditioning nodes with the constants they may read, as a model from `sources` to `outputs`."""
     g = model.graph
     constant_nodes = source_cone(g, sources)[3]  # Constant nodes, and weight-only arithmetic the rewrites introduced
     sub_nodes = [n for k, n in enumerate(g.node) if k in nodes or k in constant_nodes]
-    inputs = [i for i in g.input if i.name in sources]
-    outs = [helper.make_empty_tensor_value_info(name) for name in outputs]
-    used = {i for n in sub_nodes for i in n.input}
-    graph = helper.make_graph(sub_nodes, "conditioning", inputs, outs,
-                              initializer=[t for t in g.initializer if t.name in used])
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
-    sub.ir_version = model.ir_version
-    return sub
+    return submodel(model, sub_nodes, [i for i in g.input if i.name in sources], outputs, "conditioning")
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:

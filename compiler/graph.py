@@ -191,6 +191,19 @@ def live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.Node
     return kept[::-1]
 
 
+def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+             outputs: list[str], name: str) -> onnx.ModelProto:
+    """A model of `nodes` (topologically sorted, from `model`'s graph) computing the named `outputs` (types left
+    to the runtime) from `inputs`, with the initializers of `model` they read, `model`'s opsets and IR version:
+    the part of a graph the compiler evaluates once with ONNX Runtime."""
+    used = reads(nodes)
+    graph = helper.make_graph(nodes, name, inputs, [helper.make_empty_tensor_value_info(o) for o in outputs],
+                              initializer=[t for t in model.graph.initializer if t.name in used])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    return sub
+
+
 @contextlib.contextmanager
 def quiet_session(model: onnx.ModelProto) -> Iterator:
     """An ONNX Runtime CPU session of `model`, warnings off (the graphs the compiler evaluates leave some

@@ -1,12 +1,12 @@
 """Convolutions with few output channels as ConvTranspose.
 
-ONNX Runtime CPU runs 2D convolutions in a blocked
-channel layout (NCHWc, 8 or 16 channels a block) and pads the output channels up to a block, so the last
-convolution of a UNet (C -> 3 pixel or 4 latent channels) costs as much as one with 16 outputs. The same
-convolution written as a ConvTranspose (stride 1) is one GEMM of [C_out * kh * kw, C_in] x [C_in, H * W]
-plus a col2im sum, whose cost follows C_out: 3.3x faster at C 32 -> 3 (batch 8, 16x16), 4.3x at 128 -> 3,
-1.5-1.9x at C_out 8, even or slower at 16 (AVX-512, scripts/conv_transpose_bench.py). With 8-channel blocks
-(AVX2) C_out 8 is not padded, hence the threshold 4. The identity (stride 1, dilation 1):
+ONNX Runtime CPU runs 2D convolutions in a blocked channel layout (NCHWc, 8 or 16 channels a block) and pads
+the output channels up to a block, so the last convolution of a UNet (C -> 3 pixel or 4 latent channels) costs
+as much as one with 16 outputs. The same convolution written as a ConvTranspose (stride 1) is one GEMM of
+[C_out * kh * kw, C_in] x [C_in, H * W] plus a col2im sum, whose cost follows C_out: 3.3x faster at C 32 -> 3
+(batch 8, 16x16), 4.3x at 128 -> 3, 1.5-1.9x at C_out 8, even or slower at 16 (AVX-512,
+scripts/conv_transpose_bench.py). With 8-channel blocks (AVX2) C_out 8 is not padded, hence the threshold 4.
+The identity (stride 1, dilation 1):
 
     Conv(x, W, pads=p)[o, i, j] = ConvTranspose(x, Wt, pads=k - 1 - p)[o, i, j],
     Wt[c, o, u, v] = W[o, c, kh - 1 - u, kw - 1 - v]
@@ -26,10 +26,13 @@ TRANSPOSE_MAX_OUT_CHANNELS = 4  # at most half the smallest NCHWc block (8 chann
 
 
 def small_convs_to_transposed(graph: onnx.GraphProto, max_out: int = TRANSPOSE_MAX_OUT_CHANNELS) -> int:
-    """Replace each 2D Conv with at most `max_out` output channels (weights a float32 initializer of shape
+    """Replace each 2D Conv with at most `max_out` output channels by the equal ConvTranspose, in place.
+
+    Preconditions (each checked; other convolutions are left alone): weights a float32 initializer of shape
     [C_out, C_in, kh, kw], group 1, stride 1, dilation 1, explicit symmetric or VALID padding no larger than
-    kernel - 1) by the equal ConvTranspose, in place. Returns the number of nodes replaced; other convolutions (and the
-    graph's values, names and outputs) are unchanged."""
+    kernel - 1 (ONNX Runtime CUDA runs an asymmetric ConvTranspose on the CPU). The node keeps its name and
+    output; a weight read by several convolutions is transposed once; original weights nothing reads any more
+    are dropped. Returns the number of nodes replaced."""
     inits = {t.name: t for t in graph.initializer}
     fresh = name_factory(names_in_use(graph), "iia/conv")
     replaced, new_inits, old, transposed = 0, [], set(), {}

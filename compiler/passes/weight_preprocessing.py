@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from ..graph import DEFAULT_DOMAINS, prune_initializers, quiet_session, replace_nodes
+from ..graph import DEFAULT_DOMAINS, prune_initializers, quiet_session, replace_nodes, submodel
 
 SIZE_LIMIT = 64 * 1024  # bytes a folded value may take beyond the weights it replaces
 
@@ -82,12 +82,7 @@ def fold_weight_preprocessing(model: onnx.ModelProto, size_limit: int = SIZE_LIM
             return {"folded_nodes": 0, "folded_values": 0, "bytes_before": before, "bytes_after": before}
         keep_consts = [n for n in graph.node if n.op_type == "Constant"]
         sub_nodes = keep_consts + [graph.node[k] for k in sorted(nodes)]
-        used = {i for n in sub_nodes for i in n.input}
-        sub = helper.make_model(
-            helper.make_graph(sub_nodes, "weights_only", [], [helper.make_empty_tensor_value_info(b) for b in boundary],
-                              initializer=[t for t in graph.initializer if t.name in used]),
-            opset_imports=list(model.opset_import))
-        sub.ir_version = model.ir_version
+        sub = submodel(model, sub_nodes, [], boundary, "weights_only")
         with quiet_session(sub) as session:
             values = dict(zip(boundary, session.run(boundary, {})))
         origin = _sources(graph, nodes)
