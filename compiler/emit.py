@@ -25,6 +25,7 @@ from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
 from .passes import optimize_decoder
 from .passes.scalar_io import raw_output_basis, scalar_io
+
 DECODE_PREFIX = "decode/"
 CHECKED_LABELS = "iia/class_labels_checked"  # class_labels after check_labels: what every call reads
 
