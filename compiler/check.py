@@ -27,7 +27,7 @@ from iia.runtime.contract import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, IMAGES_
                                   draw_labels, draw_noise)
 from iia.runtime.onnx_backend import OrtSession
 
-from .emit import initializer_bytes
+from .graph import initializer_bytes
 
 SAMPLER_CONST_PREFIX = "iia/"
 

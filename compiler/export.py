@@ -14,10 +14,11 @@ import torch
 
 from iia.models.base import Denoiser
 
-from iia.runtime.contract import DENOISED
+from iia.runtime.contract import DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES_U8
 
-from .emit import DECODER_INPUT, DECODER_OUTPUT, DENOISER_INPUTS
-from .fold import fold_weight_preprocessing
+from .passes.weight_preprocessing import fold_weight_preprocessing
+
+DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
 
 
 class ExportError(RuntimeError):
@@ -167,7 +168,7 @@ def export_denoiser(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) ->
 
 
 def export_decoder(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> onnx.ModelProto | None:
-    """The model's decode stage as ONNX (DECODER_INPUT float32 [B,*shape] -> DECODER_OUTPUT uint8 [B,H,W,C]);
+    """The model's decode stage as ONNX (DECODER_SAMPLES float32 [B,*shape] -> IMAGES_U8 uint8 [B,H,W,C]);
     None for models without one (non-image samples)."""
     stage = denoiser.decode_stage()
     if stage is None:
@@ -175,4 +176,4 @@ def export_decoder(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> 
     if getattr(stage, "kind", None) == "latent" and not stage.has_vae:
         raise ExportError(stage.missing_vae_message())
     x = torch.randn(2, *denoiser.shape, generator=torch.Generator().manual_seed(0))
-    return export_module(stage, (x,), [DECODER_INPUT], [DECODER_OUTPUT], max_batch, opset, "the decode stage")
+    return export_module(stage, (x,), [DECODER_SAMPLES], [IMAGES_U8], max_batch, opset, "the decode stage")

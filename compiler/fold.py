@@ -21,12 +21,11 @@ from onnx import helper
 
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA
 
-from .rewrite import (absorb_residual_scales, affine_to_batchnorm, collapse_affine_chains, example_feeds,
-                      small_convs_to_transposed)
+from .graph import quiet_session, source_cone, submodel
+from .passes import Optimized, optimize
 
 SIZE_LIMIT = 64 * 1024  # bytes per folded row
 TABLE_FLOOR, TABLE_CAP = 1 << 20, 64 << 20  # bytes of all label tables together: see table_budget
-BATCH_OPS = ("Shape", "Size")
 
 # How a folded value enters a call: CONST the same array for any batch; BATCH one row [1, ...] broadcast to
 # [B, ...]; LABEL a table [label_dim, ...] of which image b reads row class_labels[b].
@@ -35,37 +34,17 @@ CONST, BATCH, LABEL = "const", "batch", "label"
 
 @dataclass
 class FoldPlan:
-    model: onnx.ModelProto | None = None  # the denoiser the node indices refer to (affine chains collapsed)
+    model: onnx.ModelProto | None = None  # the denoiser the node indices refer to (after the graph passes)
     foldable_nodes: set[int] = field(default_factory=set)  # indices into graph.node, removed at call sites
     values: dict[float, dict[str, tuple[np.ndarray, str]]] = field(default_factory=dict)  # sigma -> name -> (array, kind)
     summary: str = "nothing folded"  # one line for the compile log: how the conditioning was folded, or why not
-    rewrites: str = "none"  # one line for the compile log: the main-path rewrites of rewrite.py applied
-
-
-def _walk(graph: onnx.GraphProto, sources: tuple[str, ...]) -> tuple[set[int], set[str], set[str], set[int]]:
-    """(nodes computing source-dependent values from sources and constants, those values, constant values,
-    nodes computing constants from constants)."""
-    constant = {t.name for t in graph.initializer} | {""}
-    depends, nodes, constant_nodes = set(sources), set(), set()
-    for k, node in enumerate(graph.node):
-        if node.op_type in BATCH_OPS:  # Shape/Size of a sigma value is the batch size: not a constant
-            continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            continue  # control flow may read outer values not listed as inputs
-        if all(i in depends or i in constant for i in node.input):
-            if any(i in depends for i in node.input):
-                nodes.add(k)
-                depends.update(node.output)
-            else:  # Constant nodes and weight-only arithmetic: constants, left to the graph (not folded)
-                constant.update(node.output)
-                constant_nodes.add(k)
-    return nodes, depends, constant, constant_nodes
+    rewrites: str = "none"  # one line for the compile log: what the graph passes (passes/) rewrote
 
 
 def conditioning_nodes(graph: onnx.GraphProto, sources: tuple[str, ...] = (DENOISER_SIGMA,)) -> tuple[set[int], list[str]]:
     """Nodes computing values from `sources` (graph inputs) and constants only, that depend on a source; and
     the boundary values (those read by other nodes or graph outputs), sorted."""
-    nodes, depends, _, _ = _walk(graph, sources)
+    nodes, depends, _, _ = source_cone(graph, sources)
     consumed_outside = set()
     for k, node in enumerate(graph.node):
         if k not in nodes:
@@ -74,29 +53,12 @@ def conditioning_nodes(graph: onnx.GraphProto, sources: tuple[str, ...] = (DENOI
     return nodes, sorted(consumed_outside)
 
 
-def side_values(graph: onnx.GraphProto, sources: tuple[str, ...]) -> set[str]:
-    """Values computed from `sources` and constants only (what `rewrite.collapse_affine_chains` calls side)."""
-    _, depends, constant, _ = _walk(graph, sources)
-    return (depends | constant) - {""}
-
-
-def sigma_only_nodes(graph: onnx.GraphProto, sigma: str = DENOISER_SIGMA) -> tuple[set[int], list[str]]:
-    """`conditioning_nodes` with sigma as the only source."""
-    return conditioning_nodes(graph, (sigma,))
-
-
 def _subgraph_model(model: onnx.ModelProto, nodes: set[int], outputs: list[str], sources: tuple[str, ...]) -> onnx.ModelProto:
+    """The conditioning nodes with the constants they may read, as a model from `sources` to `outputs`."""
     g = model.graph
-    constant_nodes = _walk(g, sources)[3]  # Constant nodes, and weight-only arithmetic the rewrites introduced
+    constant_nodes = source_cone(g, sources)[3]  # Constant nodes, and weight-only arithmetic the rewrites introduced
     sub_nodes = [n for k, n in enumerate(g.node) if k in nodes or k in constant_nodes]
-    inputs = [i for i in g.input if i.name in sources]
-    outs = [helper.make_empty_tensor_value_info(name) for name in outputs]
-    used = {i for n in sub_nodes for i in n.input}
-    graph = helper.make_graph(sub_nodes, "conditioning", inputs, outs,
-                              initializer=[t for t in g.initializer if t.name in used])
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
-    sub.ir_version = model.ir_version
-    return sub
+    return submodel(model, sub_nodes, [i for i in g.input if i.name in sources], outputs, "conditioning")
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -142,71 +104,74 @@ def _label_dependent(graph: onnx.GraphProto, nodes: set[int]) -> set[str]:
     return dependent
 
 
-def _evaluate(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: int, size_limit: int,
-              table_limit: int) -> tuple[FoldPlan | None, str]:
-    """(plan, "") or (None, why nothing is folded this way)."""
-    import onnxruntime as ort
-
-    sources = (DENOISER_SIGMA, DENOISER_LABELS) if label_dim else (DENOISER_SIGMA,)
-    model = onnx.ModelProto()
-    model.CopyFrom(denoiser_model)
-    graph = model.graph
-    counts = {  # in this order: each rewrite sees the graph the previous one left
-        "main-path nodes saved by collapsing affine chains": collapse_affine_chains(graph, side_values(graph, sources)),
-        "affines as BatchNormalization": affine_to_batchnorm(model, example_feeds(model)),
-        "residual scales absorbed": absorb_residual_scales(graph),
-        "small convolutions as ConvTranspose": small_convs_to_transposed(graph)}
-    rewrites = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "none"
-    nodes, boundary = conditioning_nodes(model.graph, sources)
-    if not nodes or not boundary:
-        return None, "no value is computed from the conditioning alone"
-    sub = _subgraph_model(model, nodes, boundary, sources)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the subgraph leaves the denoiser's Constant nodes unused
-    sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    fed = {i.name for i in sess.get_inputs()}
-    top = max(label_dim, 1)
-    distinct = sorted(set(sigmas))
+def _runner(session, boundary: list[str]):
+    """run(sigma, labels [n]) -> the boundary values for n images at that sigma."""
+    fed = {i.name for i in session.get_inputs()}
 
     def run(s: float, labels: np.ndarray) -> list[np.ndarray]:
         feed = {DENOISER_SIGMA: np.full(len(labels), s, np.float32)}
         if DENOISER_LABELS in fed:
             feed[DENOISER_LABELS] = labels.astype(np.int64)
-        return sess.run(boundary, feed)
+        return session.run(boundary, feed)
 
-    few = [np.array([top - 1]), np.array([top - 1, 0])]
-    if label_dim:  # the tables' size, known from one image, before evaluating every label
-        dependent = _label_dependent(model.graph, nodes)
-        one = run(distinct[0], few[0])
-        bound = sum(v.nbytes for name, v in zip(boundary, one) if name in dependent) * top * len(distinct)
-        if bound > table_limit:
-            return None, f"per-label tables would take {bound} bytes > budget {table_limit} (fold.table_budget)"
-    plan, table_bytes = FoldPlan(model, nodes), 0
-    for s in distinct:
-        runs = [run(s, labels) for labels in few]
-        chunks = ([runs[0]] if top == 1 else  # arange(1) is few[0]: no second run
-                  [run(s, np.arange(a, min(a + LABEL_CHUNK, top))) for a in range(0, top, LABEL_CHUNK)])
-        batched = [a.ndim > 0 and b.ndim > 0 and a.shape[0] == 1 and b.shape[0] == 2 for a, b in zip(*runs)]
-        runs.append([np.concatenate([c[k] for c in chunks]) if batched[k] else chunks[0][k]
-                     for k in range(len(boundary))])
-        values = {}
-        for k, name in enumerate(boundary):
-            got = _classify([(labels, r[k]) for labels, r in zip([*few, np.arange(top)], runs)], bool(label_dim))
-            if got is None:
-                return None, f"value {name!r} is not row-wise in the batch"
-            array, kind = got
-            row_bytes = array.nbytes // len(array) if kind == LABEL else array.nbytes
-            if row_bytes > size_limit:
-                return None, f"value {name!r} takes {row_bytes} bytes per row > {size_limit}"
-            table_bytes += array.nbytes if kind == LABEL else 0
-            values[name] = got
-        if table_bytes > table_limit:
-            return None, f"per-label tables take {table_bytes} bytes > budget {table_limit} (fold.table_budget)"
-        plan.values[s] = values
+    return run
+
+
+def _evaluate(optimized: Optimized, sigmas: list[float], label_dim: int, size_limit: int,
+              table_limit: int) -> tuple[FoldPlan | None, str]:
+    """(plan, "") or (None, why nothing is folded this way); `optimized`: the denoiser after the graph passes,
+    with the conditioning sources this label_dim implies."""
+    sources = (DENOISER_SIGMA, DENOISER_LABELS) if label_dim else (DENOISER_SIGMA,)
+    model = optimized.model
+    nodes, boundary = conditioning_nodes(model.graph, sources)
+    if not nodes or not boundary:
+        return None, "no value is computed from the conditioning alone"
+    with quiet_session(_subgraph_model(model, nodes, boundary, sources)) as session:
+        run = _runner(session, boundary)
+        top, distinct = max(label_dim, 1), sorted(set(sigmas))
+        few = [np.array([top - 1]), np.array([top - 1, 0])]
+        if label_dim:  # the tables' size, known from one image, before evaluating every label
+            dependent = _label_dependent(model.graph, nodes)
+            one = run(distinct[0], few[0])
+            bound = sum(v.nbytes for name, v in zip(boundary, one) if name in dependent) * top * len(distinct)
+            if bound > table_limit:
+                return None, f"per-label tables would take {bound} bytes > budget {table_limit} (fold.table_budget)"
+        plan, table_bytes = FoldPlan(model, nodes), 0
+        for s in distinct:
+            runs = [run(s, labels) for labels in few]
+            chunks = ([runs[0]] if top == 1 else  # arange(1) is few[0]: no second run
+                      [run(s, np.arange(a, min(a + LABEL_CHUNK, top))) for a in range(0, top, LABEL_CHUNK)])
+            batched = [a.ndim > 0 and b.ndim > 0 and a.shape[0] == 1 and b.shape[0] == 2 for a, b in zip(*runs)]
+            runs.append([np.concatenate([c[k] for c in chunks]) if batched[k] else chunks[0][k]
+                         for k in range(len(boundary))])
+            values, why = _classify_all(boundary, [*few, np.arange(top)], runs, bool(label_dim), size_limit)
+            if values is None:
+                return None, why
+            table_bytes += sum(array.nbytes for array, kind in values.values() if kind == LABEL)
+            if table_bytes > table_limit:
+                return None, f"per-label tables take {table_bytes} bytes > budget {table_limit} (fold.table_budget)"
+            plan.values[s] = values
     kinds = {kind for v in plan.values.values() for _, kind in v.values()}
     plan.summary = (f"per (step, label): {table_bytes} bytes of tables" if LABEL in kinds else "per step")
-    plan.rewrites = rewrites
+    plan.rewrites = optimized.summary()
     return plan, ""
+
+
+def _classify_all(boundary: list[str], labels: list[np.ndarray], runs: list[list[np.ndarray]], with_labels: bool,
+                  size_limit: int) -> tuple[dict | None, str]:
+    """({name: (array, kind)}, "") for the boundary values at one sigma from runs at `labels`, or (None, why
+    not) when one is not row-wise or takes over `size_limit` bytes per row."""
+    values = {}
+    for k, name in enumerate(boundary):
+        got = _classify([(fed, r[k]) for fed, r in zip(labels, runs)], with_labels)
+        if got is None:
+            return None, f"value {name!r} is not row-wise in the batch"
+        array, kind = got
+        row_bytes = array.nbytes // len(array) if kind == LABEL else array.nbytes
+        if row_bytes > size_limit:
+            return None, f"value {name!r} takes {row_bytes} bytes per row > {size_limit}"
+        values[name] = got
+    return values, ""
 
 
 def table_budget(denoiser_model: onnx.ModelProto) -> int:
@@ -219,123 +184,27 @@ def table_budget(denoiser_model: onnx.ModelProto) -> int:
 
 
 def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim: int = 0,
-                 size_limit: int = SIZE_LIMIT, table_limit: int | None = None) -> FoldPlan:
+                 size_limit: int = SIZE_LIMIT, table_limit: int | None = None,
+                 disabled: frozenset[str] = frozenset()) -> FoldPlan:
     """Evaluate the conditioning values at each sigma (and each label in [0, label_dim) when the denoiser reads
     class labels): the sigma-and-label plan if it is row-wise and fits `table_limit` (default
-    `table_budget`), else the sigma-only plan, else an empty plan (nothing folded). Affine chains on the main
-    path are first collapsed (rewrite.collapse_affine_chains) so that their combined scale/shift are folded
-    too, the remaining constant per-channel affines become one-pass BatchNormalization nodes, residual scales
-    are absorbed (rewrite.absorb_residual_scales) and convolutions with few outputs become ConvTranspose
-    (rewrite.small_convs_to_transposed): emit from `plan.model`; `plan.rewrites` says what was applied."""
+    `table_budget`), else the sigma-only plan, else an empty plan (nothing folded, nothing rewritten).
+
+    The values are those of the denoiser after the graph passes (`passes.optimize`, less `disabled`): the
+    affine chains they collapse make combined scale/shift values that are folded too. Emit from `plan.model`;
+    `plan.rewrites` says what the passes did. The passes run once for the sources tried; they run again only
+    when per-label tables are refused, as the affine-chain pass then sees fewer conditioning-only values."""
     reads_labels = any(i.name == DENOISER_LABELS for i in denoiser_model.graph.input)
     table_limit = table_budget(denoiser_model) if table_limit is None else table_limit
     why_not_labels = ""
     if label_dim > 0 and reads_labels:
-        plan, why_not_labels = _evaluate(denoiser_model, sigmas, label_dim, size_limit, table_limit)
+        optimized = optimize(denoiser_model, (DENOISER_SIGMA, DENOISER_LABELS), disabled)
+        plan, why_not_labels = _evaluate(optimized, sigmas, label_dim, size_limit, table_limit)
         if plan is not None:
             return plan
-    plan, why = _evaluate(denoiser_model, sigmas, 0, size_limit, table_limit)
+    optimized = optimize(denoiser_model, (DENOISER_SIGMA,), disabled)
+    plan, why = _evaluate(optimized, sigmas, 0, size_limit, table_limit)
     if plan is None:
         return FoldPlan(summary=f"nothing folded: {why}")
     plan.summary += f" (not per label: {why_not_labels})" if why_not_labels else ""
     return plan
-
-
-# ------------------------------------------------------------------------------------------------------
-# Weight preprocessing: values computed from the stored weights alone (magnitude-preserving / weight
-# normalisation, gains multiplied into weights, filters tiled to the channel count) are the same on every
-# call, so they are computed ONCE here and stored in place of the raw weights.
-
-NONDETERMINISTIC_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                        "Bernoulli")
-
-
-def weight_only_nodes(graph: onnx.GraphProto) -> set[int]:
-    """Nodes whose inputs are all stored weights or outputs of such nodes (Constant nodes themselves excluded)."""
-    constant = {t.name for t in graph.initializer} | {""}
-    nodes = set()
-    for k, node in enumerate(graph.node):
-        if node.op_type == "Constant":
-            constant.update(node.output)
-        elif (node.input and node.op_type not in NONDETERMINISTIC_OPS and node.domain in ("", "ai.onnx")
-              and all(i in constant for i in node.input)):
-            nodes.add(k)
-            constant.update(node.output)
-    return nodes
-
-
-def _boundary(graph: onnx.GraphProto, nodes: set[int]) -> list[str]:
-    produced = {o for k in nodes for o in graph.node[k].output}
-    used = {i for k, node in enumerate(graph.node) if k not in nodes for i in node.input}
-    used.update(o.name for o in graph.output)
-    return sorted(produced & used)
-
-
-def _sources(graph: onnx.GraphProto, nodes: set[int]) -> dict[str, tuple[set[str], set[int]]]:
-    """For each value produced by `nodes`: (initializers it is computed from, the nodes computing it)."""
-    init = {t.name for t in graph.initializer}
-    origin: dict[str, tuple[set[str], set[int]]] = {}
-    for k in sorted(nodes):
-        node = graph.node[k]
-        inits, deps = set(), {k}
-        for i in node.input:
-            if i in init:
-                inits.add(i)
-            elif i in origin:
-                inits |= origin[i][0]
-                deps |= origin[i][1]
-        for o in node.output:
-            origin[o] = (inits, deps)
-    return origin
-
-
-def fold_weight_preprocessing(model: onnx.ModelProto, size_limit: int = SIZE_LIMIT) -> dict:
-    """Replace every weight-only subgraph by its values (computed once with ONNX Runtime), in place.
-
-    A value is folded when it is no larger than the weights it is computed from (or than `size_limit`
-    bytes): folding then never stores more than the raw weights did. Raw weights nothing reads any more are
-    dropped. Returns {"folded_nodes", "folded_values", "bytes_before", "bytes_after"}.
-    """
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    graph = model.graph
-    sizes = {t.name: numpy_helper.to_array(t).nbytes for t in graph.initializer}
-    before = sum(sizes.values())
-    nodes = weight_only_nodes(graph)
-    values: dict[str, np.ndarray] = {}
-    for _ in range(8):  # shrink the set until every boundary value passes the size rule
-        boundary = _boundary(graph, nodes)
-        if not nodes or not boundary:
-            return {"folded_nodes": 0, "folded_values": 0, "bytes_before": before, "bytes_after": before}
-        keep_consts = [n for n in graph.node if n.op_type == "Constant"]
-        sub_nodes = keep_consts + [graph.node[k] for k in sorted(nodes)]
-        used = {i for n in sub_nodes for i in n.input}
-        sub = helper.make_model(
-            helper.make_graph(sub_nodes, "weights_only", [], [helper.make_empty_tensor_value_info(b) for b in boundary],
-                              initializer=[t for t in graph.initializer if t.name in used]),
-            opset_imports=list(model.opset_import))
-        sub.ir_version = model.ir_version
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sess = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        values = dict(zip(boundary, sess.run(boundary, {})))
-        origin = _sources(graph, nodes)
-        rejected = [b for b in boundary
-                    if values[b].nbytes > max(size_limit, sum(sizes[i] for i in origin[b][0]))]
-        if not rejected:
-            break
-        for b in rejected:
-            nodes -= origin[b][1]
-    else:
-        return {"folded_nodes": 0, "folded_values": 0, "bytes_before": before, "bytes_after": before}
-    kept = [n for k, n in enumerate(graph.node) if k not in nodes]
-    del graph.node[:]
-    graph.node.extend(kept)
-    new = [numpy_helper.from_array(np.ascontiguousarray(a), name) for name, a in values.items()]
-    still_read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    survivors = [t for t in graph.initializer if t.name in still_read]
-    del graph.initializer[:]
-    graph.initializer.extend(survivors + new)
-    after = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
-    return {"folded_nodes": len(nodes), "folded_values": len(new), "bytes_before": before, "bytes_after": after}

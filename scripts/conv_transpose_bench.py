@@ -2,7 +2,7 @@
 
     python scripts/conv_transpose_bench.py [--threads 1] [--size 16] [--iters 300]
 
-Why compiler/rewrite.py `small_convs_to_transposed` exists and where its threshold (TRANSPOSE_MAX_OUT_CHANNELS)
+Why compiler/passes/small_convs.py `small_convs_to_transposed` exists and where its threshold (TRANSPOSE_MAX_OUT_CHANNELS)
 comes from: ONNX Runtime runs Conv in a blocked channel layout (NCHWc, 8 channels a block with AVX2, 16 with
 AVX-512) and pads the output channels up to a block, so C_in -> 3 costs what C_in -> 16 costs; ConvTranspose
 is a GEMM whose cost follows C_out. Prints, per (C_in, batch, C_out), the median time of one session run of

@@ -11,9 +11,11 @@ import torch
 from edm_fixtures import make_edm_pickle
 from iia.calibration.fit import CalibrationOptions
 from iia.calibration.sampling import program_for, sample
+from iia.calibration.solvers import Denoise
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import CheckError, check_weight_sharing
 from iia.compiler.emit import emit_sampler
+from iia.compiler.fold import FoldPlan, conditioning_nodes, plan_folding
 from iia.runtime.contract import tensorrt_unavailable_reason
 from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, sampler_inputs
 from iia.compiler.export import export_denoiser
@@ -37,6 +39,11 @@ def edm_pkl(tmp_path_factory):
     path = tmp_path_factory.mktemp("edm") / "edm-cond.pkl"
     make_edm_pickle(path, kind="edm-cond")
     return path
+
+
+def folded(program, dm, label_dim=0):
+    """The fold plan build.py makes for `program` on the exported denoiser `dm`."""
+    return plan_folding(dm, [op.sigma for op in program.ops() if isinstance(op, Denoise)], label_dim)
 
 
 def run_sampler(path, noise, labels=None):
@@ -99,7 +106,7 @@ def test_weight_sharing_at_nfe_35_and_duplicate_detection():
     d = gaussian_mixture(shape=(1, 4, 4), components=3)
     dm = export_denoiser(d)
     program = program_for(d, "edm", 35)
-    model = emit_sampler(program, dm, d.shape, False)
+    model = emit_sampler(program, dm, d.shape, False, plan=folded(program, dm))
     from iia.compiler.emit import initializer_bytes
 
     report = check_weight_sharing(model, initializer_bytes(dm), d.param_bytes())
@@ -230,22 +237,21 @@ def test_cli_calibrate_and_compile_on_edm_pickle(tmp_path, edm_pkl, capsys):
 def test_sigma_only_subgraph_is_folded_without_duplicating_weights(edm_pkl):
     """Noise embeddings per call site become constants; the result is unchanged and weights stay shared."""
     from iia.compiler.emit import initializer_bytes
-    from iia.compiler.fold import sigma_only_nodes
 
     d = load(edm_pkl)
     dm = export_denoiser(d)
-    nodes, boundary = sigma_only_nodes(dm.graph)
+    nodes, boundary = conditioning_nodes(dm.graph)  # sigma the only source
     assert nodes and boundary
     program = program_for(d, "iia-edm", 9)
-    folded = emit_sampler(program, dm, d.shape, True)
-    plain = emit_sampler(program, dm, d.shape, True, fold=False)
+    sampler = emit_sampler(program, dm, d.shape, True, plan=folded(program, dm))
+    plain = emit_sampler(program, dm, d.shape, True, plan=FoldPlan())
     # each call site loses its sigma-only nodes and gains at most a Concat + Expand per boundary value
-    assert len(folded.graph.node) <= len(plain.graph.node) - 9 * (len(nodes) - 2 * len(boundary))
-    assert not any(n.op_type in ("Sin", "Cos") for n in folded.graph.node)  # the positional embedding is folded
-    assert check_weight_sharing(folded, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
+    assert len(sampler.graph.node) <= len(plain.graph.node) - 9 * (len(nodes) - 2 * len(boundary))
+    assert not any(n.op_type in ("Sin", "Cos") for n in sampler.graph.node)  # the positional embedding is folded
+    assert check_weight_sharing(sampler, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
     rng = np.random.default_rng(0)
     noise, labels = rng.standard_normal((3, *d.shape)), np.array([0, 5, 9])
-    a = run_sampler_model(folded, noise, labels)
+    a = run_sampler_model(sampler, noise, labels)
     b = run_sampler_model(plain, noise, labels)
     # the folded graph's rewrites (BatchNormalization, ConvTranspose) re-associate float32 sums: last bits only
     assert np.abs(a - b).max() < 3e-5 * max(1.0, np.abs(b).max())
@@ -263,8 +269,9 @@ def test_parity_mismatch_is_the_samplers_in_one_line(tmp_path, edm_pkl, capsys):
     from iia.compiler.export import export_decoder
 
     d = load(edm_pkl)
-    graph = emit_sampler(program_for(d, "edm", 9), export_denoiser(d), d.shape, True,
-                         decoder_model=export_decoder(d), label_dim=d.label_dim)
+    program, dm = program_for(d, "edm", 9), export_denoiser(d)
+    graph = emit_sampler(program, dm, d.shape, True, decoder_model=export_decoder(d), label_dim=d.label_dim,
+                         plan=folded(program, dm, d.label_dim))
     onnx.save(graph, str(tmp_path / "sampler.onnx"))
     capsys.readouterr()
     with pytest.raises(CheckError, match="output differs from the PyTorch sampler"):
@@ -282,7 +289,8 @@ def test_sampler_unstable_in_float32_is_refused_naming_that(tmp_path):
     from iia.models import from_callable
 
     d = from_callable(lambda x, sigma, labels: torch.sin(1e4 * x), (1, 4, 4), name="chaotic")
-    graph = emit_sampler(program_for(d, "edm", 5), export_denoiser(d), d.shape, False)
+    program, dm = program_for(d, "edm", 5), export_denoiser(d)
+    graph = emit_sampler(program, dm, d.shape, False, plan=folded(program, dm))
     onnx.save(graph, str(tmp_path / "sampler.onnx"))
     with pytest.raises(CheckError, match=f"not stable in float32.*> {FLOAT32_UNSTABLE:g} of it"):
         check_parity(str(tmp_path / "sampler.onnx"), program_for(d, "edm", 5), d)

@@ -18,7 +18,7 @@ from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.cli import main as compile_main
 from iia.compiler.emit import DECODE_PREFIX, initializer_bytes
 from iia.compiler.export import ExportError, export_module
-from iia.compiler.fold import weight_only_nodes
+from iia.compiler.passes.weight_preprocessing import weight_only_nodes
 from iia.models import load
 from iia.models.decode import LatentDecode, PixelDecode
 from iia.models.edm_pickle import load_edm_pickle

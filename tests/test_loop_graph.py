@@ -15,6 +15,7 @@ from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import CheckError, check_weight_sharing
 from iia.compiler.emit import emit_sampler, emit_sampler_loop, initializer_bytes, linear_form
 from iia.compiler.export import export_decoder, export_denoiser
+from iia.compiler.fold import FoldPlan, plan_folding
 from iia.models import gaussian_mixture, load
 from iia.runtime.engine import fp32_layer_names
 
@@ -25,6 +26,11 @@ def edm(tmp_path_factory):
     make_edm_pickle(path, kind="edm-cond")
     d = load(path)
     return d, export_denoiser(d), export_decoder(d)
+
+
+def folded(program, dm, label_dim=0):
+    """The fold plan build.py makes for `program` on the exported denoiser `dm`."""
+    return plan_folding(dm, [op.sigma for op in linear_form(program)[3]], label_dim)
 
 
 def run(model, noise, labels=None):
@@ -39,14 +45,14 @@ def run(model, noise, labels=None):
 def test_loop_graph_equals_unrolled_graph(edm, solver):
     d, dm, decoder = edm
     program = program_for(d, solver, 9)
-    loop = emit_sampler_loop(program, dm, d.shape, True, decoder_model=decoder)
+    loop = emit_sampler_loop(program, dm, d.shape, True, decoder_model=decoder, plan=folded(program, dm))
     assert [n.op_type for n in loop.graph.node].count("Loop") == 1
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
-    convolutions = ("Conv", "ConvTranspose")  # rewrite.small_convs_to_transposed: the same convolution
+    convolutions = ("Conv", "ConvTranspose")  # passes/small_convs.py: the same convolution
     read = {i for n in body.node for i in n.input} | {o.name for o in body.output}
     assert all(any(o in read for o in n.output) for n in body.node)  # nothing computed for no reader (live_nodes)
     assert sum(n.op_type in convolutions for n in body.node) == sum(n.op_type == "Conv" for n in dm.graph.node)
-    unrolled = emit_sampler(program, dm, d.shape, True, decoder_model=decoder)
+    unrolled = emit_sampler(program, dm, d.shape, True, decoder_model=decoder, plan=folded(program, dm))
     read = {i for n in unrolled.graph.node for i in n.input} | {o.name for o in unrolled.graph.output}
     assert all(any(o in read for o in n.output) for n in unrolled.graph.node)  # no per-call sigma left unread
     rng = np.random.default_rng(5)
@@ -84,12 +90,13 @@ def test_linear_form_reproduces_the_program():
 
 def test_loop_graph_stores_weights_once_and_a_duplicate_is_caught(edm):
     d, dm, _ = edm
-    loop = emit_sampler_loop(program_for(d, "edm", 9), dm, d.shape, True)
+    program = program_for(d, "edm", 9)
+    loop = emit_sampler_loop(program, dm, d.shape, True, plan=folded(program, dm))
     assert check_weight_sharing(loop, initializer_bytes(dm), d.param_bytes())["ratio"] <= 1.10
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
     extra = [t for t in body.initializer if t.name not in {w.name for w in dm.graph.initializer}]
-    # new: the one-pass BatchNormalization vectors of rewrite.affine_to_batchnorm (small), and weights that
-    # replace the ones they came from (rewrite.small_convs_to_transposed, rewrite.absorb_residual_scales)
+    # new: the one-pass BatchNormalization vectors of passes/batchnorm.py (small), and weights that
+    # replace the ones they came from (passes/small_convs.py, passes/residual_scales.py)
     size = lambda ts: sum(onnx.numpy_helper.to_array(t).nbytes for t in ts)
     moved = [t for t in extra if t.name.startswith(("iia/conv/transposed_weight", "iia/scale/"))]
     assert moved and all(t.name.startswith("iia/bn/") for t in extra if t not in moved)
@@ -138,10 +145,10 @@ def test_label_and_sigma_values_become_per_step_label_tables(edm, form):
     d, dm, _ = edm
     program = program_for(d, "edm", 9)
     emit = emit_sampler_loop if form == "loop" else emit_sampler
-    tables = emit(program, dm, d.shape, True, label_dim=d.label_dim)
+    tables = emit(program, dm, d.shape, True, label_dim=d.label_dim, plan=folded(program, dm, d.label_dim))
     sigma_only = emit(program, dm, d.shape, True, label_dim=d.label_dim, plan=plan_folding(
         dm, [op.sigma for op in linear_form(program)[3]], d.label_dim, table_limit=0))
-    plain = emit(program, dm, d.shape, True, fold=False, label_dim=d.label_dim)
+    plain = emit(program, dm, d.shape, True, label_dim=d.label_dim, plan=FoldPlan())
     plan = plan_folding(dm, [1.0], d.label_dim)
     assert LABEL in {kind for _, kind in plan.values[1.0].values()}
     graphs = lambda m: [m.graph] + [a.g for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
@@ -181,8 +188,8 @@ def test_loop_carries_raw_network_outputs_under_edm_preconditioning(edm):
     """D = c_skip x + c_out F with net input c_in x (EDM eq. 7): the loop carries F and folds the three
     scalings into its coefficients, so no copy of those products remains; the images are unchanged. A graph
     that reads x anywhere else keeps the plain form."""
-    from iia.compiler.emit import scalar_io
     from iia.compiler.fold import plan_folding
+    from iia.compiler.passes.scalar_io import scalar_io
 
     d, dm, _ = edm
     program = program_for(d, "ipndm", 7)
@@ -191,11 +198,11 @@ def test_loop_carries_raw_network_outputs_under_edm_preconditioning(edm):
     io = scalar_io(plan.model.graph, plan, sigmas)
     assert io is not None and len(io.nodes) == 4
     assert np.all(io.c_out > 0) and np.all((0 < io.c_skip) & (io.c_skip <= 1))
-    loop = emit_sampler_loop(program, dm, d.shape, True, label_dim=d.label_dim)
+    loop = emit_sampler_loop(program, dm, d.shape, True, label_dim=d.label_dim, plan=plan)
     body = next(n for n in loop.graph.node if n.op_type == "Loop").attribute[0].g
     gone = {"iia/loop/den/" + plan.model.graph.node[k].name for k in io.nodes}
     assert all(plan.model.graph.node[k].name for k in io.nodes) and not gone & {n.name for n in body.node}
-    unrolled = emit_sampler(program, dm, d.shape, True, label_dim=d.label_dim)
+    unrolled = emit_sampler(program, dm, d.shape, True, label_dim=d.label_dim, plan=plan)
     rng = np.random.default_rng(8)
     noise, labels = rng.standard_normal((3, *d.shape)), rng.integers(0, d.label_dim, 3)
     ref = sample(program, d, torch.from_numpy(noise), torch.from_numpy(labels), dtype=torch.float64).numpy()

@@ -1,4 +1,4 @@
-"""compiler/rewrite.py: affine chains on the main path collapse to one Mul + one Add whose coefficients are
+"""compiler/passes/ (affine_chains, batchnorm, residual_scales, small_convs): affine chains on the main path collapse to one Mul + one Add whose coefficients are
 side (constant/conditioning-only) values; the rewritten graph computes the same numbers in ONNX Runtime."""
 
 import copy
@@ -11,9 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edm_fixtures import make_edm_pickle
 from iia.compiler.export import export_denoiser
-from iia.compiler.rewrite import (MAX_ABSORBED_SCALE, TRANSPOSE_MAX_OUT_CHANNELS, absorb_residual_scales,
-                                  affine_to_batchnorm, collapse_affine_chains, example_feeds,
-                                  small_convs_to_transposed)
+from iia.compiler.passes.affine_chains import collapse_affine_chains
+from iia.compiler.passes.batchnorm import affine_to_batchnorm, example_feeds
+from iia.compiler.passes.residual_scales import MAX_ABSORBED_SCALE, absorb_residual_scales
+from iia.compiler.passes.small_convs import TRANSPOSE_MAX_OUT_CHANNELS, small_convs_to_transposed
 from iia.models import load
 from iia.runtime.contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X
 
@@ -475,3 +476,63 @@ def test_shared_small_convolution_weight_is_transposed_once():
     assert small_convs_to_transposed(after.graph) == 2
     assert len(after.graph.initializer) == 1 and after.graph.initializer[0].name != "w"
     assert_same_outputs(before, after, [{"x": rng.standard_normal((2, 8, 5, 5)).astype(np.float32)}])
+
+
+# ------------------------------------------------------------------------------------- the pass list, optimize
+
+def test_optimize_runs_the_listed_passes_once_in_order_and_each_can_be_switched_off(digits_onnx):
+    """optimize = the passes of PASSES in order on a copy (the exported model untouched); a pass switched off
+    by name rewrites nothing and is reported 0; an unknown name is refused naming the passes."""
+    from iia.compiler.graph import side_values as cone
+    from iia.compiler.passes import PASS_NAMES, optimize
+
+    assert PASS_NAMES == ("affine_chains", "batchnorm", "residual_scales", "small_convs")
+    original = digits_onnx.SerializeToString()
+    sources = (DENOISER_SIGMA, DENOISER_LABELS)
+    full = optimize(digits_onnx, sources)
+    assert digits_onnx.SerializeToString() == original
+    assert list(full.counts) == list(PASS_NAMES) and all(n > 0 for n in full.counts.values())
+    # by hand, in the same order, on a copy: the same graph
+    by_hand = copy.deepcopy(digits_onnx)
+    collapse_affine_chains(by_hand.graph, cone(by_hand.graph, sources))
+    affine_to_batchnorm(by_hand, example_feeds(by_hand))
+    absorb_residual_scales(by_hand.graph)
+    small_convs_to_transposed(by_hand.graph)
+    assert by_hand.SerializeToString() == full.model.SerializeToString()
+    no_bn = optimize(digits_onnx, sources, disabled=frozenset({"batchnorm"}))
+    assert no_bn.counts["batchnorm"] == 0 and not any(n.op_type == "BatchNormalization" for n in no_bn.model.graph.node)
+    assert "affines as BatchNormalization" in full.summary() and "BatchNormalization" not in no_bn.summary()
+    assert_same_outputs(digits_onnx, no_bn.model, denoiser_feeds(digits_onnx, (2,)))
+    with pytest.raises(ValueError, match="no graph pass named fusion; the passes are affine_chains"):
+        optimize(digits_onnx, sources, disabled=frozenset({"fusion"}))
+
+
+def test_residual_scale_index_matches_a_rebuilt_one():
+    """absorb_residual_scales keeps producer/reader/count indexes up to date edit by edit (no rebuild per
+    removal): after each removal they equal indexes built afresh from the edited graph."""
+    from iia.compiler.graph import producers, read_counts, readers
+    from iia.compiler.passes import residual_scales
+
+    model = residual_net(blocks=6)
+    checked = []
+    apply = residual_scales._apply_absorb
+
+    def apply_and_compare(index, *args):
+        apply(index, *args)
+        live = onnx.GraphProto()
+        live.CopyFrom(index.graph)
+        replace = [n for k, n in enumerate(live.node) if k not in index.removed]
+        del live.node[:]
+        live.node.extend(replace)
+        position = {k: j for j, k in enumerate(k for k in range(len(index.graph.node)) if k not in index.removed)}
+        assert {v: [position[k] for k in ks] for v, ks in index.readers.items() if ks} == readers(live)
+        assert {v: position[k] for v, k in index.producer.items()} == producers(live)
+        assert {v: c for v, c in index.counts.items() if c} == read_counts(live)
+        checked.append(True)
+
+    residual_scales._apply_absorb = apply_and_compare
+    try:
+        assert absorb_residual_scales(model.graph) > 0
+    finally:
+        residual_scales._apply_absorb = apply
+    assert len(checked) == absorb_residual_scales(residual_net(blocks=6).graph)

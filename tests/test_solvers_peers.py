@@ -80,10 +80,13 @@ def gmm_onnx(gmm):
 
 @pytest.mark.parametrize("solver", ["unipc-3", "deis-3", "dpm-solver++3m"])
 def test_new_solvers_compile_to_one_graph(gmm, gmm_onnx, solver):
+    from iia.calibration.solvers import Denoise
     from iia.compiler.emit import emit_sampler
+    from iia.compiler.fold import plan_folding
 
     program = program_for(gmm, solver, 6)
-    model = emit_sampler(program, gmm_onnx, gmm.shape, False)
+    plan = plan_folding(gmm_onnx, [op.sigma for op in program.ops() if isinstance(op, Denoise)])
+    model = emit_sampler(program, gmm_onnx, gmm.shape, False, plan=plan)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     noise, _ = draw_noise(gmm, 4, 1)
     got = sess.run(["images"], {"noise": noise.numpy().astype(np.float32)})[0]
