@@ -453,3 +453,25 @@ def test_sample_png_write_fails_the_new_npz_is_not_published(arts, tmp_path, cap
         assert {p.name: p.read_bytes() for p in disk.iterdir()} == filled
     finally:
         _run(["umount", disk])
+
+
+def test_output_files_put_back_what_a_failed_rename_pair_replaced(tmp_path):
+    """publish's second rename fails (its target became a non-empty directory after the up-front check): the first
+    output, already replaced, gets its previous file back; no temp or kept link is left; the error names the
+    output and the cause."""
+    from iia.cli import OutputFiles
+
+    first, second = tmp_path / "x.npz", tmp_path / "x.png"
+    first.write_bytes(b"old npz")
+    with pytest.raises(OSError) as info:
+        with OutputFiles("--out", [first, second]) as outputs:
+            for path in (first, second):
+                with outputs.writing(path) as temp:
+                    temp.write_bytes(b"new")
+            second.mkdir()
+            (second / "inside").write_text("a directory in the way")
+            outputs.publish()
+    assert str(info.value) == (f"--out {second}: cannot write it ({os.strerror(errno.EISDIR)}); {first} and {second} "
+                               f"left as they were")
+    assert first.read_bytes() == b"old npz"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz", "x.png"]

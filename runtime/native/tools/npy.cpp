@@ -49,9 +49,9 @@ struct Literal {
 };
 
 // The subset of Python literal syntax a .npy header is written in, read as ast.literal_eval reads it: strings in
-// '' or "" (prefixes u/r; b: bytes; adjacent ones concatenated), True/False/None, integers (signs, 0x/0o/0b, '_' separators; Python 2's
-// 'L' suffix in format 1.0/2.0, as numpy's _filter_header), tuples (a trailing comma; '(x)' is x), lists,
-// dicts, whitespace and comments. Anything else is refused naming the place.
+// '' or "" (prefixes u/r; b: bytes; adjacent ones concatenated), True/False/None, integers (a sign, 0x/0o/0b,
+// '_' separators; Python 2's 'L' suffix in format 1.0/2.0, as numpy's _filter_header), tuples (a trailing
+// comma; '(x)' is x), lists, dicts, whitespace and comments. Anything else is refused naming the place.
 class HeaderParser {
 public:
     HeaderParser(const std::string& text, const std::string& path, bool python2)
@@ -108,7 +108,10 @@ private:
         else if (c == '+' || c == '-' || std::isdigit(static_cast<unsigned char>(c))) v = number();
         else if (std::isalpha(static_cast<unsigned char>(c)) || c == '_') v = name();
         else fail(std::string("unexpected '") + c + "'");
-        if (v.kind != Literal::STRING) v.text = s_.substr(start, at_ - start);  // BYTES too: b'..' as written
+        if (v.kind != Literal::STRING) {  // as written (BYTES too: b'..'), for messages
+            v.text = s_.substr(start, at_ - start);
+            v.text.erase(v.text.find_last_not_of(" \t\n\r\f") + 1);
+        }
         --depth_;
         return v;
     }
@@ -389,9 +392,10 @@ NpyArray NpyFile::read(int64_t rows) const {
     array.dtype = dtype_;
     array.shape = shape_;
     uint64_t bytes = data_bytes_;
-    if (!shape_.empty() && rows < shape_[0]) {
-        array.shape[0] = std::max<int64_t>(rows, 0);
-        bytes = data_bytes_ / static_cast<uint64_t>(shape_[0]) * static_cast<uint64_t>(array.shape[0]);
+    const int64_t keep = std::max<int64_t>(rows, 0);
+    if (!shape_.empty() && keep < shape_[0]) {
+        array.shape[0] = keep;
+        bytes = data_bytes_ / static_cast<uint64_t>(shape_[0]) * static_cast<uint64_t>(keep);
     }
     array.data.resize(static_cast<size_t>(bytes));
     if (!pread_exact(fd_, path_, array.data.data(), array.data.size(), data_at_))
@@ -408,7 +412,8 @@ iia_tensor NpyFile::tensor(uint64_t max_bytes) {
         mapping_ = ::mmap(nullptr, static_cast<size_t>(file_bytes_), PROT_READ, MAP_PRIVATE, fd_, 0);
         if (mapping_ == MAP_FAILED) {
             mapping_ = nullptr;
-            bad(path_, std::string("cannot be mapped (") + std::strerror(errno) + ")");
+            bad(path_, "holds " + std::to_string(data_bytes_) + " data bytes, more than the " + std::to_string(max_bytes) +
+                           " that can be used, and cannot be mapped for its shape to be checked (" + std::strerror(errno) + ")");
         }
     }
     return iia_tensor{static_cast<const unsigned char*>(mapping_) + data_at_, dtype_, shape_.size(), shape_.data()};
