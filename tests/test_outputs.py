@@ -139,6 +139,7 @@ AGREED = {
     "typestr with '|'": (_header(descr="'|f4'"), 1, READ),
     "Python 2 longs in format 1.0": (_header(shape="(2L, 1L, 4L, 4L)"), 1, READ),
     "Python 2 longs in format 2.0": (_header(shape="(2L, 1L, 4L, 4L)"), 2, READ),
+    "a Python 2 long after a space": (_header(shape="(2 L, 1, 4, 4)"), 1, READ),
     # refused by numpy, and by iia-run naming what
     "a space inside a dimension": (_header(shape="(2 1, 4, 4)"), 1, "expected ',' or ')' at '1, 4, 4),"),
     "an empty item": (_header(shape="(2,, 1, 4, 4)"), 1, "unexpected ','"),
@@ -158,6 +159,7 @@ AGREED = {
     "two signs": (_header(shape="(2, 1, 4, - -4)"), 1, "expected a number"),
     "a dimension beyond int64": (_header(shape="(2, 1, 4, 4, 99999999999999999999, 0)"), 1, "data bytes allowed"),
     "a Python 2 long in format 3.0": (_header(shape="(2L, 1, 4, 4)"), 3, "a number that is not an integer at '2L"),
+    "not Python 2's L": (_header(shape="(2 Lx, 1, 4, 4)"), 1, "expected ',' or ')' at 'Lx"),
     "no fortran_order": ("{'descr': '<f4', 'shape': (2, 1, 4, 4)}", 1, "its header has no 'fortran_order'"),
     "no keys": ("{}", 1, "its header has no 'descr'"),
     "an unknown key": (_header(extra="'x': 1"), 1, "the unknown key 'x' (the format has exactly 'descr', "
@@ -422,8 +424,8 @@ def test_sample_npz_write_fails_both_old_files_stay(arts, tmp_path, capsys):
     proc = _run([sys.executable, "-m", "iia.runtime.cli", arts["uncond"], "--n", "64", "--seed", "2", "--out", out],
                 preexec_fn=small_files, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     npz = out.with_suffix(".npz")
-    assert _error_of(proc.returncode, proc.stderr) == (f"--out {npz}: cannot write it ({os.strerror(errno.EFBIG)}); {npz} and {out} "
-                                     f"left as they were")
+    assert _error_of(proc.returncode, proc.stderr) == (f"--out {npz}: cannot write it ({os.strerror(errno.EFBIG)}); "
+                                                       f"{npz} and {out} left as they were")
     assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == old
 
 

@@ -247,7 +247,8 @@ int run_once(const Args& a) {
     const iia_info& info = sampler.info();
     const uint64_t widest = 8, most = static_cast<uint64_t>(info.max_batch);
     const iia_tensor noise_t = noise.tensor(most * static_cast<uint64_t>(sampler.sample_size()) * widest);
-    const iia_tensor labels_t = labels.tensor(most * static_cast<uint64_t>(std::max<int64_t>(info.label_dim, 1)) * widest);
+    const uint64_t label_width = static_cast<uint64_t>(std::max<int64_t>(info.label_dim, 1));  // ids: 1, one-hot: label_dim
+    const iia_tensor labels_t = labels.tensor(most * label_width * widest);
     // outputs for at most max_batch samples (a larger batch is refused before anything is written)
     const int64_t batch = noise.shape().empty() ? 0 : std::clamp<int64_t>(noise.shape()[0], 0, info.max_batch);
     const size_t count = static_cast<size_t>(batch * sampler.sample_size());
@@ -316,7 +317,7 @@ int run_bench(const Args& a) {
             !std::equal(sample.begin(), sample.end(), shape.begin() + 1))
             throw iia::Error(IIA_ERROR_INVALID_ARGUMENT, a.noise + ": --bench needs float32 noise [N, " +
                                                              shape_text(sample).substr(1) + " (N >= 1), got " +
-                                                             (file.dtype() == IIA_FLOAT32 ? "float32 " : "another dtype, ") +
+                                                             (file.dtype() == IIA_FLOAT32 ? "float32 " : "not float32, ") +
                                                              shape_text(shape));
         const iia_tools::NpyArray rows = file.read(*std::max_element(a.batches.begin(), a.batches.end()));
         pool.resize(rows.data.size() / 4);

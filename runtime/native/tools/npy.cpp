@@ -85,6 +85,9 @@ private:
     [[noreturn]] void fail(const std::string& what) const { fail_at(at_, what); }
 
     bool at(char c) const { return at_ < s_.size() && s_[at_] == c; }
+    bool name_char(size_t i) const {
+        return i < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[i])) || s_[i] == '_');
+    }
 
     void space() {
         while (at_ < s_.size()) {
@@ -214,10 +217,15 @@ private:
             }
         }
         if (need_digit) fail_at(start, "a malformed number");
-        if (base == 10 && s_[first] == '0' && (magnitude != 0 || v.huge)) fail_at(start, "a number with a leading zero");
-        if (python2_ && at('L')) ++at_;
-        if (at_ < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[at_])) || at('.') || at('_')))
-            fail_at(start, "a number that is not an integer");
+        if (base == 10 && s_[first] == '0' && (magnitude != 0 || v.huge))
+            fail_at(start, "a number with a leading zero");
+        if (python2_) {  // _filter_header drops a name 'L' after a number token, spaces between or not
+            const size_t after = at_;
+            space();
+            if (at('L') && !name_char(at_ + 1)) ++at_;
+            else at_ = after;
+        }
+        if (name_char(at_) || at('.')) fail_at(start, "a number that is not an integer");
         const uint64_t limit = negative ? uint64_t(INT64_MAX) + 1 : uint64_t(INT64_MAX);
         if (magnitude > limit) v.huge = true;
         if (!v.huge) v.value = negative ? static_cast<int64_t>(0 - magnitude) : static_cast<int64_t>(magnitude);
@@ -226,12 +234,13 @@ private:
 
     Literal name() {
         const size_t start = at_;
-        while (at_ < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[at_])) || s_[at_] == '_')) ++at_;
+        while (name_char(at_)) ++at_;
         const std::string word = s_.substr(start, at_ - start);
         Literal v;
         std::string prefix = word;
         for (char& c : prefix) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-        if ((at('\'') || at('"')) && (prefix == "u" || prefix == "r" || prefix == "b" || prefix == "rb" || prefix == "br")) {
+        const bool prefixed = prefix == "u" || prefix == "r" || prefix == "b" || prefix == "rb" || prefix == "br";
+        if (prefixed && (at('\'') || at('"'))) {
             v = string();  // escapes are refused anyway, so a raw string reads as a plain one
             if (prefix.find('b') != std::string::npos) v.kind = Literal::BYTES;
         } else if (word == "True" || word == "False") {
@@ -339,7 +348,8 @@ NpyFile::NpyFile(const std::string& path) : path_(path) {
         // descr
         if (f.descr->kind == Literal::LIST || f.descr->kind == Literal::TUPLE)
             bad(path, "structured dtypes are not supported");
-        if (f.descr->kind != Literal::STRING) bad(path, "its .npy header's 'descr' " + f.descr->shown() + " is not a dtype");
+        if (f.descr->kind != Literal::STRING)
+            bad(path, "its .npy header's 'descr' " + f.descr->shown() + " is not a dtype");
         // a typestr as numpy.save writes it ('<f4'); '=', '|' or no byte order means this little-endian host's
         const std::string& descr = f.descr->text;
         const bool big = !descr.empty() && descr[0] == '>';
@@ -399,7 +409,8 @@ NpyArray NpyFile::read(int64_t rows) const {
     }
     array.data.resize(static_cast<size_t>(bytes));
     if (!pread_exact(fd_, path_, array.data.data(), array.data.size(), data_at_))
-        bad(path_, "ended before the " + std::to_string(bytes) + " data bytes its header declares (truncated while read)");
+        bad(path_, "ended before the " + std::to_string(bytes) +
+                       " data bytes its header declares (truncated while read)");
     return array;
 }
 
