@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -129,14 +130,96 @@ def signals_deferred():
 
 
 def check_output_file(path: str | Path | None, flag: str) -> Path | None:
-    """An output FILE path checked before any work: not '.', '..' or an existing directory (ValueError naming
-    `flag`). None passes through."""
+    """An output FILE path checked before any work, one rule for every CLI (iia-run's C++ check says the same):
+    not '-' (standard output is not supported), not '.', '..' or an existing directory, and its nearest existing
+    ancestor must be a directory this process may write in (missing directories below it are made when the file
+    is written). ValueError naming `flag`, the path and the cause; None passes through."""
     if path is None:
         return None
+    if str(path) == "-":
+        raise ValueError(f"{flag} -: writing to standard output is not supported; give a file name")
     path = Path(path)
     if path.name in ("", ".", "..") or path.is_dir():
         raise ValueError(f"{flag} {path}: is a directory, expected a file name")
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is not a directory")
+    denied = _write_denied(parent)
+    if denied:
+        raise ValueError(f"{flag} {path}: cannot write in {parent} ({denied})")
     return path
+
+
+def _write_denied(directory: Path) -> str | None:
+    """Why this process may not create files in `directory` (strerror's words), or None."""
+    import errno
+
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)  # access() says EROFS then; Python drops errno
+    return os.strerror(errno.EROFS if read_only else errno.EACCES)
+
+
+class OutputFiles:
+    """The output files of one run (`paths`), published together: each is written to a temp file beside it
+    (`writing`, which makes missing directories), then `publish` renames them all into place with SIGINT/SIGTERM
+    deferred, and a failed rename puts back the files the earlier ones replaced (kept as hard links until then):
+    a reader finds all of this run's outputs or none (iia-sample's new .npz beside an older PNG was the fault).
+    Leaving the `with` block removes every temp not published. An OSError is re-raised naming `flag`, the output
+    and the cause, never a temp file."""
+
+    def __init__(self, flag: str, paths: list[Path]):
+        self.flag, self.paths, self.temps = flag, paths, {}  # temps: output -> its temp file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for temp in self.temps.values():
+            temp.unlink(missing_ok=True)
+
+    @contextmanager
+    def writing(self, path: Path):
+        """Yield the temp file that holds `path`'s new content until `publish`."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            self.temps[path] = Path(temp)
+            yield Path(temp)
+        except OSError as err:
+            raise self._failed(path, err) from err
+
+    def publish(self) -> None:
+        kept, done = {}, []
+        with signals_deferred():
+            try:
+                for path, temp in self.temps.items():
+                    if os.path.lexists(path):
+                        try:
+                            os.link(path, temp.with_name(temp.name + ".old"), follow_symlinks=False)
+                            kept[path] = temp.with_name(temp.name + ".old")
+                        except OSError:  # no hard links on this file system: a later failure cannot restore it
+                            pass
+                    os.replace(temp, path)
+                    done.append(path)
+            except OSError as err:
+                for replaced in done:
+                    if replaced in kept:
+                        os.replace(kept.pop(replaced), replaced)
+                    else:
+                        replaced.unlink(missing_ok=True)
+                raise self._failed(path, err) from err
+            finally:
+                for old in kept.values():
+                    old.unlink(missing_ok=True)
+        self.temps.clear()
+
+    def _failed(self, path: Path, err: OSError) -> OSError:
+        return OSError(f"{self.flag} {path}: cannot write it ({err.strerror or one_line(err)}); "
+                       f"{' and '.join(map(str, self.paths))} left as they were")
 
 
 def int_list(text: str) -> list[int]:

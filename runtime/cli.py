@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import (ProgressBar, add_options, check_options, check_output_file, int_list, option, options_from,
-                     run_cli, written)
+from iia.cli import (OutputFiles, ProgressBar, add_options, check_options, check_output_file, int_list, option,
+                     options_from, run_cli, written)
 
 from .options import RunOptions
 from .contract import MAX_LABEL_DIM, MAX_SEED
@@ -109,32 +109,37 @@ def _sample(argv=None) -> int:
     shown = min(n, GRID_MAX) if sampler.is_image else 0
     grid_images = []
     bar = ProgressBar("sampling", enabled=len(parts) > 1)
-    with NpzWriter(npz) as archive:  # streamed: memory holds one chunk (plus the grid's first GRID_MAX images)
-        with archive.array("images", np.float32, (n, *sampler.sample_shape)) as images:
-            for k, part in enumerate(parts):
-                noise = draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape)
-                out = sampler.sample(noise, class_labels=None if labels is None else labels[part])
-                images.write(out.images)
-                if part.start < shown:
-                    grid_images.append(out.images_uint8[: shown - part.start])
-                bar(part.stop, n)
-        with archive.array("noise", np.float32, (n, *sampler.sample_shape)) as noise_out:
-            for part in parts:  # per-image seeds: the same noise again, chunk by chunk
-                noise_out.write(draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape))
-        bar.close()
-        archive.put("labels", np.zeros(0, np.int64) if labels is None else labels)
-        archive.put("seed", np.int64(opts.seed))
+    with OutputFiles("--out", [npz, png] if sampler.is_image else [npz]) as outputs:  # both or neither
+        # streamed: memory holds one chunk (plus the grid's first GRID_MAX images)
+        with outputs.writing(npz) as npz_temp, NpzWriter(npz_temp) as archive:
+            with archive.array("images", np.float32, (n, *sampler.sample_shape)) as images:
+                for k, part in enumerate(parts):
+                    noise = draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape)
+                    out = sampler.sample(noise, class_labels=None if labels is None else labels[part])
+                    images.write(out.images)
+                    if part.start < shown:
+                        grid_images.append(out.images_uint8[: shown - part.start])
+                    bar(part.stop, n)
+            with archive.array("noise", np.float32, (n, *sampler.sample_shape)) as noise_out:
+                for part in parts:  # per-image seeds: the same noise again, chunk by chunk
+                    noise_out.write(draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape))
+            bar.close()
+            archive.put("labels", np.zeros(0, np.int64) if labels is None else labels)
+            archive.put("seed", np.int64(opts.seed))
+        if sampler.is_image:
+            grid = grid_array(np.concatenate(grid_images))
+            with outputs.writing(png) as png_temp:
+                save_png(grid, png_temp)
+        outputs.publish()
     written(npz)
     if not sampler.is_image:
         _err(f"a PNG grid needs an image model ([C, H, W] samples); this one has sample shape "
              f"{list(sampler.sample_shape)}, so only the .npz was written")
         print(f"wrote {npz}")
         return 0
+    written(png)
     if shown < n:
         _err(f"the grid shows the first {shown} of {n} samples (all {n} are in {npz})")
-    grid = grid_array(np.concatenate(grid_images))
-    save_png(grid, png)
-    written(png)
     print(f"wrote {png} ({grid.shape[1]}x{grid.shape[0]}) and {npz}")
     return 0
 

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -58,12 +59,42 @@ bool ends_with(const std::string& s, const std::string& tail) {
     return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-// An output FILE checked before any work (iia/cli.py's check_output_file, and its directory must be there and
-// writable): a run or a benchmark never ends by failing to write its result.
-void check_output_file(const std::string& path, const std::string& flag) {
+std::string real_path(const std::string& path) {  // links and '..' resolved; "" when it does not exist
+    char* real = ::realpath(path.c_str(), nullptr);
+    if (real == nullptr) return "";
+    std::string out(real);
+    std::free(real);
+    return out;
+}
+
+std::string parent_of(const std::string& path) {
+    const size_t slash = path.rfind('/');
+    return slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
+}
+
+// The artifact's directory resolved (DIR, or the directory of DIR/manifest.json); "" when there is none to protect
+// (loading it fails later, naming it).
+std::string artifact_root(const std::string& artifact) {
+    struct stat st {};
+    if (artifact.empty() || ::stat(artifact.c_str(), &st) != 0) return "";
+    if (S_ISDIR(st.st_mode)) return real_path(artifact);
+    return ends_with(artifact, "/manifest.json") || artifact == "manifest.json" ? real_path(parent_of(artifact)) : "";
+}
+
+bool within(const std::string& path, const std::string& root) {
+    return root == "/" || path == root || path.compare(0, root.size() + 1, root + "/") == 0;
+}
+
+// An output FILE checked before any work, by the rule of iia/cli.py's check_output_file (the same messages):
+// not '-' (standard output is not supported), not a directory, in an existing directory this process may write
+// in, and never inside the artifact being run (runtime/cli.py's outside_artifact: --json DIR/manifest.json would
+// destroy it), through links and '..' too: where the rename lands (the directory resolved) and, for an existing
+// link, its target.
+void check_output_file(const std::string& path, const std::string& flag, const std::string& artifact) {
+    if (path == "-") throw UsageError(flag + " -: writing to standard output is not supported; give a file name");
     const size_t slash = path.rfind('/');
     const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
-    const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
+    const std::string dir = parent_of(path);
     struct stat st {};
     if (name.empty() || name == "." || name == ".." || (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)))
         throw UsageError(flag + " " + path + ": is a directory, expected a file name");
@@ -72,6 +103,11 @@ void check_output_file(const std::string& path, const std::string& flag) {
     if (!S_ISDIR(st.st_mode)) throw UsageError(flag + " " + path + ": " + dir + " is not a directory");
     if (::access(dir.c_str(), W_OK | X_OK) != 0)
         throw UsageError(flag + " " + path + ": cannot write in " + dir + " (" + std::strerror(errno) + ")");
+    const std::string root = artifact_root(artifact);
+    if (root.empty()) return;
+    const std::string real_dir = real_path(dir), linked = real_path(path);
+    if (within(real_dir == "/" ? "/" + name : real_dir + "/" + name, root) || (!linked.empty() && within(linked, root)))
+        throw UsageError(flag + " " + path + ": is inside the artifact " + artifact + "; write outputs elsewhere");
 }
 
 int parse_int(const std::string& option, const std::string& text) {
@@ -144,14 +180,14 @@ Args parse(int argc, char** argv) {
         if (a.warmup < 0) throw UsageError("--warmup must be >= 0, got " + std::to_string(a.warmup));
         for (int64_t b : a.batches)
             if (b < 1) throw UsageError("--batch sizes must be >= 1, got " + std::to_string(b));
-        if (!a.json.empty()) check_output_file(a.json, "--json");
+        if (!a.json.empty()) check_output_file(a.json, "--json", a.dir);
     } else {
         if (a.noise.empty()) throw UsageError("--noise NOISE.npy is required (or pass --bench)");
         if (a.out.empty()) throw UsageError("--out OUT.npy|OUT.png is required");
         if (!a.json.empty()) throw UsageError("--json applies to --bench only");
+        check_output_file(a.out, "--out", a.dir);
         if (!ends_with(a.out, ".npy") && !ends_with(a.out, ".png"))
             throw UsageError("--out must end in .npy (float32 images) or .png (a grid of images_uint8), got '" + a.out + "'");
-        check_output_file(a.out, "--out");
     }
     return a;
 }
@@ -165,8 +201,11 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 // Labels: an .npy passes through as is (dtype, ids or one-hot: the library validates); comma-separated ids
 // are one per sample, or one id (rank 0) for the whole batch.
 struct Labels {
-    iia_tools::NpyArray array;
+    iia_tools::NpyArray ids;                   // --labels 3,1,...
+    std::unique_ptr<iia_tools::NpyFile> file;  // --labels LABELS.npy: its header read, its data not yet
     bool given = false;
+
+    iia_tensor tensor(uint64_t max_bytes) { return file ? file->tensor(max_bytes) : ids.tensor(); }
 };
 
 Labels read_labels(const std::string& text) {
@@ -174,14 +213,14 @@ Labels read_labels(const std::string& text) {
     if (text.empty()) return l;
     l.given = true;
     if (ends_with(text, ".npy")) {
-        l.array = iia_tools::read_npy(text);
+        l.file = std::make_unique<iia_tools::NpyFile>(text);
         return l;
     }
     const std::vector<int64_t> ids = parse_ints("--labels", text);
-    l.array.dtype = IIA_INT64;
-    if (ids.size() > 1) l.array.shape = {static_cast<int64_t>(ids.size())};
-    l.array.data.resize(ids.size() * sizeof(int64_t));
-    std::memcpy(l.array.data.data(), ids.data(), l.array.data.size());
+    l.ids.dtype = IIA_INT64;
+    if (ids.size() > 1) l.ids.shape = {static_cast<int64_t>(ids.size())};
+    l.ids.data.resize(ids.size() * sizeof(int64_t));
+    std::memcpy(l.ids.data.data(), ids.data(), l.ids.data.size());
     return l;
 }
 
@@ -199,13 +238,20 @@ int run_once(const Args& a) {
     options.threads = a.threads;
     options.verify = a.verify;
     options.spin = a.spin;
-    const iia_tools::NpyArray noise = iia_tools::read_npy(a.noise);
-    const Labels labels = read_labels(a.labels);
+    // headers first (a missing or malformed file is refused before the artifact loads), data after the artifact
+    // bounds it: a file larger than max_batch samples of the widest dtype (8 bytes) is never read into memory,
+    // the library refuses its shape (batch, dimensions, dtype) with Python's message before reading an element
+    iia_tools::NpyFile noise(a.noise);
+    Labels labels = read_labels(a.labels);
     iia::Sampler sampler(a.dir, options);
-    const iia_tensor noise_t = noise.tensor();
-    const iia_tensor labels_t = labels.array.tensor();
-    const int64_t batch = noise.shape.empty() ? 0 : noise.shape[0];
-    const size_t count = static_cast<size_t>(std::max<int64_t>(0, batch) * sampler.sample_size());
+    const iia_info& info = sampler.info();
+    const uint64_t widest = 8, most = static_cast<uint64_t>(info.max_batch);
+    const iia_tensor noise_t = noise.tensor(most * static_cast<uint64_t>(sampler.sample_size()) * widest);
+    const uint64_t label_width = static_cast<uint64_t>(std::max<int64_t>(info.label_dim, 1));  // ids: 1, one-hot: label_dim
+    const iia_tensor labels_t = labels.tensor(most * label_width * widest);
+    // outputs for at most max_batch samples (a larger batch is refused before anything is written)
+    const int64_t batch = noise.shape().empty() ? 0 : std::clamp<int64_t>(noise.shape()[0], 0, info.max_batch);
+    const size_t count = static_cast<size_t>(batch * sampler.sample_size());
     const bool png = ends_with(a.out, ".png");
     if (png && !sampler.info().is_image)
         throw iia::Error(IIA_ERROR_INVALID_ARGUMENT,
@@ -260,44 +306,69 @@ int run_bench(const Args& a) {
             throw iia::Error(IIA_ERROR_INVALID_ARGUMENT, "batch size " + std::to_string(b) +
                                                              " exceeds the artifact's maximum batch " +
                                                              std::to_string(info.max_batch));
-    // noise: rows of --noise (float32) repeated, else standard normal from a fixed seed
+    // noise: rows of --noise (float32 [N, *sample_shape], its header checked before any data is read; rows past
+    // the largest batch are never used, so never read) repeated, else standard normal from a fixed seed
     std::vector<float> pool;
     if (!a.noise.empty()) {
-        const iia_tools::NpyArray n = iia_tools::read_npy(a.noise);
-        if (n.dtype != IIA_FLOAT32 || n.shape.empty() || n.data.size() % (item * 4) != 0 || n.data.empty())
-            throw iia::Error(IIA_ERROR_INVALID_ARGUMENT, a.noise + ": --bench needs float32 noise [N, *sample_shape]");
-        pool.resize(n.data.size() / 4);
-        std::memcpy(pool.data(), n.data.data(), n.data.size());
+        const iia_tools::NpyFile file(a.noise);
+        const std::vector<int64_t>& shape = file.shape();
+        const std::vector<int64_t> sample = sampler.sample_shape();
+        if (file.dtype() != IIA_FLOAT32 || shape.size() != sample.size() + 1 || shape[0] < 1 ||
+            !std::equal(sample.begin(), sample.end(), shape.begin() + 1))
+            throw iia::Error(IIA_ERROR_INVALID_ARGUMENT, a.noise + ": --bench needs float32 noise [N, " +
+                                                             shape_text(sample).substr(1) + " (N >= 1), got " +
+                                                             (file.dtype() == IIA_FLOAT32 ? "float32 " : "not float32, ") +
+                                                             shape_text(shape));
+        const iia_tools::NpyArray rows = file.read(*std::max_element(a.batches.begin(), a.batches.end()));
+        pool.resize(rows.data.size() / 4);
+        std::memcpy(pool.data(), rows.data.data(), rows.data.size());
     } else {
         std::mt19937_64 rng(0);
         std::normal_distribution<float> normal;
         pool.resize(static_cast<size_t>(item * 64));
         for (float& v : pool) v = normal(rng);
     }
-    int64_t fixed_label = -1;
+    // labels: one --labels id for every sample (a rank-0 tensor, as iia-run without --bench passes it: the library
+    // refuses a bad id, or any id for an unconditional model, with the same message), else 0, 1, 2, ... in turn
+    bool fixed = false;
+    int64_t fixed_label = 0;
     if (!a.labels.empty()) {
         const auto ids = parse_ints("--labels", a.labels);
         if (ids.size() != 1) throw UsageError("--bench takes one --labels id for every sample (default: 0, 1, 2, ... in turn)");
+        fixed = true;
         fixed_label = ids[0];
+    }
+    const iia_tensor fixed_t{&fixed_label, IIA_INT64, 0, nullptr};
+    struct Call {  // one batch size's inputs and output buffer
+        std::vector<int64_t> shape, labels;
+        std::vector<float> noise, images;
+        iia_tensor noise_t{}, labels_t{};
+        const iia_tensor* labels_p = nullptr;
+    };
+    auto make_call = [&](int64_t batch) {
+        auto c = std::make_unique<Call>();
+        c->noise.resize(static_cast<size_t>(batch * item));
+        for (size_t k = 0; k < c->noise.size(); ++k) c->noise[k] = pool[k % pool.size()];
+        for (int64_t k = 0; k < batch && info.label_dim > 0; ++k) c->labels.push_back(k % info.label_dim);
+        c->shape = {batch};
+        c->shape.insert(c->shape.end(), info.sample_shape, info.sample_shape + info.rank);
+        c->noise_t = iia_tensor{c->noise.data(), IIA_FLOAT32, c->shape.size(), c->shape.data()};
+        c->labels_t = iia_tensor{c->labels.data(), IIA_INT64, 1, c->shape.data()};
+        c->labels_p = fixed ? &fixed_t : info.label_dim > 0 ? &c->labels_t : nullptr;
+        c->images.resize(c->noise.size());
+        return c;
+    };
+    {  // one untimed call checks the inputs before anything is printed: a refusal is one line, the library's
+        const auto check = make_call(a.batches[0]);
+        sampler.run(check->noise_t, check->labels_p, check->images.data(), check->images.size());
     }
     print_header(sampler, a.dir);
     nlohmann::ordered_json rows = nlohmann::ordered_json::array();
     std::printf("%-16s %5s %3s %9s %9s %9s %10s %12s %12s\n", "backend", "batch", "thr", "p50 ms", "p90 ms", "p99 ms",
                 "img/s", "outside us", "backend ms");
     for (int64_t batch : a.batches) {
-        std::vector<float> noise(static_cast<size_t>(batch * item));
-        for (size_t k = 0; k < noise.size(); ++k) noise[k] = pool[k % pool.size()];
-        std::vector<int64_t> labels;
-        if (info.label_dim > 0)
-            for (int64_t k = 0; k < batch; ++k) labels.push_back(fixed_label >= 0 ? fixed_label : k % info.label_dim);
-        std::vector<int64_t> shape{batch};
-        shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.rank);
-        const iia_tensor noise_t{noise.data(), IIA_FLOAT32, shape.size(), shape.data()};
-        const iia_tensor labels_t{labels.data(), IIA_INT64, 1, &batch};
-        std::vector<float> images(noise.size());
-        auto call = [&] {
-            sampler.run(noise_t, info.label_dim > 0 ? &labels_t : nullptr, images.data(), images.size());
-        };
+        const auto c = make_call(batch);
+        auto call = [&] { sampler.run(c->noise_t, c->labels_p, c->images.data(), c->images.size()); };
         for (int k = 0; k < a.warmup; ++k) call();
         std::vector<double> total_ms, outside_us, backend_ms;
         for (int k = 0; k < a.iters; ++k) {
