@@ -152,7 +152,7 @@ def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, 
 
     def boom(*args):  # mid-export: the work folder lies BESIDE the repo (Triton would load a folder inside it)
         assert [p.name for p in repo.iterdir()] == ["d_python"]
-        assert len(list(tmp_path.glob(".repo.iia-export-*"))) == 1
+        assert len(list(tmp_path.glob(f"{work_prefix(repo)}*"))) == 1
         raise OSError("disk full (injected)")
 
     monkeypatch.setattr(triton, "_python_files", boom)
