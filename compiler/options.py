@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from iia.calibration.fit import CalibrationOptions
 from iia.calibration.solvers import SOLVERS, get_solver
-from iia.cli import check_options, flag_of, option, with_role
+from iia.cli import check_options, flag_of, option
 from iia.runtime.contract import MAX_STATIC_BATCHES
 from iia.runtime.engine import PRECISIONS
 
@@ -115,8 +115,7 @@ def refuse_unused_options(opts: CompileOptions) -> None:
         raise CompileError(f"--precision {opts.precision} sets the TensorRT engine's precision; --no-engine builds "
                            f"none (the ONNX graph is always fp32)")
     changed = [f for f in fields(CalibrationOptions) if f.metadata.get("cli", True) is not False and is_set(opts, f.name)]
-    search = [flag_of(f) for f in fields(CompileOptions) if f.name in with_role(CompileOptions, "search")
-              and is_set(opts, f.name)]
+    search = [flag_of(f) for f in fields(CompileOptions) if f.metadata.get("role") == "search" and is_set(opts, f.name)]
     if opts.coefficients:
         unused = [flag_of(f) for f in changed] + search
         if unused:

@@ -40,6 +40,22 @@ def test_one_solver_default_and_the_compile_cli_reads_roles():
     assert "--calib-batch" in text and "--holdout" in text and "--ridge" not in text and "--no-guard" not in text
 
 
+def test_roles_give_the_lists_each_path_refuses():
+    """What used to be four hand-kept lists now follows from the roles declared with each option."""
+    from dataclasses import fields
+
+    from iia.compiler.options import READ_BY_BASE_SOLVER
+    from iia.evaluation.cli import FIT_ONLY
+
+    offered = [f.name for f in fields(CalibrationOptions) if f.metadata.get("cli", True)]
+    assert [n for n in offered if n in with_role(CalibrationOptions, *FIT_ONLY)] == [
+        "M", "r", "batch", "first_step", "fine_solver", "ridge", "holdout", "guard"]  # iia-accuracy, base solvers
+    assert [n for n in offered if n in with_role(CalibrationOptions, *READ_BY_BASE_SOLVER)] == ["schedule"]
+    assert with_role(CalibrationOptions, "guard", "reference") == ("holdout", "reference_steps", "guard_z",
+                                                                   "guard_candidates")  # iia-calibrate --no-guard
+    assert with_role(CompileOptions, "search") == ("budget_s",)
+
+
 def test_static_batch_count_is_the_runtimes_bound():
     sizes = ",".join(str(b) for b in range(1, MAX_STATIC_BATCHES + 2))
     start = time.perf_counter()
