@@ -171,17 +171,17 @@ def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None,
 def export(loaded: Loaded, job: Job) -> Exported:
     """denoiser.onnx and, for a model with a decode stage, decoder.onnx (both through the export cache)."""
     denoiser, max_batch, cache = loaded.denoiser, job.opts.max_batch, cache_dir(job.opts.cache_dir)
+
+    def key(what: str) -> str | None:
+        return export_cache_key(denoiser, what, max_batch) if loaded.cacheable else None
+
     with stage("export denoiser", job.timings, job.log):
-        models = {}
-        for what, make in (("denoiser", export_denoiser), ("decoder", export_decoder)):
-            key = export_cache_key(denoiser, what, max_batch) if loaded.cacheable else None
-            models[what] = cached_export(lambda: make(denoiser, max_batch), key, cache, job.log)
-            if what == "denoiser":
-                onnx.save_model(models[what], str(job.work / DENOISER_ONNX))
-        if models["decoder"] is not None:
-            onnx.save_model(models["decoder"], str(job.work / DECODER_ONNX))
-    files = (DENOISER_ONNX,) + ((DECODER_ONNX,) if models["decoder"] is not None else ())
-    return Exported(models["denoiser"], models["decoder"], files)
+        model = cached_export(lambda: export_denoiser(denoiser, max_batch), key("denoiser"), cache, job.log)
+        onnx.save_model(model, str(job.work / DENOISER_ONNX))
+        decoder = cached_export(lambda: export_decoder(denoiser, max_batch), key("decoder"), cache, job.log)
+        if decoder is not None:
+            onnx.save_model(decoder, str(job.work / DECODER_ONNX))
+    return Exported(model, decoder, (DENOISER_ONNX,) + ((DECODER_ONNX,) if decoder is not None else ()))
 
 
 # ---- optimize -------------------------------------------------------------------------------------------
