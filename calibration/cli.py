@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from iia.cli import (ProgressBar, add_options, check_options, check_output_file, given_options, option, options_from,
-                     run_cli, stage, written)
+from iia.cli import (ProgressBar, add_options, check_options, check_output_file, flag_of, given_options, option,
+                     options_from, run_cli, stage, written)
 
 from .fit import CalibrationOptions
 from .solvers import SOLVERS
@@ -62,8 +62,8 @@ def _calibrate(argv=None) -> int:
     options = options_from(CalibrationOptions, args)
     options.validate()
     given = given_options(parser, argv)
-    guard_only = [flag for flag, name in (("--holdout", "holdout"), ("--reference-steps", "reference_steps"))
-                  if name in given]
+    guard_only = [flag_of(f) for f in fields(CalibrationOptions)  # the reference serves the guard only here
+                  if f.metadata.get("role") in ("guard", "reference") and f.name in given]
     if not options.guard and guard_only:
         raise ValueError(f"--no-guard runs no held-out guard: {', '.join(guard_only)} "
                          f"{'does' if len(guard_only) == 1 else 'do'} not apply")

@@ -41,30 +41,43 @@ class CalibrationError(ValueError):
 
 @dataclass
 class CalibrationOptions:
-    """Calibration settings, each declared once with its command-line flag and bounds (see iia.cli.option)."""
+    """Calibration settings, each declared once with its command-line flag and bounds (see iia.cli.option).
+    Roles: "steps" (the time steps: every solver), "fit" (an IIA fit), "seed" (the seed of the drawn noises),
+    "guard" (the held-out guard), "reference" (the reference solution's steps), "research" (the fit's research
+    switches: iia-calibrate offers them, iia-compile keeps their defaults)."""
 
-    M: int = option(3, "fine sub-steps per step for the least-squares target", lo=1, hi=64)
-    r: int = option(1, "history length of the IIA basis", lo=0, hi=8)
-    batch: int = option(200, "calibration noises", flag="--calib-batch", aliases=("--batch",), lo=2, hi=100_000)
-    seed: int = option(0, "seed of the calibration noises (images seed..seed+batch-1)", lo=0, hi=2**62)
+    M: int = option(3, "fine sub-steps per step for the least-squares target", lo=1, hi=64, role="fit")
+    r: int = option(1, "history length of the IIA basis", lo=0, hi=8, role="fit")
+    batch: int = option(200, "calibration noises", flag="--calib-batch", aliases=("--batch",), lo=2, hi=100_000,
+                    role="fit")
+    seed: int = option(0, "seed of the calibration noises (images seed..seed+batch-1)", lo=0, hi=2**62,
+                    role="seed")
     first_step: int = option(0, "first fitted step: 0 (paper text Alg. 1) or 1 (camera-ready: step 0 stays base)",
-                             choices=(0, 1))
+                             choices=(0, 1), role="research")
     fine_solver: str = option("base", "integrator of the fine target: the base solver (paper) or heun",
-                              choices=("base", "heun"))
-    ridge: float = option(1e-6, "relative ridge weight toward the base coefficients (unit-scaled basis)", lo=0.0, hi=1e6)
+                              choices=("base", "heun"), role="research")
+    ridge: float = option(1e-6, "relative ridge weight toward the base coefficients (unit-scaled basis)", lo=0.0, hi=1e6,
+                          role="research")
     # Held-out noises for the end-to-end guard (256: fewer cannot tell a real 20% gain from chance on
     # heavy-tailed per-sample errors) and Heun steps of their reference solution. Each held-out noise costs
     # 2 x reference_steps denoiser calls, so None means 256 for an analytic model, 128 for networks.
-    holdout: int | None = option(None, "held-out noises of the end-to-end guard (default 256)", lo=2, hi=100_000)
+    holdout: int | None = option(None, "held-out noises of the end-to-end guard (default 256)", lo=2, hi=100_000,
+                                role="guard")
     reference_steps: int | None = option(None, "Heun steps of the guard's reference solution (default 256 analytic "
-                                               "models, 128 networks)", lo=2, hi=100_000)
-    guard: bool = option(True, "ship the raw fit even if it loses end to end on held-out noise", flag="--no-guard")
-    guard_z: float = option(2.0, "standard errors by which a fit must beat the base on held-out noise", cli=False)
-    guard_candidates: int = option(8, "fitted prefixes the guard tries", cli=False, lo=1, hi=1000)
-    chunk: int = option(100, "denoiser batch size during calibration (bounds memory)", cli=False, lo=1, hi=100_000)
+                                               "models, 128 networks)", lo=2, hi=100_000,
+                                        role="reference")
+    guard: bool = option(True, "ship the raw fit even if it loses end to end on held-out noise", flag="--no-guard",
+                         role="research")
+    guard_z: float = option(2.0, "standard errors by which a fit must beat the base on held-out noise", cli=False,
+                             role="guard")
+    guard_candidates: int = option(8, "fitted prefixes the guard tries", cli=False, lo=1, hi=1000,
+                                   role="guard")
+    chunk: int = option(100, "denoiser batch size during calibration (bounds memory)", cli=False, lo=1, hi=100_000,
+                   role="fit")
     schedule: str = option("default", "time steps: the model's own (karras rho 7; a diffusers folder's timestep_spacing), "
                                       "karras, exponential, or for beta-table models the timestep selections uniform/"
-                                      "quadratic (DDIM paper), leading/trailing/linspace (diffusers)", choices=SCHEDULES)
+                                      "quadratic (DDIM paper), leading/trailing/linspace (diffusers)", choices=SCHEDULES,
+                           role="steps")
 
     def resolved(self, denoiser: Denoiser) -> "CalibrationOptions":
         """A copy with the model-dependent defaults filled in."""

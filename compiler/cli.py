@@ -8,10 +8,7 @@ from pathlib import Path
 
 from iia.calibration.cli import PICKLE_NOTE, add_model_argument
 from iia.calibration.fit import CalibrationOptions
-from iia.cli import ProgressBar, add_options, given_options, options_from, run_cli
-
-# iia-calibrate's research switches that a compile keeps at their defaults
-NOT_FOR_COMPILE = ("first_step", "fine_solver", "ridge", "guard")
+from iia.cli import ProgressBar, add_options, given_options, options_from, run_cli, with_role
 
 
 def _main(argv=None) -> int:
@@ -22,8 +19,8 @@ def _main(argv=None) -> int:
         description="Compile a diffusion model's fixed-NFE sampler into one ONNX graph (and a TensorRT engine "
                     "where TensorRT and a GPU exist). " + PICKLE_NOTE)
     add_model_argument(parser, default=None)
-    add_options(parser, CompileOptions, defaults={"solver": "auto"})
-    add_options(parser, CalibrationOptions, skip=NOT_FOR_COMPILE)
+    add_options(parser, CompileOptions)
+    add_options(parser, CalibrationOptions, skip=with_role(CalibrationOptions, "research"))  # kept at defaults
     parser.add_argument("--out", default=None, help="artifact directory (default: <model>-<solver>-nfe<N>)")
     args = parser.parse_args(argv)
     options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args),

@@ -22,21 +22,17 @@ torch-free: the standard library, tritonclient[grpc] (its protobuf definitions) 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import re
-import shutil
-import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import (add_options, check_options, int_list, option, options_from, pid_alive, run_cli,
-                     signals_deferred, str_list, written)
+from iia.cli import add_options, check_options, int_list, option, options_from, run_cli, str_list, written
 from iia.runtime.contract import (MANIFEST, MAX_THREADS, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
-                                  public_mode, read_manifest, verify_all)
+                                  read_manifest, verify_all)
+
+from .publish import Staging, check_directory, copy_public, publish
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
 KINDS = ("gpu", "cpu")
@@ -276,11 +272,6 @@ def default_name(root: Path) -> str:
     return name or "iia_sampler"
 
 
-def _copy(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    public_mode(dst)
-
-
 # ---- the repository -------------------------------------------------------------------------------------
 def _write_model(work: Path, name: str, config, manifest: dict, opts: TritonOptions) -> Path:
     """work/<name>/config.pbtxt, parsed back and checked; returns the model dir (its version dir is empty)."""
@@ -309,6 +300,7 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     if not paths:
         raise TritonExportError("give at least one artifact directory")
     _check_options(opts)
+    repo = check_directory(Path(repo), "--repo", TritonExportError)  # before the artifacts' hashes are read
     arts = _read_artifacts(paths)
     first = arts[0]
     manifest = first.manifest
@@ -322,8 +314,6 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     if "tensorrt" in backends and opts.kind != "gpu":
         raise TritonExportError("--kind cpu cannot serve a TensorRT plan (tensorrt_plan runs on GPUs only)")
     base = default_name(first.root) if opts.name is None else opts.name
-    repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
     names = {backend: f"{base}_{backend}" for backend in backends}
     existing = [n for n in names.values() if (repo / n).exists() or (repo / n).is_symlink()]
     if existing and not opts.force:
@@ -332,89 +322,47 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     if foreign:  # --force replaces what an export wrote, never a directory of the user's
         raise TritonExportError(f"{repo / foreign[0]} was not written by iia-export-triton (it has no "
                                 f"{EXPORT_MARKER}): refusing to replace it even with --force; move it away first")
-    work = _work_dir(repo)
-    try:
-        built: dict[str, Path] = {}
-        for backend in backends:
-            name = names[backend]
-            if backend == "python":
-                model_dir = _write_model(work, name, python_config(manifest, name, opts), manifest, opts)
-                _python_files(first, model_dir / str(opts.version))
-            else:
-                files = {cc: f"model_{cc}.plan" for cc in plans} if len(plans) > 1 else {}
-                config = standard_config(manifest, name, backend, opts, files)
-                model_dir = _write_model(work, name, config, manifest, opts)
-                version_dir = model_dir / str(opts.version)
-                if backend == "tensorrt":
-                    for cc, art in plans.items():
-                        _copy(art.root / SAMPLER_PLAN, version_dir / (files.get(cc) or "model.plan"))
-                else:
-                    _copy(first.root / SAMPLER_ONNX, version_dir / "model.onnx")
-                    if SAMPLER_ONNX_DATA in manifest["files"]:  # keeps the name the graph refers to
-                        _copy(first.root / SAMPLER_ONNX_DATA, version_dir / SAMPLER_ONNX_DATA)
-            built[name] = model_dir
-            log(f"  {name}: {config_summary(model_dir / 'config.pbtxt')}")
-        with signals_deferred():  # the renames (and their undo) are not split by Ctrl-C / SIGTERM
-            _publish(work, repo, list(built), opts.force)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with Staging(repo, "--repo", TritonExportError) as work:
+        built = [_write_backend(work, names[backend], backend, arts, plans, opts, log) for backend in backends]
+
+        def may_replace(dst: Path) -> None:
+            if not opts.force:
+                raise TritonExportError(f"{dst} appeared while exporting (pass --force to replace)")
+
+        publish([(work / name, repo / name) for name in built], may_replace, repo)
     return {name: repo / name for name in built}
 
 
-def _work_prefix(repo: Path) -> str:
-    return f".{repo.name}.iia-export-{socket.gethostname()}-"
-
-
-def _work_dir(repo: Path) -> Path:
-    """A fresh folder BESIDE repo (same filesystem, so models move in by rename; never inside it, where Triton
-    would try to load it as a model), named with this host and process id; folders of the same kind left by
-    dead processes of this host (SIGKILL, power loss) are removed first."""
-    repo = repo.resolve()
-    prefix = _work_prefix(repo)
-    for stale in repo.parent.glob(glob.escape(prefix) + "*"):
-        pid = stale.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    try:
-        return Path(tempfile.mkdtemp(dir=repo.parent, prefix=f"{prefix}{os.getpid()}-"))
-    except OSError as err:
-        raise TritonExportError(f"--repo {repo}: cannot make the export's work folder beside it in {repo.parent} "
-                                f"({err.strerror})") from None
+def _write_backend(work: Path, name: str, backend: str, arts: list[_Artifact], plans: dict[str, _Artifact],
+                   opts: TritonOptions, log) -> str:
+    """work/<name>: the model folder of one backend (config checked, files copied); returns name."""
+    first = arts[0]
+    manifest = first.manifest
+    if backend == "python":
+        model_dir = _write_model(work, name, python_config(manifest, name, opts), manifest, opts)
+        _python_files(first, model_dir / str(opts.version))
+    else:
+        files = {cc: f"model_{cc}.plan" for cc in plans} if len(plans) > 1 else {}
+        model_dir = _write_model(work, name, standard_config(manifest, name, backend, opts, files), manifest, opts)
+        version_dir = model_dir / str(opts.version)
+        if backend == "tensorrt":
+            for cc, art in plans.items():
+                copy_public(art.root / SAMPLER_PLAN, version_dir / (files.get(cc) or "model.plan"))
+        else:
+            copy_public(first.root / SAMPLER_ONNX, version_dir / "model.onnx")
+            if SAMPLER_ONNX_DATA in manifest["files"]:  # keeps the name the graph refers to
+                copy_public(first.root / SAMPLER_ONNX_DATA, version_dir / SAMPLER_ONNX_DATA)
+    log(f"  {name}: {config_summary(model_dir / 'config.pbtxt')}")
+    return name
 
 
 def _python_files(art: _Artifact, version_dir: Path) -> None:
     """model.py (the template) + artifact/ (manifest.json and every file it lists, hashes re-checked at load)."""
-    _copy(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
+    copy_public(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
     target = version_dir / "artifact"
     target.mkdir()
     for name in [MANIFEST, *art.manifest["files"]]:
-        _copy(art.root / name, target / name)
-
-
-def _publish(work: Path, repo: Path, names: list[str], force: bool) -> None:
-    """Move each finished model dir into repo; a replaced model is renamed aside first and removed after."""
-    for name in names:
-        public_mode(work / name, directory=True)
-        for sub in (work / name).rglob("*"):
-            if sub.is_dir():
-                public_mode(sub, directory=True)
-    old = work / ".replaced"
-    old.mkdir()
-    moved: list[str] = []
-    try:
-        for name in names:
-            if (repo / name).exists():
-                if not force:
-                    raise TritonExportError(f"{repo / name} appeared while exporting (pass --force to replace)")
-                os.replace(repo / name, old / name)
-            os.replace(work / name, repo / name)
-            moved.append(name)
-    except BaseException:
-        for name in moved:  # put back what was there before
-            os.replace(repo / name, work / name)
-        for name in os.listdir(old):
-            os.replace(old / name, repo / name)
-        raise
+        copy_public(art.root / name, target / name)
 
 
 def config_summary(path: Path) -> str:

@@ -59,19 +59,22 @@ def _accuracy(argv=None) -> int:
     return 0
 
 
-# CalibrationOptions fields only a fit reads (the test noise's --seed, --schedule and the reference's
-# --reference-steps serve base solvers too)
-FIT_ONLY = ("M", "r", "batch", "first_step", "fine_solver", "ridge", "guard", "holdout")
+# Roles of CalibrationOptions only a fit reads (here --seed, role "seed", draws the test noise, and
+# --reference-steps, role "reference", sets the test's reference: they serve base solvers too)
+FIT_ONLY = ("fit", "research", "guard")
 
 
 def _refuse_fit_flags_without_a_fit(parser, given: set[str], solvers) -> None:
     """--M and the like set IIA fits: with only base solvers listed they would be ignored, so refuse them
     (`given`: the dests the command line set, iia.cli.given_options)."""
+    from iia.calibration.fit import CalibrationOptions
     from iia.calibration.solvers import get_solver
+    from iia.cli import with_role
 
     if any(get_solver(s).fitted for s in solvers):
         return
-    flags = [a.option_strings[0] for a in parser._actions if a.dest in FIT_ONLY and a.dest in given]
+    fit_only = with_role(CalibrationOptions, *FIT_ONLY)
+    flags = [a.option_strings[0] for a in parser._actions if a.dest in fit_only and a.dest in given]
     if flags:
         raise ValueError(f"--solvers {','.join(solvers)} fits nothing: {', '.join(flags)} "
                          f"{'does' if len(flags) == 1 else 'do'} not apply (they set IIA fits)")

@@ -283,14 +283,16 @@ class ProgressBar:
 
 
 def option(default, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), lo=None, hi=None,
-           choices=None, cli: bool = True, parse: Callable[[str], object] | None = None):
+           choices=None, cli: bool = True, parse: Callable[[str], object] | None = None, role: str | None = None):
     """A dataclass field carrying its command-line form (flag and aliases, help, bounds lo..hi inclusive,
     choices; cli=False: settable from Python only). parse: argparse type of a list option (int_list,
-    str_list): bounds and choices then apply to each element."""
+    str_list): bounds and choices then apply to each element. role: what the option sets (e.g. "fit",
+    "guard", "search", "engine"; each options class lists its roles), read by the policies that refuse a
+    flag the chosen path would ignore (`with_role`)."""
     from dataclasses import field
 
     meta = {"help": help, "flag": flag, "aliases": aliases, "lo": lo, "hi": hi, "choices": choices, "cli": cli,
-            "parse": parse}
+            "parse": parse, "role": role}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -298,6 +300,14 @@ def option(default, help: str, *, flag: str | None = None, aliases: tuple[str, .
 
 def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def with_role(cls, *roles: str) -> tuple[str, ...]:
+    """Names of the `option` fields of dataclass `cls` (or of an instance) whose role is one of `roles`, in
+    declaration order."""
+    import dataclasses
+
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("role") in roles)
 
 
 def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None,

@@ -79,6 +79,7 @@ MAX_MANIFEST_BYTES = 4 << 20
 MAX_COEFFICIENTS_BYTES = 64 << 20
 MAX_LISTED_BYTES = 1 << 40  # a listed file's "bytes" above this is absurd
 MAX_FILES = 64  # entries of "files"
+MAX_STATIC_BATCHES = 64  # entries of "static_batches" (iia-compile --static-batch refuses more)
 MAX_RANK, MAX_DIM, MAX_ELEMENTS = 4, 1 << 16, 1 << 28  # sample_shape: rank, each dimension, their product
 MAX_LABEL_DIM = 1 << 20
 MAX_BATCH = 1 << 16
@@ -250,7 +251,7 @@ def check_manifest(data, path="manifest.json") -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in sigmas)):
         raise ArtifactError(f"{path}: field 'sigmas' must be a list of finite numbers, got {_short(sigmas)}")
     static = data.get(STATIC_BATCHES, [])
-    if not isinstance(static, list) or len(static) > 64 or not all(
+    if not isinstance(static, list) or len(static) > MAX_STATIC_BATCHES or not all(
             _is_int(b) and 1 <= b <= data["max_batch"] for b in static):
         raise ArtifactError(f"{path}: field '{STATIC_BATCHES}' must be a list of batch sizes in 1..max_batch "
                             f"{data['max_batch']}, got {_short(static)}")

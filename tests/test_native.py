@@ -78,7 +78,7 @@ def artifacts(tmp_path_factory):
     make_edm_pickle(root / "edm.pkl", kind="edm-cond")
     quiet = lambda text: None  # noqa: E731
     compile_model(str(root / "edm.pkl"), root / "edm", opts(nfe=5, solver="edm"), log=quiet)
-    compile_model("digits", root / "digits", opts(nfe=9), log=quiet)
+    compile_model("digits", root / "digits", opts(nfe=9, solver="iia-edm"), log=quiet)
     compile_model(gaussian_mixture(shape=(1, 4, 4), components=3), root / "uncond", opts(nfe=5, solver="edm"), log=quiet)
     compile_model(gaussian_mixture(shape=(3,), components=2), root / "vector", opts(nfe=5, solver="edm"), log=quiet)
     # the EDM pickle again with ONNX Runtime sessions specialised for batch 1 and 3 (manifest static_batches)

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ from edm_fixtures import PersistentStub, dump_edm_style
 
 from iia.calibration import artifact
 from iia.calibration.fit import CalibrationOptions
-from iia.compiler.build import CompileError, CompileOptions, _publish, compile_model
+from iia.compiler.build import CompileError, CompileOptions, compile_model, publish_artifact
+from iia.compiler.cache import seal
 from iia.compiler.cli import main as compile_main
 from iia.evaluation.cli import accuracy_main, bench_main
 from iia.evaluation.quality import main as quality_main
@@ -235,7 +237,7 @@ def test_force_refuses_what_is_not_an_artifact(tmp_path):
 
 
 def test_force_replace_is_atomic_and_restores_on_interrupt(art, tmp_path, monkeypatch):
-    import iia.compiler.build as build
+    import iia.compiler.publish as publish
 
     out = tmp_path / "a"
     shutil.copytree(art, out)
@@ -244,11 +246,11 @@ def test_force_replace_is_atomic_and_restores_on_interrupt(art, tmp_path, monkey
     work = tmp_path / ".a.building-x"
     shutil.copytree(art, work)
     (work / "marker").write_text("new")
-    _publish(work, out, force=True)
+    publish_artifact(work, out, force=True)
     assert (out / "marker").read_text() == "new" and not work.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
     # fallback path, Ctrl-C on the second rename: the old artifact is put back, nothing stranded
-    monkeypatch.setattr(build, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(publish, "exchange", lambda a, b: False)
     work = tmp_path / ".a.building-y"
     shutil.copytree(art, work)
     real_replace, calls = os.replace, []
@@ -259,17 +261,17 @@ def test_force_replace_is_atomic_and_restores_on_interrupt(art, tmp_path, monkey
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(build.os, "replace", replace)
+    monkeypatch.setattr(publish.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        _publish(work, out, force=True)
-    monkeypatch.setattr(build.os, "replace", real_replace)
+        publish_artifact(work, out, force=True)
+    monkeypatch.setattr(publish.os, "replace", real_replace)
     assert (out / "marker").read_text() == "new" and (out / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.building-y", "a"]  # compile_model removes its work dir
 
 
 def test_sigterm_cleans_up_and_stale_build_dirs_are_removed(tmp_path):
     out = tmp_path / "t"
-    dead = tmp_path / ".t.building-999999999-abc"  # a pid no process can have
+    dead = tmp_path / f".t.building-{socket.gethostname()}-999999999-abc"  # a pid no process can have
     dead.mkdir()
     (dead / "sampler.onnx").write_bytes(b"partial")
     code = ("import sys\nfrom iia.compiler.cli import main\n"
@@ -278,9 +280,9 @@ def test_sigterm_cleans_up_and_stale_build_dirs_are_removed(tmp_path):
     env = dict(os.environ, IIA_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not list(tmp_path.glob(f".t.building-{proc.pid}-*")) and time.time() < deadline and proc.poll() is None:
+    while not list(tmp_path.glob(f".t.building-*-{proc.pid}-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    assert list(tmp_path.glob(f".t.building-{proc.pid}-*")), "the compile never started building"
+    assert list(tmp_path.glob(f".t.building-*-{proc.pid}-*")), "the compile never started building"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -388,10 +390,11 @@ def test_nan_coefficients_refused_and_bad_cache_entry_recomputed(tmp_path):
     opts = dict(solver="iia-edm", nfe=5, force=True, max_batch=MAX_BATCH, engine=False, calibration=calib,
                 cache_dir=str(tmp_path / "cache"))
     compile_model(denoiser, tmp_path / "a", CompileOptions(**opts), log=quiet)
-    (entry,) = (tmp_path / "cache" / "coefficients").iterdir()
+    (entry,) = (tmp_path / "cache" / "coefficients").glob("*.json")
     data = json.loads(entry.read_text())
     data["steps"][1]["coefficients"][0] = float("nan")
     entry.write_text(json.dumps(data))  # json writes NaN, as a corrupted entry could hold
+    seal(entry)  # its digest recorded too (a bad writer): the content checks still refuse it
     with pytest.raises(ArtifactError, match=f"{entry.name}.*NaN is not a JSON number"):  # strict JSON
         compile_model(denoiser, tmp_path / "b", CompileOptions(**{**opts, "calibration": CalibrationOptions()},
                                                                coefficients=str(entry)), log=quiet)
@@ -400,6 +403,13 @@ def test_nan_coefficients_refused_and_bad_cache_entry_recomputed(tmp_path):
     assert any("dropping unusable cached coefficients, recalibrating" in line and "NaN" in line for line in logs)
     fresh = json.loads(entry.read_text())
     assert all(math.isfinite(c) for s in fresh["steps"] for c in s["coefficients"])  # recomputed and re-cached
+    assert any(line.strip().startswith("calibrated in") for line in logs)
+    # changed after it was written (digest not re-recorded): dropped for its digest, recalibrated
+    entry.write_text(entry.read_text().replace("0", "1", 1))
+    logs = []
+    compile_model(denoiser, tmp_path / "b", CompileOptions(**opts), log=logs.append)
+    assert any("dropping unusable cached coefficients, recalibrating" in line and str(entry) in line
+               and "sha256 differs" in line for line in logs)
     assert any(line.strip().startswith("calibrated in") for line in logs)
 
 

@@ -42,7 +42,7 @@ def artifacts(tmp_path_factory):
     out = {}
     for key, config in MODELS.items():
         compile_model(gaussian_mixture(**config), root / key,
-                      CompileOptions(nfe=NFE, force=True, max_batch=MAX_BATCH, engine=False,
+                      CompileOptions(nfe=NFE, solver="iia-edm", force=True, max_batch=MAX_BATCH, engine=False,
                                      cache_dir=str(root / "cache"), calibration=calib),
                       log=lambda text: None)
         out[key] = root / key

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from iia.compiler import triton  # noqa: E402
 from iia.compiler.build import CompileOptions, compile_model  # noqa: E402
+from iia.compiler.publish import work_prefix  # noqa: E402
 from iia.compiler.triton import TritonExportError, TritonOptions, export_repository, parse_config  # noqa: E402
 from iia.evaluation import triton_server  # noqa: E402
 from iia.evaluation.triton_server import LocalTritonServer, TritonUnavailable, wheel_paths  # noqa: E402
@@ -151,7 +152,7 @@ def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, 
 
     def boom(*args):  # mid-export: the work folder lies BESIDE the repo (Triton would load a folder inside it)
         assert [p.name for p in repo.iterdir()] == ["d_python"]
-        assert len(list(tmp_path.glob(".repo.iia-export-*"))) == 1
+        assert len(list(tmp_path.glob(f"{work_prefix(repo)}*"))) == 1
         raise OSError("disk full (injected)")
 
     monkeypatch.setattr(triton, "_python_files", boom)
@@ -177,7 +178,7 @@ def test_sigterm_and_stale_work_folders_leave_the_repository_clean(artifacts, tm
     repo = tmp_path / "repo"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    prefix = triton._work_prefix(repo.resolve())
+    prefix = work_prefix(repo)
     stale, live = tmp_path / f"{prefix}{dead.pid}-abc", tmp_path / f"{prefix}{os.getpid()}-abc"
     for folder in (stale, live):
         (folder / "m" / "1").mkdir(parents=True)  # what a SIGKILLed export leaves

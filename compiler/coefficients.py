@@ -1,0 +1,101 @@
+"""Where a compile's coefficients come from: a coefficient file, the base solver, the cache, a calibration or
+the auto search (both cached through `cache.get_or_make`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from iia.calibration import artifact
+from iia.calibration.fit import CalibrationResult, calibrate
+from iia.calibration.sampling import program_for
+from iia.calibration.solvers import Program, build_program, get_solver
+from iia.runtime.contract import MAX_COEFFICIENTS_BYTES
+
+from .cache import cache_dir, coefficients_key, get_or_make
+from .options import CompileOptions, is_set
+
+UNGUARDED = "unguarded: the fit was never checked against its base solver on held-out noise"
+
+
+def guard_summary(guard: dict) -> str:
+    """The held-out guard's verdict in one phrase (compile log)."""
+    return f"held-out rmse base {guard['rmse_base']:.4g} -> {guard['rmse_chosen']:.4g} ({guard['decision']})"
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()  # as write_json_atomic writes it
+
+
+def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, say_guard: bool = True):
+    """(data, program, how) from the coefficient cache entry `key`, else from `make()` -> (data, program, how);
+    `check(data, path)` rebuilds and checks the cached entry's Program."""
+    path = cache_dir(opts.cache_dir) / "coefficients" / key
+
+    def load(_, path: Path):
+        data = artifact.read(path)  # schema and version (the bytes were verified against their digest)
+        how = f"cached {path}" + (f"; {guard_summary(data['guard'])}" if say_guard and data.get("guard") else "")
+        return data, check(data, path), how
+
+    return get_or_make(path, make, load, lambda made: _json_bytes(made[0]), log, limit=MAX_COEFFICIENTS_BYTES,
+                       what="cached coefficients", redo=redo)
+
+
+def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=None) -> tuple[dict, Program, str]:
+    """Coefficient artifact data, its checked Program, and where it came from: --coefficients, the cache, the
+    base solver, or a fresh calibration."""
+    nfe = opts.nfe
+    if opts.coefficients:
+        return _from_file(denoiser, solver, opts, log)
+    if solver == "auto":
+        return _auto_coefficients(denoiser, opts, log)
+    if not get_solver(solver).fitted:
+        base = program_for(denoiser, solver, nfe, opts.calibration.r, opts.calibration.schedule)
+        result = CalibrationResult(base, base, base, opts.calibration)
+        return artifact.to_dict(result, denoiser, nfe), base, "base solver (nothing to fit)"
+
+    def make():
+        result = calibrate(denoiser, solver, nfe, opts.calibration, progress=progress)
+        return (artifact.to_dict(result, denoiser, nfe), result.program,
+                f"calibrated in {result.seconds:.1f} s; {guard_summary(result.guard)}")
+
+    key = coefficients_key(denoiser, solver, nfe, opts.calibration.resolved(denoiser))
+    return _cached(key, make, lambda data, path: artifact.program_from_dict(
+        data, denoiser, nfe, solver, source=str(path)), opts, log, "recalibrating")
+
+
+def _from_file(denoiser, solver, opts: CompileOptions, log) -> tuple[dict, Program, str]:
+    """--coefficients FILE: read, checked against the model/NFE/solver; an unguarded fit is said so."""
+    data = artifact.read(opts.coefficients)
+    program = artifact.program_from_dict(data, denoiser, opts.nfe, None if solver == "auto" else solver,
+                                         source=opts.coefficients)
+    how = f"from {opts.coefficients}"
+    base = build_program(program.solver, program.sigmas, program.r)
+    if program.coefficients() != base.coefficients() and not data.get("guard"):
+        # iia-calibrate --no-guard: the user's choice, shipped as such, but never silently
+        how += f"; {UNGUARDED}"
+        log(f"  warning: {opts.coefficients} has no held-out guard record (iia-calibrate --no-guard, or written "
+            f"by hand): {UNGUARDED}")
+    return data, program, how
+
+
+def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:
+    from iia.calibration.search import SearchOptions, auto_search, format_table, to_calibration_result
+
+    # the search's own default (calibration batch 512 analytic / 128 networks) unless --calib-batch is set
+    batch = opts.calibration.batch if is_set(opts, "batch") else None
+    search = SearchOptions(budget_s=opts.budget_s, r=opts.calibration.r, batch=batch)
+
+    def make():
+        result = auto_search(denoiser, opts.nfe, search, opts.calibration, log=log)
+        log(format_table(result.table))
+        data = artifact.to_dict(to_calibration_result(result, opts.calibration, search, denoiser), denoiser, opts.nfe)
+        g = data["guard"]
+        return data, result.program, (
+            f"auto search in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}); "
+            f"shipped {result.chosen.label}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base {g['rmse_base']:.4g}), "
+            f"median {g['median_chosen']:.4g} (base {g['median_base']:.4g})")
+
+    key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser), {"search": repr(vars(search))})
+    return _cached(key, make, lambda data, path: artifact.program_from_dict(
+        data, denoiser, opts.nfe, source=str(path)), opts, log, "searching again", say_guard=False)

@@ -1,0 +1,381 @@
+"""The stages of `compile_model`, in order: load -> coefficients -> export -> optimize -> emit -> verify ->
+engine -> manifest -> publish. Each is a function of the records before it, logs its own time (`iia.cli.stage`)
+and returns a small frozen record; nothing else passes between stages."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from iia.calibration import artifact
+from iia.calibration.solvers import Denoise, Program
+from iia.cli import stage
+from iia.models.base import Denoiser
+from iia.models.decode import decode_param_bytes
+from iia.models.registry import load as load_model
+from iia.models.registry import resolve_model
+from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS,
+                                  IMAGES_U8, MANIFEST, MAX_MANIFEST_BYTES, PROGRAM, SAMPLER_ONNX, SAMPLER_ONNX_DATA,
+                                  SAMPLER_PLAN, SCHEMA, STATIC_BATCHES, ArtifactError, graph_metadata, io_spec,
+                                  make_manifest, open_regular, sha256_file, tensorrt_unavailable_reason,
+                                  write_json_atomic)
+from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
+
+from .cache import cache_dir, default_cache_dir, export_cache_key, get_or_make
+from .check import check_model, check_parity, check_static_batches, check_weight_sharing
+from .coefficients import UNGUARDED, obtain_coefficients
+from .emit import DECODE_PREFIX, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
+from .export import export_decoder, export_denoiser
+from .fold import plan_folding
+from .options import CompileError, CompileOptions
+from .publish import publish
+from .rewrite import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every stage may read: the options, the work folder, the log, the stage timings (filled in)."""
+
+    opts: CompileOptions
+    work: Path
+    log: Callable[[str], None]
+    progress: Callable | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    denoiser: Denoiser
+    decode: object | None  # the decode stage (iia.models.decode), None for none
+    engine_skipped: str | None  # why no TensorRT engine is built; None: one is
+    cacheable: bool  # loaded here from a path: a Denoiser passed in may change under the same identity
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    data: dict  # coefficients.json
+    program: Program
+    how: str  # where they came from (the manifest's coefficients_source)
+    sha256: str  # of coefficients.json as written
+
+
+@dataclass(frozen=True)
+class Exported:
+    denoiser: onnx.ModelProto
+    decoder: onnx.ModelProto | None
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Emitted:
+    sampler: onnx.ModelProto
+    files: tuple[str, ...]
+    weights: dict  # check_weight_sharing's record
+
+
+@dataclass(frozen=True)
+class Verified:
+    parity: dict
+    static_parity: dict[int, float]
+
+
+@dataclass(frozen=True)
+class Engine:
+    record: dict  # the manifest's "engine"
+    files: tuple[str, ...]
+
+
+# ---- load -----------------------------------------------------------------------------------------------
+def load_for_compile(model, opts: CompileOptions) -> Denoiser:
+    """The model with the options' guidance and VAE applied."""
+    for name in ("guidance", "cfg"):
+        value = getattr(opts, name)
+        if value is not None and not math.isfinite(value):
+            raise CompileError(f"--{name} must be a finite number, got {value}")
+    if isinstance(model, Denoiser):
+        if opts.vae is not None:
+            raise CompileError("--vae applies when the model is given as a path, not as a Denoiser object")
+        if opts.guide is None and opts.guidance is None and opts.cfg is None:
+            return model
+        from iia.models.guidance import guided
+
+        guide = None if opts.guide is None else resolve_model(opts.guide, opts.x0_clipping)
+        return guided(model, guide, opts.guidance, opts.cfg)
+    return load_model(model, opts.x0_clipping, guide=opts.guide, guidance=opts.guidance, cfg=opts.cfg, vae=opts.vae)
+
+
+def load(model, job: Job) -> Loaded:
+    """The model, its decode stage (a latent model's VAE checked before any export) and the engine decision."""
+    opts, log = job.opts, job.log
+    with stage("load model", job.timings, log):
+        denoiser = load_for_compile(model, opts)
+    log(f"  {denoiser.describe()}")
+    for line in denoiser.report:
+        log(f"  {line}")
+    decode = denoiser.decode_stage()
+    if decode is not None and denoiser.is_latent and not decode.has_vae:
+        raise CompileError(decode.missing_vae_message())
+    vae = getattr(decode, "vae", None)
+    if vae is not None and int(vae.config.latent_channels) != denoiser.shape[0]:  # before an export that would fail
+        raise CompileError(f"VAE {getattr(decode, 'vae_path', None) or getattr(decode, 'vae_name', '')}: "
+                           f"latent_channels {int(vae.config.latent_channels)}, but the model's latents have "
+                           f"{denoiser.shape[0]} channels")
+    if decode is not None:
+        log(f"  decode stage ({decode.kind}): {decode.describe()['formula']}")
+    if denoiser.identity.get("guidance"):
+        log(f"  guidance: {denoiser.identity['guidance']['formula']}; IIA is calibrated at this value")
+    if denoiser.identity.get("sha256"):
+        log(f"  sha256 {denoiser.identity['sha256']}")
+    reason = tensorrt_unavailable_reason() if opts.engine else "--no-engine given"
+    if opts.precision != "fp32" and reason:
+        log(f"  --precision {opts.precision} applies to the TensorRT engine, which is skipped ({reason}); "
+            f"the ONNX graph is fp32")
+    return Loaded(denoiser, decode, reason, cacheable=not isinstance(model, Denoiser))
+
+
+# ---- coefficients ---------------------------------------------------------------------------------------
+def coefficients(loaded: Loaded, job: Job) -> Coefficients:
+    """The sampler's coefficients (see compiler.coefficients), written to coefficients.json."""
+    denoiser = loaded.denoiser
+    with stage("coefficients", job.timings, job.log):
+        data, program, how = obtain_coefficients(denoiser, job.opts.solver, job.opts, job.log, job.progress)
+        job.log(f"  {how}")
+        if float(program.sigmas[0]) < denoiser.sigma_max * (1 - 1e-9):
+            job.log(f"  starts at sigma_0 = {float(program.sigmas[0]):.4g} * noise, below the model's sigma_max "
+                    f"{denoiser.sigma_max:.4g}: the schedule's first time step")
+        sha = write_json_atomic(job.work / COEFFICIENTS, data)
+    return Coefficients(data, program, how, sha)
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None, cache: Path, log) -> onnx.ModelProto | None:
+    """`export()` (an ONNX model or None) through the cache entry `cache/exports/key` (`get_or_make`: checked
+    against its recorded digest, then parsed and checked by onnx); models over protobuf's 2 GB are not cached."""
+
+    def read(data: bytes, path: Path) -> onnx.ModelProto:
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model)
+        log(f"  reused the cached export {path}")
+        return model
+
+    return get_or_make(cache / "exports" / key if key else None, export, read,
+                       lambda model: None if model is None else model.SerializeToString(), log,
+                       limit=EXTERNAL_DATA_THRESHOLD, what="cached export", redo="exporting again")
+
+
+def export(loaded: Loaded, job: Job) -> Exported:
+    """denoiser.onnx and, for a model with a decode stage, decoder.onnx (both through the export cache)."""
+    denoiser, max_batch, cache = loaded.denoiser, job.opts.max_batch, cache_dir(job.opts.cache_dir)
+
+    def key(what: str) -> str | None:
+        return export_cache_key(denoiser, what, max_batch) if loaded.cacheable else None
+
+    with stage("export denoiser", job.timings, job.log):
+        model = cached_export(lambda: export_denoiser(denoiser, max_batch), key("denoiser"), cache, job.log)
+        onnx.save_model(model, str(job.work / DENOISER_ONNX))
+        decoder = cached_export(lambda: export_decoder(denoiser, max_batch), key("decoder"), cache, job.log)
+        if decoder is not None:
+            onnx.save_model(decoder, str(job.work / DECODER_ONNX))
+    return Exported(model, decoder, (DENOISER_ONNX,) + ((DECODER_ONNX,) if decoder is not None else ()))
+
+
+# ---- optimize -------------------------------------------------------------------------------------------
+def optimize(loaded: Loaded, coefs: Coefficients, exported: Exported, job: Job):
+    """The folding plan (conditioning values from sigma and class labels, the denoiser rewrites)."""
+    with stage("optimize", job.timings, job.log):
+        plan = plan_folding(exported.denoiser, [op.sigma for op in coefs.program.ops() if isinstance(op, Denoise)],
+                            loaded.denoiser.label_dim)
+        job.log(f"  conditioning (sigma, class labels) folded {plan.summary}")
+        job.log(f"  denoiser rewrites (in the sampler graph): {plan.rewrites}")
+    return plan
+
+
+# ---- emit -----------------------------------------------------------------------------------------------
+def stamp_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Set ONNX metadata_props entries (others kept): what load() compares with the manifest."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        entry = existing.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Save; graphs over 2 GB keep their tensors in `<name>.data` beside the model. Returns file names."""
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        location = SAMPLER_ONNX_DATA if path.name == SAMPLER_ONNX else path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+        return [path.name, location]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def emit(loaded: Loaded, coefs: Coefficients, exported: Exported, plan, job: Job) -> Emitted:
+    """sampler.onnx: the whole sampler around the exported denoiser (and decode stage), checked, stamped with
+    the metadata load() compares, its weight sharing checked."""
+    denoiser, decoder, opts, log = loaded.denoiser, exported.decoder, job.opts, job.log
+    program = coefs.program
+    with stage("emit sampler graph", job.timings, log):
+        emit_graph = emit_sampler_loop if opts.graph == "loop" else emit_sampler
+        sampler = emit_graph(program, exported.denoiser, denoiser.shape, denoiser.conditional, decoder_model=decoder,
+                             latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan)
+        check_model(sampler)
+        if decoder is not None:  # emit rewrote the decode stage's small convolutions too
+            emitted = sum(n.op_type == "ConvTranspose" and n.name.startswith(DECODE_PREFIX) for n in sampler.graph.node)
+            transposed = emitted - sum(n.op_type == "ConvTranspose" for n in decoder.graph.node)
+            if transposed:
+                log(f"  decode stage rewrites: {transposed} small convolutions as ConvTranspose")
+        stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
+                                                "sample_shape": list(denoiser.shape)}))
+        decoder_bytes = 0 if decoder is None else initializer_bytes(decoder)
+        weights = check_weight_sharing(sampler, initializer_bytes(exported.denoiser) + decoder_bytes,
+                                       denoiser.param_bytes() + decode_param_bytes(loaded.decode), opts.weight_limit)
+        files = save_onnx(sampler, job.work / SAMPLER_ONNX)
+        log(f"  {opts.graph} graph, {program.nfe} denoiser calls, {len(sampler.graph.node)} top-level nodes, stored "
+            f"tensors {weights['ratio']:.4f}x one denoiser call, {weights['ratio_vs_params']:.4f}x its parameters "
+            f"(+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
+    return Emitted(sampler, tuple(files), weights)
+
+
+# ---- verify ---------------------------------------------------------------------------------------------
+def verify(loaded: Loaded, coefs: Coefficients, exported: Exported, static: list[int], job: Job) -> Verified:
+    """Parity of sampler.onnx (ONNX Runtime CPU) with the PyTorch interpreter (writing the golden files), then
+    each static batch size against the dynamic graph."""
+    work, log = job.work, job.log
+    with stage("parity vs PyTorch", job.timings, log):
+        parity = check_parity(str(work / SAMPLER_ONNX), coefs.program, loaded.denoiser, atol=job.opts.parity_atol,
+                              golden_dir=work, decode=exported.decoder is not None)
+        decoded_note = (f", images_uint8 within +-1 level: {parity['images_uint8_within_1']:.4%}"
+                        if "images_uint8_within_1" in parity else "")
+        log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}"
+            f"{decoded_note}")
+    static_parity = {}
+    if static:
+        with stage("static batches", job.timings, log):
+            static_parity = check_static_batches(str(work / SAMPLER_ONNX), static, loaded.denoiser, parity["tolerance"])
+            log("  specialised for batch " + ", ".join(f"{b} (max abs vs dynamic {d:.3g})"
+                                                      for b, d in static_parity.items()))
+    return Verified(parity, static_parity)
+
+
+# ---- engine ---------------------------------------------------------------------------------------------
+def engine(loaded: Loaded, emitted: Emitted, job: Job) -> Engine:
+    """The TensorRT plan of sampler.onnx where TensorRT and a GPU exist (else the reason it was skipped)."""
+    opts, denoiser = job.opts, loaded.denoiser
+    record = {"built": False, "reason": loaded.engine_skipped, "precision": opts.precision}
+    files: tuple[str, ...] = ()
+    if loaded.engine_skipped is None:
+        with stage("tensorrt engine", job.timings, job.log):
+            plan = EnginePlan(sampler_inputs(denoiser.shape, denoiser.conditional), precision=opts.precision,
+                              max_batch=opts.max_batch, opt_batch=min(8, opts.max_batch),
+                              fp32_layers=fp32_layer_names(emitted.sampler) if opts.precision != "fp32" else [],
+                              timing_cache=str(default_cache_dir() / "timing.cache"))
+            try:
+                _, built = build_engine(str(job.work / SAMPLER_ONNX), plan, str(job.work / SAMPLER_PLAN))
+                record.update(built, built=True, reason=None)
+                files = (SAMPLER_PLAN,)
+            except EngineUnavailable as err:
+                record["reason"] = str(err)
+            except Exception as err:  # TensorRT's parser/builder errors: name the graph form, which is a choice
+                if opts.graph != "loop":
+                    raise
+                raise CompileError(f"TensorRT could not build the loop-form graph ({type(err).__name__}: {err}); "
+                                   f"compile with --graph unrolled") from None
+    if not record["built"]:
+        job.log(f"  TensorRT engine skipped: {record['reason']}")
+    return Engine(record, files)
+
+
+# ---- manifest -------------------------------------------------------------------------------------------
+def guidance_record(denoiser: Denoiser) -> dict | None:
+    """What the manifest says about guidance: the settings, and that the coefficients were fitted with them."""
+    settings = denoiser.identity.get("guidance")
+    if not settings:
+        return None
+    return dict(settings, note="the sampler's coefficients were calibrated on this guided denoiser; they hold "
+                               "for this guidance value (recompile to change it)")
+
+
+def write_manifest(loaded: Loaded, coefs: Coefficients, exported: Exported, emitted: Emitted, verified: Verified,
+                   built: Engine, static: list[int], job: Job) -> dict:
+    """manifest.json (iia.runtime.contract.make_manifest) over every file in the work folder; returns it."""
+    denoiser, program, work, opts = loaded.denoiser, coefs.program, job.work, job.opts
+    inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim,
+                              None if exported.decoder is None else decoded_shape(exported.decoder), denoiser.is_latent)
+    names = [*emitted.files, *built.files, *exported.files, COEFFICIENTS, PROGRAM, GOLDEN_INPUTS, GOLDEN_OUTPUTS]
+    search = coefs.data.get("search")
+    manifest = make_manifest(
+        model=artifact.model_identity(denoiser), solver=program.solver, nfe=program.nfe, r=program.r,
+        sigmas=list(program.sigmas), sample_shape=list(denoiser.shape), graph=opts.graph,
+        label_dim=denoiser.label_dim, max_batch=opts.max_batch,
+        **({STATIC_BATCHES: static, "static_parity": {str(b): d for b, d in verified.static_parity.items()}}
+           if static else {}),
+        guidance=guidance_record(denoiser),
+        decode=None if loaded.decode is None else loaded.decode.describe(),
+        inputs=inputs, outputs=outputs,
+        files={name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size} for name in names},
+        coefficients_sha256=coefs.sha256, coefficients_source=coefs.how,
+        guard=coefs.data.get("guard") or ({"decision": UNGUARDED} if UNGUARDED in coefs.how else {}),
+        **({"search": {k: search[k] for k in ("chosen", "seconds", "timings_s", "candidates")}} if search else {}),
+        parity=verified.parity, weights=emitted.weights, engine=built.record, timings_s=job.timings,
+        versions=artifact.library_versions(),
+        golden={"inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS,
+                "check": f"polygraphy run {SAMPLER_ONNX} --trt --load-inputs {GOLDEN_INPUTS} "
+                         f"--load-outputs {GOLDEN_OUTPUTS} --atol 1e-3 {IMAGES_U8}:1 --rtol 0"},
+    )
+    write_json_atomic(work / MANIFEST, manifest)
+    return manifest
+
+
+# ---- publish --------------------------------------------------------------------------------------------
+def is_artifact_dir(path: Path) -> bool:
+    """True for a directory holding an iia artifact manifest (its schema field), or an empty directory."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        if not any(path.iterdir()):
+            return True
+        with open_regular(path / MANIFEST, MAX_MANIFEST_BYTES) as f:
+            data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, ArtifactError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
+    '.', '..', the working directory or one of its parents, a file, a symlink, or a directory of anything
+    else is refused (CompileError naming it)."""
+    if out.name in ("", ".", ".."):
+        raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise CompileError(f"--out {out}: is the working directory or one of its parents")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise CompileError(f"output directory {out} exists: pass --force to replace it")
+    if not is_artifact_dir(out):
+        what = "a symlink" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not an iia artifact"
+        raise CompileError(f"--force refuses to replace {out}: it is {what} (no manifest.json of schema {SCHEMA}); "
+                           f"remove it yourself or choose another --out")
+
+
+def publish_artifact(work: Path, out: Path, force: bool) -> None:
+    """Move the finished `work` folder to `out` (compiler.publish.publish: an existing artifact swapped out
+    atomically where the filesystem allows, else restored if the second rename fails)."""
+
+    def may_replace(dst: Path) -> None:
+        if not force:
+            raise CompileError(f"{dst} appeared while compiling; pass --force to replace it")
+        if not is_artifact_dir(dst):
+            raise CompileError(f"--force refuses to replace {dst}: it is not an iia artifact (it appeared while "
+                               f"compiling)")
+
+    publish([(work, out)], may_replace, out)
