@@ -30,7 +30,8 @@ import numpy as np
 from iia.runtime.contract import (DECODER_ONNX, DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_ONNX,
                                   DENOISER_SIGMA, DENOISER_X, IMAGES_U8, ArtifactError, read_program, read_verified)
 from iia.runtime.loop import DenoiserLoop
-from iia.runtime.onnx_backend import CUDA, OrtSession
+from iia.runtime.contract import ORT_CUDA
+from iia.runtime.onnx_backend import OrtSession
 from iia.runtime.sampler import BackendUnavailable, Sampler
 from iia.runtime.trt_backend import TENSORRT
 
@@ -81,7 +82,7 @@ class Skipped(Runner):
 
 def device_of(sampler: Sampler) -> str:
     """"cuda" for the GPU backends (TensorRT, ONNX Runtime CUDA), else "cpu"."""
-    return "cuda" if sampler.backend in (TENSORRT, CUDA) else "cpu"
+    return "cuda" if sampler.backend in (TENSORRT, ORT_CUDA) else "cpu"
 
 
 class GraphRunner(Runner):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contract import (DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, LABELS, NOISE, gpu_compute_capability,
-                       tensorrt_unavailable_reason)
+from .contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, LABELS, NOISE
+from .devices import gpu_compute_capability, tensorrt_unavailable_reason
 
 # fp16 overflow points of diffusion nets (normalisation statistics, pow): kept in fp32 under fp16/bf16
 NORMALIZATION_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization", "ReduceMean", "Pow")
@@ -109,7 +109,7 @@ def build_engine(onnx_path: str, plan: EnginePlan, engine_path: str | None = Non
     config = CreateConfig(profiles=[profile], **plan.config_kwargs())
     data = bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=plan.timing_cache)())
     if engine_path is not None:
-        from .contract import atomic_open
+        from .files import atomic_open
 
         with atomic_open(engine_path) as f:
             f.write(data)

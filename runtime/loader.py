@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import (BACKENDS, MAX_THREADS, SAMPLER_ONNX, SAMPLER_ONNX_DATA, artifact_root, read_manifest,
-                       read_verified, verify_all, verify_file)
-from .onnx_backend import CUDA, OnnxRuntimeSampler, cuda_unavailable_reason
+from .contract import BACKENDS, MAX_THREADS, ORT_CUDA, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, TENSORRT
+from .manifest import artifact_root, read_manifest, read_verified, verify_all, verify_file
+from .onnx_backend import OnnxRuntimeSampler, cuda_unavailable_reason
 from .sampler import BackendUnavailable, Sampler
-from .trt_backend import PLAN, TENSORRT, TensorRTSampler, check_plan_compatible
+from .trt_backend import TensorRTSampler, check_plan_compatible
 
 
 
@@ -27,8 +27,8 @@ def _build(name: str, root: Path, manifest: dict, threads, device_id: int, verif
            spin: bool = True) -> Sampler:
     if name == TENSORRT:
         check_plan_compatible(manifest)  # checks for a CUDA device before importing tensorrt
-        return TensorRTSampler(manifest, root, read_verified(root, manifest, PLAN, verify))
-    if name == CUDA:
+        return TensorRTSampler(manifest, root, read_verified(root, manifest, SAMPLER_PLAN, verify))
+    if name == ORT_CUDA:
         reason = cuda_unavailable_reason()
         if reason:
             raise BackendUnavailable(reason)
@@ -56,12 +56,12 @@ def load(path: str | Path, backend: str = "auto", *, threads: int | None = None,
     manifest = read_manifest(root)
     # The model file a backend loads is checked as it is read (what is checked is what is loaded); the other
     # one (the plan, for an ONNX Runtime backend) after the choice, so corruption anywhere is refused.
-    model_files = tuple(name for name in (SAMPLER_ONNX, PLAN) if name in manifest["files"])
+    model_files = tuple(name for name in (SAMPLER_ONNX, SAMPLER_PLAN) if name in manifest["files"])
     if verify:
         verify_all(root, manifest, skip=model_files)
     sampler = _choose(backend, root, manifest, threads, device_id, verify, log, spin)
     if verify:
-        loaded = PLAN if sampler.backend == TENSORRT else SAMPLER_ONNX
+        loaded = SAMPLER_PLAN if sampler.backend == TENSORRT else SAMPLER_ONNX
         try:
             for name in model_files:
                 if name != loaded:

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import (BATCH_AXIS, MAX_THREADS, NO_CUDA, NOISE, ORT_CPU, ORT_CUDA, SAMPLER_ONNX, STATIC_BATCHES,
-                       ArtifactError, check_graph_metadata, cuda_device_count)
+from .contract import BATCH_AXIS, MAX_THREADS, NO_CUDA, NOISE, ORT_CPU, ORT_CUDA, SAMPLER_ONNX, STATIC_BATCHES, ArtifactError
+from .devices import cuda_device_count
+from .manifest import check_graph_metadata
 
 from .sampler import BackendUnavailable, Sampler
-
-CPU, CUDA = ORT_CPU, ORT_CUDA
 
 
 def _ort():
@@ -120,7 +119,7 @@ class OnnxRuntimeSampler(Sampler):
     def __init__(self, manifest: dict, root: Path, model: bytes | Path, device: str = "cpu",
                  threads: int | None = None, device_id: int = 0, spin: bool = True):
         super().__init__(manifest, root)
-        self.backend = CUDA if device == "cuda" else CPU
+        self.backend = ORT_CUDA if device == "cuda" else ORT_CPU
         self.threads, self.spin = threads, spin
         where = Path(root) / SAMPLER_ONNX if root is not None else SAMPLER_ONNX
         try:

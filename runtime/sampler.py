@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .contract import IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE, draw_noise
+from .contract import IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE
+from .noise import draw_noise
 
 
 class BackendUnavailable(RuntimeError):
@@ -129,6 +130,9 @@ class Sampler:
         if arr.ndim == 0:  # one id for the whole batch
             if arr.dtype.kind not in "iu":
                 raise ValueError(f"class label ids must be integers, got {class_labels!r}")
+            if not 0 <= int(arr) <= hi:  # before the int64 cast: a uint64 id past 2**63 would overflow there
+                raise ValueError(f"class label {int(arr)} out of range: this model has label_dim {self.label_dim}, "
+                                 f"expected ids in [0, {hi}]")
             arr = np.full(batch, int(arr), dtype=np.int64)
         if arr.ndim == 2:  # one-hot
             if arr.shape != (batch, self.label_dim):

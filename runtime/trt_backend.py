@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import SAMPLER_PLAN, TENSORRT, ArtifactError, gpu_compute_capability, tensorrt_unavailable_reason
+from .contract import SAMPLER_PLAN, TENSORRT, ArtifactError
+from .devices import gpu_compute_capability, tensorrt_unavailable_reason
 
 from .sampler import BackendUnavailable, Sampler
-
-PLAN = SAMPLER_PLAN
 
 
 def plan_mismatch(engine: dict, trt_version: str, capability: str | None) -> str | None:
@@ -32,7 +31,7 @@ def plan_mismatch(engine: dict, trt_version: str, capability: str | None) -> str
     built_v, built_cc = engine.get("tensorrt"), engine.get("compute_capability")
     if built_v == trt_version and built_cc == capability:
         return None
-    return (f"{PLAN} was built with TensorRT {built_v} for GPU compute capability {built_cc}, but this machine has "
+    return (f"{SAMPLER_PLAN} was built with TensorRT {built_v} for GPU compute capability {built_cc}, but this machine has "
             f"TensorRT {trt_version} and compute capability {capability}; a TensorRT plan only runs where it was "
             f"built (recompile the artifact here, or use an onnxruntime backend)")
 
@@ -49,9 +48,9 @@ def import_tensorrt():
 
 def plan_unavailable_reason(manifest: dict) -> str | None:
     engine = manifest.get("engine") or {}
-    if not engine.get("built") or PLAN not in manifest["files"]:
+    if not engine.get("built") or SAMPLER_PLAN not in manifest["files"]:
         why = engine.get("reason") or "not built"
-        return f"the artifact has no TensorRT plan ({PLAN} was not built at compile time: {why})"
+        return f"the artifact has no TensorRT plan ({SAMPLER_PLAN} was not built at compile time: {why})"
     return None
 
 
@@ -167,7 +166,7 @@ class TensorRTSampler(Sampler):
                  if name in declared and b.item_shape != declared[name]}
         if missing or wrong:
             self._engine.close()
-            raise ArtifactError(f"{root / PLAN} does not match manifest.json: " + (
+            raise ArtifactError(f"{root / SAMPLER_PLAN} does not match manifest.json: " + (
                 f"lacks tensor(s) {missing}" if missing else f"per-sample shapes {wrong}, the manifest says "
                 f"{ {n: declared[n] for n in wrong} }"))
 

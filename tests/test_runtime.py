@@ -1,5 +1,6 @@
 """Runtime: load -> sample parity with PyTorch, input validation, threads, integrity, backends, CLIs."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -327,3 +328,70 @@ def test_bench_is_a_loop_over_runners(artifacts):
                                                        eager=False), log=lambda _: None)
     assert rows[0]["loop_note"] == "--no-loop" and rows[0]["eager_note"] == "--no-eager"
     assert rows[0]["loop_p50_ms"] is None and rows[0]["eager_p50_ms"] is None and rows[0]["denoiser_p50_ms"] > 0
+
+
+class _Weird:  # an object numpy turns into a 0-d object array
+    pass
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(seed=0, batch_size=2, class_labels=np.uint64(2**63)),  # was OverflowError (the int64 cast)
+    dict(seed=0, batch_size=2, class_labels=np.uint64(2**64 - 1)),
+    dict(seed=0, batch_size=2, class_labels=2**70),
+    dict(seed=0, class_labels=[2**63, 0]),
+    dict(seed=0, class_labels=[2**64, 0]),
+    dict(seed=0, class_labels=[2**100, 0]),
+    dict(seed=0, class_labels=np.array([2**63, 1], np.uint64)),
+    dict(seed=0, batch_size=2, class_labels=-2**70),
+    dict(seed=0, batch_size=2, class_labels="1"),
+    dict(seed=0, batch_size=2, class_labels=True),
+    dict(seed=0, batch_size=2, class_labels=1.5),
+    dict(seed=0, batch_size=2, class_labels=_Weird()),
+    dict(seed=0, class_labels=[[1], [2, 0]]),
+    dict(seed=0, class_labels=[None, 1]),
+    dict(seed=0, class_labels=np.full((2, 3), np.nan)),
+    dict(seed=0, class_labels=np.zeros((2, 3, 1))),
+    dict(seed=-1, batch_size=2, class_labels=[0, 1]),
+    dict(seed=1.5, batch_size=2, class_labels=[0, 1]),
+    dict(seed="0", batch_size=2, class_labels=[0, 1]),
+    dict(seed=0, batch_size=np.uint64(2**63), class_labels=0),
+    dict(seed=0, batch_size=-2**70, class_labels=0),
+    dict(seed=0, batch_size=2.0, class_labels=0),
+    dict(noise=np.zeros((2, 1, 4, 4), complex), class_labels=[0, 1]),
+    dict(noise=np.array([["a"]]), class_labels=[0, 1]),
+    dict(noise=[[1, 2], [3]], class_labels=[0, 1]),
+    dict(noise=_Weird(), class_labels=[0, 1]),
+    dict(noise=np.full((2, 1, 4, 4), 1e300), class_labels=[0, 1]),  # inf after the float32 conversion
+])
+@pytest.mark.parametrize("call", ["__call__", "images", "sample"])
+def test_every_bad_input_to_the_python_api_is_a_value_error(samplers, kwargs, call):
+    """The documented contract: bad inputs raise ValueError (code that catches it, like the Triton model, sees
+    every one), never OverflowError/TypeError from numpy underneath."""
+    sampler = samplers["cond"]
+    with pytest.raises(ValueError) as info:
+        getattr(sampler, call)(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_listed_file_linked_outside_the_artifact_is_never_read(artifacts, tmp_path):
+    """A listed file that is a link to a file outside the artifact is refused before it is opened: the message
+    names the listed path and nothing of the outside file (no digest, no size), through a link to the file and
+    through a linked directory alike."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"outside data " * 1000)
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+    for name in ("denoiser.onnx", "sampler.onnx", "coefficients.json"):
+        bad = copy_artifact(artifacts["uncond"], tmp_path / f"bad-{name}")
+        (bad / name).unlink()
+        (bad / name).symlink_to(secret)
+        for verify in (True, False) if name == "sampler.onnx" else (True,):  # verify=False reads only the graph
+            with pytest.raises(ArtifactError, match="leads outside the artifact directory") as info:
+                load(bad, verify=verify)
+            message = str(info.value)
+            assert digest[:16] not in message and str(secret.stat().st_size) not in message
+            assert str(bad / name) in message
+    # a link that stays inside is followed as before
+    ok = copy_artifact(artifacts["uncond"], tmp_path / "inside")
+    (ok / "denoiser.onnx").rename(ok / "real.bin")
+    (ok / "denoiser.onnx").symlink_to("real.bin")
+    load(ok)

@@ -1,0 +1,129 @@
+"""Artifact files on disk: bounded reads of regular files only, containment in the artifact directory, sha256,
+and atomic writes with the permissions a plain open would give.
+
+Standard library only (the bounds and ArtifactError are the contract's). The C++ runtime applies the same rules
+(runtime/native/src/artifact.cpp: RegularFile, inside_root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .contract import MAX_LISTED_BYTES, ArtifactError
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a message ("a FIFO", "a character device", ...), from its st_mode."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def contained(root: str | Path, name: str) -> Path:
+    """The real path of `root`/`name` when it resolves (links followed) inside the real `root`; else ArtifactError
+    naming the listed path only (nothing about the file it leads to: its size or digest could disclose a file the
+    artifact must not reach). FileNotFoundError when it does not exist. Reading the returned path with
+    `open_regular(..., follow=False)` cannot be redirected by a link swapped in afterwards at the last component."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise ArtifactError(f"{Path(root) / name} leads outside the artifact directory (a link to a file elsewhere "
+                            f"is not read)")
+    if not os.path.lexists(real):
+        raise FileNotFoundError(real)
+    return Path(real)
+
+
+@contextmanager
+def open_regular(path: str | Path, limit: int, follow: bool = True):
+    """Open `path` for reading if it is a regular file of at most `limit` bytes (symlinks are followed unless
+    `follow` is False, so a symlink to /dev/zero is refused); opened non-blocking so that a FIFO cannot hang the
+    reader. FileNotFoundError if absent; ArtifactError for a device, FIFO, directory or a larger file."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a symlink loop, no permission...: the artifact cannot be used (the C++ runtime says the same)
+        raise ArtifactError(str(err)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path} is {file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise ArtifactError(f"{path} is {st.st_size} bytes, more than the {limit} allowed")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def read_regular(path: str | Path, limit: int, follow: bool = True) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (see open_regular); a file that grows past the
+    limit while being read is refused too."""
+    blocks, total = [], 0
+    with open_regular(path, limit, follow) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # in blocks: never one allocation of `limit` bytes
+            total += len(block)
+            if total > limit:
+                raise ArtifactError(f"{path} is more than the {limit} bytes allowed")
+            blocks.append(block)
+    return b"".join(blocks)
+
+
+def sha256_file(path: str | Path, limit: int = MAX_LISTED_BYTES, follow: bool = True) -> str:
+    """Hex sha256 of a regular file of at most `limit` bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open_regular(path, limit, follow) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the modes a plain open/mkdir would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb"):
+    """Open a temp file for writing; on success it replaces `path`, on any failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        public_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data) -> str:
+    """JSON via a temp file + rename (never a half-written file); returns the sha256 of the bytes written."""
+    text = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()  # strict JSON: NaN is no number
+    with atomic_open(path) as f:
+        f.write(text)
+    return sha256_bytes(text)
