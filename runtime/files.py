@@ -36,34 +36,40 @@ def contained(root: str | Path, name: str) -> Path:
     naming the listed path only (nothing about the file it leads to: its size or digest could disclose a file the
     artifact must not reach). FileNotFoundError when it does not exist. Reading the returned path with
     `open_regular(..., follow=False)` cannot be redirected by a link swapped in afterwards at the last component."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(root, name))
+    path = os.path.join(root, name)
+    try:  # absent or a dangling link: FileNotFoundError (nothing to read); a link loop: ArtifactError
+        os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ArtifactError(str(err)) from None
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root or real == real_root:
         raise ArtifactError(f"{Path(root) / name} leads outside the artifact directory (a link to a file elsewhere "
                             f"is not read)")
-    if not os.path.lexists(real):
-        raise FileNotFoundError(real)
     return Path(real)
 
 
 @contextmanager
-def open_regular(path: str | Path, limit: int, follow: bool = True):
+def open_regular(path: str | Path, limit: int, follow: bool = True, shown=None):
     """Open `path` for reading if it is a regular file of at most `limit` bytes (symlinks are followed unless
     `follow` is False, so a symlink to /dev/zero is refused); opened non-blocking so that a FIFO cannot hang the
-    reader. FileNotFoundError if absent; ArtifactError for a device, FIFO, directory or a larger file."""
+    reader. FileNotFoundError if absent; ArtifactError for a device, FIFO, directory or a larger file, naming
+    `shown` (default `path`)."""
+    shown = path if shown is None else shown
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise
     except OSError as err:  # a symlink loop, no permission...: the artifact cannot be used (the C++ runtime says the same)
-        raise ArtifactError(str(err)) from None
+        raise ArtifactError(str(OSError(err.errno, err.strerror, str(shown)))) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{path} is {file_kind(st.st_mode)}, not a regular file")
+            raise ArtifactError(f"{shown} is {file_kind(st.st_mode)}, not a regular file")
         if st.st_size > limit:
-            raise ArtifactError(f"{path} is {st.st_size} bytes, more than the {limit} allowed")
+            raise ArtifactError(f"{shown} is {st.st_size} bytes, more than the {limit} allowed")
         f = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -72,23 +78,23 @@ def open_regular(path: str | Path, limit: int, follow: bool = True):
         yield f
 
 
-def read_regular(path: str | Path, limit: int, follow: bool = True) -> bytes:
+def read_regular(path: str | Path, limit: int, follow: bool = True, shown=None) -> bytes:
     """The bytes of a regular file of at most `limit` bytes (see open_regular); a file that grows past the
     limit while being read is refused too."""
     blocks, total = [], 0
-    with open_regular(path, limit, follow) as f:
+    with open_regular(path, limit, follow, shown) as f:
         for block in iter(lambda: f.read(1 << 20), b""):  # in blocks: never one allocation of `limit` bytes
             total += len(block)
             if total > limit:
-                raise ArtifactError(f"{path} is more than the {limit} bytes allowed")
+                raise ArtifactError(f"{path if shown is None else shown} is more than the {limit} bytes allowed")
             blocks.append(block)
     return b"".join(blocks)
 
 
-def sha256_file(path: str | Path, limit: int = MAX_LISTED_BYTES, follow: bool = True) -> str:
+def sha256_file(path: str | Path, limit: int = MAX_LISTED_BYTES, follow: bool = True, shown=None) -> str:
     """Hex sha256 of a regular file of at most `limit` bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with open_regular(path, limit, follow) as f:
+    with open_regular(path, limit, follow, shown) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

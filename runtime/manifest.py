@@ -6,7 +6,8 @@ Also here: the strict JSON profile every JSON file of an artifact follows in bot
 reading a listed file checked against the manifest (`read_verified`, `verify_file`, `verify_all`).
 Standard library + numpy only.
 
-    python -m iia.runtime.manifest > runtime/native/src/manifest_fields.hpp    # regenerate the C++ header
+    python -c "from iia.runtime.manifest import native_header as h; print(h(), end='')" \
+        > runtime/native/src/manifest_fields.hpp    # regenerate the C++ header after editing FIELDS or a bound
 """
 
 from __future__ import annotations
@@ -333,10 +334,11 @@ def _missing(root: Path, manifest: dict, name: str) -> ArtifactError:
 
 
 def _read_listed(root: Path, manifest: dict, name: str, read):
-    """read(real path, limit) of a listed file that resolves inside `root` (checked before it is opened)."""
+    """read(real path, limit, shown) of a listed file that resolves inside `root` (checked before it is opened);
+    messages name the listed path `shown`."""
     limit = _limit(manifest, name)
     try:
-        return read(contained(root, name), limit)
+        return read(contained(root, name), limit, root / name)
     except FileNotFoundError:
         raise _missing(root, manifest, name) from None
     except ArtifactError as err:
@@ -344,8 +346,8 @@ def _read_listed(root: Path, manifest: dict, name: str, read):
 
 
 def verify_file(root: Path, manifest: dict, name: str) -> None:
-    def digest_and_size(path, limit):
-        return sha256_file(path, limit, follow=False), path.stat().st_size
+    def digest_and_size(path, limit, shown):
+        return sha256_file(path, limit, False, shown), path.stat().st_size
 
     digest, size = _read_listed(Path(root), manifest, name, digest_and_size)
     check_digest(Path(root), manifest, name, digest, size)
@@ -354,7 +356,7 @@ def verify_file(root: Path, manifest: dict, name: str) -> None:
 def read_verified(root: Path, manifest: dict, name: str, verify: bool = True) -> bytes:
     """The bytes of a listed file, checked against the manifest: what is checked is what gets loaded.
     Only a regular file inside the artifact directory of at most the manifest's "bytes" is read."""
-    data = _read_listed(Path(root), manifest, name, lambda path, limit: read_regular(path, limit, follow=False))
+    data = _read_listed(Path(root), manifest, name, lambda path, limit, shown: read_regular(path, limit, False, shown))
     if verify:
         check_digest(Path(root), manifest, name, sha256_bytes(data), len(data))
     return data
@@ -411,7 +413,7 @@ def native_header(fields=None) -> str:
     dtypes = ", ".join(f'"{d}"' for d in DTYPES)
     return "\n".join([
         f"// GENERATED from runtime/manifest.py (FIELDS) and runtime/contract.py (bounds) by",
-        f"//   python -m iia.runtime.manifest > {NATIVE_HEADER}",
+        "//   python -c \"from iia.runtime.manifest import native_header as h; print(h(), end='')\" > " + NATIVE_HEADER,
         "// Do not edit: tests/test_native.py regenerates it and fails on any difference.",
         "#pragma once", "", "#include <cstdint>", "", "namespace iia_native {", "",
         *bounds, "",
@@ -423,6 +425,3 @@ def native_header(fields=None) -> str:
         "inline constexpr FieldSpec MANIFEST_FIELDS[] = {", *rows, "};",
         f"inline constexpr const char* DTYPES[] = {{{dtypes}}};", "", "}  // namespace iia_native", ""])
 
-
-if __name__ == "__main__":
-    print(native_header(), end="")

@@ -9,8 +9,10 @@ messages character for character. A missing toolchain piece FAILS with the insta
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -372,6 +374,19 @@ def edm_copy(artifacts, tmp_path):
     return dst
 
 
+def _verdict(message: str) -> str:
+    """What a refusal says, whatever its wording (the runtimes need not match byte for byte): the manifest field
+    it names; else the kind of bad JSON; else the file and the fault, without a parser's or the OS's detail."""
+    field = re.search(r"field '([^']+)'", message)
+    if field:
+        return f"field {field.group(1)}"
+    for kind in ("not readable JSON", "nested too deeply", "leads outside the artifact directory",
+                 "has an invalid schema_version"):
+        if kind in message:
+            return kind
+    return message.split(" (")[0]
+
+
 @pytest.mark.parametrize("case", list(BAD_ARTIFACTS))
 def test_bad_artifact_same_message(native, edm_copy, case):
     mutate, status = BAD_ARTIFACTS[case]
@@ -380,11 +395,7 @@ def test_bad_artifact_same_message(native, edm_copy, case):
     with pytest.raises(NativeError) as info:
         native["lib"].load(edm_copy)
     assert info.value.status == status
-    if case in ("manifest not JSON", "garbage graph with its hash"):  # the parser's own detail differs
-        head = expected.split(" (")[0]
-        assert info.value.message.startswith(head + " (") and "\n" not in info.value.message
-    else:
-        assert info.value.message == expected
+    assert _verdict(info.value.message) == _verdict(expected) and "\n" not in info.value.message
     np.save(edm_copy.parent / "noise.npy", draw_noise(0, 1, (3, 8, 8)))
     proc = _run([native["iia_run"], edm_copy, "--noise", edm_copy.parent / "noise.npy", "--labels", "0",
                  "--out", edm_copy.parent / "out.npy"])
@@ -581,20 +592,15 @@ def test_iia_run_bench_reports_latency_and_overhead(native, artifacts, tmp_path)
 
 # ---- one contract: the C++ constants are the Python contract's ------------------------------------------
 def test_native_contract_constants_equal_python_contract():
-    """runtime/native/src/contract.hpp restates the contract's literals for C++; they must be iia.runtime.contract's
-    (the C++ library must not need Python to build, so they are compared here rather than generated)."""
-    import re
-
+    """runtime/native/src/contract.hpp restates the contract's names for C++; they must be iia.runtime.contract's
+    (the C++ library must not need Python to build, so they are compared here rather than generated). The bounds
+    and the manifest's field table are generated: see test_generated_manifest_header_is_current."""
     from iia.runtime import contract
 
     text = (ROOT / "runtime" / "native" / "src" / "contract.hpp").read_text()
     native = dict(re.findall(r'inline constexpr const char\* (\w+) = "([^"]*)";', text))
     native.update((k, int(v)) for k, v in re.findall(r"inline constexpr int (\w+) = (\d+);", text))
-    bounds = dict(re.findall(r"inline constexpr int64_t (MAX_\w+) = ([^;]+);", text))
-    for name, value in bounds.items():  # int64_t(4) << 20 and the like
-        native[name] = eval(re.sub(r"int64_t\((\d+)\)", r"\1", value))
-    assert {name: native[name] for name in bounds} == {name: getattr(contract, name) for name in bounds}
-    assert len(bounds) == 10
+    assert not re.search(r"int64_t MAX_\w+ =", text)  # bounds come from the generated header only
     pairs = {"NOISE": contract.NOISE, "LABELS": contract.LABELS, "IMAGES": contract.IMAGES,
              "IMAGES_U8": contract.IMAGES_U8, "SCHEMA": contract.SCHEMA, "SCHEMA_VERSION": contract.SCHEMA_VERSION,
              "MANIFEST": contract.MANIFEST, "SAMPLER_ONNX": contract.SAMPLER_ONNX, "PLAN": contract.SAMPLER_PLAN,
@@ -604,9 +610,20 @@ def test_native_contract_constants_equal_python_contract():
     assert {k: native.get(k) for k in pairs} == pairs
     order = re.search(r"BACKENDS\[\] = \{([^}]*)\}", (ROOT / "runtime" / "native" / "src" / "runtime.cpp").read_text())
     assert tuple(native[name.strip()] for name in order.group(1).split(",")) == contract.BACKENDS  # auto's order
-    required = re.search(r'for \(const char\* key : \{("inputs", "outputs", "files"[^}]*)\}\)',
-                         (ROOT / "runtime" / "native" / "src" / "artifact.cpp").read_text())
-    assert tuple(re.findall(r'"(\w+)"', required.group(1))) == contract.REQUIRED
+
+
+def test_generated_manifest_header_is_current():
+    """runtime/native/src/manifest_fields.hpp is runtime/manifest.py's FIELDS and the contract's bounds, generated:
+    edit the table, regenerate (the command is in the header), never the header."""
+    from iia.runtime.manifest import NATIVE_BOUNDS, NATIVE_HEADER, native_header
+
+    assert (ROOT / NATIVE_HEADER).read_text() == native_header()
+    header = native_header()
+    from iia.runtime import contract
+    for name in NATIVE_BOUNDS:
+        assert f"inline constexpr int64_t {name} = {getattr(contract, name)};" in header
+    for required in contract.REQUIRED:
+        assert re.search(rf'\{{"{required}", FieldKind::\w+, true,', header)
 
 
 def test_missing_build_dependency_fails_with_the_install_hint(native, tmp_path):
@@ -615,3 +632,166 @@ def test_missing_build_dependency_fails_with_the_install_hint(native, tmp_path):
                  "-DIIA_ORT_FROM_PYTHON=ON", f"-DIIA_PYTHON={sys.executable}"])
     assert proc.returncode != 0
     assert "nlohmann-json not found: apt-get install nlohmann-json3-dev" in proc.stderr
+
+
+# ---- one strict JSON profile, one field table: a shared corpus of bad manifests, both runtimes ------------
+def _text_edit(change):
+    """Mutate manifest.json's bytes (for what json.dumps cannot write: duplicates, NUL, bad escapes)."""
+    def mutate(path: Path):
+        (path / "manifest.json").write_bytes(change((path / "manifest.json").read_bytes()))
+    return mutate
+
+
+def _deep(depth: int):  # an unknown field whose value nests `depth` arrays (the manifest itself is level 1)
+    return _text_edit(lambda text: text.replace(b"{", b'{"deep": ' + b"[" * depth + b"]" * depth + b", ", 1))
+
+
+def _static_batches(n: int):
+    return _edit_manifest(lambda d: d.update(max_batch=n, static_batches=list(range(1, n + 1))))
+
+
+# case -> the verdict both runtimes must give (None: both accept the artifact)
+MANIFEST_CORPUS = {
+    "file entry without bytes": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].pop("bytes")),
+                                 "field files.denoiser.onnx.bytes"),
+    "file entry with bytes null": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].update(bytes=None)),
+                                   "field files.denoiser.onnx.bytes"),
+    "file entry with bytes true": (_edit_manifest(lambda d: d["files"]["golden_inputs.json"].update(bytes=True)),
+                                   "field files.golden_inputs.json.bytes"),
+    "file entry with float bytes": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].update(
+        bytes=float(d["files"]["denoiser.onnx"]["bytes"]))), "field files.denoiser.onnx.bytes"),
+    "NUL byte and garbage after the manifest": (_text_edit(lambda t: t + b"\0garbage {"), "not readable JSON"),
+    "NUL byte inside": (_text_edit(lambda t: t.replace(b"{", b"{\0", 1)), "not readable JSON"),
+    "unknown field nested 600 deep": (_deep(600), "nested too deeply"),
+    "unknown field nested 990 deep": (_deep(990), "nested too deeply"),
+    "unknown field nested 64 deep (65 levels)": (_deep(64), "nested too deeply"),
+    "unknown field nested 63 deep (64 levels, the limit)": (_deep(63), None),
+    "label range [false, 9]": (_edit_manifest(lambda d: d["inputs"][1].update(range=[False, 9])), "field inputs"),
+    "label range [0.0, 9]": (_edit_manifest(lambda d: d["inputs"][1].update(range=[0.0, 9])), "field inputs"),
+    "label range of 3 items": (_edit_manifest(lambda d: d["inputs"][1].update(range=[0, 9, 9])), "field inputs"),
+    "file name with a lone high surrogate escape": (
+        _text_edit(lambda t: t.replace(b'"denoiser.onnx"', b'"denoiser\\ud800.onnx"')), "not readable JSON"),
+    "lone low surrogate in an unknown field": (_text_edit(lambda t: t.replace(b"{", b'{"x": "\\udc00", ', 1)),
+                                               "not readable JSON"),
+    "escaped NUL in a file name": (_text_edit(lambda t: t.replace(b'"denoiser.onnx"', b'"denoiser\\u0000.onnx"')),
+                                   "field files"),
+    "duplicate top-level key": (_text_edit(lambda t: t.replace(b"{", b'{"nfe": 5, ', 1)), "not readable JSON"),
+    "duplicate key in a file entry": (_text_edit(lambda t: t.replace(b'"denoiser.onnx": {', b'"denoiser.onnx": {"bytes": 1, ', 1)),
+                                      "not readable JSON"),
+    "UTF-8 byte order mark": (_text_edit(lambda t: b"\xef\xbb\xbf" + t), "not readable JSON"),
+    "solver edited (still valid)": (_edit_manifest(lambda d: d.update(solver="SOLVER")), None),
+    "invalid UTF-8 byte": (_text_edit(lambda t: t.replace(b'"solver"', b'"solv\xffer"', 1)), "not readable JSON"),
+    "NaN in sigmas": (_text_edit(lambda t: t.replace(b'"sigmas": [', b'"sigmas": [NaN, ', 1)), "not readable JSON"),
+    "nfe true": (_edit_manifest(lambda d: d.update(nfe=True)), "field nfe"),
+    "nfe 5.0": (_edit_manifest(lambda d: d.update(nfe=5.0)), "field nfe"),
+    "nfe past 64 bits": (_text_edit(lambda t: re.sub(rb'"nfe": \d+', b'"nfe": 100000000000000000000000', t)),
+                         "field nfe"),
+    "label_dim false": (_edit_manifest(lambda d: d.update(label_dim=False)), "field label_dim"),
+    "sample_shape with a bool": (_edit_manifest(lambda d: d.update(sample_shape=[3, True, 8])), "field sample_shape"),
+    "sigmas with a bool": (_edit_manifest(lambda d: d.update(sigmas=[1.0, True])), "field sigmas"),
+    "r a string": (_edit_manifest(lambda d: d.update(r="2")), "field r"),
+    "model a list": (_edit_manifest(lambda d: d.update(model=[1])), "field model"),
+    "engine a string": (_edit_manifest(lambda d: d.update(engine="built")), "field engine"),
+    "static_batches with a bool": (_edit_manifest(lambda d: d.update(static_batches=[True])), "field static_batches"),
+    "65 static batches": (_static_batches(65), "field static_batches"),
+    "64 static batches": (_static_batches(64), None),
+    "schema_version true": (_edit_manifest(lambda d: d.update(schema_version=True)), "has an invalid schema_version"),
+    "10 inputs": (_edit_manifest(lambda d: d.update(inputs=d["inputs"] * 5)), "field inputs"),
+}
+
+
+def _python_verdict(path) -> str | None:
+    try:
+        load(path, threads=1).close()
+    except (ValueError, RuntimeError) as err:
+        return _verdict(str(err))
+    return None
+
+
+def _native_verdict(native, path) -> str | None:
+    try:
+        native["lib"].load(path, threads=1).close()
+    except NativeError as err:
+        assert err.status == ARTIFACT and "\n" not in err.message, err.message
+        return _verdict(err.message)
+    return None
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CORPUS))
+def test_both_runtimes_refuse_the_same_manifests_naming_the_same_field(native, edm_copy, case):
+    """The shared corpus: each bad manifest is refused by the Python loader and the C library for the same reason
+    (the same field, or the same strict-JSON rule), never accepted by one of them."""
+    mutate, verdict = MANIFEST_CORPUS[case]
+    mutate(edm_copy)
+    assert _python_verdict(edm_copy) == verdict
+    assert _native_verdict(native, edm_copy) == verdict
+
+
+def test_listed_file_linked_outside_is_never_read_by_the_c_library(native, edm_copy, tmp_path):
+    """Containment: a listed file that is a link to a file outside the artifact is refused before it is opened,
+    by the C library and iia-run as by iia.runtime; no message carries the outside file's digest or size."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"outside data " * 1000)
+    digest, size = hashlib.sha256(secret.read_bytes()).hexdigest(), secret.stat().st_size
+    np.save(tmp_path / "noise.npy", draw_noise(0, 1, (3, 8, 8)))
+    for name in ("sampler.onnx", "denoiser.onnx", "coefficients.json"):
+        original = (edm_copy / name).read_bytes()
+        (edm_copy / name).unlink()
+        (edm_copy / name).symlink_to(secret)
+        with pytest.raises(NativeError) as info:
+            native["lib"].load(edm_copy)
+        proc = _run([native["iia_run"], edm_copy, "--noise", tmp_path / "noise.npy", "--labels", "0",
+                     "--out", tmp_path / "out.npy"])
+        for message in (info.value.message, proc.stderr, _python_load_message(edm_copy)):
+            assert "leads outside the artifact directory" in message and str(edm_copy / name) in message
+            assert digest[:16] not in message and str(size) not in message
+        assert proc.returncode == 2
+        (edm_copy / name).unlink()
+        (edm_copy / name).write_bytes(original)
+    # a link that stays inside the artifact is followed; the artifact directory itself may be a link
+    (edm_copy / "denoiser.onnx").rename(edm_copy / "denoiser.bin")
+    (edm_copy / "denoiser.onnx").symlink_to("denoiser.bin")
+    (tmp_path / "linked").symlink_to(edm_copy)
+    native["lib"].load(tmp_path / "linked").close()
+    load(tmp_path / "linked").close()
+
+
+DRIVER = r"""
+#include "artifact.hpp"
+#include <cstdio>
+int main(int, char** argv) {
+    try { iia_native::read_manifest(argv[1]); std::puts("accepted"); }
+    catch (const iia_native::Error& e) { std::puts(e.what()); }
+}
+"""
+
+
+def test_one_bound_changed_in_the_field_table_both_runtimes_follow(native, artifacts, tmp_path, monkeypatch):
+    """The manifest's fields are declared once: lower nfe's bound in runtime/manifest.py FIELDS to 7 and both
+    the Python checker and the C++ checker (built from the header generated from that table) refuse NFE 9 naming
+    nfe, and still accept NFE 5."""
+    import dataclasses
+
+    from iia.runtime import manifest
+
+    fields = tuple(dataclasses.replace(f, hi=7) if f.name == "nfe" else f for f in manifest.FIELDS)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "runtime" / "native" / "src", src)
+    (src / "manifest_fields.hpp").write_text(manifest.native_header(fields))
+    (src / "driver.cpp").write_text(DRIVER)
+    build = _run(["c++", "-std=c++17", "-O0", "-I", src, "-I", ROOT / "runtime" / "native" / "include",
+                  src / "driver.cpp", src / "artifact.cpp", src / "contract.cpp", "-lcrypto", "-o", tmp_path / "check"])
+    assert build.returncode == 0, _tail(build)
+    monkeypatch.setattr(manifest, "FIELDS", fields)
+    for key, nfe in (("digits", 9), ("edm", 5)):
+        native_says = _run([tmp_path / "check", artifacts[key]]).stdout.strip()
+        try:
+            manifest.read_manifest(artifacts[key])
+            python_says = "accepted"
+        except ValueError as err:
+            python_says = str(err)
+        if nfe > 7:
+            assert _verdict(native_says) == _verdict(python_says) == "field nfe"
+            assert "[1, 7], got 9" in native_says and "[1, 7], got 9" in python_says
+        else:
+            assert native_says == python_says == "accepted"

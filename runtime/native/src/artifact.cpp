@@ -1,5 +1,6 @@
 #include "artifact.hpp"
 #include "file_kind.hpp"
+#include "manifest_fields.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -9,9 +10,10 @@
 #include <climits>
 #include <cmath>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <memory>
+#include <set>
 
 #include <nlohmann/json.hpp>
 #include <openssl/evp.h>
@@ -24,20 +26,24 @@ bool is_dir(const std::string& path) {
     return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-bool is_file(const std::string& path, int64_t* size = nullptr) {
+bool is_file(const std::string& path) {
     struct stat st {};
-    if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
-    if (size) *size = static_cast<int64_t>(st.st_size);
-    return true;
+    return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
-// Python's int(value) >= lo for the manifest's integer fields: JSON integers only (bools count as 0/1 as in
-// Python); anything else is malformed.
-bool as_int(const json& value, int64_t* out) {
-    if (value.is_boolean()) { *out = value.get<bool>() ? 1 : 0; return true; }
-    if (value.is_number_integer()) { *out = value.get<int64_t>(); return true; }
-    return false;
+// the strict profile's integer: a JSON integer, never a bool (runtime/manifest.py _is_int)
+bool is_int(const json& v) { return v.is_number_integer(); }
+
+int64_t as_i64(const json& v) { return v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? INT64_MAX : v.get<int64_t>(); }
+
+// a value for a one-line message: its compact JSON, cut to 40 characters (runtime/manifest.py _short)
+std::string short_json(const json& v) {
+    const std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
+    return text.size() <= 40 ? text : text.substr(0, 37) + "...";
 }
+
+// a JSON value as Python's str() shows a string (itself) or None; other values as JSON
+std::string text_of(const json& v) { return v.is_string() ? v.get<std::string>() : v.is_null() ? "None" : short_json(v); }
 
 struct DigestDeleter {
     void operator()(EVP_MD_CTX* ctx) const { EVP_MD_CTX_free(ctx); }
@@ -66,15 +72,10 @@ std::string first16(const std::string& s) { return s.substr(0, std::min<size_t>(
 void check_digest(const Manifest& m, const std::string& name, const std::string& digest, int64_t size) {
     const json& entry = expected(m, name);
     const std::string path = path_join(m.root, name);
-    if (entry.contains("bytes") && !entry["bytes"].is_null()) {
-        const json& bytes = entry["bytes"];
-        int64_t listed = 0;
-        const bool equal = (bytes.is_number_integer() || bytes.is_boolean()) && as_int(bytes, &listed) && listed == size;
-        const bool equal_float = bytes.is_number_float() && bytes.get<double>() == static_cast<double>(size);
-        if (!equal && !equal_float)
-            throw artifact_error(path + " is corrupted or was modified: " + std::to_string(size) +
-                                 " bytes, the manifest says " + py_str(bytes) + " (recompile or re-copy the artifact)");
-    }
+    const json bytes = entry.contains("bytes") ? entry["bytes"] : json();
+    if (!is_int(bytes) || as_i64(bytes) != size)
+        throw artifact_error(path + " is corrupted or was modified: " + std::to_string(size) +
+                             " bytes, the manifest says " + text_of(bytes) + " (recompile or re-copy the artifact)");
     const std::string want = entry["sha256"].get<std::string>();
     if (digest != want)
         throw artifact_error(path + " is corrupted or was modified: sha256 " + first16(digest) +
@@ -82,32 +83,6 @@ void check_digest(const Manifest& m, const std::string& name, const std::string&
 }
 
 }  // namespace
-
-std::string py_repr(const json& value) {
-    switch (value.type()) {
-        case json::value_t::null: return "None";
-        case json::value_t::boolean: return value.get<bool>() ? "True" : "False";
-        case json::value_t::string: return py_repr(value.get<std::string>());
-        case json::value_t::number_integer: return std::to_string(value.get<int64_t>());
-        case json::value_t::number_unsigned: return std::to_string(value.get<uint64_t>());
-        case json::value_t::number_float: return py_float_repr(value.get<double>());
-        case json::value_t::array: {
-            std::vector<std::string> parts;
-            for (const auto& item : value) parts.push_back(py_repr(item));
-            return "[" + join(parts, ", ") + "]";
-        }
-        case json::value_t::object: {
-            std::vector<std::string> parts;
-            for (const auto& item : value.items()) parts.push_back(py_repr(item.key()) + ": " + py_repr(item.value()));
-            return "{" + join(parts, ", ") + "}";
-        }
-        default: return "?";
-    }
-}
-
-std::string py_str(const json& value) {
-    return value.is_string() ? value.get<std::string>() : py_repr(value);
-}
 
 bool Manifest::lists(const std::string& name) const { return (*doc)["files"].contains(name); }
 
@@ -140,7 +115,7 @@ std::string plan_absent_reason(const Manifest& m) {
 }
 
 std::string artifact_root(const std::string& path) {
-    if (path.empty()) throw artifact_error("the artifact path is empty");  // as runtime/contract.py: not '.'
+    if (path.empty()) throw artifact_error("the artifact path is empty");  // as runtime/manifest.py: not '.'
     const std::string norm = normalize_path(path);
     if (path_name(norm) == MANIFEST && is_file(norm)) {
         const size_t slash = norm.rfind('/');
@@ -158,22 +133,25 @@ std::string errno_text(int err, const std::string& path) {  // Python's str(OSEr
 
 struct NotFound {};
 
-// runtime/contract.py's open_regular + read: a regular file (symlinks followed) of at most `limit` bytes,
+// runtime/files.py's open_regular + read: a regular file (symlinks followed) of at most `limit` bytes,
 // opened non-blocking so a FIFO cannot hang. NotFound if absent; Error(ARTIFACT) otherwise.
 class RegularFile {
 public:
-    RegularFile(const std::string& path, int64_t limit) : path_(path), limit_(limit) {
-        fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    // follow false: a link at the last component is refused (O_NOFOLLOW), for a path contained() resolved;
+    // messages name `shown` (the listed path) when given
+    RegularFile(const std::string& path, int64_t limit, bool follow = true, const std::string& shown = "")
+        : path_(shown.empty() ? path : shown), limit_(limit) {
+        fd_ = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW));
         if (fd_ < 0) {
             if (errno == ENOENT) throw NotFound{};
-            throw artifact_error(errno_text(errno, path));
+            throw artifact_error(errno_text(errno, path_));
         }
         struct stat st {};
-        if (::fstat(fd_, &st) != 0) { const int e = errno; ::close(fd_); throw artifact_error(errno_text(e, path)); }
-        if (!S_ISREG(st.st_mode)) { ::close(fd_); throw artifact_error(path + " is " + file_kind(st.st_mode) + ", not a regular file"); }
+        if (::fstat(fd_, &st) != 0) { const int e = errno; ::close(fd_); throw artifact_error(errno_text(e, path_)); }
+        if (!S_ISREG(st.st_mode)) { ::close(fd_); throw artifact_error(path_ + " is " + file_kind(st.st_mode) + ", not a regular file"); }
         if (st.st_size > limit) {
             ::close(fd_);
-            throw artifact_error(path + " is " + std::to_string(st.st_size) + " bytes, more than the " +
+            throw artifact_error(path_ + " is " + std::to_string(st.st_size) + " bytes, more than the " +
                                  std::to_string(limit) + " allowed");
         }
         size_ = st.st_size;
@@ -210,68 +188,104 @@ private:
     int64_t size_ = 0;
 };
 
-bool is_int(const json& v) { return v.is_number_integer(); }  // Python int, not bool (nlohmann: bool is separate)
 
-int64_t as_i64(const json& v) { return v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? INT64_MAX : v.get<int64_t>(); }
-
-// runtime/contract.py's _short: repr (a list of at most 8 scalars too), "a dict", "a list of N items" for
-// other containers, cut to 40 characters
-std::string short_repr(const json& v) {
-    std::string text;
-    if (v.is_object()) {
-        text = "a dict";
-    } else if (v.is_array()) {
-        bool scalars = v.size() <= 8;
-        for (const auto& item : v) scalars = scalars && !item.is_array() && !item.is_object();
-        if (scalars) text = py_repr(v);
-        if (!scalars || text.size() > 40)
-            text = "a list of " + std::to_string(v.size()) + (v.size() == 1 ? " item" : " items");
-    } else {
-        text = py_repr(v);
+// runtime/files.py's contained: the real path of root/name if it resolves (links followed) inside the real
+// root, checked BEFORE anything opens it; the refusal names the listed path only (nothing of the file it leads to).
+std::string contained(const std::string& root, const std::string& name) {
+    const std::string path = path_join(root, name);
+    std::unique_ptr<char, decltype(&std::free)> real_root(::realpath(root.c_str(), nullptr), &std::free);
+    std::unique_ptr<char, decltype(&std::free)> real(::realpath(path.c_str(), nullptr), &std::free);
+    if (!real) {  // absent, or a dangling link: nothing to read (runtime/files.py says "missing" alike)
+        if (errno == ENOENT) throw NotFound{};
+        throw artifact_error(errno_text(errno, path));
     }
-    return text.size() <= 40 ? text : text.substr(0, 37) + "...";
+    if (!real_root) throw artifact_error(errno_text(errno, root));
+    const std::string base = real_root.get(), resolved = real.get();
+    const std::string prefix = base == "/" ? base : base + "/";
+    if (resolved.size() <= prefix.size() || resolved.compare(0, prefix.size(), prefix) != 0)
+        throw artifact_error(path + " leads outside the artifact directory (a link to a file elsewhere is not read)");
+    return resolved;
 }
 
-std::string short_name(const std::string& name) {
-    const std::string text = py_repr(name);
-    return text.size() <= 40 ? text : text.substr(0, 37) + "...";
-}
+// ---- the strict JSON profile (runtime/manifest.py parse_json) -----------------------------------------
+// A SAX pass before the document is built: duplicate keys and nesting beyond MAX_JSON_DEPTH are refused (the
+// parser itself refuses bad syntax, invalid UTF-8, lone surrogate escapes and NaN).
+class StrictProfile : public nlohmann::json_sax<json> {
+public:
+    std::string error, duplicate;
+    bool too_deep = false;
 
-void int_field(const json& d, const char* key, int64_t lo, int64_t hi, const std::string& where, int64_t* out) {
-    const json& v = d[key];
-    if (!is_int(v) || as_i64(v) < lo || as_i64(v) > hi)
-        throw artifact_error(where + ": field '" + key + "' must be an integer in [" + std::to_string(lo) + ", " +
-                             std::to_string(hi) + "], got " + short_repr(v));
-    *out = as_i64(v);
-}
-
-// nesting depth of JSON text (outside strings): Python's parser refuses what its recursion limit cannot hold
-size_t nesting(const std::string& text) {
-    size_t depth = 0, deepest = 0;
-    bool in_string = false, escaped = false;
-    for (char c : text) {
-        if (in_string) {
-            if (escaped) escaped = false;
-            else if (c == '\\') escaped = true;
-            else if (c == '"') in_string = false;
-        } else if (c == '"') in_string = true;
-        else if (c == '[' || c == '{') deepest = std::max(deepest, ++depth);
-        else if ((c == ']' || c == '}') && depth > 0) --depth;
+    bool null() override { return true; }
+    bool boolean(bool) override { return true; }
+    bool number_integer(number_integer_t) override { return true; }
+    bool number_unsigned(number_unsigned_t) override { return true; }
+    bool number_float(number_float_t, const string_t&) override { return true; }
+    bool string(string_t&) override { return true; }
+    bool binary(binary_t&) override { return true; }
+    bool start_object(std::size_t) override { keys_.emplace_back(); return enter(); }
+    bool key(string_t& k) override {
+        if (keys_.back().insert(k).second) return true;
+        duplicate = k;
+        return false;
     }
-    return deepest;
+    bool end_object() override { keys_.pop_back(); --depth_; return true; }
+    bool start_array(std::size_t) override { keys_.emplace_back(); return enter(); }
+    bool end_array() override { keys_.pop_back(); --depth_; return true; }
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& err) override {
+        for (const unsigned char c : std::string(err.what())) {  // it quotes the bytes read: keep the line printable
+            if (c >= 0x20 && c < 0x7f) {
+                error += static_cast<char>(c);
+            } else {
+                static const char* digits = "0123456789abcdef";
+                error += std::string("\\x") + digits[c >> 4] + digits[c & 15];
+            }
+        }
+        return false;
+    }
+
+private:
+    bool enter() {
+        if (++depth_ <= MAX_JSON_DEPTH) return true;
+        too_deep = true;
+        return false;
+    }
+    std::vector<std::set<std::string>> keys_;
+    int64_t depth_ = 0;
+};
+
+json parse_strict(const std::string& text, const std::string& path) {
+    if (text.rfind(UTF8_BOM, 0) == 0)  // nlohmann would skip it; Python's json refuses it: one verdict
+        throw artifact_error(path + " is not readable JSON (" + BOM_REFUSED + ")");
+    const size_t nul = text.find('\0');
+    if (nul != std::string::npos)  // nlohmann would stop reading there
+        throw artifact_error(path + " is not readable JSON (it holds a NUL byte at offset " + std::to_string(nul) + ")");
+    StrictProfile profile;
+    const bool ok = json::sax_parse(text, &profile);
+    if (profile.too_deep)
+        throw artifact_error(path + " is not usable JSON (nested too deeply: more than " + std::to_string(MAX_JSON_DEPTH) +
+                             " levels)");
+    if (!profile.duplicate.empty()) throw artifact_error(path + " is not readable JSON (duplicate key " + json(profile.duplicate).dump() + ")");
+    if (!ok) throw artifact_error(path + " is not readable JSON (" + profile.error + ")");
+    return json::parse(text);
 }
 
-const char* const DTYPES[] = {"float32", "float16", "bfloat16", "int64", "int32", "uint8"};
+// ---- the manifest against MANIFEST_FIELDS (manifest_fields.hpp, generated from runtime/manifest.py FIELDS) ----
+Error bad(const std::string& where, const std::string& field, const std::string& must, const json& value) {
+    return artifact_error(where + ": field '" + field + "' must be " + must + ", got " + short_json(value));
+}
 
-void check_files(const json& files, const std::string& where) {
-    if (!files.is_object() || files.empty() || static_cast<int64_t>(files.size()) > MAX_FILES)
-        throw artifact_error(where + ": field 'files' must map 1.." + std::to_string(MAX_FILES) +
-                             " file names to their sha256, got " + short_repr(files));
+std::string range(int64_t lo, int64_t hi) { return "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]"; }
+
+void check_files(const FieldSpec& f, const json& files, const std::string& where) {
+    if (!files.is_object() || static_cast<int64_t>(files.size()) < f.count_lo || static_cast<int64_t>(files.size()) > f.count_hi)
+        throw bad(where, f.name, "an object of " + std::to_string(f.count_lo) + ".." + std::to_string(f.count_hi) +
+                  " file names -> {sha256, bytes}", files);
     for (const auto& item : files.items()) {
         const std::string& name = item.key();
         if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
             name.find('\\') != std::string::npos || name.find('\0') != std::string::npos)
-            throw artifact_error(where + ": field 'files' lists a file outside the artifact directory: " + short_name(name));
+            throw artifact_error(where + ": field '" + f.name + "' lists a file outside the artifact directory: " +
+                                 short_json(json(name)));
         const json& entry = item.value();
         bool hex = entry.is_object() && entry.contains("sha256") && entry["sha256"].is_string();
         if (hex) {
@@ -280,101 +294,105 @@ void check_files(const json& files, const std::string& where) {
                       return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
                   });
         }
-        if (!hex) throw artifact_error(where + ": field 'files." + name + ".sha256' must be 64 lowercase hex digits");
-        if (entry.contains("bytes") && !entry["bytes"].is_null()) {
-            const json& size = entry["bytes"];
-            if (!is_int(size) || as_i64(size) < 0 || as_i64(size) > MAX_LISTED_BYTES)
-                throw artifact_error(where + ": field 'files." + name + ".bytes' must be an integer in [0, " +
-                                     std::to_string(MAX_LISTED_BYTES) + "], got " + short_repr(size));
-        }
+        if (!hex) throw artifact_error(where + ": field '" + f.name + "." + name + ".sha256' must be 64 lowercase hex digits");
+        const json size = entry.contains("bytes") ? entry["bytes"] : json();  // required: it bounds every read
+        if (!is_int(size) || as_i64(size) < f.lo || as_i64(size) > f.hi)
+            throw bad(where, std::string(f.name) + "." + name + ".bytes", "an integer in " + range(f.lo, f.hi), size);
     }
 }
 
-const json& check_tensors(const json& d, const char* key, const std::string& where) {
-    const json& tensors = d[key];
-    if (!tensors.is_array() || tensors.empty() || tensors.size() > 8)
-        throw artifact_error(where + ": field '" + key + "' must be a list of 1..8 tensor descriptions, got " +
-                             short_repr(tensors));
+void check_tensors(const FieldSpec& f, const json& tensors, const std::string& where) {
+    if (!tensors.is_array() || static_cast<int64_t>(tensors.size()) < f.count_lo || static_cast<int64_t>(tensors.size()) > f.count_hi)
+        throw bad(where, f.name, "a list of " + std::to_string(f.count_lo) + ".." + std::to_string(f.count_hi) +
+                  " tensor descriptions", tensors);
+    std::string dtypes;
+    for (const char* d : DTYPES) dtypes += (dtypes.empty() ? "" : ", ") + std::string(d);
     for (size_t i = 0; i < tensors.size(); ++i) {
         const json& t = tensors[i];
-        const std::string at = std::string(key) + "[" + std::to_string(i) + "]";
+        const std::string at = std::string(f.name) + "[" + std::to_string(i) + "]";
         bool ok = t.is_object() && t.contains("name") && t["name"].is_string() && t.contains("dtype");
         if (ok) ok = std::any_of(std::begin(DTYPES), std::end(DTYPES), [&](const char* n) { return t["dtype"] == n; });
-        if (!ok)
-            throw artifact_error(where + ": field '" + at + "' must be {name: str, dtype: one of float32, float16, "
-                                 "bfloat16, int64, int32, uint8, shape: [...]}, got " + short_repr(t));
+        if (!ok) throw bad(where, at, "{name: str, dtype: one of " + dtypes + ", shape: [...]}", t);
         const json shape = t.contains("shape") ? t["shape"] : json();
         bool good = shape.is_array() && !shape.empty() && static_cast<int64_t>(shape.size()) <= MAX_RANK + 1 &&
                     shape[0] == "batch";
         for (size_t k = 1; good && k < shape.size(); ++k)
             good = is_int(shape[k]) && as_i64(shape[k]) >= 1 && as_i64(shape[k]) <= MAX_DIM;
-        if (!good) throw artifact_error(where + ": field '" + at + ".shape' must be ['batch', dimensions...], got " + short_repr(shape));
+        if (!good) throw bad(where, at + ".shape", "['batch', dimensions...]", shape);
     }
-    return tensors;
 }
 
-// runtime/contract.py's check_manifest: every field a runtime reads, for type and bounds
-void check_manifest(Manifest& m) {
+void check_field(const FieldSpec& f, const json& d, const std::string& where) {
+    const json& v = d[f.name];
+    if ((v.is_null() && f.nullable) || f.kind == FieldKind::Any) return;
+    switch (f.kind) {
+        case FieldKind::Int:
+            if (!is_int(v) || as_i64(v) < f.lo || as_i64(v) > f.hi) throw bad(where, f.name, "an integer in " + range(f.lo, f.hi), v);
+            return;
+        case FieldKind::Str:
+            if (!v.is_string()) throw bad(where, f.name, "a string", v);
+            return;
+        case FieldKind::Dict:
+            if (!v.is_object()) throw bad(where, f.name, "an object", v);
+            return;
+        case FieldKind::Ints: {
+            const int64_t hi = *f.hi_field ? as_i64(d[f.hi_field]) : f.hi;
+            bool ok = v.is_array() && static_cast<int64_t>(v.size()) >= f.count_lo && static_cast<int64_t>(v.size()) <= f.count_hi;
+            for (size_t k = 0; ok && k < v.size(); ++k) ok = is_int(v[k]) && as_i64(v[k]) >= f.lo && as_i64(v[k]) <= hi;
+            if (!ok)
+                throw bad(where, f.name, "a list of " + std::to_string(f.count_lo) + ".." + std::to_string(f.count_hi) +
+                          " integers in " + range(f.lo, hi), v);
+            int64_t product = 1;
+            for (size_t k = 0; f.product && k < v.size() && product <= f.product; ++k) product *= as_i64(v[k]);
+            if (f.product && product > f.product)
+                throw bad(where, f.name, "a list of integers whose product is at most " + std::to_string(f.product), v);
+            return;
+        }
+        case FieldKind::Numbers: {
+            bool ok = v.is_array() && static_cast<int64_t>(v.size()) <= f.count_hi;
+            for (size_t k = 0; ok && k < v.size(); ++k) ok = v[k].is_number() && std::isfinite(v[k].get<double>());
+            if (!ok) throw bad(where, f.name, "a list of at most " + std::to_string(f.count_hi) + " finite numbers", v);
+            return;
+        }
+        case FieldKind::Files: check_files(f, v, where); return;
+        case FieldKind::Tensors: check_tensors(f, v, where); return;
+        default: return;
+    }
+}
+
+std::vector<std::string> names_of(const json& tensors) {
+    std::vector<std::string> out;
+    for (const auto& t : tensors) out.push_back(t["name"].get<std::string>());
+    return out;
+}
+
+// the tensor descriptions against sample_shape and label_dim (runtime/manifest.py _check_interface)
+void check_interface_fields(Manifest& m) {
     const json& d = *m.doc;
     const std::string& where = m.path;
-    if (!d.is_object() || !d.contains("schema") || d["schema"] != SCHEMA) {
-        const std::string schema = d.is_object() && d.contains("schema") ? short_repr(d["schema"]) : "None";
-        throw artifact_error(where + " is not an iia artifact manifest (schema " + schema + ", expected " +
-                             py_repr(std::string(SCHEMA)) + ")");
-    }
-    const json version = d.contains("schema_version") ? d["schema_version"] : json();
-    if (!is_int(version) || as_i64(version) < 1)
-        throw artifact_error(where + " has an invalid schema_version: " + short_repr(version) + " (this runtime reads " +
-                             std::to_string(SCHEMA_VERSION) + ")");
-    if (as_i64(version) > SCHEMA_VERSION)
-        throw artifact_error(where + " was written by a newer iia: schema version " + py_repr(version) +
-                             ", this runtime reads " + std::to_string(SCHEMA_VERSION) +
-                             " (upgrade iia, or recompile the model with this version)");
-    std::vector<std::string> missing;
-    for (const char* key : {"inputs", "outputs", "files", "sample_shape", "label_dim", "max_batch", "nfe"})
-        if (!d.contains(key)) missing.push_back(key);
-    if (!missing.empty()) throw artifact_error(where + " lacks required field(s) " + join(missing, ", "));
-    const json& shape = d["sample_shape"];
-    bool ok = shape.is_array() && !shape.empty() && static_cast<int64_t>(shape.size()) <= MAX_RANK;
-    for (size_t k = 0; ok && k < shape.size(); ++k) ok = is_int(shape[k]) && as_i64(shape[k]) >= 1 && as_i64(shape[k]) <= MAX_DIM;
-    if (!ok)
-        throw artifact_error(where + ": field 'sample_shape' must be a list of 1.." + std::to_string(MAX_RANK) +
-                             " integers in [1, " + std::to_string(MAX_DIM) + "], got " + short_repr(shape));
-    int64_t elements = 1;
-    for (const auto& v : shape) {
-        m.sample_shape.push_back(as_i64(v));
-        elements *= as_i64(v);
-    }
-    if (elements > MAX_ELEMENTS)
-        throw artifact_error(where + ": field 'sample_shape' " + py_list(m.sample_shape) + " has more than " +
-                             std::to_string(MAX_ELEMENTS) + " elements");
-    int_field(d, "label_dim", 0, MAX_LABEL_DIM, where, &m.label_dim);
-    int_field(d, "max_batch", 1, MAX_BATCH, where, &m.max_batch);
-    int_field(d, "nfe", 1, MAX_NFE, where, &m.nfe);
-    check_files(d["files"], where);
-    const json& inputs = check_tensors(d, "inputs", where);
-    const json& outputs = check_tensors(d, "outputs", where);
-    for (const auto& t : inputs) m.input_names.push_back(t["name"].get<std::string>());
-    for (const auto& t : outputs) m.output_names.push_back(t["name"].get<std::string>());
+    const json& inputs = d["inputs"];
+    m.input_names = names_of(inputs);
+    m.output_names = names_of(d["outputs"]);
     std::vector<std::string> want{NOISE};
     if (m.label_dim > 0) want.push_back(LABELS);
     if (m.input_names != want)
         throw artifact_error(where + ": field 'inputs' names " + py_list(m.input_names) + ", expected " + py_list(want) +
                              " for label_dim " + std::to_string(m.label_dim));
     json batch_shape = json::array({"batch"});
-    for (const auto& v : shape) batch_shape.push_back(v);
+    for (int64_t v : m.sample_shape) batch_shape.push_back(v);
     if (inputs[0]["dtype"] != "float32" || inputs[0]["shape"] != batch_shape)
-        throw artifact_error(where + ": field 'inputs' gives noise " + py_str(inputs[0]["dtype"]) + " " +
-                             py_repr(inputs[0]["shape"]) + ", expected float32 " + py_repr(batch_shape) + " (sample_shape)");
+        throw artifact_error(where + ": field 'inputs' gives noise " + text_of(inputs[0]["dtype"]) + " " +
+                             short_json(inputs[0]["shape"]) + ", expected float32 " + short_json(batch_shape) + " (sample_shape)");
     if (m.label_dim > 0) {
         const json& labels = inputs[1];
         const json range_want = json::array({0, m.label_dim - 1});
-        const json range = labels.contains("range") ? labels["range"] : range_want;
-        if (labels["dtype"] != "int64" || labels["shape"] != json::array({"batch"}) || range != range_want)
-            throw artifact_error(where + ": field 'inputs' gives class_labels " + py_str(labels["dtype"]) + " " +
-                                 py_repr(labels["shape"]) + " range " +
-                                 (labels.contains("range") ? short_repr(labels["range"]) : std::string("None")) +
-                                 ", expected int64 ['batch'] range [0, " + std::to_string(m.label_dim - 1) + "] (label_dim)");
+        const json found = labels.contains("range") ? labels["range"] : range_want;
+        bool exact = found.is_array() && found.size() == 2 && found == range_want;
+        for (const auto& v : found) exact = exact && is_int(v);  // no bools
+        if (labels["dtype"] != "int64" || labels["shape"] != json::array({"batch"}) || !exact)
+            throw artifact_error(where + ": field 'inputs' gives class_labels " + text_of(labels["dtype"]) + " " +
+                                 short_json(labels["shape"]) + " range " + short_json(labels.contains("range") ? labels["range"] : json()) +
+                                 ", expected int64 ['batch'] range " + short_json(range_want) + " (label_dim)");
     }
     std::vector<std::string> names = m.output_names;
     std::sort(names.begin(), names.end());
@@ -386,32 +404,39 @@ void check_manifest(Manifest& m) {
         throw artifact_error(where + ": field 'outputs' names " + py_list(m.output_names) + ": expected '" + IMAGES +
                              "' once (and '" + IMAGES_U8 + "'), or '" + LATENTS + "' and '" + IMAGES_U8 +
                              "' (a latent model's samples and their decoded images)");
-    for (const auto& [key, want_str] : {std::pair<const char*, bool>{"solver", true}, {"model", false}, {"engine", false}}) {
-        if (!d.contains(key) || d[key].is_null()) continue;
-        if (want_str ? !d[key].is_string() : !d[key].is_object())
-            throw artifact_error(where + ": field '" + key + "' must be a " + (want_str ? "str" : "dict") + ", got " +
-                                 short_repr(d[key]));
+}
+
+// runtime/manifest.py's check_manifest: schema and version, then every field of MANIFEST_FIELDS in table order,
+// then the fields against each other
+void check_manifest(Manifest& m) {
+    const json& d = *m.doc;
+    const std::string& where = m.path;
+    if (!d.is_object() || !d.contains("schema") || d["schema"] != SCHEMA) {
+        const json schema = d.is_object() && d.contains("schema") ? d["schema"] : json();
+        throw artifact_error(where + " is not an iia artifact manifest (field 'schema' " + short_json(schema) +
+                             ", expected " + json(SCHEMA).dump() + ")");
     }
-    if (d.contains("r")) {
-        int64_t r = 0;
-        int_field(d, "r", 0, 64, where, &r);
-    }
-    if (d.contains("sigmas") && !d["sigmas"].is_null()) {
-        const json& sigmas = d["sigmas"];
-        bool fine = sigmas.is_array() && static_cast<int64_t>(sigmas.size()) <= MAX_NFE + 1;
-        for (size_t k = 0; fine && k < sigmas.size(); ++k)
-            fine = sigmas[k].is_number() && std::isfinite(sigmas[k].get<double>());
-        if (!fine) throw artifact_error(where + ": field 'sigmas' must be a list of finite numbers, got " + short_repr(sigmas));
-    }
-    // optional batch specialisations of the ONNX Runtime session (runtime/contract.py STATIC_BATCHES)
-    const json static_batches = d.contains("static_batches") ? d["static_batches"] : json::array();
-    bool listed = static_batches.is_array() && static_batches.size() <= 64;
-    for (size_t k = 0; listed && k < static_batches.size(); ++k)
-        listed = is_int(static_batches[k]) && as_i64(static_batches[k]) >= 1 && as_i64(static_batches[k]) <= m.max_batch;
-    if (!listed)
-        throw artifact_error(where + ": field 'static_batches' must be a list of batch sizes in 1..max_batch " +
-                             std::to_string(m.max_batch) + ", got " + short_repr(static_batches));
-    for (const auto& b : static_batches) m.static_batches.push_back(as_i64(b));
+    const json version = d.contains("schema_version") ? d["schema_version"] : json();
+    if (!is_int(version) || as_i64(version) < 1)
+        throw artifact_error(where + " has an invalid schema_version: " + short_json(version) + " (this runtime reads " +
+                             std::to_string(SCHEMA_VERSION) + ")");
+    if (as_i64(version) > SCHEMA_VERSION)
+        throw artifact_error(where + " was written by a newer iia: schema version " + std::to_string(as_i64(version)) +
+                             ", this runtime reads " + std::to_string(SCHEMA_VERSION) +
+                             " (upgrade iia, or recompile the model with this version)");
+    std::vector<std::string> missing;
+    for (const FieldSpec& f : MANIFEST_FIELDS)
+        if (f.required && !d.contains(f.name)) missing.push_back(f.name);
+    if (!missing.empty()) throw artifact_error(where + " lacks required field(s) " + join(missing, ", "));
+    for (const FieldSpec& f : MANIFEST_FIELDS)
+        if (d.contains(f.name) && f.kind != FieldKind::Schema && f.kind != FieldKind::Version) check_field(f, d, where);
+    for (const auto& v : d["sample_shape"]) m.sample_shape.push_back(as_i64(v));
+    m.label_dim = as_i64(d["label_dim"]);
+    m.max_batch = as_i64(d["max_batch"]);
+    m.nfe = as_i64(d["nfe"]);
+    check_interface_fields(m);
+    if (d.contains("static_batches"))
+        for (const auto& b : d["static_batches"]) m.static_batches.push_back(as_i64(b));
     std::sort(m.static_batches.begin(), m.static_batches.end());
     m.static_batches.erase(std::unique(m.static_batches.begin(), m.static_batches.end()), m.static_batches.end());
 }
@@ -430,15 +455,7 @@ Manifest read_manifest(const std::string& root) {
     } catch (const NotFound&) {
         throw artifact_error(root + " is not an iia artifact: it has no manifest.json (make one with iia-compile)");
     }
-    const std::string text(bytes.begin(), bytes.end());
-    if (text.rfind(UTF8_BOM, 0) == 0)  // nlohmann would skip it; Python's json refuses it: one verdict
-        throw artifact_error(m.path + " is not readable JSON (" + BOM_REFUSED + ")");
-    if (nesting(text) > 500) throw artifact_error(m.path + " is not usable JSON (nested too deeply)");
-    try {
-        m.doc = std::make_shared<json>(json::parse(text));
-    } catch (const json::exception& err) {
-        throw artifact_error(m.path + " is not readable JSON (" + err.what() + ")");
-    }
+    m.doc = std::make_shared<json>(parse_strict(std::string(bytes.begin(), bytes.end()), m.path));
     check_manifest(m);
     const json& d = *m.doc;
     // the TensorRT plan's provenance (runtime/trt_backend.py: plan_unavailable_reason, plan_mismatch)
@@ -446,12 +463,12 @@ Manifest read_manifest(const std::string& root) {
     m.engine_built = engine.contains("built") && engine["built"].is_boolean() && engine["built"].get<bool>();
     const bool has_reason = engine.contains("reason") && !engine["reason"].is_null() && engine["reason"] != "" &&
                             engine["reason"] != false;
-    m.engine_reason = has_reason ? py_str(engine["reason"]) : "not built";
-    m.engine_tensorrt = engine.contains("tensorrt") ? py_str(engine["tensorrt"]) : "None";
-    m.engine_compute_capability = engine.contains("compute_capability") ? py_str(engine["compute_capability"]) : "None";
+    m.engine_reason = has_reason ? text_of(engine["reason"]) : "not built";
+    m.engine_tensorrt = engine.contains("tensorrt") ? text_of(engine["tensorrt"]) : "None";
+    m.engine_compute_capability = engine.contains("compute_capability") ? text_of(engine["compute_capability"]) : "None";
     m.solver = d.contains("solver") && d["solver"].is_string() ? d["solver"].get<std::string>() : "";
     m.model = "?";
-    if (d.contains("model") && d["model"].is_object() && d["model"].contains("name")) m.model = py_str(d["model"]["name"]);
+    if (d.contains("model") && d["model"].is_object() && d["model"].contains("name")) m.model = text_of(d["model"]["name"]);
     return m;
 }
 
@@ -477,7 +494,7 @@ std::string sha256_hex(const void* data, size_t size) {
 
 namespace {
 
-int64_t limit_for(const Manifest& m, const std::string& name) {  // runtime/contract.py's _limit
+int64_t limit_for(const Manifest& m, const std::string& name) {  // runtime/manifest.py's _limit
     const json& files = (*m.doc)["files"];
     auto it = files.find(name);
     if (it != files.end() && it->is_object() && it->contains("bytes") && is_int((*it)["bytes"]) && as_i64((*it)["bytes"]) >= 0)
@@ -502,7 +519,7 @@ void verify_file(const Manifest& m, const std::string& name) {
     std::string digest;
     int64_t size = 0;
     try {
-        RegularFile file(path, limit);
+        RegularFile file(contained(m.root, name), limit, false, path);  // inside the artifact, before it is opened
         std::unique_ptr<EVP_MD_CTX, DigestDeleter> ctx(EVP_MD_CTX_new());
         if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
             throw runtime_error("OpenSSL could not start a sha256");
@@ -531,7 +548,7 @@ std::vector<char> read_verified(const Manifest& m, const std::string& name, bool
     const int64_t limit = limit_for(m, name);
     std::vector<char> data;
     try {
-        RegularFile file(path, limit);
+        RegularFile file(contained(m.root, name), limit, false, path);  // inside the artifact, before it is opened
         data = file.read_all();
     } catch (const NotFound&) {
         throw missing_error(m, name);

@@ -1,6 +1,7 @@
 // The artifact contract of runtime/contract.py (and runtime/sampler.py's validation), restated for C++:
-// tensor names, manifest schema, error kinds, and the Python-style formatting the one-line messages use.
-// tests/test_native.py checks these literals against iia.runtime.contract.
+// tensor names, manifest schema, error kinds, and the Python-style formatting of the input messages.
+// tests/test_native.py checks these literals against iia.runtime.contract; the bounds and the manifest's field
+// table are generated (manifest_fields.hpp).
 #pragma once
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "iia/runtime.h"
+#include "manifest_fields.hpp"
 
 namespace iia_native {
 
@@ -31,17 +33,7 @@ inline constexpr const char* BATCH_AXIS = "batch";  // the graph's symbolic batc
 inline constexpr const char* TENSORRT = "tensorrt";
 inline constexpr const char* ORT_CUDA = "onnxruntime-cuda";
 inline constexpr const char* ORT_CPU = "onnxruntime-cpu";
-// bounds every reader applies (runtime/contract.py: MAX_MANIFEST_BYTES ...)
-inline constexpr int64_t MAX_MANIFEST_BYTES = int64_t(4) << 20;
-inline constexpr int64_t MAX_LISTED_BYTES = int64_t(1) << 40;
-inline constexpr int64_t MAX_FILES = 64;
-inline constexpr int64_t MAX_RANK = 4;
-inline constexpr int64_t MAX_DIM = int64_t(1) << 16;
-inline constexpr int64_t MAX_ELEMENTS = int64_t(1) << 28;
-inline constexpr int64_t MAX_LABEL_DIM = int64_t(1) << 20;
-inline constexpr int64_t MAX_BATCH = int64_t(1) << 16;
-inline constexpr int64_t MAX_NFE = 10000;
-inline constexpr int64_t MAX_THREADS = 1024;  // ONNX Runtime intra-op threads a load accepts
+// the bounds every reader applies and the manifest's field table: generated from runtime/manifest.py
 inline constexpr const char* UTF8_BOM = "\xEF\xBB\xBF";
 inline constexpr const char* BOM_REFUSED = "it starts with a UTF-8 byte order mark; JSON files of an artifact are plain UTF-8";
 inline constexpr const char* NO_CUDA = "no CUDA device found (libcuda missing or no GPU)";
@@ -58,10 +50,7 @@ inline Error artifact_error(const std::string& m) { return Error(IIA_ERROR_ARTIF
 inline Error unavailable(const std::string& m) { return Error(IIA_ERROR_BACKEND_UNAVAILABLE, m); }
 inline Error runtime_error(const std::string& m) { return Error(IIA_ERROR_RUNTIME, m); }
 
-// Python's repr() / str() of a JSON value as json.loads would give it ('x', None, True, 1.5, [1, 2])
-// (defined in artifact.cpp, the one place that parses JSON).
-std::string py_repr(const json& value);
-std::string py_str(const json& value);
+// Python's repr of a string and of a list (the input messages iia.runtime's Sampler gives, tests/test_native.py)
 std::string py_repr(const std::string& text);
 std::string py_float_repr(double value);
 // Python's repr of a list of ints / strings: [1, 8, 8], ['noise', 'class_labels'].
