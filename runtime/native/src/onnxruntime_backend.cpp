@@ -62,7 +62,12 @@ json declared(const Manifest& m, bool inputs) {
 
 std::string tuples(const json& list) {  // Python's repr of a list of (name, type, shape) tuples
     std::vector<std::string> parts;
-    for (const auto& t : list) parts.push_back("(" + py_repr(t[0]) + ", " + py_repr(t[1]) + ", " + py_repr(t[2]) + ")");
+    for (const auto& t : list) {
+        std::vector<std::string> dims;  // "batch" or an int (the manifest's shapes are checked)
+        for (const auto& d : t[2]) dims.push_back(d.is_string() ? py_repr(d.get<std::string>()) : std::to_string(d.get<int64_t>()));
+        parts.push_back("(" + py_repr(t[0].get<std::string>()) + ", " + py_repr(t[1].get<std::string>()) + ", [" +
+                        join(dims, ", ") + "])");
+    }
     return "[" + join(parts, ", ") + "]";
 }
 
