@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import iia.runtime
+import iia.runtime.devices
 from iia.calibration.artifact import load_program
 from iia.calibration.fit import CalibrationOptions
 from iia.calibration.sampling import sample
@@ -220,7 +221,7 @@ def test_plan_for_other_tensorrt_or_gpu_refused_and_auto_falls_back(artifacts, t
 
     fake = types.SimpleNamespace(__version__="10.9.0", Runtime=no_deserialize, Logger=no_deserialize)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(iia.runtime.contract, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(iia.runtime.devices, "cuda_device_count", lambda: 1)
     monkeypatch.setattr(trt_backend, "gpu_compute_capability", lambda device=0: "9.0")
     with pytest.raises(BackendUnavailable, match=r"TensorRT 8\.6\.1 .*capability 8\.0.*TensorRT 10\.9\.0 .*capability 9\.0"):
         load(art, backend="tensorrt")
