@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import (IMAGES, IMAGES_U8, LABELS, LATENTS, MANIFEST, MAX_BATCH, MAX_COEFFICIENTS_BYTES, MAX_DIM,
+from .contract import (BOM_REFUSED, GRAPH_METADATA, IMAGES, IMAGES_U8, LABELS, LATENTS, MANIFEST, MAX_BATCH, MAX_DIM,
                        MAX_ELEMENTS, MAX_FILES, MAX_JSON_DEPTH, MAX_LABEL_DIM, MAX_LISTED_BYTES, MAX_MANIFEST_BYTES,
-                       MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, MAX_THREADS, NOISE, SCHEMA, SCHEMA_VERSION,
-                       STATIC_BATCHES, UTF8_BOM, BOM_REFUSED, GRAPH_METADATA, ArtifactError)
+                       MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA, SCHEMA_VERSION,
+                       STATIC_BATCHES, UTF8_BOM, ArtifactError)
 from .files import contained, read_regular, sha256_bytes, sha256_file
 
 
