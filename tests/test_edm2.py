@@ -246,7 +246,7 @@ def test_guided_latent_graph_equals_edm2_sampler_and_vae_decode(edm2, vae_dir, l
     assert decode_ops.count("ConvTranspose") == 2
 
     import iia.runtime
-    from iia.runtime.onnx_backend import CPU as CPU_BACKEND
+    from iia.runtime.contract import ORT_CPU as CPU_BACKEND
 
     with iia.runtime.load(out, backend=CPU_BACKEND) as sampler:
         samples = sampler.sample(noise, class_labels=labels)
