@@ -4,8 +4,10 @@ A sampler is a `Program`: a prelude `z0 = sigma_0 * noise`, then `Step`s. A step
   - `ops`: denoiser calls (`Denoise`) and fixed linear combinations (`Combine`, e.g. Heun's predictor),
   - the update `z_{i+1} = anchor + sum_j c_j * basis_j`, each basis term a named linear combination of
     values computed so far (current state, denoiser outputs, history), with `c` the step's coefficients.
-The base solver is one coefficient vector; IIA fits another. The PyTorch interpreter (`sampling.py`),
-the calibrator (`fit.py`) and the ONNX emitter (`iia.compiler`) all read this one description.
+The base solver is one coefficient vector; IIA fits another. `Program.plan()` is the flat form every executor
+runs (`iia.runtime.program`: the op types, liveness, the linear form, program.json and `execute` live there);
+the PyTorch interpreter (`sampling.py`), the calibrator (`fit.py`), the search and the ONNX emitter
+(`iia.compiler`) all read this one description.
 
 Value names: `z{i}` states, `D{i}` = D(z_i; t_i), `zt{i}` Heun's predicted state at t_i and `Dt{i}` its
 denoised value.
@@ -15,38 +17,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
-Terms = tuple[tuple[str, float], ...]  # a linear combination: sum(weight * values[name])
-
-
-@dataclass(frozen=True)
-class Denoise:
-    """out = D(values[state]; sigma) with the program's class labels."""
-
-    out: str
-    state: str
-    sigma: float
-
-
-@dataclass(frozen=True)
-class Combine:
-    """out = sum(weight * values[name] for name, weight in terms)."""
-
-    out: str
-    terms: Terms
-
-
-Op = Union[Denoise, Combine]
-
-
-def merge_terms(*weighted: tuple[float, Terms]) -> Terms:
-    """sum_k scale_k * terms_k as one linear combination (same names merged, order kept)."""
-    total: dict[str, float] = {}
-    for scale, terms in weighted:
-        for name, w in terms:
-            total[name] = total.get(name, 0.0) + scale * w
-    return tuple((name, w) for name, w in total.items() if w != 0.0)
+from iia.runtime.program import Combine, Denoise, Op, Plan, Terms, Update, merge_terms
 
 
 @dataclass(frozen=True)
@@ -66,13 +39,9 @@ class Step:
         if not self.state:
             object.__setattr__(self, "state", f"z{self.index}")
 
-    def update(self) -> Combine:
-        """The step's update as a single combination: anchor + sum c_j basis_j."""
-        weighted = [(1.0, self.anchor)] + [(c, t) for c, (_, t) in zip(self.coefficients, self.basis)]
-        return Combine(self.out, merge_terms(*weighted))
-
-    def all_ops(self) -> tuple[Op, ...]:
-        return self.ops + (self.update(),)
+    def update(self) -> Update:
+        """The step's update anchor + sum c_j basis_j, its coefficients kept apart (fit and search vary them)."""
+        return Update(self.out, self.anchor, tuple(t for _, t in self.basis), self.coefficients)
 
     def with_coefficients(self, coefficients: Sequence[float]) -> "Step":
         if len(coefficients) != len(self.basis):
@@ -99,11 +68,16 @@ class Program:
     def output(self) -> str:
         return self.steps[-1].out
 
-    def ops(self) -> list[Op]:
-        out: list[Op] = [self.prelude]
+    def plan(self) -> Plan:
+        """The program as the runtime's flat plan (`iia.runtime.program`): what every executor runs."""
+        ops: list[Op] = [self.prelude]
         for step in self.steps:
-            out.extend(step.all_ops())
-        return out
+            ops.extend(step.ops + (step.update(),))
+        return Plan(tuple(ops), self.output)
+
+    def ops(self) -> list[Op]:
+        """The ops with every update merged into one combination (what the graph and program.json compute)."""
+        return list(self.plan().flat().ops)
 
     @property
     def nfe(self) -> int:
@@ -238,20 +212,11 @@ def spndm_step(i: int, sigmas: Sequence[float], r: int) -> Step:
 
 
 def dpmpp_2m_step(i: int, sigmas: Sequence[float], r: int) -> Step:
-    """DPM-Solver++(2M) in log-sigma (data prediction): z_{i+1} = (t'/t) z_i + (1 - t'/t) D', with
-    D' = (1 + 1/(2 q)) D_i - 1/(2 q) D_{i-1}, q = h_{i-1} / h_i, h = log(t / t'); first-order first and last step."""
-    import math
-
+    """DPM-Solver++(2M) in log-sigma (data prediction, `dpmpp_weights` order 2), first order on the first step
+    and the step to sigma = 0: the peer baseline (no basis, never fitted)."""
     t, t_next = sigmas[i], sigmas[i + 1]
-    ops = (Denoise(f"D{i}", f"z{i}", t),)
-    if i == 0 or t_next == 0:
-        return Step(i, t, t_next, ops, ddim_update(i, sigmas), (), (), f"z{i + 1}", False)
-    ratio = t_next / t
-    h, h_prev = math.log(t / t_next), math.log(sigmas[i - 1] / t)
-    q = h_prev / h
-    anchor = merge_terms((1.0, ((f"z{i}", ratio),)),
-                         (1.0 - ratio, ((f"D{i}", 1 + 1 / (2 * q)), (f"D{i - 1}", -1 / (2 * q)))))
-    return Step(i, t, t_next, ops, anchor, (), (), f"z{i + 1}", False)
+    anchor = _dpmpp_anchor(i, sigmas, 1 if i == 0 else 2)
+    return Step(i, t, t_next, (Denoise(f"D{i}", f"z{i}", t),), anchor, (), (), f"z{i + 1}", False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -429,11 +394,15 @@ def dpmpp_weights(i: int, sigmas: Sequence[float], order: int) -> tuple[float, l
     return ratio, [phi1 * (k == 0) + c1 * d1[k] - c2 * d2[k] for k in range(3)]
 
 
+def _dpmpp_anchor(i: int, sigmas: Sequence[float], order: int) -> Terms:
+    a, w = dpmpp_weights(i, sigmas, order)
+    return merge_terms((1.0, ((f"z{i}", a),)), *[(wk, ((f"D{i - k}", 1.0),)) for k, wk in enumerate(w)])
+
+
 def _dpmpp_step(max_order: int):
     def build(i: int, sigmas: Sequence[float], r: int) -> Step:
         order = _order(i, len(sigmas) - 1, sigmas[i + 1], max_order)
-        a, w = dpmpp_weights(i, sigmas, order)
-        anchor = merge_terms((1.0, ((f"z{i}", a),)), *[(wk, ((f"D{i - k}", 1.0),)) for k, wk in enumerate(w)])
+        anchor = _dpmpp_anchor(i, sigmas, order)
         return _linear_step(i, sigmas, r, (Denoise(f"D{i}", f"z{i}", sigmas[i]),), anchor, f"z{i}")
     return build
 

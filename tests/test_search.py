@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from iia.calibration.fit import CalibrationOptions
-from iia.calibration.sampling import program_for, sample
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.calibration.schedules import karras_sigmas
-from iia.calibration.search import (ScheduleSpace, SearchOptions, auto_search, fit_global, learn_schedule,
-                                    make_eval_set, per_sample_rmse, sample_with_coefficients)
+from iia.calibration.evalset import evaluation_set
+from iia.calibration.search import SearchOptions, auto_search
+from iia.calibration.search_fits import fit_global, learn_schedule, sample_with_coefficients
+from iia.calibration.search_space import ScheduleSpace
 from iia.calibration.solvers import build_program
 from iia.models import load
 
@@ -23,7 +26,7 @@ def gmm():
 
 @pytest.fixture(scope="module")
 def calib(gmm):
-    return make_eval_set(gmm, 64, 0, 64)
+    return evaluation_set(gmm, 64, 0, 64)
 
 
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
@@ -54,9 +57,9 @@ def test_differentiable_sampler_matches_interpreter(gmm, calib):
 def test_learned_schedule_beats_karras_on_calibration_and_heldout(gmm, calib):
     sig, info = learn_schedule(gmm, "ipndm", 5, "sigma_min", calib, max_evals=150)
     assert info["loss"] < 0.7 * info["loss_karras"]
-    hold = make_eval_set(gmm, 128, 99, 64)
-    learned = per_sample_rmse(build_program("ipndm", sig), gmm, hold).pow(2).mean()
-    karras = per_sample_rmse(program_for(gmm, "ipndm", 5, final="sigma_min"), gmm, hold).pow(2).mean()
+    hold = evaluation_set(gmm, 128, 99, 64)
+    learned = hold.errors(build_program("ipndm", sig)).pow(2).mean()
+    karras = hold.errors(program_for(gmm, "ipndm", 5, final="sigma_min")).pow(2).mean()
     assert learned < karras
 
 
