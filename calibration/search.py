@@ -23,6 +23,7 @@ from iia.models.base import Denoiser
 
 from .evalset import EvalSet, evaluation_set
 from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions, CalibrationResult, calibrate
+from .sampling import reference_solution
 from .schedules import program_for
 from .search_fits import calib_loss, fit_global, learn_schedule
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
@@ -31,8 +32,11 @@ from .solvers import Program, build_program, valid_nfe
 __all__ = ["FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResult", "auto_search", "format_table",
            "to_calibration_result"]
 
-REFERENCE_SHARE = 0.3  # of --budget, at most, for the reference solutions
+FIXED_SHARE = 0.6  # of --budget, at most, for what cannot stop early: references, scoring bases and finalists
 MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 32, 16, 32  # what a cut never goes below
+# below this --budget, no learned schedules or global fits: loading their optimisers (scipy.optimize, torch.optim,
+# which imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
+MIN_FIT_BUDGET_S = 10.0
 
 
 @dataclass
@@ -69,40 +73,56 @@ class Clock:
             self.deadline = max(self.deadline - seconds, time.perf_counter())
 
 
-def reference_sizes(denoiser: Denoiser, batch: int, holdout: int, steps: int, budget_s: float | None,
-                    ) -> tuple[int, int, int, str]:
-    """(calibration noises, held-out noises, reference steps, what was cut) so that the references' estimated
-    time (one timed denoiser call x the calls they make) stays within REFERENCE_SHARE of the budget: fewer Heun
-    steps first (down to MIN_REFERENCE_STEPS), then fewer noises."""
+def _call_cost(denoiser: Denoiser) -> Callable[[int], float]:
+    """cost(n): seconds of one executor step (a denoiser call and its combinations) on n noises, timed on short
+    Heun integrations of 32 and 256 noises (after a warm-up) and extrapolated linearly (256 at a time, as the
+    samplers chunk)."""
+    times = {}
+    for m, steps in ((32, 2), (32, 8), (256, 8)):  # the first is the warm-up
+        x = torch.randn(m, *denoiser.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
+        t0 = time.perf_counter()
+        reference_solution(denoiser, x, labels, steps=steps)
+        times[m] = (time.perf_counter() - t0) / (2 * steps - 1)
+    slope = max(times[256] - times[32], 0.0) / 224
+
+    def cost(n: int) -> float:
+        full, rest = divmod(n, 256)
+        return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
+    return cost
+
+
+def reference_sizes(denoiser: Denoiser, nfe: int, n_cands: int, batch: int, holdout: int, steps: int,
+                    budget_s: float | None) -> tuple[int, int, int, str]:
+    """(calibration noises, held-out noises, reference steps, what was cut): the references, scoring the bases
+    on the calibration noises and `n_cands` finalists on the held-out ones must fit FIXED_SHARE of the budget
+    by the timed step cost; fewer Heun steps go first (down to MIN_REFERENCE_STEPS), then fewer noises."""
     if budget_s is None:
         return batch, holdout, steps, ""
-    m = min(batch + holdout, 256)  # reference_solution integrates 256 noises at a time
-    x = torch.randn(m, *denoiser.shape, dtype=torch.float64)
-    labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
-    t0 = time.perf_counter()
-    denoiser(x, denoiser.sigma_max, labels)
-    per_call = (time.perf_counter() - t0) / m  # seconds per noise and call
+    cost = _call_cost(denoiser)
 
-    def cost(n_cal, n_hold, n_steps):
-        return (n_cal + n_hold) * (2 * n_steps - 1) * per_call
+    def total(n_cal, n_hold, n_steps):  # x 1.5: short timings run faster than long ones (caches, other load)
+        return 1.5 * (2 * n_steps - 1 + n_cands * nfe) * (cost(n_cal) + cost(n_hold))
 
-    share = REFERENCE_SHARE * budget_s
     new = [batch, holdout, steps]
-    if cost(*new) > share:
-        new[2] = max(MIN_REFERENCE_STEPS, min(steps, int(steps * share / cost(*new))))
-    if cost(*new) > share:
-        f = share / cost(*new)
-        new[0], new[1] = max(MIN_CALIB, min(batch, int(batch * f))), max(MIN_HOLDOUT, min(holdout, int(holdout * f)))
+    while total(*new) > FIXED_SHARE * budget_s:
+        if new[2] > MIN_REFERENCE_STEPS:
+            new[2] = max(MIN_REFERENCE_STEPS, int(new[2] * 0.7))
+        elif new[0] > MIN_CALIB or new[1] > MIN_HOLDOUT:
+            new[0], new[1] = max(MIN_CALIB, int(new[0] * 0.7)), max(MIN_HOLDOUT, int(new[1] * 0.7))
+        else:
+            break
     cut = [f"{what} {b} -> {a}" for what, a, b in zip(("calibration noises", "held-out noises", "reference steps"),
                                                       new, (batch, holdout, steps)) if a != b]
     return (*new, ", ".join(cut))
 
 
-def _evaluation_sets(denoiser: Denoiser, opts: SearchOptions, cal: CalibrationOptions, clock: Clock,
-                     log) -> tuple[EvalSet, EvalSet]:
+def _evaluation_sets(denoiser: Denoiser, nfe: int, n_bases: int, opts: SearchOptions, cal: CalibrationOptions,
+                     clock: Clock, log) -> tuple[EvalSet, EvalSet]:
     t0 = time.perf_counter()
     batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
-    batch, holdout, steps, cut = reference_sizes(denoiser, batch, cal.holdout, cal.reference_steps, opts.budget_s)
+    batch, holdout, steps, cut = reference_sizes(denoiser, nfe, 2 * n_bases, batch, cal.holdout, cal.reference_steps,
+                                                 opts.budget_s)
     if cut:
         log(f"  references cut to fit --budget {opts.budget_s:g} s: {cut}")
     calib = evaluation_set(denoiser, batch, cal.seed, steps)
@@ -217,7 +237,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
         raise SearchError(f"no solver family can spend exactly NFE {nfe}")
-    calib, hold = _evaluation_sets(denoiser, opts, cal, clock, log)
+    calib, hold = _evaluation_sets(denoiser, nfe, len(families) * len(opts.finals), opts, cal, clock, log)
     cands = _score_bases(denoiser, nfe, families, opts, calib, clock)
     bases = sorted(cands, key=lambda c: c.calib_loss)
     # keep time for what runs after the searches: the local fit (~M + 1 calls per step on its batch) and scoring
@@ -226,9 +246,12 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     n_final = len(cands) + opts.top_k + opts.global_fits + int(opts.local)
     clock.reserve(per_eval * (len(hold) / len(calib) * n_final
                               + (cal.M + 1) * cal.batch / len(calib) * int(opts.local)))
-    learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log)
-    cands += learned
-    cands += _global_fits(denoiser, learned, bases, opts, calib, clock, log)
+    if opts.budget_s is None or opts.budget_s >= MIN_FIT_BUDGET_S:
+        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log)
+        cands += learned + _global_fits(denoiser, learned, bases, opts, calib, clock, log)
+    else:
+        log(f"  learned schedules and global fits skipped: --budget {opts.budget_s:g} s is below {MIN_FIT_BUDGET_S:g} s "
+            f"(loading their optimisers alone takes seconds)")
     cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
     chosen = _choose(cands, hold, clock)
     table = [{"candidate": c.label, "solver": c.program.solver, "family": c.family, "final": c.final,

@@ -47,8 +47,6 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
 
     Returns (sigmas, info) with info = {evals, loss_karras, loss, seconds, cut}.
     """
-    from scipy.optimize import minimize
-
     space = schedule_space(denoiser, solver, nfe, final)
     started = time.perf_counter()
     best = {"f": math.inf, "theta": space.karras_theta()}
@@ -74,8 +72,10 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
 
     x0 = space.karras_theta()
     f0 = f(x0)
-    cut = False  # the deadline stopped the search before it converged
-    if space.n_params >= 1:
+    cut = deadline is not None and time.perf_counter() > deadline  # stopped before it converged
+    if space.n_params >= 1 and not cut:
+        from scipy.optimize import minimize  # (its import takes seconds: not when the budget is spent)
+
         simplex = [x0] + [[x + (0.7 if k == j else 0.0) for j, x in enumerate(x0)] for k in range(space.n_params)]
         try:
             minimize(f, x0, method="Nelder-Mead", options={
