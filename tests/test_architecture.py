@@ -361,3 +361,29 @@ def test_other_clis_refuse_flags_they_would_ignore(capsys, which, argv, match):
     assert {"accuracy": accuracy_main, "calibrate": calibrate_main}[which](argv) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1
+
+
+# ---- one program, one executor (issue 23) --------------------------------------------------------------
+def test_step_execution_liveness_and_program_json_are_defined_once():
+    """The executor, liveness and program.json's writer/reader (module-level functions) live in runtime/program.py
+    only (Triton's `TritonPythonModel.execute` is another thing); the PyTorch
+    interpreter, the IIA fit, the search and the runtime's loop call that executor."""
+    defs = re.compile(r"^def (execute|advance|run_program|run_calls|finish_step|"
+                      r"live_after|last_reads|_reads|reads|live_values|to_json|from_json|program_document|"
+                      r"program_plan|check_program|read_program|linear_form)\(")
+    found: dict[str, list[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                m = defs.match(line)
+                if m:
+                    found.setdefault(m.group(1), []).append(f"{path.relative_to(ROOT)}:{n}")
+    program = "runtime/program.py"
+    # emit.linear_form is a thin wrapper naming its error EmitError; everything else is defined once, at the bottom
+    assert {name: [w for w in where if not w.startswith("compiler/emit.py")] for name, where in found.items()} == {
+        name: [w for w in where if w.startswith(program)] for name, where in found.items()}
+    for name in ("execute", "last_reads", "reads", "to_json", "from_json", "linear_form"):
+        assert len([w for w in found[name] if w.startswith(program)]) == 1, name
+    assert "return program_linear_form(program.plan())" in (ROOT / "compiler" / "emit.py").read_text()
+    for caller in ("calibration/sampling.py", "calibration/fit.py", "calibration/search_fits.py", "runtime/loop.py"):
+        assert re.search(r"\bexecute\(", (ROOT / caller).read_text()), caller

@@ -130,3 +130,23 @@ def test_peer_benchmark_ratios(gmm):
     best = rows[rows["ipndm"]["best_peer"]]
     assert best["ratio_to_best_peer"] == 1.0 and best["ci_lo"] <= 1.0 <= best["ci_hi"]
     assert rows["ipndm"]["ci_lo"] <= rows["ipndm"]["ratio_to_best_peer"] <= rows["ipndm"]["ci_hi"]
+
+
+def test_a_one_second_budget_governs_the_references_too(gmm):
+    """issue 26: `--budget 1` with `--solver auto` searched ~24 s, 19 s of it the references."""
+    lines = []
+    res = auto_search(gmm, 8, SearchOptions(budget_s=1), log=lines.append)
+    assert res.seconds < 3, f"{res.seconds} s: {res.timings}"
+    assert any("references cut to fit --budget 1 s" in line for line in lines), lines
+    assert any("learned schedules and global fits skipped" in line for line in lines), lines
+    assert sum(r["chosen"] for r in res.table) == 1
+
+
+def test_a_search_bounded_by_counts_is_the_same_on_every_run(gmm):
+    opts = SearchOptions(budget_s=None, batch=32, families=("ipndm", "deis-2"), max_evals=12, max_iter=4)
+    cal = CalibrationOptions(holdout=32, reference_steps=32, batch=32)
+    tables = [[{k: v for k, v in row.items() if k != "seconds"} for row in auto_search(gmm, 5, opts, cal).table]
+              for _ in range(2)]
+    assert tables[0] == tables[1]
+    assert {r["schedule"] for r in tables[0]} == {"karras", "learned"}
+    assert all(r["note"] != "1 evals" for r in tables[0] if r["schedule"] == "learned")  # not cut by any clock
