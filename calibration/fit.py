@@ -24,7 +24,7 @@ from iia.runtime.program import StepView, execute
 from .evalset import draw_noise, evaluation_set, sample_errors
 from .sampling import TORCH, integrate, sample
 from .schedules import SCHEDULES, fine_grid, program_for
-from .solvers import SOLVERS, Program, get_solver
+from .solvers import SOLVERS, Program, Step, get_solver
 
 
 # Held-out noises are images seed + HOLDOUT_SEED_OFFSET + k: disjoint from calibration's seed + k for any batch
@@ -125,6 +125,43 @@ def chunked(denoiser: Callable, size: int) -> Callable:
     return call
 
 
+def fit_update(step: Step, view: StepView, denoiser: Denoiser, options: CalibrationOptions, fine_family: str,
+               chunks: list[slice], labels: torch.Tensor | None, tick: Callable[[int], None] | None,
+               ) -> tuple[Step, dict]:
+    """Step `step`'s coefficients by ridge least squares at its update (`view`: anchor, basis and the state it
+    integrates from, all noises): the target is the family's fine integration of that state over `options.M`
+    sub-steps, accumulated `chunks` at a time. Returns (the step with its coefficients, its report entry)."""
+    fit_this = step.fittable and step.index >= options.first_step and step.basis
+    p = len(step.basis)
+    gram = torch.zeros(p, p, dtype=torch.float64)
+    rhs = torch.zeros(p, dtype=torch.float64)
+    target_sq, n_elems = 0.0, 0
+    for ci, c in enumerate(chunks):
+        if fit_this:
+            anchor = view.anchor[c]
+            basis = torch.stack([b[c].reshape(-1) for b in view.basis], 1)
+            target = integrate(fine_family, denoiser, view.values[step.state][c],
+                               fine_grid(step.sigma_from, step.sigma_to, options.M), None if labels is None else labels[c])
+            resid = (target - anchor).reshape(-1)
+            gram += basis.T @ basis
+            rhs += basis.T @ resid
+            target_sq += float(resid @ resid)
+            n_elems += resid.numel()
+        if tick:
+            tick(ci)
+    c_base = torch.tensor(step.coefficients, dtype=torch.float64)
+    entry = {"step": step.index, "sigma_from": step.sigma_from, "sigma_to": step.sigma_to, "fitted": bool(fit_this)}
+    if fit_this:
+        c_fit = solve_scaled_ridge(gram, rhs, c_base, options.ridge)
+
+        def local(c):
+            return (max(target_sq - 2 * float(c @ rhs) + float(c @ gram @ c), 0.0) / n_elems) ** 0.5
+
+        entry.update(local_rmse_base=local(c_base), local_rmse_fitted=local(c_fit))
+        step = step.with_coefficients(c_fit.tolist())
+    return step, entry
+
+
 def calibrate(
     denoiser: Denoiser,
     solver: str,
@@ -161,39 +198,11 @@ def calibrate(
     steps, report = [], []
 
     def fit_step(k: int, view: StepView) -> tuple[float, ...]:
-        """At step k's update: fit its coefficients to the fine target from the state it integrates from."""
-        step = base.steps[k]
-        fit_this = step.fittable and step.index >= options.first_step and step.basis
-        p = len(step.basis)
-        gram = torch.zeros(p, p, dtype=torch.float64)
-        rhs = torch.zeros(p, dtype=torch.float64)
-        target_sq, n_elems = 0.0, 0
-        for ci, c in enumerate(chunks):
-            if fit_this:
-                anchor = view.anchor[c]
-                basis = torch.stack([b[c].reshape(-1) for b in view.basis], 1)
-                target = integrate(fine_family, denoiser, view.values[step.state][c],
-                                   fine_grid(step.sigma_from, step.sigma_to, options.M),
-                                   None if labels is None else labels[c])
-                resid = (target - anchor).reshape(-1)
-                gram += basis.T @ basis
-                rhs += basis.T @ resid
-                target_sq += float(resid @ resid)
-                n_elems += resid.numel()
-            if progress:
-                progress(step.index * len(chunks) + ci + 1, total_work, f"step {step.index + 1}/{len(base.steps)}")
-        c_base = torch.tensor(step.coefficients, dtype=torch.float64)
-        entry = {"step": step.index, "sigma_from": step.sigma_from, "sigma_to": step.sigma_to, "fitted": bool(fit_this)}
-        if fit_this:
-            c_fit = solve_scaled_ridge(gram, rhs, c_base, options.ridge)
-
-            def local(c):
-                return (max(target_sq - 2 * float(c @ rhs) + float(c @ gram @ c), 0.0) / n_elems) ** 0.5
-
-            entry.update(local_rmse_base=local(c_base), local_rmse_fitted=local(c_fit))
-            step = step.with_coefficients(c_fit.tolist())
-        report.append(entry)
+        tick = None if progress is None else (lambda ci: progress(
+            k * len(chunks) + ci + 1, total_work, f"step {k + 1}/{len(base.steps)}"))
+        step, entry = fit_update(base.steps[k], view, denoiser, options, fine_family, chunks, labels, tick)
         steps.append(step)
+        report.append(entry)
         return step.coefficients  # the trajectory goes on with the fitted update
 
     # the one executor, the fit in its on_step; the denoiser sees `chunk` noises at a time (bounds memory)

@@ -6,9 +6,10 @@ emitted from) around a session of the once-exported denoiser: each `denoise` op 
 diffusers' ONNX pipelines, ONNX Runtime's Stable Diffusion tools and TensorRT's demo) and an executable
 cross-check of the graph: the same noise and labels give the graph's `images` up to float32 rounding order.
 
-Made a fair opponent on purpose: values are freed after their last read, combinations write into preallocated
-buffers (one multiply and one add per term: numpy makes one temporary per product), sigma vectors are made once
-per batch size, and the denoiser session gets the same backend, threads and session options as the sampler.
+Made a fair opponent on purpose: the one executor (`iia.runtime.program.execute` with `NumpyArrays`) frees
+values after their last read and writes combinations into freed buffers (one multiply and one add per term: numpy
+makes one temporary per product), sigma vectors are made once per batch size, and the denoiser session gets the
+same backend, threads and session options as the sampler.
 """
 
 from __future__ import annotations
