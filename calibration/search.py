@@ -35,8 +35,15 @@ __all__ = ["FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResul
 FIXED_SHARE = 0.6  # of --budget, at most, for what cannot stop early: references, scoring bases and finalists
 MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 32, 16, 32  # what a cut never goes below
 # below this --budget, no learned schedules or global fits: loading their optimisers (scipy.optimize, torch.optim,
-# which imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
-MIN_FIT_BUDGET_S = 10.0
+# whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
+MIN_FIT_BUDGET_S = 5.0
+
+
+def load_optimisers() -> None:
+    """Import what learned schedules and global fits need, so that the budget pays for it up front."""
+    import scipy.optimize  # noqa: F401
+
+    torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
 
 
 @dataclass
@@ -121,8 +128,9 @@ def _evaluation_sets(denoiser: Denoiser, nfe: int, n_bases: int, opts: SearchOpt
                      clock: Clock, log) -> tuple[EvalSet, EvalSet]:
     t0 = time.perf_counter()
     batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
+    left = None if opts.budget_s is None else clock.remaining()
     batch, holdout, steps, cut = reference_sizes(denoiser, nfe, 2 * n_bases, batch, cal.holdout, cal.reference_steps,
-                                                 opts.budget_s)
+                                                 left)
     if cut:
         log(f"  references cut to fit --budget {opts.budget_s:g} s: {cut}")
     calib = evaluation_set(denoiser, batch, cal.seed, steps)
@@ -237,6 +245,11 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
         raise SearchError(f"no solver family can spend exactly NFE {nfe}")
+    fits = opts.budget_s is None or opts.budget_s >= MIN_FIT_BUDGET_S
+    if fits and opts.budget_s is not None:
+        t0 = time.perf_counter()
+        load_optimisers()
+        clock.lap("loading optimisers", t0)
     calib, hold = _evaluation_sets(denoiser, nfe, len(families) * len(opts.finals), opts, cal, clock, log)
     cands = _score_bases(denoiser, nfe, families, opts, calib, clock)
     bases = sorted(cands, key=lambda c: c.calib_loss)
@@ -246,7 +259,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     n_final = len(cands) + opts.top_k + opts.global_fits + int(opts.local)
     clock.reserve(per_eval * (len(hold) / len(calib) * n_final
                               + (cal.M + 1) * cal.batch / len(calib) * int(opts.local)))
-    if opts.budget_s is None or opts.budget_s >= MIN_FIT_BUDGET_S:
+    if fits:
         learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log)
         cands += learned + _global_fits(denoiser, learned, bases, opts, calib, clock, log)
     else:
