@@ -368,16 +368,17 @@ def test_step_execution_liveness_and_program_json_are_defined_once():
     """The executor, liveness and program.json's writer/reader (module-level functions) live in runtime/program.py
     only (Triton's `TritonPythonModel.execute` is another thing); the PyTorch
     interpreter, the IIA fit, the search and the runtime's loop call that executor."""
-    defs = re.compile(r"^def (execute|advance|run_program|run_calls|finish_step|"
-                      r"live_after|last_reads|_reads|reads|live_values|to_json|from_json|program_document|"
-                      r"program_plan|check_program|read_program|linear_form)\(")
+    # (`reads` of a program op; compiler/graph.py's `reads(nodes)` of ONNX nodes is another thing)
+    defs = re.compile(r"^def (execute|advance|run_program|run_calls|finish_step|live_after|last_reads|live_values|"
+                      r"to_json|from_json|program_document|program_plan|check_program|read_program|linear_form)\(|"
+                      r"^def (_?reads)\(op\b")
     found: dict[str, list[str]] = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 m = defs.match(line)
                 if m:
-                    found.setdefault(m.group(1), []).append(f"{path.relative_to(ROOT)}:{n}")
+                    found.setdefault(m.group(1) or m.group(2), []).append(f"{path.relative_to(ROOT)}:{n}")
     program = "runtime/program.py"
     # emit.linear_form is a thin wrapper naming its error EmitError; everything else is defined once, at the bottom
     assert {name: [w for w in where if not w.startswith("compiler/emit.py")] for name, where in found.items()} == {
