@@ -56,7 +56,7 @@ def _calibrate(argv=None) -> int:
     args = parser.parse_args(argv)
     from . import artifact
     from .fit import calibrate
-    from .sampling import program_for
+    from .schedules import program_for
 
     check_options(options_from(CalibrateTarget, args))
     options = options_from(CalibrationOptions, args)

@@ -19,12 +19,12 @@ import torch
 from iia.cli import check_options, option
 from iia.models.base import Denoiser
 
-from iia.runtime.contract import draw_noise as contract_noise
+from iia.runtime.program import StepView, execute
 
-from .sampling import (combine, finish_step, integrate, live_after, program_for, reference_solution, run_calls,
-                       sample, start)
-from .schedules import SCHEDULES, fine_grid
-from .solvers import SOLVERS, Program, get_solver
+from .evalset import draw_noise, evaluation_set, sample_errors
+from .sampling import TORCH, integrate, sample
+from .schedules import SCHEDULES, fine_grid, program_for
+from .solvers import SOLVERS, Program, Step, get_solver
 
 
 # Held-out noises are images seed + HOLDOUT_SEED_OFFSET + k: disjoint from calibration's seed + k for any batch
@@ -102,22 +102,6 @@ class CalibrationResult:
     search: dict = field(default_factory=dict)  # `auto`: the candidate table (iia.calibration.search)
 
 
-def draw_noise(denoiser: Denoiser, n: int, seed: int, labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Noise float64 [n, *shape] and class labels int64 [n] (None for unconditional models) for images
-    seed .. seed + n - 1, by the artifact contract's convention (`iia.runtime.contract.draw_noise`/`draw_labels`),
-    so the same seed gives the same noise here, in iia-sample and in the parity check. Labels given are
-    repeated to n; else drawn per image."""
-    from iia.runtime.contract import draw_labels
-
-    noise = torch.from_numpy(contract_noise(seed, n, denoiser.shape)).to(torch.float64)
-    if not denoiser.conditional:
-        return noise, None
-    if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-        return noise, labels.repeat((n + labels.numel() - 1) // labels.numel())[:n]
-    return noise, torch.from_numpy(draw_labels(seed, n, denoiser.label_dim))
-
-
 def solve_scaled_ridge(gram: torch.Tensor, rhs: torch.Tensor, base: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_c ||A + B c - T||^2 + ridge ||S (c - base)||^2 with S the basis norms, from B^T B and B^T (T - A)."""
     scale = torch.sqrt(torch.clamp(torch.diagonal(gram), min=1e-300))
@@ -131,6 +115,51 @@ def solve_scaled_ridge(gram: torch.Tensor, rhs: torch.Tensor, base: torch.Tensor
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def chunked(denoiser: Callable, size: int) -> Callable:
+    """denoiser(x, sigma, labels) called on at most `size` rows at a time (bounds a network's memory)."""
+    def call(x: torch.Tensor, sigma: float, labels):
+        return torch.cat([denoiser(x[c], sigma, None if labels is None else labels[c])
+                          for c in _chunks(x.shape[0], size)])
+    return call
+
+
+def fit_update(step: Step, view: StepView, denoiser: Denoiser, options: CalibrationOptions, fine_family: str,
+               chunks: list[slice], labels: torch.Tensor | None, tick: Callable[[int], None] | None,
+               ) -> tuple[Step, dict]:
+    """Step `step`'s coefficients by ridge least squares at its update (`view`: anchor, basis and the state it
+    integrates from, all noises): the target is the family's fine integration of that state over `options.M`
+    sub-steps, accumulated `chunks` at a time. Returns (the step with its coefficients, its report entry)."""
+    fit_this = step.fittable and step.index >= options.first_step and step.basis
+    p = len(step.basis)
+    gram = torch.zeros(p, p, dtype=torch.float64)
+    rhs = torch.zeros(p, dtype=torch.float64)
+    target_sq, n_elems = 0.0, 0
+    for ci, c in enumerate(chunks):
+        if fit_this:
+            anchor = view.anchor[c]
+            basis = torch.stack([b[c].reshape(-1) for b in view.basis], 1)
+            target = integrate(fine_family, denoiser, view.values[step.state][c],
+                               fine_grid(step.sigma_from, step.sigma_to, options.M), None if labels is None else labels[c])
+            resid = (target - anchor).reshape(-1)
+            gram += basis.T @ basis
+            rhs += basis.T @ resid
+            target_sq += float(resid @ resid)
+            n_elems += resid.numel()
+        if tick:
+            tick(ci)
+    c_base = torch.tensor(step.coefficients, dtype=torch.float64)
+    entry = {"step": step.index, "sigma_from": step.sigma_from, "sigma_to": step.sigma_to, "fitted": bool(fit_this)}
+    if fit_this:
+        c_fit = solve_scaled_ridge(gram, rhs, c_base, options.ridge)
+
+        def local(c):
+            return (max(target_sq - 2 * float(c @ rhs) + float(c @ gram @ c), 0.0) / n_elems) ** 0.5
+
+        entry.update(local_rmse_base=local(c_base), local_rmse_fitted=local(c_fit))
+        step = step.with_coefficients(c_fit.tolist())
+    return step, entry
 
 
 def calibrate(
@@ -165,47 +194,19 @@ def calibrate(
     fine_family = spec.fine if options.fine_solver == "base" else "edm"
     noise, labels = draw_noise(denoiser, options.batch, options.seed, labels)
     chunks = _chunks(options.batch, options.chunk)
-    values = [start(base, noise[c]) for c in chunks]
-    chunk_labels = [None if labels is None else labels[c] for c in chunks]
-    live = live_after(base)
     total_work = len(base.steps) * len(chunks)
     steps, report = [], []
-    for step in base.steps:  # the interpreter's step-at-a-time executor, with the update fitted in between
-        fit_this = step.fittable and step.index >= options.first_step and step.basis
-        p = len(step.basis)
-        gram = torch.zeros(p, p, dtype=torch.float64)
-        rhs = torch.zeros(p, dtype=torch.float64)
-        target_sq, n_elems, cached = 0.0, 0, []
-        for ci, (vals, lab) in enumerate(zip(values, chunk_labels)):
-            run_calls(step, vals, denoiser, lab)
-            anchor = combine(step.anchor, vals)
-            basis = torch.stack([combine(t, vals).reshape(-1) for _, t in step.basis], 1) if p else None
-            if fit_this:
-                target = integrate(fine_family, denoiser, vals[step.state],
-                                   fine_grid(step.sigma_from, step.sigma_to, options.M), lab)
-                resid = (target - anchor).reshape(-1)
-                gram += basis.T @ basis
-                rhs += basis.T @ resid
-                target_sq += float(resid @ resid)
-                n_elems += resid.numel()
-            cached.append((anchor, basis))
-            if progress:
-                progress(step.index * len(chunks) + ci + 1, total_work, f"step {step.index + 1}/{len(base.steps)}")
-        c_base = torch.tensor(step.coefficients, dtype=torch.float64)
-        entry = {"step": step.index, "sigma_from": step.sigma_from, "sigma_to": step.sigma_to, "fitted": bool(fit_this)}
-        if fit_this:
-            c_fit = solve_scaled_ridge(gram, rhs, c_base, options.ridge)
 
-            def local(c):
-                return (max(target_sq - 2 * float(c @ rhs) + float(c @ gram @ c), 0.0) / n_elems) ** 0.5
-
-            entry.update(local_rmse_base=local(c_base), local_rmse_fitted=local(c_fit))
-            step = step.with_coefficients(c_fit.tolist())
-        report.append(entry)
+    def fit_step(k: int, view: StepView) -> tuple[float, ...]:
+        tick = None if progress is None else (lambda ci: progress(
+            k * len(chunks) + ci + 1, total_work, f"step {k + 1}/{len(base.steps)}"))
+        step, entry = fit_update(base.steps[k], view, denoiser, options, fine_family, chunks, labels, tick)
         steps.append(step)
-        c_used = torch.tensor(step.coefficients, dtype=torch.float64)
-        for vals, (anchor, basis) in zip(values, cached):
-            finish_step(step, vals, anchor + (basis @ c_used).reshape(anchor.shape) if p else anchor, live[step.index])
+        report.append(entry)
+        return step.coefficients  # the trajectory goes on with the fitted update
+
+    # the one executor, the fit in its on_step; the denoiser sees `chunk` noises at a time (bounds memory)
+    execute(base.plan(), chunked(denoiser, options.chunk), noise, labels, on_step=fit_step, arrays=TORCH)
     fitted = Program(base.solver, base.sigmas, tuple(steps), base.r)
     result = CalibrationResult(fitted, fitted, base, options, report)
     if options.guard:
@@ -214,24 +215,10 @@ def calibrate(
     return result
 
 
-def holdout_set(denoiser: Denoiser, options: CalibrationOptions, labels=None, sigma_start: float | None = None,
-                on_step: Callable[[int, int], None] | None = None):
-    """Held-out noise (a different stream from the calibration batch) and its reference solution from
-    sigma_start * noise (the judged program's sigmas[0]; default sigma_max); `on_step(done, total)` follows
-    the reference integration."""
-    noise, lab = draw_noise(denoiser, options.holdout, options.seed + HOLDOUT_SEED_OFFSET, labels)
-    return noise, lab, reference_solution(denoiser, noise, lab, options.reference_steps, sigma_start=sigma_start,
-                                          on_step=on_step)
-
-
 def mixed_program(base: Program, fitted: Program, k: int) -> Program:
     """Fitted coefficients on steps < k, base coefficients from step k on."""
     return base.with_coefficients([f if s.index < k else b for s, f, b in
                                    zip(base.steps, fitted.coefficients(), base.coefficients())])
-
-
-def per_sample_sq_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return ((x.to(torch.float64) - ref.to(torch.float64)) ** 2).reshape(x.shape[0], -1).mean(1)
 
 
 def guard_end_to_end(denoiser, base: Program, fitted: Program, options, reference=None, progress=None):
@@ -242,9 +229,11 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
     basin boundary) must not decide, since the gain would not carry over to new noise.
     """
     say = progress or (lambda done, total, text: None)  # the guard is most of a calibration's time: show it
-    noise, labels, ref = reference or holdout_set(
-        denoiser, options, sigma_start=base.sigmas[0],
-        on_step=lambda k, n: say(k, n, f"guard: reference on {options.holdout} held-out noises, step {k}/{n}"))
+    if reference is None:
+        hold = evaluation_set(denoiser, options.holdout, options.seed + HOLDOUT_SEED_OFFSET, options.reference_steps)
+        reference = hold.noise, hold.labels, hold.reference_at(base.sigmas[0], on_step=lambda k, n: say(
+            k, n, f"guard: reference on {options.holdout} held-out noises, step {k}/{n}"))
+    noise, labels, ref = reference
     fitted_steps = [s.index for s, b in zip(fitted.steps, base.steps) if s.coefficients != b.coefficients]
     boundaries = [i + 1 for i in fitted_steps]
     if len(boundaries) > options.guard_candidates:  # each candidate costs one held-out sampling run
@@ -254,7 +243,7 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
     sq = {}
     for i, k in enumerate(candidates):
         say(i, len(candidates), f"guard: scoring {i + 1}/{len(candidates)} (fitted steps < {k})")
-        sq[k] = per_sample_sq_error(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref)
+        sq[k] = sample_errors(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref) ** 2
     errors = {k: float(v.mean().sqrt()) for k, v in sq.items()}
     n = len(noise)
 

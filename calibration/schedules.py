@@ -1,4 +1,5 @@
-"""Noise schedules: pure functions returning float64 sigmas that end in 0."""
+"""Noise schedules: pure functions returning float64 sigmas that end in 0; `schedule_for` picks a model's, and
+`program_for` builds a solver's base program on it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import math
 from typing import Callable
 
 import torch
+
+from iia.models.base import Denoiser
+
+from .solvers import Program, build_program, get_solver
 
 
 def karras_sigmas(
@@ -94,3 +99,44 @@ def discrete_sigmas(sigma_table: torch.Tensor, n_steps: int, kind: str = "unifor
 DISCRETE_SCHEDULES = ("uniform", "quadratic", "leading", "trailing", "linspace")
 # "default": the model's own choice (Denoiser.default_schedule: karras, or a diffusers folder's spacing)
 SCHEDULES = ("default", "karras", "exponential") + DISCRETE_SCHEDULES
+
+
+# ---- a model's schedule and a solver's base program on it -------------------------------------------------
+def schedule_for(denoiser: Denoiser, n_steps: int, schedule: str = "default", rho: float | None = None) -> torch.Tensor:
+    """The model's sigmas for `schedule` ("default": the model's own choice, `Denoiser.default_schedule`)."""
+    if schedule == "default":
+        schedule = denoiser.default_schedule
+    if schedule == "karras":
+        return karras_sigmas(n_steps, denoiser.sigma_min, denoiser.sigma_max, rho or denoiser.rho,
+                             denoiser.round_sigma)
+    if schedule == "exponential":
+        return exponential_sigmas(n_steps, denoiser.sigma_min, denoiser.sigma_max)
+    if schedule not in DISCRETE_SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
+    if denoiser.sigma_table is None:
+        raise ValueError(f"the {schedule!r} schedule selects training timesteps: it needs a discrete model "
+                         f"(a diffusers beta-table folder); use 'karras' for this one")
+    return discrete_sigmas(denoiser.sigma_table, n_steps, schedule, denoiser.steps_offset)
+
+
+FINAL_STEPS = ("zero", "sigma_min")
+
+
+def program_for(denoiser: Denoiser, solver: str, nfe: int, r: int = 1, schedule: str = "default",
+                final: str = "zero") -> Program:
+    """The base program of `solver` at `nfe` on the model's schedule (its own default: Karras rho = 7 for most).
+
+    final: "zero" spends the last call denoising to sigma = 0; "sigma_min" (one-call-per-step solvers) puts
+    all NFE calls on a grid one point finer that stops at sigma_min, returning the state there.
+    """
+    spec = get_solver(solver)
+    n_steps = spec.steps_for_nfe(nfe)
+    if final == "sigma_min":
+        if spec.nfe_rule != "one":
+            raise ValueError(f"final step 'sigma_min' needs a one-call-per-step solver, not '{solver}'")
+        sigmas = schedule_for(denoiser, n_steps + 1, schedule)[:-1]
+    elif final == "zero":
+        sigmas = schedule_for(denoiser, n_steps, schedule)
+    else:
+        raise ValueError(f"final step must be one of {', '.join(FINAL_STEPS)}, got {final!r}")
+    return build_program(solver, sigmas.tolist(), r)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from iia.calibration.solvers import Combine, Denoise, Program
 from iia.cli import signals_deferred, written
-from iia.runtime.contract import PROGRAM, program_plan, write_json_atomic
+from iia.runtime.contract import PROGRAM, write_json_atomic
+from iia.runtime.program import to_json as program_json
 
 from . import stages
 from .cache import default_cache_dir, export_cache_key
@@ -24,7 +24,7 @@ from .stages import check_out_dir, publish_artifact
 
 # the names other code imports from here (each defined in the module it comes from)
 __all__ = ["CompileError", "CompileOptions", "UNGUARDED", "compile_model", "default_cache_dir", "export_cache_key",
-           "obtain_coefficients", "program_document", "publish_artifact", "refuse_unused_options"]
+           "obtain_coefficients", "publish_artifact", "refuse_unused_options"]
 
 
 def _inject(fail_after: str | None, name: str) -> None:
@@ -49,7 +49,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         job = stages.Job(opts, work, log, progress)
         loaded = stages.load(model, job)
         coefficients = stages.coefficients(loaded, job)
-        write_json_atomic(work / PROGRAM, program_document(coefficients.program))
+        write_json_atomic(work / PROGRAM, program_json(coefficients.program.plan()))
         _inject(_fail_after, "coefficients")
         exported = stages.export(loaded, job)
         plan = stages.optimize(loaded, coefficients, exported, job)
@@ -63,15 +63,3 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
             written(out)
     return manifest
 
-
-def program_document(program: Program) -> dict:
-    """program.json (see iia.runtime.contract): the ops the graph is emitted from, for a loop around denoiser.onnx."""
-    ops = []
-    for op in program.ops():
-        if isinstance(op, Denoise):
-            ops.append({"op": "denoise", "out": op.out, "state": op.state, "sigma": float(op.sigma)})
-        elif isinstance(op, Combine):
-            ops.append({"op": "combine", "out": op.out, "terms": [[name, float(w)] for name, w in op.terms]})
-        else:
-            raise CompileError(f"program op {op!r} has no program.json form")
-    return program_plan(ops, program.output)

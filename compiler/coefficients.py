@@ -8,7 +8,7 @@ from pathlib import Path
 
 from iia.calibration import artifact
 from iia.calibration.fit import CalibrationResult, calibrate
-from iia.calibration.sampling import program_for
+from iia.calibration.schedules import program_for
 from iia.calibration.solvers import Program, build_program, get_solver
 from iia.runtime.contract import MAX_COEFFICIENTS_BYTES
 

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from iia.calibration.solvers import Combine, Denoise, Program
+from iia.runtime.program import ProgramError, linear_form as program_linear_form
 from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, IMAGES_U8,
                                   LABELS, LATENTS, NOISE)
 
@@ -239,31 +240,12 @@ def decoded_shape(decoder_model: onnx.ModelProto) -> tuple[int, int, int]:
 GRAPH_FORMS = ("unrolled", "loop")
 
 
-def linear_form(program: Program) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every value of a Program as a linear combination of [noise, D_0, ..., D_{N-1}] (float64).
-
-    Denoise ops are numbered i = 0..N-1 in program order. Returns (state [N, N+1], sigmas [N], output [N+1],
-    calls): row i of `state` is the coefficient vector of call i's input x_i (nonzero only on noise and
-    D_j, j < i), `output` that of the program's output. EmitError if a value is read before it is defined.
-    """
-    calls = [op for op in program.ops() if isinstance(op, Denoise)]
-    n = len(calls)
-    values: dict[str, np.ndarray] = {"noise": np.eye(n + 1)[0]}
-    state, sigmas = np.zeros((n, n + 1)), np.zeros(n)
-    i = 0
-    for op in program.ops():
-        try:
-            if isinstance(op, Denoise):
-                state[i], sigmas[i] = values[op.state], op.sigma
-                values[op.out] = np.eye(n + 1)[1 + i]
-                i += 1
-            else:
-                values[op.out] = sum((w * values[name] for name, w in op.terms), np.zeros(n + 1))
-        except KeyError as err:
-            raise EmitError(f"program reads {err} before defining it") from None
-    if program.output not in values:
-        raise EmitError(f"program output {program.output} is never defined")
-    return state, sigmas, values[program.output], calls
+def linear_form(program: Program) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Denoise]]:
+    """`iia.runtime.program.linear_form` of the program's plan (EmitError if it reads a value before defining it)."""
+    try:
+        return program_linear_form(program.plan())
+    except ProgramError as err:
+        raise EmitError(str(err)) from None
 
 
 def _mix(gb: GraphBuilder, coef: str, buf: str, shape_of: str) -> str:

@@ -11,8 +11,10 @@ from iia.runtime.contract import atomic_open
 
 from iia.models.base import Denoiser
 
-from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
-from iia.calibration.sampling import program_for, references_by_start, rmse, sample
+from iia.calibration.fit import CalibrationOptions, calibrate
+from iia.calibration.evalset import evaluation_set, rmse
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.calibration.solvers import get_solver, valid_nfe
 
 TEST_SEED_OFFSET = 104729  # the test noise is a stream distinct from calibration and guard noise
@@ -51,9 +53,9 @@ def accuracy_table(
     options = (options or CalibrationOptions()).resolved(denoiser)
     for s in solvers:
         get_solver(s)
-    noise, labels = draw_noise(denoiser, n_test, options.seed + TEST_SEED_OFFSET)
+    test = evaluation_set(denoiser, n_test, options.seed + TEST_SEED_OFFSET, options.reference_steps)
     # each sampler judged from where it starts (its sigmas[0]: below sigma_max for some discrete schedules)
-    reference_at = references_by_start(denoiser, noise, labels, options.reference_steps)
+    noise, labels, reference_at = test.noise, test.labels, test.reference_at
     rows, base_cache = [], {}
     for solver in solvers:
         spec = get_solver(solver)

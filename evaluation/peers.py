@@ -154,8 +154,10 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
     same reference solution. Rows: sampler, nfe, kind (ours/peer), rmse, median (per-sample RMSE), p90,
     ratio_to_best_peer and its 95% paired-bootstrap interval, best_peer, [fd_digits]; plus auto's choice.
     """
-    from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
-    from iia.calibration.sampling import program_for, references_by_start, sample
+    from iia.calibration.fit import CalibrationOptions, calibrate
+    from iia.calibration.evalset import evaluation_set
+    from iia.calibration.sampling import sample
+    from iia.calibration.schedules import program_for
     from iia.calibration.search import SearchOptions, auto_search
 
     from iia.calibration.solvers import valid_nfe
@@ -168,10 +170,11 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
         if p not in PEERS:
             raise PeerError(f"unknown peer '{p}': choose from {', '.join(PEERS)}")
     cal = (calibration or CalibrationOptions()).resolved(denoiser)
-    noise, labels = draw_noise(denoiser, n_test, cal.seed + TEST_SEED_OFFSET)
+    test = evaluation_set(denoiser, n_test, cal.seed + TEST_SEED_OFFSET, cal.reference_steps)
+    noise, labels = test.noise, test.labels
     say(f"reference: Heun, {cal.reference_steps} steps, {n_test} test noises")
     # each sampler judged on the trajectory it starts on (a discrete model's timesteps may begin below sigma_max)
-    ref_at = references_by_start(denoiser, noise, labels, cal.reference_steps)
+    ref_at = test.reference_at
     ref = ref_at()
     fd_of = None
     report_ref = {}

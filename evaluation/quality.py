@@ -32,7 +32,9 @@ import torch
 from iia.models.base import Denoiser
 
 from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
-from iia.calibration.sampling import program_for, reference_solution, rmse, sample
+from iia.calibration.evalset import rmse
+from iia.calibration.sampling import reference_solution, sample
+from iia.calibration.schedules import program_for
 from iia.calibration.solvers import Program, get_solver, valid_nfe
 from iia.cli import int_list, option, str_list
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from iia.runtime.contract import (DECODER_ONNX, DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_ONNX,
-                                  DENOISER_SIGMA, DENOISER_X, IMAGES_U8, ArtifactError, read_program, read_verified)
+                                  DENOISER_SIGMA, DENOISER_X, IMAGES_U8, ArtifactError, read_verified)
+from iia.runtime.program import read_program
 from iia.runtime.loop import DenoiserLoop
 from iia.runtime.contract import ORT_CUDA
 from iia.runtime.onnx_backend import OrtSession

@@ -3,10 +3,10 @@
 
 * graph tensor names (the sampler's interface and the exported denoiser's), file names, backend names;
 * the manifest's schema and version, and the bounds every reader applies (MAX_*);
-* `ArtifactError`, the one error type for an artifact a runtime must not use;
-* the program plan (program.json): its schema and checks.
+* `ArtifactError`, the one error type for an artifact a runtime must not use.
 
 The rest of the contract lives beside it, by concern (re-exported here for existing importers):
+`runtime/program.py` (the program plan, program.json: its ops, strict reader and executor),
 `runtime/manifest.py` (the manifest's field table FIELDS, its writer and checker, the strict JSON profile,
 listed files read against the manifest), `runtime/files.py` (bounded reads of regular files, containment in
 the artifact directory, sha256, atomic writes), `runtime/noise.py` (the noise convention), `runtime/devices.py`
@@ -16,10 +16,6 @@ Standard library + numpy only: no torch, no onnx, nothing else of iia.
 """
 
 from __future__ import annotations
-
-import json
-import math
-from pathlib import Path
 
 # ---- graph tensor names ---------------------------------------------------------------------------
 NOISE = "noise"  # float32 [B, *sample_shape], standard normal (the graph scales it to sigma_max)
@@ -43,7 +39,7 @@ SAMPLER_PLAN = "sampler.plan"
 DENOISER_ONNX = "denoiser.onnx"  # one denoiser call, for the overhead benchmark
 DECODER_ONNX = "decoder.onnx"  # one call of the model's decode stage (when the graph decodes), for the benchmark
 COEFFICIENTS = "coefficients.json"
-PROGRAM = "program.json"  # the sampler as a per-call plan, for a loop around denoiser.onnx (see read_program)
+PROGRAM = "program.json"  # the sampler as a per-call plan, for a loop around denoiser.onnx (runtime/program.py)
 GOLDEN_INPUTS = "golden_inputs.json"
 GOLDEN_OUTPUTS = "golden_outputs.json"
 
@@ -88,84 +84,6 @@ GRAPH_METADATA = ("iia.nfe", "iia.label_dim", "iia.sample_shape")
 class ArtifactError(ValueError):
     """An artifact (or coefficient file) that must not be used: missing, foreign, newer, corrupted."""
 
-
-
-# ---- the program plan (program.json) --------------------------------------------------------------
-# The unrolled sampler as the flat list of operations the graph was emitted from, so a torch-free loop around
-# denoiser.onnx (iia-bench's baseline; any runtime) can run the same sampler with the same coefficients:
-#   {"schema": "iia.program", "schema_version": 1, "input": "noise", "output": NAME, "ops": [OP, ...]}
-#   OP = {"op": "denoise", "out": NAME, "state": NAME, "sigma": FLOAT}   out = D(values[state]; sigma, labels)
-#      | {"op": "combine", "out": NAME, "terms": [[NAME, FLOAT], ...]}  out = sum(w * values[name])
-# Values are float32 [B, *sample_shape]; "noise" is the graph's input; ops run in order, each name written once.
-PROGRAM_SCHEMA = "iia.program"
-PROGRAM_VERSION = 1
-
-
-def program_plan(ops: list[dict], output: str) -> dict:
-    """The program.json document for `ops` (dicts as above) ending in value `output`; checked by check_program."""
-    return check_program({"schema": PROGRAM_SCHEMA, "schema_version": PROGRAM_VERSION, "input": NOISE,
-                          "output": output, "ops": ops}, PROGRAM)
-
-
-def check_program(data, where: str) -> dict:
-    """`data` if it is a well-formed program plan (every op reads only values defined before it, the output
-    is defined), else ArtifactError naming `where` and the first fault."""
-    def bad(why: str):
-        raise ArtifactError(f"{where} is not a usable program plan: {why}")
-
-    if not isinstance(data, dict) or data.get("schema") != PROGRAM_SCHEMA:
-        bad(f"schema {data.get('schema') if isinstance(data, dict) else None!r}, expected {PROGRAM_SCHEMA!r}")
-    version = data.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= PROGRAM_VERSION:
-        bad(f"schema_version {version!r} (this runtime reads {PROGRAM_VERSION})")
-    if data.get("input") != NOISE or not isinstance(data.get("ops"), list) or not data["ops"]:
-        bad(f"needs input {NOISE!r} and a non-empty list of ops")
-    defined = {NOISE}
-    for k, op in enumerate(data["ops"]):
-        kind = op.get("op") if isinstance(op, dict) else None
-        if kind == "denoise":
-            reads = [op.get("state")]
-            sigma = op.get("sigma")
-            if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma < 1e12:
-                bad(f"op {k} ({op.get('out')}): sigma must be a finite number > 0")
-        elif kind == "combine":
-            terms = op.get("terms")
-            if not isinstance(terms, list) or not terms or not all(
-                    isinstance(t, list) and len(t) == 2 and isinstance(t[0], str) and isinstance(t[1], (int, float))
-                    and not isinstance(t[1], bool) and math.isfinite(t[1]) for t in terms):
-                bad(f"op {k} ({op.get('out')}): terms must be a non-empty list of [name, finite weight]")
-            reads = [t[0] for t in terms]
-        else:
-            bad(f"op {k} has kind {kind!r}, expected 'denoise' or 'combine'")
-        missing = [name for name in reads if name not in defined]
-        if missing:
-            bad(f"op {k} ({op.get('out')}) reads {missing[0]!r} before it is defined")
-        if not isinstance(op.get("out"), str) or op["out"] in defined:
-            bad(f"op {k} writes {op.get('out')!r}, which is not a fresh name")
-        defined.add(op["out"])
-    if data.get("output") not in defined:
-        bad(f"output {data.get('output')!r} is never computed")
-    return data
-
-
-def check_program_nfe(program: dict, manifest: dict, where: str) -> None:
-    """The plan must make exactly the manifest's NFE denoiser calls (else its timings would mislead)."""
-    calls = sum(op["op"] == "denoise" for op in program["ops"])
-    if calls != manifest["nfe"]:
-        raise ArtifactError(f"{where} makes {calls} denoiser calls, the manifest's NFE is {manifest['nfe']}")
-
-
-def read_program(root: Path, manifest: dict, verify: bool = True) -> dict:
-    """DIR/program.json, sha256-checked against the manifest and structurally checked (ArtifactError)."""
-    if PROGRAM not in manifest["files"]:
-        raise ArtifactError(f"{root} has no {PROGRAM} (compiled by an older iia: recompile to get the loop baseline)")
-    try:
-        data = json.loads(read_verified(root, manifest, PROGRAM, verify))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{root / PROGRAM} is not readable JSON ({err})") from None
-    check_program(data, str(root / PROGRAM))
-    check_program_nfe(data, manifest, str(root / PROGRAM))
-    return data
 
 
 # ---- the rest of the contract, by concern (imported last: those modules read the names above) -----------------

@@ -22,7 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iia.evaluation.bench import CLOCKS, LOOP_TOLERANCE, time_interleaved  # noqa: E402
-from iia.runtime.contract import IMAGES, LABELS, NOISE, draw_labels, draw_noise, read_manifest, read_program  # noqa: E402
+from iia.runtime.contract import IMAGES, LABELS, NOISE, draw_labels, draw_noise, read_manifest  # noqa: E402
+from iia.runtime.program import read_program  # noqa: E402
 from iia.runtime.loop import DenoiserLoop  # noqa: E402
 from iia.runtime.onnx_backend import OrtSession, session_options  # noqa: E402
 

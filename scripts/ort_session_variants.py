@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iia.evaluation.bench import CLOCKS, time_interleaved  # noqa: E402
 from iia.runtime.contract import (DENOISED, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, LABELS,  # noqa: E402
-                                  NOISE, draw_noise, read_manifest, read_program)
+                                  NOISE, draw_noise, read_manifest)
+from iia.runtime.program import read_program  # noqa: E402
 from iia.runtime.loop import DenoiserLoop  # noqa: E402
 from iia.runtime.onnx_backend import OrtSession, session_options  # noqa: E402
 

@@ -17,7 +17,7 @@ PACKAGES = ("models", "calibration", "compiler", "runtime", "evaluation")
 # The contract module is the bottom layer: every package may follow it.
 ALLOWED = {
     "models": {"iia.runtime.contract"},
-    "calibration": {"iia.models", "iia.runtime.contract"},
+    "calibration": {"iia.models", "iia.runtime.contract", "iia.runtime.program"},
     "compiler": {"iia.models", "iia.calibration", "iia.runtime"},
     "runtime": set(),
     "evaluation": {"iia.models", "iia.calibration", "iia.compiler", "iia.runtime"},
@@ -163,7 +163,7 @@ def test_same_seed_same_noise_and_images_everywhere(tmp_path):
 def test_coefficient_file_with_other_basis_labels_is_refused(tmp_path):
     from iia.calibration import artifact
     from iia.calibration.fit import CalibrationResult, CalibrationOptions
-    from iia.calibration.sampling import program_for
+    from iia.calibration.schedules import program_for
     from iia.models import gaussian_mixture
     from iia.runtime.contract import ArtifactError
 
@@ -188,7 +188,7 @@ def test_coefficient_file_with_other_basis_labels_is_refused(tmp_path):
 def test_tampered_coefficient_files_are_refused_by_name(tmp_path):
     from iia.calibration import artifact
     from iia.calibration.fit import CalibrationOptions, CalibrationResult
-    from iia.calibration.sampling import program_for
+    from iia.calibration.schedules import program_for
     from iia.models import gaussian_mixture
     from iia.runtime.contract import ArtifactError
 
@@ -214,7 +214,7 @@ def test_tampered_coefficient_files_are_refused_by_name(tmp_path):
 def test_compile_refuses_calibration_flags_with_coefficients(tmp_path, capsys):
     from iia.calibration import artifact
     from iia.calibration.fit import CalibrationOptions, CalibrationResult
-    from iia.calibration.sampling import program_for
+    from iia.calibration.schedules import program_for
     from iia.compiler.cli import main
     from iia.models import load
 
@@ -262,7 +262,7 @@ def test_base_solver_keeps_its_schedule_flag(tmp_path):
 def test_base_solver_coefficients_must_be_its_own(tmp_path):
     from iia.calibration import artifact
     from iia.calibration.fit import CalibrationOptions, CalibrationResult
-    from iia.calibration.sampling import program_for
+    from iia.calibration.schedules import program_for
     from iia.models import gaussian_mixture
     from iia.runtime.contract import ArtifactError
 
@@ -290,8 +290,8 @@ def test_symlink_loop_and_nan_manifest_are_artifact_errors(tmp_path):
 
 
 def test_program_plan_nfe_and_values_checked():
-    from iia.runtime.contract import (PROGRAM_SCHEMA, PROGRAM_VERSION, ArtifactError, check_program,
-                                      check_program_nfe)
+    from iia.runtime.contract import ArtifactError
+    from iia.runtime.program import PROGRAM_SCHEMA, PROGRAM_VERSION, check_program, check_program_nfe, from_json
 
     def plan(ops):
         return {"schema": PROGRAM_SCHEMA, "schema_version": PROGRAM_VERSION, "input": "noise", "ops": ops,
@@ -301,9 +301,9 @@ def test_program_plan_nfe_and_values_checked():
                {"op": "denoise", "out": "D0", "state": "z0", "sigma": 80.0},
                {"op": "combine", "out": "z1", "terms": [["D0", 1.0]]}])
     check_program(ok, "p.json")
-    check_program_nfe(ok, {"nfe": 1}, "p.json")
+    check_program_nfe(from_json(json.dumps(ok).encode(), "p.json"), {"nfe": 1}, "p.json")
     with pytest.raises(ArtifactError, match="makes 1 denoiser calls, the manifest's NFE is 2"):
-        check_program_nfe(ok, {"nfe": 2}, "p.json")
+        check_program_nfe(from_json(json.dumps(ok).encode(), "p.json"), {"nfe": 2}, "p.json")
     bad = json.loads(json.dumps(ok))
     bad["ops"][2]["terms"][0][1] = float("nan")
     with pytest.raises(ArtifactError, match="finite weight"):
@@ -361,3 +361,30 @@ def test_other_clis_refuse_flags_they_would_ignore(capsys, which, argv, match):
     assert {"accuracy": accuracy_main, "calibrate": calibrate_main}[which](argv) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1
+
+
+# ---- one program, one executor (issue 23) --------------------------------------------------------------
+def test_step_execution_liveness_and_program_json_are_defined_once():
+    """The executor, liveness and program.json's writer/reader (module-level functions) live in runtime/program.py
+    only (Triton's `TritonPythonModel.execute` is another thing); the PyTorch
+    interpreter, the IIA fit, the search and the runtime's loop call that executor."""
+    # (`reads` of a program op; compiler/graph.py's `reads(nodes)` of ONNX nodes is another thing)
+    defs = re.compile(r"^def (execute|advance|run_program|run_calls|finish_step|live_after|last_reads|live_values|"
+                      r"to_json|from_json|program_document|program_plan|check_program|read_program|linear_form)\(|"
+                      r"^def (_?reads)\(op\b")
+    found: dict[str, list[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                m = defs.match(line)
+                if m:
+                    found.setdefault(m.group(1) or m.group(2), []).append(f"{path.relative_to(ROOT)}:{n}")
+    program = "runtime/program.py"
+    # emit.linear_form is a thin wrapper naming its error EmitError; everything else is defined once, at the bottom
+    assert {name: [w for w in where if not w.startswith("compiler/emit.py")] for name, where in found.items()} == {
+        name: [w for w in where if w.startswith(program)] for name, where in found.items()}
+    for name in ("execute", "last_reads", "reads", "to_json", "from_json", "linear_form"):
+        assert len([w for w in found[name] if w.startswith(program)]) == 1, name
+    assert "return program_linear_form(program.plan())" in (ROOT / "compiler" / "emit.py").read_text()
+    for caller in ("calibration/sampling.py", "calibration/fit.py", "calibration/search_fits.py", "runtime/loop.py"):
+        assert re.search(r"\bexecute\(", (ROOT / caller).read_text()), caller

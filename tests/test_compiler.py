@@ -10,7 +10,8 @@ import torch
 
 from edm_fixtures import make_edm_pickle
 from iia.calibration.fit import CalibrationOptions
-from iia.calibration.sampling import program_for, sample
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.calibration.solvers import Denoise
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import CheckError, check_weight_sharing

@@ -7,7 +7,9 @@ import torch
 
 from iia.calibration import artifact
 from iia.calibration.fit import CalibrationError, CalibrationOptions, calibrate, draw_noise, solve_scaled_ridge
-from iia.calibration.sampling import program_for, reference_solution, rmse, sample
+from iia.calibration.evalset import rmse
+from iia.calibration.sampling import reference_solution, sample
+from iia.calibration.schedules import program_for
 from iia.calibration.schedules import karras_sigmas
 from iia.models import DenoiserError, from_callable, gaussian_mixture
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from iia.calibration.fit import CalibrationOptions, draw_noise
-from iia.calibration.sampling import program_for, sample
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.calibration.schedules import discrete_sigmas
 from iia.models import gaussian_mixture
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from iia.calibration.sampling import program_for, sample
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.calibration.schedules import timestep_selection
 from iia.models import load
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from edm_fixtures import make_edm_pickle
-from iia.calibration.sampling import program_for, sample
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import CheckError, check_weight_sharing
 from iia.compiler.emit import emit_sampler, emit_sampler_loop, initializer_bytes, linear_form

@@ -8,7 +8,7 @@ import torch
 from iia.calibration.fit import CalibrationOptions
 from iia.evaluation.quality import (GRID_SAMPLES, QUALITY_SAMPLE_SEED, main, quality_noise, quality_table,
                                      sample_chunked)
-from iia.calibration.sampling import program_for
+from iia.calibration.schedules import program_for
 from iia.evaluation.quality_figures import grid_image_size
 
 KEYS = {"solver", "nfe", "fd_digits", "rmse", "accuracy", "base_fd_digits", "fd_ratio_to_reference"}

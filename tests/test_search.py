@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from iia.calibration.fit import CalibrationOptions
-from iia.calibration.sampling import program_for, sample
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.calibration.schedules import karras_sigmas
-from iia.calibration.search import (ScheduleSpace, SearchOptions, auto_search, fit_global, learn_schedule,
-                                    make_eval_set, per_sample_rmse, sample_with_coefficients)
+from iia.calibration.evalset import evaluation_set
+from iia.calibration.search import SearchOptions, auto_search
+from iia.calibration.search_fits import fit_global, learn_schedule, sample_with_coefficients
+from iia.calibration.search_space import ScheduleSpace
 from iia.calibration.solvers import build_program
 from iia.models import load
 
@@ -23,7 +26,7 @@ def gmm():
 
 @pytest.fixture(scope="module")
 def calib(gmm):
-    return make_eval_set(gmm, 64, 0, 64)
+    return evaluation_set(gmm, 64, 0, 64)
 
 
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
@@ -54,9 +57,9 @@ def test_differentiable_sampler_matches_interpreter(gmm, calib):
 def test_learned_schedule_beats_karras_on_calibration_and_heldout(gmm, calib):
     sig, info = learn_schedule(gmm, "ipndm", 5, "sigma_min", calib, max_evals=150)
     assert info["loss"] < 0.7 * info["loss_karras"]
-    hold = make_eval_set(gmm, 128, 99, 64)
-    learned = per_sample_rmse(build_program("ipndm", sig), gmm, hold).pow(2).mean()
-    karras = per_sample_rmse(program_for(gmm, "ipndm", 5, final="sigma_min"), gmm, hold).pow(2).mean()
+    hold = evaluation_set(gmm, 128, 99, 64)
+    learned = hold.errors(build_program("ipndm", sig)).pow(2).mean()
+    karras = hold.errors(program_for(gmm, "ipndm", 5, final="sigma_min")).pow(2).mean()
     assert learned < karras
 
 
@@ -127,3 +130,23 @@ def test_peer_benchmark_ratios(gmm):
     best = rows[rows["ipndm"]["best_peer"]]
     assert best["ratio_to_best_peer"] == 1.0 and best["ci_lo"] <= 1.0 <= best["ci_hi"]
     assert rows["ipndm"]["ci_lo"] <= rows["ipndm"]["ratio_to_best_peer"] <= rows["ipndm"]["ci_hi"]
+
+
+def test_a_one_second_budget_governs_the_references_too(gmm):
+    """issue 26: `--budget 1` with `--solver auto` searched ~24 s, 19 s of it the references."""
+    lines = []
+    res = auto_search(gmm, 8, SearchOptions(budget_s=1), log=lines.append)
+    assert res.seconds < 3, f"{res.seconds} s: {res.timings}"
+    assert any("references cut to fit --budget 1 s" in line for line in lines), lines
+    assert any("learned schedules and global fits skipped" in line for line in lines), lines
+    assert sum(r["chosen"] for r in res.table) == 1
+
+
+def test_a_search_bounded_by_counts_is_the_same_on_every_run(gmm):
+    opts = SearchOptions(budget_s=None, batch=32, families=("ipndm", "deis-2"), max_evals=12, max_iter=4)
+    cal = CalibrationOptions(holdout=32, reference_steps=32, batch=32)
+    tables = [[{k: v for k, v in row.items() if k != "seconds"} for row in auto_search(gmm, 5, opts, cal).table]
+              for _ in range(2)]
+    assert tables[0] == tables[1]
+    assert {r["schedule"] for r in tables[0]} == {"karras", "learned"}
+    assert all(r["note"] != "1 evals" for r in tables[0] if r["schedule"] == "learned")  # not cut by any clock

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from iia.calibration.fit import draw_noise
-from iia.calibration.sampling import program_for, sample
+from iia.calibration.sampling import sample
+from iia.calibration.schedules import program_for
 from iia.calibration.schedules import karras_sigmas
 from iia.calibration.solvers import build_program
 from iia.models import load

@@ -10,8 +10,8 @@ import pytest
 from edm_fixtures import make_edm_pickle
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.runtime import ArtifactError, draw_noise, load
-from iia.runtime.contract import (MANIFEST, PROGRAM, check_program, draw_labels, read_manifest, read_program,
-                                  write_json_atomic)
+from iia.runtime.contract import MANIFEST, PROGRAM, draw_labels, read_manifest, write_json_atomic
+from iia.runtime.program import Denoise, check_program, read_program
 from iia.runtime.loop import DenoiserLoop
 from iia.runtime.onnx_backend import OrtSession
 
@@ -45,7 +45,7 @@ def test_static_batches_checked_and_picked_by_batch(edm_artifact):
 def test_loop_around_denoiser_equals_graph(edm_artifact):
     sampler = load(edm_artifact)
     plan = read_program(edm_artifact, sampler.manifest)
-    assert sum(op["op"] == "denoise" for op in plan["ops"]) == sampler.nfe
+    assert sum(isinstance(op, Denoise) for op in plan.ops) == sampler.nfe
     loop = DenoiserLoop(OrtSession(edm_artifact / "denoiser.onnx", "cpu", 1), plan, conditional=True)
     for batch in (1, 3, 4):
         noise, labels = draw_noise(5, batch, sampler.sample_shape), draw_labels(5, batch, sampler.label_dim)

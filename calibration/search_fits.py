@@ -1,0 +1,189 @@
+"""The `auto` search's two end-to-end fits: learned time steps and global coefficients.
+
+Both optimise the END-TO-END error on calibration noises: the final samples against the reference solution
+from the same noise (`EvalSet`), never a local per-step target.
+
+- `learn_schedule`: the N+1 sigmas of a solver, in a monotone parametrisation (`ScheduleSpace`: softmax-weighted
+  gaps in sigma^(1/rho), endpoints fixed, so the Karras schedule is the all-zero point), fitted by derivative-free
+  Nelder-Mead (each evaluation is one sampling run; no gradient through the schedule-dependent solver weights is
+  needed, and N - 1 <= ~10 parameters is where it works well). LD3 (ICLR 2025) fits time steps the same way
+  against a teacher; the reference ODE solution is ours.
+- `fit_global`: the per-step coefficients of an IIA program fitted by L-BFGS, backpropagating through the
+  executor (`sample_with_coefficients`) and the denoiser's own autograd, on unit-scaled coefficient offsets with
+  a ridge toward the base solver.
+Each stops at `deadline` (a time.perf_counter() value; None: only its evaluation count bounds it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from iia.models.base import Denoiser
+from iia.runtime.program import execute
+
+from .evalset import EvalSet
+from .sampling import TORCH
+from .search_space import schedule_space
+from .solvers import Program, build_program
+
+
+class OutOfTime(Exception):
+    """The deadline passed: the fit returns its best point so far."""
+
+
+def calib_loss(err: torch.Tensor, kind: str) -> torch.Tensor:
+    """"mse": mean squared per-sample RMSE (its root is the reported RMSE); "l2": mean per-sample RMSE (less
+    tail-driven). `err`: [n] per-sample RMSE."""
+    return (err**2).mean() if kind == "mse" else err.mean()
+
+
+def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib: EvalSet, r: int = 1,
+                   coefficients: list | None = None, loss: str = "mse", max_evals: int = 400,
+                   deadline: float | None = None) -> tuple[list[float], dict]:
+    """Fit the sigmas of `solver` at `nfe` to the end-to-end error on `calib` (Nelder-Mead from Karras).
+
+    Returns (sigmas, info) with info = {evals, loss_karras, loss, seconds, cut}.
+    """
+    space = schedule_space(denoiser, solver, nfe, final)
+    started = time.perf_counter()
+    best = {"f": math.inf, "theta": space.karras_theta()}
+    evals = 0
+
+    def f(theta):
+        nonlocal evals
+        if deadline is not None and time.perf_counter() > deadline and evals > 0:
+            raise OutOfTime
+        evals += 1
+        program = build_program(solver, space.sigmas(theta), r)
+        if coefficients is not None:
+            program = program.with_coefficients(coefficients)
+        try:
+            value = float(calib_loss(calib.errors(program, reference=calib.reference), loss))
+        except ValueError:  # a denoiser NaN on a degenerate grid
+            value = math.inf
+        if not math.isfinite(value):
+            value = 1e30
+        if value < best["f"]:
+            best.update(f=value, theta=list(map(float, theta)))
+        return value
+
+    x0 = space.karras_theta()
+    f0 = f(x0)
+    cut = deadline is not None and time.perf_counter() > deadline  # stopped before it converged
+    if space.n_params >= 1 and not cut:
+        from scipy.optimize import minimize  # (its import takes seconds: not when the budget is spent)
+
+        simplex = [x0] + [[x + (0.7 if k == j else 0.0) for j, x in enumerate(x0)] for k in range(space.n_params)]
+        try:
+            minimize(f, x0, method="Nelder-Mead", options={
+                "maxfev": max_evals, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-5 * f0, "adaptive": True})
+        except OutOfTime:
+            cut = True
+    info = {"evals": evals, "loss_karras": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2),
+            "cut": cut}
+    return space.sigmas(best["theta"]), info
+
+
+class GradDenoiser:
+    """The denoiser as the executor calls it, D(x, sigma, labels), but differentiable (no torch.no_grad)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x: torch.Tensor, sigma: float, labels) -> torch.Tensor:
+        sig = torch.full((x.shape[0],), float(sigma), dtype=torch.float32)
+        args = [x.to(torch.float32), sig]
+        if self.denoiser.conditional:
+            args.append(self.denoiser.labels_or_error(labels, x.shape[0]))
+        return self.denoiser.net(*args).to(torch.float64)
+
+
+def sample_with_coefficients(program: Program, denoiser: Denoiser, noise: torch.Tensor, labels,
+                             coefficients: list[torch.Tensor], basis_rms: list | None = None) -> torch.Tensor:
+    """The executor with coefficient TENSORS (differentiable in them and through the denoiser); optionally
+    records each basis term's RMS per step into `basis_rms`."""
+    def record(k, view):
+        basis_rms.append([float(b.detach().pow(2).mean().sqrt()) for b in view.basis])
+
+    return execute(program.plan(), GradDenoiser(denoiser), noise.to(torch.float64), labels,
+                   coefficients=coefficients, on_step=None if basis_rms is None else record, arrays=TORCH)
+
+
+def _unit_scales(program: Program, denoiser: Denoiser, calib: EvalSet, chunk: int) -> list[torch.Tensor]:
+    """Per step, each basis term's RMS on the base trajectory of the first `chunk` calibration noises."""
+    base = [torch.tensor(s.coefficients, dtype=torch.float64) for s in program.steps]
+    with torch.no_grad():
+        rms: list = []
+        n0 = min(len(calib), chunk)
+        sample_with_coefficients(program, denoiser, calib.noise[:n0],
+                                 None if calib.labels is None else calib.labels[:n0], base, rms)
+    return [torch.tensor([max(v, 1e-12) for v in step_rms], dtype=torch.float64) for step_rms in rms]
+
+
+def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str = "mse", ridge: float = 1e-4,
+               max_iter: int = 60, chunk: int = 128, deadline: float | None = None) -> tuple[Program, dict]:
+    """Fit every step's coefficients to the end-to-end error on `calib` (L-BFGS, strong Wolfe line search).
+
+    Parametrisation c = c_base + u / s with s the basis term's RMS on the base trajectory (so u is the
+    state change it causes) and penalty ridge * |u|^2 in the loss's units. Returns (program, info).
+    """
+    started = time.perf_counter()
+    base = [torch.tensor(s.coefficients, dtype=torch.float64) for s in program.steps]
+    scale = _unit_scales(program, denoiser, calib, chunk)
+    sizes = [len(b) for b in base]
+    u = torch.zeros(sum(sizes), dtype=torch.float64, requires_grad=True)
+    if u.numel() == 0:
+        return program, {"iterations": 0, "seconds": 0.0}
+
+    def coefs(u_vec):
+        out, k = [], 0
+        for b, s, n in zip(base, scale, sizes):
+            out.append(b + u_vec[k:k + n] / s)
+            k += n
+        return out
+
+    n = len(calib)
+    parts = [slice(s, s + chunk) for s in range(0, n, chunk)]
+    best = {"f": math.inf, "u": u.detach().clone()}
+    evals = 0
+
+    def closure():
+        nonlocal evals
+        if deadline is not None and time.perf_counter() > deadline and evals > 0:
+            raise OutOfTime
+        evals += 1
+        opt.zero_grad()
+        total = 0.0
+        for part in parts:
+            labels = None if calib.labels is None else calib.labels[part]
+            x = sample_with_coefficients(program, denoiser, calib.noise[part], labels, coefs(u))
+            # the loss's per-sample RMSE, clamped before the root so that its gradient stays finite
+            err = ((x - calib.reference[part]) ** 2).reshape(x.shape[0], -1).mean(1)
+            err = err.clamp_min(1e-30).sqrt()
+            value = (err**2).sum() / n if loss == "mse" else err.sum() / n
+            value.backward()
+            total += float(value.detach())
+        penalty = ridge * (u**2).sum()
+        penalty.backward()
+        total += float(penalty.detach())
+        if not math.isfinite(total):
+            total = 1e30
+        if total < best["f"]:
+            best.update(f=total, u=u.detach().clone())
+        return total
+
+    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-12)
+    f0 = None
+    try:
+        f0 = closure()
+        opt.step(closure)
+        cut = False
+    except OutOfTime:
+        cut = True  # the deadline stopped the fit before it converged
+    fitted = program.with_coefficients([c.detach().tolist() for c in coefs(best["u"])])
+    return fitted, {"evals": evals, "loss_base": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2),
+                    "cut": cut}

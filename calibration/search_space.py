@@ -1,0 +1,111 @@
+"""What the `auto` search chooses among: solver families x final step x schedule x coefficients, its options,
+the candidates, and the monotone parametrisation of learned schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from iia.models.base import Denoiser
+
+from .solvers import Program, get_solver
+
+FAMILIES = ("ipndm", "deis-3", "unipc-3", "dpm-solver++3m", "unipc-2", "deis-2")
+RHO = 7.0
+
+
+class SearchError(ValueError):
+    pass
+
+
+@dataclass
+class SearchOptions:
+    # wall-clock bound of the whole search, references included; None: bounded by evaluation counts only
+    # (`max_evals` per schedule, `max_iter` L-BFGS iterations per global fit), the same on every machine
+    budget_s: float | None = 180.0
+    batch: int | None = None  # calibration noises for schedules and global fits (None: 512 analytic, 128 networks)
+    families: tuple[str, ...] = FAMILIES
+    finals: tuple[str, ...] = ("zero", "sigma_min")
+    top_k: int = 2  # (family, final) pairs that get a learned schedule
+    global_fits: int = 2  # global coefficient fits: the best learned schedule, the best Karras base, then more learned
+    r: int = 1  # history terms of the global fit's basis
+    loss: str = "mse"
+    local: bool = True  # also score the paper's local IIA fit (families that support it, Karras)
+    max_evals: int = 400  # Nelder-Mead evaluations per schedule
+    max_iter: int = 60  # L-BFGS iterations per global fit
+
+    def validate(self) -> None:
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise SearchError(f"--budget must be > 0 seconds, got {self.budget_s}")
+        if self.batch is not None and self.batch < 2:
+            raise SearchError(f"search batch must be >= 2, got {self.batch}")
+        if self.loss not in ("mse", "l2"):
+            raise SearchError(f"search loss must be 'mse' or 'l2', got {self.loss!r}")
+        if self.max_evals < 1 or self.max_iter < 1:
+            raise SearchError(f"max_evals and max_iter must be >= 1, got {self.max_evals} and {self.max_iter}")
+        for f in self.families:
+            spec = get_solver(f)
+            if spec.fitted or spec.nfe_rule != "one":
+                raise SearchError(f"search family '{f}' must be a base solver with one denoiser call per step")
+
+
+@dataclass
+class Candidate:
+    family: str
+    final: str
+    schedule: str  # karras | learned
+    coefficients: str  # base | local | global
+    program: Program
+    calib_loss: float | None = None
+    holdout: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}/{self.final}/{self.schedule}/{self.coefficients}"
+
+
+@dataclass(frozen=True)
+class ScheduleSpace:
+    """Monotone sigmas from theta in R^(N-1): gaps in t = sigma^(1/rho) are softmax([0, theta]) of the span.
+
+    final "sigma_min": N steps over N + 1 sigmas sigma_max = s_0 > ... > s_N = sigma_min (N gaps).
+    final "zero": s_0 = sigma_max > ... > s_{N-1} >= sigma_min, then 0 (N - 1 gaps + the unused remainder down
+    to sigma_min, so the last non-zero sigma is free too).
+    """
+
+    n_steps: int
+    sigma_min: float
+    sigma_max: float
+    final: str
+    rho: float = RHO  # the model's Karras exponent: theta = 0 is its Karras schedule
+
+    @property
+    def n_params(self) -> int:
+        return self.n_steps - 1
+
+    def karras_theta(self) -> list[float]:
+        if self.final == "sigma_min":
+            return [0.0] * self.n_params
+        return [0.0] * (self.n_params - 1) + [-9.0]  # remainder weight ~1e-4 of a gap: Karras up to 1e-4
+
+    def sigmas(self, theta) -> list[float]:
+        logits = torch.cat([torch.zeros(1, dtype=torch.float64), torch.as_tensor(theta, dtype=torch.float64)])
+        w = torch.softmax(logits, 0)
+        t_max, t_min = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
+        n_points = self.n_steps + 1 if self.final == "sigma_min" else self.n_steps
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])[:n_points]
+        t = t_max - (t_max - t_min) * cum
+        sig = (t**self.rho).tolist()
+        sig[0] = self.sigma_max
+        if self.final == "sigma_min":
+            sig[-1] = self.sigma_min
+            return sig
+        return sig + [0.0]
+
+
+def schedule_space(denoiser: Denoiser, solver: str, nfe: int, final: str) -> ScheduleSpace:
+    n = get_solver(solver).steps_for_nfe(nfe)
+    return ScheduleSpace(n, denoiser.sigma_min, denoiser.sigma_max, final, getattr(denoiser, "rho", RHO))
