@@ -20,6 +20,7 @@ from __future__ import annotations
 # ---- graph tensor names ---------------------------------------------------------------------------
 NOISE = "noise"  # float32 [B, *sample_shape], standard normal (the graph scales it to sigma_max)
 LABELS = "class_labels"  # int64 [B], conditional models only
+GUIDANCE = "guidance"  # float32 [B], one guidance scale per image: artifacts compiled for a range (--guidance LO:HI)
 IMAGES = "images"  # float32 [B, *sample_shape]
 IMAGES_U8 = "images_uint8"  # uint8 [B, H, W, C], models with a decode stage (image models)
 LATENTS = "latents"  # float32 [B, *sample_shape]: latent models output this instead of IMAGES (then decode it)

@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import (BOM_REFUSED, GRAPH_METADATA, IMAGES, IMAGES_U8, LABELS, LATENTS, MANIFEST, MAX_BATCH, MAX_DIM,
-                       MAX_ELEMENTS, MAX_FILES, MAX_JSON_DEPTH, MAX_LABEL_DIM, MAX_LISTED_BYTES, MAX_MANIFEST_BYTES,
-                       MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA, SCHEMA_VERSION,
+from .contract import (BOM_REFUSED, GRAPH_METADATA, GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, MANIFEST,
+                       MAX_BATCH, MAX_DIM, MAX_ELEMENTS, MAX_FILES, MAX_JSON_DEPTH, MAX_LABEL_DIM, MAX_LISTED_BYTES,
+                       MAX_MANIFEST_BYTES, MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA, SCHEMA_VERSION,
                        STATIC_BATCHES, UTF8_BOM, ArtifactError)
 from .files import contained, read_regular, sha256_bytes, sha256_file
 
@@ -82,19 +82,37 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 REQUIRED = tuple(f.name for f in FIELDS if f.required and f.kind not in ("schema", "version"))
 
 
-def io_spec(sample_shape, label_dim: int, decoded=None, latent: bool = False) -> tuple[list[dict], list[dict]]:
+def io_spec(sample_shape, label_dim: int, decoded=None, latent: bool = False,
+            guidance: tuple[float, float, float] | None = None) -> tuple[list[dict], list[dict]]:
     """The manifest's `inputs` and `outputs`: names, dtypes, shapes ("batch" is the dynamic axis).
 
     `decoded`: (H, W, C) of the decode stage's uint8 images (None: the graph does not decode); `latent`:
-    the float output is LATENTS (a latent model's samples) rather than IMAGES."""
+    the float output is LATENTS (a latent model's samples) rather than IMAGES; `guidance`: (lo, hi, default) of
+    a graph that takes one guidance scale per image (None: compiled for one scale, no such input)."""
     shape = [int(s) for s in sample_shape]
     inputs = [{"name": NOISE, "dtype": "float32", "shape": ["batch", *shape]}]
     if label_dim > 0:
         inputs.append({"name": LABELS, "dtype": "int64", "shape": ["batch"], "range": [0, label_dim - 1]})
+    if guidance is not None:
+        inputs.append(guidance_input(*guidance))
     outputs = [{"name": LATENTS if latent else IMAGES, "dtype": "float32", "shape": ["batch", *shape]}]
     if decoded is not None:
         outputs.append({"name": IMAGES_U8, "dtype": "uint8", "shape": ["batch", *(int(d) for d in decoded)]})
     return inputs, outputs
+
+
+def guidance_input(lo: float, hi: float, default: float) -> dict:
+    """The manifest's `inputs` entry of an artifact compiled for a guidance range (listed after `class_labels`, or
+    after `noise` for an unconditional model): float32 [batch], one scale per image, in [lo, hi] (inclusive);
+    a request that gives none gets `default` for every image."""
+    return {"name": GUIDANCE, "dtype": "float32", "shape": ["batch"], "range": [float(lo), float(hi)],
+            "default": float(default)}
+
+
+def guidance_spec(inputs: list[dict]) -> tuple[float, float, float] | None:
+    """(lo, hi, default) of a checked manifest's `guidance` input; None for an artifact compiled for one scale."""
+    entry = next((t for t in inputs if t["name"] == GUIDANCE), None)
+    return None if entry is None else (float(entry["range"][0]), float(entry["range"][1]), float(entry["default"]))
 
 
 def make_manifest(**fields) -> dict:
@@ -261,7 +279,7 @@ def _check_tensors(f: Field, tensors, path) -> None:
 def check_manifest(data, path="manifest.json") -> None:
     """Every field of FIELDS checked for type and bounds, in table order, then the fields against each other:
     input `noise` [batch, *sample_shape] first, `class_labels` [batch] (range [0, label_dim - 1]) iff
-    label_dim > 0, output `images` once (or `latents` with `images_uint8`). ArtifactError naming the field."""
+    label_dim > 0, then optionally `guidance` float32 [batch] (range [lo, hi], lo < hi, default in it), output `images` once (or `latents` with `images_uint8`). ArtifactError naming the field."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         schema = data.get("schema") if isinstance(data, dict) else None
         raise ArtifactError(f"{path} is not an iia artifact manifest (field 'schema' {_short(schema)}, expected "
@@ -285,9 +303,12 @@ def _check_interface(data: dict, path) -> None:
     """The tensor descriptions against sample_shape and label_dim (fields already checked one by one)."""
     shape, label_dim, inputs, outputs = data["sample_shape"], data["label_dim"], data["inputs"], data["outputs"]
     want = [NOISE, LABELS] if label_dim > 0 else [NOISE]
-    if [t["name"] for t in inputs] != want:
-        raise ArtifactError(f"{path}: field 'inputs' names {[t['name'] for t in inputs]}, expected {want} for "
-                            f"label_dim {label_dim}")
+    names = [t["name"] for t in inputs]
+    if names != want and names != [*want, GUIDANCE]:
+        raise ArtifactError(f"{path}: field 'inputs' names {names}, expected {want} for label_dim {label_dim} "
+                            f"(then '{GUIDANCE}' for an artifact compiled for a guidance range)")
+    if names[-1] == GUIDANCE:
+        _check_guidance_input(inputs[-1], path)
     if inputs[0]["dtype"] != "float32" or inputs[0]["shape"] != ["batch", *shape]:
         raise ArtifactError(f"{path}: field 'inputs' gives noise {inputs[0]['dtype']} {inputs[0]['shape']}, expected "
                             f"float32 {['batch', *shape]} (sample_shape)")
@@ -303,6 +324,18 @@ def _check_interface(data: dict, path) -> None:
     if len(samples) != 1 or len(set(names)) != len(names) or (samples[0] == LATENTS and IMAGES_U8 not in names):
         raise ArtifactError(f"{path}: field 'outputs' names {names}: expected '{IMAGES}' once (and '{IMAGES_U8}'), "
                             f"or '{LATENTS}' and '{IMAGES_U8}' (a latent model's samples and their decoded images)")
+
+
+def _check_guidance_input(entry: dict, path) -> None:
+    """float32 ['batch'], range [lo, hi] of finite numbers with lo < hi, default a finite number in [lo, hi]."""
+    found, default = entry.get("range"), entry.get("default")
+    ok = (entry["dtype"] == "float32" and entry["shape"] == ["batch"] and isinstance(found, list) and len(found) == 2
+          and all(_is_number(v) for v in found) and found[0] < found[1] and _is_number(default)
+          and found[0] <= default <= found[1])
+    if not ok:
+        raise ArtifactError(f"{path}: field 'inputs' gives {GUIDANCE} {entry['dtype']} {_short(entry['shape'])} range "
+                            f"{_short(found)} default {_short(default)}, expected float32 ['batch'] range [lo, hi] "
+                            f"(finite numbers, lo < hi) and a default in it")
 
 
 # ---- listed files, checked against the manifest --------------------------------------------------------

@@ -1,6 +1,6 @@
 """`Sampler`: the backend-independent front of a compiled sampler. All input validation lives here, once.
 
-Contract of `sampler(noise=None, *, seed=None, batch_size=None, class_labels=None)`:
+Contract of `sampler(noise=None, *, seed=None, batch_size=None, class_labels=None, guidance=None)`:
 
 * noise: [B, *sample_shape] standard normal. float32 is used as is; other float dtypes (float64, float16)
   are converted to float32 explicitly (the graph computes in float32). Integer, bool or complex noise, a
@@ -11,9 +11,13 @@ Contract of `sampler(noise=None, *, seed=None, batch_size=None, class_labels=Non
 * class_labels: required for a conditional model (no silent default: a service must choose its classes),
   refused for an unconditional one. Either ids (ints: list, int array [B], or one int for the whole batch)
   or one-hot [B, label_dim] (exactly one 1 per row). Ids outside [0, label_dim - 1] raise ValueError.
+* guidance: artifacts compiled for a guidance range (`iia-compile --guidance LO:HI`, manifest input `guidance`)
+  only: one scale per image ([B] real numbers) or one for all (a scalar), converted to float32 and then checked:
+  finite and inside the manifest's range [lo, hi] (inclusive). None gives every image the manifest's default.
+  An artifact compiled for one scale refuses any guidance. Every refusal is a ValueError naming `guidance`.
 * returns float32 [B, *sample_shape] (`images()`: uint8 [B, H, W, C], EDM's clip(x * 127.5 + 128)).
 
-Same noise and labels give the same output. Backends implement only `_run`; they are safe to call from
+Same noise, labels and guidance give the same output. Backends implement only `_run`; they are safe to call from
 several threads at once (see each backend for how).
 """
 
@@ -24,7 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .contract import IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE
+from .contract import GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE
+from .manifest import guidance_spec
 from .noise import draw_noise
 
 
@@ -37,6 +42,7 @@ class Samples(NamedTuple):
     images_uint8: np.ndarray | None  # uint8 [B, H, W, C] for image models, else None
     noise: np.ndarray  # float32, the noise actually used
     class_labels: np.ndarray | None  # int64 ids actually used (None for unconditional models)
+    guidance: np.ndarray | None = None  # float32 [B] scales actually used (None: compiled for one scale)
 
 
 def _as_int(value, what: str) -> int:
@@ -65,16 +71,25 @@ class Sampler:
         self.input_names = [i["name"] for i in manifest["inputs"]]
         # pixel models output `images`; latent models `latents` (the graph decodes them into images_uint8)
         self.samples_name = LATENTS if LATENTS in self.output_names else IMAGES
-        if self.input_names != ([NOISE, LABELS] if self.conditional else [NOISE]) or \
+        # (lo, hi, default) for an artifact compiled for a guidance range, else None
+        self.guidance_range = guidance_spec(manifest["inputs"])
+        want = [NOISE, LABELS] if self.conditional else [NOISE]
+        if self.input_names != want + ([GUIDANCE] if self.guided else []) or \
                 self.samples_name not in self.output_names:
             raise ValueError(f"manifest inputs {self.input_names} / outputs {self.output_names} do not match "
-                             f"this runtime's interface (noise[, class_labels] -> images|latents[, images_uint8])")
+                             f"this runtime's interface (noise[, class_labels][, guidance] -> images|latents"
+                             f"[, images_uint8])")
         self.fallbacks: list[tuple[str, str]] = []  # backends `load(backend="auto")` skipped, with why
 
     # ---- properties -------------------------------------------------------------------------------
     @property
     def conditional(self) -> bool:
         return self.label_dim > 0
+
+    @property
+    def guided(self) -> bool:
+        """Compiled for a guidance range: the graph takes one guidance scale per image."""
+        return self.guidance_range is not None
 
     @property
     def is_image(self) -> bool:
@@ -157,8 +172,38 @@ class Sampler:
                              f"expected ids in [0, {hi}]")
         return np.ascontiguousarray(arr, dtype=np.int64)
 
-    def prepare(self, noise=None, *, seed=None, batch_size=None, class_labels=None):
-        """Validated (noise float32, labels int64 | None): the feeds every backend gets."""
+    def check_guidance(self, guidance, batch: int) -> np.ndarray | None:
+        """float32 scales [batch] (the manifest's default for None; None for an artifact compiled for one scale), or
+        ValueError naming guidance. Values are converted to float32 first, then checked against the range's float32
+        bounds (runtime/native/src/validate.cpp applies the same rule, with the same messages)."""
+        if not self.guided:
+            if guidance is not None:
+                raise ValueError("this artifact was compiled for one guidance scale: guidance must be None (recompile "
+                                 "with iia-compile --guidance LO:HI or --cfg LO:HI for a scale per request)")
+            return None
+        lo, hi, default = self.guidance_range
+        if guidance is None:
+            return np.full(batch, default, dtype=np.float32)
+        arr = np.asarray(guidance)
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"guidance must be real numbers (float32 expected), got dtype {arr.dtype}")
+        if arr.ndim == 0:  # one scale for the whole batch
+            arr = np.full(batch, arr, dtype=arr.dtype)
+        if arr.ndim != 1 or arr.shape[0] != batch:
+            raise ValueError(f"guidance must be one scale per image (shape [{batch}]) or one for all (a scalar), "
+                             f"got shape {list(arr.shape)}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise ValueError(f"guidance must be finite, got {float(arr[bad][0])!r}")
+        outside = (arr < np.float32(lo)) | (arr > np.float32(hi))
+        if outside.any():
+            raise ValueError(f"guidance {float(arr[outside][0])!r} out of range: this artifact was compiled for "
+                             f"guidance in [{lo!r}, {hi!r}]")
+        return arr
+
+    def prepare(self, noise=None, *, seed=None, batch_size=None, class_labels=None, guidance=None):
+        """Validated (noise float32, labels int64 | None, guidance float32 [B] | None): the feeds every backend gets."""
         if noise is None:
             if batch_size is None:
                 labels = None if class_labels is None else np.asarray(class_labels)
@@ -173,31 +218,38 @@ class Sampler:
             arr = self.check_noise(noise)
             if batch_size is not None and _as_int(batch_size, "batch_size") != arr.shape[0]:
                 raise ValueError(f"batch_size {batch_size} does not match the noise batch {arr.shape[0]}")
-        return arr, self.check_labels(class_labels, arr.shape[0])
+        return arr, self.check_labels(class_labels, arr.shape[0]), self.check_guidance(guidance, arr.shape[0])
 
-    def _feeds(self, noise: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
-        return {NOISE: noise} if labels is None else {NOISE: noise, LABELS: labels}
+    def _feeds(self, noise: np.ndarray, labels: np.ndarray | None, guidance: np.ndarray | None = None
+               ) -> dict[str, np.ndarray]:
+        feeds = {NOISE: noise}
+        if labels is not None:
+            feeds[LABELS] = labels
+        if guidance is not None:
+            feeds[GUIDANCE] = guidance
+        return feeds
 
     # ---- calls -----------------------------------------------------------------------------------
-    def __call__(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> np.ndarray:
+    def __call__(self, noise=None, *, seed=None, batch_size=None, class_labels=None, guidance=None) -> np.ndarray:
         """float32 samples [B, *sample_shape] (latents, for a latent model)."""
-        x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
-        return self._run(self._feeds(x, labels), [self.samples_name])[0]
+        feeds = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels, guidance=guidance)
+        return self._run(self._feeds(*feeds), [self.samples_name])[0]
 
-    def images(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> np.ndarray:
+    def images(self, noise=None, *, seed=None, batch_size=None, class_labels=None, guidance=None) -> np.ndarray:
         """uint8 images [B, H, W, C] (image models only)."""
         if not self.is_image:
             raise ValueError(f"images() needs an image model ([C, H, W] samples); this one has sample shape "
                              f"{list(self.sample_shape)}: call the sampler for float32 outputs")
-        x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
-        return self._run(self._feeds(x, labels), [IMAGES_U8])[0]
+        feeds = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels, guidance=guidance)
+        return self._run(self._feeds(*feeds), [IMAGES_U8])[0]
 
-    def sample(self, noise=None, *, seed=None, batch_size=None, class_labels=None) -> Samples:
-        """Both outputs from one run, plus the noise and labels used (what `iia-sample` saves)."""
-        x, labels = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels)
+    def sample(self, noise=None, *, seed=None, batch_size=None, class_labels=None, guidance=None) -> Samples:
+        """Both outputs from one run, plus the noise, labels and guidance used (what `iia-sample` saves)."""
+        x, labels, scales = self.prepare(noise, seed=seed, batch_size=batch_size, class_labels=class_labels,
+                                         guidance=guidance)
         names = [self.samples_name, IMAGES_U8] if self.is_image else [self.samples_name]
-        out = self._run(self._feeds(x, labels), names)
-        return Samples(out[0], out[1] if self.is_image else None, x, labels)
+        out = self._run(self._feeds(x, labels, scales), names)
+        return Samples(out[0], out[1] if self.is_image else None, x, labels, scales)
 
     # ---- backend hooks ---------------------------------------------------------------------------
     def _run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
