@@ -1,6 +1,6 @@
 """`iia-export-triton ARTIFACT_DIR --repo REPO`: a Triton Inference Server model repository from an artifact.
 
-The whole fixed-NFE sampler is ONE model with inputs `noise` (+ `class_labels`) and outputs `images`,
+The whole fixed-NFE sampler is ONE model with inputs `noise` (+ `class_labels`) (+ `guidance`) and outputs `images`,
 `images_uint8`, so Triton serves it with its standard backends and its own dynamic batching:
 
     REPO/<name>_tensorrt/config.pbtxt      platform "tensorrt_plan"     1/model.plan (or one plan per compute
@@ -11,7 +11,9 @@ The whole fixed-NFE sampler is ONE model with inputs `noise` (+ `class_labels`) 
 The python-backend model runs the artifact with `iia.runtime` (for hosts without those backends) and also
 accepts a `seed` per image instead of raw noise: server-side noise drawn by `iia.runtime.draw_noise`, the
 project's one noise convention. Config format: Triton's `model_config.proto` (dims exclude the batch axis when
-`max_batch_size > 0`; `class_labels`, [B] in the graph, is [B, 1] on the wire with `reshape { shape: [] }`).
+`max_batch_size > 0`; `class_labels` and `guidance` (one scale per image, artifacts compiled for a guidance range;
+optional for the python backend, which then uses the manifest's default), [B] in the graph, are [B, 1] on the wire
+with `reshape { shape: [] }`).
 
 Every config is built as a `tritonclient` `ModelConfig` protobuf, written as text, parsed back with
 `google.protobuf.text_format` and checked against the artifact's manifest (names, dtypes, dims, batch) before
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iia.cli import add_options, check_options, int_list, option, options_from, run_cli, str_list, written
-from iia.runtime.contract import (MANIFEST, MAX_THREADS, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
-                                  read_manifest, verify_all)
+from iia.runtime.contract import (GUIDANCE, MANIFEST, MAX_THREADS, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA,
+                                  SAMPLER_PLAN, artifact_root, read_manifest, verify_all)
 
 from .publish import Staging, check_directory, copy_public, publish
 
@@ -153,7 +155,8 @@ def python_config(manifest: dict, name: str, opts: TritonOptions):
     config.name = name
     config.backend = "python"
     for entry in manifest["inputs"]:
-        _add_tensor(pb2, config.input, entry, optional=entry["name"] == NOISE)
+        # noise (or seed) and guidance (absent: the manifest's default scale) may be left out of a request
+        _add_tensor(pb2, config.input, entry, optional=entry["name"] in (NOISE, GUIDANCE))
     _add_tensor(pb2, config.input, {"name": SEED, "dtype": "int64", "shape": ["batch", 1]}, optional=True)
     for entry in manifest["outputs"]:
         _add_tensor(pb2, config.output, entry)

@@ -11,9 +11,11 @@ Per request (all tensors carry the batch axis B):
                                            so seeds s, s+1, ..., s+B-1 give exactly the noise of
                                            sampler(seed=s, batch_size=B) in process (EDM's per-image seeds)
   class_labels  INT64 [B, 1]               class ids (conditional models only)
+  guidance      FP32  [B, 1]               one guidance scale per image (artifacts compiled for a guidance range
+                                           only; optional: absent gives every image the manifest's default)
 -> images FP32 [B, *sample_shape] (latents for latent models), images_uint8 UINT8 [B, H, W, C] (image models).
 
-Dynamic batching hands `execute` several requests at once: each is validated on its own (a bad one gets its
+Dynamic batching hands `execute` several requests at once (each with its own guidance scales): each is validated on its own (a bad one gets its
 own error response, naming the problem, with status INVALID_ARG, i.e. HTTP 400 / gRPC INVALID_ARGUMENT, and
 the others are served), then the valid ones run as ONE sampler
 call on their concatenated noise, and the outputs are split back. The graph treats images independently, so
@@ -27,7 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import iia.runtime
-from iia.runtime.contract import IMAGES_U8, LABELS, MAX_SEED, NOISE, ORT_CPU
+from iia.runtime.contract import GUIDANCE, IMAGES_U8, LABELS, MAX_SEED, NOISE, ORT_CPU
 
 
 def _bad_request(message):
@@ -56,7 +58,8 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"iia: {self.sampler!r} ({iia.runtime.describe(self.sampler)})")
 
     def _prepare(self, request):
-        """(noise float32 [B, ...], labels int64 [B] | None) for one request, or ValueError naming the problem."""
+        """(noise float32 [B, ...], labels int64 [B] | None, guidance float32 [B] | None) for one request, or
+        ValueError naming the problem."""
         noise, seed, labels = _input(request, NOISE), _input(request, "seed"), _input(request, LABELS)
         if noise is not None and seed is not None:
             raise ValueError("give either noise or seed, not both")
@@ -80,30 +83,39 @@ class TritonPythonModel:
             if labels.shape[1] != 1:
                 raise ValueError(f"class_labels must have shape [B, 1] (one id per image), got {list(labels.shape)}")
             labels = labels[:, 0]
-        return noise, self.sampler.check_labels(labels, noise.shape[0])
+        guidance = _input(request, GUIDANCE)  # optional: None gives the manifest's default to each image
+        if guidance is not None:
+            guidance = guidance.reshape(guidance.shape[0], -1) if guidance.ndim else guidance.reshape(1, 1)
+            if guidance.shape[1] != 1:
+                raise ValueError(f"guidance must have shape [B, 1] (one scale per image), got {list(guidance.shape)}")
+            guidance = guidance[:, 0]
+        batch = noise.shape[0]
+        return noise, self.sampler.check_labels(labels, batch), self.sampler.check_guidance(guidance, batch)
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        batch = []  # (index, noise, labels) of the valid requests
+        batch = []  # (index, noise, labels, guidance) of the valid requests
         for i, request in enumerate(requests):
             try:
-                noise, labels = self._prepare(request)
+                noise, labels, guidance = self._prepare(request)
             except ValueError as err:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=_bad_request(str(err)))
                 continue
-            batch.append((i, noise, labels))
+            batch.append((i, noise, labels, guidance))
         if batch:
             noise = np.concatenate([b[1] for b in batch])
             labels = None if batch[0][2] is None else np.concatenate([b[2] for b in batch])
+            # each request's own scales (checked above), side by side in the one call
+            guidance = None if batch[0][3] is None else np.concatenate([b[3] for b in batch])
             try:
-                out = self.sampler.sample(noise, class_labels=labels)
+                out = self.sampler.sample(noise, class_labels=labels, guidance=guidance)
             except Exception as err:  # a backend failure: every request of this batch gets it, one line
-                for i, _, _ in batch:
+                for i, *_ in batch:
                     responses[i] = pb_utils.InferenceResponse(
                         output_tensors=[], error=pb_utils.TritonError(f"iia sampler failed: {type(err).__name__}: {err}"))
                 return responses
             start = 0
-            for i, x, _ in batch:
+            for i, x, *_ in batch:
                 stop = start + x.shape[0]
                 # `images`, or `latents` for a latent model (out.images holds the graph's float samples)
                 tensors = [pb_utils.Tensor(self.sampler.samples_name, np.ascontiguousarray(out.images[start:stop]))]

@@ -30,6 +30,15 @@ class Info(ctypes.Structure):
                 ("backend", ctypes.c_char_p), ("solver", ctypes.c_char_p), ("model", ctypes.c_char_p)]
 
 
+class RunOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("guidance", ctypes.POINTER(Tensor))]
+
+
+class Guidance(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("guided", ctypes.c_int), ("lo", ctypes.c_double),
+                ("hi", ctypes.c_double), ("default_scale", ctypes.c_double)]
+
+
 class NativeError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -42,6 +51,10 @@ class Library:
         lib.iia_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(LoadOptions), ctypes.POINTER(ctypes.c_void_p)]
         lib.iia_run.argtypes = [ctypes.c_void_p, ctypes.POINTER(Tensor), ctypes.POINTER(Tensor), ctypes.c_void_p,
                                 ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+        lib.iia_run_ex.argtypes = [ctypes.c_void_p, ctypes.POINTER(Tensor), ctypes.POINTER(Tensor),
+                                   ctypes.POINTER(RunOptions), ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                   ctypes.c_size_t]
+        lib.iia_get_guidance.argtypes = [ctypes.c_void_p, ctypes.POINTER(Guidance)]
         lib.iia_free.argtypes = [ctypes.c_void_p]
         lib.iia_free.restype = ctypes.c_int
         lib.iia_get_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(Info)]
@@ -87,8 +100,19 @@ class NativeSampler:
     def describe(self) -> str:
         return self.library.lib.iia_describe(self.handle).decode()
 
-    def run(self, noise, class_labels=None, images: bool = True, uint8: bool = False):
-        """(images float32 | None, images_uint8 uint8 | None); NativeError(status, message) on failure."""
+    def guidance(self) -> tuple[float, float, float] | None:
+        """(lo, hi, default) of an artifact compiled for a guidance range (iia_get_guidance), else None."""
+        g = Guidance()
+        g.struct_size = ctypes.sizeof(Guidance)
+        status = self.library.lib.iia_get_guidance(self.handle, ctypes.byref(g))
+        if status != OK:
+            raise self.library.error(status)
+        return (g.lo, g.hi, g.default_scale) if g.guided else None
+
+    def run(self, noise, class_labels=None, images: bool = True, uint8: bool = False, guidance=None,
+            options_size: int | None = None):
+        """(images float32 | None, images_uint8 uint8 | None); NativeError(status, message) on failure.
+        guidance given (or options_size, to override iia_run_options.struct_size): through iia_run_ex."""
         noise = np.asarray(noise)
         t, keep = _tensor(noise)
         lt, keep_l = (None, None) if class_labels is None else _tensor(np.asarray(class_labels))
@@ -98,10 +122,20 @@ class NativeSampler:
         if uint8:
             c, h, w = self.sample_shape
             out8 = np.empty((max(batch, 0), h, w, c), np.uint8)
-        status = self.library.lib.iia_run(
-            self.handle, ctypes.byref(t), None if lt is None else ctypes.byref(lt),
-            None if out is None else out.ctypes.data, 0 if out is None else out.size,
-            None if out8 is None else out8.ctypes.data, 0 if out8 is None else out8.size)
+        buffers = (None if out is None else out.ctypes.data, 0 if out is None else out.size,
+                   None if out8 is None else out8.ctypes.data, 0 if out8 is None else out8.size)
+        if guidance is None and options_size is None:
+            status = self.library.lib.iia_run(self.handle, ctypes.byref(t), None if lt is None else ctypes.byref(lt),
+                                              *buffers)
+        else:
+            options = RunOptions()
+            self.library.lib.iia_run_options_init(ctypes.byref(options))
+            gt, keep_g = (None, None) if guidance is None else _tensor(np.asarray(guidance))
+            options.guidance = None if gt is None else ctypes.pointer(gt)
+            if options_size is not None:
+                options.struct_size = options_size
+            status = self.library.lib.iia_run_ex(self.handle, ctypes.byref(t), None if lt is None else ctypes.byref(lt),
+                                                 ctypes.byref(options), *buffers)
         if status != OK:
             raise self.library.error(status)
         return out, out8

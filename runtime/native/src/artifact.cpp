@@ -366,6 +366,29 @@ std::vector<std::string> names_of(const json& tensors) {
     return out;
 }
 
+bool is_number(const json& v) { return v.is_number() && std::isfinite(v.get<double>()); }  // never a bool
+
+// runtime/manifest.py _check_guidance_input: float32 ['batch'], range [lo, hi] of finite numbers with lo < hi,
+// default a finite number in [lo, hi]
+void check_guidance_input(Manifest& m, const json& entry) {
+    const json found = entry.contains("range") ? entry["range"] : json();
+    const json fallback = entry.contains("default") ? entry["default"] : json();
+    bool ok = entry["dtype"] == "float32" && entry["shape"] == json::array({"batch"}) && found.is_array() &&
+              found.size() == 2 && is_number(found[0]) && is_number(found[1]) && is_number(fallback);
+    if (ok) {
+        m.guidance_lo = found[0].get<double>();
+        m.guidance_hi = found[1].get<double>();
+        m.guidance_default = fallback.get<double>();
+        ok = m.guidance_lo < m.guidance_hi && m.guidance_lo <= m.guidance_default && m.guidance_default <= m.guidance_hi;
+    }
+    if (!ok)
+        throw artifact_error(m.path + ": field 'inputs' gives " + GUIDANCE + " " + text_of(entry["dtype"]) + " " +
+                             short_json(entry["shape"]) + " range " + short_json(found) + " default " +
+                             short_json(fallback) + ", expected float32 ['batch'] range [lo, hi] (finite numbers, "
+                             "lo < hi) and a default in it");
+    m.guided = true;
+}
+
 // the tensor descriptions against sample_shape and label_dim (runtime/manifest.py _check_interface)
 void check_interface_fields(Manifest& m) {
     const json& d = *m.doc;
@@ -375,9 +398,13 @@ void check_interface_fields(Manifest& m) {
     m.output_names = names_of(d["outputs"]);
     std::vector<std::string> want{NOISE};
     if (m.label_dim > 0) want.push_back(LABELS);
-    if (m.input_names != want)
+    std::vector<std::string> guided = want;
+    guided.push_back(GUIDANCE);
+    if (m.input_names != want && m.input_names != guided)
         throw artifact_error(where + ": field 'inputs' names " + py_list(m.input_names) + ", expected " + py_list(want) +
-                             " for label_dim " + std::to_string(m.label_dim));
+                             " for label_dim " + std::to_string(m.label_dim) + " (then '" + GUIDANCE +
+                             "' for an artifact compiled for a guidance range)");
+    if (m.input_names == guided) check_guidance_input(m, inputs.back());
     json batch_shape = json::array({"batch"});
     for (int64_t v : m.sample_shape) batch_shape.push_back(v);
     if (inputs[0]["dtype"] != "float32" || inputs[0]["shape"] != batch_shape)
@@ -475,13 +502,14 @@ Manifest read_manifest(const std::string& root) {
 void check_interface(const Manifest& m) {
     std::vector<std::string> want{NOISE};
     if (m.conditional()) want.push_back(LABELS);
+    if (m.guided) want.push_back(GUIDANCE);
     const bool has_images = std::find(m.output_names.begin(), m.output_names.end(), IMAGES) != m.output_names.end();
     if (std::find(m.output_names.begin(), m.output_names.end(), LATENTS) != m.output_names.end())
         throw invalid("this is a latent model's artifact (outputs " + py_list(m.output_names) + "): the native runtime "
                       "does not run latent artifacts yet (their decoded images have another shape); use iia.runtime");
     if (m.input_names != want || !has_images)
         throw invalid("manifest inputs " + py_list(m.input_names) + " / outputs " + py_list(m.output_names) +
-                      " do not match this runtime's interface (noise[, class_labels] -> images[, images_uint8])");
+                      " do not match this runtime's interface (noise[, class_labels][, guidance] -> images[, images_uint8])");
 }
 
 std::string sha256_hex(const void* data, size_t size) {

@@ -18,6 +18,8 @@ struct Manifest {
     int64_t label_dim = 0, max_batch = 0, nfe = 0;
     std::vector<std::string> input_names, output_names;
     std::string solver, model;
+    bool guided = false;  // the `guidance` input: compiled for a guidance range [guidance_lo, guidance_hi]
+    double guidance_lo = 0, guidance_hi = 0, guidance_default = 0;
     std::vector<int64_t> static_batches;  // batches with their own specialised ONNX Runtime session
     bool engine_built = false;  // manifest "engine": the TensorRT plan's provenance, as Python prints it
     std::string engine_reason, engine_tensorrt, engine_compute_capability;
@@ -32,7 +34,7 @@ struct Manifest {
 std::string artifact_root(const std::string& path);           // DIR for DIR or DIR/manifest.json
 Manifest read_manifest(const std::string& root);               // schema, version, required fields, types
 std::string plan_absent_reason(const Manifest& manifest);  // "" when a built plan is listed
-void check_interface(const Manifest& manifest);                // noise[, class_labels] -> images[, images_uint8]
+void check_interface(const Manifest& manifest);  // noise[, class_labels][, guidance] -> images[, images_uint8]
 std::string sha256_hex(const void* data, size_t size);
 void verify_file(const Manifest& manifest, const std::string& name);
 std::vector<char> read_verified(const Manifest& manifest, const std::string& name, bool verify);

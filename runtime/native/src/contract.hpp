@@ -20,6 +20,7 @@ using json = nlohmann::ordered_json;  // keeps the manifest's key order: files a
 
 inline constexpr const char* NOISE = "noise";
 inline constexpr const char* LABELS = "class_labels";
+inline constexpr const char* GUIDANCE = "guidance";  // float32 [B], artifacts compiled for a guidance range
 inline constexpr const char* IMAGES = "images";
 inline constexpr const char* IMAGES_U8 = "images_uint8";
 inline constexpr const char* LATENTS = "latents";  // a latent model's samples (with images_uint8 decoded)

@@ -232,7 +232,8 @@ public:
         shape[0] = f.batch;
         std::copy(manifest_.sample_shape.begin(), manifest_.sample_shape.end(), shape.begin() + 1);
         const size_t count = static_cast<size_t>(f.batch * item_);
-        std::array<Ort::Value, 2> inputs{Ort::Value(nullptr), Ort::Value(nullptr)};
+        std::array<Ort::Value, 3> inputs{Ort::Value(nullptr), Ort::Value(nullptr), Ort::Value(nullptr)};
+        std::array<const char*, 3> input_names{NOISE, LABELS, GUIDANCE};
         // ONNX Runtime does not write to inputs: wrapping the caller's const memory is safe
         inputs[0] = Ort::Value::CreateTensor<float>(memory_, const_cast<float*>(f.noise), count, shape.data(), rank_ + 1);
         size_t n_inputs = 1;
@@ -241,6 +242,11 @@ public:
             inputs[1] = Ort::Value::CreateTensor<int64_t>(memory_, const_cast<int64_t*>(f.labels),
                                                           static_cast<size_t>(f.batch), &batch, 1);
             n_inputs = 2;
+        }
+        if (manifest_.guided) {  // after class_labels (or noise): the manifest's order
+            inputs[n_inputs] = Ort::Value::CreateTensor<float>(memory_, const_cast<float*>(f.guidance),
+                                                               static_cast<size_t>(f.batch), &batch, 1);
+            input_names[n_inputs++] = GUIDANCE;
         }
         std::array<Ort::Value, 2> outputs{Ort::Value(nullptr), Ort::Value(nullptr)};
         std::array<const char*, 2> output_names{};
@@ -254,10 +260,9 @@ public:
             outputs[n_outputs] = Ort::Value::CreateTensor<uint8_t>(memory_, images_uint8, count, hwc.data(), 4);
             output_names[n_outputs++] = IMAGES_U8;
         }
-        static const char* const input_names[2] = {NOISE, LABELS};
         Ort::Session& session = session_for(f.batch);
         const auto start = std::chrono::steady_clock::now();
-        session.Run(Ort::RunOptions{nullptr}, input_names, inputs.data(), n_inputs, output_names.data(),
+        session.Run(Ort::RunOptions{nullptr}, input_names.data(), inputs.data(), n_inputs, output_names.data(),
                      outputs.data(), n_outputs);
         const auto stop = std::chrono::steady_clock::now();
         return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(stop - start).count());

@@ -169,9 +169,13 @@ void load(const char* path, const iia_load_options* options, iia_sampler** out) 
 
 std::string count_text(size_t n) { return std::to_string(n); }
 
-void run(iia_sampler* s, const iia_tensor* noise, const iia_tensor* labels, float* images, size_t images_len,
-         uint8_t* images_uint8, size_t images_uint8_len) {
+void run(iia_sampler* s, const iia_tensor* noise, const iia_tensor* labels, const iia_run_options* options,
+         float* images, size_t images_len, uint8_t* images_uint8, size_t images_uint8_len) {
     const Manifest& m = s->manifest;
+    if (options != nullptr && options->struct_size != sizeof(iia_run_options))
+        throw invalid("iia_run_options.struct_size is " + std::to_string(options->struct_size) + ", expected " +
+                      std::to_string(sizeof(iia_run_options)) + " (initialise it with iia_run_options_init)");
+    const iia_tensor* guidance = options != nullptr ? options->guidance : nullptr;
     if (images == nullptr && images_uint8 == nullptr)
         throw invalid("no output requested: pass an images (float32) and/or images_uint8 (uint8) buffer");
     if (images_uint8 != nullptr && !s->info.is_image) {
@@ -180,7 +184,7 @@ void run(iia_sampler* s, const iia_tensor* noise, const iia_tensor* labels, floa
                       ": request the float32 images only");
     }
     Feeds feeds;
-    prepare(m, noise, labels, &feeds);
+    prepare(m, noise, labels, guidance, &feeds);
     const size_t need = static_cast<size_t>(feeds.batch * sample_size(m));
     if (images != nullptr && images_len < need)
         throw invalid("the images buffer holds " + count_text(images_len) + " floats, but batch " +
@@ -241,6 +245,27 @@ iia_status iia_get_info(const iia_sampler* sampler, iia_info* info) {
     return IIA_OK;
 }
 
+iia_status iia_get_guidance(const iia_sampler* sampler, iia_guidance* guidance) {
+    if (const iia_status status = check_handle(sampler)) return status;
+    if (guidance == nullptr) return fail(IIA_ERROR_INVALID_ARGUMENT, "guidance is NULL");
+    if (guidance->struct_size != sizeof(iia_guidance))
+        return fail(IIA_ERROR_INVALID_ARGUMENT, "iia_guidance.struct_size is " + std::to_string(guidance->struct_size) +
+                                                    ", expected " + std::to_string(sizeof(iia_guidance)));
+    const Manifest& m = sampler->manifest;
+    guidance->guided = m.guided ? 1 : 0;
+    guidance->lo = m.guided ? m.guidance_lo : 0;
+    guidance->hi = m.guided ? m.guidance_hi : 0;
+    guidance->default_scale = m.guided ? m.guidance_default : 0;
+    return IIA_OK;
+}
+
+void iia_run_options_init(iia_run_options* options) {
+    if (options == nullptr) return;
+    std::memset(options, 0, sizeof *options);
+    options->struct_size = sizeof *options;
+    options->guidance = nullptr;
+}
+
 const char* iia_describe(const iia_sampler* sampler) {
     if (check_handle(sampler) != IIA_OK) return "";
     return sampler->description.c_str();
@@ -249,7 +274,14 @@ const char* iia_describe(const iia_sampler* sampler) {
 iia_status iia_run(iia_sampler* sampler, const iia_tensor* noise, const iia_tensor* class_labels, float* images,
                    size_t images_len, uint8_t* images_uint8, size_t images_uint8_len) {
     if (const iia_status status = check_handle(sampler)) return status;
-    return guarded([&] { run(sampler, noise, class_labels, images, images_len, images_uint8, images_uint8_len); });
+    return guarded([&] { run(sampler, noise, class_labels, nullptr, images, images_len, images_uint8, images_uint8_len); });
+}
+
+iia_status iia_run_ex(iia_sampler* sampler, const iia_tensor* noise, const iia_tensor* class_labels,
+                      const iia_run_options* options, float* images, size_t images_len, uint8_t* images_uint8,
+                      size_t images_uint8_len) {
+    if (const iia_status status = check_handle(sampler)) return status;
+    return guarded([&] { run(sampler, noise, class_labels, options, images, images_len, images_uint8, images_uint8_len); });
 }
 
 const char* iia_last_error(void) { return t_error.c_str(); }

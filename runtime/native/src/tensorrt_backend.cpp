@@ -109,6 +109,9 @@ public:
                 host = f.noise;
                 dims.nbDims = static_cast<int32_t>(manifest_.sample_shape.size() + 1);
                 for (size_t i = 0; i < manifest_.sample_shape.size(); ++i) dims.d[i + 1] = manifest_.sample_shape[i];
+            } else if (b.name == GUIDANCE) {  // float32 scales [B]
+                dims.nbDims = 1;
+                host = f.guidance;
             } else {  // class_labels: int64 ids, int32 where the engine declares int32 (TensorRT 8)
                 dims.nbDims = 1;
                 host = f.labels;
@@ -187,6 +190,7 @@ private:
         for (Binding& b : bindings_) {
             const bool ok = (b.name == NOISE && b.type == nvinfer1::DataType::kFLOAT) ||
                             (b.name == LABELS && (b.type == nvinfer1::DataType::kINT64 || b.type == nvinfer1::DataType::kINT32)) ||
+                            (b.name == GUIDANCE && b.type == nvinfer1::DataType::kFLOAT) ||
                             (b.name == IMAGES && b.type == nvinfer1::DataType::kFLOAT) ||
                             (b.name == IMAGES_U8 && b.type == nvinfer1::DataType::kUINT8) ||
                             (!b.input && b.name != IMAGES && b.name != IMAGES_U8);

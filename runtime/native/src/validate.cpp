@@ -221,6 +221,44 @@ void check_labels(const Manifest& m, const iia_tensor* labels, Feeds* f) {
     f->labels = f->labels_owned.data();
 }
 
+// runtime/sampler.py's check_guidance: converted to float32 first, then finite and inside the range's float32 bounds
+void check_guidance(const Manifest& m, const iia_tensor* guidance, Feeds* f) {
+    const int64_t batch = f->batch;
+    if (!m.guided) {
+        if (guidance != nullptr)
+            throw invalid("this artifact was compiled for one guidance scale: guidance must be None (recompile with "
+                          "iia-compile --guidance LO:HI or --cfg LO:HI for a scale per request)");
+        return;
+    }
+    f->guidance_owned.assign(static_cast<size_t>(batch), static_cast<float>(m.guidance_default));
+    f->guidance = f->guidance_owned.data();
+    if (guidance == nullptr) return;
+    const std::string one_each = "guidance must be one scale per image (shape [" + std::to_string(batch) +
+                                 "]) or one for all (a scalar), got shape ";
+    check_tensor(*guidance, "guidance", "shape [" + std::to_string(batch) + "] or a scalar");
+    if (!is_float(guidance->dtype) && !is_integer(guidance->dtype))
+        throw invalid(std::string("guidance must be real numbers (float32 expected), got dtype ") +
+                      dtype_name(guidance->dtype));
+    if (guidance->rank > 1 || (guidance->rank == 1 && guidance->shape[0] != batch))
+        throw invalid(one_each + py_list(shape_of(*guidance)));
+    for (int64_t i = 0; i < batch; ++i) {
+        const Number n = element(*guidance, guidance->rank == 0 ? 0 : i);
+        // as numpy's astype(float32): float16 widens exactly, integers and doubles round to nearest
+        float v;
+        if (guidance->dtype == IIA_FLOAT32) std::memcpy(&v, static_cast<const char*>(guidance->data) + 4 * (guidance->rank ? i : 0), 4);
+        else if (is_float(guidance->dtype)) v = static_cast<float>(n.real);
+        else v = n.big ? static_cast<float>(n.uinteger) : static_cast<float>(n.integer);
+        f->guidance_owned[static_cast<size_t>(i)] = v;
+    }
+    for (float v : f->guidance_owned)
+        if (!std::isfinite(v)) throw invalid("guidance must be finite, got " + py_float_repr(v));
+    const float lo = static_cast<float>(m.guidance_lo), hi = static_cast<float>(m.guidance_hi);
+    for (float v : f->guidance_owned)
+        if (v < lo || v > hi)
+            throw invalid("guidance " + py_float_repr(v) + " out of range: this artifact was compiled for guidance in [" +
+                          py_float_repr(m.guidance_lo) + ", " + py_float_repr(m.guidance_hi) + "]");
+}
+
 }  // namespace
 
 int64_t sample_size(const Manifest& m) {
@@ -229,9 +267,11 @@ int64_t sample_size(const Manifest& m) {
     return n;
 }
 
-void prepare(const Manifest& m, const iia_tensor* noise, const iia_tensor* class_labels, Feeds* f) {
+void prepare(const Manifest& m, const iia_tensor* noise, const iia_tensor* class_labels, const iia_tensor* guidance,
+             Feeds* f) {
     check_noise(m, noise, f);
     check_labels(m, class_labels, f);
+    check_guidance(m, guidance, f);
 }
 
 }  // namespace iia_native

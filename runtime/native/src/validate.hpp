@@ -13,12 +13,16 @@ struct Feeds {
     int64_t batch = 0;
     const float* noise = nullptr;
     const int64_t* labels = nullptr;
+    const float* guidance = nullptr;  // float32 scales [batch] (artifacts compiled for a guidance range), owned
     std::vector<float> noise_owned;
     std::vector<int64_t> labels_owned;
+    std::vector<float> guidance_owned;
 };
 
-// Throws Error(IIA_ERROR_INVALID_ARGUMENT) with the Python runtime's message.
-void prepare(const Manifest& manifest, const iia_tensor* noise, const iia_tensor* class_labels, Feeds* feeds);
+// Throws Error(IIA_ERROR_INVALID_ARGUMENT) with the Python runtime's message. guidance: NULL (the manifest's
+// default for every image), rank 0 (one scale for all) or [batch] real numbers (runtime/sampler.py check_guidance).
+void prepare(const Manifest& manifest, const iia_tensor* noise, const iia_tensor* class_labels,
+             const iia_tensor* guidance, Feeds* feeds);
 
 int64_t sample_size(const Manifest& manifest);  // prod(sample_shape)
 

@@ -1,8 +1,9 @@
 // iia-run: run a compiled iia sampler artifact from the command line through the C ABI.
 //
-//   iia-run DIR --noise noise.npy [--labels 3,1,... | --labels labels.npy] --out out.npy|grid.png
+//   iia-run DIR --noise noise.npy [--labels 3,1,... | --labels labels.npy] [--guidance G[,G...]] --out out.npy|grid.png
 //           [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-spin] [--no-verify]
-//   iia-run DIR --bench [--batch 1,8] [--iters 50] [--warmup 5] [--noise noise.npy] [--labels ID] [--json FILE]
+//   iia-run DIR --bench [--batch 1,8] [--iters 50] [--warmup 5] [--noise noise.npy] [--labels ID] [--guidance G]
+//           [--json FILE]
 //
 // Errors: ONE line "error: ..." on stderr and exit status 2 (as the Python CLIs).
 #include <algorithm>
@@ -31,16 +32,17 @@
 namespace {
 
 const char* USAGE =
-    "usage: iia-run DIR --noise NOISE.npy [--labels IDS|LABELS.npy] --out OUT.npy|OUT.png\n"
+    "usage: iia-run DIR --noise NOISE.npy [--labels IDS|LABELS.npy] [--guidance G[,G...]] --out OUT.npy|OUT.png\n"
     "               [--backend auto|tensorrt|onnxruntime-cuda|onnxruntime-cpu] [--threads N] [--no-spin]\n"
     "               [--no-verify]\n"
     "       iia-run DIR --bench [--batch 1,8] [--iters 50] [--warmup 5] [--noise NOISE.npy] [--labels ID]\n"
-    "               [--json FILE] [--backend ...] [--threads N] [--no-spin]\n"
+    "               [--guidance G] [--json FILE] [--backend ...] [--threads N] [--no-spin]\n"
     "\n"
     "Runs a compiled sampler (an iia-compile artifact) through libiia_runtime: NOISE.npy [B, *sample_shape]\n"
     "(float32; float64/float16 converted), labels as comma-separated ids (one per sample, or one for all) or\n"
     "an .npy of ids [B] / one-hot [B, label_dim]; writes images float32 [B, *sample_shape] (.npy) or a PNG\n"
-    "grid of images_uint8 (.png). --bench reports p50/p90/p99 latency and the time spent outside the\n"
+    "grid of images_uint8 (.png). --guidance (artifacts compiled for a guidance range): one scale for all\n"
+    "samples or one per sample, comma-separated, in the artifact's range (default: its default scale). --bench reports p50/p90/p99 latency and the time spent outside the\n"
     "backend's run call per call. --no-spin: idle ONNX Runtime threads sleep instead of spin-waiting\n"
     "(steadier latency where busy threads outnumber free cores).\n";
 
@@ -49,7 +51,7 @@ struct UsageError : std::runtime_error {
 };
 
 struct Args {
-    std::string dir, noise, labels, out, backend = "auto", json;
+    std::string dir, noise, labels, guidance, out, backend = "auto", json;
     int threads = IIA_THREADS_DEFAULT, iters = 50, warmup = 5;  // threads: ONNX Runtime's default unless --threads
     bool bench = false, verify = true, spin = true, help = false;
     std::vector<int64_t> batches{1, 8};
@@ -139,6 +141,41 @@ std::vector<int64_t> parse_ints(const std::string& option, const std::string& te
     return out;
 }
 
+// --guidance G[,G...]: finite decimal numbers (their range is the library's to check, with Python's message)
+std::vector<float> parse_floats(const std::string& option, const std::string& text) {
+    std::vector<float> out;
+    size_t start = 0;
+    while (start <= text.size()) {
+        const size_t comma = text.find(',', start);
+        const std::string part = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        char* end = nullptr;
+        const double v = std::strtod(part.c_str(), &end);
+        if (part.empty() || *end != '\0' || !std::isfinite(v))
+            throw UsageError(option + " expects comma-separated finite numbers, got '" + text + "'");
+        out.push_back(static_cast<float>(v));  // float32, as the library and iia.runtime convert it
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+    }
+    return out;
+}
+
+// --guidance as the library takes it: one value is a scalar for every sample (rank 0), several are one per sample
+struct Guidance {
+    std::vector<float> scales;
+    int64_t count = 0;
+    iia_tensor tensor{};
+    const iia_tensor* get() const { return scales.empty() ? nullptr : &tensor; }
+};
+
+std::unique_ptr<Guidance> read_guidance(const std::string& text) {
+    auto g = std::make_unique<Guidance>();
+    if (text.empty()) return g;
+    g->scales = parse_floats("--guidance", text);
+    g->count = static_cast<int64_t>(g->scales.size());
+    g->tensor = iia_tensor{g->scales.data(), IIA_FLOAT32, g->scales.size() == 1 ? size_t(0) : size_t(1), &g->count};
+    return g;
+}
+
 Args parse(int argc, char** argv) {
     Args a;
     bool threads_given = false;
@@ -152,6 +189,7 @@ Args parse(int argc, char** argv) {
         if (arg == "-h" || arg == "--help") a.help = true;
         else if (arg == "--noise") a.noise = value();
         else if (arg == "--labels") a.labels = value();
+        else if (arg == "--guidance") a.guidance = value();
         else if (arg == "--out") a.out = value();
         else if (arg == "--backend") a.backend = value();
         else if (arg == "--threads") { a.threads = parse_int(arg, value()); threads_given = true; }
@@ -181,6 +219,8 @@ Args parse(int argc, char** argv) {
         for (int64_t b : a.batches)
             if (b < 1) throw UsageError("--batch sizes must be >= 1, got " + std::to_string(b));
         if (!a.json.empty()) check_output_file(a.json, "--json", a.dir);
+        if (!a.guidance.empty() && parse_floats("--guidance", a.guidance).size() != 1)
+            throw UsageError("--bench takes one --guidance scale for every sample (default: the artifact's default)");
     } else {
         if (a.noise.empty()) throw UsageError("--noise NOISE.npy is required (or pass --bench)");
         if (a.out.empty()) throw UsageError("--out OUT.npy|OUT.png is required");
@@ -243,6 +283,7 @@ int run_once(const Args& a) {
     // the library refuses its shape (batch, dimensions, dtype) with Python's message before reading an element
     iia_tools::NpyFile noise(a.noise);
     Labels labels = read_labels(a.labels);
+    const auto guidance = read_guidance(a.guidance);
     iia::Sampler sampler(a.dir, options);
     const iia_info& info = sampler.info();
     const uint64_t widest = 8, most = static_cast<uint64_t>(info.max_batch);
@@ -261,7 +302,7 @@ int run_once(const Args& a) {
     std::vector<float> images(png ? 0 : std::max<size_t>(count, 1));
     std::vector<uint8_t> images_u8(png ? std::max<size_t>(count, 1) : 0);
     sampler.run(noise_t, labels.given ? &labels_t : nullptr, png ? nullptr : images.data(), count,
-                png ? images_u8.data() : nullptr, count);
+                png ? images_u8.data() : nullptr, count, guidance->get());
     print_header(sampler, a.dir);  // after success: a failure is ONE line
     if (png) {
         const iia_info& i = sampler.info();  // [C, H, W] -> uint8 [B, H, W, C]
@@ -339,6 +380,7 @@ int run_bench(const Args& a) {
         fixed_label = ids[0];
     }
     const iia_tensor fixed_t{&fixed_label, IIA_INT64, 0, nullptr};
+    const auto guidance = read_guidance(a.guidance);  // one scale for every sample (parse checked it is one)
     struct Call {  // one batch size's inputs and output buffer
         std::vector<int64_t> shape, labels;
         std::vector<float> noise, images;
@@ -360,7 +402,8 @@ int run_bench(const Args& a) {
     };
     {  // one untimed call checks the inputs before anything is printed: a refusal is one line, the library's
         const auto check = make_call(a.batches[0]);
-        sampler.run(check->noise_t, check->labels_p, check->images.data(), check->images.size());
+        sampler.run(check->noise_t, check->labels_p, check->images.data(), check->images.size(), nullptr, 0,
+                    guidance->get());
     }
     print_header(sampler, a.dir);
     nlohmann::ordered_json rows = nlohmann::ordered_json::array();
@@ -368,7 +411,9 @@ int run_bench(const Args& a) {
                 "img/s", "outside us", "backend ms");
     for (int64_t batch : a.batches) {
         const auto c = make_call(batch);
-        auto call = [&] { sampler.run(c->noise_t, c->labels_p, c->images.data(), c->images.size()); };
+        auto call = [&] {
+            sampler.run(c->noise_t, c->labels_p, c->images.data(), c->images.size(), nullptr, 0, guidance->get());
+        };
         for (int k = 0; k < a.warmup; ++k) call();
         std::vector<double> total_ms, outside_us, backend_ms;
         for (int k = 0; k < a.iters; ++k) {

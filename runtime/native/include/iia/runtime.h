@@ -1,7 +1,8 @@
 /* iia runtime: the C ABI of a compiled iia sampler (an artifact directory written by `iia-compile`).
  *
  * The same contract as the Python runtime `iia.runtime`: manifest schema and version, sha256 of every file,
- * tensor names noise [B, *sample_shape] float32 (+ class_labels int64 [B]) -> images float32
+ * tensor names noise [B, *sample_shape] float32 (+ class_labels int64 [B]) (+ guidance float32 [B], artifacts
+ * compiled for a guidance range: iia_run_ex) -> images float32
  * [B, *sample_shape] (+ images_uint8 uint8 [B, H, W, C]), and the same validation with the same one-line
  * messages.
  *
@@ -112,6 +113,26 @@ typedef struct iia_info {
     const char* model;                    /* the manifest's model name ("?" when absent) */
 } iia_info;
 
+/* Options of one call (iia_run_ex). struct_size policy as iia_load_options': this header's size is accepted, any
+ * other refused naming the size expected (initialise with iia_run_options_init). */
+typedef struct iia_run_options {
+    size_t struct_size;           /* sizeof(iia_run_options): set by iia_run_options_init */
+    const iia_tensor* guidance;   /* artifacts compiled for a guidance range (iia_get_guidance): NULL (the default)
+                                     gives every image the manifest's default scale; rank 0: one scale for all
+                                     images; [B]: one per image. Real dtypes, converted to float32, then checked:
+                                     finite and inside [lo, hi] (inclusive), else IIA_ERROR_INVALID_ARGUMENT naming
+                                     guidance (Python's message). Must be NULL for an artifact compiled for one
+                                     scale ("this artifact was compiled for one guidance scale: ..."). */
+} iia_run_options;
+
+/* What an artifact takes as guidance: guided 1 with the range [lo, hi] and the default scale of an artifact compiled
+ * for a guidance range (`iia-compile --guidance LO:HI`), else guided 0 (lo = hi = default_scale = 0). */
+typedef struct iia_guidance {
+    size_t struct_size;   /* sizeof(iia_guidance): set by the caller */
+    int guided;
+    double lo, hi, default_scale;
+} iia_guidance;
+
 /* Defaults: backend auto, threads IIA_THREADS_DEFAULT (ONNX Runtime's default), device 0, verify on, spin on. */
 IIA_API void iia_load_options_init(iia_load_options* options);
 
@@ -124,6 +145,12 @@ IIA_API iia_status iia_load(const char* path, const iia_load_options* options, i
 IIA_API iia_status iia_free(iia_sampler* sampler);
 
 IIA_API iia_status iia_get_info(const iia_sampler* sampler, iia_info* info);
+
+/* The artifact's guidance range (see iia_guidance); guidance->struct_size must be sizeof(iia_guidance). */
+IIA_API iia_status iia_get_guidance(const iia_sampler* sampler, iia_guidance* guidance);
+
+/* Defaults: guidance NULL (the manifest's default scale for an artifact compiled for a guidance range). */
+IIA_API void iia_run_options_init(iia_run_options* options);
 
 /* One line: the backend and, after auto, the backends skipped and why (valid while the sampler lives);
  * "" for NULL or an invalid handle (then iia_last_error() says why). */
@@ -139,6 +166,11 @@ IIA_API const char* iia_describe(const iia_sampler* sampler);
  * At least one output must be requested. Same inputs give bit-identical outputs. */
 IIA_API iia_status iia_run(iia_sampler* sampler, const iia_tensor* noise, const iia_tensor* class_labels,
                            float* images, size_t images_len, uint8_t* images_uint8, size_t images_uint8_len);
+
+/* iia_run with per-call options (NULL: iia_run_options_init's defaults, i.e. iia_run): the guidance scales. */
+IIA_API iia_status iia_run_ex(iia_sampler* sampler, const iia_tensor* noise, const iia_tensor* class_labels,
+                              const iia_run_options* options, float* images, size_t images_len,
+                              uint8_t* images_uint8, size_t images_uint8_len);
 
 /* The message of the last failing call on this thread ("" if none). */
 IIA_API const char* iia_last_error(void);

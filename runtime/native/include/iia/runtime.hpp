@@ -2,6 +2,8 @@
 //
 //     iia::Sampler sampler("digits-iia-edm-nfe9");                 // throws iia::Error with the one-line message
 //     std::vector<float> images = sampler.run(noise, batch, labels); // float32 [B, *sample_shape]
+//     images = sampler.run(noise, batch, labels, {1.0f, 2.5f, ...});  // one guidance scale per image (or one for
+//                                                                    // all); artifacts compiled for a range only
 #pragma once
 
 #include <cstdint>
@@ -47,21 +49,27 @@ public:
         o.spin = options.spin ? 1 : 0;
         check(iia_load(path.c_str(), &o, &handle_));
         check(iia_get_info(handle_, &info_));
+        guidance_.struct_size = sizeof guidance_;
+        check(iia_get_guidance(handle_, &guidance_));
     }
     Sampler(const Sampler&) = delete;
     Sampler& operator=(const Sampler&) = delete;
-    Sampler(Sampler&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)), info_(other.info_) {}
+    Sampler(Sampler&& other) noexcept
+        : handle_(std::exchange(other.handle_, nullptr)), info_(other.info_), guidance_(other.guidance_) {}
     Sampler& operator=(Sampler&& other) noexcept {
         if (this != &other) {
             iia_free(handle_);
             handle_ = std::exchange(other.handle_, nullptr);
             info_ = other.info_;
+            guidance_ = other.guidance_;
         }
         return *this;
     }
     ~Sampler() { iia_free(handle_); }  // (a live handle: cannot fail)
 
     const iia_info& info() const noexcept { return info_; }
+    // guided 1 with [lo, hi] and the default scale for an artifact compiled for a guidance range
+    const iia_guidance& guidance() const noexcept { return guidance_; }
     std::string describe() const { return iia_describe(handle_); }
     iia_sampler* get() const noexcept { return handle_; }
     std::vector<int64_t> sample_shape() const { return {info_.sample_shape, info_.sample_shape + info_.rank}; }
@@ -72,27 +80,34 @@ public:
     }
 
     // The general call: caller tensors in, caller buffers out (either output may be null). Thread-safe.
+    // guidance: nullptr (the manifest's default), rank 0 (one scale for all) or [B] (iia_run_options.guidance).
     void run(const iia_tensor& noise, const iia_tensor* class_labels, float* images, size_t images_len,
-             uint8_t* images_uint8 = nullptr, size_t images_uint8_len = 0) const {
-        check(iia_run(handle_, &noise, class_labels, images, images_len, images_uint8, images_uint8_len));
+             uint8_t* images_uint8 = nullptr, size_t images_uint8_len = 0, const iia_tensor* guidance = nullptr) const {
+        iia_run_options o;
+        iia_run_options_init(&o);
+        o.guidance = guidance;
+        check(iia_run_ex(handle_, &noise, class_labels, &o, images, images_len, images_uint8, images_uint8_len));
     }
 
     // float32 samples [batch, *sample_shape] from float32 noise [batch, *sample_shape] and label ids
-    // (empty for an unconditional model; one id is used for the whole batch). The batch is checked first
+    // (empty for an unconditional model; one id is used for the whole batch) and guidance scales (empty: the
+    // manifest's default; one: for the whole batch; else one per image). The batch is checked first
     // (1..max_batch, the library's messages), then the noise's length.
-    std::vector<float> run(const std::vector<float>& noise, int64_t batch, const std::vector<int64_t>& labels = {}) const {
+    std::vector<float> run(const std::vector<float>& noise, int64_t batch, const std::vector<int64_t>& labels = {},
+                           const std::vector<float>& guidance = {}) const {
         check_batch(batch);
         std::vector<float> out(static_cast<size_t>(batch * sample_size()));
-        call(noise, batch, labels, out.data(), out.size(), nullptr, 0);
+        call(noise, batch, labels, guidance, out.data(), out.size(), nullptr, 0);
         return out;
     }
 
     // uint8 images [batch, H, W, C] (image models only).
     std::vector<uint8_t> images_uint8(const std::vector<float>& noise, int64_t batch,
-                                      const std::vector<int64_t>& labels = {}) const {
+                                      const std::vector<int64_t>& labels = {},
+                                      const std::vector<float>& guidance = {}) const {
         check_batch(batch);
         std::vector<uint8_t> out(static_cast<size_t>(batch * sample_size()));
-        call(noise, batch, labels, nullptr, 0, out.data(), out.size());
+        call(noise, batch, labels, guidance, nullptr, 0, out.data(), out.size());
         return out;
     }
 
@@ -107,8 +122,8 @@ private:
                                                         " (split the request, or recompile with --max-batch)");
     }
 
-    void call(const std::vector<float>& noise, int64_t batch, const std::vector<int64_t>& labels, float* images,
-              size_t images_len, uint8_t* u8, size_t u8_len) const {
+    void call(const std::vector<float>& noise, int64_t batch, const std::vector<int64_t>& labels,
+              const std::vector<float>& guidance, float* images, size_t images_len, uint8_t* u8, size_t u8_len) const {
         std::vector<int64_t> shape{batch};
         shape.insert(shape.end(), info_.sample_shape, info_.sample_shape + info_.rank);
         if (noise.size() != static_cast<size_t>(batch * sample_size()))
@@ -118,11 +133,17 @@ private:
         const iia_tensor n{noise.data(), IIA_FLOAT32, shape.size(), shape.data()};
         const int64_t count = static_cast<int64_t>(labels.size());
         const iia_tensor l{labels.data(), IIA_INT64, labels.size() == 1 ? size_t(0) : size_t(1), &count};
-        check(iia_run(handle_, &n, labels.empty() ? nullptr : &l, images, images_len, u8, u8_len));
+        const int64_t scales = static_cast<int64_t>(guidance.size());
+        const iia_tensor g{guidance.data(), IIA_FLOAT32, guidance.size() == 1 ? size_t(0) : size_t(1), &scales};
+        iia_run_options o;
+        iia_run_options_init(&o);
+        o.guidance = guidance.empty() ? nullptr : &g;
+        check(iia_run_ex(handle_, &n, labels.empty() ? nullptr : &l, &o, images, images_len, u8, u8_len));
     }
 
     iia_sampler* handle_ = nullptr;
     iia_info info_{};
+    iia_guidance guidance_{};
 };
 
 }  // namespace iia
