@@ -192,7 +192,8 @@ class Sampler:
         if arr.ndim != 1 or arr.shape[0] != batch:
             raise ValueError(f"guidance must be one scale per image (shape [{batch}]) or one for all (a scalar), "
                              f"got shape {list(arr.shape)}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a float64 past float32's range becomes inf, refused just below
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
         bad = ~np.isfinite(arr)
         if bad.any():
             raise ValueError(f"guidance must be finite, got {float(arr[bad][0])!r}")

@@ -650,6 +650,17 @@ def _static_batches(n: int):
     return _edit_manifest(lambda d: d.update(max_batch=n, static_batches=list(range(1, n + 1))))
 
 
+def _guidance_entry(first: bool = False, **change):
+    """A `guidance` input entry (runtime/manifest.py guidance_input) with `change` (None: the key removed), last in
+    `inputs` or, with `first`, before class_labels: a malformed one is refused before the graph is opened."""
+    def edit(d):
+        entry = {"name": "guidance", "dtype": "float32", "shape": ["batch"], "range": [1.0, 3.0], "default": 1.5}
+        entry.update(change)
+        entry = {k: v for k, v in entry.items() if v is not None}
+        d["inputs"].insert(1 if first else len(d["inputs"]), entry)
+    return _edit_manifest(edit)
+
+
 # case -> the verdict both runtimes must give (None: both accept the artifact)
 MANIFEST_CORPUS = {
     "file entry without bytes": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].pop("bytes")),
@@ -697,6 +708,14 @@ MANIFEST_CORPUS = {
     "64 static batches": (_static_batches(64), None),
     "schema_version true": (_edit_manifest(lambda d: d.update(schema_version=True)), "has an invalid schema_version"),
     "10 inputs": (_edit_manifest(lambda d: d.update(inputs=d["inputs"] * 5)), "field inputs"),
+    **{f"guidance input {case}": (_guidance_entry(**change), "field inputs") for case, change in {
+        "range reversed": dict(range=[3.0, 1.0]), "range empty": dict(range=[2.0, 2.0]),
+        "range with a bool": dict(range=[True, 3.0]), "range of 1 item": dict(range=[1.0]),
+        "range a string": dict(range="1:3"), "range absent": dict(range=None),
+        "default below the range": dict(default=0.5), "default above the range": dict(default=3.5),
+        "default a string": dict(default="1.5"), "default absent": dict(default=None),
+        "dtype float16": dict(dtype="float16"), "dtype int64": dict(dtype="int64"),
+        "shape [batch, 1]": dict(shape=["batch", 1]), "before class_labels": dict(first=True)}.items()},
 }
 
 
