@@ -15,7 +15,8 @@ Per request (all tensors carry the batch axis B):
                                            only; optional: absent gives every image the manifest's default)
 -> images FP32 [B, *sample_shape] (latents for latent models), images_uint8 UINT8 [B, H, W, C] (image models).
 
-Dynamic batching hands `execute` several requests at once (each with its own guidance scales): each is validated on its own (a bad one gets its
+Dynamic batching hands `execute` several requests at once (each with its own guidance scales): each is validated
+on its own (a bad one gets its
 own error response, naming the problem, with status INVALID_ARG, i.e. HTTP 400 / gRPC INVALID_ARGUMENT, and
 the others are served), then the valid ones run as ONE sampler
 call on their concatenated noise, and the outputs are split back. The graph treats images independently, so

@@ -6,6 +6,7 @@ the numpy loop users would write, the PyTorch eager loop) are timed in alternati
 
 * p50/p90/p99 latency of `sampler(noise, class_labels=...)` (wall clock; ONNX Runtime and TensorRT return
   host arrays, so every call is synchronised), images/s = batch / mean latency;
+* guidance-range artifacts: every call (graph, denoiser, loop) gets the --guidance scale, else the artifact's default;
 * overhead ratio = sampler p50 / (NFE x denoiser p50 + decoder p50) on the same backend, batch and threads:
   1.0 is the floor of running the NFE denoiser calls (a guided denoiser.onnx holds both networks) and the one
   decode call (`decoder.onnx`, when the artifact decodes: the VAE decoder of a latent model) back to back.
@@ -190,11 +191,14 @@ def run_bench(artifact: str | Path, opts: BenchOptions, log=print) -> list[dict]
         too_big = [b for b in opts.batches if b > sampler.max_batch]
         if too_big:
             raise ValueError(f"batch size(s) {too_big} exceed the artifact's maximum batch {sampler.max_batch}")
+        sampler.check_guidance(opts.guidance, 1)  # out of range, or an artifact of one scale: before any session
         runners = make_runners(sampler, opts, threads, log)
         rows = []
         for size in opts.batches:
             labels = draw_labels(opts.seed, size, sampler.label_dim) if sampler.conditional else None
-            batch = Batch(draw_noise(opts.seed, size, sampler.sample_shape), labels)
+            # the --guidance scale (or the artifact's default) for every image; None for one scale's artifact
+            scales = sampler.check_guidance(opts.guidance, size)
+            batch = Batch(draw_noise(opts.seed, size, sampler.sample_shape), labels, scales)
             times = time_batch(runners, batch, opts, log)
             row = bench_row(sampler, size, times, {r.name: r for r in runners}, opts, threads)
             rows.append({**row, "artifact": str(Path(artifact))})

@@ -6,10 +6,11 @@ the graph's), `run(batch)` (the one call that is timed; returns its outputs) and
 `Unavailable` when the runner cannot run after all (the bench skips it from then on, saying why) and ValueError
 when it computes something else than the graph (no baseline then: the bench stops).
 
-* `GraphRunner` "sampler": the compiled sampler, `sampler(noise, class_labels=labels)`;
+* `GraphRunner` "sampler": the compiled sampler, `sampler(noise, class_labels=labels, guidance=scales)`;
 * `DenoiserRunner` "denoiser": ONE call of denoiser.onnx (sigma = SIGMA, the same labels) on the sampler's backend,
   threads and session options; a batch the graph runs on a static-batch session gets a session fixed to that batch
-  too, as a latency-minded user would give it (the comparison must not favour the graph);
+  too, as a latency-minded user would give it (the comparison must not favour the graph); a guidance-range
+  artifact's denoiser.onnx (the guided denoiser, both networks) takes the batch's scales too;
 * `DecoderRunner` "decoder": one call of decoder.onnx (artifacts that decode: the VAE decoder of a latent model);
 * `LoopRunner` "loop": the loop users would otherwise write (`iia.runtime.loop.DenoiserLoop`): numpy driving the
   denoiser runner's session one call at a time through the artifact's program.json (same solver, sigmas and
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from iia.runtime.contract import (DECODER_ONNX, DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_ONNX,
-                                  DENOISER_SIGMA, DENOISER_X, IMAGES_U8, ArtifactError, read_verified)
+                                  DENOISER_SIGMA, DENOISER_X, GUIDANCE, IMAGES_U8, ArtifactError, read_verified)
 from iia.runtime.program import read_program
 from iia.runtime.loop import DenoiserLoop
 from iia.runtime.contract import ORT_CUDA
@@ -46,10 +47,12 @@ class Unavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch size's inputs: noise float32 [B, *sample_shape], labels int64 [B] (None: unconditional)."""
+    """One batch size's inputs: noise float32 [B, *sample_shape], labels int64 [B] (None: unconditional),
+    guidance float32 [B] (None: an artifact compiled for one scale)."""
 
     noise: np.ndarray
     labels: np.ndarray | None
+    guidance: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -95,7 +98,7 @@ class GraphRunner(Runner):
         self.sampler = sampler
 
     def run(self, batch: Batch) -> np.ndarray:
-        return self.sampler(batch.noise, class_labels=batch.labels)
+        return self.sampler(batch.noise, class_labels=batch.labels, guidance=batch.guidance)
 
     def close(self) -> None:
         self.sampler.close()
@@ -151,6 +154,8 @@ class DenoiserRunner(Runner):
                       DENOISER_SIGMA: np.full(batch.size, SIGMA, dtype=np.float32)}
         if batch.labels is not None:
             self.feeds[DENOISER_LABELS] = batch.labels
+        if GUIDANCE in getattr(self.session, "input_names", ()):  # a guidance range's denoiser: one scale per image
+            self.feeds[GUIDANCE] = batch.guidance
 
     def run(self, batch: Batch) -> list[np.ndarray]:
         return self.session.run(self.feeds, [DENOISED])
@@ -203,7 +208,8 @@ class LoopRunner(Runner):
         self.loop = self.dynamic if session is self.denoiser.dynamic else DenoiserLoop(session, self.plan,
                                                                                        self.conditional)
         graph_out = self.graph.run(batch).astype(np.float64)
-        self.diff = float(np.abs(self.loop(batch.noise, batch.labels).astype(np.float64) - graph_out).max())
+        looped = self.loop(batch.noise, batch.labels, batch.guidance).astype(np.float64)
+        self.diff = float(np.abs(looped - graph_out).max())
         scale = max(1.0, float(np.abs(graph_out).max()))
         if not self.diff <= LOOP_TOLERANCE * scale:  # (NaN fails too) a loop computing something else is no baseline
             raise ValueError(f"the loop baseline (program.json) disagrees with the graph: max abs {self.diff:.3g} "
@@ -211,7 +217,7 @@ class LoopRunner(Runner):
                              f"(recompile), or pass --no-loop")
 
     def run(self, batch: Batch):
-        samples = self.loop(batch.noise, batch.labels)
+        samples = self.loop(batch.noise, batch.labels, batch.guidance)
         return samples if self.decoder is None else self.decoder.decode(samples)
 
 
@@ -256,9 +262,13 @@ def eager_runner(graph: GraphRunner, wanted: bool, model: str | None, dtype: str
     ValueError (a --model that does not fit the artifact) propagates."""
     if not wanted:
         return Skipped("eager", "--no-eager")
+    sampler = graph.sampler
+    if sampler.guided:
+        why = "a guidance-range artifact: the eager reference runs one scale's sampler, not per-image coefficients"
+        log(f"eager reference skipped: {why}")
+        return Skipped("eager", why)
     from .eager import EagerReference
 
-    sampler = graph.sampler
     try:
         reference = EagerReference(Path(sampler.root), sampler.manifest, model, dtype, threads, device_of(sampler))
     except Unavailable as err:

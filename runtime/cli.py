@@ -87,7 +87,8 @@ def _sample(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="iia-sample",
         description="Sample from a compiled artifact: a PNG grid plus an .npz of the raw outputs "
-                    "(images float32, noise, labels) beside it.")
+                    "(images float32, noise, labels; guidance: the scale of each image, for an artifact compiled "
+                    "for a guidance range) beside it.")
     _add_common(parser)
     add_options(parser, SampleOptions)
     args = parser.parse_args(argv)
@@ -104,6 +105,7 @@ def _sample(argv=None) -> int:
     sampler = load(args.artifact, opts.backend, threads=opts.threads, spin=opts.spin)
     _err(f"{sampler!r}\n{describe(sampler)}")
     n, chunk = opts.n, sampler.max_batch
+    sampler.check_guidance(opts.guidance, 1)  # a scale out of range, or one this artifact cannot take: before any work
     labels = _labels_for(sampler, opts.labels, n, opts.seed)
     parts = [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     shown = min(n, GRID_MAX) if sampler.is_image else 0
@@ -115,7 +117,8 @@ def _sample(argv=None) -> int:
             with archive.array("images", np.float32, (n, *sampler.sample_shape)) as images:
                 for k, part in enumerate(parts):
                     noise = draw_noise(opts.seed + part.start, part.stop - part.start, sampler.sample_shape)
-                    out = sampler.sample(noise, class_labels=None if labels is None else labels[part])
+                    out = sampler.sample(noise, class_labels=None if labels is None else labels[part],
+                                         guidance=opts.guidance)
                     images.write(out.images)
                     if part.start < shown:
                         grid_images.append(out.images_uint8[: shown - part.start])
@@ -126,6 +129,8 @@ def _sample(argv=None) -> int:
             bar.close()
             archive.put("labels", np.zeros(0, np.int64) if labels is None else labels)
             archive.put("seed", np.int64(opts.seed))
+            if sampler.guided:  # the scale every image used (float32, as the graph took it)
+                archive.put("guidance", sampler.check_guidance(opts.guidance, n))
         if sampler.is_image:
             grid = grid_array(np.concatenate(grid_images))
             with outputs.writing(png) as png_temp:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .contract import (BOM_REFUSED, GRAPH_METADATA, GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, MANIFEST,
                        MAX_BATCH, MAX_DIM, MAX_ELEMENTS, MAX_FILES, MAX_JSON_DEPTH, MAX_LABEL_DIM, MAX_LISTED_BYTES,
-                       MAX_MANIFEST_BYTES, MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA, SCHEMA_VERSION,
-                       STATIC_BATCHES, UTF8_BOM, ArtifactError)
+                       MAX_MANIFEST_BYTES, MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA,
+                       SCHEMA_VERSION, STATIC_BATCHES, UTF8_BOM, ArtifactError)
 from .files import contained, read_regular, sha256_bytes, sha256_file
 
 
@@ -279,7 +279,8 @@ def _check_tensors(f: Field, tensors, path) -> None:
 def check_manifest(data, path="manifest.json") -> None:
     """Every field of FIELDS checked for type and bounds, in table order, then the fields against each other:
     input `noise` [batch, *sample_shape] first, `class_labels` [batch] (range [0, label_dim - 1]) iff
-    label_dim > 0, then optionally `guidance` float32 [batch] (range [lo, hi], lo < hi, default in it), output `images` once (or `latents` with `images_uint8`). ArtifactError naming the field."""
+    label_dim > 0, then optionally `guidance` float32 [batch] (range [lo, hi], lo < hi, default in it), output
+    `images` once (or `latents` with `images_uint8`). ArtifactError naming the field."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         schema = data.get("schema") if isinstance(data, dict) else None
         raise ArtifactError(f"{path} is not an iia artifact manifest (field 'schema' {_short(schema)}, expected "

@@ -16,6 +16,10 @@ one combination, so that a torch-free loop (iia-bench's baseline; any runtime) r
   OP = {"op": "denoise", "out": NAME, "state": NAME, "sigma": FLOAT}   out = D(values[state]; sigma, labels)
      | {"op": "combine", "out": NAME, "terms": [[NAME, FLOAT], ...]}  out = sum(w * values[name])
 Values are float32 [B, *sample_shape]; "noise" is the graph's input; ops run in order, each name written once.
+A guidance-range artifact's plan may add "guidance": {"nodes": [g_0 < g_1 < ...]} (the scales its sampler was
+calibrated at, at least 2); a combine term's weight may then be a list, its value at each node, and image b's
+weight is the piecewise-linear interpolant at its scale g_b: sum_k hat_k(g_b) w_k (`hat_weights`, as the graph
+computes it; `Plan.at`). Denoise ops (the time steps) are shared by every scale (`over_nodes` builds such a plan).
 
 Standard library + numpy + `iia.runtime.contract` only (the runtime's loop runs where torch is absent).
 """
@@ -87,6 +91,7 @@ class Plan:
     ops: tuple[Op, ...]
     output: str
     input: str = NOISE
+    nodes: tuple[float, ...] = ()  # guidance nodes: a Combine weight may then be a tuple, one per node
 
     def flat(self) -> "Plan":
         """Every update merged into one `Combine` with its own coefficients (program.json's form)."""
@@ -95,6 +100,54 @@ class Plan:
     @property
     def calls(self) -> list[Denoise]:
         return [op for op in self.ops if isinstance(op, Denoise)]
+
+    def at(self, guidance: np.ndarray, rank: int) -> "Plan":
+        """This plan at per-image scales `guidance` [B]: a per-node weight becomes the float32 interpolant of each
+        image, shaped [B, 1, ...] (`rank` axes in all) to broadcast over the values; other weights stay."""
+        if not self.nodes:
+            return self
+        hats = hat_weights(guidance, self.nodes)  # [B, n], float64: rounded to float32 once, per weight
+
+        def weight(w):
+            return w if not isinstance(w, tuple) else (hats @ np.asarray(w)).astype(np.float32).reshape(
+                (-1,) + (1,) * (rank - 1))
+        ops = tuple(Combine(op.out, tuple((name, weight(w)) for name, w in op.terms)) if isinstance(op, Combine)
+                    else op for op in self.ops)
+        return Plan(ops, self.output, self.input)
+
+
+def hat_weights(g, nodes: Sequence[float]) -> np.ndarray:
+    """float64 [B, n]: the weight of each of n ascending guidance nodes at each scale g [B], the hat functions of
+    piecewise-linear interpolation, w_k(g) = clip(min(rise_k(g), fall_k(g)), 0, 1): rising from node k-1 to 1 at
+    node k, falling to 0 at node k+1 (each row sums to 1 for g in [nodes[0], nodes[-1]])."""
+    nodes = np.asarray(nodes, np.float64)
+    g = np.asarray(g, np.float64).reshape(-1, 1)
+    rise = np.full((g.shape[0], len(nodes)), 2.0)  # 2: the first node has no rising side, the last no falling one
+    fall = rise.copy()
+    rise[:, 1:] = (g - nodes[:-1]) / (nodes[1:] - nodes[:-1])
+    fall[:, :-1] = (nodes[1:] - g) / (nodes[1:] - nodes[:-1])
+    return np.clip(np.minimum(rise, fall), 0.0, 1.0)
+
+
+def over_nodes(nodes: Sequence[float], plans: Sequence[Plan]) -> Plan:
+    """One plan of a guidance range from the flat plans fitted at each node (same denoise ops; a combine's terms
+    the union of the nodes' names, a name a node lacks weighing 0 there). ProgramError when they differ
+    otherwise (another schedule, other values)."""
+    flats = [p.flat() for p in plans]
+    if len(nodes) < 2 or len(flats) != len(nodes) or any(len(p.ops) != len(flats[0].ops) for p in flats):
+        raise ProgramError("over_nodes needs one plan per node (at least 2), with the same ops")
+    ops: list[Op] = []
+    for at_nodes in zip(*(p.ops for p in flats)):
+        first = at_nodes[0]
+        if any(type(op) is not type(first) or op.out != first.out for op in at_nodes) or isinstance(first, Denoise) \
+                and any(op != first for op in at_nodes):
+            raise ProgramError(f"the plans differ at op {first.out!r}: a guidance range shares its time steps")
+        if isinstance(first, Combine):
+            names = list(dict.fromkeys(name for op in at_nodes for name, _ in op.terms))
+            weights = [dict(op.terms) for op in at_nodes]
+            first = Combine(first.out, tuple((name, tuple(float(w.get(name, 0.0)) for w in weights)) for name in names))
+        ops.append(first)
+    return Plan(tuple(ops), flats[0].output, flats[0].input, tuple(float(g) for g in nodes))
 
 
 def reads(op: Op) -> list[str]:
@@ -248,8 +301,8 @@ class NumpyArrays:
         out = self.spare.pop() if self.spare else np.empty_like(first)
         np.multiply(first, np.float32(terms[0][1]), out=out)  # float32 weights, as the graph bakes them
         for name, w in terms[1:]:
-            w = np.float32(w)
-            out += values[name] * w if w != 1 else values[name]
+            w = np.float32(w)  # (a guidance range's per-image weights: float32 [B, 1, ...], Plan.at)
+            out += values[name] * w if np.ndim(w) or w != 1 else values[name]
         return out
 
     def mix(self, anchor: np.ndarray, basis: list, coefficients: Sequence) -> np.ndarray:
@@ -277,9 +330,12 @@ def to_json(plan: Plan) -> dict:
         if isinstance(op, Denoise):
             ops.append({"op": "denoise", "out": op.out, "state": op.state, "sigma": float(op.sigma)})
         else:
-            ops.append({"op": "combine", "out": op.out, "terms": [[name, float(w)] for name, w in op.terms]})
-    return check_program({"schema": PROGRAM_SCHEMA, "schema_version": PROGRAM_VERSION, "input": NOISE,
-                          "output": plan.output, "ops": ops}, PROGRAM)
+            ops.append({"op": "combine", "out": op.out, "terms": [
+                [name, [float(v) for v in w] if isinstance(w, tuple) else float(w)] for name, w in op.terms]})
+    doc = {"schema": PROGRAM_SCHEMA, "schema_version": PROGRAM_VERSION, "input": NOISE, "output": plan.output}
+    if plan.nodes:
+        doc["guidance"] = {"nodes": [float(g) for g in plan.nodes]}
+    return check_program({**doc, "ops": ops}, PROGRAM)
 
 
 def check_program(data, where: str) -> dict:
@@ -295,6 +351,7 @@ def check_program(data, where: str) -> dict:
         bad(f"schema_version {version!r} (this runtime reads {PROGRAM_VERSION})")
     if data.get("input") != NOISE or not isinstance(data.get("ops"), list) or not data["ops"]:
         bad(f"needs input {NOISE!r} and a non-empty list of ops")
+    nodes = _program_nodes(data, bad)
     defined = {NOISE}
     for k, op in enumerate(data["ops"]):
         kind = op.get("op") if isinstance(op, dict) else None
@@ -306,9 +363,10 @@ def check_program(data, where: str) -> dict:
         elif kind == "combine":
             terms = op.get("terms")
             if not isinstance(terms, list) or not terms or not all(
-                    isinstance(t, list) and len(t) == 2 and isinstance(t[0], str) and isinstance(t[1], (int, float))
-                    and not isinstance(t[1], bool) and math.isfinite(t[1]) for t in terms):
-                bad(f"op {k} ({op.get('out')}): terms must be a non-empty list of [name, finite weight]")
+                    isinstance(t, list) and len(t) == 2 and isinstance(t[0], str) and _weight(t[1], nodes)
+                    for t in terms):
+                bad(f"op {k} ({op.get('out')}): terms must be a non-empty list of [name, finite weight]"
+                    + (f" (or [name, [{len(nodes)} finite weights, one per guidance node]])" if nodes else ""))
             names = [t[0] for t in terms]
         else:
             bad(f"op {k} has kind {kind!r}, expected 'denoise' or 'combine'")
@@ -323,6 +381,28 @@ def check_program(data, where: str) -> dict:
     return data
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _weight(value, nodes: list | None) -> bool:
+    """A term's weight: a finite number, or (a plan with guidance nodes) one finite number per node."""
+    if isinstance(value, list):
+        return nodes is not None and len(value) == len(nodes) and all(_finite(v) for v in value)
+    return _finite(value)
+
+
+def _program_nodes(data: dict, bad) -> list | None:
+    """The document's guidance nodes (ascending finite scales, at least 2), or None for a plan of one scale."""
+    if "guidance" not in data:
+        return None
+    nodes = data["guidance"].get("nodes") if isinstance(data["guidance"], dict) else None
+    if not (isinstance(nodes, list) and len(nodes) >= 2 and all(_finite(g) for g in nodes)
+            and all(a < b for a, b in zip(nodes, nodes[1:]))):
+        bad('guidance must be {"nodes": [at least 2 ascending finite scales]}')
+    return nodes
+
+
 def from_json(data: bytes, where: str) -> Plan:
     """The plan in program.json bytes: contract.parse_json (strict: UTF-8, no NaN, no BOM, bounded nesting),
     then check_program; ArtifactError naming `where` for any fault."""
@@ -332,8 +412,9 @@ def from_json(data: bytes, where: str) -> Plan:
         if op["op"] == "denoise":
             ops.append(Denoise(op["out"], op["state"], float(op["sigma"])))
         else:
-            ops.append(Combine(op["out"], tuple((name, float(w)) for name, w in op["terms"])))
-    return Plan(tuple(ops), doc["output"])
+            ops.append(Combine(op["out"], tuple((name, tuple(map(float, w)) if isinstance(w, list) else float(w))
+                                                for name, w in op["terms"])))
+    return Plan(tuple(ops), doc["output"], nodes=tuple(float(g) for g in doc.get("guidance", {}).get("nodes", ())))
 
 
 def check_program_nfe(plan: Plan, manifest: dict, where: str) -> None:
@@ -354,5 +435,6 @@ def read_program(root: Path, manifest: dict, verify: bool = True) -> Plan:
 
 
 __all__ = ["Arrays", "Combine", "Denoise", "NumpyArrays", "Op", "Plan", "ProgramError", "StepView", "Terms",
-           "Update", "check_program", "check_program_nfe", "execute", "from_json", "last_reads", "linear_form",
-           "merge_terms", "read_program", "reads", "to_json", "PROGRAM_SCHEMA", "PROGRAM_VERSION"]
+           "Update", "check_program", "check_program_nfe", "execute", "from_json", "hat_weights", "last_reads",
+           "linear_form", "merge_terms", "over_nodes", "read_program", "reads", "to_json", "PROGRAM_SCHEMA",
+           "PROGRAM_VERSION"]

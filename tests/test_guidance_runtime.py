@@ -18,7 +18,7 @@ import pytest
 from guided_fixtures import make_guided_artifact
 from iia.compiler.build import CompileOptions, compile_model
 from iia.models import gaussian_mixture
-from iia.runtime import contract, load
+from iia.runtime import contract, load, program
 from iia.runtime.manifest import check_manifest, io_spec
 from native_abi import INVALID_ARGUMENT, NativeError
 from test_native import ROOT, _run, native  # noqa: F401  (the session's native build)
@@ -91,6 +91,7 @@ def test_per_image_scale_equals_each_image_alone_at_its_scale(samplers, key):
         assert np.array_equal(s.images(noise, class_labels=labels, guidance=SCALES), out.images_uint8)
 
 
+ONE_EACH = "guidance must be one scale per image (shape [4]) or one for all (a scalar), got shape"
 BAD_SCALES = {  # name: (guidance for a batch of 4, the message)
     "above the range": (3.5, "guidance 3.5 out of range: this artifact was compiled for guidance in [1.0, 3.0]"),
     "below the range, one image": ([1.0, 2.0, 0.99, 2.0],
@@ -99,10 +100,9 @@ BAD_SCALES = {  # name: (guidance for a batch of 4, the message)
     "NaN": ([1.0, np.nan, 2.0, 2.0], "guidance must be finite, got nan"),
     "inf": (np.inf, "guidance must be finite, got inf"),
     "float64 past float32": (1e300, "guidance must be finite, got inf"),
-    "too few": ([1.0, 2.0], "guidance must be one scale per image (shape [4]) or one for all (a scalar), got shape [2]"),
-    "too many": ([2.0] * 5, "guidance must be one scale per image (shape [4]) or one for all (a scalar), got shape [5]"),
-    "a column": (np.full((4, 1), 2.0), "guidance must be one scale per image (shape [4]) or one for all (a scalar), "
-                                       "got shape [4, 1]"),
+    "too few": ([1.0, 2.0], f"{ONE_EACH} [2]"),
+    "too many": ([2.0] * 5, f"{ONE_EACH} [5]"),
+    "a column": (np.full((4, 1), 2.0), f"{ONE_EACH} [4, 1]"),
     "bool": (np.array(True), "guidance must be real numbers (float32 expected), got dtype bool"),
 }
 
@@ -142,6 +142,93 @@ def test_malformed_guidance_entry_refused_naming_inputs(artifacts, entry, fragme
     with pytest.raises(contract.ArtifactError) as info:
         check_manifest(manifest)
     assert "field 'inputs' gives guidance" in str(info.value) and fragment in str(info.value)
+
+
+def test_plan_over_nodes_round_trips_and_interpolates():
+    """over_nodes stacks the nodes' plans (a name a node lacks weighs 0 there); program.json keeps the per-node
+    weights; Plan.at gives each image the interpolant at its scale, exactly a node's weights at a node."""
+    from iia.runtime.program import Combine, Denoise, Plan, from_json, over_nodes, to_json
+
+    def plan(a, b):
+        ops = (Denoise("d0", "noise", 80.0), Combine("x1", (("noise", a), ("d0", b))) if b else
+               Combine("x1", (("noise", a),)), Denoise("d1", "x1", 1.0), Combine("out", (("x1", 1.0), ("d1", a))))
+        return Plan(ops, "out")
+    joined = over_nodes([1.0, 3.0], [plan(0.5, 0.25), plan(1.5, 0.0)])
+    assert joined.ops[1].terms == (("noise", (0.5, 1.5)), ("d0", (0.25, 0.0)))
+    doc = to_json(joined)
+    assert doc["guidance"] == {"nodes": [1.0, 3.0]}
+    assert doc["ops"][1]["terms"] == [["noise", [0.5, 1.5]], ["d0", [0.25, 0.0]]]
+    back = from_json(json.dumps(doc).encode(), "p")
+    assert back == joined
+    at = back.at(np.array([1.0, 2.0, 3.0], np.float32), rank=4)
+    assert np.array_equal(at.ops[1].terms[0][1].reshape(-1), np.float32([0.5, 1.0, 1.5]))
+    with pytest.raises(program.ProgramError, match="share its time steps|differ"):
+        over_nodes([1.0, 3.0], [plan(0.5, 0.25), Plan(plan(0.5, 0.25).ops[:1] + (Denoise("x1", "d0", 2.0),) +
+                                                      plan(0.5, 0.25).ops[2:], "out")])
+
+
+# ---- the loop baseline, iia-bench, iia-sample -----------------------------------------------------------------
+def test_program_plan_with_guidance_nodes_checked():
+    plan = {"schema": "iia.program", "schema_version": 1, "input": "noise", "output": "x",
+            "guidance": {"nodes": [1.0, 2.0, 3.0]},
+            "ops": [{"op": "combine", "out": "x", "terms": [["noise", [1, 2, 3]]]}]}
+    assert program.check_program(plan, "p") is plan
+    for bad, fragment in ((dict(guidance={"nodes": [2.0, 1.0]}), "guidance must be"),
+                          (dict(guidance={"nodes": [1.0]}), "guidance must be"),
+                          (dict(ops=[{"op": "combine", "out": "x", "terms": [["noise", [1, 2]]]}]), "one per guidance"),
+                          (dict(guidance=None, ops=[{"op": "combine", "out": "x", "terms": [["noise", [1, 2, 3]]]}]),
+                           "guidance must be")):
+        with pytest.raises(contract.ArtifactError, match=fragment):
+            program.check_program({**plan, **bad}, "p")
+    weights = program.hat_weights([1.0, 1.5, 2.0, 2.75, 3.0], [1.0, 2.0, 3.0])
+    assert np.allclose(weights, [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.25, 0.75], [0, 0, 1]])
+
+
+def test_loop_feeds_the_guided_denoiser_and_interpolates_per_image(artifacts, samplers):
+    """The numpy loop around denoiser.onnx (which takes guidance) through program.json (per-node weights) gives the
+    graph's samples with one scale per image, up to float32 summation order."""
+    from iia.runtime.loop import DenoiserLoop
+    from iia.runtime.onnx_backend import OrtSession
+
+    s = samplers["digits"]
+    plan = program.read_program(artifacts["digits"], s.manifest)
+    session = OrtSession((artifacts["digits"] / contract.DENOISER_ONNX).read_bytes(), threads=1)
+    loop = DenoiserLoop(session, plan, conditional=True)
+    assert loop.takes_guidance and plan.nodes == (LO, HI)
+    noise, labels = _noise(len(SCALES), seed=5), _labels(s, len(SCALES))
+    looped = loop(noise, labels, SCALES)
+    assert np.abs(looped - s(noise, class_labels=labels, guidance=SCALES)).max() <= 1e-4
+    assert np.abs(looped - s(noise, class_labels=labels, guidance=2.0)).max() > 1e-2
+    with pytest.raises(ValueError, match="guidance must be given"):
+        loop(noise, labels)
+
+
+def test_bench_feeds_the_scale_to_graph_denoiser_and_loop(artifacts):
+    from iia.evaluation.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(batches=(2,), iters=2, warmup=1, eager=False, threads=1, guidance=2.2)
+    row = run_bench(artifacts["digits"], opts, log=lambda text: None)[0]
+    assert row["denoiser_p50_ms"] is not None and row["overhead_ratio"] is not None
+    assert row["loop_max_abs_diff"] is not None and row["loop_max_abs_diff"] <= 1e-4  # the loop ran at g = 2.2
+    for artifact, guidance, message in ((artifacts["digits"], 3.5, "guidance 3.5 out of range"),
+                                        (artifacts["digits_plain"], 2.0, "compiled for one guidance scale")):
+        with pytest.raises(ValueError, match=message):
+            run_bench(artifact, BenchOptions(batches=(1,), iters=1, warmup=0, eager=False, guidance=guidance),
+                      log=lambda text: None)
+
+
+def test_iia_sample_guidance_for_every_image(artifacts, samplers, tmp_path):
+    from iia.runtime.cli import sample_main
+
+    assert sample_main([str(artifacts["digits"]), "--n", "5", "--labels", "3", "--guidance", "2.5", "--threads", "1",
+                        "--out", str(tmp_path / "g.png")]) == 0
+    saved = np.load(tmp_path / "g.npz")
+    assert np.array_equal(saved["guidance"], np.full(5, 2.5, np.float32))
+    assert np.array_equal(saved["images"], samplers["digits"](saved["noise"], class_labels=saved["labels"],
+                                                              guidance=2.5))
+    assert sample_main([str(artifacts["digits"]), "--n", "2", "--labels", "3", "--guidance", "3.5",
+                        "--out", str(tmp_path / "bad.png")]) == 2
+    assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.npz").exists()
 
 
 # ---- C ABI, iia-run, C++ header: bit for bit, the same refusals -------------------------------------------------

@@ -379,7 +379,8 @@ void check_guidance_input(Manifest& m, const json& entry) {
         m.guidance_lo = found[0].get<double>();
         m.guidance_hi = found[1].get<double>();
         m.guidance_default = fallback.get<double>();
-        ok = m.guidance_lo < m.guidance_hi && m.guidance_lo <= m.guidance_default && m.guidance_default <= m.guidance_hi;
+        ok = m.guidance_lo < m.guidance_hi && m.guidance_lo <= m.guidance_default &&
+             m.guidance_default <= m.guidance_hi;
     }
     if (!ok)
         throw artifact_error(m.path + ": field 'inputs' gives " + GUIDANCE + " " + text_of(entry["dtype"]) + " " +
@@ -509,7 +510,8 @@ void check_interface(const Manifest& m) {
                       "does not run latent artifacts yet (their decoded images have another shape); use iia.runtime");
     if (m.input_names != want || !has_images)
         throw invalid("manifest inputs " + py_list(m.input_names) + " / outputs " + py_list(m.output_names) +
-                      " do not match this runtime's interface (noise[, class_labels][, guidance] -> images[, images_uint8])");
+                      " do not match this runtime's interface (noise[, class_labels][, guidance] -> images[, "
+                      "images_uint8])");
 }
 
 std::string sha256_hex(const void* data, size_t size) {

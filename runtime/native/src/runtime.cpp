@@ -274,14 +274,18 @@ const char* iia_describe(const iia_sampler* sampler) {
 iia_status iia_run(iia_sampler* sampler, const iia_tensor* noise, const iia_tensor* class_labels, float* images,
                    size_t images_len, uint8_t* images_uint8, size_t images_uint8_len) {
     if (const iia_status status = check_handle(sampler)) return status;
-    return guarded([&] { run(sampler, noise, class_labels, nullptr, images, images_len, images_uint8, images_uint8_len); });
+    return guarded([&] {
+        run(sampler, noise, class_labels, nullptr, images, images_len, images_uint8, images_uint8_len);
+    });
 }
 
 iia_status iia_run_ex(iia_sampler* sampler, const iia_tensor* noise, const iia_tensor* class_labels,
                       const iia_run_options* options, float* images, size_t images_len, uint8_t* images_uint8,
                       size_t images_uint8_len) {
     if (const iia_status status = check_handle(sampler)) return status;
-    return guarded([&] { run(sampler, noise, class_labels, options, images, images_len, images_uint8, images_uint8_len); });
+    return guarded([&] {
+        run(sampler, noise, class_labels, options, images, images_len, images_uint8, images_uint8_len);
+    });
 }
 
 const char* iia_last_error(void) { return t_error.c_str(); }

@@ -242,10 +242,11 @@ void check_guidance(const Manifest& m, const iia_tensor* guidance, Feeds* f) {
     if (guidance->rank > 1 || (guidance->rank == 1 && guidance->shape[0] != batch))
         throw invalid(one_each + py_list(shape_of(*guidance)));
     for (int64_t i = 0; i < batch; ++i) {
-        const Number n = element(*guidance, guidance->rank == 0 ? 0 : i);
-        // as numpy's astype(float32): float16 widens exactly, integers and doubles round to nearest
+        const int64_t at = guidance->rank == 0 ? 0 : i;
+        const Number n = element(*guidance, at);
+        // as numpy's astype(float32): float32 as is, float16 widens exactly, integers and doubles round to nearest
         float v;
-        if (guidance->dtype == IIA_FLOAT32) std::memcpy(&v, static_cast<const char*>(guidance->data) + 4 * (guidance->rank ? i : 0), 4);
+        if (guidance->dtype == IIA_FLOAT32) std::memcpy(&v, static_cast<const char*>(guidance->data) + 4 * at, 4);
         else if (is_float(guidance->dtype)) v = static_cast<float>(n.real);
         else v = n.big ? static_cast<float>(n.uinteger) : static_cast<float>(n.integer);
         f->guidance_owned[static_cast<size_t>(i)] = v;
@@ -255,8 +256,8 @@ void check_guidance(const Manifest& m, const iia_tensor* guidance, Feeds* f) {
     const float lo = static_cast<float>(m.guidance_lo), hi = static_cast<float>(m.guidance_hi);
     for (float v : f->guidance_owned)
         if (v < lo || v > hi)
-            throw invalid("guidance " + py_float_repr(v) + " out of range: this artifact was compiled for guidance in [" +
-                          py_float_repr(m.guidance_lo) + ", " + py_float_repr(m.guidance_hi) + "]");
+            throw invalid("guidance " + py_float_repr(v) + " out of range: this artifact was compiled for guidance " +
+                          "in [" + py_float_repr(m.guidance_lo) + ", " + py_float_repr(m.guidance_hi) + "]");
 }
 
 }  // namespace

@@ -42,7 +42,8 @@ const char* USAGE =
     "(float32; float64/float16 converted), labels as comma-separated ids (one per sample, or one for all) or\n"
     "an .npy of ids [B] / one-hot [B, label_dim]; writes images float32 [B, *sample_shape] (.npy) or a PNG\n"
     "grid of images_uint8 (.png). --guidance (artifacts compiled for a guidance range): one scale for all\n"
-    "samples or one per sample, comma-separated, in the artifact's range (default: its default scale). --bench reports p50/p90/p99 latency and the time spent outside the\n"
+    "samples or one per sample, comma-separated, in the artifact's range (default: its default scale).\n"
+    "--bench reports p50/p90/p99 latency and the time spent outside the\n"
     "backend's run call per call. --no-spin: idle ONNX Runtime threads sleep instead of spin-waiting\n"
     "(steadier latency where busy threads outnumber free cores).\n";
 
