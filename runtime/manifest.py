@@ -109,12 +109,6 @@ def guidance_input(lo: float, hi: float, default: float) -> dict:
             "default": float(default)}
 
 
-def guidance_spec(inputs: list[dict]) -> tuple[float, float, float] | None:
-    """(lo, hi, default) of a checked manifest's `guidance` input; None for an artifact compiled for one scale."""
-    entry = next((t for t in inputs if t["name"] == GUIDANCE), None)
-    return None if entry is None else (float(entry["range"][0]), float(entry["range"][1]), float(entry["default"]))
-
-
 def make_manifest(**fields) -> dict:
     """A manifest dict in FIELDS order (schema and version first), from `fields`, which must include every
     required field and only declared ones (ValueError otherwise)."""

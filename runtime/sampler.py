@@ -29,7 +29,6 @@ from typing import NamedTuple
 import numpy as np
 
 from .contract import GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE
-from .manifest import guidance_spec
 from .noise import draw_noise
 
 
@@ -71,8 +70,9 @@ class Sampler:
         self.input_names = [i["name"] for i in manifest["inputs"]]
         # pixel models output `images`; latent models `latents` (the graph decodes them into images_uint8)
         self.samples_name = LATENTS if LATENTS in self.output_names else IMAGES
-        # (lo, hi, default) for an artifact compiled for a guidance range, else None
-        self.guidance_range = guidance_spec(manifest["inputs"])
+        # (lo, hi, default) of the manifest's guidance input (an artifact compiled for a guidance range), else None
+        entry = next((t for t in manifest["inputs"] if t["name"] == GUIDANCE), None)
+        self.guidance_range = None if entry is None else (*map(float, entry["range"]), float(entry["default"]))
         want = [NOISE, LABELS] if self.conditional else [NOISE]
         if self.input_names != want + ([GUIDANCE] if self.guided else []) or \
                 self.samples_name not in self.output_names:
