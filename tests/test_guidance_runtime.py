@@ -459,3 +459,43 @@ def test_triton_serves_different_scales_in_one_dynamic_batch(server, samplers):
         client.infer("digits_python", inputs(noises[0], 0, np.array([[3.5]], np.float32)))
     assert client.is_model_ready("digits_python")
     client.close()
+
+
+# ---- a real range artifact (iia-compile --cfg LO:HI, from the guidance-compile branch) ------------------------
+def test_real_range_artifact_through_every_runtime(native, tmp_path):
+    """A classifier-free-guided EDM pickle compiled with `--cfg 1:3 --solver iia-edm` (fitted at the nodes,
+    interpolated between): Python and the C ABI give the same bits with one scale per image, iia-run too; both
+    refuse 3.5 with the same message; iia-bench's loop baseline (denoiser.onnx with guidance, program.json with
+    per-node weights) computes the graph's sampler at a scale between nodes."""
+    pytest.importorskip("iia.compiler.scales", reason="iia-compile --cfg LO:HI (the guidance-compile branch) not merged")
+    from edm_fixtures import make_edm_pickle
+    from iia.calibration.fit import CalibrationOptions
+    from iia.evaluation.bench import BenchOptions, run_bench
+
+    make_edm_pickle(tmp_path / "cfg.pkl", label_dropout=0.1, channels=8)
+    out = tmp_path / "range"
+    compile_model(str(tmp_path / "cfg.pkl"), out, CompileOptions(
+        nfe=5, solver="iia-edm", engine=False, max_batch=MAX_BATCH, cfg=(1.0, 3.0), cache_dir=str(tmp_path / "cache"),
+        calibration=CalibrationOptions(batch=32, holdout=32, reference_steps=32)), **QUIET)
+    python, c = load(out, "onnxruntime-cpu", threads=1), native["lib"].load(out, threads=1)
+    try:
+        assert python.guidance_range == c.guidance() and python.guidance_range[:2] == (1.0, 3.0)
+        noise, labels = _noise(len(SCALES), (3, 8, 8), seed=6), np.arange(len(SCALES)) % 10
+        expected = python.sample(noise, class_labels=labels, guidance=SCALES)
+        images, images_u8 = c.run(noise, labels, guidance=SCALES, uint8=True)
+        assert np.array_equal(images, expected.images) and np.array_equal(images_u8, expected.images_uint8)
+        with pytest.raises(ValueError) as refused:
+            python(noise, class_labels=labels, guidance=3.5)
+        with pytest.raises(NativeError) as info:
+            c.run(noise, labels, guidance=3.5)
+        assert info.value.message == str(refused.value) and str(refused.value).startswith("guidance 3.5 out of range")
+    finally:
+        c.close()
+    np.save(tmp_path / "noise.npy", noise)
+    proc = _run([native["iia_run"], out, "--noise", tmp_path / "noise.npy", "--labels", ",".join(map(str, labels)),
+                 "--guidance", ",".join(f"{g:g}" for g in SCALES), "--threads", "1", "--out", tmp_path / "o.npy"])
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.load(tmp_path / "o.npy"), expected.images)
+    row = run_bench(out, BenchOptions(batches=(4,), iters=2, warmup=1, eager=False, threads=1, guidance=2.9),
+                    log=lambda text: None)[0]
+    assert row["overhead_ratio"] is not None and row["loop_max_abs_diff"] <= 1e-4
