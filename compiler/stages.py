@@ -34,7 +34,7 @@ from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions
 from .publish import publish
-from .rewrite import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
+from .graph import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
 
 
 @dataclass(frozen=True)
