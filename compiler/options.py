@@ -17,6 +17,29 @@ class CompileError(ValueError):
     pass
 
 
+def scale_or_range(text: str, flag: str) -> float | tuple[float, float]:
+    """A guidance scale "1.4" -> 1.4, or a range "1.0:3.0" -> (1.0, 3.0) (argparse type of --guidance/--cfg;
+    bounds are checked by check_options, LO < HI by the guided model). ArgumentTypeError naming `flag`."""
+    import argparse
+
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{flag} takes a scale (1.4) or a range LO:HI (1.0:3.0), got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def guidance_range(opts: "CompileOptions") -> tuple[float, float] | None:
+    """The (lo, hi) scale range of --guidance or --cfg, None for a single scale or no guidance."""
+    for value in (opts.guidance, opts.cfg):
+        if isinstance(value, (tuple, list)):
+            return float(value[0]), float(value[1])
+    return None
+
+
 @dataclass
 class CompileOptions:
     """`iia-compile` settings, each declared once with its flag, bounds and role (see iia.cli.option). Roles:
@@ -47,10 +70,16 @@ class CompileOptions:
     guide: str | None = option(None, "guide network (a .pkl or diffusers folder, as MODEL; EDM2 guidance / "
                                      "autoguidance): D = D_guide + g (D_net - D_guide) over the noise range both "
                                      "cover", role="model")
-    guidance: float | None = option(None, "guidance weight g for --guide (default 1: the main net alone); IIA is "
-                                          "calibrated at it", lo=-100.0, hi=100.0, role="model")
-    cfg: float | None = option(None, "classifier-free guidance weight against the null label (models trained with "
-                                     "label dropout)", lo=-100.0, hi=100.0, role="model")
+    guidance: float | tuple[float, float] | None = option(
+        None, "guidance weight g for --guide; IIA is calibrated at it. LO:HI (e.g. 1.0:3.0): a range, the scale "
+              "then a graph input per image and the sampler's coefficients interpolated in it", lo=-100.0, hi=100.0,
+        parse=lambda text: scale_or_range(text, "--guidance"), role="model")
+    cfg: float | tuple[float, float] | None = option(
+        None, "classifier-free guidance weight against the null label (models trained with label dropout); LO:HI "
+              "a range, as for --guidance", lo=-100.0, hi=100.0, parse=lambda text: scale_or_range(text, "--cfg"),
+        role="model")
+    guidance_default: float | None = option(None, "the scale a request without one gets (a --guidance/--cfg range "
+                                                  "only; default its midpoint)", lo=-100.0, hi=100.0, role="model")
     vae: str | None = option(None, "local diffusers AutoencoderKL folder: the decoder of a latent EDM2 model",
                              role="model")
     parity_atol: float = 1e-4

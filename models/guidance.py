@@ -10,12 +10,18 @@
 The guided net is exported as ONE graph holding both networks' weights once; calibration (IIA) fits the
 guided denoiser, so its coefficients hold for the guidance value they were fitted at (recorded in the
 identity, and so in every artifact).
+
+A RANGE of scales (`guidance=(lo, hi)`, `cfg=(lo, hi)`): the same modules take the scale per image as a
+tensor `guidance` float32 [B] (the graph input of a per-request artifact); the Denoiser runs at the range's
+default scale, and `GuidanceRange.at(g)` gives the denoiser guided at one fixed scale (what calibration fits).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,8 +32,14 @@ class GuidanceError(ValueError):
     """Guidance settings that cannot be applied to these models (the message names the setting)."""
 
 
+def _scale(guidance: torch.Tensor | None, fixed: float, x: torch.Tensor):
+    """The fixed scale, or the per-image scales `guidance` [B] shaped to broadcast over x [B, ...]."""
+    return fixed if guidance is None else guidance.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
 class GuideNet(torch.nn.Module):
-    """`(x, sigma[, class_labels])` -> D_guide + g (D_net - D_guide); each net gets labels only if conditional."""
+    """`(x, sigma[, class_labels][, guidance])` -> D_guide + g (D_net - D_guide); each net gets labels only if
+    conditional; `guidance` float32 [B] (per image) replaces the fixed g when given."""
 
     def __init__(self, net: torch.nn.Module, guide: torch.nn.Module, guidance: float, net_conditional: bool,
                  guide_conditional: bool):
@@ -35,23 +47,54 @@ class GuideNet(torch.nn.Module):
         self.net, self.guide, self.guidance = net, guide, float(guidance)
         self.net_conditional, self.guide_conditional = net_conditional, guide_conditional
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         d_net = self.net(x, sigma, class_labels) if self.net_conditional else self.net(x, sigma)
         d_guide = self.guide(x, sigma, class_labels) if self.guide_conditional else self.guide(x, sigma)
-        return d_guide + self.guidance * (d_net - d_guide)
+        return d_guide + _scale(guidance, self.guidance, x) * (d_net - d_guide)
 
 
 class ClassifierFreeNet(torch.nn.Module):
-    """`(x, sigma, class_labels)` -> D(x, null) + w (D(x, c) - D(x, null)); the null label is id -1."""
+    """`(x, sigma, class_labels[, guidance])` -> D(x, null) + w (D(x, c) - D(x, null)); the null label is id -1;
+    `guidance` float32 [B] (per image) replaces the fixed w when given."""
 
     def __init__(self, net: torch.nn.Module, cfg: float):
         super().__init__()
         self.net, self.cfg = net, float(cfg)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         d_cond = self.net(x, sigma, class_labels)
         d_null = self.net(x, sigma, torch.full_like(class_labels, -1))
-        return d_null + self.cfg * (d_cond - d_null)
+        return d_null + _scale(guidance, self.cfg, x) * (d_cond - d_null)
+
+
+class ScaleInput(torch.nn.Module):
+    """The export signature of a per-request artifact's denoiser: `(x, sigma[, class_labels], guidance)`, the
+    guided module's scale read per image from `guidance` float32 [B]."""
+
+    def __init__(self, guided_net: torch.nn.Module, conditional: bool):
+        super().__init__()
+        self.inner, self.conditional = guided_net, conditional
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels_or_guidance: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditional:
+            return self.inner(x, sigma, labels_or_guidance, guidance)
+        return self.inner(x, sigma, None, labels_or_guidance)
+
+
+@dataclass(frozen=True)
+class GuidanceRange:
+    """A per-request guidance scale: g in [lo, hi] (`kind` "guide" or "cfg"), `default` where a request gives
+    none; `at(g)` the same models guided at the fixed scale g (its identity records g, as a single-scale
+    compile's does)."""
+
+    kind: str
+    lo: float
+    hi: float
+    default: float
+    at: Callable[[float], "Denoiser"]
 
 
 def _digest(parts: dict) -> str:
@@ -62,13 +105,46 @@ def _ident(d: Denoiser) -> dict:
     return {k: d.identity.get(k) for k in ("kind", "name", "sha256", "path", "vae") if d.identity.get(k) is not None}
 
 
-def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | None = None,
-           cfg: float | None = None) -> Denoiser:
+def _range(value, flag: str, default: float | None) -> tuple[float, float, float] | None:
+    """(lo, hi, default) of a scale given as a (lo, hi) pair, None for a single value; GuidanceError naming
+    `flag` when lo >= hi or the default lies outside (the default's default: the range's midpoint)."""
+    if not isinstance(value, (tuple, list)):
+        if default is not None:
+            raise GuidanceError(f"--guidance-default applies to a range ({flag} LO:HI); {flag} {value:g} is one scale")
+        return None
+    lo, hi = (float(v) for v in value)
+    if not lo < hi:
+        raise GuidanceError(f"{flag} {lo:g}:{hi:g}: a range needs LO < HI")
+    g0 = (lo + hi) / 2 if default is None else float(default)
+    if not lo <= g0 <= hi:
+        raise GuidanceError(f"--guidance-default {g0:g} lies outside {flag} {lo:g}:{hi:g}")
+    return lo, hi, g0
+
+
+def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | tuple[float, float] | None = None,
+           cfg: float | tuple[float, float] | None = None, default: float | None = None) -> Denoiser:
     """`net` guided by `guide` with weight `guidance` (g), or by its own null label with weight `cfg` (w).
 
-    Raises GuidanceError naming the setting when the models do not fit together or the model cannot do CFG.
-    With neither a guide nor cfg, returns `net` unchanged.
+    A (lo, hi) pair instead of a value makes the scale per request: the returned Denoiser runs at `default`
+    (default: the midpoint), its module takes per-image scales, and its `guidance_range` (GuidanceRange) gives
+    the denoiser at any fixed scale. Raises GuidanceError naming the setting when the models do not fit
+    together or the model cannot do CFG. With neither a guide nor cfg, returns `net` unchanged.
     """
+    value, flag = (guidance, "--guidance") if guide is not None else (cfg, "--cfg")
+    scales = _range(value, flag, default) if value is not None and (guide is None or cfg is None) else None
+    if scales is not None:
+        lo, hi, g0 = scales
+        out = guided(net, guide, None if guide is None else g0, None if guide is not None else g0)
+        kind = "guide" if guide is not None else "cfg"
+        settings = dict(out.identity["guidance"], range=[lo, hi], default=g0)
+        del settings["g" if kind == "guide" else "w"]
+        identity = dict(out.identity, guidance=settings,
+                        name=out.identity["name"].replace(f"={g0:g})", f" in [{lo:g}, {hi:g}])"))
+        identity["sha256"] = _digest({"net": identity["net"], "guidance": settings})
+        out.identity = identity
+        out.guidance_range = GuidanceRange(kind, lo, hi, g0, lambda g: guided(net, guide, None if guide is None else g,
+                                                                              None if guide is not None else g))
+        return out
     if guide is None and guidance is not None:
         raise GuidanceError("--guidance needs --guide (the guide network's pickle); for classifier-free guidance "
                             "against the null label use --cfg")
