@@ -23,8 +23,8 @@ from polygraphy.json import save_json
 from iia.calibration.sampling import sample
 from iia.calibration.solvers import Program
 from iia.models.base import Denoiser
-from iia.runtime.contract import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE, ORT_CPU,
-                                  draw_labels, draw_noise)
+from iia.runtime.contract import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE,
+                                  ORT_CPU, draw_labels, draw_noise)
 from iia.runtime.onnx_backend import OrtSession
 
 from .graph import initializer_bytes
@@ -107,6 +107,9 @@ def parity_feed(denoiser: Denoiser, batch: int, seed: int) -> OrderedDict:
     feed = OrderedDict([(NOISE, draw_noise(seed, batch, denoiser.shape))])
     if denoiser.conditional:
         feed[LABELS] = draw_labels(seed, batch, denoiser.label_dim)
+    scales = getattr(denoiser, "guidance_range", None)
+    if scales is not None:  # a guidance range: every image at the default scale
+        feed[GUIDANCE] = np.full(batch, scales.default, np.float32)
     return feed
 
 
@@ -204,4 +207,67 @@ def check_static_batches(model_path: str, batches: list[int], denoiser: Denoiser
             raise CheckError(f"the graph specialised for batch {batch} differs from the dynamic graph: max abs "
                              f"{diff:.3g} > {tolerance:.3g}")
         report[batch] = diff
+    return report
+
+
+PARITY_FRACTIONS = (0.0, 0.15, 0.35, 0.6, 0.95, 1.0)  # of a guidance range: its ends and scales between (g 1, 1.3,
+# 1.7, 2.2, 2.9, 3 for 1:3), most of them not nodes
+
+
+def check_range_parity(model_path: str, table, scales, denoiser: Denoiser, seed: int = 1234, atol: float = 1e-4,
+                       golden_dir: str | Path | None = None, decode: bool = False,
+                       min_uint8_agreement: float = 0.999) -> dict:
+    """A guidance-range graph (ONNX Runtime CPU) against the PyTorch sampler with the same interpolated
+    constants, one image per scale of PARITY_FRACTIONS of [lo, hi] in ONE batch: image b runs
+    `table.program_at(g_b)` (compiler.scales) on the denoiser guided at g_b (`scales.at`). Tolerance and the
+    float32 stability refusal as `check_parity`; with `golden_dir`, the golden files."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
+    gs = [scales.lo + f * (scales.hi - scales.lo) for f in PARITY_FRACTIONS]
+    feed = parity_feed(denoiser, len(gs), seed)
+    feed[GUIDANCE] = np.array(gs, np.float32)
+    runner = OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))
+    results = Comparator.run([runner], data_loader=[feed])
+    name = LATENTS if denoiser.is_latent else IMAGES
+    got = results[0][1][0][name]
+    refs, f32s = [], []
+    for b, g in enumerate(gs):
+        program, den = table.program_at(float(np.float32(g))), scales.at(float(np.float32(g)))
+        noise = torch.from_numpy(feed[NOISE][b:b + 1])
+        labels = torch.from_numpy(feed[LABELS][b:b + 1]) if LABELS in feed else None
+        refs.append(sample(program, den, noise, labels).numpy())
+        f32s.append(sample(program, den, noise, labels, dtype=torch.float32).numpy())
+    ref, f32 = np.concatenate(refs), np.concatenate(f32s)
+    f32_floor = float(np.abs(f32.astype(np.float64) - ref).max())
+    scale = max(1.0, float(np.abs(ref).max()))
+    if not f32_floor <= FLOAT32_UNSTABLE * scale:
+        raise CheckError(f"the sampler is not stable in float32: PyTorch's own float32 run differs from float64 by "
+                         f"max abs {f32_floor:.3g} at output scale {scale:.3g} (> {FLOAT32_UNSTABLE:g} of it)")
+    tolerance = max(atol, 10 * f32_floor)
+    err = np.abs(ref - got.astype(np.float64))
+    per_scale = {f"{g:g}": float(err[b].max()) for b, g in enumerate(gs)}
+    report = {"backend": ORT_CPU, "batch": len(gs), "max_abs": float(err.max()),
+              "max_rel": float((err / np.maximum(np.abs(ref), 1e-3)).max()), "atol": atol,
+              "float32_floor": f32_floor, "tolerance": tolerance, "passed": bool(err.max() <= tolerance),
+              "output": name, "guidance": per_scale}
+    if not report["passed"]:
+        worst = max(per_scale, key=per_scale.get)
+        raise CheckError(f"ONNX Runtime output differs from the PyTorch sampler with the same interpolated "
+                         f"coefficients: max abs {report['max_abs']:.3g} > {tolerance:.3g} (at guidance {worst})")
+    if decode:
+        stage = denoiser.decode_stage()
+        with torch.no_grad():
+            want = stage(torch.from_numpy(ref.astype(np.float32))).numpy()
+        agreement = uint8_agreement(want, results[0][1][0][IMAGES_U8])
+        report["images_uint8_within_1"] = agreement
+        if agreement < min_uint8_agreement:
+            raise CheckError(f"ONNX Runtime's images_uint8 differ from the PyTorch decode stage: {agreement:.4%} of "
+                             f"values within +-1 level (< {min_uint8_agreement:.1%})")
+    if golden_dir is not None:
+        save_json([feed], str(Path(golden_dir) / GOLDEN_INPUTS))
+        golden = RunResults()
+        golden.append(results[0])
+        golden.save(str(Path(golden_dir) / GOLDEN_OUTPUTS))
     return report

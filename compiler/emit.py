@@ -13,14 +13,16 @@ appended after the last step (its values and weights prefixed `decode/`). Interf
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from iia.calibration.solvers import Combine, Denoise, Program
 from iia.runtime.program import ProgramError, linear_form as program_linear_form
-from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES, IMAGES_U8,
-                                  LABELS, LATENTS, NOISE)
+from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, GUIDANCE, IMAGES,
+                                  IMAGES_U8, LABELS, LATENTS, NOISE)
 
 from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
@@ -44,6 +46,63 @@ def check_labels(gb: "GraphBuilder", batch: str, label_dim: int) -> str:
         gb.node("Gather", [gb.const(np.arange(label_dim, dtype=np.int64), np.int64), ids], CHECKED_LABELS, axis=0)
         gb.nodes[-1].name = f"iia/class_labels_must_be_in_0_to_{label_dim - 1}"
     return CHECKED_LABELS
+
+
+CHECKED_GUIDANCE = "iia/guidance_checked"  # guidance after check_guidance: what the weights and every call read
+
+
+def check_guidance(gb: "GraphBuilder", batch: str, lo: float, hi: float) -> str:
+    """Make the graph refuse guidance scales outside [lo, hi] (NaN included) instead of extrapolating the
+    coefficients: `guidance` must have the batch's length (a Reshape to [B] fails otherwise) and each scale
+    must lie in the range (a Gather of a one-element table at index 1 fails otherwise, the error naming the
+    node `iia/guidance_must_be_in_<lo>_to_<hi>`). Nothing is clamped. Returns CHECKED_GUIDANCE."""
+    g = gb.node("Reshape", [GUIDANCE, batch], "iia/guidance_one_per_image")
+    inside = gb.node("And", [gb.node("GreaterOrEqual", [g, gb.const(np.array(lo, np.float32))]),
+                             gb.node("LessOrEqual", [g, gb.const(np.array(hi, np.float32))])])
+    outside = gb.node("Cast", [gb.node("Not", [inside])], to=TensorProto.INT64)
+    zero = gb.node("Gather", [gb.const(np.zeros(1, np.float32)), outside], f"iia/guidance_must_be_in_{lo:g}_to_{hi:g}",
+                   axis=0)
+    return gb.node("Add", [g, zero], CHECKED_GUIDANCE)
+
+
+@dataclass(frozen=True)
+class ScaleInputs:
+    """What the loop form needs of a guidance range (compiler.scales.ScaleTable): the scale bounds, the nodes,
+    and the linear-form rows at each node, state [n, N, N+1] and out [n, N+1] (float64)."""
+
+    lo: float
+    hi: float
+    nodes: tuple[float, ...]
+    slopes: tuple[np.ndarray, ...]  # scales.hat_slopes(nodes): (aL, bL, aR, bR)
+    state: np.ndarray
+    out: np.ndarray
+
+
+def scale_inputs(table, scales) -> ScaleInputs:
+    """ScaleInputs of a ScaleTable (compiler.scales) and the model's GuidanceRange (models.guidance)."""
+    from .scales import hat_slopes
+
+    return ScaleInputs(scales.lo, scales.hi, table.nodes, hat_slopes(list(table.nodes)), table.state, table.out)
+
+
+def _hat_weights(gb: "GraphBuilder", g: str, slopes: tuple[np.ndarray, ...]) -> str:
+    """float32 [B, n] interpolation weights of the per-image scales g [B] (scales.hat_weights in the graph)."""
+    a_l, b_l, a_r, b_r = (gb.const(v.astype(np.float32).reshape(1, -1)) for v in slopes)
+    column = gb.node("Unsqueeze", [g, gb.const(np.array([1], np.int64), np.int64)])
+    rise = gb.node("Add", [gb.node("Mul", [column, a_l]), b_l])
+    fall = gb.node("Add", [gb.node("Mul", [column, a_r]), b_r])
+    return gb.node("Clip", [gb.node("Min", [rise, fall]), gb.const(np.array(0, np.float32)),
+                            gb.const(np.array(1, np.float32))], "iia/guidance_weights")
+
+
+def _mix_per_image(gb: "GraphBuilder", weights: str, rows: str, buf: str, batch: str, shape_of: str) -> str:
+    """Per image b: (weights[b] @ rows) . buf[:, b]: weights [B, n], rows [n, N+1] (one row per node), buf
+    [N+1, B*prod(shape)] -> the noise's shape."""
+    coef = gb.node("MatMul", [weights, rows])  # [B, N+1]
+    split = gb.node("Concat", [gb.const(np.array([0], np.int64), np.int64), batch,
+                               gb.const(np.array([-1], np.int64), np.int64)], axis=0)
+    mixed = gb.node("Einsum", [coef, gb.node("Reshape", [buf, split])], equation="bn,nbk->bk")
+    return gb.node("Reshape", [mixed, shape_of])
 
 
 class EmitError(ValueError):
@@ -191,6 +250,8 @@ def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditi
     inputs = [helper.make_tensor_value_info(NOISE, TensorProto.FLOAT, ["batch", *shape])]
     if conditional:
         inputs.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["batch"]))
+    if any(GUIDANCE in node.input for node in gb.nodes):
+        inputs.append(helper.make_tensor_value_info(GUIDANCE, TensorProto.FLOAT, ["batch"]))
     gb.nodes = live_nodes(gb.nodes, {o.name for o in outputs})  # e.g. a call site's sigma, when all folded
     # Folding leaves some denoiser tensors (the noise-embedding MLP, sigma-only constants) unread: drop them.
     used = reads(gb.nodes)
@@ -287,7 +348,7 @@ def _gather_label_tables(body: GraphBuilder, outer: GraphBuilder, groups: dict, 
 
 def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool,
                       *, plan: FoldPlan, name: str = "iia_sampler", decoder_model: onnx.ModelProto | None = None,
-                      latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
+                      latent: bool = False, label_dim: int = 0, scales: ScaleInputs | None = None) -> onnx.ModelProto:
     """The same sampler as `emit_sampler`, as ONE ONNX `Loop` of NFE iterations around ONE copy of the denoiser.
 
     The loop carries one flat buffer [NFE + 1, B * prod(shape)]: row 0 the noise, row j + 1 the output D_j of
@@ -298,16 +359,22 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     (per-label values: [NFE, label_dim, ...] tables gathered at (i, class_labels[b]) with GatherND). Under
     EDM's preconditioning (passes/scalar_io.py) the buffer holds the raw network outputs F_j instead of D_j.
     Same interface, `plan` and outputs as `emit_sampler`.
+
+    `scales` (a guidance range): the graph takes `guidance` float32 [B] (checked by `check_guidance`), the
+    denoiser's last input; the coefficient rows are per image, weights [B, n] over the nodes' rows computed
+    once before the loop (`_hat_weights`), each iteration's row W @ table_i mixed per image (`_mix_per_image`);
+    `program` then gives only the time steps, which the nodes share.
     """
     _check_denoiser_graph(denoiser_model.graph)
-    if conditional != (len(denoiser_model.graph.input) == 3):
-        raise EmitError("denoiser graph's inputs do not match the model's conditioning")
+    if len(denoiser_model.graph.input) != 2 + conditional + (scales is not None):
+        raise EmitError("denoiser graph's inputs do not match the model's conditioning and guidance input")
     state, sigmas, out_coef, calls = linear_form(program)
     n = len(calls)
     if n == 0:
         raise EmitError("program has no denoiser calls")
     dgraph = (plan.model or denoiser_model).graph
-    io = scalar_io(dgraph, plan, [op.sigma for op in calls])
+    # a range interpolates rows over [noise, D_0..]; carrying F instead would change the basis per node
+    io = scalar_io(dgraph, plan, [op.sigma for op in calls]) if scales is None else None
     if io is not None:  # carry F, not D: c_in, c_skip, c_out move into the coefficients
         state, out_coef = raw_output_basis(state, out_coef, io)
 
@@ -315,20 +382,27 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     if conditional:
         check_labels(outer, batch, label_dim)
+    weights = None
+    if scales is not None:
+        weights = _hat_weights(outer, check_guidance(outer, batch, scales.lo, scales.hi), scales.slopes)
+        state = np.transpose(scales.state, (1, 0, 2))  # [N, n, N+1]: iteration i reads its rows at every node
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
     noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
     zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
                                         outer.node("Shape", [noise_row], start=1)], axis=0)
     zeros = outer.node("ConstantOfShape", [zeros_shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
     buf0 = outer.node("Concat", [noise_row, zeros], "iia/D_init", axis=0)  # [NFE + 1, B * prod(shape)]
-    tables = (outer.const(state.astype(np.float32).reshape(n, 1, n + 1)),  # row i: x_i over [noise, D_0..]
+    tables = (outer.const(state.astype(np.float32).reshape(n, -1, n + 1)),  # row i: x_i over [noise, D_0..]
               outer.const(np.arange(1, n + 1, dtype=np.int64).reshape(n, 1, 1), np.int64),  # buffer row of D_i
               outer.const(sigmas.astype(np.float32)))
-    body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape)
+    body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape, weights)
     trip = outer.const(np.array(n, np.int64), np.int64)
     true = outer.const(np.array(True), np.bool_)
     outer.nodes.append(helper.make_node("Loop", [trip, true, buf0], ["iia/D"], name="iia/loop", body=body_graph))
-    result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
+    if weights is None:
+        result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
+    else:
+        result = _mix_per_image(outer, weights, outer.const(scales.out.astype(np.float32)), "iia/D", batch, noise_shape)
     return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent, weights=[])
 
 
@@ -337,18 +411,23 @@ LOOP_D, LOOP_COND_OUT, LOOP_BUFFER_OUT = "iia/loop/D_i", "iia/loop/cond_out", "i
 
 
 def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io, calls: list, tables: tuple,
-               batch: str, noise_shape: str, shape: tuple[int, ...]) -> onnx.GraphProto:
-    """The Loop body: mix x_i from the buffer, the denoiser copy (folded values gathered at the iteration,
-    EDM's scalings dropped under `io`), D_i (or F_i) scattered into the buffer. Its constants go to `outer`."""
+               batch: str, noise_shape: str, shape: tuple[int, ...], weights: str | None = None) -> onnx.GraphProto:
+    """The Loop body: mix x_i from the buffer (per image with a guidance range's `weights`), the denoiser copy
+    (folded values gathered at the iteration, EDM's scalings dropped under `io`), D_i (or F_i) scattered into
+    the buffer. Its constants go to `outer`."""
     coef_table, row_table, s_table = tables
     n = len(calls)
     body = outer.inner(10**6)  # body value names never collide with the outer graph's
     it = LOOP_IT
-    x = _mix(body, body.node("Gather", [coef_table, it], axis=0), LOOP_BUFFER, noise_shape)
+    rows = body.node("Gather", [coef_table, it], axis=0)
+    x = (_mix(body, rows, LOOP_BUFFER, noise_shape) if weights is None
+         else _mix_per_image(body, weights, rows, LOOP_BUFFER, batch, noise_shape))
     sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}
     mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: CHECKED_LABELS, dgraph.output[0].name: LOOP_D}
+    if weights is not None:
+        mapping[GUIDANCE] = CHECKED_GUIDANCE
     skip = (plan.foldable_nodes if plan.values else set()) | (io.nodes if io else set())
     if io is not None:
         mapping.update({io.net_input: x, io.raw_output: LOOP_D})

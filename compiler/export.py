@@ -14,7 +14,8 @@ import torch
 
 from iia.models.base import Denoiser
 
-from iia.runtime.contract import DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, IMAGES_U8
+from iia.runtime.contract import (DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, GUIDANCE,
+                                  IMAGES_U8)
 
 from .passes.weight_preprocessing import fold_weight_preprocessing
 
@@ -163,8 +164,15 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
 def export_denoiser(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> onnx.ModelProto:
     """One denoiser call as ONNX (x [B,*shape], sigma [B][, class_labels [B]] -> denoised), dynamic batch."""
     args = example_inputs(denoiser)
-    return export_module(denoiser.net, args, list(DENOISER_INPUTS[: len(args)]), [DENOISED], max_batch, opset,
-                         "the denoiser")
+    names = list(DENOISER_INPUTS[: len(args)])
+    module = denoiser.net
+    scales = getattr(denoiser, "guidance_range", None)
+    if scales is not None:  # a guidance range: the scale is the last input, one per image
+        from iia.models.guidance import ScaleInput
+
+        module = ScaleInput(denoiser.net, denoiser.conditional)
+        args, names = (*args, torch.full((args[0].shape[0],), scales.default)), [*names, GUIDANCE]
+    return export_module(module, args, names, [DENOISED], max_batch, opset, "the denoiser")
 
 
 def export_decoder(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> onnx.ModelProto | None:

@@ -176,4 +176,13 @@ def validate(opts: CompileOptions) -> list[int]:
         get_solver(opts.solver).steps_for_nfe(opts.nfe)
     opts.calibration.validate()
     refuse_unused_options(opts)
+    if guidance_range(opts) is not None:
+        from .scales import ScaleError, check_range_options
+
+        try:
+            check_range_options(opts.solver, opts.coefficients, opts.graph)
+        except ScaleError as err:
+            raise CompileError(str(err)) from None
+    elif opts.guidance_default is not None:
+        raise CompileError("--guidance-default applies to a range (--guidance LO:HI or --cfg LO:HI)")
     return static

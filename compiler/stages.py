@@ -27,14 +27,15 @@ from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOL
 from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 
 from .cache import cache_dir, default_cache_dir, export_cache_key, get_or_make
-from .check import check_model, check_parity, check_static_batches, check_weight_sharing
+from .check import check_model, check_parity, check_range_parity, check_static_batches, check_weight_sharing
 from .coefficients import UNGUARDED, obtain_coefficients
-from .emit import DECODE_PREFIX, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
+from .emit import DECODE_PREFIX, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes, scale_inputs
 from .export import export_decoder, export_denoiser
 from .fold import plan_folding
-from .options import CompileError, CompileOptions
+from .options import CompileError, CompileOptions, guidance_range
 from .publish import publish
 from .graph import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
+from .scales import range_coefficients
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Coefficients:
     program: Program
     how: str  # where they came from (the manifest's coefficients_source)
     sha256: str  # of coefficients.json as written
+    scales: object | None = None  # a guidance range's ScaleTable (compiler.scales); None: one scale
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,14 @@ def load_for_compile(model, opts: CompileOptions) -> Denoiser:
     """The model with the options' guidance and VAE applied."""
     for name in ("guidance", "cfg"):
         value = getattr(opts, name)
-        if value is not None and not math.isfinite(value):
+        if value is not None and not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
             raise CompileError(f"--{name} must be a finite number, got {value}")
+    if guidance_range(opts) is not None or opts.guidance_default is not None:  # a range: guided() checks it
+        from iia.models.guidance import guided
+
+        net = model if isinstance(model, Denoiser) else load_model(model, opts.x0_clipping, vae=opts.vae)
+        guide = None if opts.guide is None else resolve_model(opts.guide, opts.x0_clipping)
+        return guided(net, guide, opts.guidance, opts.cfg, default=opts.guidance_default)
     if isinstance(model, Denoiser):
         if opts.vae is not None:
             raise CompileError("--vae applies when the model is given as a path, not as a Denoiser object")
@@ -127,11 +135,17 @@ def load(model, job: Job) -> Loaded:
                            f"{denoiser.shape[0]} channels")
     if decode is not None:
         log(f"  decode stage ({decode.kind}): {decode.describe()['formula']}")
-    if denoiser.identity.get("guidance"):
+    if getattr(denoiser, "guidance_range", None) is not None:
+        scales = denoiser.guidance_range
+        log(f"  guidance: {denoiser.identity['guidance']['formula']}, per image in [{scales.lo:g}, {scales.hi:g}] "
+            f"(default {scales.default:g}); the sampler is calibrated at several scales and interpolated")
+    elif denoiser.identity.get("guidance"):
         log(f"  guidance: {denoiser.identity['guidance']['formula']}; IIA is calibrated at this value")
     if denoiser.identity.get("sha256"):
         log(f"  sha256 {denoiser.identity['sha256']}")
     reason = tensorrt_unavailable_reason() if opts.engine else "--no-engine given"
+    if reason is None and getattr(denoiser, "guidance_range", None) is not None:
+        reason = "a guidance range: the TensorRT profile of the guidance input is not built yet"
     if opts.precision != "fp32" and reason:
         log(f"  --precision {opts.precision} applies to the TensorRT engine, which is skipped ({reason}); "
             f"the ONNX graph is fp32")
@@ -143,13 +157,17 @@ def coefficients(loaded: Loaded, job: Job) -> Coefficients:
     """The sampler's coefficients (see compiler.coefficients), written to coefficients.json."""
     denoiser = loaded.denoiser
     with stage("coefficients", job.timings, job.log):
-        data, program, how = obtain_coefficients(denoiser, job.opts.solver, job.opts, job.log, job.progress)
+        scales = None
+        if getattr(denoiser, "guidance_range", None) is not None:
+            data, program, how, scales = range_coefficients(denoiser, job.opts, job.log, job.progress)
+        else:
+            data, program, how = obtain_coefficients(denoiser, job.opts.solver, job.opts, job.log, job.progress)
         job.log(f"  {how}")
         if float(program.sigmas[0]) < denoiser.sigma_max * (1 - 1e-9):
             job.log(f"  starts at sigma_0 = {float(program.sigmas[0]):.4g} * noise, below the model's sigma_max "
                     f"{denoiser.sigma_max:.4g}: the schedule's first time step")
         sha = write_json_atomic(job.work / COEFFICIENTS, data)
-    return Coefficients(data, program, how, sha)
+    return Coefficients(data, program, how, sha, scales)
 
 
 # ---- export ---------------------------------------------------------------------------------------------
@@ -223,8 +241,9 @@ def emit(loaded: Loaded, coefs: Coefficients, exported: Exported, plan, job: Job
     program = coefs.program
     with stage("emit sampler graph", job.timings, log):
         emit_graph = emit_sampler_loop if opts.graph == "loop" else emit_sampler
+        extra = {} if coefs.scales is None else {"scales": scale_inputs(coefs.scales, denoiser.guidance_range)}
         sampler = emit_graph(program, exported.denoiser, denoiser.shape, denoiser.conditional, decoder_model=decoder,
-                             latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan)
+                             latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan, **extra)
         check_model(sampler)
         if decoder is not None:  # emit rewrote the decode stage's small convolutions too
             emitted = sum(n.op_type == "ConvTranspose" and n.name.startswith(DECODE_PREFIX) for n in sampler.graph.node)
@@ -249,8 +268,13 @@ def verify(loaded: Loaded, coefs: Coefficients, exported: Exported, static: list
     each static batch size against the dynamic graph."""
     work, log = job.work, job.log
     with stage("parity vs PyTorch", job.timings, log):
-        parity = check_parity(str(work / SAMPLER_ONNX), coefs.program, loaded.denoiser, atol=job.opts.parity_atol,
-                              golden_dir=work, decode=exported.decoder is not None)
+        if coefs.scales is not None:  # at the range's ends and scales between, some of them not nodes
+            parity = check_range_parity(str(work / SAMPLER_ONNX), coefs.scales, loaded.denoiser.guidance_range,
+                                        loaded.denoiser, atol=job.opts.parity_atol, golden_dir=work,
+                                        decode=exported.decoder is not None)
+        else:
+            parity = check_parity(str(work / SAMPLER_ONNX), coefs.program, loaded.denoiser, atol=job.opts.parity_atol,
+                                  golden_dir=work, decode=exported.decoder is not None)
         decoded_note = (f", images_uint8 within +-1 level: {parity['images_uint8_within_1']:.4%}"
                         if "images_uint8_within_1" in parity else "")
         log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}"
@@ -293,11 +317,16 @@ def engine(loaded: Loaded, emitted: Emitted, job: Job) -> Engine:
 
 
 # ---- manifest -------------------------------------------------------------------------------------------
-def guidance_record(denoiser: Denoiser) -> dict | None:
-    """What the manifest says about guidance: the settings, and that the coefficients were fitted with them."""
+def guidance_record(denoiser: Denoiser, coefs: Coefficients | None = None) -> dict | None:
+    """What the manifest says about guidance: the settings, and that the coefficients were fitted with them
+    (a range: its nodes, default, interpolation and the guard's table of held-out scales)."""
     settings = denoiser.identity.get("guidance")
     if not settings:
         return None
+    if coefs is not None and coefs.scales is not None:
+        return dict(settings, **coefs.data["guidance"],
+                    note="the sampler's coefficients were calibrated at the nodes and are interpolated in g between "
+                         "them; a request's g must lie in the range")
     return dict(settings, note="the sampler's coefficients were calibrated on this guided denoiser; they hold "
                                "for this guidance value (recompile to change it)")
 
@@ -307,7 +336,8 @@ def write_manifest(loaded: Loaded, coefs: Coefficients, exported: Exported, emit
     """manifest.json (iia.runtime.contract.make_manifest) over every file in the work folder; returns it."""
     denoiser, program, work, opts = loaded.denoiser, coefs.program, job.work, job.opts
     inputs, outputs = io_spec(denoiser.shape, denoiser.label_dim,
-                              None if exported.decoder is None else decoded_shape(exported.decoder), denoiser.is_latent)
+                              None if exported.decoder is None else decoded_shape(exported.decoder), denoiser.is_latent,
+                              **scale_spec(denoiser))
     names = [*emitted.files, *built.files, *exported.files, COEFFICIENTS, PROGRAM, GOLDEN_INPUTS, GOLDEN_OUTPUTS]
     search = coefs.data.get("search")
     manifest = make_manifest(
@@ -316,7 +346,7 @@ def write_manifest(loaded: Loaded, coefs: Coefficients, exported: Exported, emit
         label_dim=denoiser.label_dim, max_batch=opts.max_batch,
         **({STATIC_BATCHES: static, "static_parity": {str(b): d for b, d in verified.static_parity.items()}}
            if static else {}),
-        guidance=guidance_record(denoiser),
+        guidance=guidance_record(denoiser, coefs),
         decode=None if loaded.decode is None else loaded.decode.describe(),
         inputs=inputs, outputs=outputs,
         files={name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size} for name in names},
@@ -331,6 +361,12 @@ def write_manifest(loaded: Loaded, coefs: Coefficients, exported: Exported, emit
     )
     write_json_atomic(work / MANIFEST, manifest)
     return manifest
+
+
+def scale_spec(denoiser: Denoiser) -> dict:
+    """io_spec's `guidance` argument: (lo, hi, default) of a range compile, nothing for one scale."""
+    scales = getattr(denoiser, "guidance_range", None)
+    return {} if scales is None else {"guidance": (scales.lo, scales.hi, scales.default)}
 
 
 # ---- publish --------------------------------------------------------------------------------------------

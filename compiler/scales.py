@@ -1,0 +1,224 @@
+"""Per-request guidance: the sampler's constants as functions of the guidance scale g.
+
+A range artifact (`--guidance LO:HI`, `--cfg LO:HI`) is calibrated at NODES scales of the range (Chebyshev-
+Lobatto nodes: the endpoints and points crowded toward them), each fit the one a single-scale compile at that g
+would ship (same cache entry). The time steps are shared across the range: a named solver's schedule does not
+depend on g, and per-image time steps would defeat the per-step conditioning tables (fold.py evaluates the
+embedding at each baked sigma). What follows g is the linear form of the sampler (`emit.linear_form`: each
+denoiser input x_i and the output as combinations of [noise, D_0, ..., D_{N-1}]), interpolated piecewise-
+linearly between the nodes with hat weights w_k(g) (sum 1, exact at the nodes). The graph computes the weights
+once per image and each iteration's coefficient row as W(g) @ table_i; the PyTorch reference runs the same
+interpolated rows as a Program (`ScaleTable.program_at`).
+
+The guard judges the INTERPOLATED sampler at held-out scales between the nodes (the midpoints) against the
+sampler fitted exactly there and against the base solver, on held-out noise of that scale: where the
+interpolant loses to the base, the two nodes around that scale fall back to base coefficients, until no tested
+scale is worse than the base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from iia.calibration.fit import holdout_set, per_sample_sq_error
+from iia.calibration.sampling import sample
+from iia.calibration.solvers import Combine, Denoise, Program, Step, build_program
+
+from .emit import linear_form
+
+NODES = 4  # scales calibrated at; measured in docs/compiler.md ("Guidance as an input")
+INTERPOLATION = "piecewise-linear"
+
+
+class ScaleError(ValueError):
+    pass
+
+
+def chebyshev_nodes(lo: float, hi: float, n: int = NODES) -> list[float]:
+    """n >= 2 Chebyshev-Lobatto points of [lo, hi], ascending, both ends included (a piecewise-linear interpolant
+    cannot extrapolate, so the ends must be nodes)."""
+    centre, half = (lo + hi) / 2, (hi - lo) / 2
+    inner = [centre - half * math.cos(math.pi * k / (n - 1)) for k in range(1, n - 1)]
+    return [float(lo), *inner, float(hi)]
+
+
+def hat_slopes(nodes: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(aL, bL, aR, bR) float64 [n]: w_k(g) = clip(min(aL_k g + bL_k, aR_k g + bR_k), 0, 1), the hat function
+    of node k (rising from node k-1, falling to node k+1; flat 2 beyond the ends, then clipped to 1)."""
+    n = len(nodes)
+    a_l, b_l, a_r, b_r = np.zeros(n), np.full(n, 2.0), np.zeros(n), np.full(n, 2.0)
+    for k in range(n):
+        if k > 0:
+            a_l[k] = 1.0 / (nodes[k] - nodes[k - 1])
+            b_l[k] = -nodes[k - 1] * a_l[k]
+        if k < n - 1:
+            a_r[k] = -1.0 / (nodes[k + 1] - nodes[k])
+            b_r[k] = -nodes[k + 1] * a_r[k]
+    return a_l, b_l, a_r, b_r
+
+
+def hat_weights(g, nodes: list[float]) -> np.ndarray:
+    """Interpolation weights float64 [B, n] of scales g [B] (each row sums to 1 inside the nodes' range)."""
+    g = np.asarray(g, np.float64).reshape(-1, 1)
+    a_l, b_l, a_r, b_r = hat_slopes(nodes)
+    return np.clip(np.minimum(a_l * g + b_l, a_r * g + b_r), 0.0, 1.0)
+
+
+def rows_program(template: Program, call_sigmas: np.ndarray, state: np.ndarray, out: np.ndarray) -> Program:
+    """The sampler whose call i reads x_i = state[i] . [noise, D_0, ...] and whose output is out . [noise, D_0,
+    ...], as a Program the PyTorch interpreter runs (noise enters through the prelude's z0 = sigma_0 noise)."""
+    s0 = float(template.sigmas[0])
+    n = len(call_sigmas)
+
+    def terms(row: np.ndarray) -> tuple:
+        names = ["z0"] + [f"D{j}" for j in range(n)]
+        weights = [row[0] / s0, *row[1:]]
+        return tuple((name, float(w)) for name, w in zip(names, weights) if w != 0.0)
+
+    steps = []
+    for i in range(n):
+        ops = ((Combine("x0", terms(state[0])),) if i == 0 else ()) + (Denoise(f"D{i}", f"x{i}", float(call_sigmas[i])),)
+        following = state[i + 1] if i + 1 < n else out
+        steps.append(Step(i, float(call_sigmas[i]), float(call_sigmas[i + 1]) if i + 1 < n else 0.0, ops,
+                          terms(following), (), (), f"x{i + 1}", False, state="z0" if i == 0 else f"x{i}"))
+    return Program(template.solver, template.sigmas, tuple(steps), template.r)
+
+
+@dataclass(frozen=True)
+class ScaleTable:
+    """The sampler at each node: linear-form rows state [n, N, N+1] and out [n, N+1] over [noise, D_0..] (float64),
+    shared call sigmas [N]; `programs` the per-node Programs they came from."""
+
+    nodes: tuple[float, ...]
+    programs: tuple[Program, ...]
+    sigmas: np.ndarray
+    state: np.ndarray
+    out: np.ndarray
+
+    def rows_at(self, g: float) -> tuple[np.ndarray, np.ndarray]:
+        w = hat_weights([g], list(self.nodes))[0]
+        return np.tensordot(w, self.state, 1), w @ self.out
+
+    def program_at(self, g: float) -> Program:
+        """The interpolated sampler at scale g, for the PyTorch interpreter."""
+        return rows_program(self.programs[0], self.sigmas, *self.rows_at(g))
+
+
+def scale_table(nodes: list[float], programs: list[Program]) -> ScaleTable:
+    """Stack the nodes' linear forms; ScaleError when their call sigmas differ (the time steps must be shared)."""
+    forms = [linear_form(p) for p in programs]
+    sigmas = forms[0][1]
+    for g, form in zip(nodes, forms):
+        if len(form[1]) != len(sigmas) or not np.array_equal(form[1], sigmas):
+            raise ScaleError(f"the sampler fitted at guidance {g:g} has other time steps than at {nodes[0]:g}: a "
+                             f"range needs one schedule for every scale")
+    return ScaleTable(tuple(nodes), tuple(programs), sigmas, np.stack([f[0] for f in forms]),
+                      np.stack([f[2] for f in forms]))
+
+
+def _rmse(sq: torch.Tensor) -> float:
+    return float(sq.mean().sqrt())
+
+
+def guard_scales(table: ScaleTable, base: Program, held_out: list[float], at, exact, options, log) -> tuple[ScaleTable, list[dict]]:
+    """Judge the interpolated sampler at each held-out scale against the base solver and the sampler fitted
+    exactly there (`exact(g)` -> Program), on held-out noise of that scale (`at(g)` -> the guided Denoiser).
+    Nodes around a scale where the interpolant loses to the base fall back to base coefficients, and the table
+    is judged again. Returns the shipped table and the guard's rows (g, rmse of interpolated, exact, base)."""
+    sets = {}
+    for g in held_out:
+        den = at(g)
+        noise, labels, ref = holdout_set(den, options.resolved(den), sigma_start=base.sigmas[0])
+        sq_exact = per_sample_sq_error(sample(exact(g), den, noise, labels), ref)
+        sq_base = per_sample_sq_error(sample(base, den, noise, labels), ref)
+        sets[g] = (den, noise, labels, ref, _rmse(sq_exact), _rmse(sq_base))
+    fallen: set[int] = set()
+    while True:
+        rows, losing = [], []
+        for g, (den, noise, labels, ref, r_exact, r_base) in sets.items():
+            r_interp = _rmse(per_sample_sq_error(sample(table.program_at(g), den, noise, labels), ref))
+            rows.append({"g": g, "rmse_interpolated": r_interp, "rmse_exact": r_exact, "rmse_base": r_base})
+            if r_interp > r_base:
+                losing.append(g)
+        if not losing:
+            return table, [dict(r, fallback_nodes=sorted(table.nodes[k] for k in fallen)) for r in rows]
+        around = {j for g in losing for k in range(len(table.nodes) - 1)
+                  if table.nodes[k] <= g <= table.nodes[k + 1] for j in (k, k + 1)} - fallen
+        if not around:
+            raise ScaleError(f"the base solver itself loses at guidance {losing[0]:g}: nothing to fall back to")
+        log(f"  guard: the interpolant loses to the base at g = {', '.join(f'{g:g}' for g in losing)}; nodes "
+            f"{', '.join(f'{table.nodes[k]:g}' for k in sorted(around))} fall back to base coefficients")
+        fallen |= around
+        programs = [base if k in fallen else p for k, p in enumerate(table.programs)]
+        table = scale_table(list(table.nodes), programs)
+
+
+def base_of(program: Program) -> Program:
+    """The base solver's coefficients on the same time steps (what a guard falls back to)."""
+    return build_program(program.solver, program.sigmas, program.r)
+
+
+def check_range_options(solver: str, coefficients: str | None, graph: str) -> None:
+    """What a range compile cannot do, refused by flag (ScaleError)."""
+    if solver == "auto":
+        raise ScaleError("--solver auto with a guidance range: the search is not run per scale yet; name a solver "
+                         "(e.g. --solver iia-edm), which is calibrated at each node of the range")
+    if coefficients:
+        raise ScaleError(f"--coefficients {coefficients}: a coefficient file holds one scale's fit; a guidance range "
+                         f"is calibrated at several (drop --coefficients)")
+    if graph != "loop":
+        raise ScaleError(f"--graph {graph} with a guidance range: per-image coefficients are emitted for the loop "
+                         f"form only (--graph loop)")
+
+
+__all__ = ["INTERPOLATION", "NODES", "ScaleError", "ScaleTable", "base_of", "chebyshev_nodes", "check_range_options",
+           "guard_scales", "hat_slopes", "hat_weights", "rows_program", "scale_table"]
+
+
+def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Program, str, ScaleTable]:
+    """coefficients.json data, the interpolated sampler at the default scale, where they came from, and the
+    shipped ScaleTable of a range compile: a fit (or the base solver) at each node, through the same cache
+    entries as single-scale compiles at those scales, then the held-out guard between the nodes."""
+    from iia.calibration import artifact
+    from iia.calibration.solvers import get_solver
+
+    from .coefficients import obtain_coefficients
+
+    scales = denoiser.guidance_range
+    nodes = chebyshev_nodes(scales.lo, scales.hi, NODES)
+    made = []
+    for g in nodes:
+        data, program, how = obtain_coefficients(scales.at(g), opts.solver, opts, log, progress)
+        log(f"  g = {g:.4g}: {how}")
+        made.append((data, program))
+    table = scale_table(nodes, [p for _, p in made])
+    base = base_of(made[0][1])
+    rows: list[dict] = []
+    if get_solver(opts.solver).fitted:
+        held_out = [(a + b) / 2 for a, b in zip(nodes, nodes[1:])]
+        exact = lambda g: obtain_coefficients(scales.at(g), opts.solver, opts, log, progress)[1]  # noqa: E731
+        table, rows = guard_scales(table, base, held_out, scales.at, exact, opts.calibration, log)
+        for row in rows:
+            log(f"  guard at g = {row['g']:.4g}: held-out rmse interpolated {row['rmse_interpolated']:.4g}, fitted "
+                f"there {row['rmse_exact']:.4g}, base {row['rmse_base']:.4g}")
+    fallen = [g for g, p in zip(nodes, table.programs) if p is base]
+    record = {"range": [scales.lo, scales.hi], "nodes": nodes, "default": scales.default,
+              "interpolation": INTERPOLATION, "guard": rows}
+    first = made[0][0]
+    data = {k: first[k] for k in ("schema", "schema_version", "created", "solver", "solver_definition", "nfe", "r",
+                                  "sigmas", "options") if k in first}
+    data.update(model=artifact.model_identity(denoiser), guidance=record,
+                nodes=[{"g": g, "shipped": "base (guard fallback)" if g in fallen else "as fitted at g",
+                        "coefficients": p.coefficients(), "steps": d.get("steps"), "guard": d.get("guard")}
+                       for g, (d, _), p in zip(nodes, made, table.programs)],
+                guard={"decision": "interpolated sampler no worse than the base at every held-out scale"
+                                   + (f" (nodes {', '.join(f'{g:g}' for g in fallen)} on base coefficients)" if fallen
+                                      else ""), "scales": rows},
+                versions=first.get("versions"))
+    how = (f"{opts.solver} at {len(nodes)} scales ({', '.join(f'{g:.4g}' for g in nodes)}), "
+           f"{INTERPOLATION} in g between them")
+    return data, table.program_at(scales.default), how, table
