@@ -1,0 +1,188 @@
+"""One artifact for a RANGE of guidance scales (`--guidance LO:HI`, `--cfg LO:HI`): the scale is a graph input
+per image, the sampler's coefficients fitted at nodes of the range and interpolated in g (compiler/scales.py).
+
+Checked on the guided EDM2-format pair (main net + unconditional guide) and on an EDM model trained with label
+dropout (classifier-free guidance): ONNX Runtime equals the PyTorch sampler with the same interpolated constants
+(rebuilt here from coefficients.json) at scales that are mostly not nodes; at a node it equals the single-scale
+artifact fitted there; its held-out error at each tested scale is within 1.1x of the sampler fitted exactly at
+that scale and no worse than the base; the weights are stored once; out-of-range scales are refused by the graph.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edm_fixtures import make_edm2_pickle, make_edm_pickle
+from iia.calibration.fit import CalibrationOptions
+from iia.calibration.sampling import reference_solution, sample
+from iia.calibration.solvers import build_program
+from iia.compiler.build import CompileError, CompileOptions, compile_model
+from iia.compiler.check import weight_bytes
+from iia.compiler.coefficients import obtain_coefficients
+from iia.compiler.options import scale_or_range
+from iia.compiler.scales import chebyshev_nodes, hat_weights, scale_table
+from iia.models import load
+from iia.models.edm_pickle import load_edm_pickle
+from iia.models.guidance import GuidanceError, guided
+from iia.runtime.contract import GUIDANCE, IMAGES, LABELS, NOISE, draw_labels, draw_noise
+from iia.runtime.onnx_backend import OrtSession
+
+TESTED = [1.0, 1.3, 1.7, 2.2, 2.9]  # the floors' scales: only 1.0 is a node of 1:3 (nodes 1, 1.5, 2.5, 3)
+SMALL = dict(batch=32, holdout=32, reference_steps=32)  # a small fit: the checks compare samplers, not quality
+
+
+def options(cache, **kw) -> CompileOptions:
+    return CompileOptions(nfe=5, solver="iia-edm", engine=False, cache_dir=str(cache),
+                          calibration=CalibrationOptions(**SMALL), **kw)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("range")
+    paths = {"net": root / "edm2-cond.pkl", "guide": root / "edm2-uncond-xs.pkl", "cfg": root / "edm-dropout.pkl"}
+    make_edm2_pickle(paths["net"], label_dim=10, seed=0)
+    make_edm2_pickle(paths["guide"], label_dim=0, model_channels=4, seed=1)
+    make_edm_pickle(paths["cfg"], label_dropout=0.1, channels=8)
+    return root, paths
+
+
+@pytest.fixture(scope="module")
+def guide_artifact(models):
+    root, paths = models
+    out = root / "guided-range"
+    manifest = compile_model(str(paths["net"]), out, options(root / "cache", guide=str(paths["guide"]),
+                                                             guidance=(1.0, 3.0)), log=lambda s: None)
+    return out, manifest, load(paths["net"], guide=paths["guide"], guidance=(1.0, 3.0))
+
+
+@pytest.fixture(scope="module")
+def cfg_artifact(models):
+    root, paths = models
+    out = root / "cfg-range"
+    manifest = compile_model(str(paths["cfg"]), out, options(root / "cache", cfg=(1.0, 3.0)), log=lambda s: None)
+    return out, manifest, load(paths["cfg"], cfg=(1.0, 3.0))
+
+
+def run_graph(out, gs, seed=7) -> tuple[dict, np.ndarray]:
+    """The artifact's sampler.onnx on ONNX Runtime CPU: image b at scale gs[b] (the contract's noise/labels)."""
+    feed = {NOISE: draw_noise(seed, len(gs), (3, 8, 8)), LABELS: draw_labels(seed, len(gs), 10),
+            GUIDANCE: np.array(gs, np.float32)}
+    return feed, OrtSession(str(out / "sampler.onnx"), "cpu", 1).run(feed, [IMAGES])[0]
+
+
+def table_from_file(out):
+    """The per-node samplers as coefficients.json records them, stacked as compiler.scales does."""
+    data = json.loads((out / "coefficients.json").read_text())
+    base = build_program(data["solver"], data["sigmas"], data["r"])
+    nodes = data["guidance"]["nodes"]
+    return data, scale_table(nodes, [base.with_coefficients(n["coefficients"]) for n in data["nodes"]])
+
+
+def check_range_artifact(out, manifest, denoiser, cache, params):
+    scales = denoiser.guidance_range
+    assert manifest["inputs"][-1] == {"name": GUIDANCE, "dtype": "float32", "shape": ["batch"], "range": [1.0, 3.0],
+                                      "default": 2.0}
+    record = manifest["guidance"]
+    assert record["range"] == [1.0, 3.0] and record["default"] == 2.0 and record["interpolation"] == "piecewise-linear"
+    assert record["nodes"] == pytest.approx(chebyshev_nodes(1.0, 3.0)) and len(record["guard"]) == len(record["nodes"]) - 1
+    data, table = table_from_file(out)
+    assert data["guidance"]["nodes"] == record["nodes"] and data["guidance"]["guard"] == record["guard"]
+    for row in record["guard"]:  # the guard's own verdict: nothing ships worse than its base
+        assert row["rmse_interpolated"] <= row["rmse_base"]
+
+    # ONNX Runtime == PyTorch with the same interpolated constants, per image, at scales mostly between nodes
+    feed, got = run_graph(out, TESTED)
+    for b, g in enumerate(TESTED):
+        g32 = float(np.float32(g))
+        want = sample(table.program_at(g32), scales.at(g32), torch.from_numpy(feed[NOISE][b:b + 1]),
+                      torch.from_numpy(feed[LABELS][b:b + 1])).numpy()
+        assert np.abs(got[b:b + 1] - want).max() <= 1e-4, g
+
+    # held-out error at each tested scale: <= 1.1x the sampler fitted exactly there, <= the base
+    opts = options(cache)
+    base = build_program(data["solver"], data["sigmas"], data["r"])
+    noise = torch.from_numpy(draw_noise(99, 32, (3, 8, 8))).double()
+    labels = torch.from_numpy(draw_labels(99, 32, 10))
+    for g in TESTED:
+        den = scales.at(g)
+        ref = reference_solution(den, noise, labels, 32, sigma_start=base.sigmas[0])
+        exact = obtain_coefficients(den, "iia-edm", opts, lambda s: None)[1]
+        err = {name: float(((sample(p, den, noise, labels) - ref) ** 2).mean().sqrt())
+               for name, p in (("range", table.program_at(g)), ("exact", exact), ("base", base))}
+        assert err["range"] <= 1.1 * err["exact"] and err["range"] <= err["base"], (g, err)
+
+    # weights stored once (net + guide, or the one CFG net)
+    assert weight_bytes(onnx.load(str(out / "sampler.onnx")))["weights"] <= 1.10 * params
+    return table
+
+
+def test_guide_pair_range_artifact(models, guide_artifact):
+    root, paths = models
+    out, manifest, denoiser = guide_artifact
+    net, guide = load_edm_pickle(paths["net"]), load_edm_pickle(paths["guide"])
+    params = sum(p.numel() * 4 for m in (net.net, guide.net) for p in m.parameters())
+    check_range_artifact(out, manifest, denoiser, root / "cache", params)
+    assert manifest["parity"]["passed"] and set(manifest["parity"]["guidance"]) >= {"1", "1.3", "1.7", "2.2", "2.9", "3"}
+
+    # at a node, the single-scale artifact fitted there with the same options gives the same images
+    node = manifest["guidance"]["nodes"][1]
+    single = root / "guided-single"
+    compile_model(str(paths["net"]), single, options(root / "cache", guide=str(paths["guide"]), guidance=node),
+                  log=lambda s: None)
+    feed, got = run_graph(out, [node] * 3)
+    del feed[GUIDANCE]
+    want = OrtSession(str(single / "sampler.onnx"), "cpu", 1).run(feed, [IMAGES])[0]
+    assert np.abs(got - want).max() <= 2e-5
+
+    # out-of-range and NaN scales are refused by the graph, naming the check; nothing is clamped
+    session = OrtSession(str(out / "sampler.onnx"), "cpu", 1)
+    for bad in (3.5, 0.99, float("nan")):
+        feed = {NOISE: draw_noise(1, 2, (3, 8, 8)), LABELS: draw_labels(1, 2, 10),
+                GUIDANCE: np.array([2.0, bad], np.float32)}
+        with pytest.raises(Exception, match="guidance_must_be_in_1_to_3"):
+            session.run(feed, [IMAGES])
+
+
+def test_cfg_range_artifact(models, cfg_artifact):
+    root, paths = models
+    out, manifest, denoiser = cfg_artifact
+    params = sum(p.numel() * 4 for p in load_edm_pickle(paths["cfg"]).net.parameters())
+    check_range_artifact(out, manifest, denoiser, root / "cache", params)
+    assert manifest["guidance"]["kind"] == "cfg"
+
+
+def test_hat_weights_interpolate_between_nodes():
+    nodes = chebyshev_nodes(1.0, 3.0, 4)
+    assert nodes == pytest.approx([1.0, 1.5, 2.5, 3.0])
+    w = hat_weights([1.0, 1.25, 1.5, 2.9, 3.0], nodes)
+    assert np.allclose(w.sum(1), 1) and np.allclose(w[0], [1, 0, 0, 0]) and np.allclose(w[1], [0.5, 0.5, 0, 0])
+    assert np.allclose(w[2], [0, 1, 0, 0]) and np.allclose(w[3], [0, 0, 0.2, 0.8]) and np.allclose(w[4], [0, 0, 0, 1])
+
+
+def test_range_options_are_parsed_and_checked(models, tmp_path):
+    root, paths = models
+    assert scale_or_range("1.4", "--guidance") == 1.4 and scale_or_range("1:7.5", "--cfg") == (1.0, 7.5)
+    with pytest.raises(Exception, match="--guidance takes a scale"):
+        scale_or_range("1:2:3", "--guidance")
+    guide = str(paths["guide"])
+    refused = [(dict(solver="auto"), "--solver auto with a guidance range"),
+               (dict(graph="unrolled"), "--graph unrolled with a guidance range"),
+               (dict(coefficients=str(tmp_path / "c.json")), "a coefficient file holds one scale")]
+    for kw, message in refused:
+        opts = CompileOptions(nfe=5, engine=False, guide=guide, guidance=(1.0, 3.0), **{"solver": "iia-edm", **kw})
+        with pytest.raises(CompileError, match=message):
+            compile_model(str(paths["net"]), tmp_path / "x", opts, log=lambda s: None)
+    with pytest.raises(CompileError, match="--guidance-default applies to a range"):
+        compile_model(str(paths["net"]), tmp_path / "x", CompileOptions(solver="edm", guidance_default=2.0),
+                      log=lambda s: None)
+    net, guide_net = load_edm_pickle(paths["net"]), load_edm_pickle(paths["guide"])
+    with pytest.raises(GuidanceError, match="a range needs LO < HI"):
+        guided(net, guide_net, (3.0, 1.0))
+    with pytest.raises(GuidanceError, match="--guidance-default 4 lies outside"):
+        guided(net, guide_net, (1.0, 3.0), default=4.0)
+    assert guided(net, guide_net, (1.0, 3.0), default=1.5).guidance_range.default == 1.5
