@@ -229,7 +229,8 @@ def check_range_parity(model_path: str, table, scales, denoiser: Denoiser, seed:
     feed = parity_feed(denoiser, len(gs), seed)
     feed[GUIDANCE] = np.array(gs, np.float32)
     runner = OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))
-    results = Comparator.run([runner], data_loader=[feed])
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        results = Comparator.run([runner], data_loader=[feed])
     name = LATENTS if denoiser.is_latent else IMAGES
     got = results[0][1][0][name]
     refs, f32s = [], []

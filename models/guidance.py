@@ -132,18 +132,20 @@ def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | tuple
     """
     value, flag = (guidance, "--guidance") if guide is not None else (cfg, "--cfg")
     scales = _range(value, flag, default) if value is not None and (guide is None or cfg is None) else None
-    if scales is not None:
+    if scales is not None:  # the module at the default scale, its identity naming the range instead
         lo, hi, g0 = scales
-        out = guided(net, guide, None if guide is None else g0, None if guide is not None else g0)
         kind = "guide" if guide is not None else "cfg"
-        settings = dict(out.identity["guidance"], range=[lo, hi], default=g0)
-        del settings["g" if kind == "guide" else "w"]
-        identity = dict(out.identity, guidance=settings,
-                        name=out.identity["name"].replace(f"={g0:g})", f" in [{lo:g}, {hi:g}])"))
-        identity["sha256"] = _digest({"net": identity["net"], "guidance": settings})
-        out.identity = identity
-        out.guidance_range = GuidanceRange(kind, lo, hi, g0, lambda g: guided(net, guide, None if guide is None else g,
-                                                                              None if guide is not None else g))
+
+        def at(g: float) -> Denoiser:
+            return guided(net, guide, g, None) if kind == "guide" else guided(net, None, None, g)
+
+        out = at(g0)
+        settings = {k: v for k, v in out.identity["guidance"].items() if k not in ("g", "w")}
+        settings.update(range=[lo, hi], default=g0)
+        name = out.identity["name"].replace(f"={g0:g})", f" in [{lo:g}, {hi:g}])")
+        out.identity = dict(out.identity, guidance=settings, name=name,
+                            sha256=_digest({"net": out.identity["net"], "guidance": settings}))
+        out.guidance_range = GuidanceRange(kind, lo, hi, g0, at)
         return out
     if guide is None and guidance is not None:
         raise GuidanceError("--guidance needs --guide (the guide network's pickle); for classifier-free guidance "
