@@ -13,8 +13,6 @@ appended after the last step (its values and weights prefixed `decode/`). Interf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -26,6 +24,7 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
 
 from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
+from .guidance_graph import CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, mix_per_image
 from .passes import optimize_decoder
 from .passes.scalar_io import raw_output_basis, scalar_io
 
@@ -46,63 +45,6 @@ def check_labels(gb: "GraphBuilder", batch: str, label_dim: int) -> str:
         gb.node("Gather", [gb.const(np.arange(label_dim, dtype=np.int64), np.int64), ids], CHECKED_LABELS, axis=0)
         gb.nodes[-1].name = f"iia/class_labels_must_be_in_0_to_{label_dim - 1}"
     return CHECKED_LABELS
-
-
-CHECKED_GUIDANCE = "iia/guidance_checked"  # guidance after check_guidance: what the weights and every call read
-
-
-def check_guidance(gb: "GraphBuilder", batch: str, lo: float, hi: float) -> str:
-    """Make the graph refuse guidance scales outside [lo, hi] (NaN included) instead of extrapolating the
-    coefficients: `guidance` must have the batch's length (a Reshape to [B] fails otherwise) and each scale
-    must lie in the range (a Gather of a one-element table at index 1 fails otherwise, the error naming the
-    node `iia/guidance_must_be_in_<lo>_to_<hi>`). Nothing is clamped. Returns CHECKED_GUIDANCE."""
-    g = gb.node("Reshape", [GUIDANCE, batch], "iia/guidance_one_per_image")
-    inside = gb.node("And", [gb.node("GreaterOrEqual", [g, gb.const(np.array(lo, np.float32))]),
-                             gb.node("LessOrEqual", [g, gb.const(np.array(hi, np.float32))])])
-    outside = gb.node("Cast", [gb.node("Not", [inside])], to=TensorProto.INT64)
-    zero = gb.node("Gather", [gb.const(np.zeros(1, np.float32)), outside], f"iia/guidance_must_be_in_{lo:g}_to_{hi:g}",
-                   axis=0)
-    return gb.node("Add", [g, zero], CHECKED_GUIDANCE)
-
-
-@dataclass(frozen=True)
-class ScaleInputs:
-    """What the loop form needs of a guidance range (compiler.scales.ScaleTable): the scale bounds, the nodes,
-    and the linear-form rows at each node, state [n, N, N+1] and out [n, N+1] (float64)."""
-
-    lo: float
-    hi: float
-    nodes: tuple[float, ...]
-    slopes: tuple[np.ndarray, ...]  # scales.hat_slopes(nodes): (aL, bL, aR, bR)
-    state: np.ndarray
-    out: np.ndarray
-
-
-def scale_inputs(table, scales) -> ScaleInputs:
-    """ScaleInputs of a ScaleTable (compiler.scales) and the model's GuidanceRange (models.guidance)."""
-    from .scales import hat_slopes
-
-    return ScaleInputs(scales.lo, scales.hi, table.nodes, hat_slopes(list(table.nodes)), table.state, table.out)
-
-
-def _hat_weights(gb: "GraphBuilder", g: str, slopes: tuple[np.ndarray, ...]) -> str:
-    """float32 [B, n] interpolation weights of the per-image scales g [B] (scales.hat_weights in the graph)."""
-    a_l, b_l, a_r, b_r = (gb.const(v.astype(np.float32).reshape(1, -1)) for v in slopes)
-    column = gb.node("Unsqueeze", [g, gb.const(np.array([1], np.int64), np.int64)])
-    rise = gb.node("Add", [gb.node("Mul", [column, a_l]), b_l])
-    fall = gb.node("Add", [gb.node("Mul", [column, a_r]), b_r])
-    return gb.node("Clip", [gb.node("Min", [rise, fall]), gb.const(np.array(0, np.float32)),
-                            gb.const(np.array(1, np.float32))], "iia/guidance_weights")
-
-
-def _mix_per_image(gb: "GraphBuilder", weights: str, rows: str, buf: str, batch: str, shape_of: str) -> str:
-    """Per image b: (weights[b] @ rows) . buf[:, b]: weights [B, n], rows [n, N+1] (one row per node), buf
-    [N+1, B*prod(shape)] -> the noise's shape."""
-    coef = gb.node("MatMul", [weights, rows])  # [B, N+1]
-    split = gb.node("Concat", [gb.const(np.array([0], np.int64), np.int64), batch,
-                               gb.const(np.array([-1], np.int64), np.int64)], axis=0)
-    mixed = gb.node("Einsum", [coef, gb.node("Reshape", [buf, split])], equation="bn,nbk->bk")
-    return gb.node("Reshape", [mixed, shape_of])
 
 
 class EmitError(ValueError):
@@ -362,7 +304,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
 
     `scales` (a guidance range): the graph takes `guidance` float32 [B] (checked by `check_guidance`), the
     denoiser's last input; the coefficient rows are per image, weights [B, n] over the nodes' rows computed
-    once before the loop (`_hat_weights`), each iteration's row W @ table_i mixed per image (`_mix_per_image`);
+    once before the loop (`hat_weights_node`), each iteration's row W @ table_i mixed per image (`mix_per_image`);
     `program` then gives only the time steps, which the nodes share.
     """
     _check_denoiser_graph(denoiser_model.graph)
@@ -384,7 +326,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         check_labels(outer, batch, label_dim)
     weights = None
     if scales is not None:
-        weights = _hat_weights(outer, check_guidance(outer, batch, scales.lo, scales.hi), scales.slopes)
+        weights = hat_weights_node(outer, check_guidance(outer, batch, scales.lo, scales.hi), scales.slopes)
         state = np.transpose(scales.state, (1, 0, 2))  # [N, n, N+1]: iteration i reads its rows at every node
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
     noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
@@ -402,7 +344,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     if weights is None:
         result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
     else:
-        result = _mix_per_image(outer, weights, outer.const(scales.out.astype(np.float32)), "iia/D", batch, noise_shape)
+        result = mix_per_image(outer, weights, outer.const(scales.out.astype(np.float32)), "iia/D", batch, noise_shape)
     return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent, weights=[])
 
 
@@ -421,7 +363,7 @@ def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io,
     it = LOOP_IT
     rows = body.node("Gather", [coef_table, it], axis=0)
     x = (_mix(body, rows, LOOP_BUFFER, noise_shape) if weights is None
-         else _mix_per_image(body, weights, rows, LOOP_BUFFER, batch, noise_shape))
+         else mix_per_image(body, weights, rows, LOOP_BUFFER, batch, noise_shape))
     sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from iia.calibration.fit import holdout_set, per_sample_sq_error
-from iia.calibration.sampling import sample
+from iia.calibration.evalset import evaluation_set
+from iia.calibration.fit import HOLDOUT_SEED_OFFSET
 from iia.calibration.solvers import Combine, Denoise, Program, Step, build_program
 
 from .emit import linear_form
@@ -120,8 +120,9 @@ def scale_table(nodes: list[float], programs: list[Program]) -> ScaleTable:
                       np.stack([f[2] for f in forms]))
 
 
-def _rmse(sq: torch.Tensor) -> float:
-    return float(sq.mean().sqrt())
+def _rmse(errors: torch.Tensor) -> float:
+    """The RMSE over all samples from their per-sample RMSEs (evalset.sample_errors)."""
+    return float(errors.pow(2).mean().sqrt())
 
 
 def guard_scales(table: ScaleTable, base: Program, held_out: list[float], at, exact, options, log) -> tuple[ScaleTable, list[dict]]:
@@ -130,17 +131,16 @@ def guard_scales(table: ScaleTable, base: Program, held_out: list[float], at, ex
     Nodes around a scale where the interpolant loses to the base fall back to base coefficients, and the table
     is judged again. Returns the shipped table and the guard's rows (g, rmse of interpolated, exact, base)."""
     sets = {}
-    for g in held_out:
+    for g in held_out:  # the held-out set the guard of a fit at g uses (same noise, same reference)
         den = at(g)
-        noise, labels, ref = holdout_set(den, options.resolved(den), sigma_start=base.sigmas[0])
-        sq_exact = per_sample_sq_error(sample(exact(g), den, noise, labels), ref)
-        sq_base = per_sample_sq_error(sample(base, den, noise, labels), ref)
-        sets[g] = (den, noise, labels, ref, _rmse(sq_exact), _rmse(sq_base))
+        resolved = options.resolved(den)
+        hold = evaluation_set(den, resolved.holdout, resolved.seed + HOLDOUT_SEED_OFFSET, resolved.reference_steps)
+        sets[g] = (hold, _rmse(hold.errors(exact(g))), _rmse(hold.errors(base)))
     fallen: set[int] = set()
     while True:
         rows, losing = [], []
-        for g, (den, noise, labels, ref, r_exact, r_base) in sets.items():
-            r_interp = _rmse(per_sample_sq_error(sample(table.program_at(g), den, noise, labels), ref))
+        for g, (hold, r_exact, r_base) in sets.items():
+            r_interp = _rmse(hold.errors(table.program_at(g)))
             rows.append({"g": g, "rmse_interpolated": r_interp, "rmse_exact": r_exact, "rmse_base": r_base})
             if r_interp > r_base:
                 losing.append(g)

@@ -121,6 +121,24 @@ def _range(value, flag: str, default: float | None) -> tuple[float, float, float
     return lo, hi, g0
 
 
+def _guided_range(net: Denoiser, guide: Denoiser | None, lo: float, hi: float, g0: float) -> Denoiser:
+    """`guided` at the default scale g0, its identity naming the range instead, its `guidance_range` set (the
+    guide's kind when `guide` is given, else classifier-free)."""
+    kind = "guide" if guide is not None else "cfg"
+
+    def at(g: float) -> Denoiser:
+        return guided(net, guide, g, None) if kind == "guide" else guided(net, None, None, g)
+
+    out = at(g0)
+    settings = {k: v for k, v in out.identity["guidance"].items() if k not in ("g", "w")}
+    settings.update(range=[lo, hi], default=g0)
+    name = out.identity["name"].replace(f"={g0:g})", f" in [{lo:g}, {hi:g}])")
+    out.identity = dict(out.identity, guidance=settings, name=name,
+                        sha256=_digest({"net": out.identity["net"], "guidance": settings}))
+    out.guidance_range = GuidanceRange(kind, lo, hi, g0, at)
+    return out
+
+
 def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | tuple[float, float] | None = None,
            cfg: float | tuple[float, float] | None = None, default: float | None = None) -> Denoiser:
     """`net` guided by `guide` with weight `guidance` (g), or by its own null label with weight `cfg` (w).
@@ -132,21 +150,8 @@ def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | tuple
     """
     value, flag = (guidance, "--guidance") if guide is not None else (cfg, "--cfg")
     scales = _range(value, flag, default) if value is not None and (guide is None or cfg is None) else None
-    if scales is not None:  # the module at the default scale, its identity naming the range instead
-        lo, hi, g0 = scales
-        kind = "guide" if guide is not None else "cfg"
-
-        def at(g: float) -> Denoiser:
-            return guided(net, guide, g, None) if kind == "guide" else guided(net, None, None, g)
-
-        out = at(g0)
-        settings = {k: v for k, v in out.identity["guidance"].items() if k not in ("g", "w")}
-        settings.update(range=[lo, hi], default=g0)
-        name = out.identity["name"].replace(f"={g0:g})", f" in [{lo:g}, {hi:g}])")
-        out.identity = dict(out.identity, guidance=settings, name=name,
-                            sha256=_digest({"net": out.identity["net"], "guidance": settings}))
-        out.guidance_range = GuidanceRange(kind, lo, hi, g0, at)
-        return out
+    if scales is not None:
+        return _guided_range(net, guide, *scales)
     if guide is None and guidance is not None:
         raise GuidanceError("--guidance needs --guide (the guide network's pickle); for classifier-free guidance "
                             "against the null label use --cfg")
