@@ -30,7 +30,7 @@ from iia.calibration.solvers import Combine, Denoise, Program, Step, build_progr
 
 from .emit import linear_form
 
-NODES = 4  # scales calibrated at; measured in docs/compiler.md ("Guidance as an input")
+NODES = 5  # scales calibrated at: where interpolated / exact flattens, measured in docs/compiler.md ("Guidance as an input")
 INTERPOLATION = "piecewise-linear"
 
 

@@ -32,7 +32,7 @@ from iia.models.guidance import GuidanceError, guided
 from iia.runtime.contract import GUIDANCE, IMAGES, LABELS, NOISE, draw_labels, draw_noise
 from iia.runtime.onnx_backend import OrtSession
 
-TESTED = [1.0, 1.3, 1.7, 2.2, 2.9]  # the floors' scales: only 1.0 is a node of 1:3 (nodes 1, 1.5, 2.5, 3)
+TESTED = [1.0, 1.3, 1.7, 2.2, 2.9]  # the floors' scales: only 1.0 is a node of 1:3 (nodes 1, 1.29, 2, 2.71, 3)
 SMALL = dict(batch=32, holdout=32, reference_steps=32)  # a small fit: the checks compare samplers, not quality
 
 
