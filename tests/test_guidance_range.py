@@ -33,7 +33,7 @@ from iia.runtime.contract import GUIDANCE, IMAGES, LABELS, NOISE, draw_labels, d
 from iia.runtime.onnx_backend import OrtSession
 
 TESTED = [1.0, 1.3, 1.7, 2.2, 2.9]  # the floors' scales: only 1.0 is a node of 1:3 (nodes 1, 1.29, 2, 2.71, 3)
-SMALL = dict(batch=32, holdout=32, reference_steps=32)  # a small fit: the checks compare samplers, not quality
+SMALL = dict(batch=32, holdout=32, reference_steps=16)  # a small fit: the checks compare samplers, not quality
 
 
 def options(cache, **kw) -> CompileOptions:
@@ -110,7 +110,7 @@ def check_range_artifact(out, manifest, denoiser, cache, params):
     labels = torch.from_numpy(draw_labels(99, 32, 10))
     for g in TESTED:
         den = scales.at(g)
-        ref = reference_solution(den, noise, labels, 32, sigma_start=base.sigmas[0])
+        ref = reference_solution(den, noise, labels, 16, sigma_start=base.sigmas[0])
         exact = obtain_coefficients(den, "iia-edm", opts, lambda s: None)[1]
         err = {name: float(((sample(p, den, noise, labels) - ref) ** 2).mean().sqrt())
                for name, p in (("range", table.program_at(g)), ("exact", exact), ("base", base))}
