@@ -49,7 +49,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         job = stages.Job(opts, work, log, progress)
         loaded = stages.load(model, job)
         coefficients = stages.coefficients(loaded, job)
-        write_json_atomic(work / PROGRAM, program_json(coefficients.program.plan()))
+        scales = coefficients.scales  # a guidance range: the plan with per-node weights
+        write_json_atomic(work / PROGRAM, program_json(scales.plan() if scales else coefficients.program.plan()))
         _inject(_fail_after, "coefficients")
         exported = stages.export(loaded, job)
         plan = stages.optimize(loaded, coefficients, exported, job)

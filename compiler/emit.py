@@ -24,7 +24,7 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
 
 from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
-from .guidance_graph import CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, mix_per_image
+from .guidance_graph import CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, mix_rows, per_image_rows
 from .passes import optimize_decoder
 from .passes.scalar_io import raw_output_basis, scalar_io
 
@@ -303,9 +303,10 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     Same interface, `plan` and outputs as `emit_sampler`.
 
     `scales` (a guidance range): the graph takes `guidance` float32 [B] (checked by `check_guidance`), the
-    denoiser's last input; the coefficient rows are per image, weights [B, n] over the nodes' rows computed
-    once before the loop (`hat_weights_node`), each iteration's row W @ table_i mixed per image (`mix_per_image`);
-    `program` then gives only the time steps, which the nodes share.
+    denoiser's last input; before the loop each image's hat weights over the nodes and, from them and the
+    plan's per-node weights, its rows [N, B, N+1] are computed (`per_image_rows`); iteration i mixes row i of
+    each image with its column of the buffer (`mix_rows`). `program` then gives only the time steps, which the
+    nodes share.
     """
     _check_denoiser_graph(denoiser_model.graph)
     if len(denoiser_model.graph.input) != 2 + conditional + (scales is not None):
@@ -324,27 +325,27 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     if conditional:
         check_labels(outer, batch, label_dim)
-    weights = None
-    if scales is not None:
+    per_image = None
+    if scales is not None:  # each image's rows [N, B, N+1] and output row [B, N+1], from its scale
         weights = hat_weights_node(outer, check_guidance(outer, batch, scales.lo, scales.hi), scales.slopes)
-        state = np.transpose(scales.state, (1, 0, 2))  # [N, n, N+1]: iteration i reads its rows at every node
+        per_image = per_image_rows(outer, weights, scales.plan, batch)
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
     noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
     zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
                                         outer.node("Shape", [noise_row], start=1)], axis=0)
     zeros = outer.node("ConstantOfShape", [zeros_shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
     buf0 = outer.node("Concat", [noise_row, zeros], "iia/D_init", axis=0)  # [NFE + 1, B * prod(shape)]
-    tables = (outer.const(state.astype(np.float32).reshape(n, -1, n + 1)),  # row i: x_i over [noise, D_0..]
+    tables = (per_image[0] if per_image else outer.const(state.astype(np.float32).reshape(n, 1, n + 1)),  # x_i's row
               outer.const(np.arange(1, n + 1, dtype=np.int64).reshape(n, 1, 1), np.int64),  # buffer row of D_i
               outer.const(sigmas.astype(np.float32)))
-    body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape, weights)
+    body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape, per_image is not None)
     trip = outer.const(np.array(n, np.int64), np.int64)
     true = outer.const(np.array(True), np.bool_)
     outer.nodes.append(helper.make_node("Loop", [trip, true, buf0], ["iia/D"], name="iia/loop", body=body_graph))
-    if weights is None:
+    if per_image is None:
         result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
     else:
-        result = mix_per_image(outer, weights, outer.const(scales.out.astype(np.float32)), "iia/D", batch, noise_shape)
+        result = mix_rows(outer, per_image[1], "iia/D", batch, noise_shape)
     return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent, weights=[])
 
 
@@ -353,8 +354,8 @@ LOOP_D, LOOP_COND_OUT, LOOP_BUFFER_OUT = "iia/loop/D_i", "iia/loop/cond_out", "i
 
 
 def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io, calls: list, tables: tuple,
-               batch: str, noise_shape: str, shape: tuple[int, ...], weights: str | None = None) -> onnx.GraphProto:
-    """The Loop body: mix x_i from the buffer (per image with a guidance range's `weights`), the denoiser copy
+               batch: str, noise_shape: str, shape: tuple[int, ...], per_image: bool = False) -> onnx.GraphProto:
+    """The Loop body: mix x_i from the buffer (`per_image`: a guidance range's row per image), the denoiser copy
     (folded values gathered at the iteration, EDM's scalings dropped under `io`), D_i (or F_i) scattered into
     the buffer. Its constants go to `outer`."""
     coef_table, row_table, s_table = tables
@@ -362,13 +363,12 @@ def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io,
     body = outer.inner(10**6)  # body value names never collide with the outer graph's
     it = LOOP_IT
     rows = body.node("Gather", [coef_table, it], axis=0)
-    x = (_mix(body, rows, LOOP_BUFFER, noise_shape) if weights is None
-         else mix_per_image(body, weights, rows, LOOP_BUFFER, batch, noise_shape))
+    x = mix_rows(body, rows, LOOP_BUFFER, batch, noise_shape) if per_image else _mix(body, rows, LOOP_BUFFER, noise_shape)
     sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}
     mapping = {DENOISER_X: x, DENOISER_SIGMA: sigma, DENOISER_LABELS: CHECKED_LABELS, dgraph.output[0].name: LOOP_D}
-    if weights is not None:
+    if per_image:
         mapping[GUIDANCE] = CHECKED_GUIDANCE
     skip = (plan.foldable_nodes if plan.values else set()) | (io.nodes if io else set())
     if io is not None:

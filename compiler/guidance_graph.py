@@ -10,6 +10,7 @@ import numpy as np
 from onnx import TensorProto
 
 from iia.runtime.contract import GUIDANCE
+from iia.runtime.program import Denoise, Plan
 
 from .graph import GraphBuilder
 
@@ -32,26 +33,25 @@ def check_guidance(gb: GraphBuilder, batch: str, lo: float, hi: float) -> str:
 
 @dataclass(frozen=True)
 class ScaleInputs:
-    """What the loop form needs of a guidance range (compiler.scales.ScaleTable): the scale bounds, the nodes,
-    and the linear-form rows at each node, state [n, N, N+1] and out [n, N+1] (float64)."""
+    """What the loop form needs of a guidance range (compiler.scales.ScaleTable): the scale bounds, the hat
+    functions' slopes over the nodes, and the plan whose combination weights are given per node."""
 
     lo: float
     hi: float
-    nodes: tuple[float, ...]
     slopes: tuple[np.ndarray, ...]  # scales.hat_slopes(nodes): (aL, bL, aR, bR)
-    state: np.ndarray
-    out: np.ndarray
+    plan: Plan  # runtime.program.over_nodes of the nodes' plans
 
 
 def scale_inputs(table, scales) -> ScaleInputs:
     """ScaleInputs of a ScaleTable (compiler.scales) and the model's GuidanceRange (models.guidance)."""
     from .scales import hat_slopes
 
-    return ScaleInputs(scales.lo, scales.hi, table.nodes, hat_slopes(list(table.nodes)), table.state, table.out)
+    return ScaleInputs(scales.lo, scales.hi, hat_slopes(list(table.nodes)), table.plan())
 
 
 def hat_weights_node(gb: GraphBuilder, g: str, slopes: tuple[np.ndarray, ...]) -> str:
-    """float32 [B, n] interpolation weights of the per-image scales g [B] (scales.hat_weights in the graph)."""
+    """float32 [B, n] interpolation weights of the per-image scales g [B] (`runtime.program.hat_weights` in the
+    graph)."""
     a_l, b_l, a_r, b_r = (gb.const(v.astype(np.float32).reshape(1, -1)) for v in slopes)
     column = gb.node("Unsqueeze", [g, gb.const(np.array([1], np.int64), np.int64)])
     rise = gb.node("Add", [gb.node("Mul", [column, a_l]), b_l])
@@ -60,10 +60,37 @@ def hat_weights_node(gb: GraphBuilder, g: str, slopes: tuple[np.ndarray, ...]) -
                             gb.const(np.array(1, np.float32))], "iia/guidance_weights")
 
 
-def mix_per_image(gb: GraphBuilder, weights: str, rows: str, buf: str, batch: str, shape_of: str) -> str:
-    """Per image b: (weights[b] @ rows) . buf[:, b]: weights [B, n], rows [n, N+1] (one row per node), buf
-    [N+1, B*prod(shape)] -> the noise's shape."""
-    coef = gb.node("MatMul", [weights, rows])  # [B, N+1]
+def per_image_rows(gb: GraphBuilder, weights: str, plan: Plan, batch: str) -> tuple[str, str]:
+    """Each image's linear form of `plan` at its scale, computed once before the loop: (state float32 [N, B, N+1],
+    row i the coefficients of denoiser call i's input over [noise, D_0, ..., D_{N-1}]; output [B, N+1]). A
+    combination weight given per node becomes weights @ w ([B, 1]), as `Plan.at` interpolates it; the rows
+    are then the combinations' products, as `emit.linear_form` computes them for one scale."""
+    n = len(plan.calls)
+    eye = np.eye(n + 1, dtype=np.float32)
+    values = {plan.input: gb.const(eye[:1])}  # [1, N+1] rows broadcast over the batch until a weight varies
+    states = []
+    for op in plan.ops:
+        if isinstance(op, Denoise):
+            states.append(values[op.state])
+            values[op.out] = gb.const(eye[len(states):len(states) + 1])
+            continue
+        acc = None
+        for name, w in op.terms:
+            per_node = isinstance(w, tuple) and len(set(w)) > 1
+            coef = (gb.node("MatMul", [weights, gb.const(np.asarray(w, np.float32).reshape(-1, 1))]) if per_node
+                    else gb.const(np.array([[w[0] if isinstance(w, tuple) else w]], np.float32)))
+            term = gb.node("Mul", [values[name], coef])
+            acc = term if acc is None else gb.node("Add", [acc, term])
+        values[op.out] = acc
+    shape = gb.node("Concat", [batch, gb.const(np.array([n + 1], np.int64), np.int64)], axis=0)
+    axis0 = gb.const(np.array([0], np.int64), np.int64)
+    rows = [gb.node("Unsqueeze", [gb.node("Expand", [s, shape]), axis0]) for s in states]
+    state = gb.node("Concat", rows, "iia/guidance_rows", axis=0)
+    return state, gb.node("Expand", [values[plan.output], shape])
+
+
+def mix_rows(gb: GraphBuilder, coef: str, buf: str, batch: str, shape_of: str) -> str:
+    """Per image b: coef[b] . buf[:, b]: coef [B, N+1], buf [N+1, B*prod(shape)] -> the noise's shape."""
     split = gb.node("Concat", [gb.const(np.array([0], np.int64), np.int64), batch,
                                gb.const(np.array([-1], np.int64), np.int64)], axis=0)
     mixed = gb.node("Einsum", [coef, gb.node("Reshape", [buf, split])], equation="bn,nbk->bk")

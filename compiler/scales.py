@@ -4,11 +4,12 @@ A range artifact (`--guidance LO:HI`, `--cfg LO:HI`) is calibrated at NODES scal
 Lobatto nodes: the endpoints and points crowded toward them), each fit the one a single-scale compile at that g
 would ship (same cache entry). The time steps are shared across the range: a named solver's schedule does not
 depend on g, and per-image time steps would defeat the per-step conditioning tables (fold.py evaluates the
-embedding at each baked sigma). What follows g is the linear form of the sampler (`emit.linear_form`: each
-denoiser input x_i and the output as combinations of [noise, D_0, ..., D_{N-1}]), interpolated piecewise-
-linearly between the nodes with hat weights w_k(g) (sum 1, exact at the nodes). The graph computes the weights
-once per image and each iteration's coefficient row as W(g) @ table_i; the PyTorch reference runs the same
-interpolated rows as a Program (`ScaleTable.program_at`).
+embedding at each baked sigma). What follows g are the step coefficients, interpolated piecewise-linearly
+between the nodes with hat weights w_k(g) (`runtime.program.hat_weights`: sum 1, exact at the nodes), so every
+combination weight of the plan is the interpolant of its values at the nodes (program.json's per-node weights,
+`Plan.at`). The graph computes the weights once per image and from them, before the loop, each image's linear
+form (each denoiser input and the output over [noise, D_0, ...]); the PyTorch reference runs the interpolated
+coefficients through the interpreter (`ScaleTable.program_at`).
 
 The guard judges the INTERPOLATED sampler at held-out scales between the nodes (the midpoints) against the
 sampler fitted exactly there and against the base solver, on held-out noise of that scale: where the
@@ -26,9 +27,9 @@ import torch
 
 from iia.calibration.evalset import evaluation_set
 from iia.calibration.fit import HOLDOUT_SEED_OFFSET
-from iia.calibration.solvers import Combine, Denoise, Program, Step, build_program
+from iia.calibration.solvers import Program, build_program
 
-from .emit import linear_form
+from iia.runtime.program import Plan, ProgramError, hat_weights, over_nodes
 
 NODES = 5  # scales calibrated at: where interpolated / exact flattens, measured in docs/compiler.md ("Guidance as an input")
 INTERPOLATION = "piecewise-linear"
@@ -48,7 +49,8 @@ def chebyshev_nodes(lo: float, hi: float, n: int = NODES) -> list[float]:
 
 def hat_slopes(nodes: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(aL, bL, aR, bR) float64 [n]: w_k(g) = clip(min(aL_k g + bL_k, aR_k g + bR_k), 0, 1), the hat function
-    of node k (rising from node k-1, falling to node k+1; flat 2 beyond the ends, then clipped to 1)."""
+    of node k (rising from node k-1, falling to node k+1; flat 2 beyond the ends, then clipped to 1): the
+    graph's form of `runtime.program.hat_weights`."""
     n = len(nodes)
     a_l, b_l, a_r, b_r = np.zeros(n), np.full(n, 2.0), np.zeros(n), np.full(n, 2.0)
     for k in range(n):
@@ -61,63 +63,36 @@ def hat_slopes(nodes: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return a_l, b_l, a_r, b_r
 
 
-def hat_weights(g, nodes: list[float]) -> np.ndarray:
-    """Interpolation weights float64 [B, n] of scales g [B] (each row sums to 1 inside the nodes' range)."""
-    g = np.asarray(g, np.float64).reshape(-1, 1)
-    a_l, b_l, a_r, b_r = hat_slopes(nodes)
-    return np.clip(np.minimum(a_l * g + b_l, a_r * g + b_r), 0.0, 1.0)
-
-
-def rows_program(template: Program, call_sigmas: np.ndarray, state: np.ndarray, out: np.ndarray) -> Program:
-    """The sampler whose call i reads x_i = state[i] . [noise, D_0, ...] and whose output is out . [noise, D_0,
-    ...], as a Program the PyTorch interpreter runs (noise enters through the prelude's z0 = sigma_0 noise)."""
-    s0 = float(template.sigmas[0])
-    n = len(call_sigmas)
-
-    def terms(row: np.ndarray) -> tuple:
-        names = ["z0"] + [f"D{j}" for j in range(n)]
-        weights = [row[0] / s0, *row[1:]]
-        return tuple((name, float(w)) for name, w in zip(names, weights) if w != 0.0)
-
-    steps = []
-    for i in range(n):
-        ops = ((Combine("x0", terms(state[0])),) if i == 0 else ()) + (Denoise(f"D{i}", f"x{i}", float(call_sigmas[i])),)
-        following = state[i + 1] if i + 1 < n else out
-        steps.append(Step(i, float(call_sigmas[i]), float(call_sigmas[i + 1]) if i + 1 < n else 0.0, ops,
-                          terms(following), (), (), f"x{i + 1}", False, state="z0" if i == 0 else f"x{i}"))
-    return Program(template.solver, template.sigmas, tuple(steps), template.r)
-
-
 @dataclass(frozen=True)
 class ScaleTable:
-    """The sampler at each node: linear-form rows state [n, N, N+1] and out [n, N+1] over [noise, D_0..] (float64),
-    shared call sigmas [N]; `programs` the per-node Programs they came from."""
+    """The sampler fitted (or base) at each node, same steps and basis; between nodes its step coefficients are
+    interpolated piecewise-linearly in g, which makes every combination weight of its plan the interpolant
+    of the nodes' weights (`runtime.program.Plan.at`: what the graph, the runtime's loop and `program_at` run)."""
 
     nodes: tuple[float, ...]
     programs: tuple[Program, ...]
-    sigmas: np.ndarray
-    state: np.ndarray
-    out: np.ndarray
-
-    def rows_at(self, g: float) -> tuple[np.ndarray, np.ndarray]:
-        w = hat_weights([g], list(self.nodes))[0]
-        return np.tensordot(w, self.state, 1), w @ self.out
 
     def program_at(self, g: float) -> Program:
         """The interpolated sampler at scale g, for the PyTorch interpreter."""
-        return rows_program(self.programs[0], self.sigmas, *self.rows_at(g))
+        w = hat_weights([g], list(self.nodes))[0]
+        per_node = [p.coefficients() for p in self.programs]
+        return self.programs[0].with_coefficients(
+            [[float(sum(w[k] * c[i][j] for k, c in enumerate(per_node))) for j in range(len(step))]
+             for i, step in enumerate(per_node[0])])
+
+    def plan(self) -> Plan:
+        """The plan with per-node combination weights (program.json's guidance form; the graph is emitted from it)."""
+        return over_nodes(self.nodes, [p.plan() for p in self.programs])
 
 
 def scale_table(nodes: list[float], programs: list[Program]) -> ScaleTable:
-    """Stack the nodes' linear forms; ScaleError when their call sigmas differ (the time steps must be shared)."""
-    forms = [linear_form(p) for p in programs]
-    sigmas = forms[0][1]
-    for g, form in zip(nodes, forms):
-        if len(form[1]) != len(sigmas) or not np.array_equal(form[1], sigmas):
-            raise ScaleError(f"the sampler fitted at guidance {g:g} has other time steps than at {nodes[0]:g}: a "
-                             f"range needs one schedule for every scale")
-    return ScaleTable(tuple(nodes), tuple(programs), sigmas, np.stack([f[0] for f in forms]),
-                      np.stack([f[2] for f in forms]))
+    """The nodes' samplers as one table; ScaleError when they do not share time steps and ops."""
+    table = ScaleTable(tuple(nodes), tuple(programs))
+    try:
+        table.plan()
+    except ProgramError as err:
+        raise ScaleError(f"the samplers fitted at guidance {', '.join(f'{g:g}' for g in nodes)} differ: {err}") from None
+    return table
 
 
 def _rmse(errors: torch.Tensor) -> float:
@@ -176,7 +151,7 @@ def check_range_options(solver: str, coefficients: str | None, graph: str) -> No
 
 
 __all__ = ["INTERPOLATION", "NODES", "ScaleError", "ScaleTable", "base_of", "chebyshev_nodes", "check_range_options",
-           "guard_scales", "hat_slopes", "hat_weights", "rows_program", "scale_table"]
+           "guard_scales", "hat_slopes", "scale_table"]
 
 
 def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Program, str, ScaleTable]:

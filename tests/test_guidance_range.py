@@ -25,12 +25,13 @@ from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import weight_bytes
 from iia.compiler.coefficients import obtain_coefficients
 from iia.compiler.options import scale_or_range
-from iia.compiler.scales import chebyshev_nodes, hat_weights, scale_table
+from iia.compiler.scales import chebyshev_nodes, scale_table
 from iia.models import load
 from iia.models.edm_pickle import load_edm_pickle
 from iia.models.guidance import GuidanceError, guided
 from iia.runtime.contract import GUIDANCE, IMAGES, LABELS, NOISE, draw_labels, draw_noise
 from iia.runtime.onnx_backend import OrtSession
+from iia.runtime.program import hat_weights
 
 TESTED = [1.0, 1.3, 1.7, 2.2, 2.9]  # the floors' scales: only 1.0 is a node of 1:3 (nodes 1, 1.29, 2, 2.71, 3)
 SMALL = dict(batch=32, holdout=32, reference_steps=16)  # a small fit: the checks compare samplers, not quality
