@@ -25,7 +25,7 @@ from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import weight_bytes
 from iia.compiler.coefficients import obtain_coefficients
 from iia.compiler.options import scale_or_range
-from iia.compiler.scales import chebyshev_nodes, scale_table
+from iia.compiler.scales import chebyshev_nodes, hat_slopes, scale_table
 from iia.models import load
 from iia.models.edm_pickle import load_edm_pickle
 from iia.models.guidance import GuidanceError, guided
@@ -163,6 +163,10 @@ def test_hat_weights_interpolate_between_nodes():
     w = hat_weights([1.0, 1.25, 1.5, 2.9, 3.0], nodes)
     assert np.allclose(w.sum(1), 1) and np.allclose(w[0], [1, 0, 0, 0]) and np.allclose(w[1], [0.5, 0.5, 0, 0])
     assert np.allclose(w[2], [0, 1, 0, 0]) and np.allclose(w[3], [0, 0, 0.2, 0.8]) and np.allclose(w[4], [0, 0, 0, 1])
+    # the graph's form (slopes and intercepts) is the same function
+    a_l, b_l, a_r, b_r = hat_slopes(nodes)
+    g = np.linspace(1.0, 3.0, 41).reshape(-1, 1)
+    assert np.allclose(np.clip(np.minimum(a_l * g + b_l, a_r * g + b_r), 0, 1), hat_weights(g, nodes))
 
 
 def test_range_options_are_parsed_and_checked(models, tmp_path):
