@@ -50,43 +50,44 @@ def scale_inputs(table, scales) -> ScaleInputs:
 
 
 def hat_weights_node(gb: GraphBuilder, g: str, slopes: tuple[np.ndarray, ...]) -> str:
-    """float32 [B, n] interpolation weights of the per-image scales g [B] (`runtime.program.hat_weights` in the
-    graph)."""
-    a_l, b_l, a_r, b_r = (gb.const(v.astype(np.float32).reshape(1, -1)) for v in slopes)
-    column = gb.node("Unsqueeze", [g, gb.const(np.array([1], np.int64), np.int64)])
+    """float64 [B, n] interpolation weights of the per-image scales g [B] (`runtime.program.hat_weights` in the
+    graph; float64 like the rows made from them, so that at a node the rows round to float32 as one scale's do)."""
+    a_l, b_l, a_r, b_r = (gb.const(v.astype(np.float64).reshape(1, -1), np.float64) for v in slopes)
+    column = gb.node("Cast", [gb.node("Unsqueeze", [g, gb.const(np.array([1], np.int64), np.int64)])],
+                     to=TensorProto.DOUBLE)
     rise = gb.node("Add", [gb.node("Mul", [column, a_l]), b_l])
     fall = gb.node("Add", [gb.node("Mul", [column, a_r]), b_r])
-    return gb.node("Clip", [gb.node("Min", [rise, fall]), gb.const(np.array(0, np.float32)),
-                            gb.const(np.array(1, np.float32))], "iia/guidance_weights")
+    return gb.node("Clip", [gb.node("Min", [rise, fall]), gb.const(np.array(0, np.float64), np.float64),
+                            gb.const(np.array(1, np.float64), np.float64)], "iia/guidance_weights")
 
 
 def per_image_rows(gb: GraphBuilder, weights: str, plan: Plan, batch: str) -> tuple[str, str]:
-    """Each image's linear form of `plan` at its scale, computed once before the loop: (state float32 [N, B, N+1],
-    row i the coefficients of denoiser call i's input over [noise, D_0, ..., D_{N-1}]; output [B, N+1]). A
+    """Each image's linear form of `plan` at its scale, computed in float64 once before the loop: (state float32
+    [N, B, N+1], row i the coefficients of denoiser call i's input over [noise, D_0, ..., D_{N-1}]; output [B, N+1]). A
     combination weight given per node becomes weights @ w ([B, 1]), as `Plan.at` interpolates it; the rows
     are then the combinations' products, as `emit.linear_form` computes them for one scale."""
     n = len(plan.calls)
-    eye = np.eye(n + 1, dtype=np.float32)
-    values = {plan.input: gb.const(eye[:1])}  # [1, N+1] rows broadcast over the batch until a weight varies
+    eye = np.eye(n + 1)  # float64 throughout, cast to float32 once (emit.linear_form's rows are float64 too)
+    values = {plan.input: gb.const(eye[:1], np.float64)}  # [1, N+1] rows broadcast over the batch until a weight varies
     states = []
     for op in plan.ops:
         if isinstance(op, Denoise):
             states.append(values[op.state])
-            values[op.out] = gb.const(eye[len(states):len(states) + 1])
+            values[op.out] = gb.const(eye[len(states):len(states) + 1], np.float64)
             continue
         acc = None
         for name, w in op.terms:
             per_node = isinstance(w, tuple) and len(set(w)) > 1
-            coef = (gb.node("MatMul", [weights, gb.const(np.asarray(w, np.float32).reshape(-1, 1))]) if per_node
-                    else gb.const(np.array([[w[0] if isinstance(w, tuple) else w]], np.float32)))
+            coef = (gb.node("MatMul", [weights, gb.const(np.asarray(w, np.float64).reshape(-1, 1), np.float64)])
+                    if per_node else gb.const(np.array([[w[0] if isinstance(w, tuple) else w]]), np.float64))
             term = gb.node("Mul", [values[name], coef])
             acc = term if acc is None else gb.node("Add", [acc, term])
         values[op.out] = acc
     shape = gb.node("Concat", [batch, gb.const(np.array([n + 1], np.int64), np.int64)], axis=0)
     axis0 = gb.const(np.array([0], np.int64), np.int64)
     rows = [gb.node("Unsqueeze", [gb.node("Expand", [s, shape]), axis0]) for s in states]
-    state = gb.node("Concat", rows, "iia/guidance_rows", axis=0)
-    return state, gb.node("Expand", [values[plan.output], shape])
+    state = gb.node("Cast", [gb.node("Concat", rows, axis=0)], "iia/guidance_rows", to=TensorProto.FLOAT)
+    return state, gb.node("Cast", [gb.node("Expand", [values[plan.output], shape])], to=TensorProto.FLOAT)
 
 
 def mix_rows(gb: GraphBuilder, coef: str, buf: str, batch: str, shape_of: str) -> str:

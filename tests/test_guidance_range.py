@@ -96,13 +96,17 @@ def check_range_artifact(out, manifest, denoiser, cache, params):
     for row in record["guard"]:  # the guard's own verdict: nothing ships worse than its base
         assert row["rmse_interpolated"] <= row["rmse_base"]
 
-    # ONNX Runtime == PyTorch with the same interpolated constants, per image, at scales mostly between nodes
+    # ONNX Runtime == PyTorch with the same interpolated constants, per image, at scales mostly between nodes:
+    # within 1e-4, or twice this sampler's own float32 rounding floor where that is larger (the guided net's
+    # float32 rounding, amplified by g, is ~1e-4 at g = 2.9 on this fixture: no float32 graph can do better)
     feed, got = run_graph(out, TESTED)
     for b, g in enumerate(TESTED):
         g32 = float(np.float32(g))
-        want = sample(table.program_at(g32), scales.at(g32), torch.from_numpy(feed[NOISE][b:b + 1]),
-                      torch.from_numpy(feed[LABELS][b:b + 1])).numpy()
-        assert np.abs(got[b:b + 1] - want).max() <= 1e-4, g
+        args = (table.program_at(g32), scales.at(g32), torch.from_numpy(feed[NOISE][b:b + 1]),
+                torch.from_numpy(feed[LABELS][b:b + 1]))
+        want, f32 = sample(*args).numpy(), sample(*args, dtype=torch.float32).numpy()
+        floor = np.abs(f32 - want).max()
+        assert np.abs(got[b:b + 1] - want).max() <= max(1e-4, 2 * floor), (g, floor)
 
     # held-out error at each tested scale: <= 1.1x the sampler fitted exactly there, <= the base
     opts = options(cache)
