@@ -31,7 +31,7 @@ from iia.calibration.solvers import Program, build_program
 
 from iia.runtime.program import Plan, ProgramError, hat_weights, over_nodes
 
-NODES = 5  # scales calibrated at: where interpolated / exact flattens, measured in docs/compiler.md ("Guidance as an input")
+NODES = 6  # scales calibrated at: where interpolated / exact flattens, measured in docs/compiler.md ("Guidance as an input")
 INTERPOLATION = "piecewise-linear"
 
 

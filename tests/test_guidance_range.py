@@ -33,7 +33,7 @@ from iia.runtime.contract import GUIDANCE, IMAGES, LABELS, NOISE, draw_labels, d
 from iia.runtime.onnx_backend import OrtSession
 from iia.runtime.program import hat_weights
 
-TESTED = [1.0, 1.3, 1.7, 2.2, 2.9]  # the floors' scales: only 1.0 is a node of 1:3 (nodes 1, 1.29, 2, 2.71, 3)
+TESTED = [1.0, 1.3, 1.7, 2.2, 2.9]  # the floors' scales: only 1.0 is a node of 1:3 (1, 1.19, 1.69, 2.31, 2.81, 3)
 SMALL = dict(batch=32, holdout=32, reference_steps=16)  # a small fit: the checks compare samplers, not quality
 
 
@@ -97,16 +97,15 @@ def check_range_artifact(out, manifest, denoiser, cache, params):
         assert row["rmse_interpolated"] <= row["rmse_base"]
 
     # ONNX Runtime == PyTorch with the same interpolated constants, per image, at scales mostly between nodes:
-    # within 1e-4, or twice this sampler's own float32 rounding floor where that is larger (the guided net's
-    # float32 rounding, amplified by g, is ~1e-4 at g = 2.9 on this fixture: no float32 graph can do better)
+    # within 1e-4 of the output's scale (max(1, max |x|), as the compiler's parity check scales it). In absolute
+    # terms 1e-5..1e-4 up to g = 2.2; at g = 2.9 the guided net's float32 rounding (ONNX Runtime's kernels vs
+    # PyTorch's, amplified by g through the steps) reaches 0.9..1.8e-4 on this fixture
     feed, got = run_graph(out, TESTED)
     for b, g in enumerate(TESTED):
         g32 = float(np.float32(g))
-        args = (table.program_at(g32), scales.at(g32), torch.from_numpy(feed[NOISE][b:b + 1]),
-                torch.from_numpy(feed[LABELS][b:b + 1]))
-        want, f32 = sample(*args).numpy(), sample(*args, dtype=torch.float32).numpy()
-        floor = np.abs(f32 - want).max()
-        assert np.abs(got[b:b + 1] - want).max() <= max(1e-4, 2 * floor), (g, floor)
+        want = sample(table.program_at(g32), scales.at(g32), torch.from_numpy(feed[NOISE][b:b + 1]),
+                      torch.from_numpy(feed[LABELS][b:b + 1])).numpy()
+        assert np.abs(got[b:b + 1] - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), g
 
     # held-out error at each tested scale: <= 1.1x the sampler fitted exactly there, <= the base
     opts = options(cache)
