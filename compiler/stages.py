@@ -145,8 +145,6 @@ def load(model, job: Job) -> Loaded:
     if denoiser.identity.get("sha256"):
         log(f"  sha256 {denoiser.identity['sha256']}")
     reason = tensorrt_unavailable_reason() if opts.engine else "--no-engine given"
-    if reason is None and getattr(denoiser, "guidance_range", None) is not None:
-        reason = "a guidance range: the TensorRT profile of the guidance input is not built yet"
     if opts.precision != "fp32" and reason:
         log(f"  --precision {opts.precision} applies to the TensorRT engine, which is skipped ({reason}); "
             f"the ONNX graph is fp32")
@@ -297,7 +295,8 @@ def engine(loaded: Loaded, emitted: Emitted, job: Job) -> Engine:
     files: tuple[str, ...] = ()
     if loaded.engine_skipped is None:
         with stage("tensorrt engine", job.timings, job.log):
-            plan = EnginePlan(sampler_inputs(denoiser.shape, denoiser.conditional), precision=opts.precision,
+            guided = getattr(denoiser, "guidance_range", None) is not None
+            plan = EnginePlan(sampler_inputs(denoiser.shape, denoiser.conditional, guided), precision=opts.precision,
                               max_batch=opts.max_batch, opt_batch=min(8, opts.max_batch),
                               fp32_layers=fp32_layer_names(emitted.sampler) if opts.precision != "fp32" else [],
                               timing_cache=str(default_cache_dir() / "timing.cache"))

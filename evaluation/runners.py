@@ -123,7 +123,7 @@ def _trt_engine(root: Path, sampler: Sampler, model: bytes, name: str, inputs=No
     top = sampler.max_batch
     precision = (sampler.manifest.get("engine") or {}).get("precision", "fp32")
     path = str(root / name)
-    inputs = inputs if inputs is not None else denoiser_inputs(sampler.sample_shape, sampler.conditional)
+    inputs = inputs if inputs is not None else denoiser_inputs(sampler.sample_shape, sampler.conditional, sampler.guided)
     plan = EnginePlan(inputs, precision=precision,
                       opt_batch=min(8, top), max_batch=top,
                       fp32_layers=fp32_layer_names(path) if precision != "fp32" else [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, LABELS, NOISE
+from .contract import DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, GUIDANCE, LABELS, NOISE
 from .devices import gpu_compute_capability, tensorrt_unavailable_reason
 
 # fp16 overflow points of diffusion nets (normalisation statistics, pow): kept in fp32 under fp16/bf16
@@ -21,19 +21,24 @@ class EngineUnavailable(RuntimeError):
     """TensorRT or a CUDA device is missing; the message says which."""
 
 
-def sampler_inputs(sample_shape, conditional: bool) -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes (no batch axis) of the sampler graph's inputs."""
+def sampler_inputs(sample_shape, conditional: bool, guided: bool = False) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes (no batch axis) of the sampler graph's inputs; `guided`: a guidance range's graph, which
+    also takes one guidance scale per image."""
     inputs = {NOISE: tuple(sample_shape)}
     if conditional:
         inputs[LABELS] = ()
+    if guided:
+        inputs[GUIDANCE] = ()
     return inputs
 
 
-def denoiser_inputs(sample_shape, conditional: bool) -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes of the exported denoiser's inputs."""
+def denoiser_inputs(sample_shape, conditional: bool, guided: bool = False) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the exported denoiser's inputs (`guided`: plus one guidance scale per image)."""
     inputs = {DENOISER_X: tuple(sample_shape), DENOISER_SIGMA: ()}
     if conditional:
         inputs[DENOISER_LABELS] = ()
+    if guided:
+        inputs[GUIDANCE] = ()
     return inputs
 
 

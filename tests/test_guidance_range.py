@@ -194,3 +194,15 @@ def test_range_options_are_parsed_and_checked(models, tmp_path):
     with pytest.raises(GuidanceError, match="--guidance-default 4 lies outside"):
         guided(net, guide_net, (1.0, 3.0), default=4.0)
     assert guided(net, guide_net, (1.0, 3.0), default=1.5).guidance_range.default == 1.5
+
+
+def test_tensorrt_profile_covers_the_guidance_input():
+    """A range graph's engine profile has the per-image guidance input over the same batch range as the noise
+    (TensorRT cannot build an engine whose dynamic input lacks a profile); one-scale graphs have no such input."""
+    from iia.runtime.contract import GUIDANCE, NOISE
+    from iia.runtime.engine import EnginePlan, denoiser_inputs, sampler_inputs
+
+    shapes = EnginePlan(sampler_inputs((4, 8, 8), conditional=True, guided=True), max_batch=16).profile_shapes()
+    assert shapes[GUIDANCE] == ((1,), (8,), (16,)) and shapes[NOISE][2] == (16, 4, 8, 8)
+    assert GUIDANCE not in sampler_inputs((4, 8, 8), conditional=True)
+    assert GUIDANCE in denoiser_inputs((4, 8, 8), conditional=False, guided=True)
