@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from iia.cli import add_options, check_options, check_output_file, given_options, options_from, run_cli, written
+from iia.cli import (add_options, check_options, check_output_file, given_options, options_from, run_cli,
+                     writing_output, written)
 
 # torch-free at import: iia-bench (bench_main) must run where only the runtime's dependencies are installed
 
@@ -49,7 +50,8 @@ def _accuracy(argv=None) -> int:
                           progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     print(format_table(rows))
     if args.json:
-        write_json_atomic(args.json, {"model": denoiser.identity.get("name"), "rows": rows})
+        with writing_output("--json", args.json):
+            write_json_atomic(args.json, {"model": denoiser.identity.get("name"), "rows": rows})
         written(args.json)
         print(f"wrote {args.json}")
     if args.plot:
@@ -107,7 +109,8 @@ def _peers(args, argv) -> int:
     if "auto" in solvers:
         print(markdown_summary(report))
     if args.json:
-        write_json_atomic(args.json, report)
+        with writing_output("--json", args.json):
+            write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     if args.plot:
         plot_peers(report, args.plot)
@@ -143,7 +146,8 @@ def _bench(argv=None) -> int:
     rows = run_bench(args.artifact, opts, log=lambda text: print(text, file=sys.stderr, flush=True))
     print(format_table(rows))
     if args.json:
-        write_json_atomic(Path(args.json), rows)
+        with writing_output("--json", args.json):
+            write_json_atomic(Path(args.json), rows)
         written(args.json)
         print(f"wrote {args.json}")
     return 0

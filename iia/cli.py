@@ -218,8 +218,25 @@ class OutputFiles:
         self.temps.clear()
 
     def _failed(self, path: Path, err: OSError) -> OSError:
-        return OSError(f"{self.flag} {path}: cannot write it ({err.strerror or one_line(err)}); "
-                       f"{' and '.join(map(str, self.paths))} left as they were")
+        return cannot_write(self.flag, path, err, self.paths)
+
+
+def cannot_write(flag: str, path, err: OSError, outputs: list | None = None) -> OSError:
+    """The one-line error of a failed output write: `flag`, the output, the cause (strerror's words, never a temp
+    file's name) and the `outputs` (default [path]) the atomic write left as they were."""
+    outputs = [path] if outputs is None else outputs
+    return OSError(f"{flag} {path}: cannot write it ({err.strerror or one_line(err)}); "
+                   f"{' and '.join(map(str, outputs))} left as {'it was' if len(outputs) == 1 else 'they were'}")
+
+
+@contextmanager
+def writing_output(flag: str, path):
+    """Around an atomic write of output file `path` (a temp file renamed into place): an OSError it raises is
+    re-raised by `cannot_write`, naming `flag` (a full disk said only '[Errno 28] No space left on device')."""
+    try:
+        yield
+    except OSError as err:
+        raise cannot_write(flag, path, err) from err
 
 
 def int_list(text: str) -> list[int]:

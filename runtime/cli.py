@@ -95,7 +95,7 @@ def _sample(argv=None) -> int:
     opts = options_from(SampleOptions, args)
     check_options(opts)
     png, npz = output_paths(opts.out)
-    for path in (png, npz):
+    for path in (Path(opts.out), png, npz):  # the name given first: the error names what the user typed
         outside_artifact(path, args.artifact, "--out")
     import numpy as np
 

@@ -34,6 +34,7 @@ from iia.evaluation.cli import accuracy_main, bench_main
 from iia.evaluation.quality import main as quality_main
 from iia.models import gaussian_mixture
 from iia.runtime import draw_noise, load
+from iia.runtime.contract import MAX_THREADS
 from iia.runtime.cli import sample_main
 from test_native import native  # noqa: F401 -- the session's CMake build of iia-run (incremental)
 
@@ -281,6 +282,9 @@ def test_iia_run_checks_a_huge_noise_header_before_reading_the_data(native, arts
     ("cond", "3", "class label 3 out of range: this model has label_dim 3, expected ids in [0, 2]"),
     ("uncond", "0", "this model is unconditional (label_dim 0): class_labels must be None"),
     ("uncond", "3", "this model is unconditional (label_dim 0): class_labels must be None"),
+    # an empty value is no value: --bench took the default labels, a run the model's refusal (or none at all)
+    ("cond", "", "--labels expects a value, got an empty string"),
+    ("uncond", "", "--labels expects a value, got an empty string"),
 ])
 def test_iia_run_bench_refuses_the_labels_a_run_refuses(native, arts, tmp_path, key, labels, words):  # noqa: F811
     np.save(tmp_path / "noise.npy", NOISE)
@@ -297,6 +301,32 @@ def test_iia_run_bench_with_a_label_id(native, arts):  # noqa: F811
                  "--warmup", "0", "--threads", "1"])
     assert proc.returncode == 0, proc.stderr
     assert len([line for line in proc.stdout.splitlines() if line.startswith("onnxruntime-cpu")]) == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    # an integer out of range, even past 64 bits, is refused with the range, not as "not an integer"
+    (["--bench", "--iters", "99999999999999"], "--iters must lie in [1, 2147483647], got 99999999999999"),
+    (["--bench", "--iters", "0"], "--iters must lie in [1, 2147483647], got 0"),
+    (["--bench", "--warmup", "-1"], "--warmup must lie in [0, 2147483647], got -1"),
+    (["--bench", "--threads", "99999999999999999999"],
+     f"--threads must lie in [1, {MAX_THREADS}], got 99999999999999999999"),
+    (["--bench", "--batch", "1,99999999999999999999"],
+     "--batch 99999999999999999999 is out of range (beyond 64-bit integers)"),
+    (["--bench", "--iters", "many"], "--iters expects an integer, got 'many'"),
+    # no option takes an empty value: each was silently the default (no JSON written, random noise, ...)
+    (["--bench", "--json", ""], "--json expects a value, got an empty string"),
+    (["--bench", "--noise", ""], "--noise expects a value, got an empty string"),
+    (["--bench", "--guidance", ""], "--guidance expects a value, got an empty string"),
+    (["--noise", "noise.npy", "--out", ""], "--out expects a value, got an empty string"),
+    # a --bench setting without --bench would be ignored
+    (["--noise", "noise.npy", "--out", "x.npy", "--iters", "3"], "--iters applies to --bench only"),
+    (["--noise", "noise.npy", "--out", "x.npy", "--batch", "2"], "--batch applies to --bench only"),
+])
+def test_iia_run_refuses_option_values_by_their_fault(native, arts, tmp_path, args, words):  # noqa: F811
+    np.save(tmp_path / "noise.npy", NOISE)
+    proc = _run([native["iia_run"], arts["cond"], *args], cwd=tmp_path)
+    assert _one_line_error(proc) == words
+    assert proc.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["noise.npy"]
 
 
 # ---- outputs never inside the artifact ----------------------------------------------------------------
@@ -328,6 +358,9 @@ def test_no_output_lands_inside_the_artifact(native, arts, tmp_path, capsys):  #
             message = _cli_error(capsys, sample_main([str(artifact), "--out", str(out)]))
             assert message.startswith("--out ") and message.endswith(f"is inside the artifact {artifact}; write "
                                                                      f"outputs elsewhere"), message
+        for out in (way / "x.npz" for way in ways):  # the .npz named, as given (the PNG beside it was named)
+            message = _cli_error(capsys, sample_main([str(artifact), "--out", str(out)]))
+            assert message == f"--out {out}: is inside the artifact {artifact}; write outputs elsewhere"
         for out in json_outs:
             message = _cli_error(capsys, bench_main([str(artifact), "--json", str(out)]))
             assert message == f"--json {out}: is inside the artifact {artifact}; write outputs elsewhere"
@@ -455,6 +488,52 @@ def test_sample_png_write_fails_the_new_npz_is_not_published(arts, tmp_path, cap
         assert {p.name: p.read_bytes() for p in disk.iterdir()} == filled
     finally:
         _run(["umount", disk])
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a file system with no free block left (a 64 KiB tmpfs filled by `filler`): writes there fail
+    with a real ENOSPC. Needs root to mount the tmpfs; skipped otherwise."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    proc = _run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", disk]) if os.geteuid() == 0 else None
+    if proc is None or proc.returncode != 0:
+        pytest.skip("a full disk needs a small tmpfs, and mounting one needs root"
+                    + (f" ({proc.stderr.strip()})" if proc is not None else ""))
+    try:
+        (disk / "filler").write_bytes(b"\1" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize))
+        assert os.statvfs(disk).f_bavail == 0
+        yield disk
+    finally:
+        _run(["umount", disk])
+
+
+def test_a_full_disk_names_the_option_the_output_and_the_cause(native, arts, full_disk, tmp_path, capsys):  # noqa: F811
+    """The write itself fails (the checks before the run pass: the directory is writable): iia-bench --json,
+    iia-run --out (.npy and .png) and iia-run --bench --json say which option, which file and why, in one line
+    (iia-bench said only '[Errno 28] No space left on device', iia-run only 'cannot write FILE: ...'); no temp
+    file is left and an existing output stays as it was."""
+    full = os.strerror(errno.ENOSPC)
+    old = full_disk / "old.json"  # an earlier output: the failed write must not have replaced it
+    os.rename(full_disk / "filler", old)
+    before = old.read_bytes()
+
+    def said(flag, out):
+        return f"{flag} {out}: cannot write it ({full}); {out} left as it was"
+
+    for out in (full_disk / "b.json", old):
+        rc = bench_main([str(arts["uncond"]), "--batch", "1", "--iters", "1", "--warmup", "0", "--no-eager",
+                         "--no-loop", "--json", str(out)])
+        assert _error_of(rc, capsys.readouterr().err) == said("--json", out)
+    np.save(tmp_path / "noise.npy", NOISE)
+    for out in (full_disk / "o.npy", full_disk / "o.png"):
+        proc = _run([native["iia_run"], arts["uncond"], "--noise", tmp_path / "noise.npy", "--out", out])
+        assert _error_of(proc.returncode, proc.stderr) == said("--out", out) and proc.stdout == ""
+    for out in (full_disk / "b.json", old):
+        proc = _run([native["iia_run"], arts["uncond"], "--bench", "--batch", "1", "--iters", "1", "--warmup", "0",
+                     "--json", out])
+        assert _error_of(proc.returncode, proc.stderr) == said("--json", out)
+    assert [p.name for p in full_disk.iterdir()] == ["old.json"] and old.read_bytes() == before
 
 
 def test_output_files_put_back_what_a_failed_rename_pair_replaced(tmp_path):

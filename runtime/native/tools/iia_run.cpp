@@ -113,12 +113,15 @@ void check_output_file(const std::string& path, const std::string& flag, const s
         throw UsageError(flag + " " + path + ": is inside the artifact " + artifact + "; write outputs elsewhere");
 }
 
-int parse_int(const std::string& option, const std::string& text) {
+// An integer in [lo, hi]; one too large for any integer type is out of range too, not "not an integer"
+int parse_int(const std::string& option, const std::string& text, int lo, int hi) {
     char* end = nullptr;
     errno = 0;
-    const long v = std::strtol(text.c_str(), &end, 10);
-    if (text.empty() || *end != '\0' || errno != 0 || v < INT32_MIN || v > INT32_MAX)
+    const long long v = std::strtoll(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || (errno != 0 && errno != ERANGE))
         throw UsageError(option + " expects an integer, got '" + text + "'");
+    if (errno == ERANGE || v < lo || v > hi)
+        throw UsageError(option + " must lie in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + text);
     return static_cast<int>(v);
 }
 
@@ -132,8 +135,9 @@ std::vector<int64_t> parse_ints(const std::string& option, const std::string& te
         errno = 0;
         const long long v = std::strtoll(part.c_str(), &end, 10);
         // an empty item ("1,,2", "3,") is a typo, not nothing: refused as iia.cli.int_list refuses it
-        if (part.empty() || *end != '\0' || errno != 0)
+        if (part.empty() || *end != '\0' || (errno != 0 && errno != ERANGE))
             throw UsageError(option + " expects comma-separated integers, got '" + text + "'");
+        if (errno == ERANGE) throw UsageError(option + " " + part + " is out of range (beyond 64-bit integers)");
         out.push_back(v);
         if (comma == std::string::npos) break;
         start = comma + 1;
@@ -179,12 +183,13 @@ std::unique_ptr<Guidance> read_guidance(const std::string& text) {
 
 Args parse(int argc, char** argv) {
     Args a;
-    bool threads_given = false;
-    std::vector<std::string> positional;
+    std::vector<std::string> positional, bench_only;  // bench_only: --batch/--iters/--warmup as given
     for (int i = 1; i < argc; ++i) {
         const std::string arg = argv[i];
         auto value = [&]() -> std::string {
             if (i + 1 >= argc) throw UsageError(arg + " expects a value");
+            // an empty value is no value: --bench --labels "" silently took the default labels
+            if (argv[i + 1][0] == '\0') throw UsageError(arg + " expects a value, got an empty string");
             return argv[++i];
         };
         if (arg == "-h" || arg == "--help") a.help = true;
@@ -193,13 +198,13 @@ Args parse(int argc, char** argv) {
         else if (arg == "--guidance") a.guidance = value();
         else if (arg == "--out") a.out = value();
         else if (arg == "--backend") a.backend = value();
-        else if (arg == "--threads") { a.threads = parse_int(arg, value()); threads_given = true; }
+        else if (arg == "--threads") a.threads = parse_int(arg, value(), 1, iia_native::MAX_THREADS);  // the library's rule
         else if (arg == "--no-verify") a.verify = false;
         else if (arg == "--no-spin") a.spin = false;
         else if (arg == "--bench") a.bench = true;
-        else if (arg == "--batch") a.batches = parse_ints(arg, value());
-        else if (arg == "--iters") a.iters = parse_int(arg, value());
-        else if (arg == "--warmup") a.warmup = parse_int(arg, value());
+        else if (arg == "--batch") { a.batches = parse_ints(arg, value()); bench_only.push_back(arg); }
+        else if (arg == "--iters") { a.iters = parse_int(arg, value(), 1, INT32_MAX); bench_only.push_back(arg); }
+        else if (arg == "--warmup") { a.warmup = parse_int(arg, value(), 0, INT32_MAX); bench_only.push_back(arg); }
         else if (arg == "--json") a.json = value();
         else if (arg.size() > 1 && arg[0] == '-') throw UsageError("unknown option " + arg + " (see iia-run --help)");
         else positional.push_back(arg);
@@ -210,13 +215,8 @@ Args parse(int argc, char** argv) {
                                             : "expected one artifact directory, got " + std::to_string(positional.size()) +
                                                   " positional arguments");
     a.dir = positional[0];
-    if (threads_given && (a.threads < 1 || a.threads > iia_native::MAX_THREADS))  // the library's (and iia.runtime's) rule
-        throw UsageError("--threads must lie in [1, " + std::to_string(iia_native::MAX_THREADS) + "], got " +
-                         std::to_string(a.threads));
     if (a.bench) {
         if (!a.out.empty()) throw UsageError("--out does not apply to --bench (use --json FILE for the rows)");
-        if (a.iters < 1) throw UsageError("--iters must be >= 1, got " + std::to_string(a.iters));
-        if (a.warmup < 0) throw UsageError("--warmup must be >= 0, got " + std::to_string(a.warmup));
         for (int64_t b : a.batches)
             if (b < 1) throw UsageError("--batch sizes must be >= 1, got " + std::to_string(b));
         if (!a.json.empty()) check_output_file(a.json, "--json", a.dir);
@@ -226,6 +226,7 @@ Args parse(int argc, char** argv) {
         if (a.noise.empty()) throw UsageError("--noise NOISE.npy is required (or pass --bench)");
         if (a.out.empty()) throw UsageError("--out OUT.npy|OUT.png is required");
         if (!a.json.empty()) throw UsageError("--json applies to --bench only");
+        if (!bench_only.empty()) throw UsageError(bench_only[0] + " applies to --bench only");
         check_output_file(a.out, "--out", a.dir);
         if (!ends_with(a.out, ".npy") && !ends_with(a.out, ".png"))
             throw UsageError("--out must end in .npy (float32 images) or .png (a grid of images_uint8), got '" + a.out + "'");
@@ -309,14 +310,15 @@ int run_once(const Args& a) {
         const iia_info& i = sampler.info();  // [C, H, W] -> uint8 [B, H, W, C]
         const auto grid = iia_tools::grid_array(images_u8.data(), batch, i.sample_shape[1], i.sample_shape[2],
                                                 i.sample_shape[0]);
-        iia_tools::write_atomic(a.out, iia_tools::png_bytes(grid));
+        iia_tools::write_atomic("--out", a.out, iia_tools::png_bytes(grid));
         std::printf("wrote %s (%lldx%lld grid of %lld images)\n", a.out.c_str(), static_cast<long long>(grid.width),
                     static_cast<long long>(grid.height), static_cast<long long>(batch));
     } else {
         std::vector<int64_t> shape{batch};
         const auto ss = sampler.sample_shape();
         shape.insert(shape.end(), ss.begin(), ss.end());
-        iia_tools::write_atomic(a.out, iia_tools::npy_bytes(IIA_FLOAT32, shape, images.data(), images.size() * sizeof(float)));
+        iia_tools::write_atomic("--out", a.out,
+                                iia_tools::npy_bytes(IIA_FLOAT32, shape, images.data(), images.size() * sizeof(float)));
         std::printf("wrote %s (float32 %s)\n", a.out.c_str(), shape_text(shape).c_str());
     }
     return 0;
@@ -451,7 +453,7 @@ int run_bench(const Args& a) {
                 "validation, tensor wrapping");
     if (!a.json.empty()) {
         const std::string text = rows.dump(2) + "\n";
-        iia_tools::write_atomic(a.json, std::vector<unsigned char>(text.begin(), text.end()));
+        iia_tools::write_atomic("--json", a.json, std::vector<unsigned char>(text.begin(), text.end()));
         std::printf("wrote %s\n", a.json.c_str());
     }
     return 0;

@@ -450,7 +450,12 @@ std::vector<unsigned char> npy_bytes(iia_dtype dtype, const std::vector<int64_t>
     return out;
 }
 
-void write_atomic(const std::string& path, const std::vector<unsigned char>& bytes) {
+void write_atomic(const std::string& flag, const std::string& path, const std::vector<unsigned char>& bytes) {
+    // iia.cli.cannot_write's words: the option, the output, the cause; the temp file is never named
+    auto failed = [&](int e) {
+        return std::runtime_error(flag + " " + path + ": cannot write it (" + std::strerror(e) + "); " + path +
+                                  " left as it was");
+    };
     const size_t slash = path.rfind('/');
     const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash == 0 ? 1 : slash);
     const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
@@ -458,7 +463,7 @@ void write_atomic(const std::string& path, const std::vector<unsigned char>& byt
     std::vector<char> buf(tmp.begin(), tmp.end());
     buf.push_back('\0');
     const int fd = ::mkstemp(buf.data());
-    if (fd < 0) throw std::runtime_error("cannot write " + path + ": " + std::strerror(errno));
+    if (fd < 0) throw failed(errno);
     tmp = buf.data();
     size_t done = 0;
     while (done < bytes.size()) {
@@ -467,7 +472,7 @@ void write_atomic(const std::string& path, const std::vector<unsigned char>& byt
             const int e = errno;
             ::close(fd);
             ::unlink(tmp.c_str());
-            throw std::runtime_error("cannot write " + path + ": " + std::strerror(e));
+            throw failed(e);
         }
         done += static_cast<size_t>(n);
     }
@@ -477,7 +482,7 @@ void write_atomic(const std::string& path, const std::vector<unsigned char>& byt
     if (::close(fd) != 0 || std::rename(tmp.c_str(), path.c_str()) != 0) {
         const int e = errno;
         ::unlink(tmp.c_str());
-        throw std::runtime_error("cannot write " + path + ": " + std::strerror(e));
+        throw failed(e);
     }
 }
 

@@ -57,7 +57,9 @@ private:
 // Header + raw bytes for dtype "<f4" / "|u1" / ... and shape.
 std::vector<unsigned char> npy_bytes(iia_dtype dtype, const std::vector<int64_t>& shape, const void* data, size_t nbytes);
 
-// Write bytes to path through a temp file + rename: never a half-written file. Throws std::runtime_error.
-void write_atomic(const std::string& path, const std::vector<unsigned char>& bytes);
+// Write bytes to path through a temp file + rename: never a half-written file. Throws std::runtime_error naming
+// the option `flag` that gave path, path and the cause ("--out o.npy: cannot write it (No space left on device);
+// o.npy left as it was", as iia.cli.cannot_write says it).
+void write_atomic(const std::string& flag, const std::string& path, const std::vector<unsigned char>& bytes);
 
 }  // namespace iia_tools
