@@ -36,7 +36,7 @@ from iia.calibration.evalset import rmse
 from iia.calibration.sampling import reference_solution, sample
 from iia.calibration.schedules import program_for
 from iia.calibration.solvers import Program, get_solver, valid_nfe
-from iia.cli import int_list, option, str_list
+from iia.cli import int_list, option, str_list, writing_output
 
 from .quality_figures import GRID_SAMPLES, NUM_CLASSES, plot_quality, save_comparison_grid
 
@@ -408,7 +408,8 @@ def _main(argv=None) -> int:
         print(f"wrote {path}")
     if args.json:
         report["command"] = "iia-quality " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_json_atomic(args.json, report)
+        with writing_output("--json", args.json):
+            write_json_atomic(args.json, report)
         written(args.json)
         print(f"wrote {args.json}")
     if args.plot:
