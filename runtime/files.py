@@ -32,21 +32,30 @@ def file_kind(mode: int) -> str:
 
 
 def contained(root: str | Path, name: str) -> Path:
-    """The real path of `root`/`name` when it resolves (links followed) inside the real `root`; else ArtifactError
-    naming the listed path only (nothing about the file it leads to: its size or digest could disclose a file the
-    artifact must not reach). FileNotFoundError when it does not exist. Reading the returned path with
-    `open_regular(..., follow=False)` cannot be redirected by a link swapped in afterwards at the last component."""
+    """The real path of `root`/`name` when it resolves (links followed) to an existing entry inside the real
+    `root`; else ArtifactError naming the listed path only. A link is followed only to an existing entry inside
+    `root`: one that leads outside or to nothing (dangling, a loop, no permission) gets ONE message, checked before
+    anything is opened, so nothing about what lies outside (its content, size, digest or existence) shows.
+    FileNotFoundError when there is no entry `root`/`name` at all. Reading the returned path with
+    `open_regular(..., follow=False)` cannot be redirected by a link swapped in afterwards at the last component.
+    The C++ runtime applies the same rule (runtime/native/src/artifact.cpp contained)."""
     path = os.path.join(root, name)
-    try:  # absent or a dangling link: FileNotFoundError (nothing to read); a link loop: ArtifactError
-        os.stat(path)
+    try:  # absent: FileNotFoundError (nothing to read)
+        st = os.lstat(path)
     except FileNotFoundError:
         raise
     except OSError as err:
         raise ArtifactError(str(err)) from None
+    outside = ArtifactError(f"{Path(root) / name} leads outside the artifact directory or to no file (a link is "
+                            f"followed only to a file inside it)")
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            os.stat(path)
+        except OSError:  # what is (not) at the far end of a link is not reported
+            raise outside from None
     real_root, real = os.path.realpath(root), os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root or real == real_root:
-        raise ArtifactError(f"{Path(root) / name} leads outside the artifact directory (a link to a file elsewhere "
-                            f"is not read)")
+        raise outside
     return Path(real)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .contract import (BOM_REFUSED, GRAPH_METADATA, GUIDANCE, IMAGES, IMAGES_U8,
                        MAX_BATCH, MAX_DIM, MAX_ELEMENTS, MAX_FILES, MAX_JSON_DEPTH, MAX_LABEL_DIM, MAX_LISTED_BYTES,
                        MAX_MANIFEST_BYTES, MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA,
                        SCHEMA_VERSION, STATIC_BATCHES, UTF8_BOM, ArtifactError)
-from .files import contained, read_regular, sha256_bytes, sha256_file
+from .files import contained, file_kind, read_regular, sha256_bytes, sha256_file
 
 
 @dataclass(frozen=True)
@@ -138,10 +139,17 @@ def read_manifest(root: str | Path) -> dict:
     profile (`parse_json`), then every field (`check_manifest`). ArtifactError naming the field otherwise."""
     root = Path(root)
     path = root / MANIFEST
-    if not root.is_dir():
-        raise ArtifactError(f"artifact directory {root} not found (make one with iia-compile)")
     try:
-        text = read_regular(path, MAX_MANIFEST_BYTES)
+        mode = root.stat().st_mode
+    except OSError:
+        mode = None
+    if mode is None:
+        raise ArtifactError(f"artifact directory {root} not found (make one with iia-compile)")
+    if not stat.S_ISDIR(mode):
+        kind = "a file" if stat.S_ISREG(mode) else file_kind(mode)
+        raise ArtifactError(f"{root} is {kind}, not an artifact directory (give the directory iia-compile made)")
+    try:  # held to the listed files' rule: a manifest.json linked outside the artifact is not read
+        text = read_regular(contained(root, MANIFEST), MAX_MANIFEST_BYTES, False, path)
     except FileNotFoundError:
         raise ArtifactError(f"{root} is not an iia artifact: it has no {MANIFEST} (make one with iia-compile)") from None
     data = parse_json(text, path)
@@ -172,10 +180,26 @@ def _depth_and_text(value) -> tuple[int, bool]:
     return deepest, clean
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a double; one past the double range (1e400, -2e308) is refused, as nlohmann refuses it
+    ("number overflow"); one that underflows (1e-400) reads as 0.0 in both runtimes."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]}{'...' if len(text) > 20 else ''} is outside the double range")
+    return value
+
+
+def _finite_int(text: str) -> int:
+    """A JSON integer; one whose magnitude is past the double range (309+ digits) is refused like _finite_float
+    (nlohmann reads an integer past 64 bits as a double)."""
+    _finite_float(text)
+    return int(text)
+
+
 def parse_json(data: bytes, path) -> object:
     """JSON from bytes under the strict profile both runtimes implement; ArtifactError naming `path` for: a UTF-8
     byte order mark, a NUL byte anywhere, invalid UTF-8, a syntax error, NaN/Infinity, a duplicate key, a lone
-    UTF-16 surrogate escape ("not readable JSON"); containers nested more than MAX_JSON_DEPTH ("nested too deeply")."""
+    UTF-16 surrogate escape, a number past the double range ("not readable JSON"); containers nested more than MAX_JSON_DEPTH ("nested too deeply")."""
     def no_constant(name):  # NaN/Infinity are not JSON: the C++ runtime's parser refuses them too
         raise ValueError(f"{name} is not a JSON number")
 
@@ -185,7 +209,8 @@ def parse_json(data: bytes, path) -> object:
     if nul >= 0:  # nlohmann stops reading at a NUL byte: refuse the file instead
         raise ArtifactError(f"{path} is not readable JSON (it holds a NUL byte at offset {nul})")
     try:
-        value = json.loads(data.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=_unique_keys)
+        value = json.loads(data.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=_unique_keys,
+                           parse_float=_finite_float, parse_int=_finite_int)
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, int too long, duplicate key
         raise ArtifactError(f"{path} is not readable JSON ({err})") from None
     except RecursionError:
@@ -334,12 +359,15 @@ def _check_guidance_input(entry: dict, path) -> None:
 
 
 # ---- listed files, checked against the manifest --------------------------------------------------------
-def _limit(manifest: dict, name: str) -> int:
+def _limit(root: Path, manifest: dict, name: str) -> int:
     """The listed file's byte size, which bounds every read of it (required: check_manifest refuses its absence)."""
     entry = manifest["files"].get(name)
     size = entry.get("bytes") if isinstance(entry, dict) else None
+    if name not in manifest["files"]:  # the C++ runtime says the same (artifact.cpp limit_for)
+        raise ArtifactError(f"{root / MANIFEST}: field 'files' does not list {name} (every file a runtime reads is "
+                            f"listed with its sha256 and bytes)")
     if not (_is_int(size) and 0 <= size <= MAX_LISTED_BYTES):
-        raise ArtifactError(f"manifest.json field files.{name}.bytes must be the file's size in bytes "
+        raise ArtifactError(f"{root / MANIFEST}: field 'files.{name}.bytes' must be the file's size in bytes "
                             f"(an integer in [0, {MAX_LISTED_BYTES}]), got {_short(size)}")
     return size
 
@@ -364,7 +392,7 @@ def _missing(root: Path, manifest: dict, name: str) -> ArtifactError:
 def _read_listed(root: Path, manifest: dict, name: str, read):
     """read(real path, limit, shown) of a listed file that resolves inside `root` (checked before it is opened);
     messages name the listed path `shown`."""
-    limit = _limit(manifest, name)
+    limit = _limit(root, manifest, name)
     try:
         return read(contained(root, name), limit, root / name)
     except FileNotFoundError:

@@ -160,8 +160,10 @@ class Sampler:
         if arr.shape[0] != batch and (arr.size == 0 or arr.dtype.kind in "iu"):  # [] is float64 to numpy
             raise ValueError(f"expected {batch} class labels (one per sample), got {arr.shape[0]}")
         if arr.dtype == object and all(isinstance(v, (int, np.integer)) for v in arr):  # ints past 64 bits
-            raise ValueError(f"class label {int(next(v for v in arr if not 0 <= v <= hi))} out of range: "
-                             f"this model has label_dim {self.label_dim}, expected ids in [0, {hi}]")
+            bad = next((v for v in arr if not 0 <= v <= hi), None)
+            if bad is not None:  # else refused just below: ids come as an integer array, not Python objects
+                raise ValueError(f"class label {int(bad)} out of range: this model has label_dim {self.label_dim}, "
+                                 f"expected ids in [0, {hi}]")
         if arr.dtype.kind not in "iu":
             raise ValueError(f"class label ids must be integers, got dtype {arr.dtype}")
         if arr.shape[0] != batch:

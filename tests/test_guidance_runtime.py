@@ -104,6 +104,8 @@ BAD_SCALES = {  # name: (guidance for a batch of 4, the message)
     "too many": ([2.0] * 5, f"{ONE_EACH} [5]"),
     "a column": (np.full((4, 1), 2.0), f"{ONE_EACH} [4, 1]"),
     "bool": (np.array(True), "guidance must be real numbers (float32 expected), got dtype bool"),
+    "object dtype": (np.array([1.0, 2.0, 2.0, 2.0], dtype=object),
+                     "guidance must be real numbers (float32 expected), got dtype object"),
 }
 
 

@@ -333,8 +333,6 @@ BAD_ARTIFACTS = {  # name: (mutation, C status)
     "corrupted golden file": (_flip_byte("golden_outputs.json", 20), ARTIFACT),
     "missing denoiser.onnx": (lambda p: (p / "denoiser.onnx").unlink(), ARTIFACT),
     "missing sampler.onnx": (lambda p: (p / "sampler.onnx").unlink(), ARTIFACT),
-    # (not compared: "sampler.onnx unlisted" makes the Python runtime's read_regular allocate its 1 TiB bound and
-    # raise MemoryError; the C library reads in blocks and says "manifest.json lists no sha256 for sampler.onnx")
     "renamed input": (_edit_manifest(lambda d: d["inputs"][0].update(name="x")), ARTIFACT),
     "bad sha256 text": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].update(sha256="XYZ")), ARTIFACT),
     "huge sample": (_edit_manifest(lambda d: d.update(sample_shape=[65536, 65536, 1])), ARTIFACT),
@@ -407,6 +405,12 @@ def test_missing_dir_and_manifest_path(native, artifacts, tmp_path):
     with pytest.raises(NativeError) as info:
         native["lib"].load(missing)
     assert info.value.status == ARTIFACT and info.value.message == _python_load_message(missing)
+    (tmp_path / "afile").write_text("x")  # a file is named a file, not "not found"
+    with pytest.raises(NativeError) as info:
+        native["lib"].load(tmp_path / "afile")
+    assert info.value.status == ARTIFACT and info.value.message == _python_load_message(tmp_path / "afile")
+    assert info.value.message == f"{tmp_path / 'afile'} is a file, not an artifact directory (give the directory " \
+                                 f"iia-compile made)"
     with pytest.raises(NativeError) as info:  # not "'.' is not an iia artifact"
         native["lib"].load("")
     assert info.value.message == _python_load_message("") == "the artifact path is empty"
@@ -708,6 +712,23 @@ MANIFEST_CORPUS = {
     "64 static batches": (_static_batches(64), None),
     "schema_version true": (_edit_manifest(lambda d: d.update(schema_version=True)), "has an invalid schema_version"),
     "10 inputs": (_edit_manifest(lambda d: d.update(inputs=d["inputs"] * 5)), "field inputs"),
+    # one number rule: a number past the double range is unreadable JSON wherever it is (nlohmann's rule)
+    "1e400 in an unknown field": (_text_edit(lambda t: t.replace(b"{", b'{"zz": 1e400, ', 1)), "not readable JSON"),
+    "-2e308 nested in an unknown field": (_text_edit(lambda t: t.replace(b"{", b'{"zz": {"q": [-2e308]}, ', 1)),
+                                          "not readable JSON"),
+    "2e308 in parity.max_abs": (_text_edit(lambda t: re.sub(rb'"max_abs": [^,}]+', b'"max_abs": 2e308', t, count=1)),
+                                "not readable JSON"),
+    "1e400 as guidance": (_text_edit(lambda t: re.sub(rb'"guidance": null', b'"guidance": 1e400', t, count=1)),
+                          "not readable JSON"),
+    "label_dim 1e400": (_text_edit(lambda t: re.sub(rb'"label_dim": \d+', b'"label_dim": 1e400', t)), "not readable JSON"),
+    "400-digit integer in an unknown field": (_text_edit(lambda t: t.replace(b"{", b'{"zz": ' + b"9" * 400 + b", ", 1)),
+                                              "not readable JSON"),
+    "309-digit integer (past the double range)": (
+        _text_edit(lambda t: t.replace(b"{", b'{"zz": -' + b"9" * 309 + b", ", 1)), "not readable JSON"),
+    "308-digit integer (a finite double)": (
+        _text_edit(lambda t: t.replace(b"{", b'{"zz": ' + b"9" * 308 + b", ", 1)), None),
+    "1e-400 in an unknown field (reads as 0)": (_text_edit(lambda t: t.replace(b"{", b'{"zz": 1e-400, ', 1)), None),
+    "sampler.onnx not listed": (_edit_manifest(lambda d: d["files"].pop("sampler.onnx")), "field files"),
     **{f"guidance input {case}": (_guidance_entry(**change), "field inputs") for case, change in {
         "range reversed": dict(range=[3.0, 1.0]), "range empty": dict(range=[2.0, 2.0]),
         "range with a bool": dict(range=[True, 3.0]), "range of 1 item": dict(range=[1.0]),
@@ -773,6 +794,37 @@ def test_listed_file_linked_outside_is_never_read_by_the_c_library(native, edm_c
     (tmp_path / "linked").symlink_to(edm_copy)
     native["lib"].load(tmp_path / "linked").close()
     load(tmp_path / "linked").close()
+
+
+def test_manifest_linked_outside_is_never_read_and_no_existence_oracle(native, edm_copy, tmp_path):
+    """manifest.json is held to the listed files' containment rule in both runtimes (a link to a token file or to
+    /proc/self/environ is not opened, nothing it holds is printed); a link outside says the same whether its
+    target exists, is missing, or lies under a file."""
+    token = tmp_path / "tok.txt"
+    token.write_text('"AKIA-SECRET-TOKEN-123\n')
+    np.save(tmp_path / "noise.npy", draw_noise(0, 1, (3, 8, 8)))
+    (tmp_path / "exists.bin").write_bytes(b"outside")
+    targets = {"manifest.json": (token, Path("/proc/self/environ"), tmp_path / "missing.json"),
+               "denoiser.onnx": (tmp_path / "exists.bin", tmp_path / "missing.bin", tmp_path / "exists.bin" / "x")}
+    for name, links in targets.items():
+        original = (edm_copy / name).read_bytes()
+        expected = (f"{edm_copy / name} leads outside the artifact directory or to no file (a link is followed only "
+                    f"to a file inside it)")
+        seen = set()
+        for target in links:
+            (edm_copy / name).unlink()
+            (edm_copy / name).symlink_to(target)
+            with pytest.raises(NativeError) as info:
+                native["lib"].load(edm_copy)
+            proc = _run([native["iia_run"], edm_copy, "--noise", tmp_path / "noise.npy", "--labels", "0",
+                         "--out", tmp_path / "out.npy"])
+            seen.add(info.value.message)  # a listed file's adds the manifest's size for it: the same each time
+            assert info.value.status == ARTIFACT and info.value.message.startswith(expected)
+            assert _python_load_message(edm_copy) == info.value.message
+            assert proc.returncode == 2 and proc.stderr == f"error: {info.value.message}\n"
+        assert len(seen) == 1, seen
+        (edm_copy / name).unlink()
+        (edm_copy / name).write_bytes(original)
 
 
 DRIVER = r"""

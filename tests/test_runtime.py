@@ -8,6 +8,7 @@ import sys
 import textwrap
 import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,6 +364,10 @@ class _Weird:  # an object numpy turns into a 0-d object array
     dict(noise=[[1, 2], [3]], class_labels=[0, 1]),
     dict(noise=_Weird(), class_labels=[0, 1]),
     dict(noise=np.full((2, 1, 4, 4), 1e300), class_labels=[0, 1]),  # inf after the float32 conversion
+    dict(seed=0, batch_size=2, class_labels=np.array([1, 2], dtype=object)),  # was StopIteration (all in range)
+    dict(seed=0, class_labels=np.array([1, 2**70], dtype=object)),
+    dict(noise=np.zeros((2, 1, 4, 4), dtype=object), class_labels=[0, 1]),
+    dict(seed=0, batch_size=2, class_labels=[0, 1], guidance=np.array([1.0, 2.0], dtype=object)),
 ])
 @pytest.mark.parametrize("call", ["__call__", "images", "sample"])
 def test_every_bad_input_to_the_python_api_is_a_value_error(samplers, kwargs, call):
@@ -396,3 +401,42 @@ def test_listed_file_linked_outside_the_artifact_is_never_read(artifacts, tmp_pa
     (ok / "denoiser.onnx").rename(ok / "real.bin")
     (ok / "denoiser.onnx").symlink_to("real.bin")
     load(ok)
+
+
+def test_manifest_linked_outside_is_never_read(artifacts, tmp_path):
+    """manifest.json follows the listed files' containment rule: a link to a file outside the artifact (a token,
+    /proc/self/environ) is refused before it is opened, and no message carries what it holds."""
+    token = tmp_path / "tok.txt"
+    token.write_text('{"schema": "AKIA-SECRET-TOKEN-123"}')
+    for target in (token, Path("/proc/self/environ"), tmp_path / "absent.json"):
+        bad = copy_artifact(artifacts["uncond"], tmp_path / f"bad-{target.name}")
+        (bad / "manifest.json").unlink()
+        (bad / "manifest.json").symlink_to(target)
+        with pytest.raises(ArtifactError) as info:
+            load(bad)
+        assert str(info.value) == (f"{bad / 'manifest.json'} leads outside the artifact directory or to no file (a "
+                                   f"link is followed only to a file inside it)")
+
+
+def test_link_outside_to_a_missing_file_reads_as_one_to_an_existing_file(artifacts, tmp_path):
+    """No existence oracle: a listed file linked outside says the same whether the outside file exists or not."""
+    messages = []
+    for target in (tmp_path / "exists.bin", tmp_path / "missing.bin", tmp_path / "exists.bin" / "x"):
+        (tmp_path / "exists.bin").write_bytes(b"outside")
+        bad = copy_artifact(artifacts["uncond"], tmp_path / f"bad{len(messages)}")
+        (bad / "denoiser.onnx").unlink()
+        (bad / "denoiser.onnx").symlink_to(target)
+        with pytest.raises(ArtifactError) as info:
+            load(bad)
+        messages.append(str(info.value).replace(str(bad), "ART"))
+    assert len(set(messages)) == 1 and "leads outside the artifact directory" in messages[0], messages
+
+
+def test_a_file_given_as_the_artifact_is_named_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ArtifactError) as info:
+        load(tmp_path / "afile")
+    assert str(info.value) == f"{tmp_path / 'afile'} is a file, not an artifact directory (give the directory " \
+                              f"iia-compile made)"
+    with pytest.raises(ArtifactError, match="not found"):
+        load(tmp_path / "nope")

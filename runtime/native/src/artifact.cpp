@@ -21,11 +21,6 @@
 namespace iia_native {
 namespace {
 
-bool is_dir(const std::string& path) {
-    struct stat st {};
-    return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
 bool is_file(const std::string& path) {
     struct stat st {};
     return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
@@ -189,21 +184,29 @@ private:
 };
 
 
-// runtime/files.py's contained: the real path of root/name if it resolves (links followed) inside the real
-// root, checked BEFORE anything opens it; the refusal names the listed path only (nothing of the file it leads to).
+// runtime/files.py's contained: the real path of root/name if it resolves (links followed) to an existing entry
+// inside the real root, checked BEFORE anything opens it. A link that leads outside or to nothing (dangling, a
+// loop, no permission) gets ONE message naming the listed path only: nothing of what lies outside shows (its
+// content, size, digest or existence). NotFound when there is no entry root/name at all.
 std::string contained(const std::string& root, const std::string& name) {
     const std::string path = path_join(root, name);
-    std::unique_ptr<char, decltype(&std::free)> real_root(::realpath(root.c_str(), nullptr), &std::free);
-    std::unique_ptr<char, decltype(&std::free)> real(::realpath(path.c_str(), nullptr), &std::free);
-    if (!real) {  // absent, or a dangling link: nothing to read (runtime/files.py says "missing" alike)
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) {
         if (errno == ENOENT) throw NotFound{};
         throw artifact_error(errno_text(errno, path));
     }
+    const Error outside = artifact_error(path + " leads outside the artifact directory or to no file (a link is "
+                                         "followed only to a file inside it)");
+    std::unique_ptr<char, decltype(&std::free)> real(::realpath(path.c_str(), nullptr), &std::free);
+    if (!real) {
+        if (S_ISLNK(st.st_mode)) throw outside;  // what is (not) at the far end of a link is not reported
+        throw artifact_error(errno_text(errno, path));
+    }
+    std::unique_ptr<char, decltype(&std::free)> real_root(::realpath(root.c_str(), nullptr), &std::free);
     if (!real_root) throw artifact_error(errno_text(errno, root));
     const std::string base = real_root.get(), resolved = real.get();
     const std::string prefix = base == "/" ? base : base + "/";
-    if (resolved.size() <= prefix.size() || resolved.compare(0, prefix.size(), prefix) != 0)
-        throw artifact_error(path + " leads outside the artifact directory (a link to a file elsewhere is not read)");
+    if (resolved.size() <= prefix.size() || resolved.compare(0, prefix.size(), prefix) != 0) throw outside;
     return resolved;
 }
 
@@ -475,10 +478,15 @@ Manifest read_manifest(const std::string& root) {
     Manifest m;
     m.root = root;
     m.path = path_join(root, MANIFEST);
-    if (!is_dir(root)) throw artifact_error("artifact directory " + root + " not found (make one with iia-compile)");
+    struct stat st {};
+    if (::stat(root.c_str(), &st) != 0)
+        throw artifact_error("artifact directory " + root + " not found (make one with iia-compile)");
+    if (!S_ISDIR(st.st_mode))
+        throw artifact_error(root + " is " + (S_ISREG(st.st_mode) ? "a file" : file_kind(st.st_mode)) +
+                             ", not an artifact directory (give the directory iia-compile made)");
     std::vector<char> bytes;
-    try {
-        RegularFile file(m.path, MAX_MANIFEST_BYTES);
+    try {  // held to the listed files' rule: a manifest.json linked outside the artifact is not read
+        RegularFile file(contained(root, MANIFEST), MAX_MANIFEST_BYTES, false, m.path);
         bytes = file.read_all();
     } catch (const NotFound&) {
         throw artifact_error(root + " is not an iia artifact: it has no manifest.json (make one with iia-compile)");
@@ -527,6 +535,9 @@ namespace {
 int64_t limit_for(const Manifest& m, const std::string& name) {  // runtime/manifest.py's _limit
     const json& files = (*m.doc)["files"];
     auto it = files.find(name);
+    if (it == files.end())
+        throw artifact_error(m.path + ": field 'files' does not list " + name + " (every file a runtime reads is "
+                             "listed with its sha256 and bytes)");
     if (it != files.end() && it->is_object() && it->contains("bytes") && is_int((*it)["bytes"]) && as_i64((*it)["bytes"]) >= 0)
         return as_i64((*it)["bytes"]);
     return MAX_LISTED_BYTES;
