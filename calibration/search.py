@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from iia.cli import Ticker
 from iia.models.base import Denoiser
 
 from .evalset import EvalSet, evaluation_set
@@ -199,23 +200,6 @@ def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[
     final = PRIOR_FINAL if PRIOR_FINAL in finals else finals[0]
     return Candidate(fam, final, "karras", "base", program_for(denoiser, fam, nfe, 1, "karras", final),
                      note="prior: no references fit the budget")
-
-
-class Ticker:
-    """`tick(done, total)`: a log line with the elapsed time and an ETA at most every `every` seconds (and none
-    for work that ends sooner), so that a long stage is never silent in a log or on a terminal."""
-
-    def __init__(self, what: str, log: Callable[[str], None], every: float = 10.0):
-        self.what, self.log, self.every = what, log, every
-        self.started = self.last = time.perf_counter()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every or done <= 0:
-            return
-        self.last = now
-        eta = (now - self.started) / done * (total - done)
-        self.log(f"  {self.what}: {done}/{total}, {now - self.started:.0f} s elapsed, ~{eta:.0f} s left")
 
 
 def _plan(denoiser: Denoiser, nfe: int, n_bases: int, opts: SearchOptions, cal: CalibrationOptions, clock: Clock,
