@@ -38,6 +38,7 @@ MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 32, 16, 32  # what a cut never goe
 # below this --budget, no learned schedules or global fits: loading their optimisers (scipy.optimize, torch.optim,
 # whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
 MIN_FIT_BUDGET_S = 5.0
+OPTIMISER_LOAD_S = 4.0  # what the plan keeps for loading them (they load after it, when the search goes ahead)
 
 
 def load_optimisers() -> None:
@@ -113,8 +114,9 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
     and its combinations) on n noises. First ONE call on PROBE_BATCH noises (warm-up included: an upper bound);
     then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
     short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
-    linearly; one more call on PROBE_BATCH and one on 32 noises, extrapolated linearly; else the probe's cost
-    per image times n (its per-call overhead counted per image: an over-estimate, on the safe side)."""
+    linearly; one more call on PROBE_BATCH and one on 32 noises, extrapolated linearly; one more call on
+    PROBE_BATCH; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
+    per image: an over-estimate, on the safe side)."""
     rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
     share = PRECISE_TIMING_SHARE * budget_s
     if rate * PRECISE_CALLS <= share:
@@ -136,7 +138,10 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
         slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
         return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
                 f"calls on {PROBE_BATCH} and 32 noises")
-    return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises"
+    if rate * PROBE_BATCH <= share:  # the first call paid the warm-up (allocations, kernels): time one more
+        rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
+        return (lambda n: rate * n), rate, f"a second call on {PROBE_BATCH} noises"
+    return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
 
 
 @dataclass
@@ -181,7 +186,7 @@ def reference_sizes(denoiser: Denoiser, nfe: int, n_cands: int, batch: int, hold
     full = total(batch, holdout, steps) / FIXED_SHARE
     fits = total(*new) <= FIXED_SHARE * budget_s
     lines = (f"  plan ({budget_s:.3g} s of the budget left): {rate:.3g} s per image-call (timed by {how}); "
-             f"references and scoring {total(*new):.3g} s of {FIXED_SHARE * budget_s:.3g} s",)
+             f"references and scoring {total(*new):.1f} s of {FIXED_SHARE * budget_s:.1f} s",)
     if fits:
         lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} Heun steps"
                   + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
@@ -203,11 +208,12 @@ def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[
 
 
 def _plan(denoiser: Denoiser, nfe: int, n_bases: int, opts: SearchOptions, cal: CalibrationOptions, clock: Clock,
-          log) -> ReferencePlan:
-    """The reference sizes the remaining budget affords (`reference_sizes`), its plan block logged."""
+          log, reserve_s: float = 0.0) -> ReferencePlan:
+    """The reference sizes the remaining budget less `reserve_s` affords (`reference_sizes`), its plan block
+    logged."""
     t0 = time.perf_counter()
     batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
-    left = None if opts.budget_s is None else clock.remaining()
+    left = None if opts.budget_s is None else max(clock.remaining() - reserve_s, 0.0)
     plan = reference_sizes(denoiser, nfe, 2 * n_bases, batch, cal.holdout, cal.reference_steps, left)
     clock.lap("references", t0)  # the timing is part of what the references cost
     for line in plan.lines:
@@ -333,11 +339,14 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     if not families:
         raise SearchError(f"no solver family can spend exactly NFE {nfe}")
     fits = opts.budget_s is None or opts.budget_s >= MIN_FIT_BUDGET_S
-    if fits and opts.budget_s is not None:
+    load = fits and opts.budget_s is not None
+    # planned first, so that a search the budget cannot afford does not load the optimisers either
+    plan = _plan(denoiser, nfe, len(families) * len(opts.finals), opts, cal, clock, log,
+                 OPTIMISER_LOAD_S if load else 0.0)
+    if load and plan.fits:
         t0 = time.perf_counter()
         load_optimisers()
         clock.lap("loading optimisers", t0)
-    plan = _plan(denoiser, nfe, len(families) * len(opts.finals), opts, cal, clock, log)
     if not plan.fits:
         chosen = prior_base(denoiser, nfe, families, opts.finals)
         log(f"  shipped {chosen.label} unsearched, by the documented prior (search.PRIOR_FAMILIES): --budget "
