@@ -114,7 +114,7 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
     and its combinations) on n noises. First ONE call on PROBE_BATCH noises (warm-up included: an upper bound);
     then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
     short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
-    linearly; one more call on PROBE_BATCH and one on 32 noises, extrapolated linearly; one more call on
+    linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; one more call on
     PROBE_BATCH; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
     per image: an over-estimate, on the safe side)."""
     rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
@@ -133,8 +133,9 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
             full, rest = divmod(n, 256)
             return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
         return cost, times[256] / 256, "Heun runs on 32 and 256 noises"
-    if rate * (PROBE_BATCH + 32) <= share:
-        small, large = _time_call(denoiser, PROBE_BATCH), _time_call(denoiser, 32)
+    if rate * 3 * (PROBE_BATCH + 32) <= share:  # the fastest of 3 of each: one load spike would skew a slope
+        small = min(_time_call(denoiser, PROBE_BATCH) for _ in range(3))
+        large = min(_time_call(denoiser, 32) for _ in range(3))
         slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
         return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
                 f"calls on {PROBE_BATCH} and 32 noises")
