@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from iia.cli import Ticker
 from iia.models.base import Denoiser
 
 from .evalset import EvalSet, evaluation_set
@@ -37,6 +38,7 @@ MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 32, 16, 32  # what a cut never goe
 # below this --budget, no learned schedules or global fits: loading their optimisers (scipy.optimize, torch.optim,
 # whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
 MIN_FIT_BUDGET_S = 5.0
+OPTIMISER_LOAD_S = 4.0  # what the plan keeps for loading them (they load after it, when the search goes ahead)
 
 
 def load_optimisers() -> None:
@@ -80,33 +82,93 @@ class Clock:
             self.deadline = max(self.deadline - seconds, time.perf_counter())
 
 
-def _call_cost(denoiser: Denoiser) -> Callable[[int], float]:
-    """cost(n): seconds of one executor step (a denoiser call and its combinations) on n noises, timed on short
-    Heun integrations of 32 and 256 noises (after a warm-up) and extrapolated linearly (256 at a time, as the
-    samplers chunk)."""
-    times = {}
-    for m, steps in ((32, 2), (32, 8), (256, 8)):  # the first is the warm-up
-        x = torch.randn(m, *denoiser.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
-        t0 = time.perf_counter()
-        reference_solution(denoiser, x, labels, steps=steps)
-        times[m] = (time.perf_counter() - t0) / (2 * steps - 1)
-    slope = max(times[256] - times[32], 0.0) / 224
+# No references fit the budget (a large model on a CPU): ship this base solver unsearched. The prior is the
+# family that wins most often in docs/accuracy.md's `auto` tables (gmm and digits, NFE 4-10): iPNDM, 9 of 14
+# (DEIS-3 3, UniPC-3 2), always with the sigma_min final step; the next valid family when it cannot spend the NFE.
+PRIOR_FAMILIES, PRIOR_FINAL = ("ipndm", "deis-3", "unipc-3"), "sigma_min"
+PROBE_BATCH = 2  # noises of the first timed denoiser call (it decides which finer timing the budget affords)
+PRECISE_TIMING_SHARE = 0.05  # of --budget, at most, for the precise timing (4416 image-calls, see _call_cost)
+PRECISE_CALLS = 18 * 32 + 15 * 256  # image-calls of the precise timing
 
+
+def _time_call(denoiser: Denoiser, m: int) -> float:
+    """Seconds of ONE denoiser call on m noises (at sigma_max)."""
+    x = torch.randn(m, *denoiser.shape, generator=torch.Generator().manual_seed(0)) * denoiser.sigma_max
+    labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        denoiser(x, denoiser.sigma_max, labels)
+    return time.perf_counter() - t0
+
+
+def _chunked(per_call: Callable[[int], float]) -> Callable[[int], float]:
+    """cost(n) of one step on n noises, 256 at a time (as the samplers chunk), from the cost of one call."""
     def cost(n: int) -> float:
         full, rest = divmod(n, 256)
-        return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
+        return full * per_call(256) + (per_call(rest) if rest else 0.0)
     return cost
 
 
+def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], float], float, str]:
+    """(cost, seconds per image-call, how it was timed): cost(n) = seconds of one executor step (a denoiser call
+    and its combinations) on n noises. First ONE call on PROBE_BATCH noises (warm-up included: an upper bound);
+    then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
+    short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
+    linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; one more call on
+    PROBE_BATCH; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
+    per image: an over-estimate, on the safe side)."""
+    rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
+    share = PRECISE_TIMING_SHARE * budget_s
+    if rate * PRECISE_CALLS <= share:
+        times = {}
+        for m, steps in ((32, 2), (32, 8), (256, 8)):  # the first is the warm-up
+            x = torch.randn(m, *denoiser.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
+            t0 = time.perf_counter()
+            reference_solution(denoiser, x, labels, steps=steps)
+            times[m] = (time.perf_counter() - t0) / (2 * steps - 1)
+        slope = max(times[256] - times[32], 0.0) / 224
+
+        def cost(n: int) -> float:
+            full, rest = divmod(n, 256)
+            return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
+        return cost, times[256] / 256, "Heun runs on 32 and 256 noises"
+    if rate * 3 * (PROBE_BATCH + 32) <= share:  # the fastest of 3 of each: one load spike would skew a slope
+        small = min(_time_call(denoiser, PROBE_BATCH) for _ in range(3))
+        large = min(_time_call(denoiser, 32) for _ in range(3))
+        slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
+        return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
+                f"calls on {PROBE_BATCH} and 32 noises")
+    if rate * PROBE_BATCH <= share:  # the first call paid the warm-up (allocations, kernels): time one more
+        rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
+        return (lambda n: rate * n), rate, f"a second call on {PROBE_BATCH} noises"
+    return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
+
+
+@dataclass
+class ReferencePlan:
+    """What the budget affords: calibration and held-out noises, reference Heun steps, what was cut; `fits`
+    False: no references fit (ship the prior base unsearched); `afford_s`: the budget that would afford the
+    minimal references, `full_s` the unreduced ones; `lines`: the plan block for the log."""
+    batch: int
+    holdout: int
+    steps: int
+    cut: str
+    fits: bool = True
+    afford_s: float = 0.0
+    full_s: float = 0.0
+    lines: tuple[str, ...] = ()
+
+
 def reference_sizes(denoiser: Denoiser, nfe: int, n_cands: int, batch: int, holdout: int, steps: int,
-                    budget_s: float | None) -> tuple[int, int, int, str]:
-    """(calibration noises, held-out noises, reference steps, what was cut): the references, scoring the bases
-    on the calibration noises and `n_cands` finalists on the held-out ones must fit FIXED_SHARE of the budget
-    by the timed step cost; fewer Heun steps go first (down to MIN_REFERENCE_STEPS), then fewer noises."""
+                    budget_s: float | None) -> ReferencePlan:
+    """The references, scoring the bases on the calibration noises and `n_cands` finalists on the held-out
+    ones must fit FIXED_SHARE of the budget by the timed step cost (`_call_cost`); fewer Heun steps go first
+    (down to MIN_REFERENCE_STEPS), then fewer noises (down to MIN_CALIB / MIN_HOLDOUT); when even those do
+    not fit, `fits` is False."""
     if budget_s is None:
-        return batch, holdout, steps, ""
-    cost = _call_cost(denoiser)
+        return ReferencePlan(batch, holdout, steps, "")
+    cost, rate, how = _call_cost(denoiser, budget_s)
 
     def total(n_cal, n_hold, n_steps):  # x 1.5: short timings run faster than long ones (caches, other load)
         return 1.5 * (2 * n_steps - 1 + n_cands * nfe) * (cost(n_cal) + cost(n_hold))
@@ -121,24 +183,56 @@ def reference_sizes(denoiser: Denoiser, nfe: int, n_cands: int, batch: int, hold
             break
     cut = [f"{what} {b} -> {a}" for what, a, b in zip(("calibration noises", "held-out noises", "reference steps"),
                                                       new, (batch, holdout, steps)) if a != b]
-    return (*new, ", ".join(cut))
+    afford = total(MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS) / FIXED_SHARE
+    full = total(batch, holdout, steps) / FIXED_SHARE
+    fits = total(*new) <= FIXED_SHARE * budget_s
+    lines = (f"  plan ({budget_s:.3g} s of the budget left): {rate:.3g} s per image-call (timed by {how}); "
+             f"references and scoring {total(*new):.1f} s of {FIXED_SHARE * budget_s:.1f} s",)
+    if fits:
+        lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} Heun steps"
+                  + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
+                  + (f" (--budget {full:.0f} would afford them all)" if cut else ""),)
+    else:
+        lines += (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises at "
+                  f"{MIN_REFERENCE_STEPS} Heun steps need --budget {afford:.0f} (the full search's references: "
+                  f"--budget {full:.0f})",)
+    return ReferencePlan(*new, ", ".join(cut), fits, afford, full, lines)
 
 
-def _evaluation_sets(denoiser: Denoiser, nfe: int, n_bases: int, opts: SearchOptions, cal: CalibrationOptions,
-                     clock: Clock, log) -> tuple[EvalSet, EvalSet]:
+def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> Candidate:
+    """The unsearched base solver shipped when no references fit the budget (PRIOR_FAMILIES, PRIOR_FINAL;
+    `families`: those that can spend `nfe`)."""
+    fam = next(f for f in PRIOR_FAMILIES + tuple(families) if f in families)
+    final = PRIOR_FINAL if PRIOR_FINAL in finals else finals[0]
+    return Candidate(fam, final, "karras", "base", program_for(denoiser, fam, nfe, 1, "karras", final),
+                     note="prior: no references fit the budget")
+
+
+def _plan(denoiser: Denoiser, nfe: int, n_bases: int, opts: SearchOptions, cal: CalibrationOptions, clock: Clock,
+          log, reserve_s: float = 0.0) -> ReferencePlan:
+    """The reference sizes the remaining budget less `reserve_s` affords (`reference_sizes`), its plan block
+    logged."""
     t0 = time.perf_counter()
     batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
-    left = None if opts.budget_s is None else clock.remaining()
-    batch, holdout, steps, cut = reference_sizes(denoiser, nfe, 2 * n_bases, batch, cal.holdout, cal.reference_steps,
-                                                 left)
-    if cut:
-        log(f"  references cut to fit --budget {opts.budget_s:g} s: {cut}")
-    calib = evaluation_set(denoiser, batch, cal.seed, steps)
-    hold = evaluation_set(denoiser, holdout, cal.seed + HOLDOUT_SEED_OFFSET, steps)
-    for es in (calib, hold):  # computed here, so that the timings say what they cost
-        es.reference_at(None)
+    left = None if opts.budget_s is None else max(clock.remaining() - reserve_s, 0.0)
+    plan = reference_sizes(denoiser, nfe, 2 * n_bases, batch, cal.holdout, cal.reference_steps, left)
+    clock.lap("references", t0)  # the timing is part of what the references cost
+    for line in plan.lines:
+        log(line)
+    if plan.cut and plan.fits:
+        log(f"  references cut to fit --budget {opts.budget_s:g} s: {plan.cut}")
+    return plan
+
+
+def _evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOptions, clock: Clock,
+                     log) -> tuple[EvalSet, EvalSet]:
+    t0 = time.perf_counter()
+    calib = evaluation_set(denoiser, plan.batch, cal.seed, plan.steps)
+    hold = evaluation_set(denoiser, plan.holdout, cal.seed + HOLDOUT_SEED_OFFSET, plan.steps)
+    for name, es in (("calibration references", calib), ("held-out references", hold)):
+        es.reference_at(None, on_step=Ticker(name, log))  # computed here, so that the timings say what they cost
     clock.lap("references", t0)
-    log(f"  references: {batch} calibration + {len(hold)} held-out noises, {steps} Heun steps "
+    log(f"  references: {plan.batch} calibration + {len(hold)} held-out noises, {plan.steps} Heun steps "
         f"({clock.timings['references']:.1f} s)")
     return calib, hold
 
@@ -246,11 +340,22 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     if not families:
         raise SearchError(f"no solver family can spend exactly NFE {nfe}")
     fits = opts.budget_s is None or opts.budget_s >= MIN_FIT_BUDGET_S
-    if fits and opts.budget_s is not None:
+    load = fits and opts.budget_s is not None
+    # planned first, so that a search the budget cannot afford does not load the optimisers either
+    plan = _plan(denoiser, nfe, len(families) * len(opts.finals), opts, cal, clock, log,
+                 OPTIMISER_LOAD_S if load else 0.0)
+    if load and plan.fits:
         t0 = time.perf_counter()
         load_optimisers()
         clock.lap("loading optimisers", t0)
-    calib, hold = _evaluation_sets(denoiser, nfe, len(families) * len(opts.finals), opts, cal, clock, log)
+    if not plan.fits:
+        chosen = prior_base(denoiser, nfe, families, opts.finals)
+        log(f"  shipped {chosen.label} unsearched, by the documented prior (search.PRIOR_FAMILIES): --budget "
+            f"{opts.budget_s:g} s cannot afford the references; --budget {plan.afford_s:.0f} would")
+        table = [_row(chosen, chosen)]
+        return SearchResult(chosen.program, chosen, [chosen], table, round(time.perf_counter() - clock.started, 2),
+                            clock.timings)
+    calib, hold = _evaluation_sets(denoiser, plan, cal, clock, log)
     cands = _score_bases(denoiser, nfe, families, opts, calib, clock)
     bases = sorted(cands, key=lambda c: c.calib_loss)
     # keep time for what runs after the searches: the local fit (~M + 1 calls per step on its batch) and scoring
@@ -267,17 +372,24 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
             f"(loading their optimisers alone takes seconds)")
     cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
     chosen = _choose(cands, hold, clock)
-    table = [{"candidate": c.label, "solver": c.program.solver, "family": c.family, "final": c.final,
-              "schedule": c.schedule, "coefficients": c.coefficients, "calib_loss": c.calib_loss,
-              "seconds": c.seconds, "note": c.note, "chosen": c is chosen, **c.holdout} for c in cands]
+    table = [_row(c, chosen) for c in cands]
     return SearchResult(chosen.program, chosen, cands, table, round(time.perf_counter() - clock.started, 2),
                         clock.timings)
 
 
+def _row(c: Candidate, chosen: Candidate) -> dict:
+    return {"candidate": c.label, "solver": c.program.solver, "family": c.family, "final": c.final,
+            "schedule": c.schedule, "coefficients": c.coefficients, "calib_loss": c.calib_loss,
+            "seconds": c.seconds, "note": c.note, "chosen": c is chosen, **c.holdout}
+
+
 def format_table(table: list[dict]) -> str:
     lines = [f"{'candidate':<40} {'held-out rmse':>13} {'median':>9} {'score':>7}  eligible"]
-    for row in sorted(table, key=lambda r: r["score"]):
+    for row in sorted(table, key=lambda r: r.get("score", 0.0)):
         mark = "  <- shipped" if row["chosen"] else ""
+        if "rmse" not in row:  # the unsearched prior: nothing was scored
+            lines.append(f"{row['candidate']:<40} {'not scored':>13} {'-':>9} {'-':>7}  {row['note']}{mark}")
+            continue
         lines.append(f"{row['candidate']:<40} {row['rmse']:>13.5f} {row['median']:>9.5f} {row['score']:>7.3f}  "
                      f"{'yes' if row['eligible'] else 'no'}{mark}")
     return "\n".join(lines)
@@ -291,7 +403,8 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
     res = CalibrationResult(chosen.program, chosen.program, base, calibration.resolved(denoiser))
     base_row = next(r for r in result.table if r["family"] == chosen.family and r["final"] == chosen.final
                     and r["schedule"] == "karras" and r["coefficients"] == "base")
-    res.guard = {"holdout": int(calibration.resolved(denoiser).holdout), "rmse_base": base_row["rmse"],
+    # the unsearched prior (no references fit the budget) was never scored: no held-out record
+    res.guard = {} if not chosen.holdout else {"holdout": int(calibration.resolved(denoiser).holdout), "rmse_base": base_row["rmse"],
                  "median_base": base_row["median"], "rmse_chosen": chosen.holdout["rmse"],
                  "median_chosen": chosen.holdout["median"], "decision": f"auto: {chosen.label}"}
     res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds,

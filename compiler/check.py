@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -22,6 +24,7 @@ from polygraphy.json import save_json
 
 from iia.calibration.sampling import sample
 from iia.calibration.solvers import Program
+from iia.cli import Ticker
 from iia.models.base import Denoiser
 from iia.runtime.contract import (GOLDEN_INPUTS, GOLDEN_OUTPUTS, GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, NOISE,
                                   ORT_CPU, draw_labels, draw_noise)
@@ -70,9 +73,10 @@ class TorchSamplerRunner(BaseRunner):
     """The PyTorch reference sampler behind polygraphy's runner interface (with `decode`, it also returns the
     decode stage's uint8 images of the float64 samples, cast to float32 as the graph's decoder receives them)."""
 
-    def __init__(self, program: Program, denoiser: Denoiser, name: str = "pytorch-reference", decode: bool = False):
+    def __init__(self, program: Program, denoiser: Denoiser, name: str = "pytorch-reference", decode: bool = False,
+                 tick: Callable[[int], None] | None = None):
         super().__init__(name=name)
-        self.program, self.denoiser = program, denoiser
+        self.program, self.denoiser, self.tick = program, denoiser, tick
         self.samples = LATENTS if denoiser.is_latent else IMAGES
         self.decode = denoiser.decode_stage() if decode else None
 
@@ -93,7 +97,8 @@ class TorchSamplerRunner(BaseRunner):
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
         labels = torch.from_numpy(feed_dict[LABELS]) if LABELS in feed_dict else None
-        out = sample(self.program, self.denoiser, torch.from_numpy(feed_dict[NOISE]), labels).to(torch.float32)
+        with counting_calls(self.denoiser, self.tick):
+            out = sample(self.program, self.denoiser, torch.from_numpy(feed_dict[NOISE]), labels).to(torch.float32)
         result = OrderedDict([(self.samples, out.numpy())])
         if self.decode is not None:
             with torch.no_grad():
@@ -120,12 +125,44 @@ def uint8_agreement(a: np.ndarray, b: np.ndarray, levels: int = 1) -> float:
     return float((np.abs(a.astype(np.int16) - b.astype(np.int16)) <= levels).mean())
 
 
+# The parity batch. 2 is the smallest that checks what parity must: a dynamic batch dimension and per-image
+# inputs that are not mixed across images (a batch of 1 cannot show either). Models up to PARITY_LARGE_PARAMS
+# keep 4 (their checks cost seconds; their golden files and manifests stay as they were); larger ones run 2,
+# since the PyTorch side costs 2 x NFE denoiser calls per image (~0.2-0.3 s each at EDM's CIFAR-10 size on a CPU).
+PARITY_BATCH, PARITY_BATCH_LARGE, PARITY_LARGE_PARAMS = 4, 2, 10_000_000
+
+
+def parity_batch(denoiser: Denoiser) -> int:
+    """PARITY_BATCH, or PARITY_BATCH_LARGE above PARITY_LARGE_PARAMS parameters."""
+    params = sum(p.numel() for p in denoiser.net.parameters())
+    return PARITY_BATCH_LARGE if params > PARITY_LARGE_PARAMS else PARITY_BATCH
+
+
+@contextmanager
+def counting_calls(denoiser: Denoiser, tick: Callable[[int], None] | None):
+    """Calls `tick(done)` after each call of the denoiser's network (a forward hook, removed on exit)."""
+    if tick is None:
+        yield
+        return
+    done = 0
+
+    def hook(*_):
+        nonlocal done
+        done += 1
+        tick(done)
+    handle = denoiser.net.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 FLOAT32_UNSTABLE = 1e-3  # PyTorch's float32 sampler this far (relative to the output's scale) from float64: refused
 
 
-def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: int = 4, seed: int = 1234,
+def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: int | None = None, seed: int = 1234,
                  atol: float = 1e-4, golden_dir: str | Path | None = None, decode: bool = False,
-                 min_uint8_agreement: float = 0.999) -> dict:
+                 min_uint8_agreement: float = 0.999, log: Callable[[str], None] | None = None) -> dict:
     """ONNX Runtime CPU vs the PyTorch sampler on fresh noise; raises CheckError above the tolerance, or when
     the sampler itself is not stable in float32 (PyTorch's float32 run more than FLOAT32_UNSTABLE of the
     output's scale from its float64 run: the tolerance, 10x that floor, would then check nothing).
@@ -133,14 +170,21 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
     With `decode`, also the graph's images_uint8 against the model's decode stage in PyTorch: at least
     `min_uint8_agreement` of the values within +-1 level (float32 rounding can move a value across a level).
 
+    `batch`: noises (None: `parity_batch`, 2 for large models, see PARITY_BATCH). The PyTorch side logs its
+    progress per denoiser call (`log`; default stderr) at least every ~10 s when it runs that long.
+
     With `golden_dir`, the inputs and ONNX Runtime's outputs are saved there as GOLDEN_INPUTS/GOLDEN_OUTPUTS
     for `polygraphy run sampler.onnx --trt --load-inputs ... --load-outputs ...` on a GPU machine.
     """
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
+    batch = parity_batch(denoiser) if batch is None else batch
     feed = parity_feed(denoiser, batch, seed)
-    torch_runner = TorchSamplerRunner(program, denoiser, decode=decode)
+    # the PyTorch side's progress: the float64 sampler (the runner), then its float32 floor, NFE calls each
+    ticker = Ticker("parity, PyTorch denoiser calls", log)
+    torch_runner = TorchSamplerRunner(program, denoiser, decode=decode,
+                                      tick=lambda done: ticker(done, 2 * program.nfe))
     name = torch_runner.samples
     runners = [torch_runner,
                OnnxrtRunner(SessionFromOnnx(model_path, providers=["CPUExecutionProvider"]))]
@@ -152,7 +196,8 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
     # PyTorch sampler in float32 and allow 10x it where that exceeds `atol` (reported either way): ONNX Runtime
     # rounds in another order, so its float32 error is of the same size, not the same value.
     labels = torch.from_numpy(feed[LABELS]) if LABELS in feed else None
-    f32 = sample(program, denoiser, torch.from_numpy(feed[NOISE]), labels, dtype=torch.float32).numpy()
+    with counting_calls(denoiser, lambda done: ticker(program.nfe + done, 2 * program.nfe)):
+        f32 = sample(program, denoiser, torch.from_numpy(feed[NOISE]), labels, dtype=torch.float32).numpy()
     f32_floor = float(np.abs(f32.astype(np.float64) - ref.astype(np.float64)).max())
     scale = max(1.0, float(np.abs(ref).max()))
     if not f32_floor <= FLOAT32_UNSTABLE * scale:  # then 10x the floor would let anything pass: say so instead

@@ -91,6 +91,8 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
         log(format_table(result.table))
         data = artifact.to_dict(to_calibration_result(result, opts.calibration, search, denoiser), denoiser, opts.nfe)
         g = data["guard"]
+        if not g:  # no references fit --budget: the prior base, unscored (the search logged why)
+            return data, result.program, f"auto: {result.chosen.label} by the prior, unsearched ({result.seconds:.1f} s)"
         return data, result.program, (
             f"auto search in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}); "
             f"shipped {result.chosen.label}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base {g['rmse_base']:.4g}), "

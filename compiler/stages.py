@@ -273,7 +273,7 @@ def verify(loaded: Loaded, coefs: Coefficients, exported: Exported, static: list
                                         decode=exported.decoder is not None)
         else:
             parity = check_parity(str(work / SAMPLER_ONNX), coefs.program, loaded.denoiser, atol=job.opts.parity_atol,
-                                  golden_dir=work, decode=exported.decoder is not None)
+                                  golden_dir=work, decode=exported.decoder is not None, log=log)
         decoded_note = (f", images_uint8 within +-1 level: {parity['images_uint8_within_1']:.4%}"
                         if "images_uint8_within_1" in parity else "")
         log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}"

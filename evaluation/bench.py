@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from iia.cli import check_options, int_list, option
+from iia.cli import Ticker, check_options, int_list, option
 from iia.runtime.contract import MAX_BATCH, MAX_SEED, draw_labels, draw_noise
 from iia.runtime.loader import describe, load
 from iia.runtime.options import RunOptions
@@ -95,15 +95,21 @@ def _percentiles(times: np.ndarray) -> tuple[float, float, float]:
 
 
 def time_interleaved(calls: dict, warmup: int, iters: int, block: int = 5,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                     clock: Callable[[], float] = time.perf_counter,
+                     tick: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
     """Seconds per call for each named thunk: rounds of `block` back-to-back calls of each, in rotating order,
     GC paused while timing. Alternating rounds spread slow drifts of a shared machine over all thunks alike;
     short blocks (rather than one call each) keep one library's idle spinning thread pool (ONNX Runtime's,
-    OpenMP's) from landing on every single call of the other."""
+    OpenMP's) from landing on every single call of the other. `tick(done, total)` follows the calls (warm-up
+    included), outside the timed spans."""
     names = list(calls)
+    total, n = (warmup + iters) * len(names), 0
+    tick = tick or (lambda done, total: None)
     for _ in range(warmup):
         for name in names:
             calls[name]()
+            n += 1
+            tick(n, total)
     times = {name: [] for name in names}
     was_enabled = gc.isenabled()
     gc.disable()
@@ -117,6 +123,8 @@ def time_interleaved(calls: dict, warmup: int, iters: int, block: int = 5,
                     start = clock()
                     calls[name]()
                     times[name].append(clock() - start)
+                    n += 1
+                    tick(n, total)
             done, rnd = done + count, rnd + 1
     finally:
         if was_enabled:
@@ -136,8 +144,11 @@ def make_runners(sampler: Sampler, opts: BenchOptions, threads: int, log=print) 
 
 def time_batch(runners: list[Runner], batch: Batch, opts: BenchOptions, log=print) -> dict[str, np.ndarray]:
     """Milliseconds per call, by runner name, of every runner that runs: set up (a runner that turns out
-    unavailable is skipped from now on, saying why), then timed interleaved."""
-    for runner in runners:
+    unavailable is skipped from now on, saying why), then timed interleaved; progress (`iia.cli.Ticker`) at
+    least every ~10 s when it takes that long."""
+    setup = Ticker(f"batch {batch.size}: setting up runners", log)
+    for k, runner in enumerate(runners):
+        setup(k, len(runners))
         if runner.why_not is None:
             try:
                 runner.setup(batch)
@@ -145,7 +156,8 @@ def time_batch(runners: list[Runner], batch: Batch, opts: BenchOptions, log=prin
                 runner.why_not = str(err)
                 log(f"{runner.title} skipped: {err}")
     calls = {runner.name: partial(runner.run, batch) for runner in runners if runner.why_not is None}
-    times = time_interleaved(calls, opts.warmup, opts.iters, clock=CLOCKS[opts.clock])
+    times = time_interleaved(calls, opts.warmup, opts.iters, clock=CLOCKS[opts.clock],
+                             tick=Ticker(f"batch {batch.size}: calls of {', '.join(calls)}", log))
     return {name: _ms(t) for name, t in times.items()}
 
 

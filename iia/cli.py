@@ -293,6 +293,46 @@ class ProgressBar:
             self.bar = None
 
 
+class Ticker:
+    """`tick(done, total)`: a log line with the elapsed time and an ETA at most every `every` seconds (none for
+    work that ends sooner), so that long work is never silent, in a log file or on a terminal."""
+
+    def __init__(self, what: str, log: Callable[[str], None] | None = None, every: float = 10.0):
+        self.what, self.every = what, every
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every or done <= 0:
+            return
+        self.last = now
+        eta = (now - self.started) / done * max(total - done, 0)
+        self.log(f"  {self.what}: {done}/{total}, {now - self.started:.0f} s elapsed, ~{eta:.0f} s left")
+
+
+@contextmanager
+def heartbeat(what: str, log: Callable[[str], None] | None = None, every: float = 10.0,
+              estimate_s: float | None = None):
+    """A log line every `every` seconds with the elapsed time (and `estimate_s`, a rough total, when given)
+    while the body runs one opaque call (e.g. torch.onnx.export); a daemon thread, stopped and joined on exit."""
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    stop, started = threading.Event(), time.perf_counter()
+
+    def beat():
+        while not stop.wait(every):
+            guess = f" (estimated ~{estimate_s:.0f} s in all)" if estimate_s else ""
+            log(f"  {what}: {time.perf_counter() - started:.0f} s elapsed{guess}")
+
+    thread = threading.Thread(target=beat, name=f"heartbeat: {what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 # ---- options dataclasses -> command-line arguments ----------------------------------------------------------
 # Each option is declared ONCE, as a dataclass field made by `option(...)`: its default, help, flag, bounds
 # and choices. `add_options` generates the argparse arguments of every CLI that takes it; `check_options`

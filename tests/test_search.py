@@ -142,6 +142,33 @@ def test_a_one_second_budget_governs_the_references_too(gmm):
     assert sum(r["chosen"] for r in res.table) == 1
 
 
+@pytest.mark.parametrize("budget", [1.0, 3.0])
+def test_a_budget_that_affords_no_references_ships_the_prior_base_in_time(budget):
+    """issue 24: at CIFAR size the coefficient stage ran > 400 s with --budget 1 (timing 15 calls at batch 256)."""
+    import time
+
+    from iia.calibration.search import PRIOR_FAMILIES, format_table, to_calibration_result
+    from iia.models import from_callable
+
+    def slow(x, sigma, labels):  # ~0.1 s per image, as a 55 M-parameter network on this CPU
+        time.sleep(0.1 * x.shape[0])
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    lines, denoiser = [], from_callable(slow, (3, 8, 8))
+    t0 = time.perf_counter()
+    res = auto_search(denoiser, 9, SearchOptions(budget_s=budget), log=lines.append)
+    took = time.perf_counter() - t0
+    assert took <= 1.1 * budget + 0.5, (took, lines)
+    assert res.chosen.label == f"{PRIOR_FAMILIES[0]}/sigma_min/karras/base" and len(res.table) == 1
+    assert res.program.solver == PRIOR_FAMILIES[0]
+    plan = [line for line in lines if line.startswith("  plan")]
+    assert "s per image-call" in plan[0] and "dropped the search" in plan[1], lines
+    assert any("unsearched, by the documented prior" in line and "would" in line for line in lines), lines
+    assert "not scored" in format_table(res.table)
+    # no held-out record: nothing was scored
+    assert to_calibration_result(res, CalibrationOptions(), SearchOptions(budget_s=budget), denoiser).guard == {}
+
+
 def test_a_search_bounded_by_counts_is_the_same_on_every_run(gmm):
     opts = SearchOptions(budget_s=None, batch=32, families=("ipndm", "deis-2"), max_evals=12, max_iter=4)
     cal = CalibrationOptions(holdout=32, reference_steps=32, batch=32)

@@ -1,0 +1,58 @@
+"""Long work is never silent (issue 24 item 4): the log ticker, the export heartbeat, parity's and the bench's
+progress."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from iia.cli import Ticker, heartbeat
+from iia.compiler.check import PARITY_BATCH, PARITY_BATCH_LARGE, counting_calls, parity_batch
+from iia.evaluation.bench import time_interleaved
+from iia.models import from_callable
+
+
+def test_the_ticker_logs_elapsed_and_eta_only_when_work_runs_long():
+    lines = []
+    quiet = Ticker("quick", lines.append, every=10.0)
+    for k in range(1, 5):
+        quiet(k, 4)
+    assert lines == []
+    loud = Ticker("slow", lines.append, every=0.0)
+    time.sleep(0.01)
+    loud(1, 4)
+    assert lines and lines[0].startswith("  slow: 1/4,") and "elapsed" in lines[0] and "left" in lines[0]
+
+
+def test_the_heartbeat_beats_during_the_body_and_its_thread_stops():
+    lines = []
+    with heartbeat("exporting", lines.append, every=0.05, estimate_s=3):
+        time.sleep(0.3)
+    n = len(lines)
+    assert n >= 2 and "elapsed" in lines[0] and "~3 s in all" in lines[0], lines
+    time.sleep(0.2)
+    assert len(lines) == n  # stopped
+    assert not any(t.name.startswith("heartbeat:") for t in threading.enumerate())
+
+
+def test_parity_counts_denoiser_calls_and_removes_its_hook():
+    d = from_callable(lambda x, s, l: x * 0.5, (1, 2, 2))
+    seen = []
+    with counting_calls(d, seen.append):
+        for _ in range(3):
+            d(torch.zeros(2, 1, 2, 2), 1.0)
+    d(torch.zeros(2, 1, 2, 2), 1.0)  # after the block: not counted
+    assert seen == [1, 2, 3]
+    assert parity_batch(d) == PARITY_BATCH  # a small model keeps the batch its golden files were made at
+    big = from_callable(lambda x, s, l: x, (1, 2, 2))
+    big.net.weight = torch.nn.Parameter(torch.zeros(11_000_000))
+    assert parity_batch(big) == PARITY_BATCH_LARGE == 2
+
+
+def test_the_bench_ticks_every_call_outside_the_timed_spans():
+    ticks = []
+    times = time_interleaved({"a": lambda: None, "b": lambda: None}, warmup=1, iters=3,
+                             tick=lambda done, total: ticks.append((done, total)))
+    assert ticks == [(k, 8) for k in range(1, 9)] and all(len(t) == 3 for t in times.values())
