@@ -4,7 +4,9 @@ the bounds the compiler shares with the runtimes."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -109,7 +111,8 @@ def test_a_bad_export_cache_entry_is_dropped_named_and_remade(tmp_path, fault):
     assert any(line.strip().startswith(f"dropping unusable cached export, exporting again: {entry} (")
                for line in lines), lines
     assert entry.is_file() and not entry.is_symlink() and entry.read_bytes() == original  # remade
-    assert Path(str(entry) + SIDECAR).read_text().split() == [sha256_file(entry), str(len(original))]
+    digest, record = Path(str(entry) + SIDECAR).read_text().splitlines()
+    assert digest.split() == [sha256_file(entry), str(len(original))] and json.loads(record) == {"key": entry.name}
 
 
 def test_get_or_make_writes_best_effort_and_bounds_entries(tmp_path):
@@ -123,6 +126,55 @@ def test_get_or_make_writes_best_effort_and_bounds_entries(tmp_path):
                        limit=10, what="cached thing", redo="making again")
     assert made == b"y" and any(f"could not cache cached thing at {tmp_path / 'afile' / 'e'}" in line
                                 for line in lines), lines
+
+
+def test_an_entry_copied_from_another_key_is_dropped_named_and_remade(tmp_path):
+    """One policy for every cache: the sidecar binds an entry to its key, so another key's entry copied over
+    this one WITH its sidecar (each valid on its own) is refused."""
+    lines = []
+
+    def cached(key: str, value: bytes) -> bytes:
+        return get_or_make(tmp_path / key, lambda: value, lambda data, p: data, lambda v: v, lines.append,
+                           limit=100, what="cached thing", redo="making again", made_from={"model_sha256": key[0] * 4})
+
+    assert cached("a-key", b"made for a") == b"made for a" and cached("b-key", b"made for b") == b"made for b"
+    for suffix in ("", SIDECAR):
+        shutil.copyfile(tmp_path / f"b-key{suffix}", tmp_path / f"a-key{suffix}")
+    assert cached("a-key", b"made for a") == b"made for a"
+    assert lines == [f"  dropping unusable cached thing, making again: {tmp_path / 'a-key'} (ArtifactError: it was "
+                     f"made for another key, b-key (model_sha256 bbbb), not a-key)"]
+    assert (tmp_path / "a-key").read_bytes() == b"made for a"  # remade, and now reused
+    lines.clear()
+    assert cached("a-key", b"other") == b"made for a" and lines == []
+    Path(str(tmp_path / "a-key") + SIDECAR).write_text(f"{sha256_file(tmp_path / 'a-key')} 10\n")  # no key: older
+    assert cached("a-key", b"made for a") == b"made for a" and "names no key" in lines[0]
+
+
+def test_another_models_export_copied_with_its_sidecar_is_dropped_and_the_compile_passes(tmp_path):
+    """The reported fault (issue 26): model B's export entry and sidecar copied over model A's entry made every
+    compile of A fail its parity check. Two real EDM networks of one architecture, different weights."""
+    from tests.edm_fixtures import make_edm_pickle
+
+    for seed, name in enumerate("ab"):
+        make_edm_pickle(tmp_path / f"{name}.pkl", seed=seed)
+    opts = dict(nfe=3, solver="edm", max_batch=2, engine=False, force=True, cache_dir=str(tmp_path / "cache"))
+    exports = tmp_path / "cache" / "exports"
+    compile_model(str(tmp_path / "a.pkl"), tmp_path / "out", CompileOptions(**opts), log=lambda text: None)
+    (entry,) = exports.glob("denoiser-*.onnx")
+    compile_model(str(tmp_path / "b.pkl"), tmp_path / "out", CompileOptions(**opts), log=lambda text: None)
+    (other,) = set(exports.glob("denoiser-*.onnx")) - {entry}
+    for suffix in ("", SIDECAR):  # cp exports/<b entry>{,.sha256} exports/<a entry>{,.sha256}
+        shutil.copyfile(str(other) + suffix, str(entry) + suffix)
+    lines = []
+    manifest = compile_model(str(tmp_path / "a.pkl"), tmp_path / "out", CompileOptions(**opts), log=lines.append)
+    b_sha = json.loads(Path(str(other) + SIDECAR).read_text().splitlines()[1])["model_sha256"]
+    assert any(line.strip() == f"dropping unusable cached export, exporting again: {entry} (ArtifactError: it was "
+                               f"made for another key, {other.name} (max_batch 2, model_sha256 {b_sha}, what "
+                               f"denoiser), not {entry.name})" for line in lines), lines
+    assert manifest["parity"]["passed"] and manifest["model"]["sha256"] != b_sha  # A's graph: parity holds
+    remade = json.loads(Path(str(entry) + SIDECAR).read_text().splitlines()[1])
+    assert remade == {"key": entry.name, "what": "denoiser", "model_sha256": manifest["model"]["sha256"],
+                      "max_batch": 2} and entry.read_bytes() != other.read_bytes()
 
 
 def test_a_cached_export_of_another_graph_is_dropped_and_the_compile_passes(tmp_path):
