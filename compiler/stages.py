@@ -34,7 +34,7 @@ from .guidance_graph import scale_inputs
 from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions, guidance_range
-from .publish import publish
+from .publish import publish, refuse_mount_point
 from .graph import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
 from .scales import range_coefficients
 
@@ -394,8 +394,8 @@ def is_artifact_dir(path: Path) -> bool:
 
 def check_out_dir(out: Path, force: bool) -> None:
     """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
-    '.', '..', the working directory or one of its parents, a file, a symlink, or a directory of anything
-    else is refused (CompileError naming it)."""
+    '.', '..', the working directory or one of its parents, a mount point, a file, a symlink, or a directory of
+    anything else is refused (CompileError naming it)."""
     if out.name in ("", ".", ".."):
         raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
     resolved = out.resolve()
@@ -403,6 +403,7 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise CompileError(f"--out {out}: is the working directory or one of its parents")
     if not out.exists() and not out.is_symlink():
         return
+    refuse_mount_point(out, "--out", CompileError)  # with or without --force: it cannot be replaced by rename
     if not force:
         raise CompileError(f"output directory {out} exists: pass --force to replace it")
     if not is_artifact_dir(out):
