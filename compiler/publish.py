@@ -150,6 +150,7 @@ class Staging:
                  container: bool = False):
         self.out, self.flag, self.error, self.log, self.container = Path(out), flag, error, log, container
         self.work: Path | None = None
+        self.where = self.out.parent  # where the work folder goes (set on entry)
         self.made: list[Path] = []
 
     def __enter__(self) -> Path:
@@ -161,7 +162,7 @@ class Staging:
         except OSError as err:
             raise self.error(f"{self.flag} {self.out}: cannot create {err.filename or self.out} "
                              f"({err.strerror})") from None
-        where = work_location(self.out, self.container)
+        self.where = where = work_location(self.out, self.container)
         clean_stale(self.out, self.log, where)
         try:
             with signals_deferred():  # no Ctrl-C/SIGTERM between creating the folder and owning its cleanup
@@ -178,7 +179,7 @@ class Staging:
             remove_made(self.made)
         if isinstance(err, OSError) and err.errno in NO_ROOM:
             where = f" writing {err.filename}" if err.filename else ""
-            raise self.error(f"{self.flag} {self.out}: no room to write the output in {self.out.parent}{where} "
+            raise self.error(f"{self.flag} {self.out}: no room to write the output in {self.where}{where} "
                              f"({err.strerror}); nothing was published") from None
         if isinstance(err, OSError) and err.errno in (errno.EXDEV, errno.EBUSY):  # a mount appeared meanwhile
             raise self.error(f"{self.flag} {self.out}: cannot move the output into place ({err.strerror}: "

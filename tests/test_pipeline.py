@@ -223,3 +223,77 @@ def test_compile_onto_a_full_disk_names_the_option_and_the_cause(tmp_path):
     assert last.startswith(f"error: --out {out}: no room to write the output in {out.parent}"), last
     assert "File too large" in last and last.endswith("nothing was published")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no artifact, no work folder, no new "out"
+
+
+# ---- outputs on mount points and full disks: the option named, nothing new left ---------------------------
+@pytest.fixture
+def mounted(tmp_path):
+    """A 4 MiB tmpfs mounted at tmp_path/mnt (another filesystem than tmp_path, as a Docker volume is)."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)], capture_output=True,
+                              text=True, timeout=30)
+    except OSError as err:
+        pytest.skip(f"no mount command here ({err}): outputs on mount points are untested")
+    if proc.returncode:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.strip()}): outputs on mount points "
+                    f"are untested")
+    yield point
+    subprocess.run(["umount", str(point)], check=True, timeout=30)
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "cache")
+
+
+def _gmm_artifact(path: Path) -> Path:
+    assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--max-batch", "2", "--no-engine",
+                         "--out", str(path)]) == 0
+    return path
+
+
+def test_outputs_that_are_mount_points(tmp_path, mounted, capsys, monkeypatch):
+    """`--repo` on a mount point is served (its work folder inside it, the one place on its filesystem);
+    `--out` on one is refused up front naming --out (it could only fail at the final rename, EBUSY/EXDEV)."""
+    monkeypatch.setenv("IIA_CACHE_DIR", str(tmp_path / "cache"))
+    art = _gmm_artifact(tmp_path / "art")
+    for force in ([], ["--force"]):  # new models, then replaced ones
+        argv = [str(art), "--repo", str(mounted), "--name", "g", "--kind", "cpu", "--backend", "onnxruntime,python"]
+        assert triton.main(argv + force) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in mounted.iterdir()) == ["g_onnxruntime", "g_python"]  # no work folder left
+        assert _names(tmp_path) == ["art", "mnt"]
+    for model in mounted.iterdir():
+        shutil.rmtree(model)
+    shutil.copytree(art, mounted, dirs_exist_ok=True)  # an artifact at the mount root
+    capsys.readouterr()
+    start = time.perf_counter()
+    for force in ([], ["--force"]):
+        assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--no-engine", "--out", str(mounted)] + force) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {mounted} is a mount point (another filesystem than {tmp_path}): the output is built "
+            f"beside it and renamed into place, which cannot replace a mount point; give a new directory inside "
+            f"it, e.g. --out {mounted / 'NAME'}\n")
+    assert time.perf_counter() - start < 10  # before any work
+    assert _names(tmp_path) == ["art", "mnt"]  # no .mnt.old-*, no .mnt.building-*
+    assert sha256_file(mounted / "sampler.onnx") == sha256_file(art / "sampler.onnx")
+    assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--no-engine", "--out", str(mounted / "a")]) == 0
+
+
+def test_a_triton_export_onto_a_full_disk_leaves_nothing_new(tmp_path, capsys, monkeypatch):
+    """RLIMIT_FSIZE as in the compile test: the new repository (and its new parent) go again."""
+    monkeypatch.setenv("IIA_CACHE_DIR", str(tmp_path / "cache"))
+    art = _gmm_artifact(tmp_path / "art")
+    repo = tmp_path / "new" / "repo"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+            "from iia.compiler.triton import main\n"
+            f"sys.exit(main([{str(art)!r}, '--repo', {str(repo)!r}, '--kind', 'cpu', '--backend', 'onnxruntime']))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr
+    assert last.startswith(f"error: --repo {repo}: no room to write the output in {repo.parent}"), last
+    assert "File too large" in last and last.endswith("nothing was published")
+    assert _names(tmp_path) == ["art"]  # no repo/, no new/, no work folder
