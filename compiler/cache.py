@@ -1,9 +1,11 @@
 """The compiler's one cache: calibrated coefficients and exported graphs under ~/.cache/iia (or $IIA_CACHE_DIR).
 
-An entry is a regular file of bounded size plus a sidecar `<entry>.sha256` ("<hex digest> <bytes>") written
-after it. An entry is used only if it is a regular file (never a FIFO, device or link to one: opened
-non-blocking and bounded, `iia.runtime.contract.open_regular`), within its bound, with the digest recorded
-when it was written, and if it then loads. Anything else is ONE policy for every cache: dropped (entry and
+An entry is a regular file of bounded size plus a sidecar `<entry>.sha256` written after it: a line
+"<hex digest> <bytes>", then a JSON line binding the entry to its key: {"key": the entry's file name (the
+key's hash), and what it was made from (model sha256, solver or graph, ...)}. An entry is used only if it is a
+regular file (never a FIFO, device or link to one: opened non-blocking and bounded,
+`iia.runtime.contract.open_regular`), within its bound, with the digest recorded when it was written, recorded
+for THIS key (an entry and sidecar copied from another key's are refused), and if it then loads. Anything else is ONE policy for every cache: dropped (entry and
 sidecar), named in the log, and remade. Writing is best effort: a read-only or full cache never fails a compile.
 """
 
@@ -39,23 +41,44 @@ def cache_dir(configured: str | None) -> Path:
     return Path(configured) if configured else default_cache_dir()
 
 
-def seal(path: Path, data: bytes | None = None) -> None:
-    """Record `path`'s digest and size in its sidecar (after the entry itself is in place)."""
+SIDECAR_LIMIT = 4096  # bytes of a sidecar: the digest line and the key record
+
+
+def seal(path: Path, data: bytes | None = None, made_from: dict | None = None) -> None:
+    """Record `path`'s digest and size in its sidecar (after the entry itself is in place), with its key (the
+    file name) and `made_from` (JSON values: what the key was computed from, named when an entry is refused)."""
     data = read_regular(path, 1 << 40) if data is None else data
+    record = json.dumps({"key": path.name, **(made_from or {})}, sort_keys=True, default=str)
     with atomic_open(Path(str(path) + SIDECAR)) as f:
-        f.write(f"{sha256_bytes(data)} {len(data)}\n".encode())
+        f.write(f"{sha256_bytes(data)} {len(data)}\n{record}\n".encode())
+
+
+def _made_from(record: dict) -> str:
+    """" (model_sha256 ..., what denoiser)": what a key record says it was made from ("" for nothing)."""
+    made = ", ".join(f"{k} {v}" for k, v in sorted(record.items()) if k != "key")
+    return f" ({made})" if made else ""
 
 
 def _verified(path: Path, limit: int) -> bytes:
-    """The entry's bytes, if they are what its sidecar recorded (ArtifactError saying why not)."""
+    """The entry's bytes, if they are what its sidecar recorded for this key (ArtifactError saying why not)."""
     try:
-        recorded = read_regular(Path(str(path) + SIDECAR), 256).decode("ascii").split()
+        lines = read_regular(Path(str(path) + SIDECAR), SIDECAR_LIMIT).decode("utf-8").splitlines()
     except FileNotFoundError:
         raise ArtifactError(f"no digest was recorded for it ({path.name}{SIDECAR} is missing)") from None
     except UnicodeDecodeError:
-        recorded = []
+        lines = []
+    recorded = lines[0].split() if lines else []
     if len(recorded) != 2 or not recorded[1].isdigit():
         raise ArtifactError(f"its digest record {path.name}{SIDECAR} is malformed")
+    try:
+        record = json.loads(lines[1]) if len(lines) == 2 else None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        raise ArtifactError(f"its digest record {path.name}{SIDECAR} names no key (written by an older iia, or "
+                            f"damaged)")
+    if record["key"] != path.name:  # another key's entry and sidecar, copied or renamed here
+        raise ArtifactError(f"it was made for another key, {record['key']}{_made_from(record)}, not {path.name}")
     data = read_regular(path, min(limit, int(recorded[1])))  # regular, bounded: never a FIFO or /dev/zero
     if sha256_bytes(data) != recorded[0]:
         raise ArtifactError("its sha256 differs from the one recorded when it was written")
@@ -76,10 +99,11 @@ def _drop(path: Path, log: Callable[[str], None]) -> None:
 
 def get_or_make(path: Path | None, make: Callable[[], T], load: Callable[[bytes, Path], T],
                 save: Callable[[T], bytes | None], log: Callable[[str], None], *, limit: int,
-                what: str, redo: str) -> T:
+                what: str, redo: str, made_from: dict | None = None) -> T:
     """The value cached at `path` (checked as the module says, then `load(bytes, path)`), else `make()`,
-    stored as `save(value)` when that gives bytes within `limit` (None: not cacheable). A bad entry is
-    dropped and logged as "dropping unusable {what}, {redo}: PATH (why)". `path` None: no caching."""
+    stored as `save(value)` when that gives bytes within `limit` (None: not cacheable), its sidecar recording
+    `path.name` as its key and `made_from` (see `seal`). A bad entry is dropped and logged as
+    "dropping unusable {what}, {redo}: PATH (why)". `path` None: no caching."""
     if path is None:
         return make()
     if path.exists() or path.is_symlink() or Path(str(path) + SIDECAR).exists():
@@ -94,7 +118,7 @@ def get_or_make(path: Path | None, make: Callable[[], T], load: Callable[[bytes,
         try:
             with atomic_open(path) as f:
                 f.write(data)
-            seal(path, data)
+            seal(path, data, made_from)
         except OSError as err:  # a read-only or full cache must not fail the compile
             log(f"  could not cache {what} at {path}: {err}")
     return value

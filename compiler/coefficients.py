@@ -27,9 +27,9 @@ def _json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()  # as write_json_atomic writes it
 
 
-def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, say_guard: bool = True):
-    """(data, program, how) from the coefficient cache entry `key`, else from `make()` -> (data, program, how);
-    `check(data, path)` rebuilds and checks the cached entry's Program."""
+def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, made_from: dict, say_guard: bool = True):
+    """(data, program, how) from the coefficient cache entry `key` (recorded with `made_from`), else from
+    `make()` -> (data, program, how); `check(data, path)` rebuilds and checks the cached entry's Program."""
     path = cache_dir(opts.cache_dir) / "coefficients" / key
 
     def load(_, path: Path):
@@ -38,7 +38,7 @@ def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, say_gua
         return data, check(data, path), how
 
     return get_or_make(path, make, load, lambda made: _json_bytes(made[0]), log, limit=MAX_COEFFICIENTS_BYTES,
-                       what="cached coefficients", redo=redo)
+                       what="cached coefficients", redo=redo, made_from=made_from)
 
 
 def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=None) -> tuple[dict, Program, str]:
@@ -61,7 +61,8 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
 
     key = coefficients_key(denoiser, solver, nfe, opts.calibration.resolved(denoiser))
     return _cached(key, make, lambda data, path: artifact.program_from_dict(
-        data, denoiser, nfe, solver, source=str(path)), opts, log, "recalibrating")
+        data, denoiser, nfe, solver, source=str(path)), opts, log, "recalibrating",
+        {"solver": solver, "nfe": nfe, "model_sha256": denoiser.identity.get("sha256")})
 
 
 def _from_file(denoiser, solver, opts: CompileOptions, log) -> tuple[dict, Program, str]:
@@ -100,4 +101,5 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser), {"search": repr(vars(search))})
     return _cached(key, make, lambda data, path: artifact.program_from_dict(
-        data, denoiser, opts.nfe, source=str(path)), opts, log, "searching again", say_guard=False)
+        data, denoiser, opts.nfe, source=str(path)), opts, log, "searching again",
+        {"solver": "auto", "nfe": opts.nfe, "model_sha256": denoiser.identity.get("sha256")}, say_guard=False)

@@ -1,11 +1,20 @@
 """Staging and publishing of outputs (iia-compile's artifact directory, iia-export-triton's model folders).
 
-Work happens in a fresh folder BESIDE the output (same filesystem, so it moves in by rename; never inside
-it, where Triton would take it for a model), named `.NAME.TAG-HOST-PID-XXXX` after the output, this host and
-this process; such folders left by dead processes of this host (SIGKILL, power loss) are removed before
-new work starts. Publishing moves finished folders into place: a replaced one is swapped out atomically with
-renameat2(RENAME_EXCHANGE) where the filesystem allows (no instant without it), else renamed aside first;
-Ctrl-C/SIGTERM are held during the moves, and a failure puts back everything moved so far.
+Work happens in a fresh folder BESIDE the output (same filesystem, so it moves in by rename), named
+`.NAME.TAG-HOST-PID-XXXX` after the output, this host and this process; such folders left by dead processes of
+this host (SIGKILL, power loss) are removed before new work starts. Publishing moves finished folders into
+place: a replaced one is swapped out atomically with renameat2(RENAME_EXCHANGE) where the filesystem allows (no
+instant without it), else renamed aside first (beside the finished folder, on its filesystem); Ctrl-C/SIGTERM
+are held during the moves, and a failure puts back everything moved so far. Folders this made on the way to
+the output (a new `--repo`, missing parents) are removed again when the work fails: a failure leaves nothing new.
+
+Mount points: an output that is itself a mount point (a tmpfs, a Docker volume) is on another filesystem than
+its parent, so nothing can be renamed onto it from beside it. An artifact directory (`--out`) is replaced as a
+whole, which a mount point cannot be: refused up front, naming the option. A model repository (`--repo`)
+CONTAINS the published folders, so its work folder goes inside it, the one place on its filesystem. Triton
+does not skip dot-folders in a repository (triton-inference-server/core, LocalFileSystem::GetDirectorySubdirs
+lists every subdirectory), so only there, and only while an export runs, a server polling the repository
+may log a failed load of `.NAME.building-*`; beside the repository (every other case) it never sees one.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -32,10 +42,43 @@ def work_prefix(out: Path, tag: str = BUILDING) -> str:
     return f".{out.name}.{tag}-{socket.gethostname()}-"
 
 
-def clean_stale(out: Path, log: Callable[[str], None] | None = None) -> list[Path]:
-    """Remove this host's staging folders of `out` (any tag) whose process no longer runs; those of live
-    processes (a concurrent compile) stay. Returns what went."""
-    parent = out.parent if str(out.parent) else Path(".")
+def is_mount_point(path: Path) -> bool:
+    """Whether the directory `path` is a mount point: another device than its parent (os.path.ismount), or
+    listed in /proc/self/mountinfo (a bind mount of the same filesystem, which rename cannot cross either)."""
+    if not path.is_dir():
+        return False
+    if os.path.ismount(path):
+        return True
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    real = os.path.realpath(path)
+    return any(len(fields) > 4 and _unescape(fields[4]) == real for fields in map(str.split, lines))
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path field as the path: the kernel writes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def work_location(out: Path, container: bool) -> Path:
+    """Where `out`'s work folders go: beside it, or inside it for a container output that is a mount point."""
+    return out if container and is_mount_point(out) else (out.parent if str(out.parent) else Path("."))
+
+
+def refuse_mount_point(out: Path, flag: str, error: type[Exception]) -> None:
+    """An output replaced as a whole (`--out DIR`) must not be a mount point: `error` naming `flag` if it is."""
+    if is_mount_point(out):
+        raise error(f"{flag} {out} is a mount point (another filesystem than {out.parent}): the output is built "
+                    f"beside it and renamed into place, which cannot replace a mount point; give a new directory "
+                    f"inside it, e.g. {flag} {out / 'NAME'}")
+
+
+def clean_stale(out: Path, log: Callable[[str], None] | None = None, parent: Path | None = None) -> list[Path]:
+    """Remove this host's staging folders of `out` (any tag) in `parent` (default: beside `out`) whose process
+    no longer runs; those of live processes (a concurrent compile) stay. Returns what went."""
+    parent = parent or (out.parent if str(out.parent) else Path("."))
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
@@ -53,71 +96,100 @@ def clean_stale(out: Path, log: Callable[[str], None] | None = None) -> list[Pat
 
 
 def check_parent(out: Path, flag: str, error: type[Exception]) -> None:
-    """Before any work: `out`'s parent must be (or become) a directory we can write; `error` naming `flag`
-    and the real cause otherwise (a path component that is a file, a read-only folder)."""
+    """Before any work: `out`'s parent must be a directory we can write, or its nearest existing ancestor one
+    (the missing folders are made by `Staging`); `error` naming `flag` and the real cause otherwise (a path
+    component that is a file, a read-only folder)."""
     parent = out.parent if str(out.parent) else Path(".")
     for folder in [parent, *parent.parents]:
         if folder.exists() or folder.is_symlink():
             if not folder.is_dir():
                 kind = "a file" if folder.is_file() else "a dangling link" if folder.is_symlink() else "not a directory"
                 raise error(f"{flag} {out}: {folder} is {kind}, not a directory")
-            break
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise error(f"{flag} {out}: cannot create {parent} ({err.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise error(f"{flag} {out}: {parent} is not writable")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise error(f"{flag} {out}: {folder} is not writable")
+            return
 
 
 def check_directory(path: Path, flag: str, error: type[Exception]) -> Path:
     """An output DIRECTORY before any work: an existing directory, or a new path whose parent can hold one
-    (`error` naming `flag` and the cause otherwise: a file, a dangling link); created here."""
+    (`error` naming `flag` and the cause otherwise: a file, a dangling link); made by `Staging`."""
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         kind = "a file" if path.is_file() else "a dangling link" if path.is_symlink() else "not a directory"
         raise error(f"{flag} {path} is {kind}, not a directory")
     check_parent(path, flag, error)
-    try:
-        path.mkdir(exist_ok=True)
-    except OSError as err:
-        raise error(f"{flag} {path}: cannot create it ({err.strerror})") from None
     return path
 
 
-class Staging:
-    """`with Staging(out, flag, error, log) as work:` a fresh folder beside `out` (stale ones cleaned first),
-    removed when the block ends whatever happens (after `publish` it holds at most what was replaced). Inside
-    it a failure to write for lack of room becomes `error` naming `flag`, `out` and the cause. Its checks of
-    the location run before the folder is made: call it before long work."""
+def make_folders(path: Path) -> list[Path]:
+    """mkdir -p `path`; returns the folders it made, outermost first (to remove again on failure)."""
+    missing = [folder for folder in [path, *path.parents] if not (folder.exists() or folder.is_symlink())]
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    return missing[::-1]
 
-    def __init__(self, out: Path, flag: str, error: type[Exception], log: Callable[[str], None] | None = None):
-        self.out, self.flag, self.error, self.log = Path(out), flag, error, log
+
+def remove_made(folders: list[Path]) -> None:
+    """Remove the folders `make_folders` made, innermost first, each only while empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+class Staging:
+    """`with Staging(out, flag, error, log, container=False) as work:` a fresh folder beside `out` (stale ones
+    cleaned first), removed when the block ends whatever happens (after `publish` it holds at most what was
+    replaced). `container`: `out` is a directory that HOLDS the published folders (made here if missing; a
+    mount point gets its work folder inside, see the module); else `out` itself is published (a mount point is
+    refused). Inside the block a failure to write for lack of room, or to move across filesystems, becomes
+    `error` naming `flag`, `out` and the cause, and the folders made on the way to `out` are removed again.
+    Its checks of the location run before the folder is made: call it before long work."""
+
+    def __init__(self, out: Path, flag: str, error: type[Exception], log: Callable[[str], None] | None = None,
+                 container: bool = False):
+        self.out, self.flag, self.error, self.log, self.container = Path(out), flag, error, log, container
         self.work: Path | None = None
+        self.where = self.out.parent  # where the work folder goes (set on entry)
+        self.made: list[Path] = []
 
     def __enter__(self) -> Path:
         check_parent(self.out, self.flag, self.error)
-        clean_stale(self.out, self.log)
+        if not self.container:
+            refuse_mount_point(self.out, self.flag, self.error)
+        try:
+            self.made = make_folders(self.out if self.container else self.out.parent)
+        except OSError as err:
+            raise self.error(f"{self.flag} {self.out}: cannot create {err.filename or self.out} "
+                             f"({err.strerror})") from None
+        self.where = where = work_location(self.out, self.container)
+        clean_stale(self.out, self.log, where)
         try:
             with signals_deferred():  # no Ctrl-C/SIGTERM between creating the folder and owning its cleanup
-                self.work = Path(tempfile.mkdtemp(prefix=f"{work_prefix(self.out)}{os.getpid()}-",
-                                                  dir=self.out.parent))
+                self.work = Path(tempfile.mkdtemp(prefix=f"{work_prefix(self.out)}{os.getpid()}-", dir=where))
         except OSError as err:
-            raise self.error(f"{self.flag} {self.out}: cannot make a work folder beside it in {self.out.parent} "
-                             f"({err.strerror})") from None
+            remove_made(self.made)
+            raise self.error(f"{self.flag} {self.out}: cannot make a work folder in {where} ({err.strerror})") from None
         return self.work
 
     def __exit__(self, kind, err, tb) -> None:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
+        if err is not None:
+            remove_made(self.made)
         if isinstance(err, OSError) and err.errno in NO_ROOM:
             where = f" writing {err.filename}" if err.filename else ""
-            raise self.error(f"{self.flag} {self.out}: no room to write the output in {self.out.parent}{where} "
+            raise self.error(f"{self.flag} {self.out}: no room to write the output in {self.where}{where} "
                              f"({err.strerror}); nothing was published") from None
+        if isinstance(err, OSError) and err.errno in (errno.EXDEV, errno.EBUSY):  # a mount appeared meanwhile
+            raise self.error(f"{self.flag} {self.out}: cannot move the output into place ({err.strerror}: "
+                             f"{err.filename}); nothing was published") from None
 
 
 def publish(moves: list[tuple[Path, Path]], may_replace: Callable[[Path], None], out: Path) -> None:
     """Move each finished folder `src` onto `dst` (see the module); `may_replace(dst)` raises where an existing
-    `dst` must stay; a folder renamed aside goes beside `out`. All or nothing: a failure puts every `dst` back."""
+    `dst` must stay; a folder renamed aside goes beside `src`, named after `out`. All or nothing: a failure puts
+    every `dst` back."""
     for src, _ in moves:
         public_tree(src)
     done: list[tuple[Path, Path, str | Path]] = []
@@ -174,8 +246,14 @@ def _move(src: Path, dst: Path, may_replace: Callable[[Path], None], out: Path) 
     may_replace(dst)
     if exchange(src, dst):
         return SWAPPED  # src now holds the old dst
-    aside = Path(tempfile.mkdtemp(prefix=f"{work_prefix(out, OLD)}{os.getpid()}-", dir=out.parent)) / dst.name
-    os.replace(dst, aside)
+    # aside on src's filesystem (= dst's: beside the output, or inside a mount-point repository)
+    holder = Path(tempfile.mkdtemp(prefix=f"{work_prefix(out, OLD)}{os.getpid()}-", dir=src.parent))
+    aside = holder / dst.name
+    try:
+        os.replace(dst, aside)
+    except BaseException:
+        shutil.rmtree(holder, ignore_errors=True)  # never an empty .NAME.old-* left behind
+        raise
     try:
         os.replace(src, dst)
     except BaseException:

@@ -34,7 +34,7 @@ from .guidance_graph import scale_inputs
 from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions, guidance_range
-from .publish import publish
+from .publish import publish, refuse_mount_point
 from .graph import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
 from .scales import range_coefficients
 
@@ -170,9 +170,12 @@ def coefficients(loaded: Loaded, job: Job) -> Coefficients:
 
 
 # ---- export ---------------------------------------------------------------------------------------------
-def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None, cache: Path, log) -> onnx.ModelProto | None:
+def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None, cache: Path, log,
+                  made_from: dict | None = None) -> onnx.ModelProto | None:
     """`export()` (an ONNX model or None) through the cache entry `cache/exports/key` (`get_or_make`: checked
-    against its recorded digest, then parsed and checked by onnx); models over protobuf's 2 GB are not cached."""
+    against the digest and key recorded with `made_from`, then parsed and checked by onnx); models over
+    protobuf's 2 GB are not cached. The key is bound in the sidecar, not in the ONNX: the graph is copied into
+    the artifact as it is."""
 
     def read(data: bytes, path: Path) -> onnx.ModelProto:
         model = onnx.load_from_string(data)
@@ -182,7 +185,7 @@ def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None,
 
     return get_or_make(cache / "exports" / key if key else None, export, read,
                        lambda model: None if model is None else model.SerializeToString(), log,
-                       limit=EXTERNAL_DATA_THRESHOLD, what="cached export", redo="exporting again")
+                       limit=EXTERNAL_DATA_THRESHOLD, what="cached export", redo="exporting again", made_from=made_from)
 
 
 def export(loaded: Loaded, job: Job) -> Exported:
@@ -192,10 +195,15 @@ def export(loaded: Loaded, job: Job) -> Exported:
     def key(what: str) -> str | None:
         return export_cache_key(denoiser, what, max_batch) if loaded.cacheable else None
 
+    def made_from(what: str) -> dict:
+        return {"what": what, "model_sha256": denoiser.identity.get("sha256"), "max_batch": max_batch}
+
     with stage("export denoiser", job.timings, job.log):
-        model = cached_export(lambda: export_denoiser(denoiser, max_batch), key("denoiser"), cache, job.log)
+        model = cached_export(lambda: export_denoiser(denoiser, max_batch), key("denoiser"), cache, job.log,
+                              made_from("denoiser"))
         onnx.save_model(model, str(job.work / DENOISER_ONNX))
-        decoder = cached_export(lambda: export_decoder(denoiser, max_batch), key("decoder"), cache, job.log)
+        decoder = cached_export(lambda: export_decoder(denoiser, max_batch), key("decoder"), cache, job.log,
+                                made_from("decoder"))
         if decoder is not None:
             onnx.save_model(decoder, str(job.work / DECODER_ONNX))
     return Exported(model, decoder, (DENOISER_ONNX,) + ((DECODER_ONNX,) if decoder is not None else ()))
@@ -386,8 +394,8 @@ def is_artifact_dir(path: Path) -> bool:
 
 def check_out_dir(out: Path, force: bool) -> None:
     """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
-    '.', '..', the working directory or one of its parents, a file, a symlink, or a directory of anything
-    else is refused (CompileError naming it)."""
+    '.', '..', the working directory or one of its parents, a mount point, a file, a symlink, or a directory of
+    anything else is refused (CompileError naming it)."""
     if out.name in ("", ".", ".."):
         raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
     resolved = out.resolve()
@@ -395,6 +403,7 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise CompileError(f"--out {out}: is the working directory or one of its parents")
     if not out.exists() and not out.is_symlink():
         return
+    refuse_mount_point(out, "--out", CompileError)  # with or without --force: it cannot be replaced by rename
     if not force:
         raise CompileError(f"output directory {out} exists: pass --force to replace it")
     if not is_artifact_dir(out):

@@ -325,7 +325,7 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     if foreign:  # --force replaces what an export wrote, never a directory of the user's
         raise TritonExportError(f"{repo / foreign[0]} was not written by iia-export-triton (it has no "
                                 f"{EXPORT_MARKER}): refusing to replace it even with --force; move it away first")
-    with Staging(repo, "--repo", TritonExportError) as work:
+    with Staging(repo, "--repo", TritonExportError, container=True) as work:
         built = [_write_backend(work, names[backend], backend, arts, plans, opts, log) for backend in backends]
 
         def may_replace(dst: Path) -> None:

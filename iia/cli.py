@@ -36,7 +36,8 @@ def written(path) -> None:
 
 def _nothing_else() -> str:
     done = list(dict.fromkeys(_WRITTEN))
-    return "nothing was written" if not done else f"{', '.join(done)} complete, nothing else was written"
+    # "output": a compile interrupted after its export may have written cache entries, which are not outputs
+    return "no output was written" if not done else f"{', '.join(done)} complete, no other output was written"
 
 
 def check_terminated() -> None:

@@ -4,7 +4,9 @@ the bounds the compiler shares with the runtimes."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -109,7 +111,8 @@ def test_a_bad_export_cache_entry_is_dropped_named_and_remade(tmp_path, fault):
     assert any(line.strip().startswith(f"dropping unusable cached export, exporting again: {entry} (")
                for line in lines), lines
     assert entry.is_file() and not entry.is_symlink() and entry.read_bytes() == original  # remade
-    assert Path(str(entry) + SIDECAR).read_text().split() == [sha256_file(entry), str(len(original))]
+    digest, record = Path(str(entry) + SIDECAR).read_text().splitlines()
+    assert digest.split() == [sha256_file(entry), str(len(original))] and json.loads(record) == {"key": entry.name}
 
 
 def test_get_or_make_writes_best_effort_and_bounds_entries(tmp_path):
@@ -123,6 +126,55 @@ def test_get_or_make_writes_best_effort_and_bounds_entries(tmp_path):
                        limit=10, what="cached thing", redo="making again")
     assert made == b"y" and any(f"could not cache cached thing at {tmp_path / 'afile' / 'e'}" in line
                                 for line in lines), lines
+
+
+def test_an_entry_copied_from_another_key_is_dropped_named_and_remade(tmp_path):
+    """One policy for every cache: the sidecar binds an entry to its key, so another key's entry copied over
+    this one WITH its sidecar (each valid on its own) is refused."""
+    lines = []
+
+    def cached(key: str, value: bytes) -> bytes:
+        return get_or_make(tmp_path / key, lambda: value, lambda data, p: data, lambda v: v, lines.append,
+                           limit=100, what="cached thing", redo="making again", made_from={"model_sha256": key[0] * 4})
+
+    assert cached("a-key", b"made for a") == b"made for a" and cached("b-key", b"made for b") == b"made for b"
+    for suffix in ("", SIDECAR):
+        shutil.copyfile(tmp_path / f"b-key{suffix}", tmp_path / f"a-key{suffix}")
+    assert cached("a-key", b"made for a") == b"made for a"
+    assert lines == [f"  dropping unusable cached thing, making again: {tmp_path / 'a-key'} (ArtifactError: it was "
+                     f"made for another key, b-key (model_sha256 bbbb), not a-key)"]
+    assert (tmp_path / "a-key").read_bytes() == b"made for a"  # remade, and now reused
+    lines.clear()
+    assert cached("a-key", b"other") == b"made for a" and lines == []
+    Path(str(tmp_path / "a-key") + SIDECAR).write_text(f"{sha256_file(tmp_path / 'a-key')} 10\n")  # no key: older
+    assert cached("a-key", b"made for a") == b"made for a" and "names no key" in lines[0]
+
+
+def test_another_models_export_copied_with_its_sidecar_is_dropped_and_the_compile_passes(tmp_path):
+    """The reported fault (issue 26): model B's export entry and sidecar copied over model A's entry made every
+    compile of A fail its parity check. Two real EDM networks of one architecture, different weights."""
+    from tests.edm_fixtures import make_edm_pickle
+
+    for seed, name in enumerate("ab"):
+        make_edm_pickle(tmp_path / f"{name}.pkl", seed=seed)
+    opts = dict(nfe=3, solver="edm", max_batch=2, engine=False, force=True, cache_dir=str(tmp_path / "cache"))
+    exports = tmp_path / "cache" / "exports"
+    compile_model(str(tmp_path / "a.pkl"), tmp_path / "out", CompileOptions(**opts), log=lambda text: None)
+    (entry,) = exports.glob("denoiser-*.onnx")
+    compile_model(str(tmp_path / "b.pkl"), tmp_path / "out", CompileOptions(**opts), log=lambda text: None)
+    (other,) = set(exports.glob("denoiser-*.onnx")) - {entry}
+    for suffix in ("", SIDECAR):  # cp exports/<b entry>{,.sha256} exports/<a entry>{,.sha256}
+        shutil.copyfile(str(other) + suffix, str(entry) + suffix)
+    lines = []
+    manifest = compile_model(str(tmp_path / "a.pkl"), tmp_path / "out", CompileOptions(**opts), log=lines.append)
+    b_sha = json.loads(Path(str(other) + SIDECAR).read_text().splitlines()[1])["model_sha256"]
+    assert any(line.strip() == f"dropping unusable cached export, exporting again: {entry} (ArtifactError: it was "
+                               f"made for another key, {other.name} (max_batch 2, model_sha256 {b_sha}, what "
+                               f"denoiser), not {entry.name})" for line in lines), lines
+    assert manifest["parity"]["passed"] and manifest["model"]["sha256"] != b_sha  # A's graph: parity holds
+    remade = json.loads(Path(str(entry) + SIDECAR).read_text().splitlines()[1])
+    assert remade == {"key": entry.name, "what": "denoiser", "model_sha256": manifest["model"]["sha256"],
+                      "max_batch": 2} and entry.read_bytes() != other.read_bytes()
 
 
 def test_a_cached_export_of_another_graph_is_dropped_and_the_compile_passes(tmp_path):
@@ -170,4 +222,78 @@ def test_compile_onto_a_full_disk_names_the_option_and_the_cause(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert last.startswith(f"error: --out {out}: no room to write the output in {out.parent}"), last
     assert "File too large" in last and last.endswith("nothing was published")
-    assert list((tmp_path / "out").iterdir()) == []  # no artifact, no work folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no artifact, no work folder, no new "out"
+
+
+# ---- outputs on mount points and full disks: the option named, nothing new left ---------------------------
+@pytest.fixture
+def mounted(tmp_path):
+    """A 4 MiB tmpfs mounted at tmp_path/mnt (another filesystem than tmp_path, as a Docker volume is)."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(point)], capture_output=True,
+                              text=True, timeout=30)
+    except OSError as err:
+        pytest.skip(f"no mount command here ({err}): outputs on mount points are untested")
+    if proc.returncode:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.strip()}): outputs on mount points "
+                    f"are untested")
+    yield point
+    subprocess.run(["umount", str(point)], check=True, timeout=30)
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "cache")
+
+
+def _gmm_artifact(path: Path) -> Path:
+    assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--max-batch", "2", "--no-engine",
+                         "--out", str(path)]) == 0
+    return path
+
+
+def test_outputs_that_are_mount_points(tmp_path, mounted, capsys, monkeypatch):
+    """`--repo` on a mount point is served (its work folder inside it, the one place on its filesystem);
+    `--out` on one is refused up front naming --out (it could only fail at the final rename, EBUSY/EXDEV)."""
+    monkeypatch.setenv("IIA_CACHE_DIR", str(tmp_path / "cache"))
+    art = _gmm_artifact(tmp_path / "art")
+    for force in ([], ["--force"]):  # new models, then replaced ones
+        argv = [str(art), "--repo", str(mounted), "--name", "g", "--kind", "cpu", "--backend", "onnxruntime,python"]
+        assert triton.main(argv + force) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in mounted.iterdir()) == ["g_onnxruntime", "g_python"]  # no work folder left
+        assert _names(tmp_path) == ["art", "mnt"]
+    for model in mounted.iterdir():
+        shutil.rmtree(model)
+    shutil.copytree(art, mounted, dirs_exist_ok=True)  # an artifact at the mount root
+    capsys.readouterr()
+    start = time.perf_counter()
+    for force in ([], ["--force"]):
+        assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--no-engine", "--out", str(mounted)] + force) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {mounted} is a mount point (another filesystem than {tmp_path}): the output is built "
+            f"beside it and renamed into place, which cannot replace a mount point; give a new directory inside "
+            f"it, e.g. --out {mounted / 'NAME'}\n")
+    assert time.perf_counter() - start < 10  # before any work
+    assert _names(tmp_path) == ["art", "mnt"]  # no .mnt.old-*, no .mnt.building-*
+    assert sha256_file(mounted / "sampler.onnx") == sha256_file(art / "sampler.onnx")
+    assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--no-engine", "--out", str(mounted / "a")]) == 0
+
+
+def test_a_triton_export_onto_a_full_disk_leaves_nothing_new(tmp_path, capsys, monkeypatch):
+    """RLIMIT_FSIZE as in the compile test: the new repository (and its new parent) go again."""
+    monkeypatch.setenv("IIA_CACHE_DIR", str(tmp_path / "cache"))
+    art = _gmm_artifact(tmp_path / "art")
+    repo = tmp_path / "new" / "repo"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))\n"
+            "from iia.compiler.triton import main\n"
+            f"sys.exit(main([{str(art)!r}, '--repo', {str(repo)!r}, '--kind', 'cpu', '--backend', 'onnxruntime']))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr
+    assert last.startswith(f"error: --repo {repo}: no room to write the output in {repo.parent}"), last
+    assert "File too large" in last and last.endswith("nothing was published")
+    assert _names(tmp_path) == ["art"]  # no repo/, no new/, no work folder

@@ -477,8 +477,8 @@ def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monk
         written("grid.npz")
         raise KeyboardInterrupt
 
-    assert run_cli(interrupted_after_one_output) == 1  # never "nothing was written" once something was
-    assert capsys.readouterr().err.strip() == "interrupted: grid.npz complete, nothing else was written"
+    assert run_cli(interrupted_after_one_output) == 1  # never "no output was written" once something was
+    assert capsys.readouterr().err.strip() == "interrupted: grid.npz complete, no other output was written"
     with pytest.raises(SystemExit) as exit_info:  # argparse's own exits (usage errors, --help) are kept
         run_cli(lambda argv: __import__("argparse").ArgumentParser().parse_args(["--bogus"]))
     assert exit_info.value.code == 2
