@@ -2,8 +2,7 @@
 (`make_manifest`: key order), the Python checker (`check_manifest`) and the C++ checker (its constants, in the
 generated header runtime/native/src/manifest_fields.hpp, see `native_header`) all come from it.
 
-Also here: the strict JSON profile every JSON file of an artifact follows in both runtimes (`parse_json`), and
-reading a listed file checked against the manifest (`read_verified`, `verify_file`, `verify_all`).
+Also here: reading a listed file checked against the manifest (`read_verified`, `verify_file`, `verify_all`).
 Standard library + numpy only.
 
     python -c "from iia.runtime.manifest import native_header as h; print(h(), end='')" \
@@ -19,11 +18,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import (BOM_REFUSED, GRAPH_METADATA, GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, MANIFEST,
-                       MAX_BATCH, MAX_DIM, MAX_ELEMENTS, MAX_FILES, MAX_JSON_DEPTH, MAX_LABEL_DIM, MAX_LISTED_BYTES,
+from .contract import (GRAPH_METADATA, GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATENTS, MANIFEST,
+                       MAX_BATCH, MAX_DIM, MAX_ELEMENTS, MAX_FILES, MAX_LABEL_DIM, MAX_LISTED_BYTES,
                        MAX_MANIFEST_BYTES, MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA,
-                       SCHEMA_VERSION, STATIC_BATCHES, UTF8_BOM, ArtifactError)
+                       SCHEMA_VERSION, STATIC_BATCHES, ArtifactError)
 from .files import contained, file_kind, read_regular, sha256_bytes, sha256_file
+from .strict_json import parse_json
 
 
 @dataclass(frozen=True)
@@ -155,74 +155,6 @@ def read_manifest(root: str | Path) -> dict:
     data = parse_json(text, path)
     check_manifest(data, path)
     return data
-
-
-# ---- the strict JSON profile (runtime/native/src/artifact.cpp parse_strict implements the same) -----------
-def _unique_keys(pairs):
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        duplicate = next(key for key in keys if keys.count(key) > 1)
-        raise ValueError(f"duplicate key {json.dumps(duplicate)}")
-    return dict(pairs)
-
-
-def _depth_and_text(value) -> tuple[int, bool]:
-    """(nesting depth of containers, whether every string is valid Unicode: no lone surrogate), iteratively."""
-    deepest, clean, stack = 0, True, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            clean = clean and not any(0xD800 <= ord(c) <= 0xDFFF for c in item)
-        elif isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest, clean
-
-
-def _finite_float(text: str) -> float:
-    """A JSON number as a double; one past the double range (1e400, -2e308) is refused, as nlohmann refuses it
-    ("number overflow"); one that underflows (1e-400) reads as 0.0 in both runtimes."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]}{'...' if len(text) > 20 else ''} is outside the double range")
-    return value
-
-
-def _finite_int(text: str) -> int:
-    """A JSON integer; one whose magnitude is past the double range (309+ digits) is refused like _finite_float
-    (nlohmann reads an integer past 64 bits as a double)."""
-    _finite_float(text)
-    return int(text)
-
-
-def parse_json(data: bytes, path) -> object:
-    """JSON from bytes under the strict profile both runtimes implement; ArtifactError naming `path` for: a UTF-8
-    byte order mark, a NUL byte anywhere, invalid UTF-8, a syntax error, NaN/Infinity, a duplicate key, a lone
-    UTF-16 surrogate escape, a number past the double range ("not readable JSON"); containers nested more than MAX_JSON_DEPTH ("nested too deeply")."""
-    def no_constant(name):  # NaN/Infinity are not JSON: the C++ runtime's parser refuses them too
-        raise ValueError(f"{name} is not a JSON number")
-
-    if data.startswith(UTF8_BOM):  # json refuses it and nlohmann would skip it: one verdict, stated once
-        raise ArtifactError(f"{path} is not readable JSON ({BOM_REFUSED})")
-    nul = data.find(b"\0")
-    if nul >= 0:  # nlohmann stops reading at a NUL byte: refuse the file instead
-        raise ArtifactError(f"{path} is not readable JSON (it holds a NUL byte at offset {nul})")
-    try:
-        value = json.loads(data.decode("utf-8"), parse_constant=no_constant, object_pairs_hook=_unique_keys,
-                           parse_float=_finite_float, parse_int=_finite_int)
-    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, int too long, duplicate key
-        raise ArtifactError(f"{path} is not readable JSON ({err})") from None
-    except RecursionError:
-        value = None
-        depth, clean = MAX_JSON_DEPTH + 1, True
-    else:
-        depth, clean = _depth_and_text(value)
-    if depth > MAX_JSON_DEPTH:
-        raise ArtifactError(f"{path} is not usable JSON (nested too deeply: more than {MAX_JSON_DEPTH} levels)")
-    if not clean:
-        raise ArtifactError(f"{path} is not readable JSON (a string holds a lone UTF-16 surrogate escape)")
-    return value
 
 
 # ---- checking a manifest against FIELDS -------------------------------------------------------------
