@@ -217,19 +217,32 @@ def check_parity(model_path: str, program: Program, denoiser: Denoiser, batch: i
         raise CheckError(f"ONNX Runtime output differs from the PyTorch sampler: max abs {report['max_abs']:.3g} "
                          f"> {tolerance:.3g} (float32 floor of this sampler {f32_floor:.3g})")
     if decode:
-        agreement = uint8_agreement(results[0][1][0][IMAGES_U8], results[1][1][0][IMAGES_U8])
-        report["images_uint8_within_1"] = agreement
-        if agreement < min_uint8_agreement:
-            raise CheckError(f"ONNX Runtime's images_uint8 differ from the PyTorch decode stage: {agreement:.4%} of "
-                             f"values within +-1 level (< {min_uint8_agreement:.1%})")
+        report["images_uint8_within_1"] = check_decode_agreement(
+            results[0][1][0][IMAGES_U8], results[1][1][0][IMAGES_U8], min_uint8_agreement)
     if golden_dir is not None:
-        from polygraphy.comparator import RunResults
-
-        save_json([feed], str(Path(golden_dir) / GOLDEN_INPUTS))
-        golden = RunResults()
-        golden.append(results[1])
-        golden.save(str(Path(golden_dir) / GOLDEN_OUTPUTS))
+        save_golden(golden_dir, feed, results[1])
     return report
+
+
+def check_decode_agreement(want: np.ndarray, got: np.ndarray, minimum: float) -> float:
+    """Share of uint8 values of ONNX Runtime's decode (`got`) within +-1 level of PyTorch's (`want`); CheckError
+    below `minimum` (a decode stage that rounds differently moves a few values by one level, never more)."""
+    agreement = uint8_agreement(want, got)
+    if agreement < minimum:
+        raise CheckError(f"ONNX Runtime's images_uint8 differ from the PyTorch decode stage: {agreement:.4%} of "
+                         f"values within +-1 level (< {minimum:.1%})")
+    return agreement
+
+
+def save_golden(golden_dir, feed, result) -> None:
+    """The polygraphy golden files of the artifact: `feed` as golden_inputs.json, ONNX Runtime's `result` (a
+    runner's (name, outputs) pair) as golden_outputs.json, for `polygraphy run --load-inputs/--load-outputs`."""
+    from polygraphy.comparator import RunResults
+
+    save_json([feed], str(Path(golden_dir) / GOLDEN_INPUTS))
+    golden = RunResults()
+    golden.append(result)
+    golden.save(str(Path(golden_dir) / GOLDEN_OUTPUTS))
 
 
 def check_static_batches(model_path: str, batches: list[int], denoiser: Denoiser, tolerance: float,
@@ -266,7 +279,6 @@ def check_range_parity(model_path: str, table, scales, denoiser: Denoiser, seed:
     constants, one image per scale of PARITY_FRACTIONS of [lo, hi] in ONE batch: image b runs
     `table.program_at(g_b)` (compiler.scales) on the denoiser guided at g_b (`scales.at`). Tolerance and the
     float32 stability refusal as `check_parity`; with `golden_dir`, the golden files."""
-    from polygraphy.comparator import RunResults
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING  # polygraphy's per-inference logs drown the compiler's
@@ -306,14 +318,8 @@ def check_range_parity(model_path: str, table, scales, denoiser: Denoiser, seed:
         stage = denoiser.decode_stage()
         with torch.no_grad():
             want = stage(torch.from_numpy(ref.astype(np.float32))).numpy()
-        agreement = uint8_agreement(want, results[0][1][0][IMAGES_U8])
-        report["images_uint8_within_1"] = agreement
-        if agreement < min_uint8_agreement:
-            raise CheckError(f"ONNX Runtime's images_uint8 differ from the PyTorch decode stage: {agreement:.4%} of "
-                             f"values within +-1 level (< {min_uint8_agreement:.1%})")
+        report["images_uint8_within_1"] = check_decode_agreement(want, results[0][1][0][IMAGES_U8],
+                                                                 min_uint8_agreement)
     if golden_dir is not None:
-        save_json([feed], str(Path(golden_dir) / GOLDEN_INPUTS))
-        golden = RunResults()
-        golden.append(results[0])
-        golden.save(str(Path(golden_dir) / GOLDEN_OUTPUTS))
+        save_golden(golden_dir, feed, results[0])
     return report
