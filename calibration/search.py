@@ -186,8 +186,9 @@ def reference_sizes(denoiser: Denoiser, nfe: int, n_cands: int, batch: int, hold
     afford = total(MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS) / FIXED_SHARE
     full = total(batch, holdout, steps) / FIXED_SHARE
     fits = total(*new) <= FIXED_SHARE * budget_s
-    lines = (f"  plan ({budget_s:.3g} s of the budget left): {rate:.3g} s per image-call (timed by {how}); "
-             f"references and scoring {total(*new):.1f} s of {FIXED_SHARE * budget_s:.1f} s",)
+    lines = (f"  plan: {budget_s:.3g} s of the budget left after timing; {rate:.3g} s per image-call (timed by {how}); "
+             f"references and scoring need {total(*new):.1f} s, their share of the budget is "
+             f"{FIXED_SHARE * budget_s:.1f} s",)
     if fits:
         lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} Heun steps"
                   + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")

@@ -137,8 +137,14 @@ def test_a_one_second_budget_governs_the_references_too(gmm):
     lines = []
     res = auto_search(gmm, 8, SearchOptions(budget_s=1), log=lines.append)
     assert res.seconds < 3, f"{res.seconds} s: {res.timings}"
-    assert any("references cut to fit --budget 1 s" in line for line in lines), lines
-    assert any("learned schedules and global fits skipped" in line for line in lines), lines
+    # Which of the two ways the budget is met depends on this machine's speed and load when the denoiser call is
+    # timed (a busy CI machine can time gmm's call at several times its idle cost): references cut to fit, or the
+    # search dropped for the documented prior. Either way the log says so and one candidate ships.
+    cut = any("references cut to fit --budget 1 s" in line for line in lines)
+    dropped = any("documented prior" in line for line in lines)
+    assert cut or dropped, lines
+    if cut:
+        assert any("learned schedules and global fits skipped" in line for line in lines), lines
     assert sum(r["chosen"] for r in res.table) == 1
 
 
