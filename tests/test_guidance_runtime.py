@@ -264,7 +264,8 @@ def test_c_abi_refuses_what_python_refuses_with_the_same_message(native, artifac
     n = native["lib"].load(artifacts["digits"], threads=1)
     plain = native["lib"].load(artifacts["digits_plain"], threads=1)
     try:
-        cases = [(n, samplers["digits"], g) for g, _ in BAD_SCALES.values()]
+        # an object array has no C buffer to hand over (the C ABI takes typed tensors): Python-only cases
+        cases = [(n, samplers["digits"], g) for g, _ in BAD_SCALES.values() if np.asarray(g).dtype != object]
         cases += [(n, samplers["digits"], np.float16(0.5)), (plain, samplers["digits_plain"], 2.0)]
         for native_sampler, python_sampler, guidance in cases:
             noise, labels = _noise(4), _labels(python_sampler, 4)
