@@ -131,6 +131,11 @@ class Sampler:
                              f"finite standard-normal values")
         return arr
 
+    def _label_out_of_range(self, label) -> ValueError:
+        """The one message for a class label id outside [0, label_dim - 1] (the C++ runtime gives the same)."""
+        return ValueError(f"class label {int(label)} out of range: this model has label_dim {self.label_dim}, "
+                          f"expected ids in [0, {self.label_dim - 1}]")
+
     def check_labels(self, class_labels, batch: int) -> np.ndarray | None:
         """int64 ids [batch] (None for an unconditional model), or ValueError saying what was expected."""
         if not self.conditional:
@@ -146,8 +151,7 @@ class Sampler:
             if arr.dtype.kind not in "iu":
                 raise ValueError(f"class label ids must be integers, got {class_labels!r}")
             if not 0 <= int(arr) <= hi:  # before the int64 cast: a uint64 id past 2**63 would overflow there
-                raise ValueError(f"class label {int(arr)} out of range: this model has label_dim {self.label_dim}, "
-                                 f"expected ids in [0, {hi}]")
+                raise self._label_out_of_range(arr)
             arr = np.full(batch, int(arr), dtype=np.int64)
         if arr.ndim == 2:  # one-hot
             if arr.shape != (batch, self.label_dim):
@@ -162,16 +166,14 @@ class Sampler:
         if arr.dtype == object and all(isinstance(v, (int, np.integer)) for v in arr):  # ints past 64 bits
             bad = next((v for v in arr if not 0 <= v <= hi), None)
             if bad is not None:  # else refused just below: ids come as an integer array, not Python objects
-                raise ValueError(f"class label {int(bad)} out of range: this model has label_dim {self.label_dim}, "
-                                 f"expected ids in [0, {hi}]")
+                raise self._label_out_of_range(bad)
         if arr.dtype.kind not in "iu":
             raise ValueError(f"class label ids must be integers, got dtype {arr.dtype}")
         if arr.shape[0] != batch:
             raise ValueError(f"expected {batch} class labels (one per sample), got {arr.shape[0]}")
         if arr.size and (arr.min() < 0 or arr.max() > hi):
             bad = arr[(arr < 0) | (arr > hi)][0]
-            raise ValueError(f"class label {int(bad)} out of range: this model has label_dim {self.label_dim}, "
-                             f"expected ids in [0, {hi}]")
+            raise self._label_out_of_range(bad)
         return np.ascontiguousarray(arr, dtype=np.int64)
 
     def check_guidance(self, guidance, batch: int) -> np.ndarray | None:
