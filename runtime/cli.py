@@ -78,6 +78,8 @@ def output_paths(out: str) -> tuple[Path, Path]:
     if path.suffix.lower() not in (".png", ".npz"):
         raise ValueError(f"--out {out}: expected a name ending in .png (the grid; the .npz goes beside it) or .npz")
     png, npz = path.with_suffix(".png"), path.with_suffix(".npz")
+    # the name given keeps its spelling (x.NPZ stays x.NPZ); its companion gets the lower-case suffix
+    png, npz = (path, npz) if path.suffix.lower() == ".png" else (png, path)
     check_output_file(png, "--out")
     check_output_file(npz, "--out")
     return png, npz

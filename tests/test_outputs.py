@@ -556,3 +556,12 @@ def test_output_files_put_back_what_a_failed_rename_pair_replaced(tmp_path):
                                f"left as they were")
     assert first.read_bytes() == b"old npz"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz", "x.png"]
+
+
+def test_sample_out_keeps_the_spelling_of_the_name_given(tmp_path):
+    """`--out x.NPZ` names the .npz as typed (not x.npz); its PNG companion gets the lower-case suffix."""
+    from iia.runtime.cli import output_paths
+
+    assert output_paths(str(tmp_path / "x.NPZ")) == (tmp_path / "x.png", tmp_path / "x.NPZ")
+    assert output_paths(str(tmp_path / "y.PNG")) == (tmp_path / "y.PNG", tmp_path / "y.npz")
+    assert output_paths(str(tmp_path / "z.png")) == (tmp_path / "z.png", tmp_path / "z.npz")
