@@ -379,12 +379,15 @@ def scale_spec(denoiser: Denoiser) -> dict:
 
 # ---- publish --------------------------------------------------------------------------------------------
 def is_artifact_dir(path: Path) -> bool:
-    """True for a directory holding an iia artifact manifest (its schema field), or an empty directory."""
+    """True for a directory holding an iia artifact manifest (its schema field; a regular file, not a link), or an
+    empty directory."""
     if not path.is_dir() or path.is_symlink():
         return False
     try:
         if not any(path.iterdir()):
             return True
+        if (path / MANIFEST).is_symlink():  # ours are plain files; a link (maybe outside) is not followed
+            return False
         with open_regular(path / MANIFEST, MAX_MANIFEST_BYTES) as f:
             data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
     except (OSError, ValueError, RecursionError, ArtifactError):

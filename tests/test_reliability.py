@@ -29,7 +29,7 @@ from iia.evaluation.quality import main as quality_main
 from iia.models import gaussian_mixture
 from iia.runtime import ArtifactError, draw_noise, load
 from iia.runtime.cli import sample_main
-from iia.runtime.contract import sha256_file
+from iia.runtime.contract import SCHEMA, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 GMM = dict(shape=(1, 4, 4), components=3, conditional=True)
@@ -229,6 +229,16 @@ def test_force_refuses_what_is_not_an_artifact(tmp_path):
     with pytest.raises(CompileError, match="a file"):
         compile_tiny(plain)
     assert plain.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "photos"]
+    # a folder whose manifest.json links to a real artifact's manifest elsewhere: the link is not followed
+    real, linked = tmp_path / "real", tmp_path / "linked"
+    real.mkdir()
+    (real / "manifest.json").write_text(json.dumps({"schema": SCHEMA}))
+    linked.mkdir()
+    (linked / "manifest.json").symlink_to(real / "manifest.json")
+    (linked / "mine.txt").write_text("keep me too")
+    with pytest.raises(CompileError, match="not an iia artifact"):
+        compile_tiny(linked)
+    assert (linked / "mine.txt").read_text() == "keep me too"
     for bad in (".", ".."):
         start = time.perf_counter()
         with pytest.raises(CompileError, match="not '.' or '..'"):
