@@ -10,6 +10,7 @@ from pathlib import Path
 
 from iia.runtime.contract import MAX_COEFFICIENTS_BYTES, ArtifactError, parse_json, read_regular, write_json_atomic
 from iia.models.base import Denoiser
+from iia.models.device import describe_device
 
 from .fit import CalibrationResult
 from .solvers import DEFINITION_VERSION, Program, build_program, get_solver
@@ -92,6 +93,8 @@ def to_dict(result: CalibrationResult, denoiser: Denoiser, nfe: int) -> dict:
         "local_residuals": result.steps,
         "guard": result.guard,
         **({"search": result.search} if result.search else {}),
+        # the device of the calibration when not the CPU (coefficients depend on it only by float rounding)
+        **({"device": describe_device(denoiser.device)} if denoiser.device.type != "cpu" else {}),
         "seconds": round(result.seconds, 3),
         "versions": library_versions(),
     }

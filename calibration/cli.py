@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from iia.cli import (ProgressBar, add_options, check_options, check_output_file, flag_of, given_options, option,
                      options_from, run_cli, stage, written)
 
+from iia.models.device import describe_device, device_option, resolve_device
+
 from .fit import CalibrationOptions
 from .solvers import SOLVERS
 
@@ -21,6 +23,7 @@ class CalibrateTarget:
 
     solver: str = option("iia-edm", "an IIA variant: " + ", ".join(s for s in SOLVERS if SOLVERS[s].fitted))
     nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000)
+    device: str = device_option()
 
 PICKLE_NOTE = ("Loading an EDM .pkl executes code stored in the pickle (inherent to the format): "
                "load only checkpoints you trust. The sha256 of what was loaded is printed.")
@@ -35,11 +38,15 @@ def add_model_argument(parser: argparse.ArgumentParser, default: str | None = "g
                              "(sample without it) or 'clip' (clamp D, clip_sample only)")
 
 
-def load_model_verbose(spec, x0_clipping=None):
+def load_model_verbose(spec, x0_clipping=None, device: str = "cpu"):
+    """The model (`spec`), its description on stderr, its network on `device` (--device: auto, cpu, cuda[:N])."""
     from iia.models import load
 
-    denoiser = load(spec, x0_clipping)
+    device = resolve_device(device)
+    denoiser = load(spec, x0_clipping).to(device)
     print(f"model: {denoiser.describe()}", file=sys.stderr)
+    if device.type != "cpu":
+        print(f"PyTorch work on {describe_device(device)}", file=sys.stderr)
     for line in denoiser.report:
         print(f"  {line}", file=sys.stderr)
     if denoiser.identity.get("sha256"):
@@ -59,6 +66,7 @@ def _calibrate(argv=None) -> int:
     from .schedules import program_for
 
     check_options(options_from(CalibrateTarget, args))
+    resolve_device(args.device)  # before any work: a device torch cannot see is refused by name
     options = options_from(CalibrationOptions, args)
     options.validate()
     given = given_options(parser, argv)
@@ -69,7 +77,7 @@ def _calibrate(argv=None) -> int:
                          f"{'does' if len(guard_only) == 1 else 'do'} not apply")
     check_output_file(args.out, "--out")
     program_for_check = args.solver, args.nfe
-    denoiser = load_model_verbose(args.model, args.x0_clipping)
+    denoiser = load_model_verbose(args.model, args.x0_clipping, args.device)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver
     bar = ProgressBar("calibrating")
     with stage(f"calibrate {args.solver} NFE {args.nfe}"):

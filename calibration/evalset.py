@@ -24,14 +24,15 @@ def draw_noise(denoiser: Denoiser, n: int, seed: int, labels=None) -> tuple[torc
     """Noise float64 [n, *shape] and class labels int64 [n] (None for unconditional models) for images
     seed .. seed + n - 1, by the artifact contract's convention (`iia.runtime.contract.draw_noise`/`draw_labels`),
     so the same seed gives the same noise here, in iia-sample and in the parity check. Labels given are
-    repeated to n; else drawn per image."""
-    noise = torch.from_numpy(contract_noise(seed, n, denoiser.shape)).to(torch.float64)
+    repeated to n; else drawn per image. Both on `denoiser.device` (drawn on the CPU: the same values anywhere)."""
+    device = denoiser.device
+    noise = torch.from_numpy(contract_noise(seed, n, denoiser.shape)).to(device, torch.float64)
     if not denoiser.conditional:
         return noise, None
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-        return noise, labels.repeat((n + labels.numel() - 1) // labels.numel())[:n]
-    return noise, torch.from_numpy(draw_labels(seed, n, denoiser.label_dim))
+        return noise, labels.repeat((n + labels.numel() - 1) // labels.numel())[:n].to(device)
+    return noise, torch.from_numpy(draw_labels(seed, n, denoiser.label_dim)).to(device)
 
 
 def sample_errors(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -133,8 +133,9 @@ def fit_update(step: Step, view: StepView, denoiser: Denoiser, options: Calibrat
     sub-steps, accumulated `chunks` at a time. Returns (the step with its coefficients, its report entry)."""
     fit_this = step.fittable and step.index >= options.first_step and step.basis
     p = len(step.basis)
-    gram = torch.zeros(p, p, dtype=torch.float64)
-    rhs = torch.zeros(p, dtype=torch.float64)
+    device = view.anchor.device  # accumulated where the trajectory is, solved on the CPU (a p x p system)
+    gram = torch.zeros(p, p, dtype=torch.float64, device=device)
+    rhs = torch.zeros(p, dtype=torch.float64, device=device)
     target_sq, n_elems = 0.0, 0
     for ci, c in enumerate(chunks):
         if fit_this:
@@ -149,6 +150,7 @@ def fit_update(step: Step, view: StepView, denoiser: Denoiser, options: Calibrat
             n_elems += resid.numel()
         if tick:
             tick(ci)
+    gram, rhs = gram.cpu(), rhs.cpu()
     c_base = torch.tensor(step.coefficients, dtype=torch.float64)
     entry = {"step": step.index, "sigma_from": step.sigma_from, "sigma_to": step.sigma_to, "fitted": bool(fit_this)}
     if fit_this:

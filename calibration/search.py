@@ -93,7 +93,7 @@ PRECISE_CALLS = 18 * 32 + 15 * 256  # image-calls of the precise timing
 
 def _time_call(denoiser: Denoiser, m: int) -> float:
     """Seconds of ONE denoiser call on m noises (at sigma_max)."""
-    x = torch.randn(m, *denoiser.shape, generator=torch.Generator().manual_seed(0)) * denoiser.sigma_max
+    x = torch.randn(m, *denoiser.shape, generator=torch.Generator().manual_seed(0)).to(denoiser.device) * denoiser.sigma_max
     labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -122,7 +122,8 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
     if rate * PRECISE_CALLS <= share:
         times = {}
         for m, steps in ((32, 2), (32, 8), (256, 8)):  # the first is the warm-up
-            x = torch.randn(m, *denoiser.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(m, *denoiser.shape, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0)).to(denoiser.device)
             labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
             t0 = time.perf_counter()
             reference_solution(denoiser, x, labels, steps=steps)

@@ -10,7 +10,9 @@ from the same noise (`EvalSet`), never a local per-step target.
   against a teacher; the reference ODE solution is ours.
 - `fit_global`: the per-step coefficients of an IIA program fitted by L-BFGS, backpropagating through the
   executor (`sample_with_coefficients`) and the denoiser's own autograd, on unit-scaled coefficient offsets with
-  a ridge toward the base solver.
+  a ridge toward the base solver. Its memory is bounded (`gradient_plan`): the calibration noises are taken a
+  chunk at a time with the gradient accumulated, and where NFE calls' activations of a chunk would not fit, each
+  denoiser call is recomputed in the backward pass (torch.utils.checkpoint) instead of kept.
 Each stops at `deadline` (a time.perf_counter() value; None: only its evaluation count bounds it).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import torch
 
@@ -88,33 +91,116 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
 
 
 class GradDenoiser:
-    """The denoiser as the executor calls it, D(x, sigma, labels), but differentiable (no torch.no_grad)."""
+    """The denoiser as the executor calls it, D(x, sigma, labels), but differentiable (no torch.no_grad), on
+    the denoiser's device. `recompute`: each call's activations are not kept for the backward pass but
+    recomputed there from its input (torch.utils.checkpoint): memory of one call instead of NFE calls."""
 
-    def __init__(self, denoiser: Denoiser):
-        self.denoiser = denoiser
+    def __init__(self, denoiser: Denoiser, recompute: bool = False):
+        self.denoiser, self.recompute = denoiser, recompute
+
+    def _net(self, x: torch.Tensor, sig: torch.Tensor, *labels) -> torch.Tensor:
+        return self.denoiser.net(x.to(torch.float32), sig, *labels).to(torch.float64)
 
     def __call__(self, x: torch.Tensor, sigma: float, labels) -> torch.Tensor:
-        sig = torch.full((x.shape[0],), float(sigma), dtype=torch.float32)
-        args = [x.to(torch.float32), sig]
+        device = self.denoiser.device
+        sig = torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=device)
+        args = [x.to(device), sig]
         if self.denoiser.conditional:
-            args.append(self.denoiser.labels_or_error(labels, x.shape[0]))
-        return self.denoiser.net(*args).to(torch.float64)
+            args.append(self.denoiser.labels_or_error(labels, x.shape[0]).to(device))
+        if self.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._net, *args, use_reentrant=False)
+        return self._net(*args)
 
 
 def sample_with_coefficients(program: Program, denoiser: Denoiser, noise: torch.Tensor, labels,
-                             coefficients: list[torch.Tensor], basis_rms: list | None = None) -> torch.Tensor:
+                             coefficients: list[torch.Tensor], basis_rms: list | None = None,
+                             recompute: bool = False) -> torch.Tensor:
     """The executor with coefficient TENSORS (differentiable in them and through the denoiser); optionally
-    records each basis term's RMS per step into `basis_rms`."""
+    records each basis term's RMS per step into `basis_rms`; `recompute`: see GradDenoiser."""
     def record(k, view):
         basis_rms.append([float(b.detach().pow(2).mean().sqrt()) for b in view.basis])
 
-    return execute(program.plan(), GradDenoiser(denoiser), noise.to(torch.float64), labels,
+    return execute(program.plan(), GradDenoiser(denoiser, recompute), noise.to(torch.float64), labels,
                    coefficients=coefficients, on_step=None if basis_rms is None else record, arrays=TORCH)
+
+
+# Memory for the global fit's backward pass: half the free memory of a CUDA device at the fit's start; on the CPU
+# a fixed 1 GiB (iia-compile's peak RSS budget is 4x the weights + 1.5 GiB). A chunk keeps, per noise, each call's
+# saved activations (unless recomputed) and ~STATE_COPIES float64 states per call (the executor's combination
+# terms, the call's input).
+CUDA_GRAD_MEMORY_SHARE, CPU_GRAD_MEMORY_BYTES, STATE_COPIES = 0.5, 1 << 30, 6
+MIN_PLAIN_CHUNK = 32  # below this many noises per chunk, recomputing calls beats smaller chunks (batching)
+
+
+def grad_memory_budget(device: torch.device) -> int:
+    """Bytes the global fit's backward pass may hold on `device` (see CUDA_GRAD_MEMORY_SHARE)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(CUDA_GRAD_MEMORY_SHARE * free)
+    return CPU_GRAD_MEMORY_BYTES
+
+
+def call_activation_bytes(denoiser: Denoiser, calib: EvalSet, sigma: float) -> float:
+    """Bytes one differentiable denoiser call saves for its backward pass, per noise: counted with
+    saved_tensors_hooks on 2 and 4 calibration noises (the difference: what the batch adds, not the weights)."""
+    saved = {}
+    for m in (2, 4):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        n = min(m, len(calib))
+        labels = None if calib.labels is None else calib.labels[:n]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = (calib.noise[:n] * sigma).requires_grad_(True)
+            GradDenoiser(denoiser)(x, sigma, labels)
+        saved[n] = total
+    (n0, b0), (n1, b1) = sorted(saved.items())
+    return max(b1 - b0, 0) / max(n1 - n0, 1) if n1 > n0 else b1 / n1
+
+
+def gradient_plan(per_call: float, state_bytes: int, nfe: int, chunk: int, budget: int) -> tuple[int, bool]:
+    """(noises per chunk, recompute) for the global fit's backward pass within `budget` bytes: `per_call` saved
+    bytes per noise and call, `state_bytes` one float64 state. Keeps every call's activations when a chunk of
+    at least min(chunk, MIN_PLAIN_CHUNK) noises fits that way; else recomputes each call (one call's activations
+    at a time) with the largest chunk that fits (at least 1)."""
+    states = nfe * STATE_COPIES * state_bytes
+    plain = int(budget // max(nfe * per_call + states, 1))
+    if plain >= min(chunk, MIN_PLAIN_CHUNK):
+        return min(chunk, plain), False
+    return max(1, min(chunk, int(budget // max(per_call + states, 1)))), True
+
+
+def end_to_end_gradient(program: Program, denoiser: Denoiser, calib: EvalSet,
+                        coefficients: Callable[[], list[torch.Tensor]], loss: str, chunk: int,
+                        recompute: bool = False) -> float:
+    """The calibration loss of `program` over all of `calib`, its gradient ACCUMULATED into the .grad of the
+    leaves behind `coefficients()` (the per-step coefficient tensors, made anew for each chunk since a backward
+    pass frees the graph that made them), `chunk` noises at a time: memory of one chunk. Returns the loss.
+    `recompute`: each call recomputed in the backward pass (GradDenoiser). The per-sample RMSE is clamped
+    before the root so that its gradient stays finite."""
+    n, total = len(calib), 0.0
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        labels = None if calib.labels is None else calib.labels[part]
+        x = sample_with_coefficients(program, denoiser, calib.noise[part], labels, coefficients(),
+                                     recompute=recompute)
+        err = ((x - calib.reference[part]) ** 2).reshape(x.shape[0], -1).mean(1)
+        err = err.clamp_min(1e-30).sqrt()
+        value = (err**2).sum() / n if loss == "mse" else err.sum() / n
+        value.backward()
+        total += float(value.detach())
+    return total
 
 
 def _unit_scales(program: Program, denoiser: Denoiser, calib: EvalSet, chunk: int) -> list[torch.Tensor]:
     """Per step, each basis term's RMS on the base trajectory of the first `chunk` calibration noises."""
-    base = [torch.tensor(s.coefficients, dtype=torch.float64) for s in program.steps]
+    base = [torch.tensor(s.coefficients, dtype=torch.float64, device=denoiser.device) for s in program.steps]
     with torch.no_grad():
         rms: list = []
         n0 = min(len(calib), chunk)
@@ -138,15 +224,18 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
     if u.numel() == 0:
         return program, {"iterations": 0, "seconds": 0.0}
 
-    def coefs(u_vec):
+    device = denoiser.device
+
+    def coefs(u_vec):  # on the states' device (u stays on the CPU with L-BFGS; a no-op there)
         out, k = [], 0
         for b, s, n in zip(base, scale, sizes):
-            out.append(b + u_vec[k:k + n] / s)
+            out.append((b + u_vec[k:k + n] / s).to(device))
             k += n
         return out
 
-    n = len(calib)
-    parts = [slice(s, s + chunk) for s in range(0, n, chunk)]
+    state_bytes = 8 * math.prod(denoiser.shape)
+    per_call = call_activation_bytes(denoiser, calib, float(program.sigmas[0]))
+    chunk, recompute = gradient_plan(per_call, state_bytes, program.nfe, chunk, grad_memory_budget(device))
     best = {"f": math.inf, "u": u.detach().clone()}
     evals = 0
 
@@ -156,16 +245,7 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
             raise OutOfTime
         evals += 1
         opt.zero_grad()
-        total = 0.0
-        for part in parts:
-            labels = None if calib.labels is None else calib.labels[part]
-            x = sample_with_coefficients(program, denoiser, calib.noise[part], labels, coefs(u))
-            # the loss's per-sample RMSE, clamped before the root so that its gradient stays finite
-            err = ((x - calib.reference[part]) ** 2).reshape(x.shape[0], -1).mean(1)
-            err = err.clamp_min(1e-30).sqrt()
-            value = (err**2).sum() / n if loss == "mse" else err.sum() / n
-            value.backward()
-            total += float(value.detach())
+        total = end_to_end_gradient(program, denoiser, calib, lambda: coefs(u), loss, chunk, recompute)
         penalty = ridge * (u**2).sum()
         penalty.backward()
         total += float(penalty.detach())
@@ -186,4 +266,4 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
         cut = True  # the deadline stopped the fit before it converged
     fitted = program.with_coefficients([c.detach().tolist() for c in coefs(best["u"])])
     return fitted, {"evals": evals, "loss_base": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2),
-                    "cut": cut}
+                    "cut": cut, "chunk": chunk, "recompute": recompute}

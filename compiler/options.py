@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from iia.calibration.fit import CalibrationOptions
 from iia.calibration.solvers import SOLVERS, get_solver
 from iia.cli import check_options, flag_of, option
+from iia.models.device import DeviceError, device_option, resolve_device
 from iia.runtime.contract import MAX_STATIC_BATCHES
 from iia.runtime.engine import PRECISIONS
 
@@ -45,12 +46,14 @@ class CompileOptions:
     """`iia-compile` settings, each declared once with its flag, bounds and role (see iia.cli.option). Roles:
     "target" (what is compiled), "search" (the auto search), "source" (a coefficient file instead of a fit),
     "graph" (the ONNX graph), "engine" (the TensorRT engine), "model" (guidance, VAE), "output" (the
-    artifact directory); the calibration options carry their own (CalibrationOptions)."""
+    artifact directory), "device" (where PyTorch work runs: every path reads it, the parity check at least);
+    the calibration options carry their own (CalibrationOptions)."""
 
     nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000, role="target")
     solver: str = option("auto", "auto: search solver families x schedule (Karras/learned) x coefficients "
                                  "(base/local IIA/global) by held-out end-to-end error and ship the best; or one "
                                  "of " + ", ".join(sorted(SOLVERS)), role="target")
+    device: str = device_option()
     budget_s: float = option(180.0, "seconds the auto search may take (references included)", flag="--budget",
                              lo=1.0, hi=1e6, role="search")
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
@@ -171,6 +174,10 @@ def validate(opts: CompileOptions) -> list[int]:
     """Every check of the options that needs no model (CompileError / CalibrationError naming the flag), before
     any work; returns the static batch sizes."""
     check_options(opts, CompileError)
+    try:
+        resolve_device(opts.device)  # before any work: a device torch cannot see is refused by name
+    except DeviceError as err:
+        raise CompileError(str(err)) from None
     static = static_batches(opts)
     if opts.solver != "auto":
         get_solver(opts.solver).steps_for_nfe(opts.nfe)

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+import torch
 
 from iia.calibration import artifact
 from iia.calibration.solvers import Denoise, Program
 from iia.cli import stage
 from iia.models.base import Denoiser
 from iia.models.decode import decode_param_bytes
+from iia.models.device import describe_device, on_device, resolve_device
 from iia.models.registry import load as load_model
 from iia.models.registry import resolve_model
 from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS,
@@ -56,6 +58,7 @@ class Loaded:
     decode: object | None  # the decode stage (iia.models.decode), None for none
     engine_skipped: str | None  # why no TensorRT engine is built; None: one is
     cacheable: bool  # loaded here from a path: a Denoiser passed in may change under the same identity
+    device: torch.device = torch.device("cpu")  # where the stages' PyTorch work runs (--device)
 
 
 @dataclass(frozen=True)
@@ -148,14 +151,16 @@ def load(model, job: Job) -> Loaded:
     if opts.precision != "fp32" and reason:
         log(f"  --precision {opts.precision} applies to the TensorRT engine, which is skipped ({reason}); "
             f"the ONNX graph is fp32")
-    return Loaded(denoiser, decode, reason, cacheable=not isinstance(model, Denoiser))
+    device = resolve_device(opts.device)
+    log(f"  PyTorch work (references, fits, scoring, parity) on {describe_device(device)} (--device {opts.device})")
+    return Loaded(denoiser, decode, reason, cacheable=not isinstance(model, Denoiser), device=device)
 
 
 # ---- coefficients ---------------------------------------------------------------------------------------
 def coefficients(loaded: Loaded, job: Job) -> Coefficients:
     """The sampler's coefficients (see compiler.coefficients), written to coefficients.json."""
     denoiser = loaded.denoiser
-    with stage("coefficients", job.timings, job.log):
+    with stage("coefficients", job.timings, job.log), on_device(denoiser, loaded.device):
         scales = None
         if getattr(denoiser, "guidance_range", None) is not None:
             data, program, how, scales = range_coefficients(denoiser, job.opts, job.log, job.progress)
@@ -198,7 +203,9 @@ def export(loaded: Loaded, job: Job) -> Exported:
     def made_from(what: str) -> dict:
         return {"what": what, "model_sha256": denoiser.identity.get("sha256"), "max_batch": max_batch}
 
-    with stage("export denoiser", job.timings, job.log):
+    # on the CPU whatever --device: the traced graph (and the export cache entry, whose key names no device) is then
+    # the same for every device, and the export is a one-off trace whose graph runs on ONNX Runtime / TensorRT
+    with stage("export denoiser", job.timings, job.log), on_device(denoiser, "cpu"):
         model = cached_export(lambda: export_denoiser(denoiser, max_batch), key("denoiser"), cache, job.log,
                               made_from("denoiser"))
         onnx.save_model(model, str(job.work / DENOISER_ONNX))
@@ -274,7 +281,7 @@ def verify(loaded: Loaded, coefs: Coefficients, exported: Exported, static: list
     """Parity of sampler.onnx (ONNX Runtime CPU) with the PyTorch interpreter (writing the golden files), then
     each static batch size against the dynamic graph."""
     work, log = job.work, job.log
-    with stage("parity vs PyTorch", job.timings, log):
+    with stage("parity vs PyTorch", job.timings, log), on_device(loaded.denoiser, loaded.device):
         if coefs.scales is not None:  # at the range's ends and scales between, some of them not nodes
             parity = check_range_parity(str(work / SAMPLER_ONNX), coefs.scales, loaded.denoiser.guidance_range,
                                         loaded.denoiser, atol=job.opts.parity_atol, golden_dir=work,

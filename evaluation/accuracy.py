@@ -10,6 +10,7 @@ from iia.cli import int_list, option, str_list
 from iia.runtime.contract import atomic_open
 
 from iia.models.base import Denoiser
+from iia.models.device import device_option
 
 from iia.calibration.fit import CalibrationOptions, calibrate
 from iia.calibration.evalset import evaluation_set, rmse
@@ -29,6 +30,7 @@ class AccuracyOptions:
     nfe: list[int] = option([5, 7, 9, 11, 15, 19, 25, 35], "NFE values, comma-separated (EDM-family solvers use "
                             "the odd ones, DDIM-family all of them)", parse=int_list, lo=1, hi=1000)
     n_test: int = option(500, "fresh test noises", lo=2, hi=1_000_000)
+    device: str = device_option()
 
 
 def save_figure(fig, path: str | Path) -> None:

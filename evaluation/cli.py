@@ -18,6 +18,7 @@ def _accuracy(argv=None) -> int:
     from iia.runtime.contract import write_json_atomic
 
     from .accuracy import AccuracyOptions, accuracy_table, format_table, plot_table
+    from iia.models.device import resolve_device
 
     parser = argparse.ArgumentParser(prog="iia-accuracy", description="Sampler RMSE vs a high-accuracy reference. "
                                      + PICKLE_NOTE)
@@ -34,6 +35,7 @@ def _accuracy(argv=None) -> int:
     parser.add_argument("--fd", action="store_true", help="with --peers on the digits model: FD-digits too")
     args = parser.parse_args(argv)
     check_options(options_from(AccuracyOptions, args))
+    resolve_device(args.device)  # before loading the model: a device torch cannot see is refused by name
     if args.peers:
         return _peers(args, argv)
     given = given_options(parser, argv)
@@ -45,7 +47,7 @@ def _accuracy(argv=None) -> int:
     _refuse_fit_flags_without_a_fit(parser, given, args.solvers)
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
-    denoiser = load_model_verbose(args.model)
+    denoiser = load_model_verbose(args.model, device=args.device)
     rows = accuracy_table(denoiser, args.solvers, args.nfe, options, args.n_test,
                           progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     print(format_table(rows))
@@ -101,7 +103,7 @@ def _peers(args, argv) -> int:
     search.validate()
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
-    denoiser = load_model_verbose(args.model)
+    denoiser = load_model_verbose(args.model, device=args.device)
     report = peer_benchmark(denoiser, args.nfe, solvers, peers, args.n_test, options, search, fd=args.fd,
                             progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     print(format_peer_table(report))

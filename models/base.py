@@ -55,14 +55,36 @@ class Denoiser:
     def is_image(self) -> bool:
         return len(self.shape) == 3
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs: its parameters' (or buffers') device; a network with neither (a plain
+        callable) runs where `to` put it, the CPU by default."""
+        for tensor in self.net.parameters():
+            return tensor.device
+        for tensor in self.net.buffers():
+            return tensor.device
+        return getattr(self, "_device", torch.device("cpu"))
+
+    def to(self, device: torch.device | str) -> "Denoiser":
+        """Move the network to `device` (in place, as nn.Module.to; a no-op where it already is); returns self.
+        The decode stage stays where it is (the parity check decodes a few images)."""
+        device = torch.device(device)
+        if device != self.device:
+            self.net.to(device)
+        self._device = device
+        return self
+
     def __call__(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The network on `self.device` (inputs moved there: a no-op where the caller made them there); the
+        output on x's device, in x's dtype."""
         batch = x.shape[0]
         if tuple(x.shape[1:]) != tuple(self.shape):
             raise DenoiserError(f"input shape {tuple(x.shape[1:])} does not match the model's {self.shape}")
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(batch).contiguous()
-        args = [x.to(torch.float32), sigma]
+        device = self.device
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1).expand(batch).contiguous()
+        args = [x.to(device, torch.float32), sigma]
         if self.conditional:
-            args.append(self.labels_or_error(class_labels, batch))
+            args.append(self.labels_or_error(class_labels, batch).to(device))
         with torch.no_grad():
             out = self.net(*args)
         if tuple(out.shape) != tuple(x.shape):
@@ -71,7 +93,7 @@ class Denoiser:
             )
         if not torch.isfinite(out).all():
             raise DenoiserError(f"denoiser returned NaN/Inf at sigma={float(sigma[0]):.6g}")
-        return out.to(x.dtype)
+        return out.to(x.device, x.dtype)
 
     def decode_stage(self) -> torch.nn.Module | None:
         """The model's decode stage (uint8 NHWC pixels), EDM's pixel formula for image models without one,
