@@ -25,6 +25,13 @@
 #                and batch (max abs, bit-identical), iia-run --bench
 #   cpu-floors   speedup_vs_loop on ONNX Runtime CPU with idle cores (digits and an EDM-format pickle, 1 thread
 #                pinned to one core, 2 threads --no-spin pinned to two), against docs/performance.md's floors
+# opt-in checks (run only when named; each takes most of the budget: run it alone):
+#   full-size-cuda  FULL-SIZE fixture (EDM's CIFAR-10 DDPM++ configuration, ~56 M parameters: scripts/real_size.py
+#                --fixture cifar when present, else tests/edm_fixtures.make_edm_pickle with as many parameters),
+#                its DEFAULT compile with --device cuda (auto search, --budget 180, TensorRT where it exists):
+#                reports the cost per image-call, the plan block, the coefficient stage's and the whole compile's
+#                time, peak RSS, what shipped, the device coefficients.json records, and the stepping state's
+#                float64 vs float32 time on the GPU (ipndm NFE 9, 64 noises). FULL_SIZE_FLAGS adds flags.
 #
 # Each check prints PASS / FAIL / SKIP / TIMEOUT with its reason and numbers; a table sums them up at the end. Exit
 # status 0 only when every check that ran passed and none was skipped. Logs and numbers (JSON) go under
@@ -46,8 +53,9 @@ cd "$here" || exit 2
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 CHECKS=(compile trt-fp32 trt-fp16 trt-checks ort-cuda latency triton-plan edm2-latent native cpu-floors)
+OPT_IN=(full-size-cuda)  # run only when named
 declare -A LIMIT=([compile]=120 [trt-fp32]=90 [trt-fp16]=90 [trt-checks]=40 [ort-cuda]=40 [latency]=180
-                  [triton-plan]=60 [edm2-latent]=120 [native]=150 [cpu-floors]=150)
+                  [triton-plan]=60 [edm2-latent]=120 [native]=150 [cpu-floors]=150 [full-size-cuda]=570)
 NEEDS_COMPILE=" trt-fp32 trt-checks ort-cuda latency triton-plan native "
 SKIP=77  # a check's exit status for "could not run here"
 
@@ -196,6 +204,29 @@ check_cpu_floors() {
   "$PY" "$WORK/dc.py" floors "$RES"/cpu-floors-*-t1.json
 }
 
+check_full_size_cuda() {
+  need_gpu
+  "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || skip "torch sees no CUDA device (--device cuda)"
+  local pkl="$WORK/cifar.pkl" art="$WORK/art-cifar" log="$RES/full-size-cuda-compile.log" t0 rss=()
+  if [ -f scripts/real_size.py ] && "$PY" scripts/real_size.py --help 2>/dev/null | grep -q -- --fixture \
+     && "$PY" scripts/real_size.py --fixture cifar --out "$pkl"; then
+    detail "fixture: scripts/real_size.py --fixture cifar"
+  else
+    "$PY" "$WORK/dc.py" cifar "$pkl" || fail "could not build the full-size fixture (tests/edm_fixtures.py)"
+    detail "fixture: tests/edm_fixtures.make_edm_pickle (scripts/real_size.py absent or without --fixture cifar)"
+  fi
+  [ -x /usr/bin/time ] && rss=(/usr/bin/time -v -o "$RES/full-size-cuda-time.txt")
+  t0=$SECONDS
+  # shellcheck disable=SC2086  # FULL_SIZE_FLAGS: extra flags, word-split on purpose
+  ${rss[@]+"${rss[@]}"} "$PY" "$WORK/dc.py" entry iia-compile "$pkl" --nfe 9 --device cuda --out "$art" --force \
+    ${FULL_SIZE_FLAGS:-} 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]} seconds=$((SECONDS - t0))
+  "$PY" "$WORK/dc.py" full-size-report "$log" "$art" "$seconds" "$RES/full-size-cuda-time.txt" "$RES/full-size-cuda.json"
+  [ "$rc" = 0 ] || fail "iia-compile of the full-size fixture with --device cuda failed after ${seconds}s (log above)"
+  "$PY" "$WORK/dc.py" device-recorded "$art" || fail "coefficients.json does not record a CUDA calibration"
+  "$PY" "$WORK/dc.py" state-timing "$pkl" || fail "the stepping-state timing on the GPU failed"
+}
+
 if [ "${1:-}" = "--run-one" ]; then
   NAME=$2
   export DETAIL="$RES/$NAME.detail"  # dc.py's note() appends its one-line results here too
@@ -207,7 +238,8 @@ fi
 
 if [ $# -gt 0 ]; then
   for c in "$@"; do
-    [[ " ${CHECKS[*]} " == *" $c "* ]] || { echo "device_check.sh: unknown check '$c' (checks: ${CHECKS[*]})" >&2; exit 2; }
+    [[ " ${CHECKS[*]} ${OPT_IN[*]} " == *" $c "* ]] \
+      || { echo "device_check.sh: unknown check '$c' (checks: ${CHECKS[*]} ${OPT_IN[*]})" >&2; exit 2; }
   done
   CHECKS=("$@")
   for c in "$@"; do  # a check that needs the shared artifact brings `compile` with it
@@ -392,6 +424,76 @@ def edm16(path):
     make_edm_pickle(path, "edm-cond", resolution=16, channels=32)
 
 
+def cifar(path):
+    """The full-size fixture's fallback until tests/fixtures/edm_like has EDM's CIFAR-10 configuration: an EDM-format
+    32x32 class-conditional pickle with as many parameters (55.7 M: 42 residual blocks of 256 channels). All at full
+    resolution (the fixture net has no down-sampling), a call costs several times DDPM++'s FLOPs: a pessimistic
+    cost per image-call."""
+    sys.path.insert(0, "tests")
+    from edm_fixtures import make_edm_pickle
+    net = make_edm_pickle(path, "edm-cond", resolution=32, channels=256, num_blocks=42, label_dim=10)
+    note(f"fallback fixture {path}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters, full "
+         f"resolution (pessimistic cost per image-call)")
+
+
+def full_size_report(log, art, seconds, time_file, out):
+    """The full-size compile's numbers from its log: cost per image-call, the plan block, the stage times, peak RSS,
+    what shipped; kept in `out` (JSON) and the summary."""
+    text = Path(log).read_text(errors="replace")
+    lines = text.splitlines()
+    plan = [l for l in lines if re.search(r"\bplan\b", l) and l.startswith("  ")]
+    cost = re.findall(r"([0-9.eE+-]+) s per image-call", text)
+    stages = dict(re.findall(r"^\[([^\]]+)\] done in ([0-9.]+) s", text, re.M))
+    shipped = [l.strip() for l in lines if "shipped" in l][-1:]
+    rss = None
+    if Path(time_file).is_file():
+        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", Path(time_file).read_text())
+        rss = int(m.group(1)) / 2**20 if m else None
+    print("== the plan block")
+    print("\n".join(plan) or "(no plan lines in the log)")
+    note(f"cost per image-call {cost[0] if cost else '?'} s; coefficients {stages.get('coefficients', '?')} s; "
+         f"whole compile {seconds} s" + (f"; peak RSS {rss:.2f} GiB" if rss else ""))
+    if shipped:
+        note(shipped[0][:160])
+    Path(out).write_text(json.dumps({"seconds": int(seconds), "stages_s": stages, "cost_per_image_call_s": cost[:1],
+                                     "plan": plan, "shipped": shipped, "peak_rss_gib": rss}, indent=1))
+
+
+def device_recorded(art):
+    """coefficients.json names the CUDA device the calibration ran on."""
+    data = json.loads((Path(art) / "coefficients.json").read_text())
+    note(f"coefficients.json device: {data.get('device')}")
+    sys.exit(0 if str(data.get("device", "")).startswith("cuda") else 1)
+
+
+def state_timing(pkl):
+    """ipndm NFE 9 on 64 noises on the GPU: float64 vs float32 stepping state, and the network calls alone."""
+    import time
+    import torch
+    import iia.models
+    from iia.calibration.evalset import draw_noise
+    from iia.calibration.sampling import sample
+    from iia.calibration.schedules import program_for
+    d = iia.models.load(pkl).to("cuda")
+    program = program_for(d, "ipndm", 9, 1, "karras")
+    noise, labels = draw_noise(d, 64, 0)
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    t64 = timed(lambda: sample(program, d, noise, labels, dtype=torch.float64))
+    t32 = timed(lambda: sample(program, d, noise, labels, dtype=torch.float32))
+    x = noise.to(torch.float32)
+    net = timed(lambda: [d(x, 1.0, labels) for _ in range(9)])
+    note(f"GPU stepping state, ipndm NFE 9, 64 noises: float64 {t64 * 1e3:.1f} ms, float32 {t32 * 1e3:.1f} ms, "
+         f"9 network calls alone {net * 1e3:.1f} ms")
+
+
 def rows_of(path):
     data = json.loads(Path(path).read_text())
     return data["rows"] if isinstance(data, dict) else data
@@ -475,7 +577,8 @@ if __name__ == "__main__":
     command, *args = sys.argv[1:]
     {"entry": entry, "engine": engine, "parity": parity, "golden": golden, "forged": forged,
      "triton-plan": triton_plan, "edm2-fixtures": edm2_fixtures, "edm16": edm16, "latency-table": latency_table, "latency-line": latency_line,
-     "floors": floors, "native": native}[command](*args)
+     "floors": floors, "native": native, "cifar": cifar, "full-size-report": full_size_report,
+     "device-recorded": device_recorded, "state-timing": state_timing}[command](*args)
 PY
 
 # Preflight: what this machine has (printed once; the GPU checks skip with this reason when there is no GPU).
