@@ -188,3 +188,57 @@ def test_cuda_and_cpu_samples_agree():
         got = sample(program, den, cuda_noise, cuda_labels)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+# The "meta" device refuses CPU tensors mixed into its ops as CUDA does (0-dim scalars aside), and runs here: a
+# network or executor path that makes a tensor on the CPU instead of its input's device fails on it.
+def _model_specs(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, "tests")
+    from edm_fixtures import make_edm2_pickle, make_edm_pickle
+
+    root = tmp_path_factory.mktemp("meta")
+    specs = ["digits", "gmm", "gmm:components=4,seed=1"]
+    for kind in ("edm-cond", "vp-uncond"):
+        make_edm_pickle(root / f"{kind}.pkl", kind)
+        specs.append(str(root / f"{kind}.pkl"))
+    make_edm2_pickle(root / "edm2.pkl")
+    specs.append(str(root / "edm2.pkl"))
+    try:
+        import diffusers
+
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                     block_out_channels=(8, 16), norm_num_groups=4,
+                                     down_block_types=("DownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "UpBlock2D"))
+        unet.save_pretrained(root / "ddpm" / "unet")
+        diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(root / "ddpm" / "scheduler")
+        specs.append(str(root / "ddpm"))
+    except ImportError:  # the optional extra: the other families still run
+        pass
+    return specs
+
+
+def test_every_model_family_runs_where_its_network_is(tmp_path_factory):
+    for spec in _model_specs(tmp_path_factory):
+        den = load(spec).to("meta")
+        assert den.device == torch.device("meta"), spec
+        x = torch.zeros(2, *den.shape, device="meta")
+        args = [x, torch.full((2,), 1.5, device="meta")]
+        if den.conditional:
+            args.append(torch.zeros(2, dtype=torch.int64, device="meta"))
+        out = den.net(*args)
+        assert out.device.type == "meta" and tuple(out.shape) == tuple(x.shape), spec
+
+
+def test_the_differentiable_executor_runs_where_the_network_is(tiny):
+    den, calib, program = tiny
+    meta = Denoiser(net=TinyNet().eval(), shape=den.shape, sigma_min=den.sigma_min, sigma_max=den.sigma_max).to("meta")
+    coefficients = [torch.tensor(s.coefficients, dtype=torch.float64, device="meta", requires_grad=True)
+                    for s in program.steps]
+    noise = torch.zeros(3, *den.shape, dtype=torch.float64, device="meta")
+    for recompute in (False, True):
+        x = sample_with_coefficients(program, meta, noise, None, coefficients, recompute=recompute)
+        assert x.device.type == "meta" and x.dtype == torch.float64
