@@ -90,7 +90,7 @@ _SETS: dict = {}  # (model, n, seed, steps, labels) -> EvalSet: one process judg
 
 def evaluation_set(denoiser: Denoiser, n: int, seed: int, reference_steps: int, labels=None) -> EvalSet:
     """The memoised evaluation set of images seed..seed+n-1 (labels drawn per image unless given)."""
-    key = (id(denoiser.net), repr(sorted(denoiser.identity.items())), n, seed, reference_steps,
+    key = (id(denoiser.net), str(denoiser.device), repr(sorted(denoiser.identity.items())), n, seed, reference_steps,
            None if labels is None else tuple(torch.as_tensor(labels).reshape(-1).tolist()))
     if key not in _SETS:
         if len(_SETS) >= 8:

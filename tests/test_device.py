@@ -242,3 +242,15 @@ def test_the_differentiable_executor_runs_where_the_network_is(tiny):
     for recompute in (False, True):
         x = sample_with_coefficients(program, meta, noise, None, coefficients, recompute=recompute)
         assert x.device.type == "meta" and x.dtype == torch.float64
+
+
+def test_a_calibration_off_the_cpu_records_its_device():
+    from iia.calibration import artifact
+    from iia.calibration.fit import CalibrationOptions, CalibrationResult
+    from iia.calibration.schedules import program_for
+
+    gmm = load("gmm")
+    base = program_for(gmm, "ipndm", 5)
+    result = CalibrationResult(base, base, base, CalibrationOptions())
+    assert "device" not in artifact.to_dict(result, gmm, 5)  # the CPU: as before
+    assert artifact.to_dict(result, load("gmm").to("meta"), 5)["device"] == "meta"  # (meta: no data to move back)
