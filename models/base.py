@@ -67,8 +67,13 @@ class Denoiser:
 
     def to(self, device: torch.device | str) -> "Denoiser":
         """Move the network to `device` (in place, as nn.Module.to; a no-op where it already is); returns self.
-        The decode stage stays where it is (the parity check decodes a few images)."""
+        The decode stage stays where it is (the parity check decodes a few images). On CUDA the network runs in
+        IEEE float32, TF32 off (models/device.py `ieee_float32_on_cuda`)."""
         device = torch.device(device)
+        if device.type == "cuda":
+            from .device import ieee_float32_on_cuda
+
+            ieee_float32_on_cuda()
         if device != self.device:
             self.net.to(device)
         self._device = device

@@ -59,6 +59,14 @@ def resolve_device(text: str, flag: str = "--device") -> torch.device:
     return torch.device("cuda", index)
 
 
+def ieee_float32_on_cuda() -> None:
+    """Convolutions and matmuls on CUDA in IEEE float32, not TF32 (cuDNN's default for convolutions keeps 10
+    mantissa bits, ~1e-3 relative per call): calibration judges the network as the float32 graph computes it, as
+    on the CPU. Process-wide (torch.backends), set when a Denoiser moves to a CUDA device."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def describe_device(device: torch.device) -> str:
     """'cpu' or 'cuda:0 (NVIDIA H100 80GB HBM3)': what the log and the coefficient file record."""
     if device.type != "cuda":

@@ -31,7 +31,8 @@
 #                its DEFAULT compile with --device cuda (auto search, --budget 180, TensorRT where it exists):
 #                reports the cost per image-call, the plan block, the coefficient stage's and the whole compile's
 #                time, peak RSS, what shipped, the device coefficients.json records, and the stepping state's
-#                float64 vs float32 time on the GPU (ipndm NFE 9, 64 noises). FULL_SIZE_FLAGS adds flags.
+#                float64 vs float32 time on the GPU (ipndm NFE 9, 64 noises); tests/test_device.py first (its
+#                CUDA-only tests skip elsewhere). FULL_SIZE_FLAGS adds flags to the compile.
 #
 # Each check prints PASS / FAIL / SKIP / TIMEOUT with its reason and numbers; a table sums them up at the end. Exit
 # status 0 only when every check that ran passed and none was skipped. Logs and numbers (JSON) go under
@@ -208,6 +209,13 @@ check_full_size_cuda() {
   need_gpu
   "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || skip "torch sees no CUDA device (--device cuda)"
   local pkl="$WORK/cifar.pkl" art="$WORK/art-cifar" log="$RES/full-size-cuda-compile.log" t0 rss=()
+  # the device tests that skip without CUDA (auto = cuda:0, index bounds, CUDA vs CPU samples) run here
+  if have_py pytest; then
+    local tests="$RES/full-size-cuda-tests.log"
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py >"$tests" 2>&1 \
+      || { tail -n 30 "$tests"; fail "tests/test_device.py failed with a CUDA device (log above)"; }
+    detail "tests/test_device.py: $(tail -n 1 "$tests")"
+  fi
   if [ -f scripts/real_size.py ] && "$PY" scripts/real_size.py --help 2>/dev/null | grep -q -- --fixture \
      && "$PY" scripts/real_size.py --fixture cifar --out "$pkl"; then
     detail "fixture: scripts/real_size.py --fixture cifar"

@@ -187,6 +187,7 @@ def test_cuda_and_cpu_samples_agree():
         cuda_noise, cuda_labels = draw_noise(den, 4, 0)
         got = sample(program, den, cuda_noise, cuda_labels)
     assert got.device.type == "cuda"
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32  # IEEE float32
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
