@@ -24,7 +24,8 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
 
 from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
-from .guidance_graph import CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, mix_rows, per_image_rows
+from .guidance_graph import (CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, mix_rows,
+                             per_image_rows, per_image_weight)
 from .passes import optimize_decoder
 from .passes.scalar_io import raw_output_basis, scalar_io
 
@@ -55,10 +56,13 @@ def _value(name: str) -> str:
     return f"v/{name}"
 
 
-def emit_combine(gb: GraphBuilder, op: Combine) -> None:
+def emit_combine(gb: GraphBuilder, op: Combine, weight_of=None) -> None:
+    """op.out = sum of weight * value over op.terms; `weight_of(w)` -> the value name of a weight (default: a
+    float32 constant)."""
     if not op.terms:
         raise EmitError(f"empty combination for {op.out}")
-    products = [gb.node("Mul", [_value(name), gb.const(weight)]) for name, weight in op.terms]
+    weight_of = weight_of or gb.const
+    products = [gb.node("Mul", [_value(name), weight_of(weight)]) for name, weight in op.terms]
     acc = products[0]
     for product in products[1:]:
         acc = gb.node("Add", [acc, product])
@@ -79,10 +83,11 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
     """Copy the denoiser's nodes for one call site: prefixed value names, shared initializers.
 
     `folded` maps conditioning values to (array, kind) (fold.py) and `skip` lists the nodes that computed them.
+    A guided denoiser's `guidance` input reads the checked per-image scales (guidance_graph.check_guidance).
     """
     shared = {t.name for t in denoiser.initializer}
     mapping = {DENOISER_X: _value(state), DENOISER_SIGMA: sigma, DENOISER_LABELS: CHECKED_LABELS,
-               denoiser.output[0].name: _value(out)}
+               GUIDANCE: CHECKED_GUIDANCE, denoiser.output[0].name: _value(out)}
     for name, (array, kind) in (folded or {}).items():
         if kind == BATCH:
             shape = gb.node("Concat", ["iia/batch", gb.const(np.array(array.shape[1:], dtype=np.int64), np.int64)], axis=0)
@@ -140,7 +145,7 @@ def emit_decode(gb: GraphBuilder, decoder: onnx.GraphProto, source: str, out: st
 
 def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool, *,
                  plan: FoldPlan, name: str = "iia_sampler", decoder_model: onnx.ModelProto | None = None,
-                 latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
+                 latent: bool = False, label_dim: int = 0, scales: ScaleInputs | None = None) -> onnx.ModelProto:
     """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`).
 
     `plan` (`fold.plan_folding` on this denoiser and the program's sigmas, or `FoldPlan()` for the denoiser
@@ -149,11 +154,14 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     its `label_dim`, per-label tables (see fold.py).
     `decoder_model` (the model's decode stage, see export.export_decoder) adds the `images_uint8` output;
     `latent` names the float output `latents` instead of `images`.
+    `scales` (a guidance range): the graph takes `guidance` float32 [B] (checked by `check_guidance`), each
+    guided call reads it, and a combination weight given per node becomes each image's interpolant
+    (`per_image_weight`); `program` then gives only the time steps, which the nodes share.
     """
     dgraph = denoiser_model.graph
     _check_denoiser_graph(dgraph)
-    if conditional != (len(dgraph.input) == 3):
-        raise EmitError("denoiser graph's inputs do not match the model's conditioning")
+    if len(dgraph.input) != 2 + conditional + (scales is not None):
+        raise EmitError("denoiser graph's inputs do not match the model's conditioning and guidance input")
     gb = GraphBuilder()
     batch = gb.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     if conditional:
@@ -162,16 +170,23 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     gb.nodes.append(helper.make_node("Identity", [NOISE], [_value("noise")], name="iia/noise"))
     sigma_names: dict[float, str] = {}
     site = 0
-    for op in program.ops():
+    ops, output = program.ops(), program.output
+    weights = None
+    if scales is not None:
+        weights = hat_weights_node(gb, check_guidance(gb, batch, scales.lo, scales.hi), scales.slopes)
+        ops, output = list(scales.plan.flat().ops), scales.plan.output
+    for op in ops:
         if isinstance(op, Denoise):
             if op.sigma not in sigma_names:
                 sigma_names[op.sigma] = gb.node("Expand", [gb.const([op.sigma]), batch], f"iia/sigma_{len(sigma_names)}")
             emit_call(gb, dgraph, site, op.state, sigma_names[op.sigma], op.out,
                       plan.values.get(op.sigma), plan.foldable_nodes)
             site += 1
+        elif weights is not None:
+            emit_combine(gb, op, lambda w: per_image_weight(gb, weights, w, batch, len(shape)))
         else:
             emit_combine(gb, op)
-    return _finish_model(gb, _value(program.output), shape, conditional, name, denoiser_model, decoder_model, latent,
+    return _finish_model(gb, _value(output), shape, conditional, name, denoiser_model, decoder_model, latent,
                          weights=list(dgraph.initializer))
 
 

@@ -96,3 +96,14 @@ def mix_rows(gb: GraphBuilder, coef: str, buf: str, batch: str, shape_of: str) -
                                gb.const(np.array([-1], np.int64), np.int64)], axis=0)
     mixed = gb.node("Einsum", [coef, gb.node("Reshape", [buf, split])], equation="bn,nbk->bk")
     return gb.node("Reshape", [mixed, shape_of])
+
+
+def per_image_weight(gb: GraphBuilder, weights: str, w, batch: str, rank: int) -> str:
+    """A combination weight of the unrolled form: a float for every image, or given per node (a tuple) the
+    float32 interpolant of each image (weights [B, n] @ w, rounded once, as `Plan.at`), shaped [B, 1, ...] to
+    broadcast over the values (`rank` sample axes)."""
+    if not isinstance(w, tuple) or len(set(w)) == 1:
+        return gb.const(w[0] if isinstance(w, tuple) else w)
+    column = gb.node("MatMul", [weights, gb.const(np.asarray(w, np.float64).reshape(-1, 1), np.float64)])
+    shape = gb.const(np.array([-1] + [1] * rank, np.int64), np.int64)
+    return gb.node("Reshape", [gb.node("Cast", [column], to=TensorProto.FLOAT), shape])

@@ -141,14 +141,11 @@ def base_of(program: Program) -> Program:
     return build_program(program.solver, program.sigmas, program.r)
 
 
-def check_range_options(coefficients: str | None, graph: str) -> None:
+def check_range_options(coefficients: str | None) -> None:
     """What a range compile cannot do, refused by flag (ScaleError)."""
     if coefficients:
         raise ScaleError(f"--coefficients {coefficients}: a coefficient file holds one scale's fit; a guidance range "
                          f"is calibrated at several (drop --coefficients)")
-    if graph != "loop":
-        raise ScaleError(f"--graph {graph} with a guidance range: per-image coefficients are emitted for the loop "
-                         f"form only (--graph loop)")
 
 
 __all__ = ["INTERPOLATION", "NODES", "ScaleError", "ScaleTable", "base_of", "chebyshev_nodes", "check_range_options",

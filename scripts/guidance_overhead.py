@@ -5,7 +5,7 @@ the median and spread (min..max) of each artifact's ratio and of the range / sin
 average before each repetition (the machine may be shared).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/guidance_overhead.py SINGLE_DIR RANGE_DIR --guidance 2.2 \
-        [--reps 7] [--batch 1,8] [--iters 100]
+        [--reps 7] [--batch 1,8] [--iters 100] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import tempfile
 import numpy as np
 
 
-def bench(artifact: str, batches: str, iters: int, guidance: float | None, out: str) -> list[dict]:
+def bench(artifact: str, batches: str, iters: int, guidance: float | None, out: str, clock: str) -> list[dict]:
     cmd = [sys.executable, "-c", "from iia.evaluation.cli import bench_main; bench_main()", artifact, "--batch", batches,
-           "--threads", "1", "--no-loop", "--no-eager", "--iters", str(iters), "--json", out]
+           "--threads", "1", "--no-loop", "--no-eager", "--iters", str(iters), "--clock", clock, "--json", out]
     if guidance is not None:
         cmd += ["--guidance", str(guidance)]
     subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="iia-bench --clock (cpu: a shared "
+                        "machine's preemptions do not count)")
     args = parser.parse_args()
     ratios: dict[tuple[str, int], list[float]] = {}
     loads = []
@@ -46,10 +48,11 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             order = [("single", args.single, None), ("range", args.range, args.guidance)]
             for name, path, g in order if rep % 2 == 0 else order[::-1]:
-                for row in bench(path, args.batch, args.iters, g, os.path.join(tmp, f"{name}.json")):
+                for row in bench(path, args.batch, args.iters, g, os.path.join(tmp, f"{name}.json"), args.clock):
                     ratios.setdefault((name, row["batch"]), []).append(row["overhead_ratio"])
                     ratios.setdefault((name + " p50 ms", row["batch"]), []).append(row["p50_ms"])
                     ratios.setdefault((name + " den ms", row["batch"]), []).append(row["denoiser_p50_ms"])
+    print(f"iia-bench --clock {args.clock}, --threads 1, --iters {args.iters}, {args.reps} repetitions interleaved")
     print(f"load average (1 min) before each repetition: {', '.join(f'{x:.2f}' for x in loads)}")
     for b in sorted({b for _, b in ratios}):
         s, r = np.array(ratios[("single", b)]), np.array(ratios[("range", b)])
