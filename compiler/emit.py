@@ -24,8 +24,8 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
 
 from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
-from .guidance_graph import (CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, mix_rows,
-                             per_image_rows, per_image_weight)
+from .guidance_graph import (CHECKED_GUIDANCE, ScaleInputs, buffer_split, check_guidance, hat_weights_node,
+                             mix_rows, per_image_rows, per_image_weight)
 from .passes import optimize_decoder
 from .passes.scalar_io import raw_output_basis, scalar_io
 
@@ -319,7 +319,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
 
     `scales` (a guidance range): the graph takes `guidance` float32 [B] (checked by `check_guidance`), the
     denoiser's last input; before the loop each image's hat weights over the nodes and, from them and the
-    plan's per-node weights, its rows [N, B, N+1] are computed (`per_image_rows`); iteration i mixes row i of
+    plan's per-node weights, its rows [N, B, 1, N+1] are computed (`per_image_rows`); iteration i mixes row i of
     each image with its column of the buffer (`mix_rows`). `program` then gives only the time steps, which the
     nodes share.
     """
@@ -340,10 +340,11 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     batch = outer.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     if conditional:
         check_labels(outer, batch, label_dim)
-    per_image = None
-    if scales is not None:  # each image's rows [N, B, N+1] and output row [B, N+1], from its scale
+    per_image, split = None, None
+    if scales is not None:  # each image's rows [N, B, 1, N+1] and output row [B, 1, N+1], from its scale
         weights = hat_weights_node(outer, check_guidance(outer, batch, scales.lo, scales.hi), scales.slopes)
         per_image = per_image_rows(outer, weights, scales.plan, batch)
+        split = buffer_split(outer, batch)
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
     noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
     zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
@@ -353,14 +354,14 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     tables = (per_image[0] if per_image else outer.const(state.astype(np.float32).reshape(n, 1, n + 1)),  # x_i's row
               outer.const(np.arange(1, n + 1, dtype=np.int64).reshape(n, 1, 1), np.int64),  # buffer row of D_i
               outer.const(sigmas.astype(np.float32)))
-    body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape, per_image is not None)
+    body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape, split)
     trip = outer.const(np.array(n, np.int64), np.int64)
     true = outer.const(np.array(True), np.bool_)
     outer.nodes.append(helper.make_node("Loop", [trip, true, buf0], ["iia/D"], name="iia/loop", body=body_graph))
     if per_image is None:
         result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
     else:
-        result = mix_rows(outer, per_image[1], "iia/D", batch, noise_shape)
+        result = mix_rows(outer, per_image[1], "iia/D", split, noise_shape)
     return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent, weights=[])
 
 
@@ -369,8 +370,8 @@ LOOP_D, LOOP_COND_OUT, LOOP_BUFFER_OUT = "iia/loop/D_i", "iia/loop/cond_out", "i
 
 
 def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io, calls: list, tables: tuple,
-               batch: str, noise_shape: str, shape: tuple[int, ...], per_image: bool = False) -> onnx.GraphProto:
-    """The Loop body: mix x_i from the buffer (`per_image`: a guidance range's row per image), the denoiser copy
+               batch: str, noise_shape: str, shape: tuple[int, ...], split: str | None = None) -> onnx.GraphProto:
+    """The Loop body: mix x_i from the buffer (`split` given: a guidance range's row per image), the denoiser copy
     (folded values gathered at the iteration, EDM's scalings dropped under `io`), D_i (or F_i) scattered into
     the buffer. Its constants go to `outer`."""
     coef_table, row_table, s_table = tables
@@ -378,7 +379,8 @@ def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io,
     body = outer.inner(10**6)  # body value names never collide with the outer graph's
     it = LOOP_IT
     rows = body.node("Gather", [coef_table, it], axis=0)
-    x = mix_rows(body, rows, LOOP_BUFFER, batch, noise_shape) if per_image else _mix(body, rows, LOOP_BUFFER, noise_shape)
+    per_image = split is not None
+    x = mix_rows(body, rows, LOOP_BUFFER, split, noise_shape) if per_image else _mix(body, rows, LOOP_BUFFER, noise_shape)
     sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}

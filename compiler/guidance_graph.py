@@ -63,9 +63,10 @@ def hat_weights_node(gb: GraphBuilder, g: str, slopes: tuple[np.ndarray, ...]) -
 
 def per_image_rows(gb: GraphBuilder, weights: str, plan: Plan, batch: str) -> tuple[str, str]:
     """Each image's linear form of `plan` at its scale, computed in float64 once before the loop: (state float32
-    [N, B, N+1], row i the coefficients of denoiser call i's input over [noise, D_0, ..., D_{N-1}]; output [B, N+1]). A
-    combination weight given per node becomes weights @ w ([B, 1]), as `Plan.at` interpolates it; the rows
-    are then the combinations' products, as `emit.linear_form` computes them for one scale."""
+    [N, B, 1, N+1], row i the coefficients of denoiser call i's input over [noise, D_0, ..., D_{N-1}]; output
+    [B, 1, N+1]: the shapes `mix_rows` multiplies). A combination weight given per node becomes weights @ w
+    ([B, 1]), as `Plan.at` interpolates it; the rows are then the combinations' products, as
+    `emit.linear_form` computes them for one scale."""
     n = len(plan.calls)
     eye = np.eye(n + 1)  # float64 throughout, cast to float32 once (emit.linear_form's rows are float64 too)
     values = {plan.input: gb.const(eye[:1], np.float64)}  # [1, N+1] rows broadcast over the batch until a weight varies
@@ -84,18 +85,27 @@ def per_image_rows(gb: GraphBuilder, weights: str, plan: Plan, batch: str) -> tu
             acc = term if acc is None else gb.node("Add", [acc, term])
         values[op.out] = acc
     shape = gb.node("Concat", [batch, gb.const(np.array([n + 1], np.int64), np.int64)], axis=0)
-    axis0 = gb.const(np.array([0], np.int64), np.int64)
-    rows = [gb.node("Unsqueeze", [gb.node("Expand", [s, shape]), axis0]) for s in states]
+    axes = gb.const(np.array([0, 2], np.int64), np.int64)
+    rows = [gb.node("Unsqueeze", [gb.node("Expand", [s, shape]), axes]) for s in states]
     state = gb.node("Cast", [gb.node("Concat", rows, axis=0)], "iia/guidance_rows", to=TensorProto.FLOAT)
-    return state, gb.node("Cast", [gb.node("Expand", [values[plan.output], shape])], to=TensorProto.FLOAT)
+    out = gb.node("Unsqueeze", [gb.node("Expand", [values[plan.output], shape]), gb.const(np.array([1], np.int64), np.int64)])
+    return state, gb.node("Cast", [out], to=TensorProto.FLOAT)
 
 
-def mix_rows(gb: GraphBuilder, coef: str, buf: str, batch: str, shape_of: str) -> str:
-    """Per image b: coef[b] . buf[:, b]: coef [B, N+1], buf [N+1, B*prod(shape)] -> the noise's shape."""
-    split = gb.node("Concat", [gb.const(np.array([0], np.int64), np.int64), batch,
-                               gb.const(np.array([-1], np.int64), np.int64)], axis=0)
-    mixed = gb.node("Einsum", [coef, gb.node("Reshape", [buf, split])], equation="bn,nbk->bk")
-    return gb.node("Reshape", [mixed, shape_of])
+def buffer_split(gb: GraphBuilder, batch: str) -> str:
+    """int64 [3] = [0, B, -1]: the loop buffer [N+1, B*prod(shape)] reshaped to [N+1, B, prod(shape)] (made once,
+    outside the loop)."""
+    return gb.node("Concat", [gb.const(np.array([0], np.int64), np.int64), batch,
+                              gb.const(np.array([-1], np.int64), np.int64)], "iia/guidance_buffer_split", axis=0)
+
+
+def mix_rows(gb: GraphBuilder, coef: str, buf: str, split: str, shape_of: str) -> str:
+    """Per image b: coef[b] . buf[:, b]: coef [B, 1, N+1], buf [N+1, B*prod(shape)] -> the noise's shape, as ONE
+    batched MatMul over the buffer transposed to [B, N+1, prod(shape)] (`split` from `buffer_split`). ONNX
+    Runtime's Einsum "bn,nbk->bk" took 2-3x the single-scale graph's MatMul on [N+1, B*K] at K = 3072 / 16384
+    (B 1 and 8); transpose + batched MatMul is within 10 % of it (measured in the report of issue 25)."""
+    per_image = gb.node("Transpose", [gb.node("Reshape", [buf, split])], perm=[1, 0, 2])
+    return gb.node("Reshape", [gb.node("MatMul", [coef, per_image]), shape_of])
 
 
 def per_image_weight(gb: GraphBuilder, weights: str, w, batch: str, rank: int) -> str:

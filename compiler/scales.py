@@ -195,7 +195,7 @@ def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Progra
                                   "sigmas", "options") if k in first}
     if searched:  # the centre's record is the search's: the nodes' solver, steps and basis are the table's
         shipped = table.programs[0]
-        data.update(solver=shipped.solver, r=shipped.r, sigmas=list(shipped.sigmas))
+        data.update(solver=shipped.solver, r=shipped.r, sigmas=list(shipped.sigmas), search=first.get("search"))
     data.update(model=artifact.model_identity(denoiser), guidance=record,
                 nodes=[{"g": g, "shipped": "base (guard fallback)" if g in fallen else "as fitted at g",
                         "coefficients": p.coefficients(), "steps": d.get("steps"), "guard": d.get("guard")}

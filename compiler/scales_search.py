@@ -173,7 +173,7 @@ def auto_range(denoiser, opts, log, progress=None) -> tuple[list[Program], list[
     log(f"  search at g = {centre:g}: {how}")
     record = {"g": centre, "chosen": choice.label, "family": choice.family, "final": choice.final,
               "schedule": choice.schedule, "coefficients": choice.kind, "budget_s": round(search_s, 3),
-              "seconds": data.get("search", {}).get("seconds"), "candidates": data.get("search", {}).get("candidates")}
+              "seconds": data.get("search", {}).get("seconds")}  # its candidate table: coefficients.json's `search`
     budget = {"total_s": opts.budget_s, "search_s": round(search_s, 3)}
     if choice.kind == "base":
         log(f"  {choice.label}: base coefficients, nothing to fit; the same constants at every scale")

@@ -233,16 +233,17 @@ def test_auto_over_a_range_ships_what_the_search_chose_at_the_centre(models, tmp
 
     root, paths = models
     out = tmp_path / "auto-range"
-    opts = CompileOptions(nfe=5, solver="auto", budget_s=4.0, engine=False, cache_dir=str(tmp_path / "cache"),
+    opts = CompileOptions(nfe=5, solver="auto", budget_s=1.0, engine=False, cache_dir=str(tmp_path / "cache"),
                           cfg=(1.0, 3.0))
     lines = []
     manifest = compile_model(str(paths["cfg"]), out, opts, log=lines.append)
     record = manifest["guidance"]
     assert record["search"]["g"] == 2.0 and record["search"]["coefficients"] == "base"
-    assert record["budget"]["total_s"] == 4.0 and record["budget"]["search_s"] == pytest.approx(SEARCH_SHARE * 4.0)
+    assert record["budget"]["total_s"] == 1.0 and record["budget"]["search_s"] == pytest.approx(SEARCH_SHARE * 1.0)
     assert any("the search at g = 2" in line for line in lines)
     data, table = table_from_file(out)
     assert data["guidance"]["search"]["chosen"] == record["search"]["chosen"] == f"{data['solver']}/sigma_min/karras/base"
+    assert [row["chosen"] for row in data["search"]["candidates"]] == [True]  # the search's table: the prior alone
     assert all(n["coefficients"] == data["nodes"][0]["coefficients"] for n in data["nodes"])
     assert manifest["inputs"][-1]["name"] == GUIDANCE and manifest["parity"]["passed"]
     _, got = run_graph(out, [1.0, 3.0], seed=3)
