@@ -24,7 +24,8 @@ from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIG
 
 from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
-from .guidance_graph import CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, mix_rows, per_image_rows
+from .guidance_graph import (CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, per_image_buffer,
+                             per_image_rows, per_image_weight)
 from .passes import optimize_decoder
 from .passes.scalar_io import raw_output_basis, scalar_io
 
@@ -55,10 +56,13 @@ def _value(name: str) -> str:
     return f"v/{name}"
 
 
-def emit_combine(gb: GraphBuilder, op: Combine) -> None:
+def emit_combine(gb: GraphBuilder, op: Combine, weight_of=None) -> None:
+    """op.out = sum of weight * value over op.terms; `weight_of(w)` -> the value name of a weight (default: a
+    float32 constant)."""
     if not op.terms:
         raise EmitError(f"empty combination for {op.out}")
-    products = [gb.node("Mul", [_value(name), gb.const(weight)]) for name, weight in op.terms]
+    weight_of = weight_of or gb.const
+    products = [gb.node("Mul", [_value(name), weight_of(weight)]) for name, weight in op.terms]
     acc = products[0]
     for product in products[1:]:
         acc = gb.node("Add", [acc, product])
@@ -79,10 +83,11 @@ def emit_call(gb: GraphBuilder, denoiser: onnx.GraphProto, site: int, state: str
     """Copy the denoiser's nodes for one call site: prefixed value names, shared initializers.
 
     `folded` maps conditioning values to (array, kind) (fold.py) and `skip` lists the nodes that computed them.
+    A guided denoiser's `guidance` input reads the checked per-image scales (guidance_graph.check_guidance).
     """
     shared = {t.name for t in denoiser.initializer}
     mapping = {DENOISER_X: _value(state), DENOISER_SIGMA: sigma, DENOISER_LABELS: CHECKED_LABELS,
-               denoiser.output[0].name: _value(out)}
+               GUIDANCE: CHECKED_GUIDANCE, denoiser.output[0].name: _value(out)}
     for name, (array, kind) in (folded or {}).items():
         if kind == BATCH:
             shape = gb.node("Concat", ["iia/batch", gb.const(np.array(array.shape[1:], dtype=np.int64), np.int64)], axis=0)
@@ -140,7 +145,7 @@ def emit_decode(gb: GraphBuilder, decoder: onnx.GraphProto, source: str, out: st
 
 def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple[int, ...], conditional: bool, *,
                  plan: FoldPlan, name: str = "iia_sampler", decoder_model: onnx.ModelProto | None = None,
-                 latent: bool = False, label_dim: int = 0) -> onnx.ModelProto:
+                 latent: bool = False, label_dim: int = 0, scales: ScaleInputs | None = None) -> onnx.ModelProto:
     """The whole fixed-NFE sampler as one ONNX model (weights shared with `denoiser_model`).
 
     `plan` (`fold.plan_folding` on this denoiser and the program's sigmas, or `FoldPlan()` for the denoiser
@@ -149,11 +154,14 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     its `label_dim`, per-label tables (see fold.py).
     `decoder_model` (the model's decode stage, see export.export_decoder) adds the `images_uint8` output;
     `latent` names the float output `latents` instead of `images`.
+    `scales` (a guidance range): the graph takes `guidance` float32 [B] (checked by `check_guidance`), each
+    guided call reads it, and a combination weight given per node becomes each image's interpolant
+    (`per_image_weight`); `program` then gives only the time steps, which the nodes share.
     """
     dgraph = denoiser_model.graph
     _check_denoiser_graph(dgraph)
-    if conditional != (len(dgraph.input) == 3):
-        raise EmitError("denoiser graph's inputs do not match the model's conditioning")
+    if len(dgraph.input) != 2 + conditional + (scales is not None):
+        raise EmitError("denoiser graph's inputs do not match the model's conditioning and guidance input")
     gb = GraphBuilder()
     batch = gb.node("Shape", [NOISE], "iia/batch", start=0, end=1)
     if conditional:
@@ -162,16 +170,23 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
     gb.nodes.append(helper.make_node("Identity", [NOISE], [_value("noise")], name="iia/noise"))
     sigma_names: dict[float, str] = {}
     site = 0
-    for op in program.ops():
+    ops, output = program.ops(), program.output
+    weights = None
+    if scales is not None:
+        weights = hat_weights_node(gb, check_guidance(gb, batch, scales.lo, scales.hi), scales.slopes)
+        ops, output = list(scales.plan.flat().ops), scales.plan.output
+    for op in ops:
         if isinstance(op, Denoise):
             if op.sigma not in sigma_names:
                 sigma_names[op.sigma] = gb.node("Expand", [gb.const([op.sigma]), batch], f"iia/sigma_{len(sigma_names)}")
             emit_call(gb, dgraph, site, op.state, sigma_names[op.sigma], op.out,
                       plan.values.get(op.sigma), plan.foldable_nodes)
             site += 1
+        elif weights is not None:
+            emit_combine(gb, op, lambda w: per_image_weight(gb, weights, w, batch, len(shape)))
         else:
             emit_combine(gb, op)
-    return _finish_model(gb, _value(program.output), shape, conditional, name, denoiser_model, decoder_model, latent,
+    return _finish_model(gb, _value(output), shape, conditional, name, denoiser_model, decoder_model, latent,
                          weights=list(dgraph.initializer))
 
 
@@ -304,9 +319,9 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
 
     `scales` (a guidance range): the graph takes `guidance` float32 [B] (checked by `check_guidance`), the
     denoiser's last input; before the loop each image's hat weights over the nodes and, from them and the
-    plan's per-node weights, its rows [N, B, N+1] are computed (`per_image_rows`); iteration i mixes row i of
-    each image with its column of the buffer (`mix_rows`). `program` then gives only the time steps, which the
-    nodes share.
+    plan's per-node weights, its rows [N, B, 1, N+1] are computed (`per_image_rows`); the buffer is batch-major
+    [B, N+1, prod(shape)] (`per_image_buffer`), so iteration i mixes row i of each image with its buffer in ONE
+    batched MatMul and scatters D_i per image. `program` then gives only the time steps, which the nodes share.
     """
     _check_denoiser_graph(denoiser_model.graph)
     if len(denoiser_model.graph.input) != 2 + conditional + (scales is not None):
@@ -326,18 +341,22 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     if conditional:
         check_labels(outer, batch, label_dim)
     per_image = None
-    if scales is not None:  # each image's rows [N, B, N+1] and output row [B, N+1], from its scale
+    if scales is not None:  # each image's rows [N, B, 1, N+1] and output row [B, 1, N+1], from its scale
         weights = hat_weights_node(outer, check_guidance(outer, batch, scales.lo, scales.hi), scales.slopes)
         per_image = per_image_rows(outer, weights, scales.plan, batch)
     noise_shape = outer.node("Shape", [NOISE], "iia/noise_shape")
-    noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
-    zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
-                                        outer.node("Shape", [noise_row], start=1)], axis=0)
-    zeros = outer.node("ConstantOfShape", [zeros_shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    buf0 = outer.node("Concat", [noise_row, zeros], "iia/D_init", axis=0)  # [NFE + 1, B * prod(shape)]
-    tables = (per_image[0] if per_image else outer.const(state.astype(np.float32).reshape(n, 1, n + 1)),  # x_i's row
-              outer.const(np.arange(1, n + 1, dtype=np.int64).reshape(n, 1, 1), np.int64),  # buffer row of D_i
-              outer.const(sigmas.astype(np.float32)))
+    if per_image is None:
+        noise_row = outer.node("Reshape", [NOISE, outer.const(np.array([1, -1], np.int64), np.int64)])
+        zeros_shape = outer.node("Concat", [outer.const(np.array([n], np.int64), np.int64),
+                                            outer.node("Shape", [noise_row], start=1)], axis=0)
+        zeros = outer.node("ConstantOfShape", [zeros_shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+        buf0 = outer.node("Concat", [noise_row, zeros], "iia/D_init", axis=0)  # [NFE + 1, B * prod(shape)]
+        rows = outer.const(state.astype(np.float32).reshape(n, 1, n + 1))  # x_i's row
+        targets = outer.const(np.arange(1, n + 1, dtype=np.int64).reshape(n, 1, 1), np.int64)  # buffer row of D_i
+    else:  # [B, NFE + 1, prod(shape)]: each image's rows mixed by ONE batched MatMul, D_i scattered per image
+        rows = per_image[0]
+        buf0, targets = per_image_buffer(outer, n, batch)
+    tables = (rows, targets, outer.const(sigmas.astype(np.float32)))
     body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape, per_image is not None)
     trip = outer.const(np.array(n, np.int64), np.int64)
     true = outer.const(np.array(True), np.bool_)
@@ -345,7 +364,7 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
     if per_image is None:
         result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
     else:
-        result = mix_rows(outer, per_image[1], "iia/D", batch, noise_shape)
+        result = _mix(outer, per_image[1], "iia/D", noise_shape)
     return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent, weights=[])
 
 
@@ -355,7 +374,8 @@ LOOP_D, LOOP_COND_OUT, LOOP_BUFFER_OUT = "iia/loop/D_i", "iia/loop/cond_out", "i
 
 def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io, calls: list, tables: tuple,
                batch: str, noise_shape: str, shape: tuple[int, ...], per_image: bool = False) -> onnx.GraphProto:
-    """The Loop body: mix x_i from the buffer (`per_image`: a guidance range's row per image), the denoiser copy
+    """The Loop body: mix x_i from the buffer (`per_image`: a guidance range's batch-major buffer, a row per
+    image, see `guidance_graph.per_image_buffer`), the denoiser copy
     (folded values gathered at the iteration, EDM's scalings dropped under `io`), D_i (or F_i) scattered into
     the buffer. Its constants go to `outer`."""
     coef_table, row_table, s_table = tables
@@ -363,7 +383,7 @@ def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io,
     body = outer.inner(10**6)  # body value names never collide with the outer graph's
     it = LOOP_IT
     rows = body.node("Gather", [coef_table, it], axis=0)
-    x = mix_rows(body, rows, LOOP_BUFFER, batch, noise_shape) if per_image else _mix(body, rows, LOOP_BUFFER, noise_shape)
+    x = _mix(body, rows, LOOP_BUFFER, noise_shape)  # [1, N+1] @ [N+1, B*K], or per image [B, 1, N+1] @ [B, N+1, K]
     sigma = body.node("Expand", [body.node("Unsqueeze", [body.node("Gather", [s_table, it], axis=0),
                                                          body.const(np.array([0], np.int64), np.int64)]), batch])
     shared = {t.name for t in dgraph.initializer}
@@ -382,7 +402,7 @@ def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io,
     for k, node in enumerate(dgraph.node):
         if k not in skip:
             body.nodes.append(_copy_node(node, "iia/loop/den/", rename, f"{node.op_type}_{k}"))
-    update = body.node("Reshape", [LOOP_D, body.const(np.array([1, -1], np.int64), np.int64)])
+    update = body.node("Reshape", [LOOP_D, body.const(np.array([0 if per_image else 1, -1], np.int64), np.int64)])
     body.node("ScatterND", [LOOP_BUFFER, body.node("Gather", [row_table, it], axis=0), update], LOOP_BUFFER_OUT)
     body.node("Identity", [LOOP_COND], LOOP_COND_OUT)
     body.nodes = live_nodes(body.nodes, {LOOP_COND_OUT, LOOP_BUFFER_OUT})  # e.g. sigma, when all folded
@@ -396,13 +416,14 @@ def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io,
             renamed.name = rename(info.name)
             known.append(renamed)
     used = reads(body.nodes)
+    buffer_shape = ["batch", n + 1, "elements"] if per_image else [n + 1, "batch_elements"]
     return helper.make_graph(
         body.nodes, "iia_denoiser_loop_body",
         [helper.make_tensor_value_info(it, TensorProto.INT64, []),
          helper.make_tensor_value_info(LOOP_COND, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(LOOP_BUFFER, TensorProto.FLOAT, [n + 1, "batch_elements"])],
+         helper.make_tensor_value_info(LOOP_BUFFER, TensorProto.FLOAT, buffer_shape)],
         [helper.make_tensor_value_info(LOOP_COND_OUT, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(LOOP_BUFFER_OUT, TensorProto.FLOAT, [n + 1, "batch_elements"])],
+         helper.make_tensor_value_info(LOOP_BUFFER_OUT, TensorProto.FLOAT, buffer_shape)],
         value_info=known, initializer=[t for t in dgraph.initializer if t.name in used])
 
 

@@ -187,7 +187,7 @@ def validate(opts: CompileOptions) -> list[int]:
         from .scales import ScaleError, check_range_options
 
         try:
-            check_range_options(opts.solver, opts.coefficients, opts.graph)
+            check_range_options(opts.coefficients)
         except ScaleError as err:
             raise CompileError(str(err)) from None
     elif opts.guidance_default is not None:

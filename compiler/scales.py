@@ -100,17 +100,21 @@ def _rmse(errors: torch.Tensor) -> float:
     return float(errors.pow(2).mean().sqrt())
 
 
-def guard_scales(table: ScaleTable, base: Program, held_out: list[float], at, exact, options, log) -> tuple[ScaleTable, list[dict]]:
+def guard_scales(table: ScaleTable, base: Program, held_out: list[float], at, exact, options, log,
+                 sets: dict | None = None) -> tuple[ScaleTable, list[dict]]:
     """Judge the interpolated sampler at each held-out scale against the base solver and the sampler fitted
-    exactly there (`exact(g)` -> Program), on held-out noise of that scale (`at(g)` -> the guided Denoiser).
+    exactly there (`exact(g)` -> Program; None: not fitted there, rmse_exact None), on held-out noise of that
+    scale (`sets[g]`, else the held-out set a fit at g uses: `at(g)` -> the guided Denoiser, `options`' sizes).
     Nodes around a scale where the interpolant loses to the base fall back to base coefficients, and the table
     is judged again. Returns the shipped table and the guard's rows (g, rmse of interpolated, exact, base)."""
-    sets = {}
+    given, sets = sets or {}, {}
     for g in held_out:  # the held-out set the guard of a fit at g uses (same noise, same reference)
-        den = at(g)
-        resolved = options.resolved(den)
-        hold = evaluation_set(den, resolved.holdout, resolved.seed + HOLDOUT_SEED_OFFSET, resolved.reference_steps)
-        sets[g] = (hold, _rmse(hold.errors(exact(g))), _rmse(hold.errors(base)))
+        hold = given.get(g)
+        if hold is None:
+            den = at(g)
+            resolved = options.resolved(den)
+            hold = evaluation_set(den, resolved.holdout, resolved.seed + HOLDOUT_SEED_OFFSET, resolved.reference_steps)
+        sets[g] = (hold, None if exact is None else _rmse(hold.errors(exact(g))), _rmse(hold.errors(base)))
     fallen: set[int] = set()
     while True:
         rows, losing = [], []
@@ -137,17 +141,11 @@ def base_of(program: Program) -> Program:
     return build_program(program.solver, program.sigmas, program.r)
 
 
-def check_range_options(solver: str, coefficients: str | None, graph: str) -> None:
+def check_range_options(coefficients: str | None) -> None:
     """What a range compile cannot do, refused by flag (ScaleError)."""
-    if solver == "auto":
-        raise ScaleError("--solver auto with a guidance range: the search is not run per scale yet; name a solver "
-                         "(e.g. --solver iia-edm), which is calibrated at each node of the range")
     if coefficients:
         raise ScaleError(f"--coefficients {coefficients}: a coefficient file holds one scale's fit; a guidance range "
                          f"is calibrated at several (drop --coefficients)")
-    if graph != "loop":
-        raise ScaleError(f"--graph {graph} with a guidance range: per-image coefficients are emitted for the loop "
-                         f"form only (--graph loop)")
 
 
 __all__ = ["INTERPOLATION", "NODES", "ScaleError", "ScaleTable", "base_of", "chebyshev_nodes", "check_range_options",
@@ -157,7 +155,8 @@ __all__ = ["INTERPOLATION", "NODES", "ScaleError", "ScaleTable", "base_of", "che
 def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Program, str, ScaleTable]:
     """coefficients.json data, the interpolated sampler at the default scale, where they came from, and the
     shipped ScaleTable of a range compile: a fit (or the base solver) at each node, through the same cache
-    entries as single-scale compiles at those scales, then the held-out guard between the nodes."""
+    entries as single-scale compiles at those scales, then the held-out guard between the nodes; --solver auto:
+    the search at the centre, the chosen candidate fitted at each node (compiler/scales_search.py)."""
     from iia.calibration import artifact
     from iia.calibration.solvers import get_solver
 
@@ -165,27 +164,38 @@ def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Progra
 
     scales = denoiser.guidance_range
     nodes = chebyshev_nodes(scales.lo, scales.hi, NODES)
-    made = []
-    for g in nodes:
-        data, program, how = obtain_coefficients(scales.at(g), opts.solver, opts, log, progress)
-        log(f"  g = {g:.4g}: {how}")
-        made.append((data, program))
-    table = scale_table(nodes, [p for _, p in made])
-    base = base_of(made[0][1])
-    rows: list[dict] = []
-    if get_solver(opts.solver).fitted:
-        held_out = [(a + b) / 2 for a, b in zip(nodes, nodes[1:])]
-        exact = lambda g: obtain_coefficients(scales.at(g), opts.solver, opts, log, progress)[1]  # noqa: E731
-        table, rows = guard_scales(table, base, held_out, scales.at, exact, opts.calibration, log)
-        for row in rows:
-            log(f"  guard at g = {row['g']:.4g}: held-out rmse interpolated {row['rmse_interpolated']:.4g}, fitted "
-                f"there {row['rmse_exact']:.4g}, base {row['rmse_base']:.4g}")
-    fallen = [g for g, p in zip(nodes, table.programs) if p is base]
+    searched = {}
+    if opts.solver == "auto":
+        from .scales_search import auto_range
+
+        programs, fits, rows, searched, first = auto_range(denoiser, opts, log, progress)
+        made = [({"guard": f}, p) for f, p in zip(fits, programs)]
+        table = scale_table(nodes, programs)
+    else:
+        made = []
+        for g in nodes:
+            data, program, how = obtain_coefficients(scales.at(g), opts.solver, opts, log, progress)
+            log(f"  g = {g:.4g}: {how}")
+            made.append((data, program))
+        table = scale_table(nodes, [p for _, p in made])
+        rows: list[dict] = []
+        if get_solver(opts.solver).fitted:
+            held_out = [(a + b) / 2 for a, b in zip(nodes, nodes[1:])]
+            exact = lambda g: obtain_coefficients(scales.at(g), opts.solver, opts, log, progress)[1]  # noqa: E731
+            table, rows = guard_scales(table, base_of(made[0][1]), held_out, scales.at, exact, opts.calibration, log)
+        first = made[0][0]
+    for row in rows:
+        exact_rmse = "not fitted" if row["rmse_exact"] is None else f"{row['rmse_exact']:.4g}"
+        log(f"  guard at g = {row['g']:.4g}: held-out rmse interpolated {row['rmse_interpolated']:.4g}, fitted "
+            f"there {exact_rmse}, base {row['rmse_base']:.4g}")
+    fallen = rows[0]["fallback_nodes"] if rows else []
     record = {"range": [scales.lo, scales.hi], "nodes": nodes, "default": scales.default,
-              "interpolation": INTERPOLATION, "guard": rows}
-    first = made[0][0]
+              "interpolation": INTERPOLATION, "guard": rows, **searched}
     data = {k: first[k] for k in ("schema", "schema_version", "created", "solver", "solver_definition", "nfe", "r",
                                   "sigmas", "options") if k in first}
+    if searched:  # the centre's record is the search's: the nodes' solver, steps and basis are the table's
+        shipped = table.programs[0]
+        data.update(solver=shipped.solver, r=shipped.r, sigmas=list(shipped.sigmas), search=first.get("search"))
     data.update(model=artifact.model_identity(denoiser), guidance=record,
                 nodes=[{"g": g, "shipped": "base (guard fallback)" if g in fallen else "as fitted at g",
                         "coefficients": p.coefficients(), "steps": d.get("steps"), "guard": d.get("guard")}
@@ -194,6 +204,6 @@ def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Progra
                                    + (f" (nodes {', '.join(f'{g:g}' for g in fallen)} on base coefficients)" if fallen
                                       else ""), "scales": rows},
                 versions=first.get("versions"))
-    how = (f"{opts.solver} at {len(nodes)} scales ({', '.join(f'{g:.4g}' for g in nodes)}), "
-           f"{INTERPOLATION} in g between them")
+    how = (f"{opts.solver if not searched else 'auto: ' + searched['search']['chosen']} at {len(nodes)} scales "
+           f"({', '.join(f'{g:.4g}' for g in nodes)}), {INTERPOLATION} in g between them")
     return data, table.program_at(scales.default), how, table

@@ -160,6 +160,24 @@ def test_cfg_range_artifact(models, cfg_artifact):
     assert manifest["guidance"]["kind"] == "cfg"
 
 
+def test_unrolled_range_artifact_equals_the_loop_form(models, cfg_artifact):
+    """--graph unrolled with a range: each call's combination weights interpolated per image (as the loop form's
+    rows are made from them), the same fits (cache); parity passed, the loop form's images, out-of-range refused."""
+    root, paths = models
+    out, manifest, _ = cfg_artifact
+    unrolled = root / "cfg-range-unrolled"
+    m = compile_model(str(paths["cfg"]), unrolled, options(root / "cache", cfg=(1.0, 3.0), graph="unrolled"),
+                      log=lambda s: None)
+    assert m["parity"]["passed"] and m["inputs"][-1] == manifest["inputs"][-1]
+    assert json.loads((unrolled / "coefficients.json").read_text())["nodes"] == \
+        json.loads((out / "coefficients.json").read_text())["nodes"]
+    _, want = run_graph(out, TESTED)
+    _, got = run_graph(unrolled, TESTED)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    with pytest.raises(Exception, match="guidance_must_be_in_1_to_3"):
+        run_graph(unrolled, [2.0, 3.5])
+
+
 def test_hat_weights_interpolate_between_nodes():
     nodes = chebyshev_nodes(1.0, 3.0, 4)
     assert nodes == pytest.approx([1.0, 1.5, 2.5, 3.0])
@@ -178,9 +196,7 @@ def test_range_options_are_parsed_and_checked(models, tmp_path):
     with pytest.raises(Exception, match="--guidance takes a scale"):
         scale_or_range("1:2:3", "--guidance")
     guide = str(paths["guide"])
-    refused = [(dict(solver="auto"), "--solver auto with a guidance range"),
-               (dict(graph="unrolled"), "--graph unrolled with a guidance range"),
-               (dict(coefficients=str(tmp_path / "c.json")), "a coefficient file holds one scale")]
+    refused = [(dict(coefficients=str(tmp_path / "c.json")), "a coefficient file holds one scale")]
     for kw, message in refused:
         opts = CompileOptions(nfe=5, engine=False, guide=guide, guidance=(1.0, 3.0), **{"solver": "iia-edm", **kw})
         with pytest.raises(CompileError, match=message):
@@ -206,3 +222,63 @@ def test_tensorrt_profile_covers_the_guidance_input():
     assert shapes[GUIDANCE] == ((1,), (8,), (16,)) and shapes[NOISE][2] == (16, 4, 8, 8)
     assert GUIDANCE not in sampler_inputs((4, 8, 8), conditional=True)
     assert GUIDANCE in denoiser_inputs((4, 8, 8), conditional=False, guided=True)
+
+
+def test_auto_over_a_range_ships_what_the_search_chose_at_the_centre(models, tmp_path):
+    """--solver auto with a range and a --budget too short for references: the search at the centre ships its
+    prior base unsearched; base coefficients do not depend on g, so every node ships them; the artifact still
+    takes `guidance` (the guided denoiser reads it), and the record says what was chosen at which scale and
+    how the budget was split."""
+    from iia.compiler.scales_search import SEARCH_SHARE
+
+    root, paths = models
+    out = tmp_path / "auto-range"
+    opts = CompileOptions(nfe=5, solver="auto", budget_s=1.0, engine=False, cache_dir=str(tmp_path / "cache"),
+                          cfg=(1.0, 3.0))
+    lines = []
+    manifest = compile_model(str(paths["cfg"]), out, opts, log=lines.append)
+    record = manifest["guidance"]
+    assert record["search"]["g"] == 2.0 and record["search"]["coefficients"] == "base"
+    assert record["budget"]["total_s"] == 1.0 and record["budget"]["search_s"] == pytest.approx(SEARCH_SHARE * 1.0)
+    assert any("the search at g = 2" in line for line in lines)
+    data, table = table_from_file(out)
+    assert data["guidance"]["search"]["chosen"] == record["search"]["chosen"] == f"{data['solver']}/sigma_min/karras/base"
+    assert [row["chosen"] for row in data["search"]["candidates"]] == [True]  # the search's table: the prior alone
+    assert all(n["coefficients"] == data["nodes"][0]["coefficients"] for n in data["nodes"])
+    assert manifest["inputs"][-1]["name"] == GUIDANCE and manifest["parity"]["passed"]
+    _, got = run_graph(out, [1.0, 3.0], seed=3)
+    feed, again = run_graph(out, [3.0, 1.0], seed=3)  # same noise, scales swapped: the outputs follow g
+    assert not np.allclose(got[0], again[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_auto_range_fits_the_chosen_candidate_at_every_node(models, kind):
+    """The node stage of --solver auto over a range, given what the search chose (here by hand: EDM on Karras
+    steps, global or local coefficients): fitted at every node on the searched time steps within the deadline,
+    the guard between nodes leaves nothing worse than the base; a deadline that affords no references ships the
+    base coefficients at every node."""
+    import time
+
+    from iia.calibration.schedules import program_for
+    from iia.compiler.scales import NODES
+    from iia.compiler.scales_search import Choice, fit_nodes
+
+    root, paths = models
+    denoiser = load(paths["cfg"], cfg=(1.0, 3.0))
+    scales, nodes = denoiser.guidance_range, chebyshev_nodes(1.0, 3.0, NODES)
+    # a fitted candidate's program is the IIA variant's (base coefficients here: where the search's fit started)
+    program = build_program("iia-edm", program_for(scales.at(2.0), "edm", 5, 1, "karras", "zero").sigmas, 1)
+    choice = Choice(f"edm/zero/karras/{kind}", "edm", "zero", "karras", kind, program)
+    opts = CompileOptions(nfe=5, calibration=CalibrationOptions(batch=8, holdout=8, reference_steps=8))
+    started = time.perf_counter()
+    programs, fits, rows, plan = fit_nodes(scales, nodes, choice, opts, started + 12.0, lambda s: None)
+    assert time.perf_counter() - started <= 12.0 + 5.0  # the guard's scoring may run a little past its estimate
+    assert plan["plan"]["calibration_noises"] == 8 and plan["plan"].get("fits", True)
+    assert all(p.solver == "iia-edm" and p.sigmas == program.sigmas for p in programs)
+    assert len({tuple(map(tuple, p.coefficients())) for p in programs}) > 1  # the constants follow g
+    assert len(rows) == NODES - 1 and all(r["rmse_interpolated"] <= r["rmse_base"] for r in rows)
+    assert all(f["kind"] == kind for f in fits)
+
+    programs, fits, rows, plan = fit_nodes(scales, nodes, choice, opts, time.perf_counter() + 0.01, lambda s: None)
+    assert plan["plan"]["fits"] is False and rows == []
+    assert all(p.coefficients() == program.coefficients() for p in programs)
