@@ -18,6 +18,7 @@ the timing cuts work, not the budget; long phases log progress with an ETA (`iia
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ MIN_SCHEDULE_EVALS, MIN_GLOBAL_EVALS = 20, 8
 # below this --budget, no learned schedules or global fits: loading their optimisers (scipy.optimize, torch.optim,
 # whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
 MIN_FIT_BUDGET_S = 5.0
-OPTIMISER_LOAD_S = 4.0  # what the plan keeps for loading them (they load after it, when the search goes ahead)
+OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside the references, see below)
 
 
 def load_optimisers() -> None:
@@ -57,6 +58,14 @@ def load_optimisers() -> None:
     import scipy.optimize  # noqa: F401
 
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
+
+
+def load_optimisers_beside() -> threading.Thread:
+    """`load_optimisers` in a thread started now, to join before the fits: the imports (~4 s idle, twice that on
+    a busy machine) overlap the references instead of adding to the budget."""
+    thread = threading.Thread(target=load_optimisers, name="load optimisers", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
@@ -176,6 +185,7 @@ class ReferencePlan:
     cost: Callable[[int], float] | None = None
     rate: float = 0.0
     accuracy: float | None = None
+    fitted: int = 0  # fitted candidates the held-out scoring keeps time for
 
 
 def _prior_order(families) -> list[str]:
@@ -188,16 +198,16 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
     the held-out ones must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. Cut in this order
     until they do: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
-    MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; reference steps down to MIN_REFERENCE_STEPS.
-    When even that does not fit, `fits` is False."""
-    def need(n_cal, n_hold, n_steps, fams, fins):  # x 1.5: short timings run faster than long ones
+    MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
+    MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False."""
+    def need(n_cal, n_hold, n_steps, fams, fins, n_fitted=n_fitted):  # x 1.5: short timings run faster than long ones
         n_bases = len(fams) * len(fins)
         return 1.5 * (reference_calls(INTEGRATOR, n_steps) * (cost(n_cal) + cost(n_hold))
                       + nfe * (n_bases * cost(n_cal) + (n_bases + n_fitted) * cost(n_hold)))
 
     share = FIXED_SHARE * budget_s
     fams, fins = _prior_order(families), list(finals)
-    state = [batch, holdout, steps, fams, fins]
+    state = [batch, holdout, steps, fams, fins, n_fitted]
 
     def noises(lo_cal, lo_hold):
         if state[0] <= lo_cal and state[1] <= lo_hold:
@@ -213,6 +223,12 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         state[index] = kept or state[index][:n]
         return True
 
+    def one_fit():
+        if state[5] <= 1:
+            return False
+        state[5] = 1
+        return True
+
     def fewer_steps():
         if state[2] <= MIN_REFERENCE_STEPS:
             return False
@@ -220,7 +236,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         return True
 
     ladder = (lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
-              lambda: keep(4, 1), lambda: keep(3, 1), fewer_steps)
+              lambda: keep(4, 1), lambda: keep(3, 1), one_fit, fewer_steps)
     for cut_more in ladder:
         while need(*state) > share and cut_more():
             pass
@@ -231,7 +247,10 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         cut.append(f"base families {len(families)} -> {len(new[3])} ({', '.join(new[3])})")
     if len(new[4]) < len(finals):
         cut.append(f"final steps {', '.join(finals)} -> {', '.join(new[4])}")
-    minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1])
+    if new[5] < n_fitted:
+        cut.append(f"fitted candidates {n_fitted} -> {new[5]}")
+    minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
+               min(n_fitted, 1))
     afford = need(*minimal) / FIXED_SHARE
     full = need(batch, holdout, steps, fams, fins) / FIXED_SHARE
     fits = need(*new) <= share
@@ -247,7 +266,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
                   f"{MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford:.0f} (the full "
                   f"search's references: --budget {full:.0f})",)
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
-                         tuple(new[4]), cost)
+                         tuple(new[4]), cost, fitted=new[5])
 
 
 def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> Candidate:
@@ -319,7 +338,9 @@ def _evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOp
     done = {"calibration": 0, "held-out": 0}
     n_bases = len(plan.families) * len(plan.finals)
     calls = reference_calls(INTEGRATOR, plan.steps)
-    batch = GRANULE * max(1, min(8, int(10.0 / max(calls * plan.rate * GRANULE, 1e-9))))  # ~10 s a batch, <= 64
+    # ~10 s a batch, <= 64 noises and <= 1/8 of them all: the first re-plan comes early
+    most = max(GRANULE, (plan.batch + plan.holdout) // 8 // GRANULE * GRANULE)
+    batch = min(most, GRANULE * max(1, min(8, int(10.0 / max(calls * plan.rate * GRANULE, 1e-9)))))
 
     def replan(which: str):
         def cut(n_done: int, seconds: float, image_calls: int) -> int:
@@ -399,15 +420,16 @@ class _Progress:
         self.tick(evals, max(total, evals))
 
 
-def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k: int) -> list[Candidate]:
-    """Learned schedules for the top-k bases (they share ~55% of the remaining time)."""
+def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k: int,
+                     share: float = 0.55) -> list[Candidate]:
+    """Learned schedules for the top-k bases (they share `share` of the remaining time)."""
     if denoiser.sigma_table is not None:
         log("  learned schedules skipped: the model is discrete (its sigmas are a table of training timesteps)")
         return []
     learned, top = [], bases[:top_k]
     for k, b in enumerate(top):
         t0 = time.perf_counter()
-        deadline = clock.share(0.55 / (len(top) - k))
+        deadline = clock.share(share / (len(top) - k))
         sig, info = learn_schedule(denoiser, b.family, nfe, b.final, calib, loss=opts.loss, max_evals=opts.max_evals,
                                    deadline=deadline, on_eval=_Progress(f"schedule {b.family}/{b.final}", log,
                                                                         opts.max_evals, deadline))
@@ -453,8 +475,10 @@ def _local_fit(denoiser, nfe, bases, opts, cal: CalibrationOptions, clock: Clock
     for b in bases:
         if b.final == "zero":
             t0 = time.perf_counter()
+            tick = Ticker(f"local IIA fit {b.family}", log)
             res = calibrate(denoiser, "iia-" + b.family, nfe, CalibrationOptions(**{**vars(cal), "guard": False,
-                                                                                   "r": opts.r}))
+                                                                                   "r": opts.r}),
+                            progress=lambda done, total, text: tick(done, total))
             clock.lap("local fit", t0)
             return [Candidate(b.family, b.final, "karras", "local", res.program, seconds=round(res.seconds, 2))]
     return []
@@ -497,14 +521,16 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock) -> Candidate:
     return min((c for c in cands if c.holdout["eligible"]), key=lambda c: c.holdout["score"])
 
 
-def _fit_counts(opts: SearchOptions, per_eval: float, left: float, log) -> tuple[int, int]:
-    """(learned schedules, global fits) the time `left` affords at `per_eval` seconds per calibration evaluation:
-    each schedule at least MIN_SCHEDULE_EVALS evaluations in its ~55% share, each global fit MIN_GLOBAL_EVALS
-    (~3 evaluations' time each: the backward pass) in the rest; the options' counts at most."""
+def _fit_counts(opts: SearchOptions, per_eval: float, per_holdout: float, left: float, log) -> tuple[int, int]:
+    """(learned schedules, global fits) the time `left` affords at `per_eval` seconds per calibration evaluation
+    (+ `per_holdout` to score each on held-out noise): each schedule at least MIN_SCHEDULE_EVALS evaluations in
+    its ~55% share (all of it without global fits), each global fit MIN_GLOBAL_EVALS (~3 evaluations' time each:
+    the backward pass) in the rest; the options' counts at most."""
     if per_eval <= 0 or math.isinf(left):
         return opts.top_k, opts.global_fits
-    top_k = min(opts.top_k, int(0.55 * left / (MIN_SCHEDULE_EVALS * per_eval)))
-    n_global = min(opts.global_fits, int(0.45 * left / (3 * MIN_GLOBAL_EVALS * per_eval)))
+    n_global = min(opts.global_fits, max(int(0.45 * left / (3 * MIN_GLOBAL_EVALS * per_eval + per_holdout)), 0))
+    share = 0.55 if n_global else 0.95
+    top_k = min(opts.top_k, max(int(share * left / (MIN_SCHEDULE_EVALS * per_eval + per_holdout)), 0))
     if (top_k, n_global) != (opts.top_k, opts.global_fits):
         log(f"  plan: {top_k} of {opts.top_k} learned schedules and {n_global} of {opts.global_fits} global fits: "
             f"{left:.0f} s left afford ~{left / per_eval:.0f} calibration evaluations of {per_eval:.2g} s")
@@ -555,36 +581,43 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
                             clock.timings)
     end = None if opts.budget_s is None else clock.started + opts.budget_s
     fixed_until = None if end is None else time.perf_counter() + FIXED_SHARE * max(clock.remaining() - reserve, 0.0)
-    n_fitted = (opts.top_k + opts.global_fits + int(opts.local)) if fits else 0
+    n_fitted = (plan.fitted if opts.budget_s is not None else opts.top_k + opts.global_fits) if fits else 0
+    loading = load_optimisers_beside() if load else None
     pace = Pace(plan)
     calib, hold = _evaluation_sets(denoiser, plan, cal, clock, pace, fixed_until, nfe, n_fitted, reference_cache, log)
     n_bases = len(plan.families) * len(plan.finals)
-    bases_until = None if fixed_until is None else fixed_until - pace.predict(len(hold), nfe * (n_bases + n_fitted))
+    # the bases first: the held-out scoring keeps time for the best base and the fitted candidates (`_finalists`)
+    bases_until = None if fixed_until is None else fixed_until - pace.predict(len(hold), nfe * (1 + n_fitted))
     cands = _score_bases(denoiser, nfe, plan, opts, calib, clock, pace, bases_until, log)
     bases = sorted(cands, key=lambda c: c.calib_loss)
-    if load:
+    if loading is not None and clock.remaining() > pace.predict(len(hold), nfe) * (len(cands) + n_fitted):
         t0 = time.perf_counter()
-        load_optimisers()
+        loading.join()
         clock.lap("loading optimisers", t0)
-    # keep time for what runs after the searches: the local fit (~M + 1 calls per step on its batch) and scoring
-    # the finalists on the held-out noises, at the pace measured so far
+    elif loading is not None:  # no time is left for fits: do not wait for their imports
+        fits = False
+    # the local fit (~M + 1 calls per step on its batch) when it fits its share; then the fits, their deadlines
+    # keeping time for scoring the finalists on the held-out noises, at the pace measured so far
     per_eval = pace.predict(len(calib), nfe)
     local_s = pace.predict(cal.batch, (cal.M + 1) * nfe)
     local = opts.local and (end is None or local_s <= LOCAL_FIT_SHARE * max(clock.remaining(), 0.0))
     if opts.local and not local:
         log(f"  local IIA fit skipped: ~{local_s:.0f} s is over {LOCAL_FIT_SHARE:g} of the {clock.remaining():.0f} s "
             f"left (raise --budget)")
-    n_final = len(cands) + opts.top_k + opts.global_fits + int(local)
-    clock.reserve(pace.predict(len(hold), nfe) * n_final + (local_s if local else 0.0))
+    if local:  # first: it cannot stop early, and the fits' deadlines then follow from what it really took
+        cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
+    per_holdout = pace.predict(len(hold), nfe)
+    fixed_s = per_holdout * len(cands)
+    top_k, n_global = _fit_counts(opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else (0, 0)
+    clock.reserve(fixed_s + per_holdout * (top_k + n_global))
     if fits:
-        top_k, n_global = _fit_counts(opts, per_eval, clock.remaining(), log)
-        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, top_k)
+        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, top_k, 0.55 if n_global else 0.95)
         cands += learned + _global_fits(denoiser, learned, bases, opts, calib, clock, log, n_global)
-    else:
+    elif opts.budget_s is not None and opts.budget_s < MIN_FIT_BUDGET_S:
         log(f"  learned schedules and global fits skipped: --budget {opts.budget_s:g} s is below {MIN_FIT_BUDGET_S:g} s "
             f"(loading their optimisers alone takes seconds)")
-    if local:
-        cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
+    else:
+        log("  learned schedules and global fits skipped: the budget is spent (raise --budget)")
     left = math.inf if end is None else end - time.perf_counter()
     finalists = _finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
     chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock)

@@ -183,3 +183,67 @@ def test_a_search_bounded_by_counts_is_the_same_on_every_run(gmm):
     assert tables[0] == tables[1]
     assert {r["schedule"] for r in tables[0]} == {"karras", "learned"}
     assert all(r["note"] != "1 evals" for r in tables[0] if r["schedule"] == "learned")  # not cut by any clock
+
+
+def _slows_down(base, after_calls: int, per_image_s: float, shape, sigma_min: float, sigma_max: float):
+    """`base` as a callable denoiser that really sleeps `per_image_s` per image once it has been called
+    `after_calls` times: a machine that gets busier after the search timed its call."""
+    import time
+
+    from iia.models import from_callable
+
+    calls = [0]
+
+    def fn(x, sigma, labels):
+        calls[0] += 1
+        if calls[0] > after_calls:
+            time.sleep(per_image_s * x.shape[0])
+        return base(x.to(torch.float32), sigma, labels)
+
+    return from_callable(fn, shape, sigma_min, sigma_max), calls
+
+
+def test_a_machine_that_gets_busier_after_the_timing_still_meets_the_budget(gmm):
+    """issue 24: with another CPU-heavy process starting beside it, the references alone ran 470 s of --budget 180."""
+    import time
+
+    denoiser, calls = _slows_down(gmm, 40, 2e-4, gmm.shape, gmm.sigma_min, gmm.sigma_max)
+    lines, budget = [], 8.0
+    t0 = time.perf_counter()
+    res = auto_search(denoiser, 6, SearchOptions(budget_s=budget), CalibrationOptions(reference_steps=64),
+                      log=lines.append)
+    took = time.perf_counter() - t0
+    assert took <= 1.1 * budget, (took, res.timings, lines)
+    assert calls[0] > 40 and sum(r["chosen"] for r in res.table) == 1
+    # the slowdown was measured and the work re-planned at it: fewer noises than planned, or phases cut
+    assert any("re-planned at" in line or "not scored" in line or "of 2 learned schedules" in line
+               or "cut short by the budget" in line for line in lines), lines
+
+
+def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path):
+    """The reference's accuracy is measured against one twice as fine and said in the plan; its solutions are
+    cached per granule (model, first image, count, start sigma, integrator, steps): a search at another NFE
+    computes none again, and a corrupt entry is dropped, named and remade."""
+    from iia.calibration.references import GRANULE
+
+    opts = SearchOptions(budget_s=None, batch=16, families=("ipndm", "deis-2"), max_evals=4, max_iter=2,
+                         local=False)
+    cal = CalibrationOptions(holdout=32, reference_steps=64)
+    first, second, third = [], [], []
+    auto_search(gmm, 5, opts, cal, log=first.append, reference_cache=tmp_path)
+    assert any(line.startswith("  plan: reference unipc-3") and "vs" in line and "on 4 noises" in line
+               and "x the error of ipndm at NFE 5" in line for line in first), first
+    assert any("reference check: its measured error" in line for line in first), first
+    assert any("calibration references: 16 noises (0 from the cache, 16 computed)" in line for line in first)
+    entries = sorted(tmp_path.glob("reference-*.npy"))
+    assert len(entries) == (16 + 32) // GRANULE
+    auto_search(gmm, 6, opts, cal, log=second.append, reference_cache=tmp_path)
+    assert any("calibration references: 16 noises (16 from the cache, 0 computed)" in line for line in second), second
+    assert any("held-out references: 32 noises (32 from the cache, 0 computed)" in line for line in second), second
+    entries[0].write_bytes(entries[0].read_bytes()[:-8] + b"\0" * 8)
+    auto_search(gmm, 7, opts, cal, log=third.append, reference_cache=tmp_path)
+    assert any("dropping unusable cached reference, recomputing" in line and str(entries[0]) in line
+               for line in third), third
+    assert any(f"({32 - GRANULE} from the cache, {GRANULE} computed)" in line or
+               f"({16 - GRANULE} from the cache, {GRANULE} computed)" in line for line in third), third
+    assert len(sorted(tmp_path.glob("reference-*.npy"))) == len(entries)  # remade
