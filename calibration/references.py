@@ -10,7 +10,8 @@ batches that a caller may cut short.
 - References are cached per GRANULE of 8 images through the one cache (`calibration.cache`), keyed by the model
   (weights' sha256, or an analytic model's config), the first image and count (the noise convention draws image
   k of seed s from seed s + k alone), labels, start sigma, integrator and steps: a compile at another NFE or
-  solver reuses them, whatever number of noises its budget affords.
+  solver reuses them, whatever number of noises its budget affords (and those of 2x or 4x the steps, made for
+  an NFE that needed a finer reference).
 - `compute` runs the granules missing from the cache in batches and asks `replan` after each how many noises
   it still wants (the caller's budget: a machine that got busier after the timing cuts the noises, not the
   budget).
@@ -125,18 +126,21 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
     n = noise.shape[0]
     top = float(denoiser.sigma_max)
     granules = [slice(a, min(a + GRANULE, n)) for a in range(0, n, GRANULE)]
-    keys = [None if cache is None else granule_key(denoiser, seed + g.start, g.stop - g.start,
-                                                   None if labels is None else labels[g], top, INTEGRATOR, steps)
-            for g in granules]
+    # a reference on a finer grid (2x, 4x the steps: made for a higher NFE) is as good: reused too
+    finer = [steps * 2**k for k in range(3)]
+    keys = [None if cache is None else [granule_key(denoiser, seed + g.start, g.stop - g.start,
+                                                    None if labels is None else labels[g], top, INTEGRATOR, s)
+                                        for s in finer] for g in granules]
     per_image = int(np.prod(denoiser.shape)) * 8
     out: dict[int, torch.Tensor] = {}
-    for i, (g, key) in enumerate(zip(granules, keys)):
-        if key is not None:
-            shape = (g.stop - g.start, *denoiser.shape)
-            got = lookup(cache / key, _loader(shape), log, limit=per_image * shape[0] + 1024,
-                         what="cached reference", redo="recomputing")
+    for i, (g, options) in enumerate(zip(granules, keys)):
+        shape = (g.stop - g.start, *denoiser.shape)
+        for key in options or ():
+            got = None if key is None else lookup(cache / key, _loader(shape), log, limit=per_image * shape[0] + 1024,
+                                                  what="cached reference", redo="recomputing")
             if got is not None:
                 out[i] = got
+                break
     cached = sum(granules[i].stop - granules[i].start for i in out)
     wanted, done_calls = n, 0
     total_calls = (n - cached) * reference_calls(INTEGRATOR, steps)
@@ -163,8 +167,8 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
         for j in run:
             g = granules[j]
             out[j] = ref[g.start - part.start:g.stop - part.start]
-            if keys[j] is not None:
-                store(cache / keys[j], _to_bytes(out[j]), log, limit=per_image * (g.stop - g.start) + 1024,
+            if keys[j] is not None and keys[j][0] is not None:
+                store(cache / keys[j][0], _to_bytes(out[j]), log, limit=per_image * (g.stop - g.start) + 1024,
                       what="reference", made_from={"model_sha256": denoiser.identity.get("sha256"),
                                                    "first_image": seed + g.start, "integrator": INTEGRATOR,
                                                    "steps": steps})

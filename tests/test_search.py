@@ -111,14 +111,17 @@ def test_compile_auto_uses_the_given_r_and_calib_batch(gmm, tmp_path):
                           budget_s=4, engine=False, cache_dir=str(tmp_path / "cache"))
     lines = []
     data, _, _ = obtain_coefficients(gmm, "auto", opts, log=lines.append)
-    assert any("references: 24 calibration" in line for line in lines)
+    # the search starts from 24 (the plan may cut it to fit the budget on a busy machine, and says so)
+    assert any("references: 24 calibration" in line or "calibration noises 24 -> " in line for line in lines), lines
     assert data["search"]["options"]["r"] == 2 and data["search"]["options"]["batch"] == 24
     # --calib-batch typed at its default (200) on the command line is used too, not the search's own 512
     typed = CompileOptions(nfe=4, solver="auto", calibration=CalibrationOptions(**vars(CAL)), budget_s=2,
                            engine=False, cache_dir=str(tmp_path / "cache"), given=frozenset({"batch"}))
     lines = []
     obtain_coefficients(gmm, "auto", typed, log=lines.append)
-    assert any(f"references: {CalibrationOptions().batch} calibration" in line for line in lines)
+    typed_batch = CalibrationOptions().batch
+    assert any(f"references: {typed_batch} calibration" in line or f"calibration noises {typed_batch} -> " in line
+               for line in lines), lines
 
 
 def test_peer_benchmark_ratios(gmm):
@@ -139,8 +142,9 @@ def test_a_one_second_budget_governs_the_references_too(gmm):
     assert res.seconds < 3, f"{res.seconds} s: {res.timings}"
     # Which of the two ways the budget is met depends on this machine's speed and load when the denoiser call is
     # timed (a busy CI machine can time gmm's call at several times its idle cost): references cut to fit, or the
-    # search dropped for the documented prior. Either way the log says so and one candidate ships.
-    cut = any("references cut to fit --budget 1 s" in line for line in lines)
+    # search dropped for the documented prior; or cut again when the measured pace runs slower than the timing.
+    # Either way the log says so and one candidate ships.
+    cut = any("references cut to fit --budget 1 s" in line or "references re-planned at" in line for line in lines)
     dropped = any("documented prior" in line for line in lines)
     assert cut or dropped, lines
     if cut:
@@ -168,7 +172,8 @@ def test_a_budget_that_affords_no_references_ships_the_prior_base_in_time(budget
     assert res.chosen.label == f"{PRIOR_FAMILIES[0]}/sigma_min/karras/base" and len(res.table) == 1
     assert res.program.solver == PRIOR_FAMILIES[0]
     plan = [line for line in lines if line.startswith("  plan")]
-    assert "s per image-call" in plan[0] and "dropped the search" in plan[1], lines
+    assert "s per image-call" in plan[0] and "dropped the search" in plan[-1], lines
+    assert any("accuracy not measured (the budget cannot afford" in line for line in plan), lines
     assert any("unsearched, by the documented prior" in line and "would" in line for line in lines), lines
     assert "not scored" in format_table(res.table)
     # no held-out record: nothing was scored
@@ -230,18 +235,19 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
                          local=False)
     cal = CalibrationOptions(holdout=32, reference_steps=64)
     first, second, third = [], [], []
-    auto_search(gmm, 5, opts, cal, log=first.append, reference_cache=tmp_path)
+    # NFE 6 needs a finer reference than NFE 5 on gmm (its base's error is smaller): computed first, reused by 5
+    auto_search(gmm, 6, opts, cal, log=first.append, reference_cache=tmp_path)
     assert any(line.startswith("  plan: reference unipc-3") and "vs" in line and "on 4 noises" in line
-               and "x the error of ipndm at NFE 5" in line for line in first), first
+               and "x the error of ipndm at NFE 6" in line for line in first), first
     assert any("reference check: its measured error" in line for line in first), first
     assert any("calibration references: 16 noises (0 from the cache, 16 computed)" in line for line in first)
     entries = sorted(tmp_path.glob("reference-*.npy"))
     assert len(entries) == (16 + 32) // GRANULE
-    auto_search(gmm, 6, opts, cal, log=second.append, reference_cache=tmp_path)
+    auto_search(gmm, 5, opts, cal, log=second.append, reference_cache=tmp_path)
     assert any("calibration references: 16 noises (16 from the cache, 0 computed)" in line for line in second), second
     assert any("held-out references: 32 noises (32 from the cache, 0 computed)" in line for line in second), second
     entries[0].write_bytes(entries[0].read_bytes()[:-8] + b"\0" * 8)
-    auto_search(gmm, 7, opts, cal, log=third.append, reference_cache=tmp_path)
+    auto_search(gmm, 6, opts, cal, log=third.append, reference_cache=tmp_path)
     assert any("dropping unusable cached reference, recomputing" in line and str(entries[0]) in line
                for line in third), third
     assert any(f"({32 - GRANULE} from the cache, {GRANULE} computed)" in line or
