@@ -278,6 +278,13 @@ def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[
                      note="prior: no references fit the budget")
 
 
+def _probe_bases(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> list[Program]:
+    """The base solvers whose least error sets the reference's accuracy target: the prior base first."""
+    first = prior_base(denoiser, nfe, families, finals)
+    return [first.program] + [program_for(denoiser, f, nfe, 1, "karras", final) for f in _prior_order(families)
+                              for final in finals if (f, final) != (first.family, first.final)]
+
+
 def _plan(denoiser: Denoiser, nfe: int, families: list[str], opts: SearchOptions, cal: CalibrationOptions,
           clock: Clock, log, reserve_s: float = 0.0) -> ReferencePlan:
     """The call's timed cost, the reference steps the model needs (`references.choose_steps`), then the sizes the
@@ -286,8 +293,8 @@ def _plan(denoiser: Denoiser, nfe: int, families: list[str], opts: SearchOptions
     batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
     n_fitted = opts.top_k + opts.global_fits + int(opts.local)
     if opts.budget_s is None:
-        steps, said, error = choose_steps(denoiser, prior_base(denoiser, nfe, families, opts.finals).program,
-                                          cal.seed, 0.0, None, cal.reference_steps)
+        steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed,
+                                          0.0, None, cal.reference_steps)
         clock.lap("references", t0)
         log(f"  plan: reference {said}")
         return ReferencePlan(batch, cal.holdout, steps, "", families=tuple(families), finals=opts.finals,
@@ -295,8 +302,8 @@ def _plan(denoiser: Denoiser, nfe: int, families: list[str], opts: SearchOptions
     cost, rate, how = _call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
     log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing; {rate:.3g} s per "
         f"image-call (timed by {how})")
-    steps, said, error = choose_steps(denoiser, prior_base(denoiser, nfe, families, opts.finals).program, cal.seed,
-                                      rate, PROBE_SHARE * clock.remaining(), cal.reference_steps)
+    steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed, rate,
+                                      PROBE_SHARE * clock.remaining(), cal.reference_steps)
     log(f"  plan: reference {said}")
     left = max(clock.remaining() - reserve_s, 0.0)
     plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost)
