@@ -561,6 +561,36 @@ def _finalists(cands: list[Candidate], bases: list[Candidate], per_eval: float, 
     return out
 
 
+class _Watchdog:
+    """The search's log with a watchdog thread: a line whenever nothing was logged for `every` seconds (one
+    evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks)."""
+
+    def __init__(self, log: Callable[[str], None], every: float = 10.0):
+        self.log, self.every = log, every
+        self.started = self.last = time.perf_counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="search watchdog", daemon=True)
+
+    def __call__(self, text: str) -> None:
+        self.last = time.perf_counter()
+        self.log(text)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            now = time.perf_counter()
+            if now - self.last >= self.every:
+                self(f"  search: still working, {now - self.started:.0f} s in ({now - self.last:.0f} s since the "
+                     f"last line)")
+
+    def __enter__(self) -> "_Watchdog":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = None,
                 calibration: CalibrationOptions | None = None, log: Callable[[str], None] | None = None,
                 reference_cache: Path | None = None) -> SearchResult:
@@ -568,8 +598,13 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     `reference_cache`: the folder of the one cache where reference solutions are kept (None: not cached)."""
     opts = options or SearchOptions()
     opts.validate()
+    with _Watchdog(log or (lambda text: None)) as watched:
+        return _search(denoiser, nfe, opts, calibration, watched, reference_cache)
+
+
+def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: CalibrationOptions | None,
+            log: Callable[[str], None], reference_cache: Path | None) -> SearchResult:
     cal = (calibration or CalibrationOptions()).resolved(denoiser)
-    log = log or (lambda text: None)
     clock = Clock(opts.budget_s)
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
@@ -592,7 +627,6 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     loading = load_optimisers_beside() if load else None
     pace = Pace(plan)
     calib, hold = _evaluation_sets(denoiser, plan, cal, clock, pace, fixed_until, nfe, n_fitted, reference_cache, log)
-    n_bases = len(plan.families) * len(plan.finals)
     # the bases first: the held-out scoring keeps time for the best base and the fitted candidates (`_finalists`)
     bases_until = None if fixed_until is None else fixed_until - pace.predict(len(hold), nfe * (1 + n_fitted))
     cands = _score_bases(denoiser, nfe, plan, opts, calib, clock, pace, bases_until, log)
