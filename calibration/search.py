@@ -135,7 +135,7 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
     then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
     short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
     linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; one more call on
-    PROBE_BATCH; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
+    the most of 32, 16, 8, 4 or PROBE_BATCH noises; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
     per image: an over-estimate, on the safe side)."""
     rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
     share = PRECISE_TIMING_SHARE * budget_s
@@ -159,9 +159,12 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
         slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
         return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
                 f"calls on {PROBE_BATCH} and 32 noises")
-    if rate * PROBE_BATCH <= share:  # the first call paid the warm-up (allocations, kernels): time one more
-        rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
-        return (lambda n: rate * n), rate, f"a second call on {PROBE_BATCH} noises"
+    # the first call paid the warm-up (allocations, kernels): time one more, on the most noises affordable (a
+    # small network's cost per call on 2 noises is mostly overhead: 10x its cost per image at 32)
+    m = next((m for m in (32, 16, 8, 4) if rate * m <= share), PROBE_BATCH)
+    if rate * m <= share:
+        rate = _time_call(denoiser, m) / m
+        return (lambda n: rate * n), rate, f"a second call on {m} noises"
     return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
 
 
