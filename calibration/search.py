@@ -568,7 +568,7 @@ class _Watchdog:
     """The search's log with a watchdog thread: a line whenever nothing was logged for `every` seconds (one
     evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks)."""
 
-    def __init__(self, log: Callable[[str], None], every: float = 10.0):
+    def __init__(self, log: Callable[[str], None], every: float = 12.0):
         self.log, self.every = log, every
         self.started = self.last = time.perf_counter()
         self.stop = threading.Event()

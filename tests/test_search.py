@@ -17,6 +17,7 @@ from iia.calibration.solvers import build_program
 from iia.models import load
 
 CAL = CalibrationOptions(holdout=64, reference_steps=64)
+FAMILIES_ALL = SearchOptions().families
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +255,27 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     assert any(f"({32 - GRANULE} from the cache, {GRANULE} computed)" in line or
                f"({16 - GRANULE} from the cache, {GRANULE} computed)" in line for line in third), third
     assert len(sorted(tmp_path.glob("reference-*.npy"))) == len(entries)  # remade
+
+
+def test_the_plan_for_a_full_size_model_on_a_cpu():
+    """EDM's CIFAR-10 network (55.7 M parameters) costs ~0.18 s per image-call on this CPU (2 threads): --budget
+    180 cannot afford the smallest references (the prior ships), --budget 1800 affords them with one base and one
+    fitted candidate, and the time left after them affords a learned schedule."""
+    import re
+
+    from iia.calibration.search import FIXED_SHARE, PRECISE_TIMING_SHARE, PROBE_SHARE, _fit_counts, reference_sizes
+
+    def cost(n):
+        return 0.18 * n
+
+    small = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 180.0, cost)
+    assert not small.fits and "dropped the search" in small.lines[-1]
+    big = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 1800.0, cost)
+    assert big.fits and big.families[0] == "ipndm" and big.fitted >= 1, big.lines
+    per_eval = 9 * cost(big.batch)
+    # what the references and scoring take (the plan's need less its 1.5 margin), the timing and accuracy probe
+    need = float(re.search(r"need ([0-9.]+) s", big.lines[0]).group(1))
+    assert need <= FIXED_SHARE * 1800.0
+    spent = need / 1.5 + (PRECISE_TIMING_SHARE + PROBE_SHARE) * 1800.0
+    top_k, _ = _fit_counts(SearchOptions(), per_eval, 9 * cost(big.holdout), 1800.0 - spent, lambda s: None)
+    assert top_k >= 1, (per_eval, big.lines)
