@@ -279,3 +279,16 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     spent = need / 1.5 + (PRECISE_TIMING_SHARE + PROBE_SHARE) * 1800.0
     top_k, _ = _fit_counts(SearchOptions(), per_eval, 9 * cost(big.holdout), 1800.0 - spent, lambda s: None)
     assert top_k >= 1, (per_eval, big.lines)
+
+
+def test_a_multistep_reference_converges_and_an_unknown_integrator_is_refused(gmm):
+    from iia.calibration.evalset import draw_noise, rmse
+    from iia.calibration.sampling import reference_calls, reference_solution
+
+    noise, _ = draw_noise(gmm, 4, 0)
+    truth = reference_solution(gmm, noise, None, 512)
+    errors = [rmse(reference_solution(gmm, noise, None, s, integrator="unipc-3"), truth) for s in (32, 128)]
+    assert errors[1] < errors[0] / 4, errors
+    assert reference_calls("unipc-3", 64) == 64 and reference_calls("heun", 64) == 127
+    with pytest.raises(ValueError, match="reference integrator must be one of"):
+        reference_solution(gmm, noise, None, 16, integrator="rk4")
