@@ -43,7 +43,7 @@ __all__ = ["FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResul
 
 FIXED_SHARE = 0.6  # of --budget, at most, for what cannot stop early: references, scoring bases and finalists
 MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 16, 16, 32  # what a cut never goes below
-PROBE_SHARE = 0.05  # of --budget, at most, for measuring the reference's accuracy (`references.choose_steps`)
+PROBE_SHARE = 0.08  # of --budget, at most, for measuring the reference's accuracy (`references.choose_steps`)
 LOCAL_FIT_SHARE = 0.2  # of the time left, at most, for the paper's local fit (it cannot stop early)
 # fewer evaluations than these leave a learned schedule / global fit at its start: spend the time elsewhere
 MIN_SCHEDULE_EVALS, MIN_GLOBAL_EVALS = 20, 8
@@ -634,12 +634,15 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     bases_until = None if fixed_until is None else fixed_until - pace.predict(len(hold), nfe * (1 + n_fitted))
     cands = _score_bases(denoiser, nfe, plan, opts, calib, clock, pace, bases_until, log)
     bases = sorted(cands, key=lambda c: c.calib_loss)
-    if loading is not None and clock.remaining() > pace.predict(len(hold), nfe) * (len(cands) + n_fitted):
+    if loading is not None:  # wait for the imports only while a fit could still follow them
         t0 = time.perf_counter()
-        loading.join()
+        loading.join(max(clock.remaining() - pace.predict(len(hold), nfe) * (len(cands) + 1)
+                         - pace.predict(len(calib), nfe) * MIN_SCHEDULE_EVALS, 0.0))
         clock.lap("loading optimisers", t0)
-    elif loading is not None:  # no time is left for fits: do not wait for their imports
-        fits = False
+        if loading.is_alive():
+            log("  learned schedules and global fits skipped: their optimisers were still loading when the budget "
+                "left no time for them (raise --budget)")
+            fits = False
     # the local fit (~M + 1 calls per step on its batch) when it fits its share; then the fits, their deadlines
     # keeping time for scoring the finalists on the held-out noises, at the pace measured so far
     per_eval = pace.predict(len(calib), nfe)
@@ -660,14 +663,12 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     elif opts.budget_s is not None and opts.budget_s < MIN_FIT_BUDGET_S:
         log(f"  learned schedules and global fits skipped: --budget {opts.budget_s:g} s is below {MIN_FIT_BUDGET_S:g} s "
             f"(loading their optimisers alone takes seconds)")
-    else:
-        log("  learned schedules and global fits skipped: the budget is spent (raise --budget)")
     left = math.inf if end is None else end - time.perf_counter()
     finalists = _finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
     chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock)
     if plan.accuracy is not None and chosen.holdout.get("rmse"):
         ratio = plan.accuracy / chosen.holdout["rmse"]
-        log(f"  reference check: its measured error {plan.accuracy:.3g} is {ratio:.3g}x the shipped candidate's "
+        log(f"  reference check: its estimated error {plan.accuracy:.3g} is {ratio:.3g}x the shipped candidate's "
             f"held-out RMSE ({'within' if ratio <= 0.1 else 'OVER'} the 0.1x the references must reach)")
     table = [_row(c, chosen) for c in finalists]
     return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),

@@ -241,7 +241,7 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     auto_search(gmm, 6, opts, cal, log=first.append, reference_cache=tmp_path)
     assert any(line.startswith("  plan: reference unipc-3") and "vs" in line and "on 4 noises" in line
                and "x the error of the best of 4 base solvers at NFE 6" in line for line in first), first
-    assert any("reference check: its measured error" in line for line in first), first
+    assert any("reference check: its estimated error" in line for line in first), first
     assert any("calibration references: 16 noises (0 from the cache, 16 computed)" in line for line in first)
     entries = sorted(tmp_path.glob("reference-*.npy"))
     assert len(entries) == (16 + 32) // GRANULE
