@@ -305,8 +305,13 @@ def _plan(denoiser: Denoiser, nfe: int, families: list[str], opts: SearchOptions
     cost, rate, how = _call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
     log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing; {rate:.3g} s per "
         f"image-call (timed by {how})")
-    steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed, rate,
-                                      PROBE_SHARE * clock.remaining(), cal.reference_steps)
+    left = max(clock.remaining() - reserve_s, 0.0)
+    if reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, MIN_REFERENCE_STEPS,
+                       left * (1 - PROBE_SHARE), cost).fits:
+        steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed,
+                                          rate, PROBE_SHARE * clock.remaining(), cal.reference_steps)
+    else:  # not even the smallest search fits: spend nothing on measuring its reference
+        steps, said, error = MIN_REFERENCE_STEPS, f"{INTEGRATOR}: accuracy not measured (no search fits)", None
     log(f"  plan: reference {said}")
     left = max(clock.remaining() - reserve_s, 0.0)
     plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost)
