@@ -47,10 +47,13 @@ def rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 class EvalSet:
     """Noises (float64 [n, *shape]), labels (int64 [n] or None) and, per start sigma, their reference solution
-    (`reference_steps` Heun steps on a Karras grid from start * noise; computed once each)."""
+    (`reference_steps` steps of `integrator`, Heun by default, on a Karras grid from start * noise; computed once
+    each, or given by `set_reference`)."""
 
-    def __init__(self, denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, reference_steps: int):
+    def __init__(self, denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, reference_steps: int,
+                 integrator: str = "heun"):
         self.denoiser, self.noise, self.labels, self.reference_steps = denoiser, noise, labels, reference_steps
+        self.integrator = integrator
         self._references: dict[float, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -63,8 +66,15 @@ class EvalSet:
         start = float(self.denoiser.sigma_max if sigma_start is None else sigma_start)
         if start not in self._references:
             self._references[start] = reference_solution(self.denoiser, self.noise, self.labels, self.reference_steps,
-                                                         sigma_start=start, on_step=on_step)
+                                                         sigma_start=start, on_step=on_step,
+                                                         integrator=self.integrator)
         return self._references[start]
+
+    def set_reference(self, sigma_start: float | None, reference: torch.Tensor) -> None:
+        """Use `reference` (float64 [n, *shape], computed elsewhere as this set's would be) from sigma_start."""
+        if reference.shape != self.noise.shape:
+            raise ValueError(f"reference of shape {list(reference.shape)} for {list(self.noise.shape)} noises")
+        self._references[float(self.denoiser.sigma_max if sigma_start is None else sigma_start)] = reference
 
     @property
     def reference(self) -> torch.Tensor:

@@ -6,15 +6,22 @@ schedule with base coefficients, learned schedules (`search_fits.learn_schedule`
 (`search_fits.fit_global`) for the best of those, and the paper's local fit on the best base that has one.
 All are scored on HELD-OUT noise by mean AND median per-sample error; a candidate is eligible only if it is no
 worse than its own base (same family and final step, Karras, base coefficients) in both; the best eligible one
-ships. `SearchOptions.budget_s` bounds the whole search, references included (they are sized from a timed
-denoiser call and the log says what was cut); `budget_s=None` bounds it by evaluation counts only.
+ships. `SearchOptions.budget_s` bounds the whole search, references included: a timed denoiser call and the
+reference's measured accuracy (`references.choose_steps`) size the noises, the reference steps, the base families
+scored and the fits (the plan block in the log says what was cut and which budget would afford it all); every
+later phase watches the clock at the pace measured since (references re-planned after each batch, bases and
+finalists scored while the time lasts, fits stopped at their deadlines), so a machine that gets busier after
+the timing cuts work, not the budget; long phases log progress with an ETA (`iia.cli.Ticker`).
+`budget_s=None` bounds it by evaluation counts only.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,9 +29,10 @@ import torch
 from iia.cli import Ticker
 from iia.models.base import Denoiser
 
-from .evalset import EvalSet, evaluation_set
+from .evalset import EvalSet, draw_noise
 from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions, CalibrationResult, calibrate
-from .sampling import reference_solution
+from .references import GRANULE, INTEGRATOR, choose_steps, compute
+from .sampling import reference_calls, reference_solution
 from .schedules import program_for
 from .search_fits import calib_loss, fit_global, learn_schedule
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
@@ -34,11 +42,15 @@ __all__ = ["FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResul
            "to_calibration_result"]
 
 FIXED_SHARE = 0.6  # of --budget, at most, for what cannot stop early: references, scoring bases and finalists
-MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 32, 16, 32  # what a cut never goes below
+MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 16, 16, 32  # what a cut never goes below
+PROBE_SHARE = 0.08  # of --budget, at most, for measuring the reference's accuracy (`references.choose_steps`)
+LOCAL_FIT_SHARE = 0.2  # of the time left, at most, for the paper's local fit (it cannot stop early)
+# fewer evaluations than these leave a learned schedule / global fit at its start: spend the time elsewhere
+MIN_SCHEDULE_EVALS, MIN_GLOBAL_EVALS = 20, 8
 # below this --budget, no learned schedules or global fits: loading their optimisers (scipy.optimize, torch.optim,
 # whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
 MIN_FIT_BUDGET_S = 5.0
-OPTIMISER_LOAD_S = 4.0  # what the plan keeps for loading them (they load after it, when the search goes ahead)
+OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside the references, see below)
 
 
 def load_optimisers() -> None:
@@ -46,6 +58,14 @@ def load_optimisers() -> None:
     import scipy.optimize  # noqa: F401
 
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
+
+
+def load_optimisers_beside() -> threading.Thread:
+    """`load_optimisers` in a thread started now, to join before the fits: the imports (~4 s idle, twice that on
+    a busy machine) overlap the references instead of adding to the budget."""
+    thread = threading.Thread(target=load_optimisers, name="load optimisers", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
@@ -115,7 +135,7 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
     then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
     short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
     linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; one more call on
-    PROBE_BATCH; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
+    the most of 32, 16, 8, 4 or PROBE_BATCH noises; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
     per image: an over-estimate, on the safe side)."""
     rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
     share = PRECISE_TIMING_SHARE * budget_s
@@ -140,17 +160,22 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
         slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
         return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
                 f"calls on {PROBE_BATCH} and 32 noises")
-    if rate * PROBE_BATCH <= share:  # the first call paid the warm-up (allocations, kernels): time one more
-        rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
-        return (lambda n: rate * n), rate, f"a second call on {PROBE_BATCH} noises"
+    # the first call paid the warm-up (allocations, kernels): time one more, on the most noises affordable (a
+    # small network's cost per call on 2 noises is mostly overhead: 10x its cost per image at 32)
+    m = next((m for m in (32, 16, 8, 4) if rate * m <= share), PROBE_BATCH)
+    if rate * m <= share:
+        rate = _time_call(denoiser, m) / m
+        return (lambda n: rate * n), rate, f"a second call on {m} noises"
     return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
 
 
 @dataclass
 class ReferencePlan:
-    """What the budget affords: calibration and held-out noises, reference Heun steps, what was cut; `fits`
-    False: no references fit (ship the prior base unsearched); `afford_s`: the budget that would afford the
-    minimal references, `full_s` the unreduced ones; `lines`: the plan block for the log."""
+    """What the budget affords: calibration and held-out noises, reference steps (of `references.INTEGRATOR`),
+    the base families and final steps scored, what was cut; `fits` False: no references fit (ship the prior base
+    unsearched); `afford_s`: the budget that would afford the minimal references, `full_s` the unreduced ones;
+    `cost(n)`: seconds of one executor step on n noises as timed, `rate` seconds per image-call; `accuracy`:
+    the reference's measured error (None: not measured); `lines`: the plan block for the log."""
     batch: int
     holdout: int
     steps: int
@@ -159,46 +184,93 @@ class ReferencePlan:
     afford_s: float = 0.0
     full_s: float = 0.0
     lines: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
+    finals: tuple[str, ...] = ()
+    cost: Callable[[int], float] | None = None
+    rate: float = 0.0
+    accuracy: float | None = None
+    fitted: int = 0  # fitted candidates the held-out scoring keeps time for
 
 
-def reference_sizes(denoiser: Denoiser, nfe: int, n_cands: int, batch: int, holdout: int, steps: int,
-                    budget_s: float | None) -> ReferencePlan:
-    """The references, scoring the bases on the calibration noises and `n_cands` finalists on the held-out
-    ones must fit FIXED_SHARE of the budget by the timed step cost (`_call_cost`); fewer Heun steps go first
-    (down to MIN_REFERENCE_STEPS), then fewer noises (down to MIN_CALIB / MIN_HOLDOUT); when even those do
-    not fit, `fits` is False."""
-    if budget_s is None:
-        return ReferencePlan(batch, holdout, steps, "")
-    cost, rate, how = _call_cost(denoiser, budget_s)
+def _prior_order(families) -> list[str]:
+    """`families` with PRIOR_FAMILIES first (what a tight budget keeps)."""
+    return [f for f in PRIOR_FAMILIES if f in families] + [f for f in families if f not in PRIOR_FAMILIES]
 
-    def total(n_cal, n_hold, n_steps):  # x 1.5: short timings run faster than long ones (caches, other load)
-        return 1.5 * (2 * n_steps - 1 + n_cands * nfe) * (cost(n_cal) + cost(n_hold))
 
-    new = [batch, holdout, steps]
-    while total(*new) > FIXED_SHARE * budget_s:
-        if new[2] > MIN_REFERENCE_STEPS:
-            new[2] = max(MIN_REFERENCE_STEPS, int(new[2] * 0.7))
-        elif new[0] > MIN_CALIB or new[1] > MIN_HOLDOUT:
-            new[0], new[1] = max(MIN_CALIB, int(new[0] * 0.7)), max(MIN_HOLDOUT, int(new[1] * 0.7))
-        else:
-            break
+def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,
+                    holdout: int, steps: int, budget_s: float, cost: Callable[[int], float]) -> ReferencePlan:
+    """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
+    the held-out ones must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. Cut in this order
+    until they do: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
+    MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
+    MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False."""
+    def need(n_cal, n_hold, n_steps, fams, fins, n_fitted=n_fitted):  # x 1.5: short timings run faster than long ones
+        n_bases = len(fams) * len(fins)
+        return 1.5 * (reference_calls(INTEGRATOR, n_steps) * (cost(n_cal) + cost(n_hold))
+                      + nfe * (n_bases * cost(n_cal) + (n_bases + n_fitted) * cost(n_hold)))
+
+    share = FIXED_SHARE * budget_s
+    fams, fins = _prior_order(families), list(finals)
+    state = [batch, holdout, steps, fams, fins, n_fitted]
+
+    def noises(lo_cal, lo_hold):
+        if state[0] <= lo_cal and state[1] <= lo_hold:
+            return False
+        state[0], state[1] = max(min(lo_cal, state[0]), int(state[0] * 0.7)), max(min(lo_hold, state[1]),
+                                                                                 int(state[1] * 0.7))
+        return True
+
+    def keep(index, n):
+        if len(state[index]) <= n:
+            return False
+        kept = [f for f in state[index] if f == PRIOR_FINAL] if index == 4 else state[index][:n]
+        state[index] = kept or state[index][:n]
+        return True
+
+    def one_fit():
+        if state[5] <= 1:
+            return False
+        state[5] = 1
+        return True
+
+    def fewer_steps():
+        if state[2] <= MIN_REFERENCE_STEPS:
+            return False
+        state[2] = max(MIN_REFERENCE_STEPS, int(state[2] * 0.7))
+        return True
+
+    ladder = (lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
+              lambda: keep(4, 1), lambda: keep(3, 1), one_fit, fewer_steps)
+    for cut_more in ladder:
+        while need(*state) > share and cut_more():
+            pass
+    new = state
     cut = [f"{what} {b} -> {a}" for what, a, b in zip(("calibration noises", "held-out noises", "reference steps"),
                                                       new, (batch, holdout, steps)) if a != b]
-    afford = total(MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS) / FIXED_SHARE
-    full = total(batch, holdout, steps) / FIXED_SHARE
-    fits = total(*new) <= FIXED_SHARE * budget_s
-    lines = (f"  plan: {budget_s:.3g} s of the budget left after timing; {rate:.3g} s per image-call (timed by {how}); "
-             f"references and scoring need {total(*new):.1f} s, their share of the budget is "
-             f"{FIXED_SHARE * budget_s:.1f} s",)
+    if len(new[3]) < len(families):
+        cut.append(f"base families {len(families)} -> {len(new[3])} ({', '.join(new[3])})")
+    if len(new[4]) < len(finals):
+        cut.append(f"final steps {', '.join(finals)} -> {', '.join(new[4])}")
+    if new[5] < n_fitted:
+        cut.append(f"fitted candidates {n_fitted} -> {new[5]}")
+    minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
+               min(n_fitted, 1))
+    afford = need(*minimal) / FIXED_SHARE
+    full = need(batch, holdout, steps, fams, fins) / FIXED_SHARE
+    fits = need(*new) <= share
+    lines = (f"  plan: references, scoring the bases and the finalists need {need(*new):.1f} s, their share of the "
+             f"budget is {share:.1f} s",)
     if fits:
-        lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} Heun steps"
+        lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
+                  f"{len(new[3]) * len(new[4])} base solvers"
                   + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
                   + (f" (--budget {full:.0f} would afford them all)" if cut else ""),)
     else:
         lines += (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises at "
-                  f"{MIN_REFERENCE_STEPS} Heun steps need --budget {afford:.0f} (the full search's references: "
-                  f"--budget {full:.0f})",)
-    return ReferencePlan(*new, ", ".join(cut), fits, afford, full, lines)
+                  f"{MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford:.0f} (the full "
+                  f"search's references: --budget {full:.0f})",)
+    return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
+                         tuple(new[4]), cost, fitted=new[5])
 
 
 def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> Candidate:
@@ -210,59 +282,173 @@ def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[
                      note="prior: no references fit the budget")
 
 
-def _plan(denoiser: Denoiser, nfe: int, n_bases: int, opts: SearchOptions, cal: CalibrationOptions, clock: Clock,
-          log, reserve_s: float = 0.0) -> ReferencePlan:
-    """The reference sizes the remaining budget less `reserve_s` affords (`reference_sizes`), its plan block
-    logged."""
+def _probe_bases(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> list[Program]:
+    """The base solvers whose least error sets the reference's accuracy target: the prior base first."""
+    first = prior_base(denoiser, nfe, families, finals)
+    return [first.program] + [program_for(denoiser, f, nfe, 1, "karras", final) for f in _prior_order(families)
+                              for final in finals if (f, final) != (first.family, first.final)]
+
+
+def _plan(denoiser: Denoiser, nfe: int, families: list[str], opts: SearchOptions, cal: CalibrationOptions,
+          clock: Clock, log, reserve_s: float = 0.0) -> ReferencePlan:
+    """The call's timed cost, the reference steps the model needs (`references.choose_steps`), then the sizes the
+    remaining budget less `reserve_s` affords (`reference_sizes`); its plan block logged."""
     t0 = time.perf_counter()
     batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
-    left = None if opts.budget_s is None else max(clock.remaining() - reserve_s, 0.0)
-    plan = reference_sizes(denoiser, nfe, 2 * n_bases, batch, cal.holdout, cal.reference_steps, left)
-    clock.lap("references", t0)  # the timing is part of what the references cost
-    for line in plan.lines:
+    n_fitted = opts.top_k + opts.global_fits + int(opts.local)
+    if opts.budget_s is None:
+        steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed,
+                                          0.0, None, cal.reference_steps)
+        clock.lap("references", t0)
+        log(f"  plan: reference {said}")
+        return ReferencePlan(batch, cal.holdout, steps, "", families=tuple(families), finals=opts.finals,
+                             accuracy=error, lines=(f"  plan: reference {said}",))
+    cost, rate, how = _call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
+    log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing; {rate:.3g} s per "
+        f"image-call (timed by {how})")
+    left = max(clock.remaining() - reserve_s, 0.0)
+    if reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, MIN_REFERENCE_STEPS,
+                       left * (1 - PROBE_SHARE), cost).fits:
+        steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed,
+                                          rate, PROBE_SHARE * clock.remaining(), cal.reference_steps)
+    else:  # not even the smallest search fits: spend nothing on measuring its reference
+        steps, said, error = MIN_REFERENCE_STEPS, f"{INTEGRATOR}: accuracy not measured (no search fits)", None
+    log(f"  plan: reference {said}")
+    left = max(clock.remaining() - reserve_s, 0.0)
+    plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost)
+    plan.rate, plan.accuracy = rate, error
+    plan.lines = (f"  plan: {rate:.3g} s per image-call (timed by {how}); reference {said}",) + plan.lines
+    clock.lap("references", t0)  # the timing and the accuracy probe are part of what the references cost
+    for line in plan.lines[1:]:
         log(line)
     if plan.cut and plan.fits:
         log(f"  references cut to fit --budget {opts.budget_s:g} s: {plan.cut}")
     return plan
 
 
-def _evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOptions, clock: Clock,
+class Pace:
+    """How much slower the machine runs than it was timed (measured on each batch of work since): the ratio of
+    the seconds a batch took to what `plan.cost` predicted; 1 until measured."""
+
+    def __init__(self, plan: ReferencePlan):
+        self.plan, self.slow = plan, 1.0
+
+    def predict(self, n: int, calls: int) -> float:
+        """Seconds of `calls` executor steps on n noises at the current pace (0 without a timed cost)."""
+        return 0.0 if self.plan.cost is None or n <= 0 else self.slow * calls * self.plan.cost(n)
+
+    def observe(self, n: int, calls: int, seconds: float) -> None:
+        predicted = 0.0 if self.plan.cost is None else calls * self.plan.cost(n)
+        if predicted > 0:
+            self.slow = max(seconds / predicted, 0.05)
+
+
+def _evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOptions, clock: Clock, pace: Pace,
+                     fixed_until: float | None, nfe: int, n_fitted: int, cache: Path | None,
                      log) -> tuple[EvalSet, EvalSet]:
+    """The calibration and held-out sets with their references (`references.compute`, cached under `cache`),
+    computed in batches; after each, the remaining noises are re-planned at the measured pace so that the
+    references and the scoring still end by `fixed_until` (a time.perf_counter() value; None: no bound)."""
     t0 = time.perf_counter()
-    calib = evaluation_set(denoiser, plan.batch, cal.seed, plan.steps)
-    hold = evaluation_set(denoiser, plan.holdout, cal.seed + HOLDOUT_SEED_OFFSET, plan.steps)
-    for name, es in (("calibration references", calib), ("held-out references", hold)):
-        es.reference_at(None, on_step=Ticker(name, log))  # computed here, so that the timings say what they cost
+    sizes = {"calibration": plan.batch, "held-out": plan.holdout}
+    done = {"calibration": 0, "held-out": 0}
+    n_bases = len(plan.families) * len(plan.finals)
+    calls = reference_calls(INTEGRATOR, plan.steps)
+    # ~10 s a batch, <= 64 noises and <= 1/8 of them all: the first re-plan comes early
+    most = max(GRANULE, (plan.batch + plan.holdout) // 8 // GRANULE * GRANULE)
+    batch = min(most, GRANULE * max(1, min(8, int(10.0 / max(calls * plan.rate * GRANULE, 1e-9)))))
+
+    def replan(which: str):
+        def cut(n_done: int, seconds: float, image_calls: int) -> int:
+            done[which] = n_done
+            pace.observe(image_calls // calls, calls, seconds)
+            if fixed_until is None:
+                return sizes[which]
+
+            def need() -> float:
+                refs = sum(pace.predict(sizes[w] - done[w], calls) for w in sizes)
+                return refs + pace.predict(sizes["calibration"], nfe * n_bases) + pace.predict(
+                    sizes["held-out"], nfe * (n_bases + n_fitted))
+            before = dict(sizes)
+            while time.perf_counter() + need() > fixed_until:
+                lo = {"calibration": MIN_CALIB, "held-out": MIN_HOLDOUT}
+                shrunk = {w: max(lo[w], done[w], int(sizes[w] * 0.8)) for w in sizes}
+                if shrunk == sizes:
+                    break
+                sizes.update(shrunk)
+            if sizes != before:
+                log(f"  references re-planned at {pace.slow:.2g}x the timed cost per call: "
+                    + ", ".join(f"{w} noises {before[w]} -> {sizes[w]}" for w in sizes if sizes[w] != before[w]))
+            return sizes[which]
+        return cut
+
+    sets = {}
+    for which, seed in (("calibration", cal.seed), ("held-out", cal.seed + HOLDOUT_SEED_OFFSET)):
+        noise, labels = draw_noise(denoiser, sizes[which], seed)
+        refs, info = compute(denoiser, noise, labels, seed, plan.steps, cache, log, batch, replan(which),
+                             Ticker(f"{which} references", log))
+        n = refs.shape[0]
+        es = EvalSet(denoiser, noise[:n], None if labels is None else labels[:n], plan.steps, INTEGRATOR)
+        es.set_reference(None, refs)
+        sets[which] = es
+        log(f"  {which} references: {n} noises ({info['cached']} from the cache, {info['computed']} computed)")
+    calib, hold = sets["calibration"], sets["held-out"]
     clock.lap("references", t0)
-    log(f"  references: {plan.batch} calibration + {len(hold)} held-out noises, {plan.steps} Heun steps "
+    log(f"  references: {len(calib)} calibration + {len(hold)} held-out noises, {plan.steps} {INTEGRATOR} steps "
         f"({clock.timings['references']:.1f} s)")
     return calib, hold
 
 
-def _score_bases(denoiser, nfe, families, opts, calib: EvalSet, clock: Clock) -> list[Candidate]:
-    """Every family x final step on the Karras schedule with base coefficients, scored on `calib`."""
+def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock: Clock, pace: Pace,
+                 fixed_until: float | None, log) -> list[Candidate]:
+    """The planned families x final steps on the Karras schedule with base coefficients, scored on `calib` in
+    PRIOR_FAMILIES order; the rest is skipped (and said) when the measured pace would pass `fixed_until`."""
     t0 = time.perf_counter()
-    cands = []
-    for fam in families:
-        for final in opts.finals:
-            prog = program_for(denoiser, fam, nfe, 1, "karras", final)
-            c = Candidate(fam, final, "karras", "base", prog)
-            c.calib_loss = float(calib_loss(calib.errors(prog, reference=calib.reference), opts.loss))
-            cands.append(c)
+    pairs = [(fam, final) for fam in plan.families for final in plan.finals]
+    cands, tick = [], Ticker("scoring base solvers", log)
+    for k, (fam, final) in enumerate(pairs):
+        if cands and fixed_until is not None and time.perf_counter() + pace.predict(len(calib), nfe) > fixed_until:
+            log(f"  base solvers: {len(pairs) - k} of {len(pairs)} not scored, the budget's share is spent")
+            break
+        prog = program_for(denoiser, fam, nfe, 1, "karras", final)
+        c = Candidate(fam, final, "karras", "base", prog)
+        t1 = time.perf_counter()
+        c.calib_loss = float(calib_loss(calib.errors(prog, reference=calib.reference), opts.loss))
+        pace.observe(len(calib), nfe, time.perf_counter() - t1)
+        cands.append(c)
+        tick(k + 1, len(pairs))
     clock.lap("bases", t0)
     return cands
 
 
-def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log) -> list[Candidate]:
-    """Learned schedules for the top-k bases (they share ~55% of the remaining time)."""
+class _Progress:
+    """A fit's progress for a Ticker: evaluations done, and the total its deadline or count allows."""
+
+    def __init__(self, what: str, log, max_evals: int, deadline: float | None):
+        self.tick, self.max_evals, self.deadline = Ticker(what, log), max_evals, deadline
+        self.started = time.perf_counter()
+
+    def __call__(self, evals: int) -> None:
+        total = self.max_evals
+        if self.deadline is not None and evals:
+            per = (time.perf_counter() - self.started) / evals
+            total = min(total, evals + max(int((self.deadline - time.perf_counter()) / per), 0))
+        self.tick(evals, max(total, evals))
+
+
+def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k: int,
+                     share: float = 0.55) -> list[Candidate]:
+    """Learned schedules for the top-k bases (they share `share` of the remaining time)."""
     if denoiser.sigma_table is not None:
         log("  learned schedules skipped: the model is discrete (its sigmas are a table of training timesteps)")
         return []
-    learned, top = [], bases[:opts.top_k]
+    learned, top = [], bases[:top_k]
     for k, b in enumerate(top):
         t0 = time.perf_counter()
+        deadline = clock.share(share / (len(top) - k))
         sig, info = learn_schedule(denoiser, b.family, nfe, b.final, calib, loss=opts.loss, max_evals=opts.max_evals,
-                                   deadline=clock.share(0.55 / (len(top) - k)))
+                                   deadline=deadline, on_eval=_Progress(f"schedule {b.family}/{b.final}", log,
+                                                                        opts.max_evals, deadline))
         learned.append(Candidate(b.family, b.final, "learned", "base", build_program(b.family, sig), info["loss"],
                                  seconds=info["seconds"], note=f"{info['evals']} evals"))
         clock.lap("schedules", t0)
@@ -271,10 +457,10 @@ def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log) -> li
     return learned
 
 
-def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log) -> list[Candidate]:
+def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fits: int) -> list[Candidate]:
     """Global coefficient fits: the best learned schedule, the best Karras base, then more learned ones."""
     ranked = sorted(learned, key=lambda c: c.calib_loss)
-    to_fit, out = (ranked[:1] + bases[:1] + ranked[1:])[:opts.global_fits], []
+    to_fit, out = (ranked[:1] + bases[:1] + ranked[1:])[:n_fits], []
     for k, c in enumerate(to_fit):
         if clock.remaining() <= 0:
             log(f"  global fits: {len(to_fit) - k} of {len(to_fit)} skipped, the budget is spent (raise --budget)")
@@ -282,8 +468,10 @@ def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log) -> li
         t0 = time.perf_counter()
         # the base coefficients of the iia program are the family's (all extra ones 0)
         prog = build_program("iia-" + c.family, c.program.sigmas, opts.r)
-        prog, info = fit_global(denoiser, prog, calib, opts.loss, max_iter=opts.max_iter,
-                                deadline=clock.share(0.6 / (len(to_fit) - k)))
+        deadline = clock.share(0.6 / (len(to_fit) - k))
+        prog, info = fit_global(denoiser, prog, calib, opts.loss, max_iter=opts.max_iter, deadline=deadline,
+                                on_eval=_Progress(f"global fit {c.family}/{c.final}/{c.schedule}", log,
+                                                  opts.max_iter, deadline))
         out.append(Candidate(c.family, c.final, c.schedule, "global", prog, info["loss"], seconds=info["seconds"],
                              note=f"{info['evals']} evals"))
         clock.lap("global fits", t0)
@@ -303,11 +491,30 @@ def _local_fit(denoiser, nfe, bases, opts, cal: CalibrationOptions, clock: Clock
     for b in bases:
         if b.final == "zero":
             t0 = time.perf_counter()
+            tick = Ticker(f"local IIA fit {b.family}", log)
             res = calibrate(denoiser, "iia-" + b.family, nfe, CalibrationOptions(**{**vars(cal), "guard": False,
-                                                                                   "r": opts.r}))
+                                                                                   "r": opts.r}),
+                            progress=lambda done, total, text: tick(done, total))
             clock.lap("local fit", t0)
             return [Candidate(b.family, b.final, "karras", "local", res.program, seconds=round(res.seconds, 2))]
     return []
+
+
+class _TickingSet:
+    """An EvalSet whose `errors` ticks a Ticker per program scored (the held-out scoring of the finalists)."""
+
+    def __init__(self, inner: EvalSet, tick: Ticker, total: int):
+        self.inner, self.tick, self.total, self.done = inner, tick, total, 0
+        self.reference = inner.reference
+
+    def errors(self, *args, **kwargs) -> torch.Tensor:
+        out = self.inner.errors(*args, **kwargs)
+        self.done += 1
+        self.tick(self.done, self.total)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock) -> Candidate:
@@ -330,26 +537,92 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock) -> Candidate:
     return min((c for c in cands if c.holdout["eligible"]), key=lambda c: c.holdout["score"])
 
 
+def _fit_counts(opts: SearchOptions, per_eval: float, per_holdout: float, left: float, log) -> tuple[int, int]:
+    """(learned schedules, global fits) the time `left` affords at `per_eval` seconds per calibration evaluation
+    (+ `per_holdout` to score each on held-out noise): each schedule at least MIN_SCHEDULE_EVALS evaluations in
+    its ~55% share (all of it without global fits), each global fit MIN_GLOBAL_EVALS (~3 evaluations' time each:
+    the backward pass) in the rest; the options' counts at most."""
+    if per_eval <= 0 or math.isinf(left):
+        return opts.top_k, opts.global_fits
+    n_global = min(opts.global_fits, max(int(0.45 * left / (3 * MIN_GLOBAL_EVALS * per_eval + per_holdout)), 0))
+    share = 0.55 if n_global else 0.95
+    top_k = min(opts.top_k, max(int(share * left / (MIN_SCHEDULE_EVALS * per_eval + per_holdout)), 0))
+    if (top_k, n_global) != (opts.top_k, opts.global_fits):
+        log(f"  plan: {top_k} of {opts.top_k} learned schedules and {n_global} of {opts.global_fits} global fits: "
+            f"{left:.0f} s left afford ~{left / per_eval:.0f} calibration evaluations of {per_eval:.2g} s")
+    return top_k, n_global
+
+
+def _finalists(cands: list[Candidate], bases: list[Candidate], per_eval: float, left: float, log) -> list[Candidate]:
+    """The candidates to score on held-out noise: all, unless `left` seconds at `per_eval` each cannot: then the
+    fitted ones, their own bases and the best other bases by calibration loss that fit (at least one)."""
+    if per_eval * len(cands) <= left:
+        return cands
+    fitted = [c for c in cands if not (c.schedule == "karras" and c.coefficients == "base")]
+    needed = {(c.family, c.final) for c in fitted}
+    keep = [b for b in bases if (b.family, b.final) in needed] or bases[:1]
+    for b in bases:
+        if b not in keep and per_eval * (len(fitted) + len(keep) + 1) <= left:
+            keep.append(b)
+    out = [c for c in cands if c in keep or c in fitted]
+    log(f"  held-out scoring: {len(out)} of {len(cands)} candidates ({left:.0f} s left at {per_eval:.2g} s each; "
+        f"the other bases ranked lower on calibration noise)")
+    return out
+
+
+class _Watchdog:
+    """The search's log with a watchdog thread: a line whenever nothing was logged for `every` seconds (one
+    evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks)."""
+
+    def __init__(self, log: Callable[[str], None], every: float = 12.0):
+        self.log, self.every = log, every
+        self.started = self.last = time.perf_counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="search watchdog", daemon=True)
+
+    def __call__(self, text: str) -> None:
+        self.last = time.perf_counter()
+        self.log(text)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            now = time.perf_counter()
+            if now - self.last >= self.every:
+                self(f"  search: still working, {now - self.started:.0f} s in ({now - self.last:.0f} s since the "
+                     f"last line)")
+
+    def __enter__(self) -> "_Watchdog":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = None,
-                calibration: CalibrationOptions | None = None, log: Callable[[str], None] | None = None) -> SearchResult:
-    """Search for the best sampler at `nfe` (see the module docstring); returns the chosen program and the table."""
+                calibration: CalibrationOptions | None = None, log: Callable[[str], None] | None = None,
+                reference_cache: Path | None = None) -> SearchResult:
+    """Search for the best sampler at `nfe` (see the module docstring); returns the chosen program and the table.
+    `reference_cache`: the folder of the one cache where reference solutions are kept (None: not cached)."""
     opts = options or SearchOptions()
     opts.validate()
+    with _Watchdog(log or (lambda text: None)) as watched:
+        return _search(denoiser, nfe, opts, calibration, watched, reference_cache)
+
+
+def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: CalibrationOptions | None,
+            log: Callable[[str], None], reference_cache: Path | None) -> SearchResult:
     cal = (calibration or CalibrationOptions()).resolved(denoiser)
-    log = log or (lambda text: None)
     clock = Clock(opts.budget_s)
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
         raise SearchError(f"no solver family can spend exactly NFE {nfe}")
     fits = opts.budget_s is None or opts.budget_s >= MIN_FIT_BUDGET_S
     load = fits and opts.budget_s is not None
+    reserve = OPTIMISER_LOAD_S if load else 0.0
     # planned first, so that a search the budget cannot afford does not load the optimisers either
-    plan = _plan(denoiser, nfe, len(families) * len(opts.finals), opts, cal, clock, log,
-                 OPTIMISER_LOAD_S if load else 0.0)
-    if load and plan.fits:
-        t0 = time.perf_counter()
-        load_optimisers()
-        clock.lap("loading optimisers", t0)
+    plan = _plan(denoiser, nfe, families, opts, cal, clock, log, reserve)
     if not plan.fits:
         chosen = prior_base(denoiser, nfe, families, opts.finals)
         log(f"  shipped {chosen.label} unsearched, by the documented prior (search.PRIOR_FAMILIES): --budget "
@@ -357,25 +630,54 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
         table = [_row(chosen, chosen)]
         return SearchResult(chosen.program, chosen, [chosen], table, round(time.perf_counter() - clock.started, 2),
                             clock.timings)
-    calib, hold = _evaluation_sets(denoiser, plan, cal, clock, log)
-    cands = _score_bases(denoiser, nfe, families, opts, calib, clock)
+    end = None if opts.budget_s is None else clock.started + opts.budget_s
+    fixed_until = None if end is None else time.perf_counter() + FIXED_SHARE * max(clock.remaining() - reserve, 0.0)
+    n_fitted = (plan.fitted if opts.budget_s is not None else opts.top_k + opts.global_fits) if fits else 0
+    loading = load_optimisers_beside() if load else None
+    pace = Pace(plan)
+    calib, hold = _evaluation_sets(denoiser, plan, cal, clock, pace, fixed_until, nfe, n_fitted, reference_cache, log)
+    # the bases first: the held-out scoring keeps time for the best base and the fitted candidates (`_finalists`)
+    bases_until = None if fixed_until is None else fixed_until - pace.predict(len(hold), nfe * (1 + n_fitted))
+    cands = _score_bases(denoiser, nfe, plan, opts, calib, clock, pace, bases_until, log)
     bases = sorted(cands, key=lambda c: c.calib_loss)
-    # keep time for what runs after the searches: the local fit (~M + 1 calls per step on its batch) and scoring
-    # every candidate on the held-out noises, estimated from what one calibration evaluation just cost
-    per_eval = clock.timings["bases"] / max(len(cands), 1)
-    n_final = len(cands) + opts.top_k + opts.global_fits + int(opts.local)
-    clock.reserve(per_eval * (len(hold) / len(calib) * n_final
-                              + (cal.M + 1) * cal.batch / len(calib) * int(opts.local)))
+    if loading is not None:  # wait for the imports only while a fit could still follow them
+        t0 = time.perf_counter()
+        loading.join(max(clock.remaining() - pace.predict(len(hold), nfe) * (len(cands) + 1)
+                         - pace.predict(len(calib), nfe) * MIN_SCHEDULE_EVALS, 0.0))
+        clock.lap("loading optimisers", t0)
+        if loading.is_alive():
+            log("  learned schedules and global fits skipped: their optimisers were still loading when the budget "
+                "left no time for them (raise --budget)")
+            fits = False
+    # the local fit (~M + 1 calls per step on its batch) when it fits its share; then the fits, their deadlines
+    # keeping time for scoring the finalists on the held-out noises, at the pace measured so far
+    per_eval = pace.predict(len(calib), nfe)
+    local_s = pace.predict(cal.batch, (cal.M + 1) * nfe)
+    local = opts.local and (end is None or local_s <= LOCAL_FIT_SHARE * max(clock.remaining(), 0.0))
+    if opts.local and not local:
+        log(f"  local IIA fit skipped: ~{local_s:.0f} s is over {LOCAL_FIT_SHARE:g} of the {clock.remaining():.0f} s "
+            f"left (raise --budget)")
+    if local:  # first: it cannot stop early, and the fits' deadlines then follow from what it really took
+        cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
+    per_holdout = pace.predict(len(hold), nfe)
+    fixed_s = per_holdout * len(cands)
+    top_k, n_global = _fit_counts(opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else (0, 0)
+    clock.reserve(fixed_s + per_holdout * (top_k + n_global))
     if fits:
-        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log)
-        cands += learned + _global_fits(denoiser, learned, bases, opts, calib, clock, log)
-    else:
+        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, top_k, 0.55 if n_global else 0.95)
+        cands += learned + _global_fits(denoiser, learned, bases, opts, calib, clock, log, n_global)
+    elif opts.budget_s is not None and opts.budget_s < MIN_FIT_BUDGET_S:
         log(f"  learned schedules and global fits skipped: --budget {opts.budget_s:g} s is below {MIN_FIT_BUDGET_S:g} s "
             f"(loading their optimisers alone takes seconds)")
-    cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
-    chosen = _choose(cands, hold, clock)
-    table = [_row(c, chosen) for c in cands]
-    return SearchResult(chosen.program, chosen, cands, table, round(time.perf_counter() - clock.started, 2),
+    left = math.inf if end is None else end - time.perf_counter()
+    finalists = _finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
+    chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock)
+    if plan.accuracy is not None and chosen.holdout.get("rmse"):
+        ratio = plan.accuracy / chosen.holdout["rmse"]
+        log(f"  reference check: its estimated error {plan.accuracy:.3g} is {ratio:.3g}x the shipped candidate's "
+            f"held-out RMSE ({'within' if ratio <= 0.1 else 'OVER'} the 0.1x the references must reach)")
+    table = [_row(c, chosen) for c in finalists]
+    return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),
                         clock.timings)
 
 

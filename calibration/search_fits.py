@@ -45,8 +45,10 @@ def calib_loss(err: torch.Tensor, kind: str) -> torch.Tensor:
 
 def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib: EvalSet, r: int = 1,
                    coefficients: list | None = None, loss: str = "mse", max_evals: int = 400,
-                   deadline: float | None = None) -> tuple[list[float], dict]:
-    """Fit the sigmas of `solver` at `nfe` to the end-to-end error on `calib` (Nelder-Mead from Karras).
+                   deadline: float | None = None, on_eval: Callable[[int], None] | None = None,
+                   ) -> tuple[list[float], dict]:
+    """Fit the sigmas of `solver` at `nfe` to the end-to-end error on `calib` (Nelder-Mead from Karras);
+    `on_eval(evals)` after each evaluation (progress).
 
     Returns (sigmas, info) with info = {evals, loss_karras, loss, seconds, cut}.
     """
@@ -71,6 +73,8 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
             value = 1e30
         if value < best["f"]:
             best.update(f=value, theta=list(map(float, theta)))
+        if on_eval is not None:
+            on_eval(evals)
         return value
 
     x0 = space.karras_theta()
@@ -210,8 +214,10 @@ def _unit_scales(program: Program, denoiser: Denoiser, calib: EvalSet, chunk: in
 
 
 def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str = "mse", ridge: float = 1e-4,
-               max_iter: int = 60, chunk: int = 128, deadline: float | None = None) -> tuple[Program, dict]:
-    """Fit every step's coefficients to the end-to-end error on `calib` (L-BFGS, strong Wolfe line search).
+               max_iter: int = 60, chunk: int = 128, deadline: float | None = None,
+               on_eval: Callable[[int], None] | None = None) -> tuple[Program, dict]:
+    """Fit every step's coefficients to the end-to-end error on `calib` (L-BFGS, strong Wolfe line search);
+    `on_eval(evals)` after each evaluation (progress).
 
     Parametrisation c = c_base + u / s with s the basis term's RMS on the base trajectory (so u is the
     state change it causes) and penalty ridge * |u|^2 in the loss's units. Returns (program, info).
@@ -253,6 +259,8 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
             total = 1e30
         if total < best["f"]:
             best.update(f=total, u=u.detach().clone())
+        if on_eval is not None:
+            on_eval(evals)
         return total
 
     opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",

@@ -88,7 +88,8 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
     search = SearchOptions(budget_s=opts.budget_s, r=opts.calibration.r, batch=batch)
 
     def make():
-        result = auto_search(denoiser, opts.nfe, search, opts.calibration, log=log)
+        result = auto_search(denoiser, opts.nfe, search, opts.calibration, log=log,
+                             reference_cache=cache_dir(opts.cache_dir) / "references")
         log(format_table(result.table))
         data = artifact.to_dict(to_calibration_result(result, opts.calibration, search, denoiser), denoiser, opts.nfe)
         g = data["guard"]

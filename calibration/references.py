@@ -1,0 +1,195 @@
+"""Reference solutions for the `auto` search, as cheap as their accuracy allows, cached on disk, computed in
+batches that a caller may cut short.
+
+- The integrator is UniPC-3 on a fine Karras grid (one call per step; `sampling.REFERENCE_INTEGRATORS` says what
+  it was measured against). How many steps a model needs is MEASURED (`choose_steps`): on a few probe noises the
+  reference at S steps is compared with one at 2S (their difference estimates the error at S), and S doubles
+  from 16 until that error is <= ACCURACY_TARGET x the error of the prior base solver at the NFE (1/10 of the
+  error of a candidate 5x better than that base: fits reach 0.1-0.3x their base), or until the probe's time
+  share is spent.
+- References are cached per GRANULE of 8 images through the one cache (`calibration.cache`), keyed by the model
+  (weights' sha256, or an analytic model's config), the first image and count (the noise convention draws image
+  k of seed s from seed s + k alone), labels, start sigma, integrator and steps: a compile at another NFE or
+  solver reuses them, whatever number of noises its budget affords (and those of 2x or 4x the steps, made for
+  an NFE that needed a finer reference).
+- `compute` runs the granules missing from the cache in batches and asks `replan` after each how many noises
+  it still wants (the caller's budget: a machine that got busier after the timing cuts the noises, not the
+  budget).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from iia.models.base import Denoiser
+
+from .artifact import model_identity
+from .cache import lookup, store
+from .evalset import draw_noise, rmse
+from .sampling import reference_calls, reference_solution, sample
+from .solvers import DEFINITION_VERSION, Program
+
+INTEGRATOR = "unipc-3"
+GRANULE = 8  # images per cache entry
+ACCURACY_TARGET = 0.02  # reference error / the prior base's error, at most (see the module docstring)
+PROBE_STEPS = (16, 32, 64, 128, 256)  # the grids the accuracy probe tries, in order
+UNMEASURED_STEPS = 64  # when the budget cannot afford even the coarsest pair of the probe
+
+
+def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: float, share_s: float | None,
+                 max_steps: int) -> tuple[int, str, float | None]:
+    """(steps, what was measured (one line for the plan), the reference's estimated RMSE error, an upper bound when
+    the target was not met, or None when not measured).
+
+    `bases`: the base solvers at the NFE, the prior first; the least error of those the probe's time affords sets
+    the target; `rate_s`: seconds per image-call; `share_s`: the probe's time (None: unbounded); probes 4 noises of
+    `seed` (2 when 4 cost too much)."""
+    n = 4 if share_s is None or 1.5 * 4 * rate_s * (PROBE_STEPS[0] + PROBE_STEPS[1]) <= share_s else 2
+    noise, labels = draw_noise(denoiser, n, seed)
+    started, refs, base_errors = time.perf_counter(), {}, {}
+
+    def affordable(steps: int) -> bool:
+        spent = time.perf_counter() - started
+        return share_s is None or spent + 1.5 * n * rate_s * reference_calls(INTEGRATOR, steps) <= share_s
+
+    grids = [s for s in PROBE_STEPS if s <= max_steps] or [max_steps]
+    if len(grids) < 2 or not (affordable(grids[0]) and affordable(grids[0] + grids[1])):
+        return (min(UNMEASURED_STEPS, max_steps), f"{INTEGRATOR}, {min(UNMEASURED_STEPS, max_steps)} steps: accuracy "
+                f"not measured (the budget cannot afford {n} probe noises at {grids[0]} and {2 * grids[0]} steps)",
+                None)
+    for coarse, fine in zip(grids, grids[1:]):
+        for steps in (coarse, fine):
+            if steps not in refs:
+                refs[steps] = reference_solution(denoiser, noise, labels, steps, integrator=INTEGRATOR)
+        error = rmse(refs[coarse], refs[fine])
+        if not base_errors:  # the bases' errors, against the first fine reference, once: the best sets the target
+            for k, base in enumerate(bases):
+                if k and share_s is not None and (time.perf_counter() - started
+                                                  + 1.5 * n * rate_s * base.nfe > share_s / 2):
+                    break
+                base_errors[f"{base.solver}/{'zero' if base.sigmas[-1] == 0 else 'sigma_min'}"] = rmse(
+                    sample(base, denoiser, noise, labels), refs[fine])
+        best = min(base_errors, key=base_errors.get)
+        ratio = error / max(base_errors[best], 1e-300)
+        said = (f"{INTEGRATOR}, {coarse} steps ({reference_calls(INTEGRATOR, coarse)} calls per noise): error "
+                f"{error:.3g} vs {fine} steps on {n} noises = {ratio:.3g}x the error of the best of {len(base_errors)} "
+                f"base solvers at NFE {bases[0].nfe} ({best}) (target <= {ACCURACY_TARGET:g}x)")
+        if ratio <= ACCURACY_TARGET:
+            return coarse, said, error
+        nxt = grids[grids.index(fine) + 1] if fine != grids[-1] else None
+        if nxt is None:
+            # the error at `fine` is not measured: the one at `coarse` bounds it (the error falls with the steps)
+            return fine, f"{said}; not met, using {fine} steps (the finest allowed)", error
+        if not affordable(nxt):
+            # extrapolated: the error falls >= 4x per doubling (2nd order at least; UniPC-3 is 3rd)
+            doublings = max(1, math.ceil(math.log(ratio / ACCURACY_TARGET, 4)))
+            steps = min(coarse * 2**doublings, max_steps)
+            return steps, (f"{said}; not met, the probe's time share is spent: using {steps} steps (the error "
+                           f"extrapolated at >= 4x less per doubling)"), error / 4 ** math.log2(steps / coarse)
+    raise AssertionError("unreachable")
+
+
+def granule_key(denoiser: Denoiser, first_image: int, count: int, labels: torch.Tensor | None, sigma_start: float,
+                integrator: str, steps: int) -> str | None:
+    """Cache file name of the reference of images first_image .. first_image + count - 1, or None for a model
+    with nothing to key on (no weights' sha256 and not analytic: a Python callable)."""
+    ident = {k: v for k, v in model_identity(denoiser).items() if k != "path"}
+    if not ident.get("sha256") and not denoiser.analytic:
+        return None
+    payload = {"model": ident, "first_image": first_image, "count": count,
+               "labels": None if labels is None else labels.tolist(), "sigma_start": sigma_start,
+               "integrator": integrator, "steps": steps, "definition": DEFINITION_VERSION, "dtype": "float64"}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return f"reference-{integrator}-{steps}-{digest}.npy"
+
+
+def _to_bytes(x: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x.numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _loader(shape: tuple[int, ...]):
+    def load(data: bytes, path: Path) -> torch.Tensor:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if array.dtype != np.float64 or array.shape != shape or not np.isfinite(array).all():
+            raise ValueError(f"holds {array.dtype} {list(array.shape)}, not finite float64 {list(shape)}")
+        return torch.from_numpy(array)
+    return load
+
+
+def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, seed: int, steps: int,
+            cache: Path | None, log: Callable[[str], None], batch: int,
+            replan: Callable[[int, float, int], int] | None = None,
+            on_step: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """References float64 [n', *shape] of the first n' of `noise` (images seed..), n' <= n as `replan` decides.
+
+    Cached granules are read first (a bad one is dropped, named and remade); the missing ones run `batch`
+    noises at a time, in order; after each batch `replan(done, seconds, image_calls)` (noises done so far; the
+    seconds and image-calls the batch took) returns how many noises are still wanted (never fewer than done).
+    Returns (references, {"cached": noises read from the cache, "computed": noises integrated})."""
+    n = noise.shape[0]
+    top = float(denoiser.sigma_max)
+    granules = [slice(a, min(a + GRANULE, n)) for a in range(0, n, GRANULE)]
+    # a reference on a finer grid (2x, 4x the steps: made for a higher NFE) is as good: reused too
+    finer = [steps * 2**k for k in range(3)]
+    keys = [None if cache is None else [granule_key(denoiser, seed + g.start, g.stop - g.start,
+                                                    None if labels is None else labels[g], top, INTEGRATOR, s)
+                                        for s in finer] for g in granules]
+    per_image = int(np.prod(denoiser.shape)) * 8
+    out: dict[int, torch.Tensor] = {}
+    for i, (g, options) in enumerate(zip(granules, keys)):
+        shape = (g.stop - g.start, *denoiser.shape)
+        for key in options or ():
+            got = None if key is None else lookup(cache / key, _loader(shape), log, limit=per_image * shape[0] + 1024,
+                                                  what="cached reference", redo="recomputing")
+            if got is not None:
+                out[i] = got
+                break
+    cached = sum(granules[i].stop - granules[i].start for i in out)
+    wanted, done_calls = n, 0
+    total_calls = (n - cached) * reference_calls(INTEGRATOR, steps)
+    i = 0
+    while i < len(granules) and granules[i].start < wanted:
+        if i in out:
+            i += 1
+            continue
+        run = []  # consecutive missing granules, up to `batch` noises
+        while (i < len(granules) and i not in out and granules[i].start < wanted
+               and (not run or granules[i].stop - granules[run[0]].start <= batch)):
+            run.append(i)
+            i += 1
+        part = slice(granules[run[0]].start, granules[run[-1]].stop)
+        m = part.stop - part.start
+        t0 = time.perf_counter()
+        calls = m * reference_calls(INTEGRATOR, steps)
+        tick = None if on_step is None else (
+            lambda k, total, before=done_calls, calls=calls: on_step(before + calls * k // max(total, 1), total_calls))
+        ref = reference_solution(denoiser, noise[part], None if labels is None else labels[part], steps,
+                                 chunk=max(m, 1), on_step=tick, integrator=INTEGRATOR)
+        seconds = time.perf_counter() - t0
+        done_calls += calls
+        for j in run:
+            g = granules[j]
+            out[j] = ref[g.start - part.start:g.stop - part.start]
+            if keys[j] is not None and keys[j][0] is not None:
+                store(cache / keys[j][0], _to_bytes(out[j]), log, limit=per_image * (g.stop - g.start) + 1024,
+                      what="reference", made_from={"model_sha256": denoiser.identity.get("sha256"),
+                                                   "first_image": seed + g.start, "integrator": INTEGRATOR,
+                                                   "steps": steps})
+        if replan is not None:
+            wanted = max(min(replan(part.stop, seconds, calls), n), part.stop)
+    # the noises wanted, from the first: every granule before `wanted` is present (cached or computed)
+    last = next((j for j, g in enumerate(granules) if g.stop >= wanted), len(granules) - 1)
+    refs = torch.cat([out[j] for j in range(last + 1)])[:wanted]
+    return refs, {"cached": min(cached, wanted), "computed": wanted - min(cached, wanted), "calls": done_calls,
+                  "planned_calls": total_calls}
