@@ -119,10 +119,11 @@ def peer_sigmas(name: str, denoiser: Denoiser, nfe: int) -> list[float] | None:
 
 
 def bootstrap_ratio(sq_a: torch.Tensor, sq_b: torch.Tensor, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% paired-bootstrap interval of RMSE(a) / RMSE(b) from per-sample mean squared errors over the same noises."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, sq_a.numel(), (resamples, sq_a.numel()), generator=gen)
-    ratios = (sq_a[idx].mean(1) / sq_b[idx].mean(1)).sqrt()
+    """95% paired-bootstrap interval of RMSE(a) / RMSE(b) from per-sample mean squared errors over the same noises
+    (the shipping rule's resampling, calibration/shipping.py)."""
+    from iia.calibration.shipping import bootstrap_rmse_ratios
+
+    ratios = bootstrap_rmse_ratios(sq_a, sq_b, resamples, seed)
     lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=ratios.dtype)).tolist()
     return lo, hi
 
@@ -205,7 +206,9 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
         for name in ours:
             if name == "auto":
                 say(f"auto NFE {nfe}")
-                res = auto_search(denoiser, nfe, search or SearchOptions(), cal, log=lambda t: say("  " + t.strip()))
+                # the options as given, not resolved: the search sizes its own held-out set as iia-compile's does
+                res = auto_search(denoiser, nfe, search or SearchOptions(), calibration or CalibrationOptions(),
+                                  log=lambda t: say("  " + t.strip()))
                 # its own base (same family and final step, Karras, base coefficients) on the same test noise
                 c = res.chosen
                 base_program = program_for(denoiser, c.family, nfe, final=c.final)

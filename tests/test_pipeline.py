@@ -53,7 +53,7 @@ def test_roles_give_the_lists_each_path_refuses():
     assert [n for n in offered if n in with_role(CalibrationOptions, *FIT_ONLY)] == [
         "M", "r", "batch", "first_step", "fine_solver", "ridge", "holdout", "guard"]  # iia-accuracy, base solvers
     assert [n for n in offered if n in with_role(CalibrationOptions, *READ_BY_BASE_SOLVER)] == ["schedule"]
-    assert with_role(CalibrationOptions, "guard", "reference") == ("holdout", "reference_steps", "guard_z",
+    assert with_role(CalibrationOptions, "guard", "reference") == ("holdout", "reference_steps", "guard_level",
                                                                    "guard_candidates")  # iia-calibrate --no-guard
     assert with_role(CompileOptions, "search") == ("budget_s",)
 
