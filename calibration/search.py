@@ -12,7 +12,8 @@ scored and the fits (the plan block in the log says what was cut and which budge
 later phase watches the clock at the pace measured since (references re-planned after each batch, bases and
 finalists scored while the time lasts, fits stopped at their deadlines), so a machine that gets busier after
 the timing cuts work, not the budget; long phases log progress with an ETA (`iia.cli.Ticker`).
-`budget_s=None` bounds it by evaluation counts only.
+`budget_s=None` bounds it by evaluation counts only. The budget's arithmetic (timing, plan, pace, sizes) is
+`calibration/search_plan.py`; this module runs the phases and chooses.
 """
 
 from __future__ import annotations
@@ -29,49 +30,19 @@ import torch
 from iia.cli import Ticker
 from iia.models.base import Denoiser
 
-from .evalset import EvalSet, draw_noise
-from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions, CalibrationResult, calibrate
-from .references import GRANULE, INTEGRATOR, choose_steps, compute
-from .sampling import reference_calls, reference_solution
+from .evalset import EvalSet
+from .fit import CalibrationOptions, CalibrationResult, calibrate
 from .schedules import program_for
+from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_SCHEDULE_EVALS, OPTIMISER_LOAD_S,
+                          PRIOR_FAMILIES, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan, choose_finalists,
+                          evaluation_sets, fit_counts, load_optimisers_beside, plan_references, prior_base)
 from .search_fits import calib_loss, fit_global, learn_schedule
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .shipping import LEVEL, judge
 from .solvers import Program, build_program, valid_nfe
 
-__all__ = ["FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResult", "auto_search", "format_table",
+__all__ = ["FAMILIES", "PRIOR_FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResult", "auto_search", "format_table",
            "to_calibration_result"]
-
-FIXED_SHARE = 0.6  # of --budget, at most, for what cannot stop early: references, scoring bases and finalists
-MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 16, 16, 32  # what a cut never goes below
-PROBE_SHARE = 0.08  # of --budget, at most, for measuring the reference's accuracy (`references.choose_steps`)
-LOCAL_FIT_SHARE = 0.2  # of the time left, at most, for the paper's local fit (it cannot stop early)
-# fewer evaluations than these leave a learned schedule / global fit at its start: spend the time elsewhere
-MIN_SCHEDULE_EVALS, MIN_GLOBAL_EVALS = 20, 8
-# below this --budget, no learned schedules or global fits: loading their optimisers (scipy.optimize, torch.optim,
-# whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
-MIN_FIT_BUDGET_S = 5.0
-OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside the references, see below)
-# Held-out noises the search asks for unless --holdout is given (the guard's default is 4096 for analytic models):
-# on a 192-d mixture under load, 4096 made the plan (as it was before the budget rework) cut the references to 32
-# Heun steps, too coarse to judge the tails; 1024 is what the plan affords on an idle CPU there
-SEARCH_HOLDOUT = 1024
-
-
-def load_optimisers() -> None:
-    """Import what learned schedules and global fits need, so that the budget pays for it up front."""
-    import scipy.optimize  # noqa: F401
-
-    torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
-
-
-def load_optimisers_beside() -> threading.Thread:
-    """`load_optimisers` in a thread started now, to join before the fits: the imports (~4 s idle, twice that on
-    a busy machine) overlap the references instead of adding to the budget."""
-    thread = threading.Thread(target=load_optimisers, name="load optimisers", daemon=True)
-    thread.start()
-    return thread
-
 
 @dataclass
 class SearchResult:
@@ -81,327 +52,6 @@ class SearchResult:
     table: list[dict]
     seconds: float
     timings: dict
-
-
-class Clock:
-    """One search's time: its deadline (None: no time bound) and the seconds each stage took."""
-
-    def __init__(self, budget_s: float | None):
-        self.started = time.perf_counter()
-        self.deadline = None if budget_s is None else self.started + budget_s
-        self.timings: dict[str, float] = {}
-
-    def lap(self, name: str, t0: float) -> None:
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 2)
-
-    def remaining(self) -> float:
-        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
-
-    def share(self, fraction: float) -> float | None:
-        """The deadline of a fit that may spend `fraction` of the remaining time (None: no time bound)."""
-        return None if self.deadline is None else time.perf_counter() + self.remaining() * fraction
-
-    def reserve(self, seconds: float) -> None:
-        """Keep `seconds` at the end for what runs after the searches."""
-        if self.deadline is not None:
-            self.deadline = max(self.deadline - seconds, time.perf_counter())
-
-
-# No references fit the budget (a large model on a CPU): ship this base solver unsearched. The prior is the
-# family that wins most often in docs/accuracy.md's `auto` tables (gmm and digits, NFE 4-10): iPNDM, 9 of 14
-# (DEIS-3 3, UniPC-3 2), always with the sigma_min final step; the next valid family when it cannot spend the NFE.
-PRIOR_FAMILIES, PRIOR_FINAL = ("ipndm", "deis-3", "unipc-3"), "sigma_min"
-PROBE_BATCH = 2  # noises of the first timed denoiser call (it decides which finer timing the budget affords)
-PRECISE_TIMING_SHARE = 0.05  # of --budget, at most, for the precise timing (4416 image-calls, see _call_cost)
-PRECISE_CALLS = 18 * 32 + 15 * 256  # image-calls of the precise timing
-
-
-def _time_call(denoiser: Denoiser, m: int) -> float:
-    """Seconds of ONE denoiser call on m noises (at sigma_max)."""
-    x = torch.randn(m, *denoiser.shape, generator=torch.Generator().manual_seed(0)).to(denoiser.device) * denoiser.sigma_max
-    labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        denoiser(x, denoiser.sigma_max, labels)
-    return time.perf_counter() - t0
-
-
-def _chunked(per_call: Callable[[int], float]) -> Callable[[int], float]:
-    """cost(n) of one step on n noises, 256 at a time (as the samplers chunk), from the cost of one call."""
-    def cost(n: int) -> float:
-        full, rest = divmod(n, 256)
-        return full * per_call(256) + (per_call(rest) if rest else 0.0)
-    return cost
-
-
-def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], float], float, str]:
-    """(cost, seconds per image-call, how it was timed): cost(n) = seconds of one executor step (a denoiser call
-    and its combinations) on n noises. First ONE call on PROBE_BATCH noises (warm-up included: an upper bound);
-    then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
-    short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
-    linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; one more call on
-    the most of 32, 16, 8, 4 or PROBE_BATCH noises; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
-    per image: an over-estimate, on the safe side)."""
-    rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
-    share = PRECISE_TIMING_SHARE * budget_s
-    if rate * PRECISE_CALLS <= share:
-        times = {}
-        for m, steps in ((32, 2), (32, 8), (256, 8)):  # the first is the warm-up
-            x = torch.randn(m, *denoiser.shape, dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(0)).to(denoiser.device)
-            labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
-            t0 = time.perf_counter()
-            reference_solution(denoiser, x, labels, steps=steps)
-            times[m] = (time.perf_counter() - t0) / (2 * steps - 1)
-        slope = max(times[256] - times[32], 0.0) / 224
-
-        def cost(n: int) -> float:
-            full, rest = divmod(n, 256)
-            return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
-        return cost, times[256] / 256, "Heun runs on 32 and 256 noises"
-    if rate * 3 * (PROBE_BATCH + 32) <= share:  # the fastest of 3 of each: one load spike would skew a slope
-        small = min(_time_call(denoiser, PROBE_BATCH) for _ in range(3))
-        large = min(_time_call(denoiser, 32) for _ in range(3))
-        slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
-        return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
-                f"calls on {PROBE_BATCH} and 32 noises")
-    # the first call paid the warm-up (allocations, kernels): time one more, on the most noises affordable (a
-    # small network's cost per call on 2 noises is mostly overhead: 10x its cost per image at 32)
-    m = next((m for m in (32, 16, 8, 4) if rate * m <= share), PROBE_BATCH)
-    if rate * m <= share:
-        rate = _time_call(denoiser, m) / m
-        return (lambda n: rate * n), rate, f"a second call on {m} noises"
-    return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
-
-
-@dataclass
-class ReferencePlan:
-    """What the budget affords: calibration and held-out noises, reference steps (of `references.INTEGRATOR`),
-    the base families and final steps scored, what was cut; `fits` False: no references fit (ship the prior base
-    unsearched); `afford_s`: the budget that would afford the minimal references, `full_s` the unreduced ones;
-    `cost(n)`: seconds of one executor step on n noises as timed, `rate` seconds per image-call; `accuracy`:
-    the reference's measured error (None: not measured); `lines`: the plan block for the log."""
-    batch: int
-    holdout: int
-    steps: int
-    cut: str
-    fits: bool = True
-    afford_s: float = 0.0
-    full_s: float = 0.0
-    lines: tuple[str, ...] = ()
-    families: tuple[str, ...] = ()
-    finals: tuple[str, ...] = ()
-    cost: Callable[[int], float] | None = None
-    rate: float = 0.0
-    accuracy: float | None = None
-    fitted: int = 0  # fitted candidates the held-out scoring keeps time for
-
-
-def _prior_order(families) -> list[str]:
-    """`families` with PRIOR_FAMILIES first (what a tight budget keeps)."""
-    return [f for f in PRIOR_FAMILIES if f in families] + [f for f in families if f not in PRIOR_FAMILIES]
-
-
-def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,
-                    holdout: int, steps: int, budget_s: float, cost: Callable[[int], float]) -> ReferencePlan:
-    """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
-    the held-out ones must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. Cut in this order
-    until they do: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
-    MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
-    MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False."""
-    def need(n_cal, n_hold, n_steps, fams, fins, n_fitted=n_fitted):  # x 1.5: short timings run faster than long ones
-        n_bases = len(fams) * len(fins)
-        return 1.5 * (reference_calls(INTEGRATOR, n_steps) * (cost(n_cal) + cost(n_hold))
-                      + nfe * (n_bases * cost(n_cal) + (n_bases + n_fitted) * cost(n_hold)))
-
-    share = FIXED_SHARE * budget_s
-    fams, fins = _prior_order(families), list(finals)
-    state = [batch, holdout, steps, fams, fins, n_fitted]
-
-    def noises(lo_cal, lo_hold):
-        if state[0] <= lo_cal and state[1] <= lo_hold:
-            return False
-        state[0], state[1] = max(min(lo_cal, state[0]), int(state[0] * 0.7)), max(min(lo_hold, state[1]),
-                                                                                 int(state[1] * 0.7))
-        return True
-
-    def keep(index, n):
-        if len(state[index]) <= n:
-            return False
-        kept = [f for f in state[index] if f == PRIOR_FINAL] if index == 4 else state[index][:n]
-        state[index] = kept or state[index][:n]
-        return True
-
-    def one_fit():
-        if state[5] <= 1:
-            return False
-        state[5] = 1
-        return True
-
-    def fewer_steps():
-        if state[2] <= MIN_REFERENCE_STEPS:
-            return False
-        state[2] = max(MIN_REFERENCE_STEPS, int(state[2] * 0.7))
-        return True
-
-    ladder = (lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
-              lambda: keep(4, 1), lambda: keep(3, 1), one_fit, fewer_steps)
-    for cut_more in ladder:
-        while need(*state) > share and cut_more():
-            pass
-    new = state
-    cut = [f"{what} {b} -> {a}" for what, a, b in zip(("calibration noises", "held-out noises", "reference steps"),
-                                                      new, (batch, holdout, steps)) if a != b]
-    if len(new[3]) < len(families):
-        cut.append(f"base families {len(families)} -> {len(new[3])} ({', '.join(new[3])})")
-    if len(new[4]) < len(finals):
-        cut.append(f"final steps {', '.join(finals)} -> {', '.join(new[4])}")
-    if new[5] < n_fitted:
-        cut.append(f"fitted candidates {n_fitted} -> {new[5]}")
-    minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
-               min(n_fitted, 1))
-    afford = need(*minimal) / FIXED_SHARE
-    full = need(batch, holdout, steps, fams, fins) / FIXED_SHARE
-    fits = need(*new) <= share
-    lines = (f"  plan: references, scoring the bases and the finalists need {need(*new):.1f} s, their share of the "
-             f"budget is {share:.1f} s",)
-    if fits:
-        lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
-                  f"{len(new[3]) * len(new[4])} base solvers"
-                  + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
-                  + (f" (--budget {full:.0f} would afford them all)" if cut else ""),)
-    else:
-        lines += (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises at "
-                  f"{MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford:.0f} (the full "
-                  f"search's references: --budget {full:.0f})",)
-    return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
-                         tuple(new[4]), cost, fitted=new[5])
-
-
-def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> Candidate:
-    """The unsearched base solver shipped when no references fit the budget (PRIOR_FAMILIES, PRIOR_FINAL;
-    `families`: those that can spend `nfe`)."""
-    fam = next(f for f in PRIOR_FAMILIES + tuple(families) if f in families)
-    final = PRIOR_FINAL if PRIOR_FINAL in finals else finals[0]
-    return Candidate(fam, final, "karras", "base", program_for(denoiser, fam, nfe, 1, "karras", final),
-                     note="prior: no references fit the budget")
-
-
-def _probe_bases(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> list[Program]:
-    """The base solvers whose least error sets the reference's accuracy target: the prior base first."""
-    first = prior_base(denoiser, nfe, families, finals)
-    return [first.program] + [program_for(denoiser, f, nfe, 1, "karras", final) for f in _prior_order(families)
-                              for final in finals if (f, final) != (first.family, first.final)]
-
-
-def _plan(denoiser: Denoiser, nfe: int, families: list[str], opts: SearchOptions, cal: CalibrationOptions,
-          clock: Clock, log, reserve_s: float = 0.0) -> ReferencePlan:
-    """The call's timed cost, the reference steps the model needs (`references.choose_steps`), then the sizes the
-    remaining budget less `reserve_s` affords (`reference_sizes`); its plan block logged."""
-    t0 = time.perf_counter()
-    batch = opts.batch or (512 if denoiser.identity.get("kind") == "gmm" else 128)
-    n_fitted = opts.top_k + opts.global_fits + int(opts.local)
-    if opts.budget_s is None:
-        steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed,
-                                          0.0, None, cal.reference_steps)
-        clock.lap("references", t0)
-        log(f"  plan: reference {said}")
-        return ReferencePlan(batch, cal.holdout, steps, "", families=tuple(families), finals=opts.finals,
-                             accuracy=error, lines=(f"  plan: reference {said}",))
-    cost, rate, how = _call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
-    log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing; {rate:.3g} s per "
-        f"image-call (timed by {how})")
-    left = max(clock.remaining() - reserve_s, 0.0)
-    if reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, MIN_REFERENCE_STEPS,
-                       left * (1 - PROBE_SHARE), cost).fits:
-        steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed,
-                                          rate, PROBE_SHARE * clock.remaining(), cal.reference_steps)
-    else:  # not even the smallest search fits: spend nothing on measuring its reference
-        steps, said, error = MIN_REFERENCE_STEPS, f"{INTEGRATOR}: accuracy not measured (no search fits)", None
-    log(f"  plan: reference {said}")
-    left = max(clock.remaining() - reserve_s, 0.0)
-    plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost)
-    plan.rate, plan.accuracy = rate, error
-    plan.lines = (f"  plan: {rate:.3g} s per image-call (timed by {how}); reference {said}",) + plan.lines
-    clock.lap("references", t0)  # the timing and the accuracy probe are part of what the references cost
-    for line in plan.lines[1:]:
-        log(line)
-    if plan.cut and plan.fits:
-        log(f"  references cut to fit --budget {opts.budget_s:g} s: {plan.cut}")
-    return plan
-
-
-class Pace:
-    """How much slower the machine runs than it was timed (measured on each batch of work since): the ratio of
-    the seconds a batch took to what `plan.cost` predicted; 1 until measured."""
-
-    def __init__(self, plan: ReferencePlan):
-        self.plan, self.slow = plan, 1.0
-
-    def predict(self, n: int, calls: int) -> float:
-        """Seconds of `calls` executor steps on n noises at the current pace (0 without a timed cost)."""
-        return 0.0 if self.plan.cost is None or n <= 0 else self.slow * calls * self.plan.cost(n)
-
-    def observe(self, n: int, calls: int, seconds: float) -> None:
-        predicted = 0.0 if self.plan.cost is None else calls * self.plan.cost(n)
-        if predicted > 0:
-            self.slow = max(seconds / predicted, 0.05)
-
-
-def _evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOptions, clock: Clock, pace: Pace,
-                     fixed_until: float | None, nfe: int, n_fitted: int, cache: Path | None,
-                     log) -> tuple[EvalSet, EvalSet]:
-    """The calibration and held-out sets with their references (`references.compute`, cached under `cache`),
-    computed in batches; after each, the remaining noises are re-planned at the measured pace so that the
-    references and the scoring still end by `fixed_until` (a time.perf_counter() value; None: no bound)."""
-    t0 = time.perf_counter()
-    sizes = {"calibration": plan.batch, "held-out": plan.holdout}
-    done = {"calibration": 0, "held-out": 0}
-    n_bases = len(plan.families) * len(plan.finals)
-    calls = reference_calls(INTEGRATOR, plan.steps)
-    # ~10 s a batch, <= 64 noises and <= 1/8 of them all: the first re-plan comes early
-    most = max(GRANULE, (plan.batch + plan.holdout) // 8 // GRANULE * GRANULE)
-    batch = min(most, GRANULE * max(1, min(8, int(10.0 / max(calls * plan.rate * GRANULE, 1e-9)))))
-
-    def replan(which: str):
-        def cut(n_done: int, seconds: float, image_calls: int) -> int:
-            done[which] = n_done
-            pace.observe(image_calls // calls, calls, seconds)
-            if fixed_until is None:
-                return sizes[which]
-
-            def need() -> float:
-                refs = sum(pace.predict(sizes[w] - done[w], calls) for w in sizes)
-                return refs + pace.predict(sizes["calibration"], nfe * n_bases) + pace.predict(
-                    sizes["held-out"], nfe * (n_bases + n_fitted))
-            before = dict(sizes)
-            while time.perf_counter() + need() > fixed_until:
-                lo = {"calibration": MIN_CALIB, "held-out": MIN_HOLDOUT}
-                shrunk = {w: max(lo[w], done[w], int(sizes[w] * 0.8)) for w in sizes}
-                if shrunk == sizes:
-                    break
-                sizes.update(shrunk)
-            if sizes != before:
-                log(f"  references re-planned at {pace.slow:.2g}x the timed cost per call: "
-                    + ", ".join(f"{w} noises {before[w]} -> {sizes[w]}" for w in sizes if sizes[w] != before[w]))
-            return sizes[which]
-        return cut
-
-    sets = {}
-    for which, seed in (("calibration", cal.seed), ("held-out", cal.seed + HOLDOUT_SEED_OFFSET)):
-        noise, labels = draw_noise(denoiser, sizes[which], seed)
-        refs, info = compute(denoiser, noise, labels, seed, plan.steps, cache, log, batch, replan(which),
-                             Ticker(f"{which} references", log))
-        n = refs.shape[0]
-        es = EvalSet(denoiser, noise[:n], None if labels is None else labels[:n], plan.steps, INTEGRATOR)
-        es.set_reference(None, refs)
-        sets[which] = es
-        log(f"  {which} references: {n} noises ({info['cached']} from the cache, {info['computed']} computed)")
-    calib, hold = sets["calibration"], sets["held-out"]
-    clock.lap("references", t0)
-    log(f"  references: {len(calib)} calibration + {len(hold)} held-out noises, {plan.steps} {INTEGRATOR} steps "
-        f"({clock.timings['references']:.1f} s)")
-    return calib, hold
 
 
 def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock: Clock, pace: Pace,
@@ -541,39 +191,6 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = 
     return min((c for c in cands if c.holdout["eligible"]), key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
 
 
-def _fit_counts(opts: SearchOptions, per_eval: float, per_holdout: float, left: float, log) -> tuple[int, int]:
-    """(learned schedules, global fits) the time `left` affords at `per_eval` seconds per calibration evaluation
-    (+ `per_holdout` to score each on held-out noise): each schedule at least MIN_SCHEDULE_EVALS evaluations in
-    its ~55% share (all of it without global fits), each global fit MIN_GLOBAL_EVALS (~3 evaluations' time each:
-    the backward pass) in the rest; the options' counts at most."""
-    if per_eval <= 0 or math.isinf(left):
-        return opts.top_k, opts.global_fits
-    n_global = min(opts.global_fits, max(int(0.45 * left / (3 * MIN_GLOBAL_EVALS * per_eval + per_holdout)), 0))
-    share = 0.55 if n_global else 0.95
-    top_k = min(opts.top_k, max(int(share * left / (MIN_SCHEDULE_EVALS * per_eval + per_holdout)), 0))
-    if (top_k, n_global) != (opts.top_k, opts.global_fits):
-        log(f"  plan: {top_k} of {opts.top_k} learned schedules and {n_global} of {opts.global_fits} global fits: "
-            f"{left:.0f} s left afford ~{left / per_eval:.0f} calibration evaluations of {per_eval:.2g} s")
-    return top_k, n_global
-
-
-def _finalists(cands: list[Candidate], bases: list[Candidate], per_eval: float, left: float, log) -> list[Candidate]:
-    """The candidates to score on held-out noise: all, unless `left` seconds at `per_eval` each cannot: then the
-    fitted ones, their own bases and the best other bases by calibration loss that fit (at least one)."""
-    if per_eval * len(cands) <= left:
-        return cands
-    fitted = [c for c in cands if not (c.schedule == "karras" and c.coefficients == "base")]
-    needed = {(c.family, c.final) for c in fitted}
-    keep = [b for b in bases if (b.family, b.final) in needed] or bases[:1]
-    for b in bases:
-        if b not in keep and per_eval * (len(fitted) + len(keep) + 1) <= left:
-            keep.append(b)
-    out = [c for c in cands if c in keep or c in fitted]
-    log(f"  held-out scoring: {len(out)} of {len(cands)} candidates ({left:.0f} s left at {per_eval:.2g} s each; "
-        f"the other bases ranked lower on calibration noise)")
-    return out
-
-
 class _Watchdog:
     """The search's log with a watchdog thread: a line whenever nothing was logged for `every` seconds (one
     evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks)."""
@@ -629,7 +246,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     load = fits and opts.budget_s is not None
     reserve = OPTIMISER_LOAD_S if load else 0.0
     # planned first, so that a search the budget cannot afford does not load the optimisers either
-    plan = _plan(denoiser, nfe, families, opts, cal, clock, log, reserve)
+    plan = plan_references(denoiser, nfe, families, opts, cal, clock, log, reserve)
     if not plan.fits:
         chosen = prior_base(denoiser, nfe, families, opts.finals)
         log(f"  shipped {chosen.label} unsearched, by the documented prior (search.PRIOR_FAMILIES): --budget "
@@ -642,7 +259,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     n_fitted = (plan.fitted if opts.budget_s is not None else opts.top_k + opts.global_fits) if fits else 0
     loading = load_optimisers_beside() if load else None
     pace = Pace(plan)
-    calib, hold = _evaluation_sets(denoiser, plan, cal, clock, pace, fixed_until, nfe, n_fitted, reference_cache, log)
+    calib, hold = evaluation_sets(denoiser, plan, cal, clock, pace, fixed_until, nfe, n_fitted, reference_cache, log)
     # the bases first: the held-out scoring keeps time for the best base and the fitted candidates (`_finalists`)
     bases_until = None if fixed_until is None else fixed_until - pace.predict(len(hold), nfe * (1 + n_fitted))
     cands = _score_bases(denoiser, nfe, plan, opts, calib, clock, pace, bases_until, log)
@@ -668,7 +285,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
         cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
     per_holdout = pace.predict(len(hold), nfe)
     fixed_s = per_holdout * len(cands)
-    top_k, n_global = _fit_counts(opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else (0, 0)
+    top_k, n_global = fit_counts(opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else (0, 0)
     clock.reserve(fixed_s + per_holdout * (top_k + n_global))
     if fits:
         learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, top_k, 0.55 if n_global else 0.95)
@@ -677,7 +294,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
         log(f"  learned schedules and global fits skipped: --budget {opts.budget_s:g} s is below {MIN_FIT_BUDGET_S:g} s "
             f"(loading their optimisers alone takes seconds)")
     left = math.inf if end is None else end - time.perf_counter()
-    finalists = _finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
+    finalists = choose_finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
     chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock,
                      cal.guard_level)
     if plan.accuracy is not None and chosen.holdout.get("rmse"):
@@ -731,3 +348,4 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
                   "candidates": result.table}
     res.seconds = result.seconds
     return res
+

@@ -146,6 +146,26 @@ def compare_to_best_peer(rows: list[dict], nfes: list[int]) -> None:
         del r["_sq"]
 
 
+def _auto_samples(denoiser: Denoiser, nfe: int, test, ref_at, search, calibration, say) -> tuple:
+    """`auto` as iia-compile runs it (the options as given, not resolved: the search sizes its own held-out set)
+    and its own base (same family and final step, Karras, base coefficients) on the test noises of `test`:
+    (samples, row extras, the chosen sampler's start sigma)."""
+    from iia.calibration.fit import CalibrationOptions
+    from iia.calibration.sampling import sample
+    from iia.calibration.schedules import program_for
+    from iia.calibration.search import SearchOptions, auto_search
+
+    res = auto_search(denoiser, nfe, search or SearchOptions(), calibration or CalibrationOptions(),
+                      log=lambda t: say("  " + t.strip()))
+    c = res.chosen
+    base_program = program_for(denoiser, c.family, nfe, final=c.final)
+    base_x = sample(base_program, denoiser, test.noise, test.labels)
+    base_sq = ((base_x - ref_at(base_program.sigmas[0])) ** 2).reshape(len(test), -1).mean(1)
+    extra = {"chosen": c.label, "search_s": res.seconds, "base_rmse": float(base_sq.mean().sqrt()),
+             "base_median": float(base_sq.sqrt().median())}
+    return sample(res.program, denoiser, test.noise, test.labels), extra, res.program.sigmas[0]
+
+
 def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: list[str] | None = None,
                    n_test: int = 500, calibration=None, search=None, fd: bool = False,
                    progress: Callable[[str], None] | None = None) -> dict:
@@ -159,8 +179,6 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
     from iia.calibration.evalset import evaluation_set
     from iia.calibration.sampling import sample
     from iia.calibration.schedules import program_for
-    from iia.calibration.search import SearchOptions, auto_search
-
     from iia.calibration.solvers import valid_nfe
 
     from .accuracy import TEST_SEED_OFFSET
@@ -206,17 +224,8 @@ def peer_benchmark(denoiser: Denoiser, nfes: list[int], ours: list[str], peers: 
         for name in ours:
             if name == "auto":
                 say(f"auto NFE {nfe}")
-                # the options as given, not resolved: the search sizes its own held-out set as iia-compile's does
-                res = auto_search(denoiser, nfe, search or SearchOptions(), calibration or CalibrationOptions(),
-                                  log=lambda t: say("  " + t.strip()))
-                # its own base (same family and final step, Karras, base coefficients) on the same test noise
-                c = res.chosen
-                base_program = program_for(denoiser, c.family, nfe, final=c.final)
-                base_x = sample(base_program, denoiser, noise, labels)
-                base_sq = ((base_x - ref_at(base_program.sigmas[0])) ** 2).reshape(n_test, -1).mean(1)
-                row("auto", "ours", nfe, sample(res.program, denoiser, noise, labels),
-                    {"chosen": c.label, "search_s": res.seconds, "base_rmse": float(base_sq.mean().sqrt()),
-                     "base_median": float(base_sq.sqrt().median())}, sigma_start=res.program.sigmas[0])
+                x, extra, start = _auto_samples(denoiser, nfe, test, ref_at, search, calibration, say)
+                row("auto", "ours", nfe, x, extra, sigma_start=start)
                 continue
             if not valid_nfe(name, nfe):
                 continue

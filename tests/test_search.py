@@ -266,7 +266,7 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     fitted candidate, and the time left after them affords a learned schedule."""
     import re
 
-    from iia.calibration.search import FIXED_SHARE, PRECISE_TIMING_SHARE, PROBE_SHARE, _fit_counts, reference_sizes
+    from iia.calibration.search_plan import FIXED_SHARE, PRECISE_TIMING_SHARE, PROBE_SHARE, fit_counts, reference_sizes
 
     def cost(n):
         return 0.18 * n
@@ -280,7 +280,7 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     need = float(re.search(r"need ([0-9.]+) s", big.lines[0]).group(1))
     assert need <= FIXED_SHARE * 1800.0
     spent = need / 1.5 + (PRECISE_TIMING_SHARE + PROBE_SHARE) * 1800.0
-    top_k, _ = _fit_counts(SearchOptions(), per_eval, 9 * cost(big.holdout), 1800.0 - spent, lambda s: None)
+    top_k, _ = fit_counts(SearchOptions(), per_eval, 9 * cost(big.holdout), 1800.0 - spent, lambda s: None)
     assert top_k >= 1, (per_eval, big.lines)
 
 
