@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "edm_like"
-KINDS = ("edm-cond", "vp-uncond")
+KINDS = ("edm-cond", "vp-uncond", "vp-cond")
 EDM2_FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "edm2_like"
 _NAMES = ("torch_utils", "torch_utils.persistence", "torch_utils.misc", "dnnlib", "dnnlib.util")
 _MISSING = object()
@@ -167,9 +167,19 @@ def dump_edm_style(path: str | Path, data, numpy2_names: bool = False, protocol:
     return path
 
 
+# EDM's published CIFAR-10 DDPM++ configuration (edm-cifar10-32x32-cond-vp.pkl's size: ~55.7 M parameters) as
+# build_fixture_objects/make_edm_pickle keywords, on the fixtures' own UNet
+CIFAR10_DDPMPP = dict(kind="vp-cond", resolution=32, channels=128, num_blocks=4, label_dim=10, model_type="UNet",
+                      channel_mult=(2, 2, 2), attn_resolutions=(16,))
+
+
 def build_fixture_objects(kind: str = "edm-cond", *, resolution: int = 8, channels: int = 16, num_blocks: int = 2,
-                          label_dim: int = 10, seed: int = 0, label_dropout: float = 0.0):
-    """In-memory (precond, loss) built from the fixture sources; returns them (eval, no grad)."""
+                          label_dim: int = 10, seed: int = 0, label_dropout: float = 0.0, model_type: str = "TinyNet",
+                          channel_mult: tuple[int, ...] = (2, 2, 2), attn_resolutions: tuple[int, ...] = (16,)):
+    """In-memory (precond, loss) built from the fixture sources; returns them (eval, no grad).
+
+    model_type "TinyNet" (default: a flat residual net, channel_mult/attn_resolutions unused) or "UNet" (the
+    full-size encoder-decoder, sized by channels, channel_mult, num_blocks, attn_resolutions)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     net_src = (FIXTURE_DIR / "networks.py").read_text()
@@ -180,10 +190,13 @@ def build_fixture_objects(kind: str = "edm-cond", *, resolution: int = 8, channe
         losses = exec_fixture_source(loss_src, "edm_fixture_loss")
         kwargs = dict(img_resolution=resolution, img_channels=3, model_channels=channels, num_blocks=num_blocks,
                       label_dropout=label_dropout)
+        if model_type != "TinyNet":  # the default's constructor arguments (recorded in the pickle) stay as they were
+            kwargs.update(model_type=model_type, channel_mult=tuple(channel_mult),
+                          attn_resolutions=tuple(attn_resolutions))
         if kind == "edm-cond":
             net = networks.EDMPrecond(label_dim=label_dim, use_fp16=True, **kwargs)
         else:
-            net = networks.VPPrecond(label_dim=0, **kwargs)
+            net = networks.VPPrecond(label_dim=label_dim if kind == "vp-cond" else 0, **kwargs)
         loss = losses.EDMLoss()
     net = net.eval().requires_grad_(False)
     return net, loss
@@ -191,17 +204,23 @@ def build_fixture_objects(kind: str = "edm-cond", *, resolution: int = 8, channe
 
 def make_edm_pickle(path: str | Path, kind: str = "edm-cond", numpy2_names: bool = False, *, resolution: int = 8,
                     channels: int = 16, num_blocks: int = 2, label_dim: int = 10, seed: int = 0,
-                    label_dropout: float = 0.0) -> torch.nn.Module:
+                    label_dropout: float = 0.0, model_type: str = "TinyNet", channel_mult: tuple[int, ...] = (2, 2, 2),
+                    attn_resolutions: tuple[int, ...] = (16,)) -> torch.nn.Module:
     """Write an EDM-format network pickle to `path` and return the original in-memory precond network.
 
-    kind: "edm-cond" (EDMPrecond, `label_dim` classes, sigma range [0, inf), use_fp16=True) or
-          "vp-uncond" (VPPrecond, unconditional). Images are 3 x resolution x resolution.
+    kind: "edm-cond" (EDMPrecond, `label_dim` classes, sigma range [0, inf), use_fp16=True),
+          "vp-uncond" (VPPrecond, unconditional) or "vp-cond" (VPPrecond, `label_dim` classes). Images are
+          3 x resolution x resolution.
     numpy2_names: numpy scalar globals written as `numpy._core.multiarray` (numpy 2) instead of
           `numpy.core.multiarray` (numpy 1, like the official snapshots).
-    channels/num_blocks set the size (defaults: ~12k parameters; channels=96 gives ~1.4 MB).
+    channels/num_blocks set the size (defaults: ~12k parameters; channels=96 gives ~1.4 MB); model_type "UNet"
+    with channel_mult/attn_resolutions the full-size network (`make_edm_pickle(path, **CIFAR10_DDPMPP)`: EDM's
+    CIFAR-10 DDPM++ configuration, ~55.7 M parameters).
     """
     net, loss = build_fixture_objects(kind, resolution=resolution, channels=channels, num_blocks=num_blocks,
-                                      label_dim=label_dim, seed=seed, label_dropout=label_dropout)
+                                      label_dim=label_dim, seed=seed, label_dropout=label_dropout,
+                                      model_type=model_type, channel_mult=channel_mult,
+                                      attn_resolutions=attn_resolutions)
     data = {
         "ema": net,
         "loss_fn": loss,
@@ -217,9 +236,16 @@ def make_edm_pickle(path: str | Path, kind: str = "edm-cond", numpy2_names: bool
 EDM2_ENCODERS = ("pixel", "latent")
 
 
+# EDM2-img64-S's size (~280 M parameters, 64x64x3, 1000 classes) as build_edm2_objects/make_edm2_pickle keywords
+EDM2_IMG64_S = dict(resolution=64, channels=3, label_dim=1000, model_channels=192,
+                    unet=dict(channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8), channels_per_head=64))
+
+
 def build_edm2_objects(*, resolution: int = 8, channels: int = 3, label_dim: int = 10, model_channels: int = 8,
-                       encoder: str = "pixel", vae_name: str = "stabilityai/sd-vae-ft-mse", seed: int = 0):
-    """In-memory (precond, encoder, loss) from the EDM2-style fixture sources (precond in float32, eval)."""
+                       encoder: str = "pixel", vae_name: str = "stabilityai/sd-vae-ft-mse", seed: int = 0,
+                       unet: dict | None = None):
+    """In-memory (precond, encoder, loss) from the EDM2-style fixture sources (precond in float32, eval).
+    `unet`: more TinyMPUNet keywords (channel_mult, num_blocks, attn_resolutions, channels_per_head)."""
     if encoder not in EDM2_ENCODERS:
         raise ValueError(f"encoder must be one of {EDM2_ENCODERS}, got {encoder!r}")
     sources = {name: (EDM2_FIXTURE_DIR / f"{name}.py").read_text() for name in ("networks", "encoders", "loss")}
@@ -228,7 +254,7 @@ def build_edm2_objects(*, resolution: int = 8, channels: int = 3, label_dim: int
         networks = exec_fixture_source(sources["networks"], "edm2_fixture_networks")
         encoders = exec_fixture_source(sources["encoders"], "edm2_fixture_encoders")
         losses = exec_fixture_source(sources["loss"], "edm2_fixture_loss")
-        net = networks.Precond(resolution, channels, label_dim, model_channels=model_channels)
+        net = networks.Precond(resolution, channels, label_dim, model_channels=model_channels, **(unet or {}))
         enc = encoders.StandardRGBEncoder() if encoder == "pixel" else encoders.StabilityVAEEncoder(vae_name=vae_name)
         loss = losses.EDM2Loss()
     return net.eval().requires_grad_(False), enc, loss
@@ -236,15 +262,17 @@ def build_edm2_objects(*, resolution: int = 8, channels: int = 3, label_dim: int
 
 def make_edm2_pickle(path: str | Path, *, resolution: int = 8, channels: int = 3, label_dim: int = 10,
                      model_channels: int = 8, encoder: str = "pixel", vae_name: str = "stabilityai/sd-vae-ft-mse",
-                     seed: int = 0) -> torch.nn.Module:
+                     seed: int = 0, unet: dict | None = None) -> torch.nn.Module:
     """Write a pickle with EDM2's snapshot structure and return the network as it was stored (float16).
 
     The pickle is a `dnnlib.util.EasyDict(encoder=..., dataset_kwargs=..., loss_fn=..., ema=...)` with the
     network in float16, as EDM2's training loop writes snapshots. encoder "pixel" stores a
-    StandardRGBEncoder, "latent" a StabilityVAEEncoder (channels should then be 4).
+    StandardRGBEncoder, "latent" a StabilityVAEEncoder (channels should then be 4). `unet`: the network's
+    layout beyond model_channels (`make_edm2_pickle(path, **EDM2_IMG64_S)`: EDM2-img64-S's size).
     """
     net, enc, loss = build_edm2_objects(resolution=resolution, channels=channels, label_dim=label_dim,
-                                        model_channels=model_channels, encoder=encoder, vae_name=vae_name, seed=seed)
+                                        model_channels=model_channels, encoder=encoder, vae_name=vae_name, seed=seed,
+                                        unet=unet)
     net = net.to(torch.float16)
     data = FakeEasyDict(encoder=enc, loss_fn=loss,
                         dataset_kwargs={"class_name": "training.dataset.ImageFolderDataset", "path": "tiny.zip",
