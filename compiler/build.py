@@ -55,6 +55,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         exported = stages.export(loaded, job)
         plan = stages.optimize(loaded, coefficients, exported, job)
         emitted = stages.emit(loaded, coefficients, exported, plan, job)
+        del plan  # the rewritten denoiser graph (a copy of the weights): in sampler.onnx now
+        exported = stages.released(exported)
         _inject(_fail_after, "emit")
         verified = stages.verify(loaded, coefficients, exported, static, job)
         engine = stages.engine(loaded, emitted, job)

@@ -39,10 +39,11 @@ class CheckError(ValueError):
     pass
 
 
-def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx.checker plus strict shape inference (raises on an invalid graph)."""
-    onnx.checker.check_model(model)
-    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+def check_model_file(path: str | Path) -> None:
+    """onnx.checker plus strict shape inference (`full_check`: types checked, errors raised) of a saved model,
+    read by onnx's C++ checker from the file (external data beside it included): no serialised copy of a large
+    graph in Python. Raises on an invalid graph."""
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 def weight_bytes(model: onnx.ModelProto) -> dict:

@@ -192,9 +192,11 @@ def emit_sampler(program: Program, denoiser_model: onnx.ModelProto, shape: tuple
 
 def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditional: bool, name: str,
                   denoiser_model: onnx.ModelProto, decoder_model: onnx.ModelProto | None, latent: bool,
-                  weights: list[onnx.TensorProto]) -> onnx.ModelProto:
+                  weights: list[onnx.TensorProto], body_weights: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
     """The model around `gb`'s nodes: `source` as the samples output, the decode stage, inputs, and the
-    initializers that are read (by gb's nodes or their subgraphs), from `weights` and gb's constants."""
+    initializers that are read (by gb's nodes or their subgraphs), from `weights` and gb's constants;
+    `body_weights` go into the Loop body (LOOP_NODE). The tensors are copied once, into the finished model
+    (protobuf copies a message on every assignment: weights added earlier would be copied at each level)."""
     samples = LATENTS if latent else IMAGES
     gb.nodes.append(helper.make_node("Identity", [source], [samples], name=f"iia/{samples}"))
     outputs = [helper.make_tensor_value_info(samples, TensorProto.FLOAT, ["batch", *shape])]
@@ -213,8 +215,12 @@ def _finish_model(gb: GraphBuilder, source: str, shape: tuple[int, ...], conditi
     # Folding leaves some denoiser tensors (the noise-embedding MLP, sigma-only constants) unread: drop them.
     used = reads(gb.nodes)
     initializers = [t for t in weights + decode_weights + gb.initializers if t.name in used]
-    graph = helper.make_graph(gb.nodes, name, inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=list(denoiser_model.opset_import), producer_name="iia")
+    model = helper.make_model(helper.make_graph(gb.nodes, name, inputs, outputs),
+                              opset_imports=list(denoiser_model.opset_import), producer_name="iia")
+    model.graph.initializer.extend(initializers)
+    if body_weights:
+        loop = next(node for node in model.graph.node if node.name == LOOP_NODE)
+        next(a for a in loop.attribute if a.name == "body").g.initializer.extend(body_weights)
     model.ir_version = denoiser_model.ir_version
     for fn in denoiser_model.functions:
         model.functions.append(fn)
@@ -357,27 +363,32 @@ def emit_sampler_loop(program: Program, denoiser_model: onnx.ModelProto, shape: 
         rows = per_image[0]
         buf0, targets = per_image_buffer(outer, n, batch)
     tables = (rows, targets, outer.const(sigmas.astype(np.float32)))
-    body_graph = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape, per_image is not None)
+    body_graph, body_weights = _loop_body(outer, dgraph, plan, io, calls, tables, batch, noise_shape, shape,
+                                          per_image is not None)
     trip = outer.const(np.array(n, np.int64), np.int64)
     true = outer.const(np.array(True), np.bool_)
-    outer.nodes.append(helper.make_node("Loop", [trip, true, buf0], ["iia/D"], name="iia/loop", body=body_graph))
+    outer.nodes.append(helper.make_node("Loop", [trip, true, buf0], ["iia/D"], name=LOOP_NODE, body=body_graph))
     if per_image is None:
         result = _mix(outer, outer.const(out_coef.astype(np.float32).reshape(1, n + 1)), "iia/D", noise_shape)
     else:
         result = _mix(outer, per_image[1], "iia/D", noise_shape)
-    return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent, weights=[])
+    return _finish_model(outer, result, shape, conditional, name, denoiser_model, decoder_model, latent, weights=[],
+                         body_weights=body_weights)
 
 
+LOOP_NODE = "iia/loop"
 LOOP_IT, LOOP_COND, LOOP_BUFFER = "iia/loop/i", "iia/loop/cond", "iia/loop/D"
 LOOP_D, LOOP_COND_OUT, LOOP_BUFFER_OUT = "iia/loop/D_i", "iia/loop/cond_out", "iia/loop/D_next"
 
 
 def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io, calls: list, tables: tuple,
-               batch: str, noise_shape: str, shape: tuple[int, ...], per_image: bool = False) -> onnx.GraphProto:
+               batch: str, noise_shape: str, shape: tuple[int, ...],
+               per_image: bool = False) -> tuple[onnx.GraphProto, list[onnx.TensorProto]]:
     """The Loop body: mix x_i from the buffer (`per_image`: a guidance range's batch-major buffer, a row per
     image, see `guidance_graph.per_image_buffer`), the denoiser copy
     (folded values gathered at the iteration, EDM's scalings dropped under `io`), D_i (or F_i) scattered into
-    the buffer. Its constants go to `outer`."""
+    the buffer. Its constants go to `outer`. Returns the body without its initializers, and them (the denoiser's
+    weights it reads, added by `_finish_model`)."""
     coef_table, row_table, s_table = tables
     n = len(calls)
     body = outer.inner(10**6)  # body value names never collide with the outer graph's
@@ -424,7 +435,7 @@ def _loop_body(outer: GraphBuilder, dgraph: onnx.GraphProto, plan: FoldPlan, io,
          helper.make_tensor_value_info(LOOP_BUFFER, TensorProto.FLOAT, buffer_shape)],
         [helper.make_tensor_value_info(LOOP_COND_OUT, TensorProto.BOOL, []),
          helper.make_tensor_value_info(LOOP_BUFFER_OUT, TensorProto.FLOAT, buffer_shape)],
-        value_info=known, initializer=[t for t in dgraph.initializer if t.name in used])
+        value_info=known), [t for t in dgraph.initializer if t.name in used]
 
 
 def _folded_rows(body: GraphBuilder, outer: GraphBuilder, plan: FoldPlan, calls: list, read: set[str],

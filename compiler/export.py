@@ -159,6 +159,7 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
             raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {cause}") from err
         raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {type(err).__name__}: {err}") from err
     model = program.model_proto
+    del program  # the exporter's own graph and program: the proto holds what is needed
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     repair_conv_pads(model)

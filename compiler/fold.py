@@ -202,6 +202,7 @@ def plan_folding(denoiser_model: onnx.ModelProto, sigmas: list[float], label_dim
         plan, why_not_labels = _evaluate(optimized, sigmas, label_dim, size_limit, table_limit)
         if plan is not None:
             return plan
+        del optimized  # a copy of the weights: freed before the next is made
     optimized = optimize(denoiser_model, (DENOISER_SIGMA,), disabled)
     plan, why = _evaluate(optimized, sigmas, 0, size_limit, table_limit)
     if plan is None:

@@ -21,6 +21,10 @@ from onnx import TensorProto, helper, numpy_helper
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # a model over this size cannot be serialised in one message
+# a sampler graph storing more tensor bytes than this keeps them in one external data file (compiler/stages.py
+# save_onnx; CompileOptions.external_data_bytes): well below protobuf's limit, which the graph's own nodes and
+# tables must fit beside
+EXTERNAL_DATA_BYTES = 3 * 512 * 1024**2
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -8,10 +8,11 @@ from iia.calibration.fit import CalibrationOptions
 from iia.calibration.solvers import SOLVERS, get_solver
 from iia.cli import check_options, flag_of, option
 from iia.models.device import DeviceError, device_option, resolve_device
-from iia.runtime.contract import MAX_STATIC_BATCHES
+from iia.runtime.contract import DENOISER_ONNX, MAX_STATIC_BATCHES
 from iia.runtime.engine import PRECISIONS
 
 from .emit import GRAPH_FORMS
+from .graph import EXTERNAL_DATA_BYTES
 
 
 class CompileError(ValueError):
@@ -67,6 +68,9 @@ class CompileOptions:
     graph: str = option("loop", "sampler graph form: 'loop' (one ONNX Loop around ONE denoiser copy; faster on "
                                 "ONNX Runtime CPU, docs/performance.md) or 'unrolled' (one denoiser copy per call)",
                         choices=GRAPH_FORMS, role="graph")
+    with_denoiser: bool = option(False, f"also write {DENOISER_ONNX} (one denoiser call, for iia-bench's one-call and "
+                                        f"numpy-loop baselines and runtime/loop.py); it stores the model's weights a "
+                                        f"second time", role="output")
     force: bool = option(False, "replace an existing artifact directory (only an iia artifact: anything else is "
                                 "refused)", role="output")
     engine: bool = option(True, "skip the TensorRT engine", flag="--no-engine", role="engine")
@@ -88,6 +92,7 @@ class CompileOptions:
     parity_atol: float = 1e-4
     cache_dir: str | None = None  # calibrated coefficients and exports are cached here (default ~/.cache/iia)
     weight_limit: float = 1.10
+    external_data_bytes: int = EXTERNAL_DATA_BYTES  # sampler.onnx's tensors over this go to sampler.onnx.data
     x0_clipping: str | None = None  # a diffusers folder's clip_sample/thresholding: "ignore" | "clip" (None refuses)
     # option names a command line set (iia.cli.given_options), whatever their values; None (the Python API):
     # an option counts as set where its value differs from the default

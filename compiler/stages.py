@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,7 @@ from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOL
 from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 
 from .cache import cache_dir, default_cache_dir, export_cache_key, get_or_make
-from .check import check_model, check_parity, check_range_parity, check_static_batches, check_weight_sharing
+from .check import check_model_file, check_parity, check_range_parity, check_static_batches, check_weight_sharing
 from .coefficients import UNGUARDED, obtain_coefficients
 from .emit import DECODE_PREFIX, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
 from .guidance_graph import scale_inputs
@@ -37,7 +37,7 @@ from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions, guidance_range
 from .publish import publish, refuse_mount_point
-from .graph import PROTOBUF_LIMIT as EXTERNAL_DATA_THRESHOLD  # protobuf's 2 GB limit, with headroom
+from .graph import EXTERNAL_DATA_BYTES, PROTOBUF_LIMIT
 from .scales import range_coefficients
 
 
@@ -72,15 +72,14 @@ class Coefficients:
 
 @dataclass(frozen=True)
 class Exported:
-    denoiser: onnx.ModelProto
+    denoiser: onnx.ModelProto | None  # None once emitted (`released`)
     decoder: onnx.ModelProto | None
     files: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Emitted:
-    sampler: onnx.ModelProto
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # sampler.onnx (and its external data file); the graph itself is not kept
     weights: dict  # check_weight_sharing's record
 
 
@@ -190,11 +189,12 @@ def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None,
 
     return get_or_make(cache / "exports" / key if key else None, export, read,
                        lambda model: None if model is None else model.SerializeToString(), log,
-                       limit=EXTERNAL_DATA_THRESHOLD, what="cached export", redo="exporting again", made_from=made_from)
+                       limit=PROTOBUF_LIMIT, what="cached export", redo="exporting again", made_from=made_from)
 
 
 def export(loaded: Loaded, job: Job) -> Exported:
-    """denoiser.onnx and, for a model with a decode stage, decoder.onnx (both through the export cache)."""
+    """The denoiser's ONNX (written as denoiser.onnx only with --with-denoiser: the sampler holds its weights) and,
+    for a model with a decode stage, decoder.onnx (both through the export cache)."""
     denoiser, max_batch, cache = loaded.denoiser, job.opts.max_batch, cache_dir(job.opts.cache_dir)
 
     def key(what: str) -> str | None:
@@ -208,12 +208,20 @@ def export(loaded: Loaded, job: Job) -> Exported:
     with stage("export denoiser", job.timings, job.log), on_device(denoiser, "cpu"):
         model = cached_export(lambda: export_denoiser(denoiser, max_batch), key("denoiser"), cache, job.log,
                               made_from("denoiser"))
-        onnx.save_model(model, str(job.work / DENOISER_ONNX))
+        if job.opts.with_denoiser:
+            onnx.save_model(model, str(job.work / DENOISER_ONNX))
         decoder = cached_export(lambda: export_decoder(denoiser, max_batch), key("decoder"), cache, job.log,
                                 made_from("decoder"))
         if decoder is not None:
             onnx.save_model(decoder, str(job.work / DECODER_ONNX))
-    return Exported(model, decoder, (DENOISER_ONNX,) + ((DECODER_ONNX,) if decoder is not None else ()))
+    files = ((DENOISER_ONNX,) if job.opts.with_denoiser else ()) + ((DECODER_ONNX,) if decoder is not None else ())
+    return Exported(model, decoder, files)
+
+
+def released(exported: Exported) -> Exported:
+    """`exported` without the denoiser graph (its weights), once sampler.onnx holds them: the later stages read
+    the files and the decode stage only."""
+    return replace(exported, denoiser=None)
 
 
 # ---- optimize -------------------------------------------------------------------------------------------
@@ -236,10 +244,11 @@ def stamp_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
-    """Save; graphs over 2 GB keep their tensors in `<name>.data` beside the model. Returns file names."""
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
+def save_onnx(model: onnx.ModelProto, path: Path, threshold: int = EXTERNAL_DATA_BYTES) -> list[str]:
+    """Save; a graph storing over `threshold` bytes of tensors (a Loop body's included) keeps them in ONE file
+    `<name>.data` beside the model (protobuf cannot hold 2 GB; ONNX Runtime reads the file from the model's
+    directory). Returns the file names (the manifest lists both, so both are digest-checked)."""
+    if initializer_bytes(model) > threshold:
         location = SAMPLER_ONNX_DATA if path.name == SAMPLER_ONNX else path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=location, size_threshold=1024)
@@ -258,7 +267,6 @@ def emit(loaded: Loaded, coefs: Coefficients, exported: Exported, plan, job: Job
         extra = {} if coefs.scales is None else {"scales": scale_inputs(coefs.scales, denoiser.guidance_range)}
         sampler = emit_graph(program, exported.denoiser, denoiser.shape, denoiser.conditional, decoder_model=decoder,
                              latent=denoiser.is_latent, label_dim=denoiser.label_dim, plan=plan, **extra)
-        check_model(sampler)
         if decoder is not None:  # emit rewrote the decode stage's small convolutions too
             emitted = sum(n.op_type == "ConvTranspose" and n.name.startswith(DECODE_PREFIX) for n in sampler.graph.node)
             transposed = emitted - sum(n.op_type == "ConvTranspose" for n in decoder.graph.node)
@@ -269,11 +277,15 @@ def emit(loaded: Loaded, coefs: Coefficients, exported: Exported, plan, job: Job
         decoder_bytes = 0 if decoder is None else initializer_bytes(decoder)
         weights = check_weight_sharing(sampler, initializer_bytes(exported.denoiser) + decoder_bytes,
                                        denoiser.param_bytes() + decode_param_bytes(loaded.decode), opts.weight_limit)
-        files = save_onnx(sampler, job.work / SAMPLER_ONNX)
-        log(f"  {opts.graph} graph, {program.nfe} denoiser calls, {len(sampler.graph.node)} top-level nodes, stored "
+        top_level = len(sampler.graph.node)
+        files = save_onnx(sampler, job.work / SAMPLER_ONNX, opts.external_data_bytes)
+        del sampler  # checked from the file: the checker would otherwise serialise the in-memory graph again
+        check_model_file(job.work / SAMPLER_ONNX)
+        log(f"  {opts.graph} graph, {program.nfe} denoiser calls, {top_level} top-level nodes, stored "
             f"tensors {weights['ratio']:.4f}x one denoiser call, {weights['ratio_vs_params']:.4f}x its parameters "
-            f"(+{weights['sampler_constants']} bytes of baked schedule/coefficients)")
-    return Emitted(sampler, tuple(files), weights)
+            f"(+{weights['sampler_constants']} bytes of baked schedule/coefficients)"
+            + (f"; tensors in {files[1]} (over {opts.external_data_bytes} bytes)" if len(files) > 1 else ""))
+    return Emitted(tuple(files), weights)
 
 
 # ---- verify ---------------------------------------------------------------------------------------------
@@ -313,7 +325,8 @@ def engine(loaded: Loaded, emitted: Emitted, job: Job) -> Engine:
             guided = getattr(denoiser, "guidance_range", None) is not None
             plan = EnginePlan(sampler_inputs(denoiser.shape, denoiser.conditional, guided), precision=opts.precision,
                               max_batch=opts.max_batch, opt_batch=min(8, opts.max_batch),
-                              fp32_layers=fp32_layer_names(emitted.sampler) if opts.precision != "fp32" else [],
+                              fp32_layers=(fp32_layer_names(str(job.work / SAMPLER_ONNX)) if opts.precision != "fp32"
+                                           else []),
                               timing_cache=str(default_cache_dir() / "timing.cache"))
             try:
                 _, built = build_engine(str(job.work / SAMPLER_ONNX), plan, str(job.work / SAMPLER_PLAN))

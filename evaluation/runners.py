@@ -138,7 +138,8 @@ class DenoiserRunner(Runner):
 
     def __init__(self, sampler: Sampler, threads: int, spin: bool):
         if DENOISER_ONNX not in sampler.manifest["files"]:
-            raise BackendUnavailable(f"the artifact has no {DENOISER_ONNX}")
+            raise BackendUnavailable(f"the artifact has no {DENOISER_ONNX}: compile with --with-denoiser for the "
+                                     f"one-call and numpy-loop baselines")
         self.sampler, self.threads, self.spin = sampler, threads, spin
         self.dynamic = self.session = _session(sampler, DENOISER_ONNX, threads, spin)
         self.static = set(getattr(sampler, "static_batches", ())) if sampler.backend != TENSORRT else set()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import BACKENDS, MAX_THREADS, ORT_CUDA, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, TENSORRT
-from .manifest import artifact_root, read_manifest, read_verified, verify_all, verify_file
+from .manifest import artifact_root, check_listed, read_manifest, read_verified, verify_all, verify_file
 from .onnx_backend import OnnxRuntimeSampler, cuda_unavailable_reason
 from .sampler import BackendUnavailable, Sampler
 from .trt_backend import TensorRTSampler, check_plan_compatible
@@ -16,9 +16,12 @@ from .trt_backend import TensorRTSampler, check_plan_compatible
 
 def _onnx_model(root: Path, manifest: dict, verify: bool):
     """Verified bytes of sampler.onnx (or its path, when its tensors live in an external .data file)."""
-    if SAMPLER_ONNX_DATA in manifest["files"]:  # ONNX Runtime resolves the .data (checked by verify_all)
+    if SAMPLER_ONNX_DATA in manifest["files"]:  # ONNX Runtime resolves the .data (its digest: verify_all)
         if verify:
             verify_file(root, manifest, SAMPLER_ONNX)
+        else:  # unverified, yet never a link ONNX Runtime would follow outside the artifact
+            for name in (SAMPLER_ONNX, SAMPLER_ONNX_DATA):
+                check_listed(root, manifest, name)
         return root / SAMPLER_ONNX
     return read_verified(root, manifest, SAMPLER_ONNX, verify)
 

@@ -126,7 +126,8 @@ def test_edm2_pickle_loads_like_the_network_it_holds(edm2):
 def pixel_artifact(edm2, tmp_path_factory):
     """`iia-compile edm2-img8-cond.pkl --nfe 9 --solver edm` (through the CLI)."""
     out = tmp_path_factory.mktemp("pixel") / "art"
-    assert compile_main([str(edm2["net"]), "--nfe", "9", "--solver", "edm", "--no-engine", "--out", str(out)]) == 0
+    assert compile_main([str(edm2["net"]), "--nfe", "9", "--solver", "edm", "--no-engine", "--with-denoiser",
+                         "--out", str(out)]) == 0
     return out
 
 
@@ -202,7 +203,7 @@ def latent_artifact(edm2, vae_dir, export_cache, tmp_path_factory):
     """The latent EDM2 fixture guided by its small unconditional guide (g = 1.4), decoded by the tiny VAE."""
     out = tmp_path_factory.mktemp("latent") / "art"
     opts = CompileOptions(nfe=9, solver="edm", engine=False, guide=str(edm2["latent_guide"]), guidance=1.4,
-                          vae=str(vae_dir), cache_dir=str(export_cache))
+                          vae=str(vae_dir), cache_dir=str(export_cache), with_denoiser=True)  # bench's one call
     return out, compile_model(str(edm2["latent"]), out, opts, log=lambda s: None)
 
 

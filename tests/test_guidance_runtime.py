@@ -34,7 +34,7 @@ def artifacts(tmp_path_factory):
     (`plain`: one guidance scale, no input) and with the guidance input in [1, 3], default 1.5."""
     root = tmp_path_factory.mktemp("guided")
     opts = CompileOptions(nfe=5, solver="edm", max_batch=MAX_BATCH, engine=False, force=True,
-                          cache_dir=str(root / "cache"))
+                          cache_dir=str(root / "cache"), with_denoiser=True)  # the loop baseline's denoiser.onnx
     compile_model("digits", root / "digits_plain", opts, **QUIET)
     compile_model(gaussian_mixture(shape=(1, 4, 4), components=3), root / "gmm_plain", opts, **QUIET)
     for key in ("digits", "gmm"):
@@ -479,7 +479,7 @@ def test_real_range_artifact_through_every_runtime(native, tmp_path):
     out = tmp_path / "range"
     compile_model(str(tmp_path / "cfg.pkl"), out, CompileOptions(
         nfe=5, solver="iia-edm", engine=False, max_batch=MAX_BATCH, cfg=(1.0, 3.0), cache_dir=str(tmp_path / "cache"),
-        calibration=CalibrationOptions(batch=32, holdout=32, reference_steps=32)), **QUIET)
+        calibration=CalibrationOptions(batch=32, holdout=32, reference_steps=32), with_denoiser=True), **QUIET)
     python, c = load(out, "onnxruntime-cpu", threads=1), native["lib"].load(out, threads=1)
     try:
         assert python.guidance_range == c.guidance() and python.guidance_range[:2] == (1.0, 3.0)

@@ -75,7 +75,8 @@ def artifacts(tmp_path_factory):
 
     def opts(**kw):  # a base solver fits nothing: no calibration flags for it
         fit = {} if kw.get("solver") in ("edm", "ddim") else {"calibration": calib}
-        return CompileOptions(force=True, max_batch=MAX_BATCH, engine=False, **fit, **kw)
+        # with denoiser.onnx: the bad-manifest corpus edits its entry, the link tests replace it
+        return CompileOptions(force=True, max_batch=MAX_BATCH, engine=False, with_denoiser=True, **fit, **kw)
 
     make_edm_pickle(root / "edm.pkl", kind="edm-cond")
     quiet = lambda text: None  # noqa: E731
@@ -866,3 +867,43 @@ def test_one_bound_changed_in_the_field_table_both_runtimes_follow(native, artif
             assert "[1, 7], got 9" in native_says and "[1, 7], got 9" in python_says
         else:
             assert native_says == python_says == "accepted"
+
+
+# ---- a sampler whose tensors live in sampler.onnx.data ------------------------------------------------------
+def test_external_data_artifact_runs_in_both_runtimes_and_is_contained(native, artifacts, tmp_path):
+    """Over CompileOptions.external_data_bytes (1.5 GiB by default; 0 here forces it) sampler.onnx keeps its
+    tensors in ONE file sampler.onnx.data, listed in the manifest: iia.runtime and the C library load it (ONNX
+    Runtime reads the data beside the model) and sample exactly what the one-file graph samples; a missing data
+    file, or one linked outside the artifact, is refused by both before anything is loaded."""
+    quiet = lambda text: None  # noqa: E731
+    pickle = artifacts["edm"].parent / "edm.pkl"
+    out = tmp_path / "external"
+    manifest = compile_model(str(pickle), out, CompileOptions(nfe=5, solver="edm", max_batch=MAX_BATCH, engine=False,
+                                                              external_data_bytes=0), log=quiet)
+    assert {"sampler.onnx", "sampler.onnx.data"} <= set(manifest["files"])
+    data_bytes = manifest["files"]["sampler.onnx.data"]["bytes"]
+    assert data_bytes >= 0.9 * manifest["weights"]["weights"] > 0  # the weights are in the data file
+    assert (out / "sampler.onnx").stat().st_size < data_bytes
+    noise, labels = draw_noise(3, 2, (3, 8, 8)), np.array([1, 7])
+    want = load(artifacts["edm"], threads=1).sample(noise, class_labels=labels).images
+    assert np.array_equal(load(out, threads=1).sample(noise, class_labels=labels).images, want)
+    assert np.array_equal(load(out, threads=1, verify=False).sample(noise, class_labels=labels).images, want)
+    c = native["lib"].load(out, threads=1)
+    try:
+        assert np.array_equal(c.run(noise, labels)[0], want)
+    finally:
+        c.close()
+    data = out / "sampler.onnx.data"
+    saved = tmp_path / "saved.data"
+    data.rename(saved)  # missing
+    with pytest.raises(NativeError) as info:
+        native["lib"].load(out)
+    assert info.value.status == ARTIFACT and "sampler.onnx.data" in info.value.message
+    assert "sampler.onnx.data" in _python_load_message(out)
+    data.symlink_to(saved)  # the same bytes, outside the artifact: not followed, verified or not
+    with pytest.raises(NativeError) as info:
+        native["lib"].load(out)
+    assert "leads outside the artifact directory" in info.value.message
+    for verify in (True, False):
+        message = _python_load_message(out, verify=verify)
+        assert "leads outside the artifact directory" in message and str(data) in message

@@ -46,7 +46,7 @@ def artifacts(tmp_path_factory):
     for key, config in MODELS.items():
         compile_model(gaussian_mixture(**config), root / key,
                       CompileOptions(nfe=NFE, solver="iia-edm", force=True, max_batch=MAX_BATCH, engine=False,
-                                     cache_dir=str(root / "cache"), calibration=calib),
+                                     cache_dir=str(root / "cache"), calibration=calib, with_denoiser=True),
                       log=lambda text: None)
         out[key] = root / key
     return out

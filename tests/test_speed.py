@@ -21,7 +21,8 @@ def edm_artifact(tmp_path_factory):
     make_edm_pickle(root / "net.pkl", kind="edm-cond")
     out = root / "art"
     compile_model(str(root / "net.pkl"), out,
-                  CompileOptions(nfe=5, solver="edm", max_batch=4, static_batch="1,3", engine=False),
+                  CompileOptions(nfe=5, solver="edm", max_batch=4, static_batch="1,3", engine=False,
+                                 with_denoiser=True),  # the loop baseline runs denoiser.onnx
                   log=lambda text: None)
     return out
 

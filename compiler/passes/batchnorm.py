@@ -23,14 +23,17 @@ from ..graph import (DEFAULT_DOMAINS, name_factory, names_in_use, producers, pru
 
 
 def probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[str, tuple[int, ...]]:
-    """Shapes of the named values in one ONNX Runtime run of `model` on `feeds`."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
+    """Shapes of the named values in one ONNX Runtime run of `model` on `feeds`. The values are added to the
+    graph's outputs for the run and removed again (no copy of the weights: a full-size model's are GBs)."""
+    have = {o.name for o in model.graph.output}
     wanted = list(dict.fromkeys(names))
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
-    with quiet_session(probe) as session:
-        outs = session.run(wanted, feeds)
+    outputs = len(model.graph.output)
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
+    try:
+        with quiet_session(model) as session:
+            outs = session.run(wanted, feeds)
+    finally:
+        del model.graph.output[outputs:]
     return {n: tuple(a.shape) for n, a in zip(wanted, outs)}
 
 

@@ -20,6 +20,9 @@ from onnx import numpy_helper
 from ..graph import DEFAULT_DOMAINS, prune_initializers, quiet_session, replace_nodes, submodel
 
 SIZE_LIMIT = 64 * 1024  # bytes a folded value may take beyond the weights it replaces
+# weights evaluated per ONNX Runtime session: a full-size model's weights are GBs, and a session of all of them
+# holds them three times over (the submodel, its serialised bytes, the session's own copy)
+CHUNK_BYTES = 128 * 1024**2
 
 NONDETERMINISTIC_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                         "Bernoulli")
@@ -80,12 +83,8 @@ def fold_weight_preprocessing(model: onnx.ModelProto, size_limit: int = SIZE_LIM
         boundary = _boundary(graph, nodes)
         if not nodes or not boundary:
             return {"folded_nodes": 0, "folded_values": 0, "bytes_before": before, "bytes_after": before}
-        keep_consts = [n for n in graph.node if n.op_type == "Constant"]
-        sub_nodes = keep_consts + [graph.node[k] for k in sorted(nodes)]
-        sub = submodel(model, sub_nodes, [], boundary, "weights_only")
-        with quiet_session(sub) as session:
-            values = dict(zip(boundary, session.run(boundary, {})))
         origin = _sources(graph, nodes)
+        values = _evaluate(model, boundary, origin, sizes)
         rejected = [b for b in boundary
                     if values[b].nbytes > max(size_limit, sum(sizes[i] for i in origin[b][0]))]
         if not rejected:
@@ -95,7 +94,34 @@ def fold_weight_preprocessing(model: onnx.ModelProto, size_limit: int = SIZE_LIM
     else:
         return {"folded_nodes": 0, "folded_values": 0, "bytes_before": before, "bytes_after": before}
     replace_nodes(graph, {}, nodes)
-    new = [numpy_helper.from_array(np.ascontiguousarray(a), name) for name, a in values.items()]
+    new = [numpy_helper.from_array(np.ascontiguousarray(values.pop(name)), name) for name in list(values)]
     prune_initializers(graph, added=new)
     after = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
     return {"folded_nodes": len(nodes), "folded_values": len(new), "bytes_before": before, "bytes_after": after}
+
+
+def _evaluate(model: onnx.ModelProto, boundary: list[str], origin: dict, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """The boundary values, computed with ONNX Runtime in groups reading at most CHUNK_BYTES of weights each
+    (a value reading more is a group of its own): each group's session holds only the weights it reads."""
+    graph = model.graph
+    keep_consts = [n for n in graph.node if n.op_type == "Constant"]
+    values: dict[str, np.ndarray] = {}
+    group: list[str] = []
+    weight_bytes = 0
+
+    def run(names: list[str]) -> None:
+        deps = set().union(*(origin[b][1] for b in names))
+        sub = submodel(model, keep_consts + [graph.node[k] for k in sorted(deps)], [], names, "weights_only")
+        with quiet_session(sub) as session:
+            values.update(zip(names, session.run(names, {})))
+
+    for name in boundary:
+        reads = sum(sizes[i] for i in origin[name][0])
+        if group and weight_bytes + reads > CHUNK_BYTES:
+            run(group)
+            group, weight_bytes = [], 0
+        group.append(name)
+        weight_bytes += reads
+    if group:
+        run(group)
+    return values
