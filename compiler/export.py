@@ -18,6 +18,7 @@ from iia.models.base import Denoiser
 from iia.runtime.contract import (DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, GUIDANCE,
                                   IMAGES_U8)
 
+from .graph import release_memory
 from .passes.weight_preprocessing import fold_weight_preprocessing
 
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
@@ -160,6 +161,7 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
         raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {type(err).__name__}: {err}") from err
     model = program.model_proto
     del program  # the exporter's own graph and program: the proto holds what is needed
+    release_memory()
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     repair_conv_pads(model)

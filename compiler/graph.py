@@ -209,20 +209,35 @@ def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[o
 
 
 @contextlib.contextmanager
-def quiet_session(model: onnx.ModelProto) -> Iterator:
+def quiet_session(model: onnx.ModelProto, optimized: bool = True) -> Iterator:
     """An ONNX Runtime CPU session of `model`, warnings off (the graphs the compiler evaluates leave some
     Constant nodes or inputs unused, which ORT reports at every session); models over protobuf's 2 GB limit go
-    through a temporary file with external weights, kept while the session is in use."""
+    through a temporary file with external weights, kept while the session is in use. `optimized=False`: ONNX
+    Runtime's graph optimisations off (a probe of shapes: no re-laid-out copies of the weights)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if model.ByteSize() < PROTOBUF_LIMIT:
         yield ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return
     with tempfile.TemporaryDirectory(prefix="iia-session-") as tmp:
         onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="weights.bin")
         yield ort.InferenceSession(f"{tmp}/model.onnx", options, providers=["CPUExecutionProvider"])
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; nothing elsewhere): a stage that freed a
+    graph's GBs of tensors leaves them in the heap, counted in the process's resident memory, otherwise."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

@@ -37,7 +37,7 @@ from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions, guidance_range
 from .publish import publish, refuse_mount_point
-from .graph import EXTERNAL_DATA_BYTES, PROTOBUF_LIMIT
+from .graph import EXTERNAL_DATA_BYTES, PROTOBUF_LIMIT, release_memory
 from .scales import range_coefficients
 
 
@@ -214,6 +214,7 @@ def export(loaded: Loaded, job: Job) -> Exported:
                                 made_from("decoder"))
         if decoder is not None:
             onnx.save_model(decoder, str(job.work / DECODER_ONNX))
+        release_memory()  # the exporter's and the cache's copies
     files = ((DENOISER_ONNX,) if job.opts.with_denoiser else ()) + ((DECODER_ONNX,) if decoder is not None else ())
     return Exported(model, decoder, files)
 
@@ -221,7 +222,9 @@ def export(loaded: Loaded, job: Job) -> Exported:
 def released(exported: Exported) -> Exported:
     """`exported` without the denoiser graph (its weights), once sampler.onnx holds them: the later stages read
     the files and the decode stage only."""
-    return replace(exported, denoiser=None)
+    lean = replace(exported, denoiser=None)
+    release_memory()
+    return lean
 
 
 # ---- optimize -------------------------------------------------------------------------------------------
@@ -232,6 +235,7 @@ def optimize(loaded: Loaded, coefs: Coefficients, exported: Exported, job: Job):
                             loaded.denoiser.label_dim)
         job.log(f"  conditioning (sigma, class labels) folded {plan.summary}")
         job.log(f"  denoiser rewrites (in the sampler graph): {plan.rewrites}")
+        release_memory()  # the probes' sessions and the copies the passes dropped
     return plan
 
 
@@ -280,6 +284,7 @@ def emit(loaded: Loaded, coefs: Coefficients, exported: Exported, plan, job: Job
         top_level = len(sampler.graph.node)
         files = save_onnx(sampler, job.work / SAMPLER_ONNX, opts.external_data_bytes)
         del sampler  # checked from the file: the checker would otherwise serialise the in-memory graph again
+        release_memory()
         check_model_file(job.work / SAMPLER_ONNX)
         log(f"  {opts.graph} graph, {program.nfe} denoiser calls, {top_level} top-level nodes, stored "
             f"tensors {weights['ratio']:.4f}x one denoiser call, {weights['ratio_vs_params']:.4f}x its parameters "

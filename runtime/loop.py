@@ -1,4 +1,5 @@
-"""The loop users would otherwise write: Python (numpy) driving `denoiser.onnx` one call at a time.
+"""The loop users would otherwise write: Python (numpy) driving `denoiser.onnx` one call at a time (an artifact
+has that file when compiled with `iia-compile --with-denoiser`).
 
 `DenoiserLoop` runs the artifact's `program.json` (the same ops, sigmas and coefficients the one graph was
 emitted from) around a session of the once-exported denoiser: each `denoise` op is one `session.run`, each

@@ -59,8 +59,9 @@ def test_compile_analytic_model_end_to_end(tmp_path):
     d = gaussian_mixture(shape=(1, 4, 4), components=3, seed=2)
     out = tmp_path / "outputs" / "art"  # a parent named like a golden file must not confuse the writer
     manifest = compile_model(d, out, options(nfe=9), log=lambda s: None)
-    assert {"sampler.onnx", "denoiser.onnx", "coefficients.json", "manifest.json", "golden_inputs.json",
-            "golden_outputs.json"} <= {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()}
+    assert {"sampler.onnx", "coefficients.json", "manifest.json", "golden_inputs.json", "golden_outputs.json"} <= names
+    assert "denoiser.onnx" not in names  # the weights once: only --with-denoiser writes it (tests/test_memory.py)
     assert manifest["parity"]["max_abs"] <= 1e-4 and manifest["weights"]["ratio"] <= 1.10
     assert manifest["engine"]["built"] is False and manifest["engine"]["reason"]
     model = onnx.load(out / "sampler.onnx")

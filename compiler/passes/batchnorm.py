@@ -30,7 +30,7 @@ def probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[
     outputs = len(model.graph.output)
     model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wanted if n not in have)
     try:
-        with quiet_session(model) as session:
+        with quiet_session(model, optimized=False) as session:
             outs = session.run(wanted, feeds)
     finally:
         del model.graph.output[outputs:]
