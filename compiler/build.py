@@ -54,6 +54,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
         _inject(_fail_after, "coefficients")
         exported = stages.export(loaded, job)
         plan = stages.optimize(loaded, coefficients, exported, job)
+        exported = stages.released(exported, plan)  # the plan's rewritten copy is what emit reads
         emitted = stages.emit(loaded, coefficients, exported, plan, job)
         del plan  # the rewritten denoiser graph (a copy of the weights): in sampler.onnx now
         exported = stages.released(exported)

@@ -18,7 +18,7 @@ from iia.models.base import Denoiser
 from iia.runtime.contract import (DECODER_SAMPLES, DENOISED, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, GUIDANCE,
                                   IMAGES_U8)
 
-from .graph import release_memory
+from .graph import check_model_proto, release_memory
 from .passes.weight_preprocessing import fold_weight_preprocessing
 
 DENOISER_INPUTS = (DENOISER_X, DENOISER_SIGMA, DENOISER_LABELS)
@@ -166,7 +166,7 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
         model = onnx.inliner.inline_local_functions(model)
     repair_conv_pads(model)
     fold_weight_preprocessing(model)
-    onnx.checker.check_model(model)
+    check_model_proto(model)
     return model
 
 

@@ -17,14 +17,17 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # a model over this size cannot be serialised in one message
 # a sampler graph storing more tensor bytes than this keeps them in one external data file (compiler/stages.py
-# save_onnx; CompileOptions.external_data_bytes): well below protobuf's limit, which the graph's own nodes and
-# tables must fit beside
-EXTERNAL_DATA_BYTES = 3 * 512 * 1024**2
+# save_onnx; CompileOptions.external_data_bytes), and a larger export is not cached: protobuf holds at most 2 GB,
+# and serialising a graph as one message takes ~4x its size in memory (its encoder's growing buffer, then the
+# bytes), ~5 GB at EDM2-img64-S's size, where external data is written tensor by tensor
+EXTERNAL_DATA_BYTES = 512 * 1024**2
+SESSION_FILE_BYTES = 128 * 1024**2  # quiet_session, check_model_proto: larger models go through a file
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -175,11 +178,14 @@ def drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
 def prune_initializers(graph: onnx.GraphProto, candidates: set[str] | None = None,
                        added: Iterable[onnx.TensorProto] = ()) -> None:
     """Drop the initializers nothing reads any more (node inputs, subgraph reads, graph outputs), of
-    `candidates` only when given; then append `added`. The survivors keep their order."""
+    `candidates` only when given; then append `added`. The survivors keep their order and stay where they are
+    (protobuf would copy every one taken out and put back: a full-size model's weights are GBs)."""
     read = reads(graph.node) | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in read or (candidates is not None and t.name not in candidates)]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *added])
+    drop = [k for k, t in enumerate(graph.initializer)
+            if t.name not in read and (candidates is None or t.name in candidates)]
+    for k in reversed(drop):
+        del graph.initializer[k]
+    graph.initializer.extend(added)
 
 
 def live_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
@@ -211,21 +217,47 @@ def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[o
 @contextlib.contextmanager
 def quiet_session(model: onnx.ModelProto, optimized: bool = True) -> Iterator:
     """An ONNX Runtime CPU session of `model`, warnings off (the graphs the compiler evaluates leave some
-    Constant nodes or inputs unused, which ORT reports at every session); models over protobuf's 2 GB limit go
-    through a temporary file with external weights, kept while the session is in use. `optimized=False`: ONNX
-    Runtime's graph optimisations off (a probe of shapes: no re-laid-out copies of the weights)."""
+    Constant nodes or inputs unused, which ORT reports at every session). Models over SESSION_FILE_BYTES go
+    through a temporary file with external weights, kept while the session is in use (ONNX Runtime reads the
+    weights from it: no serialised copy of them, no second parse; `model` gets them back afterwards), as models
+    over protobuf's 2 GB limit must. `optimized=False`: ONNX Runtime's graph optimisations off (a probe of
+    shapes: no re-laid-out copies of the weights)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if model.ByteSize() < SESSION_FILE_BYTES:
         yield ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return
-    with tempfile.TemporaryDirectory(prefix="iia-session-") as tmp:
+    with on_disk(model) as path:
+        yield ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def on_disk(model: onnx.ModelProto) -> Iterator[str]:
+    """The path of `model` saved in a temporary folder with its tensors in one external file, written tensor by
+    tensor (onnx moves them out of `model` as it writes: no serialised copy); `model` gets them back, as they
+    were, when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="iia-model-") as tmp:
         onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="weights.bin")
-        yield ort.InferenceSession(f"{tmp}/model.onnx", options, providers=["CPUExecutionProvider"])
+        try:
+            yield f"{tmp}/model.onnx"
+        finally:
+            load_external_data_for_model(model, tmp)
+            for t in _get_all_tensors(model):  # as they were: no explicit default location left behind
+                if t.HasField("data_location") and t.data_location == TensorProto.DEFAULT:
+                    t.ClearField("data_location")
+
+
+def check_model_proto(model: onnx.ModelProto) -> None:
+    """onnx.checker on `model`; one over SESSION_FILE_BYTES is checked from a file (`on_disk`), not serialised."""
+    if model.ByteSize() < SESSION_FILE_BYTES:
+        onnx.checker.check_model(model)
+        return
+    with on_disk(model) as path:
+        onnx.checker.check_model(path)
 
 
 def release_memory() -> None:

@@ -37,7 +37,7 @@ from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions, guidance_range
 from .publish import publish, refuse_mount_point
-from .graph import EXTERNAL_DATA_BYTES, PROTOBUF_LIMIT, release_memory
+from .graph import EXTERNAL_DATA_BYTES, release_memory
 from .scales import range_coefficients
 
 
@@ -72,9 +72,10 @@ class Coefficients:
 
 @dataclass(frozen=True)
 class Exported:
-    denoiser: onnx.ModelProto | None  # None once emitted (`released`)
+    denoiser: onnx.ModelProto | None  # None once emitted; its tensors dropped once a folding plan has its own (`released`)
     decoder: onnx.ModelProto | None
     files: tuple[str, ...]
+    weight_bytes: int  # the denoiser's stored tensor bytes (what weight sharing is measured against)
 
 
 @dataclass(frozen=True)
@@ -178,18 +179,22 @@ def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None,
                   made_from: dict | None = None) -> onnx.ModelProto | None:
     """`export()` (an ONNX model or None) through the cache entry `cache/exports/key` (`get_or_make`: checked
     against the digest and key recorded with `made_from`, then parsed and checked by onnx); models over
-    protobuf's 2 GB are not cached. The key is bound in the sidecar, not in the ONNX: the graph is copied into
+    EXTERNAL_DATA_BYTES are not cached (serialising them would take GBs). The key is bound in the sidecar, not in the ONNX: the graph is copied into
     the artifact as it is."""
 
     def read(data: bytes, path: Path) -> onnx.ModelProto:
+        onnx.checker.check_model(data)  # the bytes: checking the parsed model would serialise it once more
         model = onnx.load_from_string(data)
-        onnx.checker.check_model(model)
         log(f"  reused the cached export {path}")
         return model
 
-    return get_or_make(cache / "exports" / key if key else None, export, read,
-                       lambda model: None if model is None else model.SerializeToString(), log,
-                       limit=PROTOBUF_LIMIT, what="cached export", redo="exporting again", made_from=made_from)
+    def write(model: onnx.ModelProto | None) -> bytes | None:
+        if model is None or model.ByteSize() > EXTERNAL_DATA_BYTES:  # see EXTERNAL_DATA_BYTES: GBs to serialise
+            return None
+        return model.SerializeToString()
+
+    return get_or_make(cache / "exports" / key if key else None, export, read, write, log,
+                       limit=EXTERNAL_DATA_BYTES, what="cached export", redo="exporting again", made_from=made_from)
 
 
 def export(loaded: Loaded, job: Job) -> Exported:
@@ -216,13 +221,20 @@ def export(loaded: Loaded, job: Job) -> Exported:
             onnx.save_model(decoder, str(job.work / DECODER_ONNX))
         release_memory()  # the exporter's and the cache's copies
     files = ((DENOISER_ONNX,) if job.opts.with_denoiser else ()) + ((DECODER_ONNX,) if decoder is not None else ())
-    return Exported(model, decoder, files)
+    return Exported(model, decoder, files, initializer_bytes(model))
 
 
-def released(exported: Exported) -> Exported:
-    """`exported` without the denoiser graph (its weights), once sampler.onnx holds them: the later stages read
-    the files and the decode stage only."""
-    lean = replace(exported, denoiser=None)
+def released(exported: Exported, plan=None) -> Exported:
+    """`exported` less what the later stages no longer read (GBs at full size). Given the folding `plan`: when it
+    carries its own rewritten copy of the denoiser (`plan.model`, what emit copies), the exported graph's tensors
+    (emit then reads its header only; dropped in place: the graph is this compile's own, its files written).
+    Without: the denoiser graph itself, once sampler.onnx holds the weights (the later stages read files and
+    the decode stage)."""
+    lean = exported
+    if plan is None:
+        lean = replace(exported, denoiser=None)
+    elif plan.model is not None and exported.denoiser is not None:
+        del exported.denoiser.graph.initializer[:]
     release_memory()
     return lean
 
@@ -279,7 +291,7 @@ def emit(loaded: Loaded, coefs: Coefficients, exported: Exported, plan, job: Job
         stamp_metadata(sampler, graph_metadata({"nfe": program.nfe, "label_dim": denoiser.label_dim,
                                                 "sample_shape": list(denoiser.shape)}))
         decoder_bytes = 0 if decoder is None else initializer_bytes(decoder)
-        weights = check_weight_sharing(sampler, initializer_bytes(exported.denoiser) + decoder_bytes,
+        weights = check_weight_sharing(sampler, exported.weight_bytes + decoder_bytes,
                                        denoiser.param_bytes() + decode_param_bytes(loaded.decode), opts.weight_limit)
         top_level = len(sampler.graph.node)
         files = save_onnx(sampler, job.work / SAMPLER_ONNX, opts.external_data_bytes)

@@ -22,7 +22,7 @@ from .contract import (GRAPH_METADATA, GUIDANCE, IMAGES, IMAGES_U8, LABELS, LATE
                        MAX_BATCH, MAX_DIM, MAX_ELEMENTS, MAX_FILES, MAX_LABEL_DIM, MAX_LISTED_BYTES,
                        MAX_MANIFEST_BYTES, MAX_NFE, MAX_RANK, MAX_STATIC_BATCHES, MAX_TENSORS, NOISE, SCHEMA,
                        SCHEMA_VERSION, STATIC_BATCHES, ArtifactError)
-from .files import contained, file_kind, read_regular, sha256_bytes, sha256_file
+from .files import contained, file_kind, open_regular, read_regular, sha256_bytes, sha256_file
 from .strict_json import parse_json
 
 
@@ -334,9 +334,14 @@ def _read_listed(root: Path, manifest: dict, name: str, read):
 
 
 def check_listed(root: Path, manifest: dict, name: str) -> None:
-    """The containment rule of `read_verified` for a listed file another library opens itself (ONNX Runtime reads
-    sampler.onnx.data): it must resolve to a file inside `root`; nothing is read."""
-    _read_listed(Path(root), manifest, name, lambda path, limit, shown: None)
+    """The rules of `read_verified` for a listed file another library opens itself (ONNX Runtime reads
+    sampler.onnx.data): a regular file inside `root` of at most its listed bytes; opened, nothing read."""
+
+    def opened(path, limit, shown):
+        with open_regular(path, limit, False, shown):
+            pass
+
+    _read_listed(Path(root), manifest, name, opened)
 
 
 def verify_file(root: Path, manifest: dict, name: str) -> None:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -123,9 +124,12 @@ def floors(name: str, f32: int, run: dict, artifact: int) -> dict[str, bool]:
             "artifact <= 1.15 x f32": artifact <= 1.15 * f32}
 
 
-def measure(name: str, cache: Path, args: list[str]) -> dict:
+def measure(name: str, cache: Path, args: list[str], warm: bool = False) -> dict:
+    """One compile of the fixture; its compile cache emptied first (a user's first compile) unless `warm`."""
     model, record = fixture_pickle(cache, name)
     out = cache / f"{name}-artifact"
+    if not warm:
+        shutil.rmtree(cache / "iia-cache", ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(HERE), IIA_CACHE_DIR=str(cache / "iia-cache"))
     run = compile_fixture(model, out, args, env)
     files = dir_bytes(out) if run["returncode"] == 0 else {}
@@ -165,12 +169,14 @@ def main(argv=None) -> int:
     parser.add_argument("--fixture", action="append", choices=sorted(FIXTURES), help="default: all")
     parser.add_argument("--args", help="iia-compile options instead of the fixture's default (one string)")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--warm-cache", action="store_true", help="keep the compile cache (exports, coefficients) "
+                                                                   "of earlier runs; default: a first compile")
     ns = parser.parse_args(argv)
     ns.cache.mkdir(parents=True, exist_ok=True)
     results = []
     for name in ns.fixture or sorted(FIXTURES):
         args = shlex.split(ns.args if ns.args is not None else FIXTURES[name][1])
-        results.append(measure(name, ns.cache, args))
+        results.append(measure(name, ns.cache, args, ns.warm_cache))
         print(table(results[-1:]), flush=True)
     if ns.json:
         ns.json.write_text(json.dumps(results, indent=1))

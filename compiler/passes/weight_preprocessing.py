@@ -94,10 +94,12 @@ def fold_weight_preprocessing(model: onnx.ModelProto, size_limit: int = SIZE_LIM
     else:
         return {"folded_nodes": 0, "folded_values": 0, "bytes_before": before, "bytes_after": before}
     replace_nodes(graph, {}, nodes)
-    new = [numpy_helper.from_array(np.ascontiguousarray(values.pop(name)), name) for name in list(values)]
-    prune_initializers(graph, added=new)
+    prune_initializers(graph)
+    folded = len(values)
+    for name in list(values):  # one at a time: the values and their stored copies never all exist twice
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(values.pop(name)), name))
     after = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
-    return {"folded_nodes": len(nodes), "folded_values": len(new), "bytes_before": before, "bytes_after": after}
+    return {"folded_nodes": len(nodes), "folded_values": folded, "bytes_before": before, "bytes_after": after}
 
 
 def _evaluate(model: onnx.ModelProto, boundary: list[str], origin: dict, sizes: dict[str, int]) -> dict[str, np.ndarray]:

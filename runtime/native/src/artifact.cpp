@@ -584,6 +584,18 @@ void verify_file(const Manifest& m, const std::string& name) {
     check_digest(m, name, digest, size);
 }
 
+// runtime/manifest.py's check_listed: a file another library opens itself (ONNX Runtime: sampler.onnx.data)
+void check_listed(const Manifest& m, const std::string& name) {
+    const int64_t limit = limit_for(m, name);
+    try {
+        RegularFile file(contained(m.root, name), limit, false, path_join(m.root, name));
+    } catch (const NotFound&) {
+        throw missing_error(m, name);
+    } catch (const Error& err) {
+        throw with_limit(err, limit);
+    }
+}
+
 std::vector<char> read_verified(const Manifest& m, const std::string& name, bool verify) {
     const std::string path = path_join(m.root, name);
     const int64_t limit = limit_for(m, name);

@@ -37,6 +37,7 @@ std::string plan_absent_reason(const Manifest& manifest);  // "" when a built pl
 void check_interface(const Manifest& manifest);  // noise[, class_labels][, guidance] -> images[, images_uint8]
 std::string sha256_hex(const void* data, size_t size);
 void verify_file(const Manifest& manifest, const std::string& name);
+void check_listed(const Manifest& manifest, const std::string& name);  // contained, regular, in bounds; unread
 std::vector<char> read_verified(const Manifest& manifest, const std::string& name, bool verify);
 void verify_all(const Manifest& manifest, const std::vector<std::string>& skip);
 

@@ -59,7 +59,12 @@ const char* const BACKENDS[] = {TENSORRT, ORT_CUDA, ORT_CPU};  // auto tries the
 ModelSource onnx_model(const Manifest& m, bool verify) {
     ModelSource source;
     if (m.lists(SAMPLER_ONNX_DATA)) {
-        if (verify) verify_file(m, SAMPLER_ONNX);
+        if (verify) {
+            verify_file(m, SAMPLER_ONNX);
+        } else {  // unverified, yet never a link ONNX Runtime would follow outside the artifact
+            check_listed(m, SAMPLER_ONNX);
+            check_listed(m, SAMPLER_ONNX_DATA);
+        }
         source.path = path_join(m.root, SAMPLER_ONNX);
     } else {
         source.bytes = read_verified(m, SAMPLER_ONNX, verify);
