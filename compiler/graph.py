@@ -17,7 +17,6 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -237,18 +236,41 @@ def quiet_session(model: onnx.ModelProto, optimized: bool = True) -> Iterator:
 
 @contextlib.contextmanager
 def on_disk(model: onnx.ModelProto) -> Iterator[str]:
-    """The path of `model` saved in a temporary folder with its tensors in one external file, written tensor by
-    tensor (onnx moves them out of `model` as it writes: no serialised copy); `model` gets them back, as they
-    were, when the block ends."""
+    """The path of a copy of `model` (a flat graph) in a temporary folder, its initializers' data in one
+    external file written tensor by tensor: no serialised copy of the weights. `model` itself is not touched
+    (protobuf keeps a cleared tensor's memory until the whole message is freed: moving the data out and back
+    would double it)."""
+    g = model.graph
     with tempfile.TemporaryDirectory(prefix="iia-model-") as tmp:
-        onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="weights.bin")
-        try:
-            yield f"{tmp}/model.onnx"
-        finally:
-            load_external_data_for_model(model, tmp)
-            for t in _get_all_tensors(model):  # as they were: no explicit default location left behind
-                if t.HasField("data_location") and t.data_location == TensorProto.DEFAULT:
-                    t.ClearField("data_location")
+        shadow = helper.make_model(helper.make_graph(g.node, g.name, g.input, g.output, value_info=g.value_info),
+                                   opset_imports=list(model.opset_import))
+        shadow.ir_version = model.ir_version
+        shadow.functions.extend(model.functions)
+        with open(f"{tmp}/weights.bin", "wb") as f:
+            for t in g.initializer:
+                out = shadow.graph.initializer.add()
+                if not t.HasField("raw_data") or _stored_size(t) < INLINE_BYTES:  # shapes, axes: read by inference
+                    out.CopyFrom(t)
+                    continue
+                out.name, out.data_type = t.name, t.data_type
+                out.dims.extend(t.dims)
+                offset = f.tell()
+                f.write(t.raw_data)
+                out.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", "weights.bin"), ("offset", offset), ("length", f.tell() - offset)):
+                    entry = out.external_data.add()
+                    entry.key, entry.value = key, str(value)
+        onnx.save_model(shadow, f"{tmp}/model.onnx")
+        del shadow
+        yield f"{tmp}/model.onnx"
+
+
+INLINE_BYTES = 1024  # on_disk keeps smaller tensors in the model (as onnx's own external-data threshold)
+
+
+def _stored_size(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from its header (no copy of the data)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def check_model_proto(model: onnx.ModelProto) -> None:
