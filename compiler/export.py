@@ -165,11 +165,8 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     repair_conv_pads(model)
-    if fold_weight_preprocessing(model)["folded_values"]:  # a fresh message: protobuf keeps the replaced raw
-        compact = onnx.ModelProto()                       # weights' memory until the whole message is freed
-        compact.CopyFrom(model)
-        model = compact
-        release_memory()
+    fold_weight_preprocessing(model)
+    release_memory()
     check_model_proto(model)
     return model
 

@@ -37,7 +37,7 @@ from .export import export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions, guidance_range
 from .publish import publish, refuse_mount_point
-from .graph import EXTERNAL_DATA_BYTES, release_memory
+from .graph import EXTERNAL_DATA_BYTES, release_memory, stored_bytes
 from .scales import range_coefficients
 
 
@@ -189,7 +189,7 @@ def cached_export(export: Callable[[], onnx.ModelProto | None], key: str | None,
         return model
 
     def write(model: onnx.ModelProto | None) -> bytes | None:
-        if model is None or model.ByteSize() > EXTERNAL_DATA_BYTES:  # see EXTERNAL_DATA_BYTES: GBs to serialise
+        if model is None or stored_bytes(model) > EXTERNAL_DATA_BYTES:  # see EXTERNAL_DATA_BYTES: GBs to serialise
             return None
         return model.SerializeToString()
 
