@@ -79,7 +79,8 @@ engine_built() { "$PY" "$WORK/dc.py" engine "$1"; }
 
 compile_digits() {  # compile_digits FORM [FLAGS...]: digits, EDM solver (no calibration), NFE 9, into $WORK/art-FORM
   local form=$1; shift
-  entry iia-compile digits --solver edm --nfe 9 --max-batch 32 --graph "$form" --out "$WORK/art-$form" --force "$@"
+  entry iia-compile digits --solver edm --nfe 9 --max-batch 32 --graph "$form" --with-denoiser --out "$WORK/art-$form" \
+    --force "$@"
 }
 
 check_compile() {
@@ -156,7 +157,7 @@ check_edm2_latent() {
   mkdir -p "$w"
   "$PY" "$WORK/dc.py" edm2-fixtures "$w" || fail "could not build the EDM2 fixtures (tests/edm_fixtures.py)"
   entry iia-compile "$w/lat.pkl" --nfe 9 --solver edm --guide "$w/lat-guide.pkl" --guidance 1.4 --vae "$w/vae" \
-    --max-batch 16 --out "$w/art" --force || fail "iia-compile of the guided latent EDM2 model failed (log above)"
+    --max-batch 16 --with-denoiser --out "$w/art" --force || fail "iia-compile of the guided latent EDM2 model failed (log above)"
   detail "$(engine_built "$w/art")"
   engine_built "$w/art" | grep -q '^built' || fail "no TensorRT plan"
   need_py polygraphy "the golden command"
@@ -192,7 +193,8 @@ check_cpu_floors() {
   local m
   for m in digits "$WORK/edm16.pkl"; do
     local out="$WORK/floors-$(basename "$m" .pkl)"
-    entry iia-compile "$m" --solver edm --nfe 9 --static-batch 1,8 --max-batch 32 --no-engine --out "$out" --force \
+    entry iia-compile "$m" --solver edm --nfe 9 --static-batch 1,8 --max-batch 32 --no-engine --with-denoiser \
+      --out "$out" --force \
       || fail "iia-compile $m failed (log above)"
     OMP_NUM_THREADS=1 taskset -c 2 "$PY" "$WORK/dc.py" entry iia-bench "$out" --backend onnxruntime-cpu \
       --batch 1,8,32 --threads 1 --iters 60 --no-eager --json "$RES/cpu-floors-$(basename "$out")-t1.json" \

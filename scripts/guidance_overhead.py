@@ -6,6 +6,8 @@ average before each repetition (the machine may be shared).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/guidance_overhead.py SINGLE_DIR RANGE_DIR --guidance 2.2 \
         [--reps 7] [--batch 1,8] [--iters 100] [--clock cpu]
+
+Both artifacts compiled with `iia-compile --with-denoiser` (the one-call timing reads their denoiser.onnx).
 """
 
 from __future__ import annotations
