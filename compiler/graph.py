@@ -425,14 +425,14 @@ class Index:
         self._use([t.name for t in tensors], 1)
 
     def drop_initializers(self, names: set[str]) -> None:
-        """Remove the named initializers (the survivors keep their order)."""
+        """Remove the named initializers, in place: the survivors keep their order and are not copied (taking
+        them out and back would copy every weight, and protobuf keeps the old copies' memory)."""
         if not names:
             return
-        kept = [t for t in self.graph.initializer if t.name not in names]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(kept)
         for name in names:
             self.initializers.pop(name, None)
+        for k in reversed([k for k, t in enumerate(self.graph.initializer) if t.name in names]):
+            del self.graph.initializer[k]
         self._use(names, -1)
 
     def commit(self) -> None:
