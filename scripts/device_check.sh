@@ -26,8 +26,8 @@
 #   cpu-floors   speedup_vs_loop on ONNX Runtime CPU with idle cores (digits and an EDM-format pickle, 1 thread
 #                pinned to one core, 2 threads --no-spin pinned to two), against docs/performance.md's floors
 # opt-in checks (run only when named; each takes most of the budget: run it alone):
-#   full-size-cuda  FULL-SIZE fixture (EDM's CIFAR-10 DDPM++ configuration, ~56 M parameters: scripts/real_size.py
-#                --fixture cifar when present, else tests/edm_fixtures.make_edm_pickle with as many parameters),
+#   full-size-cuda  FULL-SIZE fixture (EDM's CIFAR-10 DDPM++ configuration, ~56 M parameters:
+#                tests/edm_fixtures.make_edm_pickle(path, **CIFAR10_DDPMPP), as scripts/real_size.py builds it),
 #                its DEFAULT compile with --device cuda (auto search, --budget 180, TensorRT where it exists):
 #                reports the cost per image-call, the plan block, the coefficient stage's and the whole compile's
 #                time, peak RSS, what shipped, the device coefficients.json records, and the stepping state's
@@ -218,13 +218,8 @@ check_full_size_cuda() {
       || { tail -n 30 "$tests"; fail "tests/test_device.py failed with a CUDA device (log above)"; }
     detail "tests/test_device.py: $(tail -n 1 "$tests")"
   fi
-  if [ -f scripts/real_size.py ] && "$PY" scripts/real_size.py --help 2>/dev/null | grep -q -- --fixture \
-     && "$PY" scripts/real_size.py --fixture cifar --out "$pkl"; then
-    detail "fixture: scripts/real_size.py --fixture cifar"
-  else
-    "$PY" "$WORK/dc.py" cifar "$pkl" || fail "could not build the full-size fixture (tests/edm_fixtures.py)"
-    detail "fixture: tests/edm_fixtures.make_edm_pickle (scripts/real_size.py absent or without --fixture cifar)"
-  fi
+  "$PY" "$WORK/dc.py" cifar "$pkl" || fail "could not build the full-size fixture (tests/edm_fixtures.py)"
+  detail "fixture: tests/edm_fixtures.make_edm_pickle(**CIFAR10_DDPMPP)"
   [ -x /usr/bin/time ] && rss=(/usr/bin/time -v -o "$RES/full-size-cuda-time.txt")
   t0=$SECONDS
   # shellcheck disable=SC2086  # FULL_SIZE_FLAGS: extra flags, word-split on purpose
@@ -435,15 +430,12 @@ def edm16(path):
 
 
 def cifar(path):
-    """The full-size fixture's fallback until tests/fixtures/edm_like has EDM's CIFAR-10 configuration: an EDM-format
-    32x32 class-conditional pickle with as many parameters (55.7 M: 42 residual blocks of 256 channels). All at full
-    resolution (the fixture net has no down-sampling), a call costs several times DDPM++'s FLOPs: a pessimistic
-    cost per image-call."""
+    """The full-size fixture: an EDM-format pickle with EDM's published CIFAR-10 DDPM++ configuration
+    (tests/edm_fixtures.py CIFAR10_DDPMPP, the one scripts/real_size.py builds)."""
     sys.path.insert(0, "tests")
-    from edm_fixtures import make_edm_pickle
-    net = make_edm_pickle(path, "edm-cond", resolution=32, channels=256, num_blocks=42, label_dim=10)
-    note(f"fallback fixture {path}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters, full "
-         f"resolution (pessimistic cost per image-call)")
+    from edm_fixtures import CIFAR10_DDPMPP, make_edm_pickle
+    net = make_edm_pickle(path, **CIFAR10_DDPMPP)
+    note(f"fixture {path}: {sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters (CIFAR10_DDPMPP)")
 
 
 def full_size_report(log, art, seconds, time_file, out):
