@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from iia.cli import cached
 from iia.runtime.contract import ArtifactError, atomic_open, read_regular, sha256_bytes
 
 T = TypeVar("T")
@@ -113,6 +114,7 @@ def store(path: Path, data: bytes | None, log: Callable[[str], None], *, limit: 
             with atomic_open(path) as f:
                 f.write(data)
             seal(path, data, made_from)
+            cached(path)
         except OSError as err:  # a read-only or full cache must not fail the compile
             log(f"  could not cache {what} at {path}: {err}")
 

@@ -77,6 +77,9 @@ def _calibrate(argv=None) -> int:
                          f"{'does' if len(guard_only) == 1 else 'do'} not apply")
     check_output_file(args.out, "--out")
     program_for_check = args.solver, args.nfe
+    if args.solver not in SOLVERS or not SOLVERS[args.solver].fitted:  # before loading the model
+        raise ValueError(f"--solver {args.solver}: iia-calibrate fits an IIA variant: "
+                         f"{', '.join(s for s in SOLVERS if SOLVERS[s].fitted)}")
     denoiser = load_model_verbose(args.model, args.x0_clipping, args.device)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver
     bar = ProgressBar("calibrating")

@@ -185,7 +185,11 @@ def validate(opts: CompileOptions) -> list[int]:
         raise CompileError(str(err)) from None
     static = static_batches(opts)
     if opts.solver != "auto":
-        get_solver(opts.solver).steps_for_nfe(opts.nfe)
+        try:
+            solver = get_solver(opts.solver)
+        except ValueError as err:  # "unknown solver ...": name the flag, and auto, the default
+            raise CompileError(f"--solver {opts.solver}: {err}, or auto (the default: search)") from None
+        solver.steps_for_nfe(opts.nfe)
     opts.calibration.validate()
     refuse_unused_options(opts)
     if guidance_range(opts) is not None:

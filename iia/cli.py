@@ -34,10 +34,21 @@ def written(path) -> None:
     _WRITTEN.append(str(path))
 
 
+_CACHED: list[str] = []  # cache entries completed in this run_cli call (not outputs, but an interrupt says so)
+
+
+def cached(path) -> None:
+    """Record a cache entry written whole (data + sidecar), so that an interrupt afterwards does not deny it."""
+    _CACHED.append(str(path))
+
+
 def _nothing_else() -> str:
     done = list(dict.fromkeys(_WRITTEN))
-    # "output": a compile interrupted after its export may have written cache entries, which are not outputs
-    return "no output was written" if not done else f"{', '.join(done)} complete, no other output was written"
+    said = "no output was written" if not done else f"{', '.join(done)} complete, no other output was written"
+    if _CACHED:  # complete entries, kept: each is checked against its recorded sha256 before any use
+        said += (f" ({len(_CACHED)} cache entr{'y' if len(_CACHED) == 1 else 'ies'} completed before it kept, under "
+                 f"{os.path.commonpath([os.path.dirname(p) for p in _CACHED])})")
+    return said
 
 
 def check_terminated() -> None:
@@ -69,6 +80,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     debug = bool(os.environ.get("IIA_DEBUG"))
     previous = None
     _WRITTEN.clear()
+    _CACHED.clear()
     if threading.current_thread() is threading.main_thread():
         _TERMINATED.clear()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

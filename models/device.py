@@ -26,7 +26,7 @@ class DeviceError(ValueError):
 
 def device_option():
     """The one declaration of --device (a dataclass field for CompileOptions, iia-calibrate and iia-accuracy)."""
-    return option("auto", "where PyTorch work runs (references, fits, scoring, the parity check's PyTorch side): "
+    return option("auto", "where PyTorch work runs (the calibration's references, fits and scoring; iia-compile's parity check): "
                           "auto (CUDA when torch sees a device, else the CPU), cpu, cuda or cuda:N",
                   role="device")
 

@@ -107,7 +107,10 @@ def _sample(argv=None) -> int:
     sampler = load(args.artifact, opts.backend, threads=opts.threads, spin=opts.spin)
     _err(f"{sampler!r}\n{describe(sampler)}")
     n, chunk = opts.n, sampler.max_batch
-    sampler.check_guidance(opts.guidance, 1)  # a scale out of range, or one this artifact cannot take: before any work
+    try:  # a scale out of range, or one this artifact cannot take: before any work
+        sampler.check_guidance(opts.guidance, 1)
+    except ValueError as err:
+        raise ValueError(f"--guidance {opts.guidance}: {err}") from None
     labels = _labels_for(sampler, opts.labels, n, opts.seed)
     parts = [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     shown = min(n, GRID_MAX) if sampler.is_image else 0

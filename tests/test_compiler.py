@@ -142,8 +142,8 @@ def test_bad_inputs_write_nothing(tmp_path, edm_pkl):
     out.mkdir()
     with pytest.raises(CompileError, match="exists: pass --force"):
         compile_model(d, out, options(nfe=5), log=lambda s: None)
-    with pytest.raises(ValueError, match="unknown solver"):
-        compile_model(d, tmp_path / "a", options(nfe=5, solver="rk45"), log=lambda s: None)
+    with pytest.raises(ValueError, match=r"^--solver rk45: unknown solver 'rk45': .*, or auto"):
+        compile_model(d, tmp_path / "a", CompileOptions(nfe=5, solver="rk45"), log=lambda s: None)
     with pytest.raises(ValueError, match="odd NFE"):
         compile_model(d, tmp_path / "b", options(nfe=8), log=lambda s: None)
     with pytest.raises(ValueError, match="not found"):

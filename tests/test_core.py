@@ -189,6 +189,9 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "--M must lie in [1, 64], got 0" in err and len(err.strip().splitlines()) == 1
     assert calibrate_main([str(tmp_path / "missing.pkl")]) == 2
     assert "not found" in capsys.readouterr().err
+    for solver in ("rk45", "edm"):  # unknown, and a base solver (nothing to fit): the flag named
+        assert calibrate_main([str(tmp_path / "missing.pkl"), "--solver", solver]) == 2  # before loading the model
+        assert f"error: --solver {solver}: iia-calibrate fits an IIA variant: " in capsys.readouterr().err
 
 
 def test_cli_calibrate_writes_artifact(tmp_path):

@@ -219,7 +219,7 @@ def test_bench_feeds_the_scale_to_graph_denoiser_and_loop(artifacts):
                       log=lambda text: None)
 
 
-def test_iia_sample_guidance_for_every_image(artifacts, samplers, tmp_path):
+def test_iia_sample_guidance_for_every_image(artifacts, samplers, tmp_path, capsys):
     from iia.runtime.cli import sample_main
 
     assert sample_main([str(artifacts["digits"]), "--n", "5", "--labels", "3", "--guidance", "2.5", "--threads", "1",
@@ -228,8 +228,10 @@ def test_iia_sample_guidance_for_every_image(artifacts, samplers, tmp_path):
     assert np.array_equal(saved["guidance"], np.full(5, 2.5, np.float32))
     assert np.array_equal(saved["images"], samplers["digits"](saved["noise"], class_labels=saved["labels"],
                                                               guidance=2.5))
+    capsys.readouterr()
     assert sample_main([str(artifacts["digits"]), "--n", "2", "--labels", "3", "--guidance", "3.5",
                         "--out", str(tmp_path / "bad.png")]) == 2
+    assert "error: --guidance 3.5: guidance 3.5 out of range" in capsys.readouterr().err  # the flag named
     assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.npz").exists()
 
 

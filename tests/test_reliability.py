@@ -469,7 +469,7 @@ def test_diffusers_config_not_json_names_the_file(tmp_path, capsys):
                    str(folder / "scheduler_config.json"))
 
 
-def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monkeypatch):
+def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monkeypatch, tmp_path):
     from iia.cli import run_cli
 
     def boom(argv):
@@ -489,6 +489,17 @@ def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monk
 
     assert run_cli(interrupted_after_one_output) == 1  # never "no output was written" once something was
     assert capsys.readouterr().err.strip() == "interrupted: grid.npz complete, no other output was written"
+
+    def interrupted_after_caching(argv):  # a real cache entry (data + sidecar) stored, then Ctrl-C
+        from iia.calibration.cache import store
+
+        store(tmp_path / "cache" / "entry.bin", b"data", print, limit=100, what="a test entry")
+        raise KeyboardInterrupt
+
+    (tmp_path / "cache").mkdir()
+    assert run_cli(interrupted_after_caching) == 1
+    assert capsys.readouterr().err.strip() == (f"interrupted: no output was written (1 cache entry completed before "
+                                               f"it kept, under {tmp_path / 'cache'})")
     with pytest.raises(SystemExit) as exit_info:  # argparse's own exits (usage errors, --help) are kept
         run_cli(lambda argv: __import__("argparse").ArgumentParser().parse_args(["--bogus"]))
     assert exit_info.value.code == 2
