@@ -1,7 +1,7 @@
 """`compile_model`: model -> coefficients -> ONE ONNX sampler graph (+ TensorRT engine) in an artifact dir.
 
 The stages live in `compiler/stages.py`, the options and their refusal policy in `compiler/options.py`, the
-cache in `compiler/cache.py`, staging and publishing in `compiler/publish.py`. The artifact directory is
+cache in `compiler/cache.py`, staging and publishing in `compiler/publish.py`, the --out directory in `compiler/out_dir.py`. The artifact directory is
 written atomically: everything is built in a work folder beside it and moved into place at the end, so a
 failure or Ctrl-C never leaves a half-written DIR.
 """
@@ -20,7 +20,7 @@ from .cache import default_cache_dir, export_cache_key
 from .coefficients import UNGUARDED, obtain_coefficients
 from .options import CompileError, CompileOptions, refuse_unused_options, validate
 from .publish import Staging
-from .stages import check_out_dir, publish_artifact
+from .out_dir import check_out_dir, publish_artifact
 
 # the names other code imports from here (each defined in the module it comes from)
 __all__ = ["CompileError", "CompileOptions", "UNGUARDED", "compile_model", "default_cache_dir", "export_cache_key",

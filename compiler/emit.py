@@ -22,6 +22,7 @@ from iia.runtime.program import ProgramError, linear_form as program_linear_form
 from iia.runtime.contract import (DECODER_SAMPLES, DENOISER_LABELS, DENOISER_SIGMA, DENOISER_X, GUIDANCE, IMAGES,
                                   IMAGES_U8, LABELS, LATENTS, NOISE)
 
+from .export import decoded_shape
 from .fold import BATCH, LABEL, FoldPlan
 from .graph import GraphBuilder, initializer_bytes, live_nodes, reads  # noqa: F401 (initializer_bytes: build.py)
 from .guidance_graph import (CHECKED_GUIDANCE, ScaleInputs, check_guidance, hat_weights_node, per_image_buffer,
@@ -250,15 +251,6 @@ def _merge_opsets(model: onnx.ModelProto, other: onnx.ModelProto) -> None:
         elif have[o.domain].version != o.version:
             raise EmitError(f"the decode graph uses opset {o.version} of domain '{o.domain or 'ai.onnx'}', the "
                             f"denoiser {have[o.domain].version}")
-
-
-def decoded_shape(decoder_model: onnx.ModelProto) -> tuple[int, int, int]:
-    """(H, W, C) of the decode stage's uint8 output (static after export)."""
-    dims = decoder_model.graph.output[0].type.tensor_type.shape.dim
-    values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if len(values) != 4 or any(v is None for v in values[1:]):
-        raise EmitError(f"the decode stage's output must be uint8 [B, H, W, C] with static H, W, C, got {values}")
-    return values[1], values[2], values[3]
 
 
 GRAPH_FORMS = ("unrolled", "loop")

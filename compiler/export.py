@@ -195,3 +195,12 @@ def export_decoder(denoiser: Denoiser, max_batch: int = 64, opset: int = 20) -> 
         raise ExportError(stage.missing_vae_message())
     x = torch.randn(2, *denoiser.shape, generator=torch.Generator().manual_seed(0))
     return export_module(stage, (x,), [DECODER_SAMPLES], [IMAGES_U8], max_batch, opset, "the decode stage")
+
+
+def decoded_shape(decoder_model: onnx.ModelProto) -> tuple[int, int, int]:
+    """(H, W, C) of the decode stage's uint8 output (static after export)."""
+    dims = decoder_model.graph.output[0].type.tensor_type.shape.dim
+    values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(values) != 4 or any(v is None for v in values[1:]):
+        raise ValueError(f"the decode stage's output must be uint8 [B, H, W, C] with static H, W, C, got {values}")
+    return values[1], values[2], values[3]

@@ -4,7 +4,6 @@ and returns a small frozen record; nothing else passes between stages."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,21 +21,19 @@ from iia.models.device import describe_device, on_device, resolve_device
 from iia.models.registry import load as load_model
 from iia.models.registry import resolve_model
 from iia.runtime.contract import (COEFFICIENTS, DECODER_ONNX, DENOISER_ONNX, GOLDEN_INPUTS, GOLDEN_OUTPUTS,
-                                  IMAGES_U8, MANIFEST, MAX_MANIFEST_BYTES, PROGRAM, SAMPLER_ONNX, SAMPLER_ONNX_DATA,
-                                  SAMPLER_PLAN, SCHEMA, STATIC_BATCHES, ArtifactError, graph_metadata, io_spec,
-                                  make_manifest, open_regular, sha256_file, tensorrt_unavailable_reason,
-                                  write_json_atomic)
+                                  IMAGES_U8, MANIFEST, PROGRAM, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN,
+                                  STATIC_BATCHES, graph_metadata, io_spec, make_manifest, sha256_file,
+                                  tensorrt_unavailable_reason, write_json_atomic)
 from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32_layer_names, sampler_inputs
 
 from .cache import cache_dir, default_cache_dir, export_cache_key, get_or_make
 from .check import check_model_file, check_parity, check_range_parity, check_static_batches, check_weight_sharing
 from .coefficients import UNGUARDED, obtain_coefficients
-from .emit import DECODE_PREFIX, decoded_shape, emit_sampler, emit_sampler_loop, initializer_bytes
+from .emit import DECODE_PREFIX, emit_sampler, emit_sampler_loop, initializer_bytes
 from .guidance_graph import scale_inputs
-from .export import export_decoder, export_denoiser
+from .export import decoded_shape, export_decoder, export_denoiser
 from .fold import plan_folding
 from .options import CompileError, CompileOptions, guidance_range
-from .publish import publish, refuse_mount_point
 from .graph import EXTERNAL_DATA_BYTES, release_memory, stored_bytes
 from .scales import range_coefficients
 
@@ -412,55 +409,3 @@ def scale_spec(denoiser: Denoiser) -> dict:
     """io_spec's `guidance` argument: (lo, hi, default) of a range compile, nothing for one scale."""
     scales = getattr(denoiser, "guidance_range", None)
     return {} if scales is None else {"guidance": (scales.lo, scales.hi, scales.default)}
-
-
-# ---- publish --------------------------------------------------------------------------------------------
-def is_artifact_dir(path: Path) -> bool:
-    """True for a directory holding an iia artifact manifest (its schema field; a regular file, not a link), or an
-    empty directory."""
-    if not path.is_dir() or path.is_symlink():
-        return False
-    try:
-        if not any(path.iterdir()):
-            return True
-        if (path / MANIFEST).is_symlink():  # ours are plain files; a link (maybe outside) is not followed
-            return False
-        with open_regular(path / MANIFEST, MAX_MANIFEST_BYTES) as f:
-            data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError, RecursionError, ArtifactError):
-        return False
-    return isinstance(data, dict) and data.get("schema") == SCHEMA
-
-
-def check_out_dir(out: Path, force: bool) -> None:
-    """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
-    '.', '..', the working directory or one of its parents, a mount point, a file, a symlink, or a directory of
-    anything else is refused (CompileError naming it)."""
-    if out.name in ("", ".", ".."):
-        raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
-    resolved = out.resolve()
-    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
-        raise CompileError(f"--out {out}: is the working directory or one of its parents")
-    if not out.exists() and not out.is_symlink():
-        return
-    refuse_mount_point(out, "--out", CompileError)  # with or without --force: it cannot be replaced by rename
-    if not force:
-        raise CompileError(f"output directory {out} exists: pass --force to replace it")
-    if not is_artifact_dir(out):
-        what = "a symlink" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not an iia artifact"
-        raise CompileError(f"--force refuses to replace {out}: it is {what} (no manifest.json of schema {SCHEMA}); "
-                           f"remove it yourself or choose another --out")
-
-
-def publish_artifact(work: Path, out: Path, force: bool) -> None:
-    """Move the finished `work` folder to `out` (compiler.publish.publish: an existing artifact swapped out
-    atomically where the filesystem allows, else restored if the second rename fails)."""
-
-    def may_replace(dst: Path) -> None:
-        if not force:
-            raise CompileError(f"{dst} appeared while compiling; pass --force to replace it")
-        if not is_artifact_dir(dst):
-            raise CompileError(f"--force refuses to replace {dst}: it is not an iia artifact (it appeared while "
-                               f"compiling)")
-
-    publish([(work, out)], may_replace, out)

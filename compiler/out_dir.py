@@ -1,0 +1,64 @@
+"""The artifact directory `iia-compile --out` names: checked before any work (`check_out_dir`: a new path, or
+with --force an existing iia artifact) and the finished work folder moved there (`publish_artifact`, through
+`compiler/publish.py`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from iia.runtime.contract import MANIFEST, MAX_MANIFEST_BYTES, SCHEMA, ArtifactError, open_regular
+
+from .options import CompileError
+from .publish import publish, refuse_mount_point
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """True for a directory holding an iia artifact manifest (its schema field; a regular file, not a link), or an
+    empty directory."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        if not any(path.iterdir()):
+            return True
+        if (path / MANIFEST).is_symlink():  # ours are plain files; a link (maybe outside) is not followed
+            return False
+        with open_regular(path / MANIFEST, MAX_MANIFEST_BYTES) as f:
+            data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, ArtifactError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
+    '.', '..', the working directory or one of its parents, a mount point, a file, a symlink, or a directory of
+    anything else is refused (CompileError naming it)."""
+    if out.name in ("", ".", ".."):
+        raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise CompileError(f"--out {out}: is the working directory or one of its parents")
+    if not out.exists() and not out.is_symlink():
+        return
+    refuse_mount_point(out, "--out", CompileError)  # with or without --force: it cannot be replaced by rename
+    if not force:
+        raise CompileError(f"output directory {out} exists: pass --force to replace it")
+    if not is_artifact_dir(out):
+        what = "a symlink" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not an iia artifact"
+        raise CompileError(f"--force refuses to replace {out}: it is {what} (no manifest.json of schema {SCHEMA}); "
+                           f"remove it yourself or choose another --out")
+
+
+def publish_artifact(work: Path, out: Path, force: bool) -> None:
+    """Move the finished `work` folder to `out` (compiler.publish.publish: an existing artifact swapped out
+    atomically where the filesystem allows, else restored if the second rename fails)."""
+
+    def may_replace(dst: Path) -> None:
+        if not force:
+            raise CompileError(f"{dst} appeared while compiling; pass --force to replace it")
+        if not is_artifact_dir(dst):
+            raise CompileError(f"--force refuses to replace {dst}: it is not an iia artifact (it appeared while "
+                               f"compiling)")
+
+    publish([(work, out)], may_replace, out)
