@@ -93,14 +93,17 @@ def _drop(path: Path, log: Callable[[str], None]) -> None:
 
 
 def lookup(path: Path, load: Callable[[bytes, Path], T], log: Callable[[str], None], *, limit: int, what: str,
-           redo: str) -> T | None:
+           redo: str | None) -> T | None:
     """The value cached at `path` (checked as the module says, then `load(bytes, path)`), or None when there is
-    none; a bad entry is dropped and logged as "dropping unusable {what}, {redo}: PATH (why)"."""
+    none; a bad entry is dropped and logged as "dropping unusable {what}, {redo}: PATH (why)" ("dropped unusable
+    {what}: PATH (why)" when `redo` is None)."""
     if path.exists() or path.is_symlink() or Path(str(path) + SIDECAR).exists():
         try:
             return load(_verified(path, limit), path)
         except Exception as err:  # unreadable, unverified, or refused by its loader: the entry is unusable
-            log(f"  dropping unusable {what}, {redo}: {path} ({type(err).__name__}: {err})")
+            # redo None: the caller says later whether it remade the value (it may not need it any more)
+            log(f"  dropping unusable {what}, {redo}: {path} ({type(err).__name__}: {err})" if redo else
+                f"  dropped unusable {what}: {path} ({type(err).__name__}: {err})")
             _drop(path, log)
     return None
 

@@ -24,7 +24,7 @@ from iia.runtime.program import StepView, execute
 from .evalset import draw_noise, evaluation_set, sample_errors
 from .sampling import TORCH, integrate, sample
 from .schedules import SCHEDULES, fine_grid, program_for
-from .shipping import TOLERANCE, judge
+from .shipping import TOLERANCE, judge, rule_text
 from .solvers import SOLVERS, Program, Step, get_solver
 
 
@@ -271,8 +271,7 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
         "rmse_chosen": errors[best],
         "fitted_prefix": best,
         "decision": decision,
-        "rule": f"ships only if the {options.guard_level:g} one-sided paired-bootstrap upper bound of "
-                f"rmse / rmse_base is <= {1 + TOLERANCE:g} and the paired mean test passes (calibration/shipping.py)",
+        "rule": rule_text(options.guard_level, TOLERANCE, "rmse_base") + "; the lowest held-out rmse ships",
         "level": options.guard_level,
         "candidates": {str(k): v for k, v in errors.items()},
         "ratio_upper": {str(k): verdicts[k].upper for k in candidates},

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,12 +44,29 @@ GRANULE = 8  # images per cache entry
 ACCURACY_TARGET = 0.02  # reference error / the prior base's error, at most (see the module docstring)
 PROBE_STEPS = (16, 32, 64, 128, 256)  # the grids the accuracy probe tries, in order
 UNMEASURED_STEPS = 64  # when the budget cannot afford even the coarsest pair of the probe
+# The error of the integrator (UniPC-3: 3rd order) falls with the steps S as S^-p, 2 <= p <= 3 on the probe's grids:
+# from an error measured at S0, (S0 / S)^3 bounds it above below S0 and (S0 / S)^2 above S0
+ORDER_BELOW, ORDER_ABOVE = 3, 2
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """The reference's RMSE error `error` measured at `steps` steps (against twice as many, on the probe's noises)."""
+    steps: int
+    error: float
+
+    def at(self, steps: int) -> tuple[float, bool]:
+        """(the estimated error at `steps` steps, whether it is extrapolated): measured at `self.steps`, else
+        extrapolated by the integrator's order (ORDER_BELOW, ORDER_ABOVE: an upper bound either way)."""
+        if steps == self.steps:
+            return self.error, False
+        return self.error * (self.steps / steps) ** (ORDER_BELOW if steps < self.steps else ORDER_ABOVE), True
 
 
 def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: float, share_s: float | None,
-                 max_steps: int) -> tuple[int, str, float | None]:
-    """(steps, what was measured (one line for the plan), the reference's estimated RMSE error, an upper bound when
-    the target was not met, or None when not measured).
+                 max_steps: int) -> tuple[int, str, Accuracy | None]:
+    """(steps, what was measured (one line for the plan), the reference's error as measured (`Accuracy`: at the
+    coarser grid of the last pair compared; `Accuracy.at` estimates it at any steps), or None when not measured).
 
     `bases`: the base solvers at the NFE, the prior first; the least error of those the probe's time affords sets
     the target; `rate_s`: seconds per image-call; `share_s`: the probe's time (None: unbounded); probes 4 noises of
@@ -83,18 +101,19 @@ def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: fl
         said = (f"{INTEGRATOR}, {coarse} steps ({reference_calls(INTEGRATOR, coarse)} calls per noise): error "
                 f"{error:.3g} vs {fine} steps on {n} noises = {ratio:.3g}x the error of the best of {len(base_errors)} "
                 f"base solvers at NFE {bases[0].nfe} ({best}) (target <= {ACCURACY_TARGET:g}x)")
+        measured = Accuracy(coarse, error)
         if ratio <= ACCURACY_TARGET:
-            return coarse, said, error
+            return coarse, said, measured
         nxt = grids[grids.index(fine) + 1] if fine != grids[-1] else None
         if nxt is None:
-            # the error at `fine` is not measured: the one at `coarse` bounds it (the error falls with the steps)
-            return fine, f"{said}; not met, using {fine} steps (the finest allowed)", error
+            # the error at `fine` is not measured: extrapolated from the one at `coarse` (`Accuracy.at`)
+            return fine, f"{said}; not met, using {fine} steps (the finest allowed)", measured
         if not affordable(nxt):
             # extrapolated: the error falls >= 4x per doubling (2nd order at least; UniPC-3 is 3rd)
             doublings = max(1, math.ceil(math.log(ratio / ACCURACY_TARGET, 4)))
             steps = min(coarse * 2**doublings, max_steps)
             return steps, (f"{said}; not met, the probe's time share is spent: using {steps} steps (the error "
-                           f"extrapolated at >= 4x less per doubling)"), error / 4 ** math.log2(steps / coarse)
+                           f"extrapolated at >= 4x less per doubling)"), measured
     raise AssertionError("unreachable")
 
 
@@ -147,14 +166,20 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
                                         for s in finer] for g in granules]
     per_image = int(np.prod(denoiser.shape)) * 8
     out: dict[int, torch.Tensor] = {}
+    dropped: set[int] = set()  # granules with an unusable entry: recomputed only if still wanted (said below)
     for i, (g, options) in enumerate(zip(granules, keys)):
         shape = (g.stop - g.start, *denoiser.shape)
+
+        def note(text: str, i=i) -> None:
+            dropped.add(i)
+            log(text)
         for key in options or ():
-            got = None if key is None else lookup(cache / key, _loader(shape), log, limit=per_image * shape[0] + 1024,
-                                                  what="cached reference", redo="recomputing")
+            got = None if key is None else lookup(cache / key, _loader(shape), note, limit=per_image * shape[0] + 1024,
+                                                  what="cached reference", redo=None)
             if got is not None:
                 out[i] = got
                 break
+    cached_granules = set(out)
     cached = sum(granules[i].stop - granules[i].start for i in out)
     wanted, done_calls = n, 0
     total_calls = (n - cached) * reference_calls(INTEGRATOR, steps)
@@ -190,6 +215,10 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
             wanted = max(min(replan(part.stop, seconds, calls), n), part.stop)
     # the noises wanted, from the first: every granule before `wanted` is present (cached or computed)
     last = next((j for j, g in enumerate(granules) if g.stop >= wanted), len(granules) - 1)
+    remade = sorted(j for j in dropped if j <= last and j in out and j not in cached_granules)
+    if remade:
+        log(f"  recomputed {sum(granules[j].stop - granules[j].start for j in remade)} noises of the dropped cached "
+            f"references (images {', '.join(f'{seed + granules[j].start}..{seed + granules[j].stop - 1}' for j in remade)})")
     refs = torch.cat([out[j] for j in range(last + 1)])[:wanted]
     return refs, {"cached": min(cached, wanted), "computed": wanted - min(cached, wanted), "calls": done_calls,
                   "planned_calls": total_calls}

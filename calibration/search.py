@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,13 +32,14 @@ from iia.models.base import Denoiser
 
 from .evalset import EvalSet
 from .fit import CalibrationOptions, CalibrationResult, calibrate
+from .references import INTEGRATOR
 from .schedules import program_for
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_SCHEDULE_EVALS, OPTIMISER_LOAD_S,
                           PRIOR_FAMILIES, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan, choose_finalists,
                           evaluation_sets, fit_counts, load_optimisers_beside, plan_references, prior_base)
 from .search_fits import calib_loss, fit_global, learn_schedule
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
-from .shipping import LEVEL, judge
+from .shipping import LEVEL, judge, rule_text
 from .solvers import Program, build_program, valid_nfe
 
 __all__ = ["FAMILIES", "PRIOR_FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResult", "auto_search", "format_table",
@@ -52,6 +53,9 @@ class SearchResult:
     table: list[dict]
     seconds: float
     timings: dict
+    # what the held-out scoring used: {"calibration": noises, "holdout": noises, "integrator": ..., "steps": ...}
+    # (empty for the unsearched prior)
+    references: dict = field(default_factory=dict)
 
 
 def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock: Clock, pace: Pace,
@@ -250,7 +254,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     if not plan.fits:
         chosen = prior_base(denoiser, nfe, families, opts.finals)
         log(f"  shipped {chosen.label} unsearched, by the documented prior (search.PRIOR_FAMILIES): --budget "
-            f"{opts.budget_s:g} s cannot afford the references; --budget {plan.afford_s:.0f} would")
+            f"{opts.budget_s:g} s cannot afford the references; --budget {plan.afford_s:g} would")
         table = [_row(chosen, chosen)]
         return SearchResult(chosen.program, chosen, [chosen], table, round(time.perf_counter() - clock.started, 2),
                             clock.timings)
@@ -297,13 +301,18 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     finalists = choose_finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
     chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock,
                      cal.guard_level)
-    if plan.accuracy is not None and chosen.holdout.get("rmse"):
-        ratio = plan.accuracy / chosen.holdout["rmse"]
-        log(f"  reference check: its estimated error {plan.accuracy:.3g} is {ratio:.3g}x the shipped candidate's "
-            f"held-out RMSE ({'within' if ratio <= 0.1 else 'OVER'} the 0.1x the references must reach)")
+    if plan.accuracy is not None and chosen.holdout.get("rmse"):  # the error of the steps the references used
+        error, extrapolated = plan.accuracy.at(plan.steps)
+        ratio = error / chosen.holdout["rmse"]
+        how = (f"extrapolated from {plan.accuracy.error:.3g} measured at {plan.accuracy.steps} steps"
+               if extrapolated else "measured")
+        log(f"  reference check: the estimated error of its {plan.steps} {INTEGRATOR} steps, {error:.3g} ({how}), is "
+            f"{ratio:.3g}x the shipped candidate's held-out RMSE ({'within' if ratio <= 0.1 else 'OVER'} the 0.1x the "
+            f"references must reach)")
     table = [_row(c, chosen) for c in finalists]
+    used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps}
     return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),
-                        clock.timings)
+                        clock.timings, used)
 
 
 def _row(c: Candidate, chosen: Candidate) -> dict:
@@ -315,14 +324,23 @@ def _row(c: Candidate, chosen: Candidate) -> dict:
 def format_table(table: list[dict]) -> str:
     """The candidate table, best held-out RMSE first: rmse, median, rmse / its own base's and the shipping rule's
     one-sided upper bound of that ratio (`shipping.judge`), eligible or not."""
-    lines = [f"{'candidate':<40} {'held-out rmse':>13} {'median':>9} {'/ base':>7} {'upper':>7}  eligible"]
+    lines = [f"{'candidate':<40} {'held-out rmse':>13} {'median':>9} {'/ base':>7} {'upper':>7} {'mean gain':>9}  "
+             f"eligible"]
     for row in sorted(table, key=lambda r: (r.get("rmse", 0.0), r.get("median", 0.0))):
         mark = "  <- shipped" if row["chosen"] else ""
         if "rmse" not in row:  # the unsearched prior: nothing was scored
-            lines.append(f"{row['candidate']:<40} {'not scored':>13} {'-':>9} {'-':>7} {'-':>7}  {row['note']}{mark}")
+            lines.append(f"{row['candidate']:<40} {'not scored':>13} {'-':>9} {'-':>7} {'-':>7} {'-':>9}  "
+                         f"{row['note']}{mark}")
             continue
+        # a base is its own base: its mean test is moot ("-"); otherwise say which test refused the candidate
+        own_base = row["schedule"] == "karras" and row["coefficients"] == "base"
+        gain = "-" if own_base else ("yes" if row["mean_gain"] else "no")
+        why = [] if row["eligible"] or own_base else (
+            [f"upper > {1 + row['tolerance']:g}"] * (row["ratio_upper"] > 1 + row["tolerance"])
+            + ["no mean gain"] * (not row["mean_gain"]))
         lines.append(f"{row['candidate']:<40} {row['rmse']:>13.5f} {row['median']:>9.5f} {row['ratio_to_base']:>7.3f} "
-                     f"{row['ratio_upper']:>7.3f}  {'yes' if row['eligible'] else 'no'}{mark}")
+                     f"{row['ratio_upper']:>7.3f} {gain:>9}  {'yes' if row['eligible'] else 'no'}"
+                     f"{' (' + ', '.join(why) + ')' if why else ''}{mark}")
     return "\n".join(lines)
 
 
@@ -331,18 +349,24 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
     """The chosen program as a CalibrationResult (for the coefficient artifact), the table in `search`."""
     chosen = result.chosen
     base = build_program(chosen.program.solver, chosen.program.sigmas, chosen.program.r)
-    res = CalibrationResult(chosen.program, chosen.program, base, calibration.resolved(denoiser))
+    used = result.references
+    resolved = calibration.resolved(denoiser)
+    # the search's held-out noises and references, not the guard's defaults it never used
+    recorded = resolved if not used else replace(resolved, holdout=used["holdout"], reference_steps=used["steps"])
+    res = CalibrationResult(chosen.program, chosen.program, base, recorded)
     base_row = next(r for r in result.table if r["family"] == chosen.family and r["final"] == chosen.final
                     and r["schedule"] == "karras" and r["coefficients"] == "base")
     # the unsearched prior (no references fit the budget) was never scored: no held-out record
-    res.guard = {} if not chosen.holdout else {"holdout": int(calibration.resolved(denoiser).holdout), "rmse_base": base_row["rmse"],
-                 "median_base": base_row["median"], "rmse_chosen": chosen.holdout["rmse"],
-                 "median_chosen": chosen.holdout["median"], "decision": f"auto: {chosen.label}",
-                 "rule": f"eligible only if the {chosen.holdout['level']:g} one-sided paired-bootstrap upper bound of "
-                         f"rmse / its own base's is <= {1 + chosen.holdout['tolerance']:g}; the lowest held-out rmse "
-                         f"ships (calibration/shipping.py)",
-                 "ratio_to_base": chosen.holdout["ratio_to_base"], "ratio_upper": chosen.holdout["ratio_upper"]}
-    res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds,
+    res.guard = {} if not chosen.holdout else {
+        "holdout": used["holdout"], "calibration": used["calibration"],
+        "reference": {"integrator": used["integrator"], "steps": used["steps"]},
+        "rmse_base": base_row["rmse"], "median_base": base_row["median"], "rmse_chosen": chosen.holdout["rmse"],
+        "median_chosen": chosen.holdout["median"], "decision": f"auto: {chosen.label}",
+        "rule": rule_text(chosen.holdout["level"], chosen.holdout["tolerance"], "its own base's")
+        + "; the lowest held-out rmse ships",
+        "ratio_to_base": chosen.holdout["ratio_to_base"], "ratio_upper": chosen.holdout["ratio_upper"],
+        "mean_gain": chosen.holdout["mean_gain"]}
+    res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds, "references": used,
                   "timings_s": result.timings, "options": {k: (list(v) if isinstance(v, tuple) else v)
                                                            for k, v in vars(options).items()},
                   "candidates": result.table}

@@ -25,7 +25,7 @@ from iia.models.base import Denoiser
 
 from .evalset import EvalSet, draw_noise
 from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions
-from .references import GRANULE, INTEGRATOR, choose_steps, compute
+from .references import GRANULE, INTEGRATOR, Accuracy, choose_steps, compute
 from .sampling import reference_calls, reference_solution
 from .schedules import program_for
 from .search_space import Candidate, SearchOptions
@@ -160,7 +160,8 @@ class ReferencePlan:
     the base families and final steps scored, what was cut; `fits` False: no references fit (ship the prior base
     unsearched); `afford_s`: the budget that would afford the minimal references, `full_s` the unreduced ones;
     `cost(n)`: seconds of one executor step on n noises as timed, `rate` seconds per image-call; `accuracy`:
-    the reference's measured error (None: not measured); `lines`: the plan block for the log."""
+    the reference's error as measured by the probe, possibly at other steps than `steps` (`Accuracy.at`; None:
+    not measured); `lines`: the plan block for the log."""
     batch: int
     holdout: int
     steps: int
@@ -173,7 +174,7 @@ class ReferencePlan:
     finals: tuple[str, ...] = ()
     cost: Callable[[int], float] | None = None
     rate: float = 0.0
-    accuracy: float | None = None
+    accuracy: Accuracy | None = None
     fitted: int = 0  # fitted candidates the held-out scoring keeps time for
 
 
@@ -183,12 +184,16 @@ def _prior_order(families) -> list[str]:
 
 
 def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,
-                    holdout: int, steps: int, budget_s: float, cost: Callable[[int], float]) -> ReferencePlan:
+                    holdout: int, steps: int, budget_s: float, cost: Callable[[int], float],
+                    spent_s: float = 0.0) -> ReferencePlan:
     """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
     the held-out ones must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. Cut in this order
     until they do: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
     MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
-    MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False."""
+    MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False. `spent_s`: the seconds of --budget spent
+    or kept outside `budget_s` (the timing, the probe, the optimisers' reserve): the --budget figures the plan
+    suggests (`afford_s`, `full_s`) include them and are rounded up, so that they are over any --budget that
+    could not afford what they name."""
     def need(n_cal, n_hold, n_steps, fams, fins, n_fitted=n_fitted):  # x 1.5: short timings run faster than long ones
         n_bases = len(fams) * len(fins)
         return 1.5 * (reference_calls(INTEGRATOR, n_steps) * (cost(n_cal) + cost(n_hold))
@@ -240,8 +245,8 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         cut.append(f"fitted candidates {n_fitted} -> {new[5]}")
     minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
                min(n_fitted, 1))
-    afford = need(*minimal) / FIXED_SHARE
-    full = need(batch, holdout, steps, fams, fins) / FIXED_SHARE
+    afford = math.ceil(need(*minimal) / FIXED_SHARE + spent_s)
+    full = math.ceil(need(batch, holdout, steps, fams, fins) / FIXED_SHARE + spent_s)
     fits = need(*new) <= share
     lines = (f"  plan: references, scoring the bases and the finalists need {need(*new):.1f} s, their share of the "
              f"budget is {share:.1f} s",)
@@ -249,11 +254,11 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
                   f"{len(new[3]) * len(new[4])} base solvers"
                   + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
-                  + (f" (--budget {full:.0f} would afford them all)" if cut else ""),)
+                  + (f" (--budget {full} would afford them all)" if cut else ""),)
     else:
         lines += (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises at "
-                  f"{MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford:.0f} (the full "
-                  f"search's references: --budget {full:.0f})",)
+                  f"{MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford} (the full "
+                  f"search's references: --budget {full})",)
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
                          tuple(new[4]), cost, fitted=new[5])
 
@@ -289,8 +294,11 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
         return ReferencePlan(batch, cal.holdout, steps, "", families=tuple(families), finals=opts.finals,
                              accuracy=error, lines=(f"  plan: reference {said}",))
     cost, rate, how = _call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
-    log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing; {rate:.3g} s per "
-        f"image-call (timed by {how})")
+    # the clock started at the search (the model was loaded before): what is gone is the timing and the reserve
+    log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing "
+        f"({time.perf_counter() - clock.started:.3g} s since the search started"
+        + (f", {reserve_s:g} s kept for loading the optimisers" if reserve_s else "")
+        + f"); {rate:.3g} s per image-call (timed by {how})")
     left = max(clock.remaining() - reserve_s, 0.0)
     if reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, MIN_REFERENCE_STEPS,
                        left * (1 - PROBE_SHARE), cost).fits:
@@ -300,7 +308,8 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
         steps, said, error = MIN_REFERENCE_STEPS, f"{INTEGRATOR}: accuracy not measured (no search fits)", None
     log(f"  plan: reference {said}")
     left = max(clock.remaining() - reserve_s, 0.0)
-    plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost)
+    plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost,
+                           opts.budget_s - left)
     plan.rate, plan.accuracy = rate, error
     plan.lines = (f"  plan: {rate:.3g} s per image-call (timed by {how}); reference {said}",) + plan.lines
     clock.lap("references", t0)  # the timing and the accuracy probe are part of what the references cost

@@ -97,6 +97,14 @@ def mean_gain_significant(sq_cand: torch.Tensor, sq_base: torch.Tensor, level: f
     return float(d.mean()) + z * float(d.std()) / d.numel() ** 0.5 <= 0.0
 
 
+def rule_text(level: float, tolerance: float, against: str) -> str:
+    """The rule as recorded (coefficients.json `guard.rule`, the search's and the local guard's alike): both tests
+    at `level` against `against` (what the candidate's rmse is divided by)."""
+    return (f"eligible only if the {level:g} one-sided paired-bootstrap upper bound of rmse / {against} is "
+            f"<= {1 + tolerance:g} and the {level:g} one-sided paired mean test of the per-noise squared-error "
+            f"differences shows a gain (calibration/shipping.py)")
+
+
 def judge(sq_cand: torch.Tensor, sq_base: torch.Tensor, level: float = LEVEL,
           tolerance: float = TOLERANCE) -> Verdict:
     """The shipping rule's verdict on a candidate against its own base (see the module docstring): the bootstrap

@@ -98,6 +98,13 @@ def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
     assert manifest["search"]["candidates"] and manifest["parity"]["max_abs"] < 1e-3
     coef = json.loads((tmp_path / "out" / "coefficients.json").read_text())
     assert coef["search"]["chosen"] == manifest["search"]["chosen"]
+    # what the held-out scoring used is recorded, not the guard's defaults it never used
+    used = coef["search"]["references"]
+    assert coef["guard"]["holdout"] == used["holdout"] == coef["options"]["holdout"] <= CAL.holdout
+    assert coef["guard"]["calibration"] == used["calibration"] > 0
+    assert coef["guard"]["reference"] == {"integrator": "unipc-3", "steps": used["steps"]}
+    assert coef["options"]["reference_steps"] == used["steps"]
+    assert "upper bound" in coef["guard"]["rule"] and "mean test" in coef["guard"]["rule"]
     program = artifact.load_program(tmp_path / "out" / "coefficients.json", gmm, 4)
     assert list(program.sigmas) == manifest["sigmas"]
     # a second compile reuses the cached search
@@ -244,7 +251,10 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     auto_search(gmm, 6, opts, cal, log=first.append, reference_cache=tmp_path)
     assert any(line.startswith("  plan: reference unipc-3") and "vs" in line and "on 4 noises" in line
                and "x the error of the best of 4 base solvers at NFE 6" in line for line in first), first
-    assert any("reference check: its estimated error" in line for line in first), first
+    # 32 steps missed the target and 64 is the finest allowed (reference_steps=64): the check reports the error
+    # of those 64 steps, extrapolated from the 32-step measurement
+    check = next(line for line in first if "reference check:" in line)
+    assert "error of its 64 unipc-3 steps" in check and "extrapolated from" in check and "at 32 steps" in check, check
     assert any("calibration references: 16 noises (0 from the cache, 16 computed)" in line for line in first)
     entries = sorted(tmp_path.glob("reference-*.npy"))
     assert len(entries) == (16 + 32) // GRANULE
@@ -253,8 +263,9 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     assert any("held-out references: 32 noises (32 from the cache, 0 computed)" in line for line in second), second
     entries[0].write_bytes(entries[0].read_bytes()[:-8] + b"\0" * 8)
     auto_search(gmm, 6, opts, cal, log=third.append, reference_cache=tmp_path)
-    assert any("dropping unusable cached reference, recomputing" in line and str(entries[0]) in line
+    assert any(line.startswith("  dropped unusable cached reference: ") and str(entries[0]) in line
                for line in third), third
+    assert any("recomputed 8 noises of the dropped cached references" in line for line in third), third
     assert any(f"({32 - GRANULE} from the cache, {GRANULE} computed)" in line or
                f"({16 - GRANULE} from the cache, {GRANULE} computed)" in line for line in third), third
     assert len(sorted(tmp_path.glob("reference-*.npy"))) == len(entries)  # remade
@@ -273,6 +284,10 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
 
     small = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 180.0, cost)
     assert not small.fits and "dropped the search" in small.lines[-1]
+    # the suggested --budget includes what was spent before the plan and is rounded up: always over the given one
+    spent = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 180.0, cost, spent_s=20.0)
+    assert spent.afford_s == small.afford_s + 20 and spent.afford_s > 200 and float(spent.afford_s).is_integer()
+    assert f"need --budget {spent.afford_s} " in spent.lines[-1]
     big = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 1800.0, cost)
     assert big.fits and big.families[0] == "ipndm" and big.fitted >= 1, big.lines
     per_eval = 9 * cost(big.batch)
@@ -295,3 +310,34 @@ def test_a_multistep_reference_converges_and_an_unknown_integrator_is_refused(gm
     assert reference_calls("unipc-3", 64) == 64 and reference_calls("heun", 64) == 127
     with pytest.raises(ValueError, match="reference integrator must be one of"):
         reference_solution(gmm, noise, None, 16, integrator="rk4")
+
+
+def test_the_reference_error_is_estimated_at_the_steps_used():
+    """issue: the check reported the error of the probe's 64 steps for references cut to 30: below the measured
+    steps the error grows by the integrator's order (3), above it falls >= 4x per doubling; measured only there."""
+    from iia.calibration.references import Accuracy
+
+    acc = Accuracy(32, 1e-3)
+    assert acc.at(32) == (1e-3, False)
+    below, extrapolated = acc.at(16)
+    assert extrapolated and below == pytest.approx(8e-3)
+    above, extrapolated = acc.at(64)
+    assert extrapolated and above == pytest.approx(2.5e-4)
+
+
+def test_the_table_says_why_a_candidate_is_not_eligible():
+    """A better held-out ratio refused by the paired mean test alone shows it (it shipped the base silently)."""
+    from iia.calibration.search import format_table
+
+    row = dict(candidate="ipndm/sigma_min/learned/global", family="ipndm", final="sigma_min", schedule="learned",
+               coefficients="global", note="", chosen=False, rmse=0.07, median=0.05, ratio_to_base=0.465,
+               ratio_upper=0.764, mean_gain=False, level=0.95, tolerance=0.0, eligible=False)
+    base = dict(row, candidate="ipndm/sigma_min/karras/base", schedule="karras", coefficients="base", chosen=True,
+                rmse=0.15, ratio_to_base=1.0, ratio_upper=1.0, mean_gain=True, eligible=True)
+    worse = dict(row, candidate="ipndm/sigma_min/learned/base", coefficients="base", rmse=0.2, ratio_to_base=1.3,
+                 ratio_upper=1.5)
+    lines = format_table([base, row, worse]).splitlines()
+    assert "mean gain" in lines[0]
+    assert lines[1].startswith("ipndm/sigma_min/learned/global") and lines[1].endswith("no  no (no mean gain)")
+    assert lines[2].endswith("-  yes  <- shipped")
+    assert lines[3].endswith("no  no (upper > 1, no mean gain)")

@@ -8,7 +8,7 @@ from iia.calibration.evalset import evaluation_set, rmse
 from iia.calibration.fit import ANALYTIC_HOLDOUT, CalibrationOptions, guard_end_to_end
 from iia.calibration.sampling import sample
 from iia.calibration.schedules import program_for
-from iia.calibration.shipping import judge, rmse_ratio_upper
+from iia.calibration.shipping import judge, rmse_ratio_upper, rule_text
 from iia.evaluation.accuracy import TEST_SEED_OFFSET
 from iia.models import load
 
@@ -92,7 +92,10 @@ def test_guard_refuses_a_fit_that_loses_on_fresh_noise():
     fitted = calibrate(gmm, "iia-edm", 35, options, guard=False).program
     chosen, guard = guard_end_to_end(gmm, base, fitted, options)
     assert guard["rmse_fitted"] > guard["rmse_base"]  # the tails are in the held-out set: the full fit loses there
-    assert guard["ratio_upper"][str(guard["fitted_prefix"])] <= 1.0 and "rule" in guard
+    assert guard["ratio_upper"][str(guard["fitted_prefix"])] <= 1.0
+    # one rule text (shipping.rule_text) in both records, naming both tests
+    assert guard["rule"].startswith(rule_text(guard["level"], 0.0, "rmse_base"))
+    assert "upper bound" in guard["rule"] and "paired mean test" in guard["rule"]
     test = evaluation_set(gmm, 500, options.seed + TEST_SEED_OFFSET, options.reference_steps)
     ref = test.reference_at(base.sigmas[0])
     fresh = {name: rmse(sample(p, gmm, test.noise), ref) for name, p in
