@@ -141,6 +141,17 @@ def base_of(program: Program) -> Program:
     return build_program(program.solver, program.sigmas, program.r)
 
 
+def _base_name(program: Program, family: str) -> str:
+    """The base family's solver name where its constants are `program`'s (iia-ipndm's base = ipndm), else
+    `program.solver` (iia-edm's base coefficients are not edm's: its basis differs)."""
+    try:
+        named = build_program(family, program.sigmas, program.r)
+    except (KeyError, ValueError):
+        return program.solver
+    same = named.coefficients() == program.coefficients() and named.plan() == program.plan()
+    return family if same else program.solver
+
+
 def check_range_options(coefficients: str | None) -> None:
     """What a range compile cannot do, refused by flag (ScaleError)."""
     if coefficients:
@@ -185,25 +196,44 @@ def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Progra
             table, rows = guard_scales(table, base_of(made[0][1]), held_out, scales.at, exact, opts.calibration, log)
         first = made[0][0]
     for row in rows:
-        exact_rmse = "not fitted" if row["rmse_exact"] is None else f"{row['rmse_exact']:.4g}"
-        log(f"  guard at g = {row['g']:.4g}: held-out rmse interpolated {row['rmse_interpolated']:.4g}, fitted "
-            f"there {exact_rmse}, base {row['rmse_base']:.4g}")
+        exact_rmse = ("exact fit there not measured" if row["rmse_exact"] is None
+                      else f"exact fit there {row['rmse_exact']:.4g}")
+        log(f"  guard at g = {row['g']:.4g}: held-out rmse interpolated {row['rmse_interpolated']:.4g}, {exact_rmse}, "
+            f"base {row['rmse_base']:.4g}")
     fallen = rows[0]["fallback_nodes"] if rows else []
+    base = base_of(table.programs[0])
+    unfitted = bool(searched) and all(p.coefficients() == base.coefficients() for p in table.programs)
     record = {"range": [scales.lo, scales.hi], "nodes": nodes, "default": scales.default,
               "interpolation": INTERPOLATION, "guard": rows, **searched}
+    if unfitted:  # what the manifest's guidance note says (compiler/stages.py)
+        record["note"] = ("every node ships the base coefficients of the searched solver (no node fit beat them or "
+                          "none was affordable): the constants do not follow g; a request's g must lie in the range")
     data = {k: first[k] for k in ("schema", "schema_version", "created", "solver", "solver_definition", "nfe", "r",
                                   "sigmas", "options") if k in first}
     if searched:  # the centre's record is the search's: the nodes' solver, steps and basis are the table's
         shipped = table.programs[0]
-        data.update(solver=shipped.solver, r=shipped.r, sigmas=list(shipped.sigmas), search=first.get("search"))
+        data.update(solver=_base_name(shipped, searched["search"]["family"]) if unfitted else shipped.solver,
+                    r=shipped.r, sigmas=list(shipped.sigmas), search=first.get("search"))
+
+    def shipped_as(g: float, d: dict) -> str:
+        decision = (d.get("guard") or {}).get("decision", "") if searched else ""
+        return "base (guard fallback)" if g in fallen else decision if decision.startswith("base") else "as fitted at g"
+
+    if rows:
+        verdict = "interpolated sampler no worse than the base at every held-out scale" + (
+            f" (nodes {', '.join(f'{g:g}' for g in fallen)} on base coefficients)" if fallen else "")
+    elif len({tuple(map(tuple, p.coefficients())) for p in table.programs}) == 1:
+        verdict = "not checked: the same constants at every node (nothing interpolated)"
+    else:
+        verdict = "not checked (no time)"
     data.update(model=artifact.model_identity(denoiser), guidance=record,
-                nodes=[{"g": g, "shipped": "base (guard fallback)" if g in fallen else "as fitted at g",
+                nodes=[{"g": g, "shipped": shipped_as(g, d),
                         "coefficients": p.coefficients(), "steps": d.get("steps"), "guard": d.get("guard")}
                        for g, (d, _), p in zip(nodes, made, table.programs)],
-                guard={"decision": "interpolated sampler no worse than the base at every held-out scale"
-                                   + (f" (nodes {', '.join(f'{g:g}' for g in fallen)} on base coefficients)" if fallen
-                                      else ""), "scales": rows},
+                guard={"decision": verdict, "scales": rows},
                 versions=first.get("versions"))
-    how = (f"{opts.solver if not searched else 'auto: ' + searched['search']['chosen']} at {len(nodes)} scales "
+    chosen = "" if not searched else f"auto: {searched['search']['chosen']}" + (
+        f", shipped as {data['solver']} (base coefficients at every node)" if unfitted else "")
+    how = (f"{chosen or opts.solver} at {len(nodes)} scales "
            f"({', '.join(f'{g:.4g}' for g in nodes)}), {INTERPOLATION} in g between them")
     return data, table.program_at(scales.default), how, table

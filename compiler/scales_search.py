@@ -30,6 +30,7 @@ import torch
 from iia.calibration.evalset import EvalSet, evaluation_set
 from iia.calibration.fit import HOLDOUT_SEED_OFFSET, calibrate
 from iia.calibration.solvers import Program, build_program
+from iia.cli import Ticker
 
 from .scales import ScaleError, base_of, guard_scales, scale_table
 
@@ -147,11 +148,14 @@ def fit_at(den, choice: Choice, plan: NodePlan, cal, nfe: int, r: int, deadline:
     base = build_program("iia-" + choice.family, list(choice.program.sigmas), r)
     fitted, info = fit_global(den, base, sets["calib"], deadline=deadline)
     (r_fit, m_fit), (r_base, m_base) = _errors(hold, fitted), _errors(hold, base)
-    keep = r_fit <= r_base and m_fit <= m_base
+    # a fit must BEAT the base: one cut before its first step returns the base constants (equal errors)
+    moved = fitted.coefficients() != base.coefficients()
+    keep = moved and r_fit < r_base and m_fit <= m_base
+    decision = ("fitted" if keep else "base: the fit loses to the base coefficients on held-out noise" if moved
+                else "base: the fit stopped before its first step (no time left)")
     return (fitted if keep else base), {
         "kind": "global", "holdout": len(hold), "rmse_fitted": r_fit, "median_fitted": m_fit, "rmse_base": r_base,
-        "median_base": m_base, "evals": info.get("evals"), "cut": bool(info.get("cut")),
-        "decision": "fitted" if keep else "base: the fit loses to the base coefficients on held-out noise"}
+        "median_base": m_base, "evals": info.get("evals"), "cut": bool(info.get("cut")), "decision": decision}
 
 
 def auto_range(denoiser, opts, log, progress=None) -> tuple[list[Program], list[dict], list[dict], dict, dict]:
@@ -198,40 +202,72 @@ def fit_nodes(scales, nodes: list[float], choice: Choice, opts, deadline: float,
     at.update({g: scales.at(g) for g in mids})
     cal = opts.calibration.resolved(at[nodes[0]])
     batch = cal.batch if is_set(opts, "batch") else SEARCH_BATCH.get(at[nodes[0]].identity.get("kind"), 128)
+    cost = call_cost(at[nodes[0]])
     left = deadline - time.perf_counter()
-    plan = plan_nodes(choice.kind, call_cost(at[nodes[0]]), opts.nfe, len(nodes), cal, batch, max(left, 0.0))
-    budget = dict(nodes_s=round(left, 3), plan={"calibration_noises": plan.batch, "held_out_noises": plan.holdout,
-                                                "reference_steps": plan.steps, "exact_fits_at_midpoints": plan.exact,
-                                                "estimated_s": plan.need_s})
-    if not plan.fits:
-        log(f"  node fits dropped: {left:.3g} s of --budget left cannot afford even {MIN_CALIB} + {MIN_HOLDOUT} noises "
-            f"at {MIN_STEPS} Heun steps at {len(nodes)} scales; every node ships {choice.label}'s base coefficients "
-            f"(about {plan.afford_s:.0f} s for the nodes would afford the fits)")
+    plan = plan_nodes(choice.kind, cost, opts.nfe, len(nodes), cal, batch, max(left, 0.0))
+    budget = dict(nodes_s=round(left, 3), plan=_plan_record(plan))
+
+    def unfitted(why: str):  # every node on the chosen candidate's base constants: nothing between nodes to judge
+        log(f"  node fits dropped: {why}; every node ships {choice.label}'s base coefficients (the guard is not "
+            f"needed: the interpolant is the base solver)")
         budget["plan"]["fits"] = False
-        base = base_of(choice.program)
-        return [base] * len(nodes), [{"kind": choice.kind, "decision": "base: the budget affords no fit"}] * len(nodes), \
-            [], budget
+        budget["dropped"] = why
+        return [base_of(choice.program)] * len(nodes), \
+            [{"kind": choice.kind, "decision": f"base: {why}"}] * len(nodes), [], budget
+
+    if not plan.fits:
+        return unfitted(f"{left:.3g} s of --budget left cannot afford even {MIN_CALIB} + {MIN_HOLDOUT} noises at "
+                        f"{MIN_STEPS} Heun steps at {len(nodes)} scales (about {plan.afford_s:.0f} s for the nodes "
+                        f"would, by the timed cost per call x 1.5)")
     log(f"  plan: {left:.3g} s for the nodes: {plan.batch} calibration + {plan.holdout} held-out noises, "
         f"{plan.steps} Heun steps at each scale, references and scoring ~{plan.need_s:.1f} s"
         + ("" if plan.exact else "; no exact fits at the midpoints (the guard's rmse_exact not measured)"))
-    fitted_at = nodes + (mids if plan.exact else [])
-    sets = {}
-    for g in fitted_at + [m for m in mids if m not in fitted_at]:  # references first: the fits share what is left
-        den = at[g]
-        calib = evaluation_set(den, plan.batch, cal.seed, plan.steps) if g in fitted_at and choice.kind == "global" else None
-        hold = evaluation_set(den, plan.holdout, cal.seed + HOLDOUT_SEED_OFFSET, plan.steps)
-        if calib is not None:
-            calib.reference  # noqa: B018 -- computed now: what fit_global fits to (from sigma_max)
-        hold.reference_at(choice.program.sigmas[0])
-        sets[g] = {"calib": calib, "hold": hold}
+    sets, replanned = None, False
+    while sets is None:  # references first (the fits share what is left); re-planned once at the measured pace
+        fitted_at = nodes + (mids if plan.exact else [])
+        order = fitted_at + [m for m in mids if m not in fitted_at]
+        sets, tick, t0 = {}, Ticker("node references", log), time.perf_counter()
+        for k, g in enumerate(order):
+            if time.perf_counter() > deadline:
+                return unfitted(f"--budget ran out computing the references ({k} of {len(order)} scales done)")
+            sets[g] = _reference_sets(at[g], choice, plan, cal, g in fitted_at)
+            tick(k + 1, len(order))
+            if k == 0 and not replanned:
+                replanned = True
+                spent = time.perf_counter() - t0
+                slow = spent / max(_scale_s(plan, cost, choice.kind, True), 1e-9)
+                rest = slow * sum(_scale_s(plan, cost, choice.kind, m in fitted_at) for m in order[1:])
+                if time.perf_counter() + rest + 0.25 * plan.need_s > deadline:
+                    left = deadline - time.perf_counter()
+                    again = plan_nodes(choice.kind, (cost[0] * slow, cost[1] * slow), opts.nfe, len(nodes), cal,
+                                       batch, max(left, 0.0))
+                    log(f"  references re-planned at {slow:.2g}x the timed cost per call: {again.batch} calibration "
+                        f"+ {again.holdout} held-out noises, {again.steps} Heun steps, exact fits at the midpoints "
+                        f"{'kept' if again.exact else 'dropped'} ({left:.3g} s left)")
+                    budget["plan"] = dict(_plan_record(again), replanned_at_pace=round(slow, 3))
+                    if not again.fits:
+                        return unfitted(f"at the measured pace ({slow:.2g}x the timed cost per call) {left:.3g} s of "
+                                        f"--budget left cannot afford even the smallest references")
+                    if again != plan:
+                        plan, sets = again, None
+                        break
     log(f"  references at {len(sets)} scales ({max(deadline - time.perf_counter(), 0.0):.1f} s of --budget left)")
-    fits = {}
+    fits, tick = {}, Ticker("node fits", log)
+    reserve = 0.25 * plan.need_s  # the scoring after the fits (of the references and scoring planned)
     for k, g in enumerate(fitted_at):
-        reserve = 0.25 * plan.need_s  # the scoring after the fits (of the references and scoring planned)
         share = max(deadline - reserve - time.perf_counter(), 0.0) / (len(fitted_at) - k)
-        fits[g] = fit_at(at[g], choice, plan, cal, opts.nfe, opts.calibration.r, time.perf_counter() + share, sets[g])
+        if share <= 0.0 or (choice.kind == "local" and time.perf_counter() > deadline - reserve):
+            base = base_of(choice.program)
+            fits[g] = (base, {"kind": choice.kind, "decision": "base: no --budget left for this fit"})
+        else:
+            fits[g] = fit_at(at[g], choice, plan, cal, opts.nfe, opts.calibration.r, time.perf_counter() + share,
+                             sets[g])
         log(f"  g = {g:.4g}: {fits[g][1]['decision']}")
+        tick(k + 1, len(fitted_at))
     programs = [fits[g][0] for g in nodes]
+    if all(p.coefficients() == base_of(choice.program).coefficients() for p in programs):
+        log("  no node fit beat the base coefficients: every node ships them (the guard is not needed)")
+        return programs, [fits[g][1] for g in nodes], [], budget
     table = scale_table(nodes, programs)
     if any(tuple(p.sigmas) != tuple(choice.program.sigmas) for p in programs):
         raise ScaleError("the node fits do not keep the searched time steps")
@@ -240,3 +276,25 @@ def fit_nodes(scales, nodes: list[float], choice: Choice, opts, deadline: float,
     table, rows = guard_scales(table, base_of(programs[0]), mids, at.__getitem__, exact, options, log,
                                sets={g: sets[g]["hold"] for g in mids})
     return list(table.programs), [fits[g][1] for g in nodes], rows, budget
+
+
+def _plan_record(plan: NodePlan) -> dict:
+    return {"calibration_noises": plan.batch, "held_out_noises": plan.holdout, "reference_steps": plan.steps,
+            "exact_fits_at_midpoints": plan.exact, "estimated_s": plan.need_s}
+
+
+def _scale_s(plan: NodePlan, cost: tuple[float, float], kind: str, fitted: bool) -> float:
+    """Seconds one scale's references take by the timed cost (a scale fitted at: calibration set too when
+    global), as plan_nodes counts them."""
+    calls = 2 * plan.steps - 1
+    return calls * ((cost[0] + cost[1] * plan.batch) * (kind == "global" and fitted) + cost[0] + cost[1] * plan.holdout)
+
+
+def _reference_sets(den, choice: Choice, plan: NodePlan, cal, fitted: bool) -> dict:
+    """{"calib": EvalSet or None, "hold": EvalSet} of one scale, references computed now."""
+    calib = evaluation_set(den, plan.batch, cal.seed, plan.steps) if fitted and choice.kind == "global" else None
+    hold = evaluation_set(den, plan.holdout, cal.seed + HOLDOUT_SEED_OFFSET, plan.steps)
+    if calib is not None:
+        calib.reference  # noqa: B018 -- computed now: what fit_global fits to (from sigma_max)
+    hold.reference_at(choice.program.sigmas[0])
+    return {"calib": calib, "hold": hold}

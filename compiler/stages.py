@@ -366,9 +366,10 @@ def guidance_record(denoiser: Denoiser, coefs: Coefficients | None = None) -> di
     if not settings:
         return None
     if coefs is not None and coefs.scales is not None:
-        return dict(settings, **coefs.data["guidance"],
-                    note="the sampler's coefficients were calibrated at the nodes and are interpolated in g between "
-                         "them; a request's g must lie in the range")
+        ranged = coefs.data["guidance"]
+        return {**settings, **ranged, "note": ranged.get("note", "the sampler's coefficients were calibrated at the "
+                                          "nodes and are interpolated in g between them; a request's g must lie in "
+                                          "the range")}
     return dict(settings, note="the sampler's coefficients were calibrated on this guided denoiser; they hold "
                                "for this guidance value (recompile to change it)")
 

@@ -245,6 +245,8 @@ def test_auto_over_a_range_ships_what_the_search_chose_at_the_centre(models, tmp
     assert data["guidance"]["search"]["chosen"] == record["search"]["chosen"] == f"{data['solver']}/sigma_min/karras/base"
     assert [row["chosen"] for row in data["search"]["candidates"]] == [True]  # the search's table: the prior alone
     assert all(n["coefficients"] == data["nodes"][0]["coefficients"] for n in data["nodes"])
+    assert data["guard"] == {"decision": "not checked: the same constants at every node (nothing interpolated)",
+                             "scales": []}  # nothing between nodes to judge: never "no worse" over no scale
     assert manifest["inputs"][-1]["name"] == GUIDANCE and manifest["parity"]["passed"]
     _, got = run_graph(out, [1.0, 3.0], seed=3)
     feed, again = run_graph(out, [3.0, 1.0], seed=3)  # same noise, scales swapped: the outputs follow g
@@ -279,6 +281,30 @@ def test_auto_range_fits_the_chosen_candidate_at_every_node(models, kind):
     assert len(rows) == NODES - 1 and all(r["rmse_interpolated"] <= r["rmse_base"] for r in rows)
     assert all(f["kind"] == kind for f in fits)
 
-    programs, fits, rows, plan = fit_nodes(scales, nodes, choice, opts, time.perf_counter() + 0.01, lambda s: None)
-    assert plan["plan"]["fits"] is False and rows == []
+    lines = []
+    programs, fits, rows, plan = fit_nodes(scales, nodes, choice, opts, time.perf_counter() + 0.01, lines.append)
+    assert plan["plan"]["fits"] is False and rows == [] and "dropped" in plan
     assert all(p.coefficients() == program.coefficients() for p in programs)
+    assert all(f["decision"].startswith("base: ") for f in fits)  # recorded as what shipped
+    assert any("node fits dropped" in line and "the guard is not needed" in line for line in lines)
+
+
+def test_a_node_fit_out_of_time_is_recorded_as_base(models):
+    """A global fit cut before its first step returns the base constants: recorded as base (not "fitted"), with
+    equal held-out errors; the node ships the base program."""
+    import time
+
+    from iia.calibration.evalset import evaluation_set
+    from iia.calibration.schedules import program_for
+    from iia.compiler.scales_search import Choice, NodePlan, fit_at
+
+    root, paths = models
+    den = load(paths["cfg"], cfg=(1.0, 3.0)).guidance_range.at(2.0)
+    program = build_program("iia-edm", program_for(den, "edm", 5, 1, "karras", "zero").sigmas, 1)
+    choice = Choice("edm/zero/karras/global", "edm", "zero", "karras", "global", program)
+    plan = NodePlan(8, 8, 8, False, True, 0.0, 0.0)
+    sets = {"calib": evaluation_set(den, 8, 0, 8), "hold": evaluation_set(den, 8, 1, 8)}
+    shipped, record = fit_at(den, choice, plan, CalibrationOptions(), 5, 1, time.perf_counter() - 1.0, sets)
+    assert record["evals"] == 1 and record["rmse_fitted"] == record["rmse_base"]
+    assert record["decision"] == "base: the fit stopped before its first step (no time left)"
+    assert shipped.coefficients() == program.coefficients()
