@@ -206,8 +206,8 @@ def range_coefficients(denoiser, opts, log, progress=None) -> tuple[dict, Progra
     record = {"range": [scales.lo, scales.hi], "nodes": nodes, "default": scales.default,
               "interpolation": INTERPOLATION, "guard": rows, **searched}
     if unfitted:  # what the manifest's guidance note says (compiler/stages.py)
-        record["note"] = ("every node ships the base coefficients of the searched solver (no node fit beat them or "
-                          "none was affordable): the constants do not follow g; a request's g must lie in the range")
+        record["note"] = ("every node ships the base coefficients of the searched solver (nodes' `shipped` says "
+                          "why): the constants do not follow g; a request's g must lie in the range")
     data = {k: first[k] for k in ("schema", "schema_version", "created", "solver", "solver_definition", "nfe", "r",
                                   "sigmas", "options") if k in first}
     if searched:  # the centre's record is the search's: the nodes' solver, steps and basis are the table's
