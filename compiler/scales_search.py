@@ -191,6 +191,24 @@ def auto_range(denoiser, opts, log, progress=None) -> tuple[list[Program], list[
     return programs, fits, rows, {"search": record, "budget": budget}, data
 
 
+def _fit_each(at: dict, fitted_at: list[float], choice: Choice, plan, cal, opts, sets: dict, deadline: float,
+              log) -> dict:
+    """{g: (program, fit record)} at each scale of `fitted_at`, each fit given an equal share of the time left
+    before `deadline` less the guard's scoring; a scale with no time left ships the base (recorded so)."""
+    fits, tick = {}, Ticker("node fits", log)
+    reserve = 0.25 * plan.need_s  # the scoring after the fits (of the references and scoring planned)
+    for k, g in enumerate(fitted_at):
+        share = max(deadline - reserve - time.perf_counter(), 0.0) / (len(fitted_at) - k)
+        if share <= 0.0 or (choice.kind == "local" and time.perf_counter() > deadline - reserve):
+            fits[g] = (base_of(choice.program), {"kind": choice.kind, "decision": "base: no --budget left for this fit"})
+        else:
+            fits[g] = fit_at(at[g], choice, plan, cal, opts.nfe, opts.calibration.r, time.perf_counter() + share,
+                             sets[g])
+        log(f"  g = {g:.4g}: {fits[g][1]['decision']}")
+        tick(k + 1, len(fitted_at))
+    return fits
+
+
 def fit_nodes(scales, nodes: list[float], choice: Choice, opts, deadline: float, log) -> tuple[list[Program], list[dict], list[dict], dict]:
     """The chosen candidate's coefficients fitted at each node by `deadline` (perf_counter seconds), then the guard
     between the nodes: (programs shipped at the nodes, each node's fit record, the guard's rows, the node stage's
@@ -252,18 +270,7 @@ def fit_nodes(scales, nodes: list[float], choice: Choice, opts, deadline: float,
                         plan, sets = again, None
                         break
     log(f"  references at {len(sets)} scales ({max(deadline - time.perf_counter(), 0.0):.1f} s of --budget left)")
-    fits, tick = {}, Ticker("node fits", log)
-    reserve = 0.25 * plan.need_s  # the scoring after the fits (of the references and scoring planned)
-    for k, g in enumerate(fitted_at):
-        share = max(deadline - reserve - time.perf_counter(), 0.0) / (len(fitted_at) - k)
-        if share <= 0.0 or (choice.kind == "local" and time.perf_counter() > deadline - reserve):
-            base = base_of(choice.program)
-            fits[g] = (base, {"kind": choice.kind, "decision": "base: no --budget left for this fit"})
-        else:
-            fits[g] = fit_at(at[g], choice, plan, cal, opts.nfe, opts.calibration.r, time.perf_counter() + share,
-                             sets[g])
-        log(f"  g = {g:.4g}: {fits[g][1]['decision']}")
-        tick(k + 1, len(fitted_at))
+    fits = _fit_each(at, fitted_at, choice, plan, cal, opts, sets, deadline, log)
     programs = [fits[g][0] for g in nodes]
     if all(p.coefficients() == base_of(choice.program).coefficients() for p in programs):
         log("  no node fit beat the base coefficients: every node ships them (the guard is not needed)")
