@@ -341,3 +341,20 @@ def test_the_table_says_why_a_candidate_is_not_eligible():
     assert lines[1].startswith("ipndm/sigma_min/learned/global") and lines[1].endswith("no  no (no mean gain)")
     assert lines[2].endswith("-  yes  <- shipped")
     assert lines[3].endswith("no  no (upper > 1, no mean gain)")
+
+
+def test_the_prior_base_always_gets_a_learned_schedule(gmm):
+    """gmm NFE 5: deis-3 and deis-2 led on base loss and deis-3's fit shipped at test RMSE 0.055 (iPNDM's: 0.041):
+    the prior family (iPNDM, sigma_min) takes the last of top_k >= 2 slots when it ranks lower."""
+    from iia.calibration.search import schedules_to_learn
+    from iia.calibration.search_space import Candidate
+
+    ranked = [Candidate(f, final, "karras", "base", program_for(gmm, f, 5, 1, "karras", final), calib_loss=k)
+              for k, (f, final) in enumerate([("deis-3", "sigma_min"), ("deis-2", "sigma_min"), ("unipc-2", "zero"),
+                                              ("ipndm", "sigma_min")])]
+    labels = lambda cands: [c.label for c in cands]  # noqa: E731
+    assert labels(schedules_to_learn(ranked, 2)) == ["deis-3/sigma_min/karras/base", "ipndm/sigma_min/karras/base"]
+    assert labels(schedules_to_learn(ranked, 3))[-1] == "ipndm/sigma_min/karras/base"
+    assert schedules_to_learn(ranked, 1) == ranked[:1]  # one slot: the best base keeps it
+    assert schedules_to_learn(ranked[:3], 2) == ranked[:2]  # the prior not scored: the ranking as it is
+    assert schedules_to_learn(ranked[3:] + ranked[:3], 2) == (ranked[3:] + ranked[:3])[:2]  # already in
