@@ -293,6 +293,8 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
         log(f"  plan: reference {said}")
         return ReferencePlan(batch, cal.holdout, steps, "", families=tuple(families), finals=opts.finals,
                              accuracy=error, lines=(f"  plan: reference {said}",))
+    log(f"  plan: timing the denoiser's calls (at most ~{PRECISE_TIMING_SHARE:.0%} of the "
+        f"{max(clock.remaining() - reserve_s, 0.0):.0f} s left, after one first call)")
     cost, rate, how = _call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
     # the clock started at the search (the model was loaded before): what is gone is the timing and the reserve
     log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing "
