@@ -96,7 +96,7 @@ PRECISE_TIMING_SHARE = 0.05  # of --budget, at most, for the precise timing (441
 PRECISE_CALLS = 18 * 32 + 15 * 256  # image-calls of the precise timing
 
 
-def _time_call(denoiser: Denoiser, m: int) -> float:
+def time_call(denoiser: Denoiser, m: int) -> float:
     """Seconds of ONE denoiser call on m noises (at sigma_max)."""
     x = torch.randn(m, *denoiser.shape, generator=torch.Generator().manual_seed(0)).to(denoiser.device) * denoiser.sigma_max
     labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
@@ -122,7 +122,7 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
     linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; one more call on
     the most of 32, 16, 8, 4 or PROBE_BATCH noises; else the probe's own. The last two: that cost per image times n (the per-call overhead counted
     per image: an over-estimate, on the safe side)."""
-    rate = _time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
+    rate = time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
     share = PRECISE_TIMING_SHARE * budget_s
     if rate * PRECISE_CALLS <= share:
         times = {}
@@ -140,8 +140,8 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
             return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
         return cost, times[256] / 256, "Heun runs on 32 and 256 noises"
     if rate * 3 * (PROBE_BATCH + 32) <= share:  # the fastest of 3 of each: one load spike would skew a slope
-        small = min(_time_call(denoiser, PROBE_BATCH) for _ in range(3))
-        large = min(_time_call(denoiser, 32) for _ in range(3))
+        small = min(time_call(denoiser, PROBE_BATCH) for _ in range(3))
+        large = min(time_call(denoiser, 32) for _ in range(3))
         slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
         return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
                 f"calls on {PROBE_BATCH} and 32 noises")
@@ -149,7 +149,7 @@ def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], flo
     # small network's cost per call on 2 noises is mostly overhead: 10x its cost per image at 32)
     m = next((m for m in (32, 16, 8, 4) if rate * m <= share), PROBE_BATCH)
     if rate * m <= share:
-        rate = _time_call(denoiser, m) / m
+        rate = time_call(denoiser, m) / m
         return (lambda n: rate * n), rate, f"a second call on {m} noises"
     return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
 

@@ -29,6 +29,7 @@ import torch
 
 from iia.calibration.evalset import EvalSet, evaluation_set
 from iia.calibration.fit import HOLDOUT_SEED_OFFSET, calibrate
+from iia.calibration.search_plan import time_call
 from iia.calibration.solvers import Program, build_program
 from iia.cli import Ticker
 
@@ -77,19 +78,8 @@ class NodePlan:
 
 def call_cost(den) -> tuple[float, float]:
     """(a, b): seconds of one guided denoiser call on n noises ~ a + b n, from calls on 2 and 32 noises at
-    sigma_max (the fastest of 2 each: the first pays the warm-up)."""
-    def best(m: int) -> float:
-        x = torch.randn(m, *den.shape, generator=torch.Generator().manual_seed(0)) * den.sigma_max
-        labels = torch.zeros(m, dtype=torch.int64) if den.conditional else None
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                den(x, den.sigma_max, labels)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    small, large = best(2), best(32)
+    sigma_max (`search_plan.time_call`, the fastest of 2 each: the first pays the warm-up)."""
+    small, large = (min(time_call(den, m) for _ in range(2)) for m in (2, 32))
     b = max(large - small, 0.0) / 30
     return max(small - 2 * b, 0.0), b
 
