@@ -252,8 +252,10 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
             log: Callable[[str], None], reference_cache: Path | None) -> SearchResult:
     given = calibration or CalibrationOptions()
     cal = given.resolved(denoiser)
-    if given.holdout is None:  # the plan cuts reference steps before noises: ask for what an idle CPU affords
-        cal = replace(cal, holdout=min(cal.holdout, SEARCH_HOLDOUT))
+    holdout_floor = None
+    if given.holdout is None:  # ask for SEARCH_HOLDOUT; a short budget cuts it first, down to the guard's default
+        holdout_floor = min(cal.holdout, SEARCH_HOLDOUT)
+        cal = replace(cal, holdout=SEARCH_HOLDOUT)
     clock = Clock(opts.budget_s)
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
@@ -262,7 +264,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     load = fits and opts.budget_s is not None
     reserve = OPTIMISER_LOAD_S if load else 0.0
     # planned first, so that a search the budget cannot afford does not load the optimisers either
-    plan = plan_references(denoiser, nfe, families, opts, cal, clock, log, reserve)
+    plan = plan_references(denoiser, nfe, families, opts, cal, clock, log, reserve, holdout_floor)
     if not plan.fits:
         chosen = prior_base(denoiser, nfe, families, opts.finals)
         log(f"  shipped {chosen.label} unsearched, by the documented prior (search.PRIOR_FAMILIES): --budget "

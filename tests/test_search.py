@@ -359,3 +359,24 @@ def test_the_prior_base_always_gets_a_learned_schedule(gmm):
     assert schedules_to_learn(ranked, 1) == ranked[:1]  # one slot: the best base keeps it
     assert schedules_to_learn(ranked[:3], 2) == ranked[:2]  # the prior not scored: the ranking as it is
     assert schedules_to_learn(ranked[3:] + ranked[:3], 2) == (ranked[3:] + ranked[:3])[:2]  # already in
+
+
+def test_held_out_noises_above_the_guard_default_are_cut_first():
+    """The search asks a network for SEARCH_HOLDOUT held-out noises; a budget short of them cuts those down to the
+    guard's default before any calibration noise, base solver or reference step; one that affords them keeps them."""
+    from iia.calibration.fit import NETWORK_HOLDOUT
+    from iia.calibration.search_plan import SEARCH_HOLDOUT, reference_sizes
+
+    def cost(n):
+        return 1e-3 * n
+
+    args = (9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, SEARCH_HOLDOUT, 32)
+    rich = reference_sizes(*args, 1e4, cost, holdout_floor=NETWORK_HOLDOUT)
+    assert (rich.batch, rich.holdout, rich.cut) == (128, SEARCH_HOLDOUT, ""), rich.lines
+    # a budget between what 256 and what 1024 held-out noises need: only the held-out noises are cut
+    tight = reference_sizes(*args, 250.0, cost, holdout_floor=NETWORK_HOLDOUT)
+    assert tight.fits and tight.batch == 128 and NETWORK_HOLDOUT <= tight.holdout < SEARCH_HOLDOUT, tight.lines
+    assert (tight.steps, len(tight.families), tight.holdout_floor) == (32, len(FAMILIES_ALL), NETWORK_HOLDOUT)
+    # without a floor, the same budget cuts calibration and held-out noises together (as before)
+    plain = reference_sizes(*args, 250.0, cost)
+    assert plain.batch < 128, plain.lines
