@@ -33,6 +33,7 @@ from .solvers import Program
 
 
 FIXED_SHARE = 0.6  # of --budget, at most, for what cannot stop early: references, scoring bases and finalists
+HOLDOUT_BONUS_SHARE = 0.25  # of --budget, at most, for all of that with held-out noises above the plan's floor
 MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 16, 16, 32  # what a cut never goes below
 PROBE_SHARE = 0.08  # of --budget, at most, for measuring the reference's accuracy (`references.choose_steps`)
 LOCAL_FIT_SHARE = 0.2  # of the time left, at most, for the paper's local fit (it cannot stop early)
@@ -191,9 +192,10 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
                     holdout: int, steps: int, budget_s: float, cost: Callable[[int], float],
                     spent_s: float = 0.0, holdout_floor: int | None = None) -> ReferencePlan:
     """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
-    the held-out ones must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. Cut in this order
-    until they do: held-out noises down to `holdout_floor` (None: `holdout`; what is asked above it is a bonus
-    that sharpens the shipping rule, not worth calibration noises); noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
+    the held-out noises must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. First the held-out
+    noises above `holdout_floor` (None: `holdout`; a bonus that sharpens the shipping rule, worth neither
+    calibration noises nor the fits' time) are cut until all fits HOLDOUT_BONUS_SHARE; then, in this order until
+    it fits FIXED_SHARE: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
     MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
     MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False. `spent_s`: the seconds of --budget spent
     or kept outside `budget_s` (the timing, the probe, the optimisers' reserve): the --budget figures the plan
@@ -241,7 +243,10 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         state[2] = max(MIN_REFERENCE_STEPS, int(state[2] * 0.7))
         return True
 
-    ladder = (bonus_holdout, lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
+    # the held-out noises above the floor may take HOLDOUT_BONUS_SHARE of the budget, not the fits' time
+    while need(*state) > HOLDOUT_BONUS_SHARE * budget_s and bonus_holdout():
+        pass
+    ladder = (lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
               lambda: keep(4, 1), lambda: keep(3, 1), one_fit, fewer_steps)
     for cut_more in ladder:
         while need(*state) > share and cut_more():
