@@ -188,6 +188,21 @@ def _prior_order(families) -> list[str]:
     return [f for f in PRIOR_FAMILIES if f in families] + [f for f in families if f not in PRIOR_FAMILIES]
 
 
+def _what_was_cut(asked: tuple, new: list) -> list[str]:
+    """The plan's cuts in words: `asked` and `new` are (calibration noises, held-out noises, reference steps,
+    base families, final steps, fitted candidates)."""
+    cut = [f"{what} {b} -> {a}" for what, a, b in zip(("calibration noises", "held-out noises", "reference steps"),
+                                                      new, asked) if a != b]
+    families, finals, n_fitted = asked[3:]
+    if len(new[3]) < len(families):
+        cut.append(f"base families {len(families)} -> {len(new[3])} ({', '.join(new[3])})")
+    if len(new[4]) < len(finals):
+        cut.append(f"final steps {', '.join(finals)} -> {', '.join(new[4])}")
+    if new[5] < n_fitted:
+        cut.append(f"fitted candidates {n_fitted} -> {new[5]}")
+    return cut
+
+
 def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,
                     holdout: int, steps: int, budget_s: float, cost: Callable[[int], float],
                     spent_s: float = 0.0, holdout_floor: int | None = None) -> ReferencePlan:
@@ -231,35 +246,22 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         state[5] = 1
         return True
 
-    def bonus_holdout():
-        if state[1] <= floor:
+    def shrink(index, lo):  # held-out noises or reference steps
+        if state[index] <= lo:
             return False
-        state[1] = max(floor, int(state[1] * 0.7))
-        return True
-
-    def fewer_steps():
-        if state[2] <= MIN_REFERENCE_STEPS:
-            return False
-        state[2] = max(MIN_REFERENCE_STEPS, int(state[2] * 0.7))
+        state[index] = max(lo, int(state[index] * 0.7))
         return True
 
     # the held-out noises above the floor may take HOLDOUT_BONUS_SHARE of the budget, not the fits' time
-    while need(*state) > HOLDOUT_BONUS_SHARE * budget_s and bonus_holdout():
+    while need(*state) > HOLDOUT_BONUS_SHARE * budget_s and shrink(1, floor):
         pass
     ladder = (lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
-              lambda: keep(4, 1), lambda: keep(3, 1), one_fit, fewer_steps)
+              lambda: keep(4, 1), lambda: keep(3, 1), one_fit, lambda: shrink(2, MIN_REFERENCE_STEPS))
     for cut_more in ladder:
         while need(*state) > share and cut_more():
             pass
     new = state
-    cut = [f"{what} {b} -> {a}" for what, a, b in zip(("calibration noises", "held-out noises", "reference steps"),
-                                                      new, (batch, holdout, steps)) if a != b]
-    if len(new[3]) < len(families):
-        cut.append(f"base families {len(families)} -> {len(new[3])} ({', '.join(new[3])})")
-    if len(new[4]) < len(finals):
-        cut.append(f"final steps {', '.join(finals)} -> {', '.join(new[4])}")
-    if new[5] < n_fitted:
-        cut.append(f"fitted candidates {n_fitted} -> {new[5]}")
+    cut = _what_was_cut((batch, holdout, steps, families, finals, n_fitted), new)
     minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
                min(n_fitted, 1))
     afford = math.ceil(need(*minimal) / FIXED_SHARE + spent_s)

@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: one-line errors (tracebacks with IIA_DEBUG=1), timed stages, progress bars."""
+"""Shared CLI plumbing: one-line errors (tracebacks with IIA_DEBUG=1), timed stages; progress (`ProgressBar`,
+`Ticker`, `heartbeat`) lives in iia/progress.py and is re-exported here."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+from .progress import ProgressBar, Ticker, heartbeat  # noqa: F401 (re-exported: CLIs import them from here)
 
 
 class Terminated(KeyboardInterrupt):
@@ -279,71 +282,6 @@ def stage(name: str, timings: dict | None = None, log: Callable[[str], None] | N
     if timings is not None:
         timings[name] = round(seconds, 3)
     log(f"[{name}] done in {seconds:.2f} s")
-
-
-class ProgressBar:
-    """`progress(done, total, text)` callback drawn with tqdm (quiet when disabled); a new total starts the
-    bar over (a calibration's fit, then its guard's reference and scoring, each with its own count)."""
-
-    def __init__(self, desc: str, enabled: bool = True):
-        self.desc, self.enabled, self.bar = desc, enabled, None
-
-    def __call__(self, done: int, total: int, text: str = "") -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, leave=False, file=sys.stderr)
-        elif total != self.bar.total:
-            self.bar.reset(total=total)
-        self.bar.set_postfix_str(text, refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class Ticker:
-    """`tick(done, total)`: a log line with the elapsed time and an ETA at most every `every` seconds (none for
-    work that ends sooner), so that long work is never silent, in a log file or on a terminal."""
-
-    def __init__(self, what: str, log: Callable[[str], None] | None = None, every: float = 10.0):
-        self.what, self.every = what, every
-        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-        self.started = self.last = time.perf_counter()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every or done <= 0:
-            return
-        self.last = now
-        eta = (now - self.started) / done * max(total - done, 0)
-        self.log(f"  {self.what}: {done}/{total}, {now - self.started:.0f} s elapsed, ~{eta:.0f} s left")
-
-
-@contextmanager
-def heartbeat(what: str, log: Callable[[str], None] | None = None, every: float = 10.0,
-              estimate_s: float | None = None):
-    """A log line every `every` seconds with the elapsed time (and `estimate_s`, a rough total, when given)
-    while the body runs one opaque call (e.g. torch.onnx.export); a daemon thread, stopped and joined on exit."""
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    stop, started = threading.Event(), time.perf_counter()
-
-    def beat():
-        while not stop.wait(every):
-            guess = f" (estimated ~{estimate_s:.0f} s in all)" if estimate_s else ""
-            log(f"  {what}: {time.perf_counter() - started:.0f} s elapsed{guess}")
-
-    thread = threading.Thread(target=beat, name=f"heartbeat: {what}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 # ---- options dataclasses -> command-line arguments ----------------------------------------------------------

@@ -56,3 +56,18 @@ def test_the_bench_ticks_every_call_outside_the_timed_spans():
     times = time_interleaved({"a": lambda: None, "b": lambda: None}, warmup=1, iters=3,
                              tick=lambda done, total: ticks.append((done, total)))
     assert ticks == [(k, 8) for k in range(1, 9)] and all(len(t) == 3 for t in times.values())
+
+
+def test_a_piped_calibration_writes_log_lines_not_carriage_returns(tmp_path):
+    """tqdm's bar on a pipe or a log file piles up carriage returns; there the progress is Ticker lines."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "c.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "iia.calibration.cli", "gmm", "--solver", "iia-edm", "--nfe", "5",
+                          "--calib-batch", "32", "--holdout", "64", "--reference-steps", "32", "--out", str(out)],
+                         capture_output=True, env=env, timeout=600)  # bytes: text mode would turn \r into \n
+    assert run.returncode == 0, run.stderr
+    assert out.is_file() and b"\r" not in run.stderr and b"\x1b" not in run.stderr, run.stderr[-500:]
