@@ -34,8 +34,8 @@ from .evalset import EvalSet
 from .fit import CalibrationOptions, CalibrationResult, calibrate
 from .references import INTEGRATOR
 from .schedules import program_for
-from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_SCHEDULE_EVALS, OPTIMISER_LOAD_S,
-                          PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan, choose_finalists,
+from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
+                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan, choose_finalists,
                           evaluation_sets, fit_counts, load_optimisers_beside, plan_references, prior_base)
 from .search_fits import calib_loss, fit_global, learn_schedule
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
@@ -248,14 +248,23 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
         return _search(denoiser, nfe, opts, calibration, watched, reference_cache)
 
 
+def _search_holdout(given: CalibrationOptions, cal: CalibrationOptions, log) -> tuple[CalibrationOptions, int | None]:
+    """(options, floor): unless --holdout is given, the search asks for SEARCH_HOLDOUT held-out noises, which a
+    short budget cuts first down to the floor, the guard's default (`cal` is resolved); a given one below
+    MIN_HOLDOUT is used, and said to be unreliable."""
+    if given.holdout is None:
+        return replace(cal, holdout=SEARCH_HOLDOUT), min(cal.holdout, SEARCH_HOLDOUT)
+    if given.holdout < MIN_HOLDOUT:
+        log(f"  --holdout {given.holdout}: below {MIN_HOLDOUT} held-out noises the shipping rule's 95% bound is "
+            f"not reliable (a fit may ship on chance); the search's default is {SEARCH_HOLDOUT}")
+    return cal, None
+
+
 def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: CalibrationOptions | None,
             log: Callable[[str], None], reference_cache: Path | None) -> SearchResult:
     given = calibration or CalibrationOptions()
     cal = given.resolved(denoiser)
-    holdout_floor = None
-    if given.holdout is None:  # ask for SEARCH_HOLDOUT; a short budget cuts it first, down to the guard's default
-        holdout_floor = min(cal.holdout, SEARCH_HOLDOUT)
-        cal = replace(cal, holdout=SEARCH_HOLDOUT)
+    cal, holdout_floor = _search_holdout(given, cal, log)
     clock = Clock(opts.budget_s)
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
@@ -366,7 +375,9 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
     used = result.references
     resolved = calibration.resolved(denoiser)
     # the search's held-out noises and references, not the guard's defaults it never used
-    recorded = resolved if not used else replace(resolved, holdout=used["holdout"], reference_steps=used["steps"])
+    # (and its calibration noises and the shipped candidate's schedule, not the local fit's defaults)
+    recorded = resolved if not used else replace(resolved, holdout=used["holdout"], reference_steps=used["steps"],
+                                                 batch=used["calibration"], schedule=chosen.schedule)
     res = CalibrationResult(chosen.program, chosen.program, base, recorded)
     base_row = next(r for r in result.table if r["family"] == chosen.family and r["final"] == chosen.final
                     and r["schedule"] == "karras" and r["coefficients"] == "base")

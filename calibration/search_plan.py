@@ -391,7 +391,9 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
                 bonus = sizes["held-out"] > max(plan.holdout_floor, done["held-out"])
                 lo = {"calibration": sizes["calibration"] if bonus else MIN_CALIB,
                       "held-out": max(plan.holdout_floor, MIN_HOLDOUT) if bonus else MIN_HOLDOUT}
-                shrunk = {w: max(lo[w], done[w], int(sizes[w] * 0.8)) for w in sizes}
+                # whole granules: the references are computed (and cached) GRANULE noises at a time
+                shrunk = {w: max(lo[w], done[w], min(sizes[w], -(-int(sizes[w] * 0.8) // GRANULE) * GRANULE))
+                          for w in sizes}
                 if shrunk == sizes:
                     break
                 sizes.update(shrunk)
@@ -407,6 +409,7 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
         refs, info = compute(denoiser, noise, labels, seed, plan.steps, cache, log, batch, replan(which),
                              Ticker(f"{which} references", log))
         n = refs.shape[0]
+        done[which] = sizes[which] = n  # finished: a later re-plan neither cuts nor reports it
         es = EvalSet(denoiser, noise[:n], None if labels is None else labels[:n], plan.steps, INTEGRATOR)
         es.set_reference(None, refs)
         sets[which] = es

@@ -22,7 +22,8 @@ class ProgressBar:
             return
         if not sys.stderr.isatty():
             if self.ticker is None or total != self.ticker[0]:
-                self.ticker = (total, Ticker(self.desc + (f" ({text})" if text else "")))
+                self.ticker = (total, Ticker(self.desc))
+            self.ticker[1].what = self.desc + (f" ({text})" if text else "")  # the step it is at now
             self.ticker[1](done, total)
             return
         if self.bar is None:

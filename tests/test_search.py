@@ -104,6 +104,8 @@ def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
     assert coef["guard"]["calibration"] == used["calibration"] > 0
     assert coef["guard"]["reference"] == {"integrator": "unipc-3", "steps": used["steps"]}
     assert coef["options"]["reference_steps"] == used["steps"]
+    assert coef["options"]["batch"] == used["calibration"]  # the search's, not the local fit's default
+    assert coef["options"]["schedule"] == coef["search"]["chosen"].split("/")[2]  # karras or learned
     assert "upper bound" in coef["guard"]["rule"] and "mean test" in coef["guard"]["rule"]
     program = artifact.load_program(tmp_path / "out" / "coefficients.json", gmm, 4)
     assert list(program.sigmas) == manifest["sigmas"]
@@ -235,6 +237,15 @@ def test_a_machine_that_gets_busier_after_the_timing_still_meets_the_budget(gmm)
     # the slowdown was measured and the work re-planned at it: fewer noises than planned, or phases cut
     assert any("re-planned at" in line or "not scored" in line or "of 2 learned schedules" in line
                or "cut short by the budget" in line for line in lines), lines
+    # a re-plan's last word on each set is what was used (whole granules; a finished set is not re-cut)
+    import re
+
+    said = {}
+    for line in lines:
+        for which, n in re.findall(r"(calibration|held-out) noises \d+ -> (\d+)", line if "re-planned" in line else ""):
+            said[which] = int(n)
+    used = {"calibration": res.references["calibration"], "held-out": res.references["holdout"]}
+    assert all(said[w] == used[w] for w in said), (said, used, lines)
 
 
 def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path):
@@ -380,3 +391,14 @@ def test_held_out_noises_above_the_guard_default_are_cut_first():
     # without a floor, the same budget cuts calibration and held-out noises together (as before)
     plain = reference_sizes(*args, 250.0, cost)
     assert plain.batch < 128, plain.lines
+
+
+def test_a_given_held_out_set_too_small_for_the_rule_is_said_so(gmm):
+    from iia.calibration.search import _search_holdout
+
+    resolved = CalibrationOptions().resolved(gmm)
+    lines = []
+    cal, floor = _search_holdout(CalibrationOptions(holdout=2), CalibrationOptions(holdout=2).resolved(gmm), lines.append)
+    assert cal.holdout == 2 and floor is None and lines and "--holdout 2: below 32" in lines[0]
+    cal, floor = _search_holdout(CalibrationOptions(), resolved, lines.append)
+    assert (cal.holdout, floor, len(lines)) == (1024, 1024, 1)  # the default: nothing said
