@@ -43,12 +43,10 @@ MIN_SCHEDULE_EVALS, MIN_GLOBAL_EVALS = 20, 8
 # whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
 MIN_FIT_BUDGET_S = 5.0
 OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside the references, see below)
-# Held-out noises the search asks for unless --holdout is given, for every model (the guard's default is 4096 for
-# analytic models, 256 for networks): on a 192-d mixture under load, 4096 made the plan (as it was before the
-# budget rework) cut the references to 32 Heun steps, too coarse to judge the tails; 1024 is what the plan affords
-# on an idle CPU there. For a network, 1024 where the budget affords them (it cuts them first, down to 256): digits
-# NFE 9, 256 held-out noises refused the best fit (held-out RMSE 0.22x its base's, the paired mean test failed
-# on a few noises; test RMSE 0.44x), 1024 shipped it (docs/accuracy.md)
+# Held-out noises the search asks every model for unless --holdout is given (the guard's defaults: 4096 analytic,
+# 256 networks): 4096 on a 192-d mixture cut the references too coarse to judge the tails; for a network, 1024 where
+# the budget affords them (cut first, down to 256): at digits NFE 9, 256 refused the best fit (held-out 0.22x its
+# base, the paired mean test failed on a few noises; test 0.44x), 1024 shipped it (docs/calibration.md)
 SEARCH_HOLDOUT = 1024
 
 
@@ -188,6 +186,13 @@ def _prior_order(families) -> list[str]:
     return [f for f in PRIOR_FAMILIES if f in families] + [f for f in families if f not in PRIOR_FAMILIES]
 
 
+def held_out_programs(n_bases: int, n_fitted: int) -> int:
+    """Programs the held-out scoring must afford: the fitted ones, their own bases (the rule's reference) and the
+    best other; more only while time lasts (`choose_finalists`; counting all cut held-out noises to 52 on a busy
+    machine, where the rule refused every fit)."""
+    return n_fitted + min(n_bases, n_fitted + 1)
+
+
 def _what_was_cut(asked: tuple, new: list) -> list[str]:
     """The plan's cuts in words: `asked` and `new` are (calibration noises, held-out noises, reference steps,
     base families, final steps, fitted candidates)."""
@@ -219,7 +224,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     def need(n_cal, n_hold, n_steps, fams, fins, n_fitted=n_fitted):  # x 1.5: short timings run faster than long ones
         n_bases = len(fams) * len(fins)
         return 1.5 * (reference_calls(INTEGRATOR, n_steps) * (cost(n_cal) + cost(n_hold))
-                      + nfe * (n_bases * cost(n_cal) + (n_bases + n_fitted) * cost(n_hold)))
+                      + nfe * (n_bases * cost(n_cal) + held_out_programs(n_bases, n_fitted) * cost(n_hold)))
 
     share = FIXED_SHARE * budget_s
     floor = holdout if holdout_floor is None else min(holdout_floor, holdout)
@@ -384,7 +389,7 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
             def need() -> float:
                 refs = sum(pace.predict(sizes[w] - done[w], calls) for w in sizes)
                 return refs + pace.predict(sizes["calibration"], nfe * n_bases) + pace.predict(
-                    sizes["held-out"], nfe * (n_bases + n_fitted))
+                    sizes["held-out"], nfe * held_out_programs(n_bases, n_fitted))
             before = dict(sizes)
             while time.perf_counter() + need() > fixed_until:
                 # the held-out noises above the plan's floor first (as `reference_sizes` cuts them)

@@ -402,3 +402,20 @@ def test_a_given_held_out_set_too_small_for_the_rule_is_said_so(gmm):
     assert cal.holdout == 2 and floor is None and lines and "--holdout 2: below 32" in lines[0]
     cal, floor = _search_holdout(CalibrationOptions(), resolved, lines.append)
     assert (cal.holdout, floor, len(lines)) == (1024, 1024, 1)  # the default: nothing said
+
+
+def test_the_plan_keeps_held_out_time_for_the_fits_and_their_bases_not_every_base():
+    """Scoring every base on the held-out noises is optional (choose_finalists drops the lower-ranked ones when
+    time is short): the plan counts the fitted candidates, one own base each and the best other base, so a
+    busy machine keeps more held-out noises (at 52 the rule refused every fit)."""
+    from iia.calibration.search_plan import held_out_programs, reference_sizes
+
+    assert (held_out_programs(12, 5), held_out_programs(1, 1), held_out_programs(12, 0)) == (11, 2, 1)
+
+    def cost(n):
+        return 2e-3 * n
+
+    plan = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 200.0, cost)
+    need = 1.5 * (32 * (cost(plan.batch) + cost(plan.holdout))
+                  + 9 * (12 * cost(plan.batch) + 11 * cost(plan.holdout)))
+    assert plan.fits and abs(need - float(plan.lines[0].split("need ")[1].split(" s")[0])) < 0.1, plan.lines
