@@ -355,7 +355,7 @@ def test_the_table_says_why_a_candidate_is_not_eligible():
     assert lines[3].endswith("no  no (upper > 1, no mean gain)")
 
 
-def test_the_prior_base_always_gets_a_learned_schedule(gmm):
+def test_the_prior_base_always_gets_a_learned_schedule_and_a_global_fit(gmm):
     """gmm NFE 5: deis-3 and deis-2 led on base loss and deis-3's fit shipped at test RMSE 0.055 (iPNDM's: 0.041):
     the prior family (iPNDM, sigma_min) takes the last of top_k >= 2 slots when it ranks lower."""
     from iia.calibration.search import schedules_to_learn
@@ -370,6 +370,18 @@ def test_the_prior_base_always_gets_a_learned_schedule(gmm):
     assert schedules_to_learn(ranked, 1) == ranked[:1]  # one slot: the best base keeps it
     assert schedules_to_learn(ranked[:3], 2) == ranked[:2]  # the prior not scored: the ranking as it is
     assert schedules_to_learn(ranked[3:] + ranked[:3], 2) == (ranked[3:] + ranked[:3])[:2]  # already in
+    # the global fits likewise: the best learned schedule, the prior's learned one, then the best Karras base
+    from dataclasses import replace
+
+    from iia.calibration.search import globals_to_fit
+
+    learned = [replace(c, schedule="learned", calib_loss=k) for k, c in enumerate(ranked)]
+    assert labels(globals_to_fit(learned, ranked, 2)) == ["deis-3/sigma_min/learned/base",
+                                                          "ipndm/sigma_min/learned/base"]
+    assert labels(globals_to_fit(learned, ranked, 3))[2] == "deis-3/sigma_min/karras/base"
+    assert labels(globals_to_fit(learned[:3], ranked, 2)) == ["deis-3/sigma_min/learned/base",
+                                                              "deis-3/sigma_min/karras/base"]  # no prior: as before
+    assert len(globals_to_fit(learned, ranked, 9)) == 5 and globals_to_fit(learned, ranked, 0) == []
 
 
 def test_held_out_noises_above_the_guard_default_are_cut_first():
