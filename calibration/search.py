@@ -131,8 +131,8 @@ def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k
 def globals_to_fit(learned: list[Candidate], bases: list[Candidate], n_fits: int) -> list[Candidate]:
     """What gets a global fit, in order: the best learned schedule (by calibration loss), the prior's (PRIOR_FAMILIES[0],
     PRIOR_FINAL) learned schedule when it ranks lower, the best Karras base, then the other learned ones. A
-    schedule's loss does not rank what a global fit makes of it: 16x16 DDPM++ NFE 9, unipc-2/zero's learned
-    schedule led (held-out 0.0065) and its fit gained nothing, iPNDM's fit reached 0.0051 (docs/accuracy.md)."""
+    schedule's loss does not rank what a global fit makes of it: on a 16x16 DDPM++ pickle at NFE 9, unipc-2/zero's
+    learned schedule led (held-out 0.0065) and its global fit gained nothing; iPNDM's reached 0.0051."""
     ranked = sorted(learned, key=lambda c: c.calib_loss)
     prior = [c for c in ranked[1:] if (c.family, c.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)][:1]
     order = ranked[:1] + prior + bases[:1] + [c for c in ranked[1:] if c not in prior]
