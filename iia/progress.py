@@ -15,16 +15,18 @@ class ProgressBar:
     calibration's fit, then its guard's reference and scoring, each with its own count)."""
 
     def __init__(self, desc: str, enabled: bool = True):
-        self.desc, self.enabled, self.bar, self.ticker = desc, enabled, None, None
+        self.desc, self.enabled, self.bar = desc, enabled, None
+        self.ticker: Ticker | None = None  # off a terminal: the log lines of the current count
+        self.ticker_total = 0
 
     def __call__(self, done: int, total: int, text: str = "") -> None:
         if not self.enabled:
             return
         if not sys.stderr.isatty():
-            if self.ticker is None or total != self.ticker[0]:
-                self.ticker = (total, Ticker(self.desc))
-            self.ticker[1].what = self.desc + (f" ({text})" if text else "")  # the step it is at now
-            self.ticker[1](done, total)
+            if self.ticker is None or total != self.ticker_total:
+                self.ticker, self.ticker_total = Ticker(self.desc), total
+            self.ticker.what = self.desc + (f" ({text})" if text else "")  # the step it is at now
+            self.ticker(done, total)
             return
         if self.bar is None:
             from tqdm import tqdm
