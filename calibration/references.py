@@ -41,6 +41,11 @@ from .solvers import DEFINITION_VERSION, Program
 
 INTEGRATOR = "unipc-3"
 GRANULE = 8  # images per cache entry
+
+
+def whole_granules(n: int) -> int:
+    """n rounded up to whole granules: the noises `compute` really integrates when asked for n."""
+    return -(-n // GRANULE) * GRANULE
 ACCURACY_TARGET = 0.02  # reference error / the prior base's error, at most (see the module docstring)
 PROBE_STEPS = (16, 32, 64, 128, 256)  # the grids the accuracy probe tries, in order
 UNMEASURED_STEPS = 64  # when the budget cannot afford even the coarsest pair of the probe

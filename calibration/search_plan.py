@@ -25,7 +25,7 @@ from iia.models.base import Denoiser
 
 from .evalset import EvalSet, draw_noise
 from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions
-from .references import GRANULE, INTEGRATOR, Accuracy, choose_steps, compute
+from .references import GRANULE, INTEGRATOR, Accuracy, choose_steps, compute, whole_granules
 from .sampling import reference_calls, reference_solution
 from .schedules import program_for
 from .search_space import Candidate, SearchOptions
@@ -396,9 +396,7 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
                 bonus = sizes["held-out"] > max(plan.holdout_floor, done["held-out"])
                 lo = {"calibration": sizes["calibration"] if bonus else MIN_CALIB,
                       "held-out": max(plan.holdout_floor, MIN_HOLDOUT) if bonus else MIN_HOLDOUT}
-                # whole granules: the references are computed (and cached) GRANULE noises at a time
-                shrunk = {w: max(lo[w], done[w], min(sizes[w], -(-int(sizes[w] * 0.8) // GRANULE) * GRANULE))
-                          for w in sizes}
+                shrunk = {w: max(lo[w], done[w], min(sizes[w], whole_granules(int(sizes[w] * 0.8)))) for w in sizes}
                 if shrunk == sizes:
                     break
                 sizes.update(shrunk)
