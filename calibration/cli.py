@@ -8,8 +8,8 @@ from pathlib import Path
 
 from dataclasses import dataclass, fields
 
-from iia.cli import (ProgressBar, add_options, check_options, check_output_file, flag_of, given_options, option,
-                     options_from, run_cli, stage, written)
+from iia.cli import (ProgressBar, add_options, check_options, check_output_file, default_output, flag_of,
+                     given_options, option, options_from, run_cli, stage, written)
 
 from iia.models.device import describe_device, device_option, resolve_device
 
@@ -59,7 +59,7 @@ def _calibrate(argv=None) -> int:
     add_model_argument(parser)
     add_options(parser, CalibrateTarget)
     add_options(parser, CalibrationOptions)
-    parser.add_argument("--out", default=None, help="coefficient JSON (default: <solver>-nfe<N>.json)")
+    parser.add_argument("--out", default=None, help="coefficient JSON (default: <model>-<solver>-nfe<N>.json)")
     args = parser.parse_args(argv)
     from . import artifact
     from .fit import calibrate
@@ -86,7 +86,7 @@ def _calibrate(argv=None) -> int:
     with stage(f"calibrate {args.solver} NFE {args.nfe}"):
         result = calibrate(denoiser, args.solver, args.nfe, options, progress=bar)
     bar.close()
-    out = Path(args.out or f"{args.solver}-nfe{args.nfe}.json")
+    out = Path(args.out) if args.out else default_output(args.model, args.solver, args.nfe, ".json")
     artifact.save(result, denoiser, args.nfe, out)
     written(out)
     g = result.guard

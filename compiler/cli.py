@@ -8,7 +8,7 @@ from pathlib import Path
 
 from iia.calibration.cli import PICKLE_NOTE, add_model_argument
 from iia.calibration.fit import CalibrationOptions
-from iia.cli import ProgressBar, add_options, given_options, options_from, run_cli, with_role
+from iia.cli import ProgressBar, add_options, default_output, given_options, options_from, run_cli, with_role
 
 
 def _main(argv=None) -> int:
@@ -25,7 +25,7 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args),
                            given=frozenset(given_options(parser, argv)))  # a flag typed at its default counts
-    out = Path(args.out or f"{Path(str(args.model)).stem.split(':')[0]}-{args.solver}-nfe{args.nfe}")
+    out = Path(args.out) if args.out else default_output(args.model, args.solver, args.nfe)
     bar = ProgressBar("calibrating")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     manifest = compile_model(args.model, out, options, log=log, progress=bar)

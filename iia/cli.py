@@ -145,6 +145,13 @@ def signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def default_output(model, solver: str, nfe: int, suffix: str = "") -> Path:
+    """The default output name of iia-compile (an artifact directory) and iia-calibrate (`suffix` ".json"):
+    <model>-<solver>-nfe<N>, <model> the file or folder name without its extension and a bundled model's name
+    without its ':' options, so that two models compiled or calibrated in one folder do not overwrite each other."""
+    return Path(f"{Path(str(model)).stem.split(':')[0]}-{solver}-nfe{nfe}{suffix}")
+
+
 def check_output_file(path: str | Path | None, flag: str) -> Path | None:
     """An output FILE path checked before any work, one rule for every CLI (iia-run's C++ check says the same):
     not '-' (standard output is not supported), not '.', '..' or an existing directory, and its nearest existing

@@ -203,6 +203,22 @@ def test_cli_calibrate_writes_artifact(tmp_path):
     assert artifact.read(out)["nfe"] == 5
 
 
+def test_cli_calibrate_default_name_carries_the_model(tmp_path, monkeypatch):
+    """Without --out, iia-calibrate writes <model>-<solver>-nfe<N>.json (as iia-compile names its directory), so
+    two models calibrated in one folder do not overwrite each other."""
+    from pathlib import Path
+
+    from iia.calibration.cli import calibrate_main
+    from iia.cli import default_output
+
+    monkeypatch.chdir(tmp_path)
+    assert calibrate_main(["gmm:d=16,components=4", "--nfe", "5", "--batch", "20", "--holdout", "16",
+                           "--reference-steps", "32"]) == 0
+    assert [p.name for p in tmp_path.glob("*.json")] == ["gmm-iia-edm-nfe5.json"]
+    assert default_output("/x/edm-cifar10.pkl", "iia-edm", 5, ".json") == Path("edm-cifar10-iia-edm-nfe5.json")
+    assert default_output("/x/sd-vae/", "auto", 9) == Path("sd-vae-auto-nfe9")
+
+
 def test_guide_with_a_narrower_noise_range_says_so():
     """--guide narrows the sampler to the noise range both nets cover: a 'changed:' line says it, never silent."""
     from iia.models import gaussian_mixture
