@@ -34,9 +34,10 @@ from .evalset import EvalSet
 from .fit import CalibrationOptions, CalibrationResult, calibrate
 from .references import INTEGRATOR
 from .schedules import program_for
+from .search_budget import choose_finalists, fit_counts
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
-                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan, choose_finalists,
-                          evaluation_sets, fit_counts, load_optimisers_beside, plan_references, prior_base)
+                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan,
+                          evaluation_sets, load_optimisers_beside, plan_references, prior_base)
 from .search_fits import calib_loss, fit_global, learn_schedule
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .shipping import LEVEL, judge, rule_text
@@ -212,7 +213,10 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = 
                      "p90": float(torch.quantile(err, 0.9))}
     base_of = {(c.family, c.final): c for c in cands if c.schedule == "karras" and c.coefficients == "base"}
     for c in cands:
-        c.holdout.update(judge(sq[id(c)], sq[id(base_of[(c.family, c.final)])], level).record())
+        base = base_of[(c.family, c.final)]
+        c.holdout.update(judge(sq[id(c)], sq[id(base)], level).record())
+        if c is base:  # against itself the mean test is moot: null in coefficients.json, "-" in the table
+            c.holdout["mean_gain"] = None
     clock.lap("held-out scoring", t0)
     return min((c for c in cands if c.holdout["eligible"]), key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
 

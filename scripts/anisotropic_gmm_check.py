@@ -97,11 +97,11 @@ def main() -> None:
             errs[what] = (float(e.pow(2).mean().sqrt()), float(e.median()))
         row = {"nfe": nfe, "chosen": c.label, "rmse": errs["auto"][0], "median": errs["auto"][1],
                "base_rmse": errs["base"][0], "base_median": errs["base"][1],
-               "search_s": round(time.perf_counter() - t0, 1)}
+               "search_s": round(time.perf_counter() - t0, 1), "references": res.references}
         rows.append(row)
         print(f"{nfe:>3} {row['rmse']:>10.5f} {row['median']:>9.5f} {row['base_rmse']:>10.5f} "
               f"{row['base_median']:>11.5f} {row['rmse'] / row['base_rmse']:>9.3f} {row['search_s']:>8.1f}  "
-              f"{c.label}", flush=True)
+              f"{c.label} ({res.references.get('calibration')} calibration noises)", flush=True)
         if args.tables:
             print(format_table(res.table), flush=True)
     if args.json:

@@ -83,6 +83,9 @@ def test_auto_search_ships_an_eligible_candidate(gmm):
     assert chosen[0]["rmse"] <= base["rmse"] and chosen[0]["ratio_upper"] <= 1.0
     assert chosen[0]["rmse"] == min(r["rmse"] for r in res.table if r["eligible"])
     assert base["eligible"] and base["ratio_to_base"] == 1.0
+    assert base["mean_gain"] is None  # a base against itself: moot, as the table's "-" says
+    assert all(isinstance(r["mean_gain"], bool) for r in res.table if r["coefficients"] != "base"
+               or r["schedule"] != "karras")
     assert {r["schedule"] for r in res.table} == {"karras", "learned"}
     assert {"base", "global"} <= {r["coefficients"] for r in res.table}
 
@@ -289,7 +292,8 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     fitted candidate, and the time left after them affords a learned schedule."""
     import re
 
-    from iia.calibration.search_plan import FIXED_SHARE, PRECISE_TIMING_SHARE, PROBE_SHARE, fit_counts, reference_sizes
+    from iia.calibration.search_budget import fit_counts
+    from iia.calibration.search_plan import FIXED_SHARE, PRECISE_TIMING_SHARE, PROBE_SHARE, reference_sizes
 
     def cost(n):
         return 0.18 * n
@@ -309,6 +313,26 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     spent = need / 1.5 + (PRECISE_TIMING_SHARE + PROBE_SHARE) * 1800.0
     top_k, _ = fit_counts(SearchOptions(), per_eval, 9 * cost(big.holdout), 1800.0 - spent, lambda s: None)
     assert top_k >= 1, (per_eval, big.lines)
+
+
+def test_calibration_noises_grow_only_where_the_fits_at_full_counts_are_cheap():
+    """gmm (~2 us per image-call) ends its search by its evaluation counts: its calibration noises double up to
+    the cap; the digits network (~0.23 ms) keeps its 128; each doubling keeps the full counts within the share."""
+    from iia.calibration.references import INTEGRATOR
+    from iia.calibration.sampling import reference_calls
+    from iia.calibration.search_plan import CALIB_GROWTH_CAP, CALIB_GROWTH_SHARE, grown_calibration, reference_sizes
+
+    opts, finals = SearchOptions(), ("zero", "sigma_min")
+    for rate, batch, expected in ((2e-6, 512, CALIB_GROWTH_CAP), (2.3e-4, 128, 128)):
+        plan = reference_sizes(8, FAMILIES_ALL, finals, 5, batch, 1024, 64, 178.0, lambda n, r=rate: r * n)
+        assert plan.fits and not plan.cut
+        assert grown_calibration(batch, 8, opts, plan, 178.0 - plan.need_s) == expected
+    plan = reference_sizes(8, FAMILIES_ALL, finals, 5, 128, 1024, 64, 178.0, lambda n: 1e-5 * n)
+    n = grown_calibration(128, 8, opts, plan, 178.0 - plan.need_s)
+    calls = 8 * (opts.top_k * opts.max_evals + 3 * opts.global_fits * opts.max_iter) + reference_calls(INTEGRATOR, 64) \
+        + 8 * len(plan.families) * len(plan.finals)
+    assert 128 < n < CALIB_GROWTH_CAP
+    assert calls * plan.cost(n) <= CALIB_GROWTH_SHARE * (178.0 - plan.need_s) < calls * plan.cost(2 * n)
 
 
 def test_a_multistep_reference_converges_and_an_unknown_integrator_is_refused(gmm):
@@ -345,7 +369,7 @@ def test_the_table_says_why_a_candidate_is_not_eligible():
                coefficients="global", note="", chosen=False, rmse=0.07, median=0.05, ratio_to_base=0.465,
                ratio_upper=0.764, mean_gain=False, level=0.95, tolerance=0.0, eligible=False)
     base = dict(row, candidate="ipndm/sigma_min/karras/base", schedule="karras", coefficients="base", chosen=True,
-                rmse=0.15, ratio_to_base=1.0, ratio_upper=1.0, mean_gain=True, eligible=True)
+                rmse=0.15, ratio_to_base=1.0, ratio_upper=1.0, mean_gain=None, eligible=True)
     worse = dict(row, candidate="ipndm/sigma_min/learned/base", coefficients="base", rmse=0.2, ratio_to_base=1.3,
                  ratio_upper=1.5)
     lines = format_table([base, row, worse]).splitlines()
