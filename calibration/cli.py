@@ -60,6 +60,7 @@ def _calibrate(argv=None) -> int:
     add_options(parser, CalibrateTarget)
     add_options(parser, CalibrationOptions)
     parser.add_argument("--out", default=None, help="coefficient JSON (default: <model>-<solver>-nfe<N>.json)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     from . import artifact
     from .fit import calibrate
@@ -75,7 +76,10 @@ def _calibrate(argv=None) -> int:
     if not options.guard and guard_only:
         raise ValueError(f"--no-guard runs no held-out guard: {', '.join(guard_only)} "
                          f"{'does' if len(guard_only) == 1 else 'do'} not apply")
-    check_output_file(args.out, "--out")
+    out = Path(args.out) if args.out else default_output(args.model, args.solver, args.nfe, ".json")
+    check_output_file(out, "--out")
+    if out.exists() and not args.force:  # before any work, as iia-compile refuses an existing directory
+        raise ValueError(f"--out {out}: exists: pass --force to replace it, or another --out")
     program_for_check = args.solver, args.nfe
     if args.solver not in SOLVERS or not SOLVERS[args.solver].fitted:  # before loading the model
         raise ValueError(f"--solver {args.solver}: iia-calibrate fits an IIA variant: "
@@ -86,7 +90,6 @@ def _calibrate(argv=None) -> int:
     with stage(f"calibrate {args.solver} NFE {args.nfe}"):
         result = calibrate(denoiser, args.solver, args.nfe, options, progress=bar)
     bar.close()
-    out = Path(args.out) if args.out else default_output(args.model, args.solver, args.nfe, ".json")
     artifact.save(result, denoiser, args.nfe, out)
     written(out)
     g = result.guard

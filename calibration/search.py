@@ -43,8 +43,13 @@ from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .shipping import LEVEL, judge, rule_text
 from .solvers import Program, build_program, valid_nfe
 
-__all__ = ["FAMILIES", "PRIOR_FAMILIES", "Candidate", "SearchError", "SearchOptions", "SearchResult", "auto_search", "format_table",
-           "to_calibration_result"]
+__all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchError", "SearchOptions", "SearchResult",
+           "auto_search", "format_table", "to_calibration_result"]
+
+# Bumped when what the search ships or records for the same options changes, so that a cached `auto` result is
+# searched again (iia-compile's coefficient cache key; 2: 1024 held-out noises for networks, the prior's global
+# fit, a base's mean test recorded as null).
+SEARCH_VERSION = 2
 
 @dataclass
 class SearchResult:

@@ -5,9 +5,8 @@ measured accuracy afford, and the pace the later phases watch.
 `reference_sizes` cuts noises, base families, final steps, fitted candidates and reference steps, in that order,
 until the references and the scoring fit FIXED_SHARE of `--budget` (the plan block in the log says what was cut
 and which budget would afford it all; when nothing fits, the documented prior base ships: `prior_base`);
-`grown_calibration` gives the fits more calibration noises where the budget affords their full evaluation counts
-on them; `evaluation_sets` computes the references in batches, re-planned at the measured pace (`Pace`);
-`search_budget` sizes the fits and the held-out scoring from what is left (`Clock`).
+`evaluation_sets` computes the references in batches, re-planned at the measured pace (`Pace`); `search_budget`
+sizes the fits and the held-out scoring from what is left (`Clock`).
 """
 
 from __future__ import annotations
@@ -49,12 +48,6 @@ OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside
 # the budget affords them (cut first, down to 256): at digits NFE 9, 256 refused the best fit (held-out 0.22x its
 # base, the paired mean test failed on a few noises; test 0.44x), 1024 shipped it (docs/calibration.md)
 SEARCH_HOLDOUT = 1024
-# Calibration noises double (from 512 analytic, 128 networks) while the fits at their full evaluation counts and
-# the added references take at most CALIB_GROWTH_SHARE of the time left after the plan, up to CALIB_GROWTH_CAP
-# (`grown_calibration`). gmm's searches ended by their counts in 5-14 s of 180 with 512 noises overfitted
-# (calibration RMSE 0.1-0.4x the held-out's); 2048 made auto's RMSE on 8000 fresh noises 1.1-1.9x lower at NFE 4-8
-# and monotone in NFE (docs/accuracy.md). Half the time: the counts are maxima, the machine may get busier.
-CALIB_GROWTH_CAP, CALIB_GROWTH_SHARE = 2048, 0.5
 
 
 def load_optimisers() -> None:
@@ -185,7 +178,6 @@ class ReferencePlan:
     rate: float = 0.0
     accuracy: Accuracy | None = None
     fitted: int = 0  # fitted candidates the held-out scoring keeps time for
-    need_s: float = 0.0  # the predicted seconds of the references and the scoring
     holdout_floor: int = 0  # held-out noises cut first, down to this, before anything else (`reference_sizes`)
 
 
@@ -278,7 +270,9 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
                min(n_fitted, 1))
     afford = math.ceil(need(*minimal) / FIXED_SHARE + spent_s)
-    full = math.ceil(need(batch, holdout, steps, fams, fins) / FIXED_SHARE + spent_s)
+    # everything asked: held-out noises above the floor must fit the bonus share (the smaller), the rest FIXED_SHARE
+    full = math.ceil(need(batch, holdout, steps, fams, fins) / (HOLDOUT_BONUS_SHARE if holdout > floor else FIXED_SHARE)
+                     + spent_s)
     fits = need(*new) <= share
     lines = (f"  plan: references, scoring the bases and the finalists need {need(*new):.1f} s, their share of the "
              f"budget is {share:.1f} s",)
@@ -292,22 +286,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
                   f"{MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford} (the full "
                   f"search's references: --budget {full})",)
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
-                         tuple(new[4]), cost, fitted=new[5], holdout_floor=min(floor, new[1]), need_s=need(*new))
-
-
-def grown_calibration(batch: int, nfe: int, opts: SearchOptions, plan: ReferencePlan, left: float) -> int:
-    """Calibration noises for the fits: `batch`, doubled while the fits at their full evaluation counts
-    (`opts.top_k` schedules of `opts.max_evals` sampling runs, `opts.global_fits` of `opts.max_iter` iterations at
-    ~3 runs' time each: the backward pass) and the references and base scoring of the added noises, timed by
-    `plan.cost`, fit CALIB_GROWTH_SHARE of `left` seconds (the time after the plan's fixed work), up to
-    CALIB_GROWTH_CAP. More noises are less overfitted; a network on a CPU keeps its 128 (its fits are cut by
-    the budget already)."""
-    runs = opts.top_k * opts.max_evals + 3 * opts.global_fits * opts.max_iter
-    per_noise_calls = nfe * runs + reference_calls(INTEGRATOR, plan.steps) + nfe * len(plan.families) * len(plan.finals)
-    n = batch
-    while 2 * n <= CALIB_GROWTH_CAP and per_noise_calls * plan.cost(2 * n) <= CALIB_GROWTH_SHARE * left:
-        n *= 2
-    return n
+                         tuple(new[4]), cost, fitted=new[5], holdout_floor=min(floor, new[1]))
 
 
 def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> Candidate:
@@ -362,13 +341,6 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
                            opts.budget_s - left, holdout_floor)
     plan.rate, plan.accuracy = rate, error
     plan.lines = (f"  plan: {rate:.3g} s per image-call (timed by {how}); reference {said}",) + plan.lines
-    grown = grown_calibration(plan.batch, nfe, opts, plan, left - plan.need_s) if (
-        plan.fits and not plan.cut and opts.batch is None) else plan.batch
-    if grown > plan.batch:
-        plan.lines += (f"  plan: calibration noises {plan.batch} -> {grown}: the fits at their full evaluation counts "
-                       f"on them fit {CALIB_GROWTH_SHARE:g} of the {left - plan.need_s:.0f} s left (fewer noises "
-                       f"are overfitted)",)
-        plan.batch = grown
     clock.lap("references", t0)  # the timing and the accuracy probe are part of what the references cost
     for line in plan.lines[1:]:
         log(line)

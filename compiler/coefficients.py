@@ -81,7 +81,7 @@ def _from_file(denoiser, solver, opts: CompileOptions, log) -> tuple[dict, Progr
 
 
 def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:
-    from iia.calibration.search import SearchOptions, auto_search, format_table, to_calibration_result
+    from iia.calibration.search import SEARCH_VERSION, SearchOptions, auto_search, format_table, to_calibration_result
 
     # the search's own default (calibration batch 512 analytic / 128 networks) unless --calib-batch is set
     batch = opts.calibration.batch if is_set(opts, "batch") else None
@@ -100,7 +100,8 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
             f"shipped {result.chosen.label}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base {g['rmse_base']:.4g}), "
             f"median {g['median_chosen']:.4g} (base {g['median_base']:.4g})")
 
-    key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser), {"search": repr(vars(search))})
+    key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),
+                           {"search": repr(vars(search)), "search_version": SEARCH_VERSION})
     return _cached(key, make, lambda data, path: artifact.program_from_dict(
         data, denoiser, opts.nfe, source=str(path)), opts, log, "searching again",
         {"solver": "auto", "nfe": opts.nfe, "model_sha256": denoiser.identity.get("sha256")}, say_guard=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -147,9 +148,16 @@ def signals_deferred():
 
 def default_output(model, solver: str, nfe: int, suffix: str = "") -> Path:
     """The default output name of iia-compile (an artifact directory) and iia-calibrate (`suffix` ".json"):
-    <model>-<solver>-nfe<N>, <model> the file or folder name without its extension and a bundled model's name
-    without its ':' options, so that two models compiled or calibrated in one folder do not overwrite each other."""
-    return Path(f"{Path(str(model)).stem.split(':')[0]}-{solver}-nfe{nfe}{suffix}")
+    <model>-<solver>-nfe<N>, <model> the file or folder name without its extension, or a bundled model's name
+    with its ':' options as letters, digits and dots ("gmm:components=4,d=16" -> "gmm-components4-d16"), so that
+    two models compiled or calibrated in one folder get two names."""
+    text = str(model)
+    if ":" in text and not os.path.exists(text):  # a bundled model with options, not a path
+        name, options = text.split(":", 1)
+        name = "-".join([name] + [part for part in re.split(r"[^A-Za-z0-9.]+", options.replace("=", "")) if part])
+    else:
+        name = Path(text).stem
+    return Path(f"{name}-{solver}-nfe{nfe}{suffix}")
 
 
 def check_output_file(path: str | Path | None, flag: str) -> Path | None:

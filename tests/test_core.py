@@ -212,11 +212,18 @@ def test_cli_calibrate_default_name_carries_the_model(tmp_path, monkeypatch):
     from iia.cli import default_output
 
     monkeypatch.chdir(tmp_path)
-    assert calibrate_main(["gmm:d=16,components=4", "--nfe", "5", "--batch", "20", "--holdout", "16",
+    assert calibrate_main(["gmm:components=4,d=16", "--nfe", "5", "--batch", "20", "--holdout", "16",
                            "--reference-steps", "32"]) == 0
-    assert [p.name for p in tmp_path.glob("*.json")] == ["gmm-iia-edm-nfe5.json"]
+    assert [p.name for p in tmp_path.glob("*.json")] == ["gmm-components4-d16-iia-edm-nfe5.json"]
     assert default_output("/x/edm-cifar10.pkl", "iia-edm", 5, ".json") == Path("edm-cifar10-iia-edm-nfe5.json")
     assert default_output("/x/sd-vae/", "auto", 9) == Path("sd-vae-auto-nfe9")
+    assert default_output("gmm:spread=0.5,d=16", "auto", 9) == Path("gmm-spread0.5-d16-auto-nfe9")
+    # an existing output is refused before any work (as iia-compile's directory), replaced with --force
+    small = ["--nfe", "5", "--batch", "20", "--holdout", "16", "--reference-steps", "32"]
+    before = (tmp_path / "gmm-components4-d16-iia-edm-nfe5.json").stat().st_mtime_ns
+    assert calibrate_main(["gmm:components=4,d=16"] + small) == 2
+    assert (tmp_path / "gmm-components4-d16-iia-edm-nfe5.json").stat().st_mtime_ns == before
+    assert calibrate_main(["gmm:components=4,d=16", "--force"] + small) == 0
 
 
 def test_guide_with_a_narrower_noise_range_says_so():
