@@ -100,8 +100,16 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
             f"shipped {result.chosen.label}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base {g['rmse_base']:.4g}), "
             f"median {g['median_chosen']:.4g} (base {g['median_base']:.4g})")
 
+    def check(data, path):  # a cached search: its table and choice said as a fresh one's are
+        record, g = data.get("search") or {}, data.get("guard") or {}
+        if record.get("candidates"):
+            log(format_table(record["candidates"]))
+        if g:
+            log(f"  cached auto choice {record.get('chosen')}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base "
+                f"{g['rmse_base']:.4g}), median {g['median_chosen']:.4g} (base {g['median_base']:.4g})")
+        return artifact.program_from_dict(data, denoiser, opts.nfe, source=str(path))
+
     key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),
                            {"search": repr(vars(search)), "search_version": SEARCH_VERSION})
-    return _cached(key, make, lambda data, path: artifact.program_from_dict(
-        data, denoiser, opts.nfe, source=str(path)), opts, log, "searching again",
+    return _cached(key, make, check, opts, log, "searching again",
         {"solver": "auto", "nfe": opts.nfe, "model_sha256": denoiser.identity.get("sha256")}, say_guard=False)

@@ -128,8 +128,12 @@ def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
     # a second compile reuses the cached search
     from iia.compiler.build import obtain_coefficients
 
-    data, _, how = obtain_coefficients(gmm, "auto", opts, log=lambda s: None)
+    lines = []
+    data, _, how = obtain_coefficients(gmm, "auto", opts, log=lines.append)
     assert how.startswith("cached") and data["search"]["chosen"] == coef["search"]["chosen"]
+    # and says what it reuses: the candidate table and the choice, as the fresh search did
+    assert any(line.startswith("candidate") and "held-out rmse" in line for line in lines), lines
+    assert any(f"cached auto choice {coef['search']['chosen']}: held-out rmse" in line for line in lines), lines
 
 
 def test_compile_auto_uses_the_given_r_and_calib_batch(gmm, tmp_path):
