@@ -55,7 +55,8 @@ def model_difference(recorded: dict, given: dict) -> str:
     sha256s (same settings, other weights)."""
     if recorded.get("name") != given.get("name"):
         return f"{recorded.get('name')}, not {given.get('name')}" + (
-            f" (sha256 {recorded.get('sha256')}, not {given.get('sha256')})" if recorded.get("sha256") else "")
+            f" (sha256 {recorded.get('sha256')}, not {given.get('sha256')})" if recorded.get("sha256") and given.get("sha256")
+            else f" (sha256 {recorded.get('sha256')})" if recorded.get("sha256") else "")  # a bundled model has none
     a, b = recorded.get("config") or {}, given.get("config") or {}
     fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if len(fields) > 1:  # "changed" (the loader's notes) follows from the settings: name those

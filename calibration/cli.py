@@ -76,8 +76,8 @@ def _calibrate(argv=None) -> int:
     if not options.guard and guard_only:
         raise ValueError(f"--no-guard runs no held-out guard: {', '.join(guard_only)} "
                          f"{'does' if len(guard_only) == 1 else 'do'} not apply")
-    out = Path(args.out) if args.out else default_output(args.model, args.solver, args.nfe, ".json")
-    check_output_file(out, "--out")
+    out = check_output_file(default_output(args.model, args.solver, args.nfe, ".json") if args.out is None
+                            else args.out, "--out")
     if out.exists() and not args.force:  # before any work, as iia-compile refuses an existing directory
         raise ValueError(f"--out {out}: exists: pass --force to replace it, or another --out")
     program_for_check = args.solver, args.nfe

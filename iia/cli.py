@@ -169,6 +169,8 @@ def check_output_file(path: str | Path | None, flag: str) -> Path | None:
         return None
     if str(path) == "-":
         raise ValueError(f"{flag} -: writing to standard output is not supported; give a file name")
+    if not str(path).strip():
+        raise ValueError(f"{flag} {str(path)!r}: empty, expected a file name")
     path = Path(path)
     if path.name in ("", ".", "..") or path.is_dir():
         raise ValueError(f"{flag} {path}: is a directory, expected a file name")

@@ -224,6 +224,8 @@ def test_cli_calibrate_default_name_carries_the_model(tmp_path, monkeypatch):
     assert calibrate_main(["gmm:components=4,d=16"] + small) == 2
     assert (tmp_path / "gmm-components4-d16-iia-edm-nfe5.json").stat().st_mtime_ns == before
     assert calibrate_main(["gmm:components=4,d=16", "--force"] + small) == 0
+    assert calibrate_main(["gmm", "--out", ""] + small) == 2  # refused, not the default name
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["gmm-components4-d16-iia-edm-nfe5.json"]
 
 
 def test_guide_with_a_narrower_noise_range_says_so():
