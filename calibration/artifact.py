@@ -54,9 +54,10 @@ def model_difference(recorded: dict, given: dict) -> str:
     configuration fields (same name, other settings: a copied folder with an edited scheduler config); else the
     sha256s (same settings, other weights)."""
     if recorded.get("name") != given.get("name"):
-        return f"{recorded.get('name')}, not {given.get('name')}" + (
-            f" (sha256 {recorded.get('sha256')}, not {given.get('sha256')})" if recorded.get("sha256") and given.get("sha256")
-            else f" (sha256 {recorded.get('sha256')})" if recorded.get("sha256") else "")  # a bundled model has none
+        if not recorded.get("sha256"):
+            return f"{recorded.get('name')}, not {given.get('name')}"
+        other = f", not {given['sha256']}" if given.get("sha256") else ""  # a bundled model has none
+        return f"{recorded.get('name')}, not {given.get('name')} (sha256 {recorded['sha256']}{other})"
     a, b = recorded.get("config") or {}, given.get("config") or {}
     fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if len(fields) > 1:  # "changed" (the loader's notes) follows from the settings: name those

@@ -41,17 +41,17 @@ from .solvers import DEFINITION_VERSION, Program
 
 INTEGRATOR = "unipc-3"
 GRANULE = 8  # images per cache entry
-
-
-def whole_granules(n: int) -> int:
-    """n rounded up to whole granules: the noises `compute` really integrates when asked for n."""
-    return -(-n // GRANULE) * GRANULE
 ACCURACY_TARGET = 0.02  # reference error / the prior base's error, at most (see the module docstring)
 PROBE_STEPS = (16, 32, 64, 128, 256)  # the grids the accuracy probe tries, in order
 UNMEASURED_STEPS = 64  # when the budget cannot afford even the coarsest pair of the probe
 # The error of the integrator (UniPC-3: 3rd order) falls with the steps S as S^-p, 2 <= p <= 3 on the probe's grids:
 # from an error measured at S0, (S0 / S)^3 bounds it above below S0 and (S0 / S)^2 above S0
 ORDER_BELOW, ORDER_ABOVE = 3, 2
+
+
+def whole_granules(n: int) -> int:
+    """n rounded up to whole granules: the noises `compute` really integrates when asked for n."""
+    return -(-n // GRANULE) * GRANULE
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # fit, a base's mean test recorded as null).
 SEARCH_VERSION = 2
 
+
 @dataclass
 class SearchResult:
     program: Program

@@ -25,7 +25,7 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args),
                            given=frozenset(given_options(parser, argv)))  # a flag typed at its default counts
-    out = Path(args.out) if args.out else default_output(args.model, args.solver, args.nfe)
+    out = default_output(args.model, args.solver, args.nfe) if args.out is None else Path(args.out)
     bar = ProgressBar("calibrating")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     manifest = compile_model(args.model, out, options, log=log, progress=bar)

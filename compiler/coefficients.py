@@ -80,6 +80,12 @@ def _from_file(denoiser, solver, opts: CompileOptions, log) -> tuple[dict, Progr
     return data, program, how
 
 
+def _choice(label: str, guard: dict) -> str:
+    """An auto choice in words from its coefficients.json `guard` record (a fresh search's and a cached one's)."""
+    return (f"{label}: held-out rmse {guard['rmse_chosen']:.4g} (its Karras base {guard['rmse_base']:.4g}), "
+            f"median {guard['median_chosen']:.4g} (base {guard['median_base']:.4g})")
+
+
 def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:
     from iia.calibration.search import SEARCH_VERSION, SearchOptions, auto_search, format_table, to_calibration_result
 
@@ -97,16 +103,14 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
             return data, result.program, f"auto: {result.chosen.label} by the prior, unsearched ({result.seconds:.1f} s)"
         return data, result.program, (
             f"auto search in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}); "
-            f"shipped {result.chosen.label}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base {g['rmse_base']:.4g}), "
-            f"median {g['median_chosen']:.4g} (base {g['median_base']:.4g})")
+            f"shipped {_choice(result.chosen.label, g)}")
 
     def check(data, path):  # a cached search: its table and choice said as a fresh one's are
         record, g = data.get("search") or {}, data.get("guard") or {}
         if record.get("candidates"):
             log(format_table(record["candidates"]))
         if g:
-            log(f"  cached auto choice {record.get('chosen')}: held-out rmse {g['rmse_chosen']:.4g} (its Karras base "
-                f"{g['rmse_base']:.4g}), median {g['median_chosen']:.4g} (base {g['median_base']:.4g})")
+            log(f"  cached auto choice {_choice(record.get('chosen'), g)}")
         return artifact.program_from_dict(data, denoiser, opts.nfe, source=str(path))
 
     key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),

@@ -234,6 +234,8 @@ def test_cli_calibrate_and_compile_on_edm_pickle(tmp_path, edm_pkl, capsys):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["engine"]["reason"] == "--no-engine given"
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", str(tmp_path / "o")]) == 2
     assert "exists" in capsys.readouterr().err
+    assert compile_main([str(edm_pkl), "--nfe", "5", "--out", ""]) == 2  # '.' refused, not the default name
+    assert "name a new artifact directory" in capsys.readouterr().err
 
 
 def test_sigma_only_subgraph_is_folded_without_duplicating_weights(edm_pkl):
