@@ -38,7 +38,8 @@ from .search_budget import choose_finalists, fit_counts
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
                           OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan,
                           evaluation_sets, load_optimisers_beside, plan_references, prior_base)
-from .search_fits import calib_loss, fit_global, learn_schedule
+from .search_fits import FitProgress, calib_loss, fit_global, learn_schedule
+from .search_rounds import fit_rounds
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .shipping import LEVEL, judge, rule_text
 from .solvers import Program, build_program, valid_nfe
@@ -48,8 +49,8 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 
 # Bumped when what the search ships or records for the same options changes, so that a cached `auto` result is
 # searched again (iia-compile's coefficient cache key; 2: 1024 held-out noises for networks, the prior's global
-# fit, a base's mean test recorded as null).
-SEARCH_VERSION = 2
+# fit, a base's mean test recorded as null; 3: fit rounds on fresh calibration noises).
+SEARCH_VERSION = 3
 
 
 @dataclass
@@ -87,21 +88,6 @@ def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock
     return cands
 
 
-class _Progress:
-    """A fit's progress for a Ticker: evaluations done, and the total its deadline or count allows."""
-
-    def __init__(self, what: str, log, max_evals: int, deadline: float | None):
-        self.tick, self.max_evals, self.deadline = Ticker(what, log), max_evals, deadline
-        self.started = time.perf_counter()
-
-    def __call__(self, evals: int) -> None:
-        total = self.max_evals
-        if self.deadline is not None and evals:
-            per = (time.perf_counter() - self.started) / evals
-            total = min(total, evals + max(int((self.deadline - time.perf_counter()) / per), 0))
-        self.tick(evals, max(total, evals))
-
-
 def schedules_to_learn(bases: list[Candidate], top_k: int) -> list[Candidate]:
     """The bases (sorted by calibration loss) that get a learned schedule: the top `top_k`, the prior's
     (PRIOR_FAMILIES[0], PRIOR_FINAL) in the last slot when it was scored but ranked lower and top_k >= 2. A base's
@@ -125,7 +111,7 @@ def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k
         t0 = time.perf_counter()
         deadline = clock.share(share / (len(top) - k))
         sig, info = learn_schedule(denoiser, b.family, nfe, b.final, calib, loss=opts.loss, max_evals=opts.max_evals,
-                                   deadline=deadline, on_eval=_Progress(f"schedule {b.family}/{b.final}", log,
+                                   deadline=deadline, on_eval=FitProgress(f"schedule {b.family}/{b.final}", log,
                                                                         opts.max_evals, deadline))
         learned.append(Candidate(b.family, b.final, "learned", "base", build_program(b.family, sig), info["loss"],
                                  seconds=info["seconds"], note=f"{info['evals']} evals"))
@@ -158,7 +144,7 @@ def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fit
         prog = build_program("iia-" + c.family, c.program.sigmas, opts.r)
         deadline = clock.share(0.6 / (len(to_fit) - k))
         prog, info = fit_global(denoiser, prog, calib, opts.loss, max_iter=opts.max_iter, deadline=deadline,
-                                on_eval=_Progress(f"global fit {c.family}/{c.final}/{c.schedule}", log,
+                                on_eval=FitProgress(f"global fit {c.family}/{c.final}/{c.schedule}", log,
                                                   opts.max_iter, deadline))
         out.append(Candidate(c.family, c.final, c.schedule, "global", prog, info["loss"], seconds=info["seconds"],
                              note=f"{info['evals']} evals"))
@@ -167,6 +153,21 @@ def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fit
             f"{info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s"
             f"{', cut short by the budget' if info.get('cut') else ''})")
     return out
+
+
+def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace, per_holdout, cache,
+            log) -> list[Candidate]:
+    """`search_rounds.fit_rounds` for the lead: the candidate the first global fit went to (`globals_to_fit`),
+    with that global fit when there was one; nothing when the lead has neither a learned schedule nor a fit."""
+    lead = (globals_to_fit(learned, bases, 1) or [None])[0]
+    if opts.rounds < 2 or lead is None:
+        return []
+    lead_fit = next((g for g in fitted if (g.family, g.final, g.schedule) == (lead.family, lead.final, lead.schedule)),
+                    None)
+    if lead.schedule == "karras" and lead_fit is None:
+        return []
+    return fit_rounds(denoiser, nfe, lead, lead_fit, opts, cal, len(calib), plan.steps, clock, pace, per_holdout,
+                      cache, log)
 
 
 def _local_fit(denoiser, nfe, bases, opts, cal: CalibrationOptions, clock: Clock, log) -> list[Candidate]:
@@ -336,7 +337,9 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     clock.reserve(fixed_s + per_holdout * (top_k + n_global))
     if fits:
         learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, top_k, 0.55 if n_global else 0.95)
-        cands += learned + _global_fits(denoiser, learned, bases, opts, calib, clock, log, n_global)
+        fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, n_global)
+        cands += learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,
+                                            per_holdout, reference_cache, log)
     elif opts.budget_s is not None and opts.budget_s < MIN_FIT_BUDGET_S:
         log(f"  learned schedules and global fits skipped: --budget {opts.budget_s:g} s is below {MIN_FIT_BUDGET_S:g} s "
             f"(loading their optimisers alone takes seconds)")
@@ -353,7 +356,8 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
             f"{ratio:.3g}x the shipped candidate's held-out RMSE ({'within' if ratio <= 0.1 else 'OVER'} the 0.1x the "
             f"references must reach)")
     table = [_row(c, chosen) for c in finalists]
-    used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps}
+    used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps,
+            "rounds": max(c.round for c in cands)}
     return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),
                         clock.timings, used)
 
@@ -361,7 +365,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
 def _row(c: Candidate, chosen: Candidate) -> dict:
     return {"candidate": c.label, "solver": c.program.solver, "family": c.family, "final": c.final,
             "schedule": c.schedule, "coefficients": c.coefficients, "calib_loss": c.calib_loss,
-            "seconds": c.seconds, "note": c.note, "chosen": c is chosen, **c.holdout}
+            "seconds": c.seconds, "note": c.note, "round": c.round, "chosen": c is chosen, **c.holdout}
 
 
 def format_table(table: list[dict]) -> str:

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from iia.cli import Ticker
 from iia.models.base import Denoiser
 from iia.runtime.program import execute
 
@@ -31,6 +32,21 @@ from .evalset import EvalSet
 from .sampling import TORCH
 from .search_space import schedule_space
 from .solvers import Program, build_program
+
+
+class FitProgress:
+    """A fit's progress for a Ticker: evaluations done, and the total its deadline or count allows."""
+
+    def __init__(self, what: str, log, max_evals: int, deadline: float | None):
+        self.tick, self.max_evals, self.deadline = Ticker(what, log), max_evals, deadline
+        self.started = time.perf_counter()
+
+    def __call__(self, evals: int) -> None:
+        total = self.max_evals
+        if self.deadline is not None and evals:
+            per = (time.perf_counter() - self.started) / evals
+            total = min(total, evals + max(int((self.deadline - time.perf_counter()) / per), 0))
+        self.tick(evals, max(total, evals))
 
 
 class OutOfTime(Exception):

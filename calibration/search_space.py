@@ -34,6 +34,7 @@ class SearchOptions:
     local: bool = True  # also score the paper's local IIA fit (families that support it, Karras)
     max_evals: int = 400  # Nelder-Mead evaluations per schedule
     max_iter: int = 60  # L-BFGS iterations per global fit
+    rounds: int = 6  # fit rounds, each on fresh calibration noises, the first included (`search_rounds`)
 
     def validate(self) -> None:
         if self.budget_s is not None and self.budget_s <= 0:
@@ -42,6 +43,8 @@ class SearchOptions:
             raise SearchError(f"search batch must be >= 2, got {self.batch}")
         if self.loss not in ("mse", "l2"):
             raise SearchError(f"search loss must be 'mse' or 'l2', got {self.loss!r}")
+        if self.rounds < 1:
+            raise SearchError(f"rounds must be >= 1 (the first round's fits), got {self.rounds}")
         if self.max_evals < 1 or self.max_iter < 1:
             raise SearchError(f"max_evals and max_iter must be >= 1, got {self.max_evals} and {self.max_iter}")
         for f in self.families:
@@ -61,10 +64,13 @@ class Candidate:
     holdout: dict = field(default_factory=dict)
     seconds: float = 0.0
     note: str = ""
+    round: int = 1  # the fit round whose calibration noises fitted it (`search_rounds`); 1 for bases
 
     @property
     def label(self) -> str:
-        return f"{self.family}/{self.final}/{self.schedule}/{self.coefficients}"
+        """family/final/schedule/coefficients, with #k for a fit of round k >= 2."""
+        tail = f"#{self.round}" if self.round > 1 else ""
+        return f"{self.family}/{self.final}/{self.schedule}/{self.coefficients}{tail}"
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,7 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     from iia.calibration.references import GRANULE
 
     opts = SearchOptions(budget_s=None, batch=16, families=("ipndm", "deis-2"), max_evals=4, max_iter=2,
-                         local=False)
+                         local=False, rounds=1)  # (later rounds' references: tests/test_search_rounds.py)
     cal = CalibrationOptions(holdout=32, reference_steps=64)
     first, second, third = [], [], []
     # NFE 6 needs a reference at least as fine as NFE 5 on gmm (its bases' errors are smaller): computed first,

@@ -1,0 +1,108 @@
+"""Further rounds of the `auto` search's fits on FRESH calibration noises, while the budget lasts.
+
+What a learned schedule or a global fit makes of a solver depends on WHICH calibration noises it was fitted to
+far more than on its evaluation counts: the error a sampler makes is dominated by the few noises it sends to
+another mode of the data than the exact ODE does, and a fit to one draw of noises moves those boundaries for the
+noises it holds, not for fresh ones. On gmm at NFE 4-9, refitting iPNDM's schedule and global coefficients on six
+fresh draws of 512 noises gave held-out RMSEs 1.3-2.6x apart (docs/accuracy.md, "rounds"), where more evaluations
+on one draw changed nothing. So where the first round leaves time (a model whose calls are cheap), each further
+round refits the LEAD (the first round's best learned schedule by calibration loss, its family and final step)
+on the next noises of a stream of its own, distinct from the held-out and test noises, with a global fit on it
+when the first round had global fits. Every fit is a candidate like the first round's: judged by the same
+shipping rule against its own base on the same held-out noises, which choose among the draws.
+
+`SearchOptions.rounds` bounds the rounds (the first included), the same on every machine; the budget cuts them:
+a round starts only when what the first round's lead fits took, its references and its held-out scoring fit the
+time left.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from iia.cli import Ticker
+from iia.models.base import Denoiser
+
+from .evalset import EvalSet, draw_noise
+from .fit import CalibrationOptions
+from .references import GRANULE, INTEGRATOR, compute
+from .sampling import reference_calls
+from .search_fits import FitProgress, fit_global, learn_schedule
+from .search_plan import Clock, Pace
+from .search_space import Candidate, SearchOptions
+from .solvers import build_program
+
+# round k's calibration noises are images seed + ROUND_SEED_OFFSET + (k - 2) n .. + n - 1 (n: the first round's
+# count): one stream past the held-out noises (seed + 10^6 ..) and iia-accuracy's test noises (seed + 104729 ..)
+ROUND_SEED_OFFSET = 2 * 10**6
+ROUND_SLACK = 1.5  # a round's fit may take this times what the first round's same fit took (then it is stopped)
+
+
+def round_seed(cal: CalibrationOptions, n: int, k: int) -> int:
+    """The first image (noise seed) of round k's n calibration noises (k >= 2)."""
+    return cal.seed + ROUND_SEED_OFFSET + (k - 2) * n
+
+
+def round_calibration(denoiser: Denoiser, cal: CalibrationOptions, n: int, k: int, steps: int, cache: Path | None,
+                      log) -> EvalSet:
+    """Round k's n calibration noises with their references (`references.compute`: cached like the first's)."""
+    seed = round_seed(cal, n, k)
+    noise, labels = draw_noise(denoiser, n, seed)
+    refs, _ = compute(denoiser, noise, labels, seed, steps, cache, log, max(GRANULE, min(n, 64)), None,
+                      Ticker(f"round {k} references", log))
+    es = EvalSet(denoiser, noise, labels, steps, INTEGRATOR)
+    es.set_reference(None, refs)
+    return es
+
+
+def _until(clock: Clock, seconds: float | None) -> float | None:
+    """The deadline of a fit that may take `seconds` (None: no bound of its own), within the clock's."""
+    own = None if seconds is None else time.perf_counter() + seconds
+    ends = [t for t in (own, clock.share(1.0)) if t is not None]
+    return min(ends) if ends else None
+
+
+def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fit: Candidate | None, opts: SearchOptions,
+               cal: CalibrationOptions, n: int, steps: int, clock: Clock, pace: Pace, per_holdout: float,
+               cache: Path | None, log) -> list[Candidate]:
+    """Rounds 2 .. opts.rounds: `lead`'s schedule learned again (when `lead` is a learned schedule; its Karras
+    sigmas otherwise) and, when the first round fitted it (`lead_fit`), a global fit on it, each on a fresh
+    draw of n calibration noises (`round_calibration`). Without a time bound all rounds run; with one, a round
+    starts only while the first round's lead fits (x ROUND_SLACK), its references and the held-out scoring of
+    its candidates fit `clock`, whose reserve then keeps that scoring's time. Returns the rounds' candidates."""
+    fitted = 1 + (lead_fit is not None)
+    limit = {"schedule": ROUND_SLACK * lead.seconds, "global": ROUND_SLACK * (lead_fit.seconds if lead_fit else 0.0)}
+    cost = (pace.predict(n, reference_calls(INTEGRATOR, steps)) + limit["global"] + fitted * per_holdout
+            + (limit["schedule"] if lead.schedule == "learned" else 0.0))
+    out: list[Candidate] = []
+    for k in range(2, opts.rounds + 1):
+        if clock.deadline is not None and clock.remaining() < cost:
+            log(f"  rounds: {k - 1} of {opts.rounds}; another needs ~{cost:.0f} s, {max(clock.remaining(), 0):.0f} s "
+                f"are left (raise --budget)")
+            break
+        clock.reserve(fitted * per_holdout)
+        t0 = time.perf_counter()
+        calib = round_calibration(denoiser, cal, n, k, steps, cache, log)
+        sigmas, what = lead.program.sigmas, [f"round {k} ({n} noises from image {round_seed(cal, n, k)})"]
+        if lead.schedule == "learned":
+            deadline = _until(clock, limit["schedule"] if clock.deadline is not None else None)
+            sigmas, info = learn_schedule(denoiser, lead.family, nfe, lead.final, calib, loss=opts.loss,
+                                          max_evals=opts.max_evals, deadline=deadline, on_eval=FitProgress(
+                                              f"round {k} schedule {lead.family}/{lead.final}", log, opts.max_evals,
+                                              deadline))
+            out.append(Candidate(lead.family, lead.final, "learned", "base", build_program(lead.family, sigmas),
+                                 info["loss"], seconds=info["seconds"], note=f"{info['evals']} evals", round=k))
+            what.append(f"schedule {info['loss_karras']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
+        if lead_fit is not None:
+            deadline = _until(clock, limit["global"] if clock.deadline is not None else None)
+            prog, info = fit_global(denoiser, build_program("iia-" + lead.family, sigmas, opts.r), calib, opts.loss,
+                                    max_iter=opts.max_iter, deadline=deadline, on_eval=FitProgress(
+                                        f"round {k} global fit {lead.family}/{lead.final}", log, opts.max_iter,
+                                        deadline))
+            out.append(Candidate(lead.family, lead.final, lead.schedule, "global", prog, info["loss"],
+                                 seconds=info["seconds"], note=f"{info['evals']} evals", round=k))
+            what.append(f"global fit {info['loss_base']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
+        clock.lap("rounds", t0)
+        log(f"  {', '.join(what)}, {time.perf_counter() - t0:.1f} s")
+    return out
