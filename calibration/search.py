@@ -3,7 +3,9 @@
 For one NFE, candidates = solver families x final-step convention x schedule (Karras / learned) x coefficients
 (base / local IIA / global) (`search_space`), NOT all combinations: every family x final step on the Karras
 schedule with base coefficients, learned schedules (`search_fits.learn_schedule`) and global fits
-(`search_fits.fit_global`) for the best of those, and the paper's local fit on the best base that has one.
+(`search_fits.fit_global`) for the best of those, and the paper's local fit on the best base that has one; then,
+while the budget lasts, further rounds of the lead's schedule and global fit, each on fresh calibration noises
+(`search_rounds`: a fit depends on its draw of noises more than on its evaluation counts).
 All are scored on HELD-OUT noise; a candidate is eligible only if it passes the shipping rule against its own
 base (same family and final step, Karras, base coefficients: `shipping.judge`, a paired-bootstrap upper bound on
 the ratio of their RMSEs and a paired mean test); the eligible one with the lowest held-out RMSE ships. `SearchOptions.budget_s` bounds the whole search, references included: a timed denoiser call and the
@@ -36,8 +38,8 @@ from .references import INTEGRATOR
 from .schedules import program_for
 from .search_budget import choose_finalists, fit_counts
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
-                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, Clock, Pace, ReferencePlan,
-                          evaluation_sets, load_optimisers_beside, plan_references, prior_base)
+                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock,
+                          Pace, ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
 from .search_fits import FitProgress, calib_loss, fit_global, learn_schedule
 from .search_rounds import fit_rounds
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
@@ -271,10 +273,10 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
 
 def _search_holdout(given: CalibrationOptions, cal: CalibrationOptions, log) -> tuple[CalibrationOptions, int | None]:
     """(options, floor): unless --holdout is given, the search asks for SEARCH_HOLDOUT held-out noises, which a
-    short budget cuts first down to the floor, the guard's default (`cal` is resolved); a given one below
-    MIN_HOLDOUT is used, and said to be unreliable."""
+    short budget cuts first down to the floor, SEARCH_HOLDOUT_FLOOR or the guard's default where smaller (`cal` is
+    resolved); a given one below MIN_HOLDOUT is used, and said to be unreliable."""
     if given.holdout is None:
-        return replace(cal, holdout=SEARCH_HOLDOUT), min(cal.holdout, SEARCH_HOLDOUT)
+        return replace(cal, holdout=SEARCH_HOLDOUT), min(cal.holdout, SEARCH_HOLDOUT_FLOOR)
     if given.holdout < MIN_HOLDOUT:
         log(f"  --holdout {given.holdout}: below {MIN_HOLDOUT} held-out noises the shipping rule's 95% bound is "
             f"not reliable (a fit may ship on chance); the search's default is {SEARCH_HOLDOUT}")

@@ -446,13 +446,14 @@ def test_held_out_noises_above_the_guard_default_are_cut_first():
 
 def test_a_given_held_out_set_too_small_for_the_rule_is_said_so(gmm):
     from iia.calibration.search import _search_holdout
+    from iia.calibration.search_plan import SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR
 
     resolved = CalibrationOptions().resolved(gmm)
     lines = []
     cal, floor = _search_holdout(CalibrationOptions(holdout=2), CalibrationOptions(holdout=2).resolved(gmm), lines.append)
     assert cal.holdout == 2 and floor is None and lines and "--holdout 2: below 32" in lines[0]
     cal, floor = _search_holdout(CalibrationOptions(), resolved, lines.append)
-    assert (cal.holdout, floor, len(lines)) == (1024, 1024, 1)  # the default: nothing said
+    assert (cal.holdout, floor, len(lines)) == (SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, 1)  # the default: nothing said
 
 
 def test_the_plan_keeps_held_out_time_for_the_fits_and_their_bases_not_every_base():
