@@ -34,6 +34,7 @@ from .solvers import Program
 
 FIXED_SHARE = 0.6  # of --budget, at most, for what cannot stop early: references, scoring bases and finalists
 HOLDOUT_BONUS_SHARE = 0.25  # of --budget, at most, for all of that with held-out noises above the plan's floor
+WIDE_HOLDOUT_SHARE = 0.05  # ... and with held-out noises above SEARCH_HOLDOUT_FLOOR (cheap models only)
 MIN_REFERENCE_STEPS, MIN_CALIB, MIN_HOLDOUT = 16, 16, 32  # what a cut never goes below
 PROBE_SHARE = 0.08  # of --budget, at most, for measuring the reference's accuracy (`references.choose_steps`)
 LOCAL_FIT_SHARE = 0.2  # of the time left, at most, for the paper's local fit (it cannot stop early)
@@ -43,9 +44,9 @@ MIN_SCHEDULE_EVALS, MIN_GLOBAL_EVALS = 20, 8
 # whose first optimiser imports torch._dynamo) alone takes ~1 + ~3 s in a fresh process
 MIN_FIT_BUDGET_S = 5.0
 OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside the references, see below)
-# Held-out noises the search asks every model for unless --holdout is given, where HOLDOUT_BONUS_SHARE of the budget
-# affords them; above SEARCH_HOLDOUT_FLOOR (the guard's default where smaller: 4096 analytic, 256 networks) they
-# are cut first. A sampler's RMSE is carried by the few noises it sends to another mode than the exact ODE does
+# Held-out noises the search asks every model for unless --holdout is given, cut first: above SEARCH_HOLDOUT_FLOOR
+# to what WIDE_HOLDOUT_SHARE of the budget affords (gmm keeps 4096, digits 1024), then down to the floor (the
+# guard's default where smaller: 4096 analytic, 256 networks) to what HOLDOUT_BONUS_SHARE affords. A sampler's RMSE is carried by the few noises it sends to another mode than the exact ODE does
 # (gmm NFE 7: ~1 in 1500): 1024 held-out noises hold one or none, so the choice among the fit rounds' candidates
 # was a draw; 4096 hold a few (docs/accuracy.md, "rounds"). The floor: 4096 as a floor on a 192-d mixture cut the
 # references too coarse to judge the tails; at digits NFE 9, 256 refused the best fit (held-out 0.22x its base,
@@ -216,8 +217,9 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
                     spent_s: float = 0.0, holdout_floor: int | None = None) -> ReferencePlan:
     """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
     the held-out noises must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. First the held-out
-    noises above `holdout_floor` (None: `holdout`; a bonus that sharpens the shipping rule, worth neither
-    calibration noises nor the fits' time) are cut until all fits HOLDOUT_BONUS_SHARE; then, in this order until
+    noises above SEARCH_HOLDOUT_FLOOR are cut until all fits WIDE_HOLDOUT_SHARE, then those above `holdout_floor`
+    (None: `holdout`; a bonus that sharpens the shipping rule, worth neither calibration noises nor the fits'
+    time) until all fits HOLDOUT_BONUS_SHARE (neither tier below `holdout_floor`); then, in this order until
     it fits FIXED_SHARE: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
     MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
     MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False. `spent_s`: the seconds of --budget spent
@@ -260,7 +262,12 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         state[index] = max(lo, int(state[index] * 0.7))
         return True
 
-    # the held-out noises above the floor may take HOLDOUT_BONUS_SHARE of the budget, not the fits' time
+    # the held-out noises above SEARCH_HOLDOUT_FLOOR only where all of it costs WIDE_HOLDOUT_SHARE of the budget
+    # (a sharper choice among cheap fits: a network's fits keep their time), those above the floor
+    # HOLDOUT_BONUS_SHARE; neither the fits' time
+    wide = max(floor, SEARCH_HOLDOUT_FLOOR)
+    while need(*state) > WIDE_HOLDOUT_SHARE * budget_s and shrink(1, wide):
+        pass
     while need(*state) > HOLDOUT_BONUS_SHARE * budget_s and shrink(1, floor):
         pass
     ladder = (lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
@@ -273,9 +280,9 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
                min(n_fitted, 1))
     afford = math.ceil(need(*minimal) / FIXED_SHARE + spent_s)
-    # everything asked: held-out noises above the floor must fit the bonus share (the smaller), the rest FIXED_SHARE
-    full = math.ceil(need(batch, holdout, steps, fams, fins) / (HOLDOUT_BONUS_SHARE if holdout > floor else FIXED_SHARE)
-                     + spent_s)
+    # everything asked: held-out noises above the floors must fit their shares (the smaller), the rest FIXED_SHARE
+    asked_share = (WIDE_HOLDOUT_SHARE if holdout > wide else HOLDOUT_BONUS_SHARE if holdout > floor else FIXED_SHARE)
+    full = math.ceil(need(batch, holdout, steps, fams, fins) / asked_share + spent_s)
     fits = need(*new) <= share
     lines = (f"  plan: references, scoring the bases and the finalists need {need(*new):.1f} s, their share of the "
              f"budget is {share:.1f} s",)

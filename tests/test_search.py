@@ -433,7 +433,7 @@ def test_held_out_noises_above_the_guard_default_are_cut_first():
         return 1e-3 * n
 
     args = (9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, SEARCH_HOLDOUT, 32)
-    rich = reference_sizes(*args, 1e4, cost, holdout_floor=NETWORK_HOLDOUT)
+    rich = reference_sizes(*args, 1e5, cost, holdout_floor=NETWORK_HOLDOUT)
     assert (rich.batch, rich.holdout, rich.cut) == (128, SEARCH_HOLDOUT, ""), rich.lines
     # a budget between what 256 and what 1024 held-out noises need: only the held-out noises are cut
     tight = reference_sizes(*args, 250.0, cost, holdout_floor=NETWORK_HOLDOUT)
