@@ -53,6 +53,7 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # searched again (iia-compile's coefficient cache key; 2: 1024 held-out noises for networks, the prior's global
 # fit, a base's mean test recorded as null; 3: fit rounds on fresh calibration noises).
 SEARCH_VERSION = 3
+MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
 @dataclass
@@ -267,6 +268,9 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     `reference_cache`: the folder of the one cache where reference solutions are kept (None: not cached)."""
     opts = options or SearchOptions()
     opts.validate()
+    if opts.batch is not None and opts.batch < MIN_FIT_NOISES and log is not None:
+        log(f"  --calib-batch {opts.batch}: fits to fewer than {MIN_FIT_NOISES} calibration noises overfit them (the "
+            f"shipping rule then refuses most); the search's default is 512 analytic, 128 networks")
     with _Watchdog(log or (lambda text: None)) as watched:
         return _search(denoiser, nfe, opts, calibration, watched, reference_cache)
 

@@ -105,4 +105,6 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fit: Candidat
             what.append(f"global fit {info['loss_base']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
         clock.lap("rounds", t0)
         log(f"  {', '.join(what)}, {time.perf_counter() - t0:.1f} s")
+    else:
+        log(f"  rounds: {opts.rounds} of {opts.rounds} (SearchOptions.rounds)")
     return out

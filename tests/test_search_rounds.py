@@ -38,6 +38,7 @@ def test_rounds_refit_the_lead_on_fresh_noises_and_the_held_out_noises_choose(gm
     for k in (2, 3):
         assert any(line.startswith(f"  round {k} (32 noises from image {round_seed(CAL.resolved(gmm), 32, k)})")
                    for line in lines), lines
+    assert "  rounds: 3 of 3 (SearchOptions.rounds)" in lines  # all ran: said too
     chosen = min((c for c in res.candidates if c.holdout["eligible"]),
                  key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
     assert res.chosen is chosen and any(r["round"] == 3 for r in res.table)
@@ -66,3 +67,11 @@ def test_a_round_the_time_left_cannot_afford_is_not_started(gmm):
 def test_rounds_below_one_are_refused_by_name():
     with pytest.raises(SearchError, match="rounds must be >= 1"):
         SearchOptions(rounds=0).validate()
+
+
+def test_a_calibration_set_too_small_for_the_fits_is_said_so(gmm):
+    lines = []
+    auto_search(gmm, 4, SearchOptions(budget_s=None, batch=8, families=("ipndm",), max_evals=4, max_iter=2,
+                                      local=False, rounds=1), CAL, log=lines.append)
+    assert lines[0] == ("  --calib-batch 8: fits to fewer than 32 calibration noises overfit them (the shipping rule "
+                        "then refuses most); the search's default is 512 analytic, 128 networks"), lines[:2]
