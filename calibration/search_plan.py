@@ -212,6 +212,22 @@ def _what_was_cut(asked: tuple, new: list) -> list[str]:
     return cut
 
 
+def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bool, afford: int,
+                full: int) -> tuple[str, ...]:
+    """The plan block's lines for `reference_sizes`: what the kept sizes `new` need against the share, and what
+    was cut (or that the search was dropped) with the --budget figures."""
+    lines = (f"  plan: references, scoring the bases and the finalists need {need_s:.1f} s, their share of the "
+             f"budget is {share:.1f} s",)
+    if fits:
+        return lines + (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
+                        f"{len(new[3]) * len(new[4])} base solvers"
+                        + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
+                        + (f" (--budget {full} would afford them all)" if cut else ""),)
+    return lines + (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises "
+                    f"at {MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford} (the "
+                    f"full search's references: --budget {full})",)
+
+
 def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,
                     holdout: int, steps: int, budget_s: float, cost: Callable[[int], float],
                     spent_s: float = 0.0, holdout_floor: int | None = None) -> ReferencePlan:
@@ -284,17 +300,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     asked_share = (WIDE_HOLDOUT_SHARE if holdout > wide else HOLDOUT_BONUS_SHARE if holdout > floor else FIXED_SHARE)
     full = math.ceil(need(batch, holdout, steps, fams, fins) / asked_share + spent_s)
     fits = need(*new) <= share
-    lines = (f"  plan: references, scoring the bases and the finalists need {need(*new):.1f} s, their share of the "
-             f"budget is {share:.1f} s",)
-    if fits:
-        lines += (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
-                  f"{len(new[3]) * len(new[4])} base solvers"
-                  + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
-                  + (f" (--budget {full} would afford them all)" if cut else ""),)
-    else:
-        lines += (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises at "
-                  f"{MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford} (the full "
-                  f"search's references: --budget {full})",)
+    lines = _plan_lines(need(*new), share, new, cut, fits, afford, full)
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
                          tuple(new[4]), cost, fitted=new[5], holdout_floor=min(floor, new[1]))
 
