@@ -213,11 +213,12 @@ def _what_was_cut(asked: tuple, new: list) -> list[str]:
 
 
 def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bool, afford: int,
-                full: int) -> tuple[str, ...]:
-    """The plan block's lines for `reference_sizes`: what the kept sizes `new` need against the share, and what
-    was cut (or that the search was dropped) with the --budget figures."""
+                full: int, tiers: str = "") -> tuple[str, ...]:
+    """The plan block's lines for `reference_sizes`: what the kept sizes `new` need against the share (and the
+    held-out noises' smaller `tiers`, said when they cut), and what was cut (or that the search was dropped) with
+    the --budget figures."""
     lines = (f"  plan: references, scoring the bases and the finalists need {need_s:.1f} s, their share of the "
-             f"budget is {share:.1f} s",)
+             f"budget is {share:.1f} s{tiers}",)
     if fits:
         return lines + (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
                         f"{len(new[3]) * len(new[4])} base solvers"
@@ -300,7 +301,10 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     asked_share = (WIDE_HOLDOUT_SHARE if holdout > wide else HOLDOUT_BONUS_SHARE if holdout > floor else FIXED_SHARE)
     full = math.ceil(need(batch, holdout, steps, fams, fins) / asked_share + spent_s)
     fits = need(*new) <= share
-    lines = _plan_lines(need(*new), share, new, cut, fits, afford, full)
+    tiers = "" if new[1] == holdout else (
+        f" (with held-out noises above {floor}: {HOLDOUT_BONUS_SHARE * budget_s:.1f} s" + (
+            f"; above {wide}: {WIDE_HOLDOUT_SHARE * budget_s:.1f} s)" if holdout > wide else ")"))
+    lines = _plan_lines(need(*new), share, new, cut, fits, afford, full, tiers)
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
                          tuple(new[4]), cost, fitted=new[5], holdout_floor=min(floor, new[1]))
 
