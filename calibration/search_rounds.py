@@ -4,8 +4,8 @@ What a learned schedule or a global fit makes of a solver depends on WHICH calib
 far more than on its evaluation counts: the error a sampler makes is dominated by the few noises it sends to
 another mode of the data than the exact ODE does, and a fit to one draw of noises moves those boundaries for the
 noises it holds, not for fresh ones. On gmm at NFE 4-9, refitting iPNDM's schedule and global coefficients on six
-fresh draws of 512 noises gave held-out RMSEs 1.3-2.6x apart (docs/accuracy.md, "rounds"), where more evaluations
-on one draw changed nothing. So where the first round leaves time (a model whose calls are cheap), each further
+fresh draws of 512 noises gave held-out RMSEs 1.35-2.8x apart (docs/accuracy.md, "rounds"), where more evaluations
+on one draw changed little. So where the first round leaves time (a model whose calls are cheap), each further
 round refits the LEAD (the first round's best learned schedule by calibration loss, its family and final step)
 on the next noises of a stream of its own, distinct from the held-out and test noises, with a global fit on it
 when the first round had global fits. Every fit is a candidate like the first round's: judged by the same
