@@ -54,6 +54,13 @@ def whole_granules(n: int) -> int:
     return -(-n // GRANULE) * GRANULE
 
 
+def reference_batch(rate: float, calls: int, total: int) -> int:
+    """Noises per `compute` batch for `total` noises of `calls` calls each at `rate` seconds per image-call: ~10 s a
+    batch (progress, and an early re-plan), <= 64 noises and <= 1/8 of the total, whole granules."""
+    most = max(GRANULE, total // 8 // GRANULE * GRANULE)
+    return min(most, GRANULE * max(1, min(8, int(10.0 / max(calls * rate * GRANULE, 1e-9)))))
+
+
 @dataclass(frozen=True)
 class Accuracy:
     """The reference's RMSE error `error` measured at `steps` steps (against twice as many, on the probe's noises)."""

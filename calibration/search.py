@@ -40,7 +40,7 @@ from .search_budget import choose_finalists, fit_counts
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
                           OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock,
                           Pace, ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
-from .search_fits import FitProgress, calib_loss, fit_global, learn_schedule
+from .search_fits import calib_loss, global_candidate, schedule_candidate
 from .search_rounds import fit_rounds
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .shipping import LEVEL, judge, rule_text
@@ -112,12 +112,9 @@ def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k
     learned, top = [], schedules_to_learn(bases, top_k)
     for k, b in enumerate(top):
         t0 = time.perf_counter()
-        deadline = clock.share(share / (len(top) - k))
-        sig, info = learn_schedule(denoiser, b.family, nfe, b.final, calib, loss=opts.loss, max_evals=opts.max_evals,
-                                   deadline=deadline, on_eval=FitProgress(f"schedule {b.family}/{b.final}", log,
-                                                                        opts.max_evals, deadline))
-        learned.append(Candidate(b.family, b.final, "learned", "base", build_program(b.family, sig), info["loss"],
-                                 seconds=info["seconds"], note=f"{info['evals']} evals"))
+        cand, info = schedule_candidate(denoiser, nfe, b.family, b.final, calib, opts,
+                                        clock.share(share / (len(top) - k)), log)
+        learned.append(cand)
         clock.lap("schedules", t0)
         log(f"  schedule {b.family}/{b.final}: calibration loss {info['loss_karras']:.4g} -> {info['loss']:.4g} "
             f"({info['evals']} evals, {info['seconds']:.1f} s{', cut short by the budget' if info['cut'] else ''})")
@@ -143,14 +140,8 @@ def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fit
             log(f"  global fits: {len(to_fit) - k} of {len(to_fit)} skipped, the budget is spent (raise --budget)")
             break
         t0 = time.perf_counter()
-        # the base coefficients of the iia program are the family's (all extra ones 0)
-        prog = build_program("iia-" + c.family, c.program.sigmas, opts.r)
-        deadline = clock.share(0.6 / (len(to_fit) - k))
-        prog, info = fit_global(denoiser, prog, calib, opts.loss, max_iter=opts.max_iter, deadline=deadline,
-                                on_eval=FitProgress(f"global fit {c.family}/{c.final}/{c.schedule}", log,
-                                                  opts.max_iter, deadline))
-        out.append(Candidate(c.family, c.final, c.schedule, "global", prog, info["loss"], seconds=info["seconds"],
-                             note=f"{info['evals']} evals"))
+        cand, info = global_candidate(denoiser, c, calib, opts, clock.share(0.6 / (len(to_fit) - k)), log)
+        out.append(cand)
         clock.lap("global fits", t0)
         log(f"  global fit {c.family}/{c.final}/{c.schedule}: calibration loss {info['loss_base']:.4g} -> "
             f"{info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s"
@@ -169,8 +160,8 @@ def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock
                     None)
     if lead.schedule == "karras" and lead_fit is None:
         return []
-    return fit_rounds(denoiser, nfe, lead, lead_fit, opts, cal, len(calib), plan.steps, clock, pace, per_holdout,
-                      cache, log)
+    return fit_rounds(denoiser, nfe, lead, lead_fit, opts, cal, len(calib), plan, clock, pace, per_holdout, cache,
+                      log)
 
 
 def _local_fit(denoiser, nfe, bases, opts, cal: CalibrationOptions, clock: Clock, log) -> list[Candidate]:

@@ -30,7 +30,7 @@ from iia.runtime.program import execute
 
 from .evalset import EvalSet
 from .sampling import TORCH
-from .search_space import schedule_space
+from .search_space import Candidate, SearchOptions, schedule_space
 from .solvers import Program, build_program
 
 
@@ -108,6 +108,29 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
     info = {"evals": evals, "loss_karras": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2),
             "cut": cut}
     return space.sigmas(best["theta"]), info
+
+
+def schedule_candidate(denoiser: Denoiser, nfe: int, family: str, final: str, calib: EvalSet, opts: SearchOptions,
+                       deadline: float | None, log, round: int = 1) -> tuple[Candidate, dict]:
+    """`learn_schedule` of family/final on `calib` (progress in `log`) as a candidate of fit round `round`, and the
+    fit's info (the first round's schedules and the later rounds' alike)."""
+    what = f"{'' if round == 1 else f'round {round} '}schedule {family}/{final}"
+    sigmas, info = learn_schedule(denoiser, family, nfe, final, calib, loss=opts.loss, max_evals=opts.max_evals,
+                                  deadline=deadline, on_eval=FitProgress(what, log, opts.max_evals, deadline))
+    return Candidate(family, final, "learned", "base", build_program(family, sigmas), info["loss"],
+                     seconds=info["seconds"], note=f"{info['evals']} evals", round=round), info
+
+
+def global_candidate(denoiser: Denoiser, on: Candidate, calib: EvalSet, opts: SearchOptions, deadline: float | None,
+                     log, round: int = 1) -> tuple[Candidate, dict]:
+    """`fit_global` of the IIA program of `on`'s family on `on`'s sigmas (its base coefficients are the family's,
+    all extra ones 0) to `calib`, as a candidate of fit round `round`, and the fit's info."""
+    what = f"{'' if round == 1 else f'round {round} '}global fit {on.family}/{on.final}/{on.schedule}"
+    program, info = fit_global(denoiser, build_program("iia-" + on.family, on.program.sigmas, opts.r), calib,
+                               opts.loss, max_iter=opts.max_iter, deadline=deadline,
+                               on_eval=FitProgress(what, log, opts.max_iter, deadline))
+    return Candidate(on.family, on.final, on.schedule, "global", program, info["loss"], seconds=info["seconds"],
+                     note=f"{info['evals']} evals", round=round), info
 
 
 class GradDenoiser:

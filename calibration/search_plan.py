@@ -25,7 +25,7 @@ from iia.models.base import Denoiser
 
 from .evalset import EvalSet, draw_noise
 from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions
-from .references import GRANULE, INTEGRATOR, Accuracy, choose_steps, compute, whole_granules
+from .references import INTEGRATOR, Accuracy, choose_steps, compute, reference_batch, whole_granules
 from .sampling import reference_calls, reference_solution
 from .schedules import program_for
 from .search_space import Candidate, SearchOptions
@@ -402,9 +402,7 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
     done = {"calibration": 0, "held-out": 0}
     n_bases = len(plan.families) * len(plan.finals)
     calls = reference_calls(INTEGRATOR, plan.steps)
-    # ~10 s a batch, <= 64 noises and <= 1/8 of them all: the first re-plan comes early
-    most = max(GRANULE, (plan.batch + plan.holdout) // 8 // GRANULE * GRANULE)
-    batch = min(most, GRANULE * max(1, min(8, int(10.0 / max(calls * plan.rate * GRANULE, 1e-9)))))
+    batch = reference_batch(plan.rate, calls, plan.batch + plan.holdout)  # the first re-plan comes early
 
     def replan(which: str):
         def cut(n_done: int, seconds: float, image_calls: int) -> int:

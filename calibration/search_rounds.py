@@ -26,12 +26,11 @@ from iia.models.base import Denoiser
 
 from .evalset import EvalSet, draw_noise
 from .fit import CalibrationOptions
-from .references import GRANULE, INTEGRATOR, compute
+from .references import INTEGRATOR, compute, reference_batch
 from .sampling import reference_calls
-from .search_fits import FitProgress, fit_global, learn_schedule
-from .search_plan import Clock, Pace
+from .search_fits import global_candidate, schedule_candidate
+from .search_plan import Clock, Pace, ReferencePlan
 from .search_space import Candidate, SearchOptions
-from .solvers import build_program
 
 # round k's calibration noises are images seed + ROUND_SEED_OFFSET + (k - 2) n .. + n - 1 (n: the first round's
 # count): one stream past the held-out noises (seed + 10^6 ..) and iia-accuracy's test noises (seed + 104729 ..)
@@ -44,27 +43,28 @@ def round_seed(cal: CalibrationOptions, n: int, k: int) -> int:
     return cal.seed + ROUND_SEED_OFFSET + (k - 2) * n
 
 
-def round_calibration(denoiser: Denoiser, cal: CalibrationOptions, n: int, k: int, steps: int, cache: Path | None,
-                      log) -> EvalSet:
-    """Round k's n calibration noises with their references (`references.compute`: cached like the first's)."""
-    seed = round_seed(cal, n, k)
+def round_calibration(denoiser: Denoiser, cal: CalibrationOptions, n: int, k: int, plan: ReferencePlan,
+                      cache: Path | None, log) -> EvalSet:
+    """Round k's n calibration noises with their references (`references.compute` on the plan's steps, in batches
+    as the first round's: cached like them)."""
+    seed, steps = round_seed(cal, n, k), plan.steps
     noise, labels = draw_noise(denoiser, n, seed)
-    refs, _ = compute(denoiser, noise, labels, seed, steps, cache, log, max(GRANULE, min(n, 64)), None,
+    refs, _ = compute(denoiser, noise, labels, seed, steps, cache, log,
+                      reference_batch(plan.rate, reference_calls(INTEGRATOR, steps), n), None,
                       Ticker(f"round {k} references", log))
     es = EvalSet(denoiser, noise, labels, steps, INTEGRATOR)
     es.set_reference(None, refs)
     return es
 
 
-def _until(clock: Clock, seconds: float | None) -> float | None:
-    """The deadline of a fit that may take `seconds` (None: no bound of its own), within the clock's."""
-    own = None if seconds is None else time.perf_counter() + seconds
-    ends = [t for t in (own, clock.share(1.0)) if t is not None]
-    return min(ends) if ends else None
+def _until(clock: Clock, seconds: float) -> float | None:
+    """The deadline of a fit that may take `seconds`, within the clock's; None without a time bound (the fit's
+    counts bound it)."""
+    return None if clock.deadline is None else min(time.perf_counter() + seconds, clock.deadline)
 
 
 def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fit: Candidate | None, opts: SearchOptions,
-               cal: CalibrationOptions, n: int, steps: int, clock: Clock, pace: Pace, per_holdout: float,
+               cal: CalibrationOptions, n: int, plan: ReferencePlan, clock: Clock, pace: Pace, per_holdout: float,
                cache: Path | None, log) -> list[Candidate]:
     """Rounds 2 .. opts.rounds: `lead`'s schedule learned again (when `lead` is a learned schedule; its Karras
     sigmas otherwise) and, when the first round fitted it (`lead_fit`), a global fit on it, each on a fresh
@@ -73,7 +73,7 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fit: Candidat
     its candidates fit `clock`, whose reserve then keeps that scoring's time. Returns the rounds' candidates."""
     fitted = 1 + (lead_fit is not None)
     limit = {"schedule": ROUND_SLACK * lead.seconds, "global": ROUND_SLACK * (lead_fit.seconds if lead_fit else 0.0)}
-    cost = (pace.predict(n, reference_calls(INTEGRATOR, steps)) + limit["global"] + fitted * per_holdout
+    cost = (pace.predict(n, reference_calls(INTEGRATOR, plan.steps)) + limit["global"] + fitted * per_holdout
             + (limit["schedule"] if lead.schedule == "learned" else 0.0))
     out: list[Candidate] = []
     for k in range(2, opts.rounds + 1):
@@ -83,25 +83,16 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fit: Candidat
             break
         clock.reserve(fitted * per_holdout)
         t0 = time.perf_counter()
-        calib = round_calibration(denoiser, cal, n, k, steps, cache, log)
-        sigmas, what = lead.program.sigmas, [f"round {k} ({n} noises from image {round_seed(cal, n, k)})"]
+        calib = round_calibration(denoiser, cal, n, k, plan, cache, log)
+        on, what = lead, [f"round {k} ({n} noises from image {round_seed(cal, n, k)})"]
         if lead.schedule == "learned":
-            deadline = _until(clock, limit["schedule"] if clock.deadline is not None else None)
-            sigmas, info = learn_schedule(denoiser, lead.family, nfe, lead.final, calib, loss=opts.loss,
-                                          max_evals=opts.max_evals, deadline=deadline, on_eval=FitProgress(
-                                              f"round {k} schedule {lead.family}/{lead.final}", log, opts.max_evals,
-                                              deadline))
-            out.append(Candidate(lead.family, lead.final, "learned", "base", build_program(lead.family, sigmas),
-                                 info["loss"], seconds=info["seconds"], note=f"{info['evals']} evals", round=k))
+            on, info = schedule_candidate(denoiser, nfe, lead.family, lead.final, calib, opts,
+                                          _until(clock, limit["schedule"]), log, round=k)
+            out.append(on)
             what.append(f"schedule {info['loss_karras']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
         if lead_fit is not None:
-            deadline = _until(clock, limit["global"] if clock.deadline is not None else None)
-            prog, info = fit_global(denoiser, build_program("iia-" + lead.family, sigmas, opts.r), calib, opts.loss,
-                                    max_iter=opts.max_iter, deadline=deadline, on_eval=FitProgress(
-                                        f"round {k} global fit {lead.family}/{lead.final}", log, opts.max_iter,
-                                        deadline))
-            out.append(Candidate(lead.family, lead.final, lead.schedule, "global", prog, info["loss"],
-                                 seconds=info["seconds"], note=f"{info['evals']} evals", round=k))
+            fit, info = global_candidate(denoiser, on, calib, opts, _until(clock, limit["global"]), log, round=k)
+            out.append(fit)
             what.append(f"global fit {info['loss_base']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
         clock.lap("rounds", t0)
         log(f"  {', '.join(what)}, {time.perf_counter() - t0:.1f} s")
