@@ -93,9 +93,10 @@ def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: fl
 
     grids = [s for s in PROBE_STEPS if s <= max_steps] or [max_steps]
     if len(grids) < 2 or not (affordable(grids[0]) and affordable(grids[0] + grids[1])):
-        return (min(UNMEASURED_STEPS, max_steps), f"{INTEGRATOR}, {min(UNMEASURED_STEPS, max_steps)} steps: accuracy "
-                f"not measured (the budget cannot afford {n} probe noises at {grids[0]} and {2 * grids[0]} steps)",
-                None)
+        why = (f"--reference-steps {max_steps} allows no pair of the probe's grids {PROBE_STEPS[:2]}" if len(grids) < 2
+               else f"the budget cannot afford {n} probe noises at {grids[0]} and {2 * grids[0]} steps")
+        steps = min(UNMEASURED_STEPS, max_steps)
+        return steps, f"{INTEGRATOR}, {steps} steps: accuracy not measured ({why})", None
     for coarse, fine in zip(grids, grids[1:]):
         for steps in (coarse, fine):
             if steps not in refs:

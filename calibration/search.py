@@ -51,8 +51,9 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 
 # Bumped when what the search ships or records for the same options changes, so that a cached `auto` result is
 # searched again (iia-compile's coefficient cache key; 2: 1024 held-out noises for networks, the prior's global
-# fit, a base's mean test recorded as null; 3: fit rounds on fresh calibration noises).
-SEARCH_VERSION = 3
+# fit, a base's mean test recorded as null; 3: fit rounds on fresh calibration noises; 4: the references' error and
+# the shipped RMSE's upper bound when they are over 0.1x of it).
+SEARCH_VERSION = 4
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
@@ -222,6 +223,33 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = 
     return min((c for c in cands if c.holdout["eligible"]), key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
 
 
+def _reference_check(plan, chosen: Candidate, finalists: list[Candidate], max_steps: int, log) -> dict:
+    """The references' own error (the plan's probe at its steps) against the shipped candidate's held-out RMSE,
+    logged; {} when it is within 0.1x. Over it, held-out RMSEs are resolved only to +-that error (a fit to the
+    references learns their error too), and by the triangle inequality the shipped candidate's true RMSE is at
+    most rmse + error: returned as {"reference_error", "rmse_chosen_upper"} for the record and the choice line."""
+    if plan.accuracy is None or not chosen.holdout.get("rmse"):
+        return {}
+    error, extrapolated = plan.accuracy.at(plan.steps)
+    rmse = chosen.holdout["rmse"]
+    how = f"extrapolated from {plan.accuracy.error:.3g} measured at {plan.accuracy.steps} steps" if extrapolated \
+        else "measured"
+    head = (f"  reference check: the estimated error of its {plan.steps} {INTEGRATOR} steps, {error:.3g} ({how}), is "
+            f"{error / rmse:.3g}x the shipped candidate's held-out RMSE")
+    if error <= 0.1 * rmse:
+        log(f"{head} (within the 0.1x the references must reach)")
+        return {}
+    base = next(c for c in finalists if (c.family, c.final, c.schedule, c.coefficients)
+                == (chosen.family, chosen.final, "karras", "base"))
+    upper = rmse + error
+    more = (f"--reference-steps {max_steps} allows no finer references" if 2 * plan.steps > max_steps
+            else "finer references need a larger --budget")
+    bound = f", <= {upper / (base.holdout['rmse'] - error):.3g}x its base's" if base.holdout["rmse"] > error else ""
+    log(f"{head}, OVER the 0.1x the references must reach: held-out RMSEs are resolved to +-{error:.2g} only; the "
+        f"shipped candidate's true RMSE is at most {upper:.3g}{bound} ({more})")
+    return {"reference_error": error, "rmse_chosen_upper": upper}
+
+
 class _Watchdog:
     """The search's log with a watchdog thread: a line whenever nothing was logged for `every` seconds (one
     evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks)."""
@@ -344,17 +372,10 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     finalists = choose_finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
     chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock,
                      cal.guard_level)
-    if plan.accuracy is not None and chosen.holdout.get("rmse"):  # the error of the steps the references used
-        error, extrapolated = plan.accuracy.at(plan.steps)
-        ratio = error / chosen.holdout["rmse"]
-        how = (f"extrapolated from {plan.accuracy.error:.3g} measured at {plan.accuracy.steps} steps"
-               if extrapolated else "measured")
-        log(f"  reference check: the estimated error of its {plan.steps} {INTEGRATOR} steps, {error:.3g} ({how}), is "
-            f"{ratio:.3g}x the shipped candidate's held-out RMSE ({'within' if ratio <= 0.1 else 'OVER'} the 0.1x the "
-            f"references must reach)")
+    resolution = _reference_check(plan, chosen, finalists, cal.reference_steps, log)
     table = [_row(c, chosen) for c in finalists]
     used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps,
-            "rounds": max(c.round for c in cands)}
+            "rounds": max(c.round for c in cands), **resolution}
     return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),
                         clock.timings, used)
 
@@ -411,7 +432,8 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
         "rule": rule_text(chosen.holdout["level"], chosen.holdout["tolerance"], "its own base's")
         + "; the lowest held-out rmse ships",
         "ratio_to_base": chosen.holdout["ratio_to_base"], "ratio_upper": chosen.holdout["ratio_upper"],
-        "mean_gain": chosen.holdout["mean_gain"]}
+        "mean_gain": chosen.holdout["mean_gain"],
+        **{k: used[k] for k in ("reference_error", "rmse_chosen_upper") if k in used}}
     res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds, "references": used,
                   "timings_s": result.timings, "options": {k: (list(v) if isinstance(v, tuple) else v)
                                                            for k, v in vars(options).items()},

@@ -82,8 +82,12 @@ def _from_file(denoiser, solver, opts: CompileOptions, log) -> tuple[dict, Progr
 
 def _choice(label: str, guard: dict) -> str:
     """An auto choice in words from its coefficients.json `guard` record (a fresh search's and a cached one's)."""
-    return (f"{label}: held-out rmse {guard['rmse_chosen']:.4g} (its Karras base {guard['rmse_base']:.4g}), "
+    text = (f"{label}: held-out rmse {guard['rmse_chosen']:.4g} (its Karras base {guard['rmse_base']:.4g}), "
             f"median {guard['median_chosen']:.4g} (base {guard['median_base']:.4g})")
+    if "rmse_chosen_upper" in guard:  # the references' own error is over 0.1x of it (search._reference_check)
+        text += (f"; within the references' error {guard['reference_error']:.2g}: its true rmse is at most "
+                 f"{guard['rmse_chosen_upper']:.4g}")
+    return text
 
 
 def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Program, str]:

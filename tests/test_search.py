@@ -471,3 +471,30 @@ def test_the_plan_keeps_held_out_time_for_the_fits_and_their_bases_not_every_bas
     need = 1.5 * (32 * (cost(plan.batch) + cost(plan.holdout))
                   + 9 * (12 * cost(plan.batch) + 11 * cost(plan.holdout)))
     assert plan.fits and abs(need - float(plan.lines[0].split("need ")[1].split(" s")[0])) < 0.1, plan.lines
+
+
+def test_references_coarser_than_the_shipped_error_bound_it_instead(gmm):
+    """References whose own error is over 0.1x the shipped candidate's held-out RMSE resolve that RMSE to +-their
+    error only (a fit to them learns their error): the search says so and records the triangle-inequality bound
+    rmse + error, which holds against references 8x as fine on the same held-out noises."""
+    from iia.calibration.fit import HOLDOUT_SEED_OFFSET
+    from iia.calibration.search import to_calibration_result
+    from iia.compiler.coefficients import _choice
+
+    opts = SearchOptions(budget_s=None, batch=64, families=("ipndm",), max_evals=30, max_iter=20, local=False,
+                         rounds=1)
+    cal = CalibrationOptions(holdout=64, reference_steps=32)  # 32 steps: ~0.01 error on gmm, the fits reach less
+    lines = []
+    result = auto_search(gmm, 9, opts, cal, log=lines.append)
+    check = next(line for line in lines if "reference check:" in line)
+    assert "OVER the 0.1x" in check and "true RMSE is at most" in check, check
+    assert "--reference-steps 32 allows no finer references" in check, check
+    used = result.references
+    rmse = result.chosen.holdout["rmse"]
+    assert used["rmse_chosen_upper"] == pytest.approx(rmse + used["reference_error"]) and used["reference_error"] > rmse
+    fine = evaluation_set(gmm, 64, cal.seed + HOLDOUT_SEED_OFFSET, 256)
+    true_rmse = float(fine.errors(result.chosen.program, reference=fine.reference).pow(2).mean().sqrt())
+    assert rmse < true_rmse <= used["rmse_chosen_upper"], (rmse, true_rmse, used)
+    guard = to_calibration_result(result, cal, opts, gmm).guard
+    assert guard["rmse_chosen_upper"] == used["rmse_chosen_upper"]
+    assert f"its true rmse is at most {used['rmse_chosen_upper']:.4g}" in _choice(result.chosen.label, guard)
