@@ -63,9 +63,11 @@ def reference_batch(rate: float, calls: int, total: int) -> int:
 
 @dataclass(frozen=True)
 class Accuracy:
-    """The reference's RMSE error `error` measured at `steps` steps (against twice as many, on the probe's noises)."""
+    """The reference's RMSE error `error` measured at `steps` steps (against twice as many, on the probe's noises);
+    `best`: the probe's best base solver ("family/final"), whose error set the target."""
     steps: int
     error: float
+    best: str = ""
 
     def at(self, steps: int) -> tuple[float, bool]:
         """(the estimated error at `steps` steps, whether it is extrapolated): measured at `self.steps`, else
@@ -91,20 +93,22 @@ def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: fl
         spent = time.perf_counter() - started
         return share_s is None or spent + 1.5 * n * rate_s * reference_calls(INTEGRATOR, steps) <= share_s
 
-    grids = [s for s in PROBE_STEPS if s <= max_steps] or [max_steps]
-    if len(grids) < 2 or not (affordable(grids[0]) and affordable(grids[0] + grids[1])):
-        why = (f"--reference-steps {max_steps} allows no pair of the probe's grids {PROBE_STEPS[:2]}" if len(grids) < 2
-               else f"the budget cannot afford {n} probe noises at {grids[0]} and {2 * grids[0]} steps")
-        steps = min(UNMEASURED_STEPS, max_steps)
-        return steps, f"{INTEGRATOR}, {steps} steps: accuracy not measured ({why})", None
-    for coarse, fine in zip(grids, grids[1:]):
+    # the probe's grids below the cap, then the cap itself; each measured against one twice as fine (the cap bounds
+    # the references the search uses, not the 4-noise probe that judges them)
+    grids = [s for s in PROBE_STEPS if s < max_steps] + [max_steps]
+    if not affordable(3 * grids[0]):
+        return (min(UNMEASURED_STEPS, max_steps), f"{INTEGRATOR}, {min(UNMEASURED_STEPS, max_steps)} steps: accuracy "
+                f"not measured (the budget cannot afford {n} probe noises at {grids[0]} and {2 * grids[0]} steps)",
+                None)
+    for k, coarse in enumerate(grids):
+        fine = 2 * coarse
         for steps in (coarse, fine):
             if steps not in refs:
                 refs[steps] = reference_solution(denoiser, noise, labels, steps, integrator=INTEGRATOR)
         error = rmse(refs[coarse], refs[fine])
         if not base_errors:  # the bases' errors, against the first fine reference, once: the best sets the target
-            for k, base in enumerate(bases):
-                if k and share_s is not None and (time.perf_counter() - started
+            for j, base in enumerate(bases):
+                if j and share_s is not None and (time.perf_counter() - started
                                                   + 1.5 * n * rate_s * base.nfe > share_s / 2):
                     break
                 base_errors[f"{base.solver}/{'zero' if base.sigmas[-1] == 0 else 'sigma_min'}"] = rmse(
@@ -114,14 +118,13 @@ def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: fl
         said = (f"{INTEGRATOR}, {coarse} steps ({reference_calls(INTEGRATOR, coarse)} calls per noise): error "
                 f"{error:.3g} vs {fine} steps on {n} noises = {ratio:.3g}x the error of the best of {len(base_errors)} "
                 f"base solvers at NFE {bases[0].nfe} ({best}) (target <= {ACCURACY_TARGET:g}x)")
-        measured = Accuracy(coarse, error)
+        measured = Accuracy(coarse, error, best)
         if ratio <= ACCURACY_TARGET:
             return coarse, said, measured
-        nxt = grids[grids.index(fine) + 1] if fine != grids[-1] else None
-        if nxt is None:
-            # the error at `fine` is not measured: extrapolated from the one at `coarse` (`Accuracy.at`)
-            return fine, f"{said}; not met, using {fine} steps (the finest allowed)", measured
-        if not affordable(nxt):
+        if coarse == max_steps:
+            return coarse, f"{said}; not met, using {coarse} steps (the most --reference-steps allows)", measured
+        nxt = grids[k + 1]
+        if not affordable(nxt + 2 * nxt if nxt not in refs else 2 * nxt):
             # extrapolated: the error falls >= 4x per doubling (2nd order at least; UniPC-3 is 3rd)
             doublings = max(1, math.ceil(math.log(ratio / ACCURACY_TARGET, 4)))
             steps = min(coarse * 2**doublings, max_steps)

@@ -52,7 +52,8 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # Bumped when what the search ships or records for the same options changes, so that a cached `auto` result is
 # searched again (iia-compile's coefficient cache key; 2: 1024 held-out noises for networks, the prior's global
 # fit, a base's mean test recorded as null; 3: fit rounds on fresh calibration noises; 4: the references' error and
-# the shipped RMSE's upper bound when they are over 0.1x of it).
+# the shipped RMSE's upper bound when they are over 0.1x of it, the probe measures the cap's steps, a cut keeps the
+# probe's best base, a re-plan never raises a small --holdout, global fits at r = 3).
 SEARCH_VERSION = 4
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
@@ -73,7 +74,7 @@ class SearchResult:
 def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock: Clock, pace: Pace,
                  fixed_until: float | None, log) -> list[Candidate]:
     """The planned families x final steps on the Karras schedule with base coefficients, scored on `calib` in
-    PRIOR_FAMILIES order; the rest is skipped (and said) when the measured pace would pass `fixed_until`."""
+    the plan's order (the probe's best base's family first, then PRIOR_FAMILIES); the rest is skipped (and said) when the measured pace would pass `fixed_until`."""
     t0 = time.perf_counter()
     pairs = [(fam, final) for fam in plan.families for final in plan.finals]
     cands, tick = [], Ticker("scoring base solvers", log)
@@ -223,13 +224,19 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = 
     return min((c for c in cands if c.holdout["eligible"]), key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
 
 
-def _reference_check(plan, chosen: Candidate, finalists: list[Candidate], max_steps: int, log) -> dict:
+def _reference_check(plan, chosen: Candidate, finalists: list[Candidate], max_steps: int, default_cap: bool,
+                     log) -> dict:
     """The references' own error (the plan's probe at its steps) against the shipped candidate's held-out RMSE,
     logged; {} when it is within 0.1x. Over it, held-out RMSEs are resolved only to +-that error (a fit to the
     references learns their error too), and by the triangle inequality the shipped candidate's true RMSE is at
-    most rmse + error: returned as {"reference_error", "rmse_chosen_upper"} for the record and the choice line."""
-    if plan.accuracy is None or not chosen.holdout.get("rmse"):
+    most rmse + error: returned as {"reference_error", "rmse_chosen_upper"} for the record and the choice line;
+    {"reference_error": None} when the plan could not afford to measure it."""
+    if not chosen.holdout.get("rmse"):
         return {}
+    if plan.accuracy is None:
+        log("  reference check: the references' error was not measured (the budget could not afford the probe): "
+            "the held-out RMSEs are against references of unknown accuracy (raise --budget)")
+        return {"reference_error": None}
     error, extrapolated = plan.accuracy.at(plan.steps)
     rmse = chosen.holdout["rmse"]
     how = f"extrapolated from {plan.accuracy.error:.3g} measured at {plan.accuracy.steps} steps" if extrapolated \
@@ -242,11 +249,12 @@ def _reference_check(plan, chosen: Candidate, finalists: list[Candidate], max_st
     base = next(c for c in finalists if (c.family, c.final, c.schedule, c.coefficients)
                 == (chosen.family, chosen.final, "karras", "base"))
     upper = rmse + error
-    more = (f"--reference-steps {max_steps} allows no finer references" if 2 * plan.steps > max_steps
-            else "finer references need a larger --budget")
-    bound = f", <= {upper / (base.holdout['rmse'] - error):.3g}x its base's" if base.holdout["rmse"] > error else ""
+    cap = f"{max_steps} steps are --reference-steps' {'default ' if default_cap else ''}cap"
+    more = cap if plan.steps >= max_steps else "finer references need a larger --budget"
+    bound = f", <= ~{upper / (base.holdout['rmse'] - error):.3g}x its base's" if base.holdout["rmse"] > error else ""
     log(f"{head}, OVER the 0.1x the references must reach: held-out RMSEs are resolved to +-{error:.2g} only; the "
-        f"shipped candidate's true RMSE is at most {upper:.3g}{bound} ({more})")
+        f"shipped candidate's true RMSE is at most ~{upper:.3g} (its held-out RMSE + the references' estimated "
+        f"error){bound} ({more})")
     return {"reference_error": error, "rmse_chosen_upper": upper}
 
 
@@ -372,7 +380,8 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     finalists = choose_finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
     chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock,
                      cal.guard_level)
-    resolution = _reference_check(plan, chosen, finalists, cal.reference_steps, log)
+    resolution = _reference_check(plan, chosen, finalists, cal.reference_steps, given.reference_steps is None,
+                                  log)
     table = [_row(c, chosen) for c in finalists]
     used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps,
             "rounds": max(c.round for c in cands), **resolution}
@@ -417,9 +426,10 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
     used = result.references
     resolved = calibration.resolved(denoiser)
     # the search's held-out noises and references, not the guard's defaults it never used
-    # (and its calibration noises and the shipped candidate's schedule, not the local fit's defaults)
+    # (and its calibration noises, the shipped candidate's schedule and history r, not the local fit's defaults)
     recorded = resolved if not used else replace(resolved, holdout=used["holdout"], reference_steps=used["steps"],
-                                                 batch=used["calibration"], schedule=chosen.schedule)
+                                                 batch=used["calibration"], schedule=chosen.schedule,
+                                                 r=chosen.program.r)
     res = CalibrationResult(chosen.program, chosen.program, base, recorded)
     base_row = next(r for r in result.table if r["family"] == chosen.family and r["final"] == chosen.final
                     and r["schedule"] == "karras" and r["coefficients"] == "base")

@@ -190,9 +190,10 @@ class ReferencePlan:
     holdout_floor: int = 0  # held-out noises cut first, down to this, before anything else (`reference_sizes`)
 
 
-def _prior_order(families) -> list[str]:
-    """`families` with PRIOR_FAMILIES first (what a tight budget keeps)."""
-    return [f for f in PRIOR_FAMILIES if f in families] + [f for f in families if f not in PRIOR_FAMILIES]
+def _prior_order(families, lead: str | None = None) -> list[str]:
+    """`families` with `lead` (when among them), then PRIOR_FAMILIES first (what a tight budget keeps)."""
+    first = ([lead] if lead in families else []) + [f for f in PRIOR_FAMILIES if f in families and f != lead]
+    return first + [f for f in families if f not in first]
 
 
 def held_out_programs(n_bases: int, n_fitted: int) -> int:
@@ -236,7 +237,8 @@ def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bo
 
 def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,
                     holdout: int, steps: int, budget_s: float, cost: Callable[[int], float],
-                    spent_s: float = 0.0, holdout_floor: int | None = None) -> ReferencePlan:
+                    spent_s: float = 0.0, holdout_floor: int | None = None,
+                    lead: tuple[str, str] | None = None) -> ReferencePlan:
     """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
     the held-out noises must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. First the held-out
     noises above SEARCH_HOLDOUT_FLOOR are cut until all fits WIDE_HOLDOUT_SHARE, then those above `holdout_floor`
@@ -244,7 +246,8 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     time) until all fits HOLDOUT_BONUS_SHARE (neither tier below `holdout_floor`); then, in this order until
     it fits FIXED_SHARE: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
     MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
-    MIN_REFERENCE_STEPS. When even that does not fit, `fits` is False. `spent_s`: the seconds of --budget spent
+    MIN_REFERENCE_STEPS; `lead` (family, final step), the probe's best base, is kept first (it measured better
+    than the prior). When even that does not fit, `fits` is False. `spent_s`: the seconds of --budget spent
     or kept outside `budget_s` (the timing, the probe, the optimisers' reserve): the --budget figures the plan
     suggests (`afford_s`, `full_s`) include them and are rounded up, so that they are over any --budget that
     could not afford what they name."""
@@ -253,9 +256,9 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
         return 1.5 * (reference_calls(INTEGRATOR, n_steps) * (cost(n_cal) + cost(n_hold))
                       + nfe * (n_bases * cost(n_cal) + held_out_programs(n_bases, n_fitted) * cost(n_hold)))
 
-    share = FIXED_SHARE * budget_s
-    floor = holdout if holdout_floor is None else min(holdout_floor, holdout)
-    fams, fins = _prior_order(families), list(finals)
+    share, floor = FIXED_SHARE * budget_s, holdout if holdout_floor is None else min(holdout_floor, holdout)
+    fams, fins = _prior_order(families, lead and lead[0]), list(finals)
+    keep_final = lead[1] if lead is not None and lead[1] in fins else PRIOR_FINAL
     state = [batch, holdout, steps, fams, fins, n_fitted]
 
     def noises(lo_cal, lo_hold):
@@ -268,7 +271,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     def keep(index, n):
         if len(state[index]) <= n:
             return False
-        kept = [f for f in state[index] if f == PRIOR_FINAL] if index == 4 else state[index][:n]
+        kept = [f for f in state[index] if f == keep_final] if index == 4 else state[index][:n]
         state[index] = kept or state[index][:n]
         return True
 
@@ -362,8 +365,9 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
         steps, said, error = MIN_REFERENCE_STEPS, f"{INTEGRATOR}: accuracy not measured (no search fits)", None
     log(f"  plan: reference {said}")
     left = max(clock.remaining() - reserve_s, 0.0)
+    lead = tuple(error.best.split("/")) if error is not None and error.best else None
     plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost,
-                           opts.budget_s - left, holdout_floor)
+                           opts.budget_s - left, holdout_floor, lead)
     plan.rate, plan.accuracy = rate, error
     plan.lines = (f"  plan: {rate:.3g} s per image-call (timed by {how}); reference {said}",) + plan.lines
     clock.lap("references", t0)  # the timing and the accuracy probe are part of what the references cost
@@ -421,7 +425,8 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
                 bonus = sizes["held-out"] > max(plan.holdout_floor, done["held-out"])
                 lo = {"calibration": sizes["calibration"] if bonus else MIN_CALIB,
                       "held-out": max(plan.holdout_floor, MIN_HOLDOUT) if bonus else MIN_HOLDOUT}
-                shrunk = {w: max(lo[w], done[w], min(sizes[w], whole_granules(int(sizes[w] * 0.8)))) for w in sizes}
+                # never above the size it had (a --holdout 2 below MIN_HOLDOUT was raised to 32 by a "cut")
+                shrunk = {w: min(sizes[w], max(lo[w], done[w], whole_granules(int(sizes[w] * 0.8)))) for w in sizes}
                 if shrunk == sizes:
                     break
                 sizes.update(shrunk)

@@ -84,9 +84,12 @@ def _choice(label: str, guard: dict) -> str:
     """An auto choice in words from its coefficients.json `guard` record (a fresh search's and a cached one's)."""
     text = (f"{label}: held-out rmse {guard['rmse_chosen']:.4g} (its Karras base {guard['rmse_base']:.4g}), "
             f"median {guard['median_chosen']:.4g} (base {guard['median_base']:.4g})")
-    if "rmse_chosen_upper" in guard:  # the references' own error is over 0.1x of it (search._reference_check)
+    # the references' own error over 0.1x of it, or not measured (search._reference_check)
+    if "rmse_chosen_upper" in guard:
         text += (f"; within the references' error {guard['reference_error']:.2g}: its true rmse is at most "
-                 f"{guard['rmse_chosen_upper']:.4g}")
+                 f"~{guard['rmse_chosen_upper']:.4g}")
+    elif "reference_error" in guard:
+        text += "; against references of unmeasured accuracy"
     return text
 
 
@@ -95,7 +98,8 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     # the search's own default (calibration batch 512 analytic / 128 networks) unless --calib-batch is set
     batch = opts.calibration.batch if is_set(opts, "batch") else None
-    search = SearchOptions(budget_s=opts.budget_s, r=opts.calibration.r, batch=batch)
+    r = opts.calibration.r if is_set(opts, "r") else SearchOptions.r  # the search's own history length unless --r
+    search = SearchOptions(budget_s=opts.budget_s, r=r, batch=batch)
 
     def make():
         result = auto_search(denoiser, opts.nfe, search, opts.calibration, log=log,

@@ -32,13 +32,16 @@ def is_artifact_dir(path: Path) -> bool:
 
 def check_out_dir(out: Path, force: bool) -> None:
     """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
-    '.', '..', the working directory or one of its parents, a mount point, a file, a symlink, or a directory of
-    anything else is refused (CompileError naming it)."""
+    '.', '..', the working directory or one of its parents, a path inside an artifact, a mount point, a file, a
+    symlink, or a directory of anything else is refused (CompileError naming it)."""
     if out.name in ("", ".", ".."):
         raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
     resolved = out.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise CompileError(f"--out {out}: is the working directory or one of its parents")
+    inside = next((a for a in resolved.parents if (a / MANIFEST).is_file() and is_artifact_dir(a)), None)
+    if inside is not None:  # the runtimes verify an artifact's files: one nested in it is a stray file there
+        raise CompileError(f"--out {out}: is inside the iia artifact {inside}; choose a path outside it")
     if not out.exists() and not out.is_symlink():
         return
     refuse_mount_point(out, "--out", CompileError)  # with or without --force: it cannot be replaced by rename

@@ -162,9 +162,9 @@ def default_output(model, solver: str, nfe: int, suffix: str = "") -> Path:
 
 def check_output_file(path: str | Path | None, flag: str) -> Path | None:
     """An output FILE path checked before any work, one rule for every CLI (iia-run's C++ check says the same):
-    not '-' (standard output is not supported), not '.', '..' or an existing directory, and its nearest existing
-    ancestor must be a directory this process may write in (missing directories below it are made when the file
-    is written). ValueError naming `flag`, the path and the cause; None passes through."""
+    not '-' (standard output is not supported), not '.', '..' or an existing directory, in an existing directory
+    this process may write in (no directory is made: a mistyped path is refused, not created). ValueError naming
+    `flag`, the path and the cause (iia-run's words); None passes through."""
     if path is None:
         return None
     if str(path) == "-":
@@ -175,8 +175,10 @@ def check_output_file(path: str | Path | None, flag: str) -> Path | None:
     if path.name in ("", ".", "..") or path.is_dir():
         raise ValueError(f"{flag} {path}: is a directory, expected a file name")
     parent = path.parent
-    while not os.path.lexists(parent) and parent != parent.parent:
-        parent = parent.parent
+    try:
+        os.stat(parent)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: its directory {parent} cannot be used ({os.strerror(err.errno)})") from None
     if not parent.is_dir():
         raise ValueError(f"{flag} {path}: {parent} is not a directory")
     denied = _write_denied(parent)
@@ -197,7 +199,7 @@ def _write_denied(directory: Path) -> str | None:
 
 class OutputFiles:
     """The output files of one run (`paths`), published together: each is written to a temp file beside it
-    (`writing`, which makes missing directories), then `publish` renames them all into place with SIGINT/SIGTERM
+    (`writing`), then `publish` renames them all into place with SIGINT/SIGTERM
     deferred, and a failed rename puts back the files the earlier ones replaced (kept as hard links until then):
     a reader finds all of this run's outputs or none (iia-sample's new .npz beside an older PNG was the fault).
     Leaving the `with` block removes every temp not published. An OSError is re-raised naming `flag`, the output
@@ -217,7 +219,6 @@ class OutputFiles:
     def writing(self, path: Path):
         """Yield the temp file that holds `path`'s new content until `publish`."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
             self.temps[path] = Path(temp)

@@ -411,28 +411,46 @@ def test_read_only_directory_refused_up_front(native, arts, read_only_dir, capsy
     """The output's directory cannot take files: refused before the artifact is even opened (the artifact named
     here does not exist), naming the option, the directory and the cause; a missing directory below it too."""
     ro, cause = read_only_dir
-    for out in (ro / "x.png", ro / "new" / "x.png"):
-        assert _cli_error(capsys, sample_main(["nothing", "--out", str(out)])) == \
-            f"--out {out.with_suffix('.png')}: cannot write in {ro} ({cause})"
-        json_out = out.with_suffix(".json")
-        assert _cli_error(capsys, bench_main(["nothing", "--json", str(json_out)])) == \
-            f"--json {json_out}: cannot write in {ro} ({cause})"
+    out = ro / "x.png"
+    assert _cli_error(capsys, sample_main(["nothing", "--out", str(out)])) == f"--out {out}: cannot write in {ro} ({cause})"
+    assert _cli_error(capsys, bench_main(["nothing", "--json", str(out.with_suffix(".json"))])) == \
+        f"--json {out.with_suffix('.json')}: cannot write in {ro} ({cause})"
     proc = _run([native["iia_run"], arts["cond"], "--bench", "--json", ro / "x.json"])
     assert _one_line_error(proc) == f"--json {ro / 'x.json'}: cannot write in {ro} ({cause})"
     assert proc.stdout == ""
 
 
+def test_a_missing_directory_is_refused_not_made(native, arts, tmp_path, capsys):  # noqa: F811
+    """A file output in a directory that does not exist (a mistyped path) is refused up front, in the same words by
+    iia-sample, iia-bench and iia-run, and nothing is created (iia-sample made /nonexist at the root)."""
+    for out, cause in ((tmp_path / "new" / "x.png", "No such file or directory"),
+                       (tmp_path / "new" / "deeper" / "x.png", "No such file or directory")):
+        expected = f"its directory {out.parent} cannot be used ({cause})"
+        assert _cli_error(capsys, sample_main([str(arts["cond"]), "--n", "1", "--out", str(out)])) == \
+            f"--out {out}: {expected}"
+        assert _cli_error(capsys, bench_main([str(arts["cond"]), "--json", str(out.with_suffix(".json"))])) == \
+            f"--json {out.with_suffix('.json')}: {expected}"
+        proc = _run([native["iia_run"], arts["cond"], "--bench", "--json", out.with_suffix(".json")])
+        assert _one_line_error(proc) == f"--json {out.with_suffix('.json')}: {expected}"
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_file_used_as_a_directory_refused_up_front(native, arts, tmp_path, capsys):  # noqa: F811
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
-    for out in (afile / "x.png", afile / "sub" / "x.png"):
-        assert _cli_error(capsys, sample_main(["nothing", "--out", str(out)])) == \
-            f"--out {out}: {afile} is not a directory"
-        json_out = out.with_suffix(".json")
-        assert _cli_error(capsys, bench_main(["nothing", "--json", str(json_out)])) == \
-            f"--json {json_out}: {afile} is not a directory"
+    out = afile / "x.png"
+    assert _cli_error(capsys, sample_main(["nothing", "--out", str(out)])) == f"--out {out}: {afile} is not a directory"
+    json_out = out.with_suffix(".json")
+    assert _cli_error(capsys, bench_main(["nothing", "--json", str(json_out)])) == \
+        f"--json {json_out}: {afile} is not a directory"
     proc = _run([native["iia_run"], arts["cond"], "--bench", "--json", afile / "x.json"])
     assert _one_line_error(proc) == f"--json {afile / 'x.json'}: {afile} is not a directory"
+    deeper = afile / "sub" / "x.png"  # below a file: the OS's own cause, as iia-run says it
+    assert _cli_error(capsys, sample_main(["nothing", "--out", str(deeper)])) == \
+        f"--out {deeper}: its directory {afile / 'sub'} cannot be used (Not a directory)"
+    proc = _run([native["iia_run"], arts["cond"], "--bench", "--json", deeper.with_suffix(".json")])
+    assert _one_line_error(proc) == \
+        f"--json {deeper.with_suffix('.json')}: its directory {afile / 'sub'} cannot be used (Not a directory)"
     assert afile.read_text() == "not a directory"
 
 
