@@ -518,3 +518,18 @@ def test_a_cut_keeps_the_base_the_probe_measured_best():
     assert plain.fits and led.fits and len(led.families) < len(FAMILIES_ALL), led.lines
     assert "unipc-2" not in plain.families and led.families[0] == "unipc-2", (plain.families, led.families)
     assert len(led.families) == len(plain.families) and plain.finals == ("sigma_min",) and led.finals == ("zero",)
+
+
+def test_an_unmeasured_reference_is_said_in_the_check_and_the_choice_line():
+    """A budget that could not afford the accuracy probe leaves the references' error unknown: the check says so,
+    the record carries reference_error null, and the choice line qualifies the held-out RMSE."""
+    from iia.calibration.references import Accuracy, reference_check
+    from iia.compiler.coefficients import _choice
+
+    line, record = reference_check(None, 64, 0.01, 0.1, 128, True)
+    assert record == {"reference_error": None} and "not measured" in line and "unknown accuracy" in line
+    guard = {"rmse_chosen": 0.01, "rmse_base": 0.1, "median_chosen": 0.005, "median_base": 0.05, **record}
+    assert _choice("ipndm/sigma_min/learned/global", guard).endswith("; against references of unmeasured accuracy")
+    # measured within 0.1x: nothing recorded, nothing qualified
+    line, record = reference_check(Accuracy(64, 1e-4), 64, 0.01, 0.1, 128, True)
+    assert record == {} and "(within the 0.1x" in line and "(measured)" in line
