@@ -533,3 +533,27 @@ def test_an_unmeasured_reference_is_said_in_the_check_and_the_choice_line():
     # measured within 0.1x: nothing recorded, nothing qualified
     line, record = reference_check(Accuracy(64, 1e-4), 64, 0.01, 0.1, 128, True)
     assert record == {} and "(within the 0.1x" in line and "(measured)" in line
+
+
+def test_a_reference_that_stops_converging_keeps_the_coarser_steps():
+    """A denoiser with its own floor (here a fast wiggle in sigma that no grid resolves): doubling the reference's
+    steps no longer cuts its error (UniPC-3 should cut it ~8x), so the probe keeps the coarser grid, at half the
+    references' cost, and takes the larger error as its accuracy; a smooth one still converges to the target."""
+    from iia.calibration.references import STALL, choose_steps
+    from iia.models import from_callable
+
+    def smooth(x, sigma, labels):
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    def floored(x, sigma, labels):
+        return smooth(x, sigma, labels) + 0.01 * torch.sin(3e3 * sigma.reshape(-1, 1, 1, 1))
+
+    for fn, stalls in ((floored, True), (smooth, False)):
+        den = from_callable(fn, (3, 8, 8))
+        steps, said, acc = choose_steps(den, [program_for(den, "ipndm", 5, final="sigma_min")], 0, 0.0, None, 256)
+        assert ("the model's own floor" in said) == stalls, said
+        if stalls:
+            finer = float(said.split("error ")[1].split(" vs")[0])  # the measurement at twice the steps
+            assert f"using {steps} steps" in said and acc.steps == steps and acc.error >= finer > STALL * acc.error
+        else:
+            assert "target <= 0.02x)" in said and said.endswith(")") and acc.steps == steps
