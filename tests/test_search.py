@@ -536,9 +536,10 @@ def test_an_unmeasured_reference_is_said_in_the_check_and_the_choice_line():
 
 
 def test_a_reference_that_stops_converging_keeps_the_coarser_steps():
-    """A denoiser with its own floor (here a fast wiggle in sigma that no grid resolves): doubling the reference's
-    steps no longer cuts its error (UniPC-3 should cut it ~8x), so the probe keeps the coarser grid, at half the
-    references' cost, and takes the larger error as its accuracy; a smooth one still converges to the target."""
+    """A denoiser with its own floor (here a fast wiggle in sigma that no grid resolves): once the reference's error
+    has fallen >= 4x per doubling, a doubling that no longer halves it means the floor is reached, so the probe
+    keeps the coarser grid, at half the references' cost, with the larger error as its accuracy; the smooth one
+    keeps converging (a slow fall on the coarse grids before convergence is not a floor)."""
     from iia.calibration.references import STALL, choose_steps
     from iia.models import from_callable
 
@@ -546,14 +547,14 @@ def test_a_reference_that_stops_converging_keeps_the_coarser_steps():
         return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
 
     def floored(x, sigma, labels):
-        return smooth(x, sigma, labels) + 0.01 * torch.sin(3e3 * sigma.reshape(-1, 1, 1, 1))
+        return smooth(x, sigma, labels) + 3e-3 * torch.sin(3e3 * sigma.reshape(-1, 1, 1, 1))
 
     for fn, stalls in ((floored, True), (smooth, False)):
         den = from_callable(fn, (3, 8, 8))
-        steps, said, acc = choose_steps(den, [program_for(den, "ipndm", 5, final="sigma_min")], 0, 0.0, None, 256)
+        steps, said, acc = choose_steps(den, [program_for(den, "ipndm", 40, final="sigma_min")], 0, 0.0, None, 256)
         assert ("the model's own floor" in said) == stalls, said
         if stalls:
             finer = float(said.split("error ")[1].split(" vs")[0])  # the measurement at twice the steps
             assert f"using {steps} steps" in said and acc.steps == steps and acc.error >= finer > STALL * acc.error
         else:
-            assert "target <= 0.02x)" in said and said.endswith(")") and acc.steps == steps
+            assert acc.steps == steps and steps >= 64, said
