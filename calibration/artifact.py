@@ -8,6 +8,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from iia.runtime.contract import MAX_COEFFICIENTS_BYTES, ArtifactError, parse_json, read_regular, write_json_atomic
 from iia.models.base import Denoiser
 from iia.models.device import describe_device
@@ -179,9 +181,12 @@ def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
     if len(sigmas) < 2 or not all(math.isfinite(s) and s >= 0 for s in sigmas) or any(
             a <= b for a, b in zip(sigmas, sigmas[1:])):
         raise ArtifactError(f"{path}: sigmas must be finite, >= 0 and strictly decreasing, got {data['sigmas']}")
-    if denoiser is not None and sigmas[0] > denoiser.sigma_max * (1 + 1e-6):
+    # a model that rounds its sigmas (iDDPM's table) starts its own Karras base at sigma_max rounded (80.2037)
+    top = None if denoiser is None else max(denoiser.sigma_max, float(denoiser.round_sigma(
+        torch.tensor(denoiser.sigma_max, dtype=torch.float64))))
+    if top is not None and sigmas[0] > top * (1 + 1e-6):
         raise ArtifactError(f"{path}: schedule starts at sigma {sigmas[0]:g}, above the model's sigma_max "
-                            f"{denoiser.sigma_max:g}")
+                            f"{top:g}")
     get_solver(data["solver"])
     program = build_program(data["solver"], sigmas, data["r"])
     steps = data["steps"]

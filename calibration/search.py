@@ -234,6 +234,29 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = 
     return min((c for c in cands if c.holdout["eligible"]), key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
 
 
+def _checked_choice(chosen: Candidate, finalists: list[Candidate], plan, max_steps: int, default_cap: bool,
+                    log) -> tuple[Candidate, dict]:
+    """`references.reference_check` of the choice (logged), and the choice itself unless the references' error
+    leaves it possibly worse than its own Karras base (held-out RMSE + error > the base's - error: a fit to coarse
+    references learns their error, and the shipping rule's bound then measures the references): its base then
+    ships, checked the same way."""
+    if not chosen.holdout.get("rmse"):  # (the unsearched prior has no held-out record)
+        return chosen, {}
+    base = next(c for c in finalists if (c.family, c.final, c.schedule, c.coefficients)
+                == (chosen.family, chosen.final, "karras", "base"))
+    line, resolution = reference_check(plan.accuracy, plan.steps, chosen.holdout["rmse"], base.holdout["rmse"],
+                                       max_steps, default_cap)
+    log(line)
+    error = resolution.get("reference_error") or 0.0
+    if chosen is not base and "rmse_chosen_upper" in resolution and \
+            resolution["rmse_chosen_upper"] > base.holdout["rmse"] - error:
+        log(f"  {chosen.label} not shipped: within the references' error {error:.2g} it may be worse than its base "
+            f"({chosen.holdout['rmse']:.3g} + {error:.2g} > {base.holdout['rmse']:.3g} - {error:.2g}); shipped "
+            f"{base.label}")
+        return _checked_choice(base, finalists, plan, max_steps, default_cap, log)
+    return chosen, resolution
+
+
 class _Watchdog:
     """The search's log with a watchdog thread: a line whenever nothing was logged for `every` seconds (one
     evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks)."""
@@ -356,13 +379,8 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     finalists = choose_finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
     chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock,
                      cal.guard_level)
-    resolution = {}
-    if chosen.holdout.get("rmse"):  # (the unsearched prior has no held-out record)
-        base = next(c for c in finalists if (c.family, c.final, c.schedule, c.coefficients)
-                    == (chosen.family, chosen.final, "karras", "base"))
-        line, resolution = reference_check(plan.accuracy, plan.steps, chosen.holdout["rmse"], base.holdout["rmse"],
-                                           cal.reference_steps, given.reference_steps is None)
-        log(line)
+    chosen, resolution = _checked_choice(chosen, finalists, plan, cal.reference_steps, given.reference_steps is None,
+                                         log)
     table = [_row(c, chosen) for c in finalists]
     used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps,
             "rounds": max(c.round for c in cands), **resolution}
@@ -425,6 +443,10 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
         "ratio_to_base": chosen.holdout["ratio_to_base"], "ratio_upper": chosen.holdout["ratio_upper"],
         "mean_gain": chosen.holdout["mean_gain"],
         **{k: used[k] for k in ("reference_error", "rmse_chosen_upper") if k in used}}
+    fitted = (chosen.schedule, chosen.coefficients) != ("karras", "base")
+    lower = base_row["rmse"] - used.get("reference_error", 0.0) if fitted and "rmse_chosen_upper" in used else 0.0
+    if lower > 0:  # the rule's bound measured the references too: the larger of it and theirs (a shipped fit's <= 1)
+        res.guard["ratio_upper"] = max(res.guard["ratio_upper"], used["rmse_chosen_upper"] / lower)
     res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds, "references": used,
                   "timings_s": result.timings, "options": {k: (list(v) if isinstance(v, tuple) else v)
                                                            for k, v in vars(options).items()},

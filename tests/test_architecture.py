@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from pathlib import Path
 
@@ -388,3 +389,30 @@ def test_step_execution_liveness_and_program_json_are_defined_once():
     assert "return program_linear_form(program.plan())" in (ROOT / "compiler" / "emit.py").read_text()
     for caller in ("calibration/sampling.py", "calibration/fit.py", "calibration/search_fits.py", "runtime/loop.py"):
         assert re.search(r"\bexecute\(", (ROOT / caller).read_text()), caller
+
+
+def test_a_rounding_model_reads_back_its_own_karras_schedule(tmp_path):
+    """A model that rounds its sigmas (iDDPM's table) starts its Karras base at sigma_max rounded up (80.2037 for
+    80): coefficient files it wrote were refused as 'above the model's sigma_max', so its cached coefficients were
+    dropped at every compile; a schedule above the rounded start is still refused."""
+    from iia.calibration import artifact
+    from iia.calibration.fit import CalibrationOptions, CalibrationResult
+    from iia.calibration.schedules import program_for
+    from iia.models import from_callable
+    from iia.runtime.contract import ArtifactError
+
+    table = torch.cat([torch.logspace(math.log10(0.002), math.log10(79.0), 400, dtype=torch.float64),
+                       torch.tensor([80.2037], dtype=torch.float64)])
+
+    def nearest(sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return table[(sigma.reshape(-1, 1) - table).abs().argmin(dim=1)].reshape(sigma.shape)
+
+    d = from_callable(lambda x, s, l: x / (1 + s.reshape(-1, 1) ** 2), (4,), round_sigma=nearest)
+    base = program_for(d, "ipndm", 5)
+    data = artifact.to_dict(CalibrationResult(base, base, base, CalibrationOptions()), d, 5)
+    data["sigmas"][0] = 80.2037
+    assert artifact.program_from_dict(json.loads(json.dumps(data)), d, 5, "ipndm", source="c.json").sigmas[0] == 80.2037
+    data["sigmas"][0] = 81.0
+    with pytest.raises(ArtifactError, match="above the model's sigma_max 80.2037"):
+        artifact.program_from_dict(data, d, 5, "ipndm", source="c.json")

@@ -558,3 +558,25 @@ def test_a_reference_that_stops_converging_keeps_the_coarser_steps():
             assert f"using {steps} steps" in said and acc.steps == steps and acc.error >= finer > STALL * acc.error
         else:
             assert acc.steps == steps and steps >= 64, said
+
+
+def test_a_fit_the_references_error_cannot_clear_ships_its_base(gmm):
+    """With 8-step references (error ~0.7 on gmm) every fit is judged against the references' own error: a fit
+    whose held-out RMSE + that error is over its base's - that error may be worse than its base, so the base
+    ships, said in one line; the recorded bound of a shipped fit accounts for the references' error."""
+    from iia.calibration.search import to_calibration_result
+
+    opts = SearchOptions(budget_s=None, batch=64, families=("ipndm",), max_evals=30, max_iter=20, local=False,
+                         rounds=1)
+    for steps, base_ships in ((8, True), (32, False)):
+        cal, lines = CalibrationOptions(holdout=64, reference_steps=steps), []
+        result = auto_search(gmm, 9, opts, cal, log=lines.append)
+        said = [line for line in lines if "not shipped: within the references' error" in line]
+        assert bool(said) == base_ships, lines
+        assert ((result.chosen.schedule, result.chosen.coefficients) == ("karras", "base")) == base_ships
+        guard = to_calibration_result(result, cal, opts, gmm).guard
+        if not base_ships:  # 32 steps: OVER the 0.1x, but the fit clears its base by more than the error
+            used = result.references
+            base_rmse = guard["rmse_base"]
+            assert guard["ratio_upper"] >= used["rmse_chosen_upper"] / (base_rmse - used["reference_error"])
+            assert guard["ratio_upper"] <= 1
