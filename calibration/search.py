@@ -322,6 +322,9 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:
         raise SearchError(f"no solver family can spend exactly NFE {nfe}")
+    if given.reference_steps is not None and given.reference_steps < 2 * nfe:  # it cannot judge an NFE-n sampler
+        raise SearchError(f"--reference-steps {given.reference_steps}: a reference coarser than twice the sampler's "
+                          f"NFE {nfe} cannot judge it; give at least {2 * nfe}, or leave it to the plan's probe")
     fits = opts.budget_s is None or opts.budget_s >= MIN_FIT_BUDGET_S
     load = fits and opts.budget_s is not None
     reserve = OPTIMISER_LOAD_S if load else 0.0
@@ -426,9 +429,9 @@ def to_calibration_result(result: SearchResult, calibration: CalibrationOptions,
     resolved = calibration.resolved(denoiser)
     # the search's held-out noises and references, not the guard's defaults it never used
     # (and its calibration noises, the shipped candidate's schedule and history r, not the local fit's defaults)
-    recorded = resolved if not used else replace(resolved, holdout=used["holdout"], reference_steps=used["steps"],
-                                                 batch=used["calibration"], schedule=chosen.schedule,
-                                                 r=chosen.program.r)
+    recorded = replace(resolved, r=chosen.program.r) if not used else replace(
+        resolved, holdout=used["holdout"], reference_steps=used["steps"], batch=used["calibration"],
+        schedule=chosen.schedule, r=chosen.program.r)
     res = CalibrationResult(chosen.program, chosen.program, base, recorded)
     base_row = next(r for r in result.table if r["family"] == chosen.family and r["final"] == chosen.final
                     and r["schedule"] == "karras" and r["coefficients"] == "base")

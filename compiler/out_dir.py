@@ -10,7 +10,7 @@ from pathlib import Path
 from iia.runtime.contract import MANIFEST, MAX_MANIFEST_BYTES, SCHEMA, ArtifactError, open_regular
 
 from .options import CompileError
-from .publish import publish, refuse_mount_point
+from .publish import check_directory, publish, refuse_mount_point
 
 
 def is_artifact_dir(path: Path) -> bool:
@@ -30,18 +30,36 @@ def is_artifact_dir(path: Path) -> bool:
     return isinstance(data, dict) and data.get("schema") == SCHEMA
 
 
+def refuse_inside_artifact(path: Path, flag: str, error: type[Exception]) -> None:
+    """`error` when `path` (through links and '..') lies inside an existing iia artifact: the runtimes verify an
+    artifact's files, and one nested in it is a stray file there."""
+    inside = next((a for a in path.resolve().parents if (a / MANIFEST).is_file() and is_artifact_dir(a)), None)
+    if inside is not None:
+        raise error(f"{flag} {path}: is inside the iia artifact {inside}; choose a path outside it")
+
+
+def check_container_dir(raw: str | Path, flag: str, error: type[Exception]) -> Path:
+    """A directory that will HOLD new folders (iia-export-triton's --repo), before any work: named ('' would be
+    the working directory, '-' standard output), `publish.check_directory`'s checks, not inside an artifact."""
+    if str(raw).strip() in ("", "-"):
+        raise error(f"{flag} {str(raw)!r}: name a directory")
+    path = check_directory(Path(raw), flag, error)
+    refuse_inside_artifact(path, flag, error)
+    return path
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     """Before any work: `out` must be a new path, or (with --force) an existing iia artifact directory.
     '.', '..', the working directory or one of its parents, a path inside an artifact, a mount point, a file, a
     symlink, or a directory of anything else is refused (CompileError naming it)."""
+    if str(out) == "-":
+        raise CompileError("--out -: writing to standard output is not supported; name a new artifact directory")
     if out.name in ("", ".", ".."):
         raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
     resolved = out.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise CompileError(f"--out {out}: is the working directory or one of its parents")
-    inside = next((a for a in resolved.parents if (a / MANIFEST).is_file() and is_artifact_dir(a)), None)
-    if inside is not None:  # the runtimes verify an artifact's files: one nested in it is a stray file there
-        raise CompileError(f"--out {out}: is inside the iia artifact {inside}; choose a path outside it")
+    refuse_inside_artifact(out, "--out", CompileError)
     if not out.exists() and not out.is_symlink():
         return
     refuse_mount_point(out, "--out", CompileError)  # with or without --force: it cannot be replaced by rename

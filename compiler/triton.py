@@ -34,7 +34,8 @@ from iia.cli import add_options, check_options, int_list, option, options_from, 
 from iia.runtime.contract import (GUIDANCE, MANIFEST, MAX_THREADS, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA,
                                   SAMPLER_PLAN, artifact_root, read_manifest, verify_all)
 
-from .publish import Staging, check_directory, copy_public, publish
+from .out_dir import check_container_dir
+from .publish import Staging, copy_public, publish
 
 BACKENDS = ("tensorrt", "onnxruntime", "python")
 KINDS = ("gpu", "cpu")
@@ -303,7 +304,7 @@ def export_repository(artifacts: list[str | Path] | str | Path, repo: str | Path
     if not paths:
         raise TritonExportError("give at least one artifact directory")
     _check_options(opts)
-    repo = check_directory(Path(repo), "--repo", TritonExportError)  # before the artifacts' hashes are read
+    repo = check_container_dir(repo, "--repo", TritonExportError)  # before the artifacts' hashes are read
     arts = _read_artifacts(paths)
     first = arts[0]
     manifest = first.manifest

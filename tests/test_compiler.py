@@ -236,6 +236,8 @@ def test_cli_calibrate_and_compile_on_edm_pickle(tmp_path, edm_pkl, capsys):
     assert "exists" in capsys.readouterr().err
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", ""]) == 2  # '.' refused, not the default name
     assert "name a new artifact directory" in capsys.readouterr().err
+    assert compile_main([str(edm_pkl), "--nfe", "5", "--out", "-"]) == 2  # not a folder named '-'
+    assert "--out -: writing to standard output is not supported" in capsys.readouterr().err
     # a new artifact nested in an existing one: refused before any work, nothing made there
     nested = tmp_path / "o" / "sub" / "x"
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", str(nested), "--no-engine"]) == 2

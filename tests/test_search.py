@@ -10,7 +10,7 @@ from iia.calibration.sampling import sample
 from iia.calibration.schedules import program_for
 from iia.calibration.schedules import karras_sigmas
 from iia.calibration.evalset import evaluation_set
-from iia.calibration.search import SearchOptions, auto_search
+from iia.calibration.search import SearchError, SearchOptions, auto_search
 from iia.calibration.search_fits import fit_global, learn_schedule, sample_with_coefficients
 from iia.calibration.search_space import ScheduleSpace
 from iia.calibration.solvers import build_program
@@ -563,14 +563,17 @@ def test_a_reference_that_stops_converging_keeps_the_coarser_steps():
 def test_a_fit_the_references_error_cannot_clear_ships_its_base(gmm):
     """With 8-step references (error ~0.7 on gmm) every fit is judged against the references' own error: a fit
     whose held-out RMSE + that error is over its base's - that error may be worse than its base, so the base
-    ships, said in one line; the recorded bound of a shipped fit accounts for the references' error."""
+    ships, said in one line; the recorded bound of a shipped fit accounts for the references' error. References
+    coarser than twice the NFE are refused up front, by name."""
     from iia.calibration.search import to_calibration_result
 
     opts = SearchOptions(budget_s=None, batch=64, families=("ipndm",), max_evals=30, max_iter=20, local=False,
                          rounds=1)
-    for steps, base_ships in ((8, True), (32, False)):
+    with pytest.raises(SearchError, match="--reference-steps 8: a reference coarser than twice the sampler's NFE 9"):
+        auto_search(gmm, 9, opts, CalibrationOptions(holdout=64, reference_steps=8))
+    for nfe, steps, base_ships in ((4, 8, True), (9, 32, False)):
         cal, lines = CalibrationOptions(holdout=64, reference_steps=steps), []
-        result = auto_search(gmm, 9, opts, cal, log=lines.append)
+        result = auto_search(gmm, nfe, opts, cal, log=lines.append)
         said = [line for line in lines if "not shipped: within the references' error" in line]
         assert bool(said) == base_ships, lines
         assert ((result.chosen.schedule, result.chosen.coefficients) == ("karras", "base")) == base_ships

@@ -4,6 +4,7 @@ wheel's binary, python backend) on 127.0.0.1 answering over HTTP and gRPC, compa
 import ast
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,12 @@ def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, 
         export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", backends=["python"],
                                                                    force=True), **QUIET)
     assert (repo / "d_python" / "keep").read_text() == "mine"
+    # no name ('' was the working directory, said as '/'), standard output, or a folder inside an artifact
+    for bad, said in (("", "--repo '': name a directory"), ("-", "--repo '-': name a directory"),
+                      (Path(artifacts["digits"]) / "repo", "is inside the iia artifact")):
+        with pytest.raises(TritonExportError, match=re.escape(said)):
+            export_repository(artifacts["digits"], bad, TritonOptions(name="d", kind="cpu"), **QUIET)
+    assert not (Path(artifacts["digits"]) / "repo").exists()
     (repo / "d_python" / "keep").unlink()
     (repo / "d_python").rmdir()
     export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", backends=["python"]), **QUIET)
