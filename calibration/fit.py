@@ -71,9 +71,10 @@ class CalibrationOptions:
     holdout: int | None = option(None, "held-out noises of the end-to-end guard (default 4096 analytic models, 256 "
                                        "networks) and of --solver auto's choice (default 4096, fewer when "
                                        "--budget is short)", lo=2, hi=100_000, role="guard")
-    reference_steps: int | None = option(None, "Heun steps of the guard's reference solution (default 256 analytic "
-                                               "models, 128 networks)", lo=2, hi=100_000,
-                                        role="reference")
+    reference_steps: int | None = option(None, "steps of the reference solution: Heun's for the guard (default 256 "
+                                               "analytic models, 128 networks); for --solver auto the cap of its "
+                                               "UniPC-3 references, whose steps the plan's probe measures",
+                                         lo=2, hi=100_000, role="reference")
     guard: bool = option(True, "ship the raw fit even if it loses end to end on held-out noise", flag="--no-guard",
                          role="research")
     guard_level: float = option(0.95, "one-sided confidence with which a fit must not lose to its base in held-out "

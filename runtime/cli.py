@@ -54,7 +54,7 @@ def _labels_for(sampler, given: list[int] | None, n: int, seed: int):
                          f"ids in [0, {sampler.label_dim - 1}]")
     if len(given) > n:
         raise ValueError(f"--labels gives {len(given)} class ids for --n {n} samples: the ids past the "
-                         f"{n}th would be unused")
+                         f"first {n} would be unused")
     ids = np.asarray(given, dtype=np.int64)
     return np.resize(ids, n)  # repeated cyclically to n samples
 

@@ -277,6 +277,11 @@ def test_outputs_that_are_mount_points(tmp_path, mounted, capsys, monkeypatch):
     assert time.perf_counter() - start < 10  # before any work
     assert _names(tmp_path) == ["art", "mnt"]  # no .mnt.old-*, no .mnt.building-*
     assert sha256_file(mounted / "sampler.onnx") == sha256_file(art / "sampler.onnx")
+    # the directory inside it the message suggests: not while an artifact is there (a stray folder in it)
+    assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--no-engine", "--out", str(mounted / "a")]) == 2
+    assert "is inside the iia artifact" in capsys.readouterr().err
+    for entry in mounted.iterdir():
+        entry.unlink()
     assert compile_main(["gmm", "--solver", "edm", "--nfe", "3", "--no-engine", "--out", str(mounted / "a")]) == 0
 
 
