@@ -25,8 +25,9 @@ def _accuracy(argv=None) -> int:
     parser.add_argument("--model", default="gmm", help="gmm (default), digits, or a path")
     add_options(parser, AccuracyOptions)
     add_options(parser, CalibrationOptions)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--plot", default=None)
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the table (the peer report) as JSON")
+    parser.add_argument("--plot", default=None, metavar="FILE",
+                        help=f"plot the table; its format from the suffix ({', '.join(PLOT_FORMATS)})")
     parser.add_argument("--peers", nargs="?", const="default", default=None, metavar="LIST",
                         help="compare with diffusers' schedulers on the same denoiser and noise (default list: "
                              "dpm++2m,dpm++3m,unipc-bh1,unipc-bh2,deis-2,deis-3,heun,lms); --solvers then "
@@ -46,7 +47,7 @@ def _accuracy(argv=None) -> int:
     options.validate()
     _refuse_fit_flags_without_a_fit(parser, given, args.solvers)
     check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
+    check_plot_file(args.plot)
     denoiser = load_model_verbose(args.model, device=args.device)
     rows = accuracy_table(denoiser, args.solvers, args.nfe, options, args.n_test,
                           progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
@@ -102,7 +103,7 @@ def _peers(args, argv) -> int:
     search = SearchOptions(budget_s=args.budget)
     search.validate()
     check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
+    check_plot_file(args.plot)
     denoiser = load_model_verbose(args.model, device=args.device)
     report = peer_benchmark(denoiser, args.nfe, solvers, peers, args.n_test, options, search, fd=args.fd,
                             progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
@@ -118,6 +119,16 @@ def _peers(args, argv) -> int:
         plot_peers(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg")
+
+
+def check_plot_file(path: str | None) -> None:
+    """`--plot` before any work: an output file (`check_output_file`) whose suffix names a format it can write
+    (matplotlib's error for `x.txt` came after the whole run)."""
+    if check_output_file(path, "--plot") is not None and Path(path).suffix.lower() not in PLOT_FORMATS:
+        raise ValueError(f"--plot {path}: the plot's format comes from its suffix, one of {', '.join(PLOT_FORMATS)}")
 
 
 def accuracy_main(argv=None) -> int:

@@ -583,3 +583,12 @@ def test_sample_out_keeps_the_spelling_of_the_name_given(tmp_path):
     assert output_paths(str(tmp_path / "x.NPZ")) == (tmp_path / "x.png", tmp_path / "x.NPZ")
     assert output_paths(str(tmp_path / "y.PNG")) == (tmp_path / "y.PNG", tmp_path / "y.npz")
     assert output_paths(str(tmp_path / "z.png")) == (tmp_path / "z.png", tmp_path / "z.npz")
+
+
+def test_a_plot_format_it_cannot_write_is_refused_up_front(tmp_path, capsys):
+    """iia-accuracy --plot x.txt ran the whole table, then ended in matplotlib's error: the suffix is checked first,
+    for the table and the peer report alike, and nothing is written."""
+    for argv in (["--plot", str(tmp_path / "x.txt")], ["--peers", "--plot", str(tmp_path / "x.txt")]):
+        assert _cli_error(capsys, accuracy_main(argv)) == (
+            f"--plot {tmp_path / 'x.txt'}: the plot's format comes from its suffix, one of .png, .pdf, .svg, .jpg")
+    assert list(tmp_path.iterdir()) == []
