@@ -42,7 +42,7 @@ from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HO
                           Pace, ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
 from .search_fits import calib_loss, global_candidate, schedule_candidate
 from .search_rounds import fit_rounds
-from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
+from .search_space import FAMILIES, Candidate, SearchError, SearchOptions, own_base
 from .shipping import LEVEL, judge, rule_text
 from .solvers import Program, build_program, valid_nfe
 
@@ -74,7 +74,8 @@ class SearchResult:
 def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock: Clock, pace: Pace,
                  fixed_until: float | None, log) -> list[Candidate]:
     """The planned families x final steps on the Karras schedule with base coefficients, scored on `calib` in
-    the plan's order (the probe's best base's family first, then PRIOR_FAMILIES); the rest is skipped (and said) when the measured pace would pass `fixed_until`."""
+    the plan's order (the probe's best base's family first, then PRIOR_FAMILIES); the rest is skipped (and said)
+    when the measured pace would pass `fixed_until`."""
     t0 = time.perf_counter()
     pairs = [(fam, final) for fam in plan.families for final in plan.finals]
     cands, tick = [], Ticker("scoring base solvers", log)
@@ -224,9 +225,8 @@ def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = 
         sq[id(c)] = err**2
         c.holdout = {"rmse": float((err**2).mean().sqrt()), "median": float(err.median()),
                      "p90": float(torch.quantile(err, 0.9))}
-    base_of = {(c.family, c.final): c for c in cands if c.schedule == "karras" and c.coefficients == "base"}
     for c in cands:
-        base = base_of[(c.family, c.final)]
+        base = own_base(c, cands)
         c.holdout.update(judge(sq[id(c)], sq[id(base)], level).record())
         if c is base:  # against itself the mean test is moot: null in coefficients.json, "-" in the table
             c.holdout["mean_gain"] = None
@@ -242,8 +242,7 @@ def _checked_choice(chosen: Candidate, finalists: list[Candidate], plan, max_ste
     ships, checked the same way."""
     if not chosen.holdout.get("rmse"):  # (the unsearched prior has no held-out record)
         return chosen, {}
-    base = next(c for c in finalists if (c.family, c.final, c.schedule, c.coefficients)
-                == (chosen.family, chosen.final, "karras", "base"))
+    base = own_base(chosen, finalists)
     line, resolution = reference_check(plan.accuracy, plan.steps, chosen.holdout["rmse"], base.holdout["rmse"],
                                        max_steps, default_cap)
     log(line)
@@ -409,9 +408,9 @@ def format_table(table: list[dict]) -> str:
                          f"{row['note']}{mark}")
             continue
         # a base is its own base: its mean test is moot ("-"); otherwise say which test refused the candidate
-        own_base = row["schedule"] == "karras" and row["coefficients"] == "base"
-        gain = "-" if own_base else ("yes" if row["mean_gain"] else "no")
-        why = [] if row["eligible"] or own_base else (
+        is_base = row["schedule"] == "karras" and row["coefficients"] == "base"
+        gain = "-" if is_base else ("yes" if row["mean_gain"] else "no")
+        why = [] if row["eligible"] or is_base else (
             [f"upper > {1 + row['tolerance']:g}"] * (row["ratio_upper"] > 1 + row["tolerance"])
             + ["no mean gain"] * (not row["mean_gain"]))
         lines.append(f"{row['candidate']:<40} {row['rmse']:>13.5f} {row['median']:>9.5f} {row['ratio_to_base']:>7.3f} "

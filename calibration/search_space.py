@@ -114,6 +114,13 @@ class ScheduleSpace:
         return sig + [0.0]
 
 
+def own_base(c: Candidate, cands: list[Candidate]) -> Candidate:
+    """`c`'s own base among `cands` (the shipping rule's reference): its family and final step on the Karras
+    schedule with base coefficients."""
+    return next(b for b in cands if (b.family, b.final, b.schedule, b.coefficients)
+                == (c.family, c.final, "karras", "base"))
+
+
 def schedule_space(denoiser: Denoiser, solver: str, nfe: int, final: str) -> ScheduleSpace:
     n = get_solver(solver).steps_for_nfe(nfe)
     return ScheduleSpace(n, denoiser.sigma_min, denoiser.sigma_max, final, getattr(denoiser, "rho", RHO))

@@ -84,7 +84,7 @@ def _choice(label: str, guard: dict) -> str:
     """An auto choice in words from its coefficients.json `guard` record (a fresh search's and a cached one's)."""
     text = (f"{label}: held-out rmse {guard['rmse_chosen']:.4g} (its Karras base {guard['rmse_base']:.4g}), "
             f"median {guard['median_chosen']:.4g} (base {guard['median_base']:.4g})")
-    # the references' own error over 0.1x of it, or not measured (search._reference_check)
+    # the references' own error over 0.1x of it, or not measured (calibration/references.py reference_check)
     if "rmse_chosen_upper" in guard:
         text += (f"; within the references' error {guard['reference_error']:.2g}: its true rmse is at most "
                  f"~{guard['rmse_chosen_upper']:.4g}")
