@@ -27,24 +27,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from iia.cli import Ticker
 from iia.models.base import Denoiser
 
 from .evalset import EvalSet
-from .fit import CalibrationOptions, CalibrationResult, calibrate
-from .references import INTEGRATOR, reference_check
+from .fit import CalibrationOptions, calibrate
+from .references import INTEGRATOR
 from .schedules import program_for
-from .search_budget import choose_finalists, fit_counts
+from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bases
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
                           OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock,
                           Pace, ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
+from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
 from .search_rounds import fit_rounds
-from .search_space import FAMILIES, Candidate, SearchError, SearchOptions, own_base
-from .shipping import LEVEL, judge, rule_text
-from .solvers import Program, build_program, valid_nfe
+from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
+from .solvers import Program, valid_nfe
 
 __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchError", "SearchOptions", "SearchResult",
            "auto_search", "format_table", "to_calibration_result"]
@@ -53,8 +51,10 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # searched again (iia-compile's coefficient cache key; 2: 1024 held-out noises for networks, the prior's global
 # fit, a base's mean test recorded as null; 3: fit rounds on fresh calibration noises; 4: the references' error and
 # the shipped RMSE's upper bound when they are over 0.1x of it, the probe measures the cap's steps, a cut keeps the
-# probe's best base, a re-plan never raises a small --holdout, global fits at r = 3).
-SEARCH_VERSION = 4
+# probe's best base, a re-plan never raises a small --holdout, global fits at r = 3; 5: a budget short of a
+# schedule and a global fit on it fits Karras bases instead, the prior's Karras base gets the first Karras global fit,
+# bases far worse than the best are not scored on held-out noise).
+SEARCH_VERSION = 5
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
@@ -110,6 +110,8 @@ def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k
                      share: float = 0.55) -> list[Candidate]:
     """Learned schedules for `schedules_to_learn(bases, top_k)` (they share `share` of the remaining time equally,
     one's unused time carried to the next: `_equal_part`)."""
+    if top_k == 0:
+        return []
     if denoiser.sigma_table is not None:
         log("  learned schedules skipped: the model is discrete (its sigmas are a table of training timesteps)")
         return []
@@ -135,19 +137,24 @@ def _equal_part(phase_end: float | None, left: int) -> float | None:
 
 def globals_to_fit(learned: list[Candidate], bases: list[Candidate], n_fits: int) -> list[Candidate]:
     """What gets a global fit, in order: the best learned schedule (by calibration loss), the prior's (PRIOR_FAMILIES[0],
-    PRIOR_FINAL) learned schedule when it ranks lower, the best Karras base, then the other learned ones. A
-    schedule's loss does not rank what a global fit makes of it: on a 16x16 DDPM++ pickle at NFE 9, unipc-2/zero's
-    learned schedule led (held-out 0.0065) and its global fit gained nothing; iPNDM's reached 0.0051."""
+    PRIOR_FINAL) learned schedule when it ranks lower, the prior's Karras base, the best other Karras base, then
+    the other learned ones. A schedule's or base's loss does not rank what a global fit makes of it: on a 16x16
+    DDPM++ pickle at NFE 9, unipc-2/zero's learned schedule led (held-out 0.0065) and its global fit gained
+    nothing, iPNDM's reached 0.0051; there UniPC-2's Karras base led and its global fit reached 0.87x it, iPNDM's
+    0.31x its own (`search_budget.fit_counts`)."""
     ranked = sorted(learned, key=lambda c: c.calib_loss)
     prior = [c for c in ranked[1:] if (c.family, c.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)][:1]
-    order = ranked[:1] + prior + bases[:1] + [c for c in ranked[1:] if c not in prior]
+    karras = [b for b in bases if (b.family, b.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)][:1]
+    karras += [b for b in bases if b not in karras][:1]
+    order = ranked[:1] + prior + karras + [c for c in ranked[1:] if c not in prior]
     return order[:n_fits]
 
 
-def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fits: int) -> list[Candidate]:
-    """Global coefficient fits for `globals_to_fit` (they share 60% of the remaining time equally)."""
+def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fits: int,
+                 share: float = 0.6) -> list[Candidate]:
+    """Global coefficient fits for `globals_to_fit` (they share `share` of the remaining time equally)."""
     to_fit, out = globals_to_fit(learned, bases, n_fits), []
-    phase_end = clock.share(0.6)
+    phase_end = clock.share(share)
     for k, c in enumerate(to_fit):
         if clock.remaining() <= 0:
             log(f"  global fits: {len(to_fit) - k} of {len(to_fit)} skipped, the budget is spent (raise --budget)")
@@ -194,66 +201,6 @@ def _local_fit(denoiser, nfe, bases, opts, cal: CalibrationOptions, clock: Clock
             clock.lap("local fit", t0)
             return [Candidate(b.family, b.final, "karras", "local", res.program, seconds=round(res.seconds, 2))]
     return []
-
-
-class _TickingSet:
-    """An EvalSet whose `errors` ticks a Ticker per program scored (the held-out scoring of the finalists)."""
-
-    def __init__(self, inner: EvalSet, tick: Ticker, total: int):
-        self.inner, self.tick, self.total, self.done = inner, tick, total, 0
-        self.reference = inner.reference
-
-    def errors(self, *args, **kwargs) -> torch.Tensor:
-        out = self.inner.errors(*args, **kwargs)
-        self.done += 1
-        self.tick(self.done, self.total)
-        return out
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
-def _choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = LEVEL) -> Candidate:
-    """Score every candidate on held-out noise; eligible = passes the shipping rule against its own base (same
-    family and final step, Karras, base coefficients; `shipping.judge` at one-sided `level`); the eligible one
-    with the lowest held-out RMSE ships (the test metric; ties: the lower median)."""
-    t0 = time.perf_counter()
-    sq = {}
-    for c in cands:
-        # float32 states, as the compiled graph runs: a fit whose large coefficients amplify rounding pays for it
-        err = hold.errors(c.program, dtype=torch.float32, reference=hold.reference)
-        sq[id(c)] = err**2
-        c.holdout = {"rmse": float((err**2).mean().sqrt()), "median": float(err.median()),
-                     "p90": float(torch.quantile(err, 0.9))}
-    for c in cands:
-        base = own_base(c, cands)
-        c.holdout.update(judge(sq[id(c)], sq[id(base)], level).record())
-        if c is base:  # against itself the mean test is moot: null in coefficients.json, "-" in the table
-            c.holdout["mean_gain"] = None
-    clock.lap("held-out scoring", t0)
-    return min((c for c in cands if c.holdout["eligible"]), key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
-
-
-def _checked_choice(chosen: Candidate, finalists: list[Candidate], plan, max_steps: int, default_cap: bool,
-                    log) -> tuple[Candidate, dict]:
-    """`references.reference_check` of the choice (logged), and the choice itself unless the references' error
-    leaves it possibly worse than its own Karras base (held-out RMSE + error > the base's - error: a fit to coarse
-    references learns their error, and the shipping rule's bound then measures the references): its base then
-    ships, checked the same way."""
-    if not chosen.holdout.get("rmse"):  # (the unsearched prior has no held-out record)
-        return chosen, {}
-    base = own_base(chosen, finalists)
-    line, resolution = reference_check(plan.accuracy, plan.steps, chosen.holdout["rmse"], base.holdout["rmse"],
-                                       max_steps, default_cap)
-    log(line)
-    error = resolution.get("reference_error") or 0.0
-    if chosen is not base and "rmse_chosen_upper" in resolution and \
-            resolution["rmse_chosen_upper"] > base.holdout["rmse"] - error:
-        log(f"  {chosen.label} not shipped: within the references' error {error:.2g} it may be worse than its base "
-            f"({chosen.holdout['rmse']:.3g} + {error:.2g} > {base.holdout['rmse']:.3g} - {error:.2g}); shipped "
-            f"{base.label}")
-        return _checked_choice(base, finalists, plan, max_steps, default_cap, log)
-    return chosen, resolution
 
 
 class _Watchdog:
@@ -333,7 +280,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
         chosen = prior_base(denoiser, nfe, families, opts.finals)
         log(f"  shipped {chosen.label} unsearched, by the documented prior (search.PRIOR_FAMILIES): --budget "
             f"{opts.budget_s:g} s cannot afford the references; --budget {plan.afford_s:g} would")
-        table = [_row(chosen, chosen)]
+        table = [row(chosen, chosen)]
         return SearchResult(chosen.program, chosen, [chosen], table, round(time.perf_counter() - clock.started, 2),
                             clock.timings)
     end = None if opts.budget_s is None else clock.started + opts.budget_s
@@ -366,12 +313,14 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     if local:  # first: it cannot stop early, and the fits' deadlines then follow from what it really took
         cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
     per_holdout = pace.predict(len(hold), nfe)
-    fixed_s = per_holdout * len(cands)
-    top_k, n_global = fit_counts(opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else (0, 0)
-    clock.reserve(fixed_s + per_holdout * (top_k + n_global))
+    fixed_s = per_holdout * (len(cands) - len(bases) + len(held_out_bases(bases)))
+    counts = fit_counts(opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else FitCounts(0, 0)
+    clock.reserve(fixed_s + per_holdout * (counts.schedules + counts.global_fits))
     if fits:
-        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, top_k, 0.55 if n_global else 0.95)
-        fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, n_global)
+        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts.schedules,
+                                   0.55 if counts.global_fits else 0.95)
+        fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits,
+                              0.95 if counts.karras else 0.6)
         cands += learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,
                                             per_holdout, reference_cache, log)
     elif opts.budget_s is not None and opts.budget_s < MIN_FIT_BUDGET_S:
@@ -379,80 +328,12 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
             f"(loading their optimisers alone takes seconds)")
     left = math.inf if end is None else end - time.perf_counter()
     finalists = choose_finalists(cands, bases, pace.predict(len(hold), nfe), left, log)
-    chosen = _choose(finalists, _TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock,
+    chosen = choose(finalists, TickingSet(hold, Ticker("held-out scoring", log), len(finalists)), clock,
                      cal.guard_level)
-    chosen, resolution = _checked_choice(chosen, finalists, plan, cal.reference_steps, given.reference_steps is None,
+    chosen, resolution = checked_choice(chosen, finalists, plan, cal.reference_steps, given.reference_steps is None,
                                          log)
-    table = [_row(c, chosen) for c in finalists]
+    table = [row(c, chosen) for c in finalists]
     used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps,
             "rounds": max(c.round for c in cands), **resolution}
     return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),
                         clock.timings, used)
-
-
-def _row(c: Candidate, chosen: Candidate) -> dict:
-    return {"candidate": c.label, "solver": c.program.solver, "family": c.family, "final": c.final,
-            "schedule": c.schedule, "coefficients": c.coefficients, "calib_loss": c.calib_loss,
-            "seconds": c.seconds, "note": c.note, "round": c.round, "chosen": c is chosen, **c.holdout}
-
-
-def format_table(table: list[dict]) -> str:
-    """The candidate table, best held-out RMSE first: rmse, median, rmse / its own base's and the shipping rule's
-    one-sided upper bound of that ratio (`shipping.judge`), eligible or not."""
-    lines = [f"{'candidate':<40} {'held-out rmse':>13} {'median':>9} {'/ base':>7} {'upper':>7} {'mean gain':>9}  "
-             f"eligible"]
-    for row in sorted(table, key=lambda r: (r.get("rmse", 0.0), r.get("median", 0.0))):
-        mark = "  <- shipped" if row["chosen"] else ""
-        if "rmse" not in row:  # the unsearched prior: nothing was scored
-            lines.append(f"{row['candidate']:<40} {'not scored':>13} {'-':>9} {'-':>7} {'-':>7} {'-':>9}  "
-                         f"{row['note']}{mark}")
-            continue
-        # a base is its own base: its mean test is moot ("-"); otherwise say which test refused the candidate
-        is_base = row["schedule"] == "karras" and row["coefficients"] == "base"
-        gain = "-" if is_base else ("yes" if row["mean_gain"] else "no")
-        why = [] if row["eligible"] or is_base else (
-            [f"upper > {1 + row['tolerance']:g}"] * (row["ratio_upper"] > 1 + row["tolerance"])
-            + ["no mean gain"] * (not row["mean_gain"]))
-        lines.append(f"{row['candidate']:<40} {row['rmse']:>13.5f} {row['median']:>9.5f} {row['ratio_to_base']:>7.3f} "
-                     f"{row['ratio_upper']:>7.3f} {gain:>9}  {'yes' if row['eligible'] else 'no'}"
-                     f"{' (' + ', '.join(why) + ')' if why else ''}{mark}")
-    return "\n".join(lines)
-
-
-def to_calibration_result(result: SearchResult, calibration: CalibrationOptions, options: SearchOptions,
-                          denoiser: Denoiser) -> CalibrationResult:
-    """The chosen program as a CalibrationResult (for the coefficient artifact), the table in `search`."""
-    chosen = result.chosen
-    base = build_program(chosen.program.solver, chosen.program.sigmas, chosen.program.r)
-    used = result.references
-    resolved = calibration.resolved(denoiser)
-    # the search's held-out noises and references, not the guard's defaults it never used
-    # (and its calibration noises, the shipped candidate's schedule and history r, not the local fit's defaults)
-    recorded = replace(resolved, r=chosen.program.r) if not used else replace(
-        resolved, holdout=used["holdout"], reference_steps=used["steps"], batch=used["calibration"],
-        schedule=chosen.schedule, r=chosen.program.r)
-    res = CalibrationResult(chosen.program, chosen.program, base, recorded)
-    base_row = next(r for r in result.table if r["family"] == chosen.family and r["final"] == chosen.final
-                    and r["schedule"] == "karras" and r["coefficients"] == "base")
-    # the unsearched prior (no references fit the budget) was never scored: no held-out record
-    res.guard = {} if not chosen.holdout else {
-        "holdout": used["holdout"], "calibration": used["calibration"],
-        "reference": {"integrator": used["integrator"], "steps": used["steps"]},
-        "rmse_base": base_row["rmse"], "median_base": base_row["median"], "rmse_chosen": chosen.holdout["rmse"],
-        "median_chosen": chosen.holdout["median"], "decision": f"auto: {chosen.label}",
-        "rule": rule_text(chosen.holdout["level"], chosen.holdout["tolerance"], "its own base's")
-        + "; the lowest held-out rmse ships",
-        "ratio_to_base": chosen.holdout["ratio_to_base"], "ratio_upper": chosen.holdout["ratio_upper"],
-        "mean_gain": chosen.holdout["mean_gain"],
-        **{k: used[k] for k in ("reference_error", "rmse_chosen_upper") if k in used}}
-    fitted = (chosen.schedule, chosen.coefficients) != ("karras", "base")
-    lower = base_row["rmse"] - used.get("reference_error", 0.0) if fitted and "rmse_chosen_upper" in used else 0.0
-    if lower > 0:  # the rule's bound measured the references too: the larger of it and theirs (a shipped fit's <= 1)
-        res.guard["ratio_upper"] = max(res.guard["ratio_upper"], used["rmse_chosen_upper"] / lower)
-    res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds, "references": used,
-                  "timings_s": result.timings, "options": {k: (list(v) if isinstance(v, tuple) else v)
-                                                           for k, v in vars(options).items()},
-                  "candidates": result.table}
-    res.seconds = result.seconds
-    return res
-

@@ -1,5 +1,5 @@
 """The shipping rule: may a candidate ship instead of its own base solver? One definition, used by the held-out
-guard of local IIA fits (`fit.guard_end_to_end`) and by the `auto` search (`search._choose`).
+guard of local IIA fits (`fit.guard_end_to_end`) and by the `auto` search (`search_choice.choose`).
 
 A candidate is judged on the held-out noises against its OWN base (same family, final step and time steps for a
 local fit; Karras with base coefficients for the search) by the per-noise squared errors of both on the SAME

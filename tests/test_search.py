@@ -332,8 +332,8 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     need = float(re.search(r"need ([0-9.]+) s", big.lines[0]).group(1))
     assert need <= FIXED_SHARE * 1800.0
     spent = need / 1.5 + (PRECISE_TIMING_SHARE + PROBE_SHARE) * 1800.0
-    top_k, _ = fit_counts(SearchOptions(), per_eval, 9 * cost(big.holdout), 1800.0 - spent, lambda s: None)
-    assert top_k >= 1, (per_eval, big.lines)
+    counts = fit_counts(SearchOptions(), per_eval, 9 * cost(big.holdout), 1800.0 - spent, lambda s: None)
+    assert counts.schedules + counts.global_fits >= 1, (per_eval, big.lines)
 
 
 def test_the_budget_the_plan_suggests_affords_what_it_cut():
@@ -421,10 +421,14 @@ def test_the_prior_base_always_gets_a_learned_schedule_and_a_global_fit(gmm):
     learned = [replace(c, schedule="learned", calib_loss=k) for k, c in enumerate(ranked)]
     assert labels(globals_to_fit(learned, ranked, 2)) == ["deis-3/sigma_min/learned/base",
                                                           "ipndm/sigma_min/learned/base"]
-    assert labels(globals_to_fit(learned, ranked, 3))[2] == "deis-3/sigma_min/karras/base"
+    assert labels(globals_to_fit(learned, ranked, 4))[2:] == ["ipndm/sigma_min/karras/base",
+                                                              "deis-3/sigma_min/karras/base"]  # the prior's first
     assert labels(globals_to_fit(learned[:3], ranked, 2)) == ["deis-3/sigma_min/learned/base",
-                                                              "deis-3/sigma_min/karras/base"]  # no prior: as before
-    assert len(globals_to_fit(learned, ranked, 9)) == 5 and globals_to_fit(learned, ranked, 0) == []
+                                                              "ipndm/sigma_min/karras/base"]  # no prior learned
+    # no learned schedule (a budget short of one and a global fit on it): the prior's Karras base, then the best
+    assert labels(globals_to_fit([], ranked, 2)) == ["ipndm/sigma_min/karras/base", "deis-3/sigma_min/karras/base"]
+    assert labels(globals_to_fit([], ranked[:3], 2)) == labels(ranked[:1])  # the prior not scored: the best
+    assert len(globals_to_fit(learned, ranked, 9)) == 6 and globals_to_fit(learned, ranked, 0) == []
 
 
 def test_held_out_noises_above_the_guard_default_are_cut_first():
@@ -583,3 +587,46 @@ def test_a_fit_the_references_error_cannot_clear_ships_its_base(gmm):
             base_rmse = guard["rmse_base"]
             assert guard["ratio_upper"] >= used["rmse_chosen_upper"] / (base_rmse - used["reference_error"])
             assert guard["ratio_upper"] <= 1
+
+
+def test_a_budget_short_of_a_schedule_and_its_global_fit_fits_a_karras_base_instead():
+    """At equal time a Karras global fit beat a learned schedule on every 16x16 EDM-format pickle measured: where
+    the time left affords schedules but no global fit on them, the one fit is a global fit on a Karras base."""
+    from iia.calibration.search_budget import fit_counts
+
+    lines = []
+    # 1 s per calibration evaluation: 30 s afford a schedule (20 evaluations) but no global fit (~24 in 45%)
+    counts = fit_counts(SearchOptions(), 1.0, 0.0, 30.0, lines.append)
+    assert (counts.schedules, counts.global_fits, counts.karras) == (0, 1, True)
+    assert "global fit on the prior's Karras base and no learned schedule" in lines[-1], lines
+    # enough for a schedule and a global fit on it: as before; too little for a global fit: the schedule alone
+    counts = fit_counts(SearchOptions(), 1.0, 0.0, 60.0, lines.append)
+    assert (counts.schedules, counts.global_fits, counts.karras) == (1, 1, False)
+    assert fit_counts(SearchOptions(), 1.0, 0.0, 23.0, lines.append).schedules == 1
+    assert fit_counts(SearchOptions(), 1.0, 0.0, 1e9, lines.append) == fit_counts(SearchOptions(), 0.0, 0.0, 1.0, None)
+    assert fit_counts(SearchOptions(global_fits=0), 1.0, 0.0, 30.0, lines.append).karras is False
+
+
+def test_bases_far_behind_the_best_are_not_scored_on_held_out_noise(gmm):
+    """A base over FINALIST_LOSS_FACTOR x the best base's calibration loss cannot ship: it is not scored on
+    held-out noise unless a fit was built on it (its own base) or it is the prior's; the log says how many."""
+    from iia.calibration.search_budget import FINALIST_LOSS_FACTOR, choose_finalists
+    from iia.calibration.search_space import Candidate
+
+    def cand(family, final, loss, schedule="karras", coefficients="base"):
+        return Candidate(family, final, schedule, coefficients, program_for(gmm, family, 5, 1, "karras", final),
+                         calib_loss=loss)
+
+    bases = [cand("unipc-2", "zero", 1.0), cand("unipc-2", "sigma_min", 1.1), cand("deis-2", "zero", 5.0),
+             cand("ipndm", "sigma_min", 6.0), cand("unipc-3", "sigma_min", 7.0), cand("deis-3", "zero", 9.0)]
+    fit = cand("unipc-3", "sigma_min", 0.5, coefficients="global")
+    lines = []
+    out = choose_finalists(bases + [fit], bases, 0.1, 100.0, lines.append)
+    assert [c.label for c in out] == ["unipc-2/zero/karras/base", "unipc-2/sigma_min/karras/base",
+                                      "ipndm/sigma_min/karras/base", "unipc-3/sigma_min/karras/base",
+                                      "unipc-3/sigma_min/karras/global"], [c.label for c in out]
+    assert f"5 of 7 candidates (the other bases' calibration loss is over {FINALIST_LOSS_FACTOR:g}x" in lines[-1], lines
+    # all within the factor: all scored, nothing said
+    lines.clear()
+    close = [cand("unipc-2", "zero", 1.0), cand("ipndm", "sigma_min", 2.0)]
+    assert choose_finalists(close, close, 0.1, 100.0, lines.append) == close and not lines

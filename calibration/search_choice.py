@@ -1,0 +1,150 @@
+"""What the `auto` search ships and how it is recorded: the finalists scored on held-out noise and the shipping
+rule applied (`choose`), the references' check of the choice (`checked_choice`), the candidate table
+(`row`, `format_table`) and the choice as the coefficient artifact's CalibrationResult (`to_calibration_result`).
+The search's phases are `calibration/search.py`'s."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from iia.cli import Ticker
+from iia.models.base import Denoiser
+
+from .evalset import EvalSet
+from .fit import CalibrationOptions, CalibrationResult
+from .references import reference_check
+from .search_plan import Clock
+from .search_space import Candidate, SearchOptions, own_base
+from .shipping import LEVEL, judge, rule_text
+from .solvers import build_program
+
+
+class TickingSet:
+    """An EvalSet whose `errors` ticks a Ticker per program scored (the held-out scoring of the finalists)."""
+
+    def __init__(self, inner: EvalSet, tick: Ticker, total: int):
+        self.inner, self.tick, self.total, self.done = inner, tick, total, 0
+        self.reference = inner.reference
+
+    def errors(self, *args, **kwargs) -> torch.Tensor:
+        out = self.inner.errors(*args, **kwargs)
+        self.done += 1
+        self.tick(self.done, self.total)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = LEVEL) -> Candidate:
+    """Score every candidate on held-out noise; eligible = passes the shipping rule against its own base (same
+    family and final step, Karras, base coefficients; `shipping.judge` at one-sided `level`); the eligible one
+    with the lowest held-out RMSE ships (the test metric; ties: the lower median)."""
+    t0 = time.perf_counter()
+    sq = {}
+    for c in cands:
+        # float32 states, as the compiled graph runs: a fit whose large coefficients amplify rounding pays for it
+        err = hold.errors(c.program, dtype=torch.float32, reference=hold.reference)
+        sq[id(c)] = err**2
+        c.holdout = {"rmse": float((err**2).mean().sqrt()), "median": float(err.median()),
+                     "p90": float(torch.quantile(err, 0.9))}
+    for c in cands:
+        base = own_base(c, cands)
+        c.holdout.update(judge(sq[id(c)], sq[id(base)], level).record())
+        if c is base:  # against itself the mean test is moot: null in coefficients.json, "-" in the table
+            c.holdout["mean_gain"] = None
+    clock.lap("held-out scoring", t0)
+    return min((c for c in cands if c.holdout["eligible"]), key=lambda c: (c.holdout["rmse"], c.holdout["median"]))
+
+
+def checked_choice(chosen: Candidate, finalists: list[Candidate], plan, max_steps: int, default_cap: bool,
+                    log) -> tuple[Candidate, dict]:
+    """`references.reference_check` of the choice (logged), and the choice itself unless the references' error
+    leaves it possibly worse than its own Karras base (held-out RMSE + error > the base's - error: a fit to coarse
+    references learns their error, and the shipping rule's bound then measures the references): its base then
+    ships, checked the same way."""
+    if not chosen.holdout.get("rmse"):  # (the unsearched prior has no held-out record)
+        return chosen, {}
+    base = own_base(chosen, finalists)
+    line, resolution = reference_check(plan.accuracy, plan.steps, chosen.holdout["rmse"], base.holdout["rmse"],
+                                       max_steps, default_cap)
+    log(line)
+    error = resolution.get("reference_error") or 0.0
+    if chosen is not base and "rmse_chosen_upper" in resolution and \
+            resolution["rmse_chosen_upper"] > base.holdout["rmse"] - error:
+        log(f"  {chosen.label} not shipped: within the references' error {error:.2g} it may be worse than its base "
+            f"({chosen.holdout['rmse']:.3g} + {error:.2g} > {base.holdout['rmse']:.3g} - {error:.2g}); shipped "
+            f"{base.label}")
+        return checked_choice(base, finalists, plan, max_steps, default_cap, log)
+    return chosen, resolution
+
+
+def row(c: Candidate, chosen: Candidate) -> dict:
+    return {"candidate": c.label, "solver": c.program.solver, "family": c.family, "final": c.final,
+            "schedule": c.schedule, "coefficients": c.coefficients, "calib_loss": c.calib_loss,
+            "seconds": c.seconds, "note": c.note, "round": c.round, "chosen": c is chosen, **c.holdout}
+
+
+def format_table(table: list[dict]) -> str:
+    """The candidate table, best held-out RMSE first: rmse, median, rmse / its own base's and the shipping rule's
+    one-sided upper bound of that ratio (`shipping.judge`), eligible or not."""
+    lines = [f"{'candidate':<40} {'held-out rmse':>13} {'median':>9} {'/ base':>7} {'upper':>7} {'mean gain':>9}  "
+             f"eligible"]
+    for row in sorted(table, key=lambda r: (r.get("rmse", 0.0), r.get("median", 0.0))):
+        mark = "  <- shipped" if row["chosen"] else ""
+        if "rmse" not in row:  # the unsearched prior: nothing was scored
+            lines.append(f"{row['candidate']:<40} {'not scored':>13} {'-':>9} {'-':>7} {'-':>7} {'-':>9}  "
+                         f"{row['note']}{mark}")
+            continue
+        # a base is its own base: its mean test is moot ("-"); otherwise say which test refused the candidate
+        is_base = row["schedule"] == "karras" and row["coefficients"] == "base"
+        gain = "-" if is_base else ("yes" if row["mean_gain"] else "no")
+        why = [] if row["eligible"] or is_base else (
+            [f"upper > {1 + row['tolerance']:g}"] * (row["ratio_upper"] > 1 + row["tolerance"])
+            + ["no mean gain"] * (not row["mean_gain"]))
+        lines.append(f"{row['candidate']:<40} {row['rmse']:>13.5f} {row['median']:>9.5f} {row['ratio_to_base']:>7.3f} "
+                     f"{row['ratio_upper']:>7.3f} {gain:>9}  {'yes' if row['eligible'] else 'no'}"
+                     f"{' (' + ', '.join(why) + ')' if why else ''}{mark}")
+    return "\n".join(lines)
+
+
+def to_calibration_result(result, calibration: CalibrationOptions, options: SearchOptions,
+                          denoiser: Denoiser) -> CalibrationResult:
+    """The chosen program of `result` (a `search.SearchResult`) as a CalibrationResult (for the coefficient
+    artifact), the table in `search`."""
+    chosen = result.chosen
+    base = build_program(chosen.program.solver, chosen.program.sigmas, chosen.program.r)
+    used = result.references
+    resolved = calibration.resolved(denoiser)
+    # the search's held-out noises and references, not the guard's defaults it never used
+    # (and its calibration noises, the shipped candidate's schedule and history r, not the local fit's defaults)
+    recorded = replace(resolved, r=chosen.program.r) if not used else replace(
+        resolved, holdout=used["holdout"], reference_steps=used["steps"], batch=used["calibration"],
+        schedule=chosen.schedule, r=chosen.program.r)
+    res = CalibrationResult(chosen.program, chosen.program, base, recorded)
+    base_row = next(r for r in result.table if r["family"] == chosen.family and r["final"] == chosen.final
+                    and r["schedule"] == "karras" and r["coefficients"] == "base")
+    # the unsearched prior (no references fit the budget) was never scored: no held-out record
+    res.guard = {} if not chosen.holdout else {
+        "holdout": used["holdout"], "calibration": used["calibration"],
+        "reference": {"integrator": used["integrator"], "steps": used["steps"]},
+        "rmse_base": base_row["rmse"], "median_base": base_row["median"], "rmse_chosen": chosen.holdout["rmse"],
+        "median_chosen": chosen.holdout["median"], "decision": f"auto: {chosen.label}",
+        "rule": rule_text(chosen.holdout["level"], chosen.holdout["tolerance"], "its own base's")
+        + "; the lowest held-out rmse ships",
+        "ratio_to_base": chosen.holdout["ratio_to_base"], "ratio_upper": chosen.holdout["ratio_upper"],
+        "mean_gain": chosen.holdout["mean_gain"],
+        **{k: used[k] for k in ("reference_error", "rmse_chosen_upper") if k in used}}
+    fitted = (chosen.schedule, chosen.coefficients) != ("karras", "base")
+    lower = base_row["rmse"] - used.get("reference_error", 0.0) if fitted and "rmse_chosen_upper" in used else 0.0
+    if lower > 0:  # the rule's bound measured the references too: the larger of it and theirs (a shipped fit's <= 1)
+        res.guard["ratio_upper"] = max(res.guard["ratio_upper"], used["rmse_chosen_upper"] / lower)
+    res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds, "references": used,
+                  "timings_s": result.timings, "options": {k: (list(v) if isinstance(v, tuple) else v)
+                                                           for k, v in vars(options).items()},
+                  "candidates": result.table}
+    res.seconds = result.seconds
+    return res
