@@ -413,16 +413,17 @@ def test_the_prior_base_always_gets_a_learned_schedule_and_a_global_fit(gmm):
     assert schedules_to_learn(ranked, 1) == ranked[:1]  # one slot: the best base keeps it
     assert schedules_to_learn(ranked[:3], 2) == ranked[:2]  # the prior not scored: the ranking as it is
     assert schedules_to_learn(ranked[3:] + ranked[:3], 2) == (ranked[3:] + ranked[:3])[:2]  # already in
-    # the global fits likewise: the best learned schedule, the prior's learned one, then the best Karras base
+    # the global fits: the prior's learned schedule, the best other, the prior's Karras base, the best other
     from dataclasses import replace
 
     from iia.calibration.search import globals_to_fit
 
     learned = [replace(c, schedule="learned", calib_loss=k) for k, c in enumerate(ranked)]
-    assert labels(globals_to_fit(learned, ranked, 2)) == ["deis-3/sigma_min/learned/base",
-                                                          "ipndm/sigma_min/learned/base"]
+    assert labels(globals_to_fit(learned, ranked, 1)) == ["ipndm/sigma_min/learned/base"]  # the prior's first
+    assert labels(globals_to_fit(learned, ranked, 2)) == ["ipndm/sigma_min/learned/base",
+                                                          "deis-3/sigma_min/learned/base"]
     assert labels(globals_to_fit(learned, ranked, 4))[2:] == ["ipndm/sigma_min/karras/base",
-                                                              "deis-3/sigma_min/karras/base"]  # the prior's first
+                                                              "deis-3/sigma_min/karras/base"]
     assert labels(globals_to_fit(learned[:3], ranked, 2)) == ["deis-3/sigma_min/learned/base",
                                                               "ipndm/sigma_min/karras/base"]  # no prior learned
     # no learned schedule (a budget short of one and a global fit on it): the prior's Karras base, then the best
