@@ -37,7 +37,8 @@ from .schedules import program_for
 from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bases
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
                           OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock,
-                          Pace, ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
+                          ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
+from .search_timing import Pace
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
 from .search_rounds import fit_rounds
@@ -94,29 +95,31 @@ def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock
     return cands
 
 
-def schedules_to_learn(bases: list[Candidate], top_k: int) -> list[Candidate]:
+def schedules_to_learn(bases: list[Candidate], top_k: int, fitted_after: bool = False) -> list[Candidate]:
     """The bases (sorted by calibration loss) that get a learned schedule: the top `top_k`, the prior's
-    (PRIOR_FAMILIES[0], PRIOR_FINAL) in the last slot when it was scored but ranked lower and top_k >= 2. A base's
-    loss does not rank what fitting makes of it: gmm NFE 5, deis-3 and deis-2 ranked first and deis-3's fit
-    shipped at test RMSE 0.055; with iPNDM's schedule learned too, iPNDM's fit ships at 0.041 (docs/accuracy.md)."""
+    (PRIOR_FAMILIES[0], PRIOR_FINAL) in the last slot when it was scored but ranked lower and top_k >= 2, or in
+    the only slot when a global fit follows (`fitted_after`: `globals_to_fit` gives the prior's its first). A
+    base's loss does not rank what fitting makes of it: gmm NFE 5, deis-3 and deis-2 ranked first and deis-3's fit
+    shipped at test RMSE 0.055; with iPNDM's schedule learned too, iPNDM's fit ships at 0.041 (docs/accuracy.md);
+    a busy 16x16 DDPM++ search with one schedule and one global fit shipped UniPC-2's (the best base) at 0.9x."""
     top = bases[:top_k]
     prior = next((b for b in bases if (b.family, b.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)), None)
-    if top_k >= 2 and prior is not None and prior not in top:
+    if prior is not None and prior not in top and (top_k >= 2 or (top_k == 1 and fitted_after)):
         top = top[:-1] + [prior]
     return top
 
 
-def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, top_k: int,
-                     share: float = 0.55) -> list[Candidate]:
-    """Learned schedules for `schedules_to_learn(bases, top_k)` (they share `share` of the remaining time equally,
-    one's unused time carried to the next: `_equal_part`)."""
+def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, counts: FitCounts) -> list[Candidate]:
+    """Learned schedules for `schedules_to_learn` (they share 55% of the remaining time equally, all of it
+    without global fits to follow, one's unused time carried to the next: `_equal_part`)."""
+    top_k = counts.schedules
     if top_k == 0:
         return []
     if denoiser.sigma_table is not None:
         log("  learned schedules skipped: the model is discrete (its sigmas are a table of training timesteps)")
         return []
-    learned, top = [], schedules_to_learn(bases, top_k)
-    phase_end = clock.share(share)
+    learned, top = [], schedules_to_learn(bases, top_k, fitted_after=counts.global_fits > 0)
+    phase_end = clock.share(0.55 if counts.global_fits else 0.95)
     for k, b in enumerate(top):
         t0 = time.perf_counter()
         cand, info = schedule_candidate(denoiser, nfe, b.family, b.final, calib, opts,
@@ -320,8 +323,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     counts = fit_counts(opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else FitCounts(0, 0)
     clock.reserve(fixed_s + per_holdout * (counts.schedules + counts.global_fits))
     if fits:
-        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts.schedules,
-                                   0.55 if counts.global_fits else 0.95)
+        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
         fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits,
                               0.95 if counts.karras else 0.6)
         cands += learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,

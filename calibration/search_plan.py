@@ -1,11 +1,11 @@
 """The budget of the `auto` search (`calibration/search.py`): what a timed denoiser call and the reference's
 measured accuracy afford, and the pace the later phases watch.
 
-`_call_cost` times the model's call; `references.choose_steps` measures the reference steps it needs;
+`search_timing.call_cost` times the model's call; `references.choose_steps` measures the reference steps it needs;
 `reference_sizes` cuts noises, base families, final steps, fitted candidates and reference steps, in that order,
 until the references and the scoring fit FIXED_SHARE of `--budget` (the plan block in the log says what was cut
 and which budget would afford it all; when nothing fits, the documented prior base ships: `prior_base`);
-`evaluation_sets` computes the references in batches, re-planned at the measured pace (`Pace`); `search_budget`
+`evaluation_sets` computes the references in batches, re-planned at the measured pace (`search_timing.Pace`); `search_budget`
 sizes the fits and the held-out scoring from what is left (`Clock`).
 """
 
@@ -26,9 +26,10 @@ from iia.models.base import Denoiser
 from .evalset import EvalSet, draw_noise
 from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions
 from .references import INTEGRATOR, Accuracy, choose_steps, compute, reference_batch, whole_granules
-from .sampling import reference_calls, reference_solution
+from .sampling import reference_calls
 from .schedules import program_for
 from .search_space import Candidate, SearchOptions
+from .search_timing import PRECISE_TIMING_SHARE, Pace, call_cost
 from .solvers import Program
 
 
@@ -99,74 +100,6 @@ class Clock:
 # family that wins most often in docs/accuracy.md's `auto` tables (gmm and digits, NFE 4-10): iPNDM, 9 of 14
 # (DEIS-3 3, UniPC-3 2), always with the sigma_min final step; the next valid family when it cannot spend the NFE.
 PRIOR_FAMILIES, PRIOR_FINAL = ("ipndm", "deis-3", "unipc-3"), "sigma_min"
-PROBE_BATCH = 2  # noises of the first timed denoiser call (it decides which finer timing the budget affords)
-PRECISE_TIMING_SHARE = 0.05  # of --budget, at most, for the precise timing (4416 image-calls, see _call_cost)
-PRECISE_CALLS = 18 * 32 + 15 * 256  # image-calls of the precise timing
-
-
-def time_call(denoiser: Denoiser, m: int) -> float:
-    """Seconds of ONE denoiser call on m noises (at sigma_max)."""
-    x = torch.randn(m, *denoiser.shape, generator=torch.Generator().manual_seed(0)).to(denoiser.device) * denoiser.sigma_max
-    labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        denoiser(x, denoiser.sigma_max, labels)
-    return time.perf_counter() - t0
-
-
-def _chunked(per_call: Callable[[int], float]) -> Callable[[int], float]:
-    """cost(n) of one step on n noises, 256 at a time (as the samplers chunk), from the cost of one call."""
-    def cost(n: int) -> float:
-        full, rest = divmod(n, 256)
-        return full * per_call(256) + (per_call(rest) if rest else 0.0)
-    return cost
-
-
-def _call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], float], float, str]:
-    """(cost, seconds per image-call, how it was timed): cost(n) = seconds of one executor step (a denoiser call
-    and its combinations) on n noises. First ONE call on PROBE_BATCH noises (warm-up included: an upper bound);
-    then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
-    short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
-    linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; the fastest of
-    up to 3 more calls (as many as affordable) on the most of 32, 16, 8, 4 or PROBE_BATCH noises; else the probe's
-    own. The last two: that cost per image times n (the per-call overhead counted per image: an over-estimate, on
-    the safe side)."""
-    rate = time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
-    share = PRECISE_TIMING_SHARE * budget_s
-    if rate * PRECISE_CALLS <= share:
-        times = {}
-        for m, steps in ((32, 2), (32, 8), (256, 8)):  # the first is the warm-up
-            x = torch.randn(m, *denoiser.shape, dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(0)).to(denoiser.device)
-            labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
-            t0 = time.perf_counter()
-            reference_solution(denoiser, x, labels, steps=steps)
-            times[m] = (time.perf_counter() - t0) / (2 * steps - 1)
-        slope = max(times[256] - times[32], 0.0) / 224
-
-        def cost(n: int) -> float:
-            full, rest = divmod(n, 256)
-            return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
-        return cost, times[256] / 256, "Heun runs on 32 and 256 noises"
-    if rate * 3 * (PROBE_BATCH + 32) <= share:  # the fastest of 3 of each: one load spike would skew a slope
-        small = min(time_call(denoiser, PROBE_BATCH) for _ in range(3))
-        large = min(time_call(denoiser, 32) for _ in range(3))
-        slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
-        return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
-                f"calls on {PROBE_BATCH} and 32 noises")
-    # the first call paid the warm-up (allocations, kernels): time one more, on the most noises affordable (a
-    # small network's cost per call on 2 noises is mostly overhead: 10x its cost per image at 32)
-    m = next((m for m in (32, 16, 8, 4) if rate * m <= share), PROBE_BATCH)
-    if rate * m <= share:
-        # the fastest of up to 3 where affordable: on a loaded machine one call of a cheap model can take 100x
-        # its cost (threads waiting on each other), and the plan then dropped the search
-        tries = max(1, min(3, int(share // (rate * m))))
-        rate = min(time_call(denoiser, m) for _ in range(tries)) / m
-        how = f"the fastest of {tries} more calls" if tries > 1 else "one more call"
-        return (lambda n: rate * n), rate, f"{how} on {m} noises"
-    return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
-
-
 @dataclass
 class ReferencePlan:
     """What the budget affords: calibration and held-out noises, reference steps (of `references.INTEGRATOR`),
@@ -352,7 +285,7 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
                              accuracy=error, lines=(f"  plan: reference {said}",), holdout_floor=cal.holdout)
     log(f"  plan: timing the denoiser's calls (at most ~{PRECISE_TIMING_SHARE:.0%} of the "
         f"{max(clock.remaining() - reserve_s, 0.0):.0f} s left, after one first call)")
-    cost, rate, how = _call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
+    cost, rate, how = call_cost(denoiser, max(clock.remaining() - reserve_s, 0.0))
     # the clock started at the search (the model was loaded before): what is gone is the timing and the reserve
     log(f"  plan: {max(clock.remaining() - reserve_s, 0.0):.3g} s of the budget left after timing "
         f"({time.perf_counter() - clock.started:.3g} s since the search started"
@@ -378,23 +311,6 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
     if plan.cut and plan.fits:
         log(f"  references cut to fit --budget {opts.budget_s:g} s: {plan.cut}")
     return plan
-
-
-class Pace:
-    """How much slower the machine runs than it was timed (measured on each batch of work since): the ratio of
-    the seconds a batch took to what `plan.cost` predicted; 1 until measured."""
-
-    def __init__(self, plan: ReferencePlan):
-        self.plan, self.slow = plan, 1.0
-
-    def predict(self, n: int, calls: int) -> float:
-        """Seconds of `calls` executor steps on n noises at the current pace (0 without a timed cost)."""
-        return 0.0 if self.plan.cost is None or n <= 0 else self.slow * calls * self.plan.cost(n)
-
-    def observe(self, n: int, calls: int, seconds: float) -> None:
-        predicted = 0.0 if self.plan.cost is None else calls * self.plan.cost(n)
-        if predicted > 0:
-            self.slow = max(seconds / predicted, 0.05)
 
 
 def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOptions, clock: Clock, pace: Pace,

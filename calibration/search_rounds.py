@@ -29,7 +29,8 @@ from .fit import CalibrationOptions
 from .references import INTEGRATOR, compute, reference_batch
 from .sampling import reference_calls
 from .search_fits import global_candidate, schedule_candidate
-from .search_plan import Clock, Pace, ReferencePlan
+from .search_plan import Clock, ReferencePlan
+from .search_timing import Pace
 from .search_space import Candidate, SearchOptions
 
 # round k's calibration noises are images seed + ROUND_SEED_OFFSET + (k - 2) n .. + n - 1 (n: the first round's

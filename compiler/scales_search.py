@@ -29,7 +29,7 @@ import torch
 
 from iia.calibration.evalset import EvalSet, evaluation_set
 from iia.calibration.fit import HOLDOUT_SEED_OFFSET, calibrate
-from iia.calibration.search_plan import time_call
+from iia.calibration.search_timing import time_call
 from iia.calibration.solvers import Program, build_program
 from iia.cli import Ticker
 
@@ -78,7 +78,7 @@ class NodePlan:
 
 def call_cost(den) -> tuple[float, float]:
     """(a, b): seconds of one guided denoiser call on n noises ~ a + b n, from calls on 2 and 32 noises at
-    sigma_max (`search_plan.time_call`, the fastest of 2 each: the first pays the warm-up)."""
+    sigma_max (`search_timing.time_call`, the fastest of 2 each: the first pays the warm-up)."""
     small, large = (min(time_call(den, m) for _ in range(2)) for m in (2, 32))
     b = max(large - small, 0.0) / 30
     return max(small - 2 * b, 0.0), b

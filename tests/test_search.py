@@ -314,7 +314,8 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     import re
 
     from iia.calibration.search_budget import fit_counts
-    from iia.calibration.search_plan import FIXED_SHARE, PRECISE_TIMING_SHARE, PROBE_SHARE, reference_sizes
+    from iia.calibration.search_plan import FIXED_SHARE, PROBE_SHARE, reference_sizes
+    from iia.calibration.search_timing import PRECISE_TIMING_SHARE
 
     def cost(n):
         return 0.18 * n
@@ -411,6 +412,7 @@ def test_the_prior_base_always_gets_a_learned_schedule_and_a_global_fit(gmm):
     assert labels(schedules_to_learn(ranked, 2)) == ["deis-3/sigma_min/karras/base", "ipndm/sigma_min/karras/base"]
     assert labels(schedules_to_learn(ranked, 3))[-1] == "ipndm/sigma_min/karras/base"
     assert schedules_to_learn(ranked, 1) == ranked[:1]  # one slot: the best base keeps it
+    assert labels(schedules_to_learn(ranked, 1, fitted_after=True)) == ["ipndm/sigma_min/karras/base"]  # fit next
     assert schedules_to_learn(ranked[:3], 2) == ranked[:2]  # the prior not scored: the ranking as it is
     assert schedules_to_learn(ranked[3:] + ranked[:3], 2) == (ranked[3:] + ranked[:3])[:2]  # already in
     # the global fits: the prior's learned schedule, the best other, the prior's Karras base, the best other

@@ -6,7 +6,8 @@ import pytest
 
 from iia.calibration.fit import HOLDOUT_SEED_OFFSET, CalibrationOptions
 from iia.calibration.search import SearchOptions, auto_search
-from iia.calibration.search_plan import Clock, Pace, ReferencePlan
+from iia.calibration.search_plan import Clock, ReferencePlan
+from iia.calibration.search_timing import Pace
 from iia.calibration.search_rounds import fit_rounds, round_seed
 from iia.calibration.search_space import Candidate, SearchError
 from iia.calibration.schedules import program_for

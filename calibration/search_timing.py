@@ -1,0 +1,107 @@
+"""The `auto` search's clock of work: what one denoiser call costs on this machine, timed before the plan
+(`call_cost`, `time_call`), and how much slower the work measured since runs than timed (`Pace`), which
+re-plans the references and sizes the scoring and the fits (`search_plan`, `search_budget`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from iia.models.base import Denoiser
+
+from .sampling import reference_solution
+
+PACE_WINDOW_S = 15.0  # seconds of the latest measured work that set the pace (`Pace`)
+PROBE_BATCH = 2  # noises of the first timed denoiser call (it decides which finer timing the budget affords)
+PRECISE_TIMING_SHARE = 0.05  # of --budget, at most, for the precise timing (4416 image-calls, see call_cost)
+PRECISE_CALLS = 18 * 32 + 15 * 256  # image-calls of the precise timing
+
+
+def time_call(denoiser: Denoiser, m: int) -> float:
+    """Seconds of ONE denoiser call on m noises (at sigma_max)."""
+    x = torch.randn(m, *denoiser.shape, generator=torch.Generator().manual_seed(0)).to(denoiser.device) * denoiser.sigma_max
+    labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        denoiser(x, denoiser.sigma_max, labels)
+    return time.perf_counter() - t0
+
+
+def _chunked(per_call: Callable[[int], float]) -> Callable[[int], float]:
+    """cost(n) of one step on n noises, 256 at a time (as the samplers chunk), from the cost of one call."""
+    def cost(n: int) -> float:
+        full, rest = divmod(n, 256)
+        return full * per_call(256) + (per_call(rest) if rest else 0.0)
+    return cost
+
+
+def call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], float], float, str]:
+    """(cost, seconds per image-call, how it was timed): cost(n) = seconds of one executor step (a denoiser call
+    and its combinations) on n noises. First ONE call on PROBE_BATCH noises (warm-up included: an upper bound);
+    then, each only when it costs <= PRECISE_TIMING_SHARE of `budget_s` at that rate, the finest affordable of:
+    short Heun integrations of 32 and 256 noises after a warm-up (PRECISE_CALLS image-calls), extrapolated
+    linearly; calls on PROBE_BATCH and on 32 noises (the fastest of 3 each), extrapolated linearly; the fastest of
+    up to 3 more calls (as many as affordable) on the most of 32, 16, 8, 4 or PROBE_BATCH noises; else the probe's
+    own. The last two: that cost per image times n (the per-call overhead counted per image: an over-estimate, on
+    the safe side)."""
+    rate = time_call(denoiser, PROBE_BATCH) / PROBE_BATCH
+    share = PRECISE_TIMING_SHARE * budget_s
+    if rate * PRECISE_CALLS <= share:
+        times = {}
+        for m, steps in ((32, 2), (32, 8), (256, 8)):  # the first is the warm-up
+            x = torch.randn(m, *denoiser.shape, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0)).to(denoiser.device)
+            labels = torch.zeros(m, dtype=torch.int64) if denoiser.conditional else None
+            t0 = time.perf_counter()
+            reference_solution(denoiser, x, labels, steps=steps)
+            times[m] = (time.perf_counter() - t0) / (2 * steps - 1)
+        slope = max(times[256] - times[32], 0.0) / 224
+
+        def cost(n: int) -> float:
+            full, rest = divmod(n, 256)
+            return full * times[256] + (times[32] + slope * max(rest - 32, 0) if rest else 0.0)
+        return cost, times[256] / 256, "Heun runs on 32 and 256 noises"
+    if rate * 3 * (PROBE_BATCH + 32) <= share:  # the fastest of 3 of each: one load spike would skew a slope
+        small = min(time_call(denoiser, PROBE_BATCH) for _ in range(3))
+        large = min(time_call(denoiser, 32) for _ in range(3))
+        slope = max(large - small, 0.0) / (32 - PROBE_BATCH)
+        return (_chunked(lambda m: small + slope * max(m - PROBE_BATCH, 0)), large / 32,
+                f"calls on {PROBE_BATCH} and 32 noises")
+    # the first call paid the warm-up (allocations, kernels): time one more, on the most noises affordable (a
+    # small network's cost per call on 2 noises is mostly overhead: 10x its cost per image at 32)
+    m = next((m for m in (32, 16, 8, 4) if rate * m <= share), PROBE_BATCH)
+    if rate * m <= share:
+        # the fastest of up to 3 where affordable: on a loaded machine one call of a cheap model can take 100x
+        # its cost (threads waiting on each other), and the plan then dropped the search
+        tries = max(1, min(3, int(share // (rate * m))))
+        rate = min(time_call(denoiser, m) for _ in range(tries)) / m
+        how = f"the fastest of {tries} more calls" if tries > 1 else "one more call"
+        return (lambda n: rate * n), rate, f"{how} on {m} noises"
+    return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"
+
+
+
+class Pace:
+    """How much slower the machine runs than it was timed: the seconds the batches of work measured since took
+    over what `plan.cost` predicted for them, over the latest PACE_WINDOW_S seconds of them (at least the last
+    batch); 1 until measured. One short batch alone misled it: on a busy machine the last base scored (~1 s) ran
+    at 0.5x the pace of the 16 s before it, and the fits planned on it ran 3x slower than planned."""
+
+    def __init__(self, plan):
+        self.plan, self.slow = plan, 1.0
+        self._seen: list[tuple[float, float]] = []  # (seconds, predicted) per batch, the latest last
+
+    def predict(self, n: int, calls: int) -> float:
+        """Seconds of `calls` executor steps on n noises at the current pace (0 without a timed cost)."""
+        return 0.0 if self.plan.cost is None or n <= 0 else self.slow * calls * self.plan.cost(n)
+
+    def observe(self, n: int, calls: int, seconds: float) -> None:
+        predicted = 0.0 if self.plan.cost is None else calls * self.plan.cost(n)
+        if predicted <= 0:
+            return
+        self._seen.append((seconds, predicted))
+        while len(self._seen) > 1 and sum(s for s, _ in self._seen[1:]) >= PACE_WINDOW_S:
+            self._seen.pop(0)
+        self.slow = max(sum(s for s, _ in self._seen) / sum(p for _, p in self._seen), 0.05)
