@@ -633,3 +633,21 @@ def test_bases_far_behind_the_best_are_not_scored_on_held_out_noise(gmm):
     lines.clear()
     close = [cand("unipc-2", "zero", 1.0), cand("ipndm", "sigma_min", 2.0)]
     assert choose_finalists(close, close, 0.1, 100.0, lines.append) == close and not lines
+
+
+def test_the_pace_is_the_latest_seconds_of_work_not_one_short_batch():
+    """A busy DDPM++ search planned its fits on the last base's ~1 s scoring, which ran at half the pace of the 16 s
+    before it; its fits then ran 3x slower than planned. The pace weighs the latest PACE_WINDOW_S of batches."""
+    from iia.calibration.search_plan import ReferencePlan
+    from iia.calibration.search_timing import PACE_WINDOW_S, Pace
+
+    pace = Pace(ReferencePlan(8, 8, 16, "", cost=lambda n: 0.01 * n))  # 0.01 s per image-call as timed
+    assert pace.slow == 1.0 and pace.predict(10, 10) == pytest.approx(1.0)
+    pace.observe(100, 16, 40.0)  # 16 s predicted, 40 s taken: 2.5x
+    assert pace.slow == pytest.approx(2.5)
+    pace.observe(10, 10, 0.5)  # a short batch at 0.5x
+    assert pace.slow == pytest.approx(40.5 / 17.0)
+    # older work drops out once the later batches alone cover the window: the machine got faster since
+    for _ in range(int(PACE_WINDOW_S) + 1):
+        pace.observe(100, 1, 1.0)  # 1 s predicted, 1 s taken
+    assert pace.slow == pytest.approx(1.0)
