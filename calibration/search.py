@@ -70,6 +70,8 @@ class SearchResult:
     # what the held-out scoring used: {"calibration": noises, "holdout": noises, "integrator": ..., "steps": ...}
     # (empty for the unsearched prior)
     references: dict = field(default_factory=dict)
+    # what the budget fitted (`search_budget.FitCounts`): {"schedules", "global_fits", "karras"}; empty unsearched
+    fits: dict = field(default_factory=dict)
 
 
 def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock: Clock, pace: Pace,
@@ -341,4 +343,4 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps,
             "rounds": max(c.round for c in cands), **resolution}
     return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),
-                        clock.timings, used)
+                        clock.timings, used, vars(counts))

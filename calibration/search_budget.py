@@ -11,6 +11,12 @@ from .search_plan import MIN_GLOBAL_EVALS, MIN_SCHEDULE_EVALS, PRIOR_FAMILIES, P
 from .search_space import Candidate, SearchOptions
 
 
+# the fewest evaluations a Karras global fit is planned at when nothing else fits: EDM's CIFAR-10 configuration
+# (55.7 M parameters, 16 calibration noises) cut its iPNDM fit's calibration loss 430x in 4 L-BFGS evaluations,
+# where a busy --budget 1800 left 971 s (4 such evaluations) idle and shipped the unfitted base
+KARRAS_MIN_EVALS = 4
+
+
 @dataclass(frozen=True)
 class FitCounts:
     """What the search fits: `schedules` learned schedules, then `global_fits` global fits; `karras`: no schedule
@@ -26,8 +32,8 @@ def fit_counts(opts: SearchOptions, per_eval: float, per_holdout: float, left: f
     evaluations in its ~55% share (all of it without global fits), each global fit MIN_GLOBAL_EVALS (~3
     evaluations' time each: the backward pass) in the rest; the options' counts at most.
 
-    When that leaves no global fit, the time goes to one global fit on a Karras base instead (the prior's:
-    `search.globals_to_fit`), no schedule. At equal time (16x16 EDM-format pickles, NFE 9, 128 calibration
+    When that leaves no global fit, the time goes to one global fit on a Karras base instead (the prior's when
+    scored: `search.globals_to_fit`), no schedule, even at KARRAS_MIN_EVALS evaluations. At equal time (16x16 EDM-format pickles, NFE 9, 128 calibration
     noises) a Karras global fit reached a lower held-out RMSE than a learned schedule on ADM (iPNDM's fit 0.035x
     the best base's vs DEIS-3's schedule 0.17x) and NCSN++ (UniPC-2's 0.21x vs 0.39x), about the same on DDPM++
     (iPNDM's 0.84x vs UniPC-2's schedule 0.80x), where iPNDM's is 0.31x its own Karras base."""
@@ -38,9 +44,9 @@ def fit_counts(opts: SearchOptions, per_eval: float, per_holdout: float, left: f
     share = 0.55 if n_global else 0.95
     top_k = min(opts.top_k, max(int(share * left / (MIN_SCHEDULE_EVALS * per_eval + per_holdout)), 0))
     said = f"{left:.0f} s left afford ~{left / per_eval:.0f} calibration evaluations of {per_eval:.2g} s"
-    if n_global == 0 and opts.global_fits > 0 and 0.95 * left >= one_global:
-        log(f"  plan: a global fit on the prior's Karras base and no learned schedule (too short for a schedule and "
-            f"a global fit on it): {said}")
+    if n_global == 0 and opts.global_fits > 0 and 0.95 * left >= 3 * KARRAS_MIN_EVALS * per_eval + per_holdout:
+        log(f"  plan: one global fit on a Karras base (the prior's when scored) and no learned schedule (too short "
+            f"for a schedule and a global fit on it): {said}")
         return FitCounts(0, 1, True)
     if (top_k, n_global) != (opts.top_k, opts.global_fits):
         log(f"  plan: {top_k} of {opts.top_k} learned schedules and {n_global} of {opts.global_fits} global fits: "
@@ -73,8 +79,9 @@ def choose_finalists(cands: list[Candidate], bases: list[Candidate], per_eval: f
     pool = [c for c in cands if c in fitted or c in worth or (c in bases and (c.family, c.final) in needed)]
     if per_eval * len(pool) <= left:
         if len(pool) < len(cands):
-            log(f"  held-out scoring: {len(pool)} of {len(cands)} candidates (the other bases' calibration loss is "
-                f"over {FINALIST_LOSS_FACTOR:g}x the best base's)")
+            left_out = ", ".join(f"{c.family}/{c.final} {c.calib_loss:.3g}" for c in cands if c not in pool)
+            log(f"  held-out scoring: {len(pool)} of {len(cands)} candidates; not scored, their calibration loss over "
+                f"{FINALIST_LOSS_FACTOR:g}x the best base's {bases[0].calib_loss:.3g}: {left_out}")
         return pool
     keep = [b for b in bases if (b.family, b.final) in needed] or bases[:1]
     for b in bases:

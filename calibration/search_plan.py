@@ -162,7 +162,7 @@ def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bo
              f"budget is {share:.1f} s{tiers}",)
     if fits:
         return lines + (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
-                        f"{len(new[3]) * len(new[4])} base solvers"
+                        f"{len(new[3]) * len(new[4])} base solver{'s' * (len(new[3]) * len(new[4]) != 1)}"
                         + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
                         + (f" (--budget {full} would afford them all)" if cut else ""),)
     return lines + (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises "

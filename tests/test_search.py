@@ -379,6 +379,18 @@ def test_the_reference_error_is_estimated_at_the_steps_used():
     assert extrapolated and below == pytest.approx(8e-3)
     above, extrapolated = acc.at(64)
     assert extrapolated and above == pytest.approx(2.5e-4)
+    # the probe's coarser grids, measured on its way up, are used where the steps were cut to them: a 16x16 ADM
+    # pickle measured 0.043 at 16 steps, which 128's 5.1e-6 extrapolated down put at 0.0026 (the check passed)
+    from iia.calibration.references import reference_check
+
+    probe = Accuracy(128, 5.1e-6, grids=((16, 0.043), (32, 2e-3), (64, 8e-5), (128, 5.1e-6)))
+    assert probe.at(16) == (0.043, False) and probe.at(128) == (5.1e-6, False)
+    assert probe.at(24) == (pytest.approx(0.043 * (16 / 24) ** 2), True)  # up from the coarser grid: a bound
+    assert probe.at(256) == (pytest.approx(5.1e-6 / 4), True)
+    line, record = reference_check(probe, 16, 0.045, 0.05, 128, True)
+    assert "0.043 (measured)" in line and "OVER" in line and record["reference_error"] == 0.043, line
+    line, _ = reference_check(probe, 24, 0.5, 0.6, 128, True)
+    assert "extrapolated from 0.043 measured at 16 steps" in line, line
 
 
 def test_the_table_says_why_a_candidate_is_not_eligible():
@@ -601,11 +613,16 @@ def test_a_budget_short_of_a_schedule_and_its_global_fit_fits_a_karras_base_inst
     # 1 s per calibration evaluation: 30 s afford a schedule (20 evaluations) but no global fit (~24 in 45%)
     counts = fit_counts(SearchOptions(), 1.0, 0.0, 30.0, lines.append)
     assert (counts.schedules, counts.global_fits, counts.karras) == (0, 1, True)
-    assert "global fit on the prior's Karras base and no learned schedule" in lines[-1], lines
-    # enough for a schedule and a global fit on it: as before; too little for a global fit: the schedule alone
+    assert "one global fit on a Karras base (the prior's when scored) and no learned schedule" in lines[-1], lines
+    # nothing else fits: even a few evaluations (a full-size model's fit gains most in its first ones)
+    from iia.calibration.search_budget import KARRAS_MIN_EVALS
+
+    few = fit_counts(SearchOptions(), 1.0, 0.0, 3 * KARRAS_MIN_EVALS / 0.95 + 0.1, lines.append)
+    assert (few.schedules, few.global_fits, few.karras) == (0, 1, True)
+    # enough for a schedule and a global fit on it: as before
     counts = fit_counts(SearchOptions(), 1.0, 0.0, 60.0, lines.append)
     assert (counts.schedules, counts.global_fits, counts.karras) == (1, 1, False)
-    assert fit_counts(SearchOptions(), 1.0, 0.0, 23.0, lines.append).schedules == 1
+    assert fit_counts(SearchOptions(global_fits=0), 1.0, 0.0, 23.0, lines.append).schedules == 1  # none asked
     assert fit_counts(SearchOptions(), 1.0, 0.0, 1e9, lines.append) == fit_counts(SearchOptions(), 0.0, 0.0, 1.0, None)
     assert fit_counts(SearchOptions(global_fits=0), 1.0, 0.0, 30.0, lines.append).karras is False
 
@@ -628,7 +645,8 @@ def test_bases_far_behind_the_best_are_not_scored_on_held_out_noise(gmm):
     assert [c.label for c in out] == ["unipc-2/zero/karras/base", "unipc-2/sigma_min/karras/base",
                                       "ipndm/sigma_min/karras/base", "unipc-3/sigma_min/karras/base",
                                       "unipc-3/sigma_min/karras/global"], [c.label for c in out]
-    assert f"5 of 7 candidates (the other bases' calibration loss is over {FINALIST_LOSS_FACTOR:g}x" in lines[-1], lines
+    assert lines[-1] == (f"  held-out scoring: 5 of 7 candidates; not scored, their calibration loss over "
+                         f"{FINALIST_LOSS_FACTOR:g}x the best base's 1: deis-2/zero 5, deis-3/zero 9"), lines
     # all within the factor: all scored, nothing said
     lines.clear()
     close = [cand("unipc-2", "zero", 1.0), cand("ipndm", "sigma_min", 2.0)]
