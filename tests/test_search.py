@@ -669,3 +669,11 @@ def test_the_pace_is_the_latest_seconds_of_work_not_one_short_batch():
     for _ in range(int(PACE_WINDOW_S) + 1):
         pace.observe(100, 1, 1.0)  # 1 s predicted, 1 s taken
     assert pace.slow == pytest.approx(1.0)
+
+
+def test_only_table_models_are_discrete(gmm):
+    """`search.discrete`: a model whose round_sigma moves a Karras grid gets no learned schedule (the iDDPM table
+    model is checked in test_edm_pickle); continuous ones do."""
+    from iia.calibration.search import discrete
+
+    assert not discrete(gmm) and not discrete(load("digits"))
