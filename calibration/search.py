@@ -56,7 +56,8 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # the shipped RMSE's upper bound when they are over 0.1x of it, the probe measures the cap's steps, a cut keeps the
 # probe's best base, a re-plan never raises a small --holdout, global fits at r = 3; 5: a budget short of a
 # schedule and a global fit on it fits Karras bases instead, the prior's Karras base gets the first Karras global fit,
-# bases far worse than the best are not scored on held-out noise).
+# bases far worse than the best are not scored on held-out noise, the prior's fits first, the pace over the latest
+# ~15 s of work, no learned schedule for a model whose round_sigma snaps to a table).
 SEARCH_VERSION = 5
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
