@@ -142,6 +142,15 @@ def discrete(denoiser: Denoiser) -> bool:
     return not torch.equal(torch.as_tensor(denoiser.round_sigma(grid), dtype=torch.float64), grid)
 
 
+def _fit_counts(denoiser, opts: SearchOptions, per_eval: float, per_holdout: float, left: float, log) -> FitCounts:
+    """`search_budget.fit_counts`, with no schedule asked of a `discrete` model (its time goes to global fits)."""
+    if discrete(denoiser):
+        log("  learned schedules skipped: the model is discrete (its sigmas are rounded to a table of training "
+            "timesteps; a learned grid off the table scored 1.3-4.5x worse than its Karras base on an iDDPM pickle)")
+        opts = replace(opts, top_k=0)
+    return fit_counts(opts, per_eval, per_holdout, left, log)
+
+
 def _equal_part(phase_end: float | None, left: int) -> float | None:
     """The deadline of the next of `left` fits sharing the time until `phase_end` equally (None: no bound). A
     share of the time remaining after the fits before gave the last fit the most (digits NFE 9: the lead's global
@@ -331,11 +340,8 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
         cands += _local_fit(denoiser, nfe, bases, opts, cal, clock, log)
     per_holdout = pace.predict(len(hold), nfe)
     fixed_s = per_holdout * (len(cands) - len(bases) + len(held_out_bases(bases)))
-    if fits and discrete(denoiser):  # its time goes to the global fits (`fit_counts` with no schedule asked)
-        log("  learned schedules skipped: the model is discrete (its sigmas are rounded to a table of training "
-            "timesteps; a learned grid off the table scored 1.3-4.5x worse than its Karras base on an iDDPM pickle)")
-    fit_opts = replace(opts, top_k=0) if discrete(denoiser) else opts
-    counts = fit_counts(fit_opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else FitCounts(0, 0)
+    counts = _fit_counts(denoiser, opts, per_eval, per_holdout, clock.remaining() - fixed_s, log) if fits else \
+        FitCounts(0, 0)
     clock.reserve(fixed_s + per_holdout * (counts.schedules + counts.global_fits))
     if fits:
         learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
