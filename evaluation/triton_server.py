@@ -276,6 +276,7 @@ def _main(argv=None) -> int:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     server = LocalTritonServer(repo, timeout=args.timeout, log=log,
                                ports=(args.http_port, args.grpc_port, args.metrics_port))
+    _stop_on_signals()
     try:
         server.start()
         print(f"serving {server.repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
@@ -288,6 +289,13 @@ def _main(argv=None) -> int:
         return 0
     finally:
         server.cleanup()
+
+
+def _stop_on_signals() -> None:
+    """SIGINT (Ctrl-C) stops the server and its tritonserver process group even where it was inherited ignored
+    (a background job of a non-interactive shell, a CI's `cmd &`: the server then outlived SIGINT). SIGTERM is
+    run_cli's (raised like Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _check_servable(repo: Path) -> None:

@@ -379,7 +379,9 @@ def test_local_server_command_serves_from_another_directory(server, artifacts, t
     env = dict(os.environ, PYTHONPATH=str(Path(iia.__file__).resolve().parent.parent))
     cmd = [sys.executable, "-m", "iia.evaluation.triton_server", str(server.repo), "--http-port", "0",
            "--grpc-port", "0", "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started as a background job of a non-interactive shell is (a CI's `cmd &`): SIGINT inherited ignored
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {server.repo}: HTTP 127.0.0.1:"), (line, proc.stderr.read() if not line else "")
