@@ -38,7 +38,7 @@ from .references import INTEGRATOR
 from .schedules import karras_sigmas, program_for
 from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bases
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
-                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, PRIOR_FINAL, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock,
+                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock, is_prior,
                           ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
 from .search_timing import Pace
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
@@ -108,7 +108,7 @@ def schedules_to_learn(bases: list[Candidate], top_k: int, fitted_after: bool = 
     shipped at test RMSE 0.055; with iPNDM's schedule learned too, iPNDM's fit ships at 0.041 (docs/accuracy.md);
     a busy 16x16 DDPM++ search with one schedule and one global fit shipped UniPC-2's (the best base) at 0.9x."""
     top = bases[:top_k]
-    prior = next((b for b in bases if (b.family, b.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)), None)
+    prior = next((b for b in bases if is_prior(b)), None)
     if prior is not None and prior not in top and (top_k >= 2 or (top_k == 1 and fitted_after)):
         top = top[:-1] + [prior]
     return top
@@ -165,8 +165,6 @@ def globals_to_fit(learned: list[Candidate], bases: list[Candidate], n_fits: int
     gain the most where measured (16x16 EDM-format pickles, NFE 9, schedule then global fit, held-out RMSE):
     DDPM++ iPNDM's 0.0045 vs UniPC-2's (the best base, whose schedule led) 0.0064, ADM 0.00004 vs DEIS-3's 0.00014;
     NCSN++ 0.00037 vs UniPC-2's 0.00022 the other way. Where only one fits, the prior's gains most on its own base."""
-    def is_prior(c: Candidate) -> bool:
-        return (c.family, c.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)
     ranked = sorted(learned, key=lambda c: c.calib_loss)
     first = [c for c in ranked if is_prior(c)][:1]
     first += [c for c in ranked if c not in first][:1]

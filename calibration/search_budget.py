@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .search_plan import MIN_GLOBAL_EVALS, MIN_SCHEDULE_EVALS, PRIOR_FAMILIES, PRIOR_FINAL
+from .search_plan import MIN_GLOBAL_EVALS, MIN_SCHEDULE_EVALS, is_prior
 from .search_space import Candidate, SearchOptions
 
 
@@ -33,8 +33,8 @@ def fit_counts(opts: SearchOptions, per_eval: float, per_holdout: float, left: f
     evaluations' time each: the backward pass) in the rest; the options' counts at most.
 
     When that leaves no global fit, the time goes to one global fit on a Karras base instead (the prior's when
-    scored: `search.globals_to_fit`), no schedule, even at KARRAS_MIN_EVALS evaluations. At equal time (16x16 EDM-format pickles, NFE 9, 128 calibration
-    noises) a Karras global fit reached a lower held-out RMSE than a learned schedule on ADM (iPNDM's fit 0.035x
+    scored: `search.globals_to_fit`), no schedule, even at KARRAS_MIN_EVALS evaluations. At equal time (16x16
+    EDM-format pickles, NFE 9, 128 calibration noises) a Karras global fit reached a lower held-out RMSE than a learned schedule on ADM (iPNDM's fit 0.035x
     the best base's vs DEIS-3's schedule 0.17x) and NCSN++ (UniPC-2's 0.21x vs 0.39x), about the same on DDPM++
     (iPNDM's 0.84x vs UniPC-2's schedule 0.80x), where iPNDM's is 0.31x its own Karras base."""
     if per_eval <= 0 or math.isinf(left):
@@ -66,7 +66,7 @@ def held_out_bases(bases: list[Candidate]) -> list[Candidate]:
     if not bases:
         return []
     limit = FINALIST_LOSS_FACTOR * bases[0].calib_loss
-    return [b for b in bases if b.calib_loss <= limit or (b.family, b.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)]
+    return [b for b in bases if b.calib_loss <= limit or is_prior(b)]
 
 
 def choose_finalists(cands: list[Candidate], bases: list[Candidate], per_eval: float, left: float, log) -> list[Candidate]:

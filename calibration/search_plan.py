@@ -100,6 +100,11 @@ class Clock:
 # family that wins most often in docs/accuracy.md's `auto` tables (gmm and digits, NFE 4-10): iPNDM, 9 of 14
 # (DEIS-3 3, UniPC-3 2), always with the sigma_min final step; the next valid family when it cannot spend the NFE.
 PRIOR_FAMILIES, PRIOR_FINAL = ("ipndm", "deis-3", "unipc-3"), "sigma_min"
+
+
+def is_prior(c: Candidate) -> bool:
+    """Whether `c` is of the prior's family and final step (PRIOR_FAMILIES[0], PRIOR_FINAL), any schedule."""
+    return (c.family, c.final) == (PRIOR_FAMILIES[0], PRIOR_FINAL)
 @dataclass
 class ReferencePlan:
     """What the budget affords: calibration and held-out noises, reference steps (of `references.INTEGRATOR`),
