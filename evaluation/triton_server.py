@@ -121,9 +121,28 @@ def server_environment(parent: Path, env: Path) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1, none in `taken`.
+
+    The sockets stay bound until all are chosen: one at a time, the OS may hand out a just-closed port again
+    (CI saw HTTP and gRPC given the same port, and tritonserver refused to start).
+    """
+    sockets, ports = [], []
+    try:
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in taken and port not in ports:
+                ports.append(port)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
 
 
 class LocalTritonServer:
@@ -149,7 +168,8 @@ class LocalTritonServer:
         backends = self.work / "backends" / "python"
         shutil.copytree(self.paths["backend"], backends, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(self.paths["stub"], backends / "triton_python_backend_stub")
-        self.http_port, self.grpc_port, self.metrics_port = (port or free_port() for port in self.ports)
+        chosen = iter(free_ports(self.ports.count(0), taken=self.ports))
+        self.http_port, self.grpc_port, self.metrics_port = (port or next(chosen) for port in self.ports)
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.paths["libs"]), env.get("LD_LIBRARY_PATH")]))
         overlay = server_environment(self.work, self.env)
@@ -319,7 +339,7 @@ def main(argv=None) -> int:
     return run_cli(_main, argv)
 
 
-__all__ = ["LocalTritonServer", "TritonUnavailable", "free_port", "stub_environment", "wheel_paths"]
+__all__ = ["LocalTritonServer", "TritonUnavailable", "free_port", "free_ports", "stub_environment", "wheel_paths"]
 
 if __name__ == "__main__":
     sys.exit(main())

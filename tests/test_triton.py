@@ -394,3 +394,13 @@ def test_local_server_command_serves_from_another_directory(server, artifacts, t
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(60)
     assert rc == 0 and "tritonserver stopped" in proc.stderr.read()
+
+
+def test_free_ports_are_distinct_and_avoid_the_taken_ones():
+    """Three ports for one server (HTTP, gRPC, metrics) chosen together never repeat (CI once got HTTP == gRPC)."""
+    from iia.evaluation.triton_server import free_ports
+
+    for _ in range(200):
+        taken = tuple(free_ports(1))
+        ports = free_ports(3, taken=taken)
+        assert len(set(ports)) == 3 and not set(ports) & set(taken)
