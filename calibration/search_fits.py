@@ -26,6 +26,7 @@ import torch
 
 from iia.cli import Ticker
 from iia.models.base import Denoiser
+from iia.models.device import release_free_memory, resident_bytes
 from iia.runtime.program import execute
 
 from .evalset import EvalSet
@@ -169,20 +170,34 @@ def sample_with_coefficients(program: Program, denoiser: Denoiser, noise: torch.
                    coefficients=coefficients, on_step=None if basis_rms is None else record, arrays=TORCH)
 
 
-# Memory for the global fit's backward pass: half the free memory of a CUDA device at the fit's start; on the CPU
-# a fixed 1 GiB (iia-compile's peak RSS budget is 4x the weights + 1.5 GiB). A chunk keeps, per noise, each call's
-# saved activations (unless recomputed) and ~STATE_COPIES float64 states per call (the executor's combination
-# terms, the call's input).
-CUDA_GRAD_MEMORY_SHARE, CPU_GRAD_MEMORY_BYTES, STATE_COPIES = 0.5, 1 << 30, 6
+# Memory for the global fit's backward pass. On a CUDA device: half its free memory at the fit's start. On the
+# CPU the whole process is held to CPU_RSS_WEIGHTS x the network's float32 weight bytes + CPU_RSS_BASE (the peak
+# RSS iia-compile is held to, scripts/real_size.py): the backward pass gets what the process does not hold yet,
+# at most CPU_GRAD_MEMORY_BYTES. A chunk keeps, per noise, each call's saved activations (unless recomputed) and
+# ~STATE_COPIES float64 states per call (the executor's combination terms, the call's input); the backward pass
+# of a call also holds the gradients of its activations, about as many bytes again (GRAD_COPIES).
+CUDA_GRAD_MEMORY_SHARE, CPU_GRAD_MEMORY_BYTES, STATE_COPIES, GRAD_COPIES = 0.5, 1 << 30, 6, 1
+CPU_RSS_WEIGHTS, CPU_RSS_BASE = 4, 3 << 29  # 1.5 GiB
 MIN_PLAIN_CHUNK = 32  # below this many noises per chunk, recomputing calls beats smaller chunks (batching)
 
 
-def grad_memory_budget(device: torch.device) -> int:
-    """Bytes the global fit's backward pass may hold on `device` (see CUDA_GRAD_MEMORY_SHARE)."""
+def float32_weight_bytes(net: torch.nn.Module) -> int:
+    """The network's parameters and buffers as float32 bytes (what the memory target is counted in)."""
+    return 4 * sum(t.numel() for t in (*net.parameters(), *net.buffers()) if t.is_floating_point())
+
+
+def grad_memory_budget(device: torch.device, weight_bytes: int = 0) -> int:
+    """Bytes the global fit's backward pass may hold on `device` (see CUDA_GRAD_MEMORY_SHARE, CPU_RSS_BASE):
+    `weight_bytes` the network's float32 weight bytes. On the CPU, where the resident set cannot be read, the
+    fixed CPU_GRAD_MEMORY_BYTES; never below 0 (the plan then recomputes each call, one noise at a time)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(CUDA_GRAD_MEMORY_SHARE * free)
-    return CPU_GRAD_MEMORY_BYTES
+    release_free_memory()  # what was freed still counts in the resident set until the heap hands it back
+    rss = resident_bytes()
+    if rss is None:
+        return CPU_GRAD_MEMORY_BYTES
+    return max(0, min(CPU_GRAD_MEMORY_BYTES, CPU_RSS_WEIGHTS * weight_bytes + CPU_RSS_BASE - rss))
 
 
 def call_activation_bytes(denoiser: Denoiser, calib: EvalSet, sigma: float) -> float:
@@ -212,11 +227,11 @@ def gradient_plan(per_call: float, state_bytes: int, nfe: int, chunk: int, budge
     bytes per noise and call, `state_bytes` one float64 state. Keeps every call's activations when a chunk of
     at least min(chunk, MIN_PLAIN_CHUNK) noises fits that way; else recomputes each call (one call's activations
     at a time) with the largest chunk that fits (at least 1)."""
-    states = nfe * STATE_COPIES * state_bytes
-    plain = int(budget // max(nfe * per_call + states, 1))
+    states, grads = nfe * STATE_COPIES * state_bytes, GRAD_COPIES * per_call
+    plain = int(budget // max(nfe * per_call + grads + states, 1))
     if plain >= min(chunk, MIN_PLAIN_CHUNK):
         return min(chunk, plain), False
-    return max(1, min(chunk, int(budget // max(per_call + states, 1)))), True
+    return max(1, min(chunk, int(budget // max(per_call + grads + states, 1)))), True
 
 
 def end_to_end_gradient(program: Program, denoiser: Denoiser, calib: EvalSet,
@@ -280,7 +295,8 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
 
     state_bytes = 8 * math.prod(denoiser.shape)
     per_call = call_activation_bytes(denoiser, calib, float(program.sigmas[0]))
-    chunk, recompute = gradient_plan(per_call, state_bytes, program.nfe, chunk, grad_memory_budget(device))
+    budget = grad_memory_budget(device, float32_weight_bytes(denoiser.net))
+    chunk, recompute = gradient_plan(per_call, state_bytes, program.nfe, chunk, budget)
     best = {"f": math.inf, "u": u.detach().clone()}
     evals = 0
 

@@ -9,6 +9,7 @@ ONNX export stays on the CPU (compiler/stages.py says why).
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 
@@ -84,3 +85,24 @@ def on_device(denoiser, device: torch.device | str):
         yield denoiser
     finally:
         denoiser.to(before)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size now, in bytes (Linux /proc/self/statm); None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim; a no-op elsewhere). PyTorch's CPU
+    tensors come from malloc, and glibc keeps freed blocks below its (self-raising) mmap threshold: without
+    this, activations freed seconds ago still count in the resident set that a memory budget reads."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -162,10 +162,29 @@ def test_gradient_plan_bounds_memory():
     mib, state = 2**20, 8 * 3 * 32 * 32
     assert gradient_plan(0.3 * mib, state, 9, 128, 1 << 30) == (128, False)  # a small model: as before
     chunk, recompute = gradient_plan(129 * mib, state, 9, 128, 1 << 30)  # EDM CIFAR-10 size, 1 GiB
-    assert recompute and chunk == 7 and chunk * (129 * mib + 9 * 6 * state) <= 1 << 30
-    chunk, recompute = gradient_plan(129 * mib, state, 9, 128, 40 << 30)  # half an 80 GB GPU
-    assert not recompute and 32 <= chunk < 128 and chunk * 9 * 129 * mib <= 40 << 30
+    # recomputed: one call's activations and their gradients at a time
+    assert recompute and chunk == 3 and chunk * (2 * 129 * mib + 9 * 6 * state) <= 1 << 30
+    chunk, recompute = gradient_plan(129 * mib, state, 9, 128, 48 << 30)  # half a 96 GB GPU's free memory
+    assert not recompute and 32 <= chunk < 128 and chunk * 10 * 129 * mib <= 48 << 30
     assert gradient_plan(1e12, state, 9, 128, 1 << 30) == (1, True)  # never below one noise
+
+
+def test_cpu_gradient_memory_is_what_the_process_target_leaves():
+    """On the CPU the backward pass gets 4x the float32 weights + 1.5 GiB minus what the process holds now (at
+    most 1 GiB): a process already over the target gets nothing (one noise per chunk, recomputed)."""
+    from iia.calibration.search_fits import CPU_GRAD_MEMORY_BYTES, float32_weight_bytes, grad_memory_budget
+    from iia.models.device import resident_bytes
+
+    cpu, gib = torch.device("cpu"), 1 << 30
+    rss = resident_bytes()
+    assert rss is not None and rss > 0
+    want = max(0, min(CPU_GRAD_MEMORY_BYTES, int(1.5 * gib) - rss))
+    assert abs(grad_memory_budget(cpu, weight_bytes=0) - want) < 64 << 20
+    assert grad_memory_budget(cpu, weight_bytes=rss) == CPU_GRAD_MEMORY_BYTES  # room to spare: the cap
+    held = torch.ones(int(1.6 * gib) // 4)  # the process now holds more than the target with no weights
+    assert grad_memory_budget(cpu, weight_bytes=0) == 0
+    del held
+    assert float32_weight_bytes(torch.nn.Linear(3, 2).half()) == 4 * 8  # float16 weights counted as float32
 
 
 def test_fit_global_reports_its_memory_plan(tiny):
