@@ -50,9 +50,10 @@ class CalibrationOptions:
     switches: iia-calibrate offers them, iia-compile keeps their defaults)."""
 
     M: int = option(3, "fine sub-steps per step for the least-squares target", lo=1, hi=64, role="fit")
-    r: int = option(1, "history length of the IIA basis (--solver auto's global fits: 3 unless given)", lo=0, hi=8,
+    r: int = option(1, "history length of the IIA basis (default 1; --solver auto's global fits: 3 unless given)", lo=0, hi=8,
                     role="fit")
-    batch: int = option(200, "calibration noises (--solver auto, unless given: 512 analytic models, 128 networks)",
+    batch: int = option(200, "calibration noises (default 200; --solver auto, unless given: 512 analytic models, 128 "
+                                     "networks)",
                         flag="--calib-batch", aliases=("--batch",), lo=2, hi=100_000, role="fit")
     seed: int = option(0, "seed of the calibration noises (images seed..seed+batch-1)", lo=0, hi=2**62,
                     role="seed")

@@ -357,7 +357,8 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             kind = float if isinstance(f.metadata["lo"], float) else int
         kind = f.metadata.get("parse") or kind
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        kwargs = {"dest": f.name, "default": default, "help": help_text + (f" (default {shown})" if default is not None else "")}
+        said = default is None or f"(default {shown}" in help_text  # a help text that gives this default itself
+        kwargs = {"dest": f.name, "default": default, "help": help_text + ("" if said else f" (default {shown})")}
         if f.metadata.get("choices") and not f.metadata.get("parse"):
             kwargs["choices"] = f.metadata["choices"]
         if kind is not None:

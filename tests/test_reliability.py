@@ -109,6 +109,17 @@ def test_bench_help_warns_about_model_files(capsys):
     assert "never read from the artifact" in " ".join(capsys.readouterr().out.split()).lower()
 
 
+def test_help_gives_each_default_once(capsys):
+    """--r and --calib-batch say auto's own defaults beside argparse's: the plain default once, not twice."""
+    with pytest.raises(SystemExit):
+        compile_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default 1; --solver auto's global fits: 3 unless given)" in text
+    assert "(default 200; --solver auto" in text
+    assert "given) (default 1)" not in text
+    assert "networks) (default 200)" not in text
+
+
 # ---- resource bounds: every bound up front, one line naming the option -------------------------------
 @pytest.mark.parametrize("main, argv, flag", [
     (compile_main, ["gmm", "--solver", "iia-edm", "--M", "100000000"], "--M"),
