@@ -269,14 +269,14 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
                   "planned_calls": total_calls}
 
 
-def reference_check(accuracy: Accuracy | None, steps: int, rmse: float, base_rmse: float, max_steps: int,
+def reference_check(accuracy: Accuracy | None, steps: int, rmse: float, base_rmse: float | None, max_steps: int,
                     default_cap: bool) -> tuple[str, dict]:
     """The references' own error (`accuracy` at `steps`) against the shipped candidate's held-out RMSE `rmse`:
     (the log line, the record). Within 0.1x of it: record {}. Over it, held-out RMSEs are resolved only to +-that
     error (a fit to the references learns their error too), and by the triangle inequality (RMSE over a set of
     noises is a norm) the true RMSE is at most rmse + error: {"reference_error", "rmse_chosen_upper"}, said with
-    the bound on the ratio to the base (`base_rmse`) and what would allow finer references (`max_steps`, the
-    --reference-steps cap, `default_cap` when not given). Not measured (None): {"reference_error": None}."""
+    the bound on the ratio to the base (`base_rmse`; None: the shipped candidate is its base, no ratio) and what
+    would allow finer references (`max_steps`, the --reference-steps cap, `default_cap` when not given). Not measured (None): {"reference_error": None}."""
     if accuracy is None:
         return ("  reference check: the references' error was not measured (the budget could not afford the probe): "
                 "the held-out RMSEs are against references of unknown accuracy (raise --budget)",
@@ -291,7 +291,7 @@ def reference_check(accuracy: Accuracy | None, steps: int, rmse: float, base_rms
     upper = rmse + error
     more = (f"{max_steps} steps are --reference-steps' {'default ' if default_cap else ''}cap" if steps >= max_steps
             else "finer references need a larger --budget")
-    bound = f", <= ~{upper / (base_rmse - error):.3g}x its base's" if base_rmse > error else ""
+    bound = "" if base_rmse is None or base_rmse <= error else f", <= ~{upper / (base_rmse - error):.3g}x its base's"
     return (f"{head}, OVER the 0.1x the references must reach: held-out RMSEs are resolved to +-{error:.2g} only; the "
             f"shipped candidate's true RMSE is at most ~{upper:.3g} (its held-out RMSE + the references' estimated "
             f"error){bound} ({more})", {"reference_error": error, "rmse_chosen_upper": upper})

@@ -69,8 +69,8 @@ def checked_choice(chosen: Candidate, finalists: list[Candidate], plan, max_step
     if not chosen.holdout.get("rmse"):  # (the unsearched prior has no held-out record)
         return chosen, {}
     base = own_base(chosen, finalists)
-    line, resolution = reference_check(plan.accuracy, plan.steps, chosen.holdout["rmse"], base.holdout["rmse"],
-                                       max_steps, default_cap)
+    line, resolution = reference_check(plan.accuracy, plan.steps, chosen.holdout["rmse"],
+                                       None if chosen is base else base.holdout["rmse"], max_steps, default_cap)
     log(line)
     error = resolution.get("reference_error") or 0.0
     if chosen is not base and "rmse_chosen_upper" in resolution and \

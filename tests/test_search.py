@@ -389,8 +389,12 @@ def test_the_reference_error_is_estimated_at_the_steps_used():
     assert probe.at(256) == (pytest.approx(5.1e-6 / 4), True)
     line, record = reference_check(probe, 16, 0.045, 0.05, 128, True)
     assert "0.043 (measured)" in line and "OVER" in line and record["reference_error"] == 0.043, line
+    assert "x its base's" in line
     line, _ = reference_check(probe, 24, 0.5, 0.6, 128, True)
     assert "extrapolated from 0.043 measured at 16 steps" in line, line
+    # a shipped base is not bounded against itself (CIFAR --budget 1800 on a busy CPU said "<= ~2.17x its base's")
+    line, record = reference_check(probe, 16, 0.045, None, 128, True)
+    assert "OVER" in line and "x its base's" not in line and record["rmse_chosen_upper"] == pytest.approx(0.088)
 
 
 def test_the_table_says_why_a_candidate_is_not_eligible():
