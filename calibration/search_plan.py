@@ -158,6 +158,14 @@ def _what_was_cut(asked: tuple, new: list) -> list[str]:
     return cut
 
 
+def budget_flag(seconds: float) -> str:
+    """'--budget N', with N in hours or days beside it when over an hour (a full search on a CPU can need months)."""
+    n = math.ceil(seconds)
+    if n < 3600:
+        return f"--budget {n}"
+    return f"--budget {n} (~{n / 3600:.0f} h)" if n < 2 * 86400 else f"--budget {n} (~{n / 86400:.0f} days)"
+
+
 def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bool, afford: int,
                 full: int, tiers: str = "") -> tuple[str, ...]:
     """The plan block's lines for `reference_sizes`: what the kept sizes `new` need against the share (and the
@@ -169,10 +177,10 @@ def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bo
         return lines + (f"  plan: {new[0]} calibration + {new[1]} held-out noises, {new[2]} {INTEGRATOR} steps, "
                         f"{len(new[3]) * len(new[4])} base solver{'s' * (len(new[3]) * len(new[4]) != 1)}"
                         + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
-                        + (f" (--budget {full} would afford them all)" if cut else ""),)
+                        + (f" ({budget_flag(full)} would afford them all)" if cut else ""),)
     return lines + (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises "
-                    f"at {MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need --budget {afford} (the "
-                    f"full search's references: --budget {full})",)
+                    f"at {MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need {budget_flag(afford)} (the "
+                    f"full search's references: {budget_flag(full)})",)
 
 
 def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,

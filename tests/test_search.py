@@ -355,6 +355,15 @@ def test_the_budget_the_plan_suggests_affords_what_it_cut():
             assert not again.cut, (budget, plan.full_s, again.cut)
 
 
+def test_the_budget_figure_says_hours_and_days():
+    """EDM's CIFAR-10 size on a CPU said "--budget 7807758 would afford them all": the flag stays, its size in words."""
+    from iia.calibration.search_plan import budget_flag
+
+    assert budget_flag(179.2) == "--budget 180"
+    assert budget_flag(3 * 3600) == "--budget 10800 (~3 h)"
+    assert budget_flag(7807758) == "--budget 7807758 (~90 days)"
+
+
 def test_a_multistep_reference_converges_and_an_unknown_integrator_is_refused(gmm):
     from iia.calibration.evalset import draw_noise, rmse
     from iia.calibration.sampling import reference_calls, reference_solution
