@@ -145,6 +145,73 @@ def free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
     return ports
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` (a server left running, another service)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+_HARMLESS = ("CudaDriverHelper", "NVML", "DCGM")  # a CPU-only host's start-up errors: not why it stopped
+
+
+def failure_cause(log: str) -> str:
+    """Why tritonserver did not start, in one line, from its log: each model's load failure ("model M version
+    V: reason", the first line of the reason: a python-backend model's exception without its traceback), else its
+    last error line, else the log's last line (a usage error: the log is then the option table)."""
+    import re
+
+    reasons = re.findall(r"failed to load '([^']+)' version (\d+): (.*?)(?:\\n|\"?$)", log, re.M)
+    if reasons:
+        return "; ".join(dict.fromkeys(f"model {name} version {v}: {why.strip()}" for name, v, why in reasons))
+    errors = [m.strip().strip('"').strip() for m in re.findall(r"^E\d{4} [\d:.]+ +\d+ \S+\] (.*)$", log, re.M)
+              if not any(word in m for word in _HARMLESS)]
+    if errors:
+        return errors[-1].split("\\n")[0]
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1] if lines else "(its log is empty)"
+
+
+def _session_pids(sid: int) -> list[int]:
+    """The processes of session `sid` (Linux /proc): the server and the backend stubs it started."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == sid:  # fields after "pid (comm)": state ppid pgrp session ...
+            pids.append(int(entry))
+    return pids
+
+
+def _remove_stale_work() -> None:
+    """Remove the work folders (backends copy, venv overlay, log) of local servers whose process is gone: a
+    SIGKILLed wrapper cannot clean up, and its tritonserver died with it (`_die_with_parent`)."""
+    from iia.cli import pid_alive
+
+    for folder in Path(tempfile.gettempdir()).glob("iia-triton-*-*"):
+        owner = folder.name.split("-")[2]
+        if owner.isdigit() and not pid_alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (Linux prctl PR_SET_PDEATHSIG),
+    so that a SIGKILLed wrapper does not leave tritonserver holding its ports."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class LocalTritonServer:
     """`tritonserver --model-repository REPO` on 127.0.0.1 with free ports; a context manager.
 
@@ -164,7 +231,8 @@ class LocalTritonServer:
         self.work: Path | None = None
 
     def start(self) -> "LocalTritonServer":
-        self.work = Path(tempfile.mkdtemp(prefix="iia-triton-"))
+        _remove_stale_work()
+        self.work = Path(tempfile.mkdtemp(prefix=f"iia-triton-{os.getpid()}-"))
         backends = self.work / "backends" / "python"
         shutil.copytree(self.paths["backend"], backends, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(self.paths["stub"], backends / "triton_python_backend_stub")
@@ -178,8 +246,11 @@ class LocalTritonServer:
         for name in ("PYTHONHOME", "PYTHONPATH"):
             env.pop(name, None)
         self.log_path = self.work / "tritonserver.log"
+        # the python backend's shared-memory regions under a prefix of this server's, removed by cleanup()
+        self.shm_prefix = f"iia-{self.work.name.rsplit('-', 1)[-1]}-"
         cmd = [str(self.paths["binary"]), "--model-repository", str(self.repo),
                "--backend-directory", str(self.work / "backends"),
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
@@ -187,7 +258,8 @@ class LocalTritonServer:
                *self.extra_args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work,
-                                            start_new_session=True)  # cwd: no stray `iia` folder on the stub's path
+                                            start_new_session=True, preexec_fn=_die_with_parent)
+            # cwd: no stray `iia` folder on the stub's path
         try:
             self._wait_ready()
         except BaseException:
@@ -206,23 +278,13 @@ class LocalTritonServer:
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the server and its backend stubs (its process session; Linux)."""
         tick, total = os.sysconf("SC_CLK_TCK"), 0
-        sid = self.process.pid if self.process is not None else None
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        for pid in _session_pids(self.process.pid) if self.process is not None else []:
             try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:  # exited meanwhile
                 continue
-            if int(fields[3]) == sid:  # fields after "pid (comm)": state ppid pgrp session ... utime stime
-                total += int(fields[11]) + int(fields[12])
+            total += int(fields[11]) + int(fields[12])  # utime stime
         return total / tick
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
     def _wait_ready(self) -> None:
         import tritonclient.http as httpclient
@@ -232,34 +294,61 @@ class LocalTritonServer:
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise TritonUnavailable(f"tritonserver exited with status {self.process.returncode}; log:\n"
-                                            f"{self.log_tail()}")
+                    raise TritonUnavailable(f"tritonserver exited with status {self.process.returncode}: "
+                                            f"{failure_cause(self._log_text())}{self._kept_log()}")
                 try:
-                    if client.is_server_ready():
+                    if client.is_server_ready() and self.process.poll() is None:  # ours, not one left running
                         return
                 except Exception:  # not listening yet
                     pass
                 time.sleep(0.2)
         finally:
             client.close()
-        raise TritonUnavailable(f"tritonserver not ready after {self.timeout:.0f} s; log:\n{self.log_tail()}")
+        raise TritonUnavailable(f"tritonserver not ready after {self.timeout:g} s (--timeout): "
+                                f"{failure_cause(self._log_text())}{self._kept_log()}")
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _kept_log(self) -> str:
+        """'; its log: PATH' with the log copied out of the work folder that cleanup() removes ('' if it cannot)."""
+        try:
+            fd, kept = tempfile.mkstemp(prefix="iia-tritonserver-", suffix=".log")
+            os.close(fd)
+            shutil.copyfile(self.log_path, kept)
+        except OSError:
+            return ""
+        return f" (its log: {kept})"
 
     def stop(self) -> None:
-        """SIGINT to the server's process group (the server and its backend stubs), SIGKILL after 30 s."""
+        """SIGINT to the server's process group, SIGKILL after 30 s; then SIGKILL to what is left of its session
+        (a backend stub outlives a server stopped while it loads, and ignores SIGINT/SIGTERM)."""
         if self.process is None:
             return
+        sid = self.process.pid
         try:
-            os.killpg(self.process.pid, signal.SIGINT if self.process.poll() is None else signal.SIGKILL)
+            os.killpg(sid, signal.SIGINT if self.process.poll() is None else signal.SIGKILL)
             self.process.wait(timeout=30)
         except ProcessLookupError:  # the group is gone already
             pass
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(sid, signal.SIGKILL)
             self.process.wait()
+        for pid in _session_pids(sid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process = None
 
     def cleanup(self) -> None:
         self.stop()
+        prefix = getattr(self, "shm_prefix", None)
+        for region in Path("/dev/shm").glob(f"{prefix}*") if prefix else []:
+            region.unlink(missing_ok=True)
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
@@ -280,15 +369,16 @@ def _main(argv=None) -> int:
                     "only) on 127.0.0.1 until Ctrl-C: the local recipe for models exported with "
                     "`iia-export-triton ... --kind cpu --backend python`.")
     parser.add_argument("repo", help="model repository (iia-export-triton --repo)")
-    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (0: a free one; default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (0: a free one; default 8001)")
+    parser.add_argument("--metrics-port", type=int, default=8002,
+                        help="metrics port on 127.0.0.1 (0: a free one; default 8002)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for the server to be ready (default 120)")
     args = parser.parse_args(argv)
-    for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port),
-                       ("--metrics-port", args.metrics_port)):
-        if not 0 <= port <= 65535:
-            raise ValueError(f"{flag} must lie in [0, 65535], got {port}")
+    _check_ports({"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port})
+    if not 0 < args.timeout < float("inf"):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     repo = Path(args.repo)
     if not repo.is_dir():
         raise ValueError(f"{repo}: no such model repository (make one with iia-export-triton --repo)")
@@ -303,7 +393,7 @@ def _main(argv=None) -> int:
               f"127.0.0.1:{server.metrics_port} (log {server.log_path}); Ctrl-C stops", flush=True)
         server.process.wait()
         raise TritonUnavailable(f"tritonserver exited with status {server.process.returncode}: "
-                                f"{server.log_tail(3)}")
+                                f"{failure_cause(server._log_text())}{server._kept_log()}")
     except KeyboardInterrupt:
         print("tritonserver stopped", file=sys.stderr)
         return 0
@@ -312,17 +402,40 @@ def _main(argv=None) -> int:
 
 
 def _stop_on_signals() -> None:
-    """SIGINT (Ctrl-C) stops the server and its tritonserver process group even where it was inherited ignored
-    (a background job of a non-interactive shell, a CI's `cmd &`: the server then outlived SIGINT). SIGTERM is
-    run_cli's (raised like Ctrl-C)."""
+    """SIGINT (Ctrl-C) and SIGTERM stop the server and its tritonserver process group, SIGINT even where it was
+    inherited ignored (a background job of a non-interactive shell, a CI's `cmd &`: the server then outlived
+    SIGINT). SIGTERM is a server's normal stop (exit 0), not run_cli's "terminated as the work completed"."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _check_ports(ports: dict[str, int]) -> None:
+    """Each port in [0, 65535], the given ones distinct and free (a server left running would answer our readiness
+    check and the new one would then exit), before any work; 0 picks a free one."""
+    for flag, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{flag} must lie in [0, 65535], got {port}")
+    given = [(flag, port) for flag, port in ports.items() if port]
+    for i, (flag, port) in enumerate(given):
+        same = [other for other, p in given[:i] if p == port]
+        if same:
+            raise ValueError(f"{flag} {port}: {same[0]} is {port} too (each needs its own port; 0 picks a free one)")
+        if port_in_use(port):
+            raise ValueError(f"{flag} {port}: 127.0.0.1:{port} is in use (a server still running? pass 0 for a "
+                             f"free port)")
 
 
 def _check_servable(repo: Path) -> None:
-    """Refuse, naming the model, what this CPU binary cannot load (it would exit with 'failed to load all models')."""
+    """Refuse, naming the model, what this CPU binary cannot load (it would exit with 'failed to load all models'),
+    and a folder with no model (an iia artifact given instead of its repository serves nothing)."""
     from iia.compiler.triton import parse_config
 
-    for path in sorted(repo.glob("*/config.pbtxt")):
+    configs = sorted(repo.glob("*/config.pbtxt"))
+    if not configs:
+        what = "an iia artifact, not a model repository" if (repo / "manifest.json").is_file() else "no model in it"
+        raise ValueError(f"{repo}: {what} (no MODEL/config.pbtxt); export one with iia-export-triton ARTIFACT "
+                         f"--repo REPO --kind cpu --backend python and serve REPO")
+    for path in configs:
         config = parse_config(path.read_text(), str(path))
         if config.backend != "python":
             raise ValueError(f"{path}: {config.platform or config.backend} model; this local server has the "

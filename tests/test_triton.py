@@ -404,3 +404,111 @@ def test_free_ports_are_distinct_and_avoid_the_taken_ones():
         taken = tuple(free_ports(1))
         ports = free_ports(3, taken=taken)
         assert len(set(ports)) == 3 and not set(ports) & set(taken)
+
+
+def _leftovers(prefix: str) -> list[str]:
+    return [p.name for p in Path("/dev/shm").glob(f"{prefix}*")] if Path("/dev/shm").is_dir() else []
+
+
+def test_a_model_that_fails_to_load_is_named_with_its_cause_and_nothing_is_left(server, artifacts, tmp_path):
+    """A tampered artifact: the start error names the model and the sha256 mismatch in one line (it was the tail
+    of Triton's option table), keeps the log, and no process, shared memory or work folder of it stays."""
+    repo = tmp_path / "repo"
+    export_repository(artifacts["gmm"], repo, TritonOptions(name="gmm", kind="cpu", backends=["python"], threads=1),
+                      **QUIET)
+    sampler = repo / "gmm_python" / "1" / "artifact" / "sampler.onnx"
+    data = bytearray(sampler.read_bytes())
+    data[-1] ^= 1
+    sampler.write_bytes(bytes(data))
+    srv = LocalTritonServer(repo, timeout=120)
+    with pytest.raises(TritonUnavailable) as err:
+        srv.start()
+    message, sid = str(err.value), None
+    try:
+        assert "\n" not in message and "model gmm_python version 1" in message and "sha256" in message, message
+        kept = Path(message.split("(its log: ", 1)[1].rstrip(")"))
+        assert "failed to load" in kept.read_text()
+        kept.unlink()
+        assert srv.process is None and not _leftovers(srv.shm_prefix)
+    finally:
+        srv.cleanup()
+    assert srv.work is None and not _leftovers(srv.shm_prefix)
+
+
+def test_the_local_server_command_refuses_before_starting(server, artifacts, tmp_path, capsys):
+    """Ports given twice or in use, a bad --timeout, an artifact or empty folder instead of a repository: one line
+    each, naming the option or folder, before any server starts (a port in use let a server left running answer
+    the readiness check, and the new one said 'serving' and then exited)."""
+    main = triton_server.main
+    repo = str(server.repo)
+    busy = server.http_port  # the module's server listens there
+    cases = [
+        ([repo, "--http-port", "45123", "--grpc-port", "45123"], "--grpc-port 45123: --http-port is 45123 too"),
+        ([repo, "--http-port", str(busy), "--grpc-port", "0", "--metrics-port", "0"], f"127.0.0.1:{busy} is in use"),
+        ([repo, "--timeout", "-1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], "--timeout"),
+        ([str(artifacts["gmm"]), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+         "an iia artifact, not a model repository"),
+        ([str(tmp_path), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], "no model in it"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, (argv, err)
+
+
+def test_sigterm_stops_the_local_server_cleanly(server, tmp_path):
+    """SIGTERM is a server's normal stop: exit 0, 'tritonserver stopped', no tritonserver left in its session."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "iia.evaluation.triton_server", str(server.repo), "--http-port", "0",
+           "--grpc-port", "0", "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving "), (line, proc.stderr.read() if not line else "")
+        grpc_port = int(line.split("gRPC 127.0.0.1:", 1)[1].split(",", 1)[0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    err = proc.stderr.read()
+    assert rc == 0 and "tritonserver stopped" in err and "terminated" not in err, (rc, err)
+    assert not triton_server.port_in_use(grpc_port)
+
+
+def test_failure_cause_reads_triton_logs():
+    """The one-line cause from the three kinds of log the server leaves: model load failures, an error line, a
+    usage error (the option table, then the reason)."""
+    from iia.evaluation.triton_server import failure_cause
+
+    load = ('E1207 05:04:31.8 10881 model_lifecycle.cc:642] "failed to load \'m_python\' version 1: Internal: '
+            'ArtifactError: x/sampler.onnx is corrupted\\n\\nAt:\\n  a.py(3): f\\n"\n'
+            'E1207 05:04:31.9 10881 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+            "error: creating server: Internal - failed to load all models\n")
+    assert failure_cause(load) == "model m_python version 1: Internal: ArtifactError: x/sampler.onnx is corrupted"
+    socket_log = ('E1207 05:04:31.9 10881 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+                  "E1207 05:04:32.0 10881 grpc_server.cc:2466] \"Socket '127.0.0.1:8001' already in use \"\n"
+                  "error: creating server: Internal - failed to start\n")
+    assert failure_cause(socket_log) == "Socket '127.0.0.1:8001' already in use"
+    usage = "Usage: tritonserver [options]\n  --trace-log-frequency <integer>\n\tDefault is 0.\n\nThe server cannot " \
+            "listen to HTTP requests and GRPC requests at the same address and port 127.0.0.1:1\n"
+    assert failure_cause(usage).startswith("The server cannot listen to HTTP requests and GRPC requests")
+    assert failure_cause("") == "(its log is empty)"
+
+
+def test_work_folders_of_a_killed_local_server_are_removed_by_the_next():
+    """A SIGKILLed `triton_server` cannot clean up (its tritonserver dies with it): the next start removes the work
+    folders of owners that are gone, and only those."""
+    import tempfile
+
+    from iia.evaluation.triton_server import _remove_stale_work
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = Path(tempfile.mkdtemp(prefix=f"iia-triton-{gone.pid}-"))
+    (stale / "tritonserver.log").write_text("x")
+    live = Path(tempfile.mkdtemp(prefix=f"iia-triton-{os.getpid()}-"))
+    try:
+        _remove_stale_work()
+        assert not stale.exists() and live.is_dir()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
