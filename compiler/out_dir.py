@@ -40,12 +40,23 @@ def refuse_inside_artifact(path: Path, flag: str, error: type[Exception]) -> Non
 
 def check_container_dir(raw: str | Path, flag: str, error: type[Exception]) -> Path:
     """A directory that will HOLD new folders (iia-export-triton's --repo), before any work: named ('' would be
-    the working directory, '-' standard output), `publish.check_directory`'s checks, not inside an artifact."""
+    the working directory, '-' standard output), `publish.check_directory`'s checks, not inside an artifact, not
+    an artifact itself and not holding one (Triton would take it for a model and refuse to start)."""
     if str(raw).strip() in ("", "-"):
         raise error(f"{flag} {str(raw)!r}: name a directory")
     path = check_directory(Path(raw), flag, error)
     refuse_inside_artifact(path, flag, error)
+    if _holds_manifest(path):
+        raise error(f"{flag} {path}: is an iia artifact; name a model repository of its own (outside the artifact)")
+    nested = [child for child in sorted(path.iterdir()) if _holds_manifest(child)] if path.is_dir() else []
+    if nested:
+        raise error(f"{flag} {path}: holds the iia artifact {nested[0]}, which Triton would take for a model; "
+                    f"export into a repository of its own")
     return path
+
+
+def _holds_manifest(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and is_artifact_dir(path)
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -63,12 +74,12 @@ def check_out_dir(out: Path, force: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
     refuse_mount_point(out, "--out", CompileError)  # with or without --force: it cannot be replaced by rename
+    if not is_artifact_dir(out):  # --force would not replace it either: say so, not "pass --force"
+        what = "a symlink" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not an iia artifact"
+        raise CompileError(f"--out {out}: exists and is {what} (no manifest.json of schema {SCHEMA}); --force "
+                           f"replaces only an iia artifact: remove it yourself or choose another --out")
     if not force:
         raise CompileError(f"output directory {out} exists: pass --force to replace it")
-    if not is_artifact_dir(out):
-        what = "a symlink" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not an iia artifact"
-        raise CompileError(f"--force refuses to replace {out}: it is {what} (no manifest.json of schema {SCHEMA}); "
-                           f"remove it yourself or choose another --out")
 
 
 def publish_artifact(work: Path, out: Path, force: bool) -> None:

@@ -75,7 +75,7 @@ MAX_BATCH = 1 << 16
 MAX_NFE = 10_000
 UTF8_BOM = b"\xef\xbb\xbf"
 BOM_REFUSED = "it starts with a UTF-8 byte order mark; JSON files of an artifact are plain UTF-8"
-MAX_SEED = 2**62  # the largest first seed a command or server takes: image k uses default_rng(seed + k)
+MAX_SEED = 2**62  # the largest seed of any image (image k of seed s uses default_rng(s + k)): runtimes, commands, server
 MAX_THREADS = 1024  # ONNX Runtime intra-op threads a load accepts (more would only exhaust the machine)
 NO_CUDA = "no CUDA device found (libcuda missing or no GPU)"
 # graph metadata (ONNX metadata_props) the compiler stamps on sampler.onnx; load() compares it with the manifest

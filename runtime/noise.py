@@ -11,14 +11,20 @@ def draw_noise(seed: int | None, batch_size: int, shape) -> np.ndarray:
     `numpy.random.default_rng(seed + k)` (EDM generate.py's per-image seeds), so image k of seed s equals
     image 0 of seed s + k and does not depend on the batch size. seed None draws fresh entropy.
 
-    Raises ValueError for a negative seed or batch_size < 0.
+    Raises ValueError for a negative seed, an image seed seed + k over the contract's MAX_SEED (the bound the
+    Triton model applies to each image's seed), or batch_size < 0.
     """
+    from .contract import MAX_SEED  # (contract imports this module)
+
     if batch_size < 0:
         raise ValueError(f"batch_size must be >= 0, got {batch_size}")
     if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] % np.uint64(MAX_SEED - batch_size + 2))
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if batch_size and seed + batch_size - 1 > MAX_SEED:
+        raise ValueError(f"seed {seed} with {batch_size} images: image seeds seed..seed+{batch_size - 1} must lie in "
+                         f"[0, {MAX_SEED}] (the contract's MAX_SEED)")
     shape = tuple(int(s) for s in shape)
     out = np.empty((batch_size, *shape), dtype=np.float32)
     for k in range(batch_size):

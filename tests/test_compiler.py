@@ -142,6 +142,13 @@ def test_bad_inputs_write_nothing(tmp_path, edm_pkl):
     out.mkdir()
     with pytest.raises(CompileError, match="exists: pass --force"):
         compile_model(d, out, options(nfe=5), log=lambda s: None)
+    (out / "client.py").write_text("mine")  # a file or a folder of the user's: --force would refuse it, so no hint
+    for target in (out / "client.py", out):
+        for force in (False, True):
+            with pytest.raises(CompileError, match="--force replaces only an iia artifact") as err:
+                compile_model(d, target, options(nfe=5, force=force), log=lambda s: None)
+            assert "pass --force" not in str(err.value)
+    (out / "client.py").unlink()
     with pytest.raises(ValueError, match=r"^--solver rk45: unknown solver 'rk45': .*, or auto"):
         compile_model(d, tmp_path / "a", CompileOptions(nfe=5, solver="rk45"), log=lambda s: None)
     with pytest.raises(ValueError, match="odd NFE"):

@@ -103,6 +103,18 @@ def test_determinism(samplers):
     assert samplers["cond"](seed=0, class_labels=[0, 1, 2]).shape[0] == 3  # ... or to the labels given
 
 
+def test_every_image_seed_is_within_the_contract(samplers):
+    """Image k of seed s uses s + k: the runtime refuses a batch whose last image seed passes MAX_SEED, as the Triton
+    model refuses that image's seed (seed 2**62 with 4 images ran here and was refused there)."""
+    from iia.runtime.contract import MAX_SEED
+
+    s = samplers["uncond"]
+    assert s(seed=MAX_SEED).shape[0] == 1 and s(seed=MAX_SEED - 3, batch_size=4).shape[0] == 4
+    with pytest.raises(ValueError, match=r"image seeds seed\.\.seed\+3 must lie in \[0, 4611686018427387904\]"):
+        s(seed=MAX_SEED, batch_size=4)
+    assert all(draw_noise(None, 64, (1,)).shape == (64, 1) for _ in range(20))  # fresh entropy stays within it
+
+
 def test_one_hot_labels_equal_ids(samplers):
     s = samplers["cond"]
     ids = np.array([0, 2, 1, 2])

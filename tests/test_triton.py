@@ -146,12 +146,20 @@ def test_export_is_atomic_and_refuses_by_name(artifacts, tmp_path, monkeypatch, 
         export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", backends=["python"],
                                                                    force=True), **QUIET)
     assert (repo / "d_python" / "keep").read_text() == "mine"
-    # no name ('' was the working directory, said as '/'), standard output, or a folder inside an artifact
+    # no name ('' was the working directory, said as '/'), standard output, a folder inside an artifact, the
+    # artifact itself (it wrote x_python/ into it), a folder holding an artifact (Triton takes it for a model)
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    shutil.copytree(artifacts["gmm"], holder / "art")
     for bad, said in (("", "--repo '': name a directory"), ("-", "--repo '-': name a directory"),
-                      (Path(artifacts["digits"]) / "repo", "is inside the iia artifact")):
+                      (Path(artifacts["digits"]) / "repo", "is inside the iia artifact"),
+                      (artifacts["digits"], "is an iia artifact; name a model repository of its own"),
+                      (holder, f"holds the iia artifact {holder / 'art'}")):
         with pytest.raises(TritonExportError, match=re.escape(said)):
             export_repository(artifacts["digits"], bad, TritonOptions(name="d", kind="cpu"), **QUIET)
-    assert not (Path(artifacts["digits"]) / "repo").exists()
+    assert not (Path(artifacts["digits"]) / "repo").exists() and not list(Path(artifacts["digits"]).glob("d_*"))
+    assert sorted(p.name for p in holder.iterdir()) == ["art"]
+    shutil.rmtree(holder)
     (repo / "d_python" / "keep").unlink()
     (repo / "d_python").rmdir()
     export_repository(artifacts["digits"], repo, TritonOptions(name="d", kind="cpu", backends=["python"]), **QUIET)
