@@ -32,7 +32,7 @@ def _accuracy(argv=None) -> int:
                         help="compare with diffusers' schedulers on the same denoiser and noise (default list: "
                              "dpm++2m,dpm++3m,unipc-bh1,unipc-bh2,deis-2,deis-3,heun,lms); --solvers then "
                              "defaults to auto,ipndm")
-    parser.add_argument("--budget", type=float, default=180.0, help="seconds per auto search (with --peers)")
+    parser.add_argument("--budget", type=float, default=180.0, help="seconds per auto search (with --peers; default 180)")
     parser.add_argument("--fd", action="store_true", help="with --peers on the digits model: FD-digits too")
     args = parser.parse_args(argv)
     check_options(options_from(AccuracyOptions, args))
