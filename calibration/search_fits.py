@@ -328,5 +328,6 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
     except OutOfTime:
         cut = True  # the deadline stopped the fit before it converged
     fitted = program.with_coefficients([c.detach().tolist() for c in coefs(best["u"])])
+    release_free_memory()  # the backward passes' freed activations: not counted again by the scoring that follows
     return fitted, {"evals": evals, "loss_base": f0, "loss": best["f"], "seconds": round(time.perf_counter() - started, 2),
                     "cut": cut, "chunk": chunk, "recompute": recompute}
