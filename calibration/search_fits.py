@@ -178,6 +178,8 @@ def sample_with_coefficients(program: Program, denoiser: Denoiser, noise: torch.
 # of a call also holds the gradients of its activations, about as many bytes again (GRAD_COPIES).
 CUDA_GRAD_MEMORY_SHARE, CPU_GRAD_MEMORY_BYTES, STATE_COPIES, GRAD_COPIES = 0.5, 1 << 30, 6, 1
 CPU_RSS_WEIGHTS, CPU_RSS_BASE = 4, 3 << 29  # 1.5 GiB
+# a process that holds more than the target for reasons of its own (a caller's other models) still fits, at this
+MIN_CPU_GRAD_MEMORY_BYTES = 1 << 28
 MIN_PLAIN_CHUNK = 32  # below this many noises per chunk, recomputing calls beats smaller chunks (batching)
 
 
@@ -189,7 +191,7 @@ def float32_weight_bytes(net: torch.nn.Module) -> int:
 def grad_memory_budget(device: torch.device, weight_bytes: int = 0) -> int:
     """Bytes the global fit's backward pass may hold on `device` (see CUDA_GRAD_MEMORY_SHARE, CPU_RSS_BASE):
     `weight_bytes` the network's float32 weight bytes. On the CPU, where the resident set cannot be read, the
-    fixed CPU_GRAD_MEMORY_BYTES; never below 0 (the plan then recomputes each call, one noise at a time)."""
+    fixed CPU_GRAD_MEMORY_BYTES; never below MIN_CPU_GRAD_MEMORY_BYTES."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(CUDA_GRAD_MEMORY_SHARE * free)
@@ -197,7 +199,8 @@ def grad_memory_budget(device: torch.device, weight_bytes: int = 0) -> int:
     rss = resident_bytes()
     if rss is None:
         return CPU_GRAD_MEMORY_BYTES
-    return max(0, min(CPU_GRAD_MEMORY_BYTES, CPU_RSS_WEIGHTS * weight_bytes + CPU_RSS_BASE - rss))
+    room = CPU_RSS_WEIGHTS * weight_bytes + CPU_RSS_BASE - rss
+    return max(MIN_CPU_GRAD_MEMORY_BYTES, min(CPU_GRAD_MEMORY_BYTES, room))
 
 
 def call_activation_bytes(denoiser: Denoiser, calib: EvalSet, sigma: float) -> float:

@@ -171,18 +171,19 @@ def test_gradient_plan_bounds_memory():
 
 def test_cpu_gradient_memory_is_what_the_process_target_leaves():
     """On the CPU the backward pass gets 4x the float32 weights + 1.5 GiB minus what the process holds now (at
-    most 1 GiB): a process already over the target gets nothing (one noise per chunk, recomputed)."""
-    from iia.calibration.search_fits import CPU_GRAD_MEMORY_BYTES, float32_weight_bytes, grad_memory_budget
+    most 1 GiB): a process already over the target (a caller's own models) gets the floor, 256 MiB."""
+    from iia.calibration.search_fits import (CPU_GRAD_MEMORY_BYTES, MIN_CPU_GRAD_MEMORY_BYTES, float32_weight_bytes,
+                                             grad_memory_budget)
     from iia.models.device import resident_bytes
 
     cpu, gib = torch.device("cpu"), 1 << 30
     rss = resident_bytes()
     assert rss is not None and rss > 0
-    want = max(0, min(CPU_GRAD_MEMORY_BYTES, int(1.5 * gib) - rss))
+    want = max(MIN_CPU_GRAD_MEMORY_BYTES, min(CPU_GRAD_MEMORY_BYTES, int(1.5 * gib) - rss))
     assert abs(grad_memory_budget(cpu, weight_bytes=0) - want) < 64 << 20
     assert grad_memory_budget(cpu, weight_bytes=rss) == CPU_GRAD_MEMORY_BYTES  # room to spare: the cap
     held = torch.ones(int(1.6 * gib) // 4)  # the process now holds more than the target with no weights
-    assert grad_memory_budget(cpu, weight_bytes=0) == 0
+    assert grad_memory_budget(cpu, weight_bytes=0) == MIN_CPU_GRAD_MEMORY_BYTES == 1 << 28
     del held
     assert float32_weight_bytes(torch.nn.Linear(3, 2).half()) == 4 * 8  # float16 weights counted as float32
 
