@@ -175,9 +175,10 @@ def failure_cause(log: str) -> str:
     return lines[-1] if lines else "(its log is empty)"
 
 
-def _session_pids(sid: int) -> list[int]:
-    """The processes of session `sid` (Linux /proc): the server and the backend stubs it started."""
-    pids = []
+def _session_stats(sid: int) -> dict[int, list[str]]:
+    """{pid: the fields of /proc/pid/stat after "pid (comm)"} of the processes of session `sid` (Linux): the server
+    and the backend stubs it started (fields: state ppid pgrp session ... utime stime at 11, 12)."""
+    stats = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -185,9 +186,9 @@ def _session_pids(sid: int) -> list[int]:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # exited meanwhile
             continue
-        if int(fields[3]) == sid:  # fields after "pid (comm)": state ppid pgrp session ...
-            pids.append(int(entry))
-    return pids
+        if int(fields[3]) == sid:
+            stats[int(entry)] = fields
+    return stats
 
 
 def _remove_stale_work() -> None:
@@ -277,14 +278,8 @@ class LocalTritonServer:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the server and its backend stubs (its process session; Linux)."""
-        tick, total = os.sysconf("SC_CLK_TCK"), 0
-        for pid in _session_pids(self.process.pid) if self.process is not None else []:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # exited meanwhile
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime stime
-        return total / tick
+        stats = _session_stats(self.process.pid) if self.process is not None else {}
+        return sum(int(fields[11]) + int(fields[12]) for fields in stats.values()) / os.sysconf("SC_CLK_TCK")
 
     def _wait_ready(self) -> None:
         import tritonclient.http as httpclient
@@ -295,7 +290,7 @@ class LocalTritonServer:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise TritonUnavailable(f"tritonserver exited with status {self.process.returncode}: "
-                                            f"{failure_cause(self._log_text())}{self._kept_log()}")
+                                            f"{self.failure()}")
                 try:
                     if client.is_server_ready() and self.process.poll() is None:  # ours, not one left running
                         return
@@ -305,23 +300,22 @@ class LocalTritonServer:
         finally:
             client.close()
         raise TritonUnavailable(f"tritonserver not ready after {self.timeout:g} s (--timeout): "
-                                f"{failure_cause(self._log_text())}{self._kept_log()}")
+                                f"{self.failure()}")
 
-    def _log_text(self) -> str:
+    def failure(self) -> str:
+        """Why the server stopped, in one line (`failure_cause` of its log), with a copy of the log kept outside the
+        work folder that cleanup() removes: 'CAUSE (its log: PATH)' (no copy named where it cannot be made)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            log = self.log_path.read_text(errors="replace")
         except OSError:
-            return ""
-
-    def _kept_log(self) -> str:
-        """'; its log: PATH' with the log copied out of the work folder that cleanup() removes ('' if it cannot)."""
+            log = ""
         try:
             fd, kept = tempfile.mkstemp(prefix="iia-tritonserver-", suffix=".log")
             os.close(fd)
             shutil.copyfile(self.log_path, kept)
         except OSError:
-            return ""
-        return f" (its log: {kept})"
+            return failure_cause(log)
+        return f"{failure_cause(log)} (its log: {kept})"
 
     def stop(self) -> None:
         """SIGINT to the server's process group, SIGKILL after 30 s; then SIGKILL to what is left of its session
@@ -337,7 +331,7 @@ class LocalTritonServer:
         except subprocess.TimeoutExpired:
             os.killpg(sid, signal.SIGKILL)
             self.process.wait()
-        for pid in _session_pids(sid):
+        for pid in _session_stats(sid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -393,7 +387,7 @@ def _main(argv=None) -> int:
               f"127.0.0.1:{server.metrics_port} (log {server.log_path}); Ctrl-C stops", flush=True)
         server.process.wait()
         raise TritonUnavailable(f"tritonserver exited with status {server.process.returncode}: "
-                                f"{failure_cause(server._log_text())}{server._kept_log()}")
+                                f"{server.failure()}")
     except KeyboardInterrupt:
         print("tritonserver stopped", file=sys.stderr)
         return 0
