@@ -23,12 +23,14 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .triton_process import (die_with_parent, failure_cause, free_port, free_ports, new_python_envs, port_in_use,
+                             remove_python_envs, remove_stale_work, session_stats)
 
 STUB_NUMPY = "numpy<2"
 
@@ -120,99 +122,6 @@ def server_environment(parent: Path, env: Path) -> Path:
     return overlay
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int, taken: tuple[int, ...] = ()) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1, none in `taken`.
-
-    The sockets stay bound until all are chosen: one at a time, the OS may hand out a just-closed port again
-    (CI saw HTTP and gRPC given the same port, and tritonserver refused to start).
-    """
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            if port not in taken and port not in ports:
-                ports.append(port)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:`port` (a server left running, another service)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
-_HARMLESS = ("CudaDriverHelper", "NVML", "DCGM")  # a CPU-only host's start-up errors: not why it stopped
-
-
-def failure_cause(log: str) -> str:
-    """Why tritonserver did not start, in one line, from its log: each model's load failure ("model M version
-    V: reason", the first line of the reason: a python-backend model's exception without its traceback), else its
-    last error line, else the log's last line (a usage error: the log is then the option table)."""
-    import re
-
-    reasons = re.findall(r"failed to load '([^']+)' version (\d+): (.*?)(?:\\n|\"?$)", log, re.M)
-    if reasons:
-        return "; ".join(dict.fromkeys(f"model {name} version {v}: {why.strip()}" for name, v, why in reasons))
-    errors = [m.strip().strip('"').strip() for m in re.findall(r"^E\d{4} [\d:.]+ +\d+ \S+\] (.*)$", log, re.M)
-              if not any(word in m for word in _HARMLESS)]
-    if errors:
-        return errors[-1].split("\\n")[0]
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    return lines[-1] if lines else "(its log is empty)"
-
-
-def _session_stats(sid: int) -> dict[int, list[str]]:
-    """{pid: the fields of /proc/pid/stat after "pid (comm)"} of the processes of session `sid` (Linux): the server
-    and the backend stubs it started (fields: state ppid pgrp session ... utime stime at 11, 12)."""
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[3]) == sid:
-            stats[int(entry)] = fields
-    return stats
-
-
-def _remove_stale_work() -> None:
-    """Remove the work folders (backends copy, venv overlay, log) of local servers whose process is gone: a
-    SIGKILLed wrapper cannot clean up, and its tritonserver died with it (`_die_with_parent`)."""
-    from iia.cli import pid_alive
-
-    for folder in Path(tempfile.gettempdir()).glob("iia-triton-*-*"):
-        owner = folder.name.split("-")[2]
-        if owner.isdigit() and not pid_alive(int(owner)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the process that started it dies (Linux prctl PR_SET_PDEATHSIG),
-    so that a SIGKILLed wrapper does not leave tritonserver holding its ports."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class LocalTritonServer:
     """`tritonserver --model-repository REPO` on 127.0.0.1 with free ports; a context manager.
 
@@ -230,9 +139,10 @@ class LocalTritonServer:
         self.extra_args = list(extra_args or [])
         self.process: subprocess.Popen | None = None
         self.work: Path | None = None
+        self.python_envs: set[str] | None = None  # the python backend's scratch folders before this start
 
     def start(self) -> "LocalTritonServer":
-        _remove_stale_work()
+        remove_stale_work()
         self.work = Path(tempfile.mkdtemp(prefix=f"iia-triton-{os.getpid()}-"))
         backends = self.work / "backends" / "python"
         shutil.copytree(self.paths["backend"], backends, ignore=shutil.ignore_patterns("__pycache__"))
@@ -257,9 +167,10 @@ class LocalTritonServer:
                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
                "--allow-sagemaker", "false", "--allow-vertex-ai", "false", "--exit-on-error", "true",
                *self.extra_args]
+        self.python_envs = {p.name for p in new_python_envs(set())}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=die_with_parent)
             # cwd: no stray `iia` folder on the stub's path
         try:
             self._wait_ready()
@@ -278,7 +189,7 @@ class LocalTritonServer:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the server and its backend stubs (its process session; Linux)."""
-        stats = _session_stats(self.process.pid) if self.process is not None else {}
+        stats = session_stats(self.process.pid) if self.process is not None else {}
         return sum(int(fields[11]) + int(fields[12]) for fields in stats.values()) / os.sysconf("SC_CLK_TCK")
 
     def _wait_ready(self) -> None:
@@ -331,7 +242,7 @@ class LocalTritonServer:
         except subprocess.TimeoutExpired:
             os.killpg(sid, signal.SIGKILL)
             self.process.wait()
-        for pid in _session_stats(sid):
+        for pid in session_stats(sid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -346,6 +257,9 @@ class LocalTritonServer:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+        if self.python_envs is not None:  # left when it was stopped while loading
+            remove_python_envs(new_python_envs(self.python_envs))
+            self.python_envs = None
 
     def __enter__(self):
         return self.start()
@@ -381,15 +295,17 @@ def _main(argv=None) -> int:
     server = LocalTritonServer(repo, timeout=args.timeout, log=log,
                                ports=(args.http_port, args.grpc_port, args.metrics_port))
     _stop_on_signals()
+    ready = False
     try:
         server.start()
+        ready = True
         print(f"serving {server.repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
               f"127.0.0.1:{server.metrics_port} (log {server.log_path}); Ctrl-C stops", flush=True)
         server.process.wait()
         raise TritonUnavailable(f"tritonserver exited with status {server.process.returncode}: "
                                 f"{server.failure()}")
     except KeyboardInterrupt:
-        print("tritonserver stopped", file=sys.stderr)
+        print("tritonserver stopped" if ready else "tritonserver stopped before it was ready", file=sys.stderr)
         return 0
     finally:
         server.cleanup()

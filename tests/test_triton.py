@@ -429,9 +429,10 @@ def test_a_model_that_fails_to_load_is_named_with_its_cause_and_nothing_is_left(
     data[-1] ^= 1
     sampler.write_bytes(bytes(data))
     srv = LocalTritonServer(repo, timeout=120)
+    envs = _python_envs()
     with pytest.raises(TritonUnavailable) as err:
         srv.start()
-    message, sid = str(err.value), None
+    message = str(err.value)
     try:
         assert "\n" not in message and "model gmm_python version 1" in message and "sha256" in message, message
         kept = Path(message.split("(its log: ", 1)[1].rstrip(")"))
@@ -440,7 +441,26 @@ def test_a_model_that_fails_to_load_is_named_with_its_cause_and_nothing_is_left(
         assert srv.process is None and not _leftovers(srv.shm_prefix)
     finally:
         srv.cleanup()
-    assert srv.work is None and not _leftovers(srv.shm_prefix)
+    assert srv.work is None and not _leftovers(srv.shm_prefix) and _python_envs() <= envs
+
+
+def _python_envs() -> set[str]:
+    return {p.name for p in Path("/tmp").glob("python_env_*")}
+
+
+def test_a_server_stopped_before_it_is_ready_leaves_no_scratch_folder(server, artifacts, tmp_path):
+    """Stopped while its model loads (here: --timeout 0.5 s), the python backend leaves its empty /tmp/python_env_*
+    scratch folder behind (the tester found one per early stop): cleanup() removes the ones this start made."""
+    repo = tmp_path / "repo"
+    export_repository(artifacts["gmm"], repo, TritonOptions(name="gmm", kind="cpu", backends=["python"], threads=1),
+                      **QUIET)
+    envs = _python_envs()
+    for timeout in (0.5, 1.5):
+        srv = LocalTritonServer(repo, timeout=timeout)
+        with pytest.raises(TritonUnavailable, match="not ready after"):
+            srv.start()
+        srv.cleanup()
+        assert _python_envs() <= envs and srv.work is None and not _leftovers(srv.shm_prefix)
 
 
 def test_the_local_server_command_refuses_before_starting(server, artifacts, tmp_path, capsys):
@@ -503,20 +523,36 @@ def test_failure_cause_reads_triton_logs():
 
 
 def test_work_folders_of_a_killed_local_server_are_removed_by_the_next():
-    """A SIGKILLed `triton_server` cannot clean up (its tritonserver dies with it): the next start removes the work
-    folders of owners that are gone, and only those."""
+    """A SIGKILLed `triton_server` cannot clean up (its tritonserver dies with it, but a backend stub started while
+    it loaded outlives it, with its shared memory): the next start removes the work folders of owners that are
+    gone, kills the stubs running from them and unlinks their regions, and leaves a live owner's alone."""
     import tempfile
 
-    from iia.evaluation.triton_server import _remove_stale_work
+    from iia.evaluation.triton_process import remove_stale_work
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     stale = Path(tempfile.mkdtemp(prefix=f"iia-triton-{gone.pid}-"))
-    (stale / "tritonserver.log").write_text("x")
     live = Path(tempfile.mkdtemp(prefix=f"iia-triton-{os.getpid()}-"))
+    stubs, regions = [], []
     try:
-        _remove_stale_work()
+        for folder in (stale, live):
+            stub = folder / "backends" / "python" / "triton_python_backend_stub"
+            stub.parent.mkdir(parents=True)
+            shutil.copy2(shutil.which("sleep"), stub)  # a process running from the folder, as the stub does
+            stubs.append(subprocess.Popen([str(stub), "300"], start_new_session=True))
+            region = Path("/dev/shm") / f"iia-{folder.name.rsplit('-', 1)[-1]}-test-region"
+            region.write_bytes(b"x")
+            regions.append(region)
+        remove_stale_work()
         assert not stale.exists() and live.is_dir()
+        assert stubs[0].wait(timeout=10) == -signal.SIGKILL and stubs[1].poll() is None
+        assert not regions[0].exists() and regions[1].exists()
     finally:
+        for proc in stubs:
+            proc.kill()
+            proc.wait()
+        for region in regions:
+            region.unlink(missing_ok=True)
         shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
