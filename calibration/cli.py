@@ -13,14 +13,14 @@ from iia.cli import (ProgressBar, add_options, check_options, check_output_file,
 from iia.models.device import describe_device, device_option, resolve_device
 
 from .fit import CalibrationOptions
-from .solvers import SOLVERS
+from .solvers import user_solvers
 
 
 @dataclass
 class CalibrateTarget:
     """What `iia-calibrate` fits: solver and NFE (bounds as iia-compile's)."""
 
-    solver: str = option("iia-edm", "an IIA variant: " + ", ".join(s for s in SOLVERS if SOLVERS[s].fitted))
+    solver: str = option("iia-edm", "an IIA variant: " + ", ".join(user_solvers(fitted=True)))
     nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000)
     device: str = device_option()
 
@@ -80,9 +80,9 @@ def _calibrate(argv=None) -> int:
     if out.exists() and not args.force:  # before any work, as iia-compile refuses an existing directory
         raise ValueError(f"--out {out}: exists: pass --force to replace it, or another --out")
     program_for_check = args.solver, args.nfe
-    if args.solver not in SOLVERS or not SOLVERS[args.solver].fitted:  # before loading the model
+    if args.solver not in user_solvers(fitted=True):  # before loading the model
         raise ValueError(f"--solver {args.solver}: iia-calibrate fits an IIA variant: "
-                         f"{', '.join(s for s in SOLVERS if SOLVERS[s].fitted)}")
+                         f"{', '.join(user_solvers(fitted=True))}")
     denoiser = load_model_verbose(args.model, args.x0_clipping, args.device)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver
     bar = ProgressBar("calibrating")

@@ -25,7 +25,7 @@ from .evalset import draw_noise, evaluation_set, sample_errors
 from .sampling import TORCH, integrate, sample
 from .schedules import SCHEDULES, fine_grid, program_for
 from .shipping import TOLERANCE, judge, rule_text
-from .solvers import SOLVERS, Program, Step, get_solver
+from .solvers import Program, Step, user_solver, user_solvers
 
 
 # Held-out noises are images seed + HOLDOUT_SEED_OFFSET + k: disjoint from calibration's seed + k for any batch
@@ -50,7 +50,8 @@ class CalibrationOptions:
     switches: iia-calibrate offers them, iia-compile keeps their defaults)."""
 
     M: int = option(3, "fine sub-steps per step for the least-squares target", lo=1, hi=64, role="fit")
-    r: int = option(1, "history length of the IIA basis (default 1; --solver auto's global fits: 3 unless given)", lo=0, hi=8,
+    r: int = option(1, "history length of the IIA basis (default 1; --solver auto, unless given: global fits over "
+                          "all earlier values, the local fit 3)", lo=0, hi=8,
                     role="fit")
     batch: int = option(200, "calibration noises (default 200; --solver auto, unless given: 512 analytic models, 128 "
                                      "networks)",
@@ -197,10 +198,13 @@ def calibrate(
     options = replace(options, **overrides)  # the caller's options are never modified
     options.validate()
     options = options.resolved(denoiser)
-    spec = get_solver(solver)
+    try:
+        spec = user_solver(solver)
+    except ValueError as err:
+        raise CalibrationError(str(err)) from None
     if not spec.fitted:
         raise CalibrationError(f"solver '{solver}' has nothing to fit: use an IIA variant "
-                               f"({', '.join(n for n, s in SOLVERS.items() if s.fitted)})")
+                               f"({', '.join(user_solvers(fitted=True))})")
     started = time.perf_counter()
     base = program_for(denoiser, solver, nfe, options.r, options.schedule)
     fine_family = spec.fine if options.fine_solver == "base" else "edm"

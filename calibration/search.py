@@ -43,9 +43,9 @@ from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HO
 from .search_timing import Pace
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
-from .search_rounds import fit_rounds
+from .search_rounds import ROUND_SLACK, fit_rounds
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
-from .solvers import Program, valid_nfe
+from .solvers import Program, linear_name, valid_nfe
 
 __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchError", "SearchOptions", "SearchResult",
            "auto_search", "format_table", "to_calibration_result"]
@@ -57,8 +57,9 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # probe's best base, a re-plan never raises a small --holdout, global fits at r = 3; 5: a budget short of a
 # schedule and a global fit on it fits Karras bases instead, the prior's Karras base gets the first Karras global fit,
 # bases far worse than the best are not scored on held-out noise, the prior's fits first, the pace over the latest
-# ~15 s of work, no learned schedule for a model whose round_sigma snaps to a table).
-SEARCH_VERSION = 5
+# ~15 s of work, no learned schedule for a model whose round_sigma snaps to a table; 6: the lead's global fit in the
+# linear form too where time is left, and in each round).
+SEARCH_VERSION = 6
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
@@ -174,9 +175,11 @@ def globals_to_fit(learned: list[Candidate], bases: list[Candidate], n_fits: int
     return order[:n_fits]
 
 
-def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fits: int,
+def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fits: int, per_holdout: float,
                  share: float = 0.6) -> list[Candidate]:
-    """Global coefficient fits for `globals_to_fit` (they share `share` of the remaining time equally)."""
+    """Global coefficient fits for `globals_to_fit` (they share `share` of the remaining time equally), in their
+    families' bases (all in the linear form with opts.basis "linear"); with "both", then the lead's in the linear
+    form too where the time left affords it (`_lead_linear`)."""
     to_fit, out = globals_to_fit(learned, bases, n_fits), []
     phase_end = clock.share(share)
     for k, c in enumerate(to_fit):
@@ -184,27 +187,53 @@ def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fit
             log(f"  global fits: {len(to_fit) - k} of {len(to_fit)} skipped, the budget is spent (raise --budget)")
             break
         t0 = time.perf_counter()
-        cand, info = global_candidate(denoiser, c, calib, opts, _equal_part(phase_end, len(to_fit) - k), log)
+        cand, info = global_candidate(denoiser, c, calib, opts, _equal_part(phase_end, len(to_fit) - k), log,
+                                      linear=opts.basis == "linear")
         out.append(cand)
         clock.lap("global fits", t0)
-        log(f"  global fit {c.family}/{c.final}/{c.schedule}: calibration loss {info['loss_base']:.4g} -> "
-            f"{info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s"
-            f"{', cut short by the budget' if info.get('cut') else ''})")
+        _said(log, cand, info)
+    if opts.basis == "both" and out and linear_name(to_fit[0].family):
+        out += _lead_linear(denoiser, to_fit[0], out[0], opts, calib, clock, per_holdout, log)
     return out
+
+
+def _said(log, cand: Candidate, info: dict) -> None:
+    log(f"  {cand.coefficients} fit {cand.family}/{cand.final}/{cand.schedule}: calibration loss "
+        f"{info['loss_base']:.4g} -> {info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s"
+        f"{', cut short by the budget' if info.get('cut') else ''})")
+
+
+def _lead_linear(denoiser, lead: Candidate, lead_fit: Candidate, opts, calib, clock: Clock, per_holdout: float,
+                 log) -> list[Candidate]:
+    """The lead's global fit in the linear form (`solvers.linear_step`) beside its fit in the family's basis,
+    when the time left affords ROUND_SLACK x what that fit took and its held-out scoring (before any fit round:
+    on digits NFE 9 the time rounds cannot use). Neither basis wins everywhere (SearchOptions.basis): the
+    held-out noises choose."""
+    limit = ROUND_SLACK * lead_fit.seconds
+    if clock.deadline is not None and clock.remaining() < limit + per_holdout:
+        log(f"  linear fit of {lead.family}/{lead.final}/{lead.schedule} skipped: ~{limit + per_holdout:.0f} s, "
+            f"{max(clock.remaining(), 0):.0f} s are left (raise --budget)")
+        return []
+    clock.reserve(per_holdout)
+    t0 = time.perf_counter()
+    deadline = None if clock.deadline is None else min(time.perf_counter() + limit, clock.deadline)
+    cand, info = global_candidate(denoiser, lead, calib, opts, deadline, log, linear=True)
+    clock.lap("global fits", t0)
+    _said(log, cand, info)
+    return [cand]
 
 
 def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace, per_holdout, cache,
             log) -> list[Candidate]:
     """`search_rounds.fit_rounds` for the lead: the candidate the first global fit went to (`globals_to_fit`),
-    with that global fit when there was one; nothing when the lead has neither a learned schedule nor a fit."""
+    with the fits it got (in one basis or both); nothing when the lead has neither a learned schedule nor a fit."""
     lead = (globals_to_fit(learned, bases, 1) or [None])[0]
     if opts.rounds < 2 or lead is None:
         return []
-    lead_fit = next((g for g in fitted if (g.family, g.final, g.schedule) == (lead.family, lead.final, lead.schedule)),
-                    None)
-    if lead.schedule == "karras" and lead_fit is None:
+    lead_fits = [g for g in fitted if (g.family, g.final, g.schedule) == (lead.family, lead.final, lead.schedule)]
+    if lead.schedule == "karras" and not lead_fits:
         return []
-    return fit_rounds(denoiser, nfe, lead, lead_fit, opts, cal, len(calib), plan, clock, pace, per_holdout, cache,
+    return fit_rounds(denoiser, nfe, lead, lead_fits, opts, cal, len(calib), plan, clock, pace, per_holdout, cache,
                       log)
 
 
@@ -343,7 +372,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     clock.reserve(fixed_s + per_holdout * (counts.schedules + counts.global_fits))
     if fits:
         learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
-        fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits,
+        fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits, per_holdout,
                               0.95 if counts.karras else 0.6)
         cands += learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,
                                             per_holdout, reference_cache, log)

@@ -8,7 +8,8 @@ from the same noise (`EvalSet`), never a local per-step target.
   Nelder-Mead (each evaluation is one sampling run; no gradient through the schedule-dependent solver weights is
   needed, and N - 1 <= ~10 parameters is where it works well). LD3 (ICLR 2025) fits time steps the same way
   against a teacher; the reference ODE solution is ours.
-- `fit_global`: the per-step coefficients of an IIA program fitted by L-BFGS, backpropagating through the
+- `fit_global`: the per-step coefficients of an IIA program (`global_program`: by default the family's linear
+  form, every state any combination of the noise and the denoiser outputs so far) fitted by L-BFGS, backpropagating through the
   executor (`sample_with_coefficients`) and the denoiser's own autograd, on unit-scaled coefficient offsets with
   a ridge toward the base solver. Its memory is bounded (`gradient_plan`): the calibration noises are taken a
   chunk at a time with the gradient accumulated, and where NFE calls' activations of a chunk would not fit, each
@@ -32,7 +33,7 @@ from iia.runtime.program import execute
 from .evalset import EvalSet
 from .sampling import TORCH
 from .search_space import Candidate, SearchOptions, schedule_space
-from .solvers import Program, build_program
+from .solvers import Program, build_program, linear_name
 
 
 class FitProgress:
@@ -122,15 +123,23 @@ def schedule_candidate(denoiser: Denoiser, nfe: int, family: str, final: str, ca
                      seconds=info["seconds"], note=f"{info['evals']} evals", round=round), info
 
 
+def global_program(family: str, sigmas, opts: SearchOptions, linear: bool = False) -> Program:
+    """The program a global fit of `family` on `sigmas` fits, with the family's base coefficients (extra ones 0):
+    its linear form (`solvers.linear_step`) when `linear` and the family has one, else the family's IIA program
+    with opts.r history terms."""
+    return build_program((linear and linear_name(family)) or "iia-" + family, sigmas, opts.r)
+
+
 def global_candidate(denoiser: Denoiser, on: Candidate, calib: EvalSet, opts: SearchOptions, deadline: float | None,
-                     log, round: int = 1) -> tuple[Candidate, dict]:
-    """`fit_global` of the IIA program of `on`'s family on `on`'s sigmas (its base coefficients are the family's,
-    all extra ones 0) to `calib`, as a candidate of fit round `round`, and the fit's info."""
-    what = f"{'' if round == 1 else f'round {round} '}global fit {on.family}/{on.final}/{on.schedule}"
-    program, info = fit_global(denoiser, build_program("iia-" + on.family, on.program.sigmas, opts.r), calib,
-                               opts.loss, max_iter=opts.max_iter, deadline=deadline,
+                     log, round: int = 1, linear: bool = False) -> tuple[Candidate, dict]:
+    """`fit_global` of `global_program` of `on`'s family on `on`'s sigmas to `calib`, as a candidate of fit round
+    `round` (coefficients "linear" for the linear form, else "global"), and the fit's info."""
+    program = global_program(on.family, on.program.sigmas, opts, linear)
+    kind = "linear" if program.solver != "iia-" + on.family else "global"
+    what = f"{'' if round == 1 else f'round {round} '}{kind} fit {on.family}/{on.final}/{on.schedule}"
+    program, info = fit_global(denoiser, program, calib, opts.loss, max_iter=opts.max_iter, deadline=deadline,
                                on_eval=FitProgress(what, log, opts.max_iter, deadline))
-    return Candidate(on.family, on.final, on.schedule, "global", program, info["loss"], seconds=info["seconds"],
+    return Candidate(on.family, on.final, on.schedule, kind, program, info["loss"], seconds=info["seconds"],
                      note=f"{info['evals']} evals", round=round), info
 
 

@@ -64,18 +64,19 @@ def _until(clock: Clock, seconds: float) -> float | None:
     return None if clock.deadline is None else min(time.perf_counter() + seconds, clock.deadline)
 
 
-def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fit: Candidate | None, opts: SearchOptions,
+def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fits: list[Candidate], opts: SearchOptions,
                cal: CalibrationOptions, n: int, plan: ReferencePlan, clock: Clock, pace: Pace, per_holdout: float,
                cache: Path | None, log) -> list[Candidate]:
     """Rounds 2 .. opts.rounds: `lead`'s schedule learned again (when `lead` is a learned schedule; its Karras
-    sigmas otherwise) and, when the first round fitted it (`lead_fit`), a global fit on it, each on a fresh
-    draw of n calibration noises (`round_calibration`). Without a time bound all rounds run; with one, a round
-    starts only while the first round's lead fits (x ROUND_SLACK), its references and the held-out scoring of
-    its candidates fit `clock`, whose reserve then keeps that scoring's time. Returns the rounds' candidates."""
-    fitted = 1 + (lead_fit is not None)
-    limit = {"schedule": ROUND_SLACK * lead.seconds, "global": ROUND_SLACK * (lead_fit.seconds if lead_fit else 0.0)}
-    cost = (pace.predict(n, reference_calls(INTEGRATOR, plan.steps)) + limit["global"] + fitted * per_holdout
-            + (limit["schedule"] if lead.schedule == "learned" else 0.0))
+    sigmas otherwise) and the global fits the first round gave it (`lead_fits`: in its family's basis and/or the
+    linear form) fitted on it again, each round on a fresh draw of n calibration noises (`round_calibration`).
+    Without a time bound all rounds run; with one, a round starts only while the first round's lead fits (x
+    ROUND_SLACK), its references and the held-out scoring of its candidates fit `clock`, whose reserve then keeps
+    that scoring's time. Returns the rounds' candidates."""
+    fitted = (lead.schedule == "learned") + len(lead_fits)
+    limits = [ROUND_SLACK * f.seconds for f in lead_fits]
+    cost = (pace.predict(n, reference_calls(INTEGRATOR, plan.steps)) + sum(limits) + fitted * per_holdout
+            + (ROUND_SLACK * lead.seconds if lead.schedule == "learned" else 0.0))
     out: list[Candidate] = []
     for k in range(2, opts.rounds + 1):
         if clock.deadline is not None and clock.remaining() < cost:
@@ -88,13 +89,14 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fit: Candidat
         on, what = lead, [f"round {k} ({n} noises from image {round_seed(cal, n, k)})"]
         if lead.schedule == "learned":
             on, info = schedule_candidate(denoiser, nfe, lead.family, lead.final, calib, opts,
-                                          _until(clock, limit["schedule"]), log, round=k)
+                                          _until(clock, ROUND_SLACK * lead.seconds), log, round=k)
             out.append(on)
             what.append(f"schedule {info['loss_karras']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
-        if lead_fit is not None:
-            fit, info = global_candidate(denoiser, on, calib, opts, _until(clock, limit["global"]), log, round=k)
+        for first, limit in zip(lead_fits, limits):
+            fit, info = global_candidate(denoiser, on, calib, opts, _until(clock, limit), log, round=k,
+                                         linear=first.coefficients == "linear")
             out.append(fit)
-            what.append(f"global fit {info['loss_base']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
+            what.append(f"{fit.coefficients} fit {info['loss_base']:.4g} -> {info['loss']:.4g} ({info['evals']} evals)")
         clock.lap("rounds", t0)
         log(f"  {', '.join(what)}, {time.perf_counter() - t0:.1f} s")
     else:

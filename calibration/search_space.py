@@ -29,8 +29,16 @@ class SearchOptions:
     finals: tuple[str, ...] = ("zero", "sigma_min")
     top_k: int = 2  # (family, final) pairs that get a learned schedule
     global_fits: int = 2  # global coefficient fits: the best learned schedule, the best Karras base, then more learned
-    # history terms of the global fit's basis: 3 gives every family >= 4 terms, as iPNDM has at any r <= 3 (digits
-    # NFE 5, learned schedules: UniPC-3's and DEIS-3's global fits 5-23% lower held-out RMSE than at r = 1)
+    # what global fits fit: "both", each in its family's basis and then the lead (the first fitted) in the linear
+    # form too where the time left affords it; "linear", all in the linear form; "family", all in their bases.
+    # The linear form: each state any combination of the noise and all denoiser outputs so far
+    # (`solvers.linear_step`). Its held-out RMSE against the family basis's (same schedule and noises, 2000
+    # held-out noises): digits NFE 9 iPNDM 0.66-0.73x, gmm NFE 7 0.75x, but digits NFE 5 UniPC-3 1.04x and gmm
+    # NFE 9 iPNDM 1.27-1.31x (every window of history terms): neither wins everywhere, the held-out noises choose
+    basis: str = "both"
+    # history terms of the local fit's and the "family" global fits' basis: 3 gives every family >= 4 terms, as
+    # iPNDM has at any r <= 3 (digits NFE 5, learned schedules: UniPC-3's and DEIS-3's global fits 5-23% lower
+    # held-out RMSE than at r = 1)
     r: int = 3
     loss: str = "mse"
     local: bool = True  # also score the paper's local IIA fit (families that support it, Karras)
@@ -43,6 +51,8 @@ class SearchOptions:
             raise SearchError(f"--budget must be > 0 seconds, got {self.budget_s}")
         if self.batch is not None and self.batch < 2:
             raise SearchError(f"search batch must be >= 2, got {self.batch}")
+        if self.basis not in ("both", "linear", "family"):
+            raise SearchError(f"global fit basis must be 'both', 'linear' or 'family', got {self.basis!r}")
         if self.loss not in ("mse", "l2"):
             raise SearchError(f"search loss must be 'mse' or 'l2', got {self.loss!r}")
         if self.rounds < 1:
@@ -60,7 +70,7 @@ class Candidate:
     family: str
     final: str
     schedule: str  # karras | learned
-    coefficients: str  # base | local | global
+    coefficients: str  # base | local | global | linear (a global fit in the linear form)
     program: Program
     calib_loss: float | None = None
     holdout: dict = field(default_factory=dict)

@@ -98,8 +98,10 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     # the search's own default (calibration batch 512 analytic / 128 networks) unless --calib-batch is set
     batch = opts.calibration.batch if is_set(opts, "batch") else None
-    r = opts.calibration.r if is_set(opts, "r") else SearchOptions.r  # the search's own history length unless --r
-    search = SearchOptions(budget_s=opts.budget_s, r=r, batch=batch)
+    # the search's own global fits (the linear form) and history length unless --r: then the family's basis at r
+    given = is_set(opts, "r")
+    search = SearchOptions(budget_s=opts.budget_s, batch=batch, basis="family" if given else SearchOptions.basis,
+                           r=opts.calibration.r if given else SearchOptions.r)
 
     def make():
         result = auto_search(denoiser, opts.nfe, search, opts.calibration, log=log,

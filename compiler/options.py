@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from iia.calibration.fit import CalibrationOptions
-from iia.calibration.solvers import SOLVERS, get_solver
+from iia.calibration.solvers import get_solver, user_solver, user_solvers
 from iia.cli import check_options, flag_of, option
 from iia.models.device import DeviceError, device_option, resolve_device
 from iia.runtime.contract import DENOISER_ONNX, MAX_STATIC_BATCHES
@@ -53,7 +53,7 @@ class CompileOptions:
     nfe: int = option(9, "denoiser calls of the sampler", lo=1, hi=1000, role="target")
     solver: str = option("auto", "auto: search solver families x schedule (Karras/learned) x coefficients "
                                  "(base/local IIA/global) by held-out end-to-end error and ship the best; or one "
-                                 "of " + ", ".join(sorted(SOLVERS)), role="target")
+                                 "of " + ", ".join(sorted(user_solvers())), role="target")
     device: str = device_option()
     budget_s: float = option(180.0, "seconds the auto search may take (references included)", flag="--budget",
                              lo=1.0, hi=1e6, role="search")
@@ -186,7 +186,7 @@ def validate(opts: CompileOptions) -> list[int]:
     static = static_batches(opts)
     if opts.solver != "auto":
         try:
-            solver = get_solver(opts.solver)
+            solver = user_solver(opts.solver)
         except ValueError as err:  # "unknown solver ...": name the flag, and auto, the default
             raise CompileError(f"--solver {opts.solver}: {err}, or auto (the default: search)") from None
         solver.steps_for_nfe(opts.nfe)

@@ -59,7 +59,9 @@ def searched_choice(data: dict, program: Program) -> Choice:
     if len(rows) != 1:
         raise ScaleError("the auto search's record names no chosen candidate (coefficient record without 'search')")
     r = rows[0]
-    return Choice(r["candidate"], r["family"], r["final"], r["schedule"], r["coefficients"], program)
+    # a fit in the linear form is a global fit (fit_at refits the program's own solver at each node)
+    kind = "global" if r["coefficients"] == "linear" else r["coefficients"]
+    return Choice(r["candidate"], r["family"], r["final"], r["schedule"], kind, program)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def fit_at(den, choice: Choice, plan: NodePlan, cal, nfe: int, r: int, deadline:
                                                                   reference_steps=plan.steps, r=r),
                         reference=(hold.noise, hold.labels, hold.reference_at(choice.program.sigmas[0])))
         return res.program, dict(res.guard, kind="local")
-    base = build_program("iia-" + choice.family, list(choice.program.sigmas), r)
+    base = build_program(choice.program.solver, list(choice.program.sigmas), choice.program.r)  # as it was fitted
     fitted, info = fit_global(den, base, sets["calib"], deadline=deadline)
     (r_fit, m_fit), (r_base, m_base) = _errors(hold, fitted), _errors(hold, base)
     # a fit must BEAT the base: one cut before its first step returns the base constants (equal errors)

@@ -16,7 +16,7 @@ from iia.calibration.fit import CalibrationOptions, calibrate
 from iia.calibration.evalset import evaluation_set, rmse
 from iia.calibration.sampling import sample
 from iia.calibration.schedules import program_for
-from iia.calibration.solvers import get_solver, valid_nfe
+from iia.calibration.solvers import get_solver, user_solver, valid_nfe
 
 TEST_SEED_OFFSET = 104729  # the test noise is a stream distinct from calibration and guard noise
 
@@ -54,7 +54,7 @@ def accuracy_table(
     """
     options = (options or CalibrationOptions()).resolved(denoiser)
     for s in solvers:
-        get_solver(s)
+        user_solver(s)
     test = evaluation_set(denoiser, n_test, options.seed + TEST_SEED_OFFSET, options.reference_steps)
     # each sampler judged from where it starts (its sigmas[0]: below sigma_max for some discrete schedules)
     noise, labels, reference_at = test.noise, test.labels, test.reference_at

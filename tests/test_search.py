@@ -124,6 +124,7 @@ def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
     assert coef["options"]["schedule"] == coef["search"]["chosen"].split("/")[2]  # karras or learned
     # without --r the global fits use the search's own history length; the record names the shipped program's
     assert coef["search"]["options"]["r"] == SearchOptions.r == 3 and coef["options"]["r"] == coef["r"]
+    assert coef["search"]["options"]["basis"] == "both"  # the lead's global fits in both bases, unless --r is given
     assert "upper bound" in coef["guard"]["rule"] and "mean test" in coef["guard"]["rule"]
     program = artifact.load_program(tmp_path / "out" / "coefficients.json", gmm, 4)
     assert list(program.sigmas) == manifest["sigmas"]
@@ -149,6 +150,7 @@ def test_compile_auto_uses_the_given_r_and_calib_batch(gmm, tmp_path):
     # the search starts from 24 (the plan may cut it to fit the budget on a busy machine, and says so)
     assert any("references: 24 calibration" in line or "calibration noises 24 -> " in line for line in lines), lines
     assert data["search"]["options"]["r"] == 2 and data["search"]["options"]["batch"] == 24
+    assert data["search"]["options"]["basis"] == "family"  # --r: the global fits in the family's basis at r
     # --calib-batch typed at its default (200) on the command line is used too, not the search's own 512
     typed = CompileOptions(nfe=4, solver="auto", calibration=CalibrationOptions(**vars(CAL)), budget_s=2,
                            engine=False, cache_dir=str(tmp_path / "cache"), given=frozenset({"batch"}))
@@ -511,7 +513,7 @@ def test_the_plan_keeps_held_out_time_for_the_fits_and_their_bases_not_every_bas
 
 def test_references_coarser_than_the_shipped_error_bound_it_instead(gmm):
     """References whose own error is over 0.1x the shipped candidate's held-out RMSE resolve that RMSE to +-their
-    error only (a fit to them learns their error): the search says so and records the triangle-inequality bound
+    error only (a fit to them may learn their error): the search says so and records the triangle-inequality bound
     rmse + error, which holds against references 8x as fine on the same held-out noises."""
     from iia.calibration.fit import HOLDOUT_SEED_OFFSET
     from iia.calibration.search import to_calibration_result
@@ -530,7 +532,7 @@ def test_references_coarser_than_the_shipped_error_bound_it_instead(gmm):
     assert used["rmse_chosen_upper"] == pytest.approx(rmse + used["reference_error"])
     fine = evaluation_set(gmm, 64, cal.seed + HOLDOUT_SEED_OFFSET, 256)
     true_rmse = float(fine.errors(result.chosen.program, reference=fine.reference).pow(2).mean().sqrt())
-    assert rmse < true_rmse <= used["rmse_chosen_upper"], (rmse, true_rmse, used)
+    assert true_rmse <= used["rmse_chosen_upper"], (rmse, true_rmse, used)
     guard = to_calibration_result(result, cal, opts, gmm).guard
     assert guard["rmse_chosen_upper"] == used["rmse_chosen_upper"]
     assert f"its true rmse is at most ~{used['rmse_chosen_upper']:.4g}" in _choice(result.chosen.label, guard)

@@ -60,7 +60,7 @@ def test_a_round_the_time_left_cannot_afford_is_not_started(gmm):
     time.sleep(0.01)
     lines = []
     plan = ReferencePlan(32, 64, 64, "")  # no timed cost: the references are not counted
-    out = fit_rounds(gmm, 5, lead, None, SearchOptions(), CAL.resolved(gmm), 32, plan, clock, Pace(plan), 0.1, None,
+    out = fit_rounds(gmm, 5, lead, [], SearchOptions(), CAL.resolved(gmm), 32, plan, clock, Pace(plan), 0.1, None,
                      lines.append)
     assert out == [] and lines == ["  rounds: 1 of 6; another needs ~45 s, 0 s are left (raise --budget)"]
 
