@@ -96,6 +96,9 @@ def _sample(argv=None) -> int:
     args = parser.parse_args(argv)
     opts = options_from(SampleOptions, args)
     check_options(opts)
+    if opts.seed + opts.n - 1 > MAX_SEED:  # image k's seed is seed + k (before the artifact is loaded)
+        raise ValueError(f"--seed {opts.seed} with --n {opts.n}: image seeds run to {opts.seed + opts.n - 1}, over "
+                         f"the contract's {MAX_SEED} (give --seed <= {MAX_SEED - opts.n + 1})")
     png, npz = output_paths(opts.out)
     for path in (Path(opts.out), png, npz):  # the name given first: the error names what the user typed
         outside_artifact(path, args.artifact, "--out")

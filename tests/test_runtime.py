@@ -115,6 +115,18 @@ def test_every_image_seed_is_within_the_contract(samplers):
     assert all(draw_noise(None, 64, (1,)).shape == (64, 1) for _ in range(20))  # fresh entropy stays within it
 
 
+def test_sample_refuses_image_seeds_past_the_contract_before_loading(tmp_path, capsys):
+    """iia-sample --seed S --n N: images S..S+N-1, refused naming --seed before the artifact is read (it was
+    refused after loading, as 'seed S with N images', without the flag); --seed MAX_SEED alone is fine."""
+    from iia.runtime.contract import MAX_SEED
+
+    missing = tmp_path / "no-such-artifact"  # never read: the refusal comes first
+    assert sample_main([str(missing), "--seed", str(MAX_SEED), "--n", "2", "--out", str(tmp_path / "g.png")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --seed {MAX_SEED} with --n 2:") and f"--seed <= {MAX_SEED - 1}" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "g.png").exists()
+
+
 def test_one_hot_labels_equal_ids(samplers):
     s = samplers["cond"]
     ids = np.array([0, 2, 1, 2])
