@@ -187,7 +187,11 @@ def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
     if top is not None and sigmas[0] > top * (1 + 1e-6):
         raise ArtifactError(f"{path}: schedule starts at sigma {sigmas[0]:g}, above the model's sigma_max "
                             f"{top:g}")
-    get_solver(data["solver"])
+    spec = get_solver(data["solver"])
+    chosen = (data.get("search") or {}).get("chosen") if isinstance(data.get("search"), dict) else None
+    if isinstance(chosen, str) and chosen.split("/")[0] != spec.base:  # linear forms share their basis labels
+        raise ArtifactError(f"{path}: solver {data['solver']} is not the family of the search's choice {chosen} "
+                            f"(edited?)")
     program = build_program(data["solver"], sigmas, data["r"])
     steps = data["steps"]
     if len(steps) != len(program.steps):

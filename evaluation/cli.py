@@ -37,6 +37,7 @@ def _accuracy(argv=None) -> int:
     args = parser.parse_args(argv)
     check_options(options_from(AccuracyOptions, args))
     resolve_device(args.device)  # before loading the model: a device torch cannot see is refused by name
+    check_solvers(args.solvers, allow_auto=bool(args.peers))
     if args.peers:
         return _peers(args, argv)
     given = given_options(parser, argv)
@@ -62,6 +63,19 @@ def _accuracy(argv=None) -> int:
         written(args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def check_solvers(solvers: list[str], allow_auto: bool = False, flag: str = "--solvers") -> None:
+    """Every solver a user named is one they may name (`user_solver`; 'auto' where `allow_auto`), before any
+    work: a search-only or unknown one was refused after the peers' runs, or dropped silently with --peers."""
+    from iia.calibration.solvers import user_solver
+
+    for name in solvers:
+        if not (allow_auto and name == "auto"):
+            try:
+                user_solver(name)
+            except ValueError as err:
+                raise ValueError(f"{flag} {name}: {err}{', or auto' if allow_auto else ''}") from None
 
 
 # Roles of CalibrationOptions only a fit reads (here --seed, role "seed", draws the test noise, and

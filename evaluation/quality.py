@@ -120,7 +120,10 @@ def validate_request(solvers: list[str], nfes: list[int], n: int, chunk: int = 5
                      onnx_check: int | None = None) -> list[tuple[str, int]]:
     """The (solver, NFE) combinations to run, or ValueError for bad input (before anything is loaded)."""
     for s in solvers:
-        user_solver(s)
+        try:
+            user_solver(s)
+        except ValueError as err:
+            raise ValueError(f"--solvers {s}: {err}") from None
     if n < 2:
         raise ValueError(f"--n must be >= 2 (FD-digits needs a covariance), got {n}")
     if chunk < 1:

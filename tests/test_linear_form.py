@@ -58,6 +58,13 @@ def test_users_cannot_name_them(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --solver iia-linear-ipndm:") and "fitted only by the auto search" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+    from iia.evaluation.cli import accuracy_main
+
+    for argv in (["--peers", "--solvers", "iia-linear-ipndm"], ["--solvers", "iia-linear-ipndm"],
+                 ["--peers", "lms", "--solvers", "ipndm,nope"]):  # refused before any work (nope was dropped)
+        assert accuracy_main(argv + ["--nfe", "6"]) != 0
+        out = capsys.readouterr()
+        assert out.err.strip().startswith("error: --solvers ") and not out.out and len(out.err.splitlines()) == 1
 
 
 def test_global_fit_in_the_linear_form_and_its_artifact(gmm, tmp_path):
@@ -86,6 +93,9 @@ def test_global_fit_in_the_linear_form_and_its_artifact(gmm, tmp_path):
     loaded = artifact.program_from_dict(data, gmm, 5)
     test_noise, _ = draw_noise(gmm, 8, 99)
     assert torch.equal(sample(loaded, gmm, test_noise), sample(chosen.program, gmm, test_noise))
+    swapped = dict(data, solver="iia-linear-deis-3")  # the same basis labels: only the search's choice tells
+    with pytest.raises(artifact.ArtifactError, match="not the family of the search's choice ipndm/"):
+        artifact.program_from_dict(swapped, gmm, 5)
     path = tmp_path / "c.json"
     path.write_text(json.dumps(data))
     manifest = compile_model(gmm, tmp_path / "out", CompileOptions(nfe=5, solver="auto", coefficients=str(path),
