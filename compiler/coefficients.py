@@ -100,6 +100,9 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
     batch = opts.calibration.batch if is_set(opts, "batch") else None
     # the search's own global fits (the linear form) and history length unless --r: then the family's basis at r
     given = is_set(opts, "r")
+    if given:
+        log(f"  --r {opts.calibration.r}: global fits in each family's basis with {opts.calibration.r} history terms, no "
+            f"linear-form fit (docs/calibration.md)")
     search = SearchOptions(budget_s=opts.budget_s, batch=batch, basis="family" if given else SearchOptions.basis,
                            r=opts.calibration.r if given else SearchOptions.r)
 

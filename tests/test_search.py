@@ -151,6 +151,7 @@ def test_compile_auto_uses_the_given_r_and_calib_batch(gmm, tmp_path):
     assert any("references: 24 calibration" in line or "calibration noises 24 -> " in line for line in lines), lines
     assert data["search"]["options"]["r"] == 2 and data["search"]["options"]["batch"] == 24
     assert data["search"]["options"]["basis"] == "family"  # --r: the global fits in the family's basis at r
+    assert any(line.startswith("  --r 2: global fits in each family's basis") for line in lines), lines
     # --calib-batch typed at its default (200) on the command line is used too, not the search's own 512
     typed = CompileOptions(nfe=4, solver="auto", calibration=CalibrationOptions(**vars(CAL)), budget_s=2,
                            engine=False, cache_dir=str(tmp_path / "cache"), given=frozenset({"batch"}))
