@@ -188,7 +188,8 @@ def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
         raise ArtifactError(f"{path}: schedule starts at sigma {sigmas[0]:g}, above the model's sigma_max "
                             f"{top:g}")
     spec = get_solver(data["solver"])
-    chosen = (data.get("search") or {}).get("chosen") if isinstance(data.get("search"), dict) else None
+    search = data.get("search")
+    chosen = search.get("chosen") if isinstance(search, dict) else None
     if isinstance(chosen, str) and chosen.split("/")[0] != spec.base:  # linear forms share their basis labels
         raise ArtifactError(f"{path}: solver {data['solver']} is not the family of the search's choice {chosen} "
                             f"(edited?)")

@@ -8,8 +8,9 @@ from the same noise (`EvalSet`), never a local per-step target.
   Nelder-Mead (each evaluation is one sampling run; no gradient through the schedule-dependent solver weights is
   needed, and N - 1 <= ~10 parameters is where it works well). LD3 (ICLR 2025) fits time steps the same way
   against a teacher; the reference ODE solution is ours.
-- `fit_global`: the per-step coefficients of an IIA program (`global_program`: by default the family's linear
-  form, every state any combination of the noise and the denoiser outputs so far) fitted by L-BFGS, backpropagating through the
+- `fit_global`: the per-step coefficients of an IIA program (`global_program`: the family's IIA basis, or its
+  linear form, every state any combination of the noise and the denoiser outputs so far) fitted by L-BFGS,
+  backpropagating through the
   executor (`sample_with_coefficients`) and the denoiser's own autograd, on unit-scaled coefficient offsets with
   a ridge toward the base solver. Its memory is bounded (`gradient_plan`): the calibration noises are taken a
   chunk at a time with the gradient accumulated, and where NFE calls' activations of a chunk would not fit, each

@@ -28,7 +28,7 @@ from .multistep import deis_step, dpmpp_anchor, dpmpp_step, unipc_step
 from .steps import Program, Step, slope
 
 __all__ = ["Combine", "Denoise", "Program", "SOLVERS", "DEFINITION_VERSION", "SolverSpec", "Step", "base_program_for_grid",
-           "build_program", "get_solver", "linear_name", "merge_terms", "user_solver", "user_solvers", "valid_nfe"]
+           "build_program", "check_user_solvers", "get_solver", "linear_name", "merge_terms", "user_solver", "user_solvers", "valid_nfe"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,8 +247,8 @@ for _name, _spec in {
 # and sets z_{i+1} = anchor + sum_j c_j basis_j with the basis noise, D_0, ..., D_i (each state any combination
 # of the noise and the denoiser outputs so far: the widest sampler with these calls) and the anchor the
 # family's own z_{i+1} on this schedule (its row of `linear_form`), so the base coefficients are all 0 and the
-# base program is the family's. The auto search's global fit fits these: on digits NFE 9 (learned iPNDM
-# schedule, 128 calibration noises) held-out RMSE 0.68x that of the fit in the family's own basis at any r.
+# base program is the family's. The auto search fits its lead in this form beside the family's basis
+# (SearchOptions.basis: neither wins everywhere; digits NFE 9 0.66-0.89x the family fit's RMSE, gmm NFE 9 1.3x).
 LINEAR_PREFIX = "iia-linear-"
 
 
@@ -291,6 +291,17 @@ def user_solver(name: str) -> SolverSpec:
         raise ValueError(f"solver '{name}' is fitted only by the auto search (its global fits): choose one of "
                          f"{', '.join(user_solvers())}")
     return spec
+
+
+def check_user_solvers(names: Sequence[str], flag: str, allow_auto: bool = False) -> None:
+    """`user_solver` for each of `names` ('auto' passes where `allow_auto`): ValueError naming `flag` and the
+    solver (a CLI's check before any work)."""
+    for name in names:
+        if not (allow_auto and name == "auto"):
+            try:
+                user_solver(name)
+            except ValueError as err:
+                raise ValueError(f"{flag} {name}: {err}{', or auto' if allow_auto else ''}") from None
 
 
 def user_solvers(fitted: bool | None = None) -> list[str]:

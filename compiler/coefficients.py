@@ -98,7 +98,7 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     # the search's own default (calibration batch 512 analytic / 128 networks) unless --calib-batch is set
     batch = opts.calibration.batch if is_set(opts, "batch") else None
-    # the search's own global fits (the linear form) and history length unless --r: then the family's basis at r
+    # the search's own global fits (both bases) and history length unless --r: then the family's basis at r only
     given = is_set(opts, "r")
     if given:
         log(f"  --r {opts.calibration.r}: global fits in each family's basis with {opts.calibration.r} history terms, no "

@@ -15,6 +15,7 @@ from iia.cli import (add_options, check_options, check_output_file, given_option
 def _accuracy(argv=None) -> int:
     from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
     from iia.calibration.fit import CalibrationOptions
+    from iia.calibration.solvers import check_user_solvers
     from iia.runtime.contract import write_json_atomic
 
     from .accuracy import AccuracyOptions, accuracy_table, format_table, plot_table
@@ -37,7 +38,8 @@ def _accuracy(argv=None) -> int:
     args = parser.parse_args(argv)
     check_options(options_from(AccuracyOptions, args))
     resolve_device(args.device)  # before loading the model: a device torch cannot see is refused by name
-    check_solvers(args.solvers, allow_auto=bool(args.peers))
+    # before any work: a search-only or unknown solver was refused after the peers' runs, or dropped with --peers
+    check_user_solvers(args.solvers, "--solvers", allow_auto=bool(args.peers))
     if args.peers:
         return _peers(args, argv)
     given = given_options(parser, argv)
@@ -63,19 +65,6 @@ def _accuracy(argv=None) -> int:
         written(args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def check_solvers(solvers: list[str], allow_auto: bool = False, flag: str = "--solvers") -> None:
-    """Every solver a user named is one they may name (`user_solver`; 'auto' where `allow_auto`), before any
-    work: a search-only or unknown one was refused after the peers' runs, or dropped silently with --peers."""
-    from iia.calibration.solvers import user_solver
-
-    for name in solvers:
-        if not (allow_auto and name == "auto"):
-            try:
-                user_solver(name)
-            except ValueError as err:
-                raise ValueError(f"{flag} {name}: {err}{', or auto' if allow_auto else ''}") from None
 
 
 # Roles of CalibrationOptions only a fit reads (here --seed, role "seed", draws the test noise, and

@@ -35,7 +35,7 @@ from iia.calibration.fit import CalibrationOptions, calibrate, draw_noise
 from iia.calibration.evalset import rmse
 from iia.calibration.sampling import reference_solution, sample
 from iia.calibration.schedules import program_for
-from iia.calibration.solvers import Program, get_solver, user_solver, valid_nfe
+from iia.calibration.solvers import Program, check_user_solvers, get_solver, valid_nfe
 from iia.cli import int_list, option, str_list, writing_output
 
 from .quality_figures import GRID_SAMPLES, NUM_CLASSES, plot_quality, save_comparison_grid
@@ -119,11 +119,7 @@ class QualityOptions:
 def validate_request(solvers: list[str], nfes: list[int], n: int, chunk: int = 500,
                      onnx_check: int | None = None) -> list[tuple[str, int]]:
     """The (solver, NFE) combinations to run, or ValueError for bad input (before anything is loaded)."""
-    for s in solvers:
-        try:
-            user_solver(s)
-        except ValueError as err:
-            raise ValueError(f"--solvers {s}: {err}") from None
+    check_user_solvers(solvers, "--solvers")
     if n < 2:
         raise ValueError(f"--n must be >= 2 (FD-digits needs a covariance), got {n}")
     if chunk < 1:

@@ -92,7 +92,7 @@ def remove_stale_work() -> None:
     from iia.cli import pid_alive
 
     for folder in Path(tempfile.gettempdir()).glob("iia-triton-*-*"):
-        owner, suffix = folder.name.split("-")[2], folder.name.rsplit("-", 1)[-1]
+        owner = folder.name.split("-")[2]
         if not owner.isdigit() or pid_alive(int(owner)):
             continue
         for pid in processes_running_from(folder):
@@ -100,9 +100,20 @@ def remove_stale_work() -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for region in Path("/dev/shm").glob(f"iia-{suffix}-*"):
-            region.unlink(missing_ok=True)
+        remove_shm(shm_prefix(folder))
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def shm_prefix(work: Path) -> str:
+    """The python backend's shared-memory region prefix of the server whose work folder is `work` (iia-SUFFIX-,
+    SUFFIX the folder's random part): its regions can be found, and removed, by their owner's folder."""
+    return f"iia-{work.name.rsplit('-', 1)[-1]}-"
+
+
+def remove_shm(prefix: str) -> None:
+    """Unlink the /dev/shm regions named `prefix`*."""
+    for region in Path("/dev/shm").glob(f"{prefix}*"):
+        region.unlink(missing_ok=True)
 
 
 def processes_running_from(folder: Path) -> list[int]:

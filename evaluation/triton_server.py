@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .triton_process import (die_with_parent, failure_cause, free_port, free_ports, new_python_envs, port_in_use,
-                             remove_python_envs, remove_stale_work, session_stats)
+                             remove_python_envs, remove_shm, remove_stale_work, session_stats, shm_prefix)
 
 STUB_NUMPY = "numpy<2"
 
@@ -158,7 +158,7 @@ class LocalTritonServer:
             env.pop(name, None)
         self.log_path = self.work / "tritonserver.log"
         # the python backend's shared-memory regions under a prefix of this server's, removed by cleanup()
-        self.shm_prefix = f"iia-{self.work.name.rsplit('-', 1)[-1]}-"
+        self.shm_prefix = shm_prefix(self.work)
         cmd = [str(self.paths["binary"]), "--model-repository", str(self.repo),
                "--backend-directory", str(self.work / "backends"),
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
@@ -252,8 +252,8 @@ class LocalTritonServer:
     def cleanup(self) -> None:
         self.stop()
         prefix = getattr(self, "shm_prefix", None)
-        for region in Path("/dev/shm").glob(f"{prefix}*") if prefix else []:
-            region.unlink(missing_ok=True)
+        if prefix:
+            remove_shm(prefix)
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
