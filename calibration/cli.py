@@ -13,7 +13,7 @@ from iia.cli import (ProgressBar, add_options, check_options, check_output_file,
 from iia.models.device import describe_device, device_option, resolve_device
 
 from .fit import CalibrationOptions
-from .solvers import user_solvers
+from .solvers import SOLVERS, user_solvers
 
 
 @dataclass
@@ -81,8 +81,10 @@ def _calibrate(argv=None) -> int:
         raise ValueError(f"--out {out}: exists: pass --force to replace it, or another --out")
     program_for_check = args.solver, args.nfe
     if args.solver not in user_solvers(fitted=True):  # before loading the model
-        raise ValueError(f"--solver {args.solver}: iia-calibrate fits an IIA variant: "
-                         f"{', '.join(user_solvers(fitted=True))}")
+        search_only = args.solver in SOLVERS and SOLVERS[args.solver].search_only
+        raise ValueError(f"--solver {args.solver}: "
+                         + ("a search-only solver (fitted by iia-compile's auto search); " if search_only else "")
+                         + f"iia-calibrate fits an IIA variant: {', '.join(user_solvers(fitted=True))}")
     denoiser = load_model_verbose(args.model, args.x0_clipping, args.device)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver
     bar = ProgressBar("calibrating")

@@ -65,8 +65,9 @@ def check_out_dir(out: Path, force: bool) -> None:
     symlink, or a directory of anything else is refused (CompileError naming it)."""
     if str(out) == "-":
         raise CompileError("--out -: writing to standard output is not supported; name a new artifact directory")
-    if out.name in ("", ".", ".."):
-        raise CompileError(f"--out {out}: name a new artifact directory, not '.' or '..'")
+    if out.name in ("", ".", ".."):  # "/" has no name either: it is the root, not "."
+        what = "the root directory" if out.anchor and out == Path(out.anchor) else "'.' or '..'"
+        raise CompileError(f"--out {out}: name a new artifact directory, not {what}")
     resolved = out.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise CompileError(f"--out {out}: is the working directory or one of its parents")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import signal
@@ -79,8 +80,8 @@ def one_line(err: BaseException) -> str:
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call `main`; every failure becomes ONE line on stderr: expected errors (ValueError, OSError,
-    RuntimeError, ImportError) exit 2, anything else exits 2 naming its type; Ctrl-C exits 1 and SIGTERM 143
-    (both after the same cleanup). IIA_DEBUG=1 re-raises, keeping the traceback."""
+    RuntimeError, ImportError) exit 2, anything else exits 2 naming its type; Ctrl-C exits 130 and SIGTERM 143
+    (both after the same cleanup; the codes shells give a process those signals end). IIA_DEBUG=1 re-raises, keeping the traceback."""
     debug = bool(os.environ.get("IIA_DEBUG"))
     previous = None
     _WRITTEN.clear()
@@ -118,7 +119,7 @@ def _from_argparse(err: SystemExit) -> bool:
 def _report(err: BaseException, debug: bool) -> int:
     if isinstance(err, KeyboardInterrupt):
         print(f"interrupted: {_nothing_else()}", file=sys.stderr)
-        return 1
+        return 130
     if isinstance(err, SystemExit) and not debug and not _from_argparse(err):  # e.g. sys.exit(3) in a model's code
         print(f"error: code run by iia called sys.exit({err.code!r}) (IIA_DEBUG=1 shows where)", file=sys.stderr)
         return 2
@@ -414,3 +415,26 @@ def _check_value(flag: str, value, meta, error, math) -> None:
         raise error(f"{flag} must be an integer, got {value!r}")
     if lo is not None and value < lo or hi is not None and value > hi:
         raise error(f"{flag} must lie in [{lo}, {hi}], got {value}")
+
+
+def _entry(module: str, name: str) -> Callable[[], int]:
+    """A console script's main (pyproject.toml [project.scripts]), imported when the script runs: Ctrl-C in the
+    seconds of importing torch exits 130 with one line, as it does after (Python would print a traceback)."""
+    def run() -> int:
+        try:
+            main = getattr(importlib.import_module(module), name)
+        except KeyboardInterrupt:
+            print("interrupted: no output was written", file=sys.stderr)
+            return 130
+        return main()
+    run.__qualname__ = f"entry({module}:{name})"
+    return run
+
+
+calibrate_entry = _entry("iia.calibration.cli", "calibrate_main")
+accuracy_entry = _entry("iia.evaluation.cli", "accuracy_main")
+compile_entry = _entry("iia.compiler.cli", "main")
+export_triton_entry = _entry("iia.compiler.triton", "main")
+sample_entry = _entry("iia.runtime.cli", "sample_main")
+bench_entry = _entry("iia.evaluation.cli", "bench_main")
+quality_entry = _entry("iia.evaluation.quality", "main")

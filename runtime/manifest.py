@@ -312,8 +312,10 @@ def check_digest(root: Path, manifest: dict, name: str, digest: str, size: int) 
         raise ArtifactError(f"{root / name} is corrupted or was modified: {size} bytes, the manifest says "
                             f"{entry.get('bytes')} (recompile or re-copy the artifact)")
     if digest != entry["sha256"]:
-        raise ArtifactError(f"{root / name} is corrupted or was modified: sha256 {digest[:16]}..., the manifest "
-                            f"says {entry['sha256'][:16]}... (recompile or re-copy the artifact)")
+        # whole digests: two that differ only past a prefix would read as equal
+        want = entry["sha256"] if len(entry["sha256"]) <= 64 else entry["sha256"][:61] + "..."
+        raise ArtifactError(f"{root / name} is corrupted or was modified: sha256 {digest}, the manifest says {want} "
+                            f"(recompile or re-copy the artifact)")
 
 
 def _missing(root: Path, manifest: dict, name: str) -> ArtifactError:

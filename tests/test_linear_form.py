@@ -58,6 +58,11 @@ def test_users_cannot_name_them(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --solver iia-linear-ipndm:") and "fitted only by the auto search" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+    from iia.calibration.cli import calibrate_main
+
+    assert calibrate_main(["gmm", "--nfe", "5", "--solver", "iia-linear-ipndm", "--out", str(tmp_path / "c.json")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --solver iia-linear-ipndm: a search-only solver") and len(err.splitlines()) == 1
     from iia.evaluation.cli import accuracy_main
 
     for argv in (["--peers", "--solvers", "iia-linear-ipndm"], ["--solvers", "iia-linear-ipndm"],

@@ -335,6 +335,10 @@ BAD_ARTIFACTS = {  # name: (mutation, C status)
     "missing denoiser.onnx": (lambda p: (p / "denoiser.onnx").unlink(), ARTIFACT),
     "missing sampler.onnx": (lambda p: (p / "sampler.onnx").unlink(), ARTIFACT),
     "renamed input": (_edit_manifest(lambda d: d["inputs"][0].update(name="x")), ARTIFACT),
+    # differs only past the 16th character: both digests are printed whole, so they read as different
+    "sha256 edited at its end": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].update(
+        sha256=d["files"]["denoiser.onnx"]["sha256"][:-1] + ("0" if d["files"]["denoiser.onnx"]["sha256"][-1] != "0"
+                                                             else "1"))), ARTIFACT),
     "bad sha256 text": (_edit_manifest(lambda d: d["files"]["denoiser.onnx"].update(sha256="XYZ")), ARTIFACT),
     "huge sample": (_edit_manifest(lambda d: d.update(sample_shape=[65536, 65536, 1])), ARTIFACT),
     "noise shape disagrees": (_edit_manifest(lambda d: d["inputs"][0].update(shape=["batch", 3, 8, 9])), ARTIFACT),

@@ -257,6 +257,8 @@ def test_force_refuses_what_is_not_an_artifact(tmp_path):
         assert time.perf_counter() - start < 1  # before any work
     with pytest.raises(CompileError, match="working directory"):
         compile_tiny(Path.cwd())
+    with pytest.raises(CompileError, match="not the root directory"):
+        compile_tiny(Path("/"))
 
 
 def test_force_replace_is_atomic_and_restores_on_interrupt(art, tmp_path, monkeypatch):
@@ -498,7 +500,7 @@ def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monk
         written("grid.npz")
         raise KeyboardInterrupt
 
-    assert run_cli(interrupted_after_one_output) == 1  # never "no output was written" once something was
+    assert run_cli(interrupted_after_one_output) == 130  # never "no output was written" once something was
     assert capsys.readouterr().err.strip() == "interrupted: grid.npz complete, no other output was written"
 
     def interrupted_after_caching(argv):  # a real cache entry (data + sidecar) stored, then Ctrl-C
@@ -508,9 +510,16 @@ def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monk
         raise KeyboardInterrupt
 
     (tmp_path / "cache").mkdir()
-    assert run_cli(interrupted_after_caching) == 1
+    assert run_cli(interrupted_after_caching) == 130
     assert capsys.readouterr().err.strip() == (f"interrupted: no output was written (1 cache entry completed before "
                                                f"it kept, under {tmp_path / 'cache'})")
+    # Ctrl-C while a console script imports its CLI module (seconds of torch): one line and 130 too
+    (tmp_path / "slow_cli_module.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from iia.cli import _entry
+
+    assert _entry("slow_cli_module", "main")() == 130
+    assert capsys.readouterr().err.strip() == "interrupted: no output was written"
     with pytest.raises(SystemExit) as exit_info:  # argparse's own exits (usage errors, --help) are kept
         run_cli(lambda argv: __import__("argparse").ArgumentParser().parse_args(["--bogus"]))
     assert exit_info.value.code == 2

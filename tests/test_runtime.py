@@ -189,8 +189,11 @@ def test_corrupted_file_refused(artifacts, tmp_path):
     (bad / "sampler.onnx").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=r"sampler\.onnx is corrupted"):
         load(bad)
-    with pytest.raises(ArtifactError, match=r"sampler\.onnx is corrupted"):
+    with pytest.raises(ArtifactError, match=r"sampler\.onnx is corrupted") as info:
         load(bad, backend="onnxruntime-cpu")
+    listed = json.loads((bad / "manifest.json").read_text())["files"]["sampler.onnx"]["sha256"]
+    # both digests whole: two that differ only past a prefix must not read as equal
+    assert f"sha256 {hashlib.sha256(bytes(data)).hexdigest()}, the manifest says {listed} " in str(info.value)
     (bad / "coefficients.json").unlink()
     with pytest.raises(ArtifactError, match=r"coefficients\.json is missing"):
         load(bad)
