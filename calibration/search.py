@@ -58,8 +58,9 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # schedule and a global fit on it fits Karras bases instead, the prior's Karras base gets the first Karras global fit,
 # bases far worse than the best are not scored on held-out noise, the prior's fits first, the pace over the latest
 # ~15 s of work, no learned schedule for a model whose round_sigma snaps to a table; 6: the lead's global fit in the
-# linear form too where time is left, and in each round).
-SEARCH_VERSION = 6
+# linear form too where time is left, and in each round; 7: a cheap model's calibration noises grown to what its
+# fits afford, up to 4096).
+SEARCH_VERSION = 7
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 

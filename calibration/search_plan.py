@@ -55,6 +55,14 @@ OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside
 # references too coarse to judge the tails; at digits NFE 9, 256 refused the best fit (held-out 0.22x its base,
 # the paired mean test failed on a few noises; test 0.44x), 1024 shipped it (docs/calibration.md)
 SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR = 4096, 1024
+# Calibration noises a cheap model's fits get unless --calib-batch is given: the default (512 gmm, 128 others)
+# doubled while the first round's fits at that size take at most GROW_SHARE of the time left (`grown_batch`).
+# The fits see the rare noises that carry the RMSE only in a large set: gmm NFE 8, iPNDM learned schedule + global
+# fit, 16000 test noises, two calibration draws: 4096 noises 0.0345 / 0.0306 (18-24 noises in another mode) vs
+# 512: 0.0509 / 0.0472 (44-50); the learned schedule alone 0.047 vs 0.049-0.070.
+MAX_GROWN_CALIB, GROW_SHARE = 4096, 0.4
+# a global fit's evaluations (L-BFGS iterations plus line-search evaluations) x calls' cost of one (forward+backward)
+GLOBAL_FIT_EVALS, BACKWARD_COST = 1.3, 3.0
 
 
 def load_optimisers() -> None:
@@ -281,6 +289,22 @@ def _probe_bases(denoiser: Denoiser, nfe: int, families: list[str], finals: tupl
                               for final in finals if (f, final) != (first.family, first.final)]
 
 
+def fits_seconds(n: int, nfe: int, opts: SearchOptions, cost: Callable[[int], float]) -> float:
+    """Seconds the first round's fits take on `n` calibration noises by the timed step cost `cost(n)`: opts.top_k
+    schedules at opts.max_evals evaluations and opts.global_fits global fits at ~GLOBAL_FIT_EVALS x opts.max_iter
+    evaluations of BACKWARD_COST forward calls each."""
+    evals = opts.top_k * opts.max_evals + opts.global_fits * GLOBAL_FIT_EVALS * opts.max_iter * BACKWARD_COST
+    return nfe * evals * cost(n)
+
+
+def grown_batch(batch: int, nfe: int, opts: SearchOptions, cost: Callable[[int], float], left: float) -> int:
+    """`batch` doubled while `fits_seconds` at the doubled size is at most GROW_SHARE of `left` seconds, up to
+    MAX_GROWN_CALIB (see there); `batch` itself for a model whose calls are not that cheap."""
+    while 2 * batch <= MAX_GROWN_CALIB and fits_seconds(2 * batch, nfe, opts, cost) <= GROW_SHARE * left:
+        batch *= 2
+    return batch
+
+
 def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: SearchOptions, cal: CalibrationOptions,
           clock: Clock, log, reserve_s: float = 0.0, holdout_floor: int | None = None) -> ReferencePlan:
     """The call's timed cost, the reference steps the model needs (`references.choose_steps`), then the sizes the
@@ -313,6 +337,13 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
         steps, said, error = MIN_REFERENCE_STEPS, f"{INTEGRATOR}: accuracy not measured (no search fits)", None
     log(f"  plan: reference {said}")
     left = max(clock.remaining() - reserve_s, 0.0)
+    if opts.batch is None:
+        grown = grown_batch(batch, nfe, opts, cost, left)
+        if grown > batch:
+            log(f"  plan: {grown} calibration noises, not {batch}: the first fits at that size take ~"
+                f"{fits_seconds(grown, nfe, opts, cost):.0f} s of the {left:.0f} s left (a cheap model's fits see "
+                f"its rare noises; --calib-batch sets it)")
+            batch = grown
     lead = tuple(error.best.split("/")) if error is not None and error.best else None
     plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost,
                            opts.budget_s - left, holdout_floor, lead)

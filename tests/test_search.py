@@ -340,6 +340,26 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
     assert counts.schedules + counts.global_fits >= 1, (per_eval, big.lines)
 
 
+def test_a_cheap_model_gets_more_calibration_noises_a_network_does_not():
+    """grown_batch doubles the default while the first fits at that size take <= GROW_SHARE of the time left, up
+    to MAX_GROWN_CALIB: gmm-like costs grow to the cap, a digits-like network (~0.3 ms per image-call) and a
+    CIFAR-size one keep their default; a shorter budget grows less."""
+    from iia.calibration.search_plan import GROW_SHARE, MAX_GROWN_CALIB, fits_seconds, grown_batch
+
+    opts = SearchOptions()
+
+    def gmm_cost(n):  # ~4.6 ms for an executor step on 4096 noises (float64 states, the mixture's softmax)
+        return 0.0005 + 1e-6 * n
+
+    assert grown_batch(512, 8, opts, gmm_cost, 170.0) == MAX_GROWN_CALIB
+    assert fits_seconds(MAX_GROWN_CALIB, 8, opts, gmm_cost) <= GROW_SHARE * 170.0
+    short = grown_batch(512, 8, opts, gmm_cost, 40.0)
+    assert 512 < short < MAX_GROWN_CALIB and fits_seconds(short, 8, opts, gmm_cost) <= GROW_SHARE * 40.0
+    assert fits_seconds(2 * short, 8, opts, gmm_cost) > GROW_SHARE * 40.0
+    assert grown_batch(128, 9, opts, lambda n: 3e-4 * n, 170.0) == 128  # digits
+    assert grown_batch(128, 9, opts, lambda n: 0.18 * n, 1800.0) == 128  # EDM CIFAR-10 size on this CPU
+
+
 def test_the_budget_the_plan_suggests_affords_what_it_cut():
     """"--budget N would afford them all" must: digits at --budget 60 suggested 46 for its held-out noises cut by
     the bonus share (the held-out noises above the guard's 256 may take 0.25 of the budget, not 0.6)."""
