@@ -74,8 +74,8 @@ void check_digest(const Manifest& m, const std::string& name, const std::string&
                              " bytes, the manifest says " + text_of(bytes) + " (recompile or re-copy the artifact)");
     const std::string want = entry["sha256"].get<std::string>();
     if (digest != want)
-        throw artifact_error(path + " is corrupted or was modified: sha256 " + first16(digest) +
-                             "..., the manifest says " + first16(want) + "... (recompile or re-copy the artifact)");
+        throw artifact_error(path + " is corrupted or was modified: sha256 " + digest_text(digest) +
+                             ", the manifest says " + digest_text(want) + " (recompile or re-copy the artifact)");
 }
 
 }  // namespace
