@@ -81,7 +81,8 @@ def one_line(err: BaseException) -> str:
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call `main`; every failure becomes ONE line on stderr: expected errors (ValueError, OSError,
     RuntimeError, ImportError) exit 2, anything else exits 2 naming its type; Ctrl-C exits 130 and SIGTERM 143
-    (both after the same cleanup; the codes shells give a process those signals end). IIA_DEBUG=1 re-raises, keeping the traceback."""
+    (both after the same cleanup; the codes shells give a process those signals end). IIA_DEBUG=1 re-raises,
+    keeping the traceback."""
     debug = bool(os.environ.get("IIA_DEBUG"))
     previous = None
     _WRITTEN.clear()
@@ -423,7 +424,7 @@ def _entry(module: str, name: str) -> Callable[[], int]:
     def run() -> int:
         try:
             main = getattr(importlib.import_module(module), name)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # nothing ran yet: run_cli's line would read its state from an earlier call
             print("interrupted: no output was written", file=sys.stderr)
             return 130
         return main()
