@@ -27,9 +27,11 @@ def _json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()  # as write_json_atomic writes it
 
 
-def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, made_from: dict, say_guard: bool = True):
+def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, made_from: dict, say_guard: bool = True,
+            keep=lambda data: True):
     """(data, program, how) from the coefficient cache entry `key` (recorded with `made_from`), else from
-    `make()` -> (data, program, how); `check(data, path)` rebuilds and checks the cached entry's Program."""
+    `make()` -> (data, program, how), cached when `keep(data)`; `check(data, path)` rebuilds and checks the cached
+    entry's Program."""
     path = cache_dir(opts.cache_dir) / "coefficients" / key
 
     def load(_, path: Path):
@@ -37,7 +39,8 @@ def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, made_fr
         how = f"cached {path}" + (f"; {guard_summary(data['guard'])}" if say_guard and data.get("guard") else "")
         return data, check(data, path), how
 
-    return get_or_make(path, make, load, lambda made: _json_bytes(made[0]), log, limit=MAX_COEFFICIENTS_BYTES,
+    return get_or_make(path, make, load, lambda made: _json_bytes(made[0]) if keep(made[0]) else None, log,
+                       limit=MAX_COEFFICIENTS_BYTES,
                        what="cached coefficients", redo=redo, made_from=made_from)
 
 
@@ -112,8 +115,9 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
         log(format_table(result.table))
         data = artifact.to_dict(to_calibration_result(result, opts.calibration, search, denoiser), denoiser, opts.nfe)
         g = data["guard"]
-        if not g:  # no references fit --budget: the prior base, unscored (the search logged why)
-            return data, result.program, f"auto: {result.chosen.label} by the prior, unsearched ({result.seconds:.1f} s)"
+        if not g:  # no references fit --budget: the prior base, unscored (the search logged why); not cached
+            return data, result.program, (f"auto: {result.chosen.label} by the prior, unsearched ({result.seconds:.1f} "
+                                          f"s; not cached: the next compile plans again, on a machine maybe less busy)")
         return data, result.program, (
             f"auto search in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}); "
             f"shipped {_choice(result.chosen.label, g)}")
@@ -128,5 +132,7 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),
                            {"search": repr(vars(search)), "search_version": SEARCH_VERSION})
+    # the unsearched prior is not kept: whether references fit the budget depends on how busy the machine was
     return _cached(key, make, check, opts, log, "searching again",
-        {"solver": "auto", "nfe": opts.nfe, "model_sha256": denoiser.identity.get("sha256")}, say_guard=False)
+        {"solver": "auto", "nfe": opts.nfe, "model_sha256": denoiser.identity.get("sha256")}, say_guard=False,
+        keep=lambda data: bool(data["guard"]))

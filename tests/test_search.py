@@ -219,6 +219,27 @@ def test_a_budget_that_affords_no_references_ships_the_prior_base_in_time(budget
     assert to_calibration_result(res, CalibrationOptions(), SearchOptions(budget_s=budget), denoiser).guard == {}
 
 
+def test_an_unsearched_prior_is_not_cached(tmp_path):
+    """Whether references fit the budget depends on how busy the machine was: a compile that shipped the prior
+    unsearched must not make the next compile (same options, maybe an idle machine) reuse it."""
+    import time
+
+    from iia.compiler.build import CompileOptions, obtain_coefficients
+    from iia.models import from_callable
+
+    def slow(x, sigma, labels):  # ~0.1 s per image: 1 s of budget affords no references
+        time.sleep(0.1 * x.shape[0])
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    denoiser = from_callable(slow, (3, 8, 8))
+    opts = CompileOptions(nfe=9, solver="auto", budget_s=1.0, engine=False, cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):
+        lines = []
+        data, _, how = obtain_coefficients(denoiser, "auto", opts, log=lines.append)
+        assert data["guard"] == {} and "by the prior, unsearched" in how and "not cached" in how, (how, lines)
+    assert not list((tmp_path / "cache").glob("coefficients/*")), "an unsearched prior was cached"
+
+
 def test_a_search_bounded_by_counts_is_the_same_on_every_run(gmm):
     opts = SearchOptions(budget_s=None, batch=32, families=("ipndm", "deis-2"), max_evals=12, max_iter=4)
     cal = CalibrationOptions(holdout=32, reference_steps=32, batch=32)
