@@ -40,7 +40,7 @@ from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bas
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
                           OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock, is_prior,
                           ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
-from .search_timing import Pace
+from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
 from .search_rounds import ROUND_SLACK, fit_rounds
@@ -297,7 +297,7 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
     if opts.batch is not None and opts.batch < MIN_FIT_NOISES and log is not None:
         log(f"  --calib-batch {opts.batch}: fits to fewer than {MIN_FIT_NOISES} calibration noises overfit them (the "
             f"shipping rule then refuses most); the search's default is 512 analytic, 128 networks")
-    with _Watchdog(log or (lambda text: None)) as watched:
+    with _Watchdog(log or (lambda text: None)) as watched, busy_machine_threads(denoiser, watched):
         return _search(denoiser, nfe, opts, calibration, watched, reference_cache)
 
 

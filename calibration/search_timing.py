@@ -4,8 +4,10 @@ re-plans the references and sizes the scoring and the fits (`search_plan`, `sear
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -27,6 +29,50 @@ def time_call(denoiser: Denoiser, m: int) -> float:
     with torch.no_grad():
         denoiser(x, denoiser.sigma_max, labels)
     return time.perf_counter() - t0
+
+
+# On a busy machine PyTorch's intra-op threads wait on each other: with another process on both cores, one call
+# of the digits model on 2 noises took 1.26 s with 2 threads and 0.004 s with 1 (gmm on 32: 0.04 s vs 0.0002 s);
+# the search's plan then dropped the search or its fits, and the parity check took 23 s instead of 0.2 s
+FEWER_THREADS_GAIN = 2.0  # one thread is used when it runs a call at least this many times faster
+THREADS_CHECKED_BELOW_S = 2.0  # a call at the default count above this: a model large enough to use its threads
+
+
+def _one_thread_faster(denoiser: Denoiser, threads: int) -> tuple[float, float] | None:
+    """(seconds of a call on PROBE_BATCH noises with 1 thread, with `threads`; the fastest of 2 each after a
+    warm-up) when 1 thread is FEWER_THREADS_GAIN x faster; else None. Leaves `threads` set."""
+    time_call(denoiser, PROBE_BATCH)  # warm-up
+    many = min(time_call(denoiser, PROBE_BATCH) for _ in range(2))
+    if many > THREADS_CHECKED_BELOW_S:
+        return None
+    torch.set_num_threads(1)
+    try:
+        one = min(time_call(denoiser, PROBE_BATCH) for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    return (one, many) if one * FEWER_THREADS_GAIN <= many else None
+
+
+@contextmanager
+def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None]) -> Iterator[None]:
+    """PyTorch on 1 intra-op thread inside the block, when a call on a CPU runs FEWER_THREADS_GAIN x faster so
+    (the other cores are busy: see there), said in one line; the count before is restored after. Nothing is
+    changed where OMP_NUM_THREADS is set (the user's count), on a GPU, or at 1 thread already."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or os.environ.get("OMP_NUM_THREADS") or denoiser.device.type != "cpu":
+        yield
+        return
+    faster = _one_thread_faster(denoiser, threads)
+    if faster is None:
+        yield
+        return
+    log(f"  PyTorch on 1 thread, not {threads}: a denoiser call on {PROBE_BATCH} noises took {faster[0]:.2g} s on 1 "
+        f"and {faster[1]:.2g} s on {threads} (other processes hold the cores; OMP_NUM_THREADS sets the count)")
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _chunked(per_call: Callable[[int], float]) -> Callable[[int], float]:
@@ -74,9 +120,13 @@ def call_cost(denoiser: Denoiser, budget_s: float) -> tuple[Callable[[int], floa
     m = next((m for m in (32, 16, 8, 4) if rate * m <= share), PROBE_BATCH)
     if rate * m <= share:
         # the fastest of up to 3 where affordable: on a loaded machine one call of a cheap model can take 100x
-        # its cost (threads waiting on each other), and the plan then dropped the search
-        tries = max(1, min(3, int(share // (rate * m))))
-        rate = min(time_call(denoiser, m) for _ in range(tries)) / m
+        # its cost (threads waiting on each other), and the plan then dropped the search. Each next call is
+        # afforded at the fastest rate so far, not the probe's (warm-up and a wait included: gmm on a busy
+        # machine, 0.02 s per image at the probe, allowed one call, itself 0.005 s per image: search dropped)
+        tries, spent = 0, 0.0
+        while tries < 3 and spent + rate * m <= share:
+            took = time_call(denoiser, m)
+            tries, spent, rate = tries + 1, spent + took, min(rate, took / m)
         how = f"the fastest of {tries} more calls" if tries > 1 else "one more call"
         return (lambda n: rate * n), rate, f"{how} on {m} noises"
     return (lambda n: rate * n), rate, f"one call on {PROBE_BATCH} noises, warm-up included"

@@ -8,8 +8,11 @@ failure or Ctrl-C never leaves a half-written DIR.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
+
+from iia.calibration.search_timing import busy_machine_threads
 
 from iia.cli import signals_deferred, written
 from iia.runtime.contract import PROGRAM, write_json_atomic
@@ -45,9 +48,10 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     out = Path(out_dir)
     check_out_dir(out, opts.force)
     static = validate(opts)
-    with Staging(out, "--out", CompileError, log) as work:
+    with Staging(out, "--out", CompileError, log) as work, ExitStack() as pytorch:
         job = stages.Job(opts, work, log, progress)
         loaded = stages.load(model, job)
+        pytorch.enter_context(busy_machine_threads(loaded.denoiser, log))  # the search's and the parity check's
         coefficients = stages.coefficients(loaded, job)
         scales = coefficients.scales  # a guidance range: the plan with per-node weights
         write_json_atomic(work / PROGRAM, program_json(scales.plan() if scales else coefficients.program.plan()))
