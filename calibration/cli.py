@@ -7,12 +7,13 @@ import sys
 
 from dataclasses import dataclass, fields
 
-from iia.cli import (ProgressBar, add_options, check_options, check_output_file, default_output, flag_of,
-                     given_options, option, options_from, run_cli, stage, written)
+from iia.cli import (ProgressBar, add_options, check_options, check_output_file, cli_parser, default_output,
+                     flag_of, given_options, option, options_from, run_cli, stage, written)
 
 from iia.models.device import describe_device, device_option, resolve_device
+from iia.runtime.contract import refuse_inside_artifact
 
-from .fit import CalibrationOptions
+from .fit import CalibrationOptions, check_reference_steps
 from .solvers import SOLVERS, user_solvers
 
 
@@ -54,7 +55,7 @@ def load_model_verbose(spec, x0_clipping=None, device: str = "cpu"):
 
 
 def _calibrate(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="iia-calibrate", description="Fit IIA coefficients. " + PICKLE_NOTE)
+    parser = cli_parser(prog="iia-calibrate", description="Fit IIA coefficients. " + PICKLE_NOTE)
     add_model_argument(parser)
     add_options(parser, CalibrateTarget)
     add_options(parser, CalibrationOptions)
@@ -77,6 +78,7 @@ def _calibrate(argv=None) -> int:
                          f"{'does' if len(guard_only) == 1 else 'do'} not apply")
     out = check_output_file(default_output(args.model, args.solver, args.nfe, ".json") if args.out is None
                             else args.out, "--out")
+    refuse_inside_artifact(out, "--out")  # cy/coefficients.json would replace an artifact's own, unlisted
     if out.exists() and not args.force:  # before any work, as iia-compile refuses an existing directory
         raise ValueError(f"--out {out}: exists: pass --force to replace it, or another --out")
     program_for_check = args.solver, args.nfe
@@ -85,6 +87,12 @@ def _calibrate(argv=None) -> int:
         raise ValueError(f"--solver {args.solver}: "
                          + ("a search-only solver (fitted by iia-compile's auto search); " if search_only else "")
                          + f"iia-calibrate fits an IIA variant: {', '.join(user_solvers(fitted=True))}")
+    try:
+        SOLVERS[args.solver].steps_for_nfe(args.nfe)
+    except ValueError as err:
+        raise ValueError(f"--nfe {args.nfe}: {err}") from None
+    if options.guard:  # the guard's reference (--no-guard computes none)
+        check_reference_steps(options.reference_steps, args.nfe)
     denoiser = load_model_verbose(args.model, args.x0_clipping, args.device)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver
     bar = ProgressBar("calibrating")

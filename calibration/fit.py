@@ -101,6 +101,14 @@ class CalibrationOptions:
         check_options(self, CalibrationError)
 
 
+def check_reference_steps(steps: int | None, nfe: int) -> None:
+    """A given --reference-steps must be at least twice the judged sampler's NFE (the auto search's rule): a
+    coarser reference errs as much as the sampler, so it cannot tell a fit from its base. CalibrationError."""
+    if steps is not None and steps < 2 * nfe:
+        raise CalibrationError(f"--reference-steps {steps}: a reference coarser than twice the sampler's NFE {nfe} "
+                               f"cannot judge it; give at least {2 * nfe}, or leave the default")
+
+
 @dataclass
 class CalibrationResult:
     program: Program  # the chosen coefficients (fitted, partly fitted, or base)

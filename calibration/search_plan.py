@@ -265,12 +265,19 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     asked_share = (WIDE_HOLDOUT_SHARE if holdout > wide else HOLDOUT_BONUS_SHARE if holdout > floor else FIXED_SHARE)
     full = math.ceil(need(batch, holdout, steps, fams, fins) / asked_share + spent_s)
     fits = need(*new) <= share
-    tiers = "" if new[1] == holdout else (
-        f" (with held-out noises above {floor}: {HOLDOUT_BONUS_SHARE * budget_s:.1f} s" + (
-            f"; above {wide}: {WIDE_HOLDOUT_SHARE * budget_s:.1f} s)" if holdout > wide else ")"))
+    tiers = "" if new[1] == holdout else _caps_said(holdout, floor, wide, budget_s)
     lines = _plan_lines(need(*new), share, new, cut, fits, afford, full, tiers)
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
                          tuple(new[4]), cost, fitted=new[5], holdout_floor=min(floor, new[1]))
+
+
+def _caps_said(holdout: int, floor: int, wide: int, budget_s: float) -> str:
+    """The plan line's caps on the held-out noises: shares of the budget, not costs; with equal floors (gmm: 1024)
+    only the wide share holds, said once."""
+    caps = ([(floor, HOLDOUT_BONUS_SHARE)] if floor < wide else []) + (
+        [(wide, WIDE_HOLDOUT_SHARE)] if holdout > wide else [])
+    return "" if not caps else (f" (the share{'s' * (len(caps) > 1)} with held-out noises "
+                                + "; ".join(f"above {n}: {c * budget_s:.1f} s" for n, c in caps) + ")")
 
 
 def prior_base(denoiser: Denoiser, nfe: int, families: list[str], finals: tuple[str, ...]) -> Candidate:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from iia.calibration.cli import PICKLE_NOTE, add_model_argument
 from iia.calibration.fit import CalibrationOptions
-from iia.cli import ProgressBar, add_options, default_output, given_options, options_from, run_cli, with_role
+from iia.cli import (ProgressBar, add_options, cli_parser, default_output, given_options, options_from, run_cli,
+                     with_role)
 
 
 def _main(argv=None) -> int:
     from .build import CompileOptions, compile_model
 
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="iia-compile",
         description="Compile a diffusion model's fixed-NFE sampler into one ONNX graph (and a TensorRT engine "
                     "where TensorRT and a GPU exist). " + PICKLE_NOTE)

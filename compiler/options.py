@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from iia.calibration.fit import CalibrationOptions
-from iia.calibration.solvers import get_solver, user_solver, user_solvers
+from iia.calibration.fit import CalibrationOptions, check_reference_steps
+from iia.calibration.search_space import FAMILIES
+from iia.calibration.solvers import get_solver, user_solver, user_solvers, valid_nfe
 from iia.cli import check_options, flag_of, option
 from iia.models.device import DeviceError, device_option, resolve_device
 from iia.runtime.contract import DENOISER_ONNX, MAX_STATIC_BATCHES
@@ -189,9 +190,18 @@ def validate(opts: CompileOptions) -> list[int]:
             solver = user_solver(opts.solver)
         except ValueError as err:  # "unknown solver ...": name the flag, and auto, the default
             raise CompileError(f"--solver {opts.solver}: {err}, or auto (the default: search)") from None
-        solver.steps_for_nfe(opts.nfe)
+        try:
+            solver.steps_for_nfe(opts.nfe)
+        except ValueError as err:
+            raise CompileError(f"--nfe {opts.nfe}: {err}") from None
+    elif not opts.coefficients and not any(valid_nfe(f, opts.nfe) for f in FAMILIES):  # before loading the model
+        least = min(n for n in range(1, 8) for f in FAMILIES if valid_nfe(f, n))
+        raise CompileError(f"--nfe {opts.nfe}: no solver family of --solver auto can spend exactly {opts.nfe} denoiser "
+                           f"call{'s' * (opts.nfe != 1)} (the fewest any spends: {least})")
     opts.calibration.validate()
     refuse_unused_options(opts)
+    if opts.given is not None and "reference_steps" in opts.given:  # typed: the Python API keeps small ones for tests
+        check_reference_steps(opts.calibration.reference_steps, opts.nfe)
     if guidance_range(opts) is not None:
         from .scales import ScaleError, check_range_options
 

@@ -4,38 +4,12 @@ with --force an existing iia artifact) and the finished work folder moved there 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from iia.runtime.contract import MANIFEST, MAX_MANIFEST_BYTES, SCHEMA, ArtifactError, open_regular
+from iia.runtime.contract import MANIFEST, SCHEMA, is_artifact_dir, refuse_inside_artifact
 
 from .options import CompileError
 from .publish import check_directory, publish, refuse_mount_point
-
-
-def is_artifact_dir(path: Path) -> bool:
-    """True for a directory holding an iia artifact manifest (its schema field; a regular file, not a link), or an
-    empty directory."""
-    if not path.is_dir() or path.is_symlink():
-        return False
-    try:
-        if not any(path.iterdir()):
-            return True
-        if (path / MANIFEST).is_symlink():  # ours are plain files; a link (maybe outside) is not followed
-            return False
-        with open_regular(path / MANIFEST, MAX_MANIFEST_BYTES) as f:
-            data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError, RecursionError, ArtifactError):
-        return False
-    return isinstance(data, dict) and data.get("schema") == SCHEMA
-
-
-def refuse_inside_artifact(path: Path, flag: str, error: type[Exception]) -> None:
-    """`error` when `path` (through links and '..') lies inside an existing iia artifact: the runtimes verify an
-    artifact's files, and one nested in it is a stray file there."""
-    inside = next((a for a in path.resolve().parents if (a / MANIFEST).is_file() and is_artifact_dir(a)), None)
-    if inside is not None:
-        raise error(f"{flag} {path}: is inside the iia artifact {inside}; choose a path outside it")
 
 
 def check_container_dir(raw: str | Path, flag: str, error: type[Exception]) -> Path:

@@ -23,14 +23,14 @@ torch-free: the standard library, tritonclient[grpc] (its protobuf definitions) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import add_options, check_options, int_list, option, options_from, run_cli, str_list, written
+from iia.cli import (add_options, check_options, cli_parser, int_list, option, options_from, run_cli, str_list,
+                     written)
 from iia.runtime.contract import (GUIDANCE, MANIFEST, MAX_THREADS, NOISE, SAMPLER_ONNX, SAMPLER_ONNX_DATA,
                                   SAMPLER_PLAN, artifact_root, read_manifest, verify_all)
 
@@ -407,7 +407,7 @@ def _check_preferred(opts: TritonOptions, max_batch: int) -> None:
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="iia-export-triton",
         description="Write a Triton Inference Server model repository for a compiled artifact: tensorrt_plan "
                     "(when the artifact has a plan), onnxruntime_onnx, and a python-backend model around "

@@ -54,6 +54,8 @@ __all__ = ["BenchOptions", "CLOCKS", "KEYS", "LOOP_TOLERANCE", "SIGMA", "default
 
 @dataclass
 class BenchOptions(RunOptions):
+    """`iia-bench`'s options; role "eager": read by the PyTorch eager loop only (refused with --no-eager)."""
+
     batches: tuple[int, ...] = option((1, 8, 32), "batch sizes, comma-separated", flag="--batch", parse=int_list,
                                       lo=1, hi=MAX_BATCH)
     warmup: int = option(5, "untimed calls first", lo=0, hi=10_000)
@@ -61,10 +63,10 @@ class BenchOptions(RunOptions):
     loop: bool = option(True, "skip the numpy loop around denoiser.onnx (the baseline users would otherwise run)")
     eager: bool = option(True, "skip the PyTorch eager reference")
     eager_dtype: str = option("float32", "state dtype of the eager loop (float32: what a service runs)",
-                              choices=("float32", "float64"))
+                              choices=("float32", "float64"), role="eager")
     model: str | None = option(None, "model file of the eager reference. Never read from the artifact: a model "
                                       "file (an EDM .pkl runs code when loaded) is loaded only when named here, "
-                                      "and only after its sha256 matches the manifest's")
+                                      "and only after its sha256 matches the manifest's", role="eager")
     seed: int = option(0, "noise seed", lo=0, hi=MAX_SEED)
     clock: str = option("wall", "wall: elapsed time; cpu: this process's CPU time, for a shared machine whose other "
                                 "jobs preempt long calls (1 thread: latency; more: total work)", choices=tuple(CLOCKS))

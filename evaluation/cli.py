@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from iia.cli import (add_options, check_options, check_output_file, given_options, options_from, run_cli,
-                     writing_output, written)
+from iia.cli import (add_options, check_options, check_output_file, cli_parser, given_options, options_from,
+                     run_cli, writing_output, written)
 
 # torch-free at import: iia-bench (bench_main) must run where only the runtime's dependencies are installed
 
@@ -21,7 +20,7 @@ def _accuracy(argv=None) -> int:
     from .accuracy import AccuracyOptions, accuracy_table, format_table, plot_table
     from iia.models.device import resolve_device
 
-    parser = argparse.ArgumentParser(prog="iia-accuracy", description="Sampler RMSE vs a high-accuracy reference. "
+    parser = cli_parser(prog="iia-accuracy", description="Sampler RMSE vs a high-accuracy reference. "
                                      + PICKLE_NOTE)
     parser.add_argument("--model", default="gmm", help="gmm (default), digits, or a path")
     add_options(parser, AccuracyOptions)
@@ -40,16 +39,17 @@ def _accuracy(argv=None) -> int:
     resolve_device(args.device)  # before loading the model: a device torch cannot see is refused by name
     # before any work: a search-only or unknown solver was refused after the peers' runs, or dropped with --peers
     check_user_solvers(args.solvers, "--solvers", allow_auto=bool(args.peers))
-    if args.peers:
-        return _peers(args, argv)
     given = given_options(parser, argv)
+    if args.peers:
+        return _peers(args, given)
     peers_only = [flag for flag, dest in (("--budget", "budget"), ("--fd", "fd")) if dest in given]
     if peers_only:
         raise ValueError(f"{', '.join(peers_only)} {'applies' if len(peers_only) == 1 else 'apply'} with --peers only")
     options = options_from(CalibrationOptions, args)
     options.validate()
     _refuse_fit_flags_without_a_fit(parser, given, args.solvers)
-    check_output_file(args.json, "--json")
+    _check_nfes(args.solvers, args.nfe, options.reference_steps)
+    check_json_file(args.json)
     check_plot_file(args.plot)
     denoiser = load_model_verbose(args.model, device=args.device)
     rows = accuracy_table(denoiser, args.solvers, args.nfe, options, args.n_test,
@@ -88,7 +88,26 @@ def _refuse_fit_flags_without_a_fit(parser, given: set[str], solvers) -> None:
                          f"{'does' if len(flags) == 1 else 'do'} not apply (they set IIA fits)")
 
 
-def _peers(args, argv) -> int:
+def _check_nfes(solvers: list[str], nfes: list[int], reference_steps: int | None) -> None:
+    """Before any work: at least one listed solver can spend one of `nfes` (else the table would be empty), and a
+    given --reference-steps can judge the largest NFE measured (`check_reference_steps`)."""
+    from iia.calibration.fit import check_reference_steps
+    from iia.calibration.solvers import get_solver, valid_nfe
+
+    measured = [n for n in nfes if any(valid_nfe(s, n) for s in solvers)]
+    if not measured:
+        def why(solver):  # its rule, in its own words ("solver 'edm' needs an odd NFE >= 3 ..., got 4")
+            try:
+                get_solver(solver).steps_for_nfe(nfes[0])
+            except ValueError as err:
+                return str(err)
+
+        raise ValueError(f"--solvers {','.join(solvers)} --nfe {','.join(map(str, nfes))}: no listed solver can "
+                         f"spend any of these NFEs ({'; '.join(map(why, dict.fromkeys(solvers)))}); nothing to measure")
+    check_reference_steps(reference_steps, max(measured))
+
+
+def _peers(args, given: set[str]) -> int:
     from iia.calibration.cli import load_model_verbose
     from iia.calibration.fit import CalibrationOptions
     from iia.cli import str_list
@@ -98,14 +117,16 @@ def _peers(args, argv) -> int:
     from .peers import (DEFAULT_PEERS, format_peer_table, markdown_peer_table, markdown_summary, peer_benchmark,
                         plot_peers)
 
-    argv = sys.argv[1:] if argv is None else argv
-    solvers = args.solvers if any(a.startswith("--solvers") for a in argv) else ["auto", "ipndm"]
+    solvers = args.solvers if "solvers" in given else ["auto", "ipndm"]
+    if "budget" in given and "auto" not in solvers:
+        raise ValueError(f"--budget bounds the auto search; --solvers {','.join(solvers)} runs none (drop --budget, "
+                         f"or list auto)")
     peers = list(DEFAULT_PEERS) if args.peers == "default" else str_list(args.peers)
     options = options_from(CalibrationOptions, args)
     options.validate()
     search = SearchOptions(budget_s=args.budget)
     search.validate()
-    check_output_file(args.json, "--json")
+    check_json_file(args.json)
     check_plot_file(args.plot)
     denoiser = load_model_verbose(args.model, device=args.device)
     report = peer_benchmark(denoiser, args.nfe, solvers, peers, args.n_test, options, search, fd=args.fd,
@@ -127,10 +148,20 @@ def _peers(args, argv) -> int:
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg")
 
 
+def check_json_file(path: str | None, flag: str = "--json") -> None:
+    """A report file before any work: an output file (`check_output_file`) outside every iia artifact (an existing
+    file is replaced, atomically: reports are not artifacts)."""
+    from iia.runtime.contract import refuse_inside_artifact
+
+    if check_output_file(path, flag) is not None:
+        refuse_inside_artifact(path, flag)
+
+
 def check_plot_file(path: str | None) -> None:
-    """`--plot` before any work: an output file (`check_output_file`) whose suffix names a format it can write
+    """`--plot` before any work: a report file (`check_json_file`) whose suffix names a format it can write
     (matplotlib's error for `x.txt` came after the whole run)."""
-    if check_output_file(path, "--plot") is not None and Path(path).suffix.lower() not in PLOT_FORMATS:
+    check_json_file(path, "--plot")
+    if path is not None and Path(path).suffix.lower() not in PLOT_FORMATS:
         raise ValueError(f"--plot {path}: the plot's format comes from its suffix, one of {', '.join(PLOT_FORMATS)}")
 
 
@@ -139,12 +170,15 @@ def accuracy_main(argv=None) -> int:
 
 
 def _bench(argv=None) -> int:
+    from dataclasses import fields
+
+    from iia.cli import flag_of
     from iia.runtime.cli import outside_artifact
-    from iia.runtime.contract import write_json_atomic
+    from iia.runtime.contract import refuse_inside_artifact, write_json_atomic
 
     from .bench import BenchOptions, format_table, run_bench
 
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="iia-bench",
         description="Latency of a compiled sampler per batch size: p50/p90/p99, images/s, the overhead ratio "
                     "sampler / (NFE x one denoiser call [+ one decoder call]) on the same backend (at most 1.0 "
@@ -158,7 +192,14 @@ def _bench(argv=None) -> int:
     opts = options_from(BenchOptions, args)
     opts.batches = tuple(opts.batches)
     opts.validate()
-    outside_artifact(check_output_file(args.json, "--json"), args.artifact, "--json")
+    given = given_options(parser, argv)
+    eager_only = [flag_of(f) for f in fields(BenchOptions) if f.metadata.get("role") == "eager" and f.name in given]
+    if not opts.eager and eager_only:
+        raise ValueError(f"--no-eager runs no PyTorch eager loop: {', '.join(eager_only)} "
+                         f"{'does' if len(eager_only) == 1 else 'do'} not apply")
+    outside_artifact(check_output_file(args.json, "--json"), args.artifact, "--json")  # the artifact read, as named
+    if args.json is not None:
+        refuse_inside_artifact(args.json, "--json")  # and any other
     rows = run_bench(args.artifact, opts, log=lambda text: print(text, file=sys.stderr, flush=True))
     print(format_table(rows))
     if args.json:

@@ -356,15 +356,13 @@ def format_table(report: dict) -> str:
 
 
 def _main(argv=None) -> int:
-    import argparse
-
     from iia.cli import ProgressBar, check_options, check_output_file, written
 
     from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
-    from iia.cli import add_options, options_from
-    from iia.runtime.contract import write_json_atomic
+    from iia.cli import add_options, cli_parser, options_from
+    from iia.runtime.contract import refuse_inside_artifact, write_json_atomic
 
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="iia-quality",
         description="Sample quality per solver and NFE on the digits model: FD-digits (a Frechet distance in the "
                     "bundled digit classifier's features; not FID), classifier accuracy and RMSE vs a "
@@ -382,8 +380,11 @@ def _main(argv=None) -> int:
     check_options(options_from(QualityOptions, args))
     options = options_from(CalibrationOptions, args)
     options.validate()
-    check_output_file(args.json, "--json")
-    check_output_file(args.plot, "--plot")
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        if check_output_file(path, flag) is not None:
+            refuse_inside_artifact(path, flag)
+    if args.grids is not None:
+        refuse_inside_artifact(args.grids, "--grids", directory=True)
     validate_request(args.solvers, args.nfe, args.n, args.chunk, args.onnx_check)  # fail fast, before loading
     denoiser = load_model_verbose(args.model)
     if args.onnx_check:

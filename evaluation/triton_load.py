@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 
 import iia.runtime
+from iia.cli import cli_parser
 from iia.compiler.triton import TritonOptions, export_repository
 from iia.runtime.contract import ORT_CPU
 
+from .cli import check_json_file
 from .triton_server import LocalTritonServer
 
 
@@ -271,8 +273,8 @@ def _report(args, artifact: Path, model: str, load: _Load, tally: _Tally, sample
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iia.evaluation.triton_load", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser(prog="python -m iia.evaluation.triton_load", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", metavar="ARTIFACT_DIR")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=50, help="per client")
@@ -294,6 +296,10 @@ def main(argv=None) -> int:
         parser.error("--clients, --requests, --images, --rounds must be >= 1 (and clients x requests <= 100000)")
     if args.rounds > args.requests:
         parser.error(f"--rounds {args.rounds} exceeds --requests {args.requests}")
+    try:  # before any work, as every command checks its report files (never inside an artifact)
+        check_json_file(args.json)
+    except ValueError as err:
+        parser.error(str(err))
     report = run(args)
     text = json.dumps(report, indent=2)
     print(text)

@@ -269,9 +269,9 @@ class LocalTritonServer:
 
 
 def _main(argv=None) -> int:
-    import argparse
+    from iia.cli import cli_parser
 
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="python -m iia.evaluation.triton_server",
         description="Serve a model repository with the nvidia-pytriton wheel's tritonserver (CPU, Python backend "
                     "only) on 127.0.0.1 until Ctrl-C: the local recipe for models exported with "

@@ -1,5 +1,6 @@
-"""Shared CLI plumbing: one-line errors (tracebacks with IIA_DEBUG=1), timed stages; progress (`ProgressBar`,
-`Ticker`, `heartbeat`) lives in iia/progress.py and is re-exported here."""
+"""Shared CLI plumbing: one-line errors (tracebacks with IIA_DEBUG=1), the parsers (`cli_parser`), timed stages;
+progress (`ProgressBar`, `Ticker`, `heartbeat`) lives in iia/progress.py and options declared once (`option`,
+`add_options`, ...) in iia/options.py, both re-exported here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .progress import ProgressBar, Ticker, heartbeat  # noqa: F401 (re-exported: CLIs import them from here)
+from .options import (add_options, check_options, flag_of, given_options, option, options_from,  # noqa: F401
+                      with_role)  # re-exported, as are the next: CLIs import them from here
+from .progress import ProgressBar, Ticker, heartbeat  # noqa: F401
 
 
 class Terminated(KeyboardInterrupt):
@@ -132,6 +135,20 @@ def _report(err: BaseException, debug: bool) -> int:
         print(f"error: {type(err).__name__}: {one_line(err)} (unexpected; IIA_DEBUG=1 shows the traceback)",
               file=sys.stderr)
     return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviated flags and with a usage error on one line (`cli_parser`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def cli_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of every iia command: a flag must be spelled out (argparse took `--budge 30` for --budget,
+    and a prefix that a later flag makes ambiguous would change meaning), and a usage error is one line
+    ("iia-compile: error: ... (see iia-compile --help)", exit 2) rather than the whole usage block."""
+    return _Parser(prog=prog, description=description, allow_abbrev=False, **kwargs)
 
 
 @contextmanager
@@ -304,132 +321,67 @@ def stage(name: str, timings: dict | None = None, log: Callable[[str], None] | N
     log(f"[{name}] done in {seconds:.2f} s")
 
 
-# ---- options dataclasses -> command-line arguments ----------------------------------------------------------
-# Each option is declared ONCE, as a dataclass field made by `option(...)`: its default, help, flag, bounds
-# and choices. `add_options` generates the argparse arguments of every CLI that takes it; `check_options`
-# applies the same bounds to options built in Python, naming the flag.
-
-
-def option(default, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), lo=None, hi=None,
-           choices=None, cli: bool = True, parse: Callable[[str], object] | None = None, role: str | None = None):
-    """A dataclass field carrying its command-line form (flag and aliases, help, bounds lo..hi inclusive,
-    choices; cli=False: settable from Python only). parse: argparse type of a list option (int_list,
-    str_list): bounds and choices then apply to each element. role: what the option sets (e.g. "fit",
-    "guard", "search", "engine"; each options class lists its roles), read by the policies that refuse a
-    flag the chosen path would ignore (`with_role`)."""
-    from dataclasses import field
-
-    meta = {"help": help, "flag": flag, "aliases": aliases, "lo": lo, "hi": hi, "choices": choices, "cli": cli,
-            "parse": parse, "role": role}
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def flag_of(f) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def with_role(cls, *roles: str) -> tuple[str, ...]:
-    """Names of the `option` fields of dataclass `cls` (or of an instance) whose role is one of `roles`, in
-    declaration order."""
-    import dataclasses
-
-    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("role") in roles)
-
-
-def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None,
-                only: tuple[str, ...] | None = None) -> None:
-    """Add one argument per `option` field of dataclass `cls` (bool fields become on/off switches); `only`
-    restricts to the named fields."""
-    import dataclasses
-
-    defaults = defaults or {}
-    for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", False) or f.name in skip or only is not None and f.name not in only:
-            continue
-        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        help_text = f.metadata["help"]
-        if isinstance(default, bool):
-            flag = f.metadata.get("flag") or ("--no-" if default else "--") + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=help_text)
-            continue
-        kind = {int: int, float: float}.get(type(default) if default is not None else None)
-        if kind is None and f.metadata.get("lo") is not None:
-            kind = float if isinstance(f.metadata["lo"], float) else int
-        kind = f.metadata.get("parse") or kind
-        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        said = default is None or f"(default {shown}" in help_text  # a help text that gives this default itself
-        kwargs = {"dest": f.name, "default": default, "help": help_text + ("" if said else f" (default {shown})")}
-        if f.metadata.get("choices") and not f.metadata.get("parse"):
-            kwargs["choices"] = f.metadata["choices"]
-        if kind is not None:
-            kwargs["type"] = kind  # bounds are checked by check_options: one line naming the flag
-        parser.add_argument(flag_of(f), *f.metadata.get("aliases", ()), **kwargs)
-
-
-def given_options(parser: argparse.ArgumentParser, argv) -> set[str]:
-    """The dests of the options `argv` sets explicitly, whatever their value (aliases and abbreviations
-    included): argparse fills a default only where the namespace lacks the attribute, so a namespace
-    pre-filled with a marker keeps the marker exactly where nothing was given."""
-    marker = object()
-    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != "help"})
-    parser.parse_args(argv, namespace=namespace)
-    return {dest for dest, value in vars(namespace).items() if value is not marker}
-
-
-def options_from(cls, args: argparse.Namespace, **extra):
-    """An instance of dataclass `cls` from parsed arguments (fields the parser lacks keep their defaults)."""
-    import dataclasses
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    values.update(extra)
-    return cls(**values)
-
-
-def check_options(options, error=ValueError) -> None:
-    """Apply every `option` field's bounds and choices to an instance (to each element of a list option);
-    `error` names the flag. Numbers must be finite: NaN is refused, not compared."""
-    import dataclasses
-    import math
-
-    for f in dataclasses.fields(options):
-        value, meta = getattr(options, f.name), f.metadata
-        if value is None or "help" not in meta or isinstance(value, bool):
-            continue
-        values = list(value) if isinstance(value, (list, tuple)) and meta.get("parse") else [value]
-        if not values:
-            raise error(f"{flag_of(f)} needs at least one value")
-        for item in values:
-            _check_value(flag_of(f), item, meta, error, math)
-
-
-def _check_value(flag: str, value, meta, error, math) -> None:
-    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
-    if choices and value not in choices:
-        raise error(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
-    if lo is None and hi is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, float) and math.isnan(value):
-        raise error(f"{flag} must be a number, got {value!r}")
-    if isinstance(lo, int) and isinstance(hi, int) and not isinstance(value, int) and not float(value).is_integer():
-        raise error(f"{flag} must be an integer, got {value!r}")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        raise error(f"{flag} must lie in [{lo}, {hi}], got {value}")
-
-
 def _entry(module: str, name: str) -> Callable[[], int]:
-    """A console script's main (pyproject.toml [project.scripts]), imported when the script runs: Ctrl-C in the
-    seconds of importing torch exits 130 with one line, as it does after (Python would print a traceback)."""
+    """A console script's main (pyproject.toml [project.scripts]), imported when the script runs: Ctrl-C or
+    SIGTERM in the seconds of importing torch exits 130 or 143 with one line, as they do after (Python would
+    print a traceback for one and nothing for the other); once the work returned, `_finish` ends the process."""
     def run() -> int:
+        on_main = threading.current_thread() is threading.main_thread()
+        if on_main:
+            _TERMINATED.clear()
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)  # run_cli installs it again, for its own call
         try:
             main = getattr(importlib.import_module(module), name)
-        except KeyboardInterrupt:  # nothing ran yet: run_cli's line would read its state from an earlier call
-            print("interrupted: no output was written", file=sys.stderr)
-            return 130
-        return main()
+            check_terminated()  # a SIGTERM whose exception the imported library swallowed
+        except KeyboardInterrupt as err:  # nothing ran yet: run_cli's line would read its state from an earlier call
+            term = isinstance(err, Terminated) or _TERMINATED.is_set()
+            print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: no output was written", file=sys.stderr)
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
+            return 143 if term else 130
+        try:
+            rc = main()
+        except KeyboardInterrupt as err:  # after run_cli returned (its own handler has said nothing)
+            rc = _late_interrupt(signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+        return _finish(rc) if on_main else rc
     run.__qualname__ = f"entry({module}:{name})"
     return run
+
+
+def _late_interrupt(signum: int, frame=None) -> int:
+    """Say that an interrupt came after the command's work returned, and what it had written; its exit code."""
+    done = [f"{p}/" if os.path.isdir(p) and not p.endswith("/") else p for p in dict.fromkeys(_WRITTEN)]
+    said = "as the command ended: no output was written" if not done else (
+        f"after {', '.join(done)} {'was' if len(done) == 1 else 'were'} written "
+        f"({'it is' if len(done) == 1 else 'they are'} complete)")
+    term = signum == signal.SIGTERM
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os.write(2, f"{'terminated (SIGTERM)' if term else 'interrupted'} {said}\n".encode())  # safe in a handler
+    return 143 if term else 130
+
+
+def _finish(rc: int) -> int:
+    """End a console script whose work returned `rc`: flush, run the atexit callbacks, os._exit. The interpreter's
+    own teardown (torch's modules: ~0.5 s) is skipped, and with it a window where Ctrl-C killed the process with
+    130 and no line (finalisation puts back SIGINT's default action); an interrupt until the exit says what was
+    written and exits 130 (SIGTERM 143)."""
+    import atexit
+
+    def late(signum, frame):
+        os._exit(_late_interrupt(signum))
+
+    signal.signal(signal.SIGINT, late)
+    signal.signal(signal.SIGTERM, late)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: Python's own exit would say nothing more useful
+            pass
+    atexit._run_exitfuncs()
+    os._exit(rc)
 
 
 calibrate_entry = _entry("iia.calibration.cli", "calibrate_main")

@@ -365,7 +365,8 @@ def _unpickle(data: bytes, file_label: str):
                 warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module="numpy.*")
                 return _EDMUnpickler(io.BytesIO(data), loader).load(), loader
-        except EDMPickleError:
+        except EDMPickleError as err:  # the allow-list's or a rebuilt class's refusal: name the file
+            err.args = (f"{file_label}: {err}",)
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                 KeyError, ImportError, RuntimeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:

@@ -117,7 +117,11 @@ def load(spec: str | Path, x0_clipping: str | None = None, *, guide: str | Path 
     from .guidance import guided
 
     net = _load_one(spec, x0_clipping, vae)
-    return guided(net, None if guide is None else _load_one(guide, x0_clipping), guidance, cfg)
+    try:
+        guide_net = None if guide is None else _load_one(guide, x0_clipping)
+    except ModelLoadError as err:  # "model 'nope.pkl' not found" did not say which argument
+        raise ModelLoadError(f"--guide {guide}: {err}") from None
+    return guided(net, guide_net, guidance, cfg)
 
 
 def _load_one(spec: str | Path, x0_clipping: str | None = None, vae: str | Path | None = None) -> Denoiser:
@@ -133,6 +137,10 @@ def _load_one(spec: str | Path, x0_clipping: str | None = None, vae: str | Path 
             raise ModelLoadError("gmm shape is set with d=<dim> or the default (1, 8, 8)")
         return gmm_from_options(options, f"model '{text}'")
     if name in ("digits", "bundled"):
+        unknown = next(iter(_parse_options(opts)), None)
+        if unknown is not None:  # "digits:x=1" named another output and loaded the same model
+            raise ModelLoadError(f"model '{text}': unknown option '{unknown}' (the bundled model '{name}' takes no "
+                                 f"options)")
         from .zoo import load_digits_model
 
         return load_digits_model()

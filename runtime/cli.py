@@ -7,11 +7,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import (OutputFiles, ProgressBar, add_options, check_options, check_output_file, int_list, option,
-                     options_from, run_cli, written)
+from iia.cli import (OutputFiles, ProgressBar, add_options, check_options, check_output_file, cli_parser, int_list,
+                     option, options_from, run_cli, written)
 
 from .options import RunOptions
-from .contract import MAX_LABEL_DIM, MAX_SEED
+from .contract import MAX_LABEL_DIM, MAX_SEED, refuse_inside_artifact
 
 GRID_MAX = 1024  # the PNG grid shows at most this many samples (all of them go to the .npz)
 
@@ -86,7 +86,7 @@ def output_paths(out: str) -> tuple[Path, Path]:
 
 
 def _sample(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli_parser(
         prog="iia-sample",
         description="Sample from a compiled artifact: a PNG grid plus an .npz of the raw outputs "
                     "(images float32, noise, labels; guidance: the scale of each image, for an artifact compiled "
@@ -102,6 +102,7 @@ def _sample(argv=None) -> int:
     png, npz = output_paths(opts.out)
     for path in (Path(opts.out), png, npz):  # the name given first: the error names what the user typed
         outside_artifact(path, args.artifact, "--out")
+        refuse_inside_artifact(path, "--out")  # nor inside any other artifact
     import numpy as np
 
     from . import describe, draw_noise, load

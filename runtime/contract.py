@@ -89,8 +89,8 @@ class ArtifactError(ValueError):
 
 # ---- the rest of the contract, by concern (imported last: those modules read the names above) -----------------
 from .devices import cuda_device_count, gpu_compute_capability, tensorrt_unavailable_reason  # noqa: E402
-from .files import (atomic_open, file_kind, open_regular, public_mode, read_regular, sha256_bytes,  # noqa: E402
-                    sha256_file, write_json_atomic)
+from .files import (atomic_open, file_kind, is_artifact_dir, open_regular, public_mode, read_regular,  # noqa: E402
+                    refuse_inside_artifact, sha256_bytes, sha256_file, write_json_atomic)
 from .manifest import (REQUIRED, artifact_root, check_graph_metadata, check_manifest, graph_metadata,  # noqa: E402
                        io_spec, make_manifest, parse_json, read_manifest, read_verified, verify_all, verify_file)
 from .noise import draw_labels, draw_noise  # noqa: E402

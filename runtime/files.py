@@ -1,5 +1,6 @@
 """Artifact files on disk: bounded reads of regular files only, containment in the artifact directory, sha256,
-and atomic writes with the permissions a plain open would give.
+atomic writes with the permissions a plain open would give, and what an artifact directory is (outputs are
+refused inside one: `refuse_inside_artifact`).
 
 Standard library only (the bounds and ArtifactError are the contract's). The C++ runtime applies the same rules
 (runtime/native/src/artifact.cpp: RegularFile, inside_root).
@@ -15,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .contract import MAX_LISTED_BYTES, ArtifactError
+from .contract import MANIFEST, MAX_LISTED_BYTES, MAX_MANIFEST_BYTES, SCHEMA, ArtifactError
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -142,3 +143,34 @@ def write_json_atomic(path: str | Path, data) -> str:
     with atomic_open(path) as f:
         f.write(text)
     return sha256_bytes(text)
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """True for a directory holding an iia artifact manifest (its schema field; a regular file, not a link), or an
+    empty directory."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        if not any(path.iterdir()):
+            return True
+        if (path / MANIFEST).is_symlink():  # ours are plain files; a link (maybe outside) is not followed
+            return False
+        with open_regular(path / MANIFEST, MAX_MANIFEST_BYTES) as f:
+            data = json.loads(f.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, ArtifactError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
+def refuse_inside_artifact(path: str | Path, flag: str, error: type[Exception] = ValueError,
+                           directory: bool = False) -> None:
+    """`error` naming `flag` when `path` (through links and '..') lies inside an existing iia artifact (or, for an
+    output `directory` that will hold files, is one): the runtimes verify an artifact's files, and one nested in
+    it is a stray file there (or, as DIR/manifest.json, destroys it). Every output option of every command is
+    checked with it before any work."""
+    path = Path(path)
+    resolved = path.resolve()
+    places = [resolved, *resolved.parents] if directory else resolved.parents
+    inside = next((a for a in places if (a / MANIFEST).is_file() and is_artifact_dir(a)), None)
+    if inside is not None:
+        raise error(f"{flag} {path}: is inside the iia artifact {inside}; choose a path outside it")

@@ -274,8 +274,9 @@ def test_refused_globals(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
-    with pytest.raises(EDMPickleError, match="refusing to unpickle global 'os.system'"):
+    with pytest.raises(EDMPickleError, match="refusing to unpickle global 'os.system'") as refused:
         load_edm_pickle(evil)
+    assert str(refused.value).startswith(f"{evil}: refusing")  # which file (a guide's, the model's) is named
     assert not marker.exists()
     assert not any(name in sys.modules for name in SHIM_NAMES)
 

@@ -367,6 +367,32 @@ def test_no_output_lands_inside_the_artifact(native, arts, tmp_path, capsys):  #
     assert {p.name: p.read_bytes() for p in art.iterdir()} == before
 
 
+def test_no_report_or_coefficient_file_lands_inside_any_artifact(tmp_path, capsys):
+    """iia-accuracy --json/--plot (--peers too), iia-calibrate --out (even with --force) and iia-quality --json/
+    --plot/--grids are refused inside an iia artifact by the check iia-compile's --out uses (`iia-accuracy --json
+    cy/manifest.json` destroyed the artifact), before any work; the artifact stays as it was."""
+    import json
+
+    from iia.runtime.contract import SCHEMA
+
+    art = tmp_path / "cy"
+    art.mkdir()
+    (art / "manifest.json").write_text(json.dumps({"schema": SCHEMA}))
+    (tmp_path / "linked").symlink_to(art)
+    runs = [(accuracy_main, ["--json", art / "manifest.json"]), (accuracy_main, ["--plot", art / "x.png"]),
+            (accuracy_main, ["--peers", "--json", tmp_path / "linked" / "p.json"]),
+            (calibrate_main, ["gmm", "--out", art / "coefficients.json", "--force"]),
+            (calibrate_main, ["gmm", "--out", tmp_path / "linked" / ".." / "cy" / "c.json"]),
+            (quality_main, ["--json", art / "q.json"]), (quality_main, ["--plot", art / "q.png"]),
+            (quality_main, ["--grids", art]), (quality_main, ["--grids", art / "grids"])]
+    for main, argv in runs:
+        flag, out = argv[-2:] if argv[-1] != "--force" else argv[-3:-1]
+        message = _cli_error(capsys, main([str(a) for a in argv]))
+        assert message == f"{flag} {out}: is inside the iia artifact {art}; choose a path outside it", message
+    assert sorted(p.name for p in art.iterdir()) == ["manifest.json"]
+    assert json.loads((art / "manifest.json").read_text()) == {"schema": SCHEMA}
+
+
 # ---- one rule for an output file, in every CLI, up front ------------------------------------------------
 def test_dash_is_refused_by_every_cli(native, arts, tmp_path, capsys, monkeypatch):  # noqa: F811
     """'-' is no file name here (no CLI writes to standard output): refused by iia-run, iia-sample, iia-bench,

@@ -528,6 +528,92 @@ def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monk
         run_cli(boom)
 
 
+CONSOLE = "import sys\nsys.path.insert(0, sys.argv[1])\nfrom iia.cli import _entry\nsys.exit(_entry(sys.argv[2], 'main')())"
+
+
+def _console_script(tmp_path, name: str, source: str) -> subprocess.CompletedProcess:
+    """A console script (iia.cli._entry, as pyproject's) whose CLI module is `source`, run in a child process."""
+    (tmp_path / f"{name}.py").write_text(source)
+    return subprocess.run([sys.executable, "-c", CONSOLE, str(tmp_path), name], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_sigterm_while_a_console_script_imports_is_one_line(tmp_path):
+    """iia-compile and iia-calibrate import torch with their CLI module: SIGTERM then exited 143 with nothing said."""
+    proc = _console_script(tmp_path, "slow_cli", "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
+                                                 "time.sleep(60)\n")
+    assert (proc.returncode, proc.stderr) == (143, "terminated (SIGTERM): no output was written\n")
+
+
+@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, "interrupted"),
+                                                 ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_an_interrupt_after_the_work_returned_says_the_output_is_complete(tmp_path, signame, code, said):
+    """`timeout -s INT 2.1 iia-compile ...` that lands after w1/ was published, as the process ends (the
+    interpreter's teardown: SIGINT's default action again), exited 130 with no line: it says what is complete."""
+    source = ("import atexit, os, signal, time\nfrom pathlib import Path\nfrom iia.cli import run_cli, written\n\n"
+              "def work(argv):\n    Path('w1').mkdir()\n    written('w1')\n    print('wrote w1/')\n    return 0\n\n"
+              f"def late():  # the interrupt as the process ends, after run_cli returned\n"
+              f"    os.kill(os.getpid(), signal.{signame})\n    time.sleep(60)\n\n"
+              "atexit.register(late)\n\ndef main():\n    return run_cli(work, [])\n")
+    proc = _console_script(tmp_path, "quick_cli", source)
+    assert (proc.returncode, proc.stdout) == (code, "wrote w1/\n")
+    assert proc.stderr == f"{said} after w1/ was written (it is complete)\n"
+
+
+@pytest.mark.parametrize("main, argv, needles", [
+    (accuracy_main, ["--peers", "dpm++2m,heun", "--solvers", "ipndm", "--nfe", "5", "--budget", "5"],
+     ["--budget bounds the auto search", "--solvers ipndm runs none"]),
+    (bench_main, ["DIR", "--no-eager", "--model", "x.pkl"], ["--no-eager", "--model does not apply"]),
+    (bench_main, ["DIR", "--no-eager", "--eager-dtype", "float64"], ["--no-eager", "--eager-dtype does not apply"]),
+    (compile_main, ["gmm", "--nfe", "1"], ["--nfe 1: no solver family of --solver auto", "(the fewest any spends: 2)"]),
+    (compile_main, ["gmm", "--solver", "edm", "--nfe", "4"], ["--nfe 4: solver 'edm' needs an odd NFE"]),
+    (compile_main, ["gmm", "--solver", "iia-edm", "--nfe", "9", "--reference-steps", "2"],
+     ["--reference-steps 2: a reference coarser than twice the sampler's NFE 9", "at least 18"]),
+    ("calibrate", ["gmm", "--solver", "iia-edm", "--nfe", "9", "--reference-steps", "2"],
+     ["--reference-steps 2: a reference coarser than twice the sampler's NFE 9"]),
+    ("calibrate", ["gmm", "--solver", "iia-edm", "--nfe", "4"], ["--nfe 4: solver 'iia-edm' needs an odd NFE"]),
+    (accuracy_main, ["--solvers", "edm", "--nfe", "4,6"], ["--solvers edm --nfe 4,6: no listed solver", "odd NFE"]),
+    (accuracy_main, ["--solvers", "iia-edm", "--nfe", "5,7", "--reference-steps", "12"],
+     ["--reference-steps 12", "NFE 7"]),
+    (compile_main, ["digits:x=1"], ["model 'digits:x=1': unknown option 'x'"]),
+    (compile_main, ["gmm", "--solver", "edm", "--nfe", "5", "--guide", "nope.pkl", "--guidance", "2"],
+     ["--guide nope.pkl: model 'nope.pkl' not found"]),
+])
+def test_what_would_do_nothing_or_cannot_work_is_refused_by_flag(main, argv, needles, tmp_path, capsys):
+    """A flag the run would ignore (--budget without auto, the eager loop's flags with --no-eager), an NFE no
+    solver takes, a reference too coarse to judge, an option of the bundled model: one line naming it, before any
+    work."""
+    from iia.calibration.cli import calibrate_main
+
+    main = calibrate_main if main == "calibrate" else main
+    start = time.perf_counter()
+    rc = main([str(tmp_path / "nothing") if a == "DIR" else a for a in argv]
+              + (["--out", str(tmp_path / "o")] if main in (compile_main, calibrate_main) else []))
+    one_line_error(capsys, rc, *needles)
+    assert time.perf_counter() - start < 10 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("module, name, argv, prog", [
+    ("iia.compiler.cli", "main", ["gmm", "--budge", "30"], "iia-compile"),
+    ("iia.calibration.cli", "calibrate_main", ["gmm", "--forc"], "iia-calibrate"),
+    ("iia.evaluation.cli", "accuracy_main", ["--solver", "edm"], "iia-accuracy"),
+    ("iia.evaluation.cli", "bench_main", ["DIR", "--iter", "3"], "iia-bench"),
+    ("iia.runtime.cli", "sample_main", ["DIR", "--thread", "1"], "iia-sample"),
+    ("iia.evaluation.quality", "main", ["digits", "--jso", "q.json"], "iia-quality"),
+    ("iia.compiler.triton", "main", ["DIR", "--repo", "r", "--forc"], "iia-export-triton"),
+])
+def test_flags_are_spelled_out_and_usage_errors_are_one_line(module, name, argv, prog, capsys):
+    """`--budge 30` ran as --budget 30 (argparse's abbreviations); a usage error printed a 14-line usage block."""
+    import importlib
+
+    main = getattr(importlib.import_module(module), name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    extra = " ".join(argv[-2:] if argv[-1][0] != "-" else argv[-1:])  # the abbreviation (and its value)
+    assert capsys.readouterr().err == f"{prog}: error: unrecognized arguments: {extra} (see {prog} --help)\n"
+
+
 def test_bench_without_torch_skips_eager_with_a_note(art):
     code = ("import sys\nsys.modules['torch'] = None\nfrom iia.evaluation.cli import bench_main\n"
             f"sys.exit(bench_main([{str(art)!r}, '--batch', '1', '--warmup', '0', '--iters', '2']))")

@@ -17,6 +17,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from iia.cli import cli_parser
+
 from .classifier import BUNDLED_CLASSIFIER, FORMAT, DigitClassifier
 from .data import SPLIT_SEED, load_digits_tensors, random_shift, train_test_indices
 
@@ -28,7 +30,8 @@ def accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m iia.models.zoo.train_classifier", __doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=BUNDLED_CLASSIFIER)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=60)

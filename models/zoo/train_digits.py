@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from iia.cli import cli_parser
+
 from . import BUNDLED_DIGITS
 from .classifier import FORMAT
 from .data import load_digits_tensors, random_shift
@@ -67,7 +69,8 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, step: int, halflife_s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("python -m iia.models.zoo.train_digits", __doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=BUNDLED_DIGITS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=7000)
