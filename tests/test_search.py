@@ -299,7 +299,6 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     cached per granule (model, first image, count, start sigma, integrator, steps): a search at another NFE
     computes none again, and a corrupt entry is dropped, named and remade."""
     from iia.calibration.references import GRANULE
-    from iia.calibration.search_rounds import REFINE_FACTORS
 
     opts = SearchOptions(budget_s=None, batch=16, families=("ipndm", "deis-2"), max_evals=4, max_iter=2,
                          local=False, rounds=1)  # (later rounds' references: tests/test_search_rounds.py)
@@ -318,8 +317,7 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     assert "error of its 64 unipc-3 steps" in check and "(measured)" in check, check
     assert any("calibration references: 16 noises (0 from the cache, 16 computed)" in line for line in first)
     entries = sorted(tmp_path.glob("reference-*.npy"))
-    # the held-out noises, the calibration noises and the further ones the global fits were refined on
-    assert len(entries) == (REFINE_FACTORS[0] * 16 + 32) // GRANULE
+    assert len(entries) == (16 + 32) // GRANULE
     auto_search(gmm, 5, opts, cal, log=second.append, reference_cache=tmp_path)
     assert any("calibration references: 16 noises (16 from the cache, 0 computed)" in line for line in second), second
     assert any("held-out references: 32 noises (32 from the cache, 0 computed)" in line for line in second), second
@@ -843,36 +841,3 @@ def test_on_busy_cores_pytorch_runs_on_one_thread(monkeypatch):
     assert inside == 1 and after == max(2, before), (inside, after, lines)
     assert len(lines) == 1 and lines[0].startswith("  PyTorch on 1 thread, not ") and "OMP_NUM_THREADS" in lines[0]
     assert kept == max(2, before) and told == []
-
-
-def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
-    """A global fit on the first round's noises continues on 4x as many (the same first ones, then the next
-    images, references computed for the new ones only): in its place, never worse on the larger set, said so."""
-    from iia.calibration.evalset import draw_noise, EvalSet
-    from iia.calibration.fit import CalibrationOptions as Cal
-    from iia.calibration.references import INTEGRATOR, compute
-    from iia.calibration.search_fits import global_candidate
-    from iia.calibration.search_plan import Clock, ReferencePlan
-    from iia.calibration.search_rounds import REFINE_FACTORS, larger_calibration, refine_fits
-    from iia.calibration.search_space import Candidate
-    from iia.calibration.search_timing import Pace
-
-    cal, steps = Cal(seed=3), 32
-    noise, labels = draw_noise(gmm, 24, cal.seed)
-    refs, _ = compute(gmm, noise, labels, cal.seed, steps, None, lambda s: None, 24)
-    calib = EvalSet(gmm, noise, labels, steps, INTEGRATOR)
-    calib.set_reference(None, refs)
-    plan = ReferencePlan(24, 32, steps, "", rate=1e-6, cost=lambda n: 1e-6 * n)
-    opts = SearchOptions(budget_s=None, max_iter=6)
-    on = Candidate("ipndm", "sigma_min", "karras", "base", program_for(gmm, "ipndm", 5, 1, "karras", "sigma_min"))
-    fit, _ = global_candidate(gmm, on, calib, opts, None, lambda s: None)
-    lines = []
-    [refined] = refine_fits(gmm, [fit], calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append)
-    m = REFINE_FACTORS[0] * 24
-    big = larger_calibration(gmm, calib, cal, m, plan, None, lambda s: None)
-    whole, _ = compute(gmm, *draw_noise(gmm, m, cal.seed), cal.seed, steps, None, lambda s: None, m)
-    assert torch.equal(big.noise[:24], calib.noise) and torch.allclose(big.reference, whole, rtol=0, atol=1e-12)
-    assert refined.label == fit.label and refined.program.coefficients() != fit.program.coefficients()
-    loss = {c.label + str(i): float((big.errors(c.program) ** 2).mean()) for i, c in enumerate((fit, refined))}
-    assert loss[refined.label + "1"] <= loss[fit.label + "0"] * (1 + 1e-9), loss
-    assert refined.note.endswith(f"on {m} noises") and len(lines) == 1 and f"refined on {m} calibration" in lines[0]
