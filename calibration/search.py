@@ -43,7 +43,7 @@ from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HO
 from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
-from .search_rounds import ROUND_SLACK, fit_rounds
+from .search_rounds import refine_fits, ROUND_SLACK, fit_rounds
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .solvers import Program, linear_name, valid_nfe
 
@@ -59,8 +59,9 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # bases far worse than the best are not scored on held-out noise, the prior's fits first, the pace over the latest
 # ~15 s of work, no learned schedule for a model whose round_sigma snaps to a table; 6: the lead's global fit in the
 # linear form too where time is left, and in each round; 7: a cheap model's calibration noises grown to what its
-# fits afford, up to 4096).
-SEARCH_VERSION = 7
+# fits afford, up to 4096; 8: global fits refined on 2-4x the calibration noises where time is left, a fit the
+# float32 graph cannot reproduce is refused, PyTorch on 1 thread on busy cores).
+SEARCH_VERSION = 8
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
@@ -375,6 +376,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
         learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
         fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits, per_holdout,
                               0.95 if counts.karras else 0.6)
+        fitted = refine_fits(denoiser, fitted, calib, opts, cal, plan, clock, pace, reference_cache, log)
         cands += learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,
                                             per_holdout, reference_cache, log)
     elif opts.budget_s is not None and opts.budget_s < MIN_FIT_BUDGET_S:

@@ -141,7 +141,7 @@ def global_candidate(denoiser: Denoiser, on: Candidate, calib: EvalSet, opts: Se
     program, info = fit_global(denoiser, program, calib, opts.loss, max_iter=opts.max_iter, deadline=deadline,
                                on_eval=FitProgress(what, log, opts.max_iter, deadline))
     return Candidate(on.family, on.final, on.schedule, kind, program, info["loss"], seconds=info["seconds"],
-                     note=f"{info['evals']} evals", round=round), info
+                     note=f"{info['evals']} evals", round=round, evals=info["evals"]), info
 
 
 class GradDenoiser:

@@ -19,7 +19,10 @@ time left.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from iia.cli import Ticker
 from iia.models.base import Denoiser
@@ -28,7 +31,7 @@ from .evalset import EvalSet, draw_noise
 from .fit import CalibrationOptions
 from .references import INTEGRATOR, compute, reference_batch
 from .sampling import reference_calls
-from .search_fits import global_candidate, schedule_candidate
+from .search_fits import fit_global, global_candidate, schedule_candidate
 from .search_plan import Clock, ReferencePlan
 from .search_timing import Pace
 from .search_space import Candidate, SearchOptions
@@ -101,4 +104,69 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fits: list[Ca
         log(f"  {', '.join(what)}, {time.perf_counter() - t0:.1f} s")
     else:
         log(f"  rounds: {opts.rounds} of {opts.rounds} (SearchOptions.rounds)")
+    return out
+
+
+# A global fit on the first round's calibration noises (128 for a network) overfits them; continued on 4x as many
+# (the same first ones and the next images) for REFINE_ITER L-BFGS iterations it generalises: digits NFE 9, iPNDM
+# learned schedule, 2000 test noises: 0.0239 fitted on 128 -> 0.0194 (8 iterations, 11 s) / 0.0174 (16, 19 s) on
+# 512, where a fit from scratch on 512 took 64 s for 0.0180
+REFINE_FACTORS, REFINE_ITER, MAX_REFINE_NOISES = (4, 2), 16, 4096
+
+
+def larger_calibration(denoiser: Denoiser, calib: EvalSet, cal: CalibrationOptions, n: int, plan: ReferencePlan,
+                       cache: Path | None, log) -> EvalSet:
+    """`calib` (images seed .. seed + len - 1) and the next n - len images, with their references (computed for
+    the new ones only, cached like the first round's)."""
+    have = len(calib)
+    noise, labels = draw_noise(denoiser, n - have, cal.seed + have)
+    refs, info = compute(denoiser, noise, labels, cal.seed + have, plan.steps, cache, log,
+                         reference_batch(plan.rate, reference_calls(INTEGRATOR, plan.steps), n - have), None,
+                         Ticker(f"references of {n - have} more calibration noises", log))
+    log(f"  references of {n - have} more calibration noises ({info['cached']} from the cache, {info['computed']} "
+        f"computed)")
+    es = EvalSet(denoiser, torch.cat([calib.noise, noise]),
+                 None if labels is None else torch.cat([calib.labels, labels]), plan.steps, INTEGRATOR)
+    es.set_reference(None, torch.cat([calib.reference, refs]))
+    return es
+
+
+def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts: SearchOptions,
+                cal: CalibrationOptions, plan: ReferencePlan, clock: Clock, pace: Pace, cache: Path | None,
+                log) -> list[Candidate]:
+    """`fits` (the first round's global fits, the lead first), each continued from its coefficients for
+    REFINE_ITER L-BFGS iterations on REFINE_FACTORS x the calibration noises (the largest the time left affords,
+    at most MAX_REFINE_NOISES; `larger_calibration`) in its place, while the clock affords it (its time scaled from
+    what the fit took per evaluation); the others as they were. The refined fit starts where the fit ended and keeps
+    its best iterate on the larger set, which holds the first: never worse there."""
+    out, big = [], None
+    for c in fits:
+        per_eval = c.seconds / max(c.evals, 1)
+        sizes = [f * len(calib) for f in REFINE_FACTORS if f * len(calib) <= MAX_REFINE_NOISES]
+        need = {m: (0.0 if big is not None and len(big) >= m else
+                    pace.predict(m - len(calib), reference_calls(INTEGRATOR, plan.steps)))
+                + 1.25 * REFINE_ITER * per_eval * m / len(calib) for m in sizes}
+        m = next((m for m in sizes if clock.deadline is None or need[m] <= clock.remaining()), None)
+        if m is None or c.evals == 0:
+            out.append(c)
+            continue
+        t0 = time.perf_counter()
+        if big is None or len(big) < m:
+            big = larger_calibration(denoiser, calib, cal, m, plan, cache, log)
+        data = big if len(big) == m else _first(big, m)
+        program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=REFINE_ITER,
+                                   deadline=_until(clock, 1.5 * need[m]))
+        out.append(replace(c, program=program, calib_loss=info["loss"], seconds=c.seconds + info["seconds"],
+                           note=f"{c.note}, then {info['evals']} on {m} noises"))
+        clock.lap("global fits", t0)
+        log(f"  {c.label} refined on {m} calibration noises: loss {info['loss_base']:.4g} -> {info['loss']:.4g} "
+            f"({info['evals']} evals, {time.perf_counter() - t0:.1f} s{', cut short by the budget' if info['cut'] else ''})")
+    return out
+
+
+def _first(es: EvalSet, m: int) -> EvalSet:
+    """The first m noises of `es` with their references."""
+    out = EvalSet(es.denoiser, es.noise[:m], None if es.labels is None else es.labels[:m], es.reference_steps,
+                  es.integrator)
+    out.set_reference(None, es.reference[:m])
     return out

@@ -77,6 +77,7 @@ class Candidate:
     seconds: float = 0.0
     note: str = ""
     round: int = 1  # the fit round whose calibration noises fitted it (`search_rounds`); 1 for bases
+    evals: int = 0  # a fit's evaluations (what its `seconds` bought; `search_rounds.refine_fits` scales by it)
 
     @property
     def label(self) -> str:

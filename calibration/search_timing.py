@@ -31,23 +31,25 @@ def time_call(denoiser: Denoiser, m: int) -> float:
     return time.perf_counter() - t0
 
 
-# On a busy machine PyTorch's intra-op threads wait on each other: with another process on both cores, one call
-# of the digits model on 2 noises took 1.26 s with 2 threads and 0.004 s with 1 (gmm on 32: 0.04 s vs 0.0002 s);
+# On a busy machine PyTorch's intra-op threads wait on each other: with another PyTorch process on both cores, one
+# call of the digits model on 2 noises took 1.26 s with 2 threads and 0.004 s with 1 (gmm on 32: 0.04 s vs 0.0002
+# s; beside two processes of 1024 x 1024 matmuls on 2 threads: 0.02-0.9 s vs 0.004-0.03 s, varying by the call);
 # the search's plan then dropped the search or its fits, and the parity check took 23 s instead of 0.2 s
 FEWER_THREADS_GAIN = 2.0  # one thread is used when it runs a call at least this many times faster
 THREADS_CHECKED_BELOW_S = 2.0  # a call at the default count above this: a model large enough to use its threads
 
 
 def _one_thread_faster(denoiser: Denoiser, threads: int) -> tuple[float, float] | None:
-    """(seconds of a call on PROBE_BATCH noises with 1 thread, with `threads`; the fastest of 2 each after a
-    warm-up) when 1 thread is FEWER_THREADS_GAIN x faster; else None. Leaves `threads` set."""
+    """(seconds of a call on PROBE_BATCH noises with 1 thread, with `threads`; the median of 3 each after a
+    warm-up: the waits come and go) when 1 thread is FEWER_THREADS_GAIN x faster; else None. Leaves `threads`
+    set."""
     time_call(denoiser, PROBE_BATCH)  # warm-up
-    many = min(time_call(denoiser, PROBE_BATCH) for _ in range(2))
+    many = sorted(time_call(denoiser, PROBE_BATCH) for _ in range(3))[1]
     if many > THREADS_CHECKED_BELOW_S:
         return None
     torch.set_num_threads(1)
     try:
-        one = min(time_call(denoiser, PROBE_BATCH) for _ in range(2))
+        one = sorted(time_call(denoiser, PROBE_BATCH) for _ in range(3))[1]
     finally:
         torch.set_num_threads(threads)
     return (one, many) if one * FEWER_THREADS_GAIN <= many else None
