@@ -153,16 +153,22 @@ def cli_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser
 
 @contextmanager
 def signals_deferred():
-    """Hold SIGINT/SIGTERM until the block ends (a rename pair that must not be split); delivered after."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT/SIGTERM until the block ends (a rename pair that must not be split); delivered after, to the
+    handlers before. Python runs signal handlers in the main thread whichever thread the kernel gave the signal
+    to, so the block swaps the handlers (a signal mask covers the calling thread only: a process-directed SIGINT
+    taken by a PyTorch or ONNX Runtime worker thread still interrupted the block)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in caught[:1]:
+            signal.raise_signal(s)
 
 
 def default_output(model, solver: str, nfe: int, suffix: str = "") -> Path:

@@ -702,3 +702,30 @@ def test_graph_without_iia_metadata_is_named(copy):
     edit_manifest(copy, lambda m: None, rehash=["sampler.onnx"])
     with pytest.raises(ArtifactError, match="records no iia graph metadata"):
         load(copy)
+
+
+def test_a_signal_another_thread_takes_still_waits_for_the_deferred_block():
+    """A process-directed Ctrl-C may be taken by any thread (PyTorch's and ONNX Runtime's workers); Python runs the
+    handler in the main thread at its next step. A signal mask on the main thread alone let it interrupt the
+    publish-and-record block; the block now holds it and delivers it after."""
+    import signal
+    import threading
+    import time
+
+    from iia.cli import signals_deferred
+
+    ready, stop = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (ready.set(), stop.wait(10)))
+    worker.start()
+    ready.wait()
+    order = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                signal.pthread_kill(worker.ident, signal.SIGINT)
+                time.sleep(0.3)  # the main thread would run the handler here
+                order.append("block ended")
+    finally:
+        stop.set()
+        worker.join()
+    assert order == ["block ended"]
