@@ -133,13 +133,15 @@ def larger_calibration(denoiser: Denoiser, calib: EvalSet, cal: CalibrationOptio
 
 def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts: SearchOptions,
                 cal: CalibrationOptions, plan: ReferencePlan, clock: Clock, pace: Pace, cache: Path | None,
-                log) -> list[Candidate]:
+                log, kept: dict | None = None) -> list[Candidate]:
     """`fits` (the first round's global fits, the lead first), each continued from its coefficients for
     REFINE_ITER L-BFGS iterations on REFINE_FACTORS x the calibration noises (the largest the time left affords,
     at most MAX_REFINE_NOISES; `larger_calibration`) in its place, while the clock affords it (its time scaled from
     what the fit took per evaluation); the others as they were. The refined fit starts where the fit ended and keeps
-    its best iterate on the larger set, which holds the first: never worse there."""
-    out, big = [], None
+    its best iterate on the larger set, which holds the first: never worse there. `kept`: where the larger set is
+    kept for the next call (its references computed once)."""
+    kept = {} if kept is None else kept
+    out, big = [], kept.get("calibration")
     for c in fits:
         per_eval = c.seconds / max(c.evals, 1)
         sizes = [f * len(calib) for f in REFINE_FACTORS if f * len(calib) <= MAX_REFINE_NOISES]
@@ -152,7 +154,7 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
             continue
         t0 = time.perf_counter()
         if big is None or len(big) < m:
-            big = larger_calibration(denoiser, calib, cal, m, plan, cache, log)
+            big = kept["calibration"] = larger_calibration(denoiser, calib, cal, m, plan, cache, log)
         data = big if len(big) == m else _first(big, m)
         program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=REFINE_ITER,
                                    deadline=_until(clock, 1.5 * need[m]))

@@ -36,35 +36,46 @@ def time_call(denoiser: Denoiser, m: int) -> float:
 # s; beside two processes of 1024 x 1024 matmuls on 2 threads: 0.02-0.9 s vs 0.004-0.03 s, varying by the call);
 # the search's plan then dropped the search or its fits, and the parity check took 23 s instead of 0.2 s
 FEWER_THREADS_GAIN = 2.0  # one thread is used when it runs a call at least this many times faster
-THREADS_CHECKED_BELOW_S = 2.0  # a call at the default count above this: a model large enough to use its threads
+THREADS_CHECK_SHARE, THREADS_CHECK_S = 0.02, 2.0  # of --budget at most (without one: seconds) for that check
 
 
-def _one_thread_faster(denoiser: Denoiser, threads: int) -> tuple[float, float] | None:
-    """(seconds of a call on PROBE_BATCH noises with 1 thread, with `threads`; the median of 3 each after a
-    warm-up: the waits come and go) when 1 thread is FEWER_THREADS_GAIN x faster; else None. Leaves `threads`
-    set."""
-    time_call(denoiser, PROBE_BATCH)  # warm-up
-    many = sorted(time_call(denoiser, PROBE_BATCH) for _ in range(3))[1]
-    if many > THREADS_CHECKED_BELOW_S:
-        return None
-    torch.set_num_threads(1)
+def _one_thread_faster(denoiser: Denoiser, threads: int, limit: float) -> tuple[float, float] | None:
+    """(seconds of a call on PROBE_BATCH noises with 1 thread, with `threads`: the median of up to 3 each, in
+    turns after a warm-up on 1 thread, as many as `limit` seconds allow) when 1 thread is FEWER_THREADS_GAIN x
+    faster; else None (also when the warm-up took over a quarter of `limit`). Leaves `threads` set."""
+    started = time.perf_counter()
+    one: list[float] = []
+    many: list[float] = []
     try:
-        one = sorted(time_call(denoiser, PROBE_BATCH) for _ in range(3))[1]
+        torch.set_num_threads(1)  # the warm-up on 1 thread: on busy cores a call on more can take 100x as long
+        if time_call(denoiser, PROBE_BATCH) > limit / 4:  # a call too slow to time several of
+            return None
+        while len(one) < 3 and time.perf_counter() - started + 2 * max(one + many, default=0.0) <= limit:
+            torch.set_num_threads(1)
+            one.append(time_call(denoiser, PROBE_BATCH))
+            torch.set_num_threads(threads)
+            many.append(time_call(denoiser, PROBE_BATCH))
     finally:
         torch.set_num_threads(threads)
-    return (one, many) if one * FEWER_THREADS_GAIN <= many else None
+    if not one:
+        return None
+    mid = sorted(one)[len(one) // 2], sorted(many)[len(many) // 2]
+    return mid if mid[0] * FEWER_THREADS_GAIN <= mid[1] else None
 
 
 @contextmanager
-def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None]) -> Iterator[None]:
+def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None],
+                         budget_s: float | None = None) -> Iterator[None]:
     """PyTorch on 1 intra-op thread inside the block, when a call on a CPU runs FEWER_THREADS_GAIN x faster so
-    (the other cores are busy: see there), said in one line; the count before is restored after. Nothing is
-    changed where OMP_NUM_THREADS is set (the user's count), on a GPU, or at 1 thread already."""
+    (the other cores are busy: see there), said in one line; the count before is restored after. The check takes
+    at most THREADS_CHECK_SHARE of `budget_s` (THREADS_CHECK_S without one). Nothing is changed where
+    OMP_NUM_THREADS is set (the user's count), on a GPU, or at 1 thread already."""
     threads = torch.get_num_threads()
     if threads <= 1 or os.environ.get("OMP_NUM_THREADS") or denoiser.device.type != "cpu":
         yield
         return
-    faster = _one_thread_faster(denoiser, threads)
+    limit = THREADS_CHECK_S if budget_s is None else THREADS_CHECK_SHARE * budget_s
+    faster = _one_thread_faster(denoiser, threads, limit)
     if faster is None:
         yield
         return

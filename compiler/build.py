@@ -51,7 +51,8 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     with Staging(out, "--out", CompileError, log) as work, ExitStack() as pytorch:
         job = stages.Job(opts, work, log, progress)
         loaded = stages.load(model, job)
-        pytorch.enter_context(busy_machine_threads(loaded.denoiser, log))  # the search's and the parity check's
+        # the search's and the parity check's PyTorch work (the check is within the search's budget share)
+        pytorch.enter_context(busy_machine_threads(loaded.denoiser, log, opts.budget_s))
         coefficients = stages.coefficients(loaded, job)
         scales = coefficients.scales  # a guidance range: the plan with per-node weights
         write_json_atomic(work / PROGRAM, program_json(scales.plan() if scales else coefficients.program.plan()))
