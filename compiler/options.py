@@ -109,8 +109,8 @@ READ_BY_FITTED_SOLVER = ("steps", "fit", "seed", "guard", "reference", "research
 
 
 def static_batches(opts: CompileOptions) -> list[int]:
-    """--static-batch as sorted distinct ints in 1..max_batch, at most MAX_STATIC_BATCHES of them (the runtimes'
-    bound); CompileError naming the flag otherwise."""
+    """--static-batch as sorted distinct ints in 1..max_batch (each given once), at most MAX_STATIC_BATCHES of them
+    (the runtimes' bound); CompileError naming the flag otherwise."""
     text = opts.static_batch
     if text is None:
         return []
@@ -124,7 +124,10 @@ def static_batches(opts: CompileOptions) -> list[int]:
     bad = [v for v in values if not 1 <= v <= opts.max_batch]
     if bad:
         raise CompileError(f"--static-batch {bad[0]} is outside 1..--max-batch {opts.max_batch}")
-    sizes = sorted(set(values))
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:  # a typo as "1,,3" is: refused, not merged
+        raise CompileError(f"--static-batch gives {twice[0]} more than once ({text!r}); give each batch size once")
+    sizes = sorted(values)
     if len(sizes) > MAX_STATIC_BATCHES:
         raise CompileError(f"--static-batch gives {len(sizes)} batch sizes; the runtimes load at most "
                            f"{MAX_STATIC_BATCHES} (manifest static_batches)")

@@ -241,6 +241,7 @@ def test_compile_refuses_calibration_flags_with_coefficients(tmp_path, capsys):
     (["--solver", "edm", "--precision", "fp16"], "--precision fp16 sets the TensorRT engine's precision; --no-engine"),
     (["--solver", "edm", "--static-batch", "1,,3"], "--static-batch must be comma-separated batch sizes, got '1,,3'"),
     (["--solver", "edm", "--static-batch", " "], "--static-batch ' ' gives no batch sizes"),
+    (["--solver", "edm", "--static-batch", "8,1,8"], "--static-batch gives 8 more than once ('8,1,8')"),
 ])
 def test_compile_refuses_flags_the_chosen_path_ignores(tmp_path, capsys, argv, match):
     """A flag the chosen solver would not use is refused by name before anything is computed or written."""
