@@ -379,8 +379,11 @@ def _finish(rc: int) -> int:
     def late(signum, frame):
         os._exit(_late_interrupt(signum))
 
-    signal.signal(signal.SIGINT, late)
-    signal.signal(signal.SIGTERM, late)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # a signal the parent set to be ignored stays ignored (a script's background job without job control
+        # ignores Ctrl-C, as POSIX has it, for the whole run: so here too)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, late)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -729,3 +729,21 @@ def test_a_signal_another_thread_takes_still_waits_for_the_deferred_block():
         stop.set()
         worker.join()
     assert order == ["block ended"]
+
+
+def test_a_console_script_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """A script's background job (`iia-compile ... &` without job control) starts with SIGINT ignored, as POSIX
+    has it: Ctrl-C then passes over the whole run, and the end of the run (where the console script puts its own
+    handler) must not start honouring it: the work completes, 0."""
+    import signal
+
+    source = ("import atexit, os, signal\nfrom pathlib import Path\nfrom iia.cli import run_cli, written\n\n"
+              "def work(argv):\n    os.kill(os.getpid(), signal.SIGINT)\n    Path('w1').mkdir()\n    written('w1')\n"
+              "    print('wrote w1/')\n    return 0\n\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n\n"
+              "def main():\n    return run_cli(work, [])\n")
+    (tmp_path / "ignoring_cli.py").write_text(source)
+    proc = subprocess.run([sys.executable, "-c", CONSOLE, str(tmp_path), "ignoring_cli"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "wrote w1/\n", ""), proc
