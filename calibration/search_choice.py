@@ -65,7 +65,7 @@ def choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = L
         if stray is None:
             chosen = c
             break
-        c.holdout.update(eligible=False, float32_stray=stray)
+        c.holdout.update(eligible=False, float32_stray=stray[0], float32_stray_base=stray[1])
     clock.lap("held-out scoring", t0)
     return chosen
 
@@ -91,10 +91,10 @@ def _stray(program, hold) -> tuple[float, float]:
     return float((x32 - x64).abs().max()), max(1.0, float(x64.abs().max()))
 
 
-def float32_stray(c: Candidate, base: Candidate, hold) -> float | None:
+def float32_stray(c: Candidate, base: Candidate, hold) -> tuple[float, float] | None:
     """None when `c` can ship as the float32 graph computes it: a base, a fit with coefficients of its base's size
     (LARGE_COEFFICIENT), or one whose float32 run strays from float64 at most STRAY_FACTOR x its base's and
-    FLOAT32_STRAY of the output's scale; else that stray relative to the output's scale."""
+    FLOAT32_STRAY of the output's scale; else (that stray, its base's), relative to the output's scale."""
     if c is base:
         return None
     biggest = max((abs(v) for step in c.program.coefficients() for v in step), default=0.0)
@@ -103,7 +103,8 @@ def float32_stray(c: Candidate, base: Candidate, hold) -> float | None:
         return None
     stray, scale = _stray(c.program, hold)
     base_stray, _ = _stray(base.program, hold)
-    return None if stray <= max(STRAY_FACTOR * base_stray, FLOAT32_STRAY * scale) else stray / scale
+    return None if stray <= max(STRAY_FACTOR * base_stray, FLOAT32_STRAY * scale) else (stray / scale,
+                                                                                      base_stray / scale)
 
 
 def checked_choice(chosen: Candidate, finalists: list[Candidate], plan, max_steps: int, default_cap: bool,
@@ -151,7 +152,8 @@ def format_table(table: list[dict]) -> str:
         why = [] if row["eligible"] or is_base else (
             [f"upper > {1 + row['tolerance']:g}"] * (row["ratio_upper"] > 1 + row["tolerance"])
             + ["no mean gain"] * (not row["mean_gain"])
-            + ([f"float32 strays {row['float32_stray']:.2g} of its scale"] if "float32_stray" in row else []))
+            + ([f"float32 strays {row['float32_stray']:.2g} of its scale, over {STRAY_FACTOR:g}x its base's "
+                 f"{row['float32_stray_base']:.2g} and {FLOAT32_STRAY:g}"] if "float32_stray" in row else []))
         lines.append(f"{row['candidate']:<40} {row['rmse']:>13.5f} {row['median']:>9.5f} {row['ratio_to_base']:>7.3f} "
                      f"{row['ratio_upper']:>7.3f} {gain:>9}  {'yes' if row['eligible'] else 'no'}"
                      f"{' (' + ', '.join(why) + ')' if why else ''}{mark}")
