@@ -91,15 +91,18 @@ def _stray(program, hold) -> tuple[float, float]:
     return float((x32 - x64).abs().max()), max(1.0, float(x64.abs().max()))
 
 
+def _largest(program) -> float:
+    """The largest |coefficient| of `program` (0 without any)."""
+    return max((abs(v) for step in program.coefficients() for v in step), default=0.0)
+
+
 def float32_stray(c: Candidate, base: Candidate, hold) -> tuple[float, float] | None:
     """None when `c` can ship as the float32 graph computes it: a base, a fit with coefficients of its base's size
     (LARGE_COEFFICIENT), or one whose float32 run strays from float64 at most STRAY_FACTOR x its base's and
     FLOAT32_STRAY of the output's scale; else (that stray, its base's), relative to the output's scale."""
     if c is base:
         return None
-    biggest = max((abs(v) for step in c.program.coefficients() for v in step), default=0.0)
-    if biggest <= LARGE_COEFFICIENT * max(1.0, max((abs(v) for step in base.program.coefficients() for v in step),
-                                                   default=0.0)):
+    if _largest(c.program) <= LARGE_COEFFICIENT * max(1.0, _largest(base.program)):
         return None
     stray, scale = _stray(c.program, hold)
     base_stray, _ = _stray(base.program, hold)

@@ -51,14 +51,20 @@ def round_calibration(denoiser: Denoiser, cal: CalibrationOptions, n: int, k: in
                       cache: Path | None, log) -> EvalSet:
     """Round k's n calibration noises with their references (`references.compute` on the plan's steps, in batches
     as the first round's: cached like them)."""
-    seed, steps = round_seed(cal, n, k), plan.steps
-    noise, labels = draw_noise(denoiser, n, seed)
-    refs, _ = compute(denoiser, noise, labels, seed, steps, cache, log,
-                      reference_batch(plan.rate, reference_calls(INTEGRATOR, steps), n), None,
-                      Ticker(f"round {k} references", log))
-    es = EvalSet(denoiser, noise, labels, steps, INTEGRATOR)
+    noise, labels, refs, _ = _referenced(denoiser, n, round_seed(cal, n, k), plan, cache, log, f"round {k} references")
+    es = EvalSet(denoiser, noise, labels, plan.steps, INTEGRATOR)
     es.set_reference(None, refs)
     return es
+
+
+def _referenced(denoiser: Denoiser, n: int, seed: int, plan: ReferencePlan, cache: Path | None, log, what: str):
+    """(noise, labels, references, compute's info) of images seed .. seed + n - 1 on the plan's steps
+    (`references.compute`, in batches as the first round's: cached like them; progress as `what`)."""
+    noise, labels = draw_noise(denoiser, n, seed)
+    refs, info = compute(denoiser, noise, labels, seed, plan.steps, cache, log,
+                         reference_batch(plan.rate, reference_calls(INTEGRATOR, plan.steps), n), None,
+                         Ticker(what, log))
+    return noise, labels, refs, info
 
 
 def _until(clock: Clock, seconds: float) -> float | None:
@@ -119,10 +125,8 @@ def larger_calibration(denoiser: Denoiser, calib: EvalSet, cal: CalibrationOptio
     """`calib` (images seed .. seed + len - 1) and the next n - len images, with their references (computed for
     the new ones only, cached like the first round's)."""
     have = len(calib)
-    noise, labels = draw_noise(denoiser, n - have, cal.seed + have)
-    refs, info = compute(denoiser, noise, labels, cal.seed + have, plan.steps, cache, log,
-                         reference_batch(plan.rate, reference_calls(INTEGRATOR, plan.steps), n - have), None,
-                         Ticker(f"references of {n - have} more calibration noises", log))
+    noise, labels, refs, info = _referenced(denoiser, n - have, cal.seed + have, plan, cache, log,
+                                            f"references of {n - have} more calibration noises")
     log(f"  references of {n - have} more calibration noises ({info['cached']} from the cache, {info['computed']} "
         f"computed)")
     es = EvalSet(denoiser, torch.cat([calib.noise, noise]),

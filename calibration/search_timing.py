@@ -71,21 +71,36 @@ def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None],
     at most THREADS_CHECK_SHARE of `budget_s` (THREADS_CHECK_S without one). Nothing is changed where
     OMP_NUM_THREADS is set (the user's count), on a GPU, or at 1 thread already."""
     threads = torch.get_num_threads()
-    if threads <= 1 or os.environ.get("OMP_NUM_THREADS") or denoiser.device.type != "cpu":
-        yield
+    if _checked or threads <= 1 or os.environ.get("OMP_NUM_THREADS") or denoiser.device.type != "cpu":
+        yield  # (inside an outer block, e.g. the search inside a compile: checked there already)
         return
     limit = THREADS_CHECK_S if budget_s is None else THREADS_CHECK_SHARE * budget_s
     faster = _one_thread_faster(denoiser, threads, limit)
     if faster is None:
-        yield
+        with _checking():
+            yield
         return
     log(f"  PyTorch on 1 thread, not {threads}: a denoiser call on {PROBE_BATCH} noises took {faster[0]:.2g} s on 1 "
         f"and {faster[1]:.2g} s on {threads} (other processes hold the cores; OMP_NUM_THREADS sets the count)")
     torch.set_num_threads(1)
     try:
-        yield
+        with _checking():
+            yield
     finally:
         torch.set_num_threads(threads)
+
+
+_checked = False  # inside a `busy_machine_threads` block that timed the threads
+
+
+@contextmanager
+def _checking() -> Iterator[None]:
+    global _checked
+    before, _checked = _checked, True
+    try:
+        yield
+    finally:
+        _checked = before
 
 
 def _chunked(per_call: Callable[[int], float]) -> Callable[[int], float]:
