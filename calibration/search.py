@@ -5,7 +5,8 @@ For one NFE, candidates = solver families x final-step convention x schedule (Ka
 schedule with base coefficients, learned schedules (`search_fits.learn_schedule`) and global fits
 (`search_fits.fit_global`) for the best of those, and the paper's local fit on the best base that has one; then,
 while the budget lasts, further rounds of the lead's schedule and global fit, each on fresh calibration noises
-(`search_rounds`: a fit depends on its draw of noises more than on its evaluation counts).
+(`search_rounds`: a fit depends on its draw of noises more than on its evaluation counts), and with what the rounds
+leave, the global fits continued on more calibration noises (`_refine_best`).
 All are scored on HELD-OUT noise; a candidate is eligible only if it passes the shipping rule against its own
 base (same family and final step, Karras, base coefficients: `shipping.judge`, a paired-bootstrap upper bound on
 the ratio of their RMSEs and a paired mean test); the eligible one with the lowest held-out RMSE ships. `SearchOptions.budget_s` bounds the whole search, references included: a timed denoiser call and the
@@ -43,7 +44,7 @@ from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HO
 from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
-from .search_rounds import refine_fits, ROUND_SLACK, fit_rounds
+from .search_rounds import FURTHER_FACTORS, REFINE_FACTORS, ROUND_SLACK, fit_rounds, refine_fits
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .solvers import Program, linear_name, valid_nfe
 
@@ -60,8 +61,10 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # ~15 s of work, no learned schedule for a model whose round_sigma snaps to a table; 6: the lead's global fit in the
 # linear form too where time is left, and in each round; 7: a cheap model's calibration noises grown to what its
 # fits afford, up to 4096; 8: global fits refined on 2-4x the calibration noises where time is left, a fit the
-# float32 graph cannot reproduce is refused, PyTorch on 1 thread on busy cores).
-SEARCH_VERSION = 8
+# float32 graph cannot reproduce is refused, PyTorch on 1 thread on busy cores; 9: global fits' coefficients
+# bounded to 10x their base's largest of the base, search_fits.coefficient_limit; the fits refined once more on 8x
+# the calibration noises with the time the rounds leave).
+SEARCH_VERSION = 9
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
@@ -242,6 +245,32 @@ def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock
                       log)
 
 
+def _fits(denoiser, nfe, bases, opts, cal, calib, plan, clock, pace, per_holdout, counts: FitCounts, cache,
+          log) -> list[Candidate]:
+    """The fit phase: learned schedules, global fits (refined on more calibration noises), the fit rounds, then
+    the fits refined once more with what the rounds left (`_refine_best`)."""
+    learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
+    kept: dict = {}  # the larger calibration set, made once
+
+    def refine(fits, factors=REFINE_FACTORS):
+        return refine_fits(denoiser, fits, calib, opts, cal, plan, clock, pace, cache, log, kept, factors)
+
+    fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits, per_holdout,
+                          refine, 0.95 if counts.karras else 0.6)
+    rounds = _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace, per_holdout, cache,
+                     log)
+    return learned + _refine_best(fitted, lambda fits: refine(fits, FURTHER_FACTORS)) + rounds
+
+
+def _refine_best(fitted: list[Candidate], refine: Callable[[list[Candidate]], list[Candidate]]) -> list[Candidate]:
+    """`fitted` refined once more with the time the rounds left (`refine`: `search_rounds.refine_fits` on
+    FURTHER_FACTORS x the calibration noises), the lowest calibration loss first (after the first refinement
+    they share one calibration set) while the time affords; in their order."""
+    order = sorted(range(len(fitted)), key=lambda i: fitted[i].calib_loss)
+    again = dict(zip(order, refine([fitted[i] for i in order])))
+    return [again[i] for i in range(len(fitted))]
+
+
 def _local_fit(denoiser, nfe, bases, opts, cal: CalibrationOptions, clock: Clock, log) -> list[Candidate]:
     """The paper's local fit on the best Karras base that supports it (final step "zero")."""
     if not opts.local:
@@ -376,13 +405,8 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
         FitCounts(0, 0)
     clock.reserve(fixed_s + per_holdout * (counts.schedules + counts.global_fits))
     if fits:
-        learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
-        kept: dict = {}  # the larger calibration set, made once
-        fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits, per_holdout,
-                              lambda fits: refine_fits(denoiser, fits, calib, opts, cal, plan, clock, pace,
-                                                       reference_cache, log, kept), 0.95 if counts.karras else 0.6)
-        cands += learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,
-                                            per_holdout, reference_cache, log)
+        cands += _fits(denoiser, nfe, bases, opts, cal, calib, plan, clock, pace, per_holdout, counts,
+                       reference_cache, log)
     elif opts.budget_s is not None and opts.budget_s < MIN_FIT_BUDGET_S:
         log(f"  learned schedules and global fits skipped: --budget {opts.budget_s:g} s is below {MIN_FIT_BUDGET_S:g} s "
             f"(loading their optimisers alone takes seconds)")

@@ -16,6 +16,7 @@ from iia.models.base import Denoiser
 from .evalset import EvalSet
 from .fit import CalibrationOptions, CalibrationResult
 from .references import reference_check
+from .search_fits import LARGE_COEFFICIENT
 from .search_plan import Clock
 from .search_space import Candidate, SearchOptions, own_base
 from .shipping import LEVEL, judge, rule_text
@@ -70,11 +71,11 @@ def choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = L
     return chosen
 
 
-# A fitted candidate whose largest coefficient is over this many times its base's (at least 1) is run once more in
-# float64 on a few held-out noises: large coefficients on small terms (a global fit's last step to sigma 0, 16
-# calibration noises: 3430 on iPNDM's newest term, whose base coefficient is 2.3) amplify float32 rounding, and the
-# graph, rounding in another order than PyTorch, then missed the parity check (gmm NFE 7: 0.0199 > 10x the floor)
-LARGE_COEFFICIENT = 10.0
+# A fitted candidate whose largest coefficient is over LARGE_COEFFICIENT times its base's (at least 1; the global
+# fit's soft limit, search_fits.coefficient_limit) is run once more in float64 on a few held-out noises: large
+# coefficients on small terms (a global fit's last step to sigma 0, 16 calibration noises, before that limit: 3430
+# on iPNDM's newest term, whose base coefficient is 2.3) amplify float32 rounding, and the graph, rounding in
+# another order than PyTorch, then missed the parity check (gmm NFE 7: 0.0199 > 10x the floor)
 # ... and refused when its float32 run strays from its float64 run by more than this many times its base's stray
 # (the parity check's allowance is 10x the float32 floor) and more than FLOAT32_STRAY of the output's scale
 STRAY_FACTOR, FLOAT32_STRAY, STRAY_NOISES = 10.0, 1e-5, 4

@@ -12,8 +12,8 @@ from the same noise (`EvalSet`), never a local per-step target.
   linear form, every state any combination of the noise and the denoiser outputs so far) fitted by L-BFGS,
   backpropagating through the
   executor (`sample_with_coefficients`) and the denoiser's own autograd, on unit-scaled coefficient offsets with
-  a ridge toward the base solver. Its memory is bounded (`gradient_plan`): the calibration noises are taken a
-  chunk at a time with the gradient accumulated, and where NFE calls' activations of a chunk would not fit, each
+  a ridge toward the base solver, each coefficient kept within `coefficient_limit` of its base. Its memory is
+  bounded (`gradient_plan`): the calibration noises are taken a chunk at a time with the gradient accumulated, and where NFE calls' activations of a chunk would not fit, each
   denoiser call is recomputed in the backward pass (torch.utils.checkpoint) instead of kept.
 Each stops at `deadline` (a time.perf_counter() value; None: only its evaluation count bounds it).
 """
@@ -282,17 +282,53 @@ def _unit_scales(program: Program, denoiser: Denoiser, calib: EvalSet, chunk: in
     return [torch.tensor([max(v, 1e-12) for v in step_rms], dtype=torch.float64) for step_rms in rms]
 
 
+# A fitted coefficient stays within LARGE_COEFFICIENT x the largest of its solver's base coefficients (at least 1)
+# of its base value (`fit_global`). The compiled graph merges each update into one combination of the states and
+# the denoiser outputs, where a large coefficient multiplies nearly equal tensors (an unbounded last step to sigma 0
+# on gmm: -2094 x iPNDM's newest slope, x + 2094 (x - D); DEIS-3's: 7129), and float32 rounding of each is
+# amplified as much. Bounded, on 8000 gmm test noises: iPNDM NFE 8 0.0349 (unbounded 0.0367), DEIS-3 NFE 7 0.0507
+# (a penalty past the limit instead stalled L-BFGS at its base, 0.0953). `search_choice` runs a fit with a
+# coefficient past LARGE_COEFFICIENT x its base's largest once more in float64 before shipping it.
+LARGE_COEFFICIENT = 10.0
+
+
+def coefficient_limit(program: Program) -> float:
+    """LARGE_COEFFICIENT x the largest |coefficient| of `program`'s solver with its base coefficients on its
+    sigmas (at least 1): how far a fit of `program` may move a coefficient from its base value."""
+    base = build_program(program.solver, program.sigmas, program.r)
+    return LARGE_COEFFICIENT * max(1.0, max((abs(v) for step in base.coefficients() for v in step), default=0.0))
+
+
+def bounded_coefficients(origin: torch.Tensor, limit: float, v: torch.Tensor) -> torch.Tensor:
+    """origin + limit * tanh(v / limit): v itself while |v| << limit, never `limit` or more from `origin` (a
+    smooth bound: L-BFGS's curvature model holds everywhere)."""
+    return origin + limit * torch.tanh(v / limit)
+
+
+def _start_offsets(start: torch.Tensor, origin: torch.Tensor, limit: float) -> torch.Tensor:
+    """The v of `bounded_coefficients` that gives `start` (clamped just inside the bound)."""
+    ratio = ((start - origin) / limit).clamp(-1 + 1e-12, 1 - 1e-12)
+    return limit * torch.atanh(ratio)
+
+
 def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str = "mse", ridge: float = 1e-4,
                max_iter: int = 60, chunk: int = 128, deadline: float | None = None,
                on_eval: Callable[[int], None] | None = None) -> tuple[Program, dict]:
     """Fit every step's coefficients to the end-to-end error on `calib` (L-BFGS, strong Wolfe line search);
-    `on_eval(evals)` after each evaluation (progress).
+    `on_eval(evals)` after each evaluation (progress). `program` gives the starting coefficients: its solver's
+    base ones, or an earlier fit's to continue.
 
-    Parametrisation c = c_base + u / s with s the basis term's RMS on the base trajectory (so u is the
-    state change it causes) and penalty ridge * |u|^2 in the loss's units. Returns (program, info).
+    Parametrisation c = `bounded_coefficients`(c_base, coefficient_limit, v_start + u / s) with c_base the
+    solver's base coefficients, v_start where the program's coefficients are and s the basis term's RMS on the
+    starting trajectory (so that u is about the state change it causes) and penalty ridge * |u|^2 in the loss's
+    units. Returns (program, info).
     """
     started = time.perf_counter()
-    base = [torch.tensor(s.coefficients, dtype=torch.float64) for s in program.steps]
+    start = [torch.tensor(s.coefficients, dtype=torch.float64) for s in program.steps]
+    limit = coefficient_limit(program)
+    origin = [torch.tensor(s.coefficients, dtype=torch.float64)
+              for s in build_program(program.solver, program.sigmas, program.r).steps]
+    base = [_start_offsets(c, o, limit) for c, o in zip(start, origin)]
     scale = _unit_scales(program, denoiser, calib, chunk)
     sizes = [len(b) for b in base]
     u = torch.zeros(sum(sizes), dtype=torch.float64, requires_grad=True)
@@ -303,8 +339,8 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
 
     def coefs(u_vec):  # on the states' device (u stays on the CPU with L-BFGS; a no-op there)
         out, k = [], 0
-        for b, s, n in zip(base, scale, sizes):
-            out.append((b + u_vec[k:k + n] / s).to(device))
+        for o, b, s, n in zip(origin, base, scale, sizes):
+            out.append(bounded_coefficients(o, limit, b + u_vec[k:k + n] / s).to(device))
             k += n
         return out
 

@@ -18,6 +18,7 @@ time left.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -118,6 +119,10 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fits: list[Ca
 # learned schedule, 2000 test noises: 0.0239 fitted on 128 -> 0.0194 (8 iterations, 11 s) / 0.0174 (16, 19 s) on
 # 512, where a fit from scratch on 512 took 64 s for 0.0180
 REFINE_FACTORS, REFINE_ITER, MAX_REFINE_NOISES = (4, 2), 16, 4096
+# ... and once more with the time the rounds left (`search._refine_best`), on 8x: digits NFE 5, UniPC-3 learned
+# schedule, 2000 test noises: 0.0516 refined on 512, then 0.0484 on 1024 (16 iterations, 19 s; 8 more on 2048:
+# 0.0484, at twice the time), where 16 more on the same 512 gave 0.0509
+FURTHER_FACTORS = (8,)
 
 
 def larger_calibration(denoiser: Denoiser, calib: EvalSet, cal: CalibrationOptions, n: int, plan: ReferencePlan,
@@ -137,20 +142,20 @@ def larger_calibration(denoiser: Denoiser, calib: EvalSet, cal: CalibrationOptio
 
 def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts: SearchOptions,
                 cal: CalibrationOptions, plan: ReferencePlan, clock: Clock, pace: Pace, cache: Path | None,
-                log, kept: dict | None = None) -> list[Candidate]:
+                log, kept: dict | None = None, factors: tuple[int, ...] = REFINE_FACTORS) -> list[Candidate]:
     """`fits` (the first round's global fits, the lead first), each continued from its coefficients for
-    REFINE_ITER L-BFGS iterations on REFINE_FACTORS x the calibration noises (the largest the time left affords,
-    at most MAX_REFINE_NOISES; `larger_calibration`) in its place, while the clock affords it (its time scaled from
+    REFINE_ITER L-BFGS iterations on `factors` x the calibration noises (the largest the time left affords, at
+    most MAX_REFINE_NOISES; `larger_calibration`) in its place, while the clock affords it (its time scaled from
     what the fit took per evaluation); the others as they were. The refined fit starts where the fit ended and keeps
     its best iterate on the larger set, which holds the first: never worse there. `kept`: where the larger set is
-    kept for the next call (its references computed once)."""
+    kept for the next call (its references computed once; a later call with larger `factors` extends it)."""
     kept = {} if kept is None else kept
     out, big = [], kept.get("calibration")
     for c in fits:
-        per_eval = c.seconds / max(c.evals, 1)
-        sizes = [f * len(calib) for f in REFINE_FACTORS if f * len(calib) <= MAX_REFINE_NOISES]
-        need = {m: (0.0 if big is not None and len(big) >= m else
-                    pace.predict(m - len(calib), reference_calls(INTEGRATOR, plan.steps)))
+        per_eval = c.seconds / max(c.evals, 1)  # at len(calib) noises (Candidate.evals)
+        sizes = [f * len(calib) for f in factors if f * len(calib) <= MAX_REFINE_NOISES]
+        have = len(calib) if big is None else len(big)
+        need = {m: pace.predict(max(m - have, 0), reference_calls(INTEGRATOR, plan.steps))
                 + 1.25 * REFINE_ITER * per_eval * m / len(calib) for m in sizes}
         m = next((m for m in sizes if clock.deadline is None or need[m] <= clock.remaining()), None)
         if m is None or c.evals == 0:
@@ -158,11 +163,12 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
             continue
         t0 = time.perf_counter()
         if big is None or len(big) < m:
-            big = kept["calibration"] = larger_calibration(denoiser, calib, cal, m, plan, cache, log)
+            big = kept["calibration"] = larger_calibration(denoiser, big or calib, cal, m, plan, cache, log)
         data = big if len(big) == m else _first(big, m)
         program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=REFINE_ITER,
                                    deadline=_until(clock, 1.5 * need[m]))
         out.append(replace(c, program=program, calib_loss=info["loss"], seconds=c.seconds + info["seconds"],
+                           evals=c.evals + math.ceil(info["evals"] * m / len(calib)),
                            note=f"{c.note}, then {info['evals']} on {m} noises"))
         clock.lap("global fits", t0)
         log(f"  {c.label} refined on {m} calibration noises: loss {info['loss_base']:.4g} -> {info['loss']:.4g} "

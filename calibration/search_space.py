@@ -77,7 +77,9 @@ class Candidate:
     seconds: float = 0.0
     note: str = ""
     round: int = 1  # the fit round whose calibration noises fitted it (`search_rounds`); 1 for bases
-    evals: int = 0  # a fit's evaluations (what its `seconds` bought; `search_rounds.refine_fits` scales by it)
+    # a fit's evaluations, a refinement's on m noises counted m / (the first round's) each: what its `seconds`
+    # bought (`search_rounds.refine_fits` scales by it)
+    evals: int = 0
 
     @property
     def label(self) -> str:

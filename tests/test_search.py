@@ -299,7 +299,7 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     cached per granule (model, first image, count, start sigma, integrator, steps): a search at another NFE
     computes none again, and a corrupt entry is dropped, named and remade."""
     from iia.calibration.references import GRANULE
-    from iia.calibration.search_rounds import REFINE_FACTORS
+    from iia.calibration.search_rounds import FURTHER_FACTORS, REFINE_FACTORS
 
     opts = SearchOptions(budget_s=None, batch=16, families=("ipndm", "deis-2"), max_evals=4, max_iter=2,
                          local=False, rounds=1)  # (later rounds' references: tests/test_search_rounds.py)
@@ -318,8 +318,9 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     assert "error of its 64 unipc-3 steps" in check and "(measured)" in check, check
     assert any("calibration references: 16 noises (0 from the cache, 16 computed)" in line for line in first)
     entries = sorted(tmp_path.glob("reference-*.npy"))
-    # the held-out noises, the calibration noises and the further ones the global fits were refined on
-    assert len(entries) == (REFINE_FACTORS[0] * 16 + 32) // GRANULE
+    # the held-out noises, the calibration noises and the further ones the global fits were refined on (twice:
+    # without a budget the second refinement runs too)
+    assert len(entries) == (FURTHER_FACTORS[0] * 16 + 32) // GRANULE
     auto_search(gmm, 5, opts, cal, log=second.append, reference_cache=tmp_path)
     assert any("calibration references: 16 noises (16 from the cache, 0 computed)" in line for line in second), second
     assert any("held-out references: 32 noises (32 from the cache, 0 computed)" in line for line in second), second
@@ -328,8 +329,8 @@ def test_references_are_measured_cached_and_reused_at_another_nfe(gmm, tmp_path)
     assert any(line.startswith("  dropped unusable cached reference: ") and str(entries[0]) in line
                for line in third), third
     assert any("recomputed 8 noises of the dropped cached references" in line for line in third), third
-    more = (REFINE_FACTORS[0] - 1) * 16
-    assert any(f"({n - GRANULE} from the cache, {GRANULE} computed)" in line for n in (32, 16, more)
+    more = ((REFINE_FACTORS[0] - 1) * 16, (FURTHER_FACTORS[0] - REFINE_FACTORS[0]) * 16)
+    assert any(f"({n - GRANULE} from the cache, {GRANULE} computed)" in line for n in (32, 16, *more)
                for line in third), third
     assert len(sorted(tmp_path.glob("reference-*.npy"))) == len(entries)  # remade
 
@@ -852,7 +853,7 @@ def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
     from iia.calibration.references import INTEGRATOR, compute
     from iia.calibration.search_fits import global_candidate
     from iia.calibration.search_plan import Clock, ReferencePlan
-    from iia.calibration.search_rounds import REFINE_FACTORS, larger_calibration, refine_fits
+    from iia.calibration.search_rounds import FURTHER_FACTORS, REFINE_FACTORS, larger_calibration, refine_fits
     from iia.calibration.search_space import Candidate
     from iia.calibration.search_timing import Pace
 
@@ -865,8 +866,8 @@ def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
     opts = SearchOptions(budget_s=None, max_iter=6)
     on = Candidate("ipndm", "sigma_min", "karras", "base", program_for(gmm, "ipndm", 5, 1, "karras", "sigma_min"))
     fit, _ = global_candidate(gmm, on, calib, opts, None, lambda s: None)
-    lines = []
-    [refined] = refine_fits(gmm, [fit], calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append)
+    lines, kept = [], {}
+    [refined] = refine_fits(gmm, [fit], calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append, kept)
     m = REFINE_FACTORS[0] * 24
     big = larger_calibration(gmm, calib, cal, m, plan, None, lambda s: None)
     whole, _ = compute(gmm, *draw_noise(gmm, m, cal.seed), cal.seed, steps, None, lambda s: None, m)
@@ -876,3 +877,35 @@ def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
     assert loss[refined.label + "1"] <= loss[fit.label + "0"] * (1 + 1e-9), loss
     assert refined.note.endswith(f"on {m} noises") and f"refined on {m} calibration" in lines[-1], lines
     assert lines[0] == f"  references of {m - 24} more calibration noises (0 from the cache, {m - 24} computed)"
+    # once more with the time the rounds leave (search._refine_best): the kept larger set extended, not redrawn
+    [again] = refine_fits(gmm, [refined], calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append, kept,
+                          FURTHER_FACTORS)
+    m2 = FURTHER_FACTORS[0] * 24
+    assert lines[2] == f"  references of {m2 - m} more calibration noises (0 from the cache, {m2 - m} computed)"
+    assert torch.equal(kept["calibration"].noise[:m], big.noise) and len(kept["calibration"]) == m2
+    assert again.note.startswith(refined.note) and again.note.endswith(f"on {m2} noises")
+    assert again.evals > refined.evals > fit.evals
+
+
+def test_global_fit_keeps_each_coefficient_within_its_limit(gmm):
+    """Unbounded, this last step to sigma 0 (gmm, a learned NFE 7 schedule) took iPNDM coefficients of ~20000
+    (DEIS-3's ~5000): x + c (x - D), whose float32 rounding the compiled graph amplifies as much. Bounded, the fit
+    still gains, its coefficients stay within coefficient_limit of the base, and a fit continued from it starts
+    where it ended (the refinement's path)."""
+    from iia.calibration.search_choice import _stray
+    from iia.calibration.search_fits import LARGE_COEFFICIENT, coefficient_limit
+
+    sigmas = (80.0, 19.7417, 6.9371, 3.6325, 0.8702, 0.2392, 0.002, 0.0)
+    calib = evaluation_set(gmm, 256, 0, 64)
+    program = build_program("iia-ipndm", sigmas, 3)
+    limit = coefficient_limit(program)
+    assert limit == LARGE_COEFFICIENT * max(abs(v) for step in program.coefficients() for v in step)
+    fitted, info = fit_global(gmm, program, calib, max_iter=20)
+    assert info["loss"] < 0.2 * info["loss_base"]
+    offsets = [abs(a - b) for fs, bs in zip(fitted.coefficients(), program.coefficients()) for a, b in zip(fs, bs)]
+    assert max(offsets) <= limit
+    stray, scale = _stray(fitted, evaluation_set(gmm, 64, 99, 64))
+    assert stray <= 1e-5 * scale
+    again, info2 = fit_global(gmm, fitted, calib, max_iter=2)
+    # (info["loss"] holds the first fit's ridge penalty too; a fit starting elsewhere would not be under it)
+    assert info2["loss_base"] <= info["loss"] and info2["loss"] <= info2["loss_base"]
