@@ -5,8 +5,8 @@ For one NFE, candidates = solver families x final-step convention x schedule (Ka
 schedule with base coefficients, learned schedules (`search_fits.learn_schedule`) and global fits
 (`search_fits.fit_global`) for the best of those, and the paper's local fit on the best base that has one; then,
 while the budget lasts, further rounds of the lead's schedule and global fit, each on fresh calibration noises
-(`search_rounds`: a fit depends on its draw of noises more than on its evaluation counts), and with what the rounds
-leave, the global fits continued on more calibration noises (`_refine_best`).
+(`search_rounds`: a fit depends on its draw of noises more than on its evaluation counts), after the global fits
+are continued on more calibration noises where the time affords it (`search_rounds.refine_fits`).
 All are scored on HELD-OUT noise; a candidate is eligible only if it passes the shipping rule against its own
 base (same family and final step, Karras, base coefficients: `shipping.judge`, a paired-bootstrap upper bound on
 the ratio of their RMSEs and a paired mean test); the eligible one with the lowest held-out RMSE ships. `SearchOptions.budget_s` bounds the whole search, references included: a timed denoiser call and the
@@ -63,7 +63,7 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # fits afford, up to 4096; 8: global fits refined on 2-4x the calibration noises where time is left, a fit the
 # float32 graph cannot reproduce is refused, PyTorch on 1 thread on busy cores; 9: global fits' coefficients
 # bounded to 10x their base's largest of the base, search_fits.coefficient_limit; the fits refined once more on 8x
-# the calibration noises with the time the rounds leave).
+# the calibration noises before the rounds; a round starts when the time left covers its expected time).
 SEARCH_VERSION = 9
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
@@ -247,8 +247,8 @@ def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock
 
 def _fits(denoiser, nfe, bases, opts, cal, calib, plan, clock, pace, per_holdout, counts: FitCounts, cache,
           log) -> list[Candidate]:
-    """The fit phase: learned schedules, global fits (refined on more calibration noises), the fit rounds, then
-    the fits refined once more with what the rounds left (`_refine_best`)."""
+    """The fit phase: learned schedules, global fits (refined on more calibration noises), the fits refined once
+    more where the time affords it (`_refine_best`), then the fit rounds."""
     learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
     kept: dict = {}  # the larger calibration set, made once
 
@@ -257,15 +257,17 @@ def _fits(denoiser, nfe, bases, opts, cal, calib, plan, clock, pace, per_holdout
 
     fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits, per_holdout,
                           refine, 0.95 if counts.karras else 0.6)
-    rounds = _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace, per_holdout, cache,
-                     log)
-    return learned + _refine_best(fitted, lambda fits: refine(fits, FURTHER_FACTORS)) + rounds
+    # refined once more before any round: a round's fits on a fresh draw of as few noises overfit it as the first
+    # round's did (where the calibration noises are at MAX_REFINE_NOISES already, gmm, the rounds get the time)
+    fitted = _refine_best(fitted, lambda fits: refine(fits, FURTHER_FACTORS))
+    return learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,
+                                      per_holdout, cache, log)
 
 
 def _refine_best(fitted: list[Candidate], refine: Callable[[list[Candidate]], list[Candidate]]) -> list[Candidate]:
-    """`fitted` refined once more with the time the rounds left (`refine`: `search_rounds.refine_fits` on
-    FURTHER_FACTORS x the calibration noises), the lowest calibration loss first (after the first refinement
-    they share one calibration set) while the time affords; in their order."""
+    """`fitted` refined once more (`refine`: `search_rounds.refine_fits` on FURTHER_FACTORS x the calibration
+    noises), the lowest calibration loss first (after the first refinement they share one calibration set) while
+    the time affords; in their order."""
     order = sorted(range(len(fitted)), key=lambda i: fitted[i].calib_loss)
     again = dict(zip(order, refine([fitted[i] for i in order])))
     return [again[i] for i in range(len(fitted))]

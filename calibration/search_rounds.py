@@ -80,13 +80,16 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fits: list[Ca
     """Rounds 2 .. opts.rounds: `lead`'s schedule learned again (when `lead` is a learned schedule; its Karras
     sigmas otherwise) and the global fits the first round gave it (`lead_fits`: in its family's basis and/or the
     linear form) fitted on it again, each round on a fresh draw of n calibration noises (`round_calibration`).
-    Without a time bound all rounds run; with one, a round starts only while the first round's lead fits (x
-    ROUND_SLACK), its references and the held-out scoring of its candidates fit `clock`, whose reserve then keeps
-    that scoring's time. Returns the rounds' candidates."""
+    Without a time bound all rounds run; with one, a round starts only while what the first round's lead fits
+    took, its references and the held-out scoring of its candidates fit `clock` (its fits stop at ROUND_SLACK x
+    those times or at the clock's deadline), whose reserve then keeps that scoring's time. Returns the rounds'
+    candidates."""
     fitted = (lead.schedule == "learned") + len(lead_fits)
     limits = [ROUND_SLACK * f.seconds for f in lead_fits]
-    cost = (pace.predict(n, reference_calls(INTEGRATOR, plan.steps)) + sum(limits) + fitted * per_holdout
-            + (ROUND_SLACK * lead.seconds if lead.schedule == "learned" else 0.0))
+    # what the round is expected to take: the first round's times (its fits stop at ROUND_SLACK x those, or at the
+    # clock's deadline, which keeps the held-out scoring's time: a round started on this never overruns the budget)
+    cost = (pace.predict(n, reference_calls(INTEGRATOR, plan.steps)) + sum(f.seconds for f in lead_fits)
+            + fitted * per_holdout + (lead.seconds if lead.schedule == "learned" else 0.0))
     out: list[Candidate] = []
     for k in range(2, opts.rounds + 1):
         if clock.deadline is not None and clock.remaining() < cost:
@@ -159,6 +162,9 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
                 + 1.25 * REFINE_ITER * per_eval * m / len(calib) for m in sizes}
         m = next((m for m in sizes if clock.deadline is None or need[m] <= clock.remaining()), None)
         if m is None or c.evals == 0:
+            if sizes and c.evals:
+                log(f"  {c.label} not refined on {sizes[-1]} calibration noises: ~{need[sizes[-1]]:.0f} s, "
+                    f"{max(clock.remaining(), 0):.0f} s are left (raise --budget)")
             out.append(c)
             continue
         t0 = time.perf_counter()
