@@ -50,8 +50,9 @@ class CalibrationOptions:
     switches: iia-calibrate offers them, iia-compile keeps their defaults)."""
 
     M: int = option(3, "fine sub-steps per step for the least-squares target", lo=1, hi=64, role="fit")
-    r: int = option(1, "history length of the IIA basis (default 1; --solver auto, unless given: global fits over "
-                          "all earlier values, the local fit 3)", lo=0, hi=8,
+    r: int = option(1, "history length of the IIA basis (default 1; --solver auto, unless given: global fits with "
+                          "3 history terms and in the linear form over all earlier values, the local fit 3)",
+                    lo=0, hi=8,
                     role="fit")
     batch: int = option(200, "calibration noises (default 200; --solver auto, unless given: 512 analytic models, 128 "
                                      "networks)",

@@ -13,8 +13,9 @@ from the same noise (`EvalSet`), never a local per-step target.
   backpropagating through the
   executor (`sample_with_coefficients`) and the denoiser's own autograd, on unit-scaled coefficient offsets with
   a ridge toward the base solver, each coefficient kept within `coefficient_limit` of its base. Its memory is
-  bounded (`gradient_plan`): the calibration noises are taken a chunk at a time with the gradient accumulated, and where NFE calls' activations of a chunk would not fit, each
-  denoiser call is recomputed in the backward pass (torch.utils.checkpoint) instead of kept.
+  bounded (`gradient_plan`): the calibration noises are taken a chunk at a time with the gradient accumulated,
+  and where NFE calls' activations of a chunk would not fit, each denoiser call is recomputed in the backward
+  pass (torch.utils.checkpoint) instead of kept.
 Each stops at `deadline` (a time.perf_counter() value; None: only its evaluation count bounds it).
 """
 
