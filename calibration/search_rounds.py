@@ -147,11 +147,12 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
                 cal: CalibrationOptions, plan: ReferencePlan, clock: Clock, pace: Pace, cache: Path | None,
                 log, kept: dict | None = None, factors: tuple[int, ...] = REFINE_FACTORS) -> list[Candidate]:
     """`fits` (the first round's global fits, the lead first), each continued from its coefficients for
-    REFINE_ITER L-BFGS iterations on `factors` x the calibration noises (the largest the time left affords, at
-    most MAX_REFINE_NOISES; `larger_calibration`) in its place, while the clock affords it (its time scaled from
-    what the fit took per evaluation); the others as they were. The refined fit starts where the fit ended and keeps
-    its best iterate on the larger set, which holds the first: never worse there. `kept`: where the larger set is
-    kept for the next call (its references computed once; a later call with larger `factors` extends it)."""
+    REFINE_ITER L-BFGS iterations (at most opts.max_iter, a fit's own) on `factors` x the calibration noises
+    (the largest the time left affords, at most MAX_REFINE_NOISES; `larger_calibration`) in its place, while
+    the clock affords it (its time scaled from what the fit took per evaluation); the others as they were. The
+    refined fit starts where the fit ended and keeps its best iterate on the larger set, which holds the first:
+    never worse there. `kept`: where the larger set is kept for the next call (its references computed once; a
+    later call with larger `factors` extends it)."""
     kept = {} if kept is None else kept
     out, big = [], kept.get("calibration")
     for c in fits:
@@ -171,7 +172,7 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
         if big is None or len(big) < m:
             big = kept["calibration"] = larger_calibration(denoiser, big or calib, cal, m, plan, cache, log)
         data = big if len(big) == m else _first(big, m)
-        program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=REFINE_ITER,
+        program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=min(REFINE_ITER, opts.max_iter),
                                    deadline=_until(clock, 1.5 * need[m]))
         out.append(replace(c, program=program, calib_loss=info["loss"], seconds=c.seconds + info["seconds"],
                            evals=c.evals + math.ceil(info["evals"] * m / len(calib)),
