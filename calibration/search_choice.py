@@ -16,7 +16,7 @@ from iia.models.base import Denoiser
 from .evalset import EvalSet
 from .fit import CalibrationOptions, CalibrationResult
 from .references import reference_check
-from .search_fits import LARGE_COEFFICIENT
+from .search_fits import coefficient_limit, largest_coefficient
 from .search_plan import Clock
 from .search_space import Candidate, SearchOptions, own_base
 from .shipping import LEVEL, judge, rule_text
@@ -71,8 +71,8 @@ def choose(cands: list[Candidate], hold: EvalSet, clock: Clock, level: float = L
     return chosen
 
 
-# A fitted candidate whose largest coefficient is over LARGE_COEFFICIENT times its base's (at least 1; the global
-# fit's soft limit, search_fits.coefficient_limit) is run once more in float64 on a few held-out noises: large
+# A fitted candidate with a coefficient past `search_fits.coefficient_limit` of its base (10x its base's largest, at
+# least 1; the global fit's bound) is run once more in float64 on a few held-out noises: large
 # coefficients on small terms (a global fit's last step to sigma 0, 16 calibration noises, before that limit: 3430
 # on iPNDM's newest term, whose base coefficient is 2.3) amplify float32 rounding, and the graph, rounding in
 # another order than PyTorch, then missed the parity check (gmm NFE 7: 0.0199 > 10x the floor)
@@ -92,18 +92,14 @@ def _stray(program, hold) -> tuple[float, float]:
     return float((x32 - x64).abs().max()), max(1.0, float(x64.abs().max()))
 
 
-def _largest(program) -> float:
-    """The largest |coefficient| of `program` (0 without any)."""
-    return max((abs(v) for step in program.coefficients() for v in step), default=0.0)
-
-
 def float32_stray(c: Candidate, base: Candidate, hold) -> tuple[float, float] | None:
-    """None when `c` can ship as the float32 graph computes it: a base, a fit with coefficients of its base's size
-    (LARGE_COEFFICIENT), or one whose float32 run strays from float64 at most STRAY_FACTOR x its base's and
-    FLOAT32_STRAY of the output's scale; else (that stray, its base's), relative to the output's scale."""
+    """None when `c` can ship as the float32 graph computes it: a base, a fit whose every |coefficient| is at
+    most `search_fits.coefficient_limit` of its base, or one whose float32 run strays from float64 at most STRAY_FACTOR
+    x its base's and FLOAT32_STRAY of the output's scale; else (that stray, its base's), relative to the output's
+    scale."""
     if c is base:
         return None
-    if _largest(c.program) <= LARGE_COEFFICIENT * max(1.0, _largest(base.program)):
+    if largest_coefficient(c.program) <= coefficient_limit(base.program):
         return None
     stray, scale = _stray(c.program, hold)
     base_stray, _ = _stray(base.program, hold)

@@ -293,11 +293,16 @@ def _unit_scales(program: Program, denoiser: Denoiser, calib: EvalSet, chunk: in
 LARGE_COEFFICIENT = 10.0
 
 
-def coefficient_limit(program: Program) -> float:
-    """LARGE_COEFFICIENT x the largest |coefficient| of `program`'s solver with its base coefficients on its
-    sigmas (at least 1): how far a fit of `program` may move a coefficient from its base value."""
-    base = build_program(program.solver, program.sigmas, program.r)
-    return LARGE_COEFFICIENT * max(1.0, max((abs(v) for step in base.coefficients() for v in step), default=0.0))
+def largest_coefficient(program: Program) -> float:
+    """The largest |coefficient| of `program` (0 without any)."""
+    return max((abs(v) for step in program.coefficients() for v in step), default=0.0)
+
+
+def coefficient_limit(base: Program) -> float:
+    """LARGE_COEFFICIENT x the largest |coefficient| of `base`, a solver with its base coefficients (at least 1):
+    how far a fit may move a coefficient from its base value, and past which `search_choice` checks a fit's
+    float32 run."""
+    return LARGE_COEFFICIENT * max(1.0, largest_coefficient(base))
 
 
 def bounded_coefficients(origin: torch.Tensor, limit: float, v: torch.Tensor) -> torch.Tensor:
@@ -326,9 +331,9 @@ def fit_global(denoiser: Denoiser, program: Program, calib: EvalSet, loss: str =
     """
     started = time.perf_counter()
     start = [torch.tensor(s.coefficients, dtype=torch.float64) for s in program.steps]
-    limit = coefficient_limit(program)
-    origin = [torch.tensor(s.coefficients, dtype=torch.float64)
-              for s in build_program(program.solver, program.sigmas, program.r).steps]
+    solver_base = build_program(program.solver, program.sigmas, program.r)
+    limit = coefficient_limit(solver_base)
+    origin = [torch.tensor(s.coefficients, dtype=torch.float64) for s in solver_base.steps]
     base = [_start_offsets(c, o, limit) for c, o in zip(start, origin)]
     scale = _unit_scales(program, denoiser, calib, chunk)
     sizes = [len(b) for b in base]

@@ -122,9 +122,9 @@ def fit_rounds(denoiser: Denoiser, nfe: int, lead: Candidate, lead_fits: list[Ca
 # learned schedule, 2000 test noises: 0.0239 fitted on 128 -> 0.0194 (8 iterations, 11 s) / 0.0174 (16, 19 s) on
 # 512, where a fit from scratch on 512 took 64 s for 0.0180
 REFINE_FACTORS, REFINE_ITER, MAX_REFINE_NOISES = (4, 2), 16, 4096
-# ... and once more with the time the rounds left (`search._refine_best`), on 8x: digits NFE 5, UniPC-3 learned
-# schedule, 2000 test noises: 0.0516 refined on 512, then 0.0484 on 1024 (16 iterations, 19 s; 8 more on 2048:
-# 0.0484, at twice the time), where 16 more on the same 512 gave 0.0509
+# ... and once more, before any fit round, where the time affords it (`search._refine_best`), on 8x: digits NFE 5,
+# UniPC-3 learned schedule, 2000 test noises: 0.0516 refined on 512, then 0.0484 on 1024 (16 iterations, 19 s; 8
+# more on 2048: 0.0484, at twice the time), where 16 more on the same 512 gave 0.0509
 FURTHER_FACTORS = (8,)
 
 
@@ -156,11 +156,11 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
     kept = {} if kept is None else kept
     out, big = [], kept.get("calibration")
     for c in fits:
-        per_eval = c.seconds / max(c.evals, 1)  # at len(calib) noises (Candidate.evals)
+        per_eval, iters = c.seconds / max(c.evals, 1), min(REFINE_ITER, opts.max_iter)  # at len(calib) noises
         sizes = [f * len(calib) for f in factors if f * len(calib) <= MAX_REFINE_NOISES]
         have = len(calib) if big is None else len(big)
         need = {m: pace.predict(max(m - have, 0), reference_calls(INTEGRATOR, plan.steps))
-                + 1.25 * REFINE_ITER * per_eval * m / len(calib) for m in sizes}
+                + 1.25 * iters * per_eval * m / len(calib) for m in sizes}
         m = next((m for m in sizes if clock.deadline is None or need[m] <= clock.remaining()), None)
         if m is None or c.evals == 0:
             if sizes and c.evals:
@@ -172,7 +172,7 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
         if big is None or len(big) < m:
             big = kept["calibration"] = larger_calibration(denoiser, big or calib, cal, m, plan, cache, log)
         data = big if len(big) == m else _first(big, m)
-        program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=min(REFINE_ITER, opts.max_iter),
+        program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=iters,
                                    deadline=_until(clock, 1.5 * need[m]))
         out.append(replace(c, program=program, calib_loss=info["loss"], seconds=c.seconds + info["seconds"],
                            evals=c.evals + math.ceil(info["evals"] * m / len(calib)),
