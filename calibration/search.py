@@ -44,7 +44,7 @@ from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HO
 from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
-from .search_rounds import FURTHER_FACTORS, REFINE_FACTORS, ROUND_SLACK, fit_rounds, refine_fits
+from .search_rounds import FURTHER_FACTORS, REFINE_FACTORS, ROUND_SLACK, fit_rounds, refine_fits, refine_schedules
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .solvers import Program, linear_name, valid_nfe
 
@@ -63,8 +63,9 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # fits afford, up to 4096; 8: global fits refined on 2-4x the calibration noises where time is left, a fit the
 # float32 graph cannot reproduce is refused, PyTorch on 1 thread on busy cores; 9: global fits' coefficients
 # bounded to 10x their base's largest of the base, search_fits.coefficient_limit; the fits refined once more on 8x
-# the calibration noises before the rounds; a round starts when the time left covers its expected time).
-SEARCH_VERSION = 9
+# the calibration noises before the rounds; a round starts when the time left covers its expected time; 10:
+# learned schedules refined on 4x the calibration noises where the time left covers it and the global fits).
+SEARCH_VERSION = 10
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
@@ -247,10 +248,12 @@ def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock
 
 def _fits(denoiser, nfe, bases, opts, cal, calib, plan, clock, pace, per_holdout, counts: FitCounts, cache,
           log) -> list[Candidate]:
-    """The fit phase: learned schedules, global fits (refined on more calibration noises), the fits refined once
-    more where the time affords it (`_refine_best`), then the fit rounds."""
-    learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
+    """The fit phase: learned schedules and global fits (each refined on more calibration noises where the time
+    affords it: `refine_schedules`, `refine_fits`), the fits refined once more (`_refine_best`), then the fit
+    rounds."""
     kept: dict = {}  # the larger calibration set, made once
+    learned = refine_schedules(denoiser, _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts),
+                               calib, opts, cal, plan, clock, pace, cache, log, kept, counts.global_fits)
 
     def refine(fits, factors=REFINE_FACTORS):
         return refine_fits(denoiser, fits, calib, opts, cal, plan, clock, pace, cache, log, kept, factors)

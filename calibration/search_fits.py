@@ -66,15 +66,17 @@ def calib_loss(err: torch.Tensor, kind: str) -> torch.Tensor:
 def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib: EvalSet, r: int = 1,
                    coefficients: list | None = None, loss: str = "mse", max_evals: int = 400,
                    deadline: float | None = None, on_eval: Callable[[int], None] | None = None,
-                   ) -> tuple[list[float], dict]:
-    """Fit the sigmas of `solver` at `nfe` to the end-to-end error on `calib` (Nelder-Mead from Karras);
-    `on_eval(evals)` after each evaluation (progress).
+                   start: list[float] | None = None, step: float = 0.7) -> tuple[list[float], dict]:
+    """Fit the sigmas of `solver` at `nfe` to the end-to-end error on `calib` (Nelder-Mead from Karras, or from
+    the sigmas `start` of a schedule learned before; `step`: the initial simplex's edge in theta, the log ratio of
+    a gap to the first); `on_eval(evals)` after each evaluation (progress).
 
-    Returns (sigmas, info) with info = {evals, loss_karras, loss, seconds, cut}.
+    Returns (sigmas, info) with info = {evals, loss_karras (the loss at the start), loss, seconds, cut}.
     """
     space = schedule_space(denoiser, solver, nfe, final)
     started = time.perf_counter()
-    best = {"f": math.inf, "theta": space.karras_theta()}
+    x0 = space.karras_theta() if start is None else space.theta_of(start)
+    best = {"f": math.inf, "theta": x0}
     evals = 0
 
     def f(theta):
@@ -97,13 +99,12 @@ def learn_schedule(denoiser: Denoiser, solver: str, nfe: int, final: str, calib:
             on_eval(evals)
         return value
 
-    x0 = space.karras_theta()
     f0 = f(x0)
     cut = deadline is not None and time.perf_counter() > deadline  # stopped before it converged
     if space.n_params >= 1 and not cut:
         from scipy.optimize import minimize  # (its import takes seconds: not when the budget is spent)
 
-        simplex = [x0] + [[x + (0.7 if k == j else 0.0) for j, x in enumerate(x0)] for k in range(space.n_params)]
+        simplex = [x0] + [[x + (step if k == j else 0.0) for j, x in enumerate(x0)] for k in range(space.n_params)]
         try:
             minimize(f, x0, method="Nelder-Mead", options={
                 "maxfev": max_evals, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-5 * f0, "adaptive": True})
@@ -122,7 +123,8 @@ def schedule_candidate(denoiser: Denoiser, nfe: int, family: str, final: str, ca
     sigmas, info = learn_schedule(denoiser, family, nfe, final, calib, loss=opts.loss, max_evals=opts.max_evals,
                                   deadline=deadline, on_eval=FitProgress(what, log, opts.max_evals, deadline))
     return Candidate(family, final, "learned", "base", build_program(family, sigmas), info["loss"],
-                     seconds=info["seconds"], note=f"{info['evals']} evals", round=round), info
+                     seconds=info["seconds"], note=f"{info['evals']} evals", round=round,
+                     evals=info["evals"]), info
 
 
 def global_program(family: str, sigmas, opts: SearchOptions, linear: bool = False) -> Program:

@@ -3,6 +3,7 @@ the candidates, and the monotone parametrisation of learned schedules."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,14 @@ class ScheduleSpace:
             sig[-1] = self.sigma_min
             return sig
         return sig + [0.0]
+
+    def theta_of(self, sigmas) -> list[float]:
+        """The theta whose `sigmas` are `sigmas` (a schedule of this space: a learned one continued elsewhere);
+        a gap below 1e-12 of the first (a zero remainder) is taken as that."""
+        t_min = self.sigma_min ** (1 / self.rho)
+        t = [float(s) ** (1 / self.rho) for s in sigmas if s > 0]
+        gaps = [a - b for a, b in zip(t, t[1:])] + ([] if self.final == "sigma_min" else [t[-1] - t_min])
+        return [math.log(max(g, 1e-12 * gaps[0]) / gaps[0]) for g in gaps[1:]]
 
 
 def own_base(c: Candidate, cands: list[Candidate]) -> Candidate:

@@ -44,6 +44,8 @@ def test_schedule_space_is_karras_at_zero_and_monotone(gmm, final):
         s = space.sigmas(theta)
         assert s[0] == gmm.sigma_max and all(a > b for a, b in zip(s, s[1:]))
         assert min(x for x in s if x > 0) >= gmm.sigma_min * (1 - 1e-12)
+        # a learned schedule is continued from its sigmas (search_rounds.refine_schedules): theta_of inverts
+        assert torch.allclose(torch.tensor(space.theta_of(s), dtype=torch.float64), theta.double(), rtol=0, atol=1e-6)
 
 
 def test_differentiable_sampler_matches_interpreter(gmm, calib):
@@ -885,6 +887,49 @@ def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
     assert torch.equal(kept["calibration"].noise[:m], big.noise) and len(kept["calibration"]) == m2
     assert again.note.startswith(refined.note) and again.note.endswith(f"on {m2} noises")
     assert again.evals > refined.evals > fit.evals
+
+
+def test_a_learned_schedule_is_refined_on_more_calibration_noises(gmm):
+    """A schedule learned on the first round's noises continues from its sigmas on 4x as many: never worse there,
+    in its place, said so, the larger set kept for the global fits' refinement; skipped and said so where the
+    time left does not afford it."""
+    from iia.calibration.evalset import draw_noise, EvalSet
+    from iia.calibration.fit import CalibrationOptions as Cal
+    from iia.calibration.references import INTEGRATOR, compute
+    from iia.calibration.search_fits import schedule_candidate
+    from iia.calibration.search_plan import Clock, ReferencePlan
+    from iia.calibration.search_rounds import REFINE_FACTORS, refine_schedules
+    from iia.calibration.search_timing import Pace
+
+    cal, steps = Cal(seed=5), 32
+    noise, labels = draw_noise(gmm, 24, cal.seed)
+    refs, _ = compute(gmm, noise, labels, cal.seed, steps, None, lambda s: None, 24)
+    calib = EvalSet(gmm, noise, labels, steps, INTEGRATOR)
+    calib.set_reference(None, refs)
+    plan = ReferencePlan(24, 32, steps, "", rate=1e-6, cost=lambda n: 1e-6 * n)
+    opts = SearchOptions(budget_s=None, max_evals=60)
+    learned = [schedule_candidate(gmm, 5, fam, "sigma_min", calib, opts, None, lambda s: None)[0]
+               for fam in ("ipndm", "deis-3")]
+    lines, kept = [], {}
+    refined = refine_schedules(gmm, learned, calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append, kept)
+    m = REFINE_FACTORS[0] * 24
+    big = kept["calibration"]
+    assert len(big) == m and torch.equal(big.noise[:24], calib.noise)
+    for before, after in zip(learned, refined):
+        assert after.label == before.label and after.program.sigmas != before.program.sigmas
+        loss = [float((big.errors(c.program) ** 2).mean()) for c in (before, after)]
+        assert loss[1] <= loss[0] * (1 + 1e-9) and abs(after.calib_loss - loss[1]) <= 1e-9 * loss[1], loss
+        assert after.note.endswith(f"on {m} noises") and after.evals > before.evals
+    assert sum(f"refined on {m} calibration noises" in line for line in lines) == 2, lines
+    clock = Clock(1e-3)  # spent: neither is refined, each said so
+    lines = []
+    assert refine_schedules(gmm, learned, calib, opts, cal, plan, clock, Pace(plan), None, lines.append, {}) == learned
+    assert len(lines) == 2 and all(f"not refined on {m} calibration noises" in line and "raise --budget" in line
+                                   for line in lines), lines
+    lines = []  # an hour affords the refinement, not a million global fits after it: the fits keep their time
+    assert refine_schedules(gmm, learned, calib, opts, cal, plan, Clock(3600), Pace(plan), None, lines.append, {},
+                            n_fits=10**6) == learned
+    assert len(lines) == 2 and all("for the global fits" in line for line in lines), lines
 
 
 def test_global_fit_keeps_each_coefficient_within_its_limit(gmm):
