@@ -847,24 +847,34 @@ def test_on_busy_cores_pytorch_runs_on_one_thread(monkeypatch):
     assert seen["idle after"] == 2  # (gmm on an idle machine may run faster on 1 thread: not asserted)
 
 
-def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
-    """A global fit on the first round's noises continues on 4x as many (the same first ones, then the next
-    images, references computed for the new ones only): in its place, never worse on the larger set, said so."""
+def _first_round(denoiser, seed: int, n: int = 24, steps: int = 32):
+    """A first round's calibration set of `n` noises with their references, and a plan that prices them."""
     from iia.calibration.evalset import draw_noise, EvalSet
     from iia.calibration.fit import CalibrationOptions as Cal
     from iia.calibration.references import INTEGRATOR, compute
+    from iia.calibration.search_plan import ReferencePlan
+
+    cal = Cal(seed=seed)
+    noise, labels = draw_noise(denoiser, n, cal.seed)
+    refs, _ = compute(denoiser, noise, labels, cal.seed, steps, None, lambda s: None, n)
+    calib = EvalSet(denoiser, noise, labels, steps, INTEGRATOR)
+    calib.set_reference(None, refs)
+    return cal, calib, ReferencePlan(n, 32, steps, "", rate=1e-6, cost=lambda k: 1e-6 * k)
+
+
+def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
+    """A global fit on the first round's noises continues on 4x as many (the same first ones, then the next
+    images, references computed for the new ones only): in its place, never worse on the larger set, said so."""
+    from iia.calibration.evalset import draw_noise
+    from iia.calibration.references import compute
     from iia.calibration.search_fits import global_candidate
-    from iia.calibration.search_plan import Clock, ReferencePlan
+    from iia.calibration.search_plan import Clock
     from iia.calibration.search_rounds import FURTHER_FACTORS, REFINE_FACTORS, larger_calibration, refine_fits
     from iia.calibration.search_space import Candidate
     from iia.calibration.search_timing import Pace
 
-    cal, steps = Cal(seed=3), 32
-    noise, labels = draw_noise(gmm, 24, cal.seed)
-    refs, _ = compute(gmm, noise, labels, cal.seed, steps, None, lambda s: None, 24)
-    calib = EvalSet(gmm, noise, labels, steps, INTEGRATOR)
-    calib.set_reference(None, refs)
-    plan = ReferencePlan(24, 32, steps, "", rate=1e-6, cost=lambda n: 1e-6 * n)
+    steps = 32
+    cal, calib, plan = _first_round(gmm, 3, steps=steps)
     opts = SearchOptions(budget_s=None, max_iter=6)
     on = Candidate("ipndm", "sigma_min", "karras", "base", program_for(gmm, "ipndm", 5, 1, "karras", "sigma_min"))
     fit, _ = global_candidate(gmm, on, calib, opts, None, lambda s: None)
@@ -893,20 +903,12 @@ def test_a_learned_schedule_is_refined_on_more_calibration_noises(gmm):
     """A schedule learned on the first round's noises continues from its sigmas on 4x as many: never worse there,
     in its place, said so, the larger set kept for the global fits' refinement; skipped and said so where the
     time left does not afford it."""
-    from iia.calibration.evalset import draw_noise, EvalSet
-    from iia.calibration.fit import CalibrationOptions as Cal
-    from iia.calibration.references import INTEGRATOR, compute
     from iia.calibration.search_fits import schedule_candidate
-    from iia.calibration.search_plan import Clock, ReferencePlan
+    from iia.calibration.search_plan import Clock
     from iia.calibration.search_rounds import REFINE_FACTORS, refine_schedules
     from iia.calibration.search_timing import Pace
 
-    cal, steps = Cal(seed=5), 32
-    noise, labels = draw_noise(gmm, 24, cal.seed)
-    refs, _ = compute(gmm, noise, labels, cal.seed, steps, None, lambda s: None, 24)
-    calib = EvalSet(gmm, noise, labels, steps, INTEGRATOR)
-    calib.set_reference(None, refs)
-    plan = ReferencePlan(24, 32, steps, "", rate=1e-6, cost=lambda n: 1e-6 * n)
+    cal, calib, plan = _first_round(gmm, 5)
     opts = SearchOptions(budget_s=None, max_evals=60)
     learned = [schedule_candidate(gmm, 5, fam, "sigma_min", calib, opts, None, lambda s: None)[0]
                for fam in ("ipndm", "deis-3")]
