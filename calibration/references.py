@@ -227,7 +227,7 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
     cached_granules = set(out)
     cached = sum(granules[i].stop - granules[i].start for i in out)
     wanted, done_calls = n, 0
-    total_calls = (n - cached) * reference_calls(INTEGRATOR, steps)
+    total_calls = planned = (n - cached) * reference_calls(INTEGRATOR, steps)
     i = 0
     while i < len(granules) and granules[i].start < wanted:
         if i in out:
@@ -258,6 +258,10 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
                                                    "steps": steps})
         if replan is not None:
             wanted = max(min(replan(part.stop, seconds, calls), n), part.stop)
+            # the progress total follows the re-plan: the calls still to make for the noises still wanted
+            total_calls = done_calls + reference_calls(INTEGRATOR, steps) * sum(
+                min(g.stop, wanted) - g.start for j, g in enumerate(granules)
+                if j >= i and j not in out and g.start < wanted)
     # the noises wanted, from the first: every granule before `wanted` is present (cached or computed)
     last = next((j for j, g in enumerate(granules) if g.stop >= wanted), len(granules) - 1)
     remade = sorted(j for j in dropped if j <= last and j in out and j not in cached_granules)
@@ -266,7 +270,7 @@ def compute(denoiser: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None
             f"references (images {', '.join(f'{seed + granules[j].start}..{seed + granules[j].stop - 1}' for j in remade)})")
     refs = torch.cat([out[j] for j in range(last + 1)])[:wanted]
     return refs, {"cached": min(cached, wanted), "computed": wanted - min(cached, wanted), "calls": done_calls,
-                  "planned_calls": total_calls}
+                  "planned_calls": planned}
 
 
 def reference_check(accuracy: Accuracy | None, steps: int, rmse: float, base_rmse: float | None, max_steps: int,

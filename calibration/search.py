@@ -44,7 +44,7 @@ from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HO
 from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
-from .search_rounds import FURTHER_FACTORS, REFINE_FACTORS, ROUND_SLACK, fit_rounds, refine_fits, refine_schedules
+from .search_rounds import FURTHER_FACTORS, REFINE_FACTORS, ROUND_SLACK, fit_rounds, refine_fits
 from .search_space import FAMILIES, Candidate, SearchError, SearchOptions
 from .solvers import Program, linear_name, valid_nfe
 
@@ -64,7 +64,7 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # float32 graph cannot reproduce is refused, PyTorch on 1 thread on busy cores; 9: global fits' coefficients
 # bounded to 10x their base's largest of the base, search_fits.coefficient_limit; the fits refined once more on 8x
 # the calibration noises before the rounds; a round starts when the time left covers its expected time; 10:
-# learned schedules refined on 4x the calibration noises where the time left covers it and the global fits).
+# a learned schedule's Nelder-Mead starts from the best of Karras and its jumps).
 SEARCH_VERSION = 10
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
@@ -135,7 +135,8 @@ def _learn_schedules(denoiser, nfe, bases, opts, calib, clock: Clock, log, count
                                         _equal_part(phase_end, len(top) - k), log)
         learned.append(cand)
         clock.lap("schedules", t0)
-        log(f"  schedule {b.family}/{b.final}: calibration loss {info['loss_karras']:.4g} -> {info['loss']:.4g} "
+        log(f"  schedule {b.family}/{b.final}: calibration loss on {len(calib)} noises {info['loss_karras']:.4g} -> "
+            f"{info['loss']:.4g} "
             f"({info['evals']} evals, {info['seconds']:.1f} s{', cut short by the budget' if info['cut'] else ''})")
     return learned
 
@@ -199,15 +200,16 @@ def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fit
                                       linear=opts.basis == "linear")
         out.append(cand)
         clock.lap("global fits", t0)
-        _said(log, cand, info)
+        _said(log, cand, info, len(calib))
     refined = refine(out)
     if opts.basis == "both" and out and linear_name(to_fit[0].family):
         refined += refine(_lead_linear(denoiser, to_fit[0], out[0], opts, calib, clock, per_holdout, log))
     return refined
 
 
-def _said(log, cand: Candidate, info: dict) -> None:
-    log(f"  {cand.coefficients} fit {cand.family}/{cand.final}/{cand.schedule}: calibration loss "
+def _said(log, cand: Candidate, info: dict, n: int) -> None:
+    """A fit's line; its loss is on the first round's `n` noises."""
+    log(f"  {cand.coefficients} fit {cand.family}/{cand.final}/{cand.schedule}: calibration loss on {n} noises "
         f"{info['loss_base']:.4g} -> {info['loss']:.4g} ({info['evals']} evals, {info['seconds']:.1f} s"
         f"{', cut short by the budget' if info.get('cut') else ''})")
 
@@ -228,7 +230,7 @@ def _lead_linear(denoiser, lead: Candidate, lead_fit: Candidate, opts, calib, cl
     deadline = None if clock.deadline is None else min(time.perf_counter() + limit, clock.deadline)
     cand, info = global_candidate(denoiser, lead, calib, opts, deadline, log, linear=True)
     clock.lap("global fits", t0)
-    _said(log, cand, info)
+    _said(log, cand, info, len(calib))
     return [cand]
 
 
@@ -248,12 +250,10 @@ def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock
 
 def _fits(denoiser, nfe, bases, opts, cal, calib, plan, clock, pace, per_holdout, counts: FitCounts, cache,
           log) -> list[Candidate]:
-    """The fit phase: learned schedules and global fits (each refined on more calibration noises where the time
-    affords it: `refine_schedules`, `refine_fits`), the fits refined once more (`_refine_best`), then the fit
-    rounds."""
+    """The fit phase: learned schedules, global fits (refined on more calibration noises), the fits refined once
+    more where the time affords it (`_refine_best`), then the fit rounds."""
+    learned = _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts)
     kept: dict = {}  # the larger calibration set, made once
-    learned = refine_schedules(denoiser, _learn_schedules(denoiser, nfe, bases, opts, calib, clock, log, counts),
-                               calib, opts, cal, plan, clock, pace, cache, log, kept, counts.global_fits)
 
     def refine(fits, factors=REFINE_FACTORS):
         return refine_fits(denoiser, fits, calib, opts, cal, plan, clock, pace, cache, log, kept, factors)

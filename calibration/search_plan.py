@@ -29,7 +29,7 @@ from .references import INTEGRATOR, Accuracy, choose_steps, compute, reference_b
 from .sampling import reference_calls
 from .schedules import program_for
 from .search_space import Candidate, SearchOptions
-from .search_timing import PRECISE_TIMING_SHARE, Pace, call_cost
+from .search_timing import PRECISE_TIMING_SHARE, Pace, call_cost, recheck_threads
 from .solvers import Program
 
 
@@ -383,6 +383,9 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
             pace.observe(image_calls // calls, calls, seconds)
             if fixed_until is None:
                 return sizes[which]
+            if recheck_threads(denoiser, log, pace.slow):
+                pace.restart()  # the next batch measures the pace on 1 thread
+                return sizes[which]
 
             def need() -> float:
                 refs = sum(pace.predict(sizes[w] - done[w], calls) for w in sizes)
@@ -409,7 +412,7 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
     for which, seed in (("calibration", cal.seed), ("held-out", cal.seed + HOLDOUT_SEED_OFFSET)):
         noise, labels = draw_noise(denoiser, sizes[which], seed)
         refs, info = compute(denoiser, noise, labels, seed, plan.steps, cache, log, batch, replan(which),
-                             Ticker(f"{which} references", log))
+                             Ticker(f"{which} references, denoiser calls", log))
         n = refs.shape[0]
         done[which] = sizes[which] = n  # finished: a later re-plan neither cuts nor reports it
         es = EvalSet(denoiser, noise[:n], None if labels is None else labels[:n], plan.steps, INTEGRATOR)

@@ -32,8 +32,7 @@ from .evalset import EvalSet, draw_noise
 from .fit import CalibrationOptions
 from .references import INTEGRATOR, compute, reference_batch
 from .sampling import reference_calls
-from .solvers import build_program
-from .search_fits import FitProgress, fit_global, global_candidate, learn_schedule, schedule_candidate
+from .search_fits import fit_global, global_candidate, schedule_candidate
 from .search_plan import Clock, ReferencePlan
 from .search_timing import Pace
 from .search_space import Candidate, SearchOptions
@@ -181,63 +180,6 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
         clock.lap("global fits", t0)
         log(f"  {c.label} refined on {m} calibration noises: loss {info['loss_base']:.4g} -> {info['loss']:.4g} "
             f"({info['evals']} evals, {time.perf_counter() - t0:.1f} s{', cut short by the budget' if info['cut'] else ''})")
-    return out
-
-
-# A schedule learned on the first round's calibration noises (128 for a network) overfits them as a global fit
-# does: digits NFE 5, UniPC-3, its first interior sigma 3.03 on 128 noises, 4.12 on 512. Continued by Nelder-Mead
-# from where it ended on REFINE_FACTORS[0] x the noises, SCHEDULE_REFINE_EVALS evaluations from a simplex of edge
-# SCHEDULE_REFINE_STEP reach what 400 from Karras on 512 reach (4.12); the global fits on them, 2000 test noises:
-# UniPC-3 NFE 5 0.0514 -> 0.0463, iPNDM NFE 5 0.0617 -> 0.0601, iPNDM NFE 7 0.0370 -> 0.0319 (docs/calibration.md)
-SCHEDULE_REFINE_EVALS, SCHEDULE_REFINE_STEP = 100, 0.3
-# ... but never in the time the global fits on them need (digits NFE 7: a refinement of 60 s left the two fits
-# 7 L-BFGS evaluations, 0.405x the best peer instead of 0.21x): one fit is taken as 1.25 opts.max_iter
-# evaluations of FIT_EVAL_COST x a schedule's (a gradient through the sampler; digits NFE 5: 1.7x)
-FIT_EVAL_COST = 2.0
-
-
-def refine_schedules(denoiser: Denoiser, learned: list[Candidate], calib: EvalSet, opts: SearchOptions,
-                     cal: CalibrationOptions, plan: ReferencePlan, clock: Clock, pace: Pace, cache: Path | None,
-                     log, kept: dict, n_fits: int = 0) -> list[Candidate]:
-    """`learned` (the first round's learned schedules), the lowest calibration loss first, each continued for
-    SCHEDULE_REFINE_EVALS Nelder-Mead evaluations (at most opts.max_evals) on REFINE_FACTORS[0] x the calibration
-    noises (`larger_calibration`, kept in `kept` for `refine_fits`) while the clock affords it and the `n_fits`
-    global fits that follow (times scaled from what the schedule took per evaluation); the others as they were,
-    in their order. The refined schedule keeps its best point on the larger set, which holds the first: never
-    worse there."""
-    m, evals = REFINE_FACTORS[0] * len(calib), min(SCHEDULE_REFINE_EVALS, opts.max_evals)
-    out = list(learned)
-    if m > MAX_REFINE_NOISES:
-        return out
-    for i in sorted(range(len(learned)), key=lambda i: learned[i].calib_loss):
-        c, big = learned[i], kept.get("calibration")
-        have, per_eval = len(calib) if big is None else len(big), c.seconds / max(c.evals, 1)
-        need = (pace.predict(max(m - have, 0), reference_calls(INTEGRATOR, plan.steps))
-                + 1.25 * evals * per_eval * m / len(calib))
-        fits = n_fits * 1.25 * opts.max_iter * FIT_EVAL_COST * per_eval
-        if c.evals == 0 or (clock.deadline is not None and need + fits > clock.remaining()):
-            if c.evals:
-                log(f"  schedule {c.family}/{c.final} not refined on {m} calibration noises: ~{need:.0f} s"
-                    f"{f' + ~{fits:.0f} s for the global fits' if fits else ''}, {max(clock.remaining(), 0):.0f} s "
-                    f"are left (raise --budget)")
-            continue
-        t0 = time.perf_counter()
-        if big is None or len(big) < m:
-            big = kept["calibration"] = larger_calibration(denoiser, big or calib, cal, m, plan, cache, log)
-        data = big if len(big) == m else _first(big, m)
-        what = f"schedule {c.family}/{c.final} on {m} noises"
-        sigmas, info = learn_schedule(denoiser, c.family, c.program.nfe, c.final, data, loss=opts.loss,
-                                      max_evals=evals, deadline=_until(clock, 1.5 * need),
-                                      on_eval=FitProgress(what, log, evals, clock.deadline),
-                                      start=list(c.program.sigmas), step=SCHEDULE_REFINE_STEP)
-        out[i] = replace(c, program=build_program(c.family, sigmas), calib_loss=info["loss"],
-                         seconds=c.seconds + info["seconds"],
-                         evals=c.evals + math.ceil(info["evals"] * m / len(calib)),
-                         note=f"{c.note}, then {info['evals']} on {m} noises")
-        clock.lap("schedules", t0)
-        log(f"  schedule {c.family}/{c.final} refined on {m} calibration noises: loss {info['loss_karras']:.4g} -> "
-            f"{info['loss']:.4g} ({info['evals']} evals, {time.perf_counter() - t0:.1f} s"
-            f"{', cut short by the budget' if info['cut'] else ''})")
     return out
 
 
