@@ -136,8 +136,7 @@ def schedule_candidate(denoiser: Denoiser, nfe: int, family: str, final: str, ca
     sigmas, info = learn_schedule(denoiser, family, nfe, final, calib, loss=opts.loss, max_evals=opts.max_evals,
                                   deadline=deadline, on_eval=FitProgress(what, log, opts.max_evals, deadline))
     return Candidate(family, final, "learned", "base", build_program(family, sigmas), info["loss"],
-                     seconds=info["seconds"], note=f"{info['evals']} evals", round=round,
-                     evals=info["evals"]), info
+                     seconds=info["seconds"], note=f"{info['evals']} evals", round=round), info
 
 
 def global_program(family: str, sigmas, opts: SearchOptions, linear: bool = False) -> Program:

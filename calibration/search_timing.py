@@ -72,7 +72,7 @@ def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None],
     inside the block where the work later runs far slower than timed. Nothing is changed where OMP_NUM_THREADS
     is set (the user's count), on a GPU, or at 1 thread already."""
     threads = torch.get_num_threads()
-    if _state["checked"] or threads <= 1 or os.environ.get("OMP_NUM_THREADS") or denoiser.device.type != "cpu":
+    if _state["checked"] or _threads_fixed(denoiser, threads):
         yield  # (inside an outer block, e.g. the search inside a compile: checked there already)
         return
     limit = THREADS_CHECK_S if budget_s is None else THREADS_CHECK_SHARE * budget_s
@@ -103,8 +103,7 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
     FEWER_THREADS_GAIN x faster (said in one line; the block restores the count). Returns whether it switched:
     the pace measured before then says nothing of the work after."""
     threads = torch.get_num_threads()
-    if (not _state["checked"] or _state["rechecked"] or slow < RECHECK_SLOWER or threads <= 1
-            or os.environ.get("OMP_NUM_THREADS") or denoiser.device.type != "cpu"):
+    if not _state["checked"] or _state["rechecked"] or slow < RECHECK_SLOWER or _threads_fixed(denoiser, threads):
         return False
     _state["rechecked"] = True
     faster = _one_thread_faster(denoiser, threads, _state["limit"])
@@ -113,6 +112,11 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
     _said_one_thread(log, threads, faster, f" (the work ran {slow:.2g}x slower than timed: checked again)")
     torch.set_num_threads(1)
     return True
+
+
+def _threads_fixed(denoiser: Denoiser, threads: int) -> bool:
+    """Whether the thread count is not ours to change: 1 already, the user's (OMP_NUM_THREADS), or a GPU's work."""
+    return threads <= 1 or bool(os.environ.get("OMP_NUM_THREADS")) or denoiser.device.type != "cpu"
 
 
 def _said_one_thread(log, threads: int, faster: tuple[float, float], why: str) -> None:
