@@ -39,8 +39,9 @@ from .references import INTEGRATOR
 from .schedules import karras_sigmas, program_for
 from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bases
 from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
-                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, Clock, is_prior,
-                          ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base)
+                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT_FLOOR, Clock, is_prior,
+                          ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base,
+                          search_holdout)
 from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
@@ -64,8 +65,9 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # float32 graph cannot reproduce is refused, PyTorch on 1 thread on busy cores; 9: global fits' coefficients
 # bounded to 10x their base's largest of the base, search_fits.coefficient_limit; the fits refined once more on 8x
 # the calibration noises before the rounds; a round starts when the time left covers its expected time; 10:
-# a learned schedule's Nelder-Mead starts from the best of Karras and its jumps).
-SEARCH_VERSION = 10
+# a learned schedule's Nelder-Mead starts from the best of Karras and its jumps; 11: 32768 held-out noises asked
+# for, bounded by their memory).
+SEARCH_VERSION = 11
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
@@ -339,15 +341,17 @@ def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = No
         return _search(denoiser, nfe, opts, calibration, watched, reference_cache)
 
 
-def _search_holdout(given: CalibrationOptions, cal: CalibrationOptions, log) -> tuple[CalibrationOptions, int | None]:
-    """(options, floor): unless --holdout is given, the search asks for SEARCH_HOLDOUT held-out noises, which a
-    short budget cuts first down to the floor, SEARCH_HOLDOUT_FLOOR or the guard's default where smaller (`cal` is
-    resolved); a given one below MIN_HOLDOUT is used, and said to be unreliable."""
+def _search_holdout(given: CalibrationOptions, cal: CalibrationOptions, shape: tuple[int, ...],
+                    log) -> tuple[CalibrationOptions, int | None]:
+    """(options, floor): unless --holdout is given, the search asks for `search_holdout(shape)` held-out noises
+    (SEARCH_HOLDOUT where their memory allows), which a short budget cuts first down to the floor,
+    SEARCH_HOLDOUT_FLOOR or the guard's default where smaller (`cal` is resolved); a given one below MIN_HOLDOUT is
+    used, and said to be unreliable."""
     if given.holdout is None:
-        return replace(cal, holdout=SEARCH_HOLDOUT), min(cal.holdout, SEARCH_HOLDOUT_FLOOR)
+        return replace(cal, holdout=search_holdout(shape)), min(cal.holdout, SEARCH_HOLDOUT_FLOOR)
     if given.holdout < MIN_HOLDOUT:
         log(f"  --holdout {given.holdout}: below {MIN_HOLDOUT} held-out noises the shipping rule's 95% bound is "
-            f"not reliable (a fit may ship on chance); the search's default is {SEARCH_HOLDOUT}")
+            f"not reliable (a fit may ship on chance); the search's default is {search_holdout(shape)}")
     return cal, None
 
 
@@ -355,7 +359,7 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
             log: Callable[[str], None], reference_cache: Path | None) -> SearchResult:
     given = calibration or CalibrationOptions()
     cal = given.resolved(denoiser)
-    cal, holdout_floor = _search_holdout(given, cal, log)
+    cal, holdout_floor = _search_holdout(given, cal, tuple(denoiser.shape), log)
     clock = Clock(opts.budget_s)
     families = [f for f in opts.families if valid_nfe(f, nfe)]
     if not families:

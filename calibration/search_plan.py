@@ -48,13 +48,24 @@ MIN_SCHEDULE_EVALS, MIN_GLOBAL_EVALS = 20, 8
 MIN_FIT_BUDGET_S = 5.0
 OPTIMISER_LOAD_S = 2.0  # what the plan keeps for loading them (they load beside the references, see below)
 # Held-out noises the search asks every model for unless --holdout is given, cut first: above SEARCH_HOLDOUT_FLOOR
-# to what WIDE_HOLDOUT_SHARE of the budget affords (gmm keeps 4096, digits 1024), then down to the floor (the
-# guard's default where smaller: 4096 analytic, 256 networks) to what HOLDOUT_BONUS_SHARE affords. A sampler's RMSE is carried by the few noises it sends to another mode than the exact ODE does
-# (gmm NFE 7: ~1 in 1500): 1024 held-out noises hold one or none, so the choice among the fit rounds' candidates
-# was a draw; 4096 hold a few (docs/accuracy.md, "rounds"). The floor: 4096 as a floor on a 192-d mixture cut the
-# references too coarse to judge the tails; at digits NFE 9, 256 refused the best fit (held-out 0.22x its base,
-# the paired mean test failed on a few noises; test 0.44x), 1024 shipped it (docs/calibration.md)
-SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR = 4096, 1024
+# to what WIDE_HOLDOUT_SHARE of the budget affords (gmm keeps 32768, digits 1024), then down to the floor (the
+# guard's default where smaller: 4096 analytic, 256 networks) to what HOLDOUT_BONUS_SHARE affords. A sampler's RMSE
+# is carried by the few noises it sends to another mode than the exact ODE does (gmm: 50% of a fit's squared error
+# in 8-15 of 8000 noises): 1024 held-out noises hold one or none, so the choice among the fit rounds' candidates
+# was a draw; 4096 hold a few and still ranked fits 1.3x apart the wrong way (gmm NFE 6: held-out 0.0388 vs
+# 0.0439, 8000 test noises 0.0435 vs 0.0331); 32768 rank them as the test noises do (docs/accuracy.md). The floor:
+# 4096 as a floor on a 192-d mixture cut the references too coarse to judge the tails; at digits NFE 9, 256
+# refused the best fit (held-out 0.22x its base, the paired mean test failed on a few noises; test 0.44x), 1024
+# shipped it (docs/calibration.md)
+SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR = 32768, 1024
+HOLDOUT_BYTES = 1 << 29  # the held-out noises and references (float64) the search asks for, at most: 512 MiB
+
+
+def search_holdout(shape: tuple[int, ...]) -> int:
+    """The held-out noises the search asks for on images of `shape`: SEARCH_HOLDOUT, fewer where their noises and
+    references (float64) would pass HOLDOUT_BYTES, never fewer than SEARCH_HOLDOUT_FLOOR (a cheap model of 3x64x64
+    images: 2730)."""
+    return min(SEARCH_HOLDOUT, max(SEARCH_HOLDOUT_FLOOR, HOLDOUT_BYTES // (16 * math.prod(shape))))
 # Calibration noises a cheap model's fits get unless --calib-batch is given: the default (512 gmm, 128 others)
 # doubled while the first round's fits at that size take at most GROW_SHARE of the time left (`grown_batch`).
 # The fits see the rare noises that carry the RMSE only in a large set: gmm NFE 8, iPNDM learned schedule + global

@@ -557,7 +557,7 @@ def test_held_out_noises_above_the_guard_default_are_cut_first():
         return 1e-3 * n
 
     args = (9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, SEARCH_HOLDOUT, 32)
-    rich = reference_sizes(*args, 1e5, cost, holdout_floor=NETWORK_HOLDOUT)
+    rich = reference_sizes(*args, 1e6, cost, holdout_floor=NETWORK_HOLDOUT)
     assert (rich.batch, rich.holdout, rich.cut) == (128, SEARCH_HOLDOUT, ""), rich.lines
     # a budget between what 256 and what 1024 held-out noises need: only the held-out noises are cut
     tight = reference_sizes(*args, 250.0, cost, holdout_floor=NETWORK_HOLDOUT)
@@ -574,10 +574,22 @@ def test_a_given_held_out_set_too_small_for_the_rule_is_said_so(gmm):
 
     resolved = CalibrationOptions().resolved(gmm)
     lines = []
-    cal, floor = _search_holdout(CalibrationOptions(holdout=2), CalibrationOptions(holdout=2).resolved(gmm), lines.append)
+    cal, floor = _search_holdout(CalibrationOptions(holdout=2), CalibrationOptions(holdout=2).resolved(gmm),
+                                 tuple(gmm.shape), lines.append)
     assert cal.holdout == 2 and floor is None and lines and "--holdout 2: below 32" in lines[0]
-    cal, floor = _search_holdout(CalibrationOptions(), resolved, lines.append)
+    cal, floor = _search_holdout(CalibrationOptions(), resolved, tuple(gmm.shape), lines.append)
     assert (cal.holdout, floor, len(lines)) == (SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, 1)  # the default: nothing said
+
+
+def test_the_held_out_noises_asked_for_are_bounded_by_their_memory():
+    """32768 noises and references of 3x64x64 images would be 12.9 GB of float64: the search asks for what
+    HOLDOUT_BYTES holds, never below SEARCH_HOLDOUT_FLOOR."""
+    from iia.calibration.search_plan import HOLDOUT_BYTES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, search_holdout
+
+    assert search_holdout((1, 8, 8)) == SEARCH_HOLDOUT
+    big = search_holdout((3, 64, 64))
+    assert SEARCH_HOLDOUT_FLOOR < big < SEARCH_HOLDOUT and 16 * 3 * 64 * 64 * big <= HOLDOUT_BYTES
+    assert search_holdout((4, 128, 128)) == SEARCH_HOLDOUT_FLOOR
 
 
 def test_the_plan_keeps_held_out_time_for_the_fits_and_their_bases_not_every_base():
