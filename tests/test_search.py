@@ -932,9 +932,12 @@ def _first_round(denoiser, seed: int, n: int = 24, steps: int = 32):
     return cal, calib, ReferencePlan(n, 32, steps, "", rate=1e-6, cost=lambda k: 1e-6 * k)
 
 
-def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
+def test_a_global_fit_is_refined_on_more_calibration_noises(gmm, monkeypatch):
     """A global fit on the first round's noises continues on 4x as many (the same first ones, then the next
-    images, references computed for the new ones only): in its place, never worse on the larger set, said so."""
+    images, references computed for the new ones only): in its place, never worse on the larger set, said so,
+    with progress lines while it runs (the Ticker here ticks on every evaluation, not every 10 s)."""
+    import iia.calibration.search_fits as search_fits
+    from iia.progress import Ticker
     from iia.calibration.evalset import draw_noise
     from iia.calibration.references import compute
     from iia.calibration.search_fits import global_candidate
@@ -949,8 +952,11 @@ def test_a_global_fit_is_refined_on_more_calibration_noises(gmm):
     on = Candidate("ipndm", "sigma_min", "karras", "base", program_for(gmm, "ipndm", 5, 1, "karras", "sigma_min"))
     fit, _ = global_candidate(gmm, on, calib, opts, None, lambda s: None)
     lines, kept = [], {}
+    monkeypatch.setattr(search_fits, "Ticker", lambda what, log: Ticker(what, log, every=0.0))
     [refined] = refine_fits(gmm, [fit], calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append, kept)
     m = REFINE_FACTORS[0] * 24
+    assert any(line.startswith(f"  {fit.label} refined on {m} noises: 1/6, ") and "s left" in line for line in lines)
+    lines = [line for line in lines if f"refined on {m} noises:" not in line]
     big = larger_calibration(gmm, calib, cal, m, plan, None, lambda s: None)
     whole, _ = compute(gmm, *draw_noise(gmm, m, cal.seed), cal.seed, steps, None, lambda s: None, m)
     assert torch.equal(big.noise[:24], calib.noise) and torch.allclose(big.reference, whole, rtol=0, atol=1e-12)
