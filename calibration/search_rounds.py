@@ -6,11 +6,10 @@ another mode of the data than the exact ODE does, and a fit to one draw of noise
 noises it holds, not for fresh ones. On gmm at NFE 4-9, refitting iPNDM's schedule and global coefficients on six
 fresh draws of 512 noises gave held-out RMSEs 1.35-2.8x apart (docs/accuracy.md, "rounds"), where more evaluations
 on one draw changed little. So where the first round leaves time (a model whose calls are cheap), each further
-round refits the LEAD (`search.fit_lead`: the candidate whose first-round global fit reached the lowest
-calibration loss; its family, final step and schedule) on the next noises of a stream of its own, distinct from
-the held-out and test noises, with a global fit on it when the first round had global fits. Every fit is a
-candidate like the first round's: judged by the same shipping rule against its own base on the same held-out
-noises, which choose among the draws.
+round refits the LEAD (the first round's best learned schedule by calibration loss, its family and final step)
+on the next noises of a stream of its own, distinct from the held-out and test noises, with a global fit on it
+when the first round had global fits. Every fit is a candidate like the first round's: judged by the same
+shipping rule against its own base on the same held-out noises, which choose among the draws.
 
 `SearchOptions.rounds` bounds the rounds (the first included), the same on every machine; the budget cuts them:
 a round starts only when what the first round's lead fits took, its references and its held-out scoring fit the
