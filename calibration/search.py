@@ -184,26 +184,13 @@ def globals_to_fit(learned: list[Candidate], bases: list[Candidate], n_fits: int
     return order[:n_fits]
 
 
-def fit_lead(to_fit: list[Candidate], fits: list[Candidate]) -> Candidate | None:
-    """The lead, which gets the linear form and the fit rounds: of `to_fit` (`globals_to_fit`'s order), the one
-    whose global fit (`fits`, in that order, all on the first round's noises) reached the lowest calibration loss;
-    the first of `to_fit` when none was fitted (None: nothing to fit). The prior's goes first but does not lead by
-    default: digits NFE 5, UniPC-3's learned-schedule fit 0.00193 vs iPNDM's 0.00321, and UniPC-3's linear form
-    (controlled, 2000 test noises) 0.0478 vs its global fit's 0.0484, where iPNDM's got the time (0.0597)."""
-    if not fits:
-        return to_fit[0] if to_fit else None
-    return to_fit[min(range(len(fits)), key=lambda i: fits[i].calib_loss)]
-
-
 def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fits: int, per_holdout: float,
-                 refine: Callable[[list[Candidate]], list[Candidate]],
-                 share: float = 0.6) -> tuple[list[Candidate], Candidate | None]:
+                 refine: Callable[[list[Candidate]], list[Candidate]], share: float = 0.6) -> list[Candidate]:
     """Global coefficient fits for `globals_to_fit` (they share `share` of the remaining time equally), in their
     families' bases (all in the linear form with opts.basis "linear"), refined on more calibration noises where
-    the time left affords it (`search_rounds.refine_fits`); with "both", then the lead's (`fit_lead`) in the
-    linear form too where the time left affords it (`_lead_linear`), refined likewise. Refining first: on digits
-    at NFE 9 the lead's refinement cut its test RMSE 0.0239 -> 0.0174, and the linear fit lost there on held-out
-    noise. Returns (the fits, the lead)."""
+    the time left affords it (`search_rounds.refine_fits`); with "both", then the lead's in the linear form too
+    where the time left affords it (`_lead_linear`), refined likewise. Refining first: on digits at NFE 9 the
+    lead's refinement cut its test RMSE 0.0239 -> 0.0174, and the linear fit lost there on held-out noise."""
     to_fit, out = globals_to_fit(learned, bases, n_fits), []
     phase_end = clock.share(share)
     for k, c in enumerate(to_fit):
@@ -216,12 +203,10 @@ def _global_fits(denoiser, learned, bases, opts, calib, clock: Clock, log, n_fit
         out.append(cand)
         clock.lap("global fits", t0)
         _said(log, cand, info, len(calib))
-    lead = fit_lead(to_fit or globals_to_fit(learned, bases, 1), out)  # without fits: the rounds' schedules
     refined = refine(out)
-    if opts.basis == "both" and out and linear_name(lead.family):
-        refined += refine(_lead_linear(denoiser, lead, out[to_fit.index(lead)], opts, calib, clock, per_holdout,
-                                       log))
-    return refined, lead
+    if opts.basis == "both" and out and linear_name(to_fit[0].family):
+        refined += refine(_lead_linear(denoiser, to_fit[0], out[0], opts, calib, clock, per_holdout, log))
+    return refined
 
 
 def _said(log, cand: Candidate, info: dict, n: int) -> None:
@@ -251,10 +236,11 @@ def _lead_linear(denoiser, lead: Candidate, lead_fit: Candidate, opts, calib, cl
     return [cand]
 
 
-def _rounds(denoiser, nfe, lead, fitted, opts, cal, calib, plan, clock, pace, per_holdout, cache,
+def _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace, per_holdout, cache,
             log) -> list[Candidate]:
-    """`search_rounds.fit_rounds` for the lead (`fit_lead`), with the fits it got (in one basis or both); nothing
-    when the lead has neither a learned schedule nor a fit."""
+    """`search_rounds.fit_rounds` for the lead: the candidate the first global fit went to (`globals_to_fit`),
+    with the fits it got (in one basis or both); nothing when the lead has neither a learned schedule nor a fit."""
+    lead = (globals_to_fit(learned, bases, 1) or [None])[0]
     if opts.rounds < 2 or lead is None:
         return []
     lead_fits = [g for g in fitted if (g.family, g.final, g.schedule) == (lead.family, lead.final, lead.schedule)]
@@ -274,12 +260,12 @@ def _fits(denoiser, nfe, bases, opts, cal, calib, plan, clock, pace, per_holdout
     def refine(fits, factors=REFINE_FACTORS):
         return refine_fits(denoiser, fits, calib, opts, cal, plan, clock, pace, cache, log, kept, factors)
 
-    fitted, lead = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits, per_holdout,
-                                refine, 0.95 if counts.karras else 0.6)
+    fitted = _global_fits(denoiser, learned, bases, opts, calib, clock, log, counts.global_fits, per_holdout,
+                          refine, 0.95 if counts.karras else 0.6)
     # refined once more before any round: a round's fits on a fresh draw of as few noises overfit it as the first
     # round's did (where the calibration noises are at MAX_REFINE_NOISES already, gmm, the rounds get the time)
     fitted = _refine_best(fitted, lambda fits: refine(fits, FURTHER_FACTORS))
-    return learned + fitted + _rounds(denoiser, nfe, lead, fitted, opts, cal, calib, plan, clock, pace,
+    return learned + fitted + _rounds(denoiser, nfe, learned, bases, fitted, opts, cal, calib, plan, clock, pace,
                                       per_holdout, cache, log)
 
 

@@ -545,13 +545,6 @@ def test_the_prior_base_always_gets_a_learned_schedule_and_a_global_fit(gmm):
     assert labels(globals_to_fit([], ranked, 2)) == ["ipndm/sigma_min/karras/base", "deis-3/sigma_min/karras/base"]
     assert labels(globals_to_fit([], ranked[:3], 2)) == labels(ranked[:1])  # the prior not scored: the best
     assert len(globals_to_fit(learned, ranked, 9)) == 6 and globals_to_fit(learned, ranked, 0) == []
-    # the lead (linear form, rounds): the one whose global fit reached the lowest loss, not the prior by default
-    from iia.calibration.search import fit_lead
-
-    to_fit = globals_to_fit(learned, ranked, 2)
-    fits = [replace(c, coefficients="global", calib_loss=loss) for c, loss in zip(to_fit, (0.0032, 0.0019))]
-    assert fit_lead(to_fit, fits) is to_fit[1] and fit_lead(to_fit, fits[:1]) is to_fit[0]
-    assert fit_lead(to_fit, []) is to_fit[0] and fit_lead([], []) is None
 
 
 def test_held_out_noises_above_the_guard_default_are_cut_first():
