@@ -34,6 +34,7 @@ from iia.runtime.program import execute
 
 from .evalset import EvalSet
 from .sampling import TORCH
+from .search_plan import GLOBAL_FIT_EVALS
 from .search_space import Candidate, SearchOptions, schedule_space
 from .solvers import Program, build_program, linear_name
 
@@ -51,6 +52,12 @@ class FitProgress:
             per = (time.perf_counter() - self.started) / evals
             total = min(total, evals + max(int((self.deadline - time.perf_counter()) / per), 0))
         self.tick(evals, max(total, evals))
+
+
+def lbfgs_evals(iterations: int) -> int:
+    """The evaluations a global fit of `iterations` L-BFGS iterations is expected to take (its line search
+    evaluates ~GLOBAL_FIT_EVALS per iteration): the total its progress counts toward."""
+    return math.ceil(GLOBAL_FIT_EVALS * iterations)
 
 
 class OutOfTime(Exception):
@@ -154,7 +161,7 @@ def global_candidate(denoiser: Denoiser, on: Candidate, calib: EvalSet, opts: Se
     kind = "linear" if program.solver != "iia-" + on.family else "global"
     what = f"{'' if round == 1 else f'round {round} '}{kind} fit {on.family}/{on.final}/{on.schedule}"
     program, info = fit_global(denoiser, program, calib, opts.loss, max_iter=opts.max_iter, deadline=deadline,
-                               on_eval=FitProgress(what, log, opts.max_iter, deadline))
+                               on_eval=FitProgress(what, log, lbfgs_evals(opts.max_iter), deadline))
     return Candidate(on.family, on.final, on.schedule, kind, program, info["loss"], seconds=info["seconds"],
                      note=f"{info['evals']} evals", round=round, evals=info["evals"]), info
 

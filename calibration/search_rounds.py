@@ -32,7 +32,7 @@ from .evalset import EvalSet, draw_noise
 from .fit import CalibrationOptions
 from .references import INTEGRATOR, compute, reference_batch
 from .sampling import reference_calls
-from .search_fits import FitProgress, fit_global, global_candidate, schedule_candidate
+from .search_fits import FitProgress, fit_global, global_candidate, lbfgs_evals, schedule_candidate
 from .search_plan import Clock, ReferencePlan
 from .search_timing import Pace
 from .search_space import Candidate, SearchOptions
@@ -174,7 +174,8 @@ def refine_fits(denoiser: Denoiser, fits: list[Candidate], calib: EvalSet, opts:
         data = big if len(big) == m else _first(big, m)
         deadline = _until(clock, 1.5 * need[m])
         program, info = fit_global(denoiser, c.program, data, opts.loss, max_iter=iters, deadline=deadline,
-                                   on_eval=FitProgress(f"{c.label} refined on {m} noises", log, iters, deadline))
+                                   on_eval=FitProgress(f"{c.label} refined on {m} noises", log, lbfgs_evals(iters),
+                                                       deadline))
         out.append(replace(c, program=program, calib_loss=info["loss"], seconds=c.seconds + info["seconds"],
                            evals=c.evals + math.ceil(info["evals"] * m / len(calib)),
                            note=f"{c.note}, then {info['evals']} on {m} noises"))

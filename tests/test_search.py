@@ -955,7 +955,7 @@ def test_a_global_fit_is_refined_on_more_calibration_noises(gmm, monkeypatch):
     monkeypatch.setattr(search_fits, "Ticker", lambda what, log: Ticker(what, log, every=0.0))
     [refined] = refine_fits(gmm, [fit], calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append, kept)
     m = REFINE_FACTORS[0] * 24
-    assert any(line.startswith(f"  {fit.label} refined on {m} noises: 1/6, ") and "s left" in line for line in lines)
+    assert any(line.startswith(f"  {fit.label} refined on {m} noises: 1/8, ") and "s left" in line for line in lines)
     lines = [line for line in lines if f"refined on {m} noises:" not in line]
     big = larger_calibration(gmm, calib, cal, m, plan, None, lambda s: None)
     whole, _ = compute(gmm, *draw_noise(gmm, m, cal.seed), cal.seed, steps, None, lambda s: None, m)
