@@ -72,8 +72,8 @@ class CalibrationOptions:
     # noise (docs/accuracy.md); NETWORK_HOLDOUT for networks (fewer cannot tell a real 20% gain from chance).
     # Reference steps: None means 256 for an analytic model, 128 for networks.
     holdout: int | None = option(None, "held-out noises of the end-to-end guard (default 4096 analytic models, 256 "
-                                       "networks) and of --solver auto's choice (default 4096, fewer when "
-                                       "--budget is short)", lo=2, hi=100_000, role="guard")
+                                       "networks) and of --solver auto's choice (default 32768, fewer where "
+                                       "their memory or --budget is short)", lo=2, hi=100_000, role="guard")
     reference_steps: int | None = option(None, "steps of the reference solution: Heun's for the guard (default 256 "
                                                "analytic models, 128 networks); for --solver auto the cap of its "
                                                "UniPC-3 references, whose steps the plan's probe measures",

@@ -55,11 +55,23 @@ def whole_granules(n: int) -> int:
     return -(-n // GRANULE) * GRANULE
 
 
-def reference_batch(rate: float, calls: int, total: int) -> int:
-    """Noises per `compute` batch for `total` noises of `calls` calls each at `rate` seconds per image-call: ~10 s a
-    batch (progress, and an early re-plan), <= 64 noises and <= 1/8 of the total, whole granules."""
+# a batch of 64 noises that takes less than this is mostly per-call overhead (gmm: 64 noises of 32 UniPC-3 steps
+# ran at 3.7x the timed cost per image-call, and the pace then cut the held-out noises): such a model's batches
+# grow to ~CHEAP_BATCH_S, within BATCH_BYTES of float64 states
+CHEAP_BATCH_S, BATCH_BYTES = 0.1, 1 << 26
+
+
+def reference_batch(rate: float, calls: int, total: int, numel: int = 1) -> int:
+    """Noises per `compute` batch for `total` noises of `calls` calls each at `rate` seconds per image-call (images
+    of `numel` elements): ~10 s a batch (progress, and an early re-plan), <= 64 noises unless 64 take less than
+    CHEAP_BATCH_S (then as many as take ~CHEAP_BATCH_S, within BATCH_BYTES of float64 states), <= 1/8 of the
+    total, whole granules."""
     most = max(GRANULE, total // 8 // GRANULE * GRANULE)
-    return min(most, GRANULE * max(1, min(8, int(10.0 / max(calls * rate * GRANULE, 1e-9)))))
+    granule_s = max(calls * rate * GRANULE, 1e-12)
+    if 8 * granule_s < CHEAP_BATCH_S:
+        cheap = min(int(CHEAP_BATCH_S / granule_s), BATCH_BYTES // (8 * numel * GRANULE))
+        return min(most, GRANULE * max(8, cheap))
+    return min(most, GRANULE * max(1, min(8, int(10.0 / granule_s))))
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,10 @@ from .fit import CalibrationOptions, calibrate
 from .references import INTEGRATOR
 from .schedules import karras_sigmas, program_for
 from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bases
-from .search_plan import (FIXED_SHARE, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT, MIN_SCHEDULE_EVALS,
-                          OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT_FLOOR, Clock, is_prior,
-                          ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references, prior_base,
-                          search_holdout)
+from .search_plan import (FIXED_SHARE, HOLDOUT_BYTES, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT,
+                          MIN_SCHEDULE_EVALS, OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR,
+                          Clock, is_prior, ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references,
+                          prior_base, search_holdout)
 from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
@@ -347,11 +347,19 @@ def _search_holdout(given: CalibrationOptions, cal: CalibrationOptions, shape: t
     (SEARCH_HOLDOUT where their memory allows), which a short budget cuts first down to the floor,
     SEARCH_HOLDOUT_FLOOR or the guard's default where smaller (`cal` is resolved); a given one below MIN_HOLDOUT is
     used, and said to be unreliable."""
+    asked, size = search_holdout(shape), 16 * math.prod(shape)  # bytes of a noise and its reference, float64
     if given.holdout is None:
-        return replace(cal, holdout=search_holdout(shape)), min(cal.holdout, SEARCH_HOLDOUT_FLOOR)
+        if asked < SEARCH_HOLDOUT:
+            log(f"  held-out noises: {asked} asked, not {SEARCH_HOLDOUT}: their float64 noises and references are "
+                f"kept within {HOLDOUT_BYTES / 2**20:.0f} MiB ({size} bytes each)")
+        return replace(cal, holdout=asked), min(cal.holdout, SEARCH_HOLDOUT_FLOOR)
     if given.holdout < MIN_HOLDOUT:
         log(f"  --holdout {given.holdout}: below {MIN_HOLDOUT} held-out noises the shipping rule's 95% bound is "
-            f"not reliable (a fit may ship on chance); the search's default is {search_holdout(shape)}")
+            f"not reliable (a fit may ship on chance); the search's default is {asked}")
+    elif given.holdout * size > HOLDOUT_BYTES:
+        log(f"  --holdout {given.holdout}: their float64 noises and references take {given.holdout * size / 2**30:.2f}"
+            f" GiB of memory where the budget affords them all (the search's default, {asked}, stays within "
+            f"{HOLDOUT_BYTES / 2**20:.0f} MiB)")
     return cal, None
 
 

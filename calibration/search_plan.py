@@ -386,7 +386,7 @@ def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOpt
     done = {"calibration": 0, "held-out": 0}
     n_bases = len(plan.families) * len(plan.finals)
     calls = reference_calls(INTEGRATOR, plan.steps)
-    batch = reference_batch(plan.rate, calls, plan.batch + plan.holdout)  # the first re-plan comes early
+    batch = reference_batch(plan.rate, calls, plan.batch + plan.holdout, math.prod(denoiser.shape))  # re-plans early
 
     def replan(which: str):
         def cut(n_done: int, seconds: float, image_calls: int) -> int:

@@ -63,7 +63,8 @@ def _referenced(denoiser: Denoiser, n: int, seed: int, plan: ReferencePlan, cach
     (`references.compute`, in batches as the first round's: cached like them; progress as `what`)."""
     noise, labels = draw_noise(denoiser, n, seed)
     refs, info = compute(denoiser, noise, labels, seed, plan.steps, cache, log,
-                         reference_batch(plan.rate, reference_calls(INTEGRATOR, plan.steps), n), None,
+                         reference_batch(plan.rate, reference_calls(INTEGRATOR, plan.steps), n,
+                                         math.prod(denoiser.shape)), None,
                          Ticker(what, log))
     return noise, labels, refs, info
 

@@ -452,6 +452,24 @@ def test_the_budget_figure_says_hours_and_days():
     assert budget_flag(7807758) == "--budget 7807758 (~90 days)"
 
 
+def test_reference_batches_grow_where_a_batch_of_64_is_mostly_overhead(gmm):
+    """A network's batches stay <= 64 noises (~10 s each at most); a model as cheap as gmm, whose 64-noise batches
+    ran at ~4x the timed cost per call, gets batches of ~CHEAP_BATCH_S within BATCH_BYTES and 1/8 of the total;
+    computed in them, the references are the same."""
+    from iia.calibration.references import BATCH_BYTES, CHEAP_BATCH_S, GRANULE, compute, reference_batch
+    from iia.calibration.evalset import draw_noise
+
+    assert reference_batch(3e-4, 32, 1152, 64) == 64 and reference_batch(0.18, 32, 1000, 3072) == GRANULE
+    cheap = reference_batch(1.7e-6, 32, 36864, 64)
+    assert 64 < cheap <= 36864 // 8 and cheap % GRANULE == 0 and cheap * 32 * 1.7e-6 <= CHEAP_BATCH_S
+    big = reference_batch(1e-7, 32, 10**6, 12288)
+    assert big * 12288 * 8 <= BATCH_BYTES and big >= 64
+    noise, labels = draw_noise(gmm, 96, 7)
+    one, _ = compute(gmm, noise, labels, 7, 16, None, lambda s: None, 96)
+    small, _ = compute(gmm, noise, labels, 7, 16, None, lambda s: None, 8)
+    assert torch.allclose(one, small, rtol=0, atol=1e-12)
+
+
 def test_a_multistep_reference_converges_and_an_unknown_integrator_is_refused(gmm):
     from iia.calibration.evalset import draw_noise, rmse
     from iia.calibration.sampling import reference_calls, reference_solution
@@ -581,7 +599,7 @@ def test_a_given_held_out_set_too_small_for_the_rule_is_said_so(gmm):
     assert (cal.holdout, floor, len(lines)) == (SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, 1)  # the default: nothing said
 
 
-def test_the_held_out_noises_asked_for_are_bounded_by_their_memory():
+def test_the_held_out_noises_asked_for_are_bounded_by_their_memory(gmm):
     """32768 noises and references of 3x64x64 images would be 12.9 GB of float64: the search asks for what
     HOLDOUT_BYTES holds, never below SEARCH_HOLDOUT_FLOOR."""
     from iia.calibration.search_plan import HOLDOUT_BYTES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR, search_holdout
@@ -590,6 +608,19 @@ def test_the_held_out_noises_asked_for_are_bounded_by_their_memory():
     big = search_holdout((3, 64, 64))
     assert SEARCH_HOLDOUT_FLOOR < big < SEARCH_HOLDOUT and 16 * 3 * 64 * 64 * big <= HOLDOUT_BYTES
     assert search_holdout((4, 128, 128)) == SEARCH_HOLDOUT_FLOOR
+    # said in one line where the bound lowers the default, and where a given --holdout passes it
+    from iia.calibration.search import _search_holdout
+
+    resolved = CalibrationOptions().resolved(gmm)
+    lines = []
+    cal, _ = _search_holdout(CalibrationOptions(), resolved, (3, 64, 64), lines.append)
+    assert cal.holdout == big and lines == [f"  held-out noises: {big} asked, not {SEARCH_HOLDOUT}: their float64 "
+                                            f"noises and references are kept within 512 MiB (196608 bytes each)"]
+    given = CalibrationOptions(holdout=100_000)
+    cal, floor = _search_holdout(given, given.resolved(gmm), (3, 64, 64), lines.append)
+    assert (cal.holdout, floor) == (100_000, None) and "--holdout 100000: " in lines[-1] and "18.31 GiB" in lines[-1]
+    _search_holdout(given, given.resolved(gmm), tuple(gmm.shape), lines.append)
+    assert len(lines) == 2  # 100000 of gmm's 64 elements: 98 MiB, nothing to say
 
 
 def test_the_plan_keeps_held_out_time_for_the_fits_and_their_bases_not_every_base():
