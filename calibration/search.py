@@ -346,7 +346,7 @@ def _search_holdout(given: CalibrationOptions, cal: CalibrationOptions, shape: t
     """(options, floor): unless --holdout is given, the search asks for `search_holdout(shape)` held-out noises
     (SEARCH_HOLDOUT where their memory allows), which a short budget cuts first down to the floor,
     SEARCH_HOLDOUT_FLOOR or the guard's default where smaller (`cal` is resolved); a given one below MIN_HOLDOUT is
-    used, and said to be unreliable."""
+    used, and said to be unreliable; a default the memory bound lowered, and a given one past it, are said."""
     asked, size = search_holdout(shape), 16 * math.prod(shape)  # bytes of a noise and its reference, float64
     if given.holdout is None:
         if asked < SEARCH_HOLDOUT:
