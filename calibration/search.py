@@ -40,8 +40,8 @@ from .schedules import karras_sigmas, program_for
 from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bases
 from .search_plan import (FIXED_SHARE, HOLDOUT_BYTES, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT,
                           MIN_SCHEDULE_EVALS, OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR,
-                          Clock, is_prior, ReferencePlan, evaluation_sets, load_optimisers_beside, plan_references,
-                          prior_base, search_holdout)
+                          Clock, ReferencePlan, evaluation_sets, holdout_bytes, is_prior, load_optimisers_beside,
+                          plan_references, prior_base, search_holdout)
 from .search_timing import Pace, busy_machine_threads
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
@@ -347,7 +347,7 @@ def _search_holdout(given: CalibrationOptions, cal: CalibrationOptions, shape: t
     (SEARCH_HOLDOUT where their memory allows), which a short budget cuts first down to the floor,
     SEARCH_HOLDOUT_FLOOR or the guard's default where smaller (`cal` is resolved); a given one below MIN_HOLDOUT is
     used, and said to be unreliable; a default the memory bound lowered, and a given one past it, are said."""
-    asked, size = search_holdout(shape), 16 * math.prod(shape)  # bytes of a noise and its reference, float64
+    asked, size = search_holdout(shape), holdout_bytes(1, shape)
     if given.holdout is None:
         if asked < SEARCH_HOLDOUT:
             log(f"  held-out noises: {asked} asked, not {SEARCH_HOLDOUT}: their float64 noises and references are "

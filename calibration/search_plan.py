@@ -61,11 +61,16 @@ SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR = 32768, 1024
 HOLDOUT_BYTES = 1 << 29  # the held-out noises and references (float64) the search asks for, at most: 512 MiB
 
 
+def holdout_bytes(n: int, shape: tuple[int, ...]) -> int:
+    """Bytes of n held-out noises of images of `shape` and their references, both float64."""
+    return 16 * n * math.prod(shape)
+
+
 def search_holdout(shape: tuple[int, ...]) -> int:
     """The held-out noises the search asks for on images of `shape`: SEARCH_HOLDOUT, fewer where their noises and
-    references (float64) would pass HOLDOUT_BYTES, never fewer than SEARCH_HOLDOUT_FLOOR (a cheap model of 3x64x64
-    images: 2730)."""
-    return min(SEARCH_HOLDOUT, max(SEARCH_HOLDOUT_FLOOR, HOLDOUT_BYTES // (16 * math.prod(shape))))
+    references would pass HOLDOUT_BYTES (`holdout_bytes`), never fewer than SEARCH_HOLDOUT_FLOOR (a cheap model of
+    3x64x64 images: 2730)."""
+    return min(SEARCH_HOLDOUT, max(SEARCH_HOLDOUT_FLOOR, HOLDOUT_BYTES // holdout_bytes(1, shape)))
 # Calibration noises a cheap model's fits get unless --calib-batch is given: the default (512 gmm, 128 others)
 # doubled while the first round's fits at that size take at most GROW_SHARE of the time left (`grown_batch`).
 # The fits see the rare noises that carry the RMSE only in a large set: gmm NFE 8, iPNDM learned schedule + global
