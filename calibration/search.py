@@ -304,11 +304,14 @@ class _Watchdog:
     def __init__(self, log: Callable[[str], None], every: float = 12.0):
         self.log, self.every = log, every
         self.started = self.last = time.perf_counter()
+        self.phase = "starting"  # the last line the search logged: what it is still working on
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="search watchdog", daemon=True)
 
-    def __call__(self, text: str) -> None:
+    def __call__(self, text: str, phase: bool = True) -> None:
         self.last = time.perf_counter()
+        if phase:
+            self.phase = _gist(text)
         self.log(text)
 
     def _watch(self) -> None:
@@ -316,7 +319,7 @@ class _Watchdog:
             now = time.perf_counter()
             if now - self.last >= self.every:
                 self(f"  search: still working, {now - self.started:.0f} s in ({now - self.last:.0f} s since the "
-                     f"last line)")
+                     f"last line: {self.phase})", phase=False)
 
     def __enter__(self) -> "_Watchdog":
         self.thread.start()
@@ -325,6 +328,12 @@ class _Watchdog:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def _gist(text: str, width: int = 72) -> str:
+    """`text` on one line, at most `width` characters (the watchdog's name for the phase it is in)."""
+    one = " ".join(text.split())
+    return one if len(one) <= width else one[:width - 3] + "..."
 
 
 def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = None,

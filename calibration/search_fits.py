@@ -175,7 +175,7 @@ class GradDenoiser:
         self.denoiser, self.recompute = denoiser, recompute
 
     def _net(self, x: torch.Tensor, sig: torch.Tensor, *labels) -> torch.Tensor:
-        return self.denoiser.net(x.to(torch.float32), sig, *labels).to(torch.float64)
+        return self.denoiser.forward(x.to(torch.float32), sig, *labels).to(torch.float64)
 
     def __call__(self, x: torch.Tensor, sigma: float, labels) -> torch.Tensor:
         device = self.denoiser.device

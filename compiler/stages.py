@@ -317,8 +317,8 @@ def verify(loaded: Loaded, coefs: Coefficients, exported: Exported, static: list
                                   golden_dir=work, decode=exported.decoder is not None, log=log)
         decoded_note = (f", images_uint8 within +-1 level: {parity['images_uint8_within_1']:.4%}"
                         if "images_uint8_within_1" in parity else "")
-        log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g}, max rel {parity['max_rel']:.3g}"
-            f"{decoded_note}")
+        log(f"  ONNX Runtime CPU vs PyTorch: max abs {parity['max_abs']:.3g} (tolerance {parity['tolerance']:.3g}), "
+            f"max rel {parity['max_rel']:.3g}{decoded_note}")
     static_parity = {}
     if static:
         with stage("static batches", job.timings, log):

@@ -91,7 +91,7 @@ class Denoiser:
         if self.conditional:
             args.append(self.labels_or_error(class_labels, batch).to(device))
         with torch.no_grad():
-            out = self.net(*args)
+            out = self.forward(*args)
         if tuple(out.shape) != tuple(x.shape):
             raise DenoiserError(
                 f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} at sigma={float(sigma[0]):.6g}"
@@ -99,6 +99,19 @@ class Denoiser:
         if not torch.isfinite(out).all():
             raise DenoiserError(f"denoiser returned NaN/Inf at sigma={float(sigma[0]):.6g}")
         return out.to(x.device, x.dtype)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        """`net(x, sigma[, labels])` as given (float32 x [B, *shape], sigma [B] on self.device; no checks,
+        gradients as the caller's mode has them). Raises DenoiserError when the network's own code fails (its
+        exception named, at which sigma and batch size), so that a model's bug reads as the model's, not iia's."""
+        try:
+            return self.net(x, sigma, *labels)
+        except (DenoiserError, MemoryError):
+            raise
+        except Exception as err:
+            at = float(sigma.reshape(-1)[0]) if sigma.numel() else float("nan")
+            raise DenoiserError(f"the model's forward call failed at sigma={at:.6g} on a batch of {x.shape[0]}: "
+                                f"{type(err).__name__}: {err}") from err
 
     def decode_stage(self) -> torch.nn.Module | None:
         """The model's decode stage (uint8 NHWC pixels), EDM's pixel formula for image models without one,

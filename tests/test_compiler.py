@@ -1,6 +1,7 @@
 """Compiler: one ONNX graph per sampler, parity with PyTorch, weight sharing, atomicity, TensorRT plan."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -238,6 +239,7 @@ def test_cli_calibrate_and_compile_on_edm_pickle(tmp_path, edm_pkl, capsys):
     assert "sha256" in capsys.readouterr().err
     assert compile_main([str(edm_pkl), "--nfe", "5", "--coefficients", str(coef), "--out", str(tmp_path / "o"),
                          "--no-engine"]) == 0
+    assert re.search(r"vs PyTorch: max abs \S+ \(tolerance \S+\)", capsys.readouterr().err)  # the bound that applied
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["engine"]["reason"] == "--no-engine given"
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", str(tmp_path / "o")]) == 2
     assert "exists" in capsys.readouterr().err

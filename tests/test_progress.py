@@ -71,3 +71,20 @@ def test_a_piped_calibration_writes_log_lines_not_carriage_returns(tmp_path):
                          capture_output=True, env=env, timeout=600)  # bytes: text mode would turn \r into \n
     assert run.returncode == 0, run.stderr
     assert out.is_file() and b"\r" not in run.stderr and b"\x1b" not in run.stderr, run.stderr[-500:]
+
+
+def test_the_search_watchdog_names_the_phase_it_is_still_in():
+    """Minutes inside one phase (a large model's evaluations on a CPU) print lines that say which phase: the last
+    line the search logged, on one line and trimmed, never the watchdog's own line."""
+    import time
+
+    from iia.calibration.search import _Watchdog
+
+    lines: list[str] = []
+    with _Watchdog(lines.append, every=0.5) as watched:
+        watched("  schedule unipc-3/sigma_min:\n 40/320 evaluations " + "x" * 100)
+        time.sleep(2.6)
+    beats = [line for line in lines if "still working" in line]
+    assert len(beats) >= 2, lines
+    phase = "schedule unipc-3/sigma_min: 40/320 evaluations "
+    assert all(b.endswith(f"since the last line: {phase}{'x' * (69 - len(phase))}...)") for b in beats), beats

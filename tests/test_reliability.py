@@ -483,6 +483,31 @@ def test_diffusers_config_not_json_names_the_file(tmp_path, capsys):
                    str(folder / "scheduler_config.json"))
 
 
+def test_a_failing_model_forward_is_named_as_the_models_not_as_unexpected(capsys):
+    """A bug in the user's network (here a ZeroDivisionError at one noise level) is reported as the model's
+    forward call failing, with its exception and sigma, in the sampler path and the fits' differentiable path."""
+    import torch
+    from iia.calibration.sampling import sample
+    from iia.calibration.search_fits import GradDenoiser
+    from iia.calibration.solvers import build_program
+    from iia.cli import run_cli
+    from iia.models.base import Denoiser, DenoiserError
+
+    class Buggy(torch.nn.Module):
+        def forward(self, x, sigma):
+            if float(sigma[0]) < 1.0:
+                raise ZeroDivisionError("float division by zero")
+            return x / (1 + sigma[:, None] ** 2)
+
+    d = Denoiser(Buggy(), (4,), 0.002, 80.0)
+    program = build_program("edm", [80.0, 5.0, 0.5, 0.0])
+    with pytest.raises(DenoiserError, match=r"forward call failed at sigma=0\.5 on a batch of 3: ZeroDivisionError"):
+        GradDenoiser(d)(torch.zeros(3, 4, dtype=torch.float64), 0.5, None)
+    last = one_line_error(capsys, run_cli(lambda argv: sample(program, d, torch.zeros(3, 4))),
+                          "forward call failed", "ZeroDivisionError: float division by zero")
+    assert "unexpected" not in last, last
+
+
 def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monkeypatch, tmp_path):
     from iia.cli import run_cli
 
