@@ -42,7 +42,7 @@ from .search_plan import (FIXED_SHARE, HOLDOUT_BYTES, LOCAL_FIT_SHARE, MIN_FIT_B
                           MIN_SCHEDULE_EVALS, OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR,
                           Clock, ReferencePlan, evaluation_sets, holdout_bytes, is_prior, load_optimisers_beside,
                           plan_references, prior_base, search_holdout)
-from .search_timing import Pace, busy_machine_threads
+from .search_timing import Pace, busy_machine_threads, machine_busy
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate
 from .search_rounds import FURTHER_FACTORS, REFINE_FACTORS, ROUND_SLACK, fit_rounds, refine_fits
@@ -84,6 +84,7 @@ class SearchResult:
     references: dict = field(default_factory=dict)
     # what the budget fitted (`search_budget.FitCounts`): {"schedules", "global_fits", "karras"}; empty unsearched
     fits: dict = field(default_factory=dict)
+    busy: str | None = None  # why the machine was found busy during the search (`search_timing.machine_busy`)
 
 
 def _score_bases(denoiser, nfe, plan: ReferencePlan, opts, calib: EvalSet, clock: Clock, pace: Pace,
@@ -446,4 +447,4 @@ def _search(denoiser: Denoiser, nfe: int, opts: SearchOptions, calibration: Cali
     used = {"calibration": len(calib), "holdout": len(hold), "integrator": INTEGRATOR, "steps": plan.steps,
             "rounds": max(c.round for c in cands), **resolution}
     return SearchResult(chosen.program, chosen, finalists, table, round(time.perf_counter() - clock.started, 2),
-                        clock.timings, used, vars(counts))
+                        clock.timings, used, vars(counts), machine_busy())

@@ -192,7 +192,7 @@ def to_calibration_result(result, calibration: CalibrationOptions, options: Sear
     if lower > 0:  # the rule's bound measured the references too: the larger of it and theirs (a shipped fit's <= 1)
         res.guard["ratio_upper"] = max(res.guard["ratio_upper"], used["rmse_chosen_upper"] / lower)
     res.search = {"nfe": chosen.program.nfe, "chosen": chosen.label, "seconds": result.seconds, "references": used,
-                  "fits": result.fits,
+                  "fits": result.fits, "busy_machine": result.busy,
                   "timings_s": result.timings, "options": {k: (list(v) if isinstance(v, tuple) else v)
                                                            for k, v in vars(options).items()},
                   "candidates": result.table}

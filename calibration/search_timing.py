@@ -81,7 +81,8 @@ def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None],
         _said_one_thread(log, threads, faster, "")
         torch.set_num_threads(1)
     before = dict(_state)
-    _state.update(checked=True, rechecked=False, limit=limit)
+    busy = None if faster is None else f"a call ran {faster[1] / faster[0]:.2g}x faster on 1 thread than on {threads}"
+    _state.update(checked=True, rechecked=False, limit=limit, busy=busy)
     try:
         yield
     finally:
@@ -89,8 +90,9 @@ def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None],
         torch.set_num_threads(threads)
 
 
-# inside a `busy_machine_threads` block that timed the threads: whether `recheck_threads` ran, and the check's time
-_state: dict = {"checked": False, "rechecked": False, "limit": THREADS_CHECK_S}
+# inside a `busy_machine_threads` block that timed the threads: whether `recheck_threads` ran, the check's time,
+# and why the machine was found busy (`machine_busy`)
+_state: dict = {"checked": False, "rechecked": False, "limit": THREADS_CHECK_S, "busy": None}
 # a pace this many times slower than timed re-checks the threads: other processes took the cores after the check
 # (tester: one that started just after it left 2 threads on 1 free core, the references ran at 80x the timed cost,
 # the held-out noises were cut 1024 -> 32, no base but one was scored and an unfitted base shipped)
@@ -103,6 +105,8 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
     FEWER_THREADS_GAIN x faster (said in one line; the block restores the count). Returns whether it switched:
     the pace measured before then says nothing of the work after."""
     threads = torch.get_num_threads()
+    if _state["checked"] and slow >= RECHECK_SLOWER and _state["busy"] is None:
+        _state["busy"] = f"the work ran {slow:.2g}x slower than timed"
     if not _state["checked"] or _state["rechecked"] or slow < RECHECK_SLOWER or _threads_fixed(denoiser, threads):
         return False
     _state["rechecked"] = True
@@ -112,6 +116,13 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
     _said_one_thread(log, threads, faster, f" (the work ran {slow:.2g}x slower than timed: checked again)")
     torch.set_num_threads(1)
     return True
+
+
+def machine_busy() -> str | None:
+    """Inside a `busy_machine_threads` block: why the machine was found busy (other processes held the cores:
+    1 thread ran a call FEWER_THREADS_GAIN x faster, or the work ran RECHECK_SLOWER x slower than timed), else
+    None. What such a search made is not cached (compiler/coefficients.py): an idle machine does better."""
+    return _state["busy"]
 
 
 def _threads_fixed(denoiser: Denoiser, threads: int) -> bool:

@@ -118,9 +118,11 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
         if not g:  # no references fit --budget: the prior base, unscored (the search logged why); not cached
             return data, result.program, (f"auto: {result.chosen.label} by the prior, unsearched ({result.seconds:.1f} "
                                           f"s; not cached: the next compile plans again, on a machine maybe less busy)")
+        busy = (f"; not cached: the machine was busy ({result.busy}), the next compile searches again"
+                if result.busy else "")
         return data, result.program, (
             f"auto search in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}); "
-            f"shipped {_choice(result.chosen.label, g)}")
+            f"shipped {_choice(result.chosen.label, g)}{busy}")
 
     def check(data, path):  # a cached search: its table and choice said as a fresh one's are
         record, g = data.get("search") or {}, data.get("guard") or {}
@@ -132,7 +134,8 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),
                            {"search": repr(vars(search)), "search_version": SEARCH_VERSION})
-    # the unsearched prior is not kept: whether references fit the budget depends on how busy the machine was
+    # neither the unsearched prior nor a search on a busy machine is kept: what the budget affords depends on how
+    # busy the machine was (its cached references are reused: the next search is cheaper)
     return _cached(key, make, check, opts, log, "searching again",
         {"solver": "auto", "nfe": opts.nfe, "model_sha256": denoiser.identity.get("sha256")}, say_guard=False,
-        keep=lambda data: bool(data["guard"]))
+        keep=lambda data: bool(data["guard"]) and not (data.get("search") or {}).get("busy_machine"))

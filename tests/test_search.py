@@ -263,6 +263,40 @@ def test_an_unsearched_prior_is_not_cached(tmp_path):
     assert not list((tmp_path / "cache").glob("coefficients/*")), "an unsearched prior was cached"
 
 
+def test_a_search_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
+    """What the budget affords depends on how busy the machine was (tester: a search cut by load was kept for
+    every later compile): a search that found other processes holding the cores is shipped, recorded as such and
+    not cached; the same search where the thread count is the user's (nothing found busy) is cached."""
+    import time
+
+    from iia.compiler.build import CompileOptions, obtain_coefficients
+    from iia.models import from_callable
+
+    def waits_on_threads(x, sigma, labels):  # the waits of a busy machine's intra-op threads
+        time.sleep(0.02 * (torch.get_num_threads() - 1))
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    denoiser = from_callable(waits_on_threads, (1, 4, 4))
+    opts = CompileOptions(nfe=4, solver="auto", budget_s=6.0, engine=False, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data, _, how = obtain_coefficients(denoiser, "auto", opts, log=lambda s: None)
+        kept_busy = list((tmp_path / "cache").glob("coefficients/*"))
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's count: not checked, nothing found busy
+        torch.set_num_threads(1)
+        again, _, how_again = obtain_coefficients(denoiser, "auto", opts, log=lambda s: None)
+    finally:
+        torch.set_num_threads(before)
+    busy = data["search"]["busy_machine"]
+    assert data["guard"] and busy.startswith("a call ran") and busy.endswith("faster on 1 thread than on 2"), busy
+    assert f"not cached: the machine was busy ({busy}), the next compile searches again" in how, how
+    assert kept_busy == [], "a search on a busy machine was cached"
+    assert again["guard"] and again["search"]["busy_machine"] is None and "not cached" not in how_again, how_again
+    assert len(list((tmp_path / "cache").glob("coefficients/*"))) >= 1  # the second search only
+
+
 def test_a_search_bounded_by_counts_is_the_same_on_every_run(gmm):
     opts = SearchOptions(budget_s=None, batch=32, families=("ipndm", "deis-2"), max_evals=12, max_iter=4)
     cal = CalibrationOptions(holdout=32, reference_steps=32, batch=32)
@@ -878,7 +912,7 @@ def test_on_busy_cores_pytorch_runs_on_one_thread(monkeypatch):
     user's count) is left alone, and a model that runs as fast on its threads keeps them."""
     import time
 
-    from iia.calibration.search_timing import busy_machine_threads
+    from iia.calibration.search_timing import busy_machine_threads, machine_busy
     from iia.models import from_callable
 
     def waits_on_threads(x, sigma, labels):
@@ -896,7 +930,9 @@ def test_on_busy_cores_pytorch_runs_on_one_thread(monkeypatch):
             with busy_machine_threads(denoiser, lines.append):
                 with busy_machine_threads(denoiser, lines.append):  # the search inside the compile: not again
                     seen[name] = (torch.get_num_threads(), lines)
+                    seen[name + " busy"] = machine_busy()
             seen[name + " after"] = torch.get_num_threads()
+            assert machine_busy() is None  # outside the block
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         told = []
         with busy_machine_threads(busy, told.append):
@@ -905,6 +941,7 @@ def test_on_busy_cores_pytorch_runs_on_one_thread(monkeypatch):
         torch.set_num_threads(before)
     threads, lines = seen["busy"]
     assert threads == 1 and seen["busy after"] == 2, seen
+    assert seen["busy busy"].startswith("a call ran") and seen["busy busy"].endswith("faster on 1 thread than on 2")
     assert len(lines) == 1 and lines[0].startswith("  PyTorch on 1 thread, not 2: a denoiser call on 2 noises took")
     assert "OMP_NUM_THREADS" in lines[0]
     assert kept == 2 and told == []
@@ -917,7 +954,7 @@ def test_cores_taken_after_the_check_are_checked_again_once(monkeypatch):
     block, and switches to 1 where it is faster, said in one line; the block gives the count back."""
     import time
 
-    from iia.calibration.search_timing import RECHECK_SLOWER, busy_machine_threads, recheck_threads
+    from iia.calibration.search_timing import RECHECK_SLOWER, busy_machine_threads, machine_busy, recheck_threads
     from iia.models import from_callable
 
     load_on = {"busy": False}
@@ -936,15 +973,18 @@ def test_cores_taken_after_the_check_are_checked_again_once(monkeypatch):
             got["kept"] = torch.get_num_threads()
             load_on["busy"] = True
             got["not slow"] = recheck_threads(denoiser, lines.append, RECHECK_SLOWER / 2)
+            got["busy before"] = machine_busy()
             got["slow"] = recheck_threads(denoiser, lines.append, 3 * RECHECK_SLOWER)
+            got["busy"] = machine_busy()
             got["threads"] = torch.get_num_threads()
             got["again"] = recheck_threads(denoiser, lines.append, 3 * RECHECK_SLOWER)
         got["after"] = torch.get_num_threads()
         got["outside"] = recheck_threads(denoiser, lines.append, 3 * RECHECK_SLOWER)
     finally:
         torch.set_num_threads(before)
-    assert got == {"kept": 2, "not slow": False, "slow": True, "threads": 1, "again": False, "after": 2,
-                   "outside": False}, got
+    assert got == {"kept": 2, "not slow": False, "busy before": None, "slow": True,
+                   "busy": f"the work ran {3 * RECHECK_SLOWER:.2g}x slower than timed", "threads": 1, "again": False,
+                   "after": 2, "outside": False}, got
     assert len(lines) == 1 and lines[0].startswith("  PyTorch on 1 thread, not 2") and "checked again" in lines[0]
 
 
