@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.utils import checkpoint as torch_checkpoint
 
 
 class DenoiserError(ValueError):
     """A denoiser misbehaved (NaN/Inf or wrong shape) or was called with bad inputs."""
+
+
+# what non-reentrant torch.utils.checkpoint raises inside a call it recomputes, to stop once it has what it needs
+# (the global fits recompute calls, calibration/search_fits.py): passed through, never named as the model's failure
+_StopRecomputation = getattr(torch_checkpoint, "_StopRecomputationError", ())
 
 
 @dataclass
@@ -106,7 +112,7 @@ class Denoiser:
         exception named, at which sigma and batch size), so that a model's bug reads as the model's, not iia's."""
         try:
             return self.net(x, sigma, *labels)
-        except (DenoiserError, MemoryError):
+        except (DenoiserError, MemoryError, _StopRecomputation):  # the last: torch.utils.checkpoint's own control flow
             raise
         except Exception as err:
             at = float(sigma.reshape(-1)[0]) if sigma.numel() else float("nan")
