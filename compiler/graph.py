@@ -3,7 +3,7 @@ value, how often a value is read (graph outputs and subgraph bodies included), f
 edits, pruning of dead nodes and unread initializers, a quiet ONNX Runtime CPU session, stored-byte
 accounting, and the builder the emitters append nodes with.
 
-The passes (`compiler/passes/`), the conditioning folder (`fold.py`) and the emitters (`emit.py`) use it;
+The passes (`compiler/passes/`), the conditioning folder (`fold.py`) and the emitters (`emit.py`, `emit_loop.py`) use it;
 nothing here knows about diffusion.
 """
 

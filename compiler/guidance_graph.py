@@ -1,6 +1,6 @@
 """The graph side of a guidance range (compiler/scales.py): the checked per-image `guidance` input, the hat
 weights over the nodes computed from it once, and the per-image mix of coefficient rows with the loop's flat
-buffer (emit.emit_sampler_loop uses them)."""
+buffer (emit_loop.emit_sampler_loop uses them)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32
 from .cache import cache_dir, default_cache_dir, export_cache_key, get_or_make
 from .check import check_model_file, check_parity, check_range_parity, check_static_batches, check_weight_sharing
 from .coefficients import UNGUARDED, obtain_coefficients
-from .emit import DECODE_PREFIX, emit_sampler, emit_sampler_loop, initializer_bytes
+from .emit import DECODE_PREFIX, emit_sampler, initializer_bytes
+from .emit_loop import emit_sampler_loop
 from .guidance_graph import scale_inputs
 from .export import decoded_shape, export_decoder, export_denoiser
 from .fold import plan_folding

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-DENOISER_PREFIX = "iia/loop/den/"   # compiler/emit.py names the Loop body's denoiser nodes so
+DENOISER_PREFIX = "iia/loop/den/"   # compiler/emit_loop.py names the Loop body's denoiser nodes so
 NORM = ("InstanceNormalization", "BatchNormalization", "Reshape")
 SILU = ("Sigmoid", "Mul")
 

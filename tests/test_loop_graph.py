@@ -14,7 +14,8 @@ from iia.calibration.sampling import sample
 from iia.calibration.schedules import program_for
 from iia.compiler.build import CompileError, CompileOptions, compile_model
 from iia.compiler.check import CheckError, check_weight_sharing
-from iia.compiler.emit import emit_sampler, emit_sampler_loop, initializer_bytes, linear_form
+from iia.compiler.emit import emit_sampler, initializer_bytes, linear_form
+from iia.compiler.emit_loop import emit_sampler_loop
 from iia.compiler.export import export_decoder, export_denoiser
 from iia.compiler.fold import FoldPlan, plan_folding
 from iia.models import gaussian_mixture, load
