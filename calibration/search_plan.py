@@ -182,6 +182,19 @@ def _what_was_cut(asked: tuple, new: list) -> list[str]:
     return cut
 
 
+# A --budget the plan suggests is what it priced, with room for what a larger budget spends itself (its timing
+# takes up to PRECISE_TIMING_SHARE of it) and for the timings' spread: tester, EDM's CIFAR-10 size on a CPU,
+# the minimal references priced 884 s at --budget 120 (4.5 s of timing) and 1008 s at --budget 900 (27 s), so
+# following the first figure was refused again.
+SUGGEST_MARGIN = 1.2
+
+
+def suggested_budget(need_s: float, spent_s: float) -> int:
+    """The --budget (whole seconds) to suggest for work priced `need_s` seconds of its share, beside `spent_s`
+    spent or kept outside it (see SUGGEST_MARGIN)."""
+    return math.ceil(SUGGEST_MARGIN * (need_s + spent_s) / (1 - PRECISE_TIMING_SHARE))
+
+
 def budget_flag(seconds: float) -> str:
     """'--budget N', with N in hours or days beside it when over an hour (a full search on a CPU can need months)."""
     n = math.ceil(seconds)
@@ -276,10 +289,10 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     cut = _what_was_cut((batch, holdout, steps, families, finals, n_fitted), new)
     minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
                min(n_fitted, 1))
-    afford = math.ceil(need(*minimal) / FIXED_SHARE + spent_s)
+    afford = suggested_budget(need(*minimal) / FIXED_SHARE, spent_s)
     # everything asked: held-out noises above the floors must fit their shares (the smaller), the rest FIXED_SHARE
     asked_share = (WIDE_HOLDOUT_SHARE if holdout > wide else HOLDOUT_BONUS_SHARE if holdout > floor else FIXED_SHARE)
-    full = math.ceil(need(batch, holdout, steps, fams, fins) / asked_share + spent_s)
+    full = suggested_budget(need(batch, holdout, steps, fams, fins) / asked_share, spent_s)
     fits = need(*new) <= share
     tiers = "" if new[1] == holdout else _caps_said(holdout, floor, wide, budget_s)
     lines = _plan_lines(need(*new), share, new, cut, fits, afford, full, tiers)

@@ -407,10 +407,15 @@ def test_the_plan_for_a_full_size_model_on_a_cpu():
 
     small = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 180.0, cost)
     assert not small.fits and "dropped the search" in small.lines[-1]
-    # the suggested --budget includes what was spent before the plan and is rounded up: always over the given one
+    # the suggested --budget includes what was spent before the plan, room for the larger budget's own timing
+    # and the timings' spread, rounded up: always over the given one, and the plan at it fits
     spent = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 180.0, cost, spent_s=20.0)
-    assert spent.afford_s == small.afford_s + 20 and spent.afford_s > 200 and float(spent.afford_s).is_integer()
+    assert spent.afford_s > small.afford_s + 20 and spent.afford_s > 200 and float(spent.afford_s).is_integer()
     assert f"need --budget {spent.afford_s} " in spent.lines[-1]
+    at = float(spent.afford_s)  # priced 10% higher there, its timing and probe taking their shares of it
+    gone = 20.0 + (PRECISE_TIMING_SHARE + PROBE_SHARE) * at
+    assert reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, at - gone,
+                           lambda n: 1.1 * cost(n), spent_s=gone).fits
     big = reference_sizes(9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 256, 32, 1800.0, cost)
     assert big.fits and big.families[0] == "ipndm" and big.fitted >= 1, big.lines
     per_eval = 9 * cost(big.batch)
