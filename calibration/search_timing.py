@@ -121,8 +121,14 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
 def machine_busy() -> str | None:
     """Inside a `busy_machine_threads` block: why the machine was found busy (other processes held the cores:
     1 thread ran a call FEWER_THREADS_GAIN x faster, or the work ran RECHECK_SLOWER x slower than timed), else
-    None. What such a search made is not cached (compiler/coefficients.py): an idle machine does better."""
+    None. A search made there is searched again on an idle machine (compiler/coefficients.py)."""
     return _state["busy"]
+
+
+def machine_idle() -> bool:
+    """Inside a `busy_machine_threads` block that timed the threads: nothing found busy (so far). False where
+    the count was not ours to check (`_threads_fixed`) or outside a block: nothing is known."""
+    return _state["checked"] and _state["busy"] is None
 
 
 def _threads_fixed(denoiser: Denoiser, threads: int) -> bool:

@@ -9,11 +9,18 @@ from pathlib import Path
 from iia.calibration import artifact
 from iia.calibration.fit import CalibrationResult, calibrate
 from iia.calibration.schedules import program_for
+from iia.calibration.search_timing import machine_idle
 from iia.calibration.solvers import Program, build_program, get_solver
 from iia.runtime.contract import MAX_COEFFICIENTS_BYTES
 
 from .cache import cache_dir, coefficients_key, get_or_make
 from .options import CompileOptions, is_set
+
+
+class SearchedWhenBusy(Exception):
+    """A cached search made on a busy machine, looked up on an idle one: searched again (what the budget afforded
+    there is not what an idle machine affords)."""
+
 
 UNGUARDED = "unguarded: the fit was never checked against its base solver on held-out noise"
 
@@ -118,7 +125,7 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
         if not g:  # no references fit --budget: the prior base, unscored (the search logged why); not cached
             return data, result.program, (f"auto: {result.chosen.label} by the prior, unsearched ({result.seconds:.1f} "
                                           f"s; not cached: the next compile plans again, on a machine maybe less busy)")
-        busy = (f"; not cached: the machine was busy ({result.busy}), the next compile searches again"
+        busy = (f"; searched on a busy machine ({result.busy}): a compile on an idle machine searches again"
                 if result.busy else "")
         return data, result.program, (
             f"auto search in {result.seconds:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in result.timings.items())}); "
@@ -126,6 +133,8 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     def check(data, path):  # a cached search: its table and choice said as a fresh one's are
         record, g = data.get("search") or {}, data.get("guard") or {}
+        if record.get("busy_machine") and machine_idle():  # what the budget afforded there, an idle one beats
+            raise SearchedWhenBusy(f"searched on a busy machine ({record['busy_machine']}); this one is idle now")
         if record.get("candidates"):
             log(format_table(record["candidates"]))
         if g:
@@ -134,8 +143,8 @@ def _auto_coefficients(denoiser, opts: CompileOptions, log) -> tuple[dict, Progr
 
     key = coefficients_key(denoiser, "auto", opts.nfe, opts.calibration.resolved(denoiser),
                            {"search": repr(vars(search)), "search_version": SEARCH_VERSION})
-    # neither the unsearched prior nor a search on a busy machine is kept: what the budget affords depends on how
-    # busy the machine was (its cached references are reused: the next search is cheaper)
+    # the unsearched prior is not kept: whether references fit the budget depends on how busy the machine was (a
+    # search on a busy machine is kept for the next compile on a busy one: `check`)
     return _cached(key, make, check, opts, log, "searching again",
         {"solver": "auto", "nfe": opts.nfe, "model_sha256": denoiser.identity.get("sha256")}, say_guard=False,
-        keep=lambda data: bool(data["guard"]) and not (data.get("search") or {}).get("busy_machine"))
+        keep=lambda data: bool(data["guard"]))
