@@ -38,8 +38,10 @@ class TorchArrays:
     def call(self, denoise: Callable, op: Denoise, x: torch.Tensor, labels) -> torch.Tensor:
         try:
             return denoise(x, op.sigma, labels)
-        except DenoiserError as err:
-            raise DenoiserError(f"{op.out} (call on {op.state} at sigma={op.sigma:.6g}): {err}") from None
+        except DenoiserError as err:  # chained: IIA_DEBUG=1 shows the model's own frames
+            if "sigma=" in str(err):  # the model's failure, said where it happened
+                raise
+            raise DenoiserError(f"the denoiser call at sigma={op.sigma:.6g}: {err}") from err
 
     def combine(self, terms: Terms, values: dict) -> torch.Tensor:
         return combine(terms, values)

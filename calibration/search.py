@@ -300,27 +300,29 @@ def _local_fit(denoiser, nfe, bases, opts, cal: CalibrationOptions, clock: Clock
 
 class _Watchdog:
     """The search's log with a watchdog thread: a line whenever nothing was logged for `every` seconds (one
-    evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks)."""
+    evaluation of a large model on a CPU can take minutes, longer than a phase's own progress ticks), naming the
+    work in progress: what the last progress ticker started counting (`iia.progress.Ticker` calls `starting`)."""
 
     def __init__(self, log: Callable[[str], None], every: float = 12.0):
         self.log, self.every = log, every
         self.started = self.last = time.perf_counter()
-        self.phase = "starting"  # the last line the search logged: what it is still working on
+        self.phase = "timing and planning"  # before the first ticker
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="search watchdog", daemon=True)
 
-    def __call__(self, text: str, phase: bool = True) -> None:
+    def __call__(self, text: str) -> None:
         self.last = time.perf_counter()
-        if phase:
-            self.phase = _gist(text)
         self.log(text)
+
+    def starting(self, what: str) -> None:
+        self.phase = what
 
     def _watch(self) -> None:
         while not self.stop.wait(1.0):
             now = time.perf_counter()
             if now - self.last >= self.every:
-                self(f"  search: still working, {now - self.started:.0f} s in ({now - self.last:.0f} s since the "
-                     f"last line: {self.phase})", phase=False)
+                self(f"  search: still working on {self.phase}, {now - self.started:.0f} s in ({now - self.last:.0f} "
+                     f"s since the last line)")
 
     def __enter__(self) -> "_Watchdog":
         self.thread.start()
@@ -329,12 +331,6 @@ class _Watchdog:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-
-
-def _gist(text: str, width: int = 72) -> str:
-    """`text` on one line, at most `width` characters (the watchdog's name for the phase it is in)."""
-    one = " ".join(text.split())
-    return one if len(one) <= width else one[:width - 3] + "..."
 
 
 def auto_search(denoiser: Denoiser, nfe: int, options: SearchOptions | None = None,

@@ -52,6 +52,8 @@ class Ticker:
         self.what, self.every = what, every
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.started = self.last = time.perf_counter()
+        # a log that names the work in progress (the search's watchdog, `starting(what)`) is told what starts here
+        getattr(self.log, "starting", lambda what: None)(what)
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -72,8 +74,10 @@ def heartbeat(what: str, log: Callable[[str], None] | None = None, every: float 
 
     def beat():
         while not stop.wait(every):
-            guess = f" (estimated ~{estimate_s:.0f} s in all)" if estimate_s else ""
-            log(f"  {what}: {time.perf_counter() - started:.0f} s elapsed{guess}")
+            elapsed = time.perf_counter() - started
+            guess = ("" if not estimate_s else f" (estimated ~{estimate_s:.0f} s in all)" if elapsed <= 1.5 * estimate_s
+                     else f" (past the ~{estimate_s:.0f} s estimated: the machine may be busy)")
+            log(f"  {what}: {elapsed:.0f} s elapsed{guess}")
 
     thread = threading.Thread(target=beat, name=f"heartbeat: {what}", daemon=True)
     thread.start()

@@ -126,6 +126,9 @@ def load(spec: str | Path, x0_clipping: str | None = None, *, guide: str | Path 
 
 def _load_one(spec: str | Path, x0_clipping: str | None = None, vae: str | Path | None = None) -> Denoiser:
     text = str(spec)
+    if not text.strip():  # Path("") is "." (the current folder), which would be read as a diffusers folder
+        raise ModelLoadError("the model is an empty name: give an EDM/EDM2 .pkl, a diffusers folder, or a bundled "
+                             "model (digits, gmm)")
     if vae is not None and not text.endswith(".pkl"):
         raise ModelLoadError(f"--vae applies to latent EDM2 pickles; {text} is not a .pkl")
     if x0_clipping is not None and not Path(text).is_dir():

@@ -483,7 +483,7 @@ def test_diffusers_config_not_json_names_the_file(tmp_path, capsys):
                    str(folder / "scheduler_config.json"))
 
 
-def test_a_failing_model_forward_is_named_as_the_models_not_as_unexpected(capsys):
+def test_a_failing_model_forward_is_named_as_the_models_not_as_unexpected(capsys, monkeypatch):
     """A bug in the user's network (here a ZeroDivisionError at one noise level) is reported as the model's
     forward call failing, with its exception and sigma, in the sampler path and the fits' differentiable path."""
     import torch
@@ -505,7 +505,11 @@ def test_a_failing_model_forward_is_named_as_the_models_not_as_unexpected(capsys
         GradDenoiser(d)(torch.zeros(3, 4, dtype=torch.float64), 0.5, None)
     last = one_line_error(capsys, run_cli(lambda argv: sample(program, d, torch.zeros(3, 4))),
                           "forward call failed", "ZeroDivisionError: float division by zero")
-    assert "unexpected" not in last, last
+    assert "unexpected" not in last and last.count("sigma=") == 1, last
+    monkeypatch.setenv("IIA_DEBUG", "1")  # the traceback reaches the model's own line
+    with pytest.raises(DenoiserError) as raised:
+        run_cli(lambda argv: sample(program, d, torch.zeros(3, 4)))
+    assert isinstance(raised.value.__cause__, ZeroDivisionError)
 
 
 def test_unexpected_exception_is_one_line_and_debug_keeps_traceback(capsys, monkeypatch, tmp_path):
@@ -773,3 +777,9 @@ def test_a_console_script_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path
                           capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "wrote w1/\n", ""), proc
+
+
+def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path, capsys):
+    """`iia-compile ""` said ". has no UNet2DModel config.json" (tester-40): Path("") is the current folder."""
+    one_line_error(capsys, compile_main(["", "--nfe", "5", "--out", str(tmp_path / "o")]), "the model is an empty name")
+    assert not (tmp_path / "o").exists()
