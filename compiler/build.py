@@ -42,7 +42,9 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
 
     Every check that needs no model runs first (options, the output location); then the stages of
     `compiler.stages`, each logging its time. `_fail_after` injects a failure after the named stage (tests
-    use it to prove atomicity). Raises CompileError (a ValueError) naming the option or file.
+    use it to prove atomicity). Raises CompileError (a ValueError) naming the option or file; a failure of the
+    model itself (its forward call raised, returned NaN/Inf or a wrong shape) is a DenoiserError (also a
+    ValueError) naming the sigma it was called at.
     """
     opts = options or CompileOptions()
     out = Path(out_dir)
