@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from iia.calibration.fit import CalibrationOptions, check_reference_steps
 from iia.calibration.search_space import FAMILIES
@@ -179,6 +180,20 @@ def refuse_unused_options(opts: CompileOptions) -> None:
                            f"set the fit of iia-* solvers and auto)")
 
 
+def _check_files_and_guidance(opts: CompileOptions) -> None:
+    """What `validate` can refuse before the model loads: a --coefficients file that is not there, and the
+    guidance settings (`models.guidance.check_guidance_settings`)."""
+    from iia.models.guidance import GuidanceError, check_guidance_settings
+
+    if opts.coefficients and not Path(opts.coefficients).is_file():
+        raise CompileError(f"--coefficients {opts.coefficients}: "
+                           f"{'not a file' if Path(opts.coefficients).exists() else 'no such file'}")
+    try:
+        check_guidance_settings(opts.guide is not None, opts.guidance, opts.cfg, opts.guidance_default)
+    except GuidanceError as err:
+        raise CompileError(str(err)) from None
+
+
 def validate(opts: CompileOptions) -> list[int]:
     """Every check of the options that needs no model (CompileError / CalibrationError naming the flag), before
     any work; returns the static batch sizes."""
@@ -214,4 +229,5 @@ def validate(opts: CompileOptions) -> list[int]:
             raise CompileError(str(err)) from None
     elif opts.guidance_default is not None:
         raise CompileError("--guidance-default applies to a range (--guidance LO:HI or --cfg LO:HI)")
+    _check_files_and_guidance(opts)
     return static

@@ -139,6 +139,20 @@ def _guided_range(net: Denoiser, guide: Denoiser | None, lo: float, hi: float, g
     return out
 
 
+def check_guidance_settings(guide: bool, guidance, cfg, default: float | None = None) -> None:
+    """The checks of `guided` that need no model (GuidanceError naming the setting): a range's order and its
+    default, --guidance without --guide, --guide with --cfg. iia-compile runs them before loading the model
+    (tester-40: `--cfg 1:0` was refused after a 230 MB pickle had loaded)."""
+    value, flag = (guidance, "--guidance") if guide else (cfg, "--cfg")
+    if value is not None and (not guide or cfg is None):
+        _range(value, flag, default)
+    if not guide and guidance is not None:
+        raise GuidanceError("--guidance needs --guide (the guide network's pickle); for classifier-free guidance "
+                            "against the null label use --cfg")
+    if guide and cfg is not None:
+        raise GuidanceError("--guide and --cfg are two kinds of guidance: choose one")
+
+
 def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | tuple[float, float] | None = None,
            cfg: float | tuple[float, float] | None = None, default: float | None = None) -> Denoiser:
     """`net` guided by `guide` with weight `guidance` (g), or by its own null label with weight `cfg` (w).
@@ -148,15 +162,11 @@ def guided(net: Denoiser, guide: Denoiser | None = None, guidance: float | tuple
     the denoiser at any fixed scale. Raises GuidanceError naming the setting when the models do not fit
     together or the model cannot do CFG. With neither a guide nor cfg, returns `net` unchanged.
     """
+    check_guidance_settings(guide is not None, guidance, cfg, default)
     value, flag = (guidance, "--guidance") if guide is not None else (cfg, "--cfg")
     scales = _range(value, flag, default) if value is not None and (guide is None or cfg is None) else None
     if scales is not None:
         return _guided_range(net, guide, *scales)
-    if guide is None and guidance is not None:
-        raise GuidanceError("--guidance needs --guide (the guide network's pickle); for classifier-free guidance "
-                            "against the null label use --cfg")
-    if guide is not None and cfg is not None:
-        raise GuidanceError("--guide and --cfg are two kinds of guidance: choose one")
     if guide is None and cfg is None:
         return net
     if guide is not None:

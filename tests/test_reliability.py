@@ -783,3 +783,17 @@ def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path,
     """`iia-compile ""` said ". has no UNet2DModel config.json" (tester-40): Path("") is the current folder."""
     one_line_error(capsys, compile_main(["", "--nfe", "5", "--out", str(tmp_path / "o")]), "the model is an empty name")
     assert not (tmp_path / "o").exists()
+
+
+def test_guidance_and_coefficient_file_settings_are_refused_before_the_model_loads(tmp_path, capsys):
+    """tester-40: `--cfg 1:0`, `--guidance 2` without --guide and a missing --coefficients file were refused after
+    the model had loaded (a 230 MB pickle): refused first, here even with a model that would not load."""
+    garbage = tmp_path / "garbage.pkl"
+    garbage.write_bytes(b"not a pickle")
+    for flags, message in ((["--cfg", "1:0"], "--cfg 1:0: a range needs LO < HI"),
+                           (["--guidance", "2"], "--guidance needs --guide"),
+                           (["--coefficients", str(tmp_path / "none.json")], "none.json: no such file"),
+                           (["--coefficients", str(tmp_path)], ": not a file")):
+        one_line_error(capsys, compile_main([str(garbage), "--nfe", "5", "--out", str(tmp_path / "o"), *flags]),
+                       message)
+    assert not (tmp_path / "o").exists()
