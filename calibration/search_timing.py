@@ -105,8 +105,6 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
     FEWER_THREADS_GAIN x faster (said in one line; the block restores the count). Returns whether it switched:
     the pace measured before then says nothing of the work after."""
     threads = torch.get_num_threads()
-    if _state["checked"] and slow >= RECHECK_SLOWER and _state["busy"] is None:
-        _state["busy"] = f"the work ran {slow:.2g}x slower than timed"
     if not _state["checked"] or _state["rechecked"] or slow < RECHECK_SLOWER or _threads_fixed(denoiser, threads):
         return False
     _state["rechecked"] = True
@@ -114,14 +112,16 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
     if faster is None:
         return False
     _said_one_thread(log, threads, faster, f" (the work ran {slow:.2g}x slower than timed: checked again)")
+    _state["busy"] = f"a call ran {faster[1] / faster[0]:.2g}x faster on 1 thread than on {threads}"
     torch.set_num_threads(1)
     return True
 
 
 def machine_busy() -> str | None:
     """Inside a `busy_machine_threads` block: why the machine was found busy (other processes held the cores:
-    1 thread ran a call FEWER_THREADS_GAIN x faster, or the work ran RECHECK_SLOWER x slower than timed), else
-    None. A search made there is searched again on an idle machine (compiler/coefficients.py)."""
+    1 thread ran a call FEWER_THREADS_GAIN x faster, at the check or its re-check), else None; a pace slower
+    than timed alone is not (an idle machine's work runs several times slower than its short timings: helper-41,
+    5-10x on digits at --budget 30). A search made there is searched again on an idle machine."""
     return _state["busy"]
 
 
