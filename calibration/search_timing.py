@@ -81,8 +81,7 @@ def busy_machine_threads(denoiser: Denoiser, log: Callable[[str], None],
         _said_one_thread(log, threads, faster, "")
         torch.set_num_threads(1)
     before = dict(_state)
-    busy = None if faster is None else f"a call ran {faster[1] / faster[0]:.2g}x faster on 1 thread than on {threads}"
-    _state.update(checked=True, rechecked=False, limit=limit, busy=busy)
+    _state.update(checked=True, rechecked=False, limit=limit, busy=None if faster is None else _busy(faster, threads))
     try:
         yield
     finally:
@@ -112,9 +111,14 @@ def recheck_threads(denoiser: Denoiser, log: Callable[[str], None], slow: float)
     if faster is None:
         return False
     _said_one_thread(log, threads, faster, f" (the work ran {slow:.2g}x slower than timed: checked again)")
-    _state["busy"] = f"a call ran {faster[1] / faster[0]:.2g}x faster on 1 thread than on {threads}"
+    _state["busy"] = _busy(faster, threads)
     torch.set_num_threads(1)
     return True
+
+
+def _busy(faster: tuple[float, float], threads: int) -> str:
+    """`machine_busy`'s reason from a thread check that found 1 thread faster."""
+    return f"a call ran {faster[1] / faster[0]:.2g}x faster on 1 thread than on {threads}"
 
 
 def machine_busy() -> str | None:
