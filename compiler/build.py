@@ -49,7 +49,7 @@ def compile_model(model, out_dir: str | Path, options: CompileOptions | None = N
     opts = options or CompileOptions()
     out = Path(out_dir)
     check_out_dir(out, opts.force)
-    static = validate(opts)
+    static = validate(opts, model)
     with Staging(out, "--out", CompileError, log) as work, ExitStack() as pytorch:
         job = stages.Job(opts, work, log, progress)
         loaded = stages.load(model, job)

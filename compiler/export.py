@@ -6,6 +6,8 @@ import contextlib
 import io
 import logging
 import math
+import re
+import sys
 import threading
 import warnings
 
@@ -90,15 +92,31 @@ def numpy_sqrt_of_sizes():
                 del cls.sqrt
 
 
+class _OtherThreads(io.TextIOBase):
+    """stderr as seen while exporting: what the exporting thread writes is dropped (torch.export prints a
+    failing model's partial FX graph there), what other threads write passes (the heartbeat's progress)."""
+
+    def __init__(self, stream):
+        self.stream, self.exporting = stream, threading.get_ident()
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.get_ident() == self.exporting else self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """torch.onnx's dynamo path logs pages of diagnostics; keep the compiler's output readable."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript",
+                                              "torch.fx")]  # torch.fx: a failing guard's warning dumps graphs
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(_OtherThreads(sys.stderr)):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -134,6 +152,28 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_USER_FRAME = re.compile(r"The following call raised this error:\s*File \"([^\"]+)\", line (\d+), in (\S+)[ \t]*"
+                         r"(?:\n[ \t]*([^\n]*))?")
+
+
+def export_failure(err: BaseException) -> str:
+    """The exporter's failure in one line: the root cause's type and first sentence, and the model's own line
+    that raised it where torch.export names one (its report runs to pages of advice and ANSI colours;
+    IIA_DEBUG=1 keeps the whole chain)."""
+    cause = _root_cause(err)
+    if isinstance(cause, ExportError):
+        return str(cause)
+    text = _ANSI.sub("", str(cause)).strip()
+    first = text.split("\n\n")[0].replace("\n", " ")
+    summary = f"{type(cause).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
+    frame = _USER_FRAME.search(_ANSI.sub("", "\n".join(str(e) for e in (err, cause))))
+    if frame:
+        path, line, fn, code = frame.groups()
+        summary += f" (at {path}:{line} in {fn}{': ' + code.strip() if code and code.strip() else ''})"
+    return summary + " (IIA_DEBUG=1 shows the exporter's full report)"
+
+
 def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
                   max_batch: int = 64, opset: int = 20, what: str = "the denoiser") -> onnx.ModelProto:
     """`module(*args)` as ONNX with a dynamic batch 1..max_batch on every input, through
@@ -155,10 +195,7 @@ def export_module(module: torch.nn.Module, args: tuple, input_names: list[str], 
             if isinstance(cause, KeyboardInterrupt):
                 raise KeyboardInterrupt from None
             cause = cause.__cause__ or cause.__context__
-        cause = _root_cause(err)
-        if isinstance(cause, ExportError):
-            raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {cause}") from err
-        raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {type(err).__name__}: {err}") from err
+        raise ExportError(f"torch.onnx.export (dynamo) failed for {what}: {export_failure(err)}") from err
     model = program.model_proto
     del program  # the exporter's own graph and program: the proto holds what is needed
     release_memory()

@@ -180,23 +180,38 @@ def refuse_unused_options(opts: CompileOptions) -> None:
                            f"set the fit of iia-* solvers and auto)")
 
 
-def _check_files_and_guidance(opts: CompileOptions) -> None:
-    """What `validate` can refuse before the model loads: a --coefficients file that is not there, and the
-    guidance settings (`models.guidance.check_guidance_settings`)."""
+def _check_files_and_guidance(opts: CompileOptions, model=None) -> None:
+    """What `validate` can refuse before the model loads: a model or --guide path that is not there, a
+    --coefficients file that is missing or unreadable (not a coefficient file, bad JSON), and the guidance
+    settings (`models.guidance.check_guidance_settings`)."""
+    from iia.calibration.artifact import ArtifactError, read
     from iia.models.guidance import GuidanceError, check_guidance_settings
+    from iia.models.registry import ModelLoadError, check_source
 
+    for flag, spec in (("", model), ("--guide ", opts.guide)):
+        try:
+            if isinstance(spec, (str, Path)):
+                check_source(spec)
+        except ModelLoadError as err:
+            raise CompileError(f"{flag}{err}") from None
     if opts.coefficients and not Path(opts.coefficients).is_file():
         raise CompileError(f"--coefficients {opts.coefficients}: "
                            f"{'not a file' if Path(opts.coefficients).exists() else 'no such file'}")
+    if opts.coefficients:
+        try:
+            read(opts.coefficients)
+        except ArtifactError as err:
+            raise CompileError(f"--coefficients: {err}") from None
     try:
         check_guidance_settings(opts.guide is not None, opts.guidance, opts.cfg, opts.guidance_default)
     except GuidanceError as err:
         raise CompileError(str(err)) from None
 
 
-def validate(opts: CompileOptions) -> list[int]:
+def validate(opts: CompileOptions, model=None) -> list[int]:
     """Every check of the options that needs no model (CompileError / CalibrationError naming the flag), before
-    any work; returns the static batch sizes."""
+    any work, and of `model` (a path or name; a Denoiser passes) what needs no reading; returns the static
+    batch sizes."""
     check_options(opts, CompileError)
     try:
         resolve_device(opts.device)  # before any work: a device torch cannot see is refused by name
@@ -229,5 +244,5 @@ def validate(opts: CompileOptions) -> list[int]:
             raise CompileError(str(err)) from None
     elif opts.guidance_default is not None:
         raise CompileError("--guidance-default applies to a range (--guidance LO:HI or --cfg LO:HI)")
-    _check_files_and_guidance(opts)
+    _check_files_and_guidance(opts, model)
     return static

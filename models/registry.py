@@ -93,11 +93,10 @@ def source_sha256(spec: str | Path) -> str | None:
     text = str(spec)
     if text.partition(":")[0] in ("gmm", "digits", "bundled"):
         return None
+    check_source(text)
     path = Path(text)
     if path.is_dir():
         return folder_sha256(path)
-    if not path.exists():
-        raise ModelLoadError(f"model '{text}' not found: pass a path to an EDM .pkl, a diffusers folder, or {BUILTIN_HELP}")
     from iia.runtime.contract import sha256_file
 
     return sha256_file(path)
@@ -124,11 +123,21 @@ def load(spec: str | Path, x0_clipping: str | None = None, *, guide: str | Path 
     return guided(net, guide_net, guidance, cfg)
 
 
-def _load_one(spec: str | Path, x0_clipping: str | None = None, vae: str | Path | None = None) -> Denoiser:
+def check_source(spec: str | Path) -> None:
+    """What can be refused about a model argument without reading it (ModelLoadError): an empty name, a path
+    that does not exist. Built-in names pass. iia-compile runs it before any work (a --guide typo was refused
+    after the main pickle had loaded)."""
     text = str(spec)
     if not text.strip():  # Path("") is "." (the current folder), which would be read as a diffusers folder
         raise ModelLoadError("the model is an empty name: give an EDM/EDM2 .pkl, a diffusers folder, or a bundled "
                              "model (digits, gmm)")
+    if text.partition(":")[0] not in ("gmm", "digits", "bundled") and not Path(text).exists():
+        raise ModelLoadError(f"model '{text}' not found: pass a path to an EDM .pkl, a diffusers folder, or {BUILTIN_HELP}")
+
+
+def _load_one(spec: str | Path, x0_clipping: str | None = None, vae: str | Path | None = None) -> Denoiser:
+    text = str(spec)
+    check_source(text)
     if vae is not None and not text.endswith(".pkl"):
         raise ModelLoadError(f"--vae applies to latent EDM2 pickles; {text} is not a .pkl")
     if x0_clipping is not None and not Path(text).is_dir():
@@ -148,8 +157,6 @@ def _load_one(spec: str | Path, x0_clipping: str | None = None, vae: str | Path 
 
         return load_digits_model()
     path = Path(text)
-    if not path.exists():
-        raise ModelLoadError(f"model '{text}' not found: pass a path to an EDM .pkl, a diffusers folder, or {BUILTIN_HELP}")
     if path.is_dir():
         from .diffusers_ddpm import load_diffusers_folder
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from edm_fixtures import build_edm2_objects, make_edm2_pickle
-from iia.compiler.build import CompileError, CompileOptions, compile_model
+from iia.compiler.build import CompileOptions, compile_model
 from iia.compiler.cli import main as compile_main
 from iia.compiler.emit import DECODE_PREFIX, initializer_bytes
 from iia.compiler.export import ExportError, export_module
 from iia.compiler.passes.weight_preprocessing import weight_only_nodes
 from iia.models import load
-from iia.models.decode import LatentDecode, PixelDecode
+from iia.models.decode import PixelDecode
 from iia.models.edm_pickle import load_edm_pickle
 from iia.models.guidance import GuidanceError
 
@@ -172,6 +172,25 @@ def test_export_folds_large_weight_preprocessing_and_refuses_batch_dependent_sqr
     assert np.abs(got - module(x).detach().numpy()).max() < 1e-5
     with pytest.raises(ExportError, match="numpy.sqrt of a size that depends on the batch"):
         export_module(_BatchSqrt(), (torch.randn(2, 3),), ["x"], ["y"], what="the test module")
+
+
+class _DataDependentBranch(torch.nn.Module):
+    def forward(self, x):
+        if float(x.sum()) > 1e9:  # a Python branch on a value: torch.export cannot trace it
+            return x
+        return 2 * x
+
+
+def test_an_export_failure_is_one_line_naming_the_models_line(capfd):
+    """helper-41: torch.export's failure came as ~1500 characters with ANSI colours and pages of advice, after
+    the failing model's partial FX graph printed twice on stderr. Now: the root cause and the model's line."""
+    with pytest.raises(ExportError) as info:
+        export_module(_DataDependentBranch(), (torch.randn(2, 3),), ["x"], ["y"], what="the test module")
+    text = str(info.value)
+    assert text.startswith("torch.onnx.export (dynamo) failed for the test module: GuardOnDataDependentSymNode"), text
+    assert "test_edm2.py" in text and "if float(x.sum()) > 1e9:" in text, text
+    assert "\x1b" not in text and "\n" not in text and len(text) < 600, text
+    assert "def forward" not in capfd.readouterr().err  # the partial graph is not printed
 
 
 # ------------------------------------------------------------------------------------------ compile

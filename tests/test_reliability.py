@@ -421,7 +421,8 @@ def test_nan_coefficients_refused_and_bad_cache_entry_recomputed(tmp_path):
     data["steps"][1]["coefficients"][0] = float("nan")
     entry.write_text(json.dumps(data))  # json writes NaN, as a corrupted entry could hold
     seal(entry)  # its digest recorded too (a bad writer): the content checks still refuse it
-    with pytest.raises(ArtifactError, match=f"{entry.name}.*NaN is not a JSON number"):  # strict JSON
+    # strict JSON, refused before the model loads (CompileError naming the flag)
+    with pytest.raises(CompileError, match=f"--coefficients: .*{entry.name}.*NaN is not a JSON number"):
         compile_model(denoiser, tmp_path / "b", CompileOptions(**{**opts, "calibration": CalibrationOptions()},
                                                                coefficients=str(entry)), log=quiet)
     logs = []
@@ -793,7 +794,10 @@ def test_guidance_and_coefficient_file_settings_are_refused_before_the_model_loa
     for flags, message in ((["--cfg", "1:0"], "--cfg 1:0: a range needs LO < HI"),
                            (["--guidance", "2"], "--guidance needs --guide"),
                            (["--coefficients", str(tmp_path / "none.json")], "none.json: no such file"),
-                           (["--coefficients", str(tmp_path)], ": not a file")):
+                           (["--coefficients", str(tmp_path)], ": not a file"),
+                           (["--coefficients", str(garbage)], "garbage.pkl is not readable JSON"),
+                           (["--guide", str(tmp_path / "nosuch.pkl"), "--guidance", "2"],
+                            "nosuch.pkl' not found")):
         one_line_error(capsys, compile_main([str(garbage), "--nfe", "5", "--out", str(tmp_path / "o"), *flags]),
                        message)
     assert not (tmp_path / "o").exists()
