@@ -39,9 +39,9 @@ class TorchArrays:
         try:
             return denoise(x, op.sigma, labels)
         except DenoiserError as err:  # chained: IIA_DEBUG=1 shows the model's own frames
-            if "sigma=" in str(err):  # the model's failure, said where it happened
+            if err.sigma is not None:  # the model's failure, said where it happened
                 raise
-            raise DenoiserError(f"the denoiser call at sigma={op.sigma:.6g}: {err}") from err
+            raise DenoiserError(f"the denoiser call at sigma={op.sigma:.6g}: {err}", sigma=op.sigma) from err
 
     def combine(self, terms: Terms, values: dict) -> torch.Tensor:
         return combine(terms, values)

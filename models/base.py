@@ -15,7 +15,12 @@ from torch.utils import checkpoint as torch_checkpoint
 
 
 class DenoiserError(ValueError):
-    """A denoiser misbehaved (NaN/Inf or wrong shape) or was called with bad inputs."""
+    """A denoiser misbehaved (NaN/Inf or wrong shape) or was called with bad inputs. `sigma`: the noise level
+    of the failing call where the message already names it (callers then add no sigma of their own)."""
+
+    def __init__(self, message: str, sigma: float | None = None):
+        super().__init__(message)
+        self.sigma = sigma
 
 
 # what non-reentrant torch.utils.checkpoint raises inside a call it recomputes, to stop once it has what it needs
@@ -98,12 +103,12 @@ class Denoiser:
             args.append(self.labels_or_error(class_labels, batch).to(device))
         with torch.no_grad():
             out = self.forward(*args)
+        at = float(sigma[0]) if batch else float("nan")
         if tuple(out.shape) != tuple(x.shape):
-            raise DenoiserError(
-                f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} at sigma={float(sigma[0]):.6g}"
-            )
+            raise DenoiserError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)} at "
+                                f"sigma={at:.6g}", sigma=at)
         if not torch.isfinite(out).all():
-            raise DenoiserError(f"denoiser returned NaN/Inf at sigma={float(sigma[0]):.6g}")
+            raise DenoiserError(f"denoiser returned NaN/Inf at sigma={at:.6g}", sigma=at)
         return out.to(x.device, x.dtype)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
@@ -117,7 +122,7 @@ class Denoiser:
         except Exception as err:
             at = float(sigma.reshape(-1)[0]) if sigma.numel() else float("nan")
             raise DenoiserError(f"the model's forward call failed at sigma={at:.6g} on a batch of {x.shape[0]}: "
-                                f"{type(err).__name__}: {err}") from err
+                                f"{type(err).__name__}: {err}", sigma=at) from err
 
     def decode_stage(self) -> torch.nn.Module | None:
         """The model's decode stage (uint8 NHWC pixels), EDM's pixel formula for image models without one,
