@@ -77,12 +77,13 @@ def reference_batch(rate: float, calls: int, total: int, numel: int = 1) -> int:
 @dataclass(frozen=True)
 class Accuracy:
     """The reference's RMSE error `error` measured at `steps` steps (against twice as many, on the probe's noises);
-    `best`: the probe's best base solver ("family/final"), whose error set the target; `grids`: every (steps,
-    error) the probe measured on its way (coarsest first), `steps` among them."""
+    `best`: the probe's best base solver ("family/final"), whose error `base_error` set the target; `grids`: every
+    (steps, error) the probe measured on its way (coarsest first), `steps` among them."""
     steps: int
     error: float
     best: str = ""
     grids: tuple[tuple[int, float], ...] = ()
+    base_error: float = 0.0  # the best base's RMSE error on the probe's noises (0: not measured)
 
     def basis(self, steps: int) -> tuple[int, float]:
         """The measurement `at` estimates `steps` from: `steps` itself when measured (`self.steps` first), else the
@@ -149,7 +150,7 @@ def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: fl
                 f"{error:.3g} vs {fine} steps on {n} noises = {ratio:.3g}x the error of the best of {len(base_errors)} "
                 f"base solvers at NFE {bases[0].nfe} ({best}) (target <= {ACCURACY_TARGET:g}x)")
         on_the_way = tuple((a.steps, a.error) for a in seen) + ((coarse, error),)
-        measured = Accuracy(coarse, error, best, on_the_way)
+        measured = Accuracy(coarse, error, best, on_the_way, base_errors[best])
         if ratio <= ACCURACY_TARGET:
             return coarse, said, measured
         if (len(seen) >= 2 and seen[-1].steps * 2 == coarse and seen[-2].steps * 2 == seen[-1].steps
@@ -160,7 +161,7 @@ def choose_steps(denoiser: Denoiser, bases: list[Program], seed: int, rate_s: fl
             last = seen[-1]
             return last.steps, (f"{said}; not met, and twice the steps cut the error less than {1 / STALL:g}x (from "
                                 f"{last.error:.3g} at {last.steps}): the model's own floor, using {last.steps} steps"), \
-                Accuracy(last.steps, max(error, last.error), best, on_the_way)
+                Accuracy(last.steps, max(error, last.error), best, on_the_way, base_errors[best])
         seen.append(measured)
         if coarse == max_steps:
             return coarse, f"{said}; not met, using {coarse} steps (the most --reference-steps allows)", measured

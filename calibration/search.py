@@ -40,8 +40,9 @@ from .schedules import karras_sigmas, program_for
 from .search_budget import FitCounts, choose_finalists, fit_counts, held_out_bases
 from .search_plan import (FIXED_SHARE, HOLDOUT_BYTES, LOCAL_FIT_SHARE, MIN_FIT_BUDGET_S, MIN_HOLDOUT,
                           MIN_SCHEDULE_EVALS, OPTIMISER_LOAD_S, PRIOR_FAMILIES, SEARCH_HOLDOUT, SEARCH_HOLDOUT_FLOOR,
-                          Clock, ReferencePlan, evaluation_sets, holdout_bytes, is_prior, load_optimisers_beside,
+                          Clock, ReferencePlan, holdout_bytes, is_prior, load_optimisers_beside,
                           plan_references, prior_base, search_holdout)
+from .search_sets import evaluation_sets
 from .search_timing import Pace, busy_machine_threads, machine_busy
 from .search_choice import TickingSet, checked_choice, choose, format_table, row, to_calibration_result
 from .search_fits import calib_loss, global_candidate, schedule_candidate

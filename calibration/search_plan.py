@@ -5,7 +5,7 @@ measured accuracy afford, and the pace the later phases watch.
 `reference_sizes` cuts noises, base families, final steps, fitted candidates and reference steps, in that order,
 until the references and the scoring fit FIXED_SHARE of `--budget` (the plan block in the log says what was cut
 and which budget would afford it all; when nothing fits, the documented prior base ships: `prior_base`);
-`evaluation_sets` computes the references in batches, re-planned at the measured pace (`search_timing.Pace`); `search_budget`
+`search_sets.evaluation_sets` computes the references in batches, re-planned at the measured pace; `search_budget`
 sizes the fits and the held-out scoring from what is left (`Clock`).
 """
 
@@ -15,21 +15,18 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from iia.cli import Ticker
 from iia.models.base import Denoiser
 
-from .evalset import EvalSet, draw_noise
-from .fit import HOLDOUT_SEED_OFFSET, CalibrationOptions
-from .references import INTEGRATOR, Accuracy, choose_steps, compute, reference_batch, whole_granules
+from .fit import CalibrationOptions
+from .references import INTEGRATOR, Accuracy, choose_steps
 from .sampling import reference_calls
 from .schedules import program_for
 from .search_space import Candidate, SearchOptions
-from .search_timing import PRECISE_TIMING_SHARE, Pace, call_cost, recheck_threads
+from .search_timing import PRECISE_TIMING_SHARE, call_cost
 from .solvers import Program
 
 
@@ -195,6 +192,25 @@ def suggested_budget(need_s: float, spent_s: float) -> int:
     return math.ceil(SUGGEST_MARGIN * (need_s + spent_s) / (1 - PRECISE_TIMING_SHARE))
 
 
+# A fit ships only when its held-out RMSE is below its base's by twice the references' error
+# (`search_choice.checked_choice`); on networks fits reach ~0.45-0.6x their base, so references erring by more
+# than a quarter of the best base's error could let none ship (tester, EDM's CIFAR-10 size at the suggested
+# --budget 1240: 16 reference steps erred 0.32x the base, a global fit at 0.45x its base was refused after 20 min)
+SHIP_RESOLUTION = 0.25
+
+
+def resolving_steps(accuracy: Accuracy | None, steps: int) -> int:
+    """The fewest reference steps (MIN_REFERENCE_STEPS to `steps`) whose error, as the probe estimates it
+    (`Accuracy.at`), is at most SHIP_RESOLUTION of the probe's best base's: with fewer, no fit could ship.
+    MIN_REFERENCE_STEPS when the probe measured nothing."""
+    n = MIN_REFERENCE_STEPS
+    if accuracy is None or not accuracy.base_error:
+        return n
+    while n < steps and accuracy.at(n)[0] > SHIP_RESOLUTION * accuracy.base_error:
+        n += 1
+    return n
+
+
 def budget_flag(seconds: float) -> str:
     """'--budget N', with N in hours or days beside it when over an hour (a full search on a CPU can need months)."""
     n = math.ceil(seconds)
@@ -204,7 +220,7 @@ def budget_flag(seconds: float) -> str:
 
 
 def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bool, afford: int,
-                full: int, tiers: str = "") -> tuple[str, ...]:
+                full: int, tiers: str = "", min_steps: int = MIN_REFERENCE_STEPS) -> tuple[str, ...]:
     """The plan block's lines for `reference_sizes`: what the kept sizes `new` need against the share (and the
     held-out noises' smaller `tiers`, said when they cut), and what was cut (or that the search was dropped) with
     the --budget figures."""
@@ -215,15 +231,17 @@ def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bo
                         f"{len(new[3]) * len(new[4])} base solver{'s' * (len(new[3]) * len(new[4]) != 1)}"
                         + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
                         + (f" ({budget_flag(full)} would afford them all)" if cut else ""),)
+    why = ("" if min_steps == MIN_REFERENCE_STEPS else
+           f" (fewer steps err by more than {SHIP_RESOLUTION:g}x the best base's error: no fit could ship)")
     return lines + (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises "
-                    f"at {MIN_REFERENCE_STEPS} {INTEGRATOR} steps and one base solver need {budget_flag(afford)} (the "
+                    f"at {min_steps} {INTEGRATOR} steps{why} and one base solver need {budget_flag(afford)} (the "
                     f"full search's references: {budget_flag(full)})",)
 
 
 def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...], n_fitted: int, batch: int,
                     holdout: int, steps: int, budget_s: float, cost: Callable[[int], float],
                     spent_s: float = 0.0, holdout_floor: int | None = None,
-                    lead: tuple[str, str] | None = None) -> ReferencePlan:
+                    lead: tuple[str, str] | None = None, min_steps: int = MIN_REFERENCE_STEPS) -> ReferencePlan:
     """The references, scoring the bases on the calibration noises and them plus `n_fitted` fitted candidates on
     the held-out noises must fit FIXED_SHARE of `budget_s` by the timed step cost `cost(n)`. First the held-out
     noises above SEARCH_HOLDOUT_FLOOR are cut until all fits WIDE_HOLDOUT_SHARE, then those above `holdout_floor`
@@ -231,7 +249,8 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     time) until all fits HOLDOUT_BONUS_SHARE (neither tier below `holdout_floor`); then, in this order until
     it fits FIXED_SHARE: noises down to 64 + 128; the families down to PRIOR_FAMILIES; noises down to MIN_CALIB +
     MIN_HOLDOUT; the final steps down to PRIOR_FINAL; one family; one fitted candidate; reference steps down to
-    MIN_REFERENCE_STEPS; `lead` (family, final step), the probe's best base, is kept first (it measured better
+    `min_steps` (`resolving_steps`: fewer could let no fit ship); `lead` (family, final step), the probe's best
+    base, is kept first (it measured better
     than the prior). When even that does not fit, `fits` is False. `spent_s`: the seconds of --budget spent
     or kept outside `budget_s` (the timing, the probe, the optimisers' reserve): the --budget figures the plan
     suggests (`afford_s`, `full_s`) include them and are rounded up, so that they are over any --budget that
@@ -281,13 +300,13 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     while need(*state) > HOLDOUT_BONUS_SHARE * budget_s and shrink(1, floor):
         pass
     ladder = (lambda: noises(64, 128), lambda: keep(3, len(PRIOR_FAMILIES)), lambda: noises(MIN_CALIB, MIN_HOLDOUT),
-              lambda: keep(4, 1), lambda: keep(3, 1), one_fit, lambda: shrink(2, MIN_REFERENCE_STEPS))
+              lambda: keep(4, 1), lambda: keep(3, 1), one_fit, lambda: shrink(2, min_steps))
     for cut_more in ladder:
         while need(*state) > share and cut_more():
             pass
     new = state
     cut = _what_was_cut((batch, holdout, steps, families, finals, n_fitted), new)
-    minimal = (MIN_CALIB, MIN_HOLDOUT, MIN_REFERENCE_STEPS, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
+    minimal = (MIN_CALIB, MIN_HOLDOUT, min(min_steps, steps), fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
                min(n_fitted, 1))
     afford = suggested_budget(need(*minimal) / FIXED_SHARE, spent_s)
     # everything asked: held-out noises above the floors must fit their shares (the smaller), the rest FIXED_SHARE
@@ -295,7 +314,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     full = suggested_budget(need(batch, holdout, steps, fams, fins) / asked_share, spent_s)
     fits = need(*new) <= share
     tiers = "" if new[1] == holdout else _caps_said(holdout, floor, wide, budget_s)
-    lines = _plan_lines(need(*new), share, new, cut, fits, afford, full, tiers)
+    lines = _plan_lines(need(*new), share, new, cut, fits, afford, full, tiers, min(min_steps, steps))
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
                          tuple(new[4]), cost, fitted=new[5], holdout_floor=min(floor, new[1]))
 
@@ -382,7 +401,7 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
             batch = grown
     lead = tuple(error.best.split("/")) if error is not None and error.best else None
     plan = reference_sizes(nfe, tuple(families), opts.finals, n_fitted, batch, cal.holdout, steps, left, cost,
-                           opts.budget_s - left, holdout_floor, lead)
+                           opts.budget_s - left, holdout_floor, lead, resolving_steps(error, steps))
     plan.rate, plan.accuracy = rate, error
     plan.lines = (f"  plan: {rate:.3g} s per image-call (timed by {how}); reference {said}",) + plan.lines
     clock.lap("references", t0)  # the timing and the accuracy probe are part of what the references cost
@@ -391,65 +410,3 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
     if plan.cut and plan.fits:
         log(f"  references cut to fit --budget {opts.budget_s:g} s: {plan.cut}")
     return plan
-
-
-def evaluation_sets(denoiser: Denoiser, plan: ReferencePlan, cal: CalibrationOptions, clock: Clock, pace: Pace,
-                     fixed_until: float | None, nfe: int, n_fitted: int, cache: Path | None,
-                     log) -> tuple[EvalSet, EvalSet]:
-    """The calibration and held-out sets with their references (`references.compute`, cached under `cache`),
-    computed in batches; after each, the remaining noises are re-planned at the measured pace so that the
-    references and the scoring still end by `fixed_until` (a time.perf_counter() value; None: no bound)."""
-    t0 = time.perf_counter()
-    sizes = {"calibration": plan.batch, "held-out": plan.holdout}
-    done = {"calibration": 0, "held-out": 0}
-    n_bases = len(plan.families) * len(plan.finals)
-    calls = reference_calls(INTEGRATOR, plan.steps)
-    batch = reference_batch(plan.rate, calls, plan.batch + plan.holdout, math.prod(denoiser.shape))  # re-plans early
-
-    def replan(which: str):
-        def cut(n_done: int, seconds: float, image_calls: int) -> int:
-            done[which] = n_done
-            pace.observe(image_calls // calls, calls, seconds)
-            if fixed_until is None:
-                return sizes[which]
-            if recheck_threads(denoiser, log, pace.slow):
-                pace.restart()  # the next batch measures the pace on 1 thread
-                return sizes[which]
-
-            def need() -> float:
-                refs = sum(pace.predict(sizes[w] - done[w], calls) for w in sizes)
-                return refs + pace.predict(sizes["calibration"], nfe * n_bases) + pace.predict(
-                    sizes["held-out"], nfe * held_out_programs(n_bases, n_fitted))
-            before = dict(sizes)
-            while time.perf_counter() + need() > fixed_until:
-                # the held-out noises above the plan's floor first (as `reference_sizes` cuts them)
-                bonus = sizes["held-out"] > max(plan.holdout_floor, done["held-out"])
-                lo = {"calibration": sizes["calibration"] if bonus else MIN_CALIB,
-                      "held-out": max(plan.holdout_floor, MIN_HOLDOUT) if bonus else MIN_HOLDOUT}
-                # never above the size it had (a --holdout 2 below MIN_HOLDOUT was raised to 32 by a "cut")
-                shrunk = {w: min(sizes[w], max(lo[w], done[w], whole_granules(int(sizes[w] * 0.8)))) for w in sizes}
-                if shrunk == sizes:
-                    break
-                sizes.update(shrunk)
-            if sizes != before:
-                log(f"  references re-planned at {pace.slow:.2g}x the timed cost per call: "
-                    + ", ".join(f"{w} noises {before[w]} -> {sizes[w]}" for w in sizes if sizes[w] != before[w]))
-            return sizes[which]
-        return cut
-
-    sets = {}
-    for which, seed in (("calibration", cal.seed), ("held-out", cal.seed + HOLDOUT_SEED_OFFSET)):
-        noise, labels = draw_noise(denoiser, sizes[which], seed)
-        refs, info = compute(denoiser, noise, labels, seed, plan.steps, cache, log, batch, replan(which),
-                             Ticker(f"{which} references, denoiser calls", log))
-        n = refs.shape[0]
-        done[which] = sizes[which] = n  # finished: a later re-plan neither cuts nor reports it
-        es = EvalSet(denoiser, noise[:n], None if labels is None else labels[:n], plan.steps, INTEGRATOR)
-        es.set_reference(None, refs)
-        sets[which] = es
-        log(f"  {which} references: {n} noises ({info['cached']} from the cache, {info['computed']} computed)")
-    calib, hold = sets["calibration"], sets["held-out"]
-    clock.lap("references", t0)
-    log(f"  references: {len(calib)} calibration + {len(hold)} held-out noises, {plan.steps} {INTEGRATOR} steps "
-        f"({clock.timings['references']:.1f} s)")
-    return calib, hold

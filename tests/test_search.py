@@ -538,6 +538,34 @@ def test_a_multistep_reference_converges_and_an_unknown_integrator_is_refused(gm
         reference_solution(gmm, noise, None, 16, integrator="rk4")
 
 
+def test_references_too_coarse_for_any_fit_to_ship_are_not_planned():
+    """tester (EDM's CIFAR-10 size, the suggested --budget 1240): the plan cut the references to 16 steps, whose
+    error (0.72, 0.32x the best base's) left the global fit at 0.45x its base unshippable after 20 minutes. The
+    plan keeps the steps a fit needs to ship (`resolving_steps`) or drops the search, saying why and what
+    --budget affords them."""
+    from iia.calibration.references import Accuracy
+    from iia.calibration.search_plan import SHIP_RESOLUTION, reference_sizes, resolving_steps
+
+    coarse = Accuracy(16, 0.721, "ipndm/sigma_min", ((16, 0.721),), base_error=0.721 / 0.318)
+    need = resolving_steps(coarse, 64)
+    assert coarse.at(need)[0] <= SHIP_RESOLUTION * coarse.base_error < coarse.at(need - 1)[0]
+    assert resolving_steps(coarse, 17) == 17  # never above the steps the probe chose
+    assert resolving_steps(None, 64) == 16 and resolving_steps(Accuracy(32, 1e-3, "x", (), 0.1), 128) == 16
+
+    def cost(n):
+        return 0.274 * n  # the fixture's measured cost per image-call on this CPU
+
+    args = (9, FAMILIES_ALL, ("zero", "sigma_min"), 5, 128, 10922, 64, 1100.0, cost)
+    loose = reference_sizes(*args)
+    assert loose.fits and loose.steps < need  # what shipped nothing after 20 minutes
+    strict = reference_sizes(*args, min_steps=need)
+    assert not strict.fits and strict.afford_s > loose.afford_s
+    assert f"at {need} unipc-3 steps (fewer steps err by more than 0.25x" in strict.lines[-1], strict.lines
+    # at the --budget it names, the references a fit can ship on fit (its timing and probe aside)
+    again = reference_sizes(*args[:7], float(strict.afford_s) * 0.85, cost, min_steps=need)
+    assert again.fits and again.steps >= need, again.lines
+
+
 def test_the_reference_error_is_estimated_at_the_steps_used():
     """issue: the check reported the error of the probe's 64 steps for references cut to 30: below the measured
     steps the error grows by the integrator's order (3), above it falls >= 4x per doubling; measured only there."""
@@ -1061,6 +1089,7 @@ def test_a_global_fit_is_refined_on_more_calibration_noises(gmm, monkeypatch):
     [again] = refine_fits(gmm, [refined], calib, opts, cal, plan, Clock(None), Pace(plan), None, lines.append, kept,
                           FURTHER_FACTORS)
     m2 = FURTHER_FACTORS[0] * 24
+    lines = [line for line in lines if " elapsed, ~" not in line]  # the references' own progress on a slow machine
     assert lines[2] == f"  references of {m2 - m} more calibration noises (0 from the cache, {m2 - m} computed)"
     assert torch.equal(kept["calibration"].noise[:m], big.noise) and len(kept["calibration"]) == m2
     assert again.note.startswith(refined.note) and again.note.endswith(f"on {m2} noises")
