@@ -92,14 +92,22 @@ def _drop(path: Path, log: Callable[[str], None]) -> None:
             log(f"  could not remove {victim}: {err}")
 
 
+class Outdated(Exception):
+    """Raised by a `lookup` loader for a sound entry that this run should not reuse (e.g. a search made on a busy
+    machine, looked up on an idle one): replaced, and said so, not called unusable."""
+
+
 def lookup(path: Path, load: Callable[[bytes, Path], T], log: Callable[[str], None], *, limit: int, what: str,
            redo: str | None) -> T | None:
     """The value cached at `path` (checked as the module says, then `load(bytes, path)`), or None when there is
     none; a bad entry is dropped and logged as "dropping unusable {what}, {redo}: PATH (why)" ("dropped unusable
-    {what}: PATH (why)" when `redo` is None)."""
+    {what}: PATH (why)" when `redo` is None), an `Outdated` one as "replacing {what}, {redo}: PATH (why)"."""
     if path.exists() or path.is_symlink() or Path(str(path) + SIDECAR).exists():
         try:
             return load(_verified(path, limit), path)
+        except Outdated as err:
+            log(f"  replacing {what}, {redo or 'not reused'}: {path} ({err})")
+            _drop(path, log)
         except Exception as err:  # unreadable, unverified, or refused by its loader: the entry is unusable
             # redo None: the caller says later whether it remade the value (it may not need it any more)
             log(f"  dropping unusable {what}, {redo}: {path} ({type(err).__name__}: {err})" if redo else

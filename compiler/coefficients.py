@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from iia.calibration import artifact
+from iia.calibration.cache import Outdated
 from iia.calibration.fit import CalibrationResult, calibrate
 from iia.calibration.schedules import program_for
 from iia.calibration.search_timing import machine_idle
@@ -17,7 +18,7 @@ from .cache import cache_dir, coefficients_key, get_or_make
 from .options import CompileOptions, is_set
 
 
-class SearchedWhenBusy(Exception):
+class SearchedWhenBusy(Outdated):
     """A cached search made on a busy machine, looked up on an idle one: searched again (what the budget afforded
     there is not what an idle machine affords)."""
 
