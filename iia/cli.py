@@ -337,7 +337,9 @@ def _entry(module: str, name: str) -> Callable[[], int]:
             _TERMINATED.clear()
             previous = signal.signal(signal.SIGTERM, _on_sigterm)  # run_cli installs it again, for its own call
         try:
-            main = getattr(importlib.import_module(module), name)
+            # importing torch takes ~1.5 s idle and ran 43 s silent on a loaded machine (tester-40): a line each 10 s
+            with heartbeat("starting: importing PyTorch (slow on a busy machine)"):
+                main = getattr(importlib.import_module(module), name)
             check_terminated()  # a SIGTERM whose exception the imported library swallowed
         except KeyboardInterrupt as err:  # nothing ran yet: run_cli's line would read its state from an earlier call
             term = isinstance(err, Terminated) or _TERMINATED.is_set()
