@@ -188,12 +188,12 @@ def _check_files_and_guidance(opts: CompileOptions, model=None) -> None:
     from iia.models.guidance import GuidanceError, check_guidance_settings
     from iia.models.registry import ModelLoadError, check_source
 
-    for flag, spec in (("", model), ("--guide ", opts.guide)):
+    for flag, spec in ((None, model), ("--guide", opts.guide)):
         try:
             if isinstance(spec, (str, Path)):
                 check_source(spec)
         except ModelLoadError as err:
-            raise CompileError(f"{flag}{err}") from None
+            raise CompileError(str(err) if flag is None else f"{flag} {spec}: {err}") from None
     if opts.coefficients and not Path(opts.coefficients).is_file():
         raise CompileError(f"--coefficients {opts.coefficients}: "
                            f"{'not a file' if Path(opts.coefficients).exists() else 'no such file'}")
