@@ -44,7 +44,8 @@ def _cached(key: str, make, check, opts: CompileOptions, log, redo: str, made_fr
 
     def load(_, path: Path):
         data = artifact.read(path)  # schema and version (the bytes were verified against their digest)
-        how = f"cached {path}" + (f"; {guard_summary(data['guard'])}" if say_guard and data.get("guard") else "")
+        how = f"reused the cached coefficients {path}" + (
+            f"; {guard_summary(data['guard'])}" if say_guard and data.get("guard") else "")
         return data, check(data, path), how
 
     return get_or_make(path, make, load, lambda made: _json_bytes(made[0]) if keep(made[0]) else None, log,

@@ -156,7 +156,7 @@ def test_compile_auto_records_table_and_round_trips(gmm, tmp_path):
 
     lines = []
     data, _, how = obtain_coefficients(gmm, "auto", opts, log=lines.append)
-    assert how.startswith("cached") and data["search"]["chosen"] == coef["search"]["chosen"]
+    assert how.startswith("reused the cached coefficients ") and data["search"]["chosen"] == coef["search"]["chosen"]
     # and says what it reuses: the candidate table and the choice, as the fresh search did
     assert any(line.startswith("candidate") and "held-out rmse" in line for line in lines), lines
     assert any(f"cached auto choice {coef['search']['chosen']}: held-out rmse" in line for line in lines), lines
@@ -306,11 +306,11 @@ def test_a_search_on_a_busy_machine_is_searched_again_on_an_idle_one(tmp_path, m
     (busy, how, _), (again, how2, _), (idle, how3, lines3), (_, how4, _), (_, how5, _) = runs
     assert busy.startswith("a call ran") and busy.endswith("faster on 1 thread than on 2"), busy
     assert f"searched on a busy machine ({busy}): a compile on an idle machine searches again" in how, how
-    assert again == busy and how2.startswith("cached "), how2  # busy again: reused
+    assert again == busy and how2.startswith("reused the cached coefficients "), how2  # busy again: reused
     assert any(line.startswith("  replacing cached coefficients, searching again: ") and f"(searched on a busy "
                f"machine ({busy}); this one is idle now)" in line for line in lines3), lines3
     assert idle is None and how3.startswith("auto search in ") and "busy" not in how3, how3
-    assert how4.startswith("cached ") and how5.startswith("cached "), (how4, how5)
+    assert how4.startswith("reused the cached") and how5.startswith("reused the cached"), (how4, how5)
 
 
 def test_a_search_bounded_by_counts_is_the_same_on_every_run(gmm):
