@@ -67,8 +67,9 @@ __all__ = ["FAMILIES", "PRIOR_FAMILIES", "SEARCH_VERSION", "Candidate", "SearchE
 # bounded to 10x their base's largest of the base, search_fits.coefficient_limit; the fits refined once more on 8x
 # the calibration noises before the rounds; a round starts when the time left covers its expected time; 10:
 # a learned schedule's Nelder-Mead starts from the best of Karras and its jumps; 11: 32768 held-out noises asked
-# for, bounded by their memory; 12: a cheap model's references in batches of ~0.1 s).
-SEARCH_VERSION = 12
+# for, bounded by their memory; 12: a cheap model's references in batches of ~0.1 s; 13: reference steps never
+# cut below those a fit needs to ship, `search_plan.resolving_steps`).
+SEARCH_VERSION = 13
 MIN_FIT_NOISES = 32  # below this many calibration noises the search says that its fits will overfit them
 
 
