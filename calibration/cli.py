@@ -14,7 +14,7 @@ from iia.models.device import describe_device, device_option, resolve_device
 from iia.runtime.contract import refuse_inside_artifact
 
 from .fit import CalibrationOptions, check_reference_steps
-from .solvers import SOLVERS, user_solvers
+from .solvers import SOLVERS, check_history, user_solvers
 
 
 @dataclass
@@ -91,6 +91,8 @@ def _calibrate(argv=None) -> int:
         SOLVERS[args.solver].steps_for_nfe(args.nfe)
     except ValueError as err:
         raise ValueError(f"--nfe {args.nfe}: {err}") from None
+    if "r" in given:
+        check_history(args.solver, args.nfe, options.r)
     if options.guard:  # the guard's reference (--no-guard computes none)
         check_reference_steps(options.reference_steps, args.nfe)
     denoiser = load_model_verbose(args.model, args.x0_clipping, args.device)

@@ -227,6 +227,32 @@ def build_program(solver: str, sigmas: Sequence[float], r: int = 1) -> Program:
     return Program(solver, sigmas, steps, r_used)
 
 
+def check_history(solver: str, nfe: int, r: int) -> None:
+    """ValueError naming --r when `r` history terms would not shape `solver`'s fit at `nfe` as asked: its basis
+    (every step's labels) is the same with one term fewer (at 0: with one more). iPNDM's basis holds its order's
+    derivatives at any r below 4 (tester-42: --r 0, 1, 2 fitted the same coefficients and recorded three r's); at
+    NFE 5 iia-edm's 3 steps have at most 2 earlier terms, so --r 3 is --r 2."""
+    spec = get_solver(solver)
+    if not spec.fitted or spec.fixed_r is not None:
+        return
+    n = spec.steps_for_nfe(nfe)
+    sigmas = [float(n + 1 - i) for i in range(n + 1)]  # the labels do not depend on the grid
+
+    def basis(history: int) -> tuple:
+        return tuple(tuple(label for label, _ in step.basis) for step in build_program(solver, sigmas, history).steps)
+
+    mine = basis(r)
+    if mine != basis(r - 1 if r else 1):
+        return
+    same = [h for h in range(max(r, n) + 2) if basis(h) == mine]
+    if same[-1] == max(r, n) + 1:  # every earlier step is used: more terms change nothing
+        said = f"--r {same[0]} already uses every earlier step"
+    else:
+        said = f"--r {same[0]} to {same[-1]} give the same basis (--r {same[-1] + 1} adds a term)"
+    raise ValueError(f"--r {r} does not shape --solver {solver}'s fit at NFE {nfe}: {said}; leave --r out or give "
+                     f"one that changes the basis")
+
+
 def base_program_for_grid(family: str, sigmas: Sequence[float]) -> Program:
     """The family's base solver over an arbitrary grid (the fine integrator, the reference solution)."""
     return build_program("edm" if family == "edm" else "ddim", sigmas)

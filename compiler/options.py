@@ -7,7 +7,7 @@ from pathlib import Path
 
 from iia.calibration.fit import CalibrationOptions, check_reference_steps
 from iia.calibration.search_space import FAMILIES
-from iia.calibration.solvers import get_solver, user_solver, user_solvers, valid_nfe
+from iia.calibration.solvers import check_history, get_solver, user_solver, user_solvers, valid_nfe
 from iia.cli import check_options, flag_of, option
 from iia.models.device import DeviceError, device_option, resolve_device
 from iia.runtime.contract import DENOISER_ONNX, MAX_STATIC_BATCHES
@@ -227,6 +227,11 @@ def validate(opts: CompileOptions, model=None) -> list[int]:
             solver.steps_for_nfe(opts.nfe)
         except ValueError as err:
             raise CompileError(f"--nfe {opts.nfe}: {err}") from None
+        if is_set(opts, "r"):
+            try:
+                check_history(opts.solver, opts.nfe, opts.calibration.r)
+            except ValueError as err:
+                raise CompileError(str(err)) from None
     elif not opts.coefficients and not any(valid_nfe(f, opts.nfe) for f in FAMILIES):  # before loading the model
         least = min(n for n in range(1, 8) for f in FAMILIES if valid_nfe(f, n))
         raise CompileError(f"--nfe {opts.nfe}: no solver family of --solver auto can spend exactly {opts.nfe} denoiser "
