@@ -63,7 +63,7 @@ def _calibrate(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     from . import artifact
-    from .fit import calibrate
+    from .fit import calibrate, calibration_line
     from .schedules import program_for
 
     check_options(options_from(CalibrateTarget, args))
@@ -98,6 +98,7 @@ def _calibrate(argv=None) -> int:
     denoiser = load_model_verbose(args.model, args.x0_clipping, args.device)
     program_for(denoiser, *program_for_check)  # fail fast on an invalid NFE/solver
     bar = ProgressBar("calibrating")
+    print(f"  {calibration_line(denoiser, args.solver, args.nfe, options)}", file=sys.stderr, flush=True)
     with stage(f"calibrate {args.solver} NFE {args.nfe}"):
         result = calibrate(denoiser, args.solver, args.nfe, options, progress=bar)
     bar.close()

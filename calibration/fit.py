@@ -17,15 +17,16 @@ from typing import Callable
 import torch
 
 from iia.cli import check_options, option
+from iia.progress import counted
 from iia.models.base import Denoiser
 
 from iia.runtime.program import StepView, execute
 
 from .evalset import draw_noise, evaluation_set, sample_errors
-from .sampling import TORCH, integrate, sample
+from .sampling import TORCH, integrate, reference_calls, sample
 from .schedules import SCHEDULES, fine_grid, program_for
 from .shipping import TOLERANCE, judge, rule_text
-from .solvers import Program, Step, user_solver, user_solvers
+from .solvers import Program, Step, base_program_for_grid, user_solver, user_solvers
 
 
 # Held-out noises are images seed + HOLDOUT_SEED_OFFSET + k: disjoint from calibration's seed + k for any batch
@@ -146,8 +147,7 @@ def chunked(denoiser: Callable, size: int) -> Callable:
 
 
 def fit_update(step: Step, view: StepView, denoiser: Denoiser, options: CalibrationOptions, fine_family: str,
-               chunks: list[slice], labels: torch.Tensor | None, tick: Callable[[int], None] | None,
-               ) -> tuple[Step, dict]:
+               chunks: list[slice], labels: torch.Tensor | None) -> tuple[Step, dict]:
     """Step `step`'s coefficients by ridge least squares at its update (`view`: anchor, basis and the state it
     integrates from, all noises): the target is the family's fine integration of that state over `options.M`
     sub-steps, accumulated `chunks` at a time. Returns (the step with its coefficients, its report entry)."""
@@ -157,7 +157,7 @@ def fit_update(step: Step, view: StepView, denoiser: Denoiser, options: Calibrat
     gram = torch.zeros(p, p, dtype=torch.float64, device=device)
     rhs = torch.zeros(p, dtype=torch.float64, device=device)
     target_sq, n_elems = 0.0, 0
-    for ci, c in enumerate(chunks):
+    for c in chunks:
         if fit_this:
             anchor = view.anchor[c]
             basis = torch.stack([b[c].reshape(-1) for b in view.basis], 1)
@@ -168,8 +168,6 @@ def fit_update(step: Step, view: StepView, denoiser: Denoiser, options: Calibrat
             rhs += basis.T @ resid
             target_sq += float(resid @ resid)
             n_elems += resid.numel()
-        if tick:
-            tick(ci)
     gram, rhs = gram.cpu(), rhs.cpu()
     c_base = torch.tensor(step.coefficients, dtype=torch.float64)
     entry = {"step": step.index, "sigma_from": step.sigma_from, "sigma_to": step.sigma_to, "fitted": bool(fit_this)}
@@ -219,25 +217,54 @@ def calibrate(
     fine_family = spec.fine if options.fine_solver == "base" else "edm"
     noise, labels = draw_noise(denoiser, options.batch, options.seed, labels)
     chunks = _chunks(options.batch, options.chunk)
-    total_work = len(base.steps) * len(chunks)
     steps, report = [], []
+    calls = calibration_calls(base, options, fine_family, reference is None)
+    with counted(progress, sum(calls.values()), lambda: denoiser.image_calls) as phase:
+        def fit_step(k: int, view: StepView) -> tuple[float, ...]:
+            phase(f"fit, step {k + 1}/{len(base.steps)}")
+            step, entry = fit_update(base.steps[k], view, denoiser, options, fine_family, chunks, labels)
+            steps.append(step)
+            report.append(entry)
+            return step.coefficients  # the trajectory goes on with the fitted update
 
-    def fit_step(k: int, view: StepView) -> tuple[float, ...]:
-        tick = None if progress is None else (lambda ci: progress(
-            k * len(chunks) + ci + 1, total_work, f"step {k + 1}/{len(base.steps)}"))
-        step, entry = fit_update(base.steps[k], view, denoiser, options, fine_family, chunks, labels, tick)
-        steps.append(step)
-        report.append(entry)
-        return step.coefficients  # the trajectory goes on with the fitted update
-
-    # the one executor, the fit in its on_step; the denoiser sees `chunk` noises at a time (bounds memory)
-    execute(base.plan(), chunked(denoiser, options.chunk), noise, labels, on_step=fit_step, arrays=TORCH)
-    fitted = Program(base.solver, base.sigmas, tuple(steps), base.r)
-    result = CalibrationResult(fitted, fitted, base, options, report)
-    if options.guard:
-        result.program, result.guard = guard_end_to_end(denoiser, base, fitted, options, reference, progress)
+        # the one executor, the fit in its on_step; the denoiser sees `chunk` noises at a time (bounds memory)
+        execute(base.plan(), chunked(denoiser, options.chunk), noise, labels, on_step=fit_step, arrays=TORCH)
+        fitted = Program(base.solver, base.sigmas, tuple(steps), base.r)
+        result = CalibrationResult(fitted, fitted, base, options, report)
+        if options.guard:
+            result.program, result.guard = guard_end_to_end(denoiser, base, fitted, options, reference, phase)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def calibration_calls(base: Program, options: CalibrationOptions, fine_family: str,
+                      reference: bool = True) -> dict[str, int]:
+    """The denoiser image-calls a calibration of `base` makes (options resolved): "fit" (the calibration noises'
+    trajectory and each fitted step's fine integration over M sub-steps), and with the guard "guard reference"
+    (its Heun reference on the held-out noises; none when `reference` is False: given) and "guard scoring" (the
+    base and up to guard_candidates fitted prefixes, each a run of the sampler on them)."""
+    fitted = [s for s in base.steps if s.fittable and s.index >= options.first_step and s.basis]
+    fine = sum(base_program_for_grid(fine_family, fine_grid(s.sigma_from, s.sigma_to, options.M).tolist()).nfe
+               for s in fitted)
+    calls = {"fit": options.batch * (base.nfe + fine)}
+    if options.guard:
+        calls["guard reference"] = options.holdout * reference_calls("heun", options.reference_steps) if reference \
+            else 0
+        calls["guard scoring"] = options.holdout * base.nfe * (1 + min(len(fitted), options.guard_candidates))
+    return calls
+
+
+def calibration_line(denoiser: Denoiser, solver: str, nfe: int, options: CalibrationOptions) -> str:
+    """What a calibration will cost, in one log line: its denoiser image-calls by phase (`calibration_calls`)."""
+    resolved = options.resolved(denoiser)
+    spec = user_solver(solver)
+    calls = calibration_calls(program_for(denoiser, solver, nfe, resolved.r, resolved.schedule), resolved,
+                              spec.fine if resolved.fine_solver == "base" else "edm")
+    parts = [f"fit {calls['fit']:,} on {resolved.batch} noises"] + (
+        [f"guard {calls['guard reference'] + calls['guard scoring']:,} on {resolved.holdout} held-out noises (Heun "
+         f"reference at {resolved.reference_steps} steps, then the base and fitted prefixes)"] if resolved.guard else [])
+    return (f"calibrating {solver} NFE {nfe}: ~{sum(calls.values()):,} denoiser image-calls ({'; '.join(parts)}); "
+            f"progress below counts them")
 
 
 def mixed_program(base: Program, fitted: Program, k: int) -> Program:
@@ -246,7 +273,7 @@ def mixed_program(base: Program, fitted: Program, k: int) -> Program:
                                    zip(base.steps, fitted.coefficients(), base.coefficients())])
 
 
-def guard_end_to_end(denoiser, base: Program, fitted: Program, options, reference=None, progress=None):
+def guard_end_to_end(denoiser, base: Program, fitted: Program, options, reference=None, phase=None):
     """Choose how many leading steps keep their fitted coefficients, by held-out end-to-end error.
 
     A candidate (fitted steps < k) must pass the shipping rule (`shipping.judge`) against the base solver: the
@@ -255,11 +282,11 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
     decide, since the gain would not carry over to new noise. The lowest held-out RMSE among those that pass
     ships (the base always passes).
     """
-    say = progress or (lambda done, total, text: None)  # the guard is most of a calibration's time: show it
+    say = phase or (lambda text: None)  # the guard is most of a calibration's time: name what it is at
     if reference is None:
         hold = evaluation_set(denoiser, options.holdout, options.seed + HOLDOUT_SEED_OFFSET, options.reference_steps)
         reference = hold.noise, hold.labels, hold.reference_at(base.sigmas[0], on_step=lambda k, n: say(
-            k, n, f"guard: reference on {options.holdout} held-out noises, step {k}/{n}"))
+            f"guard: reference on {options.holdout} held-out noises, step {k}/{n}"))
     noise, labels, ref = reference
     fitted_steps = [s.index for s, b in zip(fitted.steps, base.steps) if s.coefficients != b.coefficients]
     boundaries = [i + 1 for i in fitted_steps]
@@ -269,7 +296,7 @@ def guard_end_to_end(denoiser, base: Program, fitted: Program, options, referenc
     candidates = [0] + boundaries
     sq = {}
     for i, k in enumerate(candidates):
-        say(i, len(candidates), f"guard: scoring {i + 1}/{len(candidates)} (fitted steps < {k})")
+        say(f"guard: scoring {i + 1}/{len(candidates)} (fitted steps < {k})")
         sq[k] = sample_errors(sample(mixed_program(base, fitted, k), denoiser, noise, labels), ref) ** 2
     errors = {k: float(v.mean().sqrt()) for k, v in sq.items()}
     verdicts = {k: judge(sq[k], sq[0], options.guard_level) for k in candidates}

@@ -32,8 +32,20 @@ def _main(argv=None) -> int:
     bar.close()
     total = sum(manifest["timings_s"].values())
     print(f"wrote {out}/ ({', '.join(manifest['files'])}, manifest.json) in {total:.1f} s")
+    note = unsearched_note(manifest, options.budget_s)
+    if note:
+        print(note)
     print(f"sample from it: iia-sample {out} --n 64 --seed 0 --out grid.png")
     return 0
+
+
+def unsearched_note(manifest: dict, budget_s: float | None) -> str | None:
+    """The closing line's warning when --solver auto shipped the unsearched prior (tester-42: at CIFAR size the
+    default compile ships plain iPNDM, said only in the plan block); None otherwise."""
+    if not (manifest["coefficients_source"].startswith("auto:") and not manifest["guard"]):
+        return None
+    return (f"note: --solver auto searched nothing (the plan above: --budget {budget_s:g} s cannot afford this "
+            f"model's references here); it is the base {manifest['solver']} sampler, no fit")
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from iia.calibration import artifact
 from iia.calibration.cache import Outdated
-from iia.calibration.fit import CalibrationResult, calibrate
+from iia.calibration.fit import CalibrationResult, calibrate, calibration_line
 from iia.calibration.schedules import program_for
 from iia.calibration.search_timing import machine_idle
 from iia.calibration.solvers import Program, build_program, get_solver
@@ -67,6 +67,7 @@ def obtain_coefficients(denoiser, solver, opts: CompileOptions, log, progress=No
         return artifact.to_dict(result, denoiser, nfe), base, "base solver (nothing to fit)"
 
     def make():
+        log(f"  {calibration_line(denoiser, solver, nfe, opts.calibration)}")
         result = calibrate(denoiser, solver, nfe, opts.calibration, progress=progress)
         return (artifact.to_dict(result, denoiser, nfe), result.program,
                 f"calibrated in {result.seconds:.1f} s; {guard_summary(result.guard)}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from iia.cli import int_list, option, str_list
+from iia.cli import distinct_int_list, option, str_list
 from iia.runtime.contract import atomic_open
 
 from iia.models.base import Denoiser
@@ -28,7 +28,7 @@ class AccuracyOptions:
     solvers: list[str] = option(["edm", "biia-edm", "iia-edm", "ddim", "iia-ddim"], "solvers, comma-separated",
                                 parse=str_list)
     nfe: list[int] = option([5, 7, 9, 11, 15, 19, 25, 35], "NFE values, comma-separated (EDM-family solvers use "
-                            "the odd ones, DDIM-family all of them)", parse=int_list, lo=1, hi=1000)
+                            "the odd ones, DDIM-family all of them)", parse=distinct_int_list, lo=1, hi=1000)
     n_test: int = option(500, "fresh test noises", lo=2, hi=1_000_000)
     device: str = device_option()
 

@@ -36,7 +36,7 @@ from iia.calibration.evalset import rmse
 from iia.calibration.sampling import reference_solution, sample
 from iia.calibration.schedules import program_for
 from iia.calibration.solvers import Program, check_user_solvers, get_solver, valid_nfe
-from iia.cli import int_list, option, str_list, writing_output
+from iia.cli import distinct_int_list, option, str_list, writing_output
 
 from .quality_figures import GRID_SAMPLES, NUM_CLASSES, plot_quality, save_comparison_grid
 
@@ -108,7 +108,7 @@ class QualityOptions:
     solvers: list[str] = option(["edm", "biia-edm", "iia-edm", "ddim", "iia-ddim"], "solvers, comma-separated",
                                 parse=str_list)
     nfe: list[int] = option([5, 7, 9, 11, 15, 19, 35], "NFE values, comma-separated (EDM-family solvers use the odd "
-                            "ones, DDIM-family all of them)", parse=int_list, lo=1, hi=1000)
+                            "ones, DDIM-family all of them)", parse=distinct_int_list, lo=1, hi=1000)
     n: int = option(2000, "samples per solver and NFE (>= 2: FD-digits needs a covariance)", lo=2, hi=1_000_000)
     chunk: int = option(500, "samples per sampling batch", lo=1, hi=100_000)
     onnx_check: int = option(9, "compile iia-edm at this NFE to ONNX and compare its samples (0 skips)", lo=0, hi=1000)

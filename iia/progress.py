@@ -86,3 +86,29 @@ def heartbeat(what: str, log: Callable[[str], None] | None = None, every: float 
     finally:
         stop.set()
         thread.join()
+
+
+@contextmanager
+def counted(progress: Callable[[int, int, str], None] | None, total: int, count: Callable[[], int],
+            every: float = 1.0):
+    """While the body runs, `progress(count() - its value at entry, total, text)` every `every` seconds from a
+    daemon thread (stopped and joined on exit), `text` being what the body last named through the yielded
+    setter: progress by units of work that each take seconds (a denoiser's image-calls), where the body's own
+    milestones can be minutes apart (tester-42: a CIFAR-size calibration was silent for 236 s)."""
+    text, stop, start = [""], threading.Event(), count()
+    if progress is None:
+        yield lambda what: None
+        return
+
+    def report():
+        while not stop.wait(every):
+            progress(min(count() - start, total), total, text[0])
+
+    thread = threading.Thread(target=report, name="progress: counted", daemon=True)
+    thread.start()
+    try:
+        yield lambda what: text.__setitem__(0, what)
+    finally:
+        stop.set()
+        thread.join()
+        progress(min(count() - start, total), total, text[0])

@@ -57,6 +57,8 @@ class Denoiser:
     # EDM's pixel formula for image models.
     decode: torch.nn.Module | None = None
     null_label: bool = False  # the net was trained with label dropout: class label -1 means "no label" (CFG)
+    # images the network has been called on (`forward`): long work reads its progress here (`fit.calibrate`)
+    image_calls: int = field(default=0, compare=False, repr=False)
 
     @property
     def conditional(self) -> bool:
@@ -115,6 +117,7 @@ class Denoiser:
         """`net(x, sigma[, labels])` as given (float32 x [B, *shape], sigma [B] on self.device; no checks,
         gradients as the caller's mode has them). Raises DenoiserError when the network's own code fails (its
         exception named, at which sigma and batch size), so that a model's bug reads as the model's, not iia's."""
+        self.image_calls += int(x.shape[0])
         try:
             return self.net(x, sigma, *labels)
         except (DenoiserError, MemoryError, _StopRecomputation):  # the last: torch.utils.checkpoint's own control flow

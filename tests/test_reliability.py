@@ -806,3 +806,14 @@ def test_guidance_and_coefficient_file_settings_are_refused_before_the_model_loa
         one_line_error(capsys, compile_main([str(garbage), "--nfe", "5", "--out", str(tmp_path / "o"), *flags]),
                        message)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("main, argv, flag", [(bench_main, ["DIR", "--batch", "1,8,1"], "--batch"),
+                                              (accuracy_main, ["--model", "gmm", "--nfe", "5,7,5"], "--nfe")])
+def test_a_repeated_batch_size_or_nfe_is_refused_not_run_twice(main, argv, flag, capsys):
+    """tester-42: `iia-bench --batch 1,1` printed two rows for one batch size and `iia-accuracy --nfe 5,5` ran
+    everything twice, where iia-compile's --static-batch refused a repeat: refused alike, before any work."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}: " in err and "is given more than once" in err, err

@@ -238,6 +238,16 @@ def test_a_budget_that_affords_no_references_ships_the_prior_base_in_time(budget
     assert any("accuracy not measured" in line for line in plan), lines
     assert any("unsearched, by the documented prior" in line and "would" in line for line in lines), lines
     assert "not scored" in format_table(res.table)
+    # the compile's closing lines say it too (tester-42: the plan block alone was easy to miss)
+    from iia.compiler.cli import unsearched_note
+
+    data = to_calibration_result(res, CalibrationOptions(), SearchOptions(budget_s=budget), denoiser)
+    manifest = {"coefficients_source": f"auto: {res.chosen.label} by the prior, unsearched", "guard": data.guard,
+                "solver": res.program.solver}
+    assert unsearched_note(manifest, budget) == (
+        f"note: --solver auto searched nothing (the plan above: --budget {budget:g} s cannot afford this model's "
+        f"references here); it is the base {PRIOR_FAMILIES[0]} sampler, no fit")
+    assert unsearched_note({**manifest, "guard": {"rmse_chosen": 0.1}}, budget) is None
     # no held-out record: nothing was scored
     assert to_calibration_result(res, CalibrationOptions(), SearchOptions(budget_s=budget), denoiser).guard == {}
 
