@@ -51,12 +51,12 @@ class CalibrationOptions:
     switches: iia-calibrate offers them, iia-compile keeps their defaults)."""
 
     M: int = option(3, "fine sub-steps per step for the least-squares target", lo=1, hi=64, role="fit")
-    r: int = option(1, "history length of the IIA basis (default 1; --solver auto, unless given: global fits with "
-                          "3 history terms and in the linear form over all earlier values, the local fit 3)",
+    r: int = option(1, "history length of the IIA basis (default 1; iia-compile's --solver auto, unless given: global "
+                          "fits with 3 history terms and in the linear form over all earlier values, the local fit 3)",
                     lo=0, hi=8,
                     role="fit")
-    batch: int = option(200, "calibration noises (default 200; --solver auto, unless given: 512 analytic models, 128 "
-                                     "networks)",
+    batch: int = option(200, "calibration noises (default 200; iia-compile's --solver auto, unless given: 512 analytic "
+                                     "models, 128 networks)",
                         flag="--calib-batch", aliases=("--batch",), lo=2, hi=100_000, role="fit")
     seed: int = option(0, "seed of the calibration noises (images seed..seed+batch-1)", lo=0, hi=2**62,
                     role="seed")
@@ -73,11 +73,11 @@ class CalibrationOptions:
     # noise (docs/accuracy.md); NETWORK_HOLDOUT for networks (fewer cannot tell a real 20% gain from chance).
     # Reference steps: None means 256 for an analytic model, 128 for networks.
     holdout: int | None = option(None, "held-out noises of the end-to-end guard (default 4096 analytic models, 256 "
-                                       "networks) and of --solver auto's choice (default 32768, fewer where "
-                                       "their memory or --budget is short)", lo=2, hi=100_000, role="guard")
+                                       "networks) and of iia-compile's --solver auto (default 32768, fewer "
+                                       "where their memory or --budget is short)", lo=2, hi=100_000, role="guard")
     reference_steps: int | None = option(None, "steps of the reference solution: Heun's for the guard (default 256 "
-                                               "analytic models, 128 networks); for --solver auto the cap of its "
-                                               "UniPC-3 references, whose steps the plan's probe measures",
+                                               "analytic models, 128 networks); for iia-compile's --solver auto the cap "
+                                               "of its UniPC-3 references, whose steps the plan's probe measures",
                                          lo=2, hi=100_000, role="reference")
     guard: bool = option(True, "ship the raw fit even if it loses end to end on held-out noise", flag="--no-guard",
                          role="research")

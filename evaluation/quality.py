@@ -358,7 +358,7 @@ def format_table(report: dict) -> str:
 def _main(argv=None) -> int:
     from iia.cli import ProgressBar, check_options, check_output_file, written
 
-    from iia.calibration.cli import PICKLE_NOTE, load_model_verbose
+    from iia.calibration.cli import load_model_verbose
     from iia.cli import add_options, cli_parser, options_from
     from iia.runtime.contract import refuse_inside_artifact, write_json_atomic
 
@@ -366,7 +366,7 @@ def _main(argv=None) -> int:
         prog="iia-quality",
         description="Sample quality per solver and NFE on the digits model: FD-digits (a Frechet distance in the "
                     "bundled digit classifier's features; not FID), classifier accuracy and RMSE vs a "
-                    "high-accuracy reference. " + PICKLE_NOTE)
+                    "high-accuracy reference.")  # digits or a .pt: no pickle note (tester-42)
     parser.add_argument("model", nargs="?", default="digits",
                         help="'digits' (bundled, default) or a retrained digits .pt checkpoint")
     add_options(parser, QualityOptions)
