@@ -199,9 +199,13 @@ def _check_files_and_guidance(opts: CompileOptions, model=None) -> None:
                            f"{'not a file' if Path(opts.coefficients).exists() else 'no such file'}")
     if opts.coefficients:
         try:
-            read(opts.coefficients)
+            data = read(opts.coefficients)
         except ArtifactError as err:
             raise CompileError(f"--coefficients: {err}") from None
+        for flag, key, what, want in (("--nfe", "nfe", "NFE", opts.nfe), ("--solver", "solver", "solver", opts.solver)):
+            if key in data and data[key] != want and (key == "nfe" or want != "auto"):  # as program_from_dict
+                raise CompileError(f"--coefficients {opts.coefficients} holds coefficients for {what} {data[key]}, not "
+                                   f"{flag} {want}: give {flag} {data[key]}")
     try:
         check_guidance_settings(opts.guide is not None, opts.guidance, opts.cfg, opts.guidance_default)
     except GuidanceError as err:

@@ -796,7 +796,13 @@ def test_guidance_and_coefficient_file_settings_are_refused_before_the_model_loa
     the model had loaded (a 230 MB pickle): refused first, here even with a model that would not load."""
     garbage = tmp_path / "garbage.pkl"
     garbage.write_bytes(b"not a pickle")
+    nine = tmp_path / "nine.json"  # what the checks before the model read of a coefficient file (tester-42)
+    nine.write_text(json.dumps({"schema": artifact.SCHEMA, "schema_version": artifact.SCHEMA_VERSION, "nfe": 9,
+                                "solver": "iia-edm"}))
     for flags, message in ((["--cfg", "1:0"], "--cfg 1:0: a range needs LO < HI"),
+                           (["--coefficients", str(nine)], "holds coefficients for NFE 9, not --nfe 5: give --nfe 9"),
+                           (["--coefficients", str(nine), "--nfe", "9", "--solver", "iia-ipndm"],
+                            "holds coefficients for solver iia-edm, not --solver iia-ipndm: give --solver iia-edm"),
                            (["--guidance", "2"], "--guidance needs --guide"),
                            (["--coefficients", str(tmp_path / "none.json")], "none.json: no such file"),
                            (["--coefficients", str(tmp_path)], ": not a file"),
