@@ -389,7 +389,8 @@ def plan_references(denoiser: Denoiser, nfe: int, families: list[str], opts: Sea
         steps, said, error = choose_steps(denoiser, _probe_bases(denoiser, nfe, families, opts.finals), cal.seed,
                                           rate, PROBE_SHARE * clock.remaining(), cal.reference_steps)
     else:  # not even the smallest search fits: spend nothing on measuring its reference
-        steps, said, error = MIN_REFERENCE_STEPS, f"{INTEGRATOR}: accuracy not measured (no search fits)", None
+        said = f"{INTEGRATOR}: accuracy not measured (not even the smallest search fits the budget)"
+        steps, error = MIN_REFERENCE_STEPS, None
     log(f"  plan: reference {said}")
     left = max(clock.remaining() - reserve_s, 0.0)
     if opts.batch is None:
