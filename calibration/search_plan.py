@@ -194,9 +194,10 @@ def suggested_budget(need_s: float, spent_s: float) -> int:
 
 # A fit ships only when its held-out RMSE is below its base's by twice the references' error
 # (`search_choice.checked_choice`); on networks fits reach ~0.45-0.6x their base, so references erring by more
-# than a quarter of the best base's error could let none ship (tester, EDM's CIFAR-10 size at the suggested
-# --budget 1240: 16 reference steps erred 0.32x the base, a global fit at 0.45x its base was refused after 20 min)
-SHIP_RESOLUTION = 0.25
+# than a fifth of the best base's error could let none ship (tester, EDM's CIFAR-10 size at the suggested
+# --budget 1240: 16 reference steps erred 0.32x the base, a global fit at 0.45x its base was refused after 20 min;
+# with 0.25, 19 steps erring ~0.23x refused one at 0.54x)
+SHIP_RESOLUTION = 0.2
 
 
 def resolving_steps(accuracy: Accuracy | None, steps: int) -> int:
