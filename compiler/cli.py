@@ -25,6 +25,8 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     options = options_from(CompileOptions, args, calibration=options_from(CalibrationOptions, args),
                            given=frozenset(given_options(parser, argv)))  # a flag typed at its default counts
+    if args.out is not None and not args.out.strip():  # Path("") is ".": the refusal would name the wrong path
+        raise ValueError(f"--out {args.out!r}: empty, expected a new artifact directory")
     out = default_output(args.model, args.solver, args.nfe) if args.out is None else Path(args.out)
     bar = ProgressBar("calibrating")
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731

@@ -607,6 +607,7 @@ def test_an_interrupt_after_the_work_returned_says_the_output_is_complete(tmp_pa
     (accuracy_main, ["--solvers", "iia-edm", "--nfe", "5,7", "--reference-steps", "12"],
      ["--reference-steps 12", "NFE 7"]),
     (compile_main, ["digits:x=1"], ["model 'digits:x=1': unknown option 'x'"]),
+    (compile_main, ["gmm", "--out", ""], ["--out '': empty, expected a new artifact directory"]),  # not "--out ."
     # tester-42: --r 0, 1, 2 fitted iia-ipndm's same basis (its order's 4 derivatives) and recorded three r's
     (compile_main, ["gmm", "--solver", "iia-ipndm", "--nfe", "5", "--r", "2"],
      ["--r 2 does not shape --solver iia-ipndm's fit at NFE 5: --r 0 to 3 give the same basis (--r 4 adds a term)"]),
