@@ -607,7 +607,6 @@ def test_an_interrupt_after_the_work_returned_says_the_output_is_complete(tmp_pa
     (accuracy_main, ["--solvers", "iia-edm", "--nfe", "5,7", "--reference-steps", "12"],
      ["--reference-steps 12", "NFE 7"]),
     (compile_main, ["digits:x=1"], ["model 'digits:x=1': unknown option 'x'"]),
-    (compile_main, ["gmm", "--out", ""], ["--out '': empty, expected a new artifact directory"]),  # not "--out ."
     # tester-42: --r 0, 1, 2 fitted iia-ipndm's same basis (its order's 4 derivatives) and recorded three r's
     (compile_main, ["gmm", "--solver", "iia-ipndm", "--nfe", "5", "--r", "2"],
      ["--r 2 does not shape --solver iia-ipndm's fit at NFE 5: --r 0 to 3 give the same basis (--r 4 adds a term)"]),
@@ -824,3 +823,8 @@ def test_a_repeated_batch_size_or_nfe_is_refused_not_run_twice(main, argv, flag,
         main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"argument {flag}: " in err and "is given more than once" in err, err
+
+
+def test_an_empty_out_is_said_as_empty(capsys):
+    """tester-42: `--out ""` was refused as `--out .` (Path("") is "."), naming a path the user never gave."""
+    one_line_error(capsys, compile_main(["gmm", "--out", ""]), "--out '': empty, expected a new artifact directory")
