@@ -29,7 +29,7 @@ from iia.runtime.engine import EnginePlan, EngineUnavailable, build_engine, fp32
 from .cache import cache_dir, default_cache_dir, export_cache_key, get_or_make
 from .check import check_model_file, check_parity, check_range_parity, check_static_batches, check_weight_sharing
 from .coefficients import UNGUARDED, obtain_coefficients
-from .emit import DECODE_PREFIX, emit_sampler, initializer_bytes
+from .emit import DECODE_PREFIX, emit_sampler, initializer_bytes, unrolled_size_error
 from .emit_loop import emit_sampler_loop
 from .guidance_graph import scale_inputs
 from .export import decoded_shape, export_decoder, export_denoiser
@@ -277,6 +277,9 @@ def emit(loaded: Loaded, coefs: Coefficients, exported: Exported, plan, job: Job
     denoiser, decoder, opts, log = loaded.denoiser, exported.decoder, job.opts, job.log
     program = coefs.program
     with stage("emit sampler graph", job.timings, log):
+        too_big = opts.graph == "unrolled" and unrolled_size_error(program.nfe, len(exported.denoiser.graph.node))
+        if too_big:
+            raise CompileError(too_big)
         emit_graph = emit_sampler_loop if opts.graph == "loop" else emit_sampler
         extra = {} if coefs.scales is None else {"scales": scale_inputs(coefs.scales, denoiser.guidance_range)}
         sampler = emit_graph(program, exported.denoiser, denoiser.shape, denoiser.conditional, decoder_model=decoder,
