@@ -828,3 +828,16 @@ def test_a_repeated_batch_size_or_nfe_is_refused_not_run_twice(main, argv, flag,
 def test_an_empty_out_is_said_as_empty(capsys):
     """tester-42: `--out ""` was refused as `--out .` (Path("") is "."), naming a path the user never gave."""
     one_line_error(capsys, compile_main(["gmm", "--out", ""]), "--out '': empty, expected a new artifact directory")
+
+
+def test_an_unrolled_graph_too_large_to_load_is_refused_before_emission(tmp_path, capsys):
+    """tester-42: `--graph unrolled --nfe 1000` on digits emitted 317,990 nodes; ONNX Runtime's session creation
+    then hung the parity check for 10+ minutes through Ctrl-C and SIGTERM (64k nodes took 34 s, 32k 12 s)."""
+    from iia.compiler.emit import MAX_UNROLLED_NODES, unrolled_size_error
+
+    assert unrolled_size_error(100, MAX_UNROLLED_NODES // 100) is None
+    out = tmp_path / "o"
+    last = one_line_error(capsys, compile_main(["digits", "--solver", "ipndm", "--nfe", "300", "--graph", "unrolled",
+                                                "--no-engine", "--out", str(out)]),
+                          "--graph unrolled at NFE 300: 300 copies of the denoiser's", "use --graph loop")
+    assert f"over the {MAX_UNROLLED_NODES:,}" in last and not out.exists()
