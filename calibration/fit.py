@@ -16,8 +16,7 @@ from typing import Callable
 
 import torch
 
-from iia.cli import check_options, option
-from iia.progress import counted
+from iia.cli import check_options, counted, option
 from iia.models.base import Denoiser
 
 from iia.runtime.program import StepView, execute

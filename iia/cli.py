@@ -19,7 +19,7 @@ from typing import Callable
 
 from .options import (add_options, check_options, flag_of, given_options, option, options_from,  # noqa: F401
                       with_role)  # re-exported, as are the next: CLIs import them from here
-from .progress import ProgressBar, Ticker, heartbeat  # noqa: F401
+from .progress import ProgressBar, Ticker, counted, heartbeat  # noqa: F401
 
 
 class Terminated(KeyboardInterrupt):
