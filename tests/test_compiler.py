@@ -159,7 +159,7 @@ def test_bad_inputs_write_nothing(tmp_path, edm_pkl):
     # coefficients from another NFE and from another model
     first = tmp_path / "first"
     compile_model(d, first, options(nfe=5), log=lambda s: None)
-    with pytest.raises(ValueError, match="NFE 5, not 7"):
+    with pytest.raises(ValueError, match="NFE 5, not --nfe 7: give --nfe 5"):
         compile_model(d, tmp_path / "d", options(nfe=7, coefficients=str(first / "coefficients.json")),
                       log=lambda s: None)
     with pytest.raises(ValueError, match="calibrated for model"):
@@ -246,7 +246,7 @@ def test_cli_calibrate_and_compile_on_edm_pickle(tmp_path, edm_pkl, capsys):
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", str(tmp_path / "o")]) == 2
     assert "exists" in capsys.readouterr().err
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", ""]) == 2  # '.' refused, not the default name
-    assert "name a new artifact directory" in capsys.readouterr().err
+    assert "--out '': empty, expected a new artifact directory" in capsys.readouterr().err
     assert compile_main([str(edm_pkl), "--nfe", "5", "--out", "-"]) == 2  # not a folder named '-'
     assert "--out -: writing to standard output is not supported" in capsys.readouterr().err
     # a new artifact nested in an existing one: refused before any work, nothing made there
