@@ -95,10 +95,10 @@ def counted(progress: Callable[[int, int, str], None] | None, total: int, count:
     daemon thread (stopped and joined on exit), `text` being what the body last named through the yielded
     setter: progress by units of work that each take seconds (a denoiser's image-calls), where the body's own
     milestones can be minutes apart (tester-42: a CIFAR-size calibration was silent for 236 s)."""
-    text, stop, start = [""], threading.Event(), count()
     if progress is None:
         yield lambda what: None
         return
+    text, stop, start = [""], threading.Event(), count()
 
     def report():
         while not stop.wait(every):
