@@ -114,9 +114,9 @@ def test_help_gives_each_default_once(capsys):
     with pytest.raises(SystemExit):
         compile_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("(default 1; --solver auto, unless given: global fits with 3 history terms and in the linear form over "
+    assert ("(default 1; iia-compile's --solver auto, unless given: global fits with 3 history terms and in the linear form over "
             "all earlier values, the local fit 3)") in text
-    assert "(default 200; --solver auto" in text
+    assert "(default 200; iia-compile's --solver auto" in text
     assert "given) (default 1)" not in text
     assert "networks) (default 200)" not in text
 
