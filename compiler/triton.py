@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import add_options, check_options, cli_parser, distinct_int_list, options_from, run_cli, str_list, written
+from iia.cli import add_options, check_options, cli_parser, int_list, options_from, run_cli, str_list, written
 from iia.runtime.contract import (MANIFEST, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
                                   read_manifest, verify_all)
 
@@ -234,7 +234,7 @@ def _main(argv=None) -> int:
                              "sampler for other GPUs (cc_model_filenames)")
     parser.add_argument("--repo", required=True, help="model repository directory (created if missing)")
     add_options(parser, TritonOptions)
-    parser.add_argument("--preferred-batch", dest="preferred_batch", type=distinct_int_list, default=[],
+    parser.add_argument("--preferred-batch", dest="preferred_batch", type=int_list, default=[],
                         help="dynamic batching: preferred batch sizes, e.g. 4,8 (default: none)")
     parser.add_argument("--backend", dest="backends", type=str_list, default=None,
                         help=f"comma-separated subset of {','.join(BACKENDS)} (default: tensorrt when the artifact "
