@@ -136,6 +136,15 @@ def load_program(path: str | Path, denoiser: Denoiser | None = None, nfe: int | 
     return program_from_dict(read(path), denoiser, nfe, solver, source=str(path))
 
 
+def target_mismatch(data: dict, nfe: int | None, solver: str | None) -> tuple[str, object, object] | None:
+    """("NFE" or "solver", what the coefficient data holds, what was asked) for the first that differs (None: not
+    asked, or not in the data), else None: one check for the file's loader and iia-compile's before the model."""
+    for what, key, asked in (("NFE", "nfe", nfe), ("solver", "solver", solver)):
+        if asked is not None and key in data and data[key] != asked:
+            return what, data[key], asked
+    return None
+
+
 def program_from_dict(data: dict, denoiser: Denoiser | None = None, nfe: int | None = None,
                       solver: str | None = None, source: str = "coefficient data") -> Program:
     """The Program a coefficient file's data describes, checked against this iia's solver definition (version
@@ -169,10 +178,10 @@ def _program_from_dict(data, denoiser, nfe, solver, path) -> Program:
         raise ArtifactError(f"{path} is inconsistent: nfe {data['nfe']}, r {data['r']} or {len(data['sigmas'])} sigmas out of range")
     if denoiser is not None and not same_model(data["model"], model_identity(denoiser)):
         raise ArtifactError(f"{path} was calibrated for model {model_difference(data['model'], model_identity(denoiser))}")
-    if nfe is not None and data["nfe"] != nfe:
-        raise ArtifactError(f"{path} holds coefficients for NFE {data['nfe']}, not {nfe}")
-    if solver is not None and data["solver"] != solver:
-        raise ArtifactError(f"{path} holds coefficients for solver {data['solver']}, not {solver}")
+    mismatch = target_mismatch(data, nfe, solver)
+    if mismatch:
+        what, held, asked = mismatch
+        raise ArtifactError(f"{path} holds coefficients for {what} {held}, not {asked}")
     version = data.get("solver_definition")
     if version != DEFINITION_VERSION:
         raise ArtifactError(f"{path} was written under solver definition {version!r}, this iia uses definition "

@@ -213,7 +213,7 @@ def calibrate(
                                f"({', '.join(user_solvers(fitted=True))})")
     started = time.perf_counter()
     base = program_for(denoiser, solver, nfe, options.r, options.schedule)
-    fine_family = spec.fine if options.fine_solver == "base" else "edm"
+    fine_family = fine_target(spec, options)
     noise, labels = draw_noise(denoiser, options.batch, options.seed, labels)
     chunks = _chunks(options.batch, options.chunk)
     steps, report = [], []
@@ -234,6 +234,11 @@ def calibrate(
             result.program, result.guard = guard_end_to_end(denoiser, base, fitted, options, reference, phase)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def fine_target(spec, options: CalibrationOptions) -> str:
+    """The family whose integrator gives the fit's fine target: the solver's own (the paper) or Heun's."""
+    return spec.fine if options.fine_solver == "base" else "edm"
 
 
 def calibration_calls(base: Program, options: CalibrationOptions, fine_family: str,
@@ -258,7 +263,7 @@ def calibration_line(denoiser: Denoiser, solver: str, nfe: int, options: Calibra
     resolved = options.resolved(denoiser)
     spec = user_solver(solver)
     calls = calibration_calls(program_for(denoiser, solver, nfe, resolved.r, resolved.schedule), resolved,
-                              spec.fine if resolved.fine_solver == "base" else "edm")
+                              fine_target(spec, resolved))
     parts = [f"fit {calls['fit']:,} on {resolved.batch} noises"] + (
         [f"guard {calls['guard reference'] + calls['guard scoring']:,} on {resolved.holdout} held-out noises (Heun "
          f"reference at {resolved.reference_steps} steps, then the base and fitted prefixes)"] if resolved.guard else [])

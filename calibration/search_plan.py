@@ -232,7 +232,7 @@ def _plan_lines(need_s: float, share: float, new: list, cut: list[str], fits: bo
                         f"{len(new[3]) * len(new[4])} base solver{'s' * (len(new[3]) * len(new[4]) != 1)}"
                         + (f"; cut: {', '.join(cut)}" if cut else "; nothing cut")
                         + (f" ({budget_flag(full)} would afford them all)" if cut else ""),)
-    why = ("" if min_steps == MIN_REFERENCE_STEPS else
+    why = ("" if min_steps <= MIN_REFERENCE_STEPS else  # raised by `resolving_steps`, not a --reference-steps cap
            f" (fewer steps err by more than {SHIP_RESOLUTION:g}x the best base's error: no fit could ship)")
     return lines + (f"  plan: dropped the search (references, fits, scoring): even {MIN_CALIB} + {MIN_HOLDOUT} noises "
                     f"at {min_steps} {INTEGRATOR} steps{why} and one base solver need {budget_flag(afford)} (the "
@@ -262,6 +262,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
                       + nfe * (n_bases * cost(n_cal) + held_out_programs(n_bases, n_fitted) * cost(n_hold)))
 
     share, floor = FIXED_SHARE * budget_s, holdout if holdout_floor is None else min(holdout_floor, holdout)
+    min_steps = min(min_steps, steps)  # a --reference-steps cap below MIN_REFERENCE_STEPS is never raised
     fams, fins = _prior_order(families, lead and lead[0]), list(finals)
     keep_final = lead[1] if lead is not None and lead[1] in fins else PRIOR_FINAL
     state = [batch, holdout, steps, fams, fins, n_fitted]
@@ -307,7 +308,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
             pass
     new = state
     cut = _what_was_cut((batch, holdout, steps, families, finals, n_fitted), new)
-    minimal = (MIN_CALIB, MIN_HOLDOUT, min(min_steps, steps), fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
+    minimal = (MIN_CALIB, MIN_HOLDOUT, min_steps, fams[:1], [PRIOR_FINAL] if PRIOR_FINAL in fins else fins[:1],
                min(n_fitted, 1))
     afford = suggested_budget(need(*minimal) / FIXED_SHARE, spent_s)
     # everything asked: held-out noises above the floors must fit their shares (the smaller), the rest FIXED_SHARE
@@ -315,7 +316,7 @@ def reference_sizes(nfe: int, families: tuple[str, ...], finals: tuple[str, ...]
     full = suggested_budget(need(batch, holdout, steps, fams, fins) / asked_share, spent_s)
     fits = need(*new) <= share
     tiers = "" if new[1] == holdout else _caps_said(holdout, floor, wide, budget_s)
-    lines = _plan_lines(need(*new), share, new, cut, fits, afford, full, tiers, min(min_steps, steps))
+    lines = _plan_lines(need(*new), share, new, cut, fits, afford, full, tiers, min_steps)
     return ReferencePlan(new[0], new[1], new[2], ", ".join(cut), fits, afford, full, lines, tuple(new[3]),
                          tuple(new[4]), cost, fitted=new[5], holdout_floor=min(floor, new[1]))
 

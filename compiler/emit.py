@@ -253,6 +253,7 @@ def _merge_opsets(model: onnx.ModelProto, other: onnx.ModelProto) -> None:
 
 
 GRAPH_FORMS = ("unrolled", "loop")  # the loop form: compiler/emit_loop.py
+LOOP_NODE = "iia/loop"  # the Loop node of the loop form (its body's weights are placed by `_finish_model`)
 # The unrolled form holds one copy of the denoiser's nodes per call. ONNX Runtime's session creation grows faster
 # than the node count and cannot be interrupted (tester-42: 1000 calls of the digits model, 317,990 nodes, hung the
 # parity check for 10+ minutes through Ctrl-C and SIGTERM); past this many nodes the loop form is asked for instead.
@@ -267,7 +268,6 @@ def unrolled_size_error(nfe: int, denoiser_nodes: int) -> str | None:
     return (f"--graph unrolled at NFE {nfe}: {nfe} copies of the denoiser's {denoiser_nodes} nodes (~"
             f"{nfe * denoiser_nodes:,}) are over the {MAX_UNROLLED_NODES:,} ONNX Runtime loads in reasonable time "
             f"(and cannot be interrupted while it does); use --graph loop (the default: one copy)")
-LOOP_NODE = "iia/loop"  # the Loop node of the loop form (its body's weights are placed by `_finish_model`)
 
 
 def linear_form(program: Program) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Denoise]]:

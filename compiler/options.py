@@ -8,7 +8,7 @@ from pathlib import Path
 from iia.calibration.fit import CalibrationOptions, check_reference_steps
 from iia.calibration.search_space import FAMILIES
 from iia.calibration.solvers import check_history, get_solver, user_solver, user_solvers, valid_nfe
-from iia.cli import check_options, flag_of, option
+from iia.cli import check_options, flag_of, option, repeated
 from iia.models.device import DeviceError, device_option, resolve_device
 from iia.runtime.contract import DENOISER_ONNX, MAX_STATIC_BATCHES
 from iia.runtime.engine import PRECISIONS
@@ -125,7 +125,7 @@ def static_batches(opts: CompileOptions) -> list[int]:
     bad = [v for v in values if not 1 <= v <= opts.max_batch]
     if bad:
         raise CompileError(f"--static-batch {bad[0]} is outside 1..--max-batch {opts.max_batch}")
-    twice = sorted({v for v in values if values.count(v) > 1})
+    twice = repeated(values)
     if twice:  # a typo as "1,,3" is: refused, not merged
         raise CompileError(f"--static-batch gives {twice[0]} more than once ({text!r}); give each batch size once")
     sizes = sorted(values)
@@ -184,7 +184,7 @@ def _check_files_and_guidance(opts: CompileOptions, model=None) -> None:
     """What `validate` can refuse before the model loads: a model or --guide path that is not there, a
     --coefficients file that is missing or unreadable (not a coefficient file, bad JSON), and the guidance
     settings (`models.guidance.check_guidance_settings`)."""
-    from iia.calibration.artifact import ArtifactError, read
+    from iia.calibration.artifact import ArtifactError, read, target_mismatch
     from iia.models.guidance import GuidanceError, check_guidance_settings
     from iia.models.registry import ModelLoadError, check_source
 
@@ -202,10 +202,12 @@ def _check_files_and_guidance(opts: CompileOptions, model=None) -> None:
             data = read(opts.coefficients)
         except ArtifactError as err:
             raise CompileError(f"--coefficients: {err}") from None
-        for flag, key, what, want in (("--nfe", "nfe", "NFE", opts.nfe), ("--solver", "solver", "solver", opts.solver)):
-            if key in data and data[key] != want and (key == "nfe" or want != "auto"):  # as program_from_dict
-                raise CompileError(f"--coefficients {opts.coefficients} holds coefficients for {what} {data[key]}, not "
-                                   f"{flag} {want}: give {flag} {data[key]}")
+        mismatch = target_mismatch(data, opts.nfe, None if opts.solver == "auto" else opts.solver)
+        if mismatch:  # as the loader after the model would, with the flag to give
+            what, held, asked = mismatch
+            flag = "--nfe" if what == "NFE" else "--solver"
+            raise CompileError(f"--coefficients {opts.coefficients} holds coefficients for {what} {held}, not "
+                               f"{flag} {asked}: give {flag} {held}")
     try:
         check_guidance_settings(opts.guide is not None, opts.guidance, opts.cfg, opts.guidance_default)
     except GuidanceError as err:

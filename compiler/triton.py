@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from iia.cli import add_options, check_options, cli_parser, int_list, options_from, run_cli, str_list, written
+from iia.cli import (add_options, check_options, cli_parser, int_list, options_from, repeated, run_cli, str_list,
+                     written)
 from iia.runtime.contract import (MANIFEST, SAMPLER_ONNX, SAMPLER_ONNX_DATA, SAMPLER_PLAN, artifact_root,
                                   read_manifest, verify_all)
 
@@ -200,12 +201,12 @@ def _check_options(opts: TritonOptions) -> None:
         raise TritonExportError(f"--backend {','.join(unknown)}: expected any of {', '.join(BACKENDS)}")
     if opts.backends is not None and not opts.backends:
         raise TritonExportError("--backend needs at least one of " + ", ".join(BACKENDS))
-    twice = sorted({b for b in (opts.backends or []) if opts.backends.count(b) > 1})
+    twice = repeated(opts.backends or [])
     if twice:
         raise TritonExportError(f"--backend {','.join(opts.backends)}: {', '.join(twice)} given more than once")
     if any(b < 1 for b in opts.preferred_batch):
         raise TritonExportError(f"--preferred-batch sizes must be >= 1, got {opts.preferred_batch}")
-    twice = sorted({b for b in opts.preferred_batch if opts.preferred_batch.count(b) > 1})
+    twice = repeated(opts.preferred_batch)
     if twice:
         raise TritonExportError(f"--preferred-batch {','.join(map(str, opts.preferred_batch))}: "
                                 f"{', '.join(map(str, twice))} given more than once")

@@ -308,11 +308,16 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def repeated(values: list) -> list:
+    """The values given more than once in a list option, sorted (a repeat is a typo: refused, not run twice)."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 def distinct_int_list(text: str) -> list[int]:
     """`int_list` where each value may come once (batch sizes, NFEs): a repeat is a typo, refused, not run twice
     (tester-42: `iia-bench --batch 1,1` printed two rows for one batch size; as iia-compile's --static-batch)."""
     values = int_list(text)
-    twice = sorted({v for v in values if values.count(v) > 1})
+    twice = repeated(values)
     if twice:
         raise argparse.ArgumentTypeError(f"{twice[0]} is given more than once in {text!r}; give each value once")
     return values

@@ -11,6 +11,7 @@ class ModelLoadError(ValueError):
     """The model argument names nothing iia can load."""
 
 
+BUILTINS = ("gmm", "digits", "bundled")  # model names that are no path (options after a colon)
 BUILTIN_HELP = "'gmm' (analytic Gaussian mixture, e.g. 'gmm:components=10,spread=0.5'), 'digits' (bundled model)"
 
 
@@ -91,7 +92,7 @@ def source_sha256(spec: str | Path) -> str | None:
     file for an EDM .pkl or a .pt checkpoint, of the config and weight files for a diffusers folder; None
     for a built-in name. ModelLoadError if the path does not exist."""
     text = str(spec)
-    if text.partition(":")[0] in ("gmm", "digits", "bundled"):
+    if text.partition(":")[0] in BUILTINS:
         return None
     check_source(text)
     path = Path(text)
@@ -131,7 +132,7 @@ def check_source(spec: str | Path) -> None:
     if not text.strip():  # Path("") is "." (the current folder), which would be read as a diffusers folder
         raise ModelLoadError("the model is an empty name: give an EDM/EDM2 .pkl, a diffusers folder, or a bundled "
                              "model (digits, gmm)")
-    if text.partition(":")[0] not in ("gmm", "digits", "bundled") and not Path(text).exists():
+    if text.partition(":")[0] not in BUILTINS and not Path(text).exists():
         raise ModelLoadError(f"model '{text}' not found: pass a path to an EDM .pkl, a diffusers folder, or {BUILTIN_HELP}")
 
 
